@@ -1,0 +1,167 @@
+"""The typed configuration: what `mirage check` validates and every service reads.
+
+Frozen dataclasses, built only by `appliance.config.loader.load_config`, which
+rejects bad values with the key path. Nothing downstream re-checks a value.
+Defaults follow mihomo where mihomo has one (fake-ip-range 198.18.0.1/16,
+fake-IP TTL 1 s, routing-mark unset).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+# mihomo answers fake IPs with TTL 1: a client that caches longer keeps using
+# an old fake IP, which the pool still maps (see fakeip/pool.py).
+FAKE_IP_TTL = 1
+
+
+@dataclass(frozen=True)
+class Listen:
+    """A host:port to bind. `host` is an IP literal (v4 or v6)."""
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class Nameserver:
+    """One upstream resolver, parsed from a Clash `nameserver` entry.
+
+    Forms accepted: `https://host[:port]/path` (DoH, RFC 8484), `udp://ip[:port]`,
+    `tcp://ip[:port]`, `tls://` is refused at load (not implemented), and a bare
+    `ip[:port]` (UDP). For DoH, `host` may be a name (bootstrapped through
+    `default-nameserver`) or an IP literal (its certificate must carry the IP).
+    """
+
+    scheme: Literal["https", "udp", "tcp"]
+    host: str
+    port: int
+    path: str = "/dns-query"
+    # Original text from the config, for logs and `mirage check`.
+    text: str = ""
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        if self.scheme == "https":
+            return f"https://{host}:{self.port}{self.path}"
+        return f"{self.scheme}://{host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class DomainPolicy:
+    """A `nameserver-policy` entry: names matching `pattern` use `nameservers`."""
+
+    pattern: str
+    nameservers: tuple[Nameserver, ...]
+
+
+@dataclass(frozen=True)
+class DnsConfig:
+    enable: bool = True
+    listen: Listen = field(default_factory=lambda: Listen("0.0.0.0", 53))
+    ipv6: bool = False
+    enhanced_mode: Literal["fake-ip", "redir-host", "normal"] = "fake-ip"
+    fake_ip_range: ipaddress.IPv4Network = ipaddress.IPv4Network("198.18.0.0/16")
+    fake_ip_range6: ipaddress.IPv6Network | None = None
+    fake_ip_filter: tuple[str, ...] = ()
+    fake_ip_filter_mode: Literal["blacklist", "whitelist"] = "blacklist"
+    default_nameserver: tuple[Nameserver, ...] = ()
+    nameserver: tuple[Nameserver, ...] = ()
+    nameserver_policy: tuple[DomainPolicy, ...] = ()
+    # Name (lower case, no trailing dot) -> addresses. Answered locally.
+    hosts: tuple[tuple[str, tuple[IPAddress, ...]], ...] = ()
+    # Mirage extensions (Clash has no such keys; they live under `dns:` since
+    # they only matter to the resolver): private CA bundle for DoH servers,
+    # per-query upstream deadline, cache size.
+    ca_file: Path | None = None
+    upstream_timeout: float = 2.0
+    cache_size: int = 4096
+
+
+@dataclass(frozen=True)
+class ProxyConfig:
+    """One entry of `proxies`. `type` selects which optional fields matter."""
+
+    name: str
+    type: Literal["socks5", "http", "ss", "trojan", "direct", "reject"]
+    server: str = ""
+    port: int = 0
+    username: str | None = None
+    password: str | None = None
+    tls: bool = False
+    skip_cert_verify: bool = False
+    sni: str | None = None
+    udp: bool = False
+    cipher: str | None = None  # ss only
+
+
+@dataclass(frozen=True)
+class ProxyGroupConfig:
+    """One entry of `proxy-groups`. Only `select` (first member) and
+    `fallback` (first reachable) are implemented; others are refused at load."""
+
+    name: str
+    type: Literal["select", "fallback"]
+    proxies: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One line of `rules`: `TYPE,VALUE,TARGET[,no-resolve]` or `MATCH,TARGET`."""
+
+    type: str
+    value: str
+    target: str
+    no_resolve: bool = False
+
+
+@dataclass(frozen=True)
+class ApplianceConfig:
+    """Settings only an appliance has (the brief's `appliance:` block)."""
+
+    lan: tuple[str, ...] = ()
+    redirect: Literal["nftables", "ebpf", "auto"] = "nftables"
+    dns_hijack: bool = True
+    bypass: tuple[IPNetwork, ...] = ()
+    state_dir: Path = Path("/var/lib/mirage")
+    # Seconds between batched writes of the fake-IP store: the most a crash
+    # (kill -9, power loss) can lose is the mappings made in one interval.
+    store_flush_interval: float = 1.0
+    # Policy routing table for TPROXY'd traffic (fwmark -> local route).
+    route_table: int = 233
+    # fwmark that capture rules set on packets to be delivered locally.
+    capture_mark: int = 0x233
+    # TCP splice timeouts, seconds.
+    connect_timeout: float = 5.0
+    idle_timeout: float = 300.0
+
+
+@dataclass(frozen=True)
+class Config:
+    mixed_port: int | None = None
+    tproxy_port: int | None = None
+    routing_mark: int | None = None
+    ipv6: bool = False
+    log_level: Literal["debug", "info", "warning", "error", "silent"] = "info"
+    external_controller: Listen | None = None
+    secret: str = ""
+    store_fake_ip: bool = False  # profile.store-fake-ip
+    dns: DnsConfig = field(default_factory=DnsConfig)
+    proxies: tuple[ProxyConfig, ...] = ()
+    proxy_groups: tuple[ProxyGroupConfig, ...] = ()
+    rules: tuple[Rule, ...] = ()
+    appliance: ApplianceConfig = field(default_factory=ApplianceConfig)
+    # Top-level Clash keys present in the file that Mirage does not implement:
+    # reported once at load, never an error (so real Clash profiles load).
+    ignored_keys: tuple[str, ...] = ()
+    source: Path | None = None
