@@ -1,0 +1,299 @@
+"""The composition root: one nursery owns every service, in start order.
+
+Start order (each `await nursery.start(...)` returns once that service is
+bound, so a later step can rely on an earlier one):
+
+1. fake-IP store loaded into the pool (saved mappings outside the range or now
+   covered by the filter are dropped), the store flusher;
+2. the upstream resolver (DoH client; owns its HTTP/2 connections);
+3. the DNS service (UDP + TCP on `dns.listen`);
+4. the transparent TCP listener on `tproxy-port`;
+5. the control API on `external-controller`;
+6. capture rules last (nftables table + policy routing), so no packet is ever
+   steered to a socket that is not listening yet.
+
+Shutdown (SIGINT/SIGTERM) cancels the nursery; services unwind in reverse
+order: the capture rules go first (their `finally`), the store's final flush
+last. SIGHUP reloads the configuration (see `Appliance.reload`).
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import time
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import trio
+from dnslib import DNSRecord
+
+from appliance import __version__
+from appliance.config import ConfigError, load_config
+from appliance.config.model import Config
+from appliance.dns.names import DomainMatcher
+
+log = logging.getLogger("mirage")
+
+
+class AppError(Exception):
+    """The appliance cannot start or keep running; the message says why and
+    what to do about it."""
+
+
+class Appliance:
+    """Owns the services of one `mirage run` and the state the API reads."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.started_at = time.monotonic()
+        self.reloads = 0
+        self.pool: Any = None
+        self.store: Any = None
+        self.resolver: Any = None
+        self.dns_handler: Any = None
+        self.router: Any = None
+        self.gateway: Any = None
+        self.capture: Any = None
+
+    # -- composition ---------------------------------------------------------
+
+    def fake_ip_filter(self, cfg: Config) -> DomainMatcher:
+        return DomainMatcher(cfg.dns.fake_ip_filter)
+
+    def wants_fake_ip(self, cfg: Config, matcher: DomainMatcher, domain: str) -> bool:
+        """Would this name get a fake IP under `cfg`? (Used to drop saved
+        mappings for names a newly added filter now covers.)"""
+        hit = matcher.matches(domain)
+        return hit if cfg.dns.fake_ip_filter_mode == "whitelist" else not hit
+
+    def open_pool(self) -> None:
+        from appliance.fakeip.pool import FakeIPPool
+        from appliance.fakeip.store import MemoryStore, SQLiteStore
+
+        cfg = self.cfg
+        if cfg.store_fake_ip:
+            state_dir = cfg.appliance.state_dir
+            try:
+                state_dir.mkdir(parents=True, exist_ok=True)
+                self.store = SQLiteStore(state_dir / "fakeip.sqlite3")
+            except OSError as err:
+                raise AppError(f"appliance.state-dir {state_dir}: {err}") from None
+        else:
+            self.store = MemoryStore()
+        matcher = self.fake_ip_filter(cfg)
+        range6 = cfg.dns.fake_ip_range6 if (cfg.ipv6 or cfg.dns.ipv6) else None
+        self.pool = FakeIPPool(
+            cfg.dns.fake_ip_range, range6, store=self.store,
+            keep=lambda domain: self.wants_fake_ip(cfg, matcher, domain),
+        )
+        log.info("fake-IP pool %s%s: %d mappings loaded%s", cfg.dns.fake_ip_range,
+                 f" + {range6}" if range6 else "", len(self.pool),
+                 f" from {self.store_path()}" if cfg.store_fake_ip else " (not persisted)")
+
+    def store_path(self) -> Path:
+        return self.cfg.appliance.state_dir / "fakeip.sqlite3"
+
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        from appliance.dns import server as dns_server
+        from appliance.dns.handler import DnsHandler
+        from appliance.dns.upstream import Resolver
+        from appliance.fakeip import flusher
+
+        cfg = self.cfg
+        self.open_pool()
+        async with Resolver(cfg.dns, routing_mark=cfg.routing_mark) as resolver, \
+                trio.open_nursery() as nursery:
+            self.resolver = resolver
+            await nursery.start(flusher.serve, self.pool, self.store,
+                                cfg.appliance.store_flush_interval)
+            if cfg.dns.enable:
+                self.dns_handler = DnsHandler(cfg.dns, self.pool)
+                await nursery.start(self._serve_dns, dns_server)
+            self.build_router(cfg)
+            if cfg.tproxy_port:
+                await nursery.start(self._serve_gateway)
+            if cfg.external_controller is not None:
+                from appliance.api import server as api_server
+
+                ctl = cfg.external_controller
+                await nursery.start(api_server.serve, self, ctl.host, ctl.port)
+                log.info("control API on http://%s", ctl)
+            if cfg.appliance.lan:
+                await nursery.start(self._serve_capture)
+            nursery.start_soon(self._handle_signals, nursery.cancel_scope)
+            log.info("mirage %s running (pid %d)", __version__, _pid())
+            task_status.started()
+
+    async def _serve_dns(self, dns_server: Any, *,
+                         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        cfg = self.cfg
+        # With dns-hijack, captured queries to other resolvers arrive through
+        # TPROXY: the socket must be transparent to answer from their address.
+        transparent = bool(cfg.appliance.lan and cfg.appliance.dns_hijack)
+        try:
+            await dns_server.serve(cfg.dns.listen, self.dns_handler, self.resolver,
+                                   transparent=transparent, task_status=task_status)
+        except OSError as err:
+            raise AppError(f"dns.listen {cfg.dns.listen}: cannot bind: {err}") from None
+
+    def build_router(self, cfg: Config) -> None:
+        from appliance.outbound.build import Router, build_outbounds
+
+        outbounds = build_outbounds(cfg, self.resolver.resolve_ips)
+        self.router = Router(cfg, outbounds)
+
+    async def _serve_gateway(self, *,
+                             task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        from appliance.gateway import tcp as gateway_tcp
+
+        try:
+            await gateway_tcp.serve(self.cfg, self.pool, self.dial, task_status=task_status)
+        except OSError as err:
+            raise AppError(f"tproxy-port {self.cfg.tproxy_port}: cannot listen: {err}") from None
+
+    async def dial(self, target: Any) -> Any:
+        """Route a captured flow by its rules and connect its outbound."""
+        from appliance.rules.engine import FlowContext
+
+        ctx = FlowContext(domain=target.domain, dst_ip=target.dst_ip, dst_port=target.dst_port,
+                          src_ip=target.src_ip, network="tcp")
+        outbound = self.router.route(ctx)
+        target.outbound = outbound.name
+        host = target.domain if target.domain is not None else target.dst_ip
+        return await outbound.connect_tcp(host, target.dst_port)
+
+    async def _serve_capture(self, *,
+                             task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        from appliance.capture import nftables
+
+        try:
+            await nftables.serve(self.cfg, task_status=task_status)
+        except OSError as err:
+            raise AppError(f"capture rules: {err}") from None
+
+    # -- signals and reload --------------------------------------------------
+
+    async def _handle_signals(self, scope: trio.CancelScope) -> None:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
+            async for signum in signals:
+                if signum == signal.SIGHUP:
+                    await self.reload()
+                else:
+                    log.info("%s: shutting down", signal.Signals(signum).name)
+                    scope.cancel()
+                    return
+
+    async def reload(self) -> None:
+        """Re-read the config file; apply what can change without dropping
+        established flows (rules, proxies, fake-IP filter, log level). Keys
+        that need a restart are named in the log. A bad file changes nothing."""
+        path = self.cfg.source
+        if path is None:
+            log.warning("SIGHUP: configuration has no file to reload from")
+            return
+        try:
+            new = load_config(path)
+        except ConfigError as err:
+            log.error("SIGHUP: %s: %s; keeping the running configuration", path, err)
+            return
+        old = self.cfg
+        restart_keys = [
+            key for key, a, b in [
+                ("dns.listen", old.dns.listen, new.dns.listen),
+                ("dns.fake-ip-range", old.dns.fake_ip_range, new.dns.fake_ip_range),
+                ("dns.fake-ip-range6", old.dns.fake_ip_range6, new.dns.fake_ip_range6),
+                ("dns.nameserver", old.dns.nameserver, new.dns.nameserver),
+                ("tproxy-port", old.tproxy_port, new.tproxy_port),
+                ("external-controller", old.external_controller, new.external_controller),
+                ("appliance", old.appliance, new.appliance),
+                ("profile.store-fake-ip", old.store_fake_ip, new.store_fake_ip),
+            ] if a != b
+        ]
+        self.build_router(new)
+        if self.dns_handler is not None and hasattr(self.dns_handler, "reconfigure"):
+            self.dns_handler.reconfigure(new.dns)
+        matcher = self.fake_ip_filter(new)
+        dropped = self.pool.drop(lambda d: not self.wants_fake_ip(new, matcher, d))
+        logging.getLogger().setLevel(new.log_level.upper() if new.log_level != "silent"
+                                     else logging.CRITICAL + 1)
+        self.cfg = new
+        self.reloads += 1
+        log.info("SIGHUP: reloaded %s (rules, proxies, filter; %d mappings dropped by the "
+                 "filter)%s", path, dropped,
+                 f"; restart needed for: {', '.join(restart_keys)}" if restart_keys else "")
+
+    # -- what the control API reads -------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        cfg = self.cfg
+        return {
+            "version": __version__,
+            "pid": _pid(),
+            "uptime_seconds": round(time.monotonic() - self.started_at, 3),
+            "config": str(cfg.source) if cfg.source else None,
+            "reloads": self.reloads,
+            "redirect": cfg.appliance.redirect,
+            "lan": list(cfg.appliance.lan),
+            "dns_listen": str(cfg.dns.listen),
+            "tproxy_port": cfg.tproxy_port,
+            "counters": {k: dict(v) for k, v in self.counters().items()},
+        }
+
+    def counters(self) -> Mapping[str, Mapping[str, int | float]]:
+        out: dict[str, Mapping[str, int | float]] = {}
+        if self.pool is not None:
+            out["fakeip"] = self.pool.stats()
+        if self.dns_handler is not None and hasattr(self.dns_handler, "stats"):
+            out["dns"] = self.dns_handler.stats()
+        if self.gateway is not None and hasattr(self.gateway, "stats"):
+            out["gateway"] = self.gateway.stats()
+        return out
+
+    def mappings(self) -> Iterable[tuple[str, Any, int]]:
+        return list(self.pool.mappings()) if self.pool is not None else []
+
+    def connections(self) -> list[dict[str, Any]]:
+        return []
+
+    async def resolve(self, name: str, qtype: str) -> dict[str, Any]:
+        """The real upstream answer for `name`, next to its fake-IP mapping."""
+        from appliance.api.server import answer_rows, rcode_name
+        from appliance.dns.upstream_api import UpstreamError
+
+        name = name.rstrip(".").lower()
+        matcher = self.fake_ip_filter(self.cfg)
+        result: dict[str, Any] = {
+            "name": name, "type": qtype,
+            "fake_ip": self.wants_fake_ip(self.cfg, matcher, name),
+            "mapping": {},
+        }
+        if self.pool is not None:
+            for family in (4, 6):
+                try:
+                    ip = self.pool.lookup(name, family)
+                except ValueError:
+                    ip = None
+                if ip is not None:
+                    result["mapping"][f"ipv{family}"] = str(ip)
+        try:
+            reply = await self.resolver.query(DNSRecord.question(name, qtype))
+        except UpstreamError as err:
+            result["upstream"] = {"error": str(err)}
+        else:
+            result["upstream"] = {"rcode": rcode_name(reply), "answers": answer_rows(reply)}
+        return result
+
+
+def _pid() -> int:
+    import os
+
+    return os.getpid()
+
+
+async def run_appliance(cfg: Config) -> None:
+    """Entry point for `mirage run`: serve until SIGINT/SIGTERM."""
+    app = Appliance(cfg)
+    await app.serve()
+

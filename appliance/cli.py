@@ -1,0 +1,185 @@
+"""The `mirage` console command.
+
+Each subcommand imports what it needs lazily, so `mirage check` works on a box
+where bcc or the nftables bindings are missing, and starts fast.
+
+Exit codes: 0 success, 1 runtime failure (a clear message on stderr),
+2 bad configuration or usage (key path and reason on stderr).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_CONFIG = 2
+
+DEFAULT_CONFIG = Path("/etc/mirage/config.yaml")
+
+
+def _load(path: Path):  # -> Config; typed lazily to keep imports light
+    from appliance.config import ConfigError, load_config
+
+    try:
+        return load_config(path)
+    except ConfigError as err:
+        print(f"mirage: {path}: {err}", file=sys.stderr)
+        raise SystemExit(EXIT_CONFIG) from None
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from appliance.config.render import format_effective
+
+    cfg = _load(args.config)
+    print(format_effective(cfg), end="")
+    if cfg.ignored_keys:
+        print(f"# ignored (Clash keys Mirage does not implement): {', '.join(cfg.ignored_keys)}")
+    print(f"# {args.config}: configuration OK", file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_rules(args: argparse.Namespace) -> int:
+    from appliance.capture.nftables import render_text
+
+    cfg = _load(args.config)
+    print(render_text(cfg), end="")
+    return EXIT_OK
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    import trio
+
+    from appliance.app import AppError, run_appliance
+
+    cfg = _load(args.config)
+    _setup_logging(cfg.log_level if args.log_level is None else args.log_level)
+    try:
+        trio.run(run_appliance, cfg)
+    except AppError as err:
+        logging.getLogger("mirage").error("%s", err)
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        pass
+    return EXIT_OK
+
+
+def cmd_lab(args: argparse.Namespace) -> int:
+    from appliance.lab import lab as lab_module
+
+    _setup_logging("info")
+    if args.action == "up":
+        lab = lab_module.lab_up(args.prefix)
+        print(lab.describe())
+    elif args.action == "down":
+        lab_module.lab_down(args.prefix)
+    else:
+        from appliance.lab.demo import run_demo
+
+        return run_demo(args.prefix)
+    return EXIT_OK
+
+
+def _api_get(args: argparse.Namespace, path: str) -> object:
+    from appliance.api.client import ApiClient, ApiError
+
+    try:
+        client = ApiClient.from_config_file(args.config, args.controller, args.secret)
+        return client.get(path)
+    except ApiError as err:
+        print(f"mirage: {err}", file=sys.stderr)
+        raise SystemExit(EXIT_FAILURE) from None
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    data = _api_get(args, "/mirage/status")
+    print(json.dumps(data, indent=2, sort_keys=True))
+    return EXIT_OK
+
+
+def cmd_mappings(args: argparse.Namespace) -> int:
+    data = _api_get(args, "/mirage/mappings")
+    assert isinstance(data, dict)
+    rows = data.get("mappings", [])
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return EXIT_OK
+    for row in rows:
+        pins = f"  pinned x{row['pins']}" if row.get("pins") else ""
+        print(f"{row['ip']:<40} {row['domain']}{pins}")
+    print(f"# {len(rows)} mappings", file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_resolve(args: argparse.Namespace) -> int:
+    from urllib.parse import quote
+
+    data = _api_get(args, f"/mirage/resolve?name={quote(args.name)}&type={quote(args.type)}")
+    print(json.dumps(data, indent=2, sort_keys=True))
+    return EXIT_OK
+
+
+def _setup_logging(level: str) -> None:
+    levels = {"silent": logging.CRITICAL + 1, "error": logging.ERROR, "warning": logging.WARNING,
+              "info": logging.INFO, "debug": logging.DEBUG}
+    logging.basicConfig(
+        level=levels.get(level, logging.INFO),
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mirage", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        p.add_argument("-c", "--config", type=Path,
+                       default=Path(os.environ.get("MIRAGE_CONFIG", DEFAULT_CONFIG)),
+                       help="configuration file (default: %(default)s)")
+        return p
+
+    p = with_config(sub.add_parser("run", help="run the appliance in this network namespace"))
+    p.add_argument("--log-level", choices=["debug", "info", "warning", "error", "silent"])
+    p.set_defaults(func=cmd_run)
+    with_config(sub.add_parser("check", help="validate the configuration")).set_defaults(
+        func=cmd_check)
+    with_config(sub.add_parser("rules", help="print the capture rules run would apply")
+                ).set_defaults(func=cmd_rules)
+
+    p = sub.add_parser("lab", help="the network-namespace lab (client, gateway, upstream)")
+    p.add_argument("action", choices=["up", "down", "demo"])
+    p.add_argument("--prefix", default="mirage", help="namespace name prefix (default: mirage)")
+    p.set_defaults(func=cmd_lab)
+
+    for name, func, helptext in [
+        ("status", cmd_status, "show the running appliance's status"),
+        ("mappings", cmd_mappings, "list fake-IP mappings"),
+        ("resolve", cmd_resolve, "show the real upstream answer next to the mapping"),
+    ]:
+        p = with_config(sub.add_parser(name, help=helptext))
+        p.add_argument("--controller", help="host:port of the control API (default: from config)")
+        p.add_argument("--secret", help="bearer secret (default: from config)")
+        if name == "resolve":
+            p.add_argument("name")
+            p.add_argument("--type", default="A")
+        if name == "mappings":
+            p.add_argument("--json", action="store_true")
+        p.set_defaults(func=func)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    result: int = args.func(args)
+    return result
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
