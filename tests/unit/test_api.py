@@ -1,0 +1,140 @@
+"""Control API over a real loopback socket, read by the real CLI client."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from collections.abc import Iterable, Mapping
+from ipaddress import IPv4Address
+from typing import Any
+
+import pytest
+import trio
+
+from appliance.api import server as api_server
+from appliance.api.client import ApiClient, ApiError
+from appliance.config.model import Config, Listen, ProxyConfig, Rule
+
+
+class View:
+    def __init__(self, secret: str = "") -> None:
+        self.cfg = Config(
+            secret=secret, tproxy_port=7893,
+            proxies=(ProxyConfig(name="dante", type="socks5", server="192.0.2.1", port=1080),),
+            rules=(Rule("DOMAIN-SUFFIX", "alpha.test", "dante"), Rule("MATCH", "", "DIRECT")),
+        )
+        self.started_at = time.monotonic()
+        self.resolved: list[tuple[str, str]] = []
+
+    def status(self) -> dict[str, Any]:
+        return {"version": "test", "counters": {k: dict(v) for k, v in self.counters().items()}}
+
+    def counters(self) -> Mapping[str, Mapping[str, int | float]]:
+        return {"dns": {"queries_total": 7}, "fakeip": {"size4": 2}}
+
+    def mappings(self) -> Iterable[tuple[str, Any, int]]:
+        return [("www.alpha.test", IPv4Address("198.18.0.1"), 1),
+                ("www.beta.test", IPv4Address("198.18.0.2"), 0)]
+
+    def connections(self) -> list[dict[str, Any]]:
+        return [{"id": "1", "upload": 10, "download": 20}]
+
+    async def resolve(self, name: str, qtype: str) -> dict[str, Any]:
+        self.resolved.append((name, qtype))
+        return {"name": name, "type": qtype}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def start_api(nursery: trio.Nursery, view: View) -> ApiClient:
+    port = free_port()
+    await nursery.start(api_server.serve, view, "127.0.0.1", port)
+    return ApiClient("127.0.0.1", port, view.cfg.secret)
+
+
+async def test_endpoints_answer_json(nursery: trio.Nursery) -> None:
+    view = View()
+    client = await start_api(nursery, view)
+    get = lambda path: trio.to_thread.run_sync(client.get, path)  # noqa: E731
+    assert await get("/") == {"hello": "mirage"}
+    assert (await get("/configs"))["tproxy-port"] == 7893
+    proxies = (await get("/proxies"))["proxies"]
+    assert proxies["dante"]["type"] == "Socks5" and "DIRECT" in proxies
+    assert (await get("/rules"))["rules"][0] == {
+        "type": "DOMAIN-SUFFIX", "payload": "alpha.test", "proxy": "dante"}
+    conns = await get("/connections")
+    assert conns["uploadTotal"] == 10 and conns["downloadTotal"] == 20
+    mappings = (await get("/mirage/mappings"))["mappings"]
+    assert mappings[0] == {"domain": "www.alpha.test", "ip": "198.18.0.1", "pins": 1}
+    assert await get("/mirage/resolve?name=www.alpha.test&type=MX") == {
+        "name": "www.alpha.test", "type": "MX"}
+    assert view.resolved == [("www.alpha.test", "MX")]
+
+
+async def test_bad_requests_get_clear_errors(nursery: trio.Nursery) -> None:
+    client = await start_api(nursery, View())
+    with pytest.raises(ApiError, match="404"):
+        await trio.to_thread.run_sync(client.get, "/nope")
+    with pytest.raises(ApiError, match="400.*name"):
+        await trio.to_thread.run_sync(client.get, "/mirage/resolve")
+    with pytest.raises(ApiError, match="unknown query type"):
+        await trio.to_thread.run_sync(client.get, "/mirage/resolve?name=a.test&type=BOGUS")
+
+
+async def test_garbage_on_the_socket_gets_400_and_service_continues(nursery: trio.Nursery) -> None:
+    client = await start_api(nursery, View())
+    stream = await trio.open_tcp_stream(client.host, client.port)
+    await stream.send_all(b"\x16\x03\x01 this is not http\r\n\r\n")
+    reply = b""
+    with trio.fail_after(5):
+        while chunk := await stream.receive_some(4096):
+            reply += chunk
+    assert reply.startswith(b"HTTP/1.1 400")
+    await stream.aclose()
+    assert await trio.to_thread.run_sync(client.get, "/") == {"hello": "mirage"}
+
+
+async def test_secret_is_required_when_set(nursery: trio.Nursery) -> None:
+    view = View(secret="s3cret")
+    client = await start_api(nursery, view)
+    anonymous = ApiClient(client.host, client.port, "")
+    with pytest.raises(ApiError, match="401"):
+        await trio.to_thread.run_sync(anonymous.get, "/mirage/status")
+    wrong = ApiClient(client.host, client.port, "guess")
+    with pytest.raises(ApiError, match="401"):
+        await trio.to_thread.run_sync(wrong.get, "/mirage/status")
+    status = await trio.to_thread.run_sync(client.get, "/mirage/status")
+    assert isinstance(status, dict) and status["counters"]["dns"]["queries_total"] == 7
+
+
+async def test_metrics_are_prometheus_text(nursery: trio.Nursery) -> None:
+    client = await start_api(nursery, View())
+    stream = await trio.open_tcp_stream(client.host, client.port)
+    await stream.send_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    data = b""
+    with trio.fail_after(5):
+        while chunk := await stream.receive_some(4096):
+            data += chunk
+    await stream.aclose()
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert b"text/plain" in head
+    lines = body.decode().splitlines()
+    assert "# TYPE mirage_dns_queries_total counter" in lines
+    assert "mirage_dns_queries_total 7" in lines
+    assert "mirage_fakeip_size4 2" in lines
+
+
+def test_client_reads_controller_from_config(tmp_path: Any) -> None:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("external-controller: 127.0.0.1:9999\nsecret: abc\n"
+                   "dns:\n  nameserver: [udp://192.0.2.53]\n")
+    client = ApiClient.from_config_file(cfg)
+    assert (client.host, client.port, client.secret) == ("127.0.0.1", 9999, "abc")
+    with pytest.raises(ApiError, match="9999"):
+        client.get("/")  # nothing listens there: a clear error, not a traceback
+    assert json.dumps(Listen("::1", 1).__str__()) == '"[::1]:1"'
