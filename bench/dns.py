@@ -1,0 +1,193 @@
+#!/usr/bin/env python3
+"""DNS benchmark: dnsperf against `mirage run` and dnsmasq, in the same run.
+
+Everything runs inside one throwaway network namespace (loopback only):
+`mirage run` on 127.0.0.1:53 (fake-IP answers, persistence on) and dnsmasq on
+127.0.0.2:53 answering the same names from its configuration (its cache path).
+For each server and workload dnsperf runs for a bounded time and we print
+queries/s; a second, rate-limited run at half of Mirage's measured rate gives
+p50/p99 latency from dnsperf's per-query log. Ratios are against dnsmasq.
+
+Workloads: `repeated` (1,000 names asked over and over: the steady state of a
+LAN) and `fresh` (every query a new name: each one allocates a mapping and
+goes to the store's pending batch).
+
+Usage: bench/dns.py [--seconds 10] [--clients 8] [--profile]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+MIRAGE = ROOT / ".venv" / "bin" / "mirage"
+NS = f"mbench-dns-{os.getpid()}"
+
+
+def sh(*argv: str, check: bool = True, **kw: object) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(argv, check=check, text=True, capture_output=True, **kw)  # type: ignore[call-overload]
+
+
+def in_ns(*argv: str) -> list[str]:
+    return ["ip", "netns", "exec", NS, *argv]
+
+
+def write_queries(path: Path, names: list[str]) -> None:
+    path.write_text("".join(f"{n} A\n" for n in names))
+
+
+def dnsperf(server: str, datafile: Path, seconds: float, clients: int,
+            qps: int | None = None, verbose: bool = False) -> subprocess.CompletedProcess[str]:
+    argv = ["dnsperf", "-s", server, "-d", str(datafile), "-l", str(seconds), "-c", str(clients),
+            "-t", "2", "-q", "500"]
+    if qps:
+        argv += ["-Q", str(qps)]
+    if verbose:
+        argv += ["-v"]
+    return sh(*in_ns(*argv), check=False, timeout=seconds + 30)
+
+
+def parse_qps(out: str) -> tuple[float, float]:
+    """(queries per second, fraction lost) from dnsperf's summary."""
+    qps, lost = 0.0, 0.0
+    for line in out.splitlines():
+        line = line.strip()
+        if line.startswith("Queries per second:"):
+            qps = float(line.split(":")[1])
+        elif line.startswith("Queries lost:"):
+            lost = float(line.split("(")[1].split("%")[0]) / 100
+    return qps, lost
+
+
+def parse_latencies(out: str) -> list[float]:
+    """Per-query latencies (seconds) from `dnsperf -v` lines like
+    `> NOERROR n1.bench.test A 0.000123`."""
+    values = []
+    for line in out.splitlines():
+        if line.startswith("> "):
+            try:
+                values.append(float(line.rsplit(" ", 1)[1]))
+            except ValueError:
+                pass
+    return values
+
+
+def percentile(values: list[float], p: float) -> float:
+    if not values:
+        return float("nan")
+    values = sorted(values)
+    return values[min(len(values) - 1, int(len(values) * p))]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=8.0)
+    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--profile", action="store_true",
+                        help="run mirage under cProfile and print where the time goes")
+    args = parser.parse_args()
+    if os.geteuid() != 0:
+        print("bench/dns.py needs root (network namespace)", file=sys.stderr)
+        return 2
+
+    tmp = Path(tempfile.mkdtemp(prefix="mbench-dns-"))
+    procs: list[subprocess.Popen[bytes]] = []
+    sh("ip", "netns", "add", NS)
+    try:
+        sh(*in_ns("ip", "link", "set", "lo", "up"))
+        sh(*in_ns("ip", "addr", "add", "127.0.0.2/8", "dev", "lo"), check=False)
+        repeated = [f"r{i}.bench.test" for i in range(1000)]
+        fresh_count = 400_000
+        fresh = [f"f{i}.fresh.bench.test" for i in range(fresh_count)]
+        write_queries(tmp / "repeated.txt", repeated)
+        write_queries(tmp / "fresh.txt", fresh)
+        # dnsmasq answers every bench name from its config: its fastest path.
+        procs.append(subprocess.Popen(in_ns(
+            "dnsmasq", "-k", "-C", "/dev/null", "--no-resolv", "--no-hosts",
+            "--listen-address=127.0.0.2", "--bind-interfaces", "--port=53",
+            "--cache-size=10000", "--address=/bench.test/192.0.2.1",
+            f"--pid-file={tmp}/dnsmasq.pid", "--user=root"),
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        config = tmp / "mirage.yaml"
+        config.write_text(
+            "log-level: warning\n"
+            "profile: {store-fake-ip: true}\n"
+            "dns:\n  listen: 127.0.0.1:53\n  nameserver: ['udp://127.0.0.2:53']\n"
+            f"appliance:\n  state-dir: {tmp}/state\n"
+        )
+        mirage_argv = [str(MIRAGE), "run", "-c", str(config)]
+        if args.profile:
+            mirage_argv = [str(ROOT / ".venv/bin/python"), "-m", "cProfile", "-o",
+                           str(tmp / "mirage.prof"), "-m", "appliance", "run", "-c", str(config)]
+        with open(tmp / "mirage.log", "wb") as mirage_log:
+            mirage = subprocess.Popen(in_ns(*mirage_argv), stdout=subprocess.DEVNULL,
+                                      stderr=mirage_log)
+        procs.append(mirage)
+        for server in ("127.0.0.1", "127.0.0.2"):
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline:
+                r = sh(*in_ns("dig", f"@{server}", "+time=1", "+tries=1", "+short",
+                              "ready.bench.test"), check=False)
+                if r.returncode == 0 and r.stdout.strip():
+                    break
+                time.sleep(0.2)
+            else:
+                print(f"server {server} did not come up; log: {tmp}", file=sys.stderr)
+                return 1
+
+        print(f"dnsperf, {args.seconds:.0f} s per run, {args.clients} clients, "
+              "one namespace on loopback")
+        print(f"{'server':<10} {'workload':<9} {'queries/s':>10} {'lost':>6}  "
+              f"{'p50 ms @half':>12} {'p99 ms @half':>12}")
+        results: dict[tuple[str, str], float] = {}
+        for workload in ("repeated", "fresh"):
+            for name, server in (("mirage", "127.0.0.1"), ("dnsmasq", "127.0.0.2")):
+                data = tmp / f"{workload}.txt"
+                run = dnsperf(server, data, args.seconds, args.clients)
+                qps, lost = parse_qps(run.stdout)
+                results[(name, workload)] = qps
+                half = max(100, int(qps / 2))
+                lat_run = dnsperf(server, data, min(args.seconds, 4), 2, qps=half, verbose=True)
+                lat = parse_latencies(lat_run.stdout)
+                print(f"{name:<10} {workload:<9} {qps:>10.0f} {lost:>6.1%}  "
+                      f"{percentile(lat, 0.5) * 1000:>12.3f} {percentile(lat, 0.99) * 1000:>12.3f}")
+        for workload in ("repeated", "fresh"):
+            base = results[("dnsmasq", workload)]
+            ratio = results[("mirage", workload)] / base if base else float("nan")
+            print(f"ratio mirage/dnsmasq ({workload}): {ratio:.3f}")
+        rss = Path(f"/proc/{mirage.pid}/status").read_text() if mirage.poll() is None else ""
+        for line in rss.splitlines():
+            if line.startswith("VmRSS"):
+                print(f"mirage {line.strip()} after the runs")
+        store = tmp / "state" / "fakeip.sqlite3"
+        if store.exists():
+            rows = sh("sqlite3", str(store), "select count(*) from mappings", check=False)
+            count = rows.stdout.strip() or rows.stderr.strip()
+            print(f"persisted mappings in {store.name}: {count}")
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in procs:
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        sh("ip", "netns", "delete", NS, check=False)
+    if args.profile:
+        import pstats
+
+        stats = pstats.Stats(str(tmp / "mirage.prof"))
+        stats.sort_stats("tottime").print_stats(25)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
