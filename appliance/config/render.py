@@ -1,0 +1,134 @@
+"""A `Config` back in Clash spelling, with every default filled in.
+
+What `mirage check` prints, so a user sees what the appliance will actually
+do with their profile (ignored keys gone, defaults explicit, patterns
+normalised). `effective_config` is plain data (dict/list/str/int/float/bool/
+None): feeding it back to `parse_config` gives an equal `Config`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import yaml
+
+from appliance.config.model import Config, Nameserver, ProxyConfig, Rule
+
+REDACTED = "<redacted>"
+
+
+def _ns(ns: Nameserver) -> str:
+    return ns.text or ns.url
+
+
+def _proxy(p: ProxyConfig, redact: bool) -> dict[str, Any]:
+    out: dict[str, Any] = {"name": p.name, "type": p.type}
+    if p.type in ("direct", "reject"):
+        return out
+    out["server"] = p.server
+    out["port"] = p.port
+    if p.type in ("socks5", "http") and p.username is not None:
+        out["username"] = p.username
+    if p.password is not None:
+        out["password"] = REDACTED if redact else p.password
+    if p.type == "ss":
+        out["cipher"] = p.cipher
+    if p.type in ("socks5", "http"):
+        out["tls"] = p.tls
+    if p.type != "ss":
+        out["skip-cert-verify"] = p.skip_cert_verify
+    if p.type in ("http", "trojan") and p.sni is not None:
+        out["sni"] = p.sni
+    if p.type != "http":
+        out["udp"] = p.udp
+    return out
+
+
+def _rule(r: Rule) -> str:
+    if r.type == "MATCH":
+        return f"MATCH,{r.target}"
+    text = f"{r.type},{r.value},{r.target}"
+    return text + ",no-resolve" if r.no_resolve else text
+
+
+def effective_config(cfg: Config, *, redact: bool = False) -> dict[str, Any]:
+    """The configuration as Mirage will run it, in Clash key spelling.
+
+    With `redact`, `secret` and proxy passwords are replaced by
+    `<redacted>` (for printing; the result then no longer round-trips).
+    """
+    dns = cfg.dns
+    app = cfg.appliance
+    policy: dict[str, list[str]] = {}
+    for entry in dns.nameserver_policy:
+        policy[entry.pattern] = [_ns(ns) for ns in entry.nameservers]
+    hosts: dict[str, Any] = {}
+    for name, addrs in dns.hosts:
+        texts = [str(a) for a in addrs]
+        hosts[name] = texts[0] if len(texts) == 1 else texts
+    return {
+        "mixed-port": cfg.mixed_port,
+        "tproxy-port": cfg.tproxy_port,
+        "routing-mark": cfg.routing_mark,
+        "ipv6": cfg.ipv6,
+        "log-level": cfg.log_level,
+        "external-controller": (
+            str(cfg.external_controller) if cfg.external_controller is not None else None
+        ),
+        "secret": REDACTED if redact and cfg.secret else cfg.secret,
+        "profile": {"store-fake-ip": cfg.store_fake_ip},
+        "hosts": hosts,
+        "dns": {
+            "enable": dns.enable,
+            "listen": str(dns.listen),
+            "ipv6": dns.ipv6,
+            "enhanced-mode": dns.enhanced_mode,
+            "fake-ip-range": str(dns.fake_ip_range),
+            "fake-ip-range6": None if dns.fake_ip_range6 is None else str(dns.fake_ip_range6),
+            "fake-ip-filter": list(dns.fake_ip_filter),
+            "fake-ip-filter-mode": dns.fake_ip_filter_mode,
+            "default-nameserver": [_ns(ns) for ns in dns.default_nameserver],
+            "nameserver": [_ns(ns) for ns in dns.nameserver],
+            "nameserver-policy": policy,
+            "ca-file": None if dns.ca_file is None else str(dns.ca_file),
+            "upstream-timeout": dns.upstream_timeout,
+            "cache-size": dns.cache_size,
+        },
+        "proxies": [_proxy(p, redact) for p in cfg.proxies],
+        "proxy-groups": [
+            {"name": g.name, "type": g.type, "proxies": list(g.proxies)} for g in cfg.proxy_groups
+        ],
+        "rules": [_rule(r) for r in cfg.rules],
+        "appliance": {
+            "lan": list(app.lan),
+            "redirect": app.redirect,
+            "dns-hijack": app.dns_hijack,
+            "bypass": [str(n) for n in app.bypass],
+            "state-dir": str(app.state_dir),
+            "store-flush-interval": app.store_flush_interval,
+            "route-table": app.route_table,
+            "capture-mark": app.capture_mark,
+            "connect-timeout": app.connect_timeout,
+            "idle-timeout": app.idle_timeout,
+        },
+    }
+
+
+def format_effective(cfg: Config, *, redact: bool = True) -> str:
+    """`effective_config` as YAML text (secrets redacted unless asked not to)."""
+    return yaml.safe_dump(
+        effective_config(cfg, redact=redact),
+        sort_keys=False,
+        default_flow_style=False,
+        allow_unicode=True,
+    )
+
+
+def format_ignored(cfg: Config) -> str:
+    """One line naming what the profile asks for that Mirage does not do, or
+    "" if nothing was ignored. `mirage check` prints it after the YAML."""
+    if not cfg.ignored_keys:
+        return ""
+    return f"ignored ({len(cfg.ignored_keys)}, not implemented by Mirage): " + ", ".join(
+        cfg.ignored_keys
+    )
