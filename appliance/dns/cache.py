@@ -54,7 +54,7 @@ def cache_ttl(reply: DNSRecord) -> int | None:
         soas = [rr for rr in reply.auth if rr.rtype == QTYPE.SOA]
         if not soas:
             return None
-        return min(min(rr.ttl, rr.rdata.minttl) for rr in soas)
+        return min(min(rr.ttl, rr.rdata.times[4]) for rr in soas)  # times[4]: MINIMUM
     return None
 
 

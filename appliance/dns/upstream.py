@@ -56,7 +56,7 @@ import trio
 from dnslib import QTYPE, RCODE, DNSError, DNSRecord
 
 from appliance.config.model import DnsConfig, IPAddress, Nameserver
-from appliance.dns.cache import CacheKey, DnsCache, cache_key
+from appliance.dns.cache import CacheKey, DnsCache, cache_key, cache_ttl
 from appliance.dns.doh import DohError, Method, decode_response, encode_request, with_zero_id
 from appliance.dns.names import DomainTrie
 from appliance.dns.upstream_api import UpstreamError
@@ -446,5 +446,4 @@ class Resolver:
         if records:
             ips = [ipaddress.ip_address(str(rr.rdata)) for rr in records]
             return ips, min(rr.ttl for rr in records)
-        soa = [rr for rr in reply.auth if rr.rtype == QTYPE.SOA]
-        return [], min((min(rr.ttl, rr.rdata.minttl) for rr in soa), default=0)
+        return [], cache_ttl(reply) or 0
