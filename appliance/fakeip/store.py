@@ -75,7 +75,11 @@ class MemoryStore:
         self.writes = 0
 
     def load(self) -> list[Row]:
-        return [(fam, addr, name, used) for (fam, addr), (name, used) in self._rows.items()]
+        # Address order, like SQLite's primary key: recency must come from
+        # last_used, never from the order rows happen to be kept in.
+        return [
+            (fam, addr, name, used) for (fam, addr), (name, used) in sorted(self._rows.items())
+        ]
 
     def write(self, batch: Iterable[Change]) -> None:
         rows = dict(self._rows)
