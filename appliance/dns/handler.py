@@ -1,0 +1,458 @@
+"""The DNS query handler: bytes in, bytes (or "ask upstream") out. No I/O.
+
+The chain follows mihomo's `dns/middleware.go`: hosts -> fake IP -> resolver.
+
+- `hosts` names are answered here with their configured addresses (A/AAAA,
+  and PTR for those addresses): resolved for real without asking anyone.
+- A and AAAA for a name that gets a fake IP (`enhanced-mode: fake-ip`, and
+  the name is outside the blacklist / inside the whitelist of
+  `fake-ip-filter`) are answered from the pool with TTL 1, AA=1. With IPv6
+  off (`dns.ipv6` false) every AAAA gets an empty NOERROR, as in mihomo; with
+  `dns.ipv6` on but no `fake-ip-range6`, fake-IP names get an empty AAAA.
+- PTR for an address inside a fake range is answered from the pool
+  (NXDOMAIN when the address is unmapped).
+- ANY for a fake-IP name gets its fake A record only (RFC 8482 lets a server
+  answer ANY with a subset), so ANY cannot leak real addresses.
+- Everything else goes upstream: `handle` returns an `UpstreamQuery`; the
+  server awaits the resolver and calls `finish(reply)`.
+- HTTPS/SVCB replies for fake-IP names lose their ipv4hint/ipv6hint SvcParams
+  and any A/AAAA records, which would hand the client the real addresses and
+  let it bypass the fake IP; alpn, port, ech and the rest stay, so HTTP/3
+  discovery still works. dnslib parses HTTPS (type 65) but not SVCB (64), so
+  the edit works on the RDATA bytes of both (RFC 9460 2.2, `strip_svc_hints`).
+
+Failure handling lives in exactly one place, `DnsHandler._guard`: input that
+does not parse gets FORMERR (nothing at all when not even a header can be
+read, or when it is a response), and an exception anywhere else gets
+SERVFAIL with the exception logged. `handle` and `finish` never raise.
+
+A/AAAA queries of the common shape skip dnslib entirely (wire.py): the
+answers are the same bytes either way (tests/unit/test_dns_handler.py).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import struct
+import time
+from collections.abc import Callable, Sequence
+from typing import TypeVar
+
+from dnslib import AAAA, EDNS0, PTR, RD, RR, A, DNSBuffer, DNSHeader, DNSQuestion, DNSRecord
+
+from appliance.config.model import FAKE_IP_TTL, DnsConfig, IPAddress
+from appliance.dns import wire
+from appliance.dns.names import DomainMatcher, DomainTrie, name_from_labels
+from appliance.dns.wire import (
+    CLASS_IN,
+    EDNS_UDP_SIZE,
+    RCODE_FORMERR,
+    RCODE_NOERROR,
+    RCODE_NOTIMP,
+    RCODE_NXDOMAIN,
+    RCODE_REFUSED,
+    RCODE_SERVFAIL,
+    TYPE_A,
+    TYPE_AAAA,
+    TYPE_ANY,
+    TYPE_HTTPS,
+    TYPE_OPT,
+    TYPE_PTR,
+    TYPE_SVCB,
+)
+from appliance.fakeip.pool import FakeIPPool, PoolExhausted
+
+log = logging.getLogger("mirage.dns")
+
+# What a `hosts` answer is cached for (mihomo's hosts middleware uses 10 s).
+HOSTS_TTL = 10
+# At most one "pool exhausted" line per this many seconds (the condition can
+# hit every query for a while; the count of the silenced ones is logged).
+EXHAUSTED_LOG_INTERVAL = 10.0
+
+_F_AD = 0x0020
+_RCODE_BADVERS = 16  # RFC 6891 9: extended RCODE, upper 8 bits go in the OPT TTL
+
+# (rcode, packed addresses, TTL) of an A/AAAA answer made here.
+Local = tuple[int, Sequence[bytes], int]
+_Arg = TypeVar("_Arg")
+
+
+class UpstreamQuery:
+    """A query the handler cannot answer alone.
+
+    `request` is what to ask the upstream resolver (one question, RD=1, EDNS
+    with our UDP size and the client's DO bit). `finish(reply)` turns the
+    resolver's reply into the bytes for the client (the client's ID, question
+    and EDNS; HTTPS/SVCB hints stripped for fake-IP names), or into SERVFAIL
+    when `reply` is None (the upstream failed or timed out). Never raises.
+    """
+
+    __slots__ = ("_data", "_handler", "_opt", "_query", "_strip", "request")
+
+    def __init__(
+        self,
+        handler: DnsHandler,
+        data: bytes,
+        query: DNSRecord,
+        opt: RR | None,
+        request: DNSRecord,
+        strip: bool,
+    ) -> None:
+        self._handler = handler
+        self._data = data
+        self._query = query
+        self._opt = opt
+        self._strip = strip
+        self.request = request
+
+    def finish(self, reply: DNSRecord | None) -> bytes:
+        result = self._handler._guard(self._data, self._finish, reply)
+        assert isinstance(result, bytes)
+        return result
+
+    def _finish(self, reply: DNSRecord | None) -> bytes:
+        query = self._query
+        if reply is None:
+            return _reply(query, self._opt, RCODE_SERVFAIL, aa=False)
+        rr, auth = list(reply.rr), list(reply.auth)
+        ar = [r for r in reply.ar if r.rtype != TYPE_OPT]
+        if self._strip:
+            rr, auth, ar = (_strip_section(s) for s in (rr, auth, ar))
+        flags = wire.reply_flags(query.header.bitmap, reply.header.rcode, aa=False)
+        flags |= reply.header.bitmap & wire._F_TC
+        if query.header.ad or (self._opt is not None and _do(self._opt)):
+            flags |= reply.header.bitmap & _F_AD  # RFC 6840 5.8
+        out = DNSRecord(
+            DNSHeader(id=query.header.id, bitmap=flags),
+            questions=list(query.questions),
+            rr=rr,
+            auth=auth,
+            ar=ar,
+        )
+        if self._opt is not None:
+            out.add_ar(_our_opt(_do(self._opt)))
+        return bytes(out.pack())
+
+
+class DnsHandler:
+    """Answers DNS queries for the appliance from the config, hosts and pool.
+
+    Owns no resources: the pool is shared with the gateway (which reverses fake
+    IPs) and is only asked to allocate/reverse here. Stats are plain ints the
+    metrics read: `queries`, `fake_answers`, `local_answers` (hosts, PTR,
+    empty AAAA), `upstream`, `formerr`, `servfail`. `fast_path=False` forces
+    every query through dnslib (the tests compare both paths).
+    """
+
+    def __init__(self, dns: DnsConfig, pool: FakeIPPool, *, fast_path: bool = True) -> None:
+        self._pool = pool
+        self._fast = fast_path
+        self.queries = 0
+        self.fake_answers = 0
+        self.local_answers = 0
+        self.upstream = 0
+        self.formerr = 0
+        self.servfail = 0
+        self._exhausted_logged_at = -EXHAUSTED_LOG_INTERVAL
+        self._exhausted_silenced = 0
+        self.reconfigure(dns)
+
+    def reconfigure(self, dns: DnsConfig) -> None:
+        """Take a new DNS config (SIGHUP). Filter, hosts and the IPv6 switch
+        change at once; the pool and its ranges stay (they need a restart)."""
+        self._fake_mode = dns.enhanced_mode == "fake-ip"
+        self._filter = DomainMatcher(dns.fake_ip_filter)
+        self._whitelist = dns.fake_ip_filter_mode == "whitelist"
+        self._ipv6 = dns.ipv6
+        self._fake6 = dns.ipv6 and dns.fake_ip_range6 is not None
+        hosts: DomainTrie[tuple[tuple[bytes, ...], tuple[bytes, ...]]] = DomainTrie()
+        reverse: dict[IPAddress, str] = {}
+        for name, addrs in dns.hosts:
+            v4 = tuple(a.packed for a in addrs if a.version == 4)
+            v6 = tuple(a.packed for a in addrs if a.version == 6)
+            hosts.add(name, (v4, v6))
+            if "*" not in name and "+" not in name and not name.startswith("."):
+                for a in addrs:
+                    reverse.setdefault(a, name.rstrip(".").lower())
+        self._hosts = hosts
+        self._hosts_reverse = reverse
+
+    def stats(self) -> dict[str, int]:
+        return {
+            "queries": self.queries,
+            "fake_answers": self.fake_answers,
+            "local_answers": self.local_answers,
+            "upstream": self.upstream,
+            "formerr": self.formerr,
+            "servfail": self.servfail,
+        }
+
+    def wants_fake_ip(self, name: str) -> bool:
+        """Does `name` (normalized) get a fake IP under the current config?"""
+        if not self._fake_mode or not name:
+            return False
+        return self._filter.matches(name) == self._whitelist
+
+    # -- entry points --------------------------------------------------------
+
+    def handle(self, data: bytes) -> bytes | UpstreamQuery:
+        """The reply to the query `data`, b"" for no reply, or an UpstreamQuery.
+
+        Never raises (see the module doc for what failures become)."""
+        self.queries += 1
+        return self._guard(data, self._handle, data)
+
+    def _guard(
+        self, data: bytes, step: Callable[[_Arg], bytes | UpstreamQuery], arg: _Arg
+    ) -> bytes | UpstreamQuery:
+        # The one place where failures become answers.
+        try:
+            result = step(arg)
+        except Exception:
+            log.exception("DNS handler failed on query %s", data[:64].hex())
+            result = wire.error_reply(data, RCODE_SERVFAIL)
+        if isinstance(result, bytes) and len(result) >= 4:
+            rcode = result[3] & 0xF
+            if rcode == RCODE_SERVFAIL:
+                self.servfail += 1
+            elif rcode == RCODE_FORMERR:
+                self.formerr += 1
+        return result
+
+    def _handle(self, data: bytes) -> bytes | UpstreamQuery:
+        if self._fast:
+            q = wire.parse_query(data)
+            if q is not None and q.qclass == CLASS_IN and q.qtype in (TYPE_A, TYPE_AAAA):
+                local = self._address(q.qname, q.qtype)
+                if local is not None:
+                    return wire.pack_reply(q, *local)
+        return self._general(data)
+
+    # -- decisions shared by both paths ---------------------------------------
+
+    def _address(self, name: str | None, qtype: int) -> Local | None:
+        """The local answer to an A/AAAA question for `name`, None to ask upstream."""
+        if not name:  # not a host name (or the root): let the upstream say
+            return None
+        entry = self._hosts.first(name)
+        if entry is not None:
+            self.local_answers += 1
+            return RCODE_NOERROR, entry[0] if qtype == TYPE_A else entry[1], HOSTS_TTL
+        if qtype == TYPE_AAAA and not self._ipv6:
+            self.local_answers += 1
+            return RCODE_NOERROR, (), 0
+        if not self.wants_fake_ip(name):
+            return None
+        if qtype == TYPE_AAAA and not self._fake6:
+            self.local_answers += 1
+            return RCODE_NOERROR, (), 0
+        try:
+            ip = self._pool.allocate(name, 4 if qtype == TYPE_A else 6)
+        except PoolExhausted:
+            self._log_exhausted(name)
+            return RCODE_SERVFAIL, (), 0
+        self.fake_answers += 1
+        return RCODE_NOERROR, (ip.packed,), FAKE_IP_TTL
+
+    def _log_exhausted(self, name: str) -> None:
+        now = time.monotonic()
+        if now - self._exhausted_logged_at < EXHAUSTED_LOG_INTERVAL:
+            self._exhausted_silenced += 1
+            return
+        more = f" ({self._exhausted_silenced} more since the last report)"
+        log.error(
+            "fake-IP pool exhausted (every address pinned by a live flow): SERVFAIL for %s%s",
+            name,
+            more if self._exhausted_silenced else "",
+        )
+        self._exhausted_logged_at = now
+        self._exhausted_silenced = 0
+
+    def _pointer(self, name: str | None) -> tuple[int, str | None, int] | None:
+        """(rcode, target, ttl) for a PTR question answered here, else None."""
+        ip = reverse_pointer(name) if name else None
+        if ip is None:
+            return None
+        if self._pool.is_fake(ip):
+            self.local_answers += 1
+            domain = self._pool.reverse(ip)
+            if domain is None:
+                return RCODE_NXDOMAIN, None, 0
+            return RCODE_NOERROR, domain, FAKE_IP_TTL
+        host = self._hosts_reverse.get(ip)
+        if host is not None:
+            self.local_answers += 1
+            return RCODE_NOERROR, host, HOSTS_TTL
+        return None
+
+    # -- the general path (dnslib) ---------------------------------------------
+
+    def _general(self, data: bytes) -> bytes | UpstreamQuery:
+        try:
+            query = DNSRecord.parse(data)
+        except Exception:
+            # dnslib raises DNSError, but hostile bytes also reach struct,
+            # index and Unicode errors inside it: all of them mean FORMERR.
+            return wire.error_reply(data, RCODE_FORMERR)
+        header = query.header
+        if header.qr:
+            return b""
+        if header.opcode != 0:
+            return wire.error_reply(data, RCODE_NOTIMP)
+        opts = [r for r in query.ar if r.rtype == TYPE_OPT]
+        if len(query.questions) != 1 or len(opts) > 1:  # RFC 6891 6.1.1
+            return wire.error_reply(data, RCODE_FORMERR)
+        opt = opts[0] if opts else None
+        if opt is not None and (opt.ttl >> 16) & 0xFF != 0:
+            return _reply(query, opt, _RCODE_BADVERS, aa=False)
+        q = query.questions[0]
+        if q.qclass != CLASS_IN:
+            return _reply(query, opt, RCODE_REFUSED, aa=False)
+        name = name_from_labels(q.qname.label)
+        if q.qtype in (TYPE_A, TYPE_AAAA):
+            local = self._address(name, q.qtype)
+            if local is not None:
+                rcode, rdatas, ttl = local
+                rdata_cls = A if q.qtype == TYPE_A else AAAA
+                answers = [_rr(q, q.qtype, ttl, rdata_cls(_ip_text(r))) for r in rdatas]
+                return _reply(query, opt, rcode, answers)
+        elif q.qtype == TYPE_PTR:
+            ptr = self._pointer(name)
+            if ptr is not None:
+                rcode, target, ttl = ptr
+                answers = [] if target is None else [_rr(q, TYPE_PTR, ttl, PTR(target + "."))]
+                return _reply(query, opt, rcode, answers)
+        elif q.qtype == TYPE_ANY and name and self.wants_fake_ip(name):
+            local = self._address(name, TYPE_A)
+            assert local is not None
+            rcode, rdatas, ttl = local
+            return _reply(query, opt, rcode, [_rr(q, TYPE_A, ttl, A(_ip_text(r))) for r in rdatas])
+        return self._ask_upstream(data, query, opt, name)
+
+    def _ask_upstream(
+        self, data: bytes, query: DNSRecord, opt: RR | None, name: str | None
+    ) -> UpstreamQuery:
+        q = query.questions[0]
+        request = DNSRecord(
+            DNSHeader(id=0, rd=1, cd=query.header.cd),
+            q=DNSQuestion(q.qname, q.qtype, q.qclass),
+        )
+        request.add_ar(_our_opt(opt is not None and _do(opt)))
+        strip = q.qtype in (TYPE_SVCB, TYPE_HTTPS) and bool(name) and self.wants_fake_ip(name or "")
+        self.upstream += 1
+        return UpstreamQuery(self, data, query, opt, request, strip)
+
+
+# -- helpers ------------------------------------------------------------------
+
+
+def _do(opt: RR) -> bool:
+    return bool(opt.ttl & wire.EDNS_DO)
+
+
+def _our_opt(do: bool) -> RR:
+    return EDNS0(udp_len=EDNS_UDP_SIZE, flags="do" if do else "")
+
+
+def _rr(q: DNSQuestion, rtype: int, ttl: int, rdata: RD) -> RR:
+    # The same DNSLabel object as the question: dnslib compresses it into a
+    # pointer to offset 12, as the fast path does.
+    return RR(rname=q.qname, rtype=rtype, rclass=q.qclass, ttl=ttl, rdata=rdata)
+
+
+def _ip_text(packed: bytes) -> str:
+    return str(ipaddress.ip_address(packed))
+
+
+def _reply(
+    query: DNSRecord, opt: RR | None, rcode: int, answers: Sequence[RR] = (), aa: bool = True
+) -> bytes:
+    """Our reply to a parsed query (the dnslib twin of wire.pack_reply)."""
+    header = DNSHeader(id=query.header.id, bitmap=wire.reply_flags(query.header.bitmap, rcode, aa))
+    out = DNSRecord(header, questions=list(query.questions), rr=list(answers))
+    if opt is not None:
+        reply_opt = _our_opt(_do(opt))
+        reply_opt.ttl |= (rcode >> 4) << 24  # extended RCODE (BADVERS)
+        out.add_ar(reply_opt)
+    return bytes(out.pack())
+
+
+def reverse_pointer(name: str) -> IPAddress | None:
+    """The address a full `in-addr.arpa` / `ip6.arpa` name stands for, or None
+    (partial names, bad digits, anything else)."""
+    labels = name.split(".")
+    if len(labels) == 6 and labels[4:] == ["in-addr", "arpa"]:
+        octets = labels[3::-1]
+        if not all(o.isdigit() and len(o) <= 3 and (o == "0" or o[0] != "0") for o in octets):
+            return None
+        if any(int(o) > 255 for o in octets):
+            return None
+        return ipaddress.IPv4Address(".".join(octets))
+    if len(labels) == 34 and labels[32:] == ["ip6", "arpa"]:
+        nibbles = labels[31::-1]
+        if not all(len(n) == 1 and n in "0123456789abcdef" for n in nibbles):
+            return None
+        return ipaddress.IPv6Address(int("".join(nibbles), 16))
+    return None
+
+
+def _strip_section(records: list[RR]) -> list[RR]:
+    """Records of an HTTPS/SVCB reply for a fake-IP name, minus what would give
+    away real addresses: A/AAAA records, and address hints in SVCB/HTTPS."""
+    out = []
+    for rr in records:
+        if rr.rtype in (TYPE_A, TYPE_AAAA):
+            continue
+        if rr.rtype in (TYPE_SVCB, TYPE_HTTPS):
+            buf = DNSBuffer()
+            rr.rdata.pack(buf)
+            stripped = strip_svc_hints(bytes(buf.data))
+            if stripped is None:
+                continue  # malformed: drop it rather than pass hints through
+            rr = RR(rr.rname, rr.rtype, rr.rclass, rr.ttl, RD(stripped))
+        out.append(rr)
+    return out
+
+
+_SVC_MANDATORY = 0
+_SVC_IPV4HINT = 4
+_SVC_IPV6HINT = 6
+_HINTS = frozenset((_SVC_IPV4HINT, _SVC_IPV6HINT))
+
+
+def strip_svc_hints(rdata: bytes) -> bytes | None:
+    """SVCB/HTTPS RDATA (RFC 9460 2.2) without ipv4hint and ipv6hint, and
+    without those keys in `mandatory` (dropping `mandatory` if it empties).
+    None if the RDATA is malformed. AliasMode (priority 0) passes unchanged."""
+    try:
+        (priority,) = struct.unpack_from("!H", rdata)
+        pos = 2
+        while rdata[pos]:  # TargetName, never compressed (RFC 9460 2.2)
+            if rdata[pos] > 63:
+                return None
+            pos += 1 + rdata[pos]
+        pos += 1
+        if priority == 0:
+            return rdata
+        out = [rdata[:pos]]
+        while pos < len(rdata):
+            key, length = struct.unpack_from("!HH", rdata, pos)
+            value = rdata[pos + 4 : pos + 4 + length]
+            if len(value) != length:
+                return None
+            pos += 4 + length
+            if key in _HINTS:
+                continue
+            if key == _SVC_MANDATORY:
+                if length % 2:
+                    return None
+                keys = [k for (k,) in struct.iter_unpack("!H", value) if k not in _HINTS]
+                if not keys:
+                    continue
+                value = struct.pack(f"!{len(keys)}H", *keys)
+            out.append(struct.pack("!HH", key, len(value)) + value)
+        return b"".join(out)
+    except (IndexError, struct.error):
+        return None
