@@ -177,7 +177,7 @@ class HttpConnectClient:
     def request_bytes(self) -> bytes:
         return self._request
 
-    def receive_data(self, data: bytes) -> ConnectResponse | None:
+    def receive_data(self, data: bytes | bytearray) -> ConnectResponse | None:
         """Feed bytes from the proxy (empty = EOF). Returns the response once
         its head is complete; raises HttpConnectError for a refusal or garbage."""
         if self.response is not None:

@@ -408,7 +408,7 @@ class Socks5Client:
             return max(2 - len(self._in), 1)
         return 65536
 
-    def receive_data(self, data: bytes) -> None:
+    def receive_data(self, data: bytes | bytearray) -> None:
         """Feed bytes read from the proxy. An empty `data` means EOF."""
         if self.state is ClientState.ESTABLISHED:
             self.trailing_data += data
@@ -511,7 +511,7 @@ class Socks5Server:
         out, self._out = bytes(self._out), bytearray()
         return out
 
-    def receive_data(self, data: bytes) -> Event | None:
+    def receive_data(self, data: bytes | bytearray) -> Event | None:
         if self.state in (ServerState.REPLY, ServerState.ESTABLISHED):
             self.trailing_data += data
             return None

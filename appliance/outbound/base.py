@@ -1,0 +1,275 @@
+"""What every outbound is, how it fails, and the marked TCP dialer they share.
+
+An outbound opens a TCP stream to `host:port` on behalf of one flow: directly
+(DIRECT), through a proxy (SOCKS5, HTTP CONNECT), or not at all (REJECT).
+The gateway splices the returned stream with the client's: when the result
+is a `trio.SocketStream` whose socket talks straight to the far end (DIRECT,
+and SOCKS5/plain-HTTP proxies after their handshake), both ends are plain
+sockets and the splice can use `os.splice` on the file descriptors; TLS
+streams and `ReplayStream`s need the copy loop.
+
+Every socket an outbound opens carries SO_MARK = `routing-mark` so that the
+gateway's own capture rules never catch its outbound traffic.
+
+Names are resolved only through the `Resolve` function handed in (the
+upstream resolver's `resolve_ips`: DoH, never the system resolver, which is
+the poisoned one this appliance exists to avoid).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+import socket
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Protocol
+
+import trio
+
+from appliance.config.model import IPAddress
+from appliance.dns.upstream_api import UpstreamError
+
+# Linux SO_MARK; `socket.SO_MARK` exists on Linux builds of CPython >= 3.12.
+SO_MARK: int = getattr(socket, "SO_MARK", 36)
+
+# RFC 8305 "Connection Attempt Delay": start the next address after 250 ms
+# unless the current attempt fails sooner.
+HAPPY_EYEBALLS_DELAY = 0.25
+
+# `resolve(name, family)` with family 4 or 6 -> (addresses, ttl seconds).
+Resolve = Callable[[str, int], Awaitable[tuple[list[IPAddress], int]]]
+
+
+class OutboundError(Exception):
+    """An outbound could not open the stream: refused, unreachable, timed out,
+    proxy error reply, auth refused, or rejected by policy. `reason` is a
+    short human text for logs and the API."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class Outbound(Protocol):
+    """One way out. `name` is the config name (DIRECT, REJECT, a proxy or a
+    group); `type` is the Clash API type name (Direct, Reject, Socks5, Http,
+    Selector, Fallback)."""
+
+    name: str
+    type: str
+
+    async def connect_tcp(self, host: str | IPAddress, port: int) -> trio.abc.Stream:
+        """A stream to host:port (a name is passed on unresolved where the
+        outbound can, e.g. SOCKS5 ATYP=3). Bounded by the outbound's connect
+        timeout; raises OutboundError, never OSError or a protocol error."""
+        ...
+
+
+def as_ip(host: str | IPAddress) -> IPAddress | None:
+    """The address if `host` is an IP literal (brackets allowed), else None."""
+    if isinstance(host, ipaddress.IPv4Address | ipaddress.IPv6Address):
+        return host
+    try:
+        return ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return None
+
+
+def interleave(addresses: Sequence[IPAddress]) -> list[IPAddress]:
+    """RFC 8305 section 4: alternate families, starting with the first's."""
+    if not addresses:
+        return []
+    first = [a for a in addresses if a.version == addresses[0].version]
+    other = [a for a in addresses if a.version != addresses[0].version]
+    out: list[IPAddress] = []
+    for i in range(max(len(first), len(other))):
+        out.extend(x[i] for x in (first, other) if i < len(x))
+    return out
+
+
+def set_mark(sock: trio.socket.SocketType, mark: int | None) -> None:
+    if mark:
+        sock.setsockopt(socket.SOL_SOCKET, SO_MARK, mark)
+
+
+async def open_marked_tcp(
+    addresses: Sequence[IPAddress],
+    port: int,
+    *,
+    mark: int | None,
+    delay: float = HAPPY_EYEBALLS_DELAY,
+) -> trio.SocketStream:
+    """Connect to the first of `addresses` that answers (happy eyeballs).
+
+    Attempts start in order, each `delay` seconds after the previous one or
+    as soon as it fails; the first to connect wins and the others are
+    cancelled and closed. Every socket gets SO_MARK before connect(). No
+    timeout of its own: callers wrap it in theirs. Raises OutboundError when
+    every address failed.
+    """
+    if not addresses:
+        raise OutboundError("no address to connect to")
+    winner: trio.socket.SocketType | None = None
+    errors: list[str] = []
+
+    async def attempt(addr: IPAddress, failed: trio.Event, cancel_scope: trio.CancelScope) -> None:
+        nonlocal winner
+        family = socket.AF_INET6 if addr.version == 6 else socket.AF_INET
+        sock = trio.socket.socket(family, socket.SOCK_STREAM)
+        try:
+            set_mark(sock, mark)
+            await sock.connect((str(addr), port))
+        except OSError as e:
+            sock.close()
+            errors.append(f"{addr}: {e.strerror or e}")
+            failed.set()
+            return
+        except BaseException:
+            sock.close()
+            raise
+        if winner is None:
+            winner = sock
+            cancel_scope.cancel()
+        else:
+            sock.close()
+
+    try:
+        async with trio.open_nursery() as nursery:
+            for addr in addresses:
+                failed = trio.Event()
+                nursery.start_soon(attempt, addr, failed, nursery.cancel_scope)
+                with trio.move_on_after(delay):
+                    await failed.wait()
+    except BaseException:
+        # Cancelled from outside (the caller's deadline) just as one won.
+        if winner is not None:
+            winner.close()
+        raise
+    if winner is None:
+        raise OutboundError(f"connect to port {port} failed: " + "; ".join(errors))
+    return trio.SocketStream(winner)
+
+
+class Dialer:
+    """Resolves a host through `resolve` and opens a marked TCP connection.
+
+    Owns a small cache of the address that last worked for each name, kept
+    while the resolver's TTL lasts: the same name keeps reaching the same
+    peer (protocols that pin a session to one server need that), and a
+    repeat connection skips the resolver. Does not impose a timeout; raises
+    OutboundError when the name does not resolve or nothing answers.
+    """
+
+    MAX_STICKY = 4096
+
+    def __init__(self, resolve: Resolve | None, mark: int | None, *, ipv6: bool = False) -> None:
+        self._resolve = resolve
+        self.mark = mark
+        self.ipv6 = ipv6
+        self._sticky: dict[str, tuple[IPAddress, float]] = {}
+
+    async def resolve(self, name: str) -> tuple[list[IPAddress], float]:
+        """All addresses of `name` (A, and AAAA if ipv6) and the lowest TTL."""
+        if self._resolve is None:
+            raise OutboundError(f"cannot resolve {name}: no resolver configured")
+        families = (4, 6) if self.ipv6 else (4,)
+        results: dict[int, tuple[list[IPAddress], int]] = {}
+        errors: list[str] = []
+
+        async def one(family: int) -> None:
+            assert self._resolve is not None
+            try:
+                results[family] = await self._resolve(name, family)
+            except UpstreamError as e:
+                errors.append(str(e))
+
+        async with trio.open_nursery() as nursery:
+            for family in families:
+                nursery.start_soon(one, family)
+        addresses: list[IPAddress] = []
+        ttl: float = math.inf
+        # AAAA first when asked for, as RFC 8305 prefers.
+        for family in sorted(results, reverse=True):
+            ips, t = results[family]
+            if ips:
+                addresses.extend(ips)
+                ttl = min(ttl, t)
+        if not addresses:
+            why = "; ".join(errors) if errors else "no address records"
+            raise OutboundError(f"cannot resolve {name}: {why}")
+        return addresses, ttl
+
+    async def dial(self, host: str | IPAddress, port: int) -> trio.SocketStream:
+        ip = as_ip(host)
+        if ip is not None:
+            return await open_marked_tcp([ip], port, mark=self.mark)
+        assert isinstance(host, str)
+        name = host.rstrip(".").lower()
+        now = trio.current_time()
+        sticky = self._sticky.get(name)
+        if sticky is not None and sticky[1] > now:
+            try:
+                return await open_marked_tcp([sticky[0]], port, mark=self.mark)
+            except OutboundError:
+                # The pinned peer stopped answering: forget it, resolve again.
+                del self._sticky[name]
+        addresses, ttl = await self.resolve(name)
+        stream = await open_marked_tcp(interleave(addresses), port, mark=self.mark)
+        if ttl > 0:
+            peer = ipaddress.ip_address(stream.socket.getpeername()[0])
+            if len(self._sticky) >= self.MAX_STICKY:
+                self._sticky.pop(next(iter(self._sticky)))
+            self._sticky[name] = (peer, trio.current_time() + ttl)
+        return stream
+
+
+class ReplayStream(trio.abc.HalfCloseableStream):
+    """A stream that returns `prefix` before reading from `transport_stream`.
+
+    For the rare case where a handshake read bytes that belong to the tunnel
+    (e.g. a TLS proxy whose first record held the reply and the far end's
+    first bytes). Not a SocketStream, so the gateway copies instead of
+    splicing. Owns `transport_stream` (aclose closes it).
+    """
+
+    def __init__(self, transport_stream: trio.abc.Stream, prefix: bytes) -> None:
+        self.transport_stream = transport_stream
+        self._prefix = prefix
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        if self._prefix:
+            n = len(self._prefix) if max_bytes is None else max_bytes
+            out, self._prefix = self._prefix[:n], self._prefix[n:]
+            await trio.lowlevel.checkpoint()
+            return out
+        return await self.transport_stream.receive_some(max_bytes)
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self.transport_stream.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.transport_stream.wait_send_all_might_not_block()
+
+    async def send_eof(self) -> None:
+        if isinstance(self.transport_stream, trio.abc.HalfCloseableStream):
+            await self.transport_stream.send_eof()
+        else:
+            raise trio.ClosedResourceError("the underlying stream cannot half-close")
+
+    async def aclose(self) -> None:
+        await self.transport_stream.aclose()
+
+
+@contextmanager
+def outbound_deadline(seconds: float, what: str) -> Iterator[None]:
+    """One deadline for a whole connect (dial + handshake). A timeout becomes
+    OutboundError, and so do OSError/BrokenResourceError that escape the
+    body (a peer that reset the connection mid-handshake)."""
+    try:
+        with trio.fail_after(seconds):
+            yield
+    except trio.TooSlowError:
+        raise OutboundError(f"{what}: timed out after {seconds:g}s") from None
+    except (OSError, trio.BrokenResourceError) as e:
+        raise OutboundError(f"{what}: {e}") from None
