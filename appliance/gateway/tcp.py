@@ -1,0 +1,244 @@
+"""The transparent TCP listener: captured LAN connections -> domain -> outbound.
+
+The capture (nft TPROXY or tc sk_assign) hands connections for fake IPs to a
+socket with IP_TRANSPARENT listening on `tproxy-port`; the accepted socket's
+*local* address is the destination the client asked for. For a fake IP the
+pool gives the domain back (pinned for the flow's lifetime, so recycling can
+never remap an address a live flow uses); `dial` routes the flow and connects
+its outbound; `splice` relays until the flow ends.
+
+What it owns: the listening socket(s), each accepted connection, the
+outbound stream `dial` returned, and one pool pin per fake-IP flow; all are
+released in `finally`. Failures are per flow and never stop the listener:
+an unmapped fake IP (expired, or from before a restart without
+store-fake-ip) and a failed dial both reset the client at once (RST, so the
+client retries or fails fast instead of hanging), log why, and count it in
+the `FlowRegistry`.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import socket
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Protocol
+
+import trio
+
+from appliance.config.model import Config
+from appliance.gateway.splice import FlowRegistry, SpliceResult, abort, splice
+
+log = logging.getLogger(__name__)
+
+# Linux values; Python 3.11 has IP_TRANSPARENT but not IPV6_TRANSPARENT.
+IP_TRANSPARENT = getattr(socket, "IP_TRANSPARENT", 19)
+IPV6_TRANSPARENT = getattr(socket, "IPV6_TRANSPARENT", 75)
+BACKLOG = 1024
+
+
+@dataclass(eq=False)
+class FlowTarget:
+    """Where a captured flow wants to go, as `dial` sees it.
+
+    `domain` is the name behind a fake destination (None for a real IP).
+    Addresses are text (IPv4 as dotted quad even on a dual-stack socket).
+    `dial` may set `outbound` to the name of the outbound it chose; the flow
+    registry shows it.
+    """
+
+    domain: str | None
+    dst_ip: str
+    dst_port: int
+    src_ip: str
+    src_port: int
+    outbound: str = ""
+
+    @property
+    def host(self) -> str:
+        """What to ask an outbound to connect to: the name when known."""
+        return self.domain if self.domain is not None else self.dst_ip
+
+
+Dial = Callable[[FlowTarget], Awaitable[trio.abc.Stream]]
+
+
+class FakeIPs(Protocol):
+    """The part of `appliance.fakeip.pool.FakeIPPool` the gateway uses."""
+
+    def is_fake(self, ip: Any) -> bool: ...
+
+    def pin(self, ip: Any) -> str | None: ...
+
+    def unpin(self, ip: Any) -> None: ...
+
+
+def _addr(sockaddr: Any) -> tuple[str, int]:
+    """(ip text, port) from a v4 or v6 sockaddr; IPv4-mapped v6 unmapped."""
+    ip = ipaddress.ip_address(sockaddr[0].split("%", 1)[0])
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return str(ip), int(sockaddr[1])
+
+
+async def open_transparent_listeners(port: int, ipv6: bool) -> list[trio.SocketListener]:
+    """Bind the transparent listener(s) on `port`: one dual-stack [::] socket
+    with ipv6, else one 0.0.0.0 socket. Raises OSError (EADDRINUSE, EPERM
+    without CAP_NET_ADMIN) for the caller to report."""
+    family = socket.AF_INET6 if ipv6 else socket.AF_INET
+    sock = trio.socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            sock.setsockopt(socket.IPPROTO_IPV6, IPV6_TRANSPARENT, 1)
+            await sock.bind(("::", port))
+        else:
+            # Without it TPROXY finds no socket for a non-local destination.
+            sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
+            await sock.bind(("0.0.0.0", port))
+        sock.listen(BACKLOG)
+    except BaseException:
+        sock.close()
+        raise
+    return [trio.SocketListener(sock)]
+
+
+class TransparentTcp:
+    """The TCP gateway service: listener + per-flow handling + flow registry."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        pool: FakeIPs,
+        dial: Dial,
+        registry: FlowRegistry | None = None,
+    ) -> None:
+        if cfg.tproxy_port is None:
+            raise ValueError("tproxy-port is not set")
+        self.cfg = cfg
+        self.pool = pool
+        self.dial = dial
+        self.registry = registry if registry is not None else FlowRegistry()
+        self.port = cfg.tproxy_port
+
+    def stats(self) -> dict[str, int]:
+        return self.registry.stats()
+
+    async def serve(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        listeners = await open_transparent_listeners(self.port, self.cfg.ipv6)
+        log.info("tcp: transparent listener on port %d", self.port)
+        async with trio.open_nursery() as nursery:
+            # serve_listeners handles EMFILE/ENFILE pauses and closes the
+            # listeners when cancelled.
+            await nursery.start(partial(trio.serve_listeners, self.handle, listeners))
+            task_status.started()
+
+    async def handle(self, stream: trio.SocketStream) -> None:
+        """One captured connection, from accept to close."""
+        try:
+            src = _addr(stream.socket.getpeername())
+            dst = _addr(stream.socket.getsockname())
+        except OSError:
+            # The client reset before we looked: nothing to serve.
+            await stream.aclose()
+            return
+        domain: str | None = None
+        pinned = False
+        try:
+            if self.pool.is_fake(dst[0]):
+                domain = self.pool.pin(dst[0])
+                if domain is None:
+                    self.registry.unmapped += 1
+                    log.warning(
+                        "tcp %s:%d -> %s:%d: fake IP not mapped (expired or issued before a "
+                        "restart); resetting the connection",
+                        *src,
+                        *dst,
+                    )
+                    await abort(stream)
+                    return
+                pinned = True
+            await self._relay(stream, src, dst, domain)
+        finally:
+            if pinned:
+                self.pool.unpin(dst[0])
+
+    async def _relay(
+        self,
+        client: trio.SocketStream,
+        src: tuple[str, int],
+        dst: tuple[str, int],
+        domain: str | None,
+    ) -> None:
+        a = self.cfg.appliance
+        flow = self.registry.open("tcp", src, dst, domain)
+        target = FlowTarget(domain, dst[0], dst[1], src[0], src[1])
+        where = f"{src[0]}:{src[1]} -> {target.host}:{dst[1]}"
+        result: SpliceResult | None = None
+        try:
+            try:
+                with trio.fail_after(a.connect_timeout):
+                    server = await self.dial(target)
+            except trio.TooSlowError:
+                why = f"no connection within {a.connect_timeout:g}s"
+            except Exception as exc:  # dial is pluggable: any failure ends this flow only
+                why = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+                log.debug("tcp %s: dial failed", where, exc_info=True)
+            else:
+                why = ""
+            if why:
+                self.registry.dial_failures += 1
+                log.warning(
+                    "tcp %s: dial%s failed: %s; resetting the client",
+                    where,
+                    f" via {target.outbound}" if target.outbound else "",
+                    why,
+                )
+                await abort(client)
+                return
+            flow.outbound = target.outbound
+            log.debug("tcp %s: via %s", where, target.outbound or "?")
+            try:
+                result = await splice(client, server, idle_timeout=a.idle_timeout, meter=flow)
+            finally:
+                if result is not None and result.reason == "error":
+                    # Mirror the reset: both ends learn the flow broke.
+                    await abort(client)
+                    await abort(server)
+                else:
+                    await client.aclose()
+                    await server.aclose()
+            log.debug(
+                "tcp %s: %s%s (up %d, down %d bytes)",
+                where,
+                result.reason,
+                f": {result.detail}" if result.detail else "",
+                result.up,
+                result.down,
+            )
+        finally:
+            self.registry.close(flow, result)
+            if result is None:
+                # Dial failed or cancelled: the client may still be open.
+                await client.aclose()
+
+
+async def serve(
+    cfg: Config,
+    pool: FakeIPs,
+    dial: Dial,
+    registry: FlowRegistry | None = None,
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run the transparent TCP gateway on `cfg.tproxy_port` until cancelled.
+
+    Pass a `registry` to read live flows and counters (control API, metrics)
+    while it runs; `started()` is called once the listener is bound.
+    """
+    await TransparentTcp(cfg, pool, dial, registry).serve(task_status=task_status)
