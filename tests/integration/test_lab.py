@@ -296,17 +296,18 @@ def test_second_lab_coexists_and_down_leaves_nothing(lab: Lab, lab_prefix: str) 
     try:
         first = Lab(prefix).up()
         records = first.processes
-        assert {r.name for r in records} >= {"nginx", "dante", "tinyproxy", "dnsmasq", "unbound"}
-        assert all(is_running(r) for r in records)
-        r = first.exec("client", ["curl", "-sS", "--max-time", "5", "http://192.168.57.11/"])
-        assert r.stdout.startswith("MARKER-BETA")
+        names = {rec.name for rec in records}
+        assert names >= {"nginx", "dante", "tinyproxy", "dnsmasq", "unbound"}
+        assert all(is_running(rec) for rec in records)
+        res = first.exec("client", ["curl", "-sS", "--max-time", "5", "http://192.168.57.11/"])
+        assert res.stdout.startswith("MARKER-BETA")
         # A crashed lab (object gone, processes left) is replaced by up().
         second = Lab(prefix).up()
-        assert not any(is_running(r) for r in records)
+        assert not any(is_running(rec) for rec in records)
         new_records = second.processes
-        assert all(is_running(r) for r in new_records)
-        r = second.exec("client", ["curl", "-sS", "--max-time", "5", "http://192.168.57.12/"])
-        assert r.stdout.startswith("MARKER-GAMMA")
+        assert all(is_running(rec) for rec in new_records)
+        res = second.exec("client", ["curl", "-sS", "--max-time", "5", "http://192.168.57.12/"])
+        assert res.stdout.startswith("MARKER-GAMMA")
     finally:
         # Down by prefix, as `mirage lab down` does from another process.
         Lab(prefix).down()
@@ -314,10 +315,10 @@ def test_second_lab_coexists_and_down_leaves_nothing(lab: Lab, lab_prefix: str) 
         assert not ns_exists(ns)
         assert not Path("/etc/netns", ns).exists()
     assert not second.state_dir.exists()
-    for r in [*records, *new_records]:
-        assert not is_running(r)
+    for rec in [*records, *new_records]:
+        assert not is_running(rec)
         # Not even a zombie of ours: down() reaps what this process started.
-        assert not _is_our_zombie(r.pid)
+        assert not _is_our_zombie(rec.pid)
     # The session lab was not touched.
     assert curl(lab, "http://192.168.57.11/").startswith("MARKER-BETA")
 
