@@ -497,7 +497,51 @@ DEFAULT_FAKE_IP_RANGE6 = ipaddress.IPv6Network("fdfe:dcba:9876::/64")
 
 class _UniqueKeyLoader(yaml.SafeLoader):
     """SafeLoader that refuses duplicate mapping keys, as Go's yaml.v3 (and so
-    mihomo) does: silently keeping the last one hides mistakes."""
+    mihomo) does: silently keeping the last one hides mistakes. It also notes
+    which nodes carry an `&anchor`, see `_anchor_holders`."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self.anchored: set[int] = set()
+
+    def compose_scalar_node(self, anchor: Any) -> yaml.ScalarNode:
+        node = super().compose_scalar_node(anchor)
+        if anchor is not None:
+            self.anchored.add(id(node))
+        return node
+
+    def compose_sequence_node(self, anchor: Any) -> yaml.SequenceNode:
+        node = super().compose_sequence_node(anchor)
+        if anchor is not None:
+            self.anchored.add(id(node))
+        return node
+
+    def compose_mapping_node(self, anchor: Any) -> yaml.MappingNode:
+        node = super().compose_mapping_node(anchor)
+        if anchor is not None:
+            self.anchored.add(id(node))
+        return node
+
+
+def _anchor_holders(loader: _UniqueKeyLoader, root: yaml.Node | None) -> list[str]:
+    """Top-level keys that exist only to hold a YAML anchor.
+
+    mihomo ignores unknown top-level keys, and profiles use that to keep
+    shared fragments (`p: &p {type: http, interval: 86400}`) reused by
+    `<<: *p` elsewhere. Mirage rejects unknown keys, except a non-Clash
+    top-level key whose whole value is anchored: that is such a holder.
+    """
+    if not isinstance(root, yaml.MappingNode):
+        return []
+    known = set(TOP_LEVEL_KEYS) | set(IGNORED_TOP_LEVEL)
+    return [
+        key.value
+        for key, value in root.value
+        if isinstance(key, yaml.ScalarNode)
+        and isinstance(key.value, str)
+        and key.value not in known
+        and id(value) in loader.anchored
+    ]
 
 
 def _construct_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode) -> dict[Any, Any]:
@@ -538,24 +582,41 @@ def load_config(path: str | Path) -> Config:
         text = source.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError("<file>", str(source), f"cannot read: {exc}") from None
+    loader: _UniqueKeyLoader | None = None
     try:
-        data = yaml.load(text, Loader=_UniqueKeyLoader)
+        loader = _UniqueKeyLoader(text)
+        root = loader.get_single_node()
+        data = loader.construct_document(root) if root is not None else None
+        holders = _anchor_holders(loader, root)
     except yaml.YAMLError as exc:
         raise ConfigError("<file>", NO_VALUE, f"{source}: invalid YAML: {exc}") from None
     except RecursionError:
         raise ConfigError("<file>", NO_VALUE, f"{source}: YAML nested too deeply") from None
-    return parse_config(data, source=source.absolute())
+    finally:
+        if loader is not None:
+            loader.dispose()
+    return parse_config(data, source=source.absolute(), anchor_keys=holders)
 
 
-def parse_config(data: Any, source: Path | None = None) -> Config:
+def parse_config(
+    data: Any, source: Path | None = None, *, anchor_keys: Iterable[str] = ()
+) -> Config:
     """Validate already-loaded YAML data (`yaml.safe_load` output).
 
     `source` is recorded in `Config.source` and anchors relative paths
-    (`appliance.state-dir`, `dns.ca-file`). Raises ConfigError only.
+    (`appliance.state-dir`, `dns.ca-file`). `anchor_keys` are top-level keys
+    that only hold YAML anchors (found by `load_config`): reported ignored.
+    Raises ConfigError only.
     """
     ctx = _Ctx(source)
     if data is None:
         data = {}
+    holders = set(anchor_keys)
+    if holders and isinstance(data, dict):
+        for key in holders:
+            if key in data:
+                ctx.ignore(_key_path("", key), "YAML anchor")
+        data = {k: v for k, v in data.items() if k not in holders}
     try:
         return _parse_root(data, ctx)
     except RecursionError:
@@ -660,9 +721,12 @@ def _parse_hosts(value: Any, path: str, ctx: _Ctx) -> dict[str, list[IPAddress]]
                 except ValueError:
                     pass
                 try:
-                    _domain(item, item_path, wildcards=False)
+                    alias = _domain(item, item_path, wildcards=False)
                 except ConfigError:
-                    raise ConfigError(item_path, item, "not an IP address") from None
+                    alias = ""
+                # No top-level domain is all digits: `300.0.0.1` is a bad IP.
+                if not alias or alias.rsplit(".", 1)[-1].isdigit():
+                    raise ConfigError(item_path, item, "not an IP address")
                 ctx.ignore(item_path, "domain alias")
                 continue
             _fail_type(item, item_path, "an IP address")
@@ -748,8 +812,9 @@ def _nameserver(value: Any, path: str, ctx: _Ctx, *, ip_only: bool = False) -> N
 def _nameserver_list(
     value: Any, path: str, ctx: _Ctx, *, ip_only: bool = False
 ) -> list[Nameserver]:
-    if isinstance(value, str):
-        value = [value]  # mihomo accepts a single string here too
+    if isinstance(value, str):  # mihomo accepts a single string here too
+        single = _nameserver(value, path, ctx, ip_only=ip_only)
+        return [] if single is None else [single]
     result: list[Nameserver] = []
     for i, item in enumerate(_list(value, path)):
         ns = _nameserver(item, _index_path(path, i), ctx, ip_only=ip_only)
@@ -812,15 +877,11 @@ def _parse_policy(value: Any, path: str, ctx: _Ctx) -> list[DomainPolicy]:
         if raw is None:
             raise ConfigError(entry_path, raw, "needs at least one nameserver")
         servers = _nameserver_list(raw, entry_path, ctx)
-        patterns = [p.strip() for p in key.split(",")]
-        usable: list[str] = []
-        for pattern in patterns:
-            if pattern.lower().startswith(("geosite:", "rule-set:")):
-                ctx.ignore(entry_path, pattern)
-                continue
-            usable.append(_domain(pattern, entry_path, wildcards=True))
-        if not usable:
+        if key.strip().lower().startswith(("geosite:", "rule-set:")):
+            # `geosite:cn,private`: the comma list is of geosite/rule-set names.
+            ctx.ignore(entry_path, key.strip())
             continue
+        usable = [_domain(p.strip(), entry_path, wildcards=True) for p in key.split(",")]
         if not servers:
             ctx.ignore(entry_path, "no usable nameserver")
             continue
