@@ -181,9 +181,15 @@ class Lab:
             if files:
                 netns.write_etc(self.ns(key), files, modes)
 
+        # One certificate for every TLS server of the lab (DoH and the web
+        # vhosts), issued by the lab CA that clients are told to trust.
         hr = topo.honest_resolver
         ips = [str(hr.address)] + ([str(hr.address6)] if hr.address6 else [])
-        certs = make_ca_and_cert(d / "tls", ips, [hr.name])
+        names = [hr.name]
+        for v in topo.web.vhosts:
+            ips += [str(a) for a in v.addresses]
+            names.append(v.name)
+        certs = make_ca_and_cert(d / "tls", ips, names)
         servers.write_big_file(topo, d)
 
         unbound = servers.unbound_spec(topo, certs.cert, certs.key, d)
@@ -191,7 +197,7 @@ class Lab:
         specs: list[ServerSpec] = [
             servers.dnsmasq_spec(topo, d),
             unbound,
-            servers.nginx_spec(topo, d),
+            servers.nginx_spec(topo, d, certs.cert, certs.key),
             *(servers.dante_spec(topo, s, d) for s in topo.socks),
             servers.tinyproxy_spec(topo, d),
         ]
@@ -290,30 +296,37 @@ class Lab:
                 lines.append(f"  {'':9}    resolver {node.resolver}")
         lines.append("")
         procs = {r.name: r.pid for r in self.processes}
-        for v in topo.web.vhosts:
-            lines.append(f"  web      {v.name:16} {', '.join(map(str, v.addresses))}  {v.marker}")
+
+        def row(kind: str, what: str, where: str, extra: str = "") -> str:
+            return f"  {kind:6} {what:20} {where:40} {extra}".rstrip()
+
+        web = topo.web
+        for v in web.vhosts:
+            where = ", ".join(map(str, v.addresses))
+            lines.append(row("web", v.name, where, f"{v.marker} (http, https:{web.https_port})"))
+        lines.append(row("", "", "", f"nginx pid {procs.get('nginx')}"))
         for s in topo.socks:
-            auth = f" user {s.username}:{s.password}" if s.username else ""
-            lines.append(
-                f"  socks5   {s.name:16} {s.address}:{s.port}{auth}  pid {procs.get(s.name)}"
-            )
+            auth = f"user {s.username} password {s.password}  " if s.username else ""
+            where = f"socks5://{s.address}:{s.port}"
+            lines.append(row("proxy", f"dante ({s.name})", where, f"{auth}pid {procs.get(s.name)}"))
         hp = topo.http_proxy
-        lines.append(
-            f"  http     tinyproxy        {hp.address}:{hp.port}  pid {procs.get('tinyproxy')}"
-        )
+        where = f"http://{hp.address}:{hp.port}"
+        lines.append(row("proxy", "tinyproxy (CONNECT)", where, f"pid {procs.get('tinyproxy')}"))
         pr = topo.poisoned_resolver
-        lines.append(f"  dns      poisoned (dnsmasq) {pr.address}:53  pid {procs.get('dnsmasq')}")
+        where = f"{pr.address}:53"
+        lines.append(row("dns", "poisoned (dnsmasq)", where, f"pid {procs.get('dnsmasq')}"))
         hr = topo.honest_resolver
-        lines.append(
-            f"  dns      honest (unbound)   {hr.url} and {hr.address}:53"
-            f"  pid {procs.get('unbound')}  CA {self.ca_path}"
+        lines.append(row("dns", "honest (unbound)", hr.url, f"pid {procs.get('unbound')}"))
+        lines.append(row("", "", f"{hr.address}:53 (udp, tcp)", f"CA {self.ca_path}"))
+        down = "mirage lab down" + (
+            "" if self.prefix == DEFAULT_PREFIX else f" --prefix {self.prefix}"
         )
         lines += [
             "",
             f"  try: ip netns exec {self.ns('client')} dig +short www.alpha.test",
             f"       ip netns exec {self.ns('client')} curl -s http://www.alpha.test/",
             f"  run: ip netns exec {self.ns('gateway')} mirage run -c examples/lab.yaml",
-            f"  end: mirage lab down --prefix {self.prefix}",
+            f"  end: {down}",
         ]
         return "\n".join(lines)
 

@@ -95,15 +95,25 @@ def _host(addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str:
     return f"[{addr}]" if addr.version == 6 else str(addr)
 
 
-def nginx_spec(topo: Topology, d: Path) -> ServerSpec:
+def nginx_spec(
+    topo: Topology, d: Path, cert: Path | None = None, key: Path | None = None
+) -> ServerSpec:
     """nginx in the foreground as one process (master_process off): one PID to
-    own and stop. Listens on each virtual host's own addresses, port 80."""
+    own and stop. Listens on each virtual host's own addresses, port 80, and
+    with `cert`/`key` (which must carry every vhost's name and addresses)
+    also on `web.https-port` with TLS and HTTP/2."""
     web = topo.web
     big = d / "big.bin"
     tmp = d / "nginx-tmp"
+    tls = cert is not None and key is not None
     servers = []
     for v in web.vhosts:
         listens = "".join(f"        listen {_host(a)}:80 default_server;\n" for a in v.addresses)
+        if tls:
+            listens += "".join(
+                f"        listen {_host(a)}:{web.https_port} ssl http2 default_server;\n"
+                for a in v.addresses
+            )
         servers.append(
             "    server {\n"
             f"{listens}"
@@ -134,7 +144,8 @@ def nginx_spec(topo: Topology, d: Path) -> ServerSpec:
         f"    scgi_temp_path {tmp}/scgi;\n"
         "    sendfile on;\n"
         "    keepalive_timeout 30;\n"
-        f"{''.join(servers)}"
+        + (f"    ssl_certificate {cert};\n    ssl_certificate_key {key};\n" if tls else "")
+        + f"{''.join(servers)}"
         "}\n"
     )
     conf_path = d / "nginx.conf"
@@ -145,7 +156,12 @@ def nginx_spec(topo: Topology, d: Path) -> ServerSpec:
         log=d / "nginx.out",
         files={conf_path: conf},
         dirs=(tmp,),
-        probes=tuple(Probe(str(a), 80) for v in web.vhosts for a in v.addresses),
+        probes=tuple(
+            Probe(str(a), port)
+            for v in web.vhosts
+            for a in v.addresses
+            for port in ((80, web.https_port) if tls else (80,))
+        ),
     )
 
 

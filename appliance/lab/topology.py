@@ -83,6 +83,7 @@ class Web:
     big_path: str
     big_bytes: int
     vhosts: tuple[VHost, ...]
+    https_port: int = 443
 
     def vhost(self, name: str) -> VHost:
         for v in self.vhosts:
@@ -196,6 +197,7 @@ def parse_topology(data: Any) -> Topology:
         big_path=_str(w.get("big-path", "/big"), "web.big-path"),
         big_bytes=_int(w.get("big-bytes", 4 << 20), "web.big-bytes"),
         vhosts=tuple(vhosts),
+        https_port=_port(w.get("https-port", 443), "web.https-port"),
     )
 
     socks = []

@@ -145,6 +145,20 @@ def test_vhost_by_ip_and_by_name(lab: Lab, vhost: VHost) -> None:
     assert body.startswith(f"{vhost.marker} host={vhost.name} ")
 
 
+def test_vhosts_over_https_and_http2(lab: Lab) -> None:
+    port = lab.topology.web.https_port
+    tls = ("--cacert", str(lab.ca_path), "--http2", "-w", "proto=%{http_version}")
+    for v in VHOSTS:
+        v4 = next(a for a in v.addresses if a.version == 4)
+        out = curl(lab, *tls, "--resolve", f"{v.name}:{port}:{v4}", f"https://{v.name}:{port}/")
+        assert out.startswith(f"{v.marker} host={v.name} ")
+        assert out.endswith("proto=2")
+    # By IP literal too: the certificate carries every vhost address.
+    beta6 = next(a for a in VHOSTS[1].addresses if a.version == 6)
+    out = curl(lab, *tls, "-g", f"https://[{beta6}]:{port}/")
+    assert out.startswith(VHOSTS[1].marker)
+
+
 def test_wrong_ip_shows_the_wrong_marker(lab: Lab) -> None:
     alpha, _, gamma = VHOSTS
     wrong = next(a for a in gamma.addresses if a.version == 4)
