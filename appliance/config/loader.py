@@ -40,6 +40,7 @@ from appliance.config.model import (
     ProxyGroupConfig,
     Rule,
 )
+from appliance.dns.names import pattern_is_valid
 
 T = TypeVar("T")
 
@@ -303,6 +304,12 @@ def _domain(value: Any, path: str, *, wildcards: bool) -> str:
     name = ".".join(out)
     if len(name) > 253:
         raise ConfigError(path, value, "domain name longer than 253 characters")
+    if wildcards:
+        # The DNS service builds its tries from these patterns; let the trie's
+        # own check speak here so it never has to refuse a loaded config.
+        why = pattern_is_valid(prefix + name)
+        if why is not None:
+            raise ConfigError(path, value, why)
     return prefix + name
 
 
@@ -471,16 +478,17 @@ IGNORED_GROUP = (
     "interface-name", "routing-mark",
 )  # fmt: skip
 
+# Exactly what appliance/rules/engine.py matches (FINAL is read as MATCH).
 RULE_TYPES = (
     "DOMAIN", "DOMAIN-SUFFIX", "DOMAIN-KEYWORD", "IP-CIDR", "IP-CIDR6",
-    "SRC-IP-CIDR", "DST-PORT", "MATCH",
+    "SRC-IP-CIDR", "DST-PORT", "SRC-PORT", "NETWORK", "MATCH",
 )  # fmt: skip
 IGNORED_RULE_TYPES = (
     "DOMAIN-REGEX", "DOMAIN-WILDCARD", "GEOSITE", "GEOIP", "SRC-GEOIP",
-    "IP-ASN", "SRC-IP-ASN", "IP-SUFFIX", "SRC-IP-SUFFIX", "SRC-PORT",
+    "IP-ASN", "SRC-IP-ASN", "IP-SUFFIX", "SRC-IP-SUFFIX",
     "IN-PORT", "IN-USER", "IN-NAME", "IN-TYPE", "PROCESS-NAME",
     "PROCESS-PATH", "PROCESS-NAME-REGEX", "PROCESS-PATH-REGEX",
-    "PROCESS-NAME-WILDCARD", "PROCESS-PATH-WILDCARD", "UID", "NETWORK",
+    "PROCESS-NAME-WILDCARD", "PROCESS-PATH-WILDCARD", "UID",
     "DSCP", "RULE-SET", "AND", "OR", "NOT", "SUB-RULE", "SCRIPT",
     "USER-AGENT", "URL-REGEX", "SRC-IP-CIDR6",
 )  # fmt: skip
@@ -1214,6 +1222,8 @@ def _port_spec(text: str, value: Any, path: str) -> str:
 
 def _rule_value(rtype: str, payload: str, value: Any, path: str) -> str:
     if rtype in ("DOMAIN", "DOMAIN-SUFFIX"):
+        if rtype == "DOMAIN-SUFFIX" and payload.startswith("."):
+            payload = payload[1:]  # Clash writes both `.example.com` and `example.com`
         return _domain(payload, path, wildcards=False)
     if rtype == "DOMAIN-KEYWORD":
         if not payload or any(c.isspace() for c in payload):
@@ -1221,11 +1231,18 @@ def _rule_value(rtype: str, payload: str, value: Any, path: str) -> str:
         return payload.lower()
     if rtype in ("IP-CIDR", "IP-CIDR6", "SRC-IP-CIDR"):
         try:
-            return str(ipaddress.ip_network(payload, strict=False))
+            net = ipaddress.ip_network(payload, strict=False)
         except ValueError as exc:
             raise ConfigError(path, value, f"not an IP network ({exc})") from None
-    if rtype == "DST-PORT":
+        if rtype == "IP-CIDR6" and net.version != 6:
+            raise ConfigError(path, value, "IP-CIDR6 needs an IPv6 network (use IP-CIDR)")
+        return str(net)
+    if rtype in ("DST-PORT", "SRC-PORT"):
         return _port_spec(payload, value, path)
+    if rtype == "NETWORK":
+        if payload.lower() not in ("tcp", "udp"):
+            raise ConfigError(path, value, "NETWORK is tcp or udp")
+        return payload.lower()
     raise AssertionError(rtype)
 
 
@@ -1240,6 +1257,8 @@ def _parse_rules(
         line = _nonempty_str(item, item_path)
         fields = [f.strip() for f in line.split(",")]
         rtype = fields[0].upper()
+        if rtype == "FINAL":  # Clash Premium's name for MATCH
+            rtype = "MATCH"
         if rtype in IGNORED_RULE_TYPES:
             ctx.ignore(item_path, rtype)
             continue

@@ -32,6 +32,8 @@ from appliance.config import (
     load_config,
     parse_config,
 )
+from appliance.dns.names import pattern_is_valid
+from appliance.rules.engine import RuleSet
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
@@ -711,6 +713,9 @@ def test_groups_may_name_later_groups() -> None:
         ("DOMAIN-KEYWORD,a b,DIRECT", "keyword"),
         ("IP-CIDR,10.0.0.0/33,DIRECT", "not an IP network"),
         ("IP-CIDR6,zz::/64,DIRECT", "not an IP network"),
+        ("IP-CIDR6,10.0.0.0/8,DIRECT", "needs an IPv6 network"),
+        ("NETWORK,icmp,DIRECT", "tcp or udp"),
+        ("SRC-PORT,65536,DIRECT", "out of range"),
         ("SRC-IP-CIDR,nope,DIRECT", "not an IP network"),
         ("DST-PORT,0,DIRECT", "out of range"),
         ("DST-PORT,9000-8000,DIRECT", "backwards"),
@@ -728,6 +733,34 @@ def test_rule_errors(rule: str, reason: str) -> None:
     err = error(data)
     assert err.path == "rules[1]"
     assert reason in err.reason
+
+
+def test_rule_forms() -> None:
+    cfg = parse_config(
+        with_(
+            rules=[
+                "domain-suffix,.Example.com,DIRECT",
+                "SRC-PORT,1024-65535,REJECT",
+                "NETWORK,UDP,REJECT",
+                "DOMAIN-KEYWORD,Ads,REJECT",
+                " DST-PORT , 443 , DIRECT ",
+                "FINAL,DIRECT",
+            ]
+        )
+    )
+    assert cfg.rules == (
+        Rule("DOMAIN-SUFFIX", "example.com", "DIRECT"),
+        Rule("SRC-PORT", "1024-65535", "REJECT"),
+        Rule("NETWORK", "udp", "REJECT"),
+        Rule("DOMAIN-KEYWORD", "ads", "REJECT"),
+        Rule("DST-PORT", "443", "DIRECT"),
+        Rule("MATCH", "", "DIRECT"),
+    )
+
+
+def test_loaded_rules_compile_in_the_rule_engine() -> None:
+    for name in ("lab.yaml", "clash-profile.yaml"):
+        RuleSet(load_config(EXAMPLES / name).rules)
 
 
 def test_rule_not_a_string() -> None:
@@ -798,6 +831,15 @@ def _outcome(data: Any) -> None:
         str(exc)
         return
     assert isinstance(cfg, Config)
+    # Nothing downstream re-checks: whatever loads, the rule engine compiles
+    # and the DNS tries take every pattern.
+    RuleSet(cfg.rules)
+    patterns = [
+        *cfg.dns.fake_ip_filter,
+        *(name for name, _ in cfg.dns.hosts),
+        *(p.pattern for p in cfg.dns.nameserver_policy),
+    ]
+    assert [p for p in patterns if pattern_is_valid(p) is not None] == []
     # Whatever loads renders, and the rendering loads to the same model.
     again = parse_config(effective_config(cfg))
     assert again == dataclasses.replace(cfg, ignored_keys=())
