@@ -45,15 +45,18 @@ import secrets
 import socket
 import ssl
 import struct
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 import certifi
+import httpcore
 import httpx
 import trio
 from dnslib import QTYPE, RCODE, DNSError, DNSRecord
+from httpcore._backends import base as httpcore_base
 
 from appliance.config.model import DnsConfig, IPAddress, Nameserver
 from appliance.dns.cache import CacheKey, DnsCache, cache_key, cache_ttl
@@ -121,6 +124,20 @@ def _ip(host: str) -> IPAddress | None:
         return None
 
 
+def _reason(exc: BaseException) -> str:
+    """A failure's most telling message. httpx/httpcore/trio wrap the real
+    cause (an SSLError saying why a certificate was refused) in exceptions
+    whose own text is often empty, so follow the chain."""
+    seen: list[str] = []
+    cause: BaseException | None = exc
+    while cause is not None and len(seen) < 8:
+        text = str(cause)
+        if text and text not in seen:
+            seen.append(text)
+        cause = cause.__cause__ or cause.__context__
+    return ": ".join(seen) or type(exc).__name__
+
+
 def _with_id(wire: bytes, qid: int) -> bytes:
     return struct.pack("!H", qid) + wire[2:]
 
@@ -137,6 +154,108 @@ def _for_request(wire: bytes, request: DNSRecord) -> DNSRecord:
     reply.header.id = request.header.id
     reply.questions = list(request.questions)
     return reply
+
+
+class _Body(httpx.AsyncByteStream):
+    """A request body that is not an async generator.
+
+    httpx wraps `content=bytes` in one; when sending fails (dead connection,
+    cancelled race) the generator is dropped half-iterated and trio reports
+    it with a ResourceWarning. An iterator object has nothing to finalize.
+    """
+
+    def __init__(self, data: bytes) -> None:
+        self._data: bytes | None = data
+
+    def __aiter__(self) -> _Body:
+        return self
+
+    async def __anext__(self) -> bytes:
+        data, self._data = self._data, None
+        if data is None:
+            raise StopAsyncIteration
+        return data
+
+
+class _CancelSafeStream(httpcore.AsyncNetworkStream):
+    """httpcore's trio stream, except that a TLS handshake ended by
+    cancellation closes the socket. httpcore 1.0 closes it only on Exception,
+    and trio.Cancelled is a BaseException: every race a DoH attempt loses
+    during its handshake (or a deadline hitting a silent server) would leak
+    one socket until garbage collection."""
+
+    def __init__(self, inner: httpcore.AsyncNetworkStream) -> None:
+        self._inner = inner
+
+    # The `timeout` parameters below are httpcore's interface, not our design
+    # (ruff ASYNC109); our deadlines are trio cancel scopes around all of it.
+    async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:  # noqa: ASYNC109
+        return await self._inner.read(max_bytes, timeout)
+
+    async def write(self, buffer: bytes, timeout: float | None = None) -> None:  # noqa: ASYNC109
+        await self._inner.write(buffer, timeout)
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+    async def start_tls(
+        self,
+        ssl_context: ssl.SSLContext,
+        server_hostname: str | None = None,
+        timeout: float | None = None,  # noqa: ASYNC109
+    ) -> httpcore.AsyncNetworkStream:
+        try:
+            return await self._inner.start_tls(ssl_context, server_hostname, timeout)
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await self._inner.aclose()
+            raise
+
+    def get_extra_info(self, info: str) -> Any:
+        return self._inner.get_extra_info(info)
+
+
+class _CancelSafeBackend(httpcore.AsyncNetworkBackend):
+    def __init__(self) -> None:
+        self._inner = httpcore.TrioBackend()
+
+    async def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,  # noqa: ASYNC109
+        local_address: str | None = None,
+        socket_options: Iterable[httpcore_base.SOCKET_OPTION] | None = None,
+    ) -> httpcore.AsyncNetworkStream:
+        stream = await self._inner.connect_tcp(
+            host, port, timeout=timeout, local_address=local_address, socket_options=socket_options
+        )
+        return _CancelSafeStream(stream)
+
+    async def sleep(self, seconds: float) -> None:
+        await trio.sleep(seconds)
+
+
+class _Transport(httpx.AsyncHTTPTransport):
+    """httpx's HTTP/1.1+HTTP/2 transport on `_CancelSafeBackend`.
+
+    httpx takes no network backend argument, so the connection pool it built
+    is replaced by an identical one that has ours (`_pool` is the attribute
+    all of AsyncHTTPTransport's methods use, since httpx 0.18).
+    """
+
+    def __init__(
+        self, ssl_context: ssl.SSLContext, socket_options: list[tuple[int, int, int]] | None
+    ) -> None:
+        super().__init__(verify=ssl_context, http2=True, socket_options=socket_options)
+        self._pool = httpcore.AsyncConnectionPool(
+            ssl_context=ssl_context,
+            http1=True,
+            http2=True,
+            retries=0,
+            socket_options=socket_options,
+            network_backend=_CancelSafeBackend(),
+        )
 
 
 @dataclass
@@ -172,12 +291,7 @@ class Resolver:
         options = None
         if self._mark is not None:
             options = [(socket.SOL_SOCKET, socket.SO_MARK, self._mark)]
-        transport = httpx.AsyncHTTPTransport(
-            verify=make_ssl_context(self._dns.ca_file),
-            http2=True,
-            socket_options=options,
-            retries=0,
-        )
+        transport = _Transport(make_ssl_context(self._dns.ca_file), options)
         # trust_env=False: proxy variables must never route DNS through a
         # proxy (TLS trust from the environment is handled above).
         self._client = httpx.AsyncClient(
@@ -279,7 +393,7 @@ class Resolver:
                 if problem is not None:
                     raise _AttemptFailed(problem)
             except (_AttemptFailed, UpstreamError, DohError, httpx.HTTPError, OSError) as exc:
-                reason = str(exc) or type(exc).__name__
+                reason = _reason(exc)
                 log.debug("%s via %s failed: %s", what, ns.url, reason)
                 errors.append(f"{ns.url}: {reason}")
                 failed.set()
@@ -377,31 +491,43 @@ class Resolver:
             host = f"[{address}]" if ":" in address else address
             headers = dict(req.headers)
             extensions = {}
+            # Connect to the (bootstrapped) address, but speak TLS and HTTP to
+            # the name: SNI, certificate check and :authority. httpx adds no
+            # Host header to a request built with its own stream.
+            authority = host if name is None else name
+            headers["host"] = authority if ns.port == 443 else f"{authority}:{ns.port}"
             if name is not None:
-                # Connect to the bootstrapped address, but speak TLS and HTTP
-                # to the name: SNI, certificate check and :authority.
-                headers["host"] = name if ns.port == 443 else f"{name}:{ns.port}"
                 extensions["sni_hostname"] = name
+            if req.method == "POST":
+                headers["content-length"] = str(len(req.body))
+            request = httpx.Request(
+                req.method,
+                f"https://{host}:{ns.port}{req.target}",
+                headers=headers,
+                stream=_Body(req.body) if req.method == "POST" else None,
+                extensions=extensions,
+            )
             try:
-                async with self._client.stream(
-                    req.method,
-                    f"https://{host}:{ns.port}{req.target}",
-                    content=req.body if req.method == "POST" else None,
-                    headers=headers,
-                    extensions=extensions,
-                ) as response:
-                    body = bytearray()
-                    async for chunk in response.aiter_bytes():
-                        body += chunk
-                        if len(body) > _MAX_MESSAGE:
-                            raise DohError("response body longer than a DNS message")
-                    return decode_response(
-                        response.status_code, response.headers.get("content-type"), bytes(body)
-                    )
+                response = await self._client.send(request, stream=True)
             except httpx.ConnectError as exc:
                 # Try the bootstrapped name's next address.
                 failure = exc
-        raise _AttemptFailed(f"cannot connect to {addresses}: {failure}")
+                continue
+            try:
+                # A DNS message fits 65535 octets; refuse more before reading.
+                length = response.headers.get("content-length")
+                if length is not None and (not length.isdigit() or int(length) > _MAX_MESSAGE):
+                    raise DohError(f"content-length {length} is no DNS message")
+                body = await response.aread()
+            finally:
+                await response.aclose()
+            return decode_response(
+                response.status_code, response.headers.get("content-type"), body
+            )
+        raise _AttemptFailed(
+            f"cannot connect to {', '.join(addresses)}: "
+            + (_reason(failure) if failure is not None else "")
+        )
 
     async def _bootstrap(self, name: str) -> list[str]:
         """Addresses of a DoH host name, from `default-nameserver` only."""
