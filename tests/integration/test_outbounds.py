@@ -1,0 +1,587 @@
+"""Outbounds against real servers on loopback: nginx (the far end, serving a
+marker page), dante (SOCKS5, with and without username/password), tinyproxy
+(HTTP CONNECT with Basic auth) and stunnel in front of tinyproxy (an HTTPS
+proxy). Each server runs in a private mount namespace whose /etc/hosts names
+the nginx address, so the proxies resolve `marker.ob.test` themselves (the
+name must reach them unresolved). Processes are started here, killed by PID
+in teardown; the SOCKS5 auth test's system user is created and deleted by
+name. Addresses: 127.111.98.x ("ob") and 127.0.0.1 for dante (it binds only
+addresses configured on an interface), ports picked free at setup.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import trio
+
+from appliance.config.model import (
+    ApplianceConfig,
+    Config,
+    IPAddress,
+    ProxyConfig,
+    ProxyGroupConfig,
+    Rule,
+)
+from appliance.dns.upstream_api import UpstreamError
+from appliance.outbound.base import SO_MARK, OutboundError, open_marked_tcp
+from appliance.outbound.build import BuildError, Router, UnsupportedOutbound, build_outbounds
+from appliance.outbound.direct import DirectOutbound
+from appliance.outbound.groups import FallbackGroup, SelectGroup
+from appliance.outbound.http import HttpOutbound
+from appliance.outbound.reject import RejectOutbound
+from appliance.outbound.socks5 import Socks5Outbound
+from appliance.rules.engine import FlowContext
+
+pytestmark = pytest.mark.netns
+
+NAME = "marker.ob.test"
+MARKER = b"OB-MARKER-7f3a"
+WEB_IP = "127.111.98.1"
+TINY_IP = "127.111.98.3"
+TLS_IP = "127.111.98.4"
+DEAD_IP = "127.111.98.9"  # nothing listens here: connections are refused
+SOCKS_USER = "obsocks5"
+SOCKS_PASS = "s3cret-Ob"
+MARK = 0x6F62  # "ob"
+
+
+def free_port(host: str) -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def wait_listening(host: str, port: int, proc: subprocess.Popen[bytes], what: str) -> None:
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with {proc.returncode}")
+        try:
+            socket.create_connection((host, port), timeout=0.5).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"{what} did not listen on {host}:{port} within 10 s")
+
+
+def in_private_hosts(hosts: Path, argv: list[str]) -> list[str]:
+    """Run argv with `hosts` bind-mounted over /etc/hosts in a private mount
+    namespace; exec keeps the PID ours to kill."""
+    cmd = " ".join(argv)
+    return [
+        "unshare",
+        "--mount",
+        "--propagation",
+        "private",
+        "sh",
+        "-c",
+        f"mount --bind {hosts} /etc/hosts && exec {cmd}",
+    ]
+
+
+@dataclass
+class Servers:
+    dir: Path
+    web_port: int
+    socks_port: int
+    socks_auth_port: int | None
+    tiny_port: int
+    tls_port: int | None
+    dante_log: Path
+    cert: Path | None
+
+
+def _dante_conf(path: Path, log: Path, port: int, method: str) -> None:
+    path.write_text(
+        f"""logoutput: {log}
+debug: 1
+internal: 127.0.0.1 port = {port}
+external: 127.0.0.1
+socksmethod: {method}
+clientmethod: none
+user.privileged: root
+user.unprivileged: nobody
+client pass {{
+  from: 0.0.0.0/0 to: 0.0.0.0/0
+  log: connect error
+}}
+socks pass {{
+  from: 0.0.0.0/0 to: 0.0.0.0/0
+  command: connect
+  log: connect error
+}}
+"""
+    )
+
+
+def _create_user() -> bool:
+    subprocess.run(["userdel", SOCKS_USER], capture_output=True, check=False)  # crashed run
+    r = subprocess.run(
+        ["useradd", "-M", "-N", "-s", "/usr/sbin/nologin", SOCKS_USER], capture_output=True
+    )
+    if r.returncode != 0:
+        return False
+    subprocess.run(["chpasswd"], input=f"{SOCKS_USER}:{SOCKS_PASS}".encode(), check=True)
+    return True
+
+
+@pytest.fixture(scope="module")
+def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Servers]:
+    for tool in ("nginx", "danted", "tinyproxy", "unshare"):
+        if shutil.which(tool) is None:
+            pytest.skip(f"{tool} is not installed (scripts/setup.sh installs it)")
+    d = tmp_path_factory.mktemp("ob-outbounds")
+    procs: list[subprocess.Popen[bytes]] = []
+    user_created = False
+    try:
+        hosts = d / "hosts"
+        hosts.write_text(f"127.0.0.1 localhost\n{WEB_IP} {NAME}\n")
+        web_port = free_port(WEB_IP)
+        (d / "nginx.conf").write_text(
+            f"""worker_processes 1;
+error_log {d}/nginx-error.log;
+events {{ worker_connections 64; }}
+http {{
+  access_log off;
+  server {{
+    listen {WEB_IP}:{web_port};
+    location / {{ default_type text/plain; return 200 "{MARKER.decode()}\\n"; }}
+  }}
+}}
+"""
+        )
+
+        def start(argv: list[str], host: str, port: int, what: str) -> None:
+            out = open(d / f"{what}.out", "wb")  # noqa: SIM115 - lives as long as the process
+            p = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
+            out.close()
+            procs.append(p)
+            wait_listening(host, port, p, what)
+
+        start(
+            [
+                "nginx",
+                "-p",
+                str(d),
+                "-c",
+                str(d / "nginx.conf"),
+                "-g",
+                f"daemon off; pid {d}/nginx.pid;",
+            ],
+            WEB_IP,
+            web_port,
+            "nginx",
+        )
+
+        socks_port = free_port("127.0.0.1")
+        dante_log = d / "danted.log"
+        _dante_conf(d / "danted.conf", dante_log, socks_port, "none")
+        start(
+            in_private_hosts(hosts, ["danted", "-f", str(d / "danted.conf")]),
+            "127.0.0.1",
+            socks_port,
+            "danted",
+        )
+
+        socks_auth_port: int | None = None
+        user_created = _create_user()
+        if user_created:
+            socks_auth_port = free_port("127.0.0.1")
+            _dante_conf(d / "danted-auth.conf", d / "danted-auth.log", socks_auth_port, "username")
+            start(
+                in_private_hosts(hosts, ["danted", "-f", str(d / "danted-auth.conf")]),
+                "127.0.0.1",
+                socks_auth_port,
+                "danted-auth",
+            )
+
+        tiny_port = free_port(TINY_IP)
+        (d / "tinyproxy.conf").write_text(
+            f"""Port {tiny_port}
+Listen {TINY_IP}
+Timeout 30
+LogLevel Info
+MaxClients 20
+Allow 127.0.0.0/8
+BasicAuth obuser obpass
+"""
+        )
+        start(
+            in_private_hosts(hosts, ["tinyproxy", "-d", "-c", str(d / "tinyproxy.conf")]),
+            TINY_IP,
+            tiny_port,
+            "tinyproxy",
+        )
+
+        tls_port: int | None = None
+        cert: Path | None = None
+        if shutil.which("stunnel4") and shutil.which("openssl"):
+            cert, key = d / "proxy.pem", d / "proxy.key"
+            subprocess.run(
+                [
+                    "openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+                    "ec_paramgen_curve:prime256v1", "-nodes", "-days", "1",
+                    "-subj", "/CN=proxy.ob.test", "-addext",
+                    f"subjectAltName=DNS:proxy.ob.test,IP:{TLS_IP}",
+                    "-keyout", str(key), "-out", str(cert),
+                ],
+                check=True,
+                capture_output=True,
+            )  # fmt: skip
+            tls_port = free_port(TLS_IP)
+            (d / "stunnel.conf").write_text(
+                f"""foreground = yes
+pid =
+[https-proxy]
+accept = {TLS_IP}:{tls_port}
+connect = {TINY_IP}:{tiny_port}
+cert = {cert}
+key = {key}
+"""
+            )
+            start(["stunnel4", str(d / "stunnel.conf")], TLS_IP, tls_port, "stunnel")
+
+        yield Servers(
+            d, web_port, socks_port, socks_auth_port, tiny_port, tls_port, dante_log, cert
+        )
+    finally:
+        for p in reversed(procs):
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in procs:
+            try:
+                p.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait(timeout=5)
+        if user_created:
+            subprocess.run(["userdel", SOCKS_USER], capture_output=True, check=False)
+
+
+class DictResolver:
+    """A test-local stand-in for the upstream resolver's resolve_ips."""
+
+    def __init__(self, table: dict[str, list[str]], ttl: int = 60) -> None:
+        self.table = {k: [ipaddress.ip_address(a) for a in v] for k, v in table.items()}
+        self.ttl = ttl
+        self.calls: list[tuple[str, int]] = []
+
+    async def __call__(self, name: str, family: int) -> tuple[list[IPAddress], int]:
+        await trio.lowlevel.checkpoint()
+        self.calls.append((name, family))
+        if name not in self.table:
+            raise UpstreamError(f"{name}: NXDOMAIN (test resolver)")
+        return [a for a in self.table[name] if a.version == family], self.ttl
+
+
+async def http_get(stream: trio.abc.Stream) -> bytes:
+    """GET / with Connection: close; the whole response, bounded in reads."""
+    with trio.fail_after(5):
+        await stream.send_all(
+            f"GET / HTTP/1.1\r\nHost: {NAME}\r\nConnection: close\r\n\r\n".encode()
+        )
+        data = b""
+        for _ in range(1000):
+            chunk = await stream.receive_some(65536)
+            if not chunk:
+                break
+            data += chunk
+    await stream.aclose()
+    return data
+
+
+def mark_per_ss(stream: trio.SocketStream) -> str:
+    """The fwmark `ss` (iproute2, an independent tool) reports for the socket."""
+    local = stream.socket.getsockname()
+    out = subprocess.run(
+        ["ss", "-Htne", "src", f"{local[0]}:{local[1]}"], capture_output=True, text=True, check=True
+    ).stdout
+    for word in out.split():
+        if word.startswith("fwmark:"):
+            return word.split(":", 1)[1]
+    return ""
+
+
+# -- DIRECT --------------------------------------------------------------------
+
+
+async def test_direct_fetches_marker_with_so_mark(servers: Servers) -> None:
+    resolve = DictResolver({NAME: [WEB_IP]})
+    out = DirectOutbound(resolve, MARK, 3.0)
+    stream = await out.connect_tcp(NAME, servers.web_port)
+    assert isinstance(stream, trio.SocketStream)  # spliceable
+    assert stream.socket.getsockopt(socket.SOL_SOCKET, SO_MARK) == MARK
+    assert mark_per_ss(stream) == hex(MARK)
+    assert stream.socket.getpeername() == (WEB_IP, servers.web_port)
+    response = await http_get(stream)
+    assert response.startswith(b"HTTP/1.1 200") and MARKER in response
+    assert resolve.calls == [(NAME, 4)]
+
+
+async def test_direct_happy_eyeballs_and_sticky_address(servers: Servers) -> None:
+    # The first address refuses; the second answers and becomes sticky.
+    resolve = DictResolver({NAME: [DEAD_IP, WEB_IP]}, ttl=60)
+    out = DirectOutbound(resolve, MARK, 3.0)
+    for _ in range(3):
+        stream = await out.connect_tcp(NAME, servers.web_port)
+        assert stream.socket.getpeername()[0] == WEB_IP
+        assert MARKER in await http_get(stream)
+    assert len(resolve.calls) == 1  # later connections skipped the resolver
+
+    # TTL 0: nothing is pinned, every connection resolves.
+    resolve0 = DictResolver({NAME: [WEB_IP]}, ttl=0)
+    out0 = DirectOutbound(resolve0, None, 3.0)
+    for _ in range(2):
+        await (await out0.connect_tcp(NAME, servers.web_port)).aclose()
+    assert len(resolve0.calls) == 2
+
+
+async def test_direct_failures_are_outbound_errors(servers: Servers) -> None:
+    out = DirectOutbound(DictResolver({NAME: [WEB_IP]}), None, 3.0)
+    with pytest.raises(OutboundError, match="NXDOMAIN"):
+        await out.connect_tcp("missing.ob.test", 80)
+    t0 = trio.current_time()
+    with pytest.raises(OutboundError, match="refused"):
+        await out.connect_tcp(DEAD_IP, servers.web_port)
+    assert trio.current_time() - t0 < 1.0
+
+
+# -- SOCKS5 ----------------------------------------------------------------------
+
+
+async def test_socks5_sends_the_name_and_fetches_marker(servers: Servers) -> None:
+    out = Socks5Outbound("dante", "127.0.0.1", servers.socks_port, routing_mark=MARK)
+    stream = await out.connect_tcp(NAME, servers.web_port)
+    # Only the reply was read: the stream is still the raw socket.
+    assert isinstance(stream, trio.SocketStream)
+    assert stream.socket.getsockopt(socket.SOL_SOCKET, SO_MARK) == MARK
+    assert mark_per_ss(stream) == hex(MARK)
+    response = await http_get(stream)
+    assert response.startswith(b"HTTP/1.1 200") and MARKER in response
+    log = servers.dante_log.read_text(errors="replace")
+    assert f"ATYP: 3 address: {NAME}.{servers.web_port}" in log
+
+
+async def test_socks5_username_password(servers: Servers) -> None:
+    if servers.socks_auth_port is None:
+        pytest.skip("could not create the system user dante's username method checks")
+    ok = Socks5Outbound(
+        "dante-auth",
+        "127.0.0.1",
+        servers.socks_auth_port,
+        username=SOCKS_USER,
+        password=SOCKS_PASS,
+    )
+    assert MARKER in await http_get(await ok.connect_tcp(NAME, servers.web_port))
+    bad = Socks5Outbound(
+        "dante-auth", "127.0.0.1", servers.socks_auth_port, username=SOCKS_USER, password="nope"
+    )
+    with pytest.raises(OutboundError, match="refused the username"):
+        await bad.connect_tcp(NAME, servers.web_port)
+    anon = Socks5Outbound("dante-auth", "127.0.0.1", servers.socks_auth_port)
+    with pytest.raises(OutboundError, match="none of the offered"):
+        await anon.connect_tcp(NAME, servers.web_port)
+
+
+async def test_socks5_error_reply_from_proxy(servers: Servers) -> None:
+    out = Socks5Outbound("dante", "127.0.0.1", servers.socks_port)
+    with pytest.raises(OutboundError, match="proxy replied"):
+        await out.connect_tcp(NAME, free_port(WEB_IP))  # nothing listens there
+
+
+async def test_proxy_down_fails_fast(servers: Servers) -> None:
+    refused = Socks5Outbound("down", DEAD_IP, servers.socks_port, connect_timeout=5.0)
+    t0 = trio.current_time()
+    with pytest.raises(OutboundError, match="refused"):
+        await refused.connect_tcp(NAME, 80)
+    assert trio.current_time() - t0 < 1.0
+
+    # A proxy that accepts TCP but never answers: the connect timeout ends it.
+    with trio.socket.socket() as mute:
+        await mute.bind((DEAD_IP, 0))
+        mute.listen(8)
+        port = mute.getsockname()[1]
+        for out in (
+            Socks5Outbound("mute", DEAD_IP, port, connect_timeout=0.5),
+            HttpOutbound("mute", DEAD_IP, port, connect_timeout=0.5),
+        ):
+            t0 = trio.current_time()
+            with pytest.raises(OutboundError, match="timed out"):
+                await out.connect_tcp(NAME, 80)
+            assert 0.45 < trio.current_time() - t0 < 1.5
+
+
+# -- HTTP CONNECT ------------------------------------------------------------------
+
+
+async def test_http_connect_with_basic_auth(servers: Servers) -> None:
+    out = HttpOutbound(
+        "tiny", TINY_IP, servers.tiny_port, username="obuser", password="obpass", routing_mark=MARK
+    )
+    stream = await out.connect_tcp(NAME, servers.web_port)
+    assert isinstance(stream, trio.SocketStream)  # head read exactly (MSG_PEEK)
+    assert stream.socket.getsockopt(socket.SOL_SOCKET, SO_MARK) == MARK
+    response = await http_get(stream)
+    assert response.startswith(b"HTTP/1.1 200") and MARKER in response
+    log = (servers.dir / "tinyproxy.out").read_text(errors="replace")
+    assert f"CONNECT {NAME}:{servers.web_port}" in log
+
+    anon = HttpOutbound("tiny", TINY_IP, servers.tiny_port)
+    with pytest.raises(OutboundError, match="407"):
+        await anon.connect_tcp(NAME, servers.web_port)
+
+
+async def test_https_proxy_over_tls(servers: Servers) -> None:
+    if servers.tls_port is None or servers.cert is None:
+        pytest.skip("stunnel4 is not installed (scripts/setup.sh installs it)")
+    out = HttpOutbound(
+        "tiny-tls",
+        TLS_IP,
+        servers.tls_port,
+        username="obuser",
+        password="obpass",
+        tls=True,
+        sni="proxy.ob.test",
+        ca_file=str(servers.cert),
+    )
+    stream = await out.connect_tcp(NAME, servers.web_port)
+    assert isinstance(stream, trio.SSLStream)
+    assert MARKER in await http_get(stream)
+
+    # Verification is on: a name the certificate does not carry fails.
+    wrong = HttpOutbound(
+        "tiny-tls", TLS_IP, servers.tls_port, tls=True, sni="other.test", ca_file=str(servers.cert)
+    )
+    with pytest.raises(OutboundError, match="TLS"):
+        await wrong.connect_tcp(NAME, servers.web_port)
+    # ... unless skip-cert-verify says otherwise.
+    lax = HttpOutbound(
+        "tiny-tls",
+        TLS_IP,
+        servers.tls_port,
+        username="obuser",
+        password="obpass",
+        tls=True,
+        skip_cert_verify=True,
+    )
+    assert MARKER in await http_get(await lax.connect_tcp(NAME, servers.web_port))
+
+
+# -- REJECT, groups, build + Router --------------------------------------------------
+
+
+async def test_reject_is_immediate() -> None:
+    t0 = trio.current_time()
+    with pytest.raises(OutboundError, match="rejected"):
+        await RejectOutbound().connect_tcp(NAME, 80)
+    assert trio.current_time() - t0 < 0.1
+
+
+async def test_fallback_skips_a_dead_member_and_remembers(servers: Servers) -> None:
+    dead = Socks5Outbound("dead", DEAD_IP, servers.socks_port)
+    live = Socks5Outbound("live", "127.0.0.1", servers.socks_port)
+    group = FallbackGroup("auto", [dead, live], retry_after=30)
+    assert MARKER in await http_get(await group.connect_tcp(NAME, servers.web_port))
+    assert group.current is live  # dead is tried last for a while
+    sel = SelectGroup("pick", [live, dead])
+    assert MARKER in await http_get(await sel.connect_tcp(NAME, servers.web_port))
+    sel.select("dead")
+    with pytest.raises(OutboundError):
+        await sel.connect_tcp(NAME, servers.web_port)
+    all_dead = FallbackGroup("none", [dead, RejectOutbound()])
+    with pytest.raises(OutboundError, match="every member failed"):
+        await all_dead.connect_tcp(NAME, servers.web_port)
+
+
+def _cfg(**kw: object) -> Config:
+    base: dict[str, object] = {
+        "routing_mark": MARK,
+        "appliance": ApplianceConfig(connect_timeout=2.0),
+    }
+    base.update(kw)
+    return Config(**base)  # type: ignore[arg-type]
+
+
+async def test_build_and_route_end_to_end(servers: Servers) -> None:
+    cfg = _cfg(
+        proxies=(
+            ProxyConfig("dante", "socks5", "127.0.0.1", servers.socks_port),
+            ProxyConfig(
+                "tiny", "http", TINY_IP, servers.tiny_port, username="obuser", password="obpass"
+            ),
+            ProxyConfig("ss1", "ss", "127.0.0.1", 8388, password="x", cipher="aes-128-gcm"),
+        ),
+        proxy_groups=(
+            ProxyGroupConfig("outer", "select", ("inner", "DIRECT")),
+            ProxyGroupConfig("inner", "fallback", ("ss1", "dante")),
+        ),
+        rules=(
+            Rule("DOMAIN-SUFFIX", "ob.test", "outer"),
+            Rule("DST-PORT", "8080", "tiny"),
+            Rule("IP-CIDR", "10.0.0.0/8", "REJECT", no_resolve=True),
+        ),
+    )
+    outbounds = build_outbounds(cfg, DictResolver({NAME: [WEB_IP]}))
+    assert {"DIRECT", "REJECT", "dante", "tiny", "ss1", "outer", "inner"} <= outbounds.keys()
+    assert isinstance(outbounds["ss1"], UnsupportedOutbound)
+    router = Router(cfg, outbounds)
+
+    via, rule = router.explain(FlowContext(NAME, None, servers.web_port))
+    assert via is outbounds["outer"] and rule is not None and rule.target == "outer"
+    # outer -> inner -> ss1 (not implemented: fails) -> dante: the marker.
+    assert MARKER in await http_get(await via.connect_tcp(NAME, servers.web_port))
+
+    assert router.route(FlowContext("x.test", None, 8080)) is outbounds["tiny"]
+    assert router.route(FlowContext(None, ipaddress.ip_address("10.1.1.1"), 80)).type == "Reject"
+    assert router.route(FlowContext("other.test", None, 443)) is outbounds["DIRECT"]
+    direct = router.route(FlowContext("other.test", None, 443))
+    stream = await direct.connect_tcp(NAME, servers.web_port)
+    assert isinstance(stream, trio.SocketStream)
+    assert stream.socket.getsockopt(socket.SOL_SOCKET, SO_MARK) == MARK
+    await stream.aclose()
+
+    # No rules at all: everything goes DIRECT.
+    empty = _cfg()
+    assert (
+        Router(empty, build_outbounds(empty, None)).route(FlowContext(NAME, None, 80)).name
+        == "DIRECT"
+    )
+
+
+def test_build_errors() -> None:
+    cycle = _cfg(
+        proxy_groups=(
+            ProxyGroupConfig("a", "select", ("b",)),
+            ProxyGroupConfig("b", "select", ("a",)),
+        )
+    )
+    with pytest.raises(BuildError, match="cycle"):
+        build_outbounds(cycle, None)
+    unknown = _cfg(proxy_groups=(ProxyGroupConfig("a", "select", ("nope",)),))
+    with pytest.raises(BuildError, match="unknown member"):
+        build_outbounds(unknown, None)
+    dup = _cfg(proxies=(ProxyConfig("DIRECT", "direct"),))
+    with pytest.raises(BuildError, match="duplicate"):
+        build_outbounds(dup, None)
+    bad_target = _cfg(rules=(Rule("MATCH", "", "nowhere"),))
+    with pytest.raises(BuildError, match="nowhere"):
+        Router(bad_target, build_outbounds(bad_target, None))
+
+
+async def test_open_marked_tcp_cancels_losers(servers: Servers) -> None:
+    # Two live addresses: the first wins, the second attempt never starts
+    # (or is cancelled and closed); nothing is left connected to it.
+    a = ipaddress.ip_address(WEB_IP)
+    stream = await open_marked_tcp([a, a], servers.web_port, mark=None)
+    assert stream.socket.getpeername()[0] == WEB_IP
+    await stream.aclose()
