@@ -163,6 +163,8 @@ class DnsHandler:
         """Take a new DNS config (SIGHUP). Filter, hosts and the IPv6 switch
         change at once; the pool and its ranges stay (they need a restart)."""
         self._fake_mode = dns.enhanced_mode == "fake-ip"
+        # The server bounds each upstream wait with this (plus a grace).
+        self.upstream_timeout = dns.upstream_timeout
         self._filter = DomainMatcher(dns.fake_ip_filter)
         self._whitelist = dns.fake_ip_filter_mode == "whitelist"
         self._ipv6 = dns.ipv6

@@ -1,0 +1,322 @@
+"""The DNS service: UDP and TCP sockets around the sans-I/O `DnsHandler`.
+
+Owns two sockets bound to `dns.listen` and the tasks that wait on upstream
+answers. All DNS logic is in handler.py; this module only moves bytes.
+
+UDP is the hot path. A plain non-blocking socket is drained with `recvmsg`
+after each `trio.lowlevel.wait_readable` (at most `UDP_BATCH` datagrams per
+wakeup, so TCP and upstream tasks get their turn), and a reply the handler
+makes locally is sent before the next datagram is read: no task, no channel,
+no await per query. An `UpstreamQuery` becomes a task, bounded in number
+(`max_inflight`, shared with TCP); beyond the bound the client gets SERVFAIL
+at once instead of queueing behind a slow upstream.
+
+Every UDP reply leaves from the address the query was sent to: the socket
+asks for IP_PKTINFO / IPV6_RECVPKTINFO and `sendmsg` hands the destination
+back as the source. That is what makes a gateway with several addresses
+answer correctly from a wildcard bind, and, with `transparent=True`
+(IP_TRANSPARENT / IPV6_TRANSPARENT), what lets a TPROXY-captured query to
+another resolver (dns-hijack) be answered from that resolver's address.
+Replies bigger than the client accepts (512, or its EDNS payload size) are
+truncated with TC=1 (wire.truncate) so the client retries over TCP.
+
+TCP follows RFC 7766: 2-byte length framing, several queries per connection,
+pipelined answers sent as they complete (in any order), an idle timeout,
+a bounded number of connections (extra ones are closed at once).
+
+Failure: bind errors (OSError) propagate before `started()`. After that,
+nothing a client sends ends the service: bad input is the handler's business
+(FORMERR/SERVFAIL), socket errors end one connection or drop one datagram.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import socket
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+
+from appliance.config.model import Listen
+from appliance.dns import wire
+from appliance.dns.handler import DnsHandler, UpstreamQuery
+from appliance.dns.upstream_api import Upstream, UpstreamError
+
+log = logging.getLogger("mirage.dns")
+
+# Linux values; Python's socket module does not name all of them.
+IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)
+IP_TRANSPARENT = getattr(socket, "IP_TRANSPARENT", 19)
+IPV6_RECVPKTINFO = getattr(socket, "IPV6_RECVPKTINFO", 49)
+IPV6_PKTINFO = getattr(socket, "IPV6_PKTINFO", 50)
+IPV6_TRANSPARENT = getattr(socket, "IPV6_TRANSPARENT", 75)
+
+UDP_BATCH = 64  # datagrams handled per wakeup before yielding
+MAX_INFLIGHT = 1024  # upstream queries waiting at once (UDP + TCP)
+MAX_TCP_CONNECTIONS = 256
+TCP_IDLE_TIMEOUT = 10.0  # seconds without a complete query (RFC 7766 6.2.3)
+TCP_PIPELINE = 32  # upstream queries in flight per TCP connection
+# Extra time past the handler's upstream timeout before we give up ourselves:
+# the Upstream contract bounds its own time; this is the safety net.
+DEADLINE_GRACE = 0.5
+
+_RECV_SIZE = 65535
+_ANC_SIZE = socket.CMSG_SPACE(20) * 2  # room for in6_pktinfo and in_pktinfo
+
+
+@dataclass
+class _Limits:
+    """Counters shared by the UDP loop and every TCP connection."""
+
+    max_inflight: int
+    max_connections: int
+    inflight: int = 0
+    connections: int = 0
+
+
+def _bind_socket(family: int, kind: int, listen: Listen, transparent: bool) -> socket.socket:
+    sock = socket.socket(family, kind)
+    try:
+        if kind == socket.SOCK_STREAM:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            # "::" serves IPv4 too (as v4-mapped); an explicit v6 address only v6.
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            if transparent:
+                sock.setsockopt(socket.IPPROTO_IPV6, IPV6_TRANSPARENT, 1)
+        if transparent:
+            sock.setsockopt(socket.IPPROTO_IP, IP_TRANSPARENT, 1)
+        if kind == socket.SOCK_DGRAM:
+            # IPv4 datagrams (also v4-mapped ones on a dual-stack socket)
+            # report their destination with IP_PKTINFO, IPv6 ones with
+            # IPV6_PKTINFO.
+            sock.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, IPV6_RECVPKTINFO, 1)
+        sock.setblocking(False)
+        sock.bind((listen.host, listen.port))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+async def serve(
+    listen: Listen,
+    handler: DnsHandler,
+    upstream: Upstream,
+    *,
+    transparent: bool = False,
+    max_inflight: int = MAX_INFLIGHT,
+    max_tcp_connections: int = MAX_TCP_CONNECTIONS,
+    tcp_idle_timeout: float = TCP_IDLE_TIMEOUT,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve DNS on `listen` (UDP and TCP) until cancelled.
+
+    Calls `task_status.started()` once both sockets are bound. Raises OSError
+    if either cannot be bound; closes both sockets on the way out.
+    """
+    family = socket.AF_INET6 if ":" in listen.host else socket.AF_INET
+    limits = _Limits(max_inflight, max_tcp_connections)
+    deadline = handler.upstream_timeout + DEADLINE_GRACE
+    udp = _bind_socket(family, socket.SOCK_DGRAM, listen, transparent)
+    try:
+        tcp = trio.socket.from_stdlib_socket(
+            _bind_socket(family, socket.SOCK_STREAM, listen, transparent)
+        )
+        with tcp:
+            tcp.listen(128)
+            listener = trio.SocketListener(tcp)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_udp_loop, udp, handler, upstream, limits, deadline, nursery)
+                nursery.start_soon(
+                    _tcp_accept_loop, listener, handler, upstream, limits, deadline,
+                    tcp_idle_timeout, nursery,
+                )
+                log.info("DNS service on %s (udp, tcp)%s", listen,
+                         " transparent" if transparent else "")
+                task_status.started()
+    finally:
+        udp.close()
+
+
+# -- upstream ---------------------------------------------------------------------
+
+
+async def _resolve(uq: UpstreamQuery, upstream: Upstream, deadline: float) -> bytes:
+    """The client's reply to `uq`: the upstream's answer, or SERVFAIL when it
+    fails or does not answer within `deadline` seconds."""
+    reply = None
+    with trio.move_on_after(deadline):
+        try:
+            reply = await upstream.query(uq.request)
+        except UpstreamError as err:
+            log.debug("upstream failed for %s: %s", uq.request.q.qname, err)
+        except Exception:
+            # A bug in the resolver must cost one query, not the service.
+            log.exception("upstream raised for %s", uq.request.q.qname)
+    return uq.finish(reply)
+
+
+# -- UDP ----------------------------------------------------------------------------
+
+
+def _reply_ancillary(ancdata: list[tuple[int, int, bytes]]) -> list[tuple[int, int, bytes]]:
+    """The control message that makes a reply leave from the query's destination."""
+    for level, kind, data in ancdata:
+        if level == socket.IPPROTO_IPV6 and kind == IPV6_PKTINFO and len(data) >= 20:
+            return [(level, kind, data[:20])]  # struct in6_pktinfo {addr, ifindex}
+        if level == socket.IPPROTO_IP and kind == IP_PKTINFO and len(data) >= 12:
+            # struct in_pktinfo {ifindex, spec_dst, addr}: send from `addr`
+            # (the header's destination), let routing pick the interface.
+            return [(level, kind, struct.pack("=i4s4s", 0, data[8:12], bytes(4)))]
+    return []
+
+
+def _udp_send(
+    sock: socket.socket, reply: bytes, query: bytes, anc: list[tuple[int, int, bytes]],
+    addr: Any,
+) -> None:
+    if len(reply) > wire.CLASSIC_UDP_SIZE:
+        reply = wire.truncate(reply, wire.udp_limit(query))
+    try:
+        sock.sendmsg([reply], anc, 0, addr)
+    except OSError as err:
+        # EAGAIN (full socket buffer) and unroutable clients: UDP may drop.
+        log.debug("UDP reply to %s dropped: %s", addr, err)
+
+
+async def _udp_loop(
+    sock: socket.socket, handler: DnsHandler, upstream: Upstream, limits: _Limits,
+    deadline: float, nursery: trio.Nursery,
+) -> None:
+    recvmsg, handle = sock.recvmsg, handler.handle
+    while True:
+        await trio.lowlevel.wait_readable(sock)
+        for _ in range(UDP_BATCH):
+            try:
+                data, ancdata, _flags, addr = recvmsg(_RECV_SIZE, _ANC_SIZE)
+            except BlockingIOError:
+                break
+            except OSError as err:  # e.g. a queued ICMP error: not fatal
+                log.debug("UDP receive: %s", err)
+                continue
+            result = handle(data)
+            if isinstance(result, bytes):
+                if result:
+                    _udp_send(sock, result, data, _reply_ancillary(ancdata), addr)
+            elif limits.inflight >= limits.max_inflight:
+                _udp_send(sock, result.finish(None), data, _reply_ancillary(ancdata), addr)
+            else:
+                limits.inflight += 1
+                nursery.start_soon(
+                    _udp_upstream, sock, result, data, _reply_ancillary(ancdata), addr,
+                    upstream, deadline, limits,
+                )
+
+
+async def _udp_upstream(
+    sock: socket.socket, uq: UpstreamQuery, query: bytes, anc: list[tuple[int, int, bytes]],
+    addr: Any, upstream: Upstream, deadline: float, limits: _Limits,
+) -> None:
+    try:
+        reply = await _resolve(uq, upstream, deadline)
+    finally:
+        limits.inflight -= 1
+    if reply:
+        _udp_send(sock, reply, query, anc, addr)
+
+
+# -- TCP ------------------------------------------------------------------------------
+
+_ACCEPT_RETRY = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
+
+
+async def _tcp_accept_loop(
+    listener: trio.SocketListener, handler: DnsHandler, upstream: Upstream, limits: _Limits,
+    deadline: float, idle: float, nursery: trio.Nursery,
+) -> None:
+    while True:
+        try:
+            stream = await listener.accept()
+        except OSError as err:
+            if err.errno not in _ACCEPT_RETRY:
+                raise
+            log.warning("DNS TCP accept: %s; pausing accepts for 100 ms", err)
+            await trio.sleep(0.1)
+            continue
+        if limits.connections >= limits.max_connections:
+            await trio.aclose_forcefully(stream)
+            continue
+        limits.connections += 1
+        nursery.start_soon(_tcp_connection, stream, handler, upstream, limits, deadline, idle)
+
+
+async def _tcp_connection(
+    stream: trio.SocketStream, handler: DnsHandler, upstream: Upstream, limits: _Limits,
+    deadline: float, idle: float,
+) -> None:
+    """One client connection: read frames, answer each, close when the client
+    does, when it idles for `idle` seconds, or when a send fails."""
+    send_lock = trio.Lock()
+    pipeline = trio.Semaphore(TCP_PIPELINE)
+
+    async def send(reply: bytes, query: bytes) -> None:
+        if len(reply) > 0xFFFF:
+            reply = wire.error_reply(query, wire.RCODE_SERVFAIL)
+        async with send_lock:
+            await stream.send_all(len(reply).to_bytes(2, "big") + reply)
+
+    async def answer_later(uq: UpstreamQuery, query: bytes) -> None:
+        try:
+            reply = await _resolve(uq, upstream, deadline)
+        finally:
+            limits.inflight -= 1
+            pipeline.release()
+        if reply:
+            await send(reply, query)
+
+    try:
+        async with trio.open_nursery() as nursery:
+            buf = bytearray()
+            # A client must complete a query every `idle` seconds: dribbling
+            # one byte at a time does not keep a connection.
+            give_up_at = trio.current_time() + idle
+            while True:
+                chunk = b""
+                with trio.move_on_at(give_up_at):
+                    chunk = await stream.receive_some(_RECV_SIZE)
+                if not chunk:  # closed by the client, or idle
+                    break
+                buf += chunk
+                while len(buf) >= 2:
+                    size = int.from_bytes(buf[:2], "big")
+                    if len(buf) < 2 + size:
+                        break
+                    query = bytes(buf[2 : 2 + size])
+                    del buf[: 2 + size]
+                    give_up_at = trio.current_time() + idle
+                    result = handler.handle(query)
+                    if isinstance(result, bytes):
+                        if result:
+                            await send(result, query)
+                    elif limits.inflight >= limits.max_inflight:
+                        await send(result.finish(None), query)
+                    else:
+                        # Waits (stops reading) when this client already has
+                        # TCP_PIPELINE queries upstream: back-pressure.
+                        await pipeline.acquire()
+                        limits.inflight += 1
+                        nursery.start_soon(answer_later, result, query)
+            # Reading is over; the nursery waits for the answers in flight.
+    except* (trio.BrokenResourceError, trio.ClosedResourceError):
+        pass  # the client went away
+    except* Exception:
+        log.exception("DNS TCP connection failed")
+    finally:
+        limits.connections -= 1
+        await trio.aclose_forcefully(stream)
