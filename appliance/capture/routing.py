@@ -25,6 +25,7 @@ import errno
 import logging
 import socket
 from dataclasses import dataclass
+from typing import Any
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
@@ -33,8 +34,8 @@ from appliance.config.model import Config
 
 log = logging.getLogger(__name__)
 
-# Bound on deleting duplicate leftover rules (each crashed run could have left
-# one per family; more than this means something else keeps adding them).
+# Bound on deleting duplicate leftover rules (a crashed run leaves one per
+# family; more than this means something else keeps adding them).
 _MAX_LEFTOVERS = 64
 
 
@@ -43,6 +44,8 @@ class PolicyRouting:
     mark: int
     table: int
     ipv6: bool
+    # Before `main` (32766), like iproute2's first automatic priority would be.
+    priority: int = 32000
 
     @classmethod
     def from_config(cls, cfg: Config) -> PolicyRouting:
@@ -58,7 +61,9 @@ class PolicyRouting:
         out = []
         for family, dst in self.families:
             ip = "ip -6" if family == socket.AF_INET6 else "ip"
-            out.append(f"{ip} rule add fwmark {self.mark:#x} lookup {self.table}")
+            out.append(
+                f"{ip} rule add fwmark {self.mark:#x} lookup {self.table} priority {self.priority}"
+            )
             out.append(f"{ip} route add local {dst} dev lo table {self.table}")
         return out
 
@@ -75,19 +80,22 @@ class PolicyRouting:
 
     def _add(self, ipr: IPRoute, lo: int) -> None:
         for family, dst in self.families:
-            ipr.rule("add", family=family, fwmark=self.mark, table=self.table)
-            # IPv4 refuses a local route without scope host (EINVAL);
-            # iproute2 sets it implicitly, pyroute2 does not.
-            ipr.route(
-                "replace",
-                family=family,
-                dst=dst,
-                type="local",
-                scope="host" if family == socket.AF_INET else "universe",
-                oif=lo,
-                table=self.table,
-                proto="static",
+            ipr.rule(
+                "add", family=family, priority=self.priority, fwmark=self.mark, table=self.table
             )
+            ipr.route("replace", **self._route(family, dst, lo), proto="static")
+
+    def _route(self, family: socket.AddressFamily, dst: str, lo: int) -> dict[str, Any]:
+        # IPv4 wants scope host on a local route, for adding (EINVAL) and for
+        # deleting (ESRCH) alike; iproute2 sets it implicitly, pyroute2 does not.
+        return {
+            "family": family,
+            "dst": dst,
+            "type": "local",
+            "scope": "host" if family == socket.AF_INET else "universe",
+            "oif": lo,
+            "table": self.table,
+        }
 
     def remove(self) -> None:
         try:
@@ -101,17 +109,24 @@ class PolicyRouting:
 
     def _clear(self, ipr: IPRoute, lo: int) -> None:
         for family, dst in self.families:
-            for _ in range(_MAX_LEFTOVERS):
+            # By exact priority: a delete without one matches only pyroute2's
+            # default priority, and a leftover added by hand (`ip rule add`)
+            # has another.
+            ours = [
+                r.get("priority")
+                for r in ipr.get_rules(family=family)
+                if r.get("fwmark") == self.mark and r.get("table") == self.table
+            ]
+            for priority in ours[:_MAX_LEFTOVERS]:
                 try:
-                    ipr.rule("del", family=family, fwmark=self.mark, table=self.table)
+                    ipr.rule(
+                        "del", family=family, priority=priority, fwmark=self.mark, table=self.table
+                    )
                 except NetlinkError as exc:
-                    if exc.code == errno.ENOENT:
-                        break
-                    raise
+                    if exc.code != errno.ENOENT:
+                        raise
             try:
-                ipr.route(
-                    "del", family=family, dst=dst, type="local", oif=lo, table=self.table
-                )
+                ipr.route("del", **self._route(family, dst, lo))
             except NetlinkError as exc:
                 if exc.code not in (errno.ENOENT, errno.ESRCH):
                     raise

@@ -170,7 +170,7 @@ def test_ipv4_only_config_has_no_v6_objects() -> None:
     text = render_nft(cfg)
     assert "ip6" not in text and "fake6" not in text
     assert PolicyRouting.from_config(cfg).describe() == [
-        "ip rule add fwmark 0x233 lookup 233",
+        "ip rule add fwmark 0x233 lookup 233 priority 32000",
         "ip route add local 0.0.0.0/0 dev lo table 233",
     ]
 
@@ -204,7 +204,7 @@ def test_text_names_the_same_values() -> None:
     assert "meta mark 0x100 return" in text
     assert "$" not in text
     assert not re.search(r"^\s*#\s*(if \w+|endif)\s*$", text, re.M)
-    assert "#   ip rule add fwmark 0x233 lookup 233" in text
+    assert "#   ip rule add fwmark 0x233 lookup 233 priority 32000" in text
     assert "#   ip -6 route add local ::/0 dev lo table 233" in text
 
 
