@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 import trio
+from trio.testing import memory_stream_pair
 
 from appliance.config.model import (
     ApplianceConfig,
@@ -33,13 +34,14 @@ from appliance.config.model import (
     Rule,
 )
 from appliance.dns.upstream_api import UpstreamError
-from appliance.outbound.base import SO_MARK, OutboundError, open_marked_tcp
+from appliance.outbound.base import SO_MARK, OutboundError, ReplayStream, open_marked_tcp
 from appliance.outbound.build import BuildError, Router, UnsupportedOutbound, build_outbounds
 from appliance.outbound.direct import DirectOutbound
 from appliance.outbound.groups import FallbackGroup, SelectGroup
 from appliance.outbound.http import HttpOutbound
 from appliance.outbound.reject import RejectOutbound
 from appliance.outbound.socks5 import Socks5Outbound
+from appliance.proto.socks5 import encode_reply
 from appliance.rules.engine import FlowContext
 
 pytestmark = pytest.mark.netns
@@ -585,3 +587,71 @@ async def test_open_marked_tcp_cancels_losers(servers: Servers) -> None:
     stream = await open_marked_tcp([a, a], servers.web_port, mark=None)
     assert stream.socket.getpeername()[0] == WEB_IP
     await stream.aclose()
+
+
+# -- the far end speaks first: no tunnel byte may be lost ---------------------------
+
+
+async def _scripted_proxy(nursery: trio.Nursery, expect_prefix: bytes, answers: list[bytes]) -> int:
+    """A one-connection peer that reads, then writes each answer in one
+    send (so the reply and the far end's first bytes share a segment). For
+    the case real proxies produce only by timing luck (SMTP/SSH banners)."""
+    listener = (await trio.open_tcp_listeners(0, host=DEAD_IP))[0]
+    port = listener.socket.getsockname()[1]
+
+    async def serve_one() -> None:
+        async with listener:
+            conn = await listener.accept()
+            async with conn:
+                got = b""
+                with trio.fail_after(5):
+                    for answer in answers:
+                        got += await conn.receive_some(65536)
+                        await conn.send_all(answer)
+                    assert got.startswith(expect_prefix)
+                    await conn.receive_some(65536)  # until the client closes
+
+    nursery.start_soon(serve_one)
+    return int(port)
+
+
+async def test_socks5_reply_and_banner_in_one_segment() -> None:
+    async with trio.open_nursery() as nursery:
+        port = await _scripted_proxy(
+            nursery,
+            b"\x05\x01\x00",
+            [b"\x05\x00", encode_reply(0, "bound.ob.test", 9) + b"220 hi\r\n"],
+        )
+        out = Socks5Outbound("scripted", DEAD_IP, port)
+        stream = await out.connect_tcp("smtp.ob.test", 25)
+        assert isinstance(stream, trio.SocketStream)
+        assert await stream.receive_some(100) == b"220 hi\r\n"
+        await stream.aclose()
+
+
+async def test_http_response_and_banner_in_one_segment() -> None:
+    async with trio.open_nursery() as nursery:
+        port = await _scripted_proxy(
+            nursery,
+            b"CONNECT ssh.ob.test:22 HTTP/1.1\r\n",
+            [b"HTTP/1.1 200 Connection established\r\nX-A: b\r\n\r\nSSH-2.0-test\r\n"],
+        )
+        out = HttpOutbound("scripted", DEAD_IP, port)
+        stream = await out.connect_tcp("ssh.ob.test", 22)
+        assert isinstance(stream, trio.SocketStream)  # peeked: nothing over-read
+        assert await stream.receive_some(100) == b"SSH-2.0-test\r\n"
+        await stream.aclose()
+
+
+async def test_replay_stream_returns_prefix_first() -> None:
+    a, b = memory_stream_pair()
+    r = ReplayStream(a, b"early")
+    await b.send_all(b"later")
+    assert await r.receive_some(3) == b"ear"
+    assert await r.receive_some() == b"ly"
+    assert await r.receive_some() == b"later"
+    await r.send_all(b"up")
+    assert await b.receive_some() == b"up"
+    await r.send_eof()
+    assert await b.receive_some() == b""
+    await r.aclose()
