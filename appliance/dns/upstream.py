@@ -162,12 +162,21 @@ class _Body(httpx.AsyncByteStream):
     httpx wraps `content=bytes` in one; when sending fails (dead connection,
     cancelled race) the generator is dropped half-iterated and trio reports
     it with a ResourceWarning. An iterator object has nothing to finalize.
+    Re-iterable, so a request can be sent again.
     """
 
     def __init__(self, data: bytes) -> None:
+        self._data = data
+
+    def __aiter__(self) -> _OneChunk:
+        return _OneChunk(self._data)
+
+
+class _OneChunk:
+    def __init__(self, data: bytes) -> None:
         self._data: bytes | None = data
 
-    def __aiter__(self) -> _Body:
+    def __aiter__(self) -> _OneChunk:
         return self
 
     async def __anext__(self) -> bytes:
@@ -508,7 +517,7 @@ class Resolver:
                 extensions=extensions,
             )
             try:
-                response = await self._client.send(request, stream=True)
+                response = await self._send(request)
             except httpx.ConnectError as exc:
                 # Try the bootstrapped name's next address.
                 failure = exc
@@ -528,6 +537,19 @@ class Resolver:
             f"cannot connect to {', '.join(addresses)}: "
             + (_reason(failure) if failure is not None else "")
         )
+
+    async def _send(self, request: httpx.Request) -> httpx.Response:
+        """Send on a pooled connection; once more on a fresh one if the pooled
+        connection turns out dead. httpcore cannot always tell an idle HTTP/2
+        connection whose server restarted from a live one until a request on
+        it fails (EPIPE, GOAWAY); that must not fail the query while the
+        server is up. The failed connection has left the pool by then."""
+        assert self._client is not None
+        try:
+            return await self._client.send(request, stream=True)
+        except (httpx.ReadError, httpx.WriteError, httpx.RemoteProtocolError) as exc:
+            log.debug("DoH connection to %s failed (%s); retrying once", request.url, exc)
+            return await self._client.send(request, stream=True)
 
     async def _bootstrap(self, name: str) -> list[str]:
         """Addresses of a DoH host name, from `default-nameserver` only."""

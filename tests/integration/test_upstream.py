@@ -405,3 +405,54 @@ async def test_upstream_sockets_carry_the_routing_mark(
         )
         assert f"fwmark:{MARK:#x}" in out.stdout.decode()
         nursery.cancel_scope.cancel()
+
+
+async def test_servfail_moves_on_to_the_next_nameserver_and_is_not_cached(
+    servers: object,
+) -> None:
+    """A UDP server (not unbound) that answers SERVFAIL at once."""
+    seen: list[int] = []
+    sock = trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    await sock.bind((ADDR_HOLE, 0))
+    port = sock.getsockname()[1]
+
+    async def serve() -> None:
+        while True:
+            data, peer = await sock.recvfrom(4096)
+            request = DNSRecord.parse(data)
+            seen.append(request.header.id)
+            reply = request.reply()
+            reply.header.rcode = RCODE.SERVFAIL
+            await sock.sendto(reply.pack(), peer)
+
+    with sock:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(serve)
+            async with Resolver(config(udp(ADDR_HOLE, port), udp(ADDR_A), pki=None)) as resolver:
+                start = time.monotonic()
+                assert rdatas(await ask(resolver, "pick.lab.test")) == ["192.0.2.1"]
+                assert time.monotonic() - start < STAGGER  # no waiting on a failure
+            async with Resolver(config(udp(ADDR_HOLE, port), pki=None)) as resolver:
+                for _ in range(2):
+                    with pytest.raises(UpstreamError, match="SERVFAIL"):
+                        await ask(resolver, "pick.lab.test")
+            nursery.cancel_scope.cancel()
+    assert len(seen) == 3  # the second SERVFAIL was asked again, not cached
+
+
+async def test_doh_server_restart_does_not_fail_a_query(pki: CertPaths, servers: object) -> None:
+    """The pooled HTTP/2 connection dies with the server; the next query
+    must open a new one rather than report the dead connection."""
+    cfg = ServerConfig([ADDR_C], pki.cert, pki.key, records={"www.lab.test": ["1 A 192.0.2.10"]})
+    server = UnboundServer(cfg)
+    await trio.to_thread.run_sync(server.start)
+    try:
+        async with Resolver(config(doh(ADDR_C), pki=pki)) as resolver:
+            assert rdatas(await ask(resolver, "www.lab.test")) == ["192.0.2.10"]
+            await trio.to_thread.run_sync(server.stop)
+            server = UnboundServer(cfg)
+            await trio.to_thread.run_sync(server.start)
+            await trio.sleep(1.1)  # let the 1 s cache entry expire
+            assert rdatas(await ask(resolver, "www.lab.test")) == ["192.0.2.10"]
+    finally:
+        await trio.to_thread.run_sync(server.stop)
