@@ -693,7 +693,7 @@ def _parse_root(data: Any, ctx: _Ctx) -> Config:
 
 def _optional_port(value: Any, path: str) -> int | None:
     # Clash spells "this listener is off" as port 0.
-    if value == 0 and not isinstance(value, bool):
+    if type(value) is int and value == 0:
         return None
     return _port(value, path)
 
@@ -817,18 +817,26 @@ def _nameserver(value: Any, path: str, ctx: _Ctx, *, ip_only: bool = False) -> N
     return Nameserver(scheme=cast(Any, scheme), host=host, port=port, path=ns_path, text=text)
 
 
+def _nameserver_entries(
+    value: Any, path: str, ctx: _Ctx, *, ip_only: bool = False
+) -> list[tuple[str, Nameserver]]:
+    """The usable nameservers of a list (or single string), with their paths."""
+    if isinstance(value, str):  # mihomo accepts a single string here too
+        single = _nameserver(value, path, ctx, ip_only=ip_only)
+        return [] if single is None else [(path, single)]
+    result: list[tuple[str, Nameserver]] = []
+    for i, item in enumerate(_list(value, path)):
+        item_path = _index_path(path, i)
+        ns = _nameserver(item, item_path, ctx, ip_only=ip_only)
+        if ns is not None:
+            result.append((item_path, ns))
+    return result
+
+
 def _nameserver_list(
     value: Any, path: str, ctx: _Ctx, *, ip_only: bool = False
 ) -> list[Nameserver]:
-    if isinstance(value, str):  # mihomo accepts a single string here too
-        single = _nameserver(value, path, ctx, ip_only=ip_only)
-        return [] if single is None else [single]
-    result: list[Nameserver] = []
-    for i, item in enumerate(_list(value, path)):
-        ns = _nameserver(item, _index_path(path, i), ctx, ip_only=ip_only)
-        if ns is not None:
-            result.append(ns)
-    return result
+    return [ns for _, ns in _nameserver_entries(value, path, ctx, ip_only=ip_only)]
 
 
 def _fake_ip_range(value: Any, path: str) -> ipaddress.IPv4Network:
@@ -871,9 +879,11 @@ def _pattern_list(value: Any, path: str, ctx: _Ctx) -> list[str]:
     return result
 
 
-def _parse_policy(value: Any, path: str, ctx: _Ctx) -> list[DomainPolicy]:
+def _parse_policy(
+    value: Any, path: str, ctx: _Ctx, named: list[tuple[str, Nameserver]]
+) -> list[DomainPolicy]:
     """`nameserver-policy: {pattern: ns | [ns, ...]}`; a key may hold several
-    comma-separated patterns (mihomo)."""
+    comma-separated patterns (mihomo). Appends (path, server) to `named`."""
     result: list[DomainPolicy] = []
     if value is None:
         return result
@@ -884,7 +894,8 @@ def _parse_policy(value: Any, path: str, ctx: _Ctx) -> list[DomainPolicy]:
         raw = section.raw(key)
         if raw is None:
             raise ConfigError(entry_path, raw, "needs at least one nameserver")
-        servers = _nameserver_list(raw, entry_path, ctx)
+        entries = _nameserver_entries(raw, entry_path, ctx)
+        servers = [ns for _, ns in entries]
         if key.strip().lower().startswith(("geosite:", "rule-set:")):
             # `geosite:cn,private`: the comma list is of geosite/rule-set names.
             ctx.ignore(entry_path, key.strip())
@@ -893,6 +904,7 @@ def _parse_policy(value: Any, path: str, ctx: _Ctx) -> list[DomainPolicy]:
         if not servers:
             ctx.ignore(entry_path, "no usable nameserver")
             continue
+        named.extend(entries)
         for pattern in usable:
             if pattern in seen:
                 raise ConfigError(entry_path, pattern, "pattern already has a policy")
@@ -920,11 +932,12 @@ def _parse_dns(sec: _Section, top_hosts: dict[str, list[IPAddress]]) -> DnsConfi
         "default-nameserver", lambda v, p: _nameserver_list(v, p, ctx, ip_only=True), []
     )
     nameserver_raw = sec.raw("nameserver")
-    nameservers = (
+    named = (
         [] if nameserver_raw is None
-        else _nameserver_list(nameserver_raw, sec.at("nameserver"), ctx)
+        else _nameserver_entries(nameserver_raw, sec.at("nameserver"), ctx)
     )  # fmt: skip
-    policy = _parse_policy(sec.raw("nameserver-policy"), sec.at("nameserver-policy"), ctx)
+    nameservers = [ns for _, ns in named]
+    policy = _parse_policy(sec.raw("nameserver-policy"), sec.at("nameserver-policy"), ctx, named)
     hosts = {name: list(addrs) for name, addrs in top_hosts.items()}
     for name, addrs in _parse_hosts(sec.raw("hosts"), sec.at("hosts"), ctx).items():
         _merge_addrs(hosts, name, addrs)
@@ -944,9 +957,6 @@ def _parse_dns(sec: _Section, top_hosts: dict[str, list[IPAddress]]) -> DnsConfi
         )
     # A DoH server known by name needs an IP-literal resolver to find it;
     # asking the system resolver would ask the poisoned one.
-    named = [(sec.at("nameserver"), ns) for ns in nameservers] + [
-        (sec.at("nameserver-policy"), ns) for p in policy for ns in p.nameservers
-    ]
     for where, ns in named:
         if not default_ns and not _is_ip(ns.host):
             raise ConfigError(
