@@ -23,7 +23,7 @@ import logging
 import signal
 import time
 from collections.abc import Iterable, Mapping
-from pathlib import Path
+from ipaddress import ip_address
 from typing import Any
 
 import trio
@@ -70,18 +70,16 @@ class Appliance:
 
     def open_pool(self) -> None:
         from appliance.fakeip.pool import FakeIPPool
-        from appliance.fakeip.store import MemoryStore, SQLiteStore
+        from appliance.fakeip.store import SQLiteStore, store_path
 
         cfg = self.cfg
         if cfg.store_fake_ip:
             state_dir = cfg.appliance.state_dir
             try:
                 state_dir.mkdir(parents=True, exist_ok=True)
-                self.store = SQLiteStore(state_dir / "fakeip.sqlite3")
+                self.store = SQLiteStore(store_path(state_dir))
             except OSError as err:
                 raise AppError(f"appliance.state-dir {state_dir}: {err}") from None
-        else:
-            self.store = MemoryStore()
         matcher = self.fake_ip_filter(cfg)
         range6 = cfg.dns.fake_ip_range6 if (cfg.ipv6 or cfg.dns.ipv6) else None
         self.pool = FakeIPPool(
@@ -90,10 +88,7 @@ class Appliance:
         )
         log.info("fake-IP pool %s%s: %d mappings loaded%s", cfg.dns.fake_ip_range,
                  f" + {range6}" if range6 else "", len(self.pool),
-                 f" from {self.store_path()}" if cfg.store_fake_ip else " (not persisted)")
-
-    def store_path(self) -> Path:
-        return self.cfg.appliance.state_dir / "fakeip.sqlite3"
+                 f" from {self.store}" if cfg.store_fake_ip else " (not persisted)")
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         from appliance.dns import server as dns_server
@@ -106,8 +101,7 @@ class Appliance:
         async with Resolver(cfg.dns, routing_mark=cfg.routing_mark) as resolver, \
                 trio.open_nursery() as nursery:
             self.resolver = resolver
-            await nursery.start(flusher.serve, self.pool, self.store,
-                                cfg.appliance.store_flush_interval)
+            await nursery.start(flusher.serve, self.pool, cfg.appliance.store_flush_interval)
             if cfg.dns.enable:
                 self.dns_handler = DnsHandler(cfg.dns, self.pool)
                 await nursery.start(self._serve_dns, dns_server)
@@ -147,9 +141,12 @@ class Appliance:
     async def _serve_gateway(self, *,
                              task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         from appliance.gateway import tcp as gateway_tcp
+        from appliance.gateway.splice import FlowRegistry
 
+        self.gateway = FlowRegistry()
         try:
-            await gateway_tcp.serve(self.cfg, self.pool, self.dial, task_status=task_status)
+            await gateway_tcp.serve(self.cfg, self.pool, self.dial, self.gateway,
+                                    task_status=task_status)
         except OSError as err:
             raise AppError(f"tproxy-port {self.cfg.tproxy_port}: cannot listen: {err}") from None
 
@@ -157,12 +154,13 @@ class Appliance:
         """Route a captured flow by its rules and connect its outbound."""
         from appliance.rules.engine import FlowContext
 
-        ctx = FlowContext(domain=target.domain, dst_ip=target.dst_ip, dst_port=target.dst_port,
-                          src_ip=target.src_ip, network="tcp")
+        ctx = FlowContext(
+            domain=target.domain,
+            dst_ip=None if target.domain is not None else ip_address(target.dst_ip),
+            dst_port=target.dst_port, src_ip=ip_address(target.src_ip), network="tcp")
         outbound = self.router.route(ctx)
         target.outbound = outbound.name
-        host = target.domain if target.domain is not None else target.dst_ip
-        return await outbound.connect_tcp(host, target.dst_port)
+        return await outbound.connect_tcp(target.host, target.dst_port)
 
     async def _serve_capture(self, *,
                              task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -170,7 +168,7 @@ class Appliance:
 
         try:
             await nftables.serve(self.cfg, task_status=task_status)
-        except OSError as err:
+        except (OSError, nftables.CaptureError) as err:
             raise AppError(f"capture rules: {err}") from None
 
     # -- signals and reload --------------------------------------------------
@@ -255,7 +253,7 @@ class Appliance:
         return list(self.pool.mappings()) if self.pool is not None else []
 
     def connections(self) -> list[dict[str, Any]]:
-        return []
+        return self.gateway.snapshot() if self.gateway is not None else []
 
     async def resolve(self, name: str, qtype: str) -> dict[str, Any]:
         """The real upstream answer for `name`, next to its fake-IP mapping."""

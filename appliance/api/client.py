@@ -65,6 +65,7 @@ class ApiClient:
         except ValueError:
             raise ApiError(f"control API answered {resp.status} with non-JSON body") from None
         if resp.status != 200:
-            message = data.get("message") if isinstance(data, dict) else body[:200]
+            message = (data.get("message") if isinstance(data, dict)
+                       else body[:200].decode("latin-1"))
             raise ApiError(f"control API answered {resp.status}: {message}")
         return data
