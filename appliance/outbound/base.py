@@ -110,24 +110,23 @@ async def open_marked_tcp(
     """
     if not addresses:
         raise OutboundError("no address to connect to")
+    if not 0 < port <= 0xFFFF:
+        raise OutboundError(f"bad port {port}")
+    if len(addresses) == 1:
+        # The common case (IP literal, sticky address, proxy server): no race,
+        # so no nursery and no per-connection task.
+        return trio.SocketStream(await _connect_one(addresses[0], port, mark))
     winner: trio.socket.SocketType | None = None
     errors: list[str] = []
 
     async def attempt(addr: IPAddress, failed: trio.Event, cancel_scope: trio.CancelScope) -> None:
         nonlocal winner
-        family = socket.AF_INET6 if addr.version == 6 else socket.AF_INET
-        sock = trio.socket.socket(family, socket.SOCK_STREAM)
         try:
-            set_mark(sock, mark)
-            await sock.connect((str(addr), port))
-        except OSError as e:
-            sock.close()
-            errors.append(f"{addr}: {e.strerror or e}")
+            sock = await _connect_one(addr, port, mark)
+        except OutboundError as e:
+            errors.append(e.reason)
             failed.set()
             return
-        except BaseException:
-            sock.close()
-            raise
         if winner is None:
             winner = sock
             cancel_scope.cancel()
@@ -147,8 +146,23 @@ async def open_marked_tcp(
             winner.close()
         raise
     if winner is None:
-        raise OutboundError(f"connect to port {port} failed: " + "; ".join(errors))
+        raise OutboundError("; ".join(errors))
     return trio.SocketStream(winner)
+
+
+async def _connect_one(addr: IPAddress, port: int, mark: int | None) -> trio.socket.SocketType:
+    family = socket.AF_INET6 if addr.version == 6 else socket.AF_INET
+    sock = trio.socket.socket(family, socket.SOCK_STREAM)
+    try:
+        set_mark(sock, mark)
+        await sock.connect((str(addr), port))
+    except OSError as e:
+        sock.close()
+        raise OutboundError(f"connect to {addr} port {port} failed: {e.strerror or e}") from None
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 class Dialer:
@@ -184,9 +198,13 @@ class Dialer:
             except UpstreamError as e:
                 errors.append(str(e))
 
-        async with trio.open_nursery() as nursery:
-            for family in families:
-                nursery.start_soon(one, family)
+        if len(families) == 1:
+            await one(families[0])
+        else:
+            # A and AAAA in parallel: one slow family must not delay the other.
+            async with trio.open_nursery() as nursery:
+                for family in families:
+                    nursery.start_soon(one, family)
         addresses: list[IPAddress] = []
         ttl: float = math.inf
         # AAAA first when asked for, as RFC 8305 prefers.

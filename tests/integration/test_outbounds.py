@@ -18,6 +18,7 @@ import socket
 import subprocess
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,6 +53,7 @@ WEB_IP = "127.111.98.1"
 TINY_IP = "127.111.98.3"
 TLS_IP = "127.111.98.4"
 DEAD_IP = "127.111.98.9"  # nothing listens here: connections are refused
+STUCK_IP = "127.111.98.10"  # a listener with a full backlog: SYNs go unanswered
 SOCKS_USER = "obsocks5"
 SOCKS_PASS = "s3cret-Ob"
 MARK = 0x6F62  # "ob"
@@ -314,6 +316,33 @@ def mark_per_ss(stream: trio.SocketStream) -> str:
     return ""
 
 
+@contextmanager
+def stuck_listener(port: int = 0) -> Iterator[int]:
+    """A port on STUCK_IP whose connect() hangs: the listener's accept queue
+    is full and never drained, so the kernel drops further SYNs (a black
+    hole on loopback). Yields the port."""
+    listener = socket.socket()
+    held: list[socket.socket] = []
+    try:
+        listener.bind((STUCK_IP, port))
+        listener.listen(0)
+        port = int(listener.getsockname()[1])
+        for _ in range(3):
+            s = socket.socket()
+            s.setblocking(False)
+            try:
+                s.connect((STUCK_IP, port))
+            except BlockingIOError:
+                pass
+            held.append(s)
+        time.sleep(0.1)
+        yield port
+    finally:
+        for s in held:
+            s.close()
+        listener.close()
+
+
 # -- DIRECT --------------------------------------------------------------------
 
 
@@ -358,6 +387,25 @@ async def test_direct_failures_are_outbound_errors(servers: Servers) -> None:
     assert trio.current_time() - t0 < 1.0
 
 
+async def test_direct_connect_timeout_and_happy_eyeballs(servers: Servers) -> None:
+    out = DirectOutbound(DictResolver({NAME: [STUCK_IP, WEB_IP]}), MARK, 0.5)
+    with stuck_listener() as port:
+        t0 = trio.current_time()
+        with pytest.raises(OutboundError, match="timed out"):
+            await out.connect_tcp(STUCK_IP, port)
+        assert 0.45 < trio.current_time() - t0 < 1.5
+
+    # The first address hangs; 250 ms later the second is tried and wins,
+    # well inside the 0.5 s deadline.
+    with stuck_listener(servers.web_port):
+        t0 = trio.current_time()
+        stream = await out.connect_tcp(NAME, servers.web_port)
+        elapsed = trio.current_time() - t0
+        assert stream.socket.getpeername()[0] == WEB_IP
+        assert 0.2 < elapsed < 0.5
+        assert MARKER in await http_get(stream)
+
+
 # -- SOCKS5 ----------------------------------------------------------------------
 
 
@@ -396,9 +444,12 @@ async def test_socks5_username_password(servers: Servers) -> None:
 
 
 async def test_socks5_error_reply_from_proxy(servers: Servers) -> None:
-    out = Socks5Outbound("dante", "127.0.0.1", servers.socks_port)
+    # The proxy's own name is resolved through the given resolver too.
+    resolve = DictResolver({"socks.ob.test": ["127.0.0.1"]})
+    out = Socks5Outbound("dante", "socks.ob.test", servers.socks_port, resolve=resolve)
     with pytest.raises(OutboundError, match="proxy replied"):
         await out.connect_tcp(NAME, free_port(WEB_IP))  # nothing listens there
+    assert resolve.calls == [("socks.ob.test", 4)]
 
 
 async def test_proxy_down_fails_fast(servers: Servers) -> None:
