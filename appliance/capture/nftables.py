@@ -81,22 +81,31 @@ def _dns_hijack(cfg: Config) -> bool:
     return cfg.appliance.dns_hijack and cfg.dns.enable
 
 
-def _dns_target(cfg: Config) -> tuple[str | None, str | None, int]:
-    """(nfproto restriction, tproxy family, address) for the DNS hijack rule.
+def _dns_target(cfg: Config) -> tuple[str | None, Json]:
+    """(nfproto restriction, nat statement) for the DNS hijack rule.
 
-    An unspecified listen address (0.0.0.0, ::) lets TPROXY find the DNS
-    socket on the port alone; a specific one is named in the rule, which then
-    only fits packets of that address family.
+    Redirect, not TPROXY: conntrack rewrites the answer's source back to the
+    address and port the client asked, whatever port dns.listen uses (a
+    TPROXY'd UDP answer sent with IP_PKTINFO keeps the listener's port, which
+    a client's connected socket drops unless that port is 53). An
+    unspecified listen address takes `redirect` (to the address of the
+    interface the query came in on); a specific one is named with `dnat`,
+    which then fits packets of that family only.
     """
     listen = cfg.dns.listen
     addr = ipaddress.ip_address(listen.host)
     if addr.is_unspecified:
-        if cfg.ipv6:
-            return None, None, listen.port
-        return "ipv4", "ip", listen.port
-    if addr.version == 4:
-        return "ipv4", "ip", listen.port
-    return "ipv6", "ip6", listen.port
+        return (None if cfg.ipv6 else "ipv4"), {"redirect": {"port": listen.port}}
+    if addr.is_loopback:
+        # A loopback destination arriving on a LAN interface is a martian
+        # (unless route_localnet, which Mirage does not set behind your back).
+        raise CaptureError(
+            f"dns.listen {listen}: a loopback address cannot receive hijacked LAN queries; "
+            "listen on 0.0.0.0 (or a LAN address) or turn appliance.dns-hijack off"
+        )
+    family = "ip" if addr.version == 4 else "ip6"
+    nat = {"dnat": {"family": family, "addr": str(addr), "port": listen.port}}
+    return ("ipv4" if addr.version == 4 else "ipv6"), nat
 
 
 def _bypass(cfg: Config) -> tuple[list[IPNetwork], list[IPNetwork]]:
@@ -180,13 +189,13 @@ class _Builder:
             s["elem"] = elems
         return {"set": s}
 
-    def _chain(self, name: str, hook: str, prio: int) -> Json:
+    def _chain(self, name: str, hook: str, prio: int, type_: str = "filter") -> Json:
         return {
             "chain": {
                 "family": FAMILY,
                 "table": self.table,
                 "name": name,
-                "type": "filter",
+                "type": type_,
                 "hook": hook,
                 "prio": prio,
                 "policy": "accept",
@@ -209,6 +218,8 @@ class _Builder:
 
     def chains(self) -> Iterator[Json]:
         yield self._chain("prerouting", "prerouting", -150)  # priority mangle
+        if _dns_hijack(self.cfg):
+            yield self._chain("dns", "prerouting", -100, type_="nat")  # priority dstnat
         yield self._chain("input", "input", 0)  # priority filter
 
     def rules(self) -> Iterator[Json]:
@@ -237,20 +248,6 @@ class _Builder:
             _set_mark(mark),
             _ACCEPT,
         )
-        if _dns_hijack(cfg):
-            nfproto, family, dport = _dns_target(cfg)
-            host = cfg.dns.listen.host
-            addr = None if ipaddress.ip_address(host).is_unspecified else host
-            head = [_match(_meta("nfproto"), nfproto)] if nfproto else []
-            yield self._rule(
-                pre,
-                *head,
-                l4,
-                _match(_payload("th", "dport"), DNS_PORT),
-                _tproxy(dport, family, addr),
-                _set_mark(mark),
-                _ACCEPT,
-            )
         yield self._rule(
             pre,
             _match(_payload("ip", "daddr"), "@fake4"),
@@ -268,6 +265,17 @@ class _Builder:
                 _set_mark(mark),
                 _ACCEPT,
             )
+        if _dns_hijack(cfg):
+            nfproto, nat = _dns_target(cfg)
+            dns = "dns"
+            yield self._rule(dns, _match(_meta("iifname"), "@lan", "!="), _RETURN)
+            fib = {"fib": {"result": "type", "flags": ["daddr"]}}
+            yield self._rule(dns, _match(fib, "local"), _RETURN)
+            yield self._rule(dns, _match(_payload("ip", "daddr"), "@bypass4"), _RETURN)
+            if cfg.ipv6:
+                yield self._rule(dns, _match(_payload("ip6", "daddr"), "@bypass6"), _RETURN)
+            head = [_match(_meta("nfproto"), nfproto)] if nfproto else []
+            yield self._rule(dns, *head, l4, _match(_payload("th", "dport"), DNS_PORT), nat)
         inp = "input"
         not_captured = _match(_meta("mark"), mark, "!=")
         yield self._rule(
@@ -342,12 +350,16 @@ def render_nft(cfg: Config, table: str = DEFAULT_TABLE, template: Path = TEMPLAT
     port = _check(cfg)
     b4, b6 = _bypass(cfg)
     f6 = _fake6(cfg)
-    nfproto, family, dport = _dns_target(cfg)
-    host = cfg.dns.listen.host
-    if ipaddress.ip_address(host).is_unspecified:
-        target = f"to :{dport}"
-    else:
-        target = f"to {'[' + host + ']' if ':' in host else host}:{dport}"
+    dns_match, dns_nat = "", ""
+    if _dns_hijack(cfg):
+        nfproto, nat = _dns_target(cfg)
+        dns_match = f"meta nfproto {nfproto} " if nfproto else ""
+        if "redirect" in nat:
+            dns_nat = f"redirect to :{nat['redirect']['port']}"
+        else:
+            d = nat["dnat"]
+            host = f"[{d['addr']}]" if d["family"] == "ip6" else d["addr"]
+            dns_nat = f"dnat {d['family']} to {host}:{d['port']}"
     values = {
         "table": table,
         "lan_elements": _elements([f'"{i}"' for i in cfg.appliance.lan]),
@@ -358,8 +370,8 @@ def render_nft(cfg: Config, table: str = DEFAULT_TABLE, template: Path = TEMPLAT
         "routing_mark": f"{cfg.routing_mark:#x}" if cfg.routing_mark is not None else "",
         "capture_mark": f"{cfg.appliance.capture_mark:#x}",
         "tproxy_port": str(port),
-        "dns_match": f"meta nfproto {nfproto} " if nfproto else "",
-        "dns_target": f"{family} {target}" if family else target,
+        "dns_match": dns_match,
+        "dns_nat": dns_nat,
     }
     flags = {
         "ipv6": cfg.ipv6,

@@ -169,13 +169,19 @@ def test_apply_installs_table_and_policy_routing(ns: str) -> None:
     tproxies = [x["tproxy"] for e in pre for x in e if "tproxy" in x]
     assert {"family": "ip", "port": 7893} in tproxies
     assert {"family": "ip6", "port": 7893} in tproxies
-    assert {"port": 1053} in tproxies  # DNS hijack to dns.listen's port
+    assert all(x.get("port") == 7893 for x in tproxies)  # DNS is not TPROXY'd
+    # DNS hijack: a nat chain redirecting port 53 to dns.listen's port.
+    assert chains["dns"]["type"] == "nat" and chains["dns"]["prio"] == -100
+    assert rules_of(objs, "dns")[-1][-1] == {"redirect": {"port": 1053}}
     assert_policy_routing(ns)
 
 
 def test_template_and_json_give_the_same_kernel_ruleset(ns: str, ns2: str) -> None:
-    for cfg in (make_cfg(), make_cfg(ipv6=False, routing_mark=None,
-                                     dns=DnsConfig(listen=Listen("127.0.0.1", 53)))):
+    for cfg in (
+        make_cfg(),
+        make_cfg(ipv6=False, routing_mark=None, dns=DnsConfig(listen=Listen("10.0.0.1", 53))),
+        make_cfg(appliance=ApplianceConfig(lan=(), dns_hijack=False)),
+    ):
         capture(ns, cfg, "apply")
         run("nft", "-f", "-", ns=ns2, input=render_text(cfg))
         a, b = nft_table(ns), nft_table(ns2)

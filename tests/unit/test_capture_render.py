@@ -140,25 +140,60 @@ def test_fake_ranges_go_to_tproxy_port_with_capture_mark() -> None:
         assert l4 in e
 
 
-def test_dns_hijack_port_53_to_dns_listen_port() -> None:
+def test_dns_hijack_redirects_port_53_to_dns_listen_port() -> None:
     cfg = make_cfg(dns=DnsConfig(listen=Listen("0.0.0.0", 1053)))
-    dns = [e for e in tproxy_rules(render(cfg)) if dport_of(e) == 53]
-    assert len(dns) == 1
-    # Unspecified listen address + ipv6: TPROXY finds the socket by port.
-    assert {"tproxy": {"port": 1053}} in dns[0]
+    cmds = render(cfg)
+    chain = next(c for c in objects(cmds, "chain") if c["name"] == "dns")
+    assert (chain["type"], chain["hook"], chain["prio"]) == ("nat", "prerouting", -100)
+    dns = rules(cmds, "dns")
+    # The same guards as the capture: LAN only, not the gateway, not bypassed.
+    assert dns[0] == [{"match": {"op": "!=", "left": {"meta": {"key": "iifname"}},
+                                 "right": "@lan"}}, {"return": None}]
+    rights = [x["match"]["right"] for e in dns[:-1] for x in e if "match" in x]
+    assert rights[1:] == ["local", "@bypass4", "@bypass6"]
+    # Redirect (conntrack answers from the address and port asked), v4 and v6.
+    last = dns[-1]
+    assert dport_of(last) == 53
+    assert last[-1] == {"redirect": {"port": 1053}}
+    assert not any(x.get("match", {}).get("left") == {"meta": {"key": "nfproto"}} for x in last)
+    # DNS never goes through TPROXY.
+    assert [e for e in tproxy_rules(cmds) if dport_of(e) == 53] == []
+    assert "th dport 53 redirect to :1053" in render_nft(cfg)
 
 
-def test_dns_hijack_to_specific_v4_address_is_v4_only() -> None:
-    cfg = make_cfg(dns=DnsConfig(listen=Listen("127.0.0.1", 5353)))
-    (dns,) = [e for e in tproxy_rules(render(cfg)) if dport_of(e) == 53]
-    assert {"match": {"op": "==", "left": {"meta": {"key": "nfproto"}}, "right": "ipv4"}} in dns
-    assert {"tproxy": {"family": "ip", "addr": "127.0.0.1", "port": 5353}} in dns
+def test_dns_hijack_to_specific_address_uses_dnat_of_that_family() -> None:
+    cfg = make_cfg(dns=DnsConfig(listen=Listen("10.0.0.1", 5353)))
+    last = rules(render(cfg), "dns")[-1]
+    assert {"match": {"op": "==", "left": {"meta": {"key": "nfproto"}}, "right": "ipv4"}} in last
+    assert last[-1] == {"dnat": {"family": "ip", "addr": "10.0.0.1", "port": 5353}}
+    assert "meta nfproto ipv4 meta l4proto { tcp, udp } th dport 53 dnat ip to 10.0.0.1:5353" \
+        in render_nft(cfg)
+    cfg6 = make_cfg(dns=DnsConfig(listen=Listen("fd00::1", 53)))
+    assert rules(render(cfg6), "dns")[-1][-1] == {
+        "dnat": {"family": "ip6", "addr": "fd00::1", "port": 53}
+    }
+    assert "dnat ip6 to [fd00::1]:53" in render_nft(cfg6)
+
+
+def test_dns_hijack_v4_only_without_ipv6() -> None:
+    last = rules(render(make_cfg(ipv6=False)), "dns")[-1]
+    assert {"match": {"op": "==", "left": {"meta": {"key": "nfproto"}}, "right": "ipv4"}} in last
+
+
+def test_dns_hijack_to_loopback_listener_is_refused() -> None:
+    with pytest.raises(CaptureError, match="loopback"):
+        render(make_cfg(dns=DnsConfig(listen=Listen("127.0.0.1", 53))))
+    # Without hijack the listen address does not matter to the capture.
+    render(make_cfg(dns=DnsConfig(listen=Listen("127.0.0.1", 53)),
+                    appliance={"dns_hijack": False}))
 
 
 def test_no_dns_rule_without_hijack() -> None:
     cfg = make_cfg(appliance={"dns_hijack": False})
-    assert [e for e in tproxy_rules(render(cfg)) if dport_of(e) == 53] == []
+    assert "dns" not in {c["name"] for c in objects(render(cfg), "chain")}
     assert "th dport 53" not in render_nft(cfg)
+    assert "dns" not in {c["name"] for c in objects(render(make_cfg(dns=DnsConfig(enable=False))),
+                                                    "chain")}
 
 
 def test_ipv4_only_config_has_no_v6_objects() -> None:
