@@ -356,7 +356,9 @@ class Resolver:
             if flight.wire is not None:
                 return _for_request(flight.wire, request)
             if flight.error is not None:
-                raise flight.error
+                # A fresh exception per waiter: one instance raised in many
+                # tasks would collect all their tracebacks.
+                raise UpstreamError(str(flight.error))
 
     async def _lead(self, request: DNSRecord, key: CacheKey, deadline: float) -> DNSRecord:
         flight = _Flight(trio.Event())
@@ -382,18 +384,27 @@ class Resolver:
             raise UpstreamError(f"{what}: no nameserver configured")
         if self._client is None:
             raise UpstreamError("resolver used outside `async with`")
+        errors: list[str] = []
         with trio.move_on_at(deadline):
-            return await self._race(servers, request, what)
+            return await self._race(servers, request, what, errors)
         raise UpstreamError(
             f"{what}: no answer from {', '.join(ns.url for ns in servers)} "
-            f"within {self._timeout}s"
+            f"within {self._timeout}s" + "".join(f"; {e}" for e in errors)
         )
 
     async def _race(
-        self, servers: Sequence[Nameserver], request: DNSRecord, what: str
+        self,
+        servers: Sequence[Nameserver],
+        request: DNSRecord,
+        what: str,
+        errors: list[str] | None = None,
     ) -> DNSRecord:
+        """First usable answer from `servers`, tried with a stagger (module
+        docstring); UpstreamError when all fail. Failures are appended to
+        `errors` as they happen, so a caller whose deadline ends the race
+        can still say what went wrong. No deadline of its own."""
         winner: list[DNSRecord] = []
-        errors: list[str] = []
+        errors = [] if errors is None else errors
 
         async def attempt(ns: Nameserver, failed: trio.Event, race: trio.CancelScope) -> None:
             try:

@@ -456,3 +456,37 @@ async def test_doh_server_restart_does_not_fail_a_query(pki: CertPaths, servers:
             assert rdatas(await ask(resolver, "www.lab.test")) == ["192.0.2.10"]
     finally:
         await trio.to_thread.run_sync(server.stop)
+
+
+@pytest.fixture
+def netns() -> Iterator[str]:
+    name = f"ups-doh-{os.getpid()}"
+    subprocess.run(["ip", "netns", "add", name], check=True, timeout=10)
+    try:
+        subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True, timeout=10)
+        subprocess.run(
+            ["ip", "-n", name, "addr", "add", "10.83.0.1/32", "dev", "lo"], check=True, timeout=10
+        )
+        yield name
+    finally:
+        subprocess.run(["ip", "netns", "del", name], check=False, timeout=10)
+
+
+def test_unbound_serves_doh_inside_a_namespace(
+    netns: str, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    pki = make_ca_and_cert(tmp_path_factory.mktemp("ups-ns-pki"), ["10.83.0.1"], [])
+    cfg = ServerConfig(["10.83.0.1"], pki.cert, pki.key, records=COMMON)
+    with UnboundServer(cfg, netns=netns) as server:
+        pid = server.pid
+        assert pid is not None
+        dig = subprocess.run(
+            ["ip", "netns", "exec", netns, "dig", "+https", f"+tls-ca={pki.ca_cert}",
+             "+short", "@10.83.0.1", "www.lab.test", "AAAA"],
+            capture_output=True, text=True, timeout=20,
+        )  # fmt: skip
+        assert dig.stdout.split() == ["2001:db8::10"], dig.stderr
+        # Not reachable from the host's namespace: it really runs inside.
+        assert not _bound_on("10.83.0.1")
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
