@@ -86,9 +86,9 @@ class Appliance:
             cfg.dns.fake_ip_range, range6, store=self.store,
             keep=lambda domain: self.wants_fake_ip(cfg, matcher, domain),
         )
-        log.info("fake-IP pool %s%s: %d mappings loaded%s", cfg.dns.fake_ip_range,
-                 f" + {range6}" if range6 else "", len(self.pool),
-                 f" from {self.store}" if cfg.store_fake_ip else " (not persisted)")
+        where = f"from {store_path(cfg.appliance.state_dir)}" if cfg.store_fake_ip else "(memory)"
+        log.info("fake-IP pool %s%s: %d mappings loaded %s", cfg.dns.fake_ip_range,
+                 f" + {range6}" if range6 else "", len(self.pool), where)
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         from appliance.dns import server as dns_server

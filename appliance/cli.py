@@ -133,6 +133,10 @@ def _setup_logging(level: str) -> None:
         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    # httpx logs every DoH request at INFO: one line per upstream query is
+    # noise on a gateway; its warnings still show.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    logging.getLogger("httpcore").setLevel(logging.WARNING)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,168 @@
+"""`mirage run` inside a lab's gateway namespace, as a real process.
+
+Used by the demo and the end-to-end tests: `lab_config()` writes the lab's
+Mirage configuration (addresses, the lab CA, proxies from the topology),
+`MirageRun` starts `mirage run` on it in the gateway namespace, waits until
+the appliance says it is running (capture rules applied last), and stops it
+with a signal, like an operator or systemd would.
+
+Owns: the config file and log under the lab's state dir, and the process.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from appliance.lab.lab import Lab
+
+READY_LINE = " running (pid "
+
+
+class MirageError(RuntimeError):
+    """`mirage run` did not come up, or did not stop; the message carries the
+    tail of its log."""
+
+
+def lab_config(lab: Lab, **overrides: Any) -> dict[str, Any]:
+    """The Mirage configuration for `lab`'s gateway, as a YAML-ready dict.
+
+    `overrides` replace top-level keys; a dict value is merged one level deep
+    (e.g. `dns={"nameserver": [...]}` keeps the other dns keys).
+    """
+    topo = lab.topology
+    honest = topo.honest_resolver
+    socks = topo.socks[0]
+    http = topo.http_proxy
+    cfg: dict[str, Any] = {
+        "tproxy-port": 7893,
+        "routing-mark": 255,
+        "log-level": "info",
+        "external-controller": "127.0.0.1:9090",
+        "profile": {"store-fake-ip": True},
+        "dns": {
+            "enable": True,
+            "listen": "0.0.0.0:53",
+            "enhanced-mode": "fake-ip",
+            "fake-ip-range": "198.18.0.1/16",
+            "fake-ip-filter": ["+.lan", "time.*.test"],
+            "nameserver": [f"https://{honest.address}{honest.path}"],
+            "ca-file": str(lab.ca_path),
+            "upstream-timeout": 2.0,
+        },
+        "proxies": [
+            {"name": socks.name, "type": "socks5", "server": str(socks.address), "port": socks.port,
+             "udp": True},
+            {"name": "tinyproxy", "type": "http", "server": str(http.address), "port": http.port},
+        ],
+        "rules": [
+            f"DOMAIN-SUFFIX,alpha.test,{socks.name}",
+            "DOMAIN-SUFFIX,beta.test,tinyproxy",
+            "MATCH,DIRECT",
+        ],
+        "appliance": {
+            "lan": ["lan0"],
+            "redirect": "nftables",
+            "dns-hijack": True,
+            "bypass": [],
+            "state-dir": str(lab.state_dir / "mirage-state"),
+            "store-flush-interval": 0.2,
+        },
+    }
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(cfg.get(key), dict):
+            merged = copy.deepcopy(cfg[key])
+            merged.update(value)
+            cfg[key] = merged
+        else:
+            cfg[key] = value
+    return cfg
+
+
+class MirageRun:
+    """One `mirage run -c <file>` in the lab's gateway namespace."""
+
+    def __init__(self, lab: Lab, config: dict[str, Any], name: str = "mirage") -> None:
+        self.lab = lab
+        self.config = config
+        self.config_path = lab.state_dir / f"{name}.yaml"
+        self.log_path = lab.state_dir / f"{name}.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def write_config(self) -> Path:
+        self.config_path.parent.mkdir(parents=True, exist_ok=True)
+        self.config_path.write_text(yaml.safe_dump(self.config, sort_keys=False))
+        return self.config_path
+
+    def start(self, timeout: float = 30.0) -> MirageRun:
+        """Start and wait until the appliance reports running (all services
+        bound, capture applied). Raises MirageError with the log tail."""
+        self.write_config()
+        offset = self.log_path.stat().st_size if self.log_path.exists() else 0
+        with open(self.log_path, "ab") as log:
+            self.proc = self.lab.popen(
+                "gateway",
+                [sys.executable, "-m", "appliance", "run", "-c", str(self.config_path)],
+                stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            text = self.log_text(offset)
+            if READY_LINE in text:
+                return self
+            if self.proc.poll() is not None:
+                raise MirageError(f"mirage run exited with {self.proc.returncode}:\n{text[-3000:]}")
+            time.sleep(0.1)
+        self.kill()
+        raise MirageError(f"mirage run not ready after {timeout:.0f} s:\n{self.log_text()[-3000:]}")
+
+    def log_text(self, offset: int = 0) -> str:
+        try:
+            with open(self.log_path, "rb") as f:
+                f.seek(offset)
+                return f.read().decode(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int:
+        """Signal the process and wait for it; returns its exit code."""
+        if self.proc is None:
+            return 0
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=5)
+                raise MirageError(f"mirage run ignored {signal.Signals(sig).name} for "
+                                  f"{timeout:.0f} s:\n{self.log_text()[-3000:]}") from None
+        return self.proc.returncode
+
+    def kill(self) -> None:
+        """SIGKILL: a crash. Leaves the capture rules behind, as a crash would."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=5)
+
+    def reload(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGHUP)
+
+    def __enter__(self) -> MirageRun:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            self.stop()
+        except MirageError:
+            pass
