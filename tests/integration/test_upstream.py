@@ -1,12 +1,13 @@
 """The upstream resolver against real unbound servers on loopback addresses.
 
-Two unbounds (A on 127.83.0.1, B on 127.83.0.2) serve DoH on 443 (HTTP/2
+Two unbounds (A on NET.1, B on NET.2) serve DoH on 443 (HTTP/2
 only: unbound drops HTTP/1.1, so every DoH answer here was an HTTP/2 answer)
 and plain DNS on 53, with certificates from a private CA made by certs.py.
 They give different answers for `pick.lab.test`, which shows which one
-answered. 127.83.0.3 has nothing listening; blackholes (sockets that never
-answer) are bound per test on 127.83.0.4. Every address is ours: the
-127.83.0.0/24 block is used by nothing else in this project.
+answered. NET.3 has nothing listening; blackholes (sockets that never
+answer) are bound per test on NET.4; NET.5 hosts short-lived servers.
+NET is a loopback /24 derived from the PID, so concurrent runs of the suite
+never share an address (and the fixture checks nothing else listens there).
 """
 
 from __future__ import annotations
@@ -34,11 +35,14 @@ pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="binds ports 53/443: needs root"),
 ]
 
-ADDR_A = "127.83.0.1"
-ADDR_B = "127.83.0.2"
-ADDR_DEAD = "127.83.0.3"
-ADDR_HOLE = "127.83.0.4"
-ADDR_C = "127.83.0.5"
+# A /24 of loopback addresses for this test process alone: engineers and CI
+# may run the suite at the same time, and the servers bind fixed ports.
+_NET = f"127.{64 + (os.getpid() // 256) % 128}.{os.getpid() % 256}"
+ADDR_A = f"{_NET}.1"
+ADDR_B = f"{_NET}.2"
+ADDR_DEAD = f"{_NET}.3"
+ADDR_HOLE = f"{_NET}.4"
+ADDR_C = f"{_NET}.5"
 MARK = 0x5A5
 TIMEOUT = 0.6
 # Scheduling slack on a loaded 2-core machine.
