@@ -1,0 +1,275 @@
+"""The Ansible role, really applied: ansible/site.yml against a Debian 12 root.
+
+The target is a debootstrap'd bookworm root reached through the
+`community.general.chroot` connection. Building it takes about 40 s, so the
+built root is cached as a tarball (CACHE_DIR/bookworm-root.tar) and every test
+run unpacks a fresh copy into its own temporary directory. Downloaded .deb
+files and pip wheels are cached beside it, bind-mounted into the target, so a
+warm run spends its time installing, not downloading.
+
+What is checked, each with a tool other than the role itself:
+- the play succeeds, and a second run reports changed=0 (idempotence);
+- `mirage check` passes inside the target on the installed config;
+- `systemd-analyze verify` accepts the installed unit, and
+  `systemd-analyze security` rates its hardening;
+- the OpenWrt templates (procd script, fw4 include) render and parse (`sh -n`,
+  `nft -c`), and the ebpf variant of the unit verifies too;
+- `ansible-lint` (profile production) is clean.
+
+The target's kernel is the host's, so the play runs with
+`mirage_sysctl_apply: false` (the sysctl file is written, nothing applied)
+and `mirage_service_state: stopped` (no init runs in a chroot; the unit is
+installed and enabled). policy-rc.d keeps apt from starting services there.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+ANSIBLE_DIR = REPO / "ansible"
+ROLE = ANSIBLE_DIR / "roles" / "mirage"
+CACHE_DIR = Path(os.environ.get("MIRAGE_TEST_CACHE", "/var/cache/mirage-test"))
+ROOT_TARBALL = CACHE_DIR / "bookworm-root.tar"
+# What the cached root holds beyond minbase: what a Debian server has anyway
+# (python3 for Ansible, python3-apt for its apt module, systemd as init).
+DEBOOTSTRAP_INCLUDE = "python3,python3-apt,systemd,ca-certificates"
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(os.geteuid() != 0, reason="needs root (chroot, mount)"),
+    pytest.mark.skipif(
+        not all(shutil.which(t) for t in ("ansible-playbook", "debootstrap", "systemd-analyze")),
+        reason="needs ansible, debootstrap and systemd (Debian packages; scripts/setup.sh)",
+    ),
+]
+
+
+def run(argv: list[str], *, timeout: float, env: dict[str, str] | None = None,
+        cwd: Path | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
+    """Run a command; on failure, fail the test with its output."""
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout,
+                          env=env, cwd=cwd, check=False)
+    if check and proc.returncode != 0:
+        pytest.fail(f"{argv[:4]} exited {proc.returncode}\n{proc.stdout[-6000:]}\n"
+                    f"{proc.stderr[-4000:]}")
+    return proc
+
+
+def apt_mirror() -> str:
+    """The Debian mirror this machine's apt uses (deb822 or one-line sources)."""
+    for path in sorted(Path("/etc/apt/sources.list.d").glob("*.sources")):
+        for match in re.finditer(r"^URIs:\s*(\S+)", path.read_text(), re.M):
+            if "security" not in match.group(1):
+                return match.group(1)
+    sources = Path("/etc/apt/sources.list")
+    if sources.exists():
+        match = re.search(r"^deb\s+(?:\[[^\]]*\]\s+)?(\S+)\s+bookworm\s", sources.read_text(), re.M)
+        if match:
+            return match.group(1)
+    pytest.skip("no Debian mirror in apt's sources")
+
+
+def build_root_tarball() -> None:
+    """debootstrap a bookworm root and keep it as ROOT_TARBALL (about 40 s)."""
+    CACHE_DIR.mkdir(parents=True, exist_ok=True)
+    stamp = hashlib.sha1(DEBOOTSTRAP_INCLUDE.encode()).hexdigest()[:12]
+    stamp_file = ROOT_TARBALL.with_suffix(".stamp")
+    if ROOT_TARBALL.exists() and stamp_file.exists() and stamp_file.read_text() == stamp:
+        return
+    with tempfile.TemporaryDirectory(dir=CACHE_DIR, prefix="dep-build-") as tmp:
+        root = Path(tmp) / "root"
+        run(["debootstrap", "--variant=minbase", f"--include={DEBOOTSTRAP_INCLUDE}",
+             "bookworm", str(root), apt_mirror()], timeout=900)
+        run(["chroot", str(root), "apt-get", "clean"], timeout=60)
+        partial = ROOT_TARBALL.with_suffix(".partial")
+        run(["tar", "--numeric-owner", "-cpf", str(partial), "-C", str(root), "."], timeout=300)
+        partial.rename(ROOT_TARBALL)
+        stamp_file.write_text(stamp)
+
+
+def mounts_under(path: Path) -> list[str]:
+    """Mount points at or below `path`, deepest first (from /proc/self/mountinfo)."""
+    prefix = str(path)
+    points = []
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        point = line.split()[4].replace("\\040", " ")
+        if point == prefix or point.startswith(prefix + "/"):
+            points.append(point)
+    return sorted(points, key=len, reverse=True)
+
+
+@pytest.fixture(scope="module")
+def target_root() -> Iterator[Path]:
+    """A fresh Debian 12 root unpacked from the cache, with apt and pip caches
+    mounted in; unmounted and removed afterwards (never while anything is
+    still mounted below it)."""
+    build_root_tarball()
+    workdir = Path(tempfile.mkdtemp(prefix="dep-target-"))
+    root = workdir / "root"
+    root.mkdir()
+    try:
+        run(["tar", "--numeric-owner", "-xpf", str(ROOT_TARBALL), "-C", str(root)], timeout=300)
+        # No init runs in a chroot: apt's maintainer scripts must not try.
+        policy = root / "usr/sbin/policy-rc.d"
+        policy.write_text("#!/bin/sh\nexit 101\n")
+        policy.chmod(0o755)
+        shutil.copy("/etc/resolv.conf", root / "etc/resolv.conf")
+        # Trust what this machine trusts: a site CA (a TLS-inspecting egress
+        # proxy, say) must be in the target's bundle for pip to reach PyPI.
+        local_cas = sorted(Path("/usr/local/share/ca-certificates").glob("*.crt"))
+        for ca in local_cas:
+            shutil.copy(ca, root / "usr/local/share/ca-certificates" / ca.name)
+        if local_cas:
+            run(["chroot", str(root), "update-ca-certificates"], timeout=120)
+        binds = {
+            CACHE_DIR / "apt-archives": root / "var/cache/apt/archives",
+            CACHE_DIR / "pip": root / "root/.cache/pip",
+        }
+        for src, dst in binds.items():
+            src.mkdir(parents=True, exist_ok=True)
+            dst.mkdir(parents=True, exist_ok=True)
+            run(["mount", "--bind", str(src), str(dst)], timeout=30)
+        run(["mount", "-t", "proc", "dep-proc", str(root / "proc")], timeout=30)
+        yield root
+    finally:
+        for point in mounts_under(workdir):
+            if subprocess.run(["umount", point], check=False).returncode != 0:
+                subprocess.run(["umount", "--lazy", point], check=False)
+        left = mounts_under(workdir)
+        assert not left, f"still mounted, not removing {workdir}: {left}"
+        subprocess.run(["rm", "-rf", "--one-file-system", str(workdir)], check=False)
+
+
+def ansible_env(tmp: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        ANSIBLE_NOCOLOR="1",
+        ANSIBLE_FORCE_COLOR="0",
+        ANSIBLE_LOCAL_TEMP=str(tmp / "ansible-local"),
+        ANSIBLE_RETRY_FILES_ENABLED="0",
+        ANSIBLE_HOST_KEY_CHECKING="0",
+        ANSIBLE_PYTHON_INTERPRETER="/usr/bin/python3",
+        # A real pip inside the target, not the test's virtualenv.
+        PIP_REQUIRE_VIRTUALENV="0",
+    )
+    for var in ("VIRTUAL_ENV", "PYTHONPATH", "PYTHONHOME"):
+        env.pop(var, None)
+    return env
+
+
+LAB_VARS = """\
+mirage_check_interfaces: false
+mirage_sysctl_apply: false
+mirage_service_state: stopped
+mirage_lan_interfaces: [lan0]
+mirage_bypass: [192.168.56.0/24, 192.168.57.0/24]
+mirage_default_nameservers: [192.168.57.53]
+mirage_nameservers: [https://192.168.57.53/dns-query]
+mirage_fake_ip_filter: ["+.ntp.test"]
+mirage_proxies:
+  - {name: dante, type: socks5, server: 192.168.57.10, port: 1080, udp: true}
+mirage_rules: ["DOMAIN-SUFFIX,test,dante", "MATCH,DIRECT"]
+"""
+
+
+def recap(output: str) -> dict[str, int]:
+    """The PLAY RECAP counters of the one host `target`."""
+    match = re.search(r"^target\s*:\s*(.*)$", output, re.M)
+    assert match, output[-3000:]
+    return {k: int(v) for k, v in re.findall(r"(\w+)=(\d+)", match.group(1))}
+
+
+def changed_tasks(output: str) -> list[str]:
+    """Names of the tasks (and handlers) that reported `changed`."""
+    names = []
+    for block in re.split(r"^(?=(?:TASK|RUNNING HANDLER) \[)", output, flags=re.M):
+        if re.search(r"^changed: ", block, re.M):
+            names.append(block.splitlines()[0])
+    return names
+
+
+@pytest.fixture(scope="module")
+def applied(target_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
+    """Run site.yml twice against the target; the two runs' outputs."""
+    tmp = tmp_path_factory.mktemp("dep-ansible")
+    # A snapshot of the source: both runs must install the same tree even
+    # while someone edits the checkout.
+    source = tmp / "source"
+    source.mkdir()
+    shutil.copy(REPO / "pyproject.toml", source)
+    shutil.copytree(REPO / "appliance", source / "appliance",
+                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    inventory = tmp / "hosts.yml"
+    host_vars = {
+        "ansible_connection": "community.general.chroot",
+        "ansible_host": str(target_root),
+        "mirage_source_dir": str(source),
+        **yaml.safe_load(LAB_VARS),
+    }
+    inventory.write_text(yaml.safe_dump(
+        {"all": {"children": {"mirage_gateways": {"hosts": {"target": host_vars}}}}}
+    ))
+    argv = ["ansible-playbook", "-i", str(inventory), str(ANSIBLE_DIR / "site.yml")]
+    env = ansible_env(tmp)
+    first = run(argv, timeout=900, env=env, cwd=ANSIBLE_DIR)
+    second = run(argv, timeout=600, env=env, cwd=ANSIBLE_DIR)
+    return {"first": first.stdout, "second": second.stdout, "root": target_root}
+
+
+def test_playbook_applies_and_is_idempotent(applied: dict[str, object]) -> None:
+    first = recap(str(applied["first"]))
+    second = recap(str(applied["second"]))
+    assert first["failed"] == 0 and first["unreachable"] == 0
+    assert first["changed"] > 0
+    assert second["changed"] == 0, changed_tasks(str(applied["second"]))
+    assert second["failed"] == 0
+
+
+def test_installed_config_passes_mirage_check(applied: dict[str, object]) -> None:
+    root = Path(str(applied["root"]))
+    proc = run(["chroot", str(root), "/opt/mirage/venv/bin/mirage", "check",
+                "-c", "/etc/mirage/config.yaml"], timeout=60)
+    assert "configuration OK" in proc.stderr
+    config = root / "etc/mirage/config.yaml"
+    assert oct(config.stat().st_mode & 0o777) == "0o640"
+    # The configuration is readable by the service's group, not by the world.
+    group = run(["chroot", str(root), "stat", "-c", "%G", "/etc/mirage/config.yaml"], timeout=30)
+    assert group.stdout.strip() == "mirage"
+
+
+def test_target_has_the_kernel_settings_and_the_enabled_unit(applied: dict[str, object]) -> None:
+    root = Path(str(applied["root"]))
+    sysctl = (root / "etc/sysctl.d/90-mirage.conf").read_text()
+    assert "net.ipv4.ip_forward=1" in sysctl
+    assert "net.ipv4.conf.all.rp_filter=2" in sysctl
+    wants = root / "etc/systemd/system/multi-user.target.wants/mirage.service"
+    assert wants.is_symlink()
+    state = run(["chroot", str(root), "systemctl", "is-enabled", "mirage.service"], timeout=30)
+    assert state.stdout.strip() == "enabled"
+
+
+def test_unit_verifies_and_is_hardened(applied: dict[str, object]) -> None:
+    root = Path(str(applied["root"]))
+    unit = root / "etc/systemd/system/mirage.service"
+    text = unit.read_text()
+    assert "ExecStart=/opt/mirage/venv/bin/mirage run -c /etc/mirage/config.yaml" in text
+    assert "ExecReload=/bin/kill -HUP $MAINPID" in text
+    assert "CAP_NET_ADMIN CAP_NET_RAW CAP_NET_BIND_SERVICE\n" in text
+    assert "CAP_BPF" not in text  # nftables mode: no BPF capabilities
+    proc = run(["systemd-analyze", "verify", f"--root={root}", "mirage.service"],
+               timeout=60, check=False)
+    assert proc.returncode == 0, proc.stderr
+    security = run(["systemd-analyze", "security", "--offline=yes", f"--root={root}",
+                    "--threshold=50", "mirage.service"], timeout=60, check=False)
+    assert security.returncode == 0, security.stdout[-3000:]
