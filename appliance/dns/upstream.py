@@ -24,9 +24,9 @@ DoH specifics: POST by default; a nameserver whose config text ends in
 Queries carry DNS ID 0 (RFC 8484 section 4.1); the reply gets the caller's
 ID back. A DoH host given by name is resolved through `default-nameserver`
 only (never the system resolver, never /etc/hosts), the connection goes to
-that address and TLS SNI, certificate check and the Host header use the name.
-Connections are pooled per address:port by httpx; two DoH names on one address
-share a connection (HTTP/2 coalescing) once one has been verified.
+that address (`_Backend`), while the URL keeps the name: TLS SNI, the
+certificate check, the Host header and httpx's connection pool all go by the
+name, so each DoH name gets its own verified connection.
 
 Trust: the system store (or `SSL_CERT_FILE`/`SSL_CERT_DIR` when set, which
 OpenSSL reads in place of it), certifi's bundle, and `dns.ca_file`.
@@ -46,6 +46,7 @@ import socket
 import ssl
 import struct
 from collections.abc import Iterable, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -224,7 +225,17 @@ class _CancelSafeStream(httpcore.AsyncNetworkStream):
         return self._inner.get_extra_info(info)
 
 
-class _CancelSafeBackend(httpcore.AsyncNetworkBackend):
+# The address a DoH request to a host *name* connects to, chosen by the
+# bootstrap for this request. httpcore opens a connection in the task that
+# sends the request, so a context variable reaches _Backend.connect_tcp.
+_CONNECT_TO: ContextVar[str | None] = ContextVar("mirage_doh_connect_to", default=None)
+
+
+class _Backend(httpcore.AsyncNetworkBackend):
+    """httpcore's trio backend with two changes: a name is connected to the
+    bootstrapped address in `_CONNECT_TO` (never resolved by the system: a
+    name without one fails to connect), and streams are `_CancelSafeStream`."""
+
     def __init__(self) -> None:
         self._inner = httpcore.TrioBackend()
 
@@ -236,6 +247,11 @@ class _CancelSafeBackend(httpcore.AsyncNetworkBackend):
         local_address: str | None = None,
         socket_options: Iterable[httpcore_base.SOCKET_OPTION] | None = None,
     ) -> httpcore.AsyncNetworkStream:
+        if _ip(host) is None:
+            address = _CONNECT_TO.get()
+            if address is None:
+                raise httpcore.ConnectError(f"{host}: no bootstrapped address")
+            host = address
         stream = await self._inner.connect_tcp(
             host, port, timeout=timeout, local_address=local_address, socket_options=socket_options
         )
@@ -246,7 +262,7 @@ class _CancelSafeBackend(httpcore.AsyncNetworkBackend):
 
 
 class _Transport(httpx.AsyncHTTPTransport):
-    """httpx's HTTP/1.1+HTTP/2 transport on `_CancelSafeBackend`.
+    """httpx's HTTP/1.1+HTTP/2 transport on `_Backend`.
 
     httpx takes no network backend argument, so the connection pool it built
     is replaced by an identical one that has ours (`_pool` is the attribute
@@ -263,7 +279,7 @@ class _Transport(httpx.AsyncHTTPTransport):
             http2=True,
             retries=0,
             socket_options=socket_options,
-            network_backend=_CancelSafeBackend(),
+            network_backend=_Backend(),
         )
 
 
@@ -506,33 +522,33 @@ class Resolver:
         req = encode_request(with_zero_id(wire), ns.path.partition("#")[0], doh_method(ns))
         name = None if _ip(ns.host) is not None else ns.host
         addresses = [ns.host] if name is None else await self._bootstrap(name)
+        # The URL keeps the name, so SNI, the certificate check, :authority and
+        # httpx's connection pool all go by the name; _Backend connects to
+        # the bootstrapped address set in _CONNECT_TO.
+        host = f"[{ns.host}]" if ":" in ns.host else ns.host
+        authority = host if ns.port == 443 else f"{host}:{ns.port}"
+        headers = dict(req.headers)
+        # httpx adds no Host header to a request built with its own stream.
+        headers["host"] = authority
+        if req.method == "POST":
+            headers["content-length"] = str(len(req.body))
         failure: Exception | None = None
         for address in addresses:
-            host = f"[{address}]" if ":" in address else address
-            headers = dict(req.headers)
-            extensions = {}
-            # Connect to the (bootstrapped) address, but speak TLS and HTTP to
-            # the name: SNI, certificate check and :authority. httpx adds no
-            # Host header to a request built with its own stream.
-            authority = host if name is None else name
-            headers["host"] = authority if ns.port == 443 else f"{authority}:{ns.port}"
-            if name is not None:
-                extensions["sni_hostname"] = name
-            if req.method == "POST":
-                headers["content-length"] = str(len(req.body))
             request = httpx.Request(
                 req.method,
                 f"https://{host}:{ns.port}{req.target}",
                 headers=headers,
                 stream=_Body(req.body) if req.method == "POST" else None,
-                extensions=extensions,
             )
+            token = _CONNECT_TO.set(address)
             try:
                 response = await self._send(request)
             except httpx.ConnectError as exc:
                 # Try the bootstrapped name's next address.
                 failure = exc
                 continue
+            finally:
+                _CONNECT_TO.reset(token)
             try:
                 # A DNS message fits 65535 octets; refuse more before reading.
                 length = response.headers.get("content-length")

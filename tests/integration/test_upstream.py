@@ -190,11 +190,18 @@ async def test_doh_host_name_is_bootstrapped_via_default_nameserver(
     dns = config(doh("doh.lab.test"), pki=pki, default_nameserver=(udp(ADDR_B),))
     async with Resolver(dns) as resolver:
         assert rdatas(await ask(resolver, "pick.lab.test")) == ["192.0.2.1"]
-    # The certificate is checked against the name, not the address.
-    dns = config(doh("wrongname.lab.test"), pki=pki, default_nameserver=(udp(ADDR_B),))
+    # The certificate is checked against the name, not the address, even
+    # with a verified connection to the same address already in the pool.
+    dns = config(
+        doh("doh.lab.test"),
+        pki=pki,
+        default_nameserver=(udp(ADDR_B),),
+        nameserver_policy=(DomainPolicy("+.other.lab.test", (doh("wrongname.lab.test"),)),),
+    )
     async with Resolver(dns) as resolver:
+        assert rdatas(await ask(resolver, "pick.lab.test")) == ["192.0.2.1"]
         with pytest.raises(UpstreamError, match="CERTIFICATE_VERIFY_FAILED"):
-            await ask(resolver, "pick.lab.test")
+            await ask(resolver, "x.other.lab.test")
     # Without a default-nameserver nothing (not the system resolver) is asked.
     async with Resolver(config(doh("doh.lab.test"), pki=pki)) as resolver:
         with pytest.raises(UpstreamError, match="default-nameserver"):
