@@ -16,7 +16,9 @@ asks for IP_PKTINFO / IPV6_RECVPKTINFO and `sendmsg` hands the destination
 back as the source. That is what makes a gateway with several addresses
 answer correctly from a wildcard bind, and, with `transparent=True`
 (IP_TRANSPARENT / IPV6_TRANSPARENT), what lets a TPROXY-captured query to
-another resolver (dns-hijack) be answered from that resolver's address.
+another resolver (dns-hijack) be answered from that resolver's address; when
+TPROXY also changed the port (the listener is not on 53), the reply goes
+through a socket bound to the original address and port (`_UdpReplies`).
 Replies bigger than the client accepts (512, or its EDNS payload size) are
 truncated with TC=1 (wire.truncate) so the client retries over TCP.
 
@@ -35,6 +37,7 @@ import errno
 import logging
 import socket
 import struct
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,6 +56,8 @@ IP_TRANSPARENT = getattr(socket, "IP_TRANSPARENT", 19)
 IPV6_RECVPKTINFO = getattr(socket, "IPV6_RECVPKTINFO", 49)
 IPV6_PKTINFO = getattr(socket, "IPV6_PKTINFO", 50)
 IPV6_TRANSPARENT = getattr(socket, "IPV6_TRANSPARENT", 75)
+IP_ORIGDSTADDR = getattr(socket, "IP_RECVORIGDSTADDR", 20)
+IPV6_ORIGDSTADDR = getattr(socket, "IPV6_RECVORIGDSTADDR", 74)
 
 UDP_BATCH = 64  # datagrams handled per wakeup before yielding
 MAX_INFLIGHT = 1024  # upstream queries waiting at once (UDP + TCP)
@@ -63,8 +68,14 @@ TCP_PIPELINE = 32  # upstream queries in flight per TCP connection
 # the Upstream contract bounds its own time; this is the safety net.
 DEADLINE_GRACE = 0.5
 
+# Sockets kept for answering TPROXY'd queries from their original address
+# and port (one per resolver address the LAN uses: a handful).
+MAX_SPOOF_SOCKETS = 64
+
 _RECV_SIZE = 65535
-_ANC_SIZE = socket.CMSG_SPACE(20) * 2  # room for in6_pktinfo and in_pktinfo
+# Room for in_pktinfo/in6_pktinfo and, when transparent, the original
+# destination (sockaddr_in/sockaddr_in6).
+_ANC_SIZE = socket.CMSG_SPACE(20) * 2 + socket.CMSG_SPACE(28) * 2
 
 
 @dataclass
@@ -96,6 +107,12 @@ def _bind_socket(family: int, kind: int, listen: Listen, transparent: bool) -> s
             sock.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
             if family == socket.AF_INET6:
                 sock.setsockopt(socket.IPPROTO_IPV6, IPV6_RECVPKTINFO, 1)
+            if transparent:
+                # TPROXY keeps the query's destination port too (53) while
+                # our socket has its own: report both (see _UdpReplies).
+                sock.setsockopt(socket.IPPROTO_IP, IP_ORIGDSTADDR, 1)
+                if family == socket.AF_INET6:
+                    sock.setsockopt(socket.IPPROTO_IPV6, IPV6_ORIGDSTADDR, 1)
         sock.setblocking(False)
         sock.bind((listen.host, listen.port))
     except BaseException:
@@ -124,6 +141,7 @@ async def serve(
     limits = _Limits(max_inflight, max_tcp_connections)
     deadline = handler.upstream_timeout + DEADLINE_GRACE
     udp = _bind_socket(family, socket.SOCK_DGRAM, listen, transparent)
+    replies = _UdpReplies(udp, transparent)
     try:
         tcp = trio.socket.from_stdlib_socket(
             _bind_socket(family, socket.SOCK_STREAM, listen, transparent)
@@ -132,7 +150,8 @@ async def serve(
             tcp.listen(128)
             listener = trio.SocketListener(tcp)
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(_udp_loop, udp, handler, upstream, limits, deadline, nursery)
+                nursery.start_soon(_udp_loop, udp, replies, handler, upstream, limits, deadline,
+                                   nursery)
                 nursery.start_soon(
                     _tcp_accept_loop, listener, handler, upstream, limits, deadline,
                     tcp_idle_timeout, nursery,
@@ -141,6 +160,7 @@ async def serve(
                          " transparent" if transparent else "")
                 task_status.started()
     finally:
+        replies.close()
         udp.close()
 
 
@@ -165,7 +185,75 @@ async def _resolve(uq: UpstreamQuery, upstream: Upstream, deadline: float) -> by
 # -- UDP ----------------------------------------------------------------------------
 
 
-def _reply_ancillary(ancdata: list[tuple[int, int, bytes]]) -> list[tuple[int, int, bytes]]:
+class _UdpReplies:
+    """Sends each UDP reply from the address and port its query was sent to.
+
+    Normally the listening socket sends it, with the query's destination as
+    source (IP_PKTINFO / IPV6_PKTINFO control message). A TPROXY'd query
+    (dns-hijack: the client asked 8.8.8.8:53, the kernel handed the datagram to
+    us on our own port) also needs the source *port* 53, which no control
+    message can set: that reply goes through a transparent socket bound to the
+    original destination. Those sockets are never connected, so TPROXY's
+    socket lookup (which only prefers connected UDP sockets) keeps steering
+    queries to the listener; they are kept in a small LRU and closed with it.
+    """
+
+    def __init__(self, sock: socket.socket, transparent: bool) -> None:
+        self._sock = sock
+        self._port = sock.getsockname()[1]
+        self._transparent = transparent
+        self._spoof: OrderedDict[tuple[int, str, int], socket.socket] = OrderedDict()
+
+    def send(self, reply: bytes, query: bytes, ancdata: Ancillary, addr: Any) -> None:
+        if len(reply) > wire.CLASSIC_UDP_SIZE:
+            reply = wire.truncate(reply, wire.udp_limit(query))
+        try:
+            if self._transparent:
+                orig = _original_destination(ancdata)
+                if orig is not None and orig[2] != self._port:
+                    family, host, port = orig
+                    if family == socket.AF_INET and ":" in addr[0]:
+                        addr = (addr[0].removeprefix("::ffff:"), addr[1])
+                    self._spoof_socket(family, host, port).sendto(reply, addr)
+                    return
+            self._sock.sendmsg([reply], _pktinfo(ancdata), 0, addr)
+        except OSError as err:
+            # EAGAIN (full socket buffer) and unroutable clients: UDP may drop.
+            log.debug("UDP reply to %s dropped: %s", addr, err)
+
+    def _spoof_socket(self, family: int, host: str, port: int) -> socket.socket:
+        key = (family, host, port)
+        sock = self._spoof.get(key)
+        if sock is not None:
+            self._spoof.move_to_end(key)
+            return sock
+        sock = socket.socket(family, socket.SOCK_DGRAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, IPV6_TRANSPARENT, 1)
+            else:
+                sock.setsockopt(socket.IPPROTO_IP, IP_TRANSPARENT, 1)
+            sock.setblocking(False)
+            sock.bind((host, port))
+        except BaseException:
+            sock.close()
+            raise
+        self._spoof[key] = sock
+        if len(self._spoof) > MAX_SPOOF_SOCKETS:
+            self._spoof.popitem(last=False)[1].close()
+        return sock
+
+    def close(self) -> None:
+        for sock in self._spoof.values():
+            sock.close()
+        self._spoof.clear()
+
+
+Ancillary = list[tuple[int, int, bytes]]
+
+
+def _pktinfo(ancdata: Ancillary) -> Ancillary:
     """The control message that makes a reply leave from the query's destination."""
     for level, kind, data in ancdata:
         if level == socket.IPPROTO_IPV6 and kind == IPV6_PKTINFO and len(data) >= 20:
@@ -177,24 +265,24 @@ def _reply_ancillary(ancdata: list[tuple[int, int, bytes]]) -> list[tuple[int, i
     return []
 
 
-def _udp_send(
-    sock: socket.socket, reply: bytes, query: bytes, anc: list[tuple[int, int, bytes]],
-    addr: Any,
-) -> None:
-    if len(reply) > wire.CLASSIC_UDP_SIZE:
-        reply = wire.truncate(reply, wire.udp_limit(query))
-    try:
-        sock.sendmsg([reply], anc, 0, addr)
-    except OSError as err:
-        # EAGAIN (full socket buffer) and unroutable clients: UDP may drop.
-        log.debug("UDP reply to %s dropped: %s", addr, err)
+def _original_destination(ancdata: Ancillary) -> tuple[int, str, int] | None:
+    """(family, address, port) a TPROXY'd datagram was sent to (IP_ORIGDSTADDR:
+    a sockaddr_in / sockaddr_in6), or None."""
+    for level, kind, data in ancdata:
+        if level == socket.IPPROTO_IP and kind == IP_ORIGDSTADDR and len(data) >= 8:
+            port = int.from_bytes(data[2:4], "big")
+            return socket.AF_INET, socket.inet_ntop(socket.AF_INET, data[4:8]), port
+        if level == socket.IPPROTO_IPV6 and kind == IPV6_ORIGDSTADDR and len(data) >= 24:
+            port = int.from_bytes(data[2:4], "big")
+            return socket.AF_INET6, socket.inet_ntop(socket.AF_INET6, data[8:24]), port
+    return None
 
 
 async def _udp_loop(
-    sock: socket.socket, handler: DnsHandler, upstream: Upstream, limits: _Limits,
-    deadline: float, nursery: trio.Nursery,
+    sock: socket.socket, replies: _UdpReplies, handler: DnsHandler, upstream: Upstream,
+    limits: _Limits, deadline: float, nursery: trio.Nursery,
 ) -> None:
-    recvmsg, handle = sock.recvmsg, handler.handle
+    recvmsg, handle, send = sock.recvmsg, handler.handle, replies.send
     while True:
         await trio.lowlevel.wait_readable(sock)
         for _ in range(UDP_BATCH):
@@ -208,27 +296,27 @@ async def _udp_loop(
             result = handle(data)
             if isinstance(result, bytes):
                 if result:
-                    _udp_send(sock, result, data, _reply_ancillary(ancdata), addr)
+                    send(result, data, ancdata, addr)
             elif limits.inflight >= limits.max_inflight:
-                _udp_send(sock, result.finish(None), data, _reply_ancillary(ancdata), addr)
+                send(result.finish(None), data, ancdata, addr)
             else:
                 limits.inflight += 1
                 nursery.start_soon(
-                    _udp_upstream, sock, result, data, _reply_ancillary(ancdata), addr,
-                    upstream, deadline, limits,
+                    _udp_upstream, replies, result, data, ancdata, addr, upstream, deadline,
+                    limits,
                 )
 
 
 async def _udp_upstream(
-    sock: socket.socket, uq: UpstreamQuery, query: bytes, anc: list[tuple[int, int, bytes]],
-    addr: Any, upstream: Upstream, deadline: float, limits: _Limits,
+    replies: _UdpReplies, uq: UpstreamQuery, query: bytes, ancdata: Ancillary, addr: Any,
+    upstream: Upstream, deadline: float, limits: _Limits,
 ) -> None:
     try:
         reply = await _resolve(uq, upstream, deadline)
     finally:
         limits.inflight -= 1
     if reply:
-        _udp_send(sock, reply, query, anc, addr)
+        replies.send(reply, query, ancdata, addr)
 
 
 # -- TCP ------------------------------------------------------------------------------

@@ -16,9 +16,11 @@ import signal
 import socket
 import struct
 import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import trio
@@ -409,3 +411,133 @@ async def test_bind_failure_raises_before_started() -> None:
 
 def test_struct_sizes() -> None:
     assert struct.calcsize("=i4s4s") == 12  # struct in_pktinfo
+
+
+async def test_dual_stack_listen_replies_from_the_address_asked(dnsmasq: int) -> None:
+    port = _free_port()
+    handler = DnsHandler(_config(), FakeIPPool(FAKE_RANGE))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(
+            lambda task_status: server.serve(Listen("::", port), handler,
+                                             UdpForwarder(DNSMASQ_ADDR, dnsmasq),
+                                             task_status=task_status)
+        )
+        for family, dst in ((socket.AF_INET, "127.0.0.6"), (socket.AF_INET6, "::1"),
+                            (socket.AF_INET6, "::ffff:127.0.0.7")):
+            sock = trio.socket.socket(family, socket.SOCK_DGRAM)
+            with sock:
+                for name in ("ds.example.com", "real.test"):
+                    rec, _raw, peer = await _udp_ask(sock, _query(name), (dst, port))
+                    assert peer[:2] == (dst, port) and rec.rr
+        out = await dig(port, "+tcp", "+short", "ds6.example.com", at="::1")
+        assert ipaddress.ip_address(out.strip()) in FAKE_RANGE
+        nursery.cancel_scope.cancel()
+
+
+# -- TPROXY: a query to another resolver's address is answered from that address --
+
+TPROXY_SERVER = """
+import sys, trio
+sys.path.insert(0, {root!r})
+from appliance.config.model import DnsConfig, Listen
+from appliance.dns import server
+from appliance.dns.handler import DnsHandler
+from appliance.dns.upstream_api import UpstreamError
+from appliance.fakeip.pool import FakeIPPool
+
+class NoUpstream:
+    async def query(self, request):
+        raise UpstreamError("no upstream in this test")
+
+async def main():
+    cfg = DnsConfig()
+    handler = DnsHandler(cfg, FakeIPPool(cfg.fake_ip_range))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(lambda task_status: server.serve(
+            Listen("::", {port}), handler, NoUpstream(), transparent=True,
+            task_status=task_status))
+        print("ready", flush=True)
+        with trio.move_on_after(60):
+            await trio.sleep_forever()
+        nursery.cancel_scope.cancel()
+
+trio.run(main)
+"""
+
+
+def _ip(*args: str) -> None:
+    subprocess.run(["ip", *args], check=True, capture_output=True)
+
+
+@pytest.fixture
+def tproxy_lab(tmp_path: Path) -> Iterator[str]:
+    """Two namespaces: a client whose default routes (v4 and v6) go to a
+    gateway that TPROXYs port 53 to any address into our server, listening on
+    [::]:5353 with transparent=True. Yields the client namespace's name."""
+    tag = f"{os.getpid() % 100000}"
+    client, gw = f"dnssrv-cl-{tag}", f"dnssrv-gw-{tag}"
+    port = 5353
+    proc: subprocess.Popen[str] | None = None
+    try:
+        _ip("netns", "add", client)
+        _ip("netns", "add", gw)
+        _ip("-n", client, "link", "set", "lo", "up")
+        _ip("-n", gw, "link", "set", "lo", "up")
+        _ip("-n", client, "link", "add", "cl0", "type", "veth", "peer", "name", "gw0",
+            "netns", gw)
+        _ip("-n", client, "addr", "add", "10.61.0.2/24", "dev", "cl0")
+        _ip("-n", gw, "addr", "add", "10.61.0.1/24", "dev", "gw0")
+        _ip("-n", client, "link", "set", "cl0", "up")
+        _ip("-n", gw, "link", "set", "gw0", "up")
+        _ip("-n", client, "addr", "add", "fd61::2/64", "dev", "cl0", "nodad")
+        _ip("-n", gw, "addr", "add", "fd61::1/64", "dev", "gw0", "nodad")
+        _ip("-n", client, "route", "add", "default", "via", "10.61.0.1")
+        _ip("-n", client, "-6", "route", "add", "default", "via", "fd61::1")
+        for v in ("-4", "-6"):
+            _ip("-n", gw, v, "rule", "add", "fwmark", "1", "lookup", "100")
+            _ip("-n", gw, v, "route", "add", "local", "default", "dev", "lo", "table", "100")
+        ruleset = "".join(
+            f"table {fam} dnssrv {{\n chain pre {{\n"
+            "  type filter hook prerouting priority mangle; policy accept;\n"
+            f"  iifname gw0 udp dport 53 tproxy to :{port} meta mark set 1 accept\n"
+            f"  iifname gw0 tcp dport 53 tproxy to :{port} meta mark set 1 accept\n"
+            " }\n}\n"
+            for fam in ("ip", "ip6")
+        )
+        subprocess.run(["ip", "netns", "exec", gw, "nft", "-f", "-"], input=ruleset, text=True,
+                       check=True, capture_output=True)
+        script = tmp_path / "tproxy_server.py"
+        root = Path(__file__).resolve().parents[2]
+        script.write_text(TPROXY_SERVER.format(root=str(root), port=port))
+        proc = subprocess.Popen(
+            ["ip", "netns", "exec", gw, sys.executable, str(script)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        assert proc.stdout is not None
+        line = proc.stdout.readline()  # bounded: the script exits within 60 s
+        assert line.strip() == "ready", proc.stderr.read() if proc.stderr else ""
+        yield client
+    finally:
+        if proc is not None:
+            proc.kill()
+            proc.wait()
+            for pipe in (proc.stdout, proc.stderr):
+                if pipe:
+                    pipe.close()
+        for ns in (client, gw):  # the nft table and rules go with the namespace
+            subprocess.run(["ip", "netns", "del", ns], check=False, capture_output=True)
+
+
+@pytest.mark.netns
+def test_tproxy_hijacked_query_answered_from_the_resolver_address(tproxy_lab: str) -> None:
+    # dig ignores a UDP reply from any other address or port than it asked.
+    for server_addr, port in (("203.0.113.53", 53), ("2001:db8::53", 53), ("10.61.0.1", 5353)):
+        for extra in ([], ["+tcp"]):
+            out = subprocess.run(
+                ["ip", "netns", "exec", tproxy_lab, "dig", f"@{server_addr}", "-p", str(port),
+                 "+time=2", "+tries=1", *extra, "hijacked.example.com"],
+                capture_output=True, text=True, check=False, timeout=10,
+            ).stdout
+            assert "status: NOERROR" in out, out
+            assert f"SERVER: {server_addr}#{port}" in out, out
+            assert "198.18.0." in out.split("ANSWER SECTION:")[1], out
