@@ -20,6 +20,10 @@ The chain follows mihomo's `dns/middleware.go`: hosts -> fake IP -> resolver.
   let it bypass the fake IP; alpn, port, ech and the rest stay, so HTTP/3
   discovery still works. dnslib parses HTTPS (type 65) but not SVCB (64), so
   the edit works on the RDATA bytes of both (RFC 9460 2.2, `strip_svc_hints`).
+  Likewise any other upstream reply (MX, SRV, NS, ...) loses the A/AAAA
+  records of names that get fake IPs (additional-section glue): the client
+  asks for them and gets the fake IP. Replies to A/AAAA questions (filtered
+  names) pass unchanged, CNAME chains included.
 
 Failure handling lives in exactly one place, `DnsHandler._guard`: input that
 does not parse gets FORMERR (nothing at all when not even a header can be
@@ -118,8 +122,8 @@ class UpstreamQuery:
             return _reply(query, self._opt, RCODE_SERVFAIL, aa=False)
         rr, auth = list(reply.rr), list(reply.auth)
         ar = [r for r in reply.ar if r.rtype != TYPE_OPT]
-        if self._strip:
-            rr, auth, ar = (_strip_section(s) for s in (rr, auth, ar))
+        if query.q.qtype not in (TYPE_A, TYPE_AAAA):
+            rr, auth, ar = (self._scrub(s) for s in (rr, auth, ar))
         flags = wire.reply_flags(query.header.bitmap, reply.header.rcode, aa=False)
         flags |= reply.header.bitmap & wire._F_TC
         if query.header.ad or (self._opt is not None and _do(self._opt)):
@@ -134,6 +138,28 @@ class UpstreamQuery:
         if self._opt is not None:
             out.add_ar(_our_opt(_do(self._opt)))
         return bytes(out.pack())
+
+    def _scrub(self, records: list[RR]) -> list[RR]:
+        """Records of a (non-A/AAAA) upstream reply, minus what would hand the
+        client a real address for a fake-IP name: A/AAAA records owned by
+        such names (e.g. the additional section of MX/SRV/NS replies) and,
+        for HTTPS/SVCB asked for a fake-IP name, every A/AAAA record and the
+        address hints (the client resolves the target and gets a fake IP)."""
+        out = []
+        for rr in records:
+            if rr.rtype in (TYPE_A, TYPE_AAAA):
+                owner = name_from_labels(rr.rname.label)
+                if self._strip or (owner and self._handler.wants_fake_ip(owner)):
+                    continue
+            elif self._strip and rr.rtype in (TYPE_SVCB, TYPE_HTTPS):
+                buf = DNSBuffer()
+                rr.rdata.pack(buf)
+                stripped = strip_svc_hints(bytes(buf.data))
+                if stripped is None:
+                    continue  # malformed: drop it rather than pass hints through
+                rr = RR(rr.rname, rr.rtype, rr.rclass, rr.ttl, RD(stripped))
+            out.append(rr)
+        return out
 
 
 class DnsHandler:
@@ -398,24 +424,6 @@ def reverse_pointer(name: str) -> IPAddress | None:
             return None
         return ipaddress.IPv6Address(int("".join(nibbles), 16))
     return None
-
-
-def _strip_section(records: list[RR]) -> list[RR]:
-    """Records of an HTTPS/SVCB reply for a fake-IP name, minus what would give
-    away real addresses: A/AAAA records, and address hints in SVCB/HTTPS."""
-    out = []
-    for rr in records:
-        if rr.rtype in (TYPE_A, TYPE_AAAA):
-            continue
-        if rr.rtype in (TYPE_SVCB, TYPE_HTTPS):
-            buf = DNSBuffer()
-            rr.rdata.pack(buf)
-            stripped = strip_svc_hints(bytes(buf.data))
-            if stripped is None:
-                continue  # malformed: drop it rather than pass hints through
-            rr = RR(rr.rname, rr.rtype, rr.rclass, rr.ttl, RD(stripped))
-        out.append(rr)
-    return out
 
 
 _SVC_MANDATORY = 0

@@ -12,6 +12,7 @@ import pytest
 from dnslib import (
     AAAA,
     CLASS,
+    CNAME,
     EDNS0,
     HTTPS,
     MX,
@@ -254,6 +255,10 @@ def test_pool_exhausted_is_servfail_with_one_log_line(caplog: pytest.LogCaptureF
     lines = [r for r in caplog.records if r.name == "mirage.dns"]
     assert len(lines) == 1 and "exhausted" in lines[0].getMessage()
     assert h.servfail == 3
+    general = DnsHandler(DnsConfig(fake_ip_range=IPv4Network("198.18.0.0/29")), pool,
+                         fast_path=False)
+    for data in (ask("new.example.com"), ask("new.example.com", edns=True, do=True)):
+        assert general.handle(data) == h.handle(data)
 
 
 class _BrokenPool(FakeIPPool):
@@ -370,11 +375,25 @@ def test_random_bytes_never_raise(data: bytes) -> None:
         assert isinstance(out.finish(None), bytes)
 
 
-def test_mx_reply_passes_through() -> None:
-    h, _ = make()
+def test_mx_reply_loses_glue_of_fake_ip_names() -> None:
+    h, _ = make(fake_ip_filter=("+.lan",))
     uq = upstream(h, ask("example.com", "MX"))
     reply = uq.request.reply()
     reply.add_answer(RR("example.com", QTYPE.MX, rdata=MX("mx.example.com", 10)))
+    reply.add_answer(RR("example.com", QTYPE.MX, rdata=MX("mail.lan", 20)))
     reply.add_ar(RR("mx.example.com", QTYPE.AAAA, rdata=AAAA("2001:db8::25")))
+    reply.add_ar(RR("mx.example.com", QTYPE.A, rdata=A("192.0.2.25")))
+    reply.add_ar(RR("mail.lan", QTYPE.A, rdata=A("192.168.1.25")))
     rec = DNSRecord.parse(uq.finish(reply))
-    assert str(rec.rr[0].rdata) == "10 mx.example.com." and len(rec.ar) == 1
+    assert [str(r.rdata) for r in rec.rr] == ["10 mx.example.com.", "20 mail.lan."]
+    assert [(str(r.rname), str(r.rdata)) for r in rec.ar] == [("mail.lan.", "192.168.1.25")]
+
+
+def test_a_reply_for_filtered_name_keeps_its_cname_chain() -> None:
+    h, _ = make(fake_ip_filter=("real.example.com",))
+    uq = upstream(h, ask("real.example.com"))
+    reply = uq.request.reply()
+    reply.add_answer(RR("real.example.com", QTYPE.CNAME, rdata=CNAME("cdn.example.net")))
+    reply.add_answer(RR("cdn.example.net", QTYPE.A, rdata=A("192.0.2.80")))
+    rec = DNSRecord.parse(uq.finish(reply))
+    assert [str(r.rdata) for r in rec.rr] == ["cdn.example.net.", "192.0.2.80"]
