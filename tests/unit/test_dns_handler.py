@@ -317,9 +317,9 @@ def test_stats() -> None:
 
 LABEL = st.text(
     alphabet="abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_",
-    min_size=1, max_size=20,
+    min_size=1, max_size=63,
 )
-NAMES = st.lists(LABEL, min_size=1, max_size=5).map(".".join)
+NAMES = st.lists(LABEL, min_size=1, max_size=8).map(".".join).filter(lambda n: len(n) <= 253)
 FLAGS = st.sampled_from([0x0000, 0x0100, 0x0010, 0x0020, 0x0040, 0x0130, 0x0170])
 
 
