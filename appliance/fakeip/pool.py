@@ -33,7 +33,10 @@ recycled or dropped; when every mapping of a full family is pinned,
 
 Memory (bench/pool_memory.py): a mapping is its name string, one dict entry
 (name -> offset, with its int), one slot in a list (offset -> name) and two
-4-byte slots in `array`s (LRU links). The LRU order is an intrusive doubly
+4-byte slots in `array`s (LRU links): about 165 bytes at 100,000 mappings
+(tracemalloc; 175 by RSS), 1.1 times a bare `dict[str, int]` of the same
+names. The pending buffer adds about 50 bytes per mapping changed or used
+since the last flush. The LRU order is an intrusive doubly
 linked list over offsets with slot 0 as sentinel, so touch and evict are O(1)
 without per-mapping node objects.
 
@@ -63,7 +66,7 @@ log = logging.getLogger(__name__)
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
-# Per family. 262,144 mappings cost about 50 MB at the measured ~190 B each;
+# Per family. 262,144 mappings cost about 45 MB at the measured ~175 B each;
 # a /16 (65,534) is far below it.
 DEFAULT_MAX_MAPPINGS = 1 << 18
 # Offsets live in array('i') slots.
@@ -364,13 +367,18 @@ class FakeIPPool:
         }
 
     def mappings(self) -> Iterator[tuple[str, IPAddress, int]]:
-        """Every mapping as (domain, fake IP, pin count); IPv4 first.
+        """Every mapping as (domain, fake IP, pin count); IPv4 first, each
+        family in allocation order. Does not count as use.
 
-        Does not count as use. Do not allocate while iterating.
+        A snapshot taken at the call, so a caller may await between items
+        while the pool keeps changing.
         """
-        for fam in self._families:
-            for name, off in fam.by_name.items():
-                yield name, fam.address(off), fam.pins.get(off, 0)
+        snapshot = [
+            (name, fam.address(off), fam.pins.get(off, 0))
+            for fam in self._families
+            for name, off in fam.by_name.items()
+        ]
+        return iter(snapshot)
 
     def lru_order(self, family: int = 4) -> list[str]:
         """Unpinned domains of `family`, least recently used first (O(n))."""

@@ -455,3 +455,15 @@ class PoolMachine(RuleBasedStateMachine):
 
 PoolMachine.TestCase.settings = settings(max_examples=150, stateful_step_count=40, deadline=None)
 test_pool_state_machine = PoolMachine.TestCase
+
+
+def test_mappings_is_a_snapshot() -> None:
+    p = pool()
+    for n in "abc":
+        p.allocate(n)
+    seen = []
+    for name, _, _ in p.mappings():
+        seen.append(name)
+        p.allocate(name + "-more")  # the control API may await between items
+    assert seen == ["a", "b", "c"]
+    assert len(p) == 6
