@@ -372,10 +372,16 @@ def topo() -> Iterator[Topology]:
         assert ready["ready"]
         yield Topology(c, g, s, gw, srv, ready["fake"])
     finally:
-        for p in procs:
-            p.stop()
-        for ns in (c, g, s):
-            sh("ip", "netns", "delete", ns, check=False)
+        try:
+            for p in procs:
+                try:
+                    p.stop()
+                except (OSError, subprocess.SubprocessError):
+                    p.p.kill()
+                    p.p.wait(5)
+        finally:
+            for ns in (c, g, s):
+                sh("ip", "netns", "delete", ns, check=False)
 
 
 def server_saw(topo: Topology, n: int) -> dict[str, Any]:
