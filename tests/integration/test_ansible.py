@@ -25,6 +25,7 @@ installed and enabled). policy-rc.d keeps apt from starting services there.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -270,6 +271,132 @@ def test_unit_verifies_and_is_hardened(applied: dict[str, object]) -> None:
     proc = run(["systemd-analyze", "verify", f"--root={root}", "mirage.service"],
                timeout=60, check=False)
     assert proc.returncode == 0, proc.stderr
+    assert "mirage.service" not in proc.stderr, proc.stderr  # no warning about it either
     security = run(["systemd-analyze", "security", "--offline=yes", f"--root={root}",
-                    "--threshold=50", "mirage.service"], timeout=60, check=False)
-    assert security.returncode == 0, security.stdout[-3000:]
+                    "mirage.service"], timeout=60, check=False)
+    exposure = re.search(r"Overall exposure level for mirage.service: ([\d.]+)", security.stdout)
+    assert exposure, security.stdout[-3000:] + security.stderr
+    print(security.stdout)
+    assert float(exposure.group(1)) <= 3.0, security.stdout
+
+
+# --- Templates rendered on the controller (no target needed) ---------------
+
+RENDER_PLAY = """\
+- name: Render the mirage role's templates
+  hosts: localhost
+  connection: local
+  gather_facts: false
+  vars_files:
+    - {role}/defaults/main.yml
+  tasks:
+    - name: Render each template
+      ansible.builtin.template:
+        src: "{role}/templates/{{{{ item.src }}}}"
+        dest: "{out}/{{{{ item.dest }}}}"
+        mode: "0644"
+      loop:
+        - {{src: mirage.init.j2, dest: mirage.init}}
+        - {{src: fw4-input-lan.nft.j2, dest: 30-mirage.nft}}
+        - {{src: mirage.service.j2, dest: mirage.service}}
+        - {{src: config.yaml.j2, dest: config.yaml}}
+"""
+
+
+def render_templates(out: Path, extra_vars: dict[str, object]) -> Path:
+    """Render the role's templates with its defaults plus `extra_vars` into `out`."""
+    out.mkdir()
+    play = out / "render.yml"
+    play.write_text(RENDER_PLAY.format(role=ROLE, out=out))
+    run(["ansible-playbook", "-i", "localhost,", str(play), "-e", json.dumps(extra_vars)],
+        timeout=120, env=ansible_env(out))
+    return out
+
+
+@pytest.fixture(scope="module")
+def openwrt_render(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return render_templates(tmp_path_factory.mktemp("dep-render") / "openwrt", {
+        "mirage_openwrt_fw4_include": True,
+        "mirage_capture_mark": 0x233,
+        "mirage_lan_interfaces": ["br-lan"],
+    })
+
+
+def test_procd_init_script_parses(openwrt_render: Path) -> None:
+    script = openwrt_render / "mirage.init"
+    text = script.read_text()
+    assert text.startswith("#!/bin/sh /etc/rc.common\n")
+    assert "USE_PROCD=1" in text
+    run(["sh", "-n", str(script)], timeout=30)
+    # Run start_service and reload_service against stand-ins for procd's
+    # helpers and for mirage itself: the instance gets `mirage run -c CONF`,
+    # a config that fails the check starts nothing, reload sends SIGHUP.
+    stub = openwrt_render / "stub"
+    stub.mkdir()
+    fake = stub / "mirage"
+    fake.write_text('#!/bin/sh\n[ "$1" = check ] && exit "${CHECK_RC:-0}"\nexit 0\n')
+    fake.chmod(0o755)
+    harness = (
+        'procd_open_instance() { echo open; }\n'
+        'procd_set_param() { echo "param $*"; }\n'
+        'procd_close_instance() { echo close; }\n'
+        'procd_send_signal() { echo "signal $*"; }\n'
+        f'. {script}\n'
+        f'PROG={fake}\n'
+        'start_service; echo "start=$?"; reload_service; echo "reload=$?"\n'
+    )
+    good = run(["sh", "-c", harness], timeout=30)
+    assert f"param command {fake} run -c /etc/mirage/config.yaml" in good.stdout
+    assert "signal mirage * HUP" in good.stdout
+    assert "start=0" in good.stdout
+    bad = run(["sh", "-c", harness], timeout=30, env={**os.environ, "CHECK_RC": "2"})
+    assert "open" not in bad.stdout and "start=1" in bad.stdout
+    assert "signal" not in bad.stdout
+
+
+def test_fw4_include_is_valid_nft(openwrt_render: Path) -> None:
+    if not shutil.which("nft"):
+        pytest.skip("needs nft")
+    fragment = openwrt_render / "30-mirage.nft"
+    assert "meta mark 0x233 accept" in fragment.read_text()
+    # fw4 pastes the fragment into its input_lan chain; check it the same way
+    # (nft -c parses and validates against the kernel, and applies nothing).
+    wrapped = openwrt_render / "wrapped.nft"
+    wrapped.write_text("table inet dep_fw4_check {\n chain input_lan {\n"
+                       + fragment.read_text() + "\n }\n}\n")
+    run(["nft", "-c", "-f", str(wrapped)], timeout=30)
+
+
+def test_default_config_passes_mirage_check(openwrt_render: Path) -> None:
+    mirage = REPO / ".venv/bin/mirage"
+    if not mirage.exists():
+        pytest.skip("needs the project's virtualenv (scripts/setup.sh)")
+    config = openwrt_render / "config.yaml"
+    loaded = yaml.safe_load(config.read_text())
+    assert loaded["appliance"]["lan"] == ["br-lan"]
+    assert loaded["appliance"]["capture-mark"] == 0x233
+    run([str(mirage), "check", "-c", str(config)], timeout=60)
+
+
+def test_ebpf_unit_verifies_with_bpf_capabilities(tmp_path: Path) -> None:
+    out = render_templates(tmp_path / "ebpf", {
+        "mirage_redirect": "ebpf",
+        # An ExecStart that exists here, so that verify can check it.
+        "mirage_venv_dir": str(REPO / ".venv"),
+    })
+    unit = out / "mirage.service"
+    text = unit.read_text()
+    assert "CAP_BPF CAP_PERFMON CAP_SYS_ADMIN" in text
+    assert "ProtectKernelModules" not in text  # bcc reads /lib/modules
+    if not (REPO / ".venv/bin/mirage").exists():
+        pytest.skip("needs the project's virtualenv (scripts/setup.sh)")
+    proc = run(["systemd-analyze", "verify", str(unit)], timeout=60, check=False)
+    assert "mirage.service" not in proc.stderr.replace(str(unit), ""), proc.stderr
+
+
+def test_ansible_lint_production_profile() -> None:
+    if not shutil.which("ansible-lint"):
+        pytest.skip("needs ansible-lint")
+    proc = run(["ansible-lint", "--offline", "--nocolor"], timeout=300, cwd=ANSIBLE_DIR,
+               env={**os.environ, "ANSIBLE_NOCOLOR": "1"}, check=False)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
