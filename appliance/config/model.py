@@ -20,6 +20,9 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 # an old fake IP, which the pool still maps (see fakeip/pool.py).
 FAKE_IP_TTL = 1
 
+# mihomo's default `fake-ip-range: 198.18.0.1/16` (host bits allowed there).
+DEFAULT_FAKE_IP_RANGE = ipaddress.IPv4Network("198.18.0.0/16")
+
 
 @dataclass(frozen=True)
 class Listen:
@@ -71,7 +74,7 @@ class DnsConfig:
     listen: Listen = field(default_factory=lambda: Listen("0.0.0.0", 53))
     ipv6: bool = False
     enhanced_mode: Literal["fake-ip", "redir-host", "normal"] = "fake-ip"
-    fake_ip_range: ipaddress.IPv4Network = ipaddress.IPv4Network("198.18.0.0/16")
+    fake_ip_range: ipaddress.IPv4Network = DEFAULT_FAKE_IP_RANGE
     fake_ip_range6: ipaddress.IPv6Network | None = None
     fake_ip_filter: tuple[str, ...] = ()
     fake_ip_filter_mode: Literal["blacklist", "whitelist"] = "blacklist"

@@ -80,7 +80,7 @@ async def test_bad_requests_get_clear_errors(nursery: trio.Nursery) -> None:
     client = await start_api(nursery, View())
     with pytest.raises(ApiError, match="404"):
         await trio.to_thread.run_sync(client.get, "/nope")
-    with pytest.raises(ApiError, match="400.*name"):
+    with pytest.raises(ApiError, match=r"400.*name"):
         await trio.to_thread.run_sync(client.get, "/mirage/resolve")
     with pytest.raises(ApiError, match="unknown query type"):
         await trio.to_thread.run_sync(client.get, "/mirage/resolve?name=a.test&type=BOGUS")
