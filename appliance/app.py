@@ -98,27 +98,33 @@ class Appliance:
 
         cfg = self.cfg
         self.open_pool()
-        async with Resolver(cfg.dns, routing_mark=cfg.routing_mark) as resolver, \
-                trio.open_nursery() as nursery:
-            self.resolver = resolver
-            await nursery.start(flusher.serve, self.pool, cfg.appliance.store_flush_interval)
-            if cfg.dns.enable:
-                self.dns_handler = DnsHandler(cfg.dns, self.pool)
-                await nursery.start(self._serve_dns, dns_server)
-            self.build_router(cfg)
-            if cfg.tproxy_port:
-                await nursery.start(self._serve_gateway)
-            if cfg.external_controller is not None:
-                from appliance.api import server as api_server
+        try:
+            async with Resolver(cfg.dns, routing_mark=cfg.routing_mark) as resolver, \
+                    trio.open_nursery() as nursery:
+                self.resolver = resolver
+                # Signals first: a SIGTERM during startup still unwinds cleanly.
+                await nursery.start(self._handle_signals, nursery.cancel_scope)
+                self.build_router(cfg)
+                await nursery.start(flusher.serve, self.pool, cfg.appliance.store_flush_interval)
+                if cfg.dns.enable:
+                    self.dns_handler = DnsHandler(cfg.dns, self.pool)
+                    await nursery.start(self._serve_dns, dns_server)
+                if cfg.tproxy_port:
+                    await nursery.start(self._serve_gateway)
+                if cfg.external_controller is not None:
+                    from appliance.api import server as api_server
 
-                ctl = cfg.external_controller
-                await nursery.start(api_server.serve, self, ctl.host, ctl.port)
-                log.info("control API on http://%s", ctl)
-            if cfg.appliance.lan:
-                await nursery.start(self._serve_capture)
-            nursery.start_soon(self._handle_signals, nursery.cancel_scope)
-            log.info("mirage %s running (pid %d)", __version__, _pid())
-            task_status.started()
+                    ctl = cfg.external_controller
+                    await nursery.start(api_server.serve, self, ctl.host, ctl.port)
+                    log.info("control API on http://%s", ctl)
+                if cfg.appliance.lan:
+                    await nursery.start(self._serve_capture)
+                log.info("mirage %s running (pid %d)", __version__, _pid())
+                task_status.started()
+        finally:
+            # After the flusher's final flush (the nursery has exited).
+            if self.store is not None:
+                self.store.close()
 
     async def _serve_dns(self, dns_server: Any, *,
                          task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -133,10 +139,14 @@ class Appliance:
             raise AppError(f"dns.listen {cfg.dns.listen}: cannot bind: {err}") from None
 
     def build_router(self, cfg: Config) -> None:
-        from appliance.outbound.build import Router, build_outbounds
+        """Outbounds and rules for `cfg`; replaces the router atomically
+        (flows already dialled keep their outbound)."""
+        from appliance.outbound.build import BuildError, Router, build_outbounds
 
-        outbounds = build_outbounds(cfg, self.resolver.resolve_ips)
-        self.router = Router(cfg, outbounds)
+        try:
+            self.router = Router(cfg, build_outbounds(cfg, self.resolver.resolve_ips))
+        except (BuildError, ValueError) as err:
+            raise AppError(f"proxies/rules: {err}") from None
 
     async def _serve_gateway(self, *,
                              task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -173,8 +183,11 @@ class Appliance:
 
     # -- signals and reload --------------------------------------------------
 
-    async def _handle_signals(self, scope: trio.CancelScope) -> None:
+    async def _handle_signals(self, scope: trio.CancelScope, *,
+                              task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                              ) -> None:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
+            task_status.started()
             async for signum in signals:
                 if signum == signal.SIGHUP:
                     await self.reload()
@@ -209,7 +222,11 @@ class Appliance:
                 ("profile.store-fake-ip", old.store_fake_ip, new.store_fake_ip),
             ] if a != b
         ]
-        self.build_router(new)
+        try:
+            self.build_router(new)
+        except AppError as err:
+            log.error("SIGHUP: %s; keeping the running configuration", err)
+            return
         if self.dns_handler is not None and hasattr(self.dns_handler, "reconfigure"):
             self.dns_handler.reconfigure(new.dns)
         matcher = self.fake_ip_filter(new)
