@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import trio
+from pyroute2.netlink.exceptions import NetlinkError
 
 from appliance.capture.routing import PolicyRouting
 from appliance.config.model import Config, IPNetwork
@@ -265,6 +266,17 @@ class _Builder:
                 _set_mark(mark),
                 _ACCEPT,
             )
+        fakes = [("ip", "@fake4")]
+        if _fake6(cfg) is not None:
+            fakes.append(("ip6", "@fake6"))
+        for proto, name in fakes:
+            yield self._rule(
+                pre,
+                _match(_payload(proto, "daddr"), name),
+                _match(_meta("l4proto"), "tcp"),
+                {"reject": {"type": "tcp reset"}},
+            )
+            yield self._rule(pre, _match(_payload(proto, "daddr"), name), {"drop": None})
         if _dns_hijack(cfg):
             nfproto, nat = _dns_target(cfg)
             dns = "dns"
@@ -416,9 +428,9 @@ class NftablesCapture:
     Synchronous (netlink calls; pyroute2 runs a private loop): call at setup
     and teardown, or through `trio.to_thread.run_sync`. `apply` replaces any
     leftover of a crashed run; `remove` deletes exactly what `apply` added and
-    is safe to call twice. On failure `apply` raises `CaptureError` (nft) or
-    `OSError`/`NetlinkError` (routing) and leaves nothing half-applied behind
-    that `remove` would not clear.
+    is safe to call twice. On failure `apply` raises `CaptureError` (the
+    kernel refused the batch, or the policy routing) and leaves nothing
+    applied.
     """
 
     def __init__(self, cfg: Config, table: str = DEFAULT_TABLE) -> None:
@@ -431,7 +443,12 @@ class NftablesCapture:
 
     def apply(self) -> None:
         # Routing first: a packet the rules mark must find the local route.
-        self.routing.apply()
+        try:
+            self.routing.apply()
+        except (OSError, NetlinkError) as exc:
+            raise CaptureError(
+                f"policy routing (fwmark {self.routing.mark:#x} table {self.routing.table}): {exc}"
+            ) from exc
         try:
             _run(self._commands, f"apply table {FAMILY} {self.table}")
         except BaseException:

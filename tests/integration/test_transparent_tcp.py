@@ -182,6 +182,7 @@ def gateway_main(names: dict[str, str], domains: list[tuple[str, int]]) -> None:
 def server_main(port: int) -> None:
     """Echo server: read to EOF, log what it saw (one JSON line), echo it back."""
     import socketserver
+    import threading
 
     class Echo(socketserver.BaseRequestHandler):
         def handle(self) -> None:
@@ -200,7 +201,19 @@ def server_main(port: int) -> None:
         allow_reuse_address = True
         daemon_threads = True
 
-    with Server(("0.0.0.0", port), Echo) as srv:
+    class UdpEcho(socketserver.BaseRequestHandler):
+        def handle(self) -> None:
+            data, sock = self.request
+            print(json.dumps({"udp": data.decode(errors="replace"),
+                              "peer": self.client_address[0]}), flush=True)
+            sock.sendto(b"udp-echo:" + data, self.client_address)
+
+    class UdpServer(socketserver.ThreadingUDPServer):
+        allow_reuse_address = True
+        daemon_threads = True
+
+    with Server(("0.0.0.0", port), Echo) as srv, UdpServer(("0.0.0.0", port), UdpEcho) as udp:
+        threading.Thread(target=udp.serve_forever, daemon=True).start()
         print(json.dumps({"ready": True}), flush=True)
         srv.serve_forever()
 
@@ -228,9 +241,11 @@ def client_main(op: dict[str, Any]) -> None:
         elif op["kind"] == "udp":
             with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
                 s.settimeout(2)
-                # Connected: replies from any other address/port are dropped.
-                s.connect((op["host"], 53))
-                s.send(op["text"].encode())
+                dest = (op["host"], op.get("port", 53))
+                if op.get("connected", True):
+                    # Replies from any other address/port are dropped.
+                    s.connect(dest)
+                s.sendto(op["text"].encode(), dest)
                 out = {"reply": s.recv(2048).decode()}
         elif op["kind"] == "tcpdns":
             with socket.create_connection((op["host"], 53), timeout=3) as s:
@@ -511,6 +526,21 @@ def test_dns_hijack_answers_from_the_address_asked(topo: Topology) -> None:
     # where no DNS runs.
     r = topo.run_client({"kind": "udp", "host": BYPASSED, "text": "q3"})
     assert "reply" not in r, r
+
+
+def test_fake_ip_without_a_listener_is_never_forwarded(topo: Topology) -> None:
+    # No UDP gateway runs here: TPROXY finds no socket for UDP to a fake IP.
+    # The datagram must die at the gateway, not reach the server (which
+    # answers on the whole fake range); a bypassed address still does.
+    # (Unconnected sockets: the server answers from its own address.)
+    r = topo.run_client({"kind": "udp", "host": topo.fake["web.test/4"], "port": ECHO_PORT,
+                         "text": "lost", "connected": False})
+    assert "reply" not in r, r
+    r = topo.run_client({"kind": "udp", "host": BYPASSED, "port": ECHO_PORT, "text": "kept",
+                         "connected": False})
+    assert r.get("reply") == "udp-echo:kept", r
+    # The server's log: the bypassed datagram, and nothing before it.
+    assert topo.srv.lines_until(lambda item: "udp" in item) == {"udp": "kept", "peer": CLIENT4}
 
 
 def test_zz_stopping_removes_the_capture(topo: Topology) -> None:

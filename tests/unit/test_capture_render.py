@@ -140,6 +140,15 @@ def test_fake_ranges_go_to_tproxy_port_with_capture_mark() -> None:
         assert l4 in e
 
 
+def test_fake_ranges_never_fall_through_to_forwarding() -> None:
+    pre = rules(render(make_cfg()), "prerouting")
+    last_tproxy = max(i for i, e in enumerate(pre) if any("tproxy" in x for x in e))
+    tail = pre[last_tproxy + 1:]
+    daddr = [x["match"]["right"] for e in tail for x in e[:1]]
+    assert daddr == ["@fake4", "@fake4", "@fake6", "@fake6"]
+    assert [e[-1] for e in tail] == [{"reject": {"type": "tcp reset"}}, {"drop": None}] * 2
+
+
 def test_dns_hijack_redirects_port_53_to_dns_listen_port() -> None:
     cfg = make_cfg(dns=DnsConfig(listen=Listen("0.0.0.0", 1053)))
     cmds = render(cfg)
