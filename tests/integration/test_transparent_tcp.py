@@ -515,6 +515,27 @@ def test_direct_connection_to_tproxy_port_is_refused(topo: Topology) -> None:
     assert topo.stats()["gateway"]["opened"] == before
 
 
+def test_port_forward_on_the_gateway_keeps_working(topo: Topology) -> None:
+    # Someone else's table on the gateway forwards LAN port 2222 to the
+    # server (conntrack DNAT). Mirage's capture leaves such flows alone.
+    table = "gw-pf"
+    rules = (f"table ip {table} {{ chain pre {{ type nat hook prerouting priority dstnat; "
+             f"iifname g0 tcp dport 2222 dnat to {SERVER4}:{ECHO_PORT}; }}; }}")
+    subprocess.run(["ip", "netns", "exec", topo.gateway, "nft", "-f", "-"], input=rules,
+                   text=True, check=True, timeout=30)
+    try:
+        before = topo.stats()["gateway"]["opened"]
+        r = topo.run_client({"kind": "echo", "host": GW_LAN4, "port": 2222, "size": 3333,
+                             "text": "forwarded "})
+        assert r.get("n") == 3333 and r["same"], r
+        seen = server_saw(topo, 3333)
+        assert (seen["peer"], seen["local"]) == (CLIENT4, SERVER4)
+        assert topo.stats()["gateway"]["opened"] == before
+    finally:
+        sh("ip", "netns", "exec", topo.gateway, "nft", "delete", "table", "ip", table,
+           check=False)
+
+
 def test_dns_hijack_answers_from_the_address_asked(topo: Topology) -> None:
     # Nothing listens on port 53 at the server: only the gateway can answer,
     # and the connected sockets accept it only from SERVER4:53.
