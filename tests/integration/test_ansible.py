@@ -75,9 +75,9 @@ def apt_mirror() -> str:
                 return match.group(1)
     sources = Path("/etc/apt/sources.list")
     if sources.exists():
-        match = re.search(r"^deb\s+(?:\[[^\]]*\]\s+)?(\S+)\s+bookworm\s", sources.read_text(), re.M)
-        if match:
-            return match.group(1)
+        line = re.search(r"^deb\s+(?:\[[^\]]*\]\s+)?(\S+)\s+bookworm\s", sources.read_text(), re.M)
+        if line:
+            return line.group(1)
     pytest.skip("no Debian mirror in apt's sources")
 
 
