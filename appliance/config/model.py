@@ -147,6 +147,10 @@ class ApplianceConfig:
     # TCP splice timeouts, seconds.
     connect_timeout: float = 5.0
     idle_timeout: float = 300.0
+    # UDP sessions: seconds a session may stay silent (port 53: at most 10),
+    # and how many live at once (the least recently active is evicted).
+    udp_timeout: float = 60.0
+    udp_max_sessions: int = 8192
 
 
 @dataclass(frozen=True)
