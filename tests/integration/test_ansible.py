@@ -209,8 +209,10 @@ def applied(target_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dict
     source = tmp / "source"
     source.mkdir()
     shutil.copy(REPO / "pyproject.toml", source)
-    shutil.copytree(REPO / "appliance", source / "appliance",
-                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    for tree in ("appliance", "nft", "bpf"):
+        if (REPO / tree).is_dir():
+            shutil.copytree(REPO / tree, source / tree,
+                            ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     inventory = tmp / "hosts.yml"
     host_vars = {
         "ansible_connection": "community.general.chroot",
@@ -247,6 +249,16 @@ def test_installed_config_passes_mirage_check(applied: dict[str, object]) -> Non
     # The configuration is readable by the service's group, not by the world.
     group = run(["chroot", str(root), "stat", "-c", "%G", "/etc/mirage/config.yaml"], timeout=30)
     assert group.stdout.strip() == "mirage"
+
+
+def test_installed_mirage_renders_its_capture_rules(applied: dict[str, object]) -> None:
+    """`mirage rules` on the target: the installed package finds its ruleset
+    template (nft/) and renders the table it will own."""
+    root = Path(str(applied["root"]))
+    proc = run(["chroot", str(root), "/opt/mirage/venv/bin/mirage", "rules",
+                "-c", "/etc/mirage/config.yaml"], timeout=60)
+    assert "table inet mirage" in proc.stdout
+    assert "lan0" in proc.stdout
 
 
 def test_target_has_the_kernel_settings_and_the_enabled_unit(applied: dict[str, object]) -> None:
