@@ -8,17 +8,37 @@ left by a crashed run with the same prefix is replaced. Tests must leave it
 as they found it (remove any nft table, rule or process they add) or use
 their own namespaces.
 
+A run killed before its teardown (a timeout's SIGKILL) leaves its lab
+behind; the next session removes labs named after test runs whose process
+is gone (`mt<pid>`, `mt<pid>x`), and only those.
+
 We are root and CI is root: nothing here is skipped.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterator
 
 import pytest
 
-from appliance.lab.lab import Lab
+from appliance.lab.lab import STATE_ROOT, Lab
+from appliance.lab.netns import NETNS_RUN_DIR
+
+_TEST_LAB = re.compile(r"^mt(\d+)x?$")
+
+
+def _remove_labs_of_dead_runs() -> None:
+    prefixes = set()
+    if STATE_ROOT.is_dir():
+        prefixes |= {p.name for p in STATE_ROOT.iterdir()}
+    if NETNS_RUN_DIR.is_dir():
+        prefixes |= {p.name.rsplit("-", 1)[0] for p in NETNS_RUN_DIR.iterdir()}
+    for prefix in sorted(prefixes):
+        m = _TEST_LAB.match(prefix)
+        if m and int(m.group(1)) != os.getpid() and not os.path.exists(f"/proc/{m.group(1)}"):
+            Lab(prefix).down()
 
 
 @pytest.fixture(scope="session")
@@ -30,6 +50,7 @@ def lab_prefix() -> str:
 @pytest.fixture(scope="session")
 def lab(lab_prefix: str) -> Iterator[Lab]:
     """The session's running lab (see the module docstring)."""
+    _remove_labs_of_dead_runs()
     instance = Lab(lab_prefix)
     instance.up()
     try:
