@@ -32,10 +32,11 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
 import shutil
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -130,9 +131,11 @@ class Lab:
         check: bool = False,
         timeout: float = 30.0,
         input: str | None = None,
+        env: Mapping[str, str] | None = None,
     ) -> subprocess.CompletedProcess[str]:
         """Run `argv` inside `node`'s namespace (`ip netns exec`, so the node's
-        resolv.conf applies) and return its result (text, captured)."""
+        resolv.conf applies) and return its result (text, captured). `env`
+        adds to (not replaces) this process's environment."""
         return subprocess.run(
             ["ip", "netns", "exec", self.ns(node), *argv],
             capture_output=True,
@@ -140,6 +143,7 @@ class Lab:
             check=check,
             timeout=timeout,
             input=input,
+            env=None if env is None else {**os.environ, **env},
         )
 
     def popen(self, node: str, argv: Sequence[str], **kw: Any) -> subprocess.Popen[Any]:
