@@ -1,8 +1,9 @@
 """The lab's real servers: their configs (rendered from the topology) and their processes.
 
-Each server is a Debian package run in the foreground inside a namespace with
-`setsid ip netns exec NS ...` (`ip netns exec` execs in place, so the PID we
-get is the server's own, and it leads its own session and process group):
+Each server is a Debian package run in the foreground inside a namespace as
+`ip netns exec NS ...` spawned in a new session (`ip netns exec` execs in
+place, so the PID we get is the server's own, and it leads its own session
+and process group; its forked workers share that group):
 
 - nginx: one virtual host per test name, each the default server on its own
   addresses, body `MARKER-<NAME> host=<Host header> from=<client address>`, plus
@@ -11,7 +12,10 @@ get is the server's own, and it leads its own session and process group):
   its log shows each request's address type; a second one with username auth.
 - tinyproxy: HTTP CONNECT to `connect-ports` only.
 - dnsmasq: the poisoned ISP resolver (answers only from `--address`).
-- unbound (appliance.lab.doh_server): the honest resolver, DoH + plain DNS.
+- unbound: the honest resolver, DoH + plain DNS, with the config that
+  appliance.lab.doh_server renders (started here rather than through
+  `UnboundServer` so it gets a session of its own and a recorded PID that a
+  `lab down` in another process can stop).
 
 Owns only the files it writes under the state dir it is given and the
 processes it starts. A process is identified by PID *and* start time (field 22
@@ -181,7 +185,9 @@ def write_big_file(topo: Topology, d: Path) -> Path:
 
 def dante_spec(topo: Topology, socks: Socks, d: Path) -> ServerSpec:
     """danted in the foreground (no -D). `debug: 1` logs each request with its
-    address type, e.g. `... request ... [: 192.168.56.10.4242 -> www.alpha.test.80`."""
+    address type, e.g. `dorequest(): command 1 request received from client
+    192.168.56.10.49554 ... Packet: VER: 5 CMD: 1 FLAG: 0 ATYP: 3 address:
+    www.alpha.test.80` (ATYP 3: the client sent a name, RFC 1928 section 5)."""
     log = d / f"{socks.name}.log"
     method = "username" if socks.username else "none"
     conf = (
