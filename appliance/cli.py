@@ -60,14 +60,24 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     cfg = _load(args.config)
     _setup_logging(cfg.log_level if args.log_level is None else args.log_level)
+    failures: list[AppError] = []
     try:
         trio.run(run_appliance, cfg)
-    except AppError as err:
-        logging.getLogger("mirage").error("%s", err)
-        return EXIT_FAILURE
-    except KeyboardInterrupt:
+    except* AppError as group:
+        # Services fail inside the nursery, so their AppError arrives wrapped
+        # in an exception group; each says what to fix, no traceback needed.
+        failures = [e for e in _leaves(group) if isinstance(e, AppError)]
+    except* KeyboardInterrupt:
         pass
-    return EXIT_OK
+    for err in failures:
+        logging.getLogger("mirage").error("%s", err)
+    return EXIT_FAILURE if failures else EXIT_OK
+
+
+def _leaves(exc: BaseException) -> list[BaseException]:
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for sub in exc.exceptions for leaf in _leaves(sub)]
+    return [exc]
 
 
 def cmd_lab(args: argparse.Namespace) -> int:

@@ -1,0 +1,160 @@
+"""The `mirage` command as a user runs it: exit codes and what it prints."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def mirage(*args: str, timeout: float = 30, netns: str | None = None
+           ) -> subprocess.CompletedProcess[str]:
+    argv = [sys.executable, "-m", "appliance", *args]
+    if netns:
+        argv = ["ip", "netns", "exec", netns, *argv]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+
+
+@pytest.fixture
+def netns() -> Iterator[str]:
+    """A throwaway namespace with only loopback, removed by name."""
+    name = f"cli-{uuid.uuid4().hex[:8]}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    subprocess.run(["ip", "netns", "exec", name, "ip", "link", "set", "lo", "up"], check=True)
+    try:
+        yield name
+    finally:
+        subprocess.run(["ip", "netns", "delete", name], check=False)
+
+
+def test_check_prints_the_effective_config() -> None:
+    result = mirage("check", "-c", str(ROOT / "examples/lab.yaml"))
+    assert result.returncode == 0, result.stderr
+    effective = yaml.safe_load(result.stdout)
+    assert effective["dns"]["fake-ip-range"] == "198.18.0.0/16"
+    assert effective["tproxy-port"] == 7893
+    assert "configuration OK" in result.stderr
+
+
+def test_check_reports_ignored_clash_keys_once() -> None:
+    result = mirage("check", "-c", str(ROOT / "examples/clash-profile.yaml"))
+    assert result.returncode == 0, result.stderr
+    ignored = [line for line in result.stdout.splitlines() if line.startswith("# ignored")]
+    assert len(ignored) == 1
+
+
+@pytest.mark.parametrize(("text", "path"), [
+    ("dns:\n  fake-ip-range: 10.0.0.0/33\n", "dns.fake-ip-range"),
+    ("tproxy-port: '7893'\n", "tproxy-port"),
+    ("appliance:\n  lan: [lan0]\n  colour: blue\n", "appliance.colour"),
+    ("proxies:\n  - {name: a, type: socks5, server: 192.0.2.1, port: 99999}\n",
+     "proxies[0].port"),
+    ("rules:\n  - DOMAIN,example.com,nowhere\n", "rules[0]"),
+    ("dns: [not, a, mapping\n", ""),
+])
+def test_broken_config_exits_2_with_the_key_path(tmp_path: Path, text: str, path: str) -> None:
+    cfg = tmp_path / "bad.yaml"
+    # A valid nameserver first, so that the error is the one under test.
+    ns = "dns:\n  nameserver: ['udp://192.0.2.53']\n" if not text.startswith("dns") else ""
+    cfg.write_text(ns + text)
+    for command in ("check", "run", "rules"):
+        result = mirage(command, "-c", str(cfg))
+        assert result.returncode == 2, (command, result.stderr)
+        assert path in result.stderr and "Traceback" not in result.stderr
+        assert result.stdout == ""
+
+
+def test_missing_config_file_exits_2(tmp_path: Path) -> None:
+    result = mirage("check", "-c", str(tmp_path / "nope.yaml"))
+    assert result.returncode == 2
+    assert "nope.yaml" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_rules_prints_a_ruleset_nft_accepts(tmp_path: Path) -> None:
+    result = mirage("rules", "-c", str(ROOT / "examples/lab.yaml"))
+    assert result.returncode == 0, result.stderr
+    assert "table inet mirage" in result.stdout
+    ruleset = tmp_path / "rules.nft"
+    ruleset.write_text(result.stdout)
+    check = subprocess.run(["nft", "-c", "-f", str(ruleset)], capture_output=True, text=True)
+    assert check.returncode == 0, check.stderr
+
+
+def test_run_with_a_port_in_use_fails_clearly(netns: str, tmp_path: Path) -> None:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(
+        "dns:\n  listen: 127.0.0.1:5353\n  nameserver: ['udp://127.0.0.1:1']\n"
+        f"appliance:\n  state-dir: {tmp_path}/state\n"
+    )
+    holder = subprocess.Popen(
+        ["ip", "netns", "exec", netns, sys.executable, "-c",
+         "import socket,time\n"
+         "s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM);s.bind(('127.0.0.1',5353))\n"
+         "print('bound',flush=True);time.sleep(30)\n"],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "bound"
+        result = mirage("run", "-c", str(cfg), netns=netns)
+    finally:
+        holder.kill()
+        holder.wait()
+        if holder.stdout is not None:
+            holder.stdout.close()
+    assert result.returncode == 1
+    assert "dns.listen 127.0.0.1:5353" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_status_without_a_running_appliance_fails_clearly(tmp_path: Path) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"external-controller: 127.0.0.1:{port}\n"
+                   "dns:\n  nameserver: ['udp://127.0.0.1:1']\n")
+    result = mirage("status", "-c", str(cfg))
+    assert result.returncode == 1
+    assert f"127.0.0.1:{port}" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_run_serves_dns_without_capture_on_a_plain_host(netns: str, tmp_path: Path) -> None:
+    """No `appliance.lan`: no capture rules, just the DNS service; SIGTERM
+    exits 0 and the store holds the mapping."""
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(
+        "profile: {store-fake-ip: true}\n"
+        "dns:\n  listen: 127.0.0.1:5353\n  nameserver: ['udp://127.0.0.1:1']\n"
+        f"appliance:\n  state-dir: {tmp_path}/state\n  store-flush-interval: 0.1\n"
+    )
+    proc = subprocess.Popen(
+        ["ip", "netns", "exec", netns, sys.executable, "-m", "appliance", "run", "-c", str(cfg)],
+        stderr=subprocess.PIPE, text=True, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        assert proc.stderr is not None
+        for _ in range(50):
+            line = proc.stderr.readline()
+            if " running (pid " in line or not line:
+                break
+        dig = subprocess.run(["ip", "netns", "exec", netns, "dig", "+short", "+time=2",
+                              "-p", "5353", "@127.0.0.1", "example.org"],
+                             capture_output=True, text=True, timeout=10)
+        assert dig.stdout.strip().startswith("198.18.")
+        tables = subprocess.run(["ip", "netns", "exec", netns, "nft", "list", "tables"],
+                                capture_output=True, text=True)
+        assert "mirage" not in tables.stdout
+    finally:
+        proc.terminate()
+        assert proc.wait(timeout=15) == 0
+        if proc.stderr is not None:
+            proc.stderr.close()
+    rows = subprocess.run(["sqlite3", str(tmp_path / "state/fakeip.sqlite3"),
+                           "select domain from mapping"], capture_output=True, text=True)
+    assert rows.stdout.split() == ["example.org"]
