@@ -428,7 +428,7 @@ IGNORED_DNS = (
 APPLIANCE_KEYS = (
     "lan", "redirect", "dns-hijack", "bypass", "state-dir",
     "store-flush-interval", "route-table", "capture-mark", "connect-timeout",
-    "idle-timeout",
+    "idle-timeout", "udp-timeout", "udp-max-sessions",
 )  # fmt: skip
 
 # Options every mihomo outbound takes (BasicOption) and a few per-type keys
@@ -1346,6 +1346,10 @@ def _parse_appliance(sec: _Section) -> ApplianceConfig:
     capture_mark = sec.get("capture-mark", lambda v, p: _int(v, p, 1, MAX_MARK), d.capture_mark)
     connect_timeout = sec.get("connect-timeout", _seconds, d.connect_timeout)
     idle_timeout = sec.get("idle-timeout", _seconds, d.idle_timeout)
+    udp_timeout = sec.get("udp-timeout", _seconds, d.udp_timeout)
+    udp_max_sessions = sec.get(
+        "udp-max-sessions", lambda v, p: _int(v, p, 1, 1 << 20), d.udp_max_sessions
+    )
     sec.finish(APPLIANCE_KEYS, ())
     return ApplianceConfig(
         lan=tuple(lan),
@@ -1358,6 +1362,8 @@ def _parse_appliance(sec: _Section) -> ApplianceConfig:
         capture_mark=capture_mark,
         connect_timeout=connect_timeout,
         idle_timeout=idle_timeout,
+        udp_timeout=udp_timeout,
+        udp_max_sessions=udp_max_sessions,
     )
 
 
