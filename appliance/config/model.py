@@ -156,6 +156,17 @@ class ApplianceConfig:
 @dataclass(frozen=True)
 class Config:
     mixed_port: int | None = None
+    # The other proxy ports (Clash `socks-port`, and `port` for HTTP) and who
+    # may use them: `authentication: ["user:pass", ...]` (empty: no auth),
+    # `allow-lan` (false: loopback only; true by default here, unlike Clash,
+    # since serving the LAN is an appliance's job) and `bind-address` ("*":
+    # every address of appliance.lan; never the WAN side, see
+    # appliance/gateway/mixed.py).
+    socks_port: int | None = None
+    http_port: int | None = None
+    authentication: tuple[tuple[str, str], ...] = ()
+    allow_lan: bool = True
+    bind_address: str = "*"
     tproxy_port: int | None = None
     routing_mark: int | None = None
     ipv6: bool = False
