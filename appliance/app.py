@@ -111,6 +111,7 @@ class Appliance:
                     await nursery.start(self._serve_dns, dns_server)
                 if cfg.tproxy_port:
                     await nursery.start(self._serve_gateway)
+                    await nursery.start(self._serve_udp)
                 if cfg.external_controller is not None:
                     from appliance.api import server as api_server
 
@@ -159,6 +160,21 @@ class Appliance:
                                     task_status=task_status)
         except OSError as err:
             raise AppError(f"tproxy-port {self.cfg.tproxy_port}: cannot listen: {err}") from None
+
+    async def _serve_udp(self, *,
+                         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """The transparent UDP gateway on tproxy-port; `self.udp.stats()` are
+        its counters. Sessions read the live router and config (reloads apply
+        to new sessions)."""
+        from appliance.gateway.udp import UdpGateway
+        from appliance.outbound.udp import UdpDialer
+
+        dialer = UdpDialer(lambda: (self.router, self.cfg))
+        self.udp = UdpGateway(self.cfg, self.pool, dialer.open)
+        try:
+            await self.udp.serve(task_status=task_status)
+        except OSError as err:
+            raise AppError(f"tproxy-port {self.cfg.tproxy_port} (udp): cannot bind: {err}") from None
 
     async def dial(self, target: Any) -> Any:
         """Route a captured flow by its rules and connect its outbound."""

@@ -1,0 +1,540 @@
+"""The transparent UDP gateway: captured LAN datagrams -> domain -> outbound.
+
+The capture (nft TPROXY, nft/mirage.nft) hands datagrams sent to fake IPs to
+one transparent UDP socket on `tproxy-port` (IP_TRANSPARENT, and
+IP_RECVORIGDSTADDR / IPV6_RECVORIGDSTADDR so that each datagram comes with
+the address and port the client sent it to). Each (client address, original
+destination) is a *session*: the fake IP is turned back into its name (and
+pinned while the session lives, so recycling never remaps it), the rules pick
+an outbound (`open_peer`, normally `appliance.outbound.udp.UdpDialer.open`),
+and datagrams flow both ways until the session is idle for `udp-timeout`.
+
+Replies go back to the client *from the original destination* (the fake IP
+and port): a client's connected UDP socket accepts nothing else. They leave
+through a transparent socket bound to that address and port, one per
+destination, shared by every session to it, closed with its last session.
+It is never connected, so TPROXY's socket lookup (which prefers connected
+UDP sockets) keeps steering the client's datagrams to the listener.
+
+Speed (bench/udp.py): the listener is a plain non-blocking socket drained with
+`recvmsg` after each `trio.lowlevel.wait_readable`, up to `BATCH` datagrams
+per wakeup; a datagram for a live session costs one dict lookup and one
+`send`: no task, channel or await per datagram. The session key uses the raw
+control-message bytes, so only a session's first datagram is decoded. Each
+session has one task (open the outbound, then relay replies the same way:
+drain after each wakeup); idle expiry is a deadline checked when it fires,
+not a timer reset per datagram.
+
+Bounds and failures: at most `udp-max-sessions` sessions (the least recently
+active is evicted, counted in `evicted`); at most `MAX_PENDING` datagrams wait
+while an outbound opens. Datagrams to an unmapped fake IP, too big for the
+outbound, or refused by the kernel are dropped and counted (`UdpStats`);
+nothing a client or a proxy sends ends the service. A session whose outbound
+failed to open drops its datagrams for `FAILED_HOLD` seconds, then the next
+datagram tries again; a REJECT session drops until idle. Bind errors
+(OSError) propagate before `started()`.
+
+Owns: the listening socket, the reply sockets, every session's peer (socket
+and SOCKS5 control connection) and pool pins; all released in `finally`.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import resource
+import socket
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import trio
+
+from appliance.config.model import Config
+from appliance.gateway.tcp import IP_TRANSPARENT, IPV6_TRANSPARENT, FakeIPs
+from appliance.gateway.udp_sessions import (
+    IP_ORIGDSTADDR,
+    IPV6_ORIGDSTADDR,
+    MAX_UDP_PAYLOAD,
+    Destination,
+    SessionTable,
+    UdpStats,
+    client_address,
+    idle_timeout,
+    original_destination,
+)
+from appliance.outbound.base import OutboundError
+from appliance.outbound.udp import UdpPeer
+from appliance.proto.socks5 import Socks5Error, parse_udp
+
+log = logging.getLogger(__name__)
+
+BATCH = 128  # datagrams handled per wakeup before yielding to other tasks
+MAX_PENDING = 32  # datagrams queued per session while its outbound opens
+FAILED_HOLD = 2.0  # seconds a failed session drops before the next try
+RECV_SIZE = 65535
+# One sockaddr_in6 (the largest original-destination message) with room.
+ANC_SIZE = socket.CMSG_SPACE(28) * 2
+# Socket buffer for the listener: absorbs a burst while the loop is busy.
+RCVBUF = 4 << 20
+# Warn about unmapped fake IPs at most this often (then debug).
+WARN_INTERVAL = 1.0
+
+OpenPeer = Callable[["Session"], Awaitable[UdpPeer | None]]
+
+
+class Session:
+    """One (client address, original destination) pair and its state.
+
+    `state` is "opening", "open", "rejected" (REJECT: drop until idle) or
+    "failed" (the outbound did not open: drop for FAILED_HOLD). `sock` is
+    the peer's socket while open, else None; `pending` holds datagrams that
+    arrived while opening. `last` is the trio time of the last datagram
+    either way. Also what `open_peer` reads (the `UdpTarget` protocol of
+    appliance.outbound.udp).
+    """
+
+    __slots__ = (
+        "client",
+        "domain",
+        "dst_family",
+        "dst_ip",
+        "dst_port",
+        "header",
+        "key",
+        "last",
+        "limit",
+        "outbound",
+        "peer",
+        "pending",
+        "scope",
+        "sock",
+        "src_ip",
+        "src_port",
+        "state",
+        "timeout",
+    )
+
+    def __init__(self, key: Any, client: tuple[str, int], dst: Destination, domain: str | None,
+                 now: float, timeout: float) -> None:
+        self.key = key
+        self.client = client
+        self.src_ip, self.src_port = client
+        self.dst_family, self.dst_ip, self.dst_port = dst
+        self.domain = domain
+        self.outbound = ""
+        self.state = "opening"
+        self.last = now
+        self.timeout = timeout
+        self.peer: UdpPeer | None = None
+        self.sock: socket.socket | None = None
+        self.header = b""
+        self.limit = MAX_UDP_PAYLOAD
+        self.pending: list[bytes] = []
+        self.scope = trio.CancelScope()
+
+    @property
+    def host(self) -> str:
+        """What the outbound is asked to reach: the name when known."""
+        return self.domain if self.domain is not None else self.dst_ip
+
+    def describe(self) -> str:
+        return f"{self.src_ip}:{self.src_port} -> {self.host}:{self.dst_port}"
+
+
+class ReplySockets:
+    """Transparent sockets bound to original destinations, shared by the
+    sessions to each, closed with the last one. Owns the sockets."""
+
+    def __init__(self) -> None:
+        self._socks: dict[Destination, list[Any]] = {}  # dst -> [socket, users]
+
+    def acquire(self, dst: Destination) -> socket.socket:
+        """The socket that sends from `dst`. Raises OSError (EPERM without
+        CAP_NET_ADMIN, EADDRNOTAVAIL for an address family mismatch)."""
+        entry = self._socks.get(dst)
+        if entry is not None:
+            entry[1] += 1
+            sock: socket.socket = entry[0]
+            return sock
+        family, host, port = dst
+        sock = socket.socket(family, socket.SOCK_DGRAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, IPV6_TRANSPARENT, 1)
+            else:
+                sock.setsockopt(socket.IPPROTO_IP, IP_TRANSPARENT, 1)
+            # Nothing is read from it; keep what strays in small.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.setblocking(False)
+            sock.bind((host, port))
+        except BaseException:
+            sock.close()
+            raise
+        self._socks[dst] = [sock, 1]
+        return sock
+
+    def release(self, dst: Destination) -> None:
+        entry = self._socks.get(dst)
+        if entry is None:
+            return
+        entry[1] -= 1
+        if entry[1] <= 0:
+            del self._socks[dst]
+            entry[0].close()
+
+    def __len__(self) -> int:
+        return len(self._socks)
+
+    def close(self) -> None:
+        for sock, _users in self._socks.values():
+            sock.close()
+        self._socks.clear()
+
+
+def open_listener(port: int, ipv6: bool) -> socket.socket:
+    """The transparent UDP socket on `port` (dual-stack [::] with ipv6, else
+    0.0.0.0). Raises OSError (EADDRINUSE, EPERM without CAP_NET_ADMIN)."""
+    family = socket.AF_INET6 if ipv6 else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    try:
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            sock.setsockopt(socket.IPPROTO_IPV6, IPV6_TRANSPARENT, 1)
+            sock.setsockopt(socket.IPPROTO_IPV6, IPV6_ORIGDSTADDR, 1)
+        # Also on a dual-stack socket: IPv4 datagrams report their original
+        # destination at the IPPROTO_IP level.
+        sock.setsockopt(socket.IPPROTO_IP, IP_TRANSPARENT, 1)
+        sock.setsockopt(socket.IPPROTO_IP, IP_ORIGDSTADDR, 1)
+        try:
+            # Root may exceed net.core.rmem_max; fall back to what is allowed.
+            sock.setsockopt(socket.SOL_SOCKET, getattr(socket, "SO_RCVBUFFORCE", 33), RCVBUF)
+        except OSError:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RCVBUF)
+        sock.setblocking(False)
+        sock.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", port))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _raise_fd_limit(sessions: int) -> None:
+    """Each session holds a socket (two for SOCKS5): make room for them up to
+    the hard limit, which an operator or systemd (LimitNOFILE) sets."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = 3 * sessions + 1024
+    if soft != resource.RLIM_INFINITY and soft < want:
+        new = want if hard == resource.RLIM_INFINITY else min(want, hard)
+        if new > soft:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+        if new < want:
+            log.warning("udp: open-file limit %d allows fewer than %d sessions", new, sessions)
+
+
+class UdpGateway:
+    """The UDP gateway service: listener, session table, reply sockets, counters."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        pool: FakeIPs,
+        open_peer: OpenPeer,
+        *,
+        timeout: float | None = None,
+        max_sessions: int | None = None,
+    ) -> None:
+        if cfg.tproxy_port is None:
+            raise ValueError("tproxy-port is not set")
+        a = cfg.appliance
+        self.cfg = cfg
+        self.port = cfg.tproxy_port
+        self.pool = pool
+        self.open_peer = open_peer
+        self.timeout = timeout if timeout is not None else a.udp_timeout
+        self.table: SessionTable[Any, Session] = SessionTable(
+            max_sessions if max_sessions is not None else a.udp_max_sessions)
+        self.replies = ReplySockets()
+        self.counters = UdpStats()
+        self._warned_at = -WARN_INTERVAL
+
+    def stats(self) -> dict[str, int]:
+        self.counters.sessions = len(self.table)
+        return self.counters.as_dict()
+
+    def snapshot(self) -> list[dict[str, Any]]:
+        """Live sessions, for the API's connection list."""
+        now = trio.current_time()
+        return [
+            {"network": "udp", "source": f"{s.src_ip}:{s.src_port}",
+             "destination": f"{s.dst_ip}:{s.dst_port}", "host": s.domain or "",
+             "outbound": s.outbound, "idle": round(now - s.last, 3), "state": s.state}
+            for s in self.table
+        ]
+
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                    ) -> None:
+        sock = open_listener(self.port, self.cfg.ipv6)
+        try:
+            _raise_fd_limit(self.table.capacity)
+            async with trio.open_nursery() as nursery:
+                log.info("udp: transparent listener on port %d (timeout %gs, at most %d sessions)",
+                         self.port, self.timeout, self.table.capacity)
+                task_status.started()
+                await self._receive_loop(sock, nursery)
+        finally:
+            sock.close()
+            self.replies.close()
+
+    # -- client -> outbound ------------------------------------------------------
+
+    async def _receive_loop(self, sock: socket.socket, nursery: trio.Nursery) -> None:
+        recvmsg = sock.recvmsg
+        get = self.table.get
+        touch = self.table.touch
+        st = self.counters
+        trunc = socket.MSG_TRUNC
+        while True:
+            await trio.lowlevel.wait_readable(sock)
+            now = trio.current_time()
+            for _ in range(BATCH):
+                try:
+                    data, anc, flags, addr = recvmsg(RECV_SIZE, ANC_SIZE)
+                except BlockingIOError:
+                    break
+                except OSError as err:  # e.g. a queued ICMP error: not fatal
+                    log.debug("udp receive: %s", err)
+                    continue
+                if flags & trunc:
+                    st.dropped_oversize += 1
+                    continue
+                if not anc:
+                    continue  # not from TPROXY (no original destination)
+                # The raw original-destination bytes are part of the key: only
+                # a session's first datagram needs them decoded.
+                key = (addr, anc[0][2])
+                s = get(key)
+                if s is None:
+                    self._new_session(key, addr, anc, data, now, nursery)
+                    continue
+                s.last = now
+                touch(key)
+                out = s.sock
+                if out is not None:
+                    n = len(data)
+                    if n > s.limit:
+                        st.dropped_oversize += 1
+                        continue
+                    try:
+                        out.send(s.header + data if s.header else data)
+                    except OSError as err:
+                        self._send_failed(err)
+                        continue
+                    st.packets_up += 1
+                    st.bytes_up += n
+                elif s.state == "opening":
+                    if len(s.pending) < MAX_PENDING:
+                        s.pending.append(data)
+                    else:
+                        st.dropped_queue += 1
+                elif s.state == "rejected":
+                    st.dropped_rejected += 1
+                else:
+                    st.dropped_dial_failed += 1
+
+    def _send_failed(self, err: OSError) -> None:
+        if err.errno == errno.EMSGSIZE:
+            self.counters.dropped_oversize += 1
+        else:
+            self.counters.dropped_send += 1
+
+    def _new_session(self, key: Any, addr: Any, anc: list[tuple[int, int, bytes]], data: bytes,
+                     now: float, nursery: trio.Nursery) -> None:
+        dst = None
+        for level, kind, cdata in anc:
+            dst = original_destination(level, kind, cdata)
+            if dst is not None:
+                break
+        if dst is None:
+            return
+        client = client_address(addr)
+        domain: str | None = None
+        if self.pool.is_fake(dst[1]):
+            domain = self.pool.pin(dst[1])
+            if domain is None:
+                self.counters.dropped_unmapped += 1
+                level = logging.WARNING if now - self._warned_at >= WARN_INTERVAL else logging.DEBUG
+                if level == logging.WARNING:
+                    self._warned_at = now
+                log.log(level, "udp %s:%d -> %s:%d: fake IP not mapped (expired or issued before "
+                        "a restart); dropped (%d so far)", *client, dst[1], dst[2],
+                        self.counters.dropped_unmapped)
+                return
+        session = Session(key, client, dst, domain, now, idle_timeout(dst[2], self.timeout))
+        session.pending.append(data)
+        evicted = self.table.add(key, session)
+        if evicted is not None:
+            self.counters.evicted += 1
+            evicted.scope.cancel()
+            log.debug("udp %s: evicted (at most %d sessions)", evicted.describe(),
+                      self.table.capacity)
+        self.counters.sessions_opened += 1
+        nursery.start_soon(self._run, session)
+
+    # -- one session ---------------------------------------------------------------
+
+    async def _run(self, s: Session) -> None:
+        reply: socket.socket | None = None
+        try:
+            with s.scope:
+                try:
+                    reply = self.replies.acquire((s.dst_family, s.dst_ip, s.dst_port))
+                except OSError as err:
+                    log.warning("udp %s: cannot reply from %s:%d: %s", s.describe(), s.dst_ip,
+                                s.dst_port, err)
+                    return
+                if not await self._open(s):
+                    return
+                assert s.peer is not None
+                async with trio.open_nursery() as nursery:
+                    if s.peer.socks:
+                        nursery.start_soon(self._watch, s.peer, nursery.cancel_scope)
+                    await self._relay_down(s, s.peer, reply)
+                    nursery.cancel_scope.cancel()
+        finally:
+            self.table.remove(s.key, s)
+            s.sock = None
+            s.pending = []
+            if s.state == "opening" or s.state == "open":
+                s.state = "closed"
+            if reply is not None:
+                self.replies.release((s.dst_family, s.dst_ip, s.dst_port))
+            if s.peer is not None:
+                await s.peer.aclose()
+            if s.domain is not None:
+                self.pool.unpin(s.dst_ip)
+
+    async def _open(self, s: Session) -> bool:
+        """Open the session's outbound and send what waited; False when the
+        session has nothing more to do (REJECT or failure, after holding)."""
+        st = self.counters
+        try:
+            peer = await self.open_peer(s)
+        except Exception as exc:  # open_peer is pluggable: any failure ends this session only
+            why = exc.reason if isinstance(exc, OutboundError) else (
+                f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
+            st.dial_failures += 1
+            st.dropped_dial_failed += len(s.pending)
+            s.pending = []
+            s.state = "failed"
+            log.warning("udp %s: outbound%s failed: %s; dropping for %gs", s.describe(),
+                        f" {s.outbound}" if s.outbound else "", why, FAILED_HOLD)
+            await trio.sleep(FAILED_HOLD)
+            return False
+        if peer is None:
+            st.dropped_rejected += len(s.pending)
+            s.pending = []
+            s.state = "rejected"
+            s.outbound = s.outbound or "REJECT"
+            log.debug("udp %s: rejected by %s", s.describe(), s.outbound)
+            await self._wait_idle(s)
+            return False
+        s.peer = peer
+        s.outbound = peer.outbound
+        s.header = peer.header
+        s.limit = MAX_UDP_PAYLOAD - len(peer.header)
+        pending, s.pending = s.pending, []
+        for data in pending:
+            if len(data) > s.limit:
+                st.dropped_oversize += 1
+                continue
+            try:
+                peer.sock.send(s.header + data)
+            except OSError as err:
+                self._send_failed(err)
+                continue
+            st.packets_up += 1
+            st.bytes_up += len(data)
+        # From here on the receive loop sends directly.
+        s.sock = peer.sock
+        s.state = "open"
+        log.debug("udp %s: via %s (%s)", s.describe(), peer.outbound, peer.remote)
+        return True
+
+    async def _wait_idle(self, s: Session) -> None:
+        while True:
+            deadline = s.last + s.timeout
+            if trio.current_time() >= deadline:
+                self.counters.idle_expired += 1
+                return
+            await trio.sleep_until(deadline)
+
+    @staticmethod
+    async def _watch(peer: UdpPeer, scope: trio.CancelScope) -> None:
+        await peer.watch()
+        scope.cancel()
+
+    async def _relay_down(self, s: Session, peer: UdpPeer, reply: socket.socket) -> None:
+        """Replies from the peer to the client until the session idles out,
+        from the original destination (`reply` is bound to it)."""
+        st = self.counters
+        sock = peer.sock
+        recv = sock.recv
+        sendto = reply.sendto
+        client = s.client
+        socks = peer.socks
+        touch = self.table.touch
+        while True:
+            deadline = s.last + s.timeout
+            if trio.current_time() >= deadline:
+                st.idle_expired += 1
+                log.debug("udp %s: idle for %gs, closed", s.describe(), s.timeout)
+                return
+            # Activity moves `s.last`; the deadline is checked again when it
+            # fires instead of being reset for every datagram.
+            with trio.move_on_at(deadline):
+                while True:
+                    await trio.lowlevel.wait_readable(sock)
+                    got = False
+                    for _ in range(BATCH):
+                        try:
+                            data = recv(RECV_SIZE)
+                        except BlockingIOError:
+                            break
+                        except OSError:
+                            # ICMP errors (port unreachable) surface on a
+                            # connected socket: the peer may come back.
+                            continue
+                        if socks:
+                            payload = self._unwrap(data)
+                            if payload is None:
+                                continue
+                            data = payload
+                        try:
+                            sendto(data, client)
+                        except OSError as err:
+                            self._send_failed(err)
+                            continue
+                        got = True
+                        st.packets_down += 1
+                        st.bytes_down += len(data)
+                    if got:
+                        s.last = trio.current_time()
+                        try:
+                            touch(s.key)
+                        except KeyError:
+                            return  # evicted: our scope is cancelled already
+
+    def _unwrap(self, datagram: bytes) -> bytes | None:
+        """The payload of a SOCKS5 UDP reply; None (counted) if it is a
+        fragment or malformed."""
+        try:
+            d = parse_udp(datagram)
+        except Socks5Error:
+            self.counters.dropped_malformed += 1
+            return None
+        if d.frag:
+            self.counters.dropped_fragment += 1
+            return None
+        return d.payload
+
