@@ -32,6 +32,7 @@ import shutil
 import subprocess
 import tempfile
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -200,8 +201,19 @@ def changed_tasks(output: str) -> list[str]:
     return names
 
 
+@dataclass(frozen=True)
+class Applied:
+    """The target after two runs of site.yml, and how to run it again."""
+
+    first: str  # output of the first run
+    second: str  # output of the second run
+    root: Path
+    inventory: Path
+    env: dict[str, str]
+
+
 @pytest.fixture(scope="module")
-def applied(target_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
+def applied(target_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Applied:
     """Run site.yml twice against the target; the two runs' outputs."""
     tmp = tmp_path_factory.mktemp("dep-ansible")
     # A snapshot of the source: both runs must install the same tree even
@@ -227,20 +239,20 @@ def applied(target_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dict
     env = ansible_env(tmp)
     first = run(argv, timeout=900, env=env, cwd=ANSIBLE_DIR)
     second = run(argv, timeout=600, env=env, cwd=ANSIBLE_DIR)
-    return {"first": first.stdout, "second": second.stdout, "root": target_root}
+    return Applied(first.stdout, second.stdout, target_root, inventory, env)
 
 
-def test_playbook_applies_and_is_idempotent(applied: dict[str, object]) -> None:
-    first = recap(str(applied["first"]))
-    second = recap(str(applied["second"]))
+def test_playbook_applies_and_is_idempotent(applied: Applied) -> None:
+    first = recap(applied.first)
+    second = recap(applied.second)
     assert first["failed"] == 0 and first["unreachable"] == 0
     assert first["changed"] > 0
-    assert second["changed"] == 0, changed_tasks(str(applied["second"]))
+    assert second["changed"] == 0, changed_tasks(applied.second)
     assert second["failed"] == 0
 
 
-def test_installed_config_passes_mirage_check(applied: dict[str, object]) -> None:
-    root = Path(str(applied["root"]))
+def test_installed_config_passes_mirage_check(applied: Applied) -> None:
+    root = applied.root
     proc = run(["chroot", str(root), "/opt/mirage/venv/bin/mirage", "check",
                 "-c", "/etc/mirage/config.yaml"], timeout=60)
     assert "configuration OK" in proc.stderr
@@ -251,18 +263,18 @@ def test_installed_config_passes_mirage_check(applied: dict[str, object]) -> Non
     assert group.stdout.strip() == "mirage"
 
 
-def test_installed_mirage_renders_its_capture_rules(applied: dict[str, object]) -> None:
+def test_installed_mirage_renders_its_capture_rules(applied: Applied) -> None:
     """`mirage rules` on the target: the installed package finds its ruleset
     template (nft/) and renders the table it will own."""
-    root = Path(str(applied["root"]))
+    root = applied.root
     proc = run(["chroot", str(root), "/opt/mirage/venv/bin/mirage", "rules",
                 "-c", "/etc/mirage/config.yaml"], timeout=60)
     assert "table inet mirage" in proc.stdout
     assert "lan0" in proc.stdout
 
 
-def test_target_has_the_kernel_settings_and_the_enabled_unit(applied: dict[str, object]) -> None:
-    root = Path(str(applied["root"]))
+def test_target_has_the_kernel_settings_and_the_enabled_unit(applied: Applied) -> None:
+    root = applied.root
     sysctl = (root / "etc/sysctl.d/90-mirage.conf").read_text()
     assert "net.ipv4.ip_forward=1" in sysctl
     assert "net.ipv4.conf.all.rp_filter=2" in sysctl
@@ -272,8 +284,8 @@ def test_target_has_the_kernel_settings_and_the_enabled_unit(applied: dict[str, 
     assert state.stdout.strip() == "enabled"
 
 
-def test_unit_verifies_and_is_hardened(applied: dict[str, object]) -> None:
-    root = Path(str(applied["root"]))
+def test_unit_verifies_and_is_hardened(applied: Applied) -> None:
+    root = applied.root
     unit = root / "etc/systemd/system/mirage.service"
     text = unit.read_text()
     assert "ExecStart=/opt/mirage/venv/bin/mirage run -c /etc/mirage/config.yaml" in text
@@ -290,6 +302,23 @@ def test_unit_verifies_and_is_hardened(applied: dict[str, object]) -> None:
     assert exposure, security.stdout[-3000:] + security.stderr
     print(security.stdout)
     assert float(exposure.group(1)) <= 3.0, security.stdout
+
+
+def test_bad_configuration_never_replaces_the_good_one(applied: Applied) -> None:
+    """A run with a broken setting fails at `mirage check` (the template's
+    `validate:`), and the target keeps its working configuration."""
+    root = applied.root
+    config = root / "etc/mirage/config.yaml"
+    before = config.read_bytes()
+    bad = json.dumps({"mirage_config_extra": {"dns": {"fake-ip-range": "300.1.1.1/16"}}})
+    proc = run(["ansible-playbook", "-i", str(applied.inventory), str(ANSIBLE_DIR / "site.yml"),
+                "-e", bad], timeout=600, env=applied.env, cwd=ANSIBLE_DIR, check=False)
+    assert proc.returncode != 0
+    assert "dns.fake-ip-range" in proc.stdout, proc.stdout[-3000:]
+    assert recap(proc.stdout)["failed"] == 1
+    assert config.read_bytes() == before
+    run(["chroot", str(root), "/opt/mirage/venv/bin/mirage", "check",
+         "-c", "/etc/mirage/config.yaml"], timeout=60)
 
 
 # --- Templates rendered on the controller (no target needed) ---------------
