@@ -119,7 +119,7 @@ class Appliance:
                     await nursery.start(api_server.serve, self, ctl.host, ctl.port)
                     log.info("control API on http://%s", ctl)
                 if cfg.appliance.lan:
-                    await nursery.start(self._serve_capture)
+                    self.capture = await nursery.start(self._serve_capture)
                 log.info("mirage %s running (pid %d)", __version__, _pid())
                 task_status.started()
         finally:
@@ -190,11 +190,11 @@ class Appliance:
 
     async def _serve_capture(self, *,
                              task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        from appliance.capture import nftables
+        from appliance.capture import backend
 
         try:
-            await nftables.serve(self.cfg, task_status=task_status)
-        except (OSError, nftables.CaptureError) as err:
+            await backend.serve(self.cfg, task_status=task_status)
+        except (OSError, backend.CaptureError) as err:
             raise AppError(f"capture rules: {err}") from None
 
     # -- signals and reload --------------------------------------------------
@@ -280,6 +280,8 @@ class Appliance:
             out["dns"] = self.dns_handler.stats()
         if self.gateway is not None and hasattr(self.gateway, "stats"):
             out["gateway"] = self.gateway.stats()
+        if self.capture is not None and hasattr(self.capture, "stats"):
+            out["capture"] = self.capture.stats()
         return out
 
     def mappings(self) -> Iterable[tuple[str, Any, int]]:

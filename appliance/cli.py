@@ -46,10 +46,10 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_rules(args: argparse.Namespace) -> int:
-    from appliance.capture.nftables import render_text
+    from appliance.capture.backend import render_plan
 
     cfg = _load(args.config)
-    print(render_text(cfg), end="")
+    print(render_plan(cfg), end="")
     return EXIT_OK
 
 

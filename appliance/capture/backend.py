@@ -1,0 +1,83 @@
+"""Chooses the capture backend from `appliance.redirect`.
+
+- `nftables`: nft/mirage.nft (TPROXY) + policy routing (capture/nftables.py);
+- `ebpf`: bpf/mirage_tc.c on tc ingress + policy routing (capture/ebpf.py);
+  if it cannot load, `run` fails with the reason and the fix;
+- `auto`: eBPF, and nftables with a warning when eBPF cannot load (no bcc,
+  no kernel headers, verifier refusal).
+
+Owns nothing itself: each backend owns what it applies. Before the nftables
+backend starts, a crashed eBPF run's tc filters are detached, and the eBPF
+backend deletes a crashed nftables run's table, so two captures never run
+side by side.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import trio
+
+from appliance.capture.nftables import CaptureError
+from appliance.config.model import Config
+
+log = logging.getLogger(__name__)
+
+__all__ = ["CaptureError", "render_plan", "serve"]
+
+
+def render_plan(cfg: Config) -> str:
+    """What `mirage rules -c FILE` prints: the nftables ruleset, or the eBPF
+    plan (for `auto`: the eBPF plan, then the nftables fallback)."""
+    from appliance.capture import ebpf, nftables
+
+    mode = cfg.appliance.redirect
+    if mode == "nftables":
+        return nftables.render_text(cfg)
+    if mode == "ebpf":
+        return ebpf.render_text(cfg)
+    return (
+        ebpf.render_text(cfg)
+        + "\n# Fallback when the eBPF program cannot load (redirect: auto):\n\n"
+        + nftables.render_text(cfg)
+    )
+
+
+async def serve(
+    cfg: Config,
+    *,
+    task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Apply the capture `cfg.appliance.redirect` names, report started with
+    the capture object (an `EbpfCapture` has `stats()`/`clients()`), hold it
+    until cancelled, remove it. Raises CaptureError when it cannot apply."""
+    from appliance.capture import ebpf, nftables
+
+    mode = cfg.appliance.redirect
+    if mode in ("ebpf", "auto"):
+        capture: Any = ebpf.EbpfCapture(cfg)
+        try:
+            await trio.to_thread.run_sync(capture.apply)
+        except CaptureError as err:
+            if mode == "ebpf":
+                raise
+            log.warning("capture: eBPF unavailable (%s); redirect: auto falls back to "
+                        "nftables", err)
+        else:
+            await _hold(capture, task_status)
+            return
+    await trio.to_thread.run_sync(ebpf.remove_leftovers, cfg)
+    capture = nftables.NftablesCapture(cfg)
+    await trio.to_thread.run_sync(capture.apply)
+    await _hold(capture, task_status)
+
+
+async def _hold(capture: Any, task_status: trio.TaskStatus[Any]) -> None:
+    try:
+        task_status.started(capture)
+        await trio.sleep_forever()
+    finally:
+        # Shielded: removal must run even while the nursery is being cancelled.
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(capture.remove)
