@@ -321,6 +321,39 @@ def test_bad_configuration_never_replaces_the_good_one(applied: Applied) -> None
          "-c", "/etc/mirage/config.yaml"], timeout=60)
 
 
+HEADERS_PLAY = """\
+- name: Arrange kernel headers for bcc
+  hosts: target
+  tasks:
+    - name: Run the role's kernel-headers tasks
+      ansible.builtin.include_role:
+        name: mirage
+        tasks_from: kernel-headers.yml
+"""
+
+
+def test_kernel_headers_linked_only_where_missing(applied: Applied, tmp_path: Path) -> None:
+    """The `ebpf` headers arrangement: the running kernel (the host's, in a
+    chroot) has no headers there, so Debian's newest -amd64 and -common
+    directories are linked in as build and source; a second run leaves them."""
+    root = applied.root
+    for version in ("6.1.0-9", "6.1.0-10"):
+        for flavour in ("amd64", "common"):
+            (root / f"usr/src/linux-headers-{version}-{flavour}").mkdir(parents=True)
+    play = tmp_path / "headers.yml"
+    play.write_text(HEADERS_PLAY)
+    env = {**applied.env, "ANSIBLE_ROLES_PATH": str(ANSIBLE_DIR / "roles")}
+    argv = ["ansible-playbook", "-i", str(applied.inventory), str(play),
+            "-e", "mirage_debian_arch=amd64"]
+    first = run(argv, timeout=300, env=env)
+    assert "has no headers package" in first.stdout
+    kdir = root / "lib/modules" / os.uname().release
+    assert os.readlink(kdir / "build") == "/usr/src/linux-headers-6.1.0-10-amd64"
+    assert os.readlink(kdir / "source") == "/usr/src/linux-headers-6.1.0-10-common"
+    second = run(argv, timeout=300, env=env)
+    assert recap(second.stdout)["changed"] == 0, changed_tasks(second.stdout)
+
+
 # --- Templates rendered on the controller (no target needed) ---------------
 
 RENDER_PLAY = """\
