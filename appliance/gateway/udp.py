@@ -107,6 +107,7 @@ class Session:
         "peer",
         "pending",
         "scope",
+        "skipped",
         "sock",
         "src_ip",
         "src_port",
@@ -122,6 +123,7 @@ class Session:
         self.dst_family, self.dst_ip, self.dst_port = dst
         self.domain = domain
         self.outbound = ""
+        self.skipped = 0
         self.state = "opening"
         self.last = now
         self.timeout = timeout
@@ -419,7 +421,10 @@ class UdpGateway:
         session has nothing more to do (REJECT or failure, after holding)."""
         st = self.counters
         try:
-            peer = await self.open_peer(s)
+            try:
+                peer = await self.open_peer(s)
+            finally:
+                st.skipped_no_udp += s.skipped
         except Exception as exc:  # open_peer is pluggable: any failure ends this session only
             why = exc.reason if isinstance(exc, OutboundError) else (
                 f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)

@@ -82,6 +82,7 @@ class UdpTarget(Protocol):
     src_ip: str
     src_port: int
     outbound: str
+    skipped: int
 
     @property
     def host(self) -> str: ...
@@ -306,11 +307,11 @@ class UdpDialer:
 
     def __init__(self, current: Callable[[], tuple[Router, Config]]) -> None:
         self.current = current
-        self.skipped = 0  # rules skipped because their target had no UDP
 
     async def open(self, target: UdpTarget) -> UdpPeer | None:
         """The session's peer, None if the rules say REJECT. Sets
-        `target.outbound`. Raises OutboundError (bounded by connect-timeout)."""
+        `target.outbound` and `target.skipped` (rules passed over because
+        their target cannot carry UDP). Raises OutboundError (bounded by connect-timeout)."""
         router, cfg = self.current()
         udp_proxies = frozenset(p.name for p in cfg.proxies if p.udp)
         ctx = FlowContext(
@@ -321,8 +322,7 @@ class UdpDialer:
             network="udp",
             src_port=target.src_port,
         )
-        outbound, skipped = route_udp(router, ctx, udp_proxies)
-        self.skipped += skipped
+        outbound, target.skipped = route_udp(router, ctx, udp_proxies)
         target.outbound = outbound.name
         timeout = cfg.appliance.connect_timeout
         with outbound_deadline(timeout, f"{outbound.name} udp {target.host}:{target.dst_port}"):

@@ -1,0 +1,306 @@
+"""The UDP gateway's bookkeeping and routing, without the lab.
+
+Pure parts (appliance/gateway/udp_sessions.py): original-destination decoding,
+the bounded LRU session table, idle timeouts, counters. Routing
+(appliance/outbound/udp.py): which outbound a UDP flow takes when rules point
+at outbounds that cannot carry UDP. And SOCKS5 UDP ASSOCIATE against a
+scripted proxy on loopback (real sockets, real datagrams).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+import struct
+
+import pytest
+import trio
+
+from appliance.config.model import (
+    ApplianceConfig,
+    Config,
+    ProxyConfig,
+    ProxyGroupConfig,
+    Rule,
+)
+from appliance.gateway.udp_sessions import (
+    IP_ORIGDSTADDR,
+    IPV6_ORIGDSTADDR,
+    SessionTable,
+    UdpStats,
+    client_address,
+    idle_timeout,
+    original_destination,
+)
+from appliance.outbound.base import OutboundError
+from appliance.outbound.build import Router, build_outbounds
+from appliance.outbound.socks5 import Socks5Outbound
+from appliance.outbound.udp import UdpDialer, carries_udp, open_socks5, route_udp
+from appliance.proto import socks5 as s5
+from appliance.rules.engine import FlowContext
+
+# ------------------------------------------------------------ original destination
+
+
+def sockaddr_in(ip: str, port: int) -> bytes:
+    return struct.pack("!HH4s8x", socket.AF_INET, port, socket.inet_aton(ip))
+
+
+def sockaddr_in6(ip: str, port: int) -> bytes:
+    return struct.pack("!HHI16sI", socket.AF_INET6, port, 0,
+                       socket.inet_pton(socket.AF_INET6, ip), 0)
+
+
+def test_original_destination_v4_and_v6() -> None:
+    got = original_destination(socket.IPPROTO_IP, IP_ORIGDSTADDR, sockaddr_in("198.18.0.7", 443))
+    assert got == (socket.AF_INET, "198.18.0.7", 443)
+    got = original_destination(socket.IPPROTO_IPV6, IPV6_ORIGDSTADDR,
+                               sockaddr_in6("fdfe:dcba:9876::5", 53))
+    assert got == (socket.AF_INET6, "fdfe:dcba:9876::5", 53)
+
+
+def test_original_destination_ignores_other_messages() -> None:
+    data = sockaddr_in("198.18.0.7", 443)
+    assert original_destination(socket.IPPROTO_IP, 8, data) is None  # IP_PKTINFO
+    assert original_destination(socket.IPPROTO_IP, IP_ORIGDSTADDR, data[:7]) is None
+    assert original_destination(socket.IPPROTO_IPV6, IPV6_ORIGDSTADDR, data) is None
+
+
+def test_client_address_unmaps_v4_on_dual_stack() -> None:
+    assert client_address(("::ffff:192.168.56.10", 5000, 0, 0)) == ("192.168.56.10", 5000)
+    assert client_address(("fd56::10", 5000, 0, 0)) == ("fd56::10", 5000)
+    assert client_address(("192.168.56.10", 5000)) == ("192.168.56.10", 5000)
+
+
+def test_idle_timeout_is_short_for_dns() -> None:
+    assert idle_timeout(443, 60.0) == 60.0
+    assert idle_timeout(53, 60.0) == 10.0
+    assert idle_timeout(53, 3.0) == 3.0
+
+
+def test_stats_names() -> None:
+    names = UdpStats().as_dict()
+    for key in ("sessions", "evicted", "dropped_unmapped", "dropped_oversize", "packets_up",
+                "packets_down", "bytes_up", "bytes_down"):
+        assert names[key] == 0
+
+
+# ------------------------------------------------------------ session table
+
+
+def test_table_evicts_the_least_recently_active() -> None:
+    t: SessionTable[str, str] = SessionTable(3)
+    for k in "abc":
+        assert t.add(k, k.upper()) is None
+    t.touch("a")  # b is now the oldest
+    assert t.oldest() == "B"
+    assert t.add("d", "D") == "B"
+    assert len(t) == 3 and t.get("b") is None
+    assert list(t) == ["C", "A", "D"]
+
+
+def test_table_remove_only_removes_the_same_session() -> None:
+    t: SessionTable[str, object] = SessionTable(1)
+    old, new = object(), object()
+    t.add("k", old)
+    assert t.add("x", new) is old  # evicted
+    assert t.remove("k", old) is False  # its cleanup finds nothing to remove
+    t.remove("x", new)
+    t.add("k", new)
+    assert t.remove("k", old) is False  # a successor under the same key stays
+    assert t.get("k") is new
+    assert t.remove("k", new) is True and len(t) == 0
+
+
+def test_table_rejects_duplicates_and_zero_capacity() -> None:
+    t: SessionTable[str, int] = SessionTable(2)
+    t.add("a", 1)
+    with pytest.raises(KeyError):
+        t.add("a", 2)
+    with pytest.raises(ValueError):
+        SessionTable(0)
+
+
+# ------------------------------------------------------------ routing
+
+
+def make_cfg(rules: list[tuple[str, str, str]], groups: tuple[ProxyGroupConfig, ...] = ()
+             ) -> Config:
+    return Config(
+        tproxy_port=7893,
+        proxies=(
+            ProxyConfig("socks-udp", "socks5", "192.0.2.1", 1080, udp=True),
+            ProxyConfig("socks-tcp", "socks5", "192.0.2.1", 1081, udp=False),
+            ProxyConfig("web", "http", "192.0.2.1", 8080, udp=True),  # http never carries UDP
+        ),
+        proxy_groups=groups,
+        rules=tuple(Rule(t, v, target) for t, v, target in rules),
+    )
+
+
+def route(cfg: Config, domain: str, port: int = 443) -> tuple[str, int]:
+    router = Router(cfg, build_outbounds(cfg, None))
+    udp = frozenset(p.name for p in cfg.proxies if p.udp)
+    out, skipped = route_udp(router, FlowContext(domain, None, port, network="udp"), udp)
+    return out.name, skipped
+
+
+def test_udp_takes_the_first_rule_whose_target_carries_udp() -> None:
+    cfg = make_cfg([
+        ("DOMAIN-SUFFIX", "a.test", "socks-tcp"),
+        ("DOMAIN-KEYWORD", "a", "web"),
+        ("DOMAIN-SUFFIX", "a.test", "socks-udp"),
+        ("MATCH", "", "REJECT"),
+    ])
+    assert route(cfg, "www.a.test") == ("socks-udp", 2)
+    assert route(cfg, "www.b.test") == ("REJECT", 0)  # REJECT is an answer, not a skip
+
+
+def test_udp_falls_to_direct_when_every_match_is_skipped() -> None:
+    cfg = make_cfg([("DOMAIN-SUFFIX", "a.test", "web"), ("MATCH", "", "socks-tcp")])
+    assert route(cfg, "www.a.test") == ("DIRECT", 2)
+    # TCP routing is unchanged by this.
+    router = Router(cfg, build_outbounds(cfg, None))
+    assert router.route(FlowContext("www.a.test", None, 443)).name == "web"
+
+
+def test_network_rule_sees_udp() -> None:
+    cfg = make_cfg([("NETWORK", "udp", "REJECT"), ("MATCH", "", "socks-udp")])
+    assert route(cfg, "www.a.test") == ("REJECT", 0)
+
+
+def test_groups_carry_udp_through_their_members() -> None:
+    groups = (
+        ProxyGroupConfig("sel", "select", ("web", "socks-udp")),
+        ProxyGroupConfig("fb", "fallback", ("socks-tcp", "socks-udp")),
+    )
+    cfg = make_cfg([("DOMAIN", "x.test", "sel"), ("DOMAIN", "y.test", "fb"),
+                    ("MATCH", "", "DIRECT")], groups)
+    outbounds = build_outbounds(cfg, None)
+    udp = frozenset({"socks-udp"})
+    assert not carries_udp(outbounds["sel"], udp)  # selected: web
+    assert carries_udp(outbounds["fb"], udp)
+    assert route(cfg, "x.test") == ("DIRECT", 1)
+    assert route(cfg, "y.test") == ("fb", 0)
+
+
+# ------------------------------------------------------------ SOCKS5 UDP ASSOCIATE
+
+
+class ScriptedSocksUdp:
+    """A minimal SOCKS5 server for one UDP ASSOCIATE on loopback: it checks
+    the request, relays one datagram back with a reply header, then closes
+    the control connection when told to."""
+
+    def __init__(self) -> None:
+        self.request: s5.Request | None = None
+        self.seen: s5.UdpDatagram | None = None
+        self.seen_from: tuple[str, int] | None = None
+        self.close_control = trio.Event()
+        self.relay = trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+
+    async def serve(self, stream: trio.SocketStream) -> None:
+        server = s5.Socks5Server()
+        await self.relay.bind(("127.0.0.1", 0))
+        event = None
+        while event is None:
+            event = server.receive_data(await stream.receive_some(512))
+            await stream.send_all(server.data_to_send())
+        assert isinstance(event, s5.Request)
+        self.request = event
+        # BND.ADDR 0.0.0.0: "the address you reached me at".
+        server.reply(s5.REP_SUCCEEDED, "0.0.0.0", self.relay.getsockname()[1])
+        await stream.send_all(server.data_to_send())
+        data, addr = await self.relay.recvfrom(65535)
+        self.seen, self.seen_from = s5.parse_udp(data), addr
+        await self.relay.sendto(s5.encode_udp("192.0.2.9", 9999, b"pong"), addr)
+        await self.close_control.wait()
+        await stream.aclose()
+
+
+async def test_socks5_udp_associate_sends_the_name_and_ends_with_control() -> None:
+    proxy = ScriptedSocksUdp()
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listeners[0].socket.getsockname()[1]
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(trio.serve_listeners, proxy.serve, listeners)
+        out = Socks5Outbound("p", "127.0.0.1", port)
+        with trio.fail_after(5):
+            peer = await open_socks5(out, "www.example.test", 5353)
+            try:
+                assert peer.socks and peer.outbound == "p"
+                peer.sock.send(peer.header + b"ping")
+                await trio.lowlevel.wait_readable(peer.sock)
+                reply = s5.parse_udp(peer.sock.recv(65535))
+                assert reply.payload == b"pong"
+                # The request announced exactly the socket we send from.
+                assert proxy.request is not None
+                assert proxy.request.command == s5.CMD_UDP_ASSOCIATE
+                assert (str(proxy.request.host), proxy.request.port) == proxy.seen_from
+                # Datagrams name the host (ATYP 3), never an address.
+                assert proxy.seen == s5.UdpDatagram("www.example.test", 5353, b"ping")
+                proxy.close_control.set()
+                await peer.watch()  # returns: the association is over
+            finally:
+                await peer.aclose()
+        nursery.cancel_scope.cancel()
+    proxy.relay.close()
+
+
+async def test_socks5_udp_refused_is_an_outbound_error() -> None:
+    async def refuse(stream: trio.SocketStream) -> None:
+        server = s5.Socks5Server()
+        event = None
+        while event is None:
+            event = server.receive_data(await stream.receive_some(512))
+            await stream.send_all(server.data_to_send())
+        server.reply(s5.REP_COMMAND_NOT_SUPPORTED)
+        await stream.send_all(server.data_to_send())
+        await stream.aclose()
+
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listeners[0].socket.getsockname()[1]
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(trio.serve_listeners, refuse, listeners)
+        with pytest.raises(OutboundError, match="command not supported"):
+            await open_socks5(Socks5Outbound("p", "127.0.0.1", port), "x.test", 53)
+        nursery.cancel_scope.cancel()
+
+
+class Target:
+    def __init__(self, domain: str | None, dst_ip: str, dst_port: int) -> None:
+        self.domain = domain
+        self.dst_ip = dst_ip
+        self.dst_port = dst_port
+        self.src_ip = "192.168.56.10"
+        self.src_port = 40000
+        self.outbound = ""
+        self.skipped = 0
+
+    @property
+    def host(self) -> str:
+        return self.domain or self.dst_ip
+
+
+async def test_dialer_opens_direct_to_an_ip_with_the_routing_mark() -> None:
+    cfg = Config(tproxy_port=7893, routing_mark=255,
+                 appliance=ApplianceConfig(connect_timeout=2.0))
+    router = Router(cfg, build_outbounds(cfg, None))
+    dialer = UdpDialer(lambda: (router, cfg))
+    echo = trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    with echo:
+        await echo.bind(("127.0.0.1", 0))
+        target = Target(None, "127.0.0.1", echo.getsockname()[1])
+        peer = await dialer.open(target)
+        assert peer is not None and target.outbound == "DIRECT" and not peer.socks
+        try:
+            assert peer.sock.getsockopt(socket.SOL_SOCKET, 36) == 255  # SO_MARK
+            peer.sock.send(b"hi")
+            data, addr = await echo.recvfrom(100)
+            assert data == b"hi" and addr == peer.sock.getsockname()
+        finally:
+            await peer.aclose()
+    # A name with no resolver configured: an OutboundError, not a crash.
+    with pytest.raises(OutboundError, match="no resolver"):
+        await dialer.open(Target("www.example.test", "198.18.0.1", 53))
+    assert ipaddress.ip_address(target.dst_ip).is_loopback
