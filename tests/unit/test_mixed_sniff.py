@@ -1,0 +1,706 @@
+"""The proxy ports (appliance/gateway/mixed.py).
+
+First the protocol logic without I/O (sniffing, credentials, forwarding
+heads, request body framing, where to listen), then the service itself on
+loopback: real SOCKS5/HTTP clients (the project's own sans-I/O client and
+raw sockets) against `ProxyPorts`, with a `dial` that connects to real
+origin servers on loopback and a real fake-IP pool.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import itertools
+import socket
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+import pytest
+import trio
+from hypothesis import given
+from hypothesis import strategies as st
+
+from appliance.config.model import ApplianceConfig, Config, IPAddress
+from appliance.fakeip.pool import FakeIPPool
+from appliance.gateway.mixed import (
+    Authenticator,
+    BindAddress,
+    BodyFramer,
+    DirectUdp,
+    Limits,
+    ProxyPort,
+    ProxyPortError,
+    ProxyPorts,
+    choose_bind_addresses,
+    classify_dial_error,
+    origin_request,
+    proxy_ports,
+    sniff,
+)
+from appliance.gateway.splice import FlowRegistry
+from appliance.gateway.tcp import FlowTarget
+from appliance.outbound.base import OutboundError
+from appliance.outbound.direct import DirectOutbound
+from appliance.proto import socks5 as s5
+from appliance.proto.http_connect import HttpConnectError, ProxyRequest, parse_request
+
+# ---------------------------------------------------------------------------- sniff
+
+
+def test_sniff_by_first_byte() -> None:
+    assert sniff(0x05) == "socks5"
+    assert sniff(0x04) == "socks4"
+    for first in b"GCPHDOT\x00\x16\xff":
+        assert sniff(first) == "http"
+
+
+# ---------------------------------------------------------------------- credentials
+
+
+def test_authenticator() -> None:
+    assert not Authenticator().required
+    auth = Authenticator([("alice", "s3cret"), ("bob", "pa:ss")])
+    assert auth.required
+    assert auth.check("alice", "s3cret")
+    assert auth.check("bob", "pa:ss")
+    assert not auth.check("alice", "pa:ss")
+    assert not auth.check("alice", "")
+    assert not auth.check("carol", "s3cret")
+    assert not auth.check("", "")
+
+
+def test_dial_errors_map_to_refusals() -> None:
+    assert classify_dial_error("rejected") == "rejected"
+    assert classify_dial_error("connect to 1.2.3.4 port 80 failed: Connection refused") == "refused"
+    assert classify_dial_error("DIRECT x:80: timed out after 5s") == "timeout"
+    assert classify_dial_error("no connection within 5s") == "timeout"
+    assert classify_dial_error("cannot resolve x.test: NXDOMAIN") == "unreachable"
+
+
+# ------------------------------------------------------------------ forwarding head
+
+
+def request(raw: bytes) -> ProxyRequest:
+    parsed = parse_request(raw)
+    assert parsed is not None
+    return parsed[0]
+
+
+def test_origin_request_rewrites_line_host_and_hop_by_hop() -> None:
+    req = request(
+        b"POST http://www.alpha.test:8080/p?q=1 HTTP/1.1\r\n"
+        b"Host: evil.test\r\n"
+        b"Proxy-Authorization: Basic dTpw\r\n"
+        b"Proxy-Connection: keep-alive\r\n"
+        b"Connection: keep-alive, X-Secret\r\n"
+        b"Keep-Alive: timeout=5\r\n"
+        b"X-Secret: drop me\r\n"
+        b"TE: trailers\r\n"
+        b"Content-Length: 3\r\n"
+        b"User-Agent: t\r\n\r\n"
+    )
+    head, upgrade = origin_request(req)
+    assert not upgrade
+    lines = head.decode().split("\r\n")
+    assert lines[0] == "POST /p?q=1 HTTP/1.1"
+    assert lines[1] == "Host: www.alpha.test:8080"
+    assert "Content-Length: 3" in lines and "User-Agent: t" in lines
+    assert "Connection: close" in lines
+    text = head.decode().lower()
+    for gone in ("proxy-", "keep-alive", "x-secret", "te:", "evil.test"):
+        assert gone not in text, gone
+    assert head.endswith(b"\r\n\r\n")
+
+
+def test_origin_request_default_port_and_v6_host() -> None:
+    head, _ = origin_request(request(b"GET http://www.beta.test/ HTTP/1.0\r\n\r\n"))
+    assert head.startswith(b"GET / HTTP/1.0\r\nHost: www.beta.test\r\n")
+    head, _ = origin_request(request(b"GET http://[fd57::10]/x HTTP/1.1\r\n\r\n"))
+    assert b"\r\nHost: [fd57::10]\r\n" in head
+
+
+def test_origin_request_keeps_an_upgrade() -> None:
+    head, upgrade = origin_request(
+        request(
+            b"GET http://ws.test/chat HTTP/1.1\r\nConnection: Upgrade\r\n"
+            b"Upgrade: websocket\r\nSec-WebSocket-Key: k\r\n\r\n"
+        )
+    )
+    assert upgrade
+    assert b"Upgrade: websocket\r\n" in head and b"Connection: upgrade\r\n" in head
+    assert b"Sec-WebSocket-Key: k" in head and b"close" not in head
+
+
+# ----------------------------------------------------------------------- body framing
+
+
+def framer(raw_head: bytes) -> BodyFramer:
+    return BodyFramer.for_request(request(raw_head))
+
+
+def test_framing_none_and_content_length() -> None:
+    f = framer(b"GET http://a.test/ HTTP/1.1\r\n\r\n")
+    assert f.done and f.feed(b"GET /next") == 0
+    f = framer(b"POST http://a.test/ HTTP/1.1\r\nContent-Length: 5\r\n\r\n")
+    assert not f.done
+    assert f.feed(b"abc") == 3
+    assert f.feed(b"deGET http://b.test/") == 2
+    assert f.done
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        b"Content-Length: 3\r\nTransfer-Encoding: chunked\r\n",
+        b"Content-Length: 3\r\nContent-Length: 4\r\n",
+        b"Content-Length: -1\r\n",
+        b"Content-Length: 1e3\r\n",
+        b"Transfer-Encoding: gzip\r\n",
+    ],
+)
+def test_framing_refuses_ambiguous_requests(headers: bytes) -> None:
+    with pytest.raises(HttpConnectError) as exc:
+        framer(b"POST http://a.test/ HTTP/1.1\r\n" + headers + b"\r\n")
+    assert exc.value.status == 400
+
+
+CHUNKED = b"4\r\nWiki\r\n5;ext=1\r\npedia\r\nE\r\n in\r\n\r\nchunks.\r\n0\r\nX-T: 1\r\n\r\n"
+
+
+def chunked() -> BodyFramer:
+    return framer(b"POST http://a.test/ HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n")
+
+
+def test_chunked_body_whole_and_byte_by_byte() -> None:
+    f = chunked()
+    assert f.feed(CHUNKED + b"NEXT") == len(CHUNKED) and f.done
+    f = chunked()
+    total = sum(f.feed(CHUNKED[i : i + 1]) for i in range(len(CHUNKED)))
+    assert total == len(CHUNKED) and f.done
+
+
+@given(st.lists(st.integers(min_value=1, max_value=len(CHUNKED)), max_size=10))
+def test_chunked_body_any_split(cuts: list[int]) -> None:
+    f = chunked()
+    points = sorted({0, len(CHUNKED), *cuts})
+    consumed = sum(f.feed(CHUNKED[a:b]) for a, b in itertools.pairwise(points))
+    assert consumed == len(CHUNKED) and f.done
+
+
+@pytest.mark.parametrize("bad", [b"zz\r\n", b"4\nWiki", b"4\r\nWikiX\r\n", b"1" * 5000])
+def test_chunked_malformed_is_400(bad: bytes) -> None:
+    with pytest.raises(HttpConnectError) as exc:
+        chunked().feed(bad)
+    assert exc.value.status == 400
+
+
+@given(st.binary(max_size=300))
+def test_chunked_never_raises_anything_else(data: bytes) -> None:
+    f = chunked()
+    try:
+        n = f.feed(data)
+    except HttpConnectError:
+        return
+    assert 0 <= n <= len(data)
+
+
+# ------------------------------------------------------------------- where to listen
+
+LAN = [BindAddress("192.168.56.1"), BindAddress("fd56::1"), BindAddress("fe80::1", 3)]
+
+
+def test_bind_lan_and_loopback_only() -> None:
+    got = choose_bind_addresses(LAN)
+    assert [a.host for a in got] == ["127.0.0.1", "::1", "192.168.56.1", "fd56::1", "fe80::1"]
+    assert got[-1].sockaddr(7890) == ("fe80::1", 7890, 0, 3)
+    # A plain host (no appliance.lan) and allow-lan: false: loopback only.
+    assert [a.host for a in choose_bind_addresses([])] == ["127.0.0.1", "::1"]
+    assert [a.host for a in choose_bind_addresses(LAN, allow_lan=False)] == ["127.0.0.1", "::1"]
+
+
+def test_bind_address_must_be_on_the_lan() -> None:
+    got = choose_bind_addresses(LAN, bind_address="192.168.56.1")
+    assert [a.host for a in got] == ["127.0.0.1", "::1", "192.168.56.1"]
+    with pytest.raises(ProxyPortError, match="LAN side only"):
+        choose_bind_addresses(LAN, bind_address="192.168.57.1")  # the WAN address
+    with pytest.raises(ProxyPortError):
+        choose_bind_addresses(LAN, bind_address="not-an-ip")
+
+
+def test_proxy_ports_from_config() -> None:
+    assert proxy_ports(Config()) == []
+    ports = proxy_ports(Config(mixed_port=7890, socks_port=7891, http_port=7892))
+    assert ports == [
+        ProxyPort("mixed-port", 7890, socks=True, http=True),
+        ProxyPort("socks-port", 7891, socks=True, http=False),
+        ProxyPort("port", 7892, socks=False, http=True),
+    ]
+
+
+# ============================================================== the service on loopback
+
+
+@dataclass
+class Origins:
+    """Real servers on loopback that `dial` connects to: HTTP (answers with
+    what it received) on dst port 80, echo on any other port."""
+
+    http_port: int = 0
+    echo_port: int = 0
+    heads: list[bytes] = field(default_factory=list)
+    bodies: list[bytes] = field(default_factory=list)
+    targets: list[FlowTarget] = field(default_factory=list)
+
+    async def http(self, stream: trio.SocketStream) -> None:
+        buf = b""
+        while b"\r\n\r\n" not in buf:
+            data = await stream.receive_some(4096)
+            if not data:
+                return
+            buf += data
+        head, body = buf.split(b"\r\n\r\n", 1)
+        length = 0
+        for line in head.split(b"\r\n")[1:]:
+            k, _, v = line.partition(b":")
+            if k.lower() == b"content-length":
+                length = int(v)
+        while len(body) < length:
+            data = await stream.receive_some(4096)
+            if not data:
+                break
+            body += data
+        self.heads.append(head)
+        self.bodies.append(body)
+        reply = b"ORIGIN " + head.split(b"\r\n")[0] + b" body=" + body
+        await stream.send_all(
+            b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n\r\n" % len(reply)
+            + reply
+        )
+        await stream.aclose()
+
+    async def echo(self, stream: trio.SocketStream) -> None:
+        async for data in stream:
+            await stream.send_all(data)
+
+    async def dial(self, target: FlowTarget) -> trio.abc.Stream:
+        self.targets.append(target)
+        target.outbound = "TEST"
+        if target.host == "rejected.test":
+            target.outbound = "REJECT"
+            raise OutboundError("rejected")
+        if target.host == "refused.test":
+            raise OutboundError("connect to 127.0.0.1 port 1 failed: Connection refused")
+        port = self.http_port if target.dst_port == 80 else self.echo_port
+        return await trio.open_tcp_stream("127.0.0.1", port)
+
+
+@dataclass
+class Running:
+    port: int
+    origins: Origins
+    pool: FakeIPPool
+    registry: FlowRegistry
+    service: ProxyPorts
+
+
+async def start(
+    nursery: trio.Nursery,
+    *,
+    auth: tuple[tuple[str, str], ...] = (),
+    limits: Limits | None = None,
+    spec: ProxyPort | None = None,
+    open_udp: Any = None,
+) -> Running:
+    origins = Origins()
+    for attr, handler in (("http_port", origins.http), ("echo_port", origins.echo)):
+        listeners = await nursery.start(partial(trio.serve_tcp, handler, 0, host="127.0.0.1"))
+        setattr(origins, attr, listeners[0].socket.getsockname()[1])
+    cfg = Config(
+        mixed_port=1,
+        authentication=auth,
+        appliance=ApplianceConfig(connect_timeout=2.0, idle_timeout=5.0),
+    )
+    pool = FakeIPPool(ipaddress.IPv4Network("198.18.0.0/16"))
+    registry = FlowRegistry()
+    service = ProxyPorts(
+        cfg,
+        pool,
+        origins.dial,
+        registry,
+        open_udp=open_udp,
+        limits=limits,
+        ports=[spec or ProxyPort("mixed-port", 0, socks=True, http=True)],
+        addresses=[BindAddress("127.0.0.1")],
+    )
+    bound = await nursery.start(service.serve)
+    return Running(bound[0][2], origins, pool, registry, service)
+
+
+@pytest.fixture
+async def proxy(nursery: trio.Nursery) -> AsyncIterator[Running]:
+    yield await start(nursery)
+
+
+async def socks(
+    port: int,
+    host: str | IPAddress,
+    dport: int,
+    *,
+    user: str | None = None,
+    password: str | None = None,
+    command: int = s5.CMD_CONNECT,
+) -> trio.SocketStream:
+    """Connect through the proxy with the project's SOCKS5 client."""
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    client = s5.Socks5Client(host, dport, username=user, password=password, command=command)
+    try:
+        await stream.send_all(client.data_to_send())
+        with trio.fail_after(5):
+            while not client.established:
+                client.receive_data(await stream.receive_some(client.bytes_wanted()))
+                out = client.data_to_send()
+                if out:
+                    await stream.send_all(out)
+    except BaseException:
+        await stream.aclose()
+        raise
+    stream.reply = client.reply  # type: ignore[attr-defined]
+    return stream
+
+
+async def exchange(port: int, data: bytes, *, until_close: bool = True) -> bytes:
+    """Send raw bytes to the proxy; what it answers until it closes."""
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    out = b""
+    try:
+        await stream.send_all(data)
+        with trio.fail_after(5):
+            while True:
+                try:
+                    chunk = await stream.receive_some(65536)
+                except trio.BrokenResourceError:
+                    break
+                if not chunk:
+                    break
+                out += chunk
+                if not until_close:
+                    break
+    finally:
+        await stream.aclose()
+    return out
+
+
+async def read_all(stream: trio.abc.Stream) -> bytes:
+    out = b""
+    with trio.fail_after(5):
+        async for chunk in stream:
+            out += chunk
+    return out
+
+
+async def echo_roundtrip(stream: trio.abc.Stream, data: bytes = b"ping") -> bytes:
+    await stream.send_all(data)
+    got = b""
+    with trio.fail_after(5):
+        while len(got) < len(data):
+            got += await stream.receive_some(4096)
+    return got
+
+
+async def settle(running: Running) -> None:
+    """Wait until the proxy has closed its flows (the client saw EOF first)."""
+    with trio.fail_after(5):
+        while len(running.registry) or running.service.active:  # noqa: ASYNC110 (polls state)
+            await trio.sleep(0.01)
+
+
+# --------------------------------------------------------------------------- SOCKS5
+
+
+async def test_socks5_connect_by_name(proxy: Running) -> None:
+    stream = await socks(proxy.port, "WWW.Echo.Test.", 7)
+    assert await echo_roundtrip(stream) == b"ping"
+    (target,) = proxy.origins.targets
+    assert (target.domain, target.dst_port, target.src_ip) == ("www.echo.test", 7, "127.0.0.1")
+    (flow,) = proxy.registry.snapshot()
+    assert flow["domain"] == "www.echo.test" and flow["outbound"] == "TEST"
+    assert flow["up"] >= 4
+    await stream.aclose()
+    await settle(proxy)
+    assert proxy.registry.opened == proxy.registry.closed == 1
+
+
+async def test_socks5_fake_ip_maps_back_to_the_name_and_pins_it(proxy: Running) -> None:
+    fake = proxy.pool.allocate("www.alpha.test")
+    stream = await socks(proxy.port, fake, 7)
+    assert await echo_roundtrip(stream) == b"ping"
+    assert proxy.origins.targets[0].domain == "www.alpha.test"
+    assert {"domain": "www.alpha.test", "ip": fake, "pins": 1} in [
+        {"domain": d, "ip": ip, "pins": p} for d, ip, p in proxy.pool.mappings()
+    ]
+    await stream.aclose()
+    await settle(proxy)
+    assert [p for d, _ip, p in proxy.pool.mappings() if d == "www.alpha.test"] == [0]
+
+
+async def test_socks5_unmapped_fake_ip_is_host_unreachable(proxy: Running) -> None:
+    with pytest.raises(s5.Socks5Error) as exc:
+        await socks(proxy.port, "198.18.254.254", 80)
+    assert exc.value.reply == s5.REP_HOST_UNREACHABLE
+    assert proxy.origins.targets == [] and proxy.registry.unmapped == 1
+
+
+async def test_socks5_real_ip_is_dialled_as_an_ip(proxy: Running) -> None:
+    stream = await socks(proxy.port, "127.0.0.1", 7)
+    assert await echo_roundtrip(stream) == b"ping"
+    assert (proxy.origins.targets[0].domain, proxy.origins.targets[0].dst_ip) == (None, "127.0.0.1")
+    await stream.aclose()
+
+
+@pytest.mark.parametrize(
+    ("host", "reply"),
+    [("refused.test", s5.REP_CONNECTION_REFUSED), ("rejected.test", s5.REP_NOT_ALLOWED)],
+)
+async def test_socks5_dial_failures_get_their_reply(proxy: Running, host: str, reply: int) -> None:
+    with pytest.raises(s5.Socks5Error) as exc:
+        await socks(proxy.port, host, 80)
+    assert exc.value.reply == reply
+    assert proxy.registry.dial_failures == 1
+
+
+async def test_socks5_pipelined_tunnel_bytes_reach_the_server(proxy: Running) -> None:
+    # Greeting, request and the first tunnel bytes in one segment.
+    raw = s5.encode_greeting(b"\x00") + s5.encode_request(s5.CMD_CONNECT, "x.test", 7) + b"early"
+    stream = await trio.open_tcp_stream("127.0.0.1", proxy.port)
+    await stream.send_all(raw)
+    got = b""
+    with trio.fail_after(5):
+        while not got.endswith(b"early"):
+            got += await stream.receive_some(4096)
+    assert got[:2] == b"\x05\x00" and got[2:4] == b"\x05\x00"
+    await stream.aclose()
+
+
+async def test_socks5_auth(nursery: trio.Nursery) -> None:
+    running = await start(nursery, auth=(("alice", "s3cret"),))
+    stream = await socks(running.port, "x.test", 7, user="alice", password="s3cret")
+    assert await echo_roundtrip(stream) == b"ping"
+    await stream.aclose()
+    with pytest.raises(s5.Socks5Error, match="refused the username"):
+        await socks(running.port, "x.test", 7, user="alice", password="wrong")
+    # A client that offers no username/password method is told: none acceptable.
+    assert await exchange(running.port, b"\x05\x01\x00") == b"\x05\xff"
+    assert len(running.origins.targets) == 1
+
+
+@pytest.mark.parametrize(
+    ("raw", "answer"),
+    [
+        # BIND: command not supported
+        (b"\x05\x01\x00" + s5.encode_request(s5.CMD_BIND, "x.test", 1), b"\x05\x00\x05\x07"),
+        # unknown command 9
+        (b"\x05\x01\x00\x05\x09\x00\x01" + bytes(6), b"\x05\x00\x05\x07"),
+        # unknown address type 7
+        (b"\x05\x01\x00\x05\x01\x00\x07" + bytes(6), b"\x05\x00\x05\x08"),
+        # a greeting that offers no methods
+        (b"\x05\x00", b"\x05\xff"),
+        # SOCKS4 CONNECT
+        (b"\x04\x01\x00\x50\x7f\x00\x00\x01user\x00", b"\x00\x5b" + bytes(6)),
+    ],
+)
+async def test_malformed_socks_gets_its_error_reply(
+    proxy: Running, raw: bytes, answer: bytes
+) -> None:
+    got = await exchange(proxy.port, raw)
+    assert got[: len(answer)] == answer
+    # And the port keeps serving.
+    stream = await socks(proxy.port, "x.test", 7)
+    assert await echo_roundtrip(stream) == b"ping"
+    await stream.aclose()
+
+
+# ----------------------------------------------------------------------------- HTTP
+
+
+async def test_http_absolute_uri_is_forwarded_in_origin_form(proxy: Running) -> None:
+    fake = proxy.pool.allocate("www.alpha.test")
+    got = await exchange(
+        proxy.port,
+        f"POST http://{fake}/submit?x=1 HTTP/1.1\r\nHost: {fake}\r\n"
+        "Proxy-Connection: keep-alive\r\nContent-Length: 5\r\n\r\n"
+        "hello"
+        # A pipelined second request never reaches this origin.
+        "GET http://other.test/ HTTP/1.1\r\n\r\n".encode(),
+    )
+    assert got.startswith(b"HTTP/1.1 200 OK\r\n")
+    assert got.endswith(b"ORIGIN POST /submit?x=1 HTTP/1.1 body=hello")
+    (head,) = proxy.origins.heads
+    assert b"\r\nConnection: close" in head and b"Proxy-" not in head
+    assert proxy.origins.bodies == [b"hello"]
+    (target,) = proxy.origins.targets
+    assert (target.domain, target.dst_ip, target.dst_port) == ("www.alpha.test", str(fake), 80)
+    await settle(proxy)
+
+
+async def test_http_chunked_body_is_relayed_as_sent(proxy: Running) -> None:
+    stream = await trio.open_tcp_stream("127.0.0.1", proxy.port)
+    await stream.send_all(
+        b"PUT http://up.test/f HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n"
+    )
+    await trio.sleep(0.05)
+    await stream.send_all(b"0\r\n\r\n")
+    # The test origin reads up to the head only: the chunks arrive as body.
+    got = await read_all(stream)
+    await stream.aclose()
+    assert got.startswith(b"HTTP/1.1 200 OK")
+    assert b"Transfer-Encoding: chunked" in proxy.origins.heads[0]
+
+
+async def test_http_connect_tunnel(proxy: Running) -> None:
+    stream = await trio.open_tcp_stream("127.0.0.1", proxy.port)
+    await stream.send_all(b"CONNECT tunnel.test:7 HTTP/1.1\r\nHost: tunnel.test:7\r\n\r\nfirst")
+    got = b""
+    with trio.fail_after(5):
+        while not got.endswith(b"first"):
+            got += await stream.receive_some(4096)
+    assert got == b"HTTP/1.1 200 Connection established\r\n\r\nfirst"
+    assert await echo_roundtrip(stream) == b"ping"
+    await stream.aclose()
+    assert proxy.origins.targets[0].domain == "tunnel.test"
+
+
+async def test_http_auth(nursery: trio.Nursery) -> None:
+    running = await start(nursery, auth=(("alice", "s3cret"),))
+    no = await exchange(running.port, b"GET http://a.test/ HTTP/1.1\r\n\r\n")
+    assert no.startswith(b"HTTP/1.1 407 ")
+    assert b'Proxy-Authenticate: Basic realm="mirage"' in no
+    bad = await exchange(
+        running.port,
+        b"GET http://a.test/ HTTP/1.1\r\nProxy-Authorization: Basic YWxpY2U6bm8=\r\n\r\n",
+    )
+    assert bad.startswith(b"HTTP/1.1 407 ")
+    ok = await exchange(
+        running.port,
+        b"GET http://a.test/ HTTP/1.1\r\nProxy-Authorization: Basic YWxpY2U6czNjcmV0\r\n\r\n",
+    )
+    assert ok.startswith(b"HTTP/1.1 200 OK")
+    assert b"Proxy-Authorization" not in running.origins.heads[0]
+
+
+@pytest.mark.parametrize(
+    ("raw", "status"),
+    [
+        (b"GARBAGE\r\n\r\n", 400),
+        (b"GET / HTTP/1.1\r\nHost: a.test\r\n\r\n", 400),  # origin-form: not a proxy request
+        (b"GET https://a.test/ HTTP/1.1\r\n\r\n", 400),
+        (b"CONNECT a.test HTTP/1.1\r\n\r\n", 400),  # no port
+        (b"GET http://a.test/ HTTP/1.1\r\nX: " + b"a" * 20000 + b"\r\n\r\n", 431),
+        (b"POST http://a.test/ HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n", 400),
+        (b"GET http://rejected.test/ HTTP/1.1\r\n\r\n", 403),
+        (b"GET http://refused.test/ HTTP/1.1\r\n\r\n", 502),
+        (b"GET http://198.18.254.254/ HTTP/1.1\r\n\r\n", 502),  # unmapped fake IP
+    ],
+)
+async def test_malformed_http_gets_its_status(proxy: Running, raw: bytes, status: int) -> None:
+    got = await exchange(proxy.port, raw)
+    assert got.startswith(b"HTTP/1.1 %d " % status), got[:80]
+    ok = await exchange(proxy.port, b"GET http://a.test/ok HTTP/1.1\r\n\r\n")
+    assert ok.endswith(b"ORIGIN GET /ok HTTP/1.1 body=")
+
+
+async def test_port_variants(nursery: trio.Nursery) -> None:
+    http_only = await start(nursery, spec=ProxyPort("port", 0, socks=False, http=True))
+    got = await exchange(http_only.port, b"\x05\x01\x00")
+    assert got.startswith(b"HTTP/1.1 400 ")
+    socks_only = await start(nursery, spec=ProxyPort("socks-port", 0, socks=True, http=False))
+    assert await exchange(socks_only.port, b"GET http://a.test/ HTTP/1.1\r\n\r\n") == b""
+    stream = await socks(socks_only.port, "x.test", 7)
+    assert await echo_roundtrip(stream) == b"ping"
+    await stream.aclose()
+
+
+# --------------------------------------------------------------------------- bounds
+
+
+async def test_handshake_timeout_closes_a_silent_client(nursery: trio.Nursery) -> None:
+    running = await start(nursery, limits=Limits(handshake_timeout=0.3))
+    t0 = trio.current_time()
+    assert await exchange(running.port, b"\x05") == b""
+    assert 0.25 < trio.current_time() - t0 < 2
+    assert running.service.active == 0
+
+
+async def test_connection_limit_resets_the_extra_client(nursery: trio.Nursery) -> None:
+    running = await start(nursery, limits=Limits(max_connections=1))
+    held = await socks(running.port, "x.test", 7)
+    with pytest.raises((trio.BrokenResourceError, OSError)):
+        got = await exchange(running.port, b"\x05\x01\x00")
+        if not got:
+            raise trio.BrokenResourceError("closed without a reply")
+    assert running.service.refused_over_limit == 1
+    await held.aclose()
+    await settle(running)
+    stream = await socks(running.port, "x.test", 7)
+    assert await echo_roundtrip(stream) == b"ping"
+    await stream.aclose()
+
+
+# ------------------------------------------------------------------------ UDP ASSOCIATE
+
+
+async def udp_echo(task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+    sock = trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    with sock:
+        await sock.bind(("127.0.0.1", 0))
+        task_status.started(sock.getsockname()[1])
+        while True:
+            data, addr = await sock.recvfrom(65535)
+            await sock.sendto(b"echo:" + data, addr)
+
+
+class Hosts:
+    """A resolver for the test: every name is 127.0.0.1 (the Resolve shape)."""
+
+    def __init__(self) -> None:
+        self.asked: list[str] = []
+
+    async def __call__(self, name: str, family: int) -> tuple[list[IPAddress], int]:
+        await trio.lowlevel.checkpoint()
+        self.asked.append(name)
+        return ([ipaddress.IPv4Address("127.0.0.1")] if family == 4 else []), 60
+
+
+async def test_udp_associate_direct(nursery: trio.Nursery) -> None:
+    echo_port = await nursery.start(udp_echo)
+    hosts = Hosts()
+    direct = DirectOutbound(hosts, None, 2.0)
+    opener = DirectUdp(lambda ctx: direct, hosts, None, ipv6=False)
+    running = await start(nursery, open_udp=opener.open)
+    fake = running.pool.allocate("dns.test")
+
+    control = await socks(running.port, "0.0.0.0", 0, command=s5.CMD_UDP_ASSOCIATE)
+    relay = control.reply  # type: ignore[attr-defined]
+    assert str(relay.host) == "127.0.0.1" and relay.port
+    udp = trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    with udp:
+        await udp.bind(("127.0.0.1", 0))
+        for host in ("127.0.0.1", "by-name.test", str(fake)):
+            await udp.sendto(
+                s5.encode_udp(host, echo_port, b"q-" + host.encode()), ("127.0.0.1", relay.port)
+            )
+            with trio.fail_after(5):
+                data, _ = await udp.recvfrom(65535)
+            got = s5.parse_udp(data)
+            # The reply names the address the client sent to (its name or fake IP).
+            assert (str(got.host), got.port) == (host, echo_port)
+            assert got.payload == b"echo:q-" + host.encode()
+        assert hosts.asked == ["by-name.test", "dns.test"]
+        (flow,) = [f for f in running.registry.snapshot() if f["network"] == "udp"]
+        assert flow["up"] > 0 and flow["down"] > 0
+        # The fake IP is pinned while the association lives.
+        assert [p for d, _i, p in running.pool.mappings() if d == "dns.test"] == [1]
+    await control.aclose()
+    await settle(running)
+    assert [p for d, _i, p in running.pool.mappings() if d == "dns.test"] == [0]
