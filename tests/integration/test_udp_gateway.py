@@ -1,0 +1,256 @@
+"""Transparent UDP end to end: a real client in the lab's client namespace,
+`mirage run` in the gateway namespace, a UDP echo server (bench/udp_echo.py)
+and dante upstream.
+
+The client resolves names through its poisoned resolver (hijacked to Mirage:
+a fake IP) and talks UDP to the fake IP from a *connected* socket, so a reply
+from any other source than the fake IP and port would never reach it. The
+echo server tags each reply with the address it saw the datagram come from
+and the address it was sent to, which shows the path taken (the gateway's WAN
+address for DIRECT, dante's for SOCKS5) and that the name was resolved
+honestly (the poisoned resolver gives every name a wrong address). Counters
+and pins are read through the control API (`mirage status`, `mirage
+mappings`), i.e. through another process.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from appliance.lab.lab import Lab
+from appliance.lab.mirage import MirageRun, lab_config
+
+pytestmark = pytest.mark.netns
+
+ECHO = Path(__file__).resolve().parents[2] / "bench" / "udp_echo.py"
+PORT = 9999
+TIMEOUT = 3  # udp-timeout in this module's config: seconds
+
+
+@pytest.fixture(scope="module")
+def echo(lab: Lab) -> Iterator[subprocess.Popen[bytes]]:
+    """The echo server on every web address of the upstream (v4 and v6)."""
+    addrs = [f"{a}:{PORT}" for a in ("192.168.57.10", "192.168.57.11", "192.168.57.12")]
+    addrs += [f"[{a}]:{PORT}" for a in ("fd57::10", "fd57::11", "fd57::12")]
+    proc = lab.popen("upstream", [sys.executable, str(ECHO), "--tag", "--max-seconds", "600",
+                                  *addrs], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == b"ready"
+        yield proc
+    finally:
+        proc.terminate()
+        proc.wait(timeout=5)
+
+
+@pytest.fixture(scope="module")
+def mirage(lab: Lab, echo: subprocess.Popen[bytes]) -> Iterator[MirageRun]:
+    state = lab.state_dir / "udp-mirage-state"
+    cfg = lab_config(lab, appliance={"state-dir": str(state), "udp-timeout": TIMEOUT})
+    run = MirageRun(lab, cfg, name="udp-mirage")
+    run.start()
+    try:
+        yield run
+    finally:
+        run.stop()
+        for f in state.glob("fakeip.sqlite3*"):
+            f.unlink()
+
+
+def client(lab: Lab, script: str, *args: str, timeout: float = 30) -> Any:
+    """Run a Python script in the client namespace; it prints JSON."""
+    result = lab.exec("client", [sys.executable, "-c", script, *args], timeout=timeout)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def api(lab: Lab, run: MirageRun, command: str, *extra: str) -> Any:
+    result = lab.exec("gateway", [sys.executable, "-m", "appliance", command, "-c",
+                                  str(run.config_path), *extra])
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def udp_counters(lab: Lab, run: MirageRun) -> dict[str, int]:
+    counters: dict[str, int] = api(lab, run, "status")["counters"]["udp"]
+    return counters
+
+
+def wait_for(what: str, check: Any, seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.25)
+    raise AssertionError(f"not within {seconds:g} s: {what}")
+
+
+# One exchange from a connected socket and one from an unconnected socket,
+# each reporting (fake IP, reply source, reply).
+EXCHANGE = """
+import json, socket, sys
+name, port, payload = sys.argv[1], int(sys.argv[2]), sys.argv[3].encode()
+ip = socket.getaddrinfo(name, port, socket.AF_INET, socket.SOCK_DGRAM)[0][4][0]
+out = {"ip": ip}
+c = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); c.settimeout(3)
+c.connect((ip, port)); c.send(payload + b" connected")
+try:
+    data, src = c.recvfrom(4096); out["connected"] = [data.decode(), list(src)]
+except TimeoutError:
+    out["connected"] = None
+u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); u.settimeout(3)
+u.sendto(payload + b" unconnected", (ip, port))
+try:
+    data, src = u.recvfrom(4096); out["unconnected"] = [data.decode(), list(src)]
+except TimeoutError:
+    out["unconnected"] = None
+print(json.dumps(out))
+"""
+
+
+def test_direct_echo_comes_back_from_the_fake_ip(lab: Lab, mirage: MirageRun) -> None:
+    out = client(lab, EXCHANGE, "www.gamma.test", str(PORT), "ping-direct")
+    fake = out["ip"]
+    assert fake.startswith("198.18.")
+    for mode in ("connected", "unconnected"):
+        assert out[mode] is not None, f"{mode}: no reply"
+        data, src = out[mode]
+        assert src == [fake, PORT]
+        # From the gateway's WAN address (DIRECT), to gamma's real address
+        # (resolved over DoH; the poisoned resolver says .11).
+        assert data.startswith(f"ping-direct {mode} from=192.168.57.1:")
+        assert data.endswith(f"to=192.168.57.12:{PORT}")
+    # While the sessions live, the mapping is pinned (the API reads the pool).
+    rows = api(lab, mirage, "mappings", "--json")
+    assert any(r["domain"] == "www.gamma.test" and r["pins"] >= 1 for r in rows), rows
+    c = udp_counters(lab, mirage)
+    assert c["packets_up"] >= 2 and c["packets_down"] >= 2 and c["bytes_up"] > 0
+
+
+def test_socks5_udp_associate_by_name(lab: Lab, mirage: MirageRun) -> None:
+    before = lab.dante_log.read_text(errors="replace")
+    out = client(lab, EXCHANGE, "www.alpha.test", str(PORT), "ping-socks")
+    fake = out["ip"]
+    assert fake.startswith("198.18.")
+    for mode in ("connected", "unconnected"):
+        assert out[mode] is not None, f"{mode}: no reply"
+        data, src = out[mode]
+        assert src == [fake, PORT]
+        # The echo server saw dante's relay (alpha's host), not the gateway,
+        # and dante resolved the name honestly (v4 .10 or v6 fd57::10).
+        assert data.startswith(f"ping-socks {mode} from=")
+        assert "from=192.168.57.1:" not in data
+        assert data.endswith(f"to=192.168.57.10:{PORT}") or data.endswith(f"to=fd57::10:{PORT}")
+    # dante was handed the name (ATYP 3) in the UDP header, never an address.
+    log = lab.dante_log.read_text(errors="replace")[len(before):]
+    assert f"www.alpha.test.{PORT}" in log
+    assert fake not in log
+
+
+def test_rule_to_a_proxy_without_udp_is_skipped(lab: Lab, mirage: MirageRun) -> None:
+    # www.beta.test's rule names tinyproxy (HTTP CONNECT: no UDP); like
+    # mihomo, matching goes on and MATCH,DIRECT carries it.
+    before = udp_counters(lab, mirage)["skipped_no_udp"]
+    out = client(lab, EXCHANGE, "www.beta.test", str(PORT), "ping-skip")
+    assert out["connected"] is not None
+    data, src = out["connected"]
+    assert src == [out["ip"], PORT]
+    assert data.startswith("ping-skip connected from=192.168.57.1:")
+    assert udp_counters(lab, mirage)["skipped_no_udp"] >= before + 1
+
+
+MANY = """
+import json, select, socket, sys, time
+name, port, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+ip = socket.getaddrinfo(name, port, socket.AF_INET, socket.SOCK_DGRAM)[0][4][0]
+ep = select.epoll(); socks = {}
+for i in range(n):
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.connect((ip, port))
+    s.setblocking(False); socks[s.fileno()] = (i, s); ep.register(s.fileno(), select.EPOLLIN)
+for i, s in socks.values():
+    s.send(b"many %d" % i)
+good = set(); bad = []
+end = time.monotonic() + 8
+while len(good) + len(bad) < n and time.monotonic() < end:
+    for fd, _ in ep.poll(0.2):
+        i, s = socks[fd]
+        try:
+            data, src = s.recvfrom(4096)
+        except BlockingIOError:
+            continue
+        if src == (ip, port) and data.startswith(b"many %d from=" % i):
+            good.add(i)
+        else:
+            bad.append(repr((i, data, src)))
+print(json.dumps({"ip": ip, "good": len(good), "bad": bad[:5]}))
+"""
+
+
+def test_many_concurrent_sessions_then_idle_expiry(lab: Lab, mirage: MirageRun) -> None:
+    before = udp_counters(lab, mirage)
+    out = client(lab, MANY, "www.gamma.test", str(PORT), "200")
+    assert out == {"ip": out["ip"], "good": 200, "bad": []}
+    live = udp_counters(lab, mirage)
+    assert live["sessions_opened"] - before["sessions_opened"] >= 200
+    assert live["sessions"] >= 200  # idle for less than udp-timeout: all still open
+    assert live["evicted"] == before["evicted"]
+    # Idle for udp-timeout: every session ends, and its pin with it.
+    wait_for("sessions expire", lambda: udp_counters(lab, mirage)["sessions"] == 0, TIMEOUT + 5)
+    after = udp_counters(lab, mirage)
+    assert after["idle_expired"] - before["idle_expired"] >= 200
+    rows = api(lab, mirage, "mappings", "--json")
+    assert all(r["pins"] == 0 for r in rows if r["domain"] == "www.gamma.test"), rows
+
+
+SILENT = """
+import json, socket, sys
+ip, port = sys.argv[1], int(sys.argv[2])
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(1.5); s.connect((ip, port))
+for _ in range(3):
+    s.send(b"anyone?")
+try:
+    print(json.dumps({"reply": s.recv(4096).decode()}))
+except (TimeoutError, ConnectionRefusedError) as e:
+    print(json.dumps({"reply": None, "error": type(e).__name__}))
+"""
+
+
+def test_unmapped_fake_ip_is_dropped_and_counted(lab: Lab, mirage: MirageRun) -> None:
+    before = udp_counters(lab, mirage)
+    # Inside the fake range, never handed out (the pool allocates from .0.1).
+    out = client(lab, SILENT, "198.18.200.200", str(PORT))
+    assert out["reply"] is None
+    after = udp_counters(lab, mirage)
+    assert after["dropped_unmapped"] - before["dropped_unmapped"] == 3
+    assert after["sessions_opened"] == before["sessions_opened"]
+    # The service is still there.
+    assert client(lab, EXCHANGE, "www.gamma.test", str(PORT), "still")["connected"] is not None
+
+
+def test_eviction_keeps_the_table_bounded(lab: Lab, mirage: MirageRun) -> None:
+    # A second appliance with a small table, in place of the module's one
+    # (they would share port 53 and the capture table).
+    mirage.stop()
+    state = lab.state_dir / "udp-mirage-evict"
+    cfg = lab_config(lab, appliance={"state-dir": str(state), "udp-max-sessions": 50})
+    try:
+        with MirageRun(lab, cfg, name="udp-mirage-evict") as run:
+            out = client(lab, MANY, "www.gamma.test", str(PORT), "120")
+            # The echo answers at once, so most sessions are done before they
+            # are evicted; a reply to an evicted session is simply not sent.
+            assert out["bad"] == [] and out["good"] >= 50
+            c = udp_counters(lab, run)
+            assert c["sessions"] <= 50
+            assert c["evicted"] >= 70
+    finally:
+        for f in state.glob("fakeip.sqlite3*"):
+            f.unlink()
+        mirage.start()
