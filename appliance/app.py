@@ -112,6 +112,8 @@ class Appliance:
                 if cfg.tproxy_port:
                     await nursery.start(self._serve_gateway)
                     await nursery.start(self._serve_udp)
+                if cfg.mixed_port or cfg.socks_port or cfg.http_port:
+                    await nursery.start(self._serve_proxy_ports)
                 if cfg.external_controller is not None:
                     from appliance.api import server as api_server
 
@@ -175,6 +177,26 @@ class Appliance:
             await self.udp.serve(task_status=task_status)
         except OSError as err:
             raise AppError(f"tproxy-port {self.cfg.tproxy_port} (udp): cannot bind: {err}") from None
+
+    async def _serve_proxy_ports(self, *,
+                                 task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED
+                                 ) -> None:
+        """mixed-port / socks-port / port: SOCKS5 and HTTP proxy for clients
+        set up to use one, on LAN and loopback addresses only. TCP flows go
+        through `dial` (the live router) and share the gateway's registry
+        (/connections); UDP ASSOCIATE uses the shared UDP outbounds."""
+        from appliance.gateway import mixed
+        from appliance.gateway.splice import FlowRegistry
+        from appliance.outbound.udp import UdpDialer
+
+        if self.gateway is None:
+            self.gateway = FlowRegistry()
+        udp = UdpDialer(lambda: (self.router, self.cfg))
+        try:
+            await mixed.serve(self.cfg, self.pool, self.dial, self.gateway, open_udp=udp.open,
+                              task_status=task_status)
+        except (OSError, mixed.ProxyPortError) as err:
+            raise AppError(f"proxy ports (mixed-port/socks-port/port): {err}") from None
 
     async def dial(self, target: Any) -> Any:
         """Route a captured flow by its rules and connect its outbound."""

@@ -27,9 +27,9 @@ with the version byte; no HTTP method starts with 0x04 or 0x05):
 
 UDP ASSOCIATE: one UDP socket on the address the client reached us at (LAN
 or loopback); each destination named in the client's datagrams gets its own
-peer from `open_udp` (the rules pick the outbound: the app passes the shared
-UDP outbounds; `DirectUdp` here is a minimal DIRECT-only opener for when
-there are none). Fake IPs map back to names as for TCP. The association ends
+peer from `open_udp` (the app passes the shared UDP outbounds,
+`appliance.outbound.udp.UdpDialer.open`: the rules pick DIRECT, a SOCKS5
+proxy with `udp: true`, or REJECT). Fake IPs map back to names as for TCP. The association ends
 with its TCP control connection (RFC 1928 section 7) or after idle-timeout
 without datagrams.
 
@@ -70,7 +70,7 @@ import trio
 from appliance.config.model import Config, IPAddress
 from appliance.gateway.splice import Flow, FlowRegistry, SpliceResult, abort, splice
 from appliance.gateway.tcp import Dial, FlowTarget
-from appliance.outbound.base import SO_MARK, Resolve, as_ip
+from appliance.outbound.base import as_ip
 from appliance.proto import socks5 as s5
 from appliance.proto.http_connect import (
     DEFAULT_MAX_HEAD,
@@ -81,7 +81,6 @@ from appliance.proto.http_connect import (
     format_authority,
     parse_request,
 )
-from appliance.rules.engine import FlowContext
 
 log = logging.getLogger(__name__)
 
@@ -476,22 +475,12 @@ class Limits:
     handshake_timeout: float = 10.0
     max_head: int = DEFAULT_MAX_HEAD
     max_connections: int = 1024
-    # UDP ASSOCIATE: remembered destinations (route, address) per association.
+    # UDP ASSOCIATE: open destinations (one peer each) per association.
     udp_max_targets: int = 1024
 
 
 # =============================================================================
 # The trio service
-
-
-class Outbound(Protocol):
-    """The part of an outbound the UDP relay looks at (name, Clash type)."""
-
-    name: str
-    type: str
-
-
-Route = Callable[[FlowContext], Outbound]
 
 
 class FakeIPs(Protocol):
@@ -1000,7 +989,16 @@ class UdpPeer(Protocol):
     async def aclose(self) -> None: ...
 
 
-OpenUdp = Callable[[FlowTarget], Awaitable[UdpPeer | None]]
+@dataclass(eq=False)
+class UdpFlowTarget(FlowTarget):
+    """One destination of a UDP association, as the UDP dialer reads it;
+    the dialer sets `outbound` and `skipped` (rules passed over because
+    their outbound carries no UDP)."""
+
+    skipped: int = 0
+
+
+OpenUdp = Callable[[UdpFlowTarget], Awaitable[UdpPeer | None]]
 
 
 @dataclass(eq=False)
@@ -1108,7 +1106,8 @@ class _UdpRelay:
         src = (self.client_ip, self.client_port)
         where = f"{src[0]}:{src[1]} -> {format_authority(host, port)}"
         try:
-            target = svc._target(host, port, src, self.pins)
+            t = svc._target(host, port, src, self.pins)
+            target = UdpFlowTarget(t.domain, t.dst_ip, t.dst_port, t.src_ip, t.src_port)
             with trio.fail_after(svc.cfg.appliance.connect_timeout):
                 dest.peer = await self.open_udp(target)
         except _Refused as refusal:
@@ -1174,79 +1173,6 @@ class _UdpRelay:
                 continue
             self.last = trio.current_time()
             self.flow.add_down(len(data))
-
-
-class DirectUdp:
-    """A minimal UDP opener for the proxy ports' UDP ASSOCIATE when no
-    shared UDP outbound is given: routes by the rules (network udp) and
-    serves DIRECT only (REJECT drops; a rule that picks a proxy fails that
-    destination with a warning). Names resolve through `resolve` (DoH).
-    The sockets are marked with `mark` and connected to the first address.
-    """
-
-    def __init__(self, route: Route, resolve: Resolve, mark: int | None, *, ipv6: bool) -> None:
-        self.route = route
-        self.resolve = resolve
-        self.mark = mark
-        self.ipv6 = ipv6
-
-    async def open(self, target: FlowTarget) -> UdpPeer | None:
-        ctx = FlowContext(
-            domain=target.domain,
-            dst_ip=None if target.domain is not None else ipaddress.ip_address(target.dst_ip),
-            dst_port=target.dst_port,
-            src_ip=ipaddress.ip_address(target.src_ip),
-            network="udp",
-            src_port=target.src_port,
-        )
-        outbound: Any = self.route(ctx)
-        while getattr(outbound, "selected", None) is not None:  # select groups
-            outbound = outbound.selected
-        target.outbound = outbound.name
-        if outbound.type == "Reject":
-            return None
-        if outbound.type != "Direct":
-            raise ProxyPortError(
-                f"rule chose {outbound.name} ({outbound.type}); this UDP relay serves DIRECT only"
-            )
-        ip: IPAddress | None = None
-        if target.domain is None:
-            ip = ipaddress.ip_address(target.dst_ip)
-        else:
-            for family in (4, 6) if self.ipv6 else (4,):
-                ips, _ttl = await self.resolve(target.domain, family)
-                if ips:
-                    ip = ips[0]
-                    break
-            if ip is None:
-                raise ProxyPortError(f"cannot resolve {target.domain}")
-        af = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
-        sock = socket.socket(af, socket.SOCK_DGRAM)
-        try:
-            if self.mark:
-                sock.setsockopt(socket.SOL_SOCKET, SO_MARK, self.mark)
-            sock.setblocking(False)
-            sock.connect((str(ip), target.dst_port))
-        except BaseException:
-            sock.close()
-            raise
-        return _DirectPeer(sock, outbound.name)
-
-
-class _DirectPeer:
-    header = b""
-    socks = False
-
-    def __init__(self, sock: socket.socket, outbound: str) -> None:
-        self.sock = sock
-        self.outbound = outbound
-
-    async def watch(self) -> None:
-        await trio.sleep_forever()
-
-    async def aclose(self) -> None:
-        self.sock.close()
-        await trio.lowlevel.checkpoint()
 
 
 async def _forward(
@@ -1349,7 +1275,6 @@ __all__ = [
     "Authenticator",
     "BindAddress",
     "BodyFramer",
-    "DirectUdp",
     "Limits",
     "ProxyPort",
     "ProxyPortError",

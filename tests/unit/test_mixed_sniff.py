@@ -28,7 +28,6 @@ from appliance.gateway.mixed import (
     Authenticator,
     BindAddress,
     BodyFramer,
-    DirectUdp,
     Limits,
     ProxyPort,
     ProxyPortError,
@@ -42,7 +41,8 @@ from appliance.gateway.mixed import (
 from appliance.gateway.splice import FlowRegistry
 from appliance.gateway.tcp import FlowTarget
 from appliance.outbound.base import OutboundError
-from appliance.outbound.direct import DirectOutbound
+from appliance.outbound.build import Router, build_outbounds
+from appliance.outbound.udp import UdpDialer
 from appliance.proto import socks5 as s5
 from appliance.proto.http_connect import HttpConnectError, ProxyRequest, parse_request
 
@@ -675,9 +675,10 @@ class Hosts:
 async def test_udp_associate_direct(nursery: trio.Nursery) -> None:
     echo_port = await nursery.start(udp_echo)
     hosts = Hosts()
-    direct = DirectOutbound(hosts, None, 2.0)
-    opener = DirectUdp(lambda ctx: direct, hosts, None, ipv6=False)
-    running = await start(nursery, open_udp=opener.open)
+    # The shared UDP outbounds, as the app passes them: no rules, so DIRECT.
+    cfg = Config()
+    router = Router(cfg, build_outbounds(cfg, hosts))
+    running = await start(nursery, open_udp=UdpDialer(lambda: (router, cfg)).open)
     fake = running.pool.allocate("dns.test")
 
     control = await socks(running.port, "0.0.0.0", 0, command=s5.CMD_UDP_ASSOCIATE)
