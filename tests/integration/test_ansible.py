@@ -300,7 +300,6 @@ def test_unit_verifies_and_is_hardened(applied: Applied) -> None:
                     "mirage.service"], timeout=60, check=False)
     exposure = re.search(r"Overall exposure level for mirage.service: ([\d.]+)", security.stdout)
     assert exposure, security.stdout[-3000:] + security.stderr
-    print(security.stdout)
     assert float(exposure.group(1)) <= 3.0, security.stdout
 
 
