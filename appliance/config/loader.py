@@ -391,14 +391,15 @@ class _Section:
 # config/config.go RawConfig, RawDNS, RawProfile and adapter option structs).
 
 TOP_LEVEL_KEYS = (
-    "mixed-port", "tproxy-port", "routing-mark", "ipv6", "log-level",
+    "mixed-port", "socks-port", "port", "authentication", "allow-lan", "bind-address",
+    "tproxy-port", "routing-mark", "ipv6", "log-level",
     "external-controller", "secret", "profile", "dns", "hosts", "proxies",
     "proxy-groups", "rules", "appliance",
 )  # fmt: skip
 IGNORED_TOP_LEVEL = (
-    "port", "socks-port", "redir-port", "ss-config", "vmess-config",
-    "inbound-tfo", "inbound-mptcp", "authentication", "skip-auth-prefixes",
-    "lan-allowed-ips", "lan-disallowed-ips", "allow-lan", "bind-address", "mode",
+    "redir-port", "ss-config", "vmess-config",
+    "inbound-tfo", "inbound-mptcp", "skip-auth-prefixes",
+    "lan-allowed-ips", "lan-disallowed-ips", "mode",
     "unified-delay", "external-controller-pipe", "external-controller-unix",
     "external-controller-tls", "external-controller-cors", "external-ui",
     "external-ui-url", "external-ui-name", "external-doh-server",
@@ -647,6 +648,11 @@ def check_runnable(cfg: Config) -> None:
 def _parse_root(data: Any, ctx: _Ctx) -> Config:
     root = _Section(data, "", ctx)
     mixed_port = root.get("mixed-port", _optional_port, None)
+    socks_port = root.get("socks-port", _optional_port, None)
+    http_port = root.get("port", _optional_port, None)
+    authentication = _parse_authentication(root.raw("authentication"), root.at("authentication"))
+    allow_lan = root.get("allow-lan", _bool, True)
+    bind_address = root.get("bind-address", _bind_address, "*")
     tproxy_port = root.get("tproxy-port", _optional_port, None)
     routing_mark = root.get("routing-mark", _mark, None)
     ipv6 = root.get("ipv6", _bool, False)
@@ -672,6 +678,11 @@ def _parse_root(data: Any, ctx: _Ctx) -> Config:
 
     cfg = Config(
         mixed_port=mixed_port,
+        socks_port=socks_port,
+        http_port=http_port,
+        authentication=authentication,
+        allow_lan=allow_lan,
+        bind_address=bind_address,
         tproxy_port=tproxy_port,
         routing_mark=routing_mark,
         ipv6=ipv6,
@@ -689,6 +700,37 @@ def _parse_root(data: Any, ctx: _Ctx) -> Config:
     )
     _check_cross(cfg)
     return cfg
+
+
+def _parse_authentication(raw: Any, path: str) -> tuple[tuple[str, str], ...]:
+    """Clash `authentication: ["user:pass", ...]` (split at the first colon,
+    as mihomo does) -> ((user, pass), ...). RFC 1929 bounds both to 1..255
+    bytes; a user listed twice is an error."""
+    if raw is None:
+        return ()
+    users: list[tuple[str, str]] = []
+    for i, item in enumerate(_list(raw, path)):
+        at = _index_path(path, i)
+        user, sep, password = _str(item, at).partition(":")
+        if not sep or not user or not password:
+            raise ConfigError(at, "<hidden>", 'expected "username:password"')
+        if len(user.encode()) > 255 or len(password.encode()) > 255:
+            raise ConfigError(at, "<hidden>", "username and password are at most 255 bytes each")
+        if any(u == user for u, _ in users):
+            raise ConfigError(at, user, "username listed twice")
+        users.append((user, password))
+    return tuple(users)
+
+
+def _bind_address(value: Any, path: str) -> str:
+    """`*` (every LAN address) or one IP literal."""
+    text = _str(value, path).strip()
+    if text == "*":
+        return text
+    try:
+        return str(ipaddress.ip_address(text.strip("[]")))
+    except ValueError:
+        raise ConfigError(path, value, 'expected "*" or an IP address') from None
 
 
 def _optional_port(value: Any, path: str) -> int | None:
@@ -1406,6 +1448,10 @@ def _check_ports(cfg: Config) -> None:
     listeners: list[tuple[str, Listen]] = []
     if cfg.mixed_port is not None:
         listeners.append(("mixed-port", Listen(wildcard.host, cfg.mixed_port)))
+    if cfg.socks_port is not None:
+        listeners.append(("socks-port", Listen(wildcard.host, cfg.socks_port)))
+    if cfg.http_port is not None:
+        listeners.append(("port", Listen(wildcard.host, cfg.http_port)))
     if cfg.tproxy_port is not None:
         listeners.append(("tproxy-port", Listen(wildcard.host, cfg.tproxy_port)))
     if cfg.external_controller is not None:

@@ -68,6 +68,13 @@ def effective_config(cfg: Config, *, redact: bool = False) -> dict[str, Any]:
         hosts[name] = texts[0] if len(texts) == 1 else texts
     return {
         "mixed-port": cfg.mixed_port,
+        "socks-port": cfg.socks_port,
+        "port": cfg.http_port,
+        "authentication": [
+            f"{user}:{REDACTED if redact else password}" for user, password in cfg.authentication
+        ],
+        "allow-lan": cfg.allow_lan,
+        "bind-address": cfg.bind_address,
         "tproxy-port": cfg.tproxy_port,
         "routing-mark": cfg.routing_mark,
         "ipv6": cfg.ipv6,

@@ -22,6 +22,7 @@ import trio
 from hypothesis import given
 from hypothesis import strategies as st
 
+from appliance.config import ConfigError, parse_config
 from appliance.config.model import ApplianceConfig, Config, IPAddress
 from appliance.fakeip.pool import FakeIPPool
 from appliance.gateway.mixed import (
@@ -237,6 +238,53 @@ def test_proxy_ports_from_config() -> None:
         ProxyPort("socks-port", 7891, socks=True, http=False),
         ProxyPort("port", 7892, socks=False, http=True),
     ]
+
+
+NO_DNS = {"dns": {"enable": False}}
+
+
+def test_config_keys() -> None:
+    cfg = parse_config(
+        {
+            "mixed-port": 7890,
+            "socks-port": 7891,
+            "port": 7892,
+            "authentication": ["alice:s3:cret", "bob:pw"],
+            "allow-lan": False,
+            "bind-address": "[fd56::1]",
+            **NO_DNS,
+        }
+    )
+    assert (cfg.mixed_port, cfg.socks_port, cfg.http_port) == (7890, 7891, 7892)
+    assert cfg.authentication == (("alice", "s3:cret"), ("bob", "pw"))
+    assert (cfg.allow_lan, cfg.bind_address) == (False, "fd56::1")
+    assert "port" not in cfg.ignored_keys and "authentication" not in cfg.ignored_keys
+    # Defaults: every LAN address, no auth, port 0 means off.
+    cfg = parse_config({"socks-port": 0, **NO_DNS})
+    assert (cfg.socks_port, cfg.authentication, cfg.allow_lan, cfg.bind_address) == (
+        None,
+        (),
+        True,
+        "*",
+    )
+
+
+@pytest.mark.parametrize(
+    ("data", "path"),
+    [
+        ({"authentication": ["no-colon"]}, "authentication[0]"),
+        ({"authentication": [":pw"]}, "authentication[0]"),
+        ({"authentication": ["a:1", "a:2"]}, "authentication[1]"),
+        ({"authentication": "a:b"}, "authentication"),
+        ({"bind-address": "lan0"}, "bind-address"),
+        ({"mixed-port": 7890, "port": 7890}, "port"),
+        ({"socks-port": 70000}, "socks-port"),
+    ],
+)
+def test_config_errors_name_the_key(data: dict[str, Any], path: str) -> None:
+    with pytest.raises(ConfigError) as exc:
+        parse_config({**data, **NO_DNS})
+    assert exc.value.path == path
 
 
 # ============================================================== the service on loopback
