@@ -7,8 +7,11 @@
  * nftables rule (docs/architecture.md; Cilium's bpf/lib/proxy.h is the same
  * design):
  *
- *   TCP/UDP to a fake range      -> the flow's own socket if it has one
- *                                   (established TCP, connected UDP), else the
+ *   TCP SYN to a fake range      -> the transparent listener on tproxy-port
+ *                                   (or the flow's socket, for a retransmit);
+ *   other TCP to a fake range    -> marked only: the kernel's own lookup (early
+ *                                   demux) finds the accepted socket;
+ *   UDP to a fake range          -> a socket connected to the flow, else the
  *                                   transparent socket on tproxy-port;
  *   TCP/UDP port 53, any address -> the DNS service's socket (dns-hijack);
  *
@@ -75,7 +78,11 @@
 
 /* --- maps ------------------------------------------------------------------ */
 
-BPF_PERCPU_ARRAY(mirage_stats, __u64, MIRAGE_ST_MAX);
+/* All counters in one per-CPU element: one map lookup per packet. */
+struct mirage_counters {
+    __u64 v[MIRAGE_ST_MAX];
+};
+BPF_PERCPU_ARRAY(mirage_stats, struct mirage_counters, 1);
 
 /* Per-client counters, LAN -> gateway, keyed by source address (IPv4 as
  * IPv4-mapped IPv6). LRU: a LAN full of (possibly spoofed) sources evicts
@@ -116,23 +123,23 @@ BPF_ARRAY(mirage_probe, struct mirage_probe, 1);
 
 /* --- helpers --------------------------------------------------------------- */
 
-static __always_inline void stat_add(__u32 idx, __u64 n)
-{
-    __u64 *v = mirage_stats.lookup(&idx);
+/* `st` may be NULL (the lookup cannot fail for index 0 of an array, but
+ * the verifier does not know that). */
+#define stat_add(st, idx, n)        \
+    do {                            \
+        if (st)                     \
+            (st)->v[(idx)] += (n);  \
+    } while (0)
 
-    if (v)
-        *v += n;
-}
-
-static __always_inline int drop(__u32 why)
+static __always_inline int drop(struct mirage_counters *st, __u32 why)
 {
-    stat_add(why, 1);
+    stat_add(st, why, 1);
     return TC_ACT_SHOT;
 }
 
-static __always_inline int pass(__u32 why)
+static __always_inline int pass(struct mirage_counters *st, __u32 why)
 {
-    stat_add(why, 1);
+    stat_add(st, why, 1);
     return TC_ACT_OK;
 }
 
@@ -332,15 +339,16 @@ static __always_inline long steer_udp(struct __sk_buff *skb, struct mirage_pkt *
     return assign(skb, sk, st_listener);
 }
 
-static __always_inline int captured(struct __sk_buff *skb, long ret, __u32 which,
-                                    struct mirage_client *c)
+static __always_inline int captured(struct __sk_buff *skb, struct mirage_counters *st,
+                                    long ret, __u32 which, struct mirage_client *c)
 {
     if (ret == MIRAGE_NO_SOCKET)
-        return drop(MIRAGE_ST_DROP_NO_LISTENER);
+        return drop(st, MIRAGE_ST_DROP_NO_LISTENER);
     if (ret < 0)
-        return drop(MIRAGE_ST_DROP_ASSIGN);
+        return drop(st, MIRAGE_ST_DROP_ASSIGN);
     skb->mark = MIRAGE_CAPTURE_MARK;
-    stat_add(which, 1);
+    if (which < MIRAGE_ST_MAX)
+        stat_add(st, which, 1);
     if (c) {
         c->captured_packets += 1;
         c->captured_bytes += skb->len;
@@ -356,12 +364,13 @@ int mirage_ingress(struct __sk_buff *skb)
     void *data_end = (void *)(long)skb->data_end;
     struct mirage_pkt p = {};
     struct mirage_client *c;
-    __u32 which = 0;
+    __u32 which = 0, zero = 0;
     long ret;
     int rc;
+    struct mirage_counters *st = mirage_stats.lookup(&zero);
 
-    stat_add(MIRAGE_ST_PACKETS, 1);
-    stat_add(MIRAGE_ST_BYTES, skb->len);
+    stat_add(st, MIRAGE_ST_PACKETS, 1);
+    stat_add(st, MIRAGE_ST_BYTES, skb->len);
 
     if (skb->protocol == bpf_htons(MIRAGE_ETH_P_IP))
         rc = mirage_parse_ipv4(skb, data, data_end, &p);
@@ -370,9 +379,9 @@ int mirage_ingress(struct __sk_buff *skb)
         rc = mirage_parse_ipv6(skb, data, data_end, &p);
 #endif /* MIRAGE_IPV6 */
     else
-        return pass(MIRAGE_ST_NOT_IP);
+        return pass(st, MIRAGE_ST_NOT_IP);
     if (rc == MIRAGE_PARSE_SHORT_IP)
-        return pass(MIRAGE_ST_SHORT);
+        return pass(st, MIRAGE_ST_SHORT);
 
     c = client(&p, skb->len);
 
@@ -380,7 +389,7 @@ int mirage_ingress(struct __sk_buff *skb)
     /* Mirage's own outbound traffic (SO_MARK), should it come back in
      * through a LAN interface. */
     if (skb->mark == MIRAGE_ROUTING_MARK)
-        return pass(MIRAGE_ST_OWN);
+        return pass(st, MIRAGE_ST_OWN);
 #endif /* MIRAGE_ROUTING_MARK */
 
     if (rc == MIRAGE_PARSE_OK)
@@ -388,20 +397,32 @@ int mirage_ingress(struct __sk_buff *skb)
 
     if (is_fake(&p)) {
         if (is_bypassed(&p))
-            return pass(MIRAGE_ST_BYPASS);
+            return pass(st, MIRAGE_ST_BYPASS);
         if (rc != MIRAGE_PARSE_OK)
-            return drop(MIRAGE_ST_DROP_MALFORMED);
+            return drop(st, MIRAGE_ST_DROP_MALFORMED);
         if (p.fragment)
-            return drop(MIRAGE_ST_DROP_FRAGMENT);
-        if (p.proto == IPPROTO_TCP)
+            return drop(st, MIRAGE_ST_DROP_FRAGMENT);
+        if (p.proto == IPPROTO_TCP) {
+            if ((p.tcp_flags & (MIRAGE_TCP_SYN | MIRAGE_TCP_ACK)) != MIRAGE_TCP_SYN) {
+                /* Not a connection request: a packet of a flow whose socket
+                 * (accepted from the listener, bound to this very fake
+                 * address and port) the kernel's own lookup finds. The mark
+                 * is enough, as nft's `socket transparent` rule does: no
+                 * lookup here, and no skb->sk, so early demux keeps its
+                 * cached route. With no such socket the packet is still
+                 * delivered locally, where the kernel answers RST: never
+                 * forwarded. */
+                return captured(skb, st, 0, MIRAGE_ST_TCP_ESTABLISHED, c);
+            }
             ret = steer_tcp(skb, &p, 0, 0, 0, 0, MIRAGE_TPROXY_PORT, MIRAGE_ST_TCP_ESTABLISHED,
                             MIRAGE_ST_TCP_LISTENER, &which);
-        else if (p.proto == IPPROTO_UDP)
+        } else if (p.proto == IPPROTO_UDP) {
             ret = steer_udp(skb, &p, 0, 0, 0, 0, MIRAGE_TPROXY_PORT, MIRAGE_ST_UDP_CONNECTED,
                             MIRAGE_ST_UDP_LISTENER, &which);
-        else
-            return drop(MIRAGE_ST_DROP_NOT_TCP_UDP);
-        return captured(skb, ret, which, c);
+        } else {
+            return drop(st, MIRAGE_ST_DROP_NOT_TCP_UDP);
+        }
+        return captured(skb, st, ret, which, c);
     }
 
     if (rc != MIRAGE_PARSE_OK || p.fragment)
@@ -430,18 +451,18 @@ int mirage_ingress(struct __sk_buff *skb)
 #endif /* MIRAGE_DNS6 */
         }
         if (is_bypassed(&p))
-            return pass(MIRAGE_ST_BYPASS);
+            return pass(st, MIRAGE_ST_BYPASS);
         /* The gateway's own resolvers (and Mirage's, when listening on 53)
          * are reached without any help. */
         if (is_local(skb, &p))
-            return pass(MIRAGE_ST_LOCAL);
+            return pass(st, MIRAGE_ST_LOCAL);
         if (p.proto == IPPROTO_TCP)
             ret = steer_tcp(skb, &p, a0, a1, a2, a3, MIRAGE_DNS_PORT, MIRAGE_ST_DNS_TCP,
                             MIRAGE_ST_DNS_TCP, &which);
         else
             ret = steer_udp(skb, &p, a0, a1, a2, a3, MIRAGE_DNS_PORT, MIRAGE_ST_DNS_UDP,
                             MIRAGE_ST_DNS_UDP, &which);
-        return captured(skb, ret, which, c);
+        return captured(skb, st, ret, which, c);
     }
 #endif /* MIRAGE_DNS4 || MIRAGE_DNS6 */
 
@@ -449,7 +470,7 @@ int mirage_ingress(struct __sk_buff *skb)
      * tproxy-port would reach the transparent listener with a real
      * destination, which Mirage would dial, reaching itself again. */
     if (p.dport == bpf_htons(MIRAGE_TPROXY_PORT) && is_local(skb, &p))
-        return drop(MIRAGE_ST_DROP_LOOP);
+        return drop(st, MIRAGE_ST_DROP_LOOP);
 
     return TC_ACT_OK;
 }

@@ -342,8 +342,8 @@ class Program:
 
     def stats(self) -> dict[str, int]:
         """Totals of the program's counters (summed over CPUs), by name."""
-        t = self.bpf[b"mirage_stats"]
-        return {name: int(sum(t.getvalue(i))) for i, name in enumerate(STAT_NAMES)}
+        per_cpu = self.bpf[b"mirage_stats"].getvalue(0)
+        return {name: int(sum(c.v[i] for c in per_cpu)) for i, name in enumerate(STAT_NAMES)}
 
     def clients(self) -> list[dict[str, Any]]:
         """Per-client counters (LAN -> gateway), busiest first."""

@@ -51,14 +51,21 @@ struct mirage_pkt {
     __u16 pad;
     __be16 sport;
     __be16 dport;
+    __u8 tcp_flags;
+    __u8 pad2[3];
     __be32 src[4];       /* IPv4: src[0] only */
     __be32 dst[4];
 };
 
+/* The first 14 bytes of a TCP header cover the flags; a UDP header is 8. */
 struct mirage_ports {
     __be16 source;
     __be16 dest;
+    __u8 rest[10];  /* TCP: seq, ack_seq, doff; rest[9] = flags (byte 13) */
 };
+
+#define MIRAGE_TCP_SYN 0x02
+#define MIRAGE_TCP_ACK 0x10
 
 /* IPv4: fixed header directly, options skipped by ihl. */
 static __always_inline int mirage_parse_ipv4(struct __sk_buff *skb, void *data, void *data_end,
@@ -144,8 +151,13 @@ static __always_inline int mirage_parse_ports(struct __sk_buff *skb, struct mira
     __u32 need = p->proto == IPPROTO_TCP ? sizeof(struct tcphdr) : sizeof(struct udphdr);
     if (p->l4off + need > skb->len)
         return MIRAGE_PARSE_SHORT_L4;
-    if (bpf_skb_load_bytes(skb, p->l4off, &ports, sizeof(ports)) < 0)
+    if (p->proto == IPPROTO_TCP) {
+        if (bpf_skb_load_bytes(skb, p->l4off, &ports, 14) < 0)
+            return MIRAGE_PARSE_SHORT_L4;
+        p->tcp_flags = ports.rest[9];
+    } else if (bpf_skb_load_bytes(skb, p->l4off, &ports, 4) < 0) {
         return MIRAGE_PARSE_SHORT_L4;
+    }
     p->sport = ports.source;
     p->dport = ports.dest;
     return MIRAGE_PARSE_OK;

@@ -15,7 +15,7 @@ enum mirage_stat {
     MIRAGE_ST_OWN,               /* carries routing-mark: passed */
     MIRAGE_ST_BYPASS,            /* capture candidate in a bypass range: passed */
     MIRAGE_ST_LOCAL,             /* port 53 to the gateway's own address: passed */
-    MIRAGE_ST_TCP_ESTABLISHED,   /* fake range, to the flow's own socket */
+    MIRAGE_ST_TCP_ESTABLISHED,   /* fake range, packets of a flow (marked) */
     MIRAGE_ST_TCP_LISTENER,      /* fake range, to the tproxy-port listener */
     MIRAGE_ST_UDP_CONNECTED,     /* fake range, to a connected UDP socket */
     MIRAGE_ST_UDP_LISTENER,      /* fake range, to the tproxy-port UDP socket */

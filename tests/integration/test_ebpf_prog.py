@@ -142,9 +142,13 @@ ETH_IP = b"\x02\0\0\0\0\x01" + b"\x02\0\0\0\0\x02" + b"\x08\x00"
 ETH_IP6 = b"\x02\0\0\0\0\x01" + b"\x02\0\0\0\0\x02" + b"\x86\xdd"
 
 
-def l4(proto: str, sport: int, dport: int, payload: bytes = b"q" * 12) -> bytes:
-    if proto == "tcp":  # a SYN
-        return struct.pack("!HHIIBBHHH", sport, dport, 1, 0, 5 << 4, 0x02, 65535, 0, 0)
+SYN, ACK = 0x02, 0x10
+
+
+def l4(proto: str, sport: int, dport: int, payload: bytes = b"q" * 12, flags: int = SYN
+       ) -> bytes:
+    if proto == "tcp":
+        return struct.pack("!HHIIBBHHH", sport, dport, 1, 0, 5 << 4, flags, 65535, 0, 0)
     if proto == "udp":
         return struct.pack("!HHHH", sport, dport, 8 + len(payload), 0) + payload
     return payload
@@ -154,8 +158,9 @@ PROTO = {"tcp": 6, "udp": 17, "icmp": 1, "esp": 50}
 
 
 def ipv4(src: str, dst: str, proto: str, sport: int = 40000, dport: int = 80, *,
-         options: bytes = b"", frag: int = 0, body: bytes | None = None) -> bytes:
-    payload = l4(proto, sport, dport) if body is None else body
+         options: bytes = b"", frag: int = 0, body: bytes | None = None, flags: int = SYN
+         ) -> bytes:
+    payload = l4(proto, sport, dport, flags=flags) if body is None else body
     ihl = 5 + len(options) // 4
     hdr = struct.pack("!BBHHHBBH4s4s", 0x40 | ihl, 0, ihl * 4 + len(payload), 1, frag, 64,
                       PROTO[proto], 0, socket.inet_aton(src), socket.inet_aton(dst)) + options
@@ -364,7 +369,18 @@ def test_fake_tcp_with_no_listener_is_dropped_and_counted(lab: Lab) -> None:
           ns=lab.empty)
 
 
-def test_fake_tcp_of_an_established_flow_goes_to_its_own_socket(lab: Lab) -> None:
+def test_fake_tcp_of_an_established_flow_is_marked_for_its_own_socket(lab: Lab) -> None:
+    # Not a SYN: marked only, the kernel's own lookup finds the flow's
+    # socket (no lookup, no assignment in the program).
+    pkt = ipv4(GW4, LOCAL_FAKE, "tcp", sport=lab.flows["tcp"], dport=9000, flags=ACK)
+    m = check(lab, pkt, OK, MARK, "tcp_established")
+    assert m.assigned == 0
+    # Even with no socket at all: delivered locally (the kernel resets it),
+    # never forwarded.
+    m = check(lab, ipv4(CLIENT4, FAKE4, "tcp", flags=ACK), OK, MARK, "tcp_established",
+              ns=lab.empty)
+    # A retransmitted SYN of the flow goes to the flow's socket, not the
+    # listener.
     pkt = ipv4(GW4, LOCAL_FAKE, "tcp", sport=lab.flows["tcp"], dport=9000)
     m = check(lab, pkt, OK, MARK, "tcp_established")
     assigned(lab, m, "tcp_established", 9000)
