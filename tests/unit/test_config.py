@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 import yaml
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from appliance.config import (
@@ -106,7 +106,7 @@ def test_lab_example_loads_as_the_lab_needs() -> None:
 def test_clash_profile_example_loads_and_reports_what_it_ignores() -> None:
     cfg = load_config(EXAMPLES / "clash-profile.yaml")
     ignored = set(cfg.ignored_keys)
-    for key in ("tun", "sniffer", "port", "allow-lan", "rule-providers", "dns.fallback"):
+    for key in ("tun", "sniffer", "redir-port", "mode", "rule-providers", "dns.fallback"):
         assert key in ignored
     assert "rules[15] (GEOIP)" in ignored
     assert "proxies[2] (vmess proxy 'US 01')" in ignored
@@ -415,6 +415,62 @@ def test_effective_config_round_trips() -> None:
         cfg = load_config(path)
         again = parse_config(effective_config(cfg), source=cfg.source)
         assert again == dataclasses.replace(cfg, ignored_keys=())
+
+
+def test_effective_config_round_trips_every_field() -> None:
+    cfg = parse_config(
+        {
+            "mixed-port": 7890,
+            "socks-port": 7891,
+            "port": 7892,
+            "authentication": ["u:p", "v:w:x"],
+            "allow-lan": False,
+            "bind-address": "192.0.2.1",
+            "tproxy-port": 7893,
+            "routing-mark": 0,
+            "ipv6": True,
+            "log-level": "debug",
+            "external-controller": "[::1]:9090",
+            "secret": "s",
+            "profile": {"store-fake-ip": True},
+            "hosts": {"a.lan": "192.0.2.1", "+.b.lan": ["192.0.2.2", "2001:db8::2"]},
+            "dns": {
+                "enable": True,
+                "listen": "[::]:1053",
+                "ipv6": True,
+                "enhanced-mode": "redir-host",
+                "fake-ip-range": "10.128.0.1/9",
+                "fake-ip-filter": ["time.*.test", ".home"],
+                "fake-ip-filter-mode": "whitelist",
+                "default-nameserver": ["tcp://192.0.2.53:5353"],
+                "nameserver": ["https://doh.example:8443/q", "udp://[2001:db8::53]"],
+                "nameserver-policy": {"+.corp,*.x.test": ["192.0.2.54"]},
+                "ca-file": "/etc/ssl/lab.pem",
+                "upstream-timeout": 0.5,
+                "cache-size": 0,
+            },
+            "proxies": [
+                {"name": "d", "type": "direct"},
+                {"name": "r", "type": "reject"},
+                {"name": "s5", "type": "socks5", "server": "192.0.2.1", "port": 1,
+                 "username": "u", "password": "", "tls": True, "skip-cert-verify": True},
+                {"name": "t", "type": "trojan", "server": "t.example", "port": 443,
+                 "password": "p", "sni": "sni.example", "udp": True},
+            ],
+            "proxy-groups": [{"name": "g", "type": "fallback", "proxies": ["t", "s5", "d"]}],
+            "rules": ["NETWORK,udp,r", "SRC-PORT,1-1023,g", "MATCH,REJECT"],
+            "appliance": {
+                "lan": ["lan0"], "redirect": "auto", "dns-hijack": False,
+                "bypass": ["2001:db8:ff::/48"], "state-dir": "/tmp/x", "route-table": 7,
+                "capture-mark": 1, "store-flush-interval": 2, "connect-timeout": 1,
+                "idle-timeout": 9, "udp-timeout": 10, "udp-max-sessions": 5,
+            },
+        }
+    )  # fmt: skip
+    assert cfg.ignored_keys == ()
+    assert cfg.dns.fake_ip_range6 == ipaddress.IPv6Network("fdfe:dcba:9876::/64")
+    assert parse_config(effective_config(cfg)) == cfg
+    assert parse_config(yaml.safe_load(format_effective(cfg, redact=False))) == cfg
 
 
 def test_format_effective_is_yaml_with_secrets_redacted() -> None:
@@ -802,6 +858,8 @@ KEYS = [
     "nameserver", "default-nameserver", "nameserver-policy", "proxies",
     "proxy-groups", "rules", "appliance", "lan", "bypass", "redirect", "name",
     "type", "server", "port", "password", "cipher", "tun", "fallback",
+    "socks-port", "authentication", "allow-lan", "bind-address", "udp-timeout",
+    "udp-max-sessions",
 ]  # fmt: skip
 scalars = st.one_of(
     st.none(),
@@ -889,9 +947,7 @@ def test_mutated_real_profile_loads_or_raises_config_error(data: st.DataObject) 
     _outcome(doc)
 
 
-@settings(
-    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
-)
+@settings(max_examples=150, deadline=None)
 @given(st.text(max_size=200))
 def test_random_text_files_load_or_raise_config_error(text: str) -> None:
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", encoding="utf-8") as f:
