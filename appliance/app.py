@@ -23,6 +23,7 @@ import logging
 import signal
 import time
 from collections.abc import Iterable, Mapping
+from dataclasses import replace
 from ipaddress import ip_address
 from typing import Any
 
@@ -31,7 +32,7 @@ from dnslib import DNSRecord
 
 from appliance import __version__
 from appliance.config import ConfigError, load_config
-from appliance.config.model import Config
+from appliance.config.model import Config, DnsConfig
 from appliance.dns.names import DomainMatcher
 
 log = logging.getLogger("mirage")
@@ -81,7 +82,7 @@ class Appliance:
             except OSError as err:
                 raise AppError(f"appliance.state-dir {state_dir}: {err}") from None
         matcher = self.fake_ip_filter(cfg)
-        range6 = cfg.dns.fake_ip_range6 if (cfg.ipv6 or cfg.dns.ipv6) else None
+        range6 = answer_dns(cfg).fake_ip_range6
         self.pool = FakeIPPool(
             cfg.dns.fake_ip_range, range6, store=self.store,
             keep=lambda domain: self.wants_fake_ip(cfg, matcher, domain),
@@ -107,7 +108,7 @@ class Appliance:
                 self.build_router(cfg)
                 await nursery.start(flusher.serve, self.pool, cfg.appliance.store_flush_interval)
                 if cfg.dns.enable:
-                    self.dns_handler = DnsHandler(cfg.dns, self.pool)
+                    self.dns_handler = DnsHandler(answer_dns(cfg), self.pool)
                     await nursery.start(self._serve_dns, dns_server)
                 if cfg.tproxy_port:
                     await nursery.start(self._serve_gateway)
@@ -176,7 +177,8 @@ class Appliance:
         try:
             await self.udp.serve(task_status=task_status)
         except OSError as err:
-            raise AppError(f"tproxy-port {self.cfg.tproxy_port} (udp): cannot bind: {err}") from None
+            raise AppError(
+                f"tproxy-port {self.cfg.tproxy_port} (udp): cannot bind: {err}") from None
 
     async def _serve_proxy_ports(self, *,
                                  task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED
@@ -266,7 +268,7 @@ class Appliance:
             log.error("SIGHUP: %s; keeping the running configuration", err)
             return
         if self.dns_handler is not None and hasattr(self.dns_handler, "reconfigure"):
-            self.dns_handler.reconfigure(new.dns)
+            self.dns_handler.reconfigure(answer_dns(new))
         matcher = self.fake_ip_filter(new)
         dropped = self.pool.drop(lambda d: not self.wants_fake_ip(new, matcher, d))
         logging.getLogger().setLevel(new.log_level.upper() if new.log_level != "silent"
@@ -302,6 +304,8 @@ class Appliance:
             out["dns"] = self.dns_handler.stats()
         if self.gateway is not None and hasattr(self.gateway, "stats"):
             out["gateway"] = self.gateway.stats()
+        if getattr(self, "udp", None) is not None:
+            out["udp"] = self.udp.stats()
         if self.capture is not None and hasattr(self.capture, "stats"):
             out["capture"] = self.capture.stats()
         return out
@@ -339,6 +343,16 @@ class Appliance:
         else:
             result["upstream"] = {"rcode": rcode_name(reply), "answers": answer_rows(reply)}
         return result
+
+
+def answer_dns(cfg: Config) -> DnsConfig:
+    """The DNS settings the handler and pool use: IPv6 fake IPs only when the
+    gateway carries IPv6 (`ipv6`, which also turns on the v6 capture rules)
+    *and* the DNS answers AAAA (`dns.ipv6`); otherwise a fake AAAA would point
+    at an address no rule captures."""
+    if cfg.ipv6 and cfg.dns.ipv6:
+        return cfg.dns
+    return replace(cfg.dns, fake_ip_range6=None)
 
 
 def _pid() -> int:
