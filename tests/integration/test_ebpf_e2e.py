@@ -13,9 +13,11 @@ from __future__ import annotations
 import json
 import re
 import signal
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -137,13 +139,105 @@ def test_fake_ips_reach_the_right_site_through_each_outbound(lab: Lab, runs: Run
     assert curl(lab, "http://www.gamma.test/")[0] == 0
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_hijack_answers_from_port_53_when_dns_listens_elsewhere(lab: Lab, runs: Runs,
+                                                                backend: str) -> None:
+    # The DNS service on 1053: nftables redirects through conntrack; eBPF
+    # assigns the socket and the service answers from the asked address and
+    # port itself (no NAT anywhere).
+    runs.start(backend, dns={"listen": "0.0.0.0:1053"})
+    poisoned = str(lab.topology.poisoned_resolver.address)
+    udp = dig(lab, f"@{poisoned}", "+short", "www.alpha.test")
+    assert FAKE.match(udp), udp
+    assert dig(lab, f"@{poisoned}", "+tcp", "+short", "www.alpha.test") == udp
+    stats = dig(lab, f"@{poisoned}", "+noall", "+stats", "www.alpha.test")
+    assert f"SERVER: {poisoned}#53(" in stats, stats
+    code, body = curl(lab, "http://www.alpha.test/")
+    assert code == 0 and "MARKER-ALPHA" in body
+
+
+ECHO = Path(__file__).resolve().parents[2] / "bench" / "udp_echo.py"
+ECHO_PORT = 9998
+
+# One exchange from a connected UDP socket: (fake IP, reply source, reply).
+EXCHANGE = """
+import json, socket, sys
+name, port, family = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+ip = socket.getaddrinfo(name, port, family, socket.SOCK_DGRAM)[0][4][0]
+c = socket.socket(family, socket.SOCK_DGRAM); c.settimeout(3)
+c.connect((ip, port)); c.send(b"ping")
+try:
+    data, src = c.recvfrom(4096); print(json.dumps([ip, data.decode(), list(src)[:2]]))
+except TimeoutError:
+    print(json.dumps([ip, None, None]))
+"""
+
+
+@pytest.fixture(scope="module")
+def echo(lab: Lab) -> Iterator[None]:
+    addrs = [f"{a}:{ECHO_PORT}" for a in ("192.168.57.10", "192.168.57.12")]
+    addrs += [f"[{a}]:{ECHO_PORT}" for a in ("fd57::10", "fd57::12")]
+    proc = lab.popen("upstream", [sys.executable, str(ECHO), "--tag", "--max-seconds", "300",
+                                  *addrs], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == b"ready"
+        yield
+    finally:
+        proc.terminate()
+        proc.wait(timeout=5)
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+
+def exchange(lab: Lab, name: str, family: int = 2) -> tuple[str, str | None, Any]:
+    r = lab.exec("client", [sys.executable, "-c", EXCHANGE, name, str(ECHO_PORT),
+                            str(family)], timeout=20)
+    assert r.returncode == 0, r.stderr
+    ip, data, src = json.loads(r.stdout)
+    return ip, data, src
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_udp_to_a_fake_ip_comes_back_from_it(lab: Lab, runs: Runs, echo: None,
+                                             backend: str) -> None:
+    runs.start(backend)
+    for name in ("www.gamma.test", "www.alpha.test"):  # DIRECT, SOCKS5 UDP ASSOCIATE
+        ip, data, src = exchange(lab, name)
+        assert FAKE.match(ip)
+        assert data is not None and data.startswith("ping"), (name, data)
+        # A connected socket only accepts the fake IP and port as source.
+        assert src == [ip, ECHO_PORT]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ipv6_fake_range_tcp_udp_and_hijack(lab: Lab, runs: Runs, echo: None,
+                                            backend: str) -> None:
+    runs.start(backend, ipv6=True,
+               dns={"listen": "[::]:53", "ipv6": True, "fake-ip-range6": "fdfe:dcba:9876::/64"})
+    poisoned = str(lab.topology.poisoned_resolver.address)
+    fake6 = dig(lab, f"@{poisoned}", "+short", "AAAA", "www.gamma.test")
+    assert fake6.startswith("fdfe:dcba:9876:"), fake6
+    r = lab.exec("client", ["curl", "-s", "-6", "-m", "8", "-g", f"http://[{fake6}]/",
+                            "-H", "Host: www.gamma.test"], timeout=20)
+    assert r.returncode == 0 and "MARKER-GAMMA" in r.stdout, r.stdout[-300:]
+    ip, data, src = exchange(lab, "www.gamma.test", family=10)
+    assert ip == fake6 and data is not None and src == [fake6, ECHO_PORT]
+    # Hijack over IPv6: a query to an IPv6 resolver address is answered by
+    # Mirage (nobody serves DNS on fd57::153: only a hijack can answer).
+    out = dig(lab, "@fd57::153", "+short", "www.alpha.test")
+    assert FAKE.match(out), out
+
+
 # ---------------------------------------------------------------- eBPF only
 
 
 def test_ebpf_holds_no_tproxy_rule_and_its_counters_move(lab: Lab, runs: Runs) -> None:
     run = runs.start("ebpf")
     rules = json.dumps(nft_rules(lab))
-    assert "tproxy" not in rules
+    # No capture and no NAT in nftables: the program does it all.
+    for word in ("tproxy", "redirect", "dnat"):
+        assert word not in rules
     filters = [f for f in tc_filters(lab) if "options" in f]
     assert [f["options"]["bpf_name"] for f in filters] == ["mirage_tc:mirage_ingress"]
     assert filters[0]["options"]["direct-action"] is True
