@@ -320,6 +320,19 @@ def test_bad_configuration_never_replaces_the_good_one(applied: Applied) -> None
          "-c", "/etc/mirage/config.yaml"], timeout=60)
 
 
+def test_own_configuration_file_is_installed(applied: Applied) -> None:
+    """mirage_config_src: the lab's example file (the namespace lab's gateway
+    configuration) is copied as is, after `mirage check` accepted it."""
+    example = REPO / "examples/lab.yaml"
+    if not example.exists():
+        pytest.skip("no examples/lab.yaml")
+    mine = json.dumps({"mirage_config_src": str(example)})
+    proc = run(["ansible-playbook", "-i", str(applied.inventory), str(ANSIBLE_DIR / "site.yml"),
+                "-e", mine], timeout=600, env=applied.env, cwd=ANSIBLE_DIR)
+    assert "Copy my own configuration file" in "\n".join(changed_tasks(proc.stdout))
+    assert (applied.root / "etc/mirage/config.yaml").read_bytes() == example.read_bytes()
+
+
 HEADERS_PLAY = """\
 - name: Arrange kernel headers for bcc
   hosts: target
