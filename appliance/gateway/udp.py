@@ -225,7 +225,7 @@ def _raise_fd_limit(sessions: int) -> None:
     """Each session holds a socket (two for SOCKS5): make room for them up to
     the hard limit, which an operator or systemd (LimitNOFILE) sets."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    want = 3 * sessions + 1024
+    want = 2 * sessions + 1024
     if soft != resource.RLIM_INFINITY and soft < want:
         new = want if hard == resource.RLIM_INFINITY else min(want, hard)
         if new > soft:
@@ -378,8 +378,9 @@ class UdpGateway:
         if evicted is not None:
             self.counters.evicted += 1
             evicted.scope.cancel()
-            log.debug("udp %s: evicted (at most %d sessions)", evicted.describe(),
-                      self.table.capacity)
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("udp %s: evicted (at most %d sessions)", evicted.describe(),
+                          self.table.capacity)
         self.counters.sessions_opened += 1
         nursery.start_soon(self._run, session)
 
@@ -398,9 +399,13 @@ class UdpGateway:
                 if not await self._open(s):
                     return
                 assert s.peer is not None
+                if not s.peer.socks:
+                    await self._relay_down(s, s.peer, reply)
+                    return
+                # SOCKS5: the association ends when the proxy closes its
+                # control connection.
                 async with trio.open_nursery() as nursery:
-                    if s.peer.socks:
-                        nursery.start_soon(self._watch, s.peer, nursery.cancel_scope)
+                    nursery.start_soon(self._watch, s.peer, nursery.cancel_scope)
                     await self._relay_down(s, s.peer, reply)
                     nursery.cancel_scope.cancel()
         finally:
@@ -441,7 +446,8 @@ class UdpGateway:
             s.pending = []
             s.state = "rejected"
             s.outbound = s.outbound or "REJECT"
-            log.debug("udp %s: rejected by %s", s.describe(), s.outbound)
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("udp %s: rejected by %s", s.describe(), s.outbound)
             await self._wait_idle(s)
             return False
         s.peer = peer
@@ -463,7 +469,8 @@ class UdpGateway:
         # From here on the receive loop sends directly.
         s.sock = peer.sock
         s.state = "open"
-        log.debug("udp %s: via %s (%s)", s.describe(), peer.outbound, peer.remote)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("udp %s: via %s (%s)", s.describe(), peer.outbound, peer.remote)
         return True
 
     async def _wait_idle(self, s: Session) -> None:
@@ -493,7 +500,8 @@ class UdpGateway:
             deadline = s.last + s.timeout
             if trio.current_time() >= deadline:
                 st.idle_expired += 1
-                log.debug("udp %s: idle for %gs, closed", s.describe(), s.timeout)
+                if log.isEnabledFor(logging.DEBUG):
+                    log.debug("udp %s: idle for %gs, closed", s.describe(), s.timeout)
                 return
             # Activity moves `s.last`; the deadline is checked again when it
             # fires instead of being reset for every datagram.

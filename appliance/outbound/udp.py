@@ -153,15 +153,46 @@ def _family(ip: IPAddress) -> int:
     return socket.AF_INET6 if ip.version == 6 else socket.AF_INET
 
 
-async def open_direct(outbound: DirectOutbound, host: str, port: int) -> UdpPeer:
+class AddressCache:
+    """The address a name resolved to, kept for the resolver's TTL (at most
+    `max_ttl`), so that a burst of sessions to one name (a game, QUIC
+    connection migration, a DNS-heavy client) costs one lookup, and every
+    session to a name reaches the same peer while the answer holds. Bounded
+    to `size` names (oldest dropped). Memory only."""
+
+    def __init__(self, size: int = 4096, max_ttl: float = 300.0) -> None:
+        self.size = size
+        self.max_ttl = max_ttl
+        self._entries: dict[tuple[int, str], tuple[IPAddress, float]] = {}
+
+    async def resolve(self, outbound: DirectOutbound, name: str) -> IPAddress:
+        key = (id(outbound.dialer), name.rstrip(".").lower())
+        now = trio.current_time()
+        hit = self._entries.get(key)
+        if hit is not None and hit[1] > now:
+            return hit[0]
+        addresses, ttl = await outbound.dialer.resolve(name)
+        ip = interleave(addresses)[0]
+        if ttl > 0:
+            if len(self._entries) >= self.size:
+                self._entries.pop(next(iter(self._entries)))
+            self._entries[key] = (ip, now + min(ttl, self.max_ttl))
+        return ip
+
+
+async def open_direct(outbound: DirectOutbound, host: str, port: int,
+                      cache: AddressCache | None = None) -> UdpPeer:
     """A marked UDP socket connected to `host` (resolved through the
     outbound's resolver; the first address, AAAA first when ipv6 is on)."""
     if not 0 < port <= 0xFFFF:
         raise OutboundError(f"bad port {port}")
     ip = as_ip(host)
     if ip is None:
-        addresses, _ttl = await outbound.dialer.resolve(host)
-        ip = interleave(addresses)[0]
+        if cache is not None:
+            ip = await cache.resolve(outbound, host)
+        else:
+            addresses, _ttl = await outbound.dialer.resolve(host)
+            ip = interleave(addresses)[0]
     sock = _udp_socket(_family(ip), outbound.dialer.mark)
     try:
         # connect() on UDP only sets the default peer: it cannot block.
@@ -238,26 +269,26 @@ def carries_udp(outbound: Any, udp_proxies: frozenset[str]) -> bool:
     return False
 
 
-async def open_udp(outbound: Any, host: str, port: int,
-                   udp_proxies: frozenset[str]) -> UdpPeer | None:
+async def open_udp(outbound: Any, host: str, port: int, udp_proxies: frozenset[str],
+                   cache: AddressCache | None = None) -> UdpPeer | None:
     """Open `outbound` for UDP to host:port; None for REJECT. Raises
     OutboundError if it cannot carry UDP or fails to open. No deadline of
     its own (UdpDialer.open sets one)."""
     if isinstance(outbound, RejectOutbound):
         return None
     if isinstance(outbound, DirectOutbound):
-        return await open_direct(outbound, host, port)
+        return await open_direct(outbound, host, port, cache)
     if isinstance(outbound, Socks5Outbound) and outbound.name in udp_proxies:
         return await open_socks5(outbound, host, port)
     if isinstance(outbound, SelectGroup):
-        return await open_udp(outbound.selected, host, port, udp_proxies)
+        return await open_udp(outbound.selected, host, port, udp_proxies, cache)
     if isinstance(outbound, FallbackGroup):
         errors = []
         for member in outbound.ordered():
             if not carries_udp(member, udp_proxies):
                 continue
             try:
-                return await open_udp(member, host, port, udp_proxies)
+                return await open_udp(member, host, port, udp_proxies, cache)
             except OutboundError as e:
                 errors.append(f"{member.name}: {e.reason}")
         raise OutboundError(f"{outbound.name}: no member opened UDP ({'; '.join(errors)})")
@@ -302,11 +333,12 @@ class UdpDialer:
 
     `current()` returns the live (router, config) pair, read once per
     session, so a reload (SIGHUP) applies to new sessions and never to
-    open ones. Owns nothing between calls.
+    open ones. Owns only its `AddressCache` (DIRECT's resolved names).
     """
 
     def __init__(self, current: Callable[[], tuple[Router, Config]]) -> None:
         self.current = current
+        self.addresses = AddressCache()
 
     async def open(self, target: UdpTarget) -> UdpPeer | None:
         """The session's peer, None if the rules say REJECT. Sets
@@ -326,4 +358,5 @@ class UdpDialer:
         target.outbound = outbound.name
         timeout = cfg.appliance.connect_timeout
         with outbound_deadline(timeout, f"{outbound.name} udp {target.host}:{target.dst_port}"):
-            return await open_udp(outbound, target.host, target.dst_port, udp_proxies)
+            return await open_udp(outbound, target.host, target.dst_port, udp_proxies,
+                                  self.addresses)
