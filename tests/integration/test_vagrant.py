@@ -157,6 +157,7 @@ def netns() -> Iterator[str]:
         subprocess.run(["ip", "netns", "del", name], check=False, timeout=30)
 
 
+@pytest.mark.netns
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces")
 @pytest.mark.parametrize("node", ["client", "gateway", "upstream"])
 def test_network_script_builds_the_topology(node: str, netns: str, tmp_path: Path) -> None:
