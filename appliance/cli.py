@@ -35,12 +35,14 @@ def _load(path: Path):  # -> Config; typed lazily to keep imports light
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from appliance.config.render import format_effective
+    from appliance.config.render import format_effective, format_ignored
 
     cfg = _load(args.config)
     print(format_effective(cfg), end="")
-    if cfg.ignored_keys:
-        print(f"# ignored (Clash keys Mirage does not implement): {', '.join(cfg.ignored_keys)}")
+    ignored = format_ignored(cfg)
+    if ignored:
+        # A YAML comment: stdout stays a loadable config.
+        print(f"# {ignored.strip()}")
     print(f"# {args.config}: configuration OK", file=sys.stderr)
     return EXIT_OK
 

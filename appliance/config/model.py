@@ -40,9 +40,11 @@ class Nameserver:
     """One upstream resolver, parsed from a Clash `nameserver` entry.
 
     Forms accepted: `https://host[:port]/path` (DoH, RFC 8484), `udp://ip[:port]`,
-    `tcp://ip[:port]`, `tls://` is refused at load (not implemented), and a bare
-    `ip[:port]` (UDP). For DoH, `host` may be a name (bootstrapped through
-    `default-nameserver`) or an IP literal (its certificate must carry the IP).
+    `tcp://ip[:port]`, and a bare `ip[:port]` (UDP); `#method=GET` after a DoH
+    URL selects GET. Forms Mirage does not implement (`tls://`, `quic://`,
+    `dhcp://`, `system`) are skipped at load and reported as ignored. For DoH,
+    `host` may be a name (bootstrapped through `default-nameserver`) or an IP
+    literal (its certificate must carry the IP).
     """
 
     scheme: Literal["https", "udp", "tcp"]
@@ -110,8 +112,9 @@ class ProxyConfig:
 
 @dataclass(frozen=True)
 class ProxyGroupConfig:
-    """One entry of `proxy-groups`. Only `select` (first member) and
-    `fallback` (first reachable) are implemented; others are refused at load."""
+    """One entry of `proxy-groups`. `select` (first member) and `fallback`
+    (first reachable) are implemented; `url-test` and `load-balance` load as
+    `fallback` and `relay` is skipped, both reported as ignored."""
 
     name: str
     type: Literal["select", "fallback"]
@@ -179,7 +182,8 @@ class Config:
     proxy_groups: tuple[ProxyGroupConfig, ...] = ()
     rules: tuple[Rule, ...] = ()
     appliance: ApplianceConfig = field(default_factory=ApplianceConfig)
-    # Top-level Clash keys present in the file that Mirage does not implement:
-    # reported once at load, never an error (so real Clash profiles load).
+    # Clash keys (dotted paths), rule types and proxies present in the file
+    # that Mirage does not implement: reported once at load, never an error
+    # (so real Clash profiles load).
     ignored_keys: tuple[str, ...] = ()
     source: Path | None = None
