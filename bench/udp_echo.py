@@ -28,7 +28,7 @@ def main() -> int:
     ap.add_argument("listen", nargs="+")
     args = ap.parse_args()
     sel = selectors.DefaultSelector()
-    socks = []
+    socks: dict[int, socket.socket] = {}
     for item in args.listen:
         host, _, port = item.rpartition(":")
         host = host.strip("[]")
@@ -38,14 +38,13 @@ def main() -> int:
         s.bind((host, int(port)))
         s.setblocking(False)
         sel.register(s, selectors.EVENT_READ)
-        socks.append(s)
+        socks[s.fileno()] = s
     print("ready", flush=True)
     end = time.monotonic() + args.max_seconds
     tag = args.tag
     while time.monotonic() < end:
         for key, _ in sel.select(timeout=1.0):
-            s = key.fileobj
-            assert isinstance(s, socket.socket)
+            s = socks[key.fd]
             me = s.getsockname()
             for _ in range(256):
                 try:

@@ -149,7 +149,7 @@ def main() -> int:
     ap.add_argument("--count", type=int, default=5000)
     ap.add_argument("--concurrency", type=int, default=64)
     args = ap.parse_args()
-    ip = socket.getaddrinfo(args.host, args.port, type=socket.SOCK_DGRAM)[0][4][0]
+    ip = str(socket.getaddrinfo(args.host, args.port, type=socket.SOCK_DGRAM)[0][4][0])
     seconds = min(args.seconds, 60.0)
     if args.mode == "pps":
         out = pps(ip, args.port, seconds, args.size, args.sockets, args.window)
