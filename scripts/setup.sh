@@ -11,6 +11,7 @@ DEB_PACKAGES=(
     unbound dnsmasq-base nginx-light dante-server tinyproxy shadowsocks-libev
     bind9-dnsutils dnsperf iperf3 wrk curl openssl sqlite3 bpftool stunnel4
     linux-headers-amd64
+    ansible ansible-lint debootstrap vagrant vagrant-libvirt
 )
 
 missing=()
