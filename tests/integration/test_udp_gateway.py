@@ -254,3 +254,43 @@ def test_eviction_keeps_the_table_bounded(lab: Lab, mirage: MirageRun) -> None:
         for f in state.glob("fakeip.sqlite3*"):
             f.unlink()
         mirage.start()
+
+
+EXCHANGE6 = """
+import json, socket, sys
+name, port = sys.argv[1], int(sys.argv[2])
+out = {}
+for fam, label in ((socket.AF_INET6, "v6"), (socket.AF_INET, "v4")):
+    ip = socket.getaddrinfo(name, port, fam, socket.SOCK_DGRAM)[0][4][0]
+    c = socket.socket(fam, socket.SOCK_DGRAM); c.settimeout(3); c.connect((ip, port))
+    c.send(label.encode())
+    try:
+        data, src = c.recvfrom(4096); out[label] = [ip, data.decode(), list(src)[:2]]
+    except TimeoutError:
+        out[label] = [ip, None, None]
+print(json.dumps(out))
+"""
+
+
+def test_ipv6_fake_ips_on_the_dual_stack_listener(lab: Lab, mirage: MirageRun) -> None:
+    mirage.stop()
+    state = lab.state_dir / "udp-mirage-v6"
+    cfg = lab_config(lab, ipv6=True,
+                     dns={"ipv6": True, "fake-ip-range6": "fdfe:dcba:9876::/64"},
+                     appliance={"state-dir": str(state)})
+    try:
+        with MirageRun(lab, cfg, name="udp-mirage-v6"):
+            out = client(lab, EXCHANGE6, "www.gamma.test", str(PORT))
+            ip6, data6, src6 = out["v6"]
+            assert ip6.startswith("fdfe:dcba:9876:")
+            assert src6 == [ip6, PORT]
+            # DIRECT prefers AAAA with ipv6 on: gamma's real v6 address.
+            assert data6.startswith("v6 from=fd57::1:"), data6
+            assert data6.endswith(f"to=fd57::12:{PORT}"), data6
+            ip4, data4, src4 = out["v4"]
+            assert ip4.startswith("198.18.") and src4 == [ip4, PORT]
+            assert data4 is not None and data4.startswith("v4 from=")
+    finally:
+        for f in state.glob("fakeip.sqlite3*"):
+            f.unlink()
+        mirage.start()
