@@ -294,3 +294,31 @@ def test_ipv6_fake_ips_on_the_dual_stack_listener(lab: Lab, mirage: MirageRun) -
         for f in state.glob("fakeip.sqlite3*"):
             f.unlink()
         mirage.start()
+
+
+BIG = """
+import json, socket, sys
+name, port, size = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+ip = socket.getaddrinfo(name, port, socket.AF_INET, socket.SOCK_DGRAM)[0][4][0]
+c = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); c.settimeout(3); c.connect((ip, port))
+c.send(b"b" * size)
+try:
+    data, src = c.recvfrom(65535); out = [len(data), data[size:].decode(), list(src)]
+except TimeoutError:
+    out = None
+print(json.dumps(out))
+"""
+
+
+def test_big_datagrams_fragment_on_the_wire_and_oversize_is_counted(
+        lab: Lab, mirage: MirageRun) -> None:
+    # 30,000 bytes cross both veth links as IP fragments; the gateway gets
+    # the datagram reassembled and DIRECT sends it whole.
+    out = client(lab, BIG, "www.gamma.test", str(PORT), "30000")
+    assert out is not None
+    size, tag, src = out
+    assert size > 30000 and tag.startswith(" from=192.168.57.1:") and src[1] == PORT
+    # The largest IPv4 datagram cannot also carry a SOCKS5 UDP header.
+    before = udp_counters(lab, mirage)["dropped_oversize"]
+    assert client(lab, BIG, "www.alpha.test", str(PORT), "65507") is None
+    assert udp_counters(lab, mirage)["dropped_oversize"] == before + 1

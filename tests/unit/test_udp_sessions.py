@@ -304,3 +304,20 @@ async def test_dialer_opens_direct_to_an_ip_with_the_routing_mark() -> None:
     with pytest.raises(OutboundError, match="no resolver"):
         await dialer.open(Target("www.example.test", "198.18.0.1", 53))
     assert ipaddress.ip_address(target.dst_ip).is_loopback
+
+
+def test_socks_replies_with_fragments_or_bad_headers_are_dropped_and_counted() -> None:
+    from appliance.fakeip.pool import FakeIPPool
+    from appliance.gateway.udp import UdpGateway
+
+    async def no_peer(session: object) -> None:
+        return None
+
+    cfg = Config(tproxy_port=7893)
+    gw = UdpGateway(cfg, FakeIPPool(cfg.dns.fake_ip_range), no_peer)
+    assert gw._unwrap(s5.encode_udp("192.0.2.9", 53, b"answer")) == b"answer"
+    assert gw._unwrap(s5.encode_udp("192.0.2.9", 53, b"part", frag=1)) is None
+    assert gw._unwrap(b"\x00\x00\x00\x09junk") is None
+    assert gw._unwrap(b"\x00") is None
+    st = gw.stats()
+    assert (st["dropped_fragment"], st["dropped_malformed"], st["sessions"]) == (1, 2, 0)
