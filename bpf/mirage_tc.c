@@ -110,7 +110,7 @@ BPF_LPM_TRIE(mirage_bypass, struct mirage_lpm_key, __u8, MIRAGE_BYPASS_MAX);
 #ifdef MIRAGE_TEST_ASSIGN
 /* BPF_PROG_TEST_RUN does not run at tc ingress, where bpf_sk_assign works
  * (it returns -EOPNOTSUPP there): the test build records which socket the
- * program would have assigned instead (bpf/tests/README.md). */
+ * program would have assigned instead (tests/integration/test_ebpf_prog.py). */
 struct mirage_probe {
     __u32 which;
     __u32 family;

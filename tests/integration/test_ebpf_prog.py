@@ -22,13 +22,12 @@ import subprocess
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from appliance.capture.ebpf import STAT_NAMES, Program, plan
+from appliance.capture.ebpf import STAT_NAMES, Program, TestRun, plan
 from appliance.config.model import ApplianceConfig, Config, DnsConfig, Listen
 
 pytestmark = [pytest.mark.netns]
@@ -46,65 +45,10 @@ LOCAL_FAKE = "198.18.0.99"  # a fake address made local, for established sockets
 
 STAT = {name: i for i, name in enumerate(STAT_NAMES)}
 
-# --- bpf(BPF_PROG_TEST_RUN) through ctypes ------------------------------------
+# --- namespaces -------------------------------------------------------------------
 
 _libc = ctypes.CDLL(None, use_errno=True)
-_SYS_BPF = 321  # x86_64
-_BPF_PROG_TEST_RUN = 10
 _CLONE_NEWNET = 0x40000000
-_SKB_CTX = 192  # sizeof(struct __sk_buff)
-_CTX_MARK, _CTX_INGRESS_IFINDEX, _CTX_IFINDEX = 8, 36, 40
-
-
-class _TestRunAttr(ctypes.Structure):
-    _fields_ = [  # ctypes layout of union bpf_attr.test
-        ("prog_fd", ctypes.c_uint32),
-        ("retval", ctypes.c_uint32),
-        ("data_size_in", ctypes.c_uint32),
-        ("data_size_out", ctypes.c_uint32),
-        ("data_in", ctypes.c_uint64),
-        ("data_out", ctypes.c_uint64),
-        ("repeat", ctypes.c_uint32),
-        ("duration", ctypes.c_uint32),
-        ("ctx_size_in", ctypes.c_uint32),
-        ("ctx_size_out", ctypes.c_uint32),
-        ("ctx_in", ctypes.c_uint64),
-        ("ctx_out", ctypes.c_uint64),
-        ("flags", ctypes.c_uint32),
-        ("cpu", ctypes.c_uint32),
-        ("batch_size", ctypes.c_uint32),
-        ("_pad", ctypes.c_uint32),
-    ]
-
-
-@dataclass
-class Verdict:
-    retval: int
-    mark: int
-
-
-def test_run(fd: int, packet: bytes, ifindex: int, mark: int = 0) -> Verdict:
-    data_in = ctypes.create_string_buffer(packet, len(packet))
-    data_out = ctypes.create_string_buffer(len(packet) + 256)
-    ctx_in = ctypes.create_string_buffer(_SKB_CTX)
-    struct.pack_into("=I", ctx_in, _CTX_MARK, mark)
-    struct.pack_into("=I", ctx_in, _CTX_INGRESS_IFINDEX, ifindex)
-    struct.pack_into("=I", ctx_in, _CTX_IFINDEX, ifindex)
-    ctx_out = ctypes.create_string_buffer(_SKB_CTX)
-    attr = _TestRunAttr(
-        prog_fd=fd, data_size_in=len(packet), data_size_out=len(data_out),
-        data_in=ctypes.addressof(data_in), data_out=ctypes.addressof(data_out), repeat=1,
-        ctx_size_in=_SKB_CTX, ctx_size_out=_SKB_CTX,
-        ctx_in=ctypes.addressof(ctx_in), ctx_out=ctypes.addressof(ctx_out),
-    )
-    rc = _libc.syscall(_SYS_BPF, _BPF_PROG_TEST_RUN, ctypes.byref(attr), ctypes.sizeof(attr))
-    if rc != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"BPF_PROG_TEST_RUN: {os.strerror(err)}")
-    return Verdict(attr.retval, struct.unpack_from("=I", ctx_out, _CTX_MARK)[0])
-
-
-test_run.__test__ = False  # type: ignore[attr-defined]  # a helper, not a test
 
 
 @contextmanager
@@ -244,10 +188,10 @@ class Lab:
         self.ifindex: dict[str, int] = {}
         self.flows: dict[str, int] = {}
 
-    def run(self, packet: bytes, ns: str | None = None, mark: int = 0) -> Verdict:
+    def run(self, packet: bytes, ns: str | None = None, mark: int = 0) -> TestRun:
         ns = ns or self.full
         with in_netns(ns):
-            return test_run(self.prog.fd, packet, self.ifindex[ns], mark)
+            return self.prog.test_run(packet, ifindex=self.ifindex[ns], mark=mark)
 
     def stats(self) -> dict[str, int]:
         return self.prog.stats()
