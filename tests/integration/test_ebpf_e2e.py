@@ -252,6 +252,9 @@ def test_ebpf_holds_no_tproxy_rule_and_its_counters_move(lab: Lab, runs: Runs) -
     assert after["drop_no_listener"] == before["drop_no_listener"]
     # Still no nftables rule after traffic: the program did the capture.
     assert "tproxy" not in json.dumps(nft_rules(lab))
+    # Prometheus shows the program's counters (app.counters() -> "capture").
+    metrics = lab.exec("gateway", ["curl", "-s", "http://127.0.0.1:9090/metrics"]).stdout
+    assert re.search(r"^mirage_capture_tcp_listener\S* [1-9]", metrics, re.M), metrics[-800:]
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
@@ -309,6 +312,16 @@ def test_auto_picks_ebpf(lab: Lab, runs: Runs) -> None:
     assert "capture: eBPF tc ingress on lan0" in run.log_text()
     assert "tproxy" not in json.dumps(nft_rules(lab))
     assert curl(lab, "http://www.gamma.test/")[0] == 0
+
+
+def test_auto_falls_back_to_nftables_with_a_warning(lab: Lab, runs: Runs) -> None:
+    # The program parses Ethernet: a non-Ethernet LAN interface (lo here)
+    # makes eBPF refuse, and `auto` runs nftables instead.
+    run = runs.start("auto", appliance={"lan": ["lo"]})
+    log = run.log_text()
+    assert "falls back to nftables" in log and "not an Ethernet interface" in log
+    assert "tproxy" in json.dumps(nft_rules(lab))
+    assert gw_json(lab, "tc", "-j", "filter", "show", "dev", "lo", "ingress") in ([], None)
 
 
 def test_two_labs_at_once_do_not_interfere() -> None:
