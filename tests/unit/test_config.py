@@ -84,7 +84,7 @@ def test_lab_example_loads_as_the_lab_needs() -> None:
             "https", "192.168.57.53", 443, "/dns-query", text="https://192.168.57.53/dns-query"
         ),
     )
-    assert cfg.dns.ca_file == Path("/run/mirage-lab/ca.pem")
+    assert cfg.dns.ca_file == Path("/run/mirage-lab/mirage/tls/ca.pem")
     assert cfg.dns.fake_ip_filter == ("+.lan", "time.*.test")
     assert cfg.dns.fake_ip_range == ipaddress.IPv4Network("198.18.0.0/16")
     assert cfg.proxies == (
