@@ -361,3 +361,18 @@ def test_ebpf_load_failure_is_a_clear_error(lab: Lab) -> None:
     assert run.proc is not None and run.proc.returncode == 1
     assert gw_json(lab, "tc", "-j", "filter", "show", "dev", "lo", "ingress") in ([], None)
     time.sleep(0)
+
+
+def test_mirage_rules_prints_the_ebpf_plan(tmp_path: Path) -> None:
+    cfg = tmp_path / "ebpf.yaml"
+    cfg.write_text("tproxy-port: 7893\nrouting-mark: 255\n"
+                   "dns:\n  nameserver: [\"udp://192.0.2.53\"]\n"
+                   "appliance:\n  lan: [lan0]\n  redirect: ebpf\n  bypass: [10.9.0.0/16]\n")
+    r = subprocess.run([sys.executable, "-m", "appliance", "rules", "-c", str(cfg)],
+                       capture_output=True, text=True, timeout=30, check=False)
+    assert r.returncode == 0, r.stderr
+    assert "appliance.redirect: ebpf" in r.stdout
+    assert "tc filter replace dev lan0 ingress" in r.stdout
+    assert "#   10.9.0.0/16" in r.stdout
+    assert "ip rule add fwmark 0x233 lookup 233" in r.stdout
+    assert "tproxy" not in r.stdout.replace("tproxy-port", "")
