@@ -4,7 +4,8 @@ What it owns: the compiled program (a bcc `BPF` object: program fd and maps),
 one tc filter per `appliance.lan` interface (clsact ingress, direct-action,
 preference `FILTER_PREF`, handle `FILTER_HANDLE`, name `FILTER_NAME`), the
 clsact qdisc on an interface only where Mirage created it (remembered in
-`<state-dir>/ebpf-clsact.json`, so a run after a crash still knows), and,
+`<state-dir>/ebpf-clsact.json` per network namespace, so a run after a
+crash still knows), and,
 through `PolicyRouting`, the fwmark rule and local route that deliver the
 assigned packets locally. It holds no nftables rule at all: the program does
 what nft/mirage.nft's TPROXY rules do, with `bpf_sk_assign` (see the C file's
@@ -457,20 +458,35 @@ def _has_clsact(ipr: IPRoute, idx: int) -> bool:
     return any(q.get_attr("TCA_KIND") == "clsact" for q in ipr.get_qdiscs(idx))
 
 
-def _read_created(marker: Path) -> set[str]:
-    """Interfaces whose clsact qdisc Mirage created (also in a crashed run)."""
+def _netns_key() -> str:
+    # Several runs (lab namespaces) may share a state dir: the marker keeps
+    # each namespace's interfaces apart, keyed by the namespace's inode.
+    return str(os.stat("/proc/thread-self/ns/net").st_ino)
+
+
+def _read_marker(marker: Path) -> dict[str, list[str]]:
     try:
         data = json.loads(marker.read_text())
-        return {str(n) for n in data.get("clsact", [])}
-    except (OSError, ValueError, AttributeError):
-        return set()
+        return {str(k): [str(n) for n in v] for k, v in data.items()}
+    except (OSError, ValueError, AttributeError, TypeError):
+        return {}
+
+
+def _read_created(marker: Path) -> set[str]:
+    """Interfaces of this namespace whose clsact qdisc Mirage created (also
+    in a crashed run)."""
+    return set(_read_marker(marker).get(_netns_key(), []))
 
 
 def _save_created(marker: Path, names: set[str]) -> None:
+    data = _read_marker(marker)
+    data.pop(_netns_key(), None)
+    if names:
+        data[_netns_key()] = sorted(names)
     try:
-        if names:
+        if data:
             marker.parent.mkdir(parents=True, exist_ok=True)
-            marker.write_text(json.dumps({"clsact": sorted(names)}) + "\n")
+            marker.write_text(json.dumps(data) + "\n")
         else:
             marker.unlink(missing_ok=True)
     except OSError as exc:
