@@ -5,9 +5,8 @@ one tc filter per `appliance.lan` interface (clsact ingress, direct-action,
 preference `FILTER_PREF`, handle `FILTER_HANDLE`, name `FILTER_NAME`), the
 clsact qdisc on an interface only where Mirage created it (remembered in
 `<state-dir>/ebpf-clsact.json` per network namespace, so a run after a
-crash still knows), and,
-through `PolicyRouting`, the fwmark rule and local route that deliver the
-assigned packets locally. It holds no nftables rule at all: the program does
+crash still knows), and, through `PolicyRouting`, the fwmark rule and local
+route that deliver the assigned packets locally. It holds no nftables rule at all: the program does
 what nft/mirage.nft's TPROXY rules do, with `bpf_sk_assign` (see the C file's
 header comment for the verdicts).
 
