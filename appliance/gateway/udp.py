@@ -41,9 +41,11 @@ and SOCKS5 control connection) and pool pins; all released in `finally`.
 from __future__ import annotations
 
 import errno
+import itertools
 import logging
 import resource
 import socket
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -94,12 +96,15 @@ class Session:
     """
 
     __slots__ = (
+        "bytes_down",
+        "bytes_up",
         "client",
         "domain",
         "dst_family",
         "dst_ip",
         "dst_port",
         "header",
+        "id",
         "key",
         "last",
         "limit",
@@ -111,12 +116,19 @@ class Session:
         "sock",
         "src_ip",
         "src_port",
+        "started",
         "state",
         "timeout",
     )
 
+    _ids = itertools.count(1)
+
     def __init__(self, key: Any, client: tuple[str, int], dst: Destination, domain: str | None,
                  now: float, timeout: float) -> None:
+        self.id = next(Session._ids)
+        self.started = time.time()
+        self.bytes_up = 0
+        self.bytes_down = 0
         self.key = key
         self.client = client
         self.src_ip, self.src_port = client
@@ -265,12 +277,18 @@ class UdpGateway:
         return self.counters.as_dict()
 
     def snapshot(self) -> list[dict[str, Any]]:
-        """Live sessions, for the API's connection list."""
+        """Live sessions for the API's connection list, in the TCP flows'
+        shape (appliance.gateway.splice.Flow.as_dict) plus `state` and
+        `idle` seconds. Ids are the UDP gateway's own."""
         now = trio.current_time()
         return [
-            {"network": "udp", "source": f"{s.src_ip}:{s.src_port}",
-             "destination": f"{s.dst_ip}:{s.dst_port}", "host": s.domain or "",
-             "outbound": s.outbound, "idle": round(now - s.last, 3), "state": s.state}
+            {"id": s.id, "network": "udp",
+             "src": f"{s.src_ip}:{s.src_port}", "dst": f"{s.dst_ip}:{s.dst_port}",
+             "src_ip": s.src_ip, "src_port": s.src_port,
+             "dst_ip": s.dst_ip, "dst_port": s.dst_port,
+             "domain": s.domain, "outbound": s.outbound, "started": s.started,
+             "up": s.bytes_up, "down": s.bytes_down,
+             "state": s.state, "idle": round(now - s.last, 3)}
             for s in self.table
         ]
 
@@ -334,6 +352,7 @@ class UdpGateway:
                         continue
                     st.packets_up += 1
                     st.bytes_up += n
+                    s.bytes_up += n
                 elif s.state == "opening":
                     if len(s.pending) < MAX_PENDING:
                         s.pending.append(data)
@@ -466,6 +485,7 @@ class UdpGateway:
                 continue
             st.packets_up += 1
             st.bytes_up += len(data)
+            s.bytes_up += len(data)
         # From here on the receive loop sends directly.
         s.sock = peer.sock
         s.state = "open"
@@ -529,8 +549,10 @@ class UdpGateway:
                             self._send_failed(err)
                             continue
                         got = True
+                        n = len(data)
                         st.packets_down += 1
-                        st.bytes_down += len(data)
+                        st.bytes_down += n
+                        s.bytes_down += n
                     if got:
                         s.last = trio.current_time()
                         try:

@@ -55,6 +55,7 @@ def echo(lab: Lab) -> Iterator[subprocess.Popen[bytes]]:
 def mirage(lab: Lab, echo: subprocess.Popen[bytes]) -> Iterator[MirageRun]:
     state = lab.state_dir / "udp-mirage-state"
     cfg = lab_config(lab, appliance={"state-dir": str(state), "udp-timeout": TIMEOUT})
+    cfg["rules"] = ["DOMAIN,blocked.test,REJECT", *cfg["rules"]]
     run = MirageRun(lab, cfg, name="udp-mirage")
     run.start()
     try:
@@ -233,6 +234,31 @@ def test_unmapped_fake_ip_is_dropped_and_counted(lab: Lab, mirage: MirageRun) ->
     assert after["sessions_opened"] == before["sessions_opened"]
     # The service is still there.
     assert client(lab, EXCHANGE, "www.gamma.test", str(PORT), "still")["connected"] is not None
+
+
+RESOLVE = """
+import json, socket, sys
+print(json.dumps(socket.getaddrinfo(sys.argv[1], 9, socket.AF_INET)[0][4][0]))
+"""
+
+
+def test_reject_and_failed_outbounds_drop_and_count(lab: Lab, mirage: MirageRun) -> None:
+    before = udp_counters(lab, mirage)
+    # REJECT: the session exists and drops every datagram.
+    ip = client(lab, RESOLVE, "blocked.test")
+    assert ip.startswith("198.18.")
+    assert client(lab, SILENT, ip, str(PORT))["reply"] is None
+    mid = udp_counters(lab, mirage)
+    assert mid["dropped_rejected"] - before["dropped_rejected"] == 3
+    # DIRECT to a name the honest resolver does not know: the open fails,
+    # datagrams are dropped for a moment, and the service carries on.
+    ip = client(lab, RESOLVE, "nothing.gamma.test")
+    assert ip.startswith("198.18.")
+    assert client(lab, SILENT, ip, str(PORT))["reply"] is None
+    after = udp_counters(lab, mirage)
+    assert after["dial_failures"] - mid["dial_failures"] >= 1
+    assert after["dropped_dial_failed"] > mid["dropped_dial_failed"]
+    assert client(lab, EXCHANGE, "www.gamma.test", str(PORT), "ok")["connected"] is not None
 
 
 def test_eviction_keeps_the_table_bounded(lab: Lab, mirage: MirageRun) -> None:
