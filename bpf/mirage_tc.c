@@ -15,7 +15,8 @@
  *                                   transparent socket on tproxy-port;
  *   TCP/UDP port 53, any address -> the DNS service's socket (dns-hijack);
  *
- * each with bpf_sk_assign and skb->mark = capture mark, so that
+ * each with skb->mark = capture mark (and, but for the marked-only case,
+ * bpf_sk_assign), so that
  * `ip rule fwmark MARK lookup TABLE` + `local default dev lo table TABLE`
  * deliver it locally although its destination is not a local address. The
  * packet is not rewritten: the socket sees the address and port the client
@@ -26,7 +27,19 @@
  * local), packets carrying routing-mark, non-IP. Traffic to a fake range is
  * never passed: a fake IP means nothing on the WAN, so what cannot be handed
  * to a socket (no listener, fragments, neither TCP nor UDP, truncated) is
- * dropped and counted (mirage_stats, see lib/stats.h).
+ * dropped and counted (mirage_stats, see lib/stats.h). Loop guard: TCP/UDP
+ * to tproxy-port on the gateway's own address is dropped (counted), since
+ * the transparent listener would take it with a real destination and Mirage
+ * would dial itself.
+ *
+ * "The gateway's own address" is what nftables calls `fib daddr type local`:
+ * bpf_fib_lookup answers NOT_FWDED (local, broadcast; also no route at all,
+ * when such a packet would be dropped anyway). It is asked only for port-53
+ * and tproxy-port packets, never on the fake-range or plain forwarding path.
+ *
+ * Per-client counters (mirage_clients, LRU per-CPU hash keyed by source
+ * address): every IP packet entering from the LAN, and how much of it was
+ * captured.
  *
  * Fragments: in front of IP reassembly, a later fragment has no ports and the
  * first one cannot be assigned for the whole datagram. To a fake range every
