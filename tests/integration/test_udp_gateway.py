@@ -348,3 +348,26 @@ def test_big_datagrams_fragment_on_the_wire_and_oversize_is_counted(
     before = udp_counters(lab, mirage)["dropped_oversize"]
     assert client(lab, BIG, "www.alpha.test", str(PORT), "65507") is None
     assert udp_counters(lab, mirage)["dropped_oversize"] == before + 1
+
+
+def test_ebpf_capture_steers_udp_to_the_gateway_too(lab: Lab, mirage: MirageRun) -> None:
+    # redirect: ebpf (tc sk_assign instead of nft TPROXY): the same socket
+    # gets the same datagrams, with their original destination.
+    mirage.stop()
+    state = lab.state_dir / "udp-mirage-ebpf"
+    cfg = lab_config(lab, appliance={"state-dir": str(state), "redirect": "ebpf"})
+    try:
+        with MirageRun(lab, cfg, name="udp-mirage-ebpf") as run:
+            out = client(lab, EXCHANGE, "www.gamma.test", str(PORT), "ping-ebpf")
+            for mode in ("connected", "unconnected"):
+                assert out[mode] is not None, f"{mode}: no reply"
+                data, src = out[mode]
+                assert src == [out["ip"], PORT]
+                assert data.endswith(f"to=192.168.57.12:{PORT}")
+            out = client(lab, EXCHANGE, "www.alpha.test", str(PORT), "ping-ebpf-socks")
+            assert out["connected"] is not None and out["connected"][1] == [out["ip"], PORT]
+            assert udp_counters(lab, run)["sessions"] >= 4
+    finally:
+        for f in state.glob("fakeip.sqlite3*"):
+            f.unlink()
+        mirage.start()
