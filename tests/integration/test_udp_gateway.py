@@ -272,16 +272,21 @@ def test_eviction_keeps_the_table_bounded(lab: Lab, mirage: MirageRun) -> None:
     mirage.stop()
     state = lab.state_dir / "udp-mirage-evict"
     cfg = lab_config(lab, appliance={"state-dir": str(state), "udp-max-sessions": 50})
+    run = MirageRun(lab, cfg, name="udp-mirage-evict")
     try:
-        with MirageRun(lab, cfg, name="udp-mirage-evict") as run:
-            out = client(lab, MANY, "www.gamma.test", str(PORT), "120")
-            # The echo answers at once, so most sessions are done before they
-            # are evicted; a reply to an evicted session is simply not sent.
-            assert out["bad"] == [] and out["good"] >= 50
-            c = udp_counters(lab, run)
-            assert c["sessions"] <= 50
-            assert c["evicted"] >= 70
+        run.start()
+        out = client(lab, MANY, "www.gamma.test", str(PORT), "120")
+        # The echo answers at once, so most sessions are done before they
+        # are evicted; a reply to an evicted session is simply not sent.
+        assert out["bad"] == [] and out["good"] >= 50
+        c = udp_counters(lab, run)
+        assert c["sessions"] <= 50
+        assert c["evicted"] >= 70
+        # A clean stop with 50 live sessions (sockets, pins, tasks).
+        assert run.stop() == 0
+        assert "Traceback" not in run.log_text()
     finally:
+        run.stop()
         for f in state.glob("fakeip.sqlite3*"):
             f.unlink()
         mirage.start()
