@@ -391,6 +391,12 @@ class UdpGateway:
                         "a restart); dropped (%d so far)", *client, dst[1], dst[2],
                         self.counters.dropped_unmapped)
                 return
+        elif dst[2] == self.port:
+            # Sent to the listener itself, not captured: relaying it DIRECT
+            # would come straight back here (the nft input chain refuses
+            # these; this holds whatever the capture is).
+            self.counters.dropped_loop += 1
+            return
         session = Session(key, client, dst, domain, now, idle_timeout(dst[2], self.timeout))
         session.pending.append(data)
         evicted = self.table.add(key, session)

@@ -80,7 +80,8 @@ class UdpStats:
     `rejected` (a REJECT rule), `dial_failed` (sent while the session's
     outbound could not be opened), `queue` (too many datagrams waiting for a
     session's outbound to open), `malformed` (a proxy's reply without a valid
-    SOCKS5 UDP header), `send` (the kernel refused to send: full buffer,
+    SOCKS5 UDP header), `loop` (sent to the listener's own port, not
+    captured), `send` (the kernel refused to send: full buffer,
     unreachable). `dial_failures` counts sessions whose outbound could not be
     opened, `skipped_no_udp` rules passed over because their target cannot
     carry UDP (see appliance/outbound/udp.py).
@@ -99,6 +100,7 @@ class UdpStats:
     dropped_dial_failed: int = 0
     dropped_queue: int = 0
     dropped_malformed: int = 0
+    dropped_loop: int = 0
     dropped_send: int = 0
     packets_up: int = 0
     packets_down: int = 0
