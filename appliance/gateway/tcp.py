@@ -150,6 +150,17 @@ class TransparentTcp:
         domain: str | None = None
         pinned = False
         try:
+            if dst[1] == self.port and not self.pool.is_fake(dst[0]) and _is_local(dst[0]):
+                # A connection *to* the listener itself (a LAN client naming the
+                # gateway's address, or Mirage dialling itself): relaying it
+                # would loop. The nftables backend refuses these in its input
+                # chain; the eBPF backend drops LAN ones at tc; this catches
+                # the rest (e.g. loopback) whatever the backend.
+                self.registry.errors += 1
+                log.warning("tcp %s:%d -> %s:%d: connection to the tproxy port itself; "
+                            "refusing (would loop)", *src, *dst)
+                await abort(stream)
+                return
             if self.pool.is_fake(dst[0]):
                 domain = self.pool.pin(dst[0])
                 if domain is None:
@@ -226,6 +237,18 @@ class TransparentTcp:
             if result is None:
                 # Dial failed or cancelled: the client may still be open.
                 await client.aclose()
+
+
+def _is_local(ip: str) -> bool:
+    """Is `ip` an address of this host? (Binding to it succeeds without
+    IP_TRANSPARENT.) Only asked on the rare tproxy-port path."""
+    family = socket.AF_INET6 if ":" in ip else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_DGRAM) as probe:
+            probe.bind((ip, 0))
+    except OSError:
+        return False
+    return True
 
 
 async def serve(

@@ -166,3 +166,27 @@ class MirageRun:
             self.stop()
         except MirageError:
             pass
+
+
+class MirageRuns:
+    """Starts `mirage run` variants in one lab, one after another, and stops
+    every one of them at `close()` (test fixtures). `close()` also removes the
+    fake-IP store, so the next user starts from empty mappings."""
+
+    def __init__(self, lab: Lab, name: str = "mirage") -> None:
+        self.lab = lab
+        self.name = name
+        self.running: list[MirageRun] = []
+
+    def start(self, **overrides: Any) -> MirageRun:
+        run = MirageRun(self.lab, lab_config(self.lab, **overrides), name=self.name)
+        self.running.append(run)
+        return run.start()
+
+    def close(self) -> None:
+        try:
+            for run in self.running:
+                run.stop()
+        finally:
+            for f in (self.lab.state_dir / "mirage-state").glob("fakeip.sqlite3*"):
+                f.unlink()

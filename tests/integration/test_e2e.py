@@ -14,50 +14,28 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from typing import Any
 
 import pytest
 
 from appliance.lab.lab import Lab
-from appliance.lab.mirage import MirageRun, lab_config
+from appliance.lab.mirage import MirageRun, MirageRuns
 
 FAKE = re.compile(r"^198\.18\.\d+\.\d+$")
 
 pytestmark = pytest.mark.netns
 
 
-class Runs:
-    """Starts `mirage run` variants in the lab; stops whatever is left."""
-
-    def __init__(self, lab: Lab) -> None:
-        self.lab = lab
-        self.running: list[MirageRun] = []
-
-    def start(self, **overrides: Any) -> MirageRun:
-        run = MirageRun(self.lab, lab_config(self.lab, **overrides))
-        self.running.append(run)
-        return run.start()
-
-    def close(self) -> None:
-        for run in self.running:
-            run.stop()
-
-
 @pytest.fixture
-def runs(lab: Lab) -> Iterator[Runs]:
-    r = Runs(lab)
+def runs(lab: Lab) -> Iterator[MirageRuns]:
+    r = MirageRuns(lab)
     try:
         yield r
     finally:
         r.close()
-        # Each test starts from an empty fake-IP store unless it says otherwise.
-        state = lab.state_dir / "mirage-state"
-        for f in state.glob("fakeip.sqlite3*"):
-            f.unlink()
 
 
 @pytest.fixture
-def mirage(runs: Runs) -> MirageRun:
+def mirage(runs: MirageRuns) -> MirageRun:
     return runs.start()
 
 
@@ -161,14 +139,14 @@ def test_hijack_of_port_53_to_another_resolver_udp_and_tcp(lab: Lab, mirage: Mir
     assert f"SERVER: {poisoned}#53" in server_line
 
 
-def test_bypass_destination_is_not_captured(lab: Lab, runs: Runs) -> None:
+def test_bypass_destination_is_not_captured(lab: Lab, runs: MirageRuns) -> None:
     poisoned = str(lab.topology.poisoned_resolver.address)
     runs.start(appliance={"bypass": [f"{poisoned}/32"]})
     # Queries to the bypassed resolver reach it: the poisoned answer comes back.
     assert dig(lab, f"@{poisoned}", "+short", "www.alpha.test") == "192.168.57.12"
 
 
-def test_same_fake_ip_after_restart_and_after_a_crash(lab: Lab, runs: Runs) -> None:
+def test_same_fake_ip_after_restart_and_after_a_crash(lab: Lab, runs: MirageRuns) -> None:
     first = runs.start()
     fake = dig(lab, "+short", "www.alpha.test")
     assert FAKE.match(fake)
@@ -189,7 +167,7 @@ def test_same_fake_ip_after_restart_and_after_a_crash(lab: Lab, runs: Runs) -> N
     assert names.count("mirage") == 1
 
 
-def test_upstream_down_answers_servfail_in_bounded_time(lab: Lab, runs: Runs) -> None:
+def test_upstream_down_answers_servfail_in_bounded_time(lab: Lab, runs: MirageRuns) -> None:
     # 192.168.57.54 is on the WAN subnet but nobody has it: packets vanish.
     runs.start(dns={"nameserver": ["https://192.168.57.54/dns-query"],
                     "upstream-timeout": 1.5})
@@ -261,7 +239,7 @@ def test_unmapped_fake_ip_is_refused_quickly(lab: Lab, mirage: MirageRun) -> Non
     assert elapsed < 1.0
 
 
-def test_dead_proxy_makes_new_flows_fail_fast(lab: Lab, runs: Runs) -> None:
+def test_dead_proxy_makes_new_flows_fail_fast(lab: Lab, runs: MirageRuns) -> None:
     up = lab.topology.socks[0]
     runs.start(
         proxies=[{"name": "deadsocks", "type": "socks5", "server": str(up.address),
@@ -278,6 +256,17 @@ def test_tproxy_port_on_the_gateway_address_is_not_a_loop(lab: Lab, mirage: Mira
     gw = lab.addr("gateway", "lan0")
     result, _ = connect_outcome(lab, gw, 7893)
     assert result in ("refused", "reset"), result
+    # From the gateway itself over loopback: refused too, never relayed.
+    script = (
+        "import socket\n"
+        "try:\n"
+        "  s=socket.create_connection(('127.0.0.1',7893),timeout=3)\n"
+        "  s.sendall(b'GET / HTTP/1.0\\r\\n\\r\\n'); print('data' if s.recv(100) else 'closed')\n"
+        "except ConnectionRefusedError: print('refused')\n"
+        "except ConnectionResetError: print('reset')\n"
+    )
+    local = lab.exec("gateway", [sys.executable, "-c", script]).stdout.strip()
+    assert local in ("refused", "reset"), local
     # And the gateway keeps serving afterwards.
     assert curl(lab, "http://www.gamma.test/")[0] == 0
 
@@ -290,7 +279,7 @@ def test_gateway_own_traffic_is_not_captured(lab: Lab, mirage: MirageRun) -> Non
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_exit_leaves_no_table_rule_or_route(lab: Lab, runs: Runs, sig: int) -> None:
+def test_exit_leaves_no_table_rule_or_route(lab: Lab, runs: MirageRuns, sig: int) -> None:
     run = runs.start()
     rules = lab.exec("gateway", ["ip", "-j", "rule", "show"]).stdout
     assert any(r.get("table") == "233" for r in json.loads(rules))

@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 
 from appliance.lab.lab import Lab
-from appliance.lab.mirage import MirageRun, lab_config
+from appliance.lab.mirage import MirageRun, MirageRuns, lab_config
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
 
@@ -80,21 +80,15 @@ def status(lab: Lab, run: MirageRun) -> dict[str, Any]:
     return out
 
 
-class Runs:
+class Runs(MirageRuns):
+    """`mirage run` under one capture backend."""
+
     def __init__(self, lab: Lab) -> None:
-        self.lab = lab
-        self.running: list[MirageRun] = []
+        super().__init__(lab, name="ebpf-e2e")
 
-    def start(self, backend: str, **overrides: Any) -> MirageRun:
+    def start(self, backend: str, **overrides: Any) -> MirageRun:  # type: ignore[override]
         app = {"redirect": backend, **overrides.pop("appliance", {})}
-        run = MirageRun(self.lab, lab_config(self.lab, appliance=app, **overrides),
-                        name=f"ebpf-e2e-{backend}")
-        self.running.append(run)
-        return run.start()
-
-    def close(self) -> None:
-        for run in self.running:
-            run.stop()
+        return super().start(appliance=app, **overrides)
 
 
 @pytest.fixture
@@ -104,8 +98,6 @@ def runs(lab: Lab) -> Iterator[Runs]:
         yield r
     finally:
         r.close()
-        for f in (lab.state_dir / "mirage-state").glob("fakeip.sqlite3*"):
-            f.unlink()
 
 
 # ------------------------------------------------------- both backends, same story
@@ -136,6 +128,16 @@ def test_fake_ips_reach_the_right_site_through_each_outbound(lab: Lab, runs: Run
     # Loop guard: tproxy-port on the gateway's own address never reaches the
     # listener (nftables rejects, eBPF drops); the gateway keeps serving.
     assert connect_outcome(lab, lab.addr("gateway", "lan0"), 7893, 1) != "data"
+    # From the gateway itself (loopback, which no backend captures): the
+    # listener resets a connection to its own port instead of relaying it.
+    local = lab.exec("gateway", [sys.executable, "-c", (
+        "import socket\n"
+        "try:\n"
+        "  s=socket.create_connection(('127.0.0.1',7893),timeout=3)\n"
+        "  s.sendall(b'x'); print('data' if s.recv(100) else 'closed')\n"
+        "except ConnectionRefusedError: print('refused')\n"
+        "except ConnectionResetError: print('reset')\n")]).stdout.strip()
+    assert local in ("refused", "reset"), local
     assert curl(lab, "http://www.gamma.test/")[0] == 0
 
 
