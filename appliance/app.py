@@ -305,6 +305,7 @@ class Appliance:
             "socks_port": cfg.socks_port,
             "http_port": cfg.http_port,
             "counters": {k: dict(v) for k, v in self.counters().items()},
+            "clients": self.capture_clients(),
         }
 
     def counters(self) -> Mapping[str, Mapping[str, int | float]]:
@@ -320,6 +321,20 @@ class Appliance:
         if self.capture is not None and hasattr(self.capture, "stats"):
             out["capture"] = self.capture.stats()
         return out
+
+    def series(self) -> Iterable[tuple[str, Mapping[str, str], int | float]]:
+        """Labelled metrics: per-client counters where the capture keeps
+        them (the eBPF backend counts LAN -> gateway traffic by source)."""
+        for row in self.capture_clients():
+            labels = {"client": row["address"]}
+            for key in ("packets", "bytes", "captured_packets", "captured_bytes"):
+                yield f"mirage_capture_client_{key}_total", labels, row[key]
+
+    def capture_clients(self) -> list[dict[str, Any]]:
+        if self.capture is not None and hasattr(self.capture, "clients"):
+            rows: list[dict[str, Any]] = self.capture.clients()
+            return rows
+        return []
 
     def mappings(self) -> Iterable[tuple[str, Any, int]]:
         return list(self.pool.mappings()) if self.pool is not None else []

@@ -35,6 +35,8 @@ class ApplianceView(Protocol):
 
     def counters(self) -> Mapping[str, Mapping[str, int | float]]: ...
 
+    def series(self) -> Iterable[tuple[str, Mapping[str, str], int | float]]: ...
+
     def mappings(self) -> Iterable[tuple[str, Any, int]]: ...
 
     def connections(self) -> list[dict[str, Any]]: ...
@@ -149,7 +151,8 @@ _ROUTES = {
 
 
 def render_metrics(view: ApplianceView) -> str:
-    """Prometheus text exposition: one gauge/counter per component counter.
+    """Prometheus text exposition: one gauge/counter per component counter,
+    then the labelled series (per-client counters of the eBPF capture).
 
     Names are `mirage_<component>_<counter>`; counters whose name ends in
     `_total` are typed counter, the rest gauge.
@@ -163,7 +166,19 @@ def render_metrics(view: ApplianceView) -> str:
             kind = "counter" if key.endswith("_total") else "gauge"
             lines.append(f"# TYPE {metric} {kind}")
             lines.append(f"{metric} {value}")
+    typed: set[str] = set()
+    for metric, labels, value in view.series():
+        if metric not in typed:
+            typed.add(metric)
+            kind = "counter" if metric.endswith("_total") else "gauge"
+            lines.append(f"# TYPE {metric} {kind}")
+        text = ",".join(f'{k}="{_escape_label(v)}"' for k, v in sorted(labels.items()))
+        lines.append(f"{metric}{{{text}}} {value}")
     return "\n".join(lines) + "\n"
+
+
+def _escape_label(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
 
 
 def answer_rows(reply: DNSRecord) -> list[dict[str, Any]]:

@@ -257,6 +257,13 @@ def test_ebpf_holds_no_tproxy_rule_and_its_counters_move(lab: Lab, runs: Runs) -
     # Prometheus shows the program's counters (app.counters() -> "capture").
     metrics = lab.exec("gateway", ["curl", "-s", "http://127.0.0.1:9090/metrics"]).stdout
     assert re.search(r"^mirage_capture_tcp_listener\S* [1-9]", metrics, re.M), metrics[-800:]
+    # Per-client counters: the LAN client, by address, in status and metrics.
+    client_ip = lab.addr("client", "lan0")
+    rows = {r["address"]: r for r in status(lab, run)["clients"]}
+    assert rows[client_ip]["captured_packets"] > 0 and rows[client_ip]["bytes"] > 0
+    assert re.search(
+        rf'^mirage_capture_client_captured_packets_total{{client="{re.escape(client_ip)}"}} [1-9]',
+        metrics, re.M), metrics[-800:]
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])

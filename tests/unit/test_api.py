@@ -33,6 +33,10 @@ class View:
     def counters(self) -> Mapping[str, Mapping[str, int | float]]:
         return {"dns": {"queries_total": 7}, "fakeip": {"size4": 2}}
 
+    def series(self) -> Iterable[tuple[str, Mapping[str, str], int | float]]:
+        yield "mirage_capture_client_packets_total", {"client": "192.0.2.7"}, 3
+        yield "mirage_capture_client_packets_total", {"client": 'we"ird'}, 4
+
     def mappings(self) -> Iterable[tuple[str, Any, int]]:
         return [("www.alpha.test", IPv4Address("198.18.0.1"), 1),
                 ("www.beta.test", IPv4Address("198.18.0.2"), 0)]
@@ -127,6 +131,9 @@ async def test_metrics_are_prometheus_text(nursery: trio.Nursery) -> None:
     assert "# TYPE mirage_dns_queries_total counter" in lines
     assert "mirage_dns_queries_total 7" in lines
     assert "mirage_fakeip_size4 2" in lines
+    assert lines.count("# TYPE mirage_capture_client_packets_total counter") == 1
+    assert 'mirage_capture_client_packets_total{client="192.0.2.7"} 3' in lines
+    assert 'mirage_capture_client_packets_total{client="we\\"ird"} 4' in lines
 
 
 def test_client_reads_controller_from_config(tmp_path: Any) -> None:
