@@ -340,7 +340,10 @@ class Appliance:
         return list(self.pool.mappings()) if self.pool is not None else []
 
     def connections(self) -> list[dict[str, Any]]:
-        return self.gateway.snapshot() if self.gateway is not None else []
+        flows = self.gateway.snapshot() if self.gateway is not None else []
+        if getattr(self, "udp", None) is not None:
+            flows += self.udp.snapshot()
+        return flows
 
     async def resolve(self, name: str, qtype: str) -> dict[str, Any]:
         """The real upstream answer for `name`, next to its fake-IP mapping."""

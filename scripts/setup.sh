@@ -47,7 +47,7 @@ fi
 if [ ! -x .venv/bin/python ]; then
     /usr/bin/python3 -m venv --system-site-packages .venv
 fi
-if ! .venv/bin/python -c "import appliance, trio, dnslib, httpx, h2, pyroute2, pytest_trio, pytest_timeout, hypothesis" 2>/dev/null \
+if ! .venv/bin/python -c "import appliance, trio, dnslib, httpx, h2, pyroute2, pytest_trio, pytest_timeout, hypothesis, aioquic" 2>/dev/null \
    || [ pyproject.toml -nt .venv/.installed ]; then
     .venv/bin/pip install -q --disable-pip-version-check -e '.[test]'
     touch .venv/.installed

@@ -153,6 +153,12 @@ class Router:
             targets.append(target)
         self._targets = tuple(targets)
 
+    @property
+    def targets(self) -> tuple[Outbound, ...]:
+        """The outbound of each rule, by rule index (UDP routing walks past
+        targets that cannot carry UDP)."""
+        return self._targets
+
     def route(self, ctx: FlowContext) -> Outbound:
         return self.explain(ctx)[0]
 

@@ -314,9 +314,7 @@ def route_udp(router: Router, ctx: FlowContext,
     because their target cannot carry UDP (see the module doc)."""
     index = router.rules.match_index(ctx)
     skipped = 0
-    # Rule targets by index. Router keeps them private (`_targets`); read
-    # through one place so a public accessor can replace this line.
-    targets: tuple[Outbound, ...] = router._targets
+    targets = router.targets
     # Each pass moves past one matching rule: bounded by the rule count.
     while index is not None:
         target = targets[index]
