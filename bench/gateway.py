@@ -131,6 +131,44 @@ for line in sys.stdin:
     print(len(held), failed, flush=True)
 """
 
+# Runs in the gateway namespace: dante alone, without any gateway in front:
+# connect, SOCKS5 greeting and CONNECT (to the name, ATYP 3, as Mirage asks,
+# or to the address, ATYP 1, as redsocks asks), GET; prints the times from
+# connect() to the first response byte (seconds) for each kind as JSON.
+DANTE_CLIENT = r"""
+import json, socket, struct, sys, time
+proxy, port, name, ip, n = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], int(sys.argv[5])
+def one(dst):
+    t0 = time.perf_counter()
+    s = socket.create_connection((proxy, port), timeout=5)
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    s.sendall(b"\x05\x01\x00")
+    s.recv(2)
+    s.sendall(b"\x05\x01\x00" + dst + struct.pack("!H", 80))
+    head = b""
+    while len(head) < 5:
+        head += s.recv(5 - len(head))
+    rest = {1: 5, 3: head[4] + 2, 4: 17}[head[3]]
+    while len(head) < 5 + rest:
+        head += s.recv(5 + rest - len(head))
+    s.sendall(("GET / HTTP/1.1\r\nHost: %s\r\nConnection: close\r\n\r\n" % name).encode())
+    s.recv(1)
+    t1 = time.perf_counter()
+    while s.recv(65536):
+        pass
+    s.close()
+    return t1 - t0
+by_name = b"\x03" + bytes([len(name)]) + name.encode()
+by_ip = b"\x01" + socket.inet_aton(ip)
+out = {"name": [], "ip": []}
+for i in range(n + 10):
+    for kind, dst in (("name", by_name), ("ip", by_ip)):
+        t = one(dst)
+        if i >= 10:
+            out[kind].append(t)
+print(json.dumps(out))
+"""
+
 # Runs in the upstream namespace: accepts and holds connections, never reads.
 HOLDER = r"""
 import resource, socket, sys
@@ -187,6 +225,7 @@ class Bench:
         self.rows: dict[str, Row] = {}
         self.idle: dict[str, Any] = {}
         self.profiles: dict[str, list[str]] = {}
+        self.dante: dict[str, float] = {}
 
     # ------------------------------------------------------------ helpers
 
@@ -335,6 +374,19 @@ class Bench:
         if self.lab.state_dir.exists():
             self.lab.exec("gateway", ["nft", "delete", "table", "ip", self.table])
 
+    def dante_alone(self) -> None:
+        """TTFB through dante with no gateway in front, by name and by IP:
+        how much of the SOCKS5 rows is dante's own (its resolver included)."""
+        socks = self.lab.topology.socks[0]
+        ip = str(self.lab.topology.web.vhost(SOCKS_NAME).addresses[0])
+        out = self.run("gateway", [sys.executable, "-c", DANTE_CLIENT, str(socks.address),
+                                   str(socks.port), SOCKS_NAME, ip, str(self.args.requests // 2)],
+                       timeout=120)
+        for kind, values in json.loads(out).items():
+            self.dante[kind] = Row(f"dante by {kind}", ttfb=values).p(0.5) or 0.0
+        print(f"  dante alone (from the gateway): TTFB p50 by name {self.dante['name']:.3f} ms, "
+              f"by IP {self.dante['ip']:.3f} ms", flush=True)
+
     # ------------------------------------------------------------ mirage
 
     def start_mirage(self) -> int:
@@ -376,7 +428,8 @@ class Bench:
         try:
             probe = min(n, PROBE)
             opened, failed = self._open_idle(client, probe)
-            per_flow = (_fds(pid) - fds0) / max(1, self._wait_upstream(opened))
+            reached = self._wait_upstream(opened)
+            per_flow = (_fds(pid) - fds0) / max(1, reached)
             fit = int((NOFILE - fds0 - 64) / max(per_flow, 1.0))
             target = min(n, fit)
             if not failed and target > opened:
@@ -386,6 +439,7 @@ class Bench:
             time.sleep(0.5)
             held = _rss_mb(pid)
             fds = _fds(pid)
+            per_flow = (fds - fds0) / max(1, upstream)
             print(f" {opened:,} opened, {upstream:,} reached upstream in {elapsed:.1f}s; "
                   f"{per_flow:.1f} fds/flow (from {fds0} at rest); "
                   f"RSS {before:.0f} -> {held:.0f} MB", flush=True)
@@ -457,6 +511,7 @@ class Bench:
             assert self.redsocks is not None
             self.measure("redsocks", REDSOCKS_IP, "www.beta.test", self.redsocks.pid)
         self.stop_redsocks()
+        self.dante_alone()
         pid = self.start_mirage()
         direct_ip, socks_ip = self.fake_ip(DIRECT_NAME), self.fake_ip(SOCKS_NAME)
         print(f"measuring (b) mirage DIRECT via {direct_ip} ({DIRECT_NAME})", flush=True)
@@ -502,6 +557,10 @@ class Bench:
             if i["upstream"] < i["asked"]:
                 print(f"  at {i['asked']:,} flows: {_idle_rss_at(i):.0f} MB (extrapolated); "
                       f"{i['asked']:,} flows need ~{i['asked'] * i['fds_per_flow']:,.0f} fds")
+        if self.dante:
+            print(f"\ndante alone (SOCKS5 from the gateway, no gateway in front): TTFB p50 "
+                  f"{self.dante['name']:.3f} ms asked by name (Mirage's way), "
+                  f"{self.dante['ip']:.3f} ms by IP (redsocks' way)")
         verdicts = self._targets()
         print("\ntargets (from the issue):")
         for text, ok in verdicts:
@@ -510,7 +569,7 @@ class Bench:
         for what, figures in REFERENCE:
             print(f"  {what:<25} {figures}")
         for name, lines in self.profiles.items():
-            print(f"\npy-spy, {name} conn/s run (samples: own, inclusive):")
+            print(f"\npy-spy, {name} conn/s run:")
             for line in lines:
                 print(f"  {line}")
         return 0 if all(ok is not False for _, ok in verdicts) else 1
@@ -582,9 +641,11 @@ def _rss_mb(pid: int) -> float:
     raise BenchError(f"no VmRSS for pid {pid}")
 
 
-def _top_frames(raw: str, n: int = 15) -> list[str]:
-    """The `n` functions with most own samples, from py-spy's collapsed
-    stacks (`frame;frame;... count` per line), with their inclusive share."""
+def _top_frames(raw: str, n: int = 12) -> list[str]:
+    """Where the samples are, from py-spy's collapsed stacks (`frame;frame;...
+    count` per line), by function (line numbers dropped: in coroutines they
+    are approximate): the `n` with most own samples, then Mirage's own
+    functions (appliance/) by inclusive share."""
     own: Counter[str] = Counter()
     incl: Counter[str] = Counter()
     total = 0
@@ -594,17 +655,18 @@ def _top_frames(raw: str, n: int = 15) -> list[str]:
             continue
         c = int(count)
         total += c
-        frames = [re.sub(r" \((?:/[^)]*/)?([^/)]+)\)$", r" (\1)", f) for f in stack.split(";")]
+        frames = [re.sub(r":\d+\)$", ")", f) for f in stack.split(";")]
         own[frames[-1]] += c
         for f in set(frames):
             incl[f] += c
     if not total:
         return ["no samples"]
-    lines = [f"{total} samples"]
+    lines = [f"{total} samples; most own samples (own, inclusive):"]
     for frame, c in own.most_common(n):
         lines.append(f"{c / total:6.1%} {incl[frame] / total:6.1%}  {frame}")
-    lines.append("by inclusive share:")
-    for frame, c in incl.most_common(n + 5)[5:n + 5]:
+    lines.append("Mirage's functions by inclusive share:")
+    ours = [(f, c) for f, c in incl.most_common() if "(appliance/" in f]
+    for frame, c in ours[:n]:
         lines.append(f"{'':6} {c / total:6.1%}  {frame}")
     return lines
 
