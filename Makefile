@@ -18,8 +18,14 @@ lint: setup
 test: setup lint
 	$(PY) -m pytest -q -p no:cacheprovider
 
+# Benchmarks print numbers and ratios against a baseline run side by side;
+# they are never part of `make test` (shared, noisy machines).
 bench: setup
+	$(PY) bench/pool_memory.py
 	$(PY) bench/dns.py
+	$(PY) bench/gateway.py
+	$(PY) bench/udp.py
+	$(PY) bench/capture.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
