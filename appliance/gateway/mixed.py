@@ -69,7 +69,7 @@ import trio
 
 from appliance.config.model import Config, IPAddress
 from appliance.gateway.splice import Flow, FlowRegistry, SpliceResult, abort, splice
-from appliance.gateway.tcp import Dial, FlowTarget
+from appliance.gateway.tcp import Dial, FakeIPs, FlowTarget, ip_port
 from appliance.outbound.base import as_ip
 from appliance.proto import socks5 as s5
 from appliance.proto.http_connect import (
@@ -483,23 +483,6 @@ class Limits:
 # The trio service
 
 
-class FakeIPs(Protocol):
-    """The part of `appliance.fakeip.pool.FakeIPPool` the proxy ports use."""
-
-    def is_fake(self, ip: Any) -> bool: ...
-
-    def pin(self, ip: Any) -> str | None: ...
-
-    def unpin(self, ip: Any) -> None: ...
-
-
-def _addr(sockaddr: Any) -> tuple[str, int]:
-    ip = ipaddress.ip_address(sockaddr[0].split("%", 1)[0])
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return str(ip), int(sockaddr[1])
-
-
 class _Refused(Exception):
     """A request we answer with an error and close (the reply is sent by
     the handler that knows the protocol)."""
@@ -663,7 +646,7 @@ class ProxyPorts:
         pins = _Pins(self.pool)
         try:
             try:
-                src = _addr(stream.socket.getpeername())
+                src = ip_port(stream.socket.getpeername())
                 local = stream.socket.getsockname()
             except OSError:
                 return
@@ -867,7 +850,7 @@ class ProxyPorts:
         try:
             if ask.socks is not None:
                 bound = (
-                    _addr(server.socket.getsockname())
+                    ip_port(server.socket.getsockname())
                     if isinstance(server, trio.SocketStream)
                     else ("0.0.0.0", 0)
                 )
@@ -945,7 +928,7 @@ class ProxyPorts:
                 await relay_sock.bind((local[0], 0, 0, local[3]))
             else:
                 await relay_sock.bind((local[0], 0))
-            bound = _addr(relay_sock.getsockname())
+            bound = ip_port(relay_sock.getsockname())
             ask.socks.reply(s5.REP_SUCCEEDED, *bound)
             await stream.send_all(ask.socks.data_to_send())
             flow = self.registry.open("udp", src, bound, None)
@@ -1060,7 +1043,7 @@ class _UdpRelay:
     async def from_client(self) -> None:
         while True:
             data, sender = await self.sock.recvfrom(65535)
-            ip, port = _addr(sender)
+            ip, port = ip_port(sender)
             if ip != self.client_ip or (self.client_port and port != self.client_port):
                 self.dropped += 1  # only the client that asked may use the relay
                 continue

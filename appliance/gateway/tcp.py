@@ -66,7 +66,8 @@ Dial = Callable[[FlowTarget], Awaitable[trio.abc.Stream]]
 
 
 class FakeIPs(Protocol):
-    """The part of `appliance.fakeip.pool.FakeIPPool` the gateway uses."""
+    """The part of `appliance.fakeip.pool.FakeIPPool` the gateway uses (the
+    transparent listeners here and in udp.py, and the proxy ports in mixed.py)."""
 
     def is_fake(self, ip: Any) -> bool: ...
 
@@ -75,7 +76,7 @@ class FakeIPs(Protocol):
     def unpin(self, ip: Any) -> None: ...
 
 
-def _addr(sockaddr: Any) -> tuple[str, int]:
+def ip_port(sockaddr: Any) -> tuple[str, int]:
     """(ip text, port) from a v4 or v6 sockaddr; IPv4-mapped v6 unmapped."""
     ip = ipaddress.ip_address(sockaddr[0].split("%", 1)[0])
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
@@ -141,8 +142,8 @@ class TransparentTcp:
     async def handle(self, stream: trio.SocketStream) -> None:
         """One captured connection, from accept to close."""
         try:
-            src = _addr(stream.socket.getpeername())
-            dst = _addr(stream.socket.getsockname())
+            src = ip_port(stream.socket.getpeername())
+            dst = ip_port(stream.socket.getsockname())
         except OSError:
             # The client reset before we looked: nothing to serve.
             await stream.aclose()
