@@ -36,7 +36,6 @@ from __future__ import annotations
 import errno
 import logging
 import socket
-import struct
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
@@ -47,17 +46,19 @@ from appliance.config.model import Listen
 from appliance.dns import wire
 from appliance.dns.handler import DnsHandler, UpstreamQuery
 from appliance.dns.upstream_api import Upstream, UpstreamError
+from appliance.sockopt import (
+    IP_ORIGDSTADDR,
+    IP_PKTINFO,
+    IP_TRANSPARENT,
+    IPV6_ORIGDSTADDR,
+    IPV6_RECVPKTINFO,
+    IPV6_TRANSPARENT,
+    Ancillary,
+    original_destination,
+    reply_pktinfo,
+)
 
 log = logging.getLogger("mirage.dns")
-
-# Linux values; Python's socket module does not name all of them.
-IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)
-IP_TRANSPARENT = getattr(socket, "IP_TRANSPARENT", 19)
-IPV6_RECVPKTINFO = getattr(socket, "IPV6_RECVPKTINFO", 49)
-IPV6_PKTINFO = getattr(socket, "IPV6_PKTINFO", 50)
-IPV6_TRANSPARENT = getattr(socket, "IPV6_TRANSPARENT", 75)
-IP_ORIGDSTADDR = getattr(socket, "IP_RECVORIGDSTADDR", 20)
-IPV6_ORIGDSTADDR = getattr(socket, "IPV6_RECVORIGDSTADDR", 74)
 
 UDP_BATCH = 64  # datagrams handled per wakeup before yielding
 MAX_INFLIGHT = 1024  # upstream queries waiting at once (UDP + TCP)
@@ -209,14 +210,14 @@ class _UdpReplies:
             reply = wire.truncate(reply, wire.udp_limit(query))
         try:
             if self._transparent:
-                orig = _original_destination(ancdata)
+                orig = original_destination(ancdata)
                 if orig is not None and orig[2] != self._port:
                     family, host, port = orig
                     if family == socket.AF_INET and ":" in addr[0]:
                         addr = (addr[0].removeprefix("::ffff:"), addr[1])
                     self._spoof_socket(family, host, port).sendto(reply, addr)
                     return
-            self._sock.sendmsg([reply], _pktinfo(ancdata), 0, addr)
+            self._sock.sendmsg([reply], reply_pktinfo(ancdata), 0, addr)
         except OSError as err:
             # EAGAIN (full socket buffer) and unroutable clients: UDP may drop.
             log.debug("UDP reply to %s dropped: %s", addr, err)
@@ -248,34 +249,6 @@ class _UdpReplies:
         for sock in self._spoof.values():
             sock.close()
         self._spoof.clear()
-
-
-Ancillary = list[tuple[int, int, bytes]]
-
-
-def _pktinfo(ancdata: Ancillary) -> Ancillary:
-    """The control message that makes a reply leave from the query's destination."""
-    for level, kind, data in ancdata:
-        if level == socket.IPPROTO_IPV6 and kind == IPV6_PKTINFO and len(data) >= 20:
-            return [(level, kind, data[:20])]  # struct in6_pktinfo {addr, ifindex}
-        if level == socket.IPPROTO_IP and kind == IP_PKTINFO and len(data) >= 12:
-            # struct in_pktinfo {ifindex, spec_dst, addr}: send from `addr`
-            # (the header's destination), let routing pick the interface.
-            return [(level, kind, struct.pack("=i4s4s", 0, data[8:12], bytes(4)))]
-    return []
-
-
-def _original_destination(ancdata: Ancillary) -> tuple[int, str, int] | None:
-    """(family, address, port) a TPROXY'd datagram was sent to (IP_ORIGDSTADDR:
-    a sockaddr_in / sockaddr_in6), or None."""
-    for level, kind, data in ancdata:
-        if level == socket.IPPROTO_IP and kind == IP_ORIGDSTADDR and len(data) >= 8:
-            port = int.from_bytes(data[2:4], "big")
-            return socket.AF_INET, socket.inet_ntop(socket.AF_INET, data[4:8]), port
-        if level == socket.IPPROTO_IPV6 and kind == IPV6_ORIGDSTADDR and len(data) >= 24:
-            port = int.from_bytes(data[2:4], "big")
-            return socket.AF_INET6, socket.inet_ntop(socket.AF_INET6, data[8:24]), port
-    return None
 
 
 async def _udp_loop(

@@ -64,6 +64,7 @@ from appliance.dns.cache import CacheKey, DnsCache, cache_key, cache_ttl
 from appliance.dns.doh import DohError, Method, decode_response, encode_request, with_zero_id
 from appliance.dns.names import DomainTrie
 from appliance.dns.upstream_api import UpstreamError
+from appliance.sockopt import SO_MARK
 
 log = logging.getLogger(__name__)
 
@@ -315,7 +316,7 @@ class Resolver:
     async def __aenter__(self) -> Resolver:
         options = None
         if self._mark is not None:
-            options = [(socket.SOL_SOCKET, socket.SO_MARK, self._mark)]
+            options = [(socket.SOL_SOCKET, SO_MARK, self._mark)]
         transport = _Transport(make_ssl_context(self._dns.ca_file), options)
         # trust_env=False: proxy variables must never route DNS through a
         # proxy (TLS trust from the environment is handled above).
@@ -470,7 +471,7 @@ class Resolver:
         sock = trio.socket.socket(family, kind)
         try:
             if self._mark is not None:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, self._mark)
+                sock.setsockopt(socket.SOL_SOCKET, SO_MARK, self._mark)
         except BaseException:
             sock.close()
             raise

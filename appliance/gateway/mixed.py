@@ -81,14 +81,12 @@ from appliance.proto.http_connect import (
     format_authority,
     parse_request,
 )
+from appliance.sockopt import IP_FREEBIND, IPV6_FREEBIND
 
 log = logging.getLogger(__name__)
 
 BACKLOG = 512
 RECV = 64 * 1024
-# Linux values (Python 3.11 lacks the v6 one).
-IP_FREEBIND = getattr(socket, "IP_FREEBIND", 15)
-IPV6_FREEBIND = 78
 
 Sniffed = Literal["socks5", "socks4", "http"]
 

@@ -30,12 +30,10 @@ import trio
 
 from appliance.config.model import Config
 from appliance.gateway.splice import FlowRegistry, SpliceResult, abort, splice
+from appliance.sockopt import IP_TRANSPARENT, IPV6_TRANSPARENT
 
 log = logging.getLogger(__name__)
 
-# Linux values; Python 3.11 has IP_TRANSPARENT but not IPV6_TRANSPARENT.
-IP_TRANSPARENT = getattr(socket, "IP_TRANSPARENT", 19)
-IPV6_TRANSPARENT = getattr(socket, "IPV6_TRANSPARENT", 75)
 BACKLOG = 1024
 
 

@@ -52,21 +52,27 @@ from typing import Any
 import trio
 
 from appliance.config.model import Config
-from appliance.gateway.tcp import IP_TRANSPARENT, IPV6_TRANSPARENT, FakeIPs
+from appliance.gateway.tcp import FakeIPs
 from appliance.gateway.udp_sessions import (
-    IP_ORIGDSTADDR,
-    IPV6_ORIGDSTADDR,
     MAX_UDP_PAYLOAD,
-    Destination,
     SessionTable,
     UdpStats,
     client_address,
     idle_timeout,
-    original_destination,
 )
 from appliance.outbound.base import OutboundError
 from appliance.outbound.udp import UdpPeer
 from appliance.proto.socks5 import Socks5Error, parse_udp
+from appliance.sockopt import (
+    IP_ORIGDSTADDR,
+    IP_TRANSPARENT,
+    IPV6_ORIGDSTADDR,
+    IPV6_TRANSPARENT,
+    SO_RCVBUFFORCE,
+    Ancillary,
+    Destination,
+    original_destination,
+)
 
 log = logging.getLogger(__name__)
 
@@ -222,7 +228,7 @@ def open_listener(port: int, ipv6: bool) -> socket.socket:
         sock.setsockopt(socket.IPPROTO_IP, IP_ORIGDSTADDR, 1)
         try:
             # Root may exceed net.core.rmem_max; fall back to what is allowed.
-            sock.setsockopt(socket.SOL_SOCKET, getattr(socket, "SO_RCVBUFFORCE", 33), RCVBUF)
+            sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, RCVBUF)
         except OSError:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RCVBUF)
         sock.setblocking(False)
@@ -369,13 +375,9 @@ class UdpGateway:
         else:
             self.counters.dropped_send += 1
 
-    def _new_session(self, key: Any, addr: Any, anc: list[tuple[int, int, bytes]], data: bytes,
+    def _new_session(self, key: Any, addr: Any, anc: Ancillary, data: bytes,
                      now: float, nursery: trio.Nursery) -> None:
-        dst = None
-        for level, kind, cdata in anc:
-            dst = original_destination(level, kind, cdata)
-            if dst is not None:
-                break
+        dst = original_destination(anc)
         if dst is None:
             return
         client = client_address(addr)

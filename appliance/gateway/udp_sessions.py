@@ -4,28 +4,24 @@ What it is for: `appliance.gateway.udp` moves datagrams; everything it has to
 *decide* per datagram or per session lives here so that it can be tested with
 plain values (tests/unit/test_udp_sessions.py):
 
-- `original_destination`: the (family, address, port) a TPROXY'd datagram was
-  sent to, from its IP_ORIGDSTADDR / IPV6_ORIGDSTADDR control message;
 - `SessionTable`: sessions by (client address, original destination), in
   least-recently-active order, bounded (the oldest idle session is evicted to
   make room, and counted);
 - `UdpStats`: the counters `stats()` reports (metrics and `mirage status`);
 - `idle_timeout`: how long a session may stay silent.
 
+(A datagram's original destination is decoded by
+`appliance.sockopt.original_destination`.)
+
 Nothing here imports trio or opens a socket. Not thread-safe (trio thread only).
 """
 
 from __future__ import annotations
 
-import socket
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, fields
 from typing import Generic, TypeVar
-
-# Linux values; Python's socket module does not name all of them.
-IP_ORIGDSTADDR = getattr(socket, "IP_RECVORIGDSTADDR", 20)
-IPV6_ORIGDSTADDR = getattr(socket, "IPV6_RECVORIGDSTADDR", 74)
 
 # DNS over UDP is one query and one answer: a session to port 53 that stays
 # quiet this long is over (mihomo and conntrack treat it the same way; the
@@ -36,21 +32,6 @@ DNS_IDLE_TIMEOUT = 10.0
 
 # Largest UDP payload an IPv4 datagram can carry (65535 - 20 - 8).
 MAX_UDP_PAYLOAD = 65507
-
-Destination = tuple[int, str, int]  # (socket family, address text, port)
-
-
-def original_destination(level: int, kind: int, data: bytes) -> Destination | None:
-    """Decode one control message into (family, address, port), or None if it
-    is not an original-destination message (IP_ORIGDSTADDR carries a
-    sockaddr_in, IPV6_ORIGDSTADDR a sockaddr_in6; ports in network order)."""
-    if level == socket.IPPROTO_IP and kind == IP_ORIGDSTADDR and len(data) >= 8:
-        port = int.from_bytes(data[2:4], "big")
-        return socket.AF_INET, socket.inet_ntop(socket.AF_INET, data[4:8]), port
-    if level == socket.IPPROTO_IPV6 and kind == IPV6_ORIGDSTADDR and len(data) >= 24:
-        port = int.from_bytes(data[2:4], "big")
-        return socket.AF_INET6, socket.inet_ntop(socket.AF_INET6, data[8:24]), port
-    return None
 
 
 def client_address(addr: tuple[str, int] | tuple[str, int, int, int]) -> tuple[str, int]:

@@ -29,9 +29,7 @@ import trio
 
 from appliance.config.model import IPAddress
 from appliance.dns.upstream_api import UpstreamError
-
-# Linux SO_MARK; `socket.SO_MARK` exists on Linux builds of CPython >= 3.12.
-SO_MARK: int = getattr(socket, "SO_MARK", 36)
+from appliance.sockopt import SO_MARK
 
 # RFC 8305 "Connection Attempt Delay": start the next address after 250 ms
 # unless the current attempt fails sooner.

@@ -46,7 +46,6 @@ import trio
 
 from appliance.config.model import Config, IPAddress
 from appliance.outbound.base import (
-    SO_MARK,
     Outbound,
     OutboundError,
     as_ip,
@@ -65,6 +64,7 @@ from appliance.proto.socks5 import (
     encode_udp,
 )
 from appliance.rules.engine import FlowContext, RuleSet
+from appliance.sockopt import SO_MARK
 
 # Bound on reads during the UDP ASSOCIATE handshake (as in socks5.py).
 _MAX_READS = 300

@@ -35,7 +35,7 @@ from appliance.config.model import (
     Rule,
 )
 from appliance.dns.upstream_api import UpstreamError
-from appliance.outbound.base import SO_MARK, OutboundError, ReplayStream, open_marked_tcp
+from appliance.outbound.base import OutboundError, ReplayStream, open_marked_tcp
 from appliance.outbound.build import BuildError, Router, UnsupportedOutbound, build_outbounds
 from appliance.outbound.direct import DirectOutbound
 from appliance.outbound.groups import FallbackGroup, SelectGroup
@@ -44,6 +44,7 @@ from appliance.outbound.reject import RejectOutbound
 from appliance.outbound.socks5 import Socks5Outbound
 from appliance.proto.socks5 import encode_reply
 from appliance.rules.engine import FlowContext
+from appliance.sockopt import SO_MARK
 
 pytestmark = pytest.mark.netns
 

@@ -24,13 +24,10 @@ from appliance.config.model import (
     Rule,
 )
 from appliance.gateway.udp_sessions import (
-    IP_ORIGDSTADDR,
-    IPV6_ORIGDSTADDR,
     SessionTable,
     UdpStats,
     client_address,
     idle_timeout,
-    original_destination,
 )
 from appliance.outbound.base import OutboundError
 from appliance.outbound.build import Router, build_outbounds
@@ -38,6 +35,14 @@ from appliance.outbound.socks5 import Socks5Outbound
 from appliance.outbound.udp import UdpDialer, carries_udp, open_socks5, route_udp
 from appliance.proto import socks5 as s5
 from appliance.rules.engine import FlowContext
+from appliance.sockopt import (
+    IP_ORIGDSTADDR,
+    IP_PKTINFO,
+    IPV6_ORIGDSTADDR,
+    IPV6_PKTINFO,
+    original_destination,
+    reply_pktinfo,
+)
 
 # ------------------------------------------------------------ original destination
 
@@ -52,18 +57,38 @@ def sockaddr_in6(ip: str, port: int) -> bytes:
 
 
 def test_original_destination_v4_and_v6() -> None:
-    got = original_destination(socket.IPPROTO_IP, IP_ORIGDSTADDR, sockaddr_in("198.18.0.7", 443))
+    got = original_destination([(socket.IPPROTO_IP, IP_ORIGDSTADDR,
+                                  sockaddr_in("198.18.0.7", 443))])
     assert got == (socket.AF_INET, "198.18.0.7", 443)
-    got = original_destination(socket.IPPROTO_IPV6, IPV6_ORIGDSTADDR,
-                               sockaddr_in6("fdfe:dcba:9876::5", 53))
+    got = original_destination([(socket.IPPROTO_IPV6, IPV6_ORIGDSTADDR,
+                                 sockaddr_in6("fdfe:dcba:9876::5", 53))])
     assert got == (socket.AF_INET6, "fdfe:dcba:9876::5", 53)
 
 
 def test_original_destination_ignores_other_messages() -> None:
     data = sockaddr_in("198.18.0.7", 443)
-    assert original_destination(socket.IPPROTO_IP, 8, data) is None  # IP_PKTINFO
-    assert original_destination(socket.IPPROTO_IP, IP_ORIGDSTADDR, data[:7]) is None
-    assert original_destination(socket.IPPROTO_IPV6, IPV6_ORIGDSTADDR, data) is None
+    assert original_destination([(socket.IPPROTO_IP, IP_PKTINFO, data)]) is None
+    assert original_destination([(socket.IPPROTO_IP, IP_ORIGDSTADDR, data[:7])]) is None
+    assert original_destination([(socket.IPPROTO_IPV6, IPV6_ORIGDSTADDR, data)]) is None
+    assert original_destination([]) is None
+    # The one it wants may come after another (IP_PKTINFO on the DNS socket).
+    got = original_destination([(socket.IPPROTO_IP, IP_PKTINFO, bytes(12)),
+                                (socket.IPPROTO_IP, IP_ORIGDSTADDR, data)])
+    assert got == (socket.AF_INET, "198.18.0.7", 443)
+
+
+def test_reply_pktinfo_sends_from_the_datagrams_destination() -> None:
+    # struct in_pktinfo {ifindex, spec_dst, addr}: the reply's spec_dst is
+    # the datagram's header destination `addr`, ifindex left to routing.
+    got_v4 = struct.pack("=i4s4s", 3, socket.inet_aton("10.0.0.1"),
+                         socket.inet_aton("203.0.113.53"))
+    assert reply_pktinfo([(socket.IPPROTO_IP, IP_PKTINFO, got_v4)]) == [
+        (socket.IPPROTO_IP, IP_PKTINFO,
+         struct.pack("=i4s4s", 0, socket.inet_aton("203.0.113.53"), bytes(4)))]
+    in6 = socket.inet_pton(socket.AF_INET6, "2001:db8::53") + struct.pack("=I", 3)
+    assert reply_pktinfo([(socket.IPPROTO_IPV6, IPV6_PKTINFO, in6)]) == [
+        (socket.IPPROTO_IPV6, IPV6_PKTINFO, in6)]
+    assert reply_pktinfo([(socket.IPPROTO_IP, IP_ORIGDSTADDR, got_v4)]) == []
 
 
 def test_client_address_unmaps_v4_on_dual_stack() -> None:
