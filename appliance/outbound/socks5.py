@@ -73,22 +73,32 @@ class Socks5Outbound:
             raise OutboundError(f"{self.name}: {e}") from None
         stream = await self.dialer.dial(self.server, self.port)
         try:
-            await stream.send_all(client.data_to_send())
-            for _ in range(_MAX_READS):
-                if client.established:
-                    break
-                client.receive_data(await stream.receive_some(client.bytes_wanted()))
-                out = client.data_to_send()
-                if out:
-                    await stream.send_all(out)
-            else:
-                raise OutboundError(f"{self.name}: handshake did not finish")
-        except Socks5Error as e:
-            await trio.aclose_forcefully(stream)
-            raise OutboundError(f"{self.name}: {e}") from None
+            await socks5_handshake(stream, client, self.name)
         except BaseException:
             await trio.aclose_forcefully(stream)
             raise
         if client.trailing_data:
             return ReplayStream(stream, client.trailing_data)
         return stream
+
+
+async def socks5_handshake(stream: trio.abc.Stream, client: Socks5Client, name: str) -> None:
+    """Run `client` (greeting, optional auth, request) over `stream` until the
+    proxy's reply is in: CONNECT here, UDP ASSOCIATE in udp.py.
+
+    Raises OutboundError("{name}: ...") for an error reply, refused
+    credentials or a handshake that does not finish within the read bound;
+    no deadline of its own (the caller's scope bounds it) and never closes
+    `stream` (its owner does, on any exception)."""
+    try:
+        await stream.send_all(client.data_to_send())
+        for _ in range(_MAX_READS):
+            if client.established:
+                return
+            client.receive_data(await stream.receive_some(client.bytes_wanted()))
+            out = client.data_to_send()
+            if out:
+                await stream.send_all(out)
+    except Socks5Error as e:
+        raise OutboundError(f"{name}: {e}") from None
+    raise OutboundError(f"{name}: handshake did not finish")

@@ -56,7 +56,7 @@ from appliance.outbound.build import Router
 from appliance.outbound.direct import DirectOutbound
 from appliance.outbound.groups import FallbackGroup, SelectGroup
 from appliance.outbound.reject import RejectOutbound
-from appliance.outbound.socks5 import Socks5Outbound
+from appliance.outbound.socks5 import Socks5Outbound, socks5_handshake
 from appliance.proto.socks5 import (
     CMD_UDP_ASSOCIATE,
     Socks5Client,
@@ -66,8 +66,6 @@ from appliance.proto.socks5 import (
 from appliance.rules.engine import FlowContext, RuleSet
 from appliance.sockopt import SO_MARK
 
-# Bound on reads during the UDP ASSOCIATE handshake (as in socks5.py).
-_MAX_READS = 300
 # A proxy that writes on the control connection of a UDP association is
 # misbehaving; read and ignore that much before giving up on it.
 _MAX_CONTROL_BYTES = 1 << 16
@@ -221,18 +219,9 @@ async def open_socks5(outbound: Socks5Outbound, host: str, port: int) -> UdpPeer
             client = Socks5Client(local_ip, bound_port, username=outbound.username,
                                   password=outbound.password, command=CMD_UDP_ASSOCIATE)
             header = encode_udp(host, port, b"")
-            await stream.send_all(client.data_to_send())
-            for _ in range(_MAX_READS):
-                if client.established:
-                    break
-                client.receive_data(await stream.receive_some(client.bytes_wanted()))
-                out = client.data_to_send()
-                if out:
-                    await stream.send_all(out)
-            else:
-                raise OutboundError(f"{outbound.name}: UDP ASSOCIATE handshake did not finish")
         except Socks5Error as e:
             raise OutboundError(f"{outbound.name}: UDP ASSOCIATE: {e}") from None
+        await socks5_handshake(stream, client, f"{outbound.name}: UDP ASSOCIATE")
         assert client.reply is not None
         # BND.ADDR 0.0.0.0 (or a name) means "the address you reached me at".
         relay = as_ip(client.reply.host)
