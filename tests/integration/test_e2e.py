@@ -16,6 +16,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
+from lab_client import client, connect_outcome, curl, dig
 
 from appliance.lab.lab import Lab
 from appliance.lab.mirage import MirageRun, MirageRuns
@@ -39,21 +40,6 @@ def mirage(runs: MirageRuns) -> MirageRun:
     return runs.start()
 
 
-def client(lab: Lab, *argv: str, timeout: float = 20) -> str:
-    result = lab.exec("client", list(argv), timeout=timeout)
-    return result.stdout
-
-
-def dig(lab: Lab, *args: str) -> str:
-    return client(lab, "dig", "+time=3", "+tries=1", *args).strip()
-
-
-def curl(lab: Lab, url: str, *extra: str) -> tuple[int, str, float]:
-    t0 = time.monotonic()
-    result = lab.exec("client", ["curl", "-s", "-m", "8", *extra, url], timeout=20)
-    return result.returncode, result.stdout, time.monotonic() - t0
-
-
 def raw_http(lab: Lab, ip: str, host: str, port: int = 80) -> str:
     script = (
         "import socket\n"
@@ -64,27 +50,6 @@ def raw_http(lab: Lab, ip: str, host: str, port: int = 80) -> str:
         "print(d.decode(errors='replace'))\n"
     )
     return client(lab, sys.executable, "-c", script)
-
-
-def connect_outcome(lab: Lab, ip: str, port: int) -> tuple[str, float]:
-    """How a TCP connection from the client ends: 'refused', 'reset',
-    'closed' (EOF, no data), 'data', 'timeout' — and how long it took."""
-    script = (
-        "import socket,time,json\n"
-        "t=time.monotonic()\n"
-        "try:\n"
-        f"  s=socket.create_connection(({ip!r},{port}),timeout=5)\n"
-        "  s.sendall(b'GET / HTTP/1.0\\r\\n\\r\\n')\n"
-        "  d=s.recv(100)\n"
-        "  r='data' if d else 'closed'\n"
-        "except ConnectionRefusedError: r='refused'\n"
-        "except ConnectionResetError: r='reset'\n"
-        "except (TimeoutError, socket.timeout): r='timeout'\n"
-        "print(json.dumps([r, time.monotonic()-t]))\n"
-    )
-    out = client(lab, sys.executable, "-c", script)
-    result, elapsed = json.loads(out)
-    return result, elapsed
 
 
 # --------------------------------------------------------------------------- DNS

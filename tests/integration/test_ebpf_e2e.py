@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from lab_client import connect_outcome, curl, dig
 
 from appliance.lab.lab import Lab
 from appliance.lab.mirage import MirageRun, MirageRuns, lab_config
@@ -30,31 +31,6 @@ pytestmark = [pytest.mark.netns, pytest.mark.slow]
 FAKE = re.compile(r"^198\.18\.\d+\.\d+$")
 BACKENDS = ["nftables", "ebpf"]
 HONEST = "192.168.57.53"  # unbound also answers plain DNS: the bypass target
-
-
-def dig(lab: Lab, *args: str) -> str:
-    r = lab.exec("client", ["dig", "+time=3", "+tries=1", *args], timeout=20)
-    return r.stdout.strip()
-
-
-def curl(lab: Lab, url: str) -> tuple[int, str]:
-    r = lab.exec("client", ["curl", "-s", "-m", "8", url], timeout=20)
-    return r.returncode, r.stdout
-
-
-def connect_outcome(lab: Lab, ip: str, port: int, timeout: float = 3) -> str:
-    script = (
-        "import socket\n"
-        "try:\n"
-        f"  s=socket.create_connection(({ip!r},{port}),timeout={timeout})\n"
-        "  s.sendall(b'GET / HTTP/1.0\\r\\n\\r\\n')\n"
-        "  r='data' if s.recv(100) else 'closed'\n"
-        "except ConnectionRefusedError: r='refused'\n"
-        "except ConnectionResetError: r='reset'\n"
-        "except (TimeoutError, socket.timeout): r='timeout'\n"
-        "print(r)\n"
-    )
-    return lab.exec("client", [sys.executable, "-c", script], timeout=20).stdout.strip()
 
 
 def gw_json(lab: Lab, *argv: str) -> Any:
@@ -111,7 +87,7 @@ def test_fake_ips_reach_the_right_site_through_each_outbound(lab: Lab, runs: Run
     # the fake IP the client's resolver (hijacked) gave it.
     for name, marker in (("alpha", "MARKER-ALPHA"), ("beta", "MARKER-BETA"),
                          ("gamma", "MARKER-GAMMA")):
-        code, body = curl(lab, f"http://www.{name}.test/")
+        code, body, _ = curl(lab, f"http://www.{name}.test/")
         assert code == 0 and marker in body, (backend, name, code, body[-300:])
     # DNS hijack: port 53 to the poisoned resolver answers a fake IP, over
     # UDP and TCP, from the address asked.
@@ -124,10 +100,10 @@ def test_fake_ips_reach_the_right_site_through_each_outbound(lab: Lab, runs: Run
     # Bypass: the honest resolver is asked for real and answers the real IP.
     assert dig(lab, f"@{HONEST}", "+short", "www.alpha.test") == "192.168.57.10"
     # An unmapped fake IP: the gateway resets the connection.
-    assert connect_outcome(lab, "198.18.254.254", 80) == "reset"
+    assert connect_outcome(lab, "198.18.254.254", 80, 3)[0] == "reset"
     # Loop guard: tproxy-port on the gateway's own address never reaches the
     # listener (nftables rejects, eBPF drops); the gateway keeps serving.
-    assert connect_outcome(lab, lab.addr("gateway", "lan0"), 7893, 1) != "data"
+    assert connect_outcome(lab, lab.addr("gateway", "lan0"), 7893, 1)[0] != "data"
     # From the gateway itself (loopback, which no backend captures): the
     # listener resets a connection to its own port instead of relaying it.
     local = lab.exec("gateway", [sys.executable, "-c", (
@@ -154,7 +130,7 @@ def test_hijack_answers_from_port_53_when_dns_listens_elsewhere(lab: Lab, runs: 
     assert dig(lab, f"@{poisoned}", "+tcp", "+short", "www.alpha.test") == udp
     stats = dig(lab, f"@{poisoned}", "+noall", "+stats", "www.alpha.test")
     assert f"SERVER: {poisoned}#53(" in stats, stats
-    code, body = curl(lab, "http://www.alpha.test/")
+    code, body, _ = curl(lab, "http://www.alpha.test/")
     assert code == 0 and "MARKER-ALPHA" in body
 
 
@@ -344,13 +320,13 @@ def test_two_labs_at_once_do_not_interfere() -> None:
             running.append(MirageRun(lab, lab_config(lab, appliance={"redirect": "ebpf"}))
                            .start())
         for lab in labs:
-            code, body = curl(lab, "http://www.alpha.test/")
+            code, body, _ = curl(lab, "http://www.alpha.test/")
             assert code == 0 and "MARKER-ALPHA" in body
         # Stopping one leaves the other capturing.
         assert running[0].stop() == 0
         assert tc_filters(labs[0]) == []
         assert len([f for f in tc_filters(labs[1]) if "options" in f]) == 1
-        code, body = curl(labs[1], "http://www.beta.test/")
+        code, body, _ = curl(labs[1], "http://www.beta.test/")
         assert code == 0 and "MARKER-BETA" in body
         assert running[1].stop() == 0
         assert tc_filters(labs[1]) == []

@@ -1,0 +1,54 @@
+"""What a LAN client in the lab does, for the end-to-end tests.
+
+Each helper runs a real client program (dig, curl, a short Python script) in
+the lab's `client` namespace and returns what it saw, so the tests assert
+on what the client received. Shared by test_e2e.py and test_ebpf_e2e.py;
+every call is bounded (the programs' own timeouts, and `timeout` seconds for
+the process).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+from appliance.lab.lab import Lab
+
+
+def client(lab: Lab, *argv: str, timeout: float = 20) -> str:
+    """Run `argv` in the client namespace; its stdout."""
+    result = lab.exec("client", list(argv), timeout=timeout)
+    return result.stdout
+
+
+def dig(lab: Lab, *args: str) -> str:
+    """dig's output (one try, 3 s), stripped."""
+    return client(lab, "dig", "+time=3", "+tries=1", *args).strip()
+
+
+def curl(lab: Lab, url: str, *extra: str) -> tuple[int, str, float]:
+    """(curl's exit code, body, seconds taken) for one request (8 s bound)."""
+    t0 = time.monotonic()
+    result = lab.exec("client", ["curl", "-s", "-m", "8", *extra, url], timeout=20)
+    return result.returncode, result.stdout, time.monotonic() - t0
+
+
+def connect_outcome(lab: Lab, ip: str, port: int, timeout: float = 5) -> tuple[str, float]:
+    """How a TCP connection from the client ends: 'refused', 'reset',
+    'closed' (EOF, no data), 'data', 'timeout' — and how long it took."""
+    script = (
+        "import socket,time,json\n"
+        "t=time.monotonic()\n"
+        "try:\n"
+        f"  s=socket.create_connection(({ip!r},{port}),timeout={timeout})\n"
+        "  s.sendall(b'GET / HTTP/1.0\\r\\n\\r\\n')\n"
+        "  d=s.recv(100)\n"
+        "  r='data' if d else 'closed'\n"
+        "except ConnectionRefusedError: r='refused'\n"
+        "except ConnectionResetError: r='reset'\n"
+        "except (TimeoutError, socket.timeout): r='timeout'\n"
+        "print(json.dumps([r, time.monotonic()-t]))\n"
+    )
+    result, elapsed = json.loads(client(lab, sys.executable, "-c", script))
+    return result, elapsed
