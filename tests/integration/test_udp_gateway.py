@@ -122,14 +122,24 @@ print(json.dumps(out))
 """
 
 
-def test_direct_echo_comes_back_from_the_fake_ip(lab: Lab, mirage: MirageRun) -> None:
-    out = client(lab, EXCHANGE, "www.gamma.test", str(PORT), "ping-direct")
+def replies_from_the_fake_ip(out: dict[str, Any]) -> dict[str, str]:
+    """The reply text of each EXCHANGE mode, after asserting that the name
+    got a fake IP and that both replies came back from it (address and port
+    the client sent to: the gateway answers as the far end)."""
     fake = out["ip"]
     assert fake.startswith("198.18.")
+    replies = {}
     for mode in ("connected", "unconnected"):
         assert out[mode] is not None, f"{mode}: no reply"
         data, src = out[mode]
         assert src == [fake, PORT]
+        replies[mode] = data
+    return replies
+
+
+def test_direct_echo_comes_back_from_the_fake_ip(lab: Lab, mirage: MirageRun) -> None:
+    out = client(lab, EXCHANGE, "www.gamma.test", str(PORT), "ping-direct")
+    for mode, data in replies_from_the_fake_ip(out).items():
         # From the gateway's WAN address (DIRECT), to gamma's real address
         # (resolved over DoH; the poisoned resolver says .11).
         assert data.startswith(f"ping-direct {mode} from=192.168.57.1:")
@@ -145,11 +155,7 @@ def test_socks5_udp_associate_by_name(lab: Lab, mirage: MirageRun) -> None:
     before = lab.dante_log.read_text(errors="replace")
     out = client(lab, EXCHANGE, "www.alpha.test", str(PORT), "ping-socks")
     fake = out["ip"]
-    assert fake.startswith("198.18.")
-    for mode in ("connected", "unconnected"):
-        assert out[mode] is not None, f"{mode}: no reply"
-        data, src = out[mode]
-        assert src == [fake, PORT]
+    for mode, data in replies_from_the_fake_ip(out).items():
         # The echo server saw dante's relay (alpha's host), not the gateway,
         # and dante resolved the name honestly (v4 .10 or v6 fd57::10).
         assert data.startswith(f"ping-socks {mode} from=")
