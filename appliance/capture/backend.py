@@ -65,19 +65,10 @@ async def serve(
             log.warning("capture: eBPF unavailable (%s); redirect: auto falls back to "
                         "nftables", err)
         else:
-            await _hold(capture, task_status)
+            await nftables.hold(capture, task_status, capture)
             return
     await trio.to_thread.run_sync(ebpf.remove_leftovers, cfg)
     capture = nftables.NftablesCapture(cfg)
     await trio.to_thread.run_sync(capture.apply)
-    await _hold(capture, task_status)
+    await nftables.hold(capture, task_status, capture)
 
-
-async def _hold(capture: Any, task_status: trio.TaskStatus[Any]) -> None:
-    try:
-        task_status.started(capture)
-        await trio.sleep_forever()
-    finally:
-        # Shielded: removal must run even while the nursery is being cancelled.
-        with trio.CancelScope(shield=True):
-            await trio.to_thread.run_sync(capture.remove)

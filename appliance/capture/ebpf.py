@@ -54,6 +54,8 @@ from appliance.capture.nftables import (
     ALWAYS_BYPASS6,
     DEFAULT_TABLE,
     CaptureError,
+    check_capturable,
+    hold,
     render_remove,
 )
 from appliance.capture.routing import PolicyRouting
@@ -222,19 +224,13 @@ def plan(cfg: Config) -> Plan:
     Raises CaptureError for what the program cannot express: no tproxy-port,
     routing-mark equal to the capture mark, DNS on a loopback address.
     """
-    if cfg.tproxy_port is None:
-        raise CaptureError("tproxy-port is not set: the eBPF capture needs it")
+    tproxy_port = check_capturable(cfg, "eBPF")
     a = cfg.appliance
-    if cfg.routing_mark is not None and cfg.routing_mark == a.capture_mark:
-        raise CaptureError(
-            f"routing-mark {cfg.routing_mark:#x} equals the capture mark: "
-            "Mirage's own traffic would be captured"
-        )
     fake4 = cfg.dns.fake_ip_range
     flags = [
         f"-I{BPF_DIR}",
         f"-DMIRAGE_CAPTURE_MARK={a.capture_mark:#x}",
-        f"-DMIRAGE_TPROXY_PORT={cfg.tproxy_port}",
+        f"-DMIRAGE_TPROXY_PORT={tproxy_port}",
         f"-DMIRAGE_FAKE4_NET={_word(fake4.network_address.packed):#x}",
         f"-DMIRAGE_FAKE4_MASK={_word(fake4.netmask.packed):#x}",
         f"-DMIRAGE_CLIENTS_MAX={CLIENTS_MAX}",
@@ -269,7 +265,7 @@ def plan(cfg: Config) -> Plan:
         cflags=tuple(flags),
         bypass=tuple(bypass),
         fake=tuple(fake),
-        tproxy_port=cfg.tproxy_port,
+        tproxy_port=tproxy_port,
         dns=tuple(dns_lines),
         routing=PolicyRouting.from_config(cfg),
         notes=tuple(notes),
@@ -674,9 +670,4 @@ async def serve(
     its counters), hold it until cancelled, remove it. Start this last."""
     capture = EbpfCapture(cfg)
     await trio.to_thread.run_sync(capture.apply)
-    try:
-        task_status.started(capture)
-        await trio.sleep_forever()
-    finally:
-        with trio.CancelScope(shield=True):
-            await trio.to_thread.run_sync(capture.remove)
+    await hold(capture, task_status, capture)

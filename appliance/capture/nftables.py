@@ -65,10 +65,11 @@ class CaptureError(RuntimeError):
 # --- what the config means for the ruleset ---------------------------------
 
 
-def _check(cfg: Config) -> int:
-    """Return tproxy-port; refuse configs the ruleset cannot express."""
+def check_capturable(cfg: Config, backend: str = "nftables") -> int:
+    """Return tproxy-port; refuse configs no capture backend can express
+    (CaptureError naming `backend`). The eBPF plan checks the same."""
     if cfg.tproxy_port is None:
-        raise CaptureError("tproxy-port is not set: the nftables capture needs it")
+        raise CaptureError(f"tproxy-port is not set: the {backend} capture needs it")
     a = cfg.appliance
     if cfg.routing_mark is not None and cfg.routing_mark == a.capture_mark:
         raise CaptureError(
@@ -176,7 +177,7 @@ class _Builder:
     def __init__(self, cfg: Config, table: str) -> None:
         self.cfg = cfg
         self.table = table
-        self.port = _check(cfg)
+        self.port = check_capturable(cfg)
         self.mark = cfg.appliance.capture_mark
 
     def table_obj(self) -> Json:
@@ -359,7 +360,7 @@ def _elements(items: list[str]) -> str:
 
 def render_nft(cfg: Config, table: str = DEFAULT_TABLE, template: Path = TEMPLATE) -> str:
     """The ruleset in nft syntax (loadable with `nft -f`), from nft/mirage.nft."""
-    port = _check(cfg)
+    port = check_capturable(cfg)
     b4, b6 = _bypass(cfg)
     f6 = _fake6(cfg)
     dns_match, dns_nat = "", ""
@@ -484,8 +485,15 @@ async def serve(
     """
     capture = NftablesCapture(cfg, table)
     await trio.to_thread.run_sync(capture.apply)
+    await hold(capture, task_status)
+
+
+async def hold(capture: Any, task_status: trio.TaskStatus[Any], started: Any = None) -> None:
+    """Report started (with `started`), hold an applied `capture` until
+    cancelled, then remove it (`capture.remove()` in a worker thread). Every
+    capture service ends this way: nftables, eBPF and the backend choice."""
     try:
-        task_status.started()
+        task_status.started(started)
         await trio.sleep_forever()
     finally:
         # Shielded: removal must run even while the nursery is being cancelled.
