@@ -10,10 +10,14 @@ the process).
 from __future__ import annotations
 
 import json
+import re
 import sys
 import time
 
 from appliance.lab.lab import Lab
+
+# A fake IP from the lab's default fake-ip-range.
+FAKE = re.compile(r"^198\.18\.\d+\.\d+$")
 
 
 def client(lab: Lab, *argv: str, timeout: float = 20) -> str:
@@ -25,6 +29,19 @@ def client(lab: Lab, *argv: str, timeout: float = 20) -> str:
 def dig(lab: Lab, *args: str) -> str:
     """dig's output (one try, 3 s), stripped."""
     return client(lab, "dig", "+time=3", "+tries=1", *args).strip()
+
+
+def hijacked_answer(lab: Lab, resolver: str, name: str) -> str:
+    """Ask `resolver` (port 53, not Mirage) for `name` over UDP and TCP and
+    return the answer, asserting that the capture hijacked both to Mirage:
+    the same fake IP each way, from the address asked (dig names the server
+    it heard)."""
+    udp = dig(lab, f"@{resolver}", "+short", name)
+    assert FAKE.match(udp), udp
+    assert dig(lab, f"@{resolver}", "+tcp", "+short", name) == udp
+    stats = dig(lab, f"@{resolver}", "+noall", "+stats", name)
+    assert f"SERVER: {resolver}#53(" in stats, stats
+    return udp
 
 
 def curl(lab: Lab, url: str, *extra: str) -> tuple[int, str, float]:

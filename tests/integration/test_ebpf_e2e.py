@@ -21,14 +21,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from lab_client import connect_outcome, curl, dig
+from lab_client import FAKE, connect_outcome, curl, dig, hijacked_answer
 
 from appliance.lab.lab import Lab
 from appliance.lab.mirage import MirageRun, MirageRuns, lab_config
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
 
-FAKE = re.compile(r"^198\.18\.\d+\.\d+$")
 BACKENDS = ["nftables", "ebpf"]
 HONEST = "192.168.57.53"  # unbound also answers plain DNS: the bypass target
 
@@ -91,12 +90,7 @@ def test_fake_ips_reach_the_right_site_through_each_outbound(lab: Lab, runs: Run
         assert code == 0 and marker in body, (backend, name, code, body[-300:])
     # DNS hijack: port 53 to the poisoned resolver answers a fake IP, over
     # UDP and TCP, from the address asked.
-    poisoned = str(lab.topology.poisoned_resolver.address)
-    udp = dig(lab, f"@{poisoned}", "+short", "www.beta.test")
-    assert FAKE.match(udp), udp
-    assert dig(lab, f"@{poisoned}", "+tcp", "+short", "www.beta.test") == udp
-    stats = dig(lab, f"@{poisoned}", "+noall", "+stats", "www.beta.test")
-    assert f"SERVER: {poisoned}#53(" in stats, stats
+    hijacked_answer(lab, str(lab.topology.poisoned_resolver.address), "www.beta.test")
     # Bypass: the honest resolver is asked for real and answers the real IP.
     assert dig(lab, f"@{HONEST}", "+short", "www.alpha.test") == "192.168.57.10"
     # An unmapped fake IP: the gateway resets the connection.
@@ -124,12 +118,7 @@ def test_hijack_answers_from_port_53_when_dns_listens_elsewhere(lab: Lab, runs: 
     # assigns the socket and the service answers from the asked address and
     # port itself (no NAT anywhere).
     runs.start(backend, dns={"listen": "0.0.0.0:1053"})
-    poisoned = str(lab.topology.poisoned_resolver.address)
-    udp = dig(lab, f"@{poisoned}", "+short", "www.alpha.test")
-    assert FAKE.match(udp), udp
-    assert dig(lab, f"@{poisoned}", "+tcp", "+short", "www.alpha.test") == udp
-    stats = dig(lab, f"@{poisoned}", "+noall", "+stats", "www.alpha.test")
-    assert f"SERVER: {poisoned}#53(" in stats, stats
+    hijacked_answer(lab, str(lab.topology.poisoned_resolver.address), "www.alpha.test")
     code, body, _ = curl(lab, "http://www.alpha.test/")
     assert code == 0 and "MARKER-ALPHA" in body
 
