@@ -61,6 +61,20 @@ async def start_api(nursery: trio.Nursery, view: View) -> ApiClient:
     return ApiClient("127.0.0.1", port, view.cfg.secret)
 
 
+async def raw_exchange(client: ApiClient, request: bytes) -> bytes:
+    """Send raw bytes to the API and read until it closes (5 s bound)."""
+    stream = await trio.open_tcp_stream(client.host, client.port)
+    try:
+        await stream.send_all(request)
+        data = b""
+        with trio.fail_after(5):
+            while chunk := await stream.receive_some(4096):
+                data += chunk
+        return data
+    finally:
+        await stream.aclose()
+
+
 async def test_endpoints_answer_json(nursery: trio.Nursery) -> None:
     view = View()
     client = await start_api(nursery, view)
@@ -92,14 +106,8 @@ async def test_bad_requests_get_clear_errors(nursery: trio.Nursery) -> None:
 
 async def test_garbage_on_the_socket_gets_400_and_service_continues(nursery: trio.Nursery) -> None:
     client = await start_api(nursery, View())
-    stream = await trio.open_tcp_stream(client.host, client.port)
-    await stream.send_all(b"\x16\x03\x01 this is not http\r\n\r\n")
-    reply = b""
-    with trio.fail_after(5):
-        while chunk := await stream.receive_some(4096):
-            reply += chunk
+    reply = await raw_exchange(client, b"\x16\x03\x01 this is not http\r\n\r\n")
     assert reply.startswith(b"HTTP/1.1 400")
-    await stream.aclose()
     assert await trio.to_thread.run_sync(client.get, "/") == {"hello": "mirage"}
 
 
@@ -118,13 +126,8 @@ async def test_secret_is_required_when_set(nursery: trio.Nursery) -> None:
 
 async def test_metrics_are_prometheus_text(nursery: trio.Nursery) -> None:
     client = await start_api(nursery, View())
-    stream = await trio.open_tcp_stream(client.host, client.port)
-    await stream.send_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-    data = b""
-    with trio.fail_after(5):
-        while chunk := await stream.receive_some(4096):
-            data += chunk
-    await stream.aclose()
+    data = await raw_exchange(
+        client, b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
     head, _, body = data.partition(b"\r\n\r\n")
     assert b"text/plain" in head
     lines = body.decode().splitlines()
