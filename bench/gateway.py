@@ -665,7 +665,10 @@ def _top_frames(raw: str, n: int = 12) -> list[str]:
     for frame, c in own.most_common(n):
         lines.append(f"{c / total:6.1%} {incl[frame] / total:6.1%}  {frame}")
     lines.append("Mirage's functions by inclusive share:")
-    ours = [(f, c) for f, c in incl.most_common() if "(appliance/" in f]
+    # The entry point's frames (cli, __main__) are in every full stack: skip.
+    ours = [(f, c) for f, c in incl.most_common()
+            if "(appliance/" in f and "(appliance/cli.py)" not in f
+            and "(appliance/__main__.py)" not in f]
     for frame, c in ours[:n]:
         lines.append(f"{'':6} {c / total:6.1%}  {frame}")
     return lines
