@@ -5,12 +5,14 @@ bound, so a later step can rely on an earlier one):
 
 1. fake-IP store loaded into the pool (saved mappings outside the range or now
    covered by the filter are dropped), the store flusher;
-2. the upstream resolver (DoH client; owns its HTTP/2 connections);
+2. the upstream resolver (DoH client; owns its HTTP/2 connections), the
+   signal handler, the router (outbounds + rules);
 3. the DNS service (UDP + TCP on `dns.listen`);
-4. the transparent TCP listener on `tproxy-port`;
+4. the transparent TCP listener and UDP socket on `tproxy-port`, the proxy
+   ports (`mixed-port`, `socks-port`, `port`);
 5. the control API on `external-controller`;
-6. capture rules last (nftables table + policy routing), so no packet is ever
-   steered to a socket that is not listening yet.
+6. the capture last (nftables table or tc/eBPF program, policy routing), so
+   no packet is ever steered to a socket that is not listening yet.
 
 Shutdown (SIGINT/SIGTERM) cancels the nursery; services unwind in reverse
 order: the capture rules go first (their `finally`), the store's final flush
@@ -56,6 +58,7 @@ class Appliance:
         self.dns_handler: Any = None
         self.router: Any = None
         self.gateway: Any = None
+        self.udp: Any = None
         self.capture: Any = None
 
     # -- composition ---------------------------------------------------------
@@ -133,8 +136,10 @@ class Appliance:
     async def _serve_dns(self, dns_server: Any, *,
                          task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         cfg = self.cfg
-        # With dns-hijack, captured queries to other resolvers arrive through
-        # TPROXY: the socket must be transparent to answer from their address.
+        # With dns-hijack under the eBPF backend, captured queries to other
+        # resolvers arrive unrewritten (sk_assign): the socket must be
+        # transparent to answer from their address. (Under nftables they are
+        # redirected through conntrack, and transparency is harmless.)
         transparent = bool(cfg.appliance.lan and cfg.appliance.dns_hijack)
         try:
             await dns_server.serve(cfg.dns.listen, self.dns_handler, self.resolver,
@@ -316,7 +321,7 @@ class Appliance:
             out["dns"] = self.dns_handler.stats()
         if self.gateway is not None and hasattr(self.gateway, "stats"):
             out["gateway"] = self.gateway.stats()
-        if getattr(self, "udp", None) is not None:
+        if self.udp is not None:
             out["udp"] = self.udp.stats()
         if self.capture is not None and hasattr(self.capture, "stats"):
             out["capture"] = self.capture.stats()
@@ -341,7 +346,7 @@ class Appliance:
 
     def connections(self) -> list[dict[str, Any]]:
         flows = self.gateway.snapshot() if self.gateway is not None else []
-        if getattr(self, "udp", None) is not None:
+        if self.udp is not None:
             flows += self.udp.snapshot()
         return flows
 
