@@ -320,3 +320,55 @@ def test_sighup_reloads_rules_and_keeps_established_flows(lab: Lab, mirage: Mira
         time.sleep(0.1)
     assert "keeping the running configuration" in mirage.log_text()
     assert curl(lab, "http://www.gamma.test/")[0] == 0
+
+
+def test_full_fake_ip_range_recycles_lru_and_never_a_pinned_address(
+        lab: Lab, runs: MirageRuns) -> None:
+    """A /30 holds two mappings. A third name recycles the least recently
+    used one; while live flows pin both addresses, a new name gets SERVFAIL
+    (and no pinned address is handed out); when the flows end it works."""
+    runs.start(dns={"fake-ip-range": "198.18.0.0/30"})
+    alpha = dig(lab, "+short", "www.alpha.test")
+    beta = dig(lab, "+short", "www.beta.test")
+    assert {alpha, beta} == {"198.18.0.1", "198.18.0.2"}
+    dig(lab, "+short", "www.beta.test")  # beta used last: alpha is the LRU
+    gamma = dig(lab, "+short", "www.gamma.test")
+    assert gamma == alpha  # alpha's address recycled for gamma
+    assert dig(lab, "+short", "-x", gamma) == "www.gamma.test."
+
+    # Two live keep-alive flows pin both addresses.
+    script = (
+        "import socket,sys\n"
+        "socks=[]\n"
+        "for ip,host in ((sys.argv[1],'www.beta.test'),(sys.argv[2],'www.gamma.test')):\n"
+        "  s=socket.create_connection((ip,80),timeout=5)\n"
+        "  s.sendall(f'GET / HTTP/1.1\\r\\nHost: {host}\\r\\n\\r\\n'.encode())\n"
+        "  d=b''\n"
+        "  while b'MARKER' not in d: d+=s.recv(4096)\n"
+        "  socks.append(s)\n"
+        "print('held', flush=True); sys.stdin.readline()\n"
+    )
+    held = lab.popen("client", [sys.executable, "-c", script, beta, gamma],
+                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert held.stdin is not None and held.stdout is not None
+    try:
+        assert held.stdout.readline().strip() == "held"
+        out = dig(lab, "+noall", "+comments", "+answer", "www.alpha.test")
+        assert "status: SERVFAIL" in out, out
+        # The pinned mappings are untouched.
+        assert dig(lab, "+short", "-x", beta) == "www.beta.test."
+        assert dig(lab, "+short", "-x", gamma) == "www.gamma.test."
+    finally:
+        held.stdin.write("\n")
+        held.stdin.close()
+        held.wait(timeout=10)
+        held.stdout.close()
+    # Flows closed, pins released: the next name recycles again.
+    deadline = time.monotonic() + 5
+    answer = ""
+    while time.monotonic() < deadline:
+        answer = dig(lab, "+short", "www.alpha.test")
+        if FAKE.match(answer):
+            break
+        time.sleep(0.2)
+    assert answer in (beta, gamma)
