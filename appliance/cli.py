@@ -193,9 +193,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    # `mirage mappings | head` should just stop, not print a BrokenPipeError.
-    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     args = build_parser().parse_args(argv)
+    if args.command != "run":
+        # `mirage mappings | head` should just stop, not print a
+        # BrokenPipeError. Never for `run`: Python ignores SIGPIPE so that a
+        # write to a closed socket is an EPIPE error, not the end of the
+        # appliance.
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     result: int = args.func(args)
     return result
 
