@@ -175,6 +175,44 @@ async def test_idle_timeout_exact_on_memory_streams(autojump_clock: trio.abc.Clo
     assert trio.current_time() - t0 == pytest.approx(300)
 
 
+async def test_idle_timeouts_of_different_lengths_end_each_flow_on_time(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    # One sweeper serves every flow: a short timeout added after a long one
+    # must still fire on time (the sweeper wakes earlier), and each flow ends
+    # exactly `idle` after its start.
+    ended: dict[float, float] = {}
+
+    async def one(idle: float) -> None:
+        _user_a, a_gw = trio.testing.memory_stream_pair()
+        b_gw, _user_b = trio.testing.memory_stream_pair()
+        t0 = trio.current_time()
+        result = await splice(a_gw, b_gw, idle_timeout=idle)
+        assert result.reason == "idle"
+        assert result.detail == f"no bytes for {idle:g}s"
+        ended[idle] = trio.current_time() - t0
+
+    async with trio.open_nursery() as n:
+        for idle in (300.0, 5.0, 60.0, 1.0):
+            n.start_soon(one, idle)
+            await trio.sleep(0.5)  # the sweeper is asleep when the next one comes
+    assert ended == {idle: pytest.approx(idle) for idle in (300.0, 5.0, 60.0, 1.0)}
+
+
+async def test_finished_flows_do_not_accumulate_in_the_idle_sweeper() -> None:
+    from appliance.gateway import splice as splice_module
+
+    for _ in range(2000):
+        a_user, a_gw = trio.testing.memory_stream_pair()
+        b_gw, b_user = trio.testing.memory_stream_pair()
+        await a_user.send_eof()
+        await b_user.send_eof()
+        result = await splice(a_gw, b_gw, idle_timeout=300)
+        assert result.reason == "done"
+    sweeper = splice_module._SWEEPER.get()
+    assert len(sweeper._heap) <= 2 * sweeper.PRUNE_MIN + 2
+
+
 async def test_memory_streams_half_close() -> None:
     a_user, a_gw = trio.testing.memory_stream_pair()
     b_gw, b_user = trio.testing.memory_stream_pair()
