@@ -159,8 +159,9 @@ async def splice(
                 state.idle = idle_timeout
                 state.scope = nursery.cancel_scope
                 sweeper.add(state)
-            nursery.start_soon(direction, client, server, "up")
+            # "up" runs in this task: one task spawn per flow, not two.
             nursery.start_soon(direction, server, client, "down")
+            await direction(client, server, "up")
     finally:
         if sweeper is not None:
             sweeper.remove(state)
