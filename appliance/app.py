@@ -209,10 +209,13 @@ class Appliance:
         """Route a captured flow by its rules and connect its outbound."""
         from appliance.rules.engine import FlowContext
 
+        # The transparent listener hands the addresses parsed (dst_addr/src_addr).
+        dst = getattr(target, "dst_addr", None)
+        src = getattr(target, "src_addr", None)
         ctx = FlowContext(
             domain=target.domain,
-            dst_ip=None if target.domain is not None else ip_address(target.dst_ip),
-            dst_port=target.dst_port, src_ip=ip_address(target.src_ip), network="tcp")
+            dst_ip=None if target.domain is not None else dst or ip_address(target.dst_ip),
+            dst_port=target.dst_port, src_ip=src or ip_address(target.src_ip), network="tcp")
         outbound = self.router.route(ctx)
         target.outbound = outbound.name
         return await outbound.connect_tcp(target.host, target.dst_port)

@@ -28,7 +28,7 @@ from typing import Any, Protocol
 
 import trio
 
-from appliance.config.model import Config
+from appliance.config.model import Config, IPAddress
 from appliance.gateway.splice import FlowRegistry, SpliceResult, abort, splice
 from appliance.sockopt import IP_TRANSPARENT, IPV6_TRANSPARENT
 
@@ -42,7 +42,9 @@ class FlowTarget:
     """Where a captured flow wants to go, as `dial` sees it.
 
     `domain` is the name behind a fake destination (None for a real IP).
-    Addresses are text (IPv4 as dotted quad even on a dual-stack socket).
+    Addresses are text (IPv4 as dotted quad even on a dual-stack socket);
+    `dst_addr`/`src_addr` are the same addresses parsed, when the listener
+    has them (so `dial` need not parse them again), else None.
     `dial` may set `outbound` to the name of the outbound it chose; the flow
     registry shows it.
     """
@@ -53,6 +55,8 @@ class FlowTarget:
     src_ip: str
     src_port: int
     outbound: str = ""
+    dst_addr: IPAddress | None = None
+    src_addr: IPAddress | None = None
 
     @property
     def host(self) -> str:
@@ -76,10 +80,21 @@ class FakeIPs(Protocol):
 
 def ip_port(sockaddr: Any) -> tuple[str, int]:
     """(ip text, port) from a v4 or v6 sockaddr; IPv4-mapped v6 unmapped."""
-    ip = ipaddress.ip_address(sockaddr[0].split("%", 1)[0])
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
+    ip = parse_sockaddr_ip(sockaddr)
     return str(ip), int(sockaddr[1])
+
+
+def parse_sockaddr_ip(sockaddr: Any) -> IPAddress:
+    """The address of a v4 or v6 sockaddr; IPv4-mapped v6 unmapped."""
+    text: str = sockaddr[0]
+    if len(sockaddr) == 2:
+        # AF_INET: the kernel's dotted quad; inet_aton (C) parses it several
+        # times faster than ipaddress does from text.
+        return ipaddress.IPv4Address(socket.inet_aton(text))
+    ip = ipaddress.ip_address(text.split("%", 1)[0])
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
 
 
 async def open_transparent_listeners(port: int, ipv6: bool) -> list[trio.SocketListener]:
@@ -140,16 +155,22 @@ class TransparentTcp:
     async def handle(self, stream: trio.SocketStream) -> None:
         """One captured connection, from accept to close."""
         try:
-            src = ip_port(stream.socket.getpeername())
-            dst = ip_port(stream.socket.getsockname())
+            peer = stream.socket.getpeername()
+            local = stream.socket.getsockname()
         except OSError:
             # The client reset before we looked: nothing to serve.
             await stream.aclose()
             return
+        # Parsed once per flow: the pool, the registry and `dial` all get
+        # these (the text forms for the registry and logs).
+        src_addr, dst_addr = parse_sockaddr_ip(peer), parse_sockaddr_ip(local)
+        src = (str(src_addr), int(peer[1]))
+        dst = (str(dst_addr), int(local[1]))
         domain: str | None = None
         pinned = False
         try:
-            if dst[1] == self.port and not self.pool.is_fake(dst[0]) and _is_local(dst[0]):
+            fake = self.pool.is_fake(dst_addr)
+            if dst[1] == self.port and not fake and _is_local(dst[0]):
                 # A connection *to* the listener itself (a LAN client naming the
                 # gateway's address, or Mirage dialling itself): relaying it
                 # would loop. The nftables backend refuses these in its input
@@ -160,8 +181,8 @@ class TransparentTcp:
                             "refusing (would loop)", *src, *dst)
                 await abort(stream)
                 return
-            if self.pool.is_fake(dst[0]):
-                domain = self.pool.pin(dst[0])
+            if fake:
+                domain = self.pool.pin(dst_addr)
                 if domain is None:
                     self.registry.unmapped += 1
                     log.warning(
@@ -173,22 +194,18 @@ class TransparentTcp:
                     await abort(stream)
                     return
                 pinned = True
-            await self._relay(stream, src, dst, domain)
+            target = FlowTarget(domain, dst[0], dst[1], src[0], src[1],
+                                dst_addr=dst_addr, src_addr=src_addr)
+            await self._relay(stream, target)
         finally:
             if pinned:
-                self.pool.unpin(dst[0])
+                self.pool.unpin(dst_addr)
 
-    async def _relay(
-        self,
-        client: trio.SocketStream,
-        src: tuple[str, int],
-        dst: tuple[str, int],
-        domain: str | None,
-    ) -> None:
+    async def _relay(self, client: trio.SocketStream, target: FlowTarget) -> None:
         a = self.cfg.appliance
-        flow = self.registry.open("tcp", src, dst, domain)
-        target = FlowTarget(domain, dst[0], dst[1], src[0], src[1])
-        where = f"{src[0]}:{src[1]} -> {target.host}:{dst[1]}"
+        src = (target.src_ip, target.src_port)
+        flow = self.registry.open("tcp", src, (target.dst_ip, target.dst_port), target.domain)
+        where = f"{src[0]}:{src[1]} -> {target.host}:{target.dst_port}"
         result: SpliceResult | None = None
         try:
             try:
