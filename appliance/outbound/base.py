@@ -281,8 +281,17 @@ class ReplayStream(trio.abc.HalfCloseableStream):
 def outbound_deadline(seconds: float, what: str) -> Iterator[None]:
     """One deadline for a whole connect (dial + handshake). A timeout becomes
     OutboundError, and so do OSError/BrokenResourceError that escape the
-    body (a peer that reset the connection mid-handshake)."""
+    body (a peer that reset the connection mid-handshake). Inside a caller's
+    deadline that comes sooner (the gateway's connect timeout, an enclosing
+    outbound_deadline) no scope is added: that deadline fires first, as it
+    would have anyway, and the caller reports it."""
     try:
+        if trio.current_effective_deadline() < trio.current_time() + seconds:
+            # The caller's deadline (the gateway's connect timeout) comes
+            # first anyway: a second scope would never fire, only cost CPU
+            # on every connection.
+            yield
+            return
         with trio.fail_after(seconds):
             yield
     except trio.TooSlowError:
