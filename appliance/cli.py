@@ -138,14 +138,22 @@ def cmd_resolve(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _product_names(record: logging.LogRecord) -> bool:
+    """Show module loggers (`appliance.gateway.tcp`) under the product's
+    name (`mirage.gateway.tcp`), like the loggers named `mirage.*`, so an
+    operator greps one prefix."""
+    if record.name.startswith("appliance."):
+        record.name = "mirage." + record.name[len("appliance."):]
+    return True
+
+
 def _setup_logging(level: str) -> None:
     levels = {"silent": logging.CRITICAL + 1, "error": logging.ERROR, "warning": logging.WARNING,
               "info": logging.INFO, "debug": logging.DEBUG}
-    logging.basicConfig(
-        level=levels.get(level, logging.INFO),
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
+    handler.addFilter(_product_names)
+    logging.basicConfig(level=levels.get(level, logging.INFO), handlers=[handler])
     # httpx logs every DoH request at INFO: one line per upstream query is
     # noise on a gateway; its warnings still show.
     logging.getLogger("httpx").setLevel(logging.WARNING)
