@@ -53,6 +53,8 @@ CHUNK = 64 * 1024
 # (EPERM past fs.pipe-user-pages-soft without CAP_SYS_RESOURCE) the smaller
 # pipe still works.
 SPLICE_CHUNK = 1024 * 1024
+# Reads the copy loop makes without waiting before it yields anyway.
+_COPY_BURST = 8
 _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 _SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK if hasattr(os, "splice") else 0
 
@@ -268,14 +270,8 @@ async def _pump_splice(src: trio.SocketStream, dst: trio.SocketStream, count: An
     """
     # Copy first: most flows are short (a request and a small response, a
     # TLS handshake) or idle and never need a pipe (see the module docstring).
-    while True:
-        data = await src.receive_some(CHUNK)
-        if not data:
-            return
-        await dst.send_all(data)
-        count(len(data))
-        if len(data) >= CHUNK:
-            break
+    if not await _copy_sockets(src, dst, count):
+        return
     r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     try:
         try:
@@ -303,6 +299,45 @@ async def _pump_splice(src: trio.SocketStream, dst: trio.SocketStream, count: An
     finally:
         os.close(r)
         os.close(w)
+
+
+async def _copy_sockets(src: trio.SocketStream, dst: trio.SocketStream, count: Any) -> bool:
+    """The copy loop on the sockets' fds: False at EOF of src, True once a
+    read filled CHUNK (bulk data is queued: time to splice).
+
+    What `receive_some`/`send_all` do, minus their cost: trio yields to the
+    scheduler after every successful socket call, several times per short
+    flow (bench/gateway.py). Here a task waits only when a socket would
+    block, plus a checkpoint every few reads that did not, so one busy flow
+    cannot starve the rest. Errors are the OSErrors trio would have wrapped.
+    """
+    sfd, dfd = src.socket.fileno(), dst.socket.fileno()
+    unwaited = 0
+    while True:
+        await trio.lowlevel.checkpoint_if_cancelled()
+        try:
+            data = os.read(sfd, CHUNK)
+        except BlockingIOError:
+            await trio.lowlevel.wait_readable(src.socket)
+            unwaited = 0
+            continue
+        if not data:
+            return False
+        n = len(data)
+        sent = 0
+        while sent < n:
+            try:
+                sent += os.write(dfd, memoryview(data)[sent:] if sent else data)
+            except BlockingIOError:
+                await trio.lowlevel.wait_writable(dst.socket)
+                unwaited = 0
+        count(n)
+        if n >= CHUNK:
+            return True
+        unwaited += 1
+        if unwaited >= _COPY_BURST:
+            await trio.lowlevel.checkpoint()
+            unwaited = 0
 
 
 def _describe(exc: BaseException) -> str:

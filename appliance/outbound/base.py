@@ -68,6 +68,10 @@ def as_ip(host: str | IPAddress) -> IPAddress | None:
     """The address if `host` is an IP literal (brackets allowed), else None."""
     if isinstance(host, ipaddress.IPv4Address | ipaddress.IPv6Address):
         return host
+    if ":" not in host and not host[-1:].isdigit():
+        # A name (an IPv4 literal ends in a digit, an IPv6 one has a colon):
+        # skip the parser, which fails by raising three exceptions.
+        return None
     try:
         return ipaddress.ip_address(host.strip("[]"))
     except ValueError:
