@@ -18,12 +18,13 @@ the `FlowRegistry`.
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import logging
+import os
 import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from functools import partial
 from typing import Any, Protocol
 
 import trio
@@ -35,6 +36,9 @@ from appliance.sockopt import IP_TRANSPARENT, IPV6_TRANSPARENT
 log = logging.getLogger(__name__)
 
 BACKLOG = 1024
+# What trio.serve_listeners treats as "out of capacity, retry": pause, retry.
+_ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
+_ACCEPT_RETRY = 0.1
 
 
 @dataclass(eq=False)
@@ -147,13 +151,41 @@ class TransparentTcp:
         listeners = await open_transparent_listeners(self.port, self.cfg.ipv6)
         log.info("tcp: transparent listener on port %d", self.port)
         async with trio.open_nursery() as nursery:
-            # serve_listeners handles EMFILE/ENFILE pauses and closes the
-            # listeners when cancelled.
-            await nursery.start(partial(trio.serve_listeners, self.handle, listeners))
+            for listener in listeners:
+                nursery.start_soon(self._accept_loop, listener, nursery)
             task_status.started()
 
+    async def _accept_loop(self, listener: trio.SocketListener, nursery: trio.Nursery) -> None:
+        """`trio.serve_listeners` without its per-connection wrapper, whose
+        `aclose_forcefully` of the (already closed) stream cost a cancel
+        scope and a Cancelled exception per connection: `handle` closes
+        every stream itself. Like it, pauses on EMFILE/ENFILE/ENOMEM/ENOBUFS
+        instead of failing, and closes the listener when cancelled."""
+        async with listener:
+            while True:
+                try:
+                    stream = await listener.accept()
+                except OSError as exc:
+                    if exc.errno not in _ACCEPT_CAPACITY_ERRNOS:
+                        raise
+                    log.error("tcp: accept failed: %s; retrying in %gs",
+                              os.strerror(exc.errno or 0), _ACCEPT_RETRY)
+                    await trio.sleep(_ACCEPT_RETRY)
+                else:
+                    nursery.start_soon(self.handle, stream)
+
     async def handle(self, stream: trio.SocketStream) -> None:
-        """One captured connection, from accept to close."""
+        """One captured connection, from accept to close (always closed when
+        this returns or raises)."""
+        try:
+            await self._handle(stream)
+        finally:
+            # Every path below closes the stream (abort, or aclose after the
+            # splice); this covers the rest (a bug, cancellation at an odd
+            # point) without awaiting.
+            stream.socket.close()
+
+    async def _handle(self, stream: trio.SocketStream) -> None:
         try:
             peer = stream.socket.getpeername()
             local = stream.socket.getsockname()
