@@ -22,9 +22,17 @@ import re
 from collections.abc import Iterator
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 from appliance.lab.lab import STATE_ROOT, Lab
 from appliance.lab.netns import NETNS_RUN_DIR
+
+# Property tests judge correctness, not speed: on a shared 2-core CI machine a
+# slow example must not fail a test (hypothesis' default deadline is 200 ms).
+settings.register_profile(
+    "mirage", deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
+settings.load_profile("mirage")
 
 _TEST_LAB = re.compile(r"^mt(\d+)x?$")
 
