@@ -22,9 +22,10 @@ last. SIGHUP reloads the configuration (see `Appliance.reload`).
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import replace
 from ipaddress import ip_address
 from typing import Any
@@ -63,15 +64,6 @@ class Appliance:
 
     # -- composition ---------------------------------------------------------
 
-    def fake_ip_filter(self, cfg: Config) -> DomainMatcher:
-        return DomainMatcher(cfg.dns.fake_ip_filter)
-
-    def wants_fake_ip(self, cfg: Config, matcher: DomainMatcher, domain: str) -> bool:
-        """Would this name get a fake IP under `cfg`? (Used to drop saved
-        mappings for names a newly added filter now covers.)"""
-        hit = matcher.matches(domain)
-        return hit if cfg.dns.fake_ip_filter_mode == "whitelist" else not hit
-
     def open_pool(self) -> None:
         from appliance.fakeip.pool import FakeIPPool
         from appliance.fakeip.store import SQLiteStore, store_path
@@ -84,11 +76,9 @@ class Appliance:
                 self.store = SQLiteStore(store_path(state_dir))
             except OSError as err:
                 raise AppError(f"appliance.state-dir {state_dir}: {err}") from None
-        matcher = self.fake_ip_filter(cfg)
         range6 = answer_dns(cfg).fake_ip_range6
         self.pool = FakeIPPool(
-            cfg.dns.fake_ip_range, range6, store=self.store,
-            keep=lambda domain: self.wants_fake_ip(cfg, matcher, domain),
+            cfg.dns.fake_ip_range, range6, store=self.store, keep=fake_ip_filter(cfg.dns),
         )
         where = f"from {store_path(cfg.appliance.state_dir)}" if cfg.store_fake_ip else "(memory)"
         log.info("fake-IP pool %s%s: %d mappings loaded %s", cfg.dns.fake_ip_range,
@@ -126,7 +116,7 @@ class Appliance:
                     log.info("control API on http://%s", ctl)
                 if cfg.appliance.lan:
                     self.capture = await nursery.start(self._serve_capture)
-                log.info("mirage %s running (pid %d)", __version__, _pid())
+                log.info("mirage %s running (pid %d)", __version__, os.getpid())
                 task_status.started()
         finally:
             # After the flusher's final flush (the nursery has exited).
@@ -285,8 +275,8 @@ class Appliance:
             return
         if self.dns_handler is not None and hasattr(self.dns_handler, "reconfigure"):
             self.dns_handler.reconfigure(answer_dns(new))
-        matcher = self.fake_ip_filter(new)
-        dropped = self.pool.drop(lambda d: not self.wants_fake_ip(new, matcher, d))
+        wanted = fake_ip_filter(new.dns)
+        dropped = self.pool.drop(lambda d: not wanted(d))
         logging.getLogger().setLevel(new.log_level.upper() if new.log_level != "silent"
                                      else logging.CRITICAL + 1)
         self.cfg = new
@@ -301,7 +291,7 @@ class Appliance:
         cfg = self.cfg
         return {
             "version": __version__,
-            "pid": _pid(),
+            "pid": os.getpid(),
             "uptime_seconds": round(time.monotonic() - self.started_at, 3),
             "config": str(cfg.source) if cfg.source else None,
             "reloads": self.reloads,
@@ -359,10 +349,9 @@ class Appliance:
         from appliance.dns.upstream_api import UpstreamError
 
         name = name.rstrip(".").lower()
-        matcher = self.fake_ip_filter(self.cfg)
         result: dict[str, Any] = {
             "name": name, "type": qtype,
-            "fake_ip": self.wants_fake_ip(self.cfg, matcher, name),
+            "fake_ip": fake_ip_filter(self.cfg.dns)(name),
             "mapping": {},
         }
         if self.pool is not None:
@@ -382,6 +371,14 @@ class Appliance:
         return result
 
 
+def fake_ip_filter(dns: DnsConfig) -> Callable[[str], bool]:
+    """Would a name get a fake IP under `dns.fake-ip-filter` and its mode?
+    (Keeps saved mappings only for names the filter still lets through.)"""
+    matcher = DomainMatcher(dns.fake_ip_filter)
+    whitelist = dns.fake_ip_filter_mode == "whitelist"
+    return lambda name: matcher.matches(name) == whitelist
+
+
 def answer_dns(cfg: Config) -> DnsConfig:
     """The DNS settings the handler and pool use: IPv6 fake IPs only when the
     gateway carries IPv6 (`ipv6`, which also turns on the v6 capture rules)
@@ -390,12 +387,6 @@ def answer_dns(cfg: Config) -> DnsConfig:
     if cfg.ipv6 and cfg.dns.ipv6:
         return cfg.dns
     return replace(cfg.dns, fake_ip_range6=None)
-
-
-def _pid() -> int:
-    import os
-
-    return os.getpid()
 
 
 async def run_appliance(cfg: Config) -> None:
