@@ -6,7 +6,7 @@ same Linux socket options and read the same ancillary data. The numbers live
 here once (Python 3.11's `socket` module names only some of them; the
 fallbacks are the values from <linux/in.h>, <linux/in6.h> and
 <asm-generic/socket.h>), and so do the decoders for what the kernel hands
-back with `recvmsg`.
+back with `recvmsg`, and `set_mark` (SO_MARK on an outgoing socket).
 
 Nothing here opens a socket or imports trio; the decoders take plain bytes
 (tests/unit/test_udp_sessions.py) and return None for what they do not
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import socket
 import struct
+from typing import Protocol
 
 # -- socket options -------------------------------------------------------------
 
@@ -39,6 +40,20 @@ IPV6_ORIGDSTADDR: int = getattr(socket, "IPV6_RECVORIGDSTADDR", 74)
 SO_MARK: int = getattr(socket, "SO_MARK", 36)
 # SO_RCVBUF past net.core.rmem_max (needs CAP_NET_ADMIN).
 SO_RCVBUFFORCE: int = getattr(socket, "SO_RCVBUFFORCE", 33)
+
+
+
+class _Settable(Protocol):
+    def setsockopt(self, level: int, optname: int, value: int, /) -> None: ...
+
+
+def set_mark(sock: _Settable, mark: int | None) -> None:
+    """Give `sock` (a socket or trio socket, before connect/sendto) the
+    firewall mark `mark`; nothing for None or 0 (a new socket's mark is 0).
+    Raises OSError as setsockopt does (EPERM without CAP_NET_ADMIN)."""
+    if mark:
+        sock.setsockopt(socket.SOL_SOCKET, SO_MARK, mark)
+
 
 # -- control messages -----------------------------------------------------------
 

@@ -64,7 +64,7 @@ from appliance.dns.cache import CacheKey, DnsCache, cache_key, cache_ttl
 from appliance.dns.doh import DohError, Method, decode_response, encode_request, with_zero_id
 from appliance.dns.names import DomainTrie
 from appliance.dns.upstream_api import UpstreamError
-from appliance.sockopt import SO_MARK
+from appliance.sockopt import SO_MARK, set_mark
 
 log = logging.getLogger(__name__)
 
@@ -470,8 +470,7 @@ class Resolver:
         family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
         sock = trio.socket.socket(family, kind)
         try:
-            if self._mark is not None:
-                sock.setsockopt(socket.SOL_SOCKET, SO_MARK, self._mark)
+            set_mark(sock, self._mark)
         except BaseException:
             sock.close()
             raise
