@@ -881,30 +881,33 @@ def _nameserver_list(
     return [ns for _, ns in _nameserver_entries(value, path, ctx, ip_only=ip_only)]
 
 
-def _fake_ip_range(value: Any, path: str) -> ipaddress.IPv4Network:
-    text = _str(value, path).strip()
-    try:
-        net = ipaddress.IPv4Network(text, strict=False)
-    except ValueError as exc:
-        raise ConfigError(path, value, f"not an IPv4 network ({exc})") from None
-    if "/" not in text:
-        raise ConfigError(path, value, "needs a prefix length (e.g. 198.18.0.1/16)")
-    if net.prefixlen > 30:
-        raise ConfigError(path, value, "prefix longer than /30 leaves no room for fake IPs")
-    return net
+_Net = TypeVar("_Net", ipaddress.IPv4Network, ipaddress.IPv6Network)
 
 
-def _fake_ip_range6(value: Any, path: str) -> ipaddress.IPv6Network:
-    text = _str(value, path).strip()
-    try:
-        net = ipaddress.IPv6Network(text, strict=False)
-    except ValueError as exc:
-        raise ConfigError(path, value, f"not an IPv6 network ({exc})") from None
-    if "/" not in text:
-        raise ConfigError(path, value, "needs a prefix length (e.g. fdfe:dcba:9876::1/64)")
-    if net.prefixlen > 126:
-        raise ConfigError(path, value, "prefix longer than /126 leaves no room for fake IPs")
-    return net
+def _fake_range(kind: type[_Net], example: str) -> Callable[[Any, str], _Net]:
+    """A parser for a fake-IP range of `kind`: a network with an explicit
+    prefix length that leaves room for fake IPs."""
+    probe = kind(0)
+    longest = probe.max_prefixlen - 2
+
+    def parse(value: Any, path: str) -> _Net:
+        text = _str(value, path).strip()
+        try:
+            net = kind(text, strict=False)
+        except ValueError as exc:
+            raise ConfigError(path, value, f"not an IPv{probe.version} network ({exc})") from None
+        if "/" not in text:
+            raise ConfigError(path, value, f"needs a prefix length (e.g. {example})")
+        if net.prefixlen > longest:
+            raise ConfigError(
+                path, value, f"prefix longer than /{longest} leaves no room for fake IPs")
+        return net
+
+    return parse
+
+
+_fake_ip_range = _fake_range(ipaddress.IPv4Network, "198.18.0.1/16")
+_fake_ip_range6 = _fake_range(ipaddress.IPv6Network, "fdfe:dcba:9876::1/64")
 
 
 def _pattern_list(value: Any, path: str, ctx: _Ctx) -> list[str]:
