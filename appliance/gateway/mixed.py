@@ -69,7 +69,7 @@ import trio
 
 from appliance.config.model import Config, IPAddress
 from appliance.gateway.splice import Flow, FlowRegistry, SpliceResult, abort, splice
-from appliance.gateway.tcp import Dial, FakeIPs, FlowTarget, ip_port
+from appliance.gateway.tcp import Dial, FakeIPs, FlowTarget, accept_loop, ip_port
 from appliance.outbound.base import as_ip
 from appliance.proto import socks5 as s5
 from appliance.proto.http_connect import (
@@ -628,13 +628,15 @@ class ProxyPorts:
                     listeners[0].socket.getsockname()[1] if listeners else spec.port,
                 )
                 handler = partial(self.handle, spec)
-                await nursery.start(partial(trio.serve_listeners, handler, listeners))
+                for listener in listeners:
+                    nursery.start_soon(accept_loop, listener, handler, nursery, spec.key)
             task_status.started(list(self.bound))
 
     # -- one client connection ----------------------------------------------------
 
     async def handle(self, spec: ProxyPort, stream: trio.SocketStream) -> None:
-        """One client connection, from accept to close."""
+        """One client connection, from accept to close (always closed when
+        this returns or raises: `accept_loop` leaves that to us)."""
         if self.active >= self.limits.max_connections:
             self.refused_over_limit += 1
             log.warning("proxy ports: %d connections already; resetting a new one", self.active)

@@ -124,6 +124,35 @@ async def open_transparent_listeners(port: int, ipv6: bool) -> list[trio.SocketL
     return [trio.SocketListener(sock)]
 
 
+async def accept_loop(
+    listener: trio.SocketListener,
+    handler: Callable[[trio.SocketStream], Awaitable[None]],
+    nursery: trio.Nursery,
+    name: str,
+) -> None:
+    """Accept on `listener` and run `handler(stream)` in `nursery` for each
+    connection, until cancelled (then the listener is closed). For the
+    transparent listener here and the proxy ports (mixed.py).
+
+    `trio.serve_listeners` without its per-connection wrapper, whose
+    `aclose_forcefully` of the (already closed) stream cost a cancel scope
+    and a Cancelled exception per connection: `handler` must close every
+    stream itself. Like it, pauses on EMFILE/ENFILE/ENOMEM/ENOBUFS instead of
+    failing (logged with `name`); other accept errors propagate."""
+    async with listener:
+        while True:
+            try:
+                stream = await listener.accept()
+            except OSError as exc:
+                if exc.errno not in _ACCEPT_CAPACITY_ERRNOS:
+                    raise
+                log.error("%s: accept failed: %s; retrying in %gs",
+                          name, os.strerror(exc.errno or 0), _ACCEPT_RETRY)
+                await trio.sleep(_ACCEPT_RETRY)
+            else:
+                nursery.start_soon(handler, stream)
+
+
 class TransparentTcp:
     """The TCP gateway service: listener + per-flow handling + flow registry."""
 
@@ -152,27 +181,8 @@ class TransparentTcp:
         log.info("tcp: transparent listener on port %d", self.port)
         async with trio.open_nursery() as nursery:
             for listener in listeners:
-                nursery.start_soon(self._accept_loop, listener, nursery)
+                nursery.start_soon(accept_loop, listener, self.handle, nursery, "tcp")
             task_status.started()
-
-    async def _accept_loop(self, listener: trio.SocketListener, nursery: trio.Nursery) -> None:
-        """`trio.serve_listeners` without its per-connection wrapper, whose
-        `aclose_forcefully` of the (already closed) stream cost a cancel
-        scope and a Cancelled exception per connection: `handle` closes
-        every stream itself. Like it, pauses on EMFILE/ENFILE/ENOMEM/ENOBUFS
-        instead of failing, and closes the listener when cancelled."""
-        async with listener:
-            while True:
-                try:
-                    stream = await listener.accept()
-                except OSError as exc:
-                    if exc.errno not in _ACCEPT_CAPACITY_ERRNOS:
-                        raise
-                    log.error("tcp: accept failed: %s; retrying in %gs",
-                              os.strerror(exc.errno or 0), _ACCEPT_RETRY)
-                    await trio.sleep(_ACCEPT_RETRY)
-                else:
-                    nursery.start_soon(self.handle, stream)
 
     async def handle(self, stream: trio.SocketStream) -> None:
         """One captured connection, from accept to close (always closed when
