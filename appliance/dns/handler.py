@@ -192,7 +192,7 @@ class DnsHandler:
         # The server bounds each upstream wait with this (plus a grace).
         self.upstream_timeout = dns.upstream_timeout
         self._filter = DomainMatcher(dns.fake_ip_filter)
-        self._whitelist = dns.fake_ip_filter_mode == "whitelist"
+        self._filter_mode = dns.fake_ip_filter_mode
         self._ipv6 = dns.ipv6
         self._fake6 = dns.ipv6 and dns.fake_ip_range6 is not None
         hosts: DomainTrie[tuple[tuple[bytes, ...], tuple[bytes, ...]]] = DomainTrie()
@@ -221,7 +221,7 @@ class DnsHandler:
         """Does `name` (normalized) get a fake IP under the current config?"""
         if not self._fake_mode or not name:
             return False
-        return self._filter.matches(name) == self._whitelist
+        return wants_fake_ip(self._filter, self._filter_mode, name)
 
     # -- entry points --------------------------------------------------------
 
@@ -374,6 +374,14 @@ class DnsHandler:
 
 
 # -- helpers ------------------------------------------------------------------
+
+
+def wants_fake_ip(fake_ip_filter: DomainMatcher, filter_mode: str, name: str) -> bool:
+    """Does `fake-ip-filter` (compiled into `fake_ip_filter`) let `name`
+    (normalized) have a fake IP? With `fake-ip-filter-mode` "whitelist" the
+    filter lists the names that do, otherwise ("blacklist") the names that
+    do not. The filter alone: `enhanced-mode` is the caller's to check."""
+    return fake_ip_filter.matches(name) == (filter_mode == "whitelist")
 
 
 def _do(opt: RR) -> bool:
