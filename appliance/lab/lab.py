@@ -43,7 +43,7 @@ from typing import Any
 
 from appliance.lab import netns, servers
 from appliance.lab.certs import make_ca_and_cert
-from appliance.lab.servers import ProcessRecord, ServerSpec
+from appliance.lab.servers import ProcessRecord
 from appliance.lab.topology import DEFAULT_TOPOLOGY, Topology, load_topology
 
 STATE_ROOT = Path("/run/mirage-lab")
@@ -187,24 +187,11 @@ class Lab:
 
         # One certificate for every TLS server of the lab (DoH and the web
         # vhosts), issued by the lab CA that clients are told to trust.
-        hr = topo.honest_resolver
-        ips = [str(hr.address)] + ([str(hr.address6)] if hr.address6 else [])
-        names = [hr.name]
-        for v in topo.web.vhosts:
-            ips += [str(a) for a in v.addresses]
-            names.append(v.name)
-        certs = make_ca_and_cert(d / "tls", ips, names)
+        certs = make_ca_and_cert(d / "tls", *servers.tls_subjects(topo))
         servers.write_big_file(topo, d)
 
-        unbound = servers.unbound_spec(topo, certs.cert, certs.key, d)
-        servers.check_unbound_config(unbound)
-        specs: list[ServerSpec] = [
-            servers.dnsmasq_spec(topo, d),
-            unbound,
-            servers.nginx_spec(topo, d, certs.cert, certs.key),
-            *(servers.dante_spec(topo, s, d) for s in topo.socks),
-            servers.tinyproxy_spec(topo, d),
-        ]
+        specs = servers.server_specs(topo, d, certs.cert, certs.key)
+        servers.check_unbound_config(next(s for s in specs if s.name == "unbound"))
         started = []
         for spec in specs:
             rec = servers.start(spec, self.ns(spec.node))

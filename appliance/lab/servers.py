@@ -301,13 +301,35 @@ def dnsmasq_spec(topo: Topology, d: Path) -> ServerSpec:
     )
 
 
+def tls_subjects(topo: Topology) -> tuple[list[str], list[str]]:
+    """The IPs and names the lab's one server certificate covers: the honest
+    resolver (DoH) and every web vhost (for `certs.make_ca_and_cert`)."""
+    hr = topo.honest_resolver
+    ips, names = hr.addresses, [hr.name]
+    for v in topo.web.vhosts:
+        ips += [str(a) for a in v.addresses]
+        names.append(v.name)
+    return ips, names
+
+
+def server_specs(topo: Topology, d: Path, cert: Path, key: Path) -> list[ServerSpec]:
+    """Every server of the lab, its files under `d`, TLS from `cert`/`key`:
+    what `mirage lab up` starts and the Vagrant lab's upstream serves."""
+    return [
+        dnsmasq_spec(topo, d),
+        unbound_spec(topo, cert, key, d),
+        nginx_spec(topo, d, cert, key),
+        *(dante_spec(topo, s, d) for s in topo.socks),
+        tinyproxy_spec(topo, d),
+    ]
+
+
 def unbound_config(topo: Topology, cert: Path, key: Path) -> ServerConfig:
     """The honest resolver's doh_server config: DoH and plain DNS on its
     addresses, the test zone from the topology."""
     hr = topo.honest_resolver
-    addrs = [str(hr.address)] + ([str(hr.address6)] if hr.address6 else [])
     return ServerConfig(
-        addresses=addrs,
+        addresses=hr.addresses,
         cert=cert,
         key=key,
         records={name: list(rrs) for name, rrs in hr.records.items()},

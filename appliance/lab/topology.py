@@ -129,6 +129,11 @@ class HonestResolver:
     address6: IPAddress | None = None
 
     @property
+    def addresses(self) -> list[str]:
+        """Its addresses as text, the IPv4 one first."""
+        return [str(self.address)] + ([str(self.address6)] if self.address6 else [])
+
+    @property
     def url(self) -> str:
         """The DoH URL by IP literal (the certificate carries the IP)."""
         host = f"[{self.address}]" if self.address.version == 6 else str(self.address)
