@@ -8,7 +8,8 @@ fallbacks are the values from <linux/in.h>, <linux/in6.h> and
 <asm-generic/socket.h>), and so do the decoders for what the kernel hands
 back with `recvmsg`, and `set_mark` (SO_MARK on an outgoing socket).
 
-Nothing here opens a socket or imports trio; the decoders take plain bytes
+Nothing here imports trio, and only `open_transparent_sender` opens a
+socket (the one TPROXY replies leave from); the decoders take plain bytes
 (tests/unit/test_udp_sessions.py) and return None for what they do not
 recognise, never raise.
 """
@@ -53,6 +54,31 @@ def set_mark(sock: _Settable, mark: int | None) -> None:
     Raises OSError as setsockopt does (EPERM without CAP_NET_ADMIN)."""
     if mark:
         sock.setsockopt(socket.SOL_SOCKET, SO_MARK, mark)
+
+
+def open_transparent_sender(dst: Destination) -> socket.socket:
+    """A non-blocking UDP socket bound to `dst` = (family, address, port), an
+    address that need not be local (IP_TRANSPARENT / IPV6_TRANSPARENT), for
+    sending replies from a TPROXY'd datagram's original destination. Never
+    connected (TPROXY's socket lookup prefers connected sockets, and the
+    listener must keep receiving) and never read, so its receive buffer is
+    kept small. Raises OSError (EPERM without CAP_NET_ADMIN, EADDRNOTAVAIL
+    for an address family mismatch); the socket is closed then."""
+    family, host, port = dst
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, IPV6_TRANSPARENT, 1)
+        else:
+            sock.setsockopt(socket.IPPROTO_IP, IP_TRANSPARENT, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.setblocking(False)
+        sock.bind((host, port))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 # -- control messages -----------------------------------------------------------

@@ -54,6 +54,8 @@ from appliance.sockopt import (
     IPV6_RECVPKTINFO,
     IPV6_TRANSPARENT,
     Ancillary,
+    Destination,
+    open_transparent_sender,
     original_destination,
     reply_pktinfo,
 )
@@ -203,7 +205,7 @@ class _UdpReplies:
         self._sock = sock
         self._port = sock.getsockname()[1]
         self._transparent = transparent
-        self._spoof: OrderedDict[tuple[int, str, int], socket.socket] = OrderedDict()
+        self._spoof: OrderedDict[Destination, socket.socket] = OrderedDict()
 
     def send(self, reply: bytes, query: bytes, ancdata: Ancillary, addr: Any) -> None:
         if len(reply) > wire.CLASSIC_UDP_SIZE:
@@ -212,35 +214,22 @@ class _UdpReplies:
             if self._transparent:
                 orig = original_destination(ancdata)
                 if orig is not None and orig[2] != self._port:
-                    family, host, port = orig
-                    if family == socket.AF_INET and ":" in addr[0]:
+                    if orig[0] == socket.AF_INET and ":" in addr[0]:
                         addr = (addr[0].removeprefix("::ffff:"), addr[1])
-                    self._spoof_socket(family, host, port).sendto(reply, addr)
+                    self._spoof_socket(orig).sendto(reply, addr)
                     return
             self._sock.sendmsg([reply], reply_pktinfo(ancdata), 0, addr)
         except OSError as err:
             # EAGAIN (full socket buffer) and unroutable clients: UDP may drop.
             log.debug("UDP reply to %s dropped: %s", addr, err)
 
-    def _spoof_socket(self, family: int, host: str, port: int) -> socket.socket:
-        key = (family, host, port)
-        sock = self._spoof.get(key)
+    def _spoof_socket(self, dst: Destination) -> socket.socket:
+        sock = self._spoof.get(dst)
         if sock is not None:
-            self._spoof.move_to_end(key)
+            self._spoof.move_to_end(dst)
             return sock
-        sock = socket.socket(family, socket.SOCK_DGRAM)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if family == socket.AF_INET6:
-                sock.setsockopt(socket.IPPROTO_IPV6, IPV6_TRANSPARENT, 1)
-            else:
-                sock.setsockopt(socket.IPPROTO_IP, IP_TRANSPARENT, 1)
-            sock.setblocking(False)
-            sock.bind((host, port))
-        except BaseException:
-            sock.close()
-            raise
-        self._spoof[key] = sock
+        sock = open_transparent_sender(dst)
+        self._spoof[dst] = sock
         if len(self._spoof) > MAX_SPOOF_SOCKETS:
             self._spoof.popitem(last=False)[1].close()
         return sock
