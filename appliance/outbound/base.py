@@ -29,7 +29,7 @@ import trio
 
 from appliance.config.model import IPAddress
 from appliance.dns.upstream_api import UpstreamError
-from appliance.sockopt import SO_MARK
+from appliance.sockopt import set_mark
 
 # RFC 8305 "Connection Attempt Delay": start the next address after 250 ms
 # unless the current attempt fails sooner.
@@ -88,11 +88,6 @@ def interleave(addresses: Sequence[IPAddress]) -> list[IPAddress]:
     for i in range(max(len(first), len(other))):
         out.extend(x[i] for x in (first, other) if i < len(x))
     return out
-
-
-def set_mark(sock: trio.socket.SocketType, mark: int | None) -> None:
-    if mark:
-        sock.setsockopt(socket.SOL_SOCKET, SO_MARK, mark)
 
 
 async def open_marked_tcp(

@@ -64,7 +64,7 @@ from appliance.proto.socks5 import (
     encode_udp,
 )
 from appliance.rules.engine import FlowContext, RuleSet
-from appliance.sockopt import SO_MARK
+from appliance.sockopt import set_mark
 
 # A proxy that writes on the control connection of a UDP association is
 # misbehaving; read and ignore that much before giving up on it.
@@ -138,8 +138,7 @@ class UdpPeer:
 def _udp_socket(family: int, mark: int | None) -> socket.socket:
     sock = socket.socket(family, socket.SOCK_DGRAM)
     try:
-        if mark:
-            sock.setsockopt(socket.SOL_SOCKET, SO_MARK, mark)
+        set_mark(sock, mark)
         sock.setblocking(False)
     except BaseException:
         sock.close()
