@@ -208,13 +208,7 @@ class Lab:
         errors: list[BaseException] = []
         for p in self._popens:
             try:
-                if p.poll() is None:
-                    p.terminate()
-                    try:
-                        p.wait(5)
-                    except subprocess.TimeoutExpired:
-                        p.kill()
-                        p.wait(5)
+                servers.terminate(p)
             except Exception as e:
                 errors.append(e)
         self._popens.clear()

@@ -23,6 +23,7 @@ from typing import Any
 import yaml
 
 from appliance.lab.lab import Lab
+from appliance.lab.servers import terminate
 
 READY_LINE = " running (pid "
 
@@ -137,15 +138,9 @@ class MirageRun:
         """Signal the process and wait for it; returns its exit code."""
         if self.proc is None:
             return 0
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=5)
-                raise MirageError(f"mirage run ignored {signal.Signals(sig).name} for "
-                                  f"{timeout:.0f} s:\n{self.log_text()[-3000:]}") from None
+        if not terminate(self.proc, sig, timeout):
+            raise MirageError(f"mirage run ignored {signal.Signals(sig).name} for "
+                              f"{timeout:.0f} s:\n{self.log_text()[-3000:]}")
         return self.proc.returncode
 
     def kill(self) -> None:

@@ -35,6 +35,7 @@ import subprocess
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from dnslib import DNSRecord
 
@@ -545,6 +546,21 @@ def stop(rec: ProcessRecord, grace: float = 5.0) -> None:
         # Workers that ignored SIGTERM or outlived their leader.
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(rec.pid, signal.SIGKILL)
+
+
+def terminate(proc: subprocess.Popen[Any], sig: int = signal.SIGTERM, grace: float = 5.0) -> bool:
+    """End our child `proc`: `sig`, then SIGKILL if it is still there after
+    `grace` s. True when it exited within the grace (or had already)."""
+    if proc.poll() is not None:
+        return True
+    proc.send_signal(sig)
+    try:
+        proc.wait(grace)
+        return True
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(5)
+        return False
 
 
 def _own_group(pid: int) -> bool:
