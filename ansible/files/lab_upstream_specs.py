@@ -27,24 +27,10 @@ from appliance.lab.topology import load_topology
 
 def main(state_dir: Path, pki_dir: Path) -> int:
     topo = load_topology()
-    hr = topo.honest_resolver
-    ips = [str(hr.address)] + ([str(hr.address6)] if hr.address6 else [])
-    names = [hr.name]
-    for vhost in topo.web.vhosts:
-        ips += [str(a) for a in vhost.addresses]
-        names.append(vhost.name)
     if not (pki_dir / "server.pem").exists():
-        make_ca_and_cert(pki_dir, ips, names)
+        make_ca_and_cert(pki_dir, *servers.tls_subjects(topo))
     tls = state_dir / "tls"
-    cert, key = tls / "server.pem", tls / "server.key"
-
-    specs = [
-        servers.dnsmasq_spec(topo, state_dir),
-        servers.unbound_spec(topo, cert, key, state_dir),
-        servers.nginx_spec(topo, state_dir, cert, key),
-        *(servers.dante_spec(topo, s, state_dir) for s in topo.socks),
-        servers.tinyproxy_spec(topo, state_dir),
-    ]
+    specs = servers.server_specs(topo, state_dir, tls / "server.pem", tls / "server.key")
     users = []
     for socks in topo.socks:
         if socks.username and socks.password:
@@ -64,7 +50,7 @@ def main(state_dir: Path, pki_dir: Path) -> int:
         "big_path": str(state_dir / "big.bin"),
         "big_bytes": topo.web.big_bytes,
         "users": users,
-        "honest_resolver": str(hr.address),
+        "honest_resolver": str(topo.honest_resolver.address),
         "servers": [
             {
                 "name": spec.name,
