@@ -61,7 +61,14 @@ from httpcore._backends import base as httpcore_base
 
 from appliance.config.model import DnsConfig, IPAddress, Nameserver
 from appliance.dns.cache import CacheKey, DnsCache, cache_key, cache_ttl
-from appliance.dns.doh import DohError, Method, decode_response, encode_request, with_zero_id
+from appliance.dns.doh import (
+    MAX_MESSAGE,
+    DohError,
+    Method,
+    decode_response,
+    encode_request,
+    with_zero_id,
+)
 from appliance.dns.names import DomainTrie
 from appliance.dns.upstream_api import UpstreamError
 from appliance.sockopt import SO_MARK, set_mark
@@ -70,7 +77,6 @@ log = logging.getLogger(__name__)
 
 # Head start each nameserver gets before the next one is asked too.
 STAGGER = 0.25
-_MAX_MESSAGE = 65535
 _BOOTSTRAP_CACHE_SIZE = 256
 # TTL reported by resolve_ips for IP literals and `hosts` entries.
 _STATIC_TTL = 3600
@@ -485,7 +491,7 @@ class Resolver:
             # question: late replies or spoofing attempts); the deadline
             # bounds the loop.
             while True:
-                data = await sock.recv(_MAX_MESSAGE)
+                data = await sock.recv(MAX_MESSAGE)
                 try:
                     reply = DNSRecord.parse(data)
                 except (DNSError, ValueError, IndexError, struct.error):
@@ -505,7 +511,7 @@ class Resolver:
             buf = bytearray()
             need = 2
             while len(buf) < need:
-                chunk = await stream.receive_some(_MAX_MESSAGE)
+                chunk = await stream.receive_some(MAX_MESSAGE)
                 if not chunk:
                     raise _AttemptFailed("TCP connection closed before the reply")
                 buf += chunk
@@ -552,7 +558,7 @@ class Resolver:
             try:
                 # A DNS message fits 65535 octets; refuse more before reading.
                 length = response.headers.get("content-length")
-                if length is not None and (not length.isdigit() or int(length) > _MAX_MESSAGE):
+                if length is not None and (not length.isdigit() or int(length) > MAX_MESSAGE):
                     raise DohError(f"content-length {length} is no DNS message")
                 body = await response.aread()
             finally:
