@@ -194,10 +194,9 @@ def rcode_name(reply: DNSRecord) -> str:
     return str(RCODE.get(reply.header.rcode))
 
 
-async def serve(view: ApplianceView, host: str, port: int,
-                *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-    """Serve the control API for `view` on host:port until cancelled."""
-    api = ControlApi(view)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(serve_http, host, port, api.handle)
-        task_status.started()
+async def serve(view: ApplianceView, host: str, port: int, *,
+                task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED
+                ) -> None:
+    """Serve the control API for `view` on host:port until cancelled; started
+    with the bound listeners."""
+    await serve_http(host, port, ControlApi(view).handle, task_status=task_status)
