@@ -41,8 +41,6 @@ import argparse
 import ctypes
 import json
 import os
-import re
-import signal
 import socket
 import struct
 import subprocess
@@ -51,13 +49,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from _lab import IPERF_PORT, BenchError, LabBench, drive, fmt
 
-from appliance.lab.lab import Lab  # noqa: E402
-from appliance.lab.mirage import MirageError, MirageRun, lab_config  # noqa: E402
+from appliance.lab.mirage import MirageError, MirageRun, lab_config
 
-IPERF_PORT = 5201
 DIRECT_NAME = "www.gamma.test"
 PPS_NAME = "pps.bench.test"  # rules: REJECT (datagrams end at Mirage's socket)
 PPS_PORT = 9999
@@ -114,10 +109,6 @@ KINDS = [
 ]
 
 
-class BenchError(RuntimeError):
-    pass
-
-
 @dataclass
 class Row:
     backend: str
@@ -128,39 +119,21 @@ class Row:
     notes: list[str] = field(default_factory=list)
 
 
-class Bench:
+class Bench(LabBench):
     """Owns the lab, the iperf3 server, the mirage runs and the bpf_stats
     sysctl's old value; `close()` restores or removes each."""
 
     def __init__(self, args: argparse.Namespace) -> None:
-        self.args = args
-        self.lab = Lab(f"cb{os.getpid()}")
-        self.mirage: MirageRun | None = None
+        super().__init__(args, f"cb{os.getpid()}")
         self.rows: dict[str, Row] = {}
         self.prog_cost: tuple[int, int] | None = None  # (run_time_ns, run_cnt)
         self.bpf_stats_old: str | None = None
         self.kinds: list[tuple[str, int]] = []
 
-    def run(self, node: str, argv: list[str], timeout: float = 60) -> str:
-        r = self.lab.exec(node, argv, timeout=timeout)
-        if r.returncode != 0:
-            raise BenchError(f"{node}: {' '.join(argv[:3])}... exited {r.returncode}: "
-                             f"{(r.stderr or r.stdout).strip()[-500:]}")
-        return r.stdout
-
     def setup(self) -> None:
         t0 = time.monotonic()
-        self.lab.up()
-        for node in ("client", "gateway"):
-            self.run(node, ["sysctl", "-qw", "net.ipv4.ip_local_port_range=1024 65000",
-                            "net.ipv4.tcp_tw_reuse=1"])
-        self.lab.popen("upstream", ["iperf3", "-s", "-p", str(IPERF_PORT)],
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
-        while not self.lab.exec("upstream", ["ss", "-Hltn", f"sport = :{IPERF_PORT}"]).stdout:
-            if time.monotonic() > deadline:
-                raise BenchError("iperf3 server did not start")
-            time.sleep(0.05)
+        self.lab_up()
+        self.wait_port("upstream", IPERF_PORT)
         print(f"lab {self.lab.prefix} up in {time.monotonic() - t0:.1f}s", flush=True)
 
     def close(self) -> None:
@@ -168,8 +141,7 @@ class Bench:
             BPF_STATS.write_text(self.bpf_stats_old)
             self.bpf_stats_old = None
             self.kind_costs()
-        self.stop_mirage()
-        self.lab.down()
+        super().close()
 
     # ------------------------------------------------------------ mirage
 
@@ -185,30 +157,7 @@ class Bench:
             finally:
                 self.mirage = None
 
-    def fake_ip(self, name: str) -> str:
-        gw = self.lab.addr("gateway", "lan0")
-        out = self.run("client", ["dig", "+short", "+time=2", "+tries=2", f"@{gw}", name]).strip()
-        if not re.fullmatch(r"198\.18\.\d+\.\d+", out):
-            raise BenchError(f"{name}: expected a fake IP from Mirage, got {out!r}")
-        return out
-
     # ------------------------------------------------------------ figures
-
-    def iperf(self, ip: str) -> float:
-        secs = self.args.seconds
-        out = self.run("client", ["iperf3", "-c", ip, "-p", str(IPERF_PORT), "-t", str(secs),
-                                  "-J", "--connect-timeout", "3000"], timeout=secs + 20)
-        return float(json.loads(out)["end"]["sum_received"]["bits_per_second"]) / 1e9
-
-    def wrk(self, ip: str) -> float:
-        secs = self.args.seconds
-        r = self.lab.exec("client", ["wrk", "-t2", "-c32", f"-d{secs}s", "--timeout", "3s",
-                                     "-H", "Connection: close", f"http://{ip}/"],
-                          timeout=secs + 30)
-        m = re.search(r"Requests/sec:\s+([\d.]+)", r.stdout)
-        if r.returncode != 0 or m is None:
-            raise BenchError(f"wrk to {ip}: {(r.stderr or r.stdout).strip()[-500:]}")
-        return float(m.group(1))
 
     def udp_counters(self) -> int:
         text = self.run("gateway", ["cat", "/proc/net/snmp"])
@@ -283,9 +232,9 @@ class Bench:
         ip = self.fake_ip(DIRECT_NAME)
         pps_ip = self.fake_ip(PPS_NAME)
         print("  iperf3 ...", end="", flush=True)
-        gbps = self.iperf(ip)
+        gbps = self.iperf(ip, self.args.seconds)
         print(f" {gbps:.2f} Gbit/s; wrk ...", end="", flush=True)
-        conns = self.wrk(ip)
+        conns, _ = self.wrk(ip, self.args.seconds)
         print(f" {conns:,.0f} conn/s; udp ...", end="", flush=True)
         sent, steered = self.pps(pps_ip)
         print(f" {steered:,.0f} pkt/s steered ({sent:,.0f} sent)", flush=True)
@@ -312,8 +261,8 @@ class Bench:
         print(f"{'backend':<10} {'Gbit/s':>8} {'conn/s':>9} {'pkt/s steered':>14} "
               f"{'pkt/s sent':>11}  notes")
         for row in self.rows.values():
-            print(f"{row.backend:<10} {_f(row.gbps, 8, 2)} {_f(row.conns, 9, 0)} "
-                  f"{_f(row.steered_pps, 14, 0)} {_f(row.sent_pps, 11, 0)}  "
+            print(f"{row.backend:<10} {fmt(row.gbps, 8, 2)} {fmt(row.conns, 9, 0)} "
+                  f"{fmt(row.steered_pps, 14, 0)} {fmt(row.sent_pps, 11, 0)}  "
                   f"{'; '.join(row.notes)}")
         if nft and bpf:
             print(f"{'ebpf/nft':<10} {_ratio(bpf.gbps, nft.gbps):>8} "
@@ -328,10 +277,6 @@ class Bench:
             print(f"\nper packet kind (BPF_PROG_TEST_RUN x{self.args.repeat:,}):")
             for name, ns_run in self.kinds:
                 print(f"  {name:<34} {ns_run:>5} ns")
-
-
-def _f(v: float | None, width: int, digits: int) -> str:
-    return f"{'-':>{width}}" if v is None else f"{v:>{width},.{digits}f}"
 
 
 def _ratio(v: float | None, base: float | None) -> str:
@@ -351,32 +296,19 @@ def main() -> int:
         print("bench/capture.py needs root (network namespaces, bpf stats)", file=sys.stderr)
         return 2
 
-    def on_term(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, on_term)
     bench = Bench(args)
     t0 = time.monotonic()
-    try:
+
+    def body() -> None:
         bench.setup()
         for i in range(args.rounds):
             # Alternate the order: neither backend always runs on a warm lab.
             for backend in BACKENDS if i % 2 == 0 else BACKENDS[::-1]:
                 bench.measure(backend)
-    except KeyboardInterrupt:
-        print("\ninterrupted; tearing the lab down", file=sys.stderr)
-        bench.close()
-        return 130
-    except (BenchError, MirageError, subprocess.SubprocessError) as e:
-        print(f"\nbench failed: {e}", file=sys.stderr)
-        if bench.mirage is not None:
-            print(bench.mirage.log_text()[-2000:], file=sys.stderr)
-        bench.close()
-        return 2
-    except BaseException:
-        bench.close()
-        raise
-    bench.close()
+
+    failed = drive(bench, body, (BenchError, MirageError, subprocess.SubprocessError))
+    if failed is not None:
+        return failed
     bench.report()
     print(f"\ntotal {time.monotonic() - t0:.0f}s")
     return 0

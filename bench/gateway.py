@@ -51,7 +51,6 @@ import os
 import re
 import resource
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -61,13 +60,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from _lab import IPERF_PORT, ROOT, BenchError, LabBench, cpu_seconds, drive, fmt
 
-from appliance.lab.lab import Lab  # noqa: E402
-from appliance.lab.mirage import MirageError, MirageRun, lab_config  # noqa: E402
+from appliance.lab.mirage import MirageRun, lab_config
 
-IPERF_PORT = 5201
 HOLD_PORT = 9000
 REDSOCKS_PORT = 12345
 PROBE = 500  # idle flows opened first to measure Mirage's fds per flow
@@ -187,11 +183,6 @@ while True:
 """
 
 
-class BenchError(RuntimeError):
-    """A step of the benchmark could not run (a tool failed, a server did not
-    come up); the message says which."""
-
-
 @dataclass
 class Row:
     """The figures of one path (None: not measured, with `note` saying why)."""
@@ -214,17 +205,15 @@ class Row:
         return values[min(len(values) - 1, int(len(values) * q))] * 1000
 
 
-class Bench:
+class Bench(LabBench):
     """Owns the lab, the processes started in it (iperf3 server, holder,
     redsocks, mirage), the nft table for redsocks and a temp dir; `close()`
     removes all of them, each by name or pid."""
 
     def __init__(self, args: argparse.Namespace) -> None:
-        self.args = args
-        self.lab = Lab(f"gb{os.getpid()}")
+        super().__init__(args, f"gb{os.getpid()}")
         self.table = f"gbench_{os.getpid()}"
         self.tmp = Path(tempfile.mkdtemp(prefix="gbench-"))
-        self.mirage: MirageRun | None = None
         self.redsocks: subprocess.Popen[bytes] | None = None
         self.rows: dict[str, Row] = {}  # best of the rounds, per path
         self.rounds: dict[str, list[Row]] = {}
@@ -232,36 +221,11 @@ class Bench:
         self.profiles: dict[str, list[str]] = {}
         self.dante: dict[str, float] = {}
 
-    # ------------------------------------------------------------ helpers
-
-    def run(self, node: str, argv: list[str], timeout: float = 60) -> str:
-        r = self.lab.exec(node, argv, timeout=timeout)
-        if r.returncode != 0:
-            raise BenchError(f"{node}: {' '.join(argv[:3])}... exited {r.returncode}: "
-                             f"{(r.stderr or r.stdout).strip()[-500:]}")
-        return r.stdout
-
-    def wait_port(self, node: str, port: int, timeout: float = 10) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            out = self.lab.exec(node, ["ss", "-Hltn", f"sport = :{port}"]).stdout
-            if out.strip():
-                return
-            time.sleep(0.05)
-        raise BenchError(f"nothing listens on {node} port {port} after {timeout:g}s")
-
     # ------------------------------------------------------------ lifecycle
 
     def setup(self) -> None:
         t0 = time.monotonic()
-        self.lab.up()
-        # More ephemeral ports and TIME_WAIT reuse in our own namespaces, so
-        # tens of thousands of short connections never run out of ports.
-        for node in ("client", "gateway"):
-            self.run(node, ["sysctl", "-qw", "net.ipv4.ip_local_port_range=1024 65000",
-                            "net.ipv4.tcp_tw_reuse=1"])
-        self.lab.popen("upstream", ["iperf3", "-s", "-p", str(IPERF_PORT)],
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.lab_up()
         self.lab.popen("upstream", [sys.executable, "-c", HOLDER, str(HOLD_PORT), str(NOFILE)],
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self.wait_port("upstream", IPERF_PORT)
@@ -269,37 +233,13 @@ class Bench:
         print(f"lab {self.lab.prefix} up in {time.monotonic() - t0:.1f}s", flush=True)
 
     def close(self) -> None:
-        if self.mirage is not None:
-            try:
-                self.mirage.stop()
-            except Exception as e:  # keep tearing down; say what was left
-                print(f"mirage stop: {e}", file=sys.stderr)
         self.stop_redsocks()
         try:
-            self.lab.down()
+            super().close()
         finally:
             shutil.rmtree(self.tmp, ignore_errors=True)
 
     # ------------------------------------------------------------ measurements
-
-    def iperf(self, ip: str) -> float:
-        secs = self.args.iperf_seconds
-        out = self.run("client", ["iperf3", "-c", ip, "-p", str(IPERF_PORT), "-t", str(secs),
-                                  "-J", "--connect-timeout", "3000"], timeout=secs + 20)
-        return float(json.loads(out)["end"]["sum_received"]["bits_per_second"]) / 1e9
-
-    def wrk(self, ip: str) -> tuple[float, str]:
-        secs = self.args.seconds
-        r = self.lab.exec("client", ["wrk", "-t2", "-c32", f"-d{secs}s", "--timeout", "3s",
-                                     "-H", "Connection: close", f"http://{ip}/"],
-                          timeout=secs + 30)
-        m = re.search(r"Requests/sec:\s+([\d.]+)", r.stdout)
-        if r.returncode != 0 or m is None:
-            raise BenchError(f"wrk to {ip}: {(r.stderr or r.stdout).strip()[-500:]}")
-        errors = re.search(r"Socket errors:.*", r.stdout)
-        non2xx = re.search(r"Non-2xx.*", r.stdout)
-        note = "; ".join(x.group(0).strip() for x in (errors, non2xx) if x)
-        return float(m.group(1)), note
 
     def ttfb(self, ip: str, host: str) -> list[float]:
         out = self.run("client", [sys.executable, "-c", TTFB_CLIENT, ip, "80",
@@ -313,13 +253,13 @@ class Bench:
         self.rounds.setdefault(name, []).append(row)
         print(f"  {name}: iperf3 ...", end="", flush=True)
         t0, c0 = time.monotonic(), _cpu(pid)
-        row.gbps = self.iperf(ip)
+        row.gbps = self.iperf(ip, self.args.iperf_seconds)
         t1, c1 = time.monotonic(), _cpu(pid)
         if pid is not None:
             row.cpu_iperf = (c1[0] - c0[0] + c1[1] - c0[1]) / (t1 - t0)
         print(f" {row.gbps:.2f} Gbit/s; wrk ...", end="", flush=True)
         c0 = _cpu(pid)
-        row.conns, row.conn_errors = self.wrk(ip)
+        row.conns, row.conn_errors = self.wrk(ip, self.args.seconds)
         c1 = _cpu(pid)
         if pid is not None and row.conns:
             total = row.conns * self.args.seconds
@@ -329,13 +269,6 @@ class Bench:
         print(f" p50 {row.p(0.5):.3f} ms", flush=True)
         self.rows[name] = _best(self.rounds[name])
         return row
-
-    def fake_ip(self, name: str) -> str:
-        gw = self.lab.addr("gateway", "lan0")
-        out = self.run("client", ["dig", "+short", "+time=2", "+tries=2", f"@{gw}", name]).strip()
-        if not re.fullmatch(r"198\.18\.\d+\.\d+", out):
-            raise BenchError(f"{name}: expected a fake IP from Mirage, got {out!r}")
-        return out
 
     # ------------------------------------------------------------ redsocks
 
@@ -496,7 +429,7 @@ class Bench:
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         time.sleep(0.5)
         try:
-            self.wrk(ip)
+            self.wrk(ip, secs)
         finally:
             _, err = rec.communicate(timeout=secs + 30)
         if not out.exists():
@@ -558,10 +491,10 @@ class Bench:
                 continue
             p50, p99 = row.p(0.5), row.p(0.99)
             kp50 = k.p(0.5) if k else None
-            print(f"{row.name:<15} {_f(row.gbps, 7, 2)} {_ratio(row.gbps, k.gbps if k else None)} "
-                  f"{_f(row.conns, 8, 0)} {_ratio(row.conns, k.conns if k else None)} "
-                  f"{_f(p50, 9, 3)} {_f(p99, 7, 3)} "
-                  f"{_f(None if p50 is None or kp50 is None else p50 - kp50, 10, 3)}  "
+            print(f"{row.name:<15} {fmt(row.gbps, 7, 2)} {_ratio(row.gbps, k.gbps if k else None)} "
+                  f"{fmt(row.conns, 8, 0)} {_ratio(row.conns, k.conns if k else None)} "
+                  f"{fmt(p50, 9, 3)} {fmt(p99, 7, 3)} "
+                  f"{fmt(None if p50 is None or kp50 is None else p50 - kp50, 10, 3)}  "
                   f"{_cpu_text(row):>25} "
                   f"{'-' if row.cpu_iperf is None else f'{row.cpu_iperf:.0%}':>9}"
                   + (f"   [{row.conn_errors}]" if row.conn_errors else ""))
@@ -652,11 +585,7 @@ def _idle_rss_at(i: dict[str, Any]) -> float:
 
 def _cpu(pid: int | None) -> tuple[float, float]:
     """(user, system) CPU seconds of `pid` so far; (0, 0) for None."""
-    if pid is None:
-        return 0.0, 0.0
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    tick = os.sysconf("SC_CLK_TCK")
-    return int(fields[11]) / tick, int(fields[12]) / tick
+    return (0.0, 0.0) if pid is None else cpu_seconds(pid)
 
 
 def _fds(pid: int) -> int:
@@ -710,10 +639,6 @@ def _cpu_text(row: Row) -> str:
     return f"{usr:.0f}+{sys_:.0f} = {usr + sys_:.0f}"
 
 
-def _f(v: float | None, width: int, digits: int) -> str:
-    return f"{'-':>{width}}" if v is None else f"{v:>{width},.{digits}f}"
-
-
 def _ratio(v: float | None, base: float | None) -> str:
     return f"{'-':>7}" if v is None or not base else f"{v / base:>6.2f}x"
 
@@ -733,28 +658,11 @@ def main() -> int:
         print("bench/gateway.py needs root (network namespaces)", file=sys.stderr)
         return 2
 
-    def on_term(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, on_term)
     bench = Bench(args)
     t0 = time.monotonic()
-    try:
-        bench.main()
-    except KeyboardInterrupt:
-        print("\ninterrupted; tearing the lab down", file=sys.stderr)
-        bench.close()
-        return 130
-    except (BenchError, MirageError) as e:
-        print(f"\nbench failed: {e}", file=sys.stderr)
-        if bench.mirage is not None:
-            print(bench.mirage.log_text()[-2000:], file=sys.stderr)
-        bench.close()
-        return 2
-    except BaseException:
-        bench.close()
-        raise
-    bench.close()
+    failed = drive(bench, bench.main)
+    if failed is not None:
+        return failed
     status = bench.report()
     print(f"\ntotal {time.monotonic() - t0:.0f}s")
     return status

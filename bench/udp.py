@@ -38,28 +38,20 @@ import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from _lab import IPERF_PORT, ROOT, cpu_seconds
 
-from appliance.lab.lab import Lab  # noqa: E402
-from appliance.lab.mirage import MirageRun, lab_config  # noqa: E402
+from appliance.lab.lab import Lab
+from appliance.lab.mirage import MirageRun, lab_config
 
 PY = sys.executable
 ECHO = ROOT / "bench" / "udp_echo.py"
 LOAD = ROOT / "bench" / "udp_load.py"
 ECHO_PORT = 9000
-IPERF_PORT = 5201
 REAL = "192.168.57.12"  # www.gamma.test's real address (topology.yaml)
 NAME = "www.gamma.test"
 TARGET_PPS = 50_000
-
-
-def cpu_ticks(pid: int) -> int:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return int(fields[11]) + int(fields[12])  # utime + stime
 
 
 def load(lab: Lab, *argv: str, seconds: float) -> dict[str, Any]:
@@ -93,10 +85,9 @@ def iperf(lab: Lab, target: str, seconds: float, size: int) -> dict[str, float]:
 
 def measured(pid: int, fn: Any) -> tuple[Any, float]:
     """fn()'s result and the CPU (in cores) process `pid` used meanwhile."""
-    hz = os.sysconf("SC_CLK_TCK")
-    c0, t0 = cpu_ticks(pid), time.monotonic()
+    c0, t0 = sum(cpu_seconds(pid)), time.monotonic()
     result = fn()
-    return result, (cpu_ticks(pid) - c0) / hz / (time.monotonic() - t0)
+    return result, (sum(cpu_seconds(pid)) - c0) / (time.monotonic() - t0)
 
 
 def main() -> int:
