@@ -30,6 +30,16 @@ import sys
 import time
 
 
+def _burst(s: socket.socket, payload: bytes, window: int) -> int:
+    """Send up to `window` datagrams on `s` (until it would block); how many went."""
+    for n in range(window):
+        try:
+            s.send(payload)
+        except OSError:
+            return n
+    return window
+
+
 def pps(ip: str, port: int, seconds: float, size: int, sockets: int, window: int) -> dict:
     ep = select.epoll()
     socks: dict[int, socket.socket] = {}
@@ -50,12 +60,7 @@ def pps(ip: str, port: int, seconds: float, size: int, sockets: int, window: int
     end = t0 + seconds
     next_tick = t0 + 0.1
     for s in socks.values():
-        for _ in range(window):
-            try:
-                s.send(payload)
-                sent += 1
-            except OSError:
-                break
+        sent += _burst(s, payload, window)
     while True:
         now = time.monotonic()
         if now >= end:
@@ -64,12 +69,7 @@ def pps(ip: str, port: int, seconds: float, size: int, sockets: int, window: int
             next_tick = now + 0.1
             for fd, s in socks.items():
                 if got[fd] == seen[fd]:
-                    for _ in range(window):
-                        try:
-                            s.send(payload)
-                            sent += 1
-                        except OSError:
-                            break
+                    sent += _burst(s, payload, window)
                 seen[fd] = got[fd]
         for fd, _ev in ep.poll(0.05):
             s = socks[fd]
