@@ -45,7 +45,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import trio
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
@@ -55,7 +54,6 @@ from appliance.capture.nftables import (
     DEFAULT_TABLE,
     CaptureError,
     check_capturable,
-    hold,
     render_remove,
 )
 from appliance.capture.routing import PolicyRouting
@@ -659,15 +657,3 @@ def remove_leftovers(cfg: Config) -> None:
     if found:
         log.info("ebpf: removing a leftover Mirage tc filter from %s", ", ".join(found))
         _detach(lan, cfg.appliance.state_dir / QDISC_MARKER)
-
-
-async def serve(
-    cfg: Config,
-    *,
-    task_status: trio.TaskStatus[EbpfCapture] = trio.TASK_STATUS_IGNORED,
-) -> None:
-    """Apply the eBPF capture, report started (with the capture object, for
-    its counters), hold it until cancelled, remove it. Start this last."""
-    capture = EbpfCapture(cfg)
-    await trio.to_thread.run_sync(capture.apply)
-    await hold(capture, task_status, capture)
