@@ -1031,7 +1031,6 @@ class _UdpRelay:
         self.nursery: trio.Nursery | None = None
         self.dests: dict[tuple[str, int], _UdpDest] = {}
         self.last = trio.current_time()
-        self.dropped = 0
 
     async def aclose(self) -> None:
         dests, self.dests = list(self.dests.values()), {}
@@ -1045,23 +1044,19 @@ class _UdpRelay:
             data, sender = await self.sock.recvfrom(65535)
             ip, port = ip_port(sender)
             if ip != self.client_ip or (self.client_port and port != self.client_port):
-                self.dropped += 1  # only the client that asked may use the relay
-                continue
+                continue  # only the client that asked may use the relay
             if self.client_addr is None:
                 self.client_port = port
                 self.client_addr = sender
             try:
                 dgram = s5.parse_udp(data)
             except s5.Socks5Error:
-                self.dropped += 1
                 continue
             if dgram.frag:
-                self.dropped += 1  # no reassembly (RFC 1928 makes it optional)
-                continue
+                continue  # no reassembly (RFC 1928 makes it optional)
             self.last = trio.current_time()
             peer = await self._peer(dgram.host, dgram.port)
             if peer is None:
-                self.dropped += 1
                 continue
             try:
                 peer.sock.send(peer.header + dgram.payload)
