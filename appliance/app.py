@@ -273,7 +273,7 @@ class Appliance:
         except AppError as err:
             log.error("SIGHUP: %s; keeping the running configuration", err)
             return
-        if self.dns_handler is not None and hasattr(self.dns_handler, "reconfigure"):
+        if self.dns_handler is not None:
             self.dns_handler.reconfigure(answer_dns(new))
         wanted = fake_ip_filter(new.dns)
         dropped = self.pool.drop(lambda d: not wanted(d))
@@ -310,9 +310,9 @@ class Appliance:
         out: dict[str, Mapping[str, int | float]] = {}
         if self.pool is not None:
             out["fakeip"] = self.pool.stats()
-        if self.dns_handler is not None and hasattr(self.dns_handler, "stats"):
+        if self.dns_handler is not None:
             out["dns"] = self.dns_handler.stats()
-        if self.gateway is not None and hasattr(self.gateway, "stats"):
+        if self.gateway is not None:
             out["gateway"] = self.gateway.stats()
         if self.udp is not None:
             out["udp"] = self.udp.stats()
