@@ -53,8 +53,9 @@ from appliance.capture.nftables import (
     ALWAYS_BYPASS6,
     DEFAULT_TABLE,
     CaptureError,
+    apply_routing,
     check_capturable,
-    render_remove,
+    delete_table,
 )
 from appliance.capture.routing import PolicyRouting
 from appliance.config.model import Config, IPNetwork
@@ -535,13 +536,7 @@ class EbpfCapture:
         self.program = Program(self.plan)
         try:
             _remove_nft_leftover(self.nft_table)
-            try:
-                self.routing.apply()
-            except (OSError, NetlinkError) as exc:
-                raise CaptureError(
-                    f"policy routing (fwmark {self.routing.mark:#x} table "
-                    f"{self.routing.table}): {exc}"
-                ) from exc
+            apply_routing(self.routing)
             self._attach(ifaces)
         except BaseException:
             self.remove()
@@ -633,13 +628,11 @@ def _remove_nft_leftover(table: str) -> None:
     rules that would capture alongside the program): delete it. Best effort:
     without nftables bindings there is nothing nft could have left."""
     try:
-        import nftables
+        delete_table(table)
     except ImportError:
         return
-    nft = nftables.Nftables()
-    rc, _out, err = nft.json_cmd({"nftables": render_remove(table)})
-    if rc != 0:
-        log.warning("ebpf: could not remove a leftover nftables table %s: %s", table, err)
+    except CaptureError as exc:
+        log.warning("ebpf: could not remove a leftover nftables table %s: %s", table, exc)
 
 
 def remove_leftovers(cfg: Config) -> None:

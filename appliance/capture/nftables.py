@@ -412,6 +412,17 @@ def render_text(cfg: Config, table: str = DEFAULT_TABLE) -> str:
 # --- applying ----------------------------------------------------------------
 
 
+def apply_routing(routing: PolicyRouting) -> None:
+    """Apply `routing`; the kernel's refusal as CaptureError naming the rule.
+    Both capture backends apply their policy routing this way."""
+    try:
+        routing.apply()
+    except (OSError, NetlinkError) as exc:
+        raise CaptureError(
+            f"policy routing (fwmark {routing.mark:#x} table {routing.table}): {exc}"
+        ) from exc
+
+
 def _run(commands: list[Json], what: str) -> None:
     # Imported here: Debian's bindings load libnftables through ctypes, which
     # `mirage rules` and the unit tests do not need.
@@ -421,6 +432,12 @@ def _run(commands: list[Json], what: str) -> None:
     rc, _out, err = nft.json_cmd({"nftables": commands})
     if rc != 0:
         raise CaptureError(f"nftables refused to {what}: {err.strip() or f'rc={rc}'}")
+
+
+def delete_table(table: str = DEFAULT_TABLE) -> None:
+    """Delete Mirage's table, present or not (CaptureError if nft refuses;
+    ImportError without the nftables bindings)."""
+    _run(render_remove(table), f"delete table {FAMILY} {table}")
 
 
 class NftablesCapture:
@@ -444,12 +461,7 @@ class NftablesCapture:
 
     def apply(self) -> None:
         # Routing first: a packet the rules mark must find the local route.
-        try:
-            self.routing.apply()
-        except (OSError, NetlinkError) as exc:
-            raise CaptureError(
-                f"policy routing (fwmark {self.routing.mark:#x} table {self.routing.table}): {exc}"
-            ) from exc
+        apply_routing(self.routing)
         try:
             _run(self._commands, f"apply table {FAMILY} {self.table}")
         except BaseException:
@@ -466,7 +478,7 @@ class NftablesCapture:
 
     def remove(self) -> None:
         try:
-            _run(render_remove(self.table), f"delete table {FAMILY} {self.table}")
+            delete_table(self.table)
         finally:
             self.routing.remove()
         self.applied = False
