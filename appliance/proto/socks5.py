@@ -378,9 +378,10 @@ class Socks5Client:
         password: str | None = None,
         command: int = CMD_CONNECT,
     ) -> None:
-        self._auth = (username, password) if username is not None else None
-        if self._auth is not None:
-            self._auth_bytes = encode_userpass(username or "", password or "")
+        # The RFC 1929 request, offered only with a username.
+        self._auth: bytes | None = None
+        if username is not None:
+            self._auth = encode_userpass(username, password or "")
             methods = bytes([METHOD_NO_AUTH, METHOD_USERPASS])
         else:
             methods = bytes([METHOD_NO_AUTH])
@@ -430,7 +431,7 @@ class Socks5Client:
                 self._out += self._request
                 self.state = ClientState.REQUEST
             elif method == METHOD_USERPASS and self._auth is not None:
-                self._out += self._auth_bytes
+                self._out += self._auth
                 self.state = ClientState.AUTH
             elif method == METHOD_NO_ACCEPTABLE:
                 raise Socks5Error("proxy accepts none of the offered auth methods")
