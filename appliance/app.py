@@ -36,6 +36,7 @@ from dnslib import DNSRecord
 from appliance import __version__
 from appliance.config import ConfigError, load_config
 from appliance.config.model import Config, DnsConfig
+from appliance.dns.handler import wants_fake_ip
 from appliance.dns.names import DomainMatcher
 
 log = logging.getLogger("mirage")
@@ -374,9 +375,8 @@ class Appliance:
 def fake_ip_filter(dns: DnsConfig) -> Callable[[str], bool]:
     """Would a name get a fake IP under `dns.fake-ip-filter` and its mode?
     (Keeps saved mappings only for names the filter still lets through.)"""
-    matcher = DomainMatcher(dns.fake_ip_filter)
-    whitelist = dns.fake_ip_filter_mode == "whitelist"
-    return lambda name: matcher.matches(name) == whitelist
+    matcher, mode = DomainMatcher(dns.fake_ip_filter), dns.fake_ip_filter_mode
+    return lambda name: wants_fake_ip(matcher, mode, name)
 
 
 def answer_dns(cfg: Config) -> DnsConfig:
