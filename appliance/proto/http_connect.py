@@ -233,7 +233,8 @@ class ProxyRequest:
     `method` CONNECT: `host`/`port` are the tunnel target, `path` is "".
     Any other method: the request-target was absolute-form
     (`http://host[:port]/path`), `path` is the origin-form to forward.
-    `headers` are as received; `origin_head()` rewrites them for forwarding.
+    `headers` are as received (`appliance.gateway.mixed.origin_request`
+    rewrites them for forwarding).
     """
 
     method: str
@@ -260,21 +261,6 @@ class ProxyRequest:
             return None
         user, sep, pw = text.partition(":")
         return (user, pw) if sep else None
-
-    def origin_head(self) -> bytes:
-        """The head to send to the origin server for a non-CONNECT request:
-        origin-form request line, hop-by-hop proxy headers removed."""
-        drop = {"proxy-authorization", "proxy-connection", "proxy-authenticate"}
-        lines = [f"{self.method} {self.path} HTTP/{self.version}"]
-        has_host = False
-        for k, v in self.headers:
-            if k.lower() in drop:
-                continue
-            has_host = has_host or k.lower() == "host"
-            lines.append(f"{k}: {v}")
-        if not has_host:
-            lines.insert(1, f"Host: {format_authority(self.host, self.port)}")
-        return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 
 
 def parse_request(
