@@ -82,8 +82,7 @@ def new_ns() -> str:
     return name
 
 
-@pytest.fixture
-def ns() -> Iterator[str]:
+def _temp_ns() -> Iterator[str]:
     name = new_ns()
     try:
         yield name
@@ -91,13 +90,9 @@ def ns() -> Iterator[str]:
         run("ip", "netns", "delete", name, check=False)
 
 
-@pytest.fixture
-def ns2() -> Iterator[str]:
-    name = new_ns()
-    try:
-        yield name
-    finally:
-        run("ip", "netns", "delete", name, check=False)
+# Two namespaces for the tests that compare what two captures load.
+ns = pytest.fixture(_temp_ns, name="ns")
+ns2 = pytest.fixture(_temp_ns, name="ns2")
 
 
 def nft_table(ns: str, table: str = TABLE, family: str = "inet") -> list[dict[str, Any]] | None:
