@@ -71,6 +71,7 @@ from appliance.sockopt import (
     SO_RCVBUFFORCE,
     Ancillary,
     Destination,
+    open_transparent_sender,
     original_destination,
 )
 
@@ -176,21 +177,7 @@ class ReplySockets:
             entry[1] += 1
             sock: socket.socket = entry[0]
             return sock
-        family, host, port = dst
-        sock = socket.socket(family, socket.SOCK_DGRAM)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if family == socket.AF_INET6:
-                sock.setsockopt(socket.IPPROTO_IPV6, IPV6_TRANSPARENT, 1)
-            else:
-                sock.setsockopt(socket.IPPROTO_IP, IP_TRANSPARENT, 1)
-            # Nothing is read from it; keep what strays in small.
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-            sock.setblocking(False)
-            sock.bind((host, port))
-        except BaseException:
-            sock.close()
-            raise
+        sock = open_transparent_sender(dst)
         self._socks[dst] = [sock, 1]
         return sock
 
