@@ -27,6 +27,8 @@ sys.path.insert(0, str(ROOT))
 from appliance.lab.lab import Lab  # noqa: E402
 from appliance.lab.mirage import MirageError, MirageRun  # noqa: E402
 
+# wrk's concurrent connections (2 threads) for every conn/s figure.
+WRK_CONNECTIONS = 32
 IPERF_PORT = 5201
 
 
@@ -90,7 +92,8 @@ class LabBench:
     def wrk(self, ip: str, secs: int) -> tuple[float, str]:
         """(requests/s, wrk's socket-error and non-2xx lines) of wrk with
         `Connection: close` from the client: each request a new connection."""
-        r = self.lab.exec("client", ["wrk", "-t2", "-c32", f"-d{secs}s", "--timeout", "3s",
+        r = self.lab.exec("client", ["wrk", "-t2", f"-c{WRK_CONNECTIONS}", f"-d{secs}s",
+                                     "--timeout", "3s",
                                      "-H", "Connection: close", f"http://{ip}/"],
                           timeout=secs + 30)
         m = re.search(r"Requests/sec:\s+([\d.]+)", r.stdout)

@@ -60,7 +60,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from _lab import IPERF_PORT, ROOT, BenchError, LabBench, cpu_seconds, drive, fmt
+from _lab import (
+    IPERF_PORT,
+    ROOT,
+    WRK_CONNECTIONS,
+    BenchError,
+    LabBench,
+    cpu_seconds,
+    drive,
+    fmt,
+)
 
 from appliance.lab.mirage import MirageRun, lab_config
 
@@ -169,6 +178,43 @@ for i in range(n + 10):
 print(json.dumps(out))
 """
 
+# Runs in the gateway namespace: dante's own new-connection rate, by name
+# (ATYP 3) and by IP (ATYP 1), alternating, each for SECONDS with CONC
+# concurrent asyncio clients (greeting, CONNECT, GET, read to EOF). Prints
+# JSON {kind: best conn/s}. The client is Python, so by IP it may be the
+# limit itself; by name the limit is dante's resolver path (it blocks a
+# worker per lookup) -- the ceiling for any gateway that sends names.
+DANTE_LOAD = r"""
+import asyncio, json, socket, struct, sys, time
+proxy, port, name, ip = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+secs, conc = float(sys.argv[5]), int(sys.argv[6])
+by = {"name": b"\x03" + bytes([len(name)]) + name.encode(), "ip": b"\x01" + socket.inet_aton(ip)}
+get = ("GET / HTTP/1.1\r\nHost: %s\r\nConnection: close\r\n\r\n" % name).encode()
+async def one(dst):
+    r, w = await asyncio.open_connection(proxy, port)
+    w.write(b"\x05\x01\x00")
+    await r.readexactly(2)
+    w.write(b"\x05\x01\x00" + dst + struct.pack("!H", 80))
+    await r.readexactly(10)
+    w.write(get)
+    await r.read()
+    w.close()
+async def rate(kind):
+    n = 0
+    end = time.monotonic() + secs
+    async def worker():
+        nonlocal n
+        while time.monotonic() < end:
+            await one(by[kind])
+            n += 1
+    await asyncio.wait_for(asyncio.gather(*(worker() for _ in range(conc))), secs + 30)
+    return n / secs
+out = {"name": 0.0, "ip": 0.0}
+for kind in ("ip", "name", "ip", "name"):
+    out[kind] = max(out[kind], asyncio.run(rate(kind)))
+print(json.dumps(out))
+"""
+
 # Runs in the upstream namespace: accepts and holds connections, never reads.
 HOLDER = r"""
 import resource, socket, sys
@@ -220,6 +266,7 @@ class Bench(LabBench):
         self.idle: dict[str, Any] = {}
         self.profiles: dict[str, list[str]] = {}
         self.dante: dict[str, float] = {}
+        self.dante_rate: dict[str, float] = {}  # best conn/s over the rounds
 
     # ------------------------------------------------------------ lifecycle
 
@@ -323,8 +370,14 @@ class Bench(LabBench):
                        timeout=120)
         for kind, values in json.loads(out).items():
             self.dante[kind] = Row(f"dante by {kind}", ttfb=values).p(0.5) or 0.0
+        out = self.run("gateway", [sys.executable, "-c", DANTE_LOAD, str(socks.address),
+                                   str(socks.port), SOCKS_NAME, ip, str(self.args.seconds),
+                                   str(WRK_CONNECTIONS)], timeout=4 * self.args.seconds + 60)
+        for kind, rate in json.loads(out).items():
+            self.dante_rate[kind] = max(self.dante_rate.get(kind, 0.0), rate)
         print(f"  dante alone (from the gateway): TTFB p50 by name {self.dante['name']:.3f} ms, "
-              f"by IP {self.dante['ip']:.3f} ms", flush=True)
+              f"by IP {self.dante['ip']:.3f} ms; conn/s by name {self.dante_rate['name']:,.0f}, "
+              f"by IP {self.dante_rate['ip']:,.0f}", flush=True)
 
     # ------------------------------------------------------------ mirage
 
@@ -512,7 +565,9 @@ class Bench(LabBench):
         if self.dante:
             print(f"\ndante alone (SOCKS5 from the gateway, no gateway in front): TTFB p50 "
                   f"{self.dante['name']:.3f} ms asked by name (Mirage's way), "
-                  f"{self.dante['ip']:.3f} ms by IP (redsocks' way)")
+                  f"{self.dante['ip']:.3f} ms by IP (redsocks' way); new connections/s "
+                  f"{self.dante_rate['name']:,.0f} by name, {self.dante_rate['ip']:,.0f} by IP "
+                  f"({WRK_CONNECTIONS} concurrent Python clients: by IP they may be the limit)")
         verdicts = self._targets()
         print("\ntargets (from the issue):")
         for text, ok in verdicts:

@@ -6,6 +6,9 @@ fake-IP flow reaches the right host even when local DNS lies.
 
 from __future__ import annotations
 
+import contextlib
+import socket
+
 import trio
 
 from appliance.config.model import IPAddress
@@ -90,15 +93,30 @@ async def socks5_handshake(stream: trio.abc.Stream, client: Socks5Client, name: 
     credentials or a handshake that does not finish within the read bound;
     no deadline of its own (the caller's scope bounds it) and never closes
     `stream` (its owner does, on any exception)."""
+    # On a plain socket, SO_RCVLOWAT = the bytes wanted makes the kernel
+    # wake us once for the method selection and the reply head together
+    # (they arrive back to back when the request was pipelined) instead of
+    # once per segment; a read still returns early at EOF. Reset to 1 before
+    # the stream is handed on: the splice must wake for every byte.
+    sock = stream.socket if isinstance(stream, trio.SocketStream) else None
+    lowat = 1
     try:
         await stream.send_all(client.data_to_send())
         for _ in range(_MAX_READS):
             if client.established:
                 return
-            client.receive_data(await stream.receive_some(client.bytes_wanted()))
+            wanted = client.bytes_wanted()
+            if sock is not None and wanted != lowat:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, wanted)
+                lowat = wanted
+            client.receive_data(await stream.receive_some(wanted))
             out = client.data_to_send()
             if out:
                 await stream.send_all(out)
     except Socks5Error as e:
         raise OutboundError(f"{name}: {e}") from None
+    finally:
+        if sock is not None and lowat != 1:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
     raise OutboundError(f"{name}: handshake did not finish")

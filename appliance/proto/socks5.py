@@ -364,6 +364,14 @@ class Socks5Client:
     `trailing_data` stays empty; if a caller reads more, the extra bytes are
     kept in `trailing_data` and belong to the tunnel.
 
+    Without credentials the only method offered is "no auth", so the
+    request cannot depend on the server's choice: with `pipeline` (the
+    default) it goes out with the greeting, saving a round trip per flow
+    (the server's method selection and reply then arrive back to back; a
+    server that refuses answers 0xFF and closes, which still raises here).
+    RFC 1928 servers read a stream, so they take it; `pipeline=False` keeps
+    the strict lock-step exchange for one that does not.
+
     Raises Socks5Error on malformed replies, no acceptable method, refused
     credentials, or a reply code other than 0 (then `.reply` is that code).
     Owns no resources.
@@ -377,6 +385,7 @@ class Socks5Client:
         username: str | None = None,
         password: str | None = None,
         command: int = CMD_CONNECT,
+        pipeline: bool = True,
     ) -> None:
         # The RFC 1929 request, offered only with a username.
         self._auth: bytes | None = None
@@ -388,6 +397,11 @@ class Socks5Client:
         # Encode now, so a bad target fails before any byte is sent.
         self._request = encode_request(command, host, port)
         self._out = bytearray(encode_greeting(methods))
+        # Sent with the greeting (see the class doc): only when "no auth" is
+        # the sole method offered.
+        self._request_sent = pipeline and self._auth is None
+        if self._request_sent:
+            self._out += self._request
         self._in = bytearray()
         self.state = ClientState.GREETING
         self.reply: Reply | None = None
@@ -402,9 +416,14 @@ class Socks5Client:
         return out
 
     def bytes_wanted(self) -> int:
-        """At least 1 byte and at most the rest of the current server message."""
+        """At least 1 byte, and no more than the handshake certainly still
+        has to come (so a read of this size never takes a tunnel byte)."""
         if self.state is ClientState.REQUEST:
             return max(reply_size_hint(self._in), 1)
+        if self.state is ClientState.GREETING and self._request_sent:
+            # The method selection, then at least the reply's fixed head
+            # (VER REP RSV ATYP + one byte): all of it handshake, none tunnel.
+            return max(2 - len(self._in), 0) + 5
         if self.state in (ClientState.GREETING, ClientState.AUTH):
             return max(2 - len(self._in), 1)
         return 65536
@@ -428,7 +447,8 @@ class Socks5Client:
             method, used = sel
             del self._in[:used]
             if method == METHOD_NO_AUTH:
-                self._out += self._request
+                if not self._request_sent:
+                    self._out += self._request
                 self.state = ClientState.REQUEST
             elif method == METHOD_USERPASS and self._auth is not None:
                 self._out += self._auth

@@ -668,11 +668,13 @@ async def _scripted_proxy(nursery: trio.Nursery, expect_prefix: bytes, answers: 
 
 
 async def test_socks5_reply_and_banner_in_one_segment() -> None:
+    # Greeting and request arrive together (pipelined, no credentials); the
+    # method selection, the reply and the server's banner leave in one send.
     async with trio.open_nursery() as nursery:
         port = await _scripted_proxy(
             nursery,
-            b"\x05\x01\x00",
-            [b"\x05\x00", encode_reply(0, "bound.ob.test", 9) + b"220 hi\r\n"],
+            b"\x05\x01\x00\x05\x01\x00\x03\x0csmtp.ob.test\x00\x19",
+            [b"\x05\x00" + encode_reply(0, "bound.ob.test", 9) + b"220 hi\r\n"],
         )
         out = Socks5Outbound("scripted", DEAD_IP, port)
         stream = await out.connect_tcp("smtp.ob.test", 25)

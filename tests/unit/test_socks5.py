@@ -119,10 +119,53 @@ def test_udp_header_roundtrip() -> None:
 
 
 def test_udp_associate_request() -> None:
-    c = s5.Socks5Client("0.0.0.0", 0, command=s5.CMD_UDP_ASSOCIATE)
+    c = s5.Socks5Client("0.0.0.0", 0, command=s5.CMD_UDP_ASSOCIATE, pipeline=False)
     assert c.data_to_send() == b"\x05\x01\x00"
     c.receive_data(b"\x05\x00")
     assert c.data_to_send() == b"\x05\x03\x00\x01\x00\x00\x00\x00\x00\x00"
+
+
+def test_no_auth_request_is_pipelined_with_the_greeting() -> None:
+    c = s5.Socks5Client("a.test", 80)
+    assert c.data_to_send() == b"\x05\x01\x00" + b"\x05\x01\x00\x03\x06a.test\x00P"
+    # Method selection + the reply's fixed head: one read, nothing of the tunnel.
+    assert c.bytes_wanted() == 7
+    c.receive_data(b"\x05\x00\x05\x00\x00\x01\x0a")
+    assert c.data_to_send() == b""  # the request is not sent twice
+    assert c.bytes_wanted() == 5
+    c.receive_data(b"\x00\x00\x01\x00P")
+    assert c.established and c.trailing_data == b""
+
+
+def test_pipelined_client_split_reads_and_refusal() -> None:
+    c = s5.Socks5Client("a.test", 80)
+    c.data_to_send()
+    c.receive_data(b"\x05")  # half a method selection
+    assert c.bytes_wanted() == 6
+    with pytest.raises(s5.Socks5Error, match="none of the offered"):
+        c.receive_data(b"\xff")
+    # A server that refuses "no auth" closes after 0xFF: EOF before any reply.
+    c = s5.Socks5Client("a.test", 80)
+    c.data_to_send()
+    with pytest.raises(s5.Socks5Error, match="closed"):
+        c.receive_data(b"")
+
+
+def test_credentials_are_never_pipelined() -> None:
+    # The server may pick either offered method: the request has to wait.
+    c = s5.Socks5Client("a.test", 80, username="u", password="pw")
+    assert c.data_to_send() == b"\x05\x02\x00\x02"
+    assert c.bytes_wanted() == 2
+    c.receive_data(b"\x05\x00")
+    assert c.data_to_send() == b"\x05\x01\x00\x03\x06a.test\x00P"
+
+
+def test_lock_step_client_sends_request_after_selection() -> None:
+    c = s5.Socks5Client("a.test", 80, pipeline=False)
+    assert c.data_to_send() == b"\x05\x01\x00"
+    assert c.bytes_wanted() == 2
+    c.receive_data(b"\x05\x00")
+    assert c.data_to_send() == b"\x05\x01\x00\x03\x06a.test\x00P"
 
 
 def test_server_no_auth_pipelined() -> None:

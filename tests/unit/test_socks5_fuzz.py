@@ -95,9 +95,12 @@ def test_userpass_roundtrip(user: str, pw: str) -> None:
 
 
 @settings(max_examples=300, deadline=None)
-@given(chunks=st.lists(st.binary(max_size=40), max_size=6), auth=st.booleans())
-def test_client_state_machine_only_raises_socks5error(chunks: list[bytes], auth: bool) -> None:
-    c = s5.Socks5Client("a.test", 80, username="u" if auth else None, password="p")
+@given(chunks=st.lists(st.binary(max_size=40), max_size=6), auth=st.booleans(),
+       pipeline=st.booleans())
+def test_client_state_machine_only_raises_socks5error(
+        chunks: list[bytes], auth: bool, pipeline: bool) -> None:
+    c = s5.Socks5Client("a.test", 80, username="u" if auth else None, password="p",
+                        pipeline=pipeline)
     try:
         for chunk in chunks:
             c.receive_data(chunk)
@@ -119,3 +122,23 @@ def test_server_state_machine_only_raises_socks5error(chunks: list[bytes], auth:
             srv.data_to_send()
     except s5.Socks5Error:
         pass
+
+
+@settings(max_examples=300, deadline=None)
+@given(host=hosts, port=st.integers(0, 65535), auth=st.booleans(), pipeline=st.booleans(),
+       tunnel=st.binary(min_size=1, max_size=20))
+def test_client_reading_bytes_wanted_never_takes_tunnel_bytes(
+        host: s5.Host, port: int, auth: bool, pipeline: bool, tunnel: bytes) -> None:
+    # Whatever address the reply carries, pipelined or not: reading exactly
+    # bytes_wanted() each time ends the handshake on the reply's last byte.
+    c = s5.Socks5Client("a.test", 80, username="u" if auth else None, password="p",
+                        pipeline=pipeline)
+    server = (b"\x05\x02\x01\x00" if auth else b"\x05\x00") + s5.encode_reply(0, host, port)
+    wire = server + tunnel
+    pos = 0
+    while not c.established:
+        n = c.bytes_wanted()
+        assert n >= 1 and pos + n <= len(server)
+        c.receive_data(wire[pos:pos + n])
+        pos += n
+    assert pos == len(server) and c.trailing_data == b""
