@@ -62,6 +62,7 @@ class Appliance:
         self.gateway: Any = None
         self.udp: Any = None
         self.capture: Any = None
+        self.offload: Any = None  # DirectOffload, with appliance.offload-direct
 
     # -- composition ---------------------------------------------------------
 
@@ -117,6 +118,8 @@ class Appliance:
                     log.info("control API on http://%s", ctl)
                 if cfg.appliance.lan:
                     self.capture = await nursery.start(self._serve_capture)
+                    if cfg.appliance.offload_direct:
+                        await nursery.start(self._serve_offload)
                 log.info("mirage %s running (pid %d)", __version__, os.getpid())
                 task_status.started()
         finally:
@@ -207,9 +210,43 @@ class Appliance:
             domain=target.domain,
             dst_ip=None if target.domain is not None else dst or ip_address(target.dst_ip),
             dst_port=target.dst_port, src_ip=src or ip_address(target.src_ip), network="tcp")
-        outbound = self.router.route(ctx)
+        outbound, by_name = self.router.decide(ctx)
         target.outbound = outbound.name
-        return await outbound.connect_tcp(target.host, target.dst_port)
+        stream = await outbound.connect_tcp(target.host, target.dst_port)
+        if by_name and self.offload is not None and dst is not None and target.domain:
+            self._offer_offload(outbound, target.domain, dst, stream)
+        return stream
+
+    def _offer_offload(self, outbound: Any, domain: str, fake: Any, stream: Any) -> None:
+        """A DIRECT flow to a fake IP, routed by its name alone: the kernel
+        can take the next ones (appliance/capture/offload.py)."""
+        from appliance.outbound.direct import DirectOutbound
+
+        if not isinstance(outbound, DirectOutbound) or not self.pool.is_fake(fake):
+            return
+        kept = outbound.dialer.sticky(domain)
+        if kept is None:
+            return  # TTL 0: every flow resolves again, nothing to pin down
+        real, until = kept
+        self.offload.offer(fake, domain, real, until - trio.current_time())
+
+    async def _serve_offload(self, *,
+                             task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                             ) -> None:
+        from appliance.capture.nftables import NftablesCapture
+        from appliance.capture.offload import DirectOffload
+
+        if not isinstance(self.capture, NftablesCapture):
+            # redirect: auto chose eBPF (the loader refuses offload with ebpf).
+            log.warning("appliance.offload-direct: needs the nftables capture; the eBPF "
+                        "backend is running, so every flow stays on the userspace path")
+            task_status.started()
+            return
+        cfg = self.cfg
+        self.offload = DirectOffload(
+            self.pool, table=self.capture.table,
+            map6=cfg.ipv6 and cfg.dns.fake_ip_range6 is not None)
+        await self.offload.serve(task_status=task_status)
 
     async def _serve_capture(self, *,
                              task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -276,6 +313,10 @@ class Appliance:
             return
         if self.dns_handler is not None:
             self.dns_handler.reconfigure(answer_dns(new))
+        if self.offload is not None:
+            # The new rules may send an offloaded name elsewhere: the kernel
+            # forgets them all; the next flow to each offers again.
+            await self.offload.clear()
         wanted = fake_ip_filter(new.dns)
         dropped = self.pool.drop(lambda d: not wanted(d))
         logging.getLogger().setLevel(new.log_level.upper() if new.log_level != "silent"
@@ -319,6 +360,8 @@ class Appliance:
             out["udp"] = self.udp.stats()
         if self.capture is not None and hasattr(self.capture, "stats"):
             out["capture"] = self.capture.stats()
+        if self.offload is not None:
+            out["offload"] = self.offload.stats()
         return out
 
     def series(self) -> Iterable[tuple[str, Mapping[str, str], int | float]]:

@@ -2,7 +2,7 @@
 """Gateway benchmark: Mirage's TCP data path against kernel forwarding and redsocks.
 
 One run builds its own namespace lab (`appliance.lab.Lab`, prefix `gb<pid>`),
-measures four paths from the lab's client namespace to real servers in the
+measures five paths from the lab's client namespace to real servers in the
 upstream namespace, prints one table with the ratios to kernel forwarding and
 the issue's targets next to the numbers, and tears the lab down (also on
 Ctrl-C, SIGTERM and errors).
@@ -17,6 +17,11 @@ Paths:
            DIRECT (resolved over DoH, sticky) -> 192.168.57.12.
   socks5   client -> fake IP of www.alpha.test -> `mirage run` -> SOCKS5
            dante (ATYP=3, dante resolves the name) -> 192.168.57.10.
+  offload  as direct, with `appliance.offload-direct: true` (its own
+           `mirage run`): after the first flow the fake IP is in the
+           offload4 map and the kernel DNATs every later flow to
+           192.168.57.12 (appliance/capture/offload.py): Mirage's kernel
+           fast path, next to its userspace path.
 
 Figures per path:
   Gbit/s   iperf3, one stream, `--iperf-seconds` (server in the upstream ns).
@@ -381,10 +386,10 @@ class Bench(LabBench):
 
     # ------------------------------------------------------------ mirage
 
-    def start_mirage(self) -> int:
+    def start_mirage(self, offload: bool = False) -> int:
         # log-level info (lab_config's): the readiness line is an info line;
         # per-flow lines are debug, so nothing is logged per connection.
-        cfg = lab_config(self.lab)
+        cfg = lab_config(self.lab, appliance={"offload-direct": offload})
         self.mirage = MirageRun(self.lab, cfg, name="gbench-mirage").start()
         assert self.mirage.proc is not None
         pid = self.mirage.proc.pid  # `ip netns exec` execs: this is mirage itself
@@ -512,6 +517,16 @@ class Bench(LabBench):
             self.stop_redsocks()
             if i == 0:
                 self.dante_alone()
+            # The DIRECT offload: after the first flow to the name, the
+            # kernel forwards (DNAT) and Mirage sees no more of them.
+            self.start_mirage(offload=True)
+            offload_ip = self.fake_ip(DIRECT_NAME)
+            print(f"measuring (e) mirage DIRECT with offload-direct via {offload_ip}",
+                  flush=True)
+            assert self.mirage is not None and self.mirage.proc is not None
+            self.measure("mirage-offload", offload_ip, DIRECT_NAME, self.mirage.proc.pid)
+            self.mirage.stop()
+            self.mirage = None
             pid = self.start_mirage()
             direct_ip, socks_ip = self.fake_ip(DIRECT_NAME), self.fake_ip(SOCKS_NAME)
             print(f"measuring (b) mirage DIRECT via {direct_ip} ({DIRECT_NAME})", flush=True)
@@ -592,7 +607,12 @@ class Bench(LabBench):
             r = d.gbps / k.gbps
             out.append((f"mirage DIRECT throughput >= 0.7x kernel: {r:.2f}x", r >= 0.7))
         if d and d.conns is not None:
-            out.append((f"mirage DIRECT >= 5,000 new conn/s: {d.conns:,.0f}", d.conns >= 5000))
+            out.append((f"mirage DIRECT >= 5,000 new conn/s (userspace path): {d.conns:,.0f}",
+                        d.conns >= 5000))
+        o = self.rows.get("mirage-offload")
+        if o and o.conns is not None:
+            out.append((f"mirage DIRECT >= 5,000 new conn/s with offload-direct: "
+                        f"{o.conns:,.0f}", o.conns >= 5000))
         dp, kp = (d.p(0.5) if d else None), (k.p(0.5) if k else None)
         if dp is not None and kp is not None:
             out.append((f"mirage DIRECT added p50 TTFB < 0.3 ms: {dp - kp:.3f} ms", dp - kp < 0.3))

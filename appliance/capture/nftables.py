@@ -55,6 +55,10 @@ ALWAYS_BYPASS6 = tuple(
 
 DNS_PORT = 53
 
+# Elements the DIRECT offload maps may hold (per family); past it new fake
+# IPs simply stay on the userspace path (appliance/capture/offload.py).
+OFFLOAD_SIZE = 65536
+
 Json = dict[str, Any]
 
 
@@ -128,6 +132,14 @@ def _fake6(cfg: Config) -> ipaddress.IPv6Network | None:
 
 
 # --- JSON fragment helpers (firewalld style) --------------------------------
+
+
+def _offload_maps(cfg: Config) -> list[tuple[str, str]]:
+    """(name, key/value type) of the DIRECT offload maps: one per fake range."""
+    maps = [("offload4", "ipv4_addr")]
+    if _fake6(cfg) is not None:
+        maps.append(("offload6", "ipv6_addr"))
+    return maps
 
 
 def _meta(key: str) -> Json:
@@ -217,11 +229,19 @@ class _Builder:
             f6 = _fake6(cfg)
             yield self._set("fake6", "ipv6_addr", [_prefix(f6)] if f6 else [], interval=True)
             yield self._set("bypass6", "ipv6_addr", [_prefix(n) for n in b6], interval=True)
+        if cfg.appliance.offload_direct:
+            for name, type_ in _offload_maps(cfg):
+                yield {"map": {"family": FAMILY, "table": self.table, "name": name,
+                               "type": type_, "map": type_, "flags": ["timeout"],
+                               "size": OFFLOAD_SIZE}}
 
     def chains(self) -> Iterator[Json]:
         yield self._chain("prerouting", "prerouting", -150)  # priority mangle
         if _dns_hijack(self.cfg):
             yield self._chain("dns", "prerouting", -100, type_="nat")  # priority dstnat
+        if self.cfg.appliance.offload_direct:
+            yield self._chain("direct_nat", "prerouting", -100, type_="nat")
+            yield self._chain("fake_guard", "forward", 0)
         yield self._chain("input", "input", 0)  # priority filter
 
     def rules(self) -> Iterator[Json]:
@@ -245,11 +265,15 @@ class _Builder:
             yield self._rule(pre, _match(_payload("ip6", "daddr"), "@bypass6"), _RETURN)
         yield self._rule(
             pre,
-            _match(_meta("l4proto"), "tcp"),
+            _match(_payload("tcp", "flags"), "syn", "!"),
             _match({"socket": {"key": "transparent"}}, 1),
             _set_mark(mark),
             _ACCEPT,
         )
+        offload = _offload_maps(cfg) if cfg.appliance.offload_direct else []
+        for name, type_ in offload:
+            proto = "ip" if type_ == "ipv4_addr" else "ip6"
+            yield self._rule(pre, _match(_payload(proto, "daddr"), f"@{name}"), _RETURN)
         yield self._rule(
             pre,
             _match(_payload("ip", "daddr"), "@fake4"),
@@ -289,6 +313,16 @@ class _Builder:
                 yield self._rule(dns, _match(_payload("ip6", "daddr"), "@bypass6"), _RETURN)
             head = [_match(_meta("nfproto"), nfproto)] if nfproto else []
             yield self._rule(dns, *head, l4, _match(_payload("th", "dport"), DNS_PORT), nat)
+        if offload:
+            yield self._rule("direct_nat", _match(_meta("iifname"), "@lan", "!="), _RETURN)
+            for name, type_ in offload:
+                proto = "ip" if type_ == "ipv4_addr" else "ip6"
+                key = {"payload": {"protocol": proto, "field": "daddr"}}
+                yield self._rule("direct_nat", {"dnat": {
+                    "family": proto, "addr": {"map": {"key": key, "data": f"@{name}"}}}})
+            for proto, name in fakes:
+                yield self._rule("fake_guard", _match(_payload(proto, "daddr"), name),
+                                 {"drop": None})
         inp = "input"
         not_captured = _match(_meta("mark"), mark, "!=")
         yield self._rule(
@@ -385,8 +419,10 @@ def render_nft(cfg: Config, table: str = DEFAULT_TABLE, template: Path = TEMPLAT
         "tproxy_port": str(port),
         "dns_match": dns_match,
         "dns_nat": dns_nat,
+        "offload_size": str(OFFLOAD_SIZE),
     }
     flags = {
+        "offload": cfg.appliance.offload_direct,
         "ipv6": cfg.ipv6,
         "fake6": f6 is not None,
         "routing_mark": cfg.routing_mark is not None,
@@ -423,7 +459,7 @@ def apply_routing(routing: PolicyRouting) -> None:
         ) from exc
 
 
-def _run(commands: list[Json], what: str) -> None:
+def run_commands(commands: list[Json], what: str) -> None:
     # Imported here: Debian's bindings load libnftables through ctypes, which
     # `mirage rules` and the unit tests do not need.
     import nftables
@@ -437,7 +473,7 @@ def _run(commands: list[Json], what: str) -> None:
 def delete_table(table: str = DEFAULT_TABLE) -> None:
     """Delete Mirage's table, present or not (CaptureError if nft refuses;
     ImportError without the nftables bindings)."""
-    _run(render_remove(table), f"delete table {FAMILY} {table}")
+    run_commands(render_remove(table), f"delete table {FAMILY} {table}")
 
 
 class NftablesCapture:
@@ -463,7 +499,7 @@ class NftablesCapture:
         # Routing first: a packet the rules mark must find the local route.
         apply_routing(self.routing)
         try:
-            _run(self._commands, f"apply table {FAMILY} {self.table}")
+            run_commands(self._commands, f"apply table {FAMILY} {self.table}")
         except BaseException:
             self.routing.remove()
             raise

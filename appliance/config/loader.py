@@ -429,7 +429,7 @@ IGNORED_DNS = (
 APPLIANCE_KEYS = (
     "lan", "redirect", "dns-hijack", "bypass", "state-dir",
     "store-flush-interval", "route-table", "capture-mark", "connect-timeout",
-    "idle-timeout", "udp-timeout", "udp-max-sessions",
+    "idle-timeout", "udp-timeout", "udp-max-sessions", "offload-direct",
 )  # fmt: skip
 
 # Options every mihomo outbound takes (BasicOption) and a few per-type keys
@@ -1395,6 +1395,12 @@ def _parse_appliance(sec: _Section) -> ApplianceConfig:
     udp_max_sessions = sec.get(
         "udp-max-sessions", lambda v, p: _int(v, p, 1, 1 << 20), d.udp_max_sessions
     )
+    offload_direct = sec.get("offload-direct", _bool, d.offload_direct)
+    if offload_direct and redirect == "ebpf":
+        raise ConfigError(
+            sec.at("offload-direct"), offload_direct,
+            "needs appliance.redirect nftables (or auto): the eBPF program hands fake-IP "
+            "packets to Mirage before nftables could translate them")
     sec.finish(APPLIANCE_KEYS, ())
     return ApplianceConfig(
         lan=tuple(lan),
@@ -1409,6 +1415,7 @@ def _parse_appliance(sec: _Section) -> ApplianceConfig:
         idle_timeout=idle_timeout,
         udp_timeout=udp_timeout,
         udp_max_sessions=udp_max_sessions,
+        offload_direct=offload_direct,
     )
 
 

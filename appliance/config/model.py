@@ -154,6 +154,9 @@ class ApplianceConfig:
     # and how many live at once (the least recently active is evicted).
     udp_timeout: float = 60.0
     udp_max_sessions: int = 8192
+    # Kernel fast path for fake IPs whose route is DIRECT by domain alone
+    # (appliance/capture/offload.py): nftables DNAT after the first flow.
+    offload_direct: bool = False
 
 
 @dataclass(frozen=True)

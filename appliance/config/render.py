@@ -119,6 +119,7 @@ def effective_config(cfg: Config, *, redact: bool = False) -> dict[str, Any]:
             "idle-timeout": app.idle_timeout,
             "udp-timeout": app.udp_timeout,
             "udp-max-sessions": app.udp_max_sessions,
+            "offload-direct": app.offload_direct,
         },
     }
 

@@ -215,6 +215,11 @@ class Dialer:
             raise OutboundError(f"cannot resolve {name}: {why}")
         return addresses, ttl
 
+    def sticky(self, name: str) -> tuple[IPAddress, float] | None:
+        """The address kept for `name` and until when (trio clock), if any."""
+        kept = self._sticky.get(name.rstrip(".").lower())
+        return kept if kept is not None and kept[1] > trio.current_time() else None
+
     async def dial(self, host: str | IPAddress, port: int) -> trio.SocketStream:
         ip = as_ip(host)
         if ip is not None:

@@ -162,6 +162,14 @@ class Router:
     def route(self, ctx: FlowContext) -> Outbound:
         return self.explain(ctx)[0]
 
+    def decide(self, ctx: FlowContext) -> tuple[Outbound, bool]:
+        """The outbound, and whether every flow to `ctx.domain` would get
+        it (the rules decided by the name alone: see
+        `RuleSet.decided_by_domain`)."""
+        i = self.rules.match_index(ctx)
+        target = self.default if i is None else self._targets[i]
+        return target, self.rules.decided_by_domain(i)
+
     def explain(self, ctx: FlowContext) -> tuple[Outbound, Rule | None]:
         """The outbound and the rule that chose it (None: the default), for
         logs and the API's connection list."""

@@ -52,6 +52,9 @@ SUPPORTED_TYPES = frozenset(
 
 _NONE = 1 << 62  # "no rule": larger than any rule index
 
+# Rule types whose match depends on the flow, not only on where it goes.
+_PER_FLOW_TYPES = frozenset({"DST-PORT", "SRC-PORT", "SRC-IP-CIDR", "NETWORK"})
+
 
 class RuleError(ValueError):
     """A rule cannot be compiled. `index` is its position in `rules`."""
@@ -133,8 +136,13 @@ class RuleSet:
         self._src_ports: list[tuple[int, int, int]] = []
         self._network: dict[str, int] = {}
         self._match = _NONE
+        # The first rule that looks at more than the destination: its port,
+        # the client, or the transport (see `decided_by_domain`).
+        self._first_per_flow = _NONE
         for i, rule in enumerate(self.rules):
             self._add(i, rule)
+            if rule.type.upper() in _PER_FLOW_TYPES:
+                self._first_per_flow = min(self._first_per_flow, i)
         self._has_dst_cidr = bool(self._dst._tables)
         self._has_src_cidr = bool(self._src._tables)
 
@@ -190,6 +198,16 @@ class RuleSet:
         best = _scan_ports(self._src_ports, ctx.src_port, best)
         best = min(best, self._network.get(ctx.network, _NONE))
         return None if best == _NONE else best
+
+    def decided_by_domain(self, index: int | None) -> bool:
+        """Would every flow to this domain get the same decision as the one
+        that matched rule `index` (None: no rule, the default)? True when no
+        rule up to and including it looks at ports, the client's address or
+        the transport: then the name alone decided (IP rules never match a
+        flow that has only a name). What the DIRECT offload relies on."""
+        if index is None:
+            return self._first_per_flow == _NONE
+        return index < self._first_per_flow
 
     def match(self, ctx: FlowContext) -> Rule | None:
         """The first rule matching `ctx`, or None (the caller's default)."""

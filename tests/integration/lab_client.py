@@ -69,3 +69,38 @@ def connect_outcome(lab: Lab, ip: str, port: int, timeout: float = 5) -> tuple[s
     )
     result, elapsed = json.loads(client(lab, sys.executable, "-c", script))
     return result, elapsed
+
+
+def same_port_twice(lab: Lab, ip: str, host: str, port: int = 80,
+                    sport: int = 40123) -> tuple[list[str], int]:
+    """Two HTTP/1.0 GETs to ip:port, one after the other, from the same
+    source port: the second reuses the 4-tuple of a flow the gateway has
+    just closed (its socket in TIME_WAIT there). Returns the first line of
+    each response (or the error), and how many TCP resets the client sent
+    meanwhile (its netns's Tcp OutRsts: a stale socket answering the second
+    SYN makes the client reset and retry)."""
+    script = (
+        "import socket,json\n"
+        "def rsts():\n"
+        "  rows=[l.split() for l in open('/proc/self/net/snmp') if l.startswith('Tcp:')]\n"
+        "  return int(rows[1][rows[0].index('OutRsts')])\n"
+        "out=[]\n"
+        "r0=rsts()\n"
+        "for _ in range(2):\n"
+        "  s=socket.socket()\n"
+        "  s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\n"
+        f"  s.bind(('0.0.0.0',{sport}))\n"
+        "  s.settimeout(5)\n"
+        "  try:\n"
+        f"    s.connect(({ip!r},{port}))\n"
+        f"    s.sendall(b'GET / HTTP/1.0\\r\\nHost: {host}\\r\\n\\r\\n')\n"
+        "    d=b''\n"
+        "    while (c:=s.recv(4096)): d+=c\n"
+        "    r=d.split(b'\\r\\n',1)[0].decode()\n"
+        "  except OSError as e: r=type(e).__name__\n"
+        "  s.close()\n"
+        "  out.append(r)\n"
+        "print(json.dumps([out, rsts()-r0]))\n"
+    )
+    lines, resets = json.loads(client(lab, sys.executable, "-c", script))
+    return list(lines), int(resets)

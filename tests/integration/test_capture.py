@@ -176,6 +176,8 @@ def test_template_and_json_give_the_same_kernel_ruleset(ns: str, ns2: str) -> No
         make_cfg(),
         make_cfg(ipv6=False, routing_mark=None, dns=DnsConfig(listen=Listen("10.0.0.1", 53))),
         make_cfg(appliance=ApplianceConfig(lan=(), dns_hijack=False)),
+        make_cfg(appliance=ApplianceConfig(lan=("gwlan0",), offload_direct=True)),
+        make_cfg(ipv6=False, appliance=ApplianceConfig(lan=("gwlan0",), offload_direct=True)),
     ):
         capture(ns, cfg, "apply")
         run("nft", "-f", "-", ns=ns2, input=render_text(cfg))
@@ -246,4 +248,61 @@ def test_refused_batch_changes_nothing(ns: str) -> None:
     )
     assert r.returncode != 0
     assert b"CaptureError" in r.stderr
+    assert_nothing_left(ns)
+
+
+OFFLOAD = """
+import ipaddress, json, pickle, subprocess, sys, trio
+from appliance.capture.nftables import NftablesCapture
+from appliance.capture.offload import DirectOffload
+from appliance.fakeip.pool import FakeIPPool
+cfg = pickle.load(sys.stdin.buffer)
+capture = NftablesCapture(cfg)
+capture.apply()
+def elements():
+    out = subprocess.run(["nft", "-j", "list", "map", "inet", "mirage", "offload4"],
+                         capture_output=True, text=True, check=True).stdout
+    maps = [o["map"] for o in json.loads(out)["nftables"] if "map" in o]
+    return {e[0]["elem"]["val"]: [e[1], e[0]["elem"]["timeout"]]
+            for e in maps[0].get("elem", [])}
+def pins(pool):
+    return {d: n for d, _ip, n in pool.mappings()}
+async def main():
+    pool = FakeIPPool(cfg.dns.fake_ip_range)
+    a, b = pool.allocate("a.test"), pool.allocate("b.test")
+    off = DirectOffload(pool)
+    seen = {}
+    async with trio.open_nursery() as nursery:
+        await nursery.start(off.serve)
+        off.offer(a, "a.test", ipaddress.ip_address("192.0.2.1"), 2.5)
+        off.offer(b, "b.test", ipaddress.ip_address("192.0.2.2"), 60)
+        await trio.sleep(0.5)
+        seen["added"], seen["pins_added"] = elements(), pins(pool)
+        await trio.sleep(3.5)  # a: 2 s in the kernel, +1 s grace for the pin
+        seen["expired"], seen["pins_expired"] = elements(), pins(pool)
+        await off.clear()
+        seen["cleared"], seen["pins_cleared"] = elements(), pins(pool)
+        seen["stats"] = off.stats()
+        nursery.cancel_scope.cancel()
+    capture.remove()
+    print(json.dumps(seen))
+trio.run(main)
+"""
+
+
+def test_offload_elements_time_out_and_unpin(ns: str) -> None:
+    # The DirectOffload service against a real table: elements land in the
+    # map with the TTL as timeout, the kernel drops them when it runs out and
+    # the pool pin goes with it; a clear (reload) empties the map.
+    cfg = make_cfg(ipv6=False, appliance=ApplianceConfig(lan=("gwlan0",), offload_direct=True))
+    r = subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-c", OFFLOAD],
+                       input=pickle.dumps(cfg), capture_output=True, timeout=60, check=False)
+    assert r.returncode == 0, r.stderr.decode()
+    seen = json.loads(r.stdout)
+    assert seen["added"] == {"198.18.0.1": ["192.0.2.1", 2], "198.18.0.2": ["192.0.2.2", 60]}
+    assert seen["pins_added"] == {"a.test": 1, "b.test": 1}
+    assert seen["expired"] == {"198.18.0.2": ["192.0.2.2", 60]}
+    assert seen["pins_expired"] == {"a.test": 0, "b.test": 1}
+    assert seen["cleared"] == {} and seen["pins_cleared"] == {"a.test": 0, "b.test": 0}
+    assert seen["stats"] == {"offloaded": 0, "offered": 2, "failures": 0}
     assert_nothing_left(ns)

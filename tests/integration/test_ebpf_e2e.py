@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from lab_client import FAKE, connect_outcome, curl, dig, hijacked_answer
+from lab_client import FAKE, connect_outcome, curl, dig, hijacked_answer, same_port_twice
 
 from appliance.lab.lab import Lab
 from appliance.lab.mirage import MirageRun, MirageRuns, lab_config
@@ -109,6 +109,20 @@ def test_fake_ips_reach_the_right_site_through_each_outbound(lab: Lab, runs: Run
         "except ConnectionResetError: print('reset')\n")]).stdout.strip()
     assert local in ("refused", "reset"), local
     assert curl(lab, "http://www.gamma.test/")[0] == 0
+
+
+@pytest.mark.parametrize("backend", ["nftables"])
+def test_a_new_flow_on_a_recent_flows_ports_is_not_stalled(lab: Lab, runs: Runs,
+                                                          backend: str) -> None:
+    # Mirage closes first toward the client, so the gateway keeps the first
+    # flow's socket in TIME_WAIT; the second SYN, same addresses and ports,
+    # must reach the listener, not that dead socket (which answers with an
+    # ACK: the client resets and retries after its retransmission timeout).
+    runs.start(backend)
+    fake = dig(lab, "+short", "www.gamma.test")
+    lines, resets = same_port_twice(lab, fake, "www.gamma.test")
+    assert lines == ["HTTP/1.1 200 OK"] * 2
+    assert resets == 0
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -579,6 +579,9 @@ def test_unknown_key_suggests_the_near_one() -> None:
         ("appliance: {connect-timeout: 0}", "appliance.connect-timeout", "more than 0"),
         ("appliance: {state-dir: ''}", "appliance.state-dir", "empty"),
         ("appliance: [lan0]", "appliance", "expected a mapping"),
+        ("appliance: {offload-direct: 1}", "appliance.offload-direct", "boolean"),
+        ("appliance: {redirect: ebpf, offload-direct: true}", "appliance.offload-direct",
+         "needs appliance.redirect nftables"),
     ],
 )
 def test_top_level_and_appliance_values(

@@ -208,3 +208,28 @@ def test_10k_rules_agree_with_reference_and_are_fast() -> None:
     # A naive scan of 10k rules takes milliseconds; the indexes take a few
     # microseconds. 200 us leaves room for a loaded 2-core CI box.
     assert per_match < 200e-6, per_match
+
+
+def test_decided_by_domain_only_before_the_first_per_flow_rule() -> None:
+    rs = RuleSet([
+        Rule("DOMAIN-SUFFIX", "direct.test", "DIRECT"),     # 0: name alone
+        Rule("IP-CIDR", "10.0.0.0/8", "DIRECT"),            # 1: never matches a name-only flow
+        Rule("DST-PORT", "22", "proxy"),                    # 2: depends on the port
+        Rule("DOMAIN", "late.test", "DIRECT"),              # 3: after a per-flow rule
+        Rule("MATCH", "", "proxy"),                         # 4
+    ])
+    for name, index, decided in [("a.direct.test", 0, True), ("late.test", 3, False),
+                                 ("other.test", 4, False)]:
+        got = rs.match_index(ctx(name, port=80))
+        assert got == index
+        assert rs.decided_by_domain(got) is decided, name
+    # A name that only reached rule 3 because its port was not 22: port 22
+    # would have gone elsewhere. That is exactly what `decided` False means.
+    assert target(rs, ctx("late.test", port=22)) == "proxy"
+    for kind, value in [("SRC-IP-CIDR", "192.168.1.0/24"), ("SRC-PORT", "1000-2000"),
+                        ("NETWORK", "udp")]:
+        rs = RuleSet([Rule("DOMAIN", "x.test", "DIRECT"), Rule(kind, value, "proxy")])
+        assert rs.decided_by_domain(0) is True
+        assert rs.decided_by_domain(None) is False  # the default is reached only past it
+    assert RuleSet([Rule("DOMAIN", "x.test", "DIRECT")]).decided_by_domain(None) is True
+    assert RuleSet([]).decided_by_domain(None) is True

@@ -1,0 +1,137 @@
+"""End to end: the DIRECT offload (appliance.offload-direct) in the lab.
+
+A real client (curl, dig) in the client namespace, `mirage run` in the
+gateway namespace, nginx upstream. nginx echoes the peer address it saw
+(`from=`): a flow relayed by Mirage arrives from the gateway's WAN address
+192.168.57.1, one the kernel forwarded after the offload from the client's
+own 192.168.56.10. Kernel state is read with nft; Mirage's with `mirage
+status` / `mirage mappings`.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from lab_client import FAKE, curl, dig
+
+from appliance.lab.lab import Lab
+from appliance.lab.mirage import MirageRun, MirageRuns
+
+pytestmark = pytest.mark.netns
+
+CLIENT = "from=192.168.56.10"
+GATEWAY = "from=192.168.57.1"  # DIRECT through Mirage leaves from the WAN side
+GAMMA = "192.168.57.12"  # www.gamma.test's real address (topology.yaml)
+
+
+@pytest.fixture
+def runs(lab: Lab) -> Iterator[MirageRuns]:
+    r = MirageRuns(lab)
+    try:
+        yield r
+    finally:
+        r.close()
+
+
+def offloaded(lab: Lab) -> dict[str, tuple[str, int]]:
+    """The gateway's offload4 map: fake IP -> (real address, timeout s)."""
+    out = lab.exec("gateway", ["nft", "-j", "list", "map", "inet", "mirage", "offload4"]).stdout
+    maps = [o["map"] for o in json.loads(out)["nftables"] if "map" in o]
+    return {e[0]["elem"]["val"]: (e[1], e[0]["elem"]["timeout"]) for e in maps[0].get("elem", [])}
+
+
+def wait_offloaded(lab: Lab, fake: str, timeout: float = 5.0) -> tuple[str, int]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if fake in (now := offloaded(lab)):
+            return now[fake]
+        time.sleep(0.05)
+    raise AssertionError(f"{fake} not offloaded after {timeout} s: {offloaded(lab)}")
+
+
+def status(lab: Lab, run: MirageRun) -> dict[str, Any]:
+    out = lab.exec("gateway", [sys.executable, "-m", "appliance", "status", "-c",
+                               str(run.config_path)]).stdout
+    return dict(json.loads(out)["counters"])
+
+
+def pins(lab: Lab, run: MirageRun) -> dict[str, int]:
+    out = lab.exec("gateway", [sys.executable, "-m", "appliance", "mappings", "-c",
+                               str(run.config_path), "--json"]).stdout
+    return {row["domain"]: row["pins"] for row in json.loads(out)}
+
+
+def get(lab: Lab, name: str) -> str:
+    code, body, _ = curl(lab, f"http://{name}/")
+    assert code == 0, (code, body)
+    return body
+
+
+def test_after_the_first_direct_flow_the_kernel_forwards(lab: Lab, runs: MirageRuns) -> None:
+    run = runs.start(appliance={"offload-direct": True})
+    fake = dig(lab, "+short", "www.gamma.test")
+    assert FAKE.match(fake)
+    first = get(lab, "www.gamma.test")
+    assert "MARKER-GAMMA" in first and GATEWAY in first  # through Mirage
+    real, timeout = wait_offloaded(lab, fake)
+    # The address DIRECT reached, for no longer than the answer's TTL (300 s
+    # in the lab's zone): the same peer Mirage itself keeps for that long.
+    assert real == GAMMA and 0 < timeout <= 300
+    flows_before = status(lab, run)["gateway"]["opened"]
+    for _ in range(3):
+        later = get(lab, "www.gamma.test")
+        assert "MARKER-GAMMA" in later and CLIENT in later  # forwarded by the kernel
+    counters = status(lab, run)
+    assert counters["gateway"]["opened"] == flows_before  # none reached Mirage
+    assert counters["offload"]["offloaded"] == 1
+    # The fake IP stays pinned while the kernel translates it: the pool can
+    # never hand it to another name meanwhile.
+    assert pins(lab, run)["www.gamma.test"] >= 1
+    # SOCKS5 and HTTP-proxied names are never offloaded; they keep working.
+    assert "MARKER-ALPHA" in get(lab, "www.alpha.test")
+    assert "MARKER-BETA" in get(lab, "www.beta.test")
+    assert list(offloaded(lab)) == [fake]
+
+
+def test_a_route_that_depends_on_the_port_is_never_offloaded(
+        lab: Lab, runs: MirageRuns) -> None:
+    socks = lab.topology.socks[0].name
+    # gamma reaches MATCH,DIRECT only because its port is not 8080: another
+    # port would go to dante, so the name alone does not decide.
+    run = runs.start(appliance={"offload-direct": True},
+                     rules=[f"DOMAIN-SUFFIX,alpha.test,{socks}", f"DST-PORT,8080,{socks}",
+                            "MATCH,DIRECT"])
+    for _ in range(3):
+        assert GATEWAY in get(lab, "www.gamma.test")
+    time.sleep(0.5)
+    assert offloaded(lab) == {}
+    assert status(lab, run)["offload"]["offered"] == 0
+
+
+def test_reload_flushes_the_offloads(lab: Lab, runs: MirageRuns) -> None:
+    run = runs.start(appliance={"offload-direct": True})
+    fake = dig(lab, "+short", "www.gamma.test")
+    get(lab, "www.gamma.test")
+    wait_offloaded(lab, fake)
+    assert CLIENT in get(lab, "www.gamma.test")
+    # The new rules send gamma through dante: the kernel must stop
+    # forwarding it directly at once.
+    run.config["rules"] = [f"DOMAIN-SUFFIX,gamma.test,{lab.topology.socks[0].name}",
+                           "MATCH,DIRECT"]
+    run.write_config()
+    run.reload()
+    deadline = time.monotonic() + 10
+    while "SIGHUP: reloaded" not in run.log_text() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert offloaded(lab) == {}
+    assert pins(lab, run)["www.gamma.test"] == 0
+    body = get(lab, "www.gamma.test")
+    # Through dante now (its connection comes from the upstream side itself).
+    assert "MARKER-GAMMA" in body and CLIENT not in body and GATEWAY not in body
+    assert offloaded(lab) == {}
+
