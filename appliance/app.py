@@ -63,6 +63,7 @@ class Appliance:
         self.udp: Any = None
         self.capture: Any = None
         self.offload: Any = None  # DirectOffload, with appliance.offload-direct
+        self.tcp: Any = None  # the TransparentTcp gateway
 
     # -- composition ---------------------------------------------------------
 
@@ -153,13 +154,13 @@ class Appliance:
 
     async def _serve_gateway(self, *,
                              task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        from appliance.gateway import tcp as gateway_tcp
         from appliance.gateway.splice import FlowRegistry
+        from appliance.gateway.tcp import TransparentTcp
 
         self.gateway = FlowRegistry()
+        self.tcp = TransparentTcp(self.cfg, self.pool, self.dial, self.gateway)
         try:
-            await gateway_tcp.serve(self.cfg, self.pool, self.dial, self.gateway,
-                                    task_status=task_status)
+            await self.tcp.serve(task_status=task_status)
         except OSError as err:
             raise AppError(f"tproxy-port {self.cfg.tproxy_port}: cannot listen: {err}") from None
 
@@ -252,8 +253,10 @@ class Appliance:
                              task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         from appliance.capture import backend
 
+        listeners = self.tcp.listeners if self.tcp is not None else []
         try:
-            await backend.serve(self.cfg, task_status=task_status)
+            await backend.serve(self.cfg, task_status=task_status,
+                                tcp_listener=listeners[0].socket.fileno() if listeners else None)
         except (OSError, backend.CaptureError) as err:
             raise AppError(f"capture rules: {err}") from None
 

@@ -487,3 +487,52 @@ int mirage_ingress(struct __sk_buff *skb)
 
     return TC_ACT_OK;
 }
+
+/* --- sk_lookup: a SYN that met a TIME-WAIT socket -------------------------- */
+
+/* Mirage's transparent TCP listener (index 0), written by the loader. */
+/* Declared with the generic table macro: bcc's BPF_SOCKMAP has no lookup(). */
+BPF_TABLE("sockmap", __u32, __u32, mirage_listener, 1);
+
+/* Attached to the gateway's network namespace (a BPF_SK_LOOKUP link), it
+ * answers the kernel's *listener* lookups for fake-range TCP.
+ *
+ * Why: a client that reuses a finished flow's addresses and ports sends its
+ * SYN to the socket the gateway keeps in TIME-WAIT for that flow (Mirage
+ * usually closes toward the client first). The kernel then asks for a
+ * listener on the SYN's destination to take over; a fake address has none,
+ * so the TIME-WAIT socket answers with an ACK, the client resets and retries
+ * after its timeout. With this program that lookup finds Mirage's listener,
+ * the TIME-WAIT socket is retired and the SYN accepted at once: what
+ * TPROXY's own TIME-WAIT handling does for the nftables backend. (The tc
+ * program cannot do it: assigning the listener there while the TIME-WAIT
+ * socket still holds the 4-tuple makes the kernel drop the new request.)
+ *
+ * Only listener lookups run it (a SYN with no established socket, or one
+ * that met a TIME-WAIT socket); other destinations pass untouched. */
+int mirage_sk_lookup(struct bpf_sk_lookup *ctx)
+{
+    struct mirage_pkt p = {};
+    struct bpf_sock *sk;
+    __u32 zero = 0;
+
+    if (ctx->protocol != IPPROTO_TCP)
+        return SK_PASS;
+    p.family = ctx->family;
+    if (ctx->family == MIRAGE_AF_INET) {
+        p.dst[0] = ctx->local_ip4;
+    } else {
+        p.dst[0] = ctx->local_ip6[0];
+        p.dst[1] = ctx->local_ip6[1];
+        p.dst[2] = ctx->local_ip6[2];
+        p.dst[3] = ctx->local_ip6[3];
+    }
+    if (!is_fake(&p))
+        return SK_PASS;
+    sk = (struct bpf_sock *)mirage_listener.lookup(&zero);
+    if (!sk)
+        return SK_PASS;
+    bpf_sk_assign(ctx, sk, 0);
+    bpf_sk_release(sk);
+    return SK_PASS;
+}

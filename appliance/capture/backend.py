@@ -47,16 +47,19 @@ def render_plan(cfg: Config) -> str:
 async def serve(
     cfg: Config,
     *,
+    tcp_listener: int | None = None,
     task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Apply the capture `cfg.appliance.redirect` names, report started with
     the capture object (an `EbpfCapture` has `stats()`/`clients()`), hold it
-    until cancelled, remove it. Raises CaptureError when it cannot apply."""
+    until cancelled, remove it. Raises CaptureError when it cannot apply.
+    `tcp_listener` (the transparent TCP listener's fd) lets the eBPF backend
+    hand it SYNs that meet TIME-WAIT sockets (EbpfCapture)."""
     from appliance.capture import ebpf, nftables
 
     mode = cfg.appliance.redirect
     if mode in ("ebpf", "auto"):
-        capture: Any = ebpf.EbpfCapture(cfg)
+        capture: Any = ebpf.EbpfCapture(cfg, tcp_listener=tcp_listener)
         try:
             await trio.to_thread.run_sync(capture.apply)
         except CaptureError as err:

@@ -23,6 +23,11 @@ Three layers, each usable alone:
   `clients()` read the counters. The tests run it through BPF_PROG_TEST_RUN.
 - `EbpfCapture`: routing + attach/detach on the interfaces; replaces a
   crashed run's filter (same preference) on start; removes exactly its own.
+  Given the transparent TCP listener's fd it also links the file's
+  `mirage_sk_lookup` program to the network namespace (BPF_SK_LOOKUP), so a
+  SYN that meets a TIME-WAIT socket still reaches the listener (see the C
+  source); the link is a file descriptor of ours: closing it, or the
+  process ending, detaches it, so no crash leaves it behind.
 
 Failures: bcc missing, kernel headers missing, a compile or verifier error,
 an interface that is missing or not Ethernet, or a netlink refusal all raise
@@ -65,6 +70,7 @@ log = logging.getLogger(__name__)
 BPF_DIR = Path(__file__).resolve().parents[2] / "bpf"
 SOURCE = BPF_DIR / "mirage_tc.c"
 FUNCTION = "mirage_ingress"
+SK_LOOKUP_FUNCTION = "mirage_sk_lookup"
 
 # How Mirage recognises its own filter (also one a crashed run left): kind
 # bpf at this preference on clsact ingress. 0x4d47 ("MG") is far from the
@@ -168,6 +174,9 @@ class Plan:
             "fragments, non-TCP/UDP or truncated; tproxy-port on the gateway's own "
             "address (loop guard).",
             *(f"# Note: {n}" for n in self.notes),
+            f"# Plus {SK_LOOKUP_FUNCTION} (sk_lookup, linked to this network namespace "
+            "while Mirage runs): a TCP SYN to a fake range that met a TIME-WAIT socket "
+            "gets the transparent listener (map mirage_listener).",
             "#",
             "# Compile flags:",
             *(f"#   {f}" for f in self.cflags),
@@ -314,6 +323,41 @@ def _libc() -> ctypes.CDLL:
     return ctypes.CDLL(None, use_errno=True)
 
 
+# --- BPF_LINK_CREATE for the sk_lookup program (bcc has no wrapper either) ----
+
+_BPF_LINK_CREATE = 28
+_BPF_PROG_TYPE_SK_LOOKUP = 30
+_BPF_SK_LOOKUP = 36  # enum bpf_attach_type
+
+
+class _LinkCreateAttr(ctypes.Structure):
+    # union bpf_attr, the link_create member, zero-padded: the kernel wants
+    # every byte it does not use to be zero.
+    _fields_ = [
+        ("prog_fd", ctypes.c_uint32),
+        ("target_fd", ctypes.c_uint32),
+        ("attach_type", ctypes.c_uint32),
+        ("flags", ctypes.c_uint32),
+        ("_rest", ctypes.c_uint64 * 8),
+    ]
+
+
+def _link_to_netns(prog_fd: int) -> int:
+    """Attach an sk_lookup program to this thread's network namespace; the
+    link's fd (closing it detaches)."""
+    netns = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        attr = _LinkCreateAttr(prog_fd=prog_fd, target_fd=netns, attach_type=_BPF_SK_LOOKUP)
+        fd = int(_libc().syscall(_SYS_BPF, _BPF_LINK_CREATE, ctypes.byref(attr),
+                                 ctypes.sizeof(attr)))
+    finally:
+        os.close(netns)
+    if fd < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"BPF_LINK_CREATE (sk_lookup): {os.strerror(err)}")
+    return fd
+
+
 @dataclass(frozen=True)
 class TestRun:
     """One BPF_PROG_TEST_RUN: the verdict (TC_ACT_OK 0, TC_ACT_SHOT 2), the
@@ -357,6 +401,9 @@ class Program:
         try:
             self.bpf = BPF(src_file=str(SOURCE).encode(), cflags=flags)
             self.fn = self.bpf.load_func(FUNCTION.encode(), BPF.SCHED_CLS)
+            self.lookup_fn = self.bpf.load_func(SK_LOOKUP_FUNCTION.encode(),
+                                                _BPF_PROG_TYPE_SK_LOOKUP,
+                                                attach_type=_BPF_SK_LOOKUP)
         except Exception as exc:
             hint = "" if build.exists() else f" ({build} is missing: {HEADERS_FIX})"
             raise CaptureError(
@@ -364,11 +411,27 @@ class Program:
                 "verifier log above; set appliance.redirect: nftables to run without eBPF"
             ) from None
         self.fd: int = self.fn.fd
+        self.link_fd: int | None = None
         try:
             self._fill_bypass(p.bypass)
         except BaseException:
             self.close()
             raise
+
+    def link_sk_lookup(self, listener_fd: int) -> None:
+        """Put the transparent TCP listener in `mirage_listener` and link
+        `mirage_sk_lookup` to this network namespace. OSError if the kernel
+        refuses (the socket is not a listener, no sk_lookup support)."""
+        # bcc's Table has no sockmap type: the map's fd and libbcc's update.
+        from bcc.libbcc import lib
+
+        map_fd = lib.bpf_table_fd(self.bpf.module, b"mirage_listener")
+        key, value = ctypes.c_uint32(0), ctypes.c_uint32(listener_fd)
+        if map_fd < 0 or lib.bpf_update_elem(map_fd, ctypes.byref(key), ctypes.byref(value),
+                                             0) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"mirage_listener: cannot add the listener: {os.strerror(err)}")
+        self.link_fd = _link_to_netns(self.lookup_fn.fd)
 
     def _fill_bypass(self, nets: tuple[IPNetwork, ...]) -> None:
         trie = self.bpf[b"mirage_bypass"]
@@ -434,6 +497,9 @@ class Program:
         return rows
 
     def close(self) -> None:
+        if self.link_fd is not None:
+            os.close(self.link_fd)
+            self.link_fd = None
         self.bpf.cleanup()
 
 
@@ -512,8 +578,10 @@ class EbpfCapture:
     call twice.
     """
 
-    def __init__(self, cfg: Config, *, table: str = DEFAULT_TABLE) -> None:
+    def __init__(self, cfg: Config, *, table: str = DEFAULT_TABLE,
+                 tcp_listener: int | None = None) -> None:
         self.cfg = cfg
+        self.tcp_listener = tcp_listener  # fd of the transparent TCP listener
         self.plan = plan(cfg)
         self.routing = self.plan.routing
         self.nft_table = table
@@ -535,6 +603,11 @@ class EbpfCapture:
         ifaces = self._interfaces()
         self.program = Program(self.plan)
         try:
+            if self.tcp_listener is not None:
+                try:
+                    self.program.link_sk_lookup(self.tcp_listener)
+                except OSError as exc:
+                    raise CaptureError(f"sk_lookup program: {exc}") from exc
             _remove_nft_leftover(self.nft_table)
             apply_routing(self.routing)
             self._attach(ifaces)
@@ -542,8 +615,9 @@ class EbpfCapture:
             self.remove()
             raise
         log.info("capture: eBPF tc ingress on %s (pref %#x), fwmark %#x -> table %d, "
-                 "no nftables rules", ", ".join(self.attached), FILTER_PREF,
-                 self.cfg.appliance.capture_mark, self.routing.table)
+                 "%sno nftables rules", ", ".join(self.attached), FILTER_PREF,
+                 self.cfg.appliance.capture_mark, self.routing.table,
+                 "sk_lookup for the TCP listener, " if self.tcp_listener is not None else "")
 
     def _interfaces(self) -> dict[str, int]:
         out: dict[str, int] = {}

@@ -170,6 +170,7 @@ class TransparentTcp:
         self.dial = dial
         self.registry = registry if registry is not None else FlowRegistry()
         self.port = cfg.tproxy_port
+        self.listeners: list[trio.SocketListener] = []  # bound once serve() started
 
     def stats(self) -> dict[str, int]:
         return self.registry.stats()
@@ -177,7 +178,7 @@ class TransparentTcp:
     async def serve(
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
-        listeners = await open_transparent_listeners(self.port, self.cfg.ipv6)
+        listeners = self.listeners = await open_transparent_listeners(self.port, self.cfg.ipv6)
         log.info("tcp: transparent listener on port %d", self.port)
         async with trio.open_nursery() as nursery:
             for listener in listeners:

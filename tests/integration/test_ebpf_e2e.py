@@ -49,6 +49,15 @@ def nft_rules(lab: Lab) -> list[dict[str, Any]]:
     return [o["rule"] for o in data["nftables"] if "rule" in o]
 
 
+def sk_lookup_links(lab: Lab) -> int:
+    """BPF links of type sk_lookup attached to the gateway's namespace."""
+    ino = Path(f"/run/netns/{lab.ns('gateway')}").stat().st_ino
+    links = json.loads(subprocess.run(["bpftool", "-j", "link", "show"], capture_output=True,
+                                      text=True, check=True, timeout=30).stdout or "[]")
+    return sum(1 for link in links
+               if link.get("attach_type") == "sk_lookup" and link.get("netns_ino") == ino)
+
+
 def status(lab: Lab, run: MirageRun) -> dict[str, Any]:
     out: dict[str, Any] = gw_json(lab, sys.executable, "-m", "appliance", "status", "-c",
                                   str(run.config_path))
@@ -111,7 +120,7 @@ def test_fake_ips_reach_the_right_site_through_each_outbound(lab: Lab, runs: Run
     assert curl(lab, "http://www.gamma.test/")[0] == 0
 
 
-@pytest.mark.parametrize("backend", ["nftables"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_a_new_flow_on_a_recent_flows_ports_is_not_stalled(lab: Lab, runs: Runs,
                                                           backend: str) -> None:
     # Mirage closes first toward the client, so the gateway keeps the first
@@ -251,7 +260,9 @@ def test_ebpf_exit_leaves_no_filter_qdisc_rule_or_route(lab: Lab, runs: Runs,
     assert "clsact" not in qdisc_kinds(lab)
     run = runs.start("ebpf")
     assert "clsact" in qdisc_kinds(lab)
+    assert sk_lookup_links(lab) == 1  # linked to the gateway's namespace only
     assert run.stop(sig) == 0
+    assert sk_lookup_links(lab) == 0
     assert tc_filters(lab) == []
     assert "clsact" not in qdisc_kinds(lab)  # Mirage created it: removed
     for family in ("-4", "-6"):
@@ -276,10 +287,13 @@ def test_ebpf_after_a_crash_replaces_the_leftover_filter(lab: Lab, runs: Runs) -
     fake = dig(lab, "+short", "www.alpha.test")
     first.kill()
     # The crashed run's program stays attached (fake-range traffic is dropped,
-    # never forwarded); a new run replaces it.
+    # never forwarded); a new run replaces it. Its sk_lookup link was a file
+    # descriptor of the dead process: gone with it.
     assert len([f for f in tc_filters(lab) if "options" in f]) == 1
+    assert sk_lookup_links(lab) == 0
     second = runs.start("ebpf")
     assert len([f for f in tc_filters(lab) if "options" in f]) == 1
+    assert sk_lookup_links(lab) == 1
     assert dig(lab, "+short", "www.alpha.test") == fake
     assert curl(lab, "http://www.alpha.test/")[0] == 0
     assert second.stop() == 0

@@ -124,10 +124,12 @@ def test_reload_flushes_the_offloads(lab: Lab, runs: MirageRuns) -> None:
     run.config["rules"] = [f"DOMAIN-SUFFIX,gamma.test,{lab.topology.socks[0].name}",
                            "MATCH,DIRECT"]
     run.write_config()
+    seen = run.log_path.stat().st_size  # the log file is shared with earlier runs
     run.reload()
     deadline = time.monotonic() + 10
-    while "SIGHUP: reloaded" not in run.log_text() and time.monotonic() < deadline:
+    while "SIGHUP: reloaded" not in run.log_text(seen) and time.monotonic() < deadline:
         time.sleep(0.1)
+    assert "SIGHUP: reloaded" in run.log_text(seen)
     assert offloaded(lab) == {}
     assert pins(lab, run)["www.gamma.test"] == 0
     body = get(lab, "www.gamma.test")
