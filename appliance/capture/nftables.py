@@ -273,7 +273,8 @@ class _Builder:
         offload = _offload_maps(cfg) if cfg.appliance.offload_direct else []
         for name, type_ in offload:
             proto = "ip" if type_ == "ipv4_addr" else "ip6"
-            yield self._rule(pre, _match(_payload(proto, "daddr"), f"@{name}"), _RETURN)
+            yield self._rule(pre, _match(_payload(proto, "daddr"), f"@{name}"),
+                             _match({"ct": {"key": "state"}}, "new", "in"), _RETURN)
         yield self._rule(
             pre,
             _match(_payload("ip", "daddr"), "@fake4"),

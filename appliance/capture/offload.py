@@ -15,8 +15,9 @@ timeout = what is left of the TTL of the answer R came from (DIRECT keeps
 that address for the TTL anyway). The flow that triggered it stays on the
 userspace path; new flows to F then never reach Mirage until the element
 times out, and the next flow after that resolves again and offers again.
-nft/mirage.nft has the rules: the prerouting chain lets offloaded fake IPs
-pass, chain direct_nat translates them, chain fake_guard drops a fake IP
+nft/mirage.nft has the rules: the prerouting chain lets new flows to
+offloaded fake IPs pass (a UDP session Mirage already relays stays with
+it), chain direct_nat translates them, chain fake_guard drops a fake IP
 that would be forwarded untranslated (an element that timed out between
 the two hooks).
 

@@ -11,9 +11,11 @@ status` / `mirage mappings`.
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -137,3 +139,60 @@ def test_reload_flushes_the_offloads(lab: Lab, runs: MirageRuns) -> None:
     assert "MARKER-GAMMA" in body and CLIENT not in body and GATEWAY not in body
     assert offloaded(lab) == {}
 
+
+
+ECHO = Path(__file__).resolve().parents[2] / "bench" / "udp_echo.py"
+ECHO_PORT = 7707
+
+# A UDP session to the fake IP held open across the offload, then a new one.
+UDP_CLIENT = """
+import socket, sys
+fake, port = sys.argv[1], int(sys.argv[2])
+def ask(s, what):
+    s.send(what)
+    print(s.recv(200).decode(), flush=True)
+old = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+old.settimeout(5)
+old.connect((fake, port))
+ask(old, b"old-1")
+sys.stdin.readline()
+ask(old, b"old-2")
+new = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+new.settimeout(5)
+new.connect((fake, port))
+ask(new, b"new-1")
+"""
+
+
+def test_a_udp_session_mirage_carries_stays_with_it(lab: Lab, runs: MirageRuns) -> None:
+    # Offloading a fake IP takes only *new* flows to the kernel: a UDP session
+    # Mirage already relays (conntrack: established, not translated) keeps
+    # going through Mirage instead of being forwarded untranslated (and
+    # dropped by fake_guard). The echo server tags each reply with the
+    # sender it saw.
+    runs.start(appliance={"offload-direct": True})
+    fake = dig(lab, "+short", "www.gamma.test")
+    echo = lab.popen("upstream", [sys.executable, str(ECHO), "--tag", "--max-seconds", "120",
+                                  f"{GAMMA}:{ECHO_PORT}"],
+                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    held = lab.popen("client", [sys.executable, "-c", UDP_CLIENT, fake, str(ECHO_PORT)],
+                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert echo.stdout is not None and echo.stdout.readline().strip() == b"ready"
+        assert held.stdout is not None and held.stdin is not None
+        assert held.stdout.readline().startswith("old-1 from=192.168.57.1:")
+        assert GATEWAY in get(lab, "www.gamma.test")  # the TCP flow that offloads gamma
+        wait_offloaded(lab, fake)
+        held.stdin.write("\n")
+        held.stdin.flush()
+        assert held.stdout.readline().startswith("old-2 from=192.168.57.1:")  # still Mirage
+        assert held.stdout.readline().startswith("new-1 from=192.168.56.10:")  # the kernel
+        assert held.wait(timeout=10) == 0
+    finally:
+        for proc in (held, echo):
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait(timeout=5)
+        for stream in (held.stdin, held.stdout, echo.stdout):
+            if stream is not None:
+                stream.close()
