@@ -25,6 +25,7 @@ import pytest
 from hypothesis import HealthCheck, settings
 
 from appliance.lab.lab import STATE_ROOT, Lab
+from appliance.lab.mirage import MirageRuns
 from appliance.lab.netns import NETNS_RUN_DIR
 
 # Property tests judge correctness, not speed: on a shared 2-core CI machine a
@@ -65,3 +66,15 @@ def lab(lab_prefix: str) -> Iterator[Lab]:
         yield instance
     finally:
         instance.down()
+
+
+@pytest.fixture
+def runs(lab: Lab) -> Iterator[MirageRuns]:
+    """`mirage run` variants in the session's lab, all stopped (and the
+    fake-IP store removed) when the test ends. test_ebpf_e2e.py overrides it
+    with one that sets the capture backend."""
+    r = MirageRuns(lab)
+    try:
+        yield r
+    finally:
+        r.close()

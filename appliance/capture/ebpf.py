@@ -323,6 +323,15 @@ def _libc() -> ctypes.CDLL:
     return ctypes.CDLL(None, use_errno=True)
 
 
+def _bpf(cmd: int, attr: ctypes.Structure, what: str) -> int:
+    """bpf(2) with `attr`; its result, or OSError naming `what`."""
+    rc = int(_libc().syscall(_SYS_BPF, cmd, ctypes.byref(attr), ctypes.sizeof(attr)))
+    if rc < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}")
+    return rc
+
+
 # --- BPF_LINK_CREATE for the sk_lookup program (bcc has no wrapper either) ----
 
 _BPF_LINK_CREATE = 28
@@ -348,14 +357,9 @@ def _link_to_netns(prog_fd: int) -> int:
     netns = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
     try:
         attr = _LinkCreateAttr(prog_fd=prog_fd, target_fd=netns, attach_type=_BPF_SK_LOOKUP)
-        fd = int(_libc().syscall(_SYS_BPF, _BPF_LINK_CREATE, ctypes.byref(attr),
-                                 ctypes.sizeof(attr)))
+        return _bpf(_BPF_LINK_CREATE, attr, "BPF_LINK_CREATE (sk_lookup)")
     finally:
         os.close(netns)
-    if fd < 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"BPF_LINK_CREATE (sk_lookup): {os.strerror(err)}")
-    return fd
 
 
 @dataclass(frozen=True)
@@ -463,11 +467,7 @@ class Program:
             repeat=repeat, ctx_size_in=_SKB_CTX, ctx_size_out=_SKB_CTX,
             ctx_in=ctypes.addressof(ctx_in), ctx_out=ctypes.addressof(ctx_out),
         )
-        rc = _libc().syscall(_SYS_BPF, _BPF_PROG_TEST_RUN, ctypes.byref(attr),
-                             ctypes.sizeof(attr))
-        if rc != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, f"BPF_PROG_TEST_RUN: {os.strerror(err)}")
+        _bpf(_BPF_PROG_TEST_RUN, attr, "BPF_PROG_TEST_RUN")
         return TestRun(attr.retval, struct.unpack_from("=I", ctx_out, _CTX_MARK)[0],
                        attr.duration)
 

@@ -13,7 +13,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 
 import pytest
 from lab_client import FAKE, client, connect_outcome, curl, dig, hijacked_answer
@@ -22,15 +21,6 @@ from appliance.lab.lab import Lab
 from appliance.lab.mirage import MirageRun, MirageRuns
 
 pytestmark = pytest.mark.netns
-
-
-@pytest.fixture
-def runs(lab: Lab) -> Iterator[MirageRuns]:
-    r = MirageRuns(lab)
-    try:
-        yield r
-    finally:
-        r.close()
 
 
 @pytest.fixture

@@ -14,7 +14,6 @@ import json
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,15 +28,6 @@ pytestmark = pytest.mark.netns
 CLIENT = "from=192.168.56.10"
 GATEWAY = "from=192.168.57.1"  # DIRECT through Mirage leaves from the WAN side
 GAMMA = "192.168.57.12"  # www.gamma.test's real address (topology.yaml)
-
-
-@pytest.fixture
-def runs(lab: Lab) -> Iterator[MirageRuns]:
-    r = MirageRuns(lab)
-    try:
-        yield r
-    finally:
-        r.close()
 
 
 def offloaded(lab: Lab) -> dict[str, tuple[str, int]]:
