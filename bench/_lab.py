@@ -41,9 +41,10 @@ class LabBench:
     """A lab (prefix `prefix`) and the Mirage run in it; subclasses add their
     own processes and tear them down in `close()` (calling this one's)."""
 
-    def __init__(self, args: argparse.Namespace, prefix: str) -> None:
+    def __init__(self, args: argparse.Namespace, prefix: str,
+                 etc_files: dict[str, dict[str, str]] | None = None) -> None:
         self.args = args
-        self.lab = Lab(prefix)
+        self.lab = Lab(prefix, etc_files=etc_files)
         self.mirage: MirageRun | None = None
 
     def run(self, node: str, argv: list[str], timeout: float = 60) -> str:

@@ -64,10 +64,14 @@ class Lab:
         topology: Topology | None = None,
         state_root: Path = STATE_ROOT,
         topology_path: Path = DEFAULT_TOPOLOGY,
+        etc_files: Mapping[str, Mapping[str, str]] | None = None,
     ) -> None:
         if not _PREFIX_RE.match(prefix):
             raise ValueError(f"lab prefix {prefix!r}: use 1-24 of [a-z0-9-], starting alnum")
         self.prefix = prefix
+        # Extra /etc files per node (name -> text), e.g. a bench's gai.conf;
+        # written with the resolv.conf before any server starts.
+        self.etc_files = {node: dict(files) for node, files in (etc_files or {}).items()}
         self.topology = topology if topology is not None else load_topology(topology_path)
         self.state_dir = state_root / prefix
         self._records: list[ProcessRecord] = []
@@ -182,6 +186,7 @@ class Lab:
                 users, user_modes = servers.user_db_files(topo)
                 files.update(users)
                 modes.update(user_modes)
+            files.update(self.etc_files.get(key, {}))
             if files:
                 netns.write_etc(self.ns(key), files, modes)
 

@@ -17,6 +17,8 @@ from appliance.outbound.base import (
     OutboundError,
     ReplayStream,
     Resolve,
+    handshake_receive,
+    handshake_send,
     outbound_deadline,
 )
 from appliance.proto.socks5 import Socks5Client, Socks5Error
@@ -101,7 +103,7 @@ async def socks5_handshake(stream: trio.abc.Stream, client: Socks5Client, name: 
     sock = stream.socket if isinstance(stream, trio.SocketStream) else None
     lowat = 1
     try:
-        await stream.send_all(client.data_to_send())
+        await handshake_send(stream, client.data_to_send())
         for _ in range(_MAX_READS):
             if client.established:
                 return
@@ -109,10 +111,10 @@ async def socks5_handshake(stream: trio.abc.Stream, client: Socks5Client, name: 
             if sock is not None and wanted != lowat:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, wanted)
                 lowat = wanted
-            client.receive_data(await stream.receive_some(wanted))
+            client.receive_data(await handshake_receive(stream, wanted))
             out = client.data_to_send()
             if out:
-                await stream.send_all(out)
+                await handshake_send(stream, out)
     except Socks5Error as e:
         raise OutboundError(f"{name}: {e}") from None
     finally:
