@@ -17,6 +17,7 @@ from appliance.outbound.base import (
     ReplayStream,
     Resolve,
     as_ip,
+    handshake_send,
     outbound_deadline,
 )
 from appliance.proto.http_connect import DEFAULT_MAX_HEAD, HttpConnectClient, HttpConnectError
@@ -100,7 +101,7 @@ class HttpOutbound:
                 )
                 await ssl_stream.do_handshake()
                 stream = ssl_stream
-            await stream.send_all(client.request_bytes())
+            await handshake_send(stream, client.request_bytes())
             if isinstance(stream, trio.SocketStream):
                 await self._read_head_exactly(stream, client)
             else:
