@@ -245,7 +245,7 @@ class Appliance:
             return
         cfg = self.cfg
         self.offload = DirectOffload(
-            self.pool, table=self.capture.table,
+            self.pool, table=self.capture.table, lan=cfg.appliance.lan,
             map6=cfg.ipv6 and cfg.dns.fake_ip_range6 is not None)
         await self.offload.serve(task_status=task_status)
 

@@ -28,6 +28,10 @@ Safety:
 - A reload (rules or filter may have changed) flushes both maps and unpins.
 - At most `limit` elements per family (the maps' size); past that, flows
   simply stay on the userspace path.
+- Never to an address routed out of a LAN interface (a public name that
+  resolves to a LAN host): the host would answer the client directly, from
+  its own address, not the fake one the client is talking to. Such names
+  stay on the userspace path, which relays them.
 
 What an offloaded flow does not get (docs/operations.md): it is not in the
 connection list or its byte counters, has no idle timeout of Mirage's,
@@ -48,6 +52,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import trio
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
 
 from appliance.capture.nftables import (
     DEFAULT_TABLE,
@@ -151,6 +157,27 @@ class OffloadBook:
         return out
 
 
+def _routed_via(lan: tuple[str, ...], addresses: set[IPAddress]) -> dict[IPAddress, str]:
+    """Those of `addresses` whose route leaves through one of the `lan`
+    interfaces, with that interface (a route lookup each, in this network
+    namespace). An address with no route is not in the result."""
+    if not lan or not addresses:
+        return {}
+    out: dict[IPAddress, str] = {}
+    with IPRoute() as ipr:
+        names = {link["index"]: link.get_attr("IFLA_IFNAME") for link in ipr.get_links()}
+        for addr in addresses:
+            try:
+                routes = ipr.route("get", dst=str(addr))
+            except NetlinkError:
+                continue
+            for route in routes:
+                name = names.get(route.get_attr("RTA_OIF"))
+                if name in lan:
+                    out[addr] = name
+    return out
+
+
 def element_commands(table: str, batch: list[Element]) -> list[dict[str, Any]]:
     """nftables JSON: add each element to its family's map."""
     out: list[dict[str, Any]] = []
@@ -176,10 +203,14 @@ class DirectOffload:
     flows concerned stay on the userspace path."""
 
     def __init__(self, pool: Any, *, table: str = DEFAULT_TABLE, map6: bool = False,
-                 limit: int = OFFLOAD_SIZE) -> None:
+                 lan: tuple[str, ...] = (), limit: int = OFFLOAD_SIZE) -> None:
         self.pool = pool
         self.table = table
         self.map6 = map6  # the table has offload6 (an IPv6 fake range is configured)
+        self.lan = lan  # appliance.lan: never offload to an address routed out of one
+        # Fake IPs whose address routes out of the LAN -> until when not to
+        # ask again (their TTL): a route lookup per flow would be waste.
+        self._refused: dict[IPAddress, float] = {}
         self.book = OffloadBook(limit)
         self._wakeup = trio.Event()
         self._lock = trio.Lock()  # one nft batch at a time
@@ -194,6 +225,11 @@ class DirectOffload:
         and `fake` still maps to `domain` (pinned from now on)."""
         if fake in self.book:
             return
+        refused = self._refused.get(fake)
+        if refused is not None:
+            if refused > trio.current_time():
+                return
+            del self._refused[fake]
         if self.pool.pin(fake) != domain:
             # Remapped since the flow started (or not mapped at all): the
             # pin, if any, belongs to nobody.
@@ -226,6 +262,19 @@ class DirectOffload:
             batch = self.book.pending()
             if not batch:
                 return
+            via_lan = await trio.to_thread.run_sync(_routed_via, self.lan,
+                                                    {e.real for e in batch})
+            now = trio.current_time()
+            for e in [e for e in batch if e.real in via_lan]:
+                log.debug("offload: not %s -> %s: routed out of %s", e.fake, e.real,
+                          via_lan[e.real])
+                self.pool.unpin(e.fake)
+                if len(self._refused) >= self.book.limit:
+                    self._refused.clear()
+                self._refused[e.fake] = now + e.timeout
+            batch = [e for e in batch if e.real not in via_lan]
+            if not batch:
+                return
             try:
                 await trio.to_thread.run_sync(run_commands, element_commands(self.table, batch),
                                               "add DIRECT offload elements")
@@ -245,6 +294,7 @@ class DirectOffload:
         chose DIRECT may have changed). Returns how many were offloaded."""
         async with self._lock:
             fakes = self.book.clear()
+            self._refused.clear()
             try:
                 await trio.to_thread.run_sync(run_commands, flush_commands(self.table, self.map6),
                                               "flush the DIRECT offload maps")

@@ -269,15 +269,20 @@ def pins(pool):
     return {d: n for d, _ip, n in pool.mappings()}
 async def main():
     pool = FakeIPPool(cfg.dns.fake_ip_range)
-    a, b = pool.allocate("a.test"), pool.allocate("b.test")
-    off = DirectOffload(pool)
+    a, b, c = pool.allocate("a.test"), pool.allocate("b.test"), pool.allocate("c.test")
+    off = DirectOffload(pool, lan=cfg.appliance.lan)
     seen = {}
     async with trio.open_nursery() as nursery:
         await nursery.start(off.serve)
         off.offer(a, "a.test", ipaddress.ip_address("192.0.2.1"), 2.5)
         off.offer(b, "b.test", ipaddress.ip_address("192.0.2.2"), 60)
+        # c's address is a host on the LAN side (gwlan0): never offloaded.
+        off.offer(c, "c.test", ipaddress.ip_address("10.9.0.5"), 60)
         await trio.sleep(0.5)
         seen["added"], seen["pins_added"] = elements(), pins(pool)
+        off.offer(c, "c.test", ipaddress.ip_address("10.9.0.5"), 60)  # not asked again
+        await trio.sleep(0.2)
+        seen["offered_after_refusal"] = off.offered
         await trio.sleep(3.5)  # a: 2 s in the kernel, +1 s grace for the pin
         seen["expired"], seen["pins_expired"] = elements(), pins(pool)
         await off.clear()
@@ -295,14 +300,24 @@ def test_offload_elements_time_out_and_unpin(ns: str) -> None:
     # map with the TTL as timeout, the kernel drops them when it runs out and
     # the pool pin goes with it; a clear (reload) empties the map.
     cfg = make_cfg(ipv6=False, appliance=ApplianceConfig(lan=("gwlan0",), offload_direct=True))
+    # A LAN interface with a subnet, and a default route out of another one.
+    # (veth pairs: this kernel has no dummy links.)
+    for dev in ("gwlan0", "gwwan0"):
+        run("ip", "link", "add", dev, "type", "veth", "peer", "name", f"{dev}p", ns=ns)
+    run("ip", "addr", "add", "10.9.0.1/24", "dev", "gwlan0", ns=ns)
+    run("ip", "addr", "add", "192.0.2.100/24", "dev", "gwwan0", ns=ns)
+    for dev in ("gwlan0", "gwlan0p", "gwwan0", "gwwan0p"):
+        run("ip", "link", "set", dev, "up", ns=ns)
     r = subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-c", OFFLOAD],
                        input=pickle.dumps(cfg), capture_output=True, timeout=60, check=False)
     assert r.returncode == 0, r.stderr.decode()
     seen = json.loads(r.stdout)
     assert seen["added"] == {"198.18.0.1": ["192.0.2.1", 2], "198.18.0.2": ["192.0.2.2", 60]}
-    assert seen["pins_added"] == {"a.test": 1, "b.test": 1}
+    assert seen["pins_added"] == {"a.test": 1, "b.test": 1, "c.test": 0}
+    assert seen["offered_after_refusal"] == 3
     assert seen["expired"] == {"198.18.0.2": ["192.0.2.2", 60]}
-    assert seen["pins_expired"] == {"a.test": 0, "b.test": 1}
-    assert seen["cleared"] == {} and seen["pins_cleared"] == {"a.test": 0, "b.test": 0}
-    assert seen["stats"] == {"offloaded": 0, "offered": 2, "failures": 0}
+    assert seen["pins_expired"] == {"a.test": 0, "b.test": 1, "c.test": 0}
+    assert seen["cleared"] == {}
+    assert seen["pins_cleared"] == {"a.test": 0, "b.test": 0, "c.test": 0}
+    assert seen["stats"] == {"offloaded": 0, "offered": 3, "failures": 0}
     assert_nothing_left(ns)
