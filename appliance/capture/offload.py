@@ -92,16 +92,18 @@ class OffloadBook:
 
     `offer` accepts a candidate (returns False for one already known, of a
     mismatched family, with too little TTL, or past `limit`); the service
-    takes `pending()` elements to the kernel and reports `added` (or
-    `failed`); `expired(now)` hands back the fake IPs whose elements have
-    timed out; `clear()` forgets everything. Times are the caller's clock.
+    takes `pending()` elements to the kernel and reports those it `added`
+    (the others are simply forgotten); `expired(now)` hands back the fake
+    IPs whose elements have timed out; `clear()` forgets everything. Times
+    are the caller's clock.
     """
 
     def __init__(self, limit: int = OFFLOAD_SIZE) -> None:
         self.limit = limit
         self._until: dict[IPAddress, float] = {}  # offloaded -> unpin time
+        self._live = {4: 0, 6: 0}  # len(_until) by family
         self._heap: list[tuple[float, int, IPAddress]] = []
-        self._pending: dict[IPAddress, Element] = {}
+        self._pending: dict[IPAddress, Element] = {}  # drained every batch: small
         self._seq = 0
 
     def __contains__(self, fake: IPAddress) -> bool:
@@ -111,8 +113,8 @@ class OffloadBook:
         return len(self._until)
 
     def count(self, version: int) -> int:
-        return sum(1 for f in self._until if f.version == version) + sum(
-            1 for f in self._pending if f.version == version)
+        """Offloaded and pending fake IPs of one family."""
+        return self._live[version] + sum(1 for f in self._pending if f.version == version)
 
     def offer(self, fake: IPAddress, real: IPAddress, ttl: float) -> bool:
         if fake in self or fake.version != real.version:
@@ -131,6 +133,7 @@ class OffloadBook:
         for e in batch:
             until = now + e.timeout + GRACE
             self._until[e.fake] = until
+            self._live[e.fake.version] += 1
             self._seq += 1
             heapq.heappush(self._heap, (until, self._seq, e.fake))
 
@@ -145,6 +148,7 @@ class OffloadBook:
         while self.next_expiry() <= now:
             _, _, fake = heapq.heappop(self._heap)
             del self._until[fake]
+            self._live[fake.version] -= 1
             out.append(fake)
         return out
 
@@ -152,6 +156,7 @@ class OffloadBook:
         """Forget every entry, pending or added; return their fake IPs."""
         out = [*self._until, *self._pending]
         self._until.clear()
+        self._live = {4: 0, 6: 0}
         self._pending.clear()
         self._heap.clear()
         return out
