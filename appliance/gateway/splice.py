@@ -148,7 +148,10 @@ async def splice(
                     # EOF from src: tell dst we are done sending, keep the other
                     # direction going. Streams without half-close (TLS) cannot
                     # say it; the other direction then ends on its own.
-                    if isinstance(dst, trio.abc.HalfCloseableStream):
+                    if isinstance(dst, trio.SocketStream):
+                        # What send_eof does, minus its scheduler turn.
+                        dst.socket.shutdown(socket.SHUT_WR)
+                    elif isinstance(dst, trio.abc.HalfCloseableStream):
                         await dst.send_eof()
                 except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                     if state.result.reason == "done":

@@ -280,6 +280,11 @@ class TransparentTcp:
                     # Mirror the reset: both ends learn the flow broke.
                     await abort(client)
                     await abort(server)
+                elif isinstance(server, trio.SocketStream):
+                    # SocketStream.aclose() is close() plus a scheduler
+                    # turn each; the task ends right after, so skip them.
+                    client.socket.close()
+                    server.socket.close()
                 else:
                     await client.aclose()
                     await server.aclose()
