@@ -235,13 +235,12 @@ class DirectOffload:
             if refused > trio.current_time():
                 return
             del self._refused[fake]
-        if self.pool.pin(fake) != domain:
-            # Remapped since the flow started (or not mapped at all): the
-            # pin, if any, belongs to nobody.
-            self.pool.unpin(fake)
-            return
-        if not self.book.offer(fake, real, ttl):
-            self.pool.unpin(fake)
+        mapped = self.pool.pin(fake)  # None: not mapped, and nothing pinned
+        if mapped != domain or not self.book.offer(fake, real, ttl):
+            # Remapped since the flow started, or the book refused: the pin,
+            # if one was taken, belongs to nobody.
+            if mapped is not None:
+                self.pool.unpin(fake)
             return
         self.offered += 1
         self._wakeup.set()

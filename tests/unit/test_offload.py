@@ -114,3 +114,11 @@ def test_offer_pins_the_fake_ip_and_only_for_the_name_routed() -> None:
         pool.unpin(fake)
     assert pool.allocate("d.test") in (a, b)
     assert pool.stats()["unbalanced_unpins"] == 0
+
+
+def test_offer_of_an_unmapped_fake_ip_takes_and_releases_nothing() -> None:
+    pool = FakeIPPool(ipaddress.IPv4Network("198.18.0.0/30"))
+    off = DirectOffload(pool)
+    off.offer(F1, "gone.test", R1, 300)  # expired or never mapped
+    assert F1 not in off.book and off.offered == 0
+    assert pool.stats()["unbalanced_unpins"] == 0
