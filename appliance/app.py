@@ -38,6 +38,8 @@ from appliance.config import ConfigError, load_config
 from appliance.config.model import Config, DnsConfig
 from appliance.dns.handler import wants_fake_ip
 from appliance.dns.names import DomainMatcher
+from appliance.outbound.direct import DirectOutbound
+from appliance.rules.engine import FlowContext
 
 log = logging.getLogger("mirage")
 
@@ -202,8 +204,6 @@ class Appliance:
 
     async def dial(self, target: Any) -> Any:
         """Route a captured flow by its rules and connect its outbound."""
-        from appliance.rules.engine import FlowContext
-
         # The transparent listener hands the addresses parsed (dst_addr/src_addr).
         dst = getattr(target, "dst_addr", None)
         src = getattr(target, "src_addr", None)
@@ -221,8 +221,6 @@ class Appliance:
     def _offer_offload(self, outbound: Any, domain: str, fake: Any, stream: Any) -> None:
         """A DIRECT flow to a fake IP, routed by its name alone: the kernel
         can take the next ones (appliance/capture/offload.py)."""
-        from appliance.outbound.direct import DirectOutbound
-
         if not isinstance(outbound, DirectOutbound) or not self.pool.is_fake(fake):
             return
         kept = outbound.dialer.sticky(domain)

@@ -160,20 +160,23 @@ class Router:
         return self._targets
 
     def route(self, ctx: FlowContext) -> Outbound:
-        return self.explain(ctx)[0]
+        return self._pick(ctx)[0]
 
     def decide(self, ctx: FlowContext) -> tuple[Outbound, bool]:
         """The outbound, and whether every flow to `ctx.domain` would get
         it (the rules decided by the name alone: see
         `RuleSet.decided_by_domain`)."""
-        i = self.rules.match_index(ctx)
-        target = self.default if i is None else self._targets[i]
+        target, i = self._pick(ctx)
         return target, self.rules.decided_by_domain(i)
 
     def explain(self, ctx: FlowContext) -> tuple[Outbound, Rule | None]:
         """The outbound and the rule that chose it (None: the default), for
         logs and the API's connection list."""
+        target, i = self._pick(ctx)
+        return target, None if i is None else self.rules.rules[i]
+
+    def _pick(self, ctx: FlowContext) -> tuple[Outbound, int | None]:
+        """The outbound and the index of the rule that chose it (None: the
+        default)."""
         i = self.rules.match_index(ctx)
-        if i is None:
-            return self.default, None
-        return self._targets[i], self.rules.rules[i]
+        return (self.default if i is None else self._targets[i]), i
