@@ -259,6 +259,44 @@ class Dialer:
         return stream
 
 
+class ProxyOutbound:
+    """What the proxy outbounds (SOCKS5, HTTP CONNECT) share: a proxy at
+    `server:port` (a name is resolved through `resolve`), optional
+    credentials, a `Dialer` whose sockets carry `routing_mark`, and one
+    deadline of `connect_timeout` seconds over connect + handshake.
+    Subclasses implement `_connect(host, port)`."""
+
+    type = ""
+
+    def __init__(
+        self,
+        name: str,
+        server: str,
+        port: int,
+        *,
+        username: str | None = None,
+        password: str | None = None,
+        routing_mark: int | None = None,
+        connect_timeout: float = 5.0,
+        resolve: Resolve | None = None,
+        ipv6: bool = False,
+    ) -> None:
+        self.name = name
+        self.server = server
+        self.port = port
+        self.username = username
+        self.password = password
+        self.connect_timeout = connect_timeout
+        self.dialer = Dialer(resolve, routing_mark, ipv6=ipv6)
+
+    async def connect_tcp(self, host: str | IPAddress, port: int) -> trio.abc.Stream:
+        with outbound_deadline(self.connect_timeout, f"{self.name} {host}:{port}"):
+            return await self._connect(host, port)
+
+    async def _connect(self, host: str | IPAddress, port: int) -> trio.abc.Stream:
+        raise NotImplementedError
+
+
 async def handshake_send(stream: trio.abc.Stream, data: bytes) -> None:
     """`stream.send_all(data)` for a proxy handshake. On a plain socket the
     bytes go straight to its fd and the task waits only if the socket is

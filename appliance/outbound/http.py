@@ -7,18 +7,17 @@ from __future__ import annotations
 
 import socket
 import ssl
+from typing import Any
 
 import trio
 
 from appliance.config.model import IPAddress
 from appliance.outbound.base import (
-    Dialer,
     OutboundError,
+    ProxyOutbound,
     ReplayStream,
-    Resolve,
     as_ip,
     handshake_send,
-    outbound_deadline,
 )
 from appliance.proto.http_connect import DEFAULT_MAX_HEAD, HttpConnectClient, HttpConnectError
 
@@ -33,7 +32,7 @@ def make_ssl_context(skip_cert_verify: bool, ca_file: str | None = None) -> ssl.
     return ctx
 
 
-class HttpOutbound:
+class HttpOutbound(ProxyOutbound):
     """CONNECT through an HTTP proxy at `server:port`, optionally with Basic
     auth and optionally over TLS to the proxy (`tls`; `sni` overrides the
     name sent and verified; `skip_cert_verify` disables verification).
@@ -57,31 +56,16 @@ class HttpOutbound:
         server: str,
         port: int,
         *,
-        username: str | None = None,
-        password: str | None = None,
         tls: bool = False,
         skip_cert_verify: bool = False,
         sni: str | None = None,
         ca_file: str | None = None,
-        routing_mark: int | None = None,
-        connect_timeout: float = 5.0,
-        resolve: Resolve | None = None,
-        ipv6: bool = False,
+        **common: Any,
     ) -> None:
-        self.name = name
-        self.server = server
-        self.port = port
-        self.username = username
-        self.password = password
+        super().__init__(name, server, port, **common)
         self.tls = tls
         self.sni = sni
         self.ssl_context = make_ssl_context(skip_cert_verify, ca_file) if tls else None
-        self.connect_timeout = connect_timeout
-        self.dialer = Dialer(resolve, routing_mark, ipv6=ipv6)
-
-    async def connect_tcp(self, host: str | IPAddress, port: int) -> trio.abc.Stream:
-        with outbound_deadline(self.connect_timeout, f"{self.name} {host}:{port}"):
-            return await self._connect(host, port)
 
     async def _connect(self, host: str | IPAddress, port: int) -> trio.abc.Stream:
         try:

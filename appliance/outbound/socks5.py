@@ -13,13 +13,11 @@ import trio
 
 from appliance.config.model import IPAddress
 from appliance.outbound.base import (
-    Dialer,
     OutboundError,
+    ProxyOutbound,
     ReplayStream,
-    Resolve,
     handshake_receive,
     handshake_send,
-    outbound_deadline,
 )
 from appliance.proto.socks5 import Socks5Client, Socks5Error
 
@@ -28,7 +26,7 @@ from appliance.proto.socks5 import Socks5Client, Socks5Error
 _MAX_READS = 300
 
 
-class Socks5Outbound:
+class Socks5Outbound(ProxyOutbound):
     """Connects to the proxy (`server` may be a name: resolved through
     `resolve`; the socket carries `routing_mark`), runs the sans-I/O client
     (optional RFC 1929 username/password) and returns the stream positioned
@@ -45,31 +43,6 @@ class Socks5Outbound:
     """
 
     type = "Socks5"
-
-    def __init__(
-        self,
-        name: str,
-        server: str,
-        port: int,
-        *,
-        username: str | None = None,
-        password: str | None = None,
-        routing_mark: int | None = None,
-        connect_timeout: float = 5.0,
-        resolve: Resolve | None = None,
-        ipv6: bool = False,
-    ) -> None:
-        self.name = name
-        self.server = server
-        self.port = port
-        self.username = username
-        self.password = password
-        self.connect_timeout = connect_timeout
-        self.dialer = Dialer(resolve, routing_mark, ipv6=ipv6)
-
-    async def connect_tcp(self, host: str | IPAddress, port: int) -> trio.abc.Stream:
-        with outbound_deadline(self.connect_timeout, f"{self.name} {host}:{port}"):
-            return await self._connect(host, port)
 
     async def _connect(self, host: str | IPAddress, port: int) -> trio.abc.Stream:
         try:
