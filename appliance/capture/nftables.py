@@ -58,6 +58,8 @@ DNS_PORT = 53
 # Elements the DIRECT offload maps may hold (per family); past it new fake
 # IPs simply stay on the userspace path (appliance/capture/offload.py).
 OFFLOAD_SIZE = 65536
+# Their names, by IP version (appliance/capture/offload.py adds the elements).
+OFFLOAD_MAPS = {4: "offload4", 6: "offload6"}
 
 Json = dict[str, Any]
 
@@ -134,11 +136,14 @@ def _fake6(cfg: Config) -> ipaddress.IPv6Network | None:
 # --- JSON fragment helpers (firewalld style) --------------------------------
 
 
-def _offload_maps(cfg: Config) -> list[tuple[str, str]]:
-    """(name, key/value type) of the DIRECT offload maps: one per fake range."""
-    maps = [("offload4", "ipv4_addr")]
+def _offload_maps(cfg: Config) -> list[tuple[str, str, str]]:
+    """(name, key/value type, payload protocol) of the DIRECT offload maps:
+    one per fake range; none without appliance.offload-direct."""
+    if not cfg.appliance.offload_direct:
+        return []
+    maps = [(OFFLOAD_MAPS[4], "ipv4_addr", "ip")]
     if _fake6(cfg) is not None:
-        maps.append(("offload6", "ipv6_addr"))
+        maps.append((OFFLOAD_MAPS[6], "ipv6_addr", "ip6"))
     return maps
 
 
@@ -229,11 +234,10 @@ class _Builder:
             f6 = _fake6(cfg)
             yield self._set("fake6", "ipv6_addr", [_prefix(f6)] if f6 else [], interval=True)
             yield self._set("bypass6", "ipv6_addr", [_prefix(n) for n in b6], interval=True)
-        if cfg.appliance.offload_direct:
-            for name, type_ in _offload_maps(cfg):
-                yield {"map": {"family": FAMILY, "table": self.table, "name": name,
-                               "type": type_, "map": type_, "flags": ["timeout"],
-                               "size": OFFLOAD_SIZE}}
+        for name, type_, _proto in _offload_maps(cfg):
+            yield {"map": {"family": FAMILY, "table": self.table, "name": name,
+                           "type": type_, "map": type_, "flags": ["timeout"],
+                           "size": OFFLOAD_SIZE}}
 
     def chains(self) -> Iterator[Json]:
         yield self._chain("prerouting", "prerouting", -150)  # priority mangle
@@ -270,9 +274,8 @@ class _Builder:
             _set_mark(mark),
             _ACCEPT,
         )
-        offload = _offload_maps(cfg) if cfg.appliance.offload_direct else []
-        for name, type_ in offload:
-            proto = "ip" if type_ == "ipv4_addr" else "ip6"
+        offload = _offload_maps(cfg)
+        for name, _type, proto in offload:
             yield self._rule(pre, _match(_payload(proto, "daddr"), f"@{name}"),
                              _match({"ct": {"key": "state"}}, "new", "in"), _RETURN)
         yield self._rule(
@@ -316,8 +319,7 @@ class _Builder:
             yield self._rule(dns, *head, l4, _match(_payload("th", "dport"), DNS_PORT), nat)
         if offload:
             yield self._rule("direct_nat", _match(_meta("iifname"), "@lan", "!="), _RETURN)
-            for name, type_ in offload:
-                proto = "ip" if type_ == "ipv4_addr" else "ip6"
+            for name, _type, proto in offload:
                 key = {"payload": {"protocol": proto, "field": "daddr"}}
                 yield self._rule("direct_nat", {"dnat": {
                     "family": proto, "addr": {"map": {"key": key, "data": f"@{name}"}}}})

@@ -58,6 +58,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 from appliance.capture.nftables import (
     DEFAULT_TABLE,
     FAMILY,
+    OFFLOAD_MAPS,
     OFFLOAD_SIZE,
     CaptureError,
     run_commands,
@@ -74,8 +75,6 @@ GRACE = 1.0
 MIN_TIMEOUT = 2
 # nft's timeout is a 32-bit millisecond count; a day is plenty.
 MAX_TIMEOUT = 86400
-
-MAPS = {4: "offload4", 6: "offload6"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,7 +185,7 @@ def _routed_via(lan: tuple[str, ...], addresses: set[IPAddress]) -> dict[IPAddre
 def element_commands(table: str, batch: list[Element]) -> list[dict[str, Any]]:
     """nftables JSON: add each element to its family's map."""
     out: list[dict[str, Any]] = []
-    for version, name in MAPS.items():
+    for version, name in OFFLOAD_MAPS.items():
         elems = [[{"elem": {"val": str(e.fake), "timeout": e.timeout}}, str(e.real)]
                  for e in batch if e.fake.version == version]
         if elems:
@@ -196,7 +195,7 @@ def element_commands(table: str, batch: list[Element]) -> list[dict[str, Any]]:
 
 
 def flush_commands(table: str, map6: bool) -> list[dict[str, Any]]:
-    names = [MAPS[4], MAPS[6]] if map6 else [MAPS[4]]
+    names = [OFFLOAD_MAPS[4], OFFLOAD_MAPS[6]] if map6 else [OFFLOAD_MAPS[4]]
     return [{"flush": {"map": {"family": FAMILY, "table": table, "name": n}}} for n in names]
 
 
