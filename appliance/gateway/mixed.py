@@ -68,7 +68,7 @@ from typing import Any, Literal, Protocol
 import trio
 
 from appliance.config.model import Config, IPAddress
-from appliance.gateway.splice import Flow, FlowRegistry, SpliceResult, abort, splice
+from appliance.gateway.splice import Flow, FlowRegistry, SpliceResult, abort, close, splice
 from appliance.gateway.tcp import Dial, FakeIPs, FlowTarget, accept_loop, ip_port
 from appliance.outbound.base import as_ip
 from appliance.proto import socks5 as s5
@@ -884,7 +884,7 @@ class ProxyPorts:
                     await abort(stream)
                     await abort(server)
                 else:
-                    await server.aclose()
+                    await close(server)
         log.debug(
             "proxy %s: %s%s (up %d, down %d bytes)",
             where,

@@ -30,7 +30,7 @@ from typing import Any, Protocol
 import trio
 
 from appliance.config.model import Config, IPAddress
-from appliance.gateway.splice import FlowRegistry, SpliceResult, abort, splice
+from appliance.gateway.splice import FlowRegistry, SpliceResult, abort, close, splice
 from appliance.sockopt import IP_TRANSPARENT, IPV6_TRANSPARENT
 
 log = logging.getLogger(__name__)
@@ -301,14 +301,9 @@ class TransparentTcp:
                     # Mirror the reset: both ends learn the flow broke.
                     await abort(client)
                     await abort(server)
-                elif isinstance(server, trio.SocketStream):
-                    # SocketStream.aclose() is close() plus a scheduler
-                    # turn each; the task ends right after, so skip them.
-                    client.socket.close()
-                    server.socket.close()
                 else:
-                    await client.aclose()
-                    await server.aclose()
+                    await close(client)
+                    await close(server)
             log.debug(
                 "tcp %s: %s%s (up %d, down %d bytes)",
                 where,
