@@ -165,10 +165,12 @@ def test_a_udp_session_mirage_carries_stays_with_it(lab: Lab, runs: MirageRuns) 
     echo = lab.popen("upstream", [sys.executable, str(ECHO), "--tag", "--max-seconds", "120",
                                   f"{GAMMA}:{ECHO_PORT}"],
                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    held = lab.popen("client", [sys.executable, "-c", UDP_CLIENT, fake, str(ECHO_PORT)],
-                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    held: subprocess.Popen[str] | None = None
     try:
+        # The client's first datagram must not race the server's bind.
         assert echo.stdout is not None and echo.stdout.readline().strip() == b"ready"
+        held = lab.popen("client", [sys.executable, "-c", UDP_CLIENT, fake, str(ECHO_PORT)],
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         assert held.stdout is not None and held.stdin is not None
         assert held.stdout.readline().startswith("old-1 from=192.168.57.1:")
         assert GATEWAY in get(lab, "www.gamma.test")  # the TCP flow that offloads gamma
@@ -180,9 +182,11 @@ def test_a_udp_session_mirage_carries_stays_with_it(lab: Lab, runs: MirageRuns) 
         assert held.wait(timeout=10) == 0
     finally:
         for proc in (held, echo):
+            if proc is None:
+                continue
             if proc.poll() is None:
                 proc.kill()
             proc.wait(timeout=5)
-        for stream in (held.stdin, held.stdout, echo.stdout):
-            if stream is not None:
-                stream.close()
+            for stream in (proc.stdin, proc.stdout):
+                if stream is not None:
+                    stream.close()
