@@ -154,6 +154,33 @@ def cpu_seconds(pid: int) -> tuple[float, float]:
     return int(fields[11]) / tick, int(fields[12]) / tick
 
 
+def lab_cpu(namespaces: list[str]) -> dict[str, float]:
+    """CPU seconds (user + system) so far of every process living in one of
+    `namespaces` (/run/netns names), summed by command name. Reads /proc
+    only. A process's reaped children count as its own (a forking server's
+    workers); a process that exits between two readings (wrk) drops out."""
+    inodes = set()
+    for ns in namespaces:
+        try:
+            inodes.add(os.stat(f"/run/netns/{ns}").st_ino)
+        except OSError:
+            pass
+    tick = os.sysconf("SC_CLK_TCK")
+    out: dict[str, float] = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            if os.stat(f"/proc/{entry.name}/ns/net").st_ino not in inodes:
+                continue
+            head, rest = Path(f"/proc/{entry.name}/stat").read_text().rsplit(")", 1)
+        except OSError:
+            continue
+        comm, fields = head.split("(", 1)[1], rest.split()
+        out[comm] = out.get(comm, 0.0) + sum(int(x) for x in fields[11:15]) / tick
+    return out
+
+
 def fmt(v: float | None, width: int, digits: int) -> str:
     """`v` right-aligned in `width` with `digits` decimals, '-' for None."""
     return f"{'-':>{width}}" if v is None else f"{v:>{width},.{digits}f}"

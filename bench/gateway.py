@@ -46,6 +46,7 @@ other load only ever makes a figure worse.
 
 Usage: bench/gateway.py [--seconds 3] [--iperf-seconds 3] [--requests 500]
                         [--idle-flows 10000] [--rounds 2] [--profile]
+                        [--paths kernel,redsocks,dante,offload,direct,socks5,idle]
 Exit status: 0 all targets met, 1 a target missed, 2 setup failed.
 """
 
@@ -75,11 +76,14 @@ from _lab import (
     cpu_seconds,
     drive,
     fmt,
+    lab_cpu,
 )
 
 from appliance.lab.mirage import MirageRun, lab_config
 
 HOLD_PORT = 9000
+# What --paths selects from: the rows, dante alone, and the idle flows.
+PATHS = ("kernel", "redsocks", "dante", "offload", "direct", "socks5", "idle")
 REDSOCKS_PORT = 12345
 PROBE = 500  # idle flows opened first to measure Mirage's fds per flow
 KERNEL_IP = "192.168.57.12"  # www.gamma.test's server; Mirage never captures real IPs
@@ -272,6 +276,14 @@ class Row:
     # during the wrk run, and as a share of one core during iperf3.
     cpu_conn: tuple[float, float] | None = None
     cpu_iperf: float | None = None
+    # The whole machine during the wrk run (every process and the kernel's
+    # softirq work): busy share of all cores, and busy CPU per connection.
+    # Near 100% busy, conn/s is the machine's CPU divided by the per-
+    # connection cost of every part of the path, not the proxy's latency.
+    busy: float | None = None
+    machine_conn: float | None = None
+    # The same per connection by process of the lab (command name -> s).
+    lab_conn: dict[str, float] = field(default_factory=dict)
 
     def p(self, q: float) -> float | None:
         if not self.ttfb:
@@ -296,6 +308,7 @@ class Bench(LabBench):
         self.profiles: dict[str, list[str]] = {}
         self.dante: dict[str, float] = {}
         self.dante_rate: dict[str, float] = {}  # best conn/s over the rounds
+        self.paths = frozenset(args.paths.split(","))
 
     # ------------------------------------------------------------ lifecycle
 
@@ -334,12 +347,17 @@ class Bench(LabBench):
         if pid is not None:
             row.cpu_iperf = (c1[0] - c0[0] + c1[1] - c0[1]) / (t1 - t0)
         print(f" {row.gbps:.2f} Gbit/s; wrk ...", end="", flush=True)
-        c0 = _cpu(pid)
+        c0, m0, l0 = _cpu(pid), machine_cpu(), lab_cpu(self.lab.namespaces)
         row.conns, row.conn_errors = self.wrk(ip, self.args.seconds)
-        c1 = _cpu(pid)
-        if pid is not None and row.conns:
+        c1, m1, l1 = _cpu(pid), machine_cpu(), lab_cpu(self.lab.namespaces)
+        if row.conns:
             total = row.conns * self.args.seconds
-            row.cpu_conn = ((c1[0] - c0[0]) / total, (c1[1] - c0[1]) / total)
+            busy = m1[0] - m0[0]
+            row.busy = busy / (m1[1] - m0[1])
+            row.machine_conn = busy / total
+            row.lab_conn = {comm: (l1[comm] - l0.get(comm, 0.0)) / total for comm in l1}
+            if pid is not None:
+                row.cpu_conn = ((c1[0] - c0[0]) / total, (c1[1] - c0[1]) / total)
         print(f" {row.conns:,.0f} conn/s; TTFB ...", end="", flush=True)
         row.ttfb = self.ttfb(ip, host)
         print(f" p50 {row.p(0.5):.3f} ms", flush=True)
@@ -528,46 +546,59 @@ class Bench(LabBench):
         self.setup()
         rounds = self.args.rounds
         pid, direct_ip, socks_ip = 0, "", ""
+        want = self.paths
         for i in range(rounds):
             print(f"round {i + 1} of {rounds}", flush=True)
-            print("measuring (a) kernel forwarding", flush=True)
-            self.measure("kernel", KERNEL_IP, DIRECT_NAME)
-            why = self.start_redsocks()
-            if why:
-                self.rows["redsocks"] = Row("redsocks", note=f"skipped: {why}")
-                print(f"  redsocks: {self.rows['redsocks'].note}", flush=True)
-            else:
-                print("measuring (d) redsocks -> dante", flush=True)
-                assert self.redsocks is not None
-                self.measure("redsocks", REDSOCKS_IP, "www.beta.test", self.redsocks.pid)
-            self.stop_redsocks()
-            if i == 0:
+            if "kernel" in want:
+                print("measuring (a) kernel forwarding", flush=True)
+                self.measure("kernel", KERNEL_IP, DIRECT_NAME)
+            if "redsocks" in want:
+                why = self.start_redsocks()
+                if why:
+                    self.rows["redsocks"] = Row("redsocks", note=f"skipped: {why}")
+                    print(f"  redsocks: {self.rows['redsocks'].note}", flush=True)
+                else:
+                    print("measuring (d) redsocks -> dante", flush=True)
+                    assert self.redsocks is not None
+                    self.measure("redsocks", REDSOCKS_IP, "www.beta.test", self.redsocks.pid)
+                self.stop_redsocks()
+            if i == 0 and "dante" in want:
                 self.dante_alone()
-            # The DIRECT offload: after the first flow to the name, the
-            # kernel forwards (DNAT) and Mirage sees no more of them.
-            self.start_mirage(offload=True)
-            offload_ip = self.fake_ip(OFFLOAD_NAME)
-            print(f"measuring (e) mirage DIRECT with offload-direct via {offload_ip} "
-                  f"({OFFLOAD_NAME})", flush=True)
-            assert self.mirage is not None and self.mirage.proc is not None
-            self.measure("mirage-offload", offload_ip, OFFLOAD_NAME, self.mirage.proc.pid)
-            self.mirage.stop()
-            self.mirage = None
+            if "offload" in want:
+                # The DIRECT offload: after the first flow to the name, the
+                # kernel forwards (DNAT) and Mirage sees no more of them.
+                self.start_mirage(offload=True)
+                offload_ip = self.fake_ip(OFFLOAD_NAME)
+                print(f"measuring (e) mirage DIRECT with offload-direct via {offload_ip} "
+                      f"({OFFLOAD_NAME})", flush=True)
+                assert self.mirage is not None and self.mirage.proc is not None
+                self.measure("mirage-offload", offload_ip, OFFLOAD_NAME, self.mirage.proc.pid)
+                self.mirage.stop()
+                self.mirage = None
+            if not want & {"direct", "socks5", "idle"}:
+                continue
             pid = self.start_mirage()
             direct_ip, socks_ip = self.fake_ip(DIRECT_NAME), self.fake_ip(SOCKS_NAME)
-            print(f"measuring (b) mirage DIRECT via {direct_ip} ({DIRECT_NAME})", flush=True)
-            self.measure("mirage-direct", direct_ip, DIRECT_NAME, pid)
-            print(f"measuring (c) mirage SOCKS5 via {socks_ip} ({SOCKS_NAME})", flush=True)
-            self.measure("mirage-socks5", socks_ip, SOCKS_NAME, pid)
+            if "direct" in want:
+                print(f"measuring (b) mirage DIRECT via {direct_ip} ({DIRECT_NAME})", flush=True)
+                self.measure("mirage-direct", direct_ip, DIRECT_NAME, pid)
+            if "socks5" in want:
+                print(f"measuring (c) mirage SOCKS5 via {socks_ip} ({SOCKS_NAME})", flush=True)
+                self.measure("mirage-socks5", socks_ip, SOCKS_NAME, pid)
             if i < rounds - 1:
                 assert self.mirage is not None
                 self.mirage.stop()
                 self.mirage = None
-        self.hold_idle(pid, direct_ip)
+        if not pid:
+            return 0
+        if "idle" in want:
+            self.hold_idle(pid, direct_ip)
         if self.args.profile:
             print("profiling mirage (py-spy) during conn/s runs", flush=True)
-            self.profile(pid, "mirage-direct", direct_ip)
-            self.profile(pid, "mirage-socks5", socks_ip)
+            if "direct" in want:
+                self.profile(pid, "mirage-direct", direct_ip)
+            if "socks5" in want:
+                self.profile(pid, "mirage-socks5", socks_ip)
         return 0
 
     # ------------------------------------------------------------ report
@@ -578,7 +609,8 @@ class Bench(LabBench):
         print(f"\nbest of {n} round{'s' if n > 1 else ''} per figure (the machine is shared):")
         print(f"{'path':<15} {'Gbit/s':>7} {'x kern':>7} {'conn/s':>8} {'x kern':>7} "
               f"{'TTFB p50':>9} {'p99':>7} {'added p50':>10}  "
-              f"{'proxy CPU us/conn usr+sys':>25} {'CPU@iperf':>9}")
+              f"{'proxy CPU us/conn usr+sys':>25} {'CPU@iperf':>9} {'busy@wrk':>8} "
+              f"{'all us/conn':>11}")
         for row in self.rows.values():
             if row.note:
                 print(f"{row.name:<15} {row.note}")
@@ -590,10 +622,24 @@ class Bench(LabBench):
                   f"{fmt(p50, 9, 3)} {fmt(p99, 7, 3)} "
                   f"{fmt(None if p50 is None or kp50 is None else p50 - kp50, 10, 3)}  "
                   f"{_cpu_text(row):>25} "
-                  f"{'-' if row.cpu_iperf is None else f'{row.cpu_iperf:.0%}':>9}"
+                  f"{'-' if row.cpu_iperf is None else f'{row.cpu_iperf:.0%}':>9} "
+                  f"{'-' if row.busy is None else f'{row.busy:.0%}':>8} "
+                  f"{fmt(None if row.machine_conn is None else row.machine_conn * 1e6, 11, 0)}"
                   + (f"   [{row.conn_errors}]" if row.conn_errors else ""))
         print("(TTFB in ms; CPU: the proxy process only, not the kernel's softirq work "
-              "on its behalf; CPU@iperf in cores)")
+              "on its behalf; CPU@iperf in cores; busy@wrk: the whole machine's busy share "
+              "during the conn/s run, all us/conn: its busy CPU per connection, every "
+              "process and the kernel)")
+        print("\nwhere the machine's CPU went in the conn/s run (us per connection; "
+              "'kernel+other': softirq work, and processes outside the lab):")
+        for row in self.rows.values():
+            if row.machine_conn is None:
+                continue
+            parts = sorted(((v, k) for k, v in row.lab_conn.items() if v * 1e6 >= 1),
+                           reverse=True)
+            rest = row.machine_conn - sum(v for v, _ in parts)
+            print(f"  {row.name:<15} " + ", ".join(f"{k} {v * 1e6:.0f}" for v, k in parts)
+                  + f", kernel+other {rest * 1e6:.0f}")
         if self.idle:
             i = self.idle
             print(f"\nidle flows: {i['upstream']:,} of {i['asked']:,} held through mirage "
@@ -669,7 +715,8 @@ def _best(rows: list[Row]) -> Row:
     many = max(rows, key=lambda r: r.conns or 0.0)
     quick = min(rows, key=lambda r: r.p(0.5) or float("inf"))
     return Row(rows[0].name, gbps=fast.gbps, conns=many.conns, conn_errors=many.conn_errors,
-               ttfb=quick.ttfb, cpu_conn=many.cpu_conn, cpu_iperf=fast.cpu_iperf)
+               ttfb=quick.ttfb, cpu_conn=many.cpu_conn, cpu_iperf=fast.cpu_iperf,
+               busy=many.busy, machine_conn=many.machine_conn, lab_conn=many.lab_conn)
 
 
 def _per_flow_kib(i: dict[str, Any]) -> float:
@@ -682,6 +729,15 @@ def _idle_rss_at(i: dict[str, Any]) -> float:
     if i["upstream"] >= i["asked"]:
         return float(i["rss_held"])
     return float(i["rss_before"] + _per_flow_kib(i) * i["asked"] / 1024)
+
+
+def machine_cpu() -> tuple[float, float]:
+    """(busy, total) CPU seconds of all cores so far (/proc/stat; idle and
+    iowait are not busy)."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    tick = os.sysconf("SC_CLK_TCK")
+    total = sum(fields)
+    return (total - fields[3] - fields[4]) / tick, total / tick
 
 
 def _cpu(pid: int | None) -> tuple[float, float]:
@@ -752,9 +808,14 @@ def main() -> int:
     parser.add_argument("--idle-flows", type=int, default=10_000)
     parser.add_argument("--rounds", type=int, default=2,
                         help="rounds of the four paths; each figure's best is kept")
+    parser.add_argument("--paths", default=",".join(PATHS),
+                        help=f"comma-separated subset of {','.join(PATHS)} (default: all)")
     parser.add_argument("--profile", action="store_true",
                         help="py-spy the mirage process during extra conn/s runs")
     args = parser.parse_args()
+    unknown = set(args.paths.split(",")) - set(PATHS)
+    if unknown:
+        parser.error(f"--paths: unknown {', '.join(sorted(unknown))} (known: {', '.join(PATHS)})")
     if os.geteuid() != 0:
         print("bench/gateway.py needs root (network namespaces)", file=sys.stderr)
         return 2
