@@ -104,6 +104,7 @@ class Appliance:
                 # Signals first: a SIGTERM during startup still unwinds cleanly.
                 await nursery.start(self._handle_signals, nursery.cancel_scope)
                 self.build_router(cfg)
+                await nursery.start(self._sweep_preconnect)
                 await nursery.start(flusher.serve, self.pool, cfg.appliance.store_flush_interval)
                 if cfg.dns.enable:
                     self.dns_handler = DnsHandler(answer_dns(cfg), self.pool)
@@ -150,9 +151,29 @@ class Appliance:
         from appliance.outbound.build import BuildError, Router, build_outbounds
 
         try:
-            self.router = Router(cfg, build_outbounds(cfg, self.resolver.resolve_ips))
+            router = Router(cfg, build_outbounds(cfg, self.resolver.resolve_ips))
         except (BuildError, ValueError) as err:
             raise AppError(f"proxies/rules: {err}") from None
+        old, self.router = self.router, router
+        if old is not None:
+            old.close()
+
+    async def _sweep_preconnect(self, *,
+                                task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                                ) -> None:
+        """Close proxy connections kept longer than they may wait
+        (appliance/outbound/preconnect.py), whatever the traffic; and all of
+        them when Mirage stops."""
+        from appliance.outbound.preconnect import MAX_IDLE
+
+        task_status.started()
+        try:
+            while True:
+                await trio.sleep(MAX_IDLE / 2)
+                for pool in self.router.preconnects().values():
+                    pool.sweep()
+        finally:
+            self.router.close()
 
     async def _serve_gateway(self, *,
                              task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -367,11 +388,16 @@ class Appliance:
 
     def series(self) -> Iterable[tuple[str, Mapping[str, str], int | float]]:
         """Labelled metrics: per-client counters where the capture keeps
-        them (the eBPF backend counts LAN -> gateway traffic by source)."""
+        them (the eBPF backend counts LAN -> gateway traffic by source), and
+        each proxy's kept connections (preconnect)."""
         for row in self.capture_clients():
             labels = {"client": row["address"]}
             for key in ("packets", "bytes", "captured_packets", "captured_bytes"):
                 yield f"mirage_capture_client_{key}_total", labels, row[key]
+        if self.router is not None:
+            for name, pool in self.router.preconnects().items():
+                for key, value in pool.stats().items():
+                    yield f"mirage_preconnect_{key}", {"proxy": name}, value
 
     def capture_clients(self) -> list[dict[str, Any]]:
         if self.capture is not None and hasattr(self.capture, "clients"):

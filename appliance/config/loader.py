@@ -441,11 +441,13 @@ _IGNORED_PROXY_COMMON = (
 PROXY_KEYS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     # type: (implemented keys besides name/type, ignored keys)
     "socks5": (
-        ("server", "port", "username", "password", "tls", "skip-cert-verify", "udp"),
+        ("server", "port", "username", "password", "tls", "skip-cert-verify", "udp",
+         "preconnect"),
         _IGNORED_PROXY_COMMON,
     ),
     "http": (
-        ("server", "port", "username", "password", "tls", "skip-cert-verify", "sni"),
+        ("server", "port", "username", "password", "tls", "skip-cert-verify", "sni",
+         "preconnect"),
         # udp: converters emit it on every proxy; an http proxy has no UDP.
         (*_IGNORED_PROXY_COMMON, "headers", "udp"),
     ),
@@ -460,6 +462,10 @@ PROXY_KEYS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "direct": ((), _IGNORED_PROXY_COMMON),
     "reject": ((), _IGNORED_PROXY_COMMON),
 }
+# `preconnect` of plain SOCKS5 / HTTP proxies: connections kept open ahead
+# of the flows (appliance/outbound/preconnect.py).
+PRECONNECT_DEFAULT = 2
+PRECONNECT_MAX = 64
 # mihomo outbound types Mirage cannot speak: such a proxy is skipped (and
 # reported); a rule that targets it is an error, a group drops it.
 UNSUPPORTED_PROXY_TYPES = (
@@ -1127,6 +1133,13 @@ def _parse_proxy(sec: _Section, name: str, ptype: str) -> ProxyConfig:
     if (username is None) != (password is None) and ptype in ("socks5", "http"):
         missing = "password" if password is None else "username"
         raise ConfigError(sec.at(missing), NO_VALUE, "username and password go together")
+    preconnect = 0
+    if "preconnect" in implemented:
+        preconnect = sec.get("preconnect", lambda v, p: _int(v, p, 0, PRECONNECT_MAX),
+                             0 if tls else PRECONNECT_DEFAULT)
+        if preconnect and tls:
+            raise ConfigError(sec.at("preconnect"), preconnect,
+                              "kept connections are plain TCP: set 0 with tls: true")
     sec.finish(("name", "type", *implemented), ignored)
     return ProxyConfig(
         name=name,
@@ -1140,6 +1153,7 @@ def _parse_proxy(sec: _Section, name: str, ptype: str) -> ProxyConfig:
         sni=sni,
         udp=udp,
         cipher=cipher,
+        preconnect=preconnect,
     )
 
 

@@ -108,6 +108,9 @@ class ProxyConfig:
     sni: str | None = None
     udp: bool = False
     cipher: str | None = None  # ss only
+    # socks5/http: connections to the server kept open for the next flows
+    # (the loader's default is 2 without tls, 0 with it).
+    preconnect: int = 0
 
 
 @dataclass(frozen=True)

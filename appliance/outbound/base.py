@@ -31,6 +31,7 @@ import trio
 
 from appliance.config.model import IPAddress
 from appliance.dns.upstream_api import UpstreamError
+from appliance.outbound.preconnect import Preconnect
 from appliance.sockopt import set_mark
 
 # RFC 8305 "Connection Attempt Delay": start the next address after 250 ms
@@ -39,6 +40,8 @@ HAPPY_EYEBALLS_DELAY = 0.25
 
 # `resolve(name, family)` with family 4 or 6 -> (addresses, ttl seconds).
 Resolve = Callable[[str, int], Awaitable[tuple[list[IPAddress], int]]]
+# A proxy handshake on a connection to the proxy: (stream, kept) -> tunnel.
+Handshake = Callable[[trio.SocketStream, bool], Awaitable[trio.abc.Stream]]
 
 
 class OutboundError(Exception):
@@ -259,12 +262,21 @@ class Dialer:
         return stream
 
 
+class StaleConnection(Exception):
+    """A kept proxy connection (`Preconnect`) ended before the proxy said a
+    byte: the server closed it while it waited. The flow retries on a new
+    connection; the handshake that raises this has closed the stream."""
+
+
 class ProxyOutbound:
     """What the proxy outbounds (SOCKS5, HTTP CONNECT) share: a proxy at
     `server:port` (a name is resolved through `resolve`), optional
-    credentials, a `Dialer` whose sockets carry `routing_mark`, and one
-    deadline of `connect_timeout` seconds over connect + handshake.
-    Subclasses implement `_connect(host, port)`."""
+    credentials, a `Dialer` whose sockets carry `routing_mark`, one
+    deadline of `connect_timeout` seconds over connect + handshake, and
+    with `preconnect` > 0 that many connections to the proxy kept open
+    ahead of the flows (`Preconnect`; the Router closes it).
+    Subclasses implement `_connect(host, port)`, opening the proxy
+    connection through `_open_tunnel`."""
 
     type = ""
 
@@ -280,6 +292,7 @@ class ProxyOutbound:
         connect_timeout: float = 5.0,
         resolve: Resolve | None = None,
         ipv6: bool = False,
+        preconnect: int = 0,
     ) -> None:
         self.name = name
         self.server = server
@@ -288,6 +301,8 @@ class ProxyOutbound:
         self.password = password
         self.connect_timeout = connect_timeout
         self.dialer = Dialer(resolve, routing_mark, ipv6=ipv6)
+        self.preconnect = (Preconnect(self._server_address, port, preconnect, mark=routing_mark)
+                           if preconnect > 0 else None)
 
     async def connect_tcp(self, host: str | IPAddress, port: int) -> trio.abc.Stream:
         with outbound_deadline(self.connect_timeout, f"{self.name} {host}:{port}"):
@@ -295,6 +310,37 @@ class ProxyOutbound:
 
     async def _connect(self, host: str | IPAddress, port: int) -> trio.abc.Stream:
         raise NotImplementedError
+
+    async def _open_tunnel(self, handshake: Handshake) -> trio.abc.Stream:
+        """`handshake(stream, kept)` on a kept connection if the pool has
+        one, else (or if that one was stale) on a new connection to the
+        proxy. `handshake` calls `request_sent()` once its request is out
+        (the pool then opens a replacement, off this flow's critical path),
+        closes the stream if it fails, and raises StaleConnection only for
+        a kept stream the proxy never answered."""
+        pool = self.preconnect
+        if pool is not None:
+            kept = pool.take()
+            if kept is not None:
+                try:
+                    return await handshake(kept, True)
+                except StaleConnection:
+                    pool.stale += 1
+        return await handshake(await self.dialer.dial(self.server, self.port), False)
+
+    def request_sent(self) -> None:
+        if self.preconnect is not None:
+            self.preconnect.refill()
+
+    def _server_address(self) -> IPAddress | None:
+        """The proxy's address for a kept connection: the literal, or the
+        address the dialer last reached it at (None until it has)."""
+        ip = as_ip(self.server)
+        if ip is not None:
+            return ip
+        kept = self.dialer.sticky(self.server)
+        return kept[0] if kept is not None else None
+
 
 
 async def handshake_send(stream: trio.abc.Stream, data: bytes) -> None:

@@ -21,6 +21,7 @@ from appliance.outbound.base import Outbound, OutboundError, Resolve
 from appliance.outbound.direct import DirectOutbound
 from appliance.outbound.groups import FallbackGroup, SelectGroup
 from appliance.outbound.http import HttpOutbound
+from appliance.outbound.preconnect import Preconnect
 from appliance.outbound.reject import RejectOutbound
 from appliance.outbound.socks5 import Socks5Outbound
 from appliance.rules.engine import FlowContext, RuleSet
@@ -58,6 +59,7 @@ def _build_proxy(p: ProxyConfig, cfg: Config, resolve: Resolve | None) -> Outbou
             connect_timeout=timeout,
             resolve=resolve,
             ipv6=cfg.ipv6,
+            preconnect=p.preconnect,
         )
     if p.type == "http":
         return HttpOutbound(
@@ -73,6 +75,7 @@ def _build_proxy(p: ProxyConfig, cfg: Config, resolve: Resolve | None) -> Outbou
             connect_timeout=timeout,
             resolve=resolve,
             ipv6=cfg.ipv6,
+            preconnect=p.preconnect,
         )
     if p.type == "direct":
         return DirectOutbound(resolve, mark, timeout, name=p.name, ipv6=cfg.ipv6)
@@ -144,6 +147,7 @@ class Router:
 
     def __init__(self, cfg: Config, outbounds: Mapping[str, Outbound]) -> None:
         self.rules = RuleSet(cfg.rules)
+        self.outbounds = dict(outbounds)
         self.default = outbounds["DIRECT"]
         targets: list[Outbound] = []
         for i, rule in enumerate(self.rules.rules):
@@ -152,6 +156,17 @@ class Router:
                 raise BuildError(f"rules[{i}]: target {rule.target!r} is not an outbound")
             targets.append(target)
         self._targets = tuple(targets)
+
+    def preconnects(self) -> dict[str, Preconnect]:
+        """The connection pools of the proxies that keep one, by name."""
+        return {name: pool for name, o in self.outbounds.items()
+                if (pool := getattr(o, "preconnect", None)) is not None}
+
+    def close(self) -> None:
+        """Close what the outbounds hold between flows (kept proxy
+        connections): when this router is replaced, and at exit."""
+        for pool in self.preconnects().values():
+            pool.close()
 
     @property
     def targets(self) -> tuple[Outbound, ...]:

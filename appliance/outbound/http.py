@@ -16,6 +16,7 @@ from appliance.outbound.base import (
     OutboundError,
     ProxyOutbound,
     ReplayStream,
+    StaleConnection,
     as_ip,
     handshake_send,
 )
@@ -62,17 +63,35 @@ class HttpOutbound(ProxyOutbound):
         ca_file: str | None = None,
         **common: Any,
     ) -> None:
+        if tls and common.get("preconnect"):
+            raise ValueError(f"{name}: preconnect is for plain (non-TLS) proxies")
         super().__init__(name, server, port, **common)
         self.tls = tls
         self.sni = sni
         self.ssl_context = make_ssl_context(skip_cert_verify, ca_file) if tls else None
 
     async def _connect(self, host: str | IPAddress, port: int) -> trio.abc.Stream:
+        # Encoded once, up front: a bad target fails before any connection.
         try:
-            client = HttpConnectClient(host, port, username=self.username, password=self.password)
+            HttpConnectClient(host, port)
         except HttpConnectError as e:
             raise OutboundError(f"{self.name}: {e}") from None
-        sock_stream = await self.dialer.dial(self.server, self.port)
+
+        async def handshake(sock_stream: trio.SocketStream, kept: bool) -> trio.abc.Stream:
+            client = HttpConnectClient(host, port, username=self.username, password=self.password)
+            try:
+                return await self._handshake(sock_stream, client)
+            except BaseException as e:
+                if kept and client.received == 0 and isinstance(e, OSError | OutboundError):
+                    raise StaleConnection from e
+                raise
+
+        return await self._open_tunnel(handshake)
+
+    async def _handshake(self, sock_stream: trio.SocketStream,
+                         client: HttpConnectClient) -> trio.abc.Stream:
+        """TLS (if configured), CONNECT, the response head; closes the
+        stream on any failure."""
         stream: trio.abc.Stream = sock_stream
         try:
             if self.ssl_context is not None:
@@ -86,6 +105,7 @@ class HttpOutbound(ProxyOutbound):
                 await ssl_stream.do_handshake()
                 stream = ssl_stream
             await handshake_send(stream, client.request_bytes())
+            self.request_sent()
             if isinstance(stream, trio.SocketStream):
                 await self._read_head_exactly(stream, client)
             else:

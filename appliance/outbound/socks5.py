@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import socket
+from collections.abc import Callable
 
 import trio
 
@@ -16,6 +17,7 @@ from appliance.outbound.base import (
     OutboundError,
     ProxyOutbound,
     ReplayStream,
+    StaleConnection,
     handshake_receive,
     handshake_send,
 )
@@ -45,24 +47,35 @@ class Socks5Outbound(ProxyOutbound):
     type = "Socks5"
 
     async def _connect(self, host: str | IPAddress, port: int) -> trio.abc.Stream:
+        # Encoded once, up front: a bad target fails before any connection.
         try:
-            client = Socks5Client(host, port, username=self.username, password=self.password)
+            Socks5Client(host, port)
         except Socks5Error as e:
             raise OutboundError(f"{self.name}: {e}") from None
-        stream = await self.dialer.dial(self.server, self.port)
-        try:
-            await socks5_handshake(stream, client, self.name)
-        except BaseException:
-            await trio.aclose_forcefully(stream)
-            raise
-        if client.trailing_data:
-            return ReplayStream(stream, client.trailing_data)
-        return stream
+
+        async def handshake(stream: trio.SocketStream, kept: bool) -> trio.abc.Stream:
+            client = Socks5Client(host, port, username=self.username, password=self.password)
+            try:
+                await socks5_handshake(stream, client, self.name, self.request_sent)
+            except BaseException as e:
+                await trio.aclose_forcefully(stream)
+                if kept and client.received == 0 and isinstance(e, OSError | OutboundError):
+                    raise StaleConnection from e
+                raise
+            if client.trailing_data:
+                return ReplayStream(stream, client.trailing_data)
+            return stream
+
+        return await self._open_tunnel(handshake)
 
 
-async def socks5_handshake(stream: trio.abc.Stream, client: Socks5Client, name: str) -> None:
+async def socks5_handshake(stream: trio.abc.Stream, client: Socks5Client, name: str,
+                           request_sent: Callable[[], None] | None = None) -> None:
     """Run `client` (greeting, optional auth, request) over `stream` until the
     proxy's reply is in: CONNECT here, UDP ASSOCIATE in udp.py.
+    `request_sent()` is called once the request is out (with the greeting
+    when pipelined, else after the server's answers to greeting and auth),
+    before waiting for the reply.
 
     Raises OutboundError("{name}: ...") for an error reply, refused
     credentials or a handshake that does not finish within the read bound;
@@ -78,6 +91,9 @@ async def socks5_handshake(stream: trio.abc.Stream, client: Socks5Client, name: 
     try:
         await handshake_send(stream, client.data_to_send())
         for _ in range(_MAX_READS):
+            if request_sent is not None and client.request_sent:
+                request_sent()
+                request_sent = None
             if client.established:
                 return
             wanted = client.bytes_wanted()

@@ -173,6 +173,8 @@ class HttpConnectClient:
         self._in = bytearray()
         self.response: ConnectResponse | None = None
         self.trailing_data = b""
+        # Bytes fed so far: 0 means the proxy has not said anything yet.
+        self.received = 0
 
     def request_bytes(self) -> bytes:
         return self._request
@@ -180,6 +182,7 @@ class HttpConnectClient:
     def receive_data(self, data: bytes | bytearray) -> ConnectResponse | None:
         """Feed bytes from the proxy (empty = EOF). Returns the response once
         its head is complete; raises HttpConnectError for a refusal or garbage."""
+        self.received += len(data)
         if self.response is not None:
             self.trailing_data += data
             return self.response

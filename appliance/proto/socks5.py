@@ -402,17 +402,26 @@ class Socks5Client:
         self._request_sent = pipeline and self._auth is None
         if self._request_sent:
             self._out += self._request
+        # The request is in `_out` / has been handed out by data_to_send.
+        self._request_queued = self._request_sent
+        self.request_sent = False
         self._in = bytearray()
         self.state = ClientState.GREETING
         self.reply: Reply | None = None
         self.trailing_data = b""
+        # Bytes fed so far: 0 means the proxy has not said anything yet.
+        self.received = 0
 
     @property
     def established(self) -> bool:
         return self.state is ClientState.ESTABLISHED
 
     def data_to_send(self) -> bytes:
+        """What to send now. Once the bytes that held the request are handed
+        out, `request_sent` is True (the caller sends what it gets)."""
         out, self._out = bytes(self._out), bytearray()
+        if self._request_queued:
+            self.request_sent = True
         return out
 
     def bytes_wanted(self) -> int:
@@ -430,6 +439,7 @@ class Socks5Client:
 
     def receive_data(self, data: bytes | bytearray) -> None:
         """Feed bytes read from the proxy. An empty `data` means EOF."""
+        self.received += len(data)
         if self.state is ClientState.ESTABLISHED:
             self.trailing_data += data
             return
@@ -449,6 +459,7 @@ class Socks5Client:
             if method == METHOD_NO_AUTH:
                 if not self._request_sent:
                     self._out += self._request
+                    self._request_queued = True
                 self.state = ClientState.REQUEST
             elif method == METHOD_USERPASS and self._auth is not None:
                 self._out += self._auth
@@ -467,6 +478,7 @@ class Socks5Client:
             if not ok:
                 raise Socks5Error("proxy refused the username/password", REP_NOT_ALLOWED)
             self._out += self._request
+            self._request_queued = True
             self.state = ClientState.REQUEST
             return True
         if self.state is ClientState.REQUEST:

@@ -159,6 +159,39 @@ def test_socks5_outbound_sends_the_domain_name(lab: Lab, mirage: MirageRun) -> N
     assert "198.18." not in new
 
 
+def test_socks5_flows_use_kept_connections_closed_when_traffic_stops(
+        lab: Lab, mirage: MirageRun) -> None:
+    # preconnect (default 2): from the second flow on, the gateway keeps a
+    # connection to dante open for the next one; every flow still gets its
+    # own connection and sends the name. `ss` in the gateway namespace sees
+    # the kept connection, and sees it closed once flows stop (5 s, swept
+    # every 2.5 s).
+    up = lab.topology.socks[0]
+    log = lab.dante_log
+    before = log.stat().st_size if log.exists() else 0
+    for _ in range(4):
+        code, body, _ = curl(lab, "http://www.alpha.test/")
+        assert code == 0 and "MARKER-ALPHA" in body
+
+    def to_dante() -> int:
+        out = lab.exec("gateway", ["ss", "-Htn", "state", "established", "dst",
+                                   f"{up.address}", "dport", "=", f":{up.port}"]).stdout
+        return len(out.splitlines())
+
+    kept = to_dante()
+    assert 1 <= kept <= 2, kept
+    with open(log, "rb") as f:
+        f.seek(before)
+        new = f.read().decode(errors="replace")
+    # One request each (dante logs one connect to the name per request);
+    # the connection still kept has sent none.
+    assert new.count("socks_connecthost(): connect to www.alpha.test.80") == 4, new[-2000:]
+    deadline = time.monotonic() + 10
+    while to_dante() and time.monotonic() < deadline:
+        time.sleep(0.25)
+    assert to_dante() == 0
+
+
 def test_http_connect_outbound(lab: Lab, mirage: MirageRun) -> None:
     log = lab.log("tinyproxy")
     before = log.stat().st_size if log.exists() else 0

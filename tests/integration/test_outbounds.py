@@ -20,6 +20,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -709,3 +710,87 @@ async def test_replay_stream_returns_prefix_first() -> None:
     await r.send_eof()
     assert await b.receive_some() == b""
     await r.aclose()
+
+
+# -- preconnect: connections to the proxy kept ready ------------------------------
+
+
+async def test_socks5_preconnect_serves_flows_from_kept_connections(servers: Servers) -> None:
+    out = Socks5Outbound("dante", "127.0.0.1", servers.socks_port, routing_mark=MARK,
+                         preconnect=2)
+    pool = out.preconnect
+    assert pool is not None
+    streams = []
+    for _ in range(4):
+        stream = await out.connect_tcp(NAME, servers.web_port)
+        assert isinstance(stream, trio.SocketStream)  # still spliceable
+        assert stream.socket.getsockopt(socket.SOL_SOCKET, SO_MARK) == MARK
+        streams.append(stream)
+    # Flows 1 and 2 found nothing kept (2 opened a replacement); 3 and 4
+    # took kept connections; one is ready for the next flow.
+    assert (pool.misses, pool.hits, len(pool)) == (2, 2, 1)
+    for stream in streams:
+        response = await http_get(stream)
+        assert response.startswith(b"HTTP/1.1 200") and MARKER in response
+    # Every flow, kept connection or not, sent the name (ATYP 3).
+    log = servers.dante_log.read_text(errors="replace")
+    assert log.count(f"ATYP: 3 address: {NAME}.{servers.web_port}") >= 4
+    pool.close()
+
+
+async def test_http_preconnect_serves_flows_from_kept_connections(servers: Servers) -> None:
+    out = HttpOutbound("tiny", TINY_IP, servers.tiny_port, username="obuser",
+                       password="obpass", preconnect=1)
+    assert out.preconnect is not None
+    for _ in range(3):
+        assert MARKER in await http_get(await out.connect_tcp(NAME, servers.web_port))
+    assert out.preconnect.hits == 1
+    out.preconnect.close()
+    with pytest.raises(ValueError, match="plain"):
+        HttpOutbound("tls", TLS_IP, 443, tls=True, preconnect=1)
+
+
+async def test_preconnect_stale_connection_retries_on_a_new_one() -> None:
+    # A proxy that reads the request on the kept connection and hangs up
+    # without a word (it had given up on it): the flow must not fail, it
+    # retries once on a new connection, which is served.
+    reply = b"\x05\x00" + encode_reply(0, "bound.ob.test", 9)
+    accepted: list[int] = []
+
+    async def serve(conn: trio.SocketStream) -> None:
+        n = len(accepted) + 1
+        accepted.append(n)
+        async with conn:
+            with trio.move_on_after(5):
+                await conn.receive_some(65536)
+                if n == 3:
+                    return  # the kept one: closed, never answered
+                await conn.send_all(reply + b"hello")
+                await conn.receive_some(65536)
+
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(partial(trio.serve_tcp, serve, 0, host=DEAD_IP))
+        port = listeners[0].socket.getsockname()[1]
+        out = Socks5Outbound("scripted", DEAD_IP, port, preconnect=1)
+        assert out.preconnect is not None
+        for _ in range(3):
+            stream = await out.connect_tcp("x.ob.test", 80)
+            assert await stream.receive_some(100) == b"hello"
+            await stream.aclose()
+        # Flow 3 took the kept connection (the 3rd accepted), which was
+        # dead; it went on over the 4th.
+        assert out.preconnect.stale == 1 and out.preconnect.hits == 1
+        assert accepted[:4] == [1, 2, 3, 4]
+        out.preconnect.close()
+        nursery.cancel_scope.cancel()
+
+
+async def test_preconnect_to_a_dead_proxy_still_fails_fast(servers: Servers) -> None:
+    out = Socks5Outbound("down", DEAD_IP, servers.socks_port, connect_timeout=5.0, preconnect=2)
+    for _ in range(3):
+        t0 = trio.current_time()
+        with pytest.raises(OutboundError, match="refused"):
+            await out.connect_tcp(NAME, 80)
+        assert trio.current_time() - t0 < 1.0
+    assert out.preconnect is not None and out.preconnect.hits == 0
+    out.preconnect.close()

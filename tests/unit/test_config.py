@@ -88,8 +88,11 @@ def test_lab_example_loads_as_the_lab_needs() -> None:
     assert cfg.dns.fake_ip_filter == ("+.lan", "time.*.test")
     assert cfg.dns.fake_ip_range == ipaddress.IPv4Network("198.18.0.0/16")
     assert cfg.proxies == (
-        ProxyConfig(name="dante", type="socks5", server="192.168.57.10", port=1080, udp=True),
-        ProxyConfig(name="tinyproxy", type="http", server="192.168.57.10", port=8888),
+        # preconnect: the loader's default for plain proxies.
+        ProxyConfig(name="dante", type="socks5", server="192.168.57.10", port=1080, udp=True,
+                    preconnect=2),
+        ProxyConfig(name="tinyproxy", type="http", server="192.168.57.10", port=8888,
+                    preconnect=2),
     )
     assert cfg.rules == (
         Rule("DOMAIN-SUFFIX", "alpha.test", "dante"),
