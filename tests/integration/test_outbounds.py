@@ -750,11 +750,13 @@ async def test_http_preconnect_serves_flows_from_kept_connections(servers: Serve
         HttpOutbound("tls", TLS_IP, 443, tls=True, preconnect=1)
 
 
-async def test_preconnect_stale_connection_retries_on_a_new_one() -> None:
+@pytest.mark.parametrize("kind", ["socks5", "http"])
+async def test_preconnect_stale_connection_retries_on_a_new_one(kind: str) -> None:
     # A proxy that reads the request on the kept connection and hangs up
     # without a word (it had given up on it): the flow must not fail, it
     # retries once on a new connection, which is served.
-    reply = b"\x05\x00" + encode_reply(0, "bound.ob.test", 9)
+    reply = (b"\x05\x00" + encode_reply(0, "bound.ob.test", 9) if kind == "socks5"
+             else b"HTTP/1.1 200 Connection established\r\n\r\n")
     accepted: list[int] = []
 
     async def serve(conn: trio.SocketStream) -> None:
@@ -771,7 +773,8 @@ async def test_preconnect_stale_connection_retries_on_a_new_one() -> None:
     async with trio.open_nursery() as nursery:
         listeners = await nursery.start(partial(trio.serve_tcp, serve, 0, host=DEAD_IP))
         port = listeners[0].socket.getsockname()[1]
-        out = Socks5Outbound("scripted", DEAD_IP, port, preconnect=1)
+        cls = Socks5Outbound if kind == "socks5" else HttpOutbound
+        out = cls("scripted", DEAD_IP, port, preconnect=1)
         assert out.preconnect is not None
         for _ in range(3):
             stream = await out.connect_tcp("x.ob.test", 80)

@@ -678,6 +678,13 @@ SOCKS = {"name": "s", "type": "socks5", "server": "192.0.2.1", "port": 1080}
         ([{**SOCKS, "server": "bad host"}], "proxies[0].server", "invalid label"),
         ([{**SOCKS, "udp": "true"}], "proxies[0].udp", "boolean"),
         ([{**SOCKS, "username": "u"}], "proxies[0].password", "go together"),
+        ([{**SOCKS, "preconnect": 65}], "proxies[0].preconnect", "out of range"),
+        ([{**SOCKS, "preconnect": -1}], "proxies[0].preconnect", "out of range"),
+        ([{**SOCKS, "preconnect": "2"}], "proxies[0].preconnect", "got a string"),
+        ([{**SOCKS, "type": "http", "tls": True, "preconnect": 2}], "proxies[0].preconnect",
+         "plain TCP"),
+        ([{"name": "ss", "type": "ss", "server": "h.example", "port": 1, "password": "p",
+           "cipher": "aes-128-gcm", "preconnect": 2}], "proxies[0].preconnect", "unknown key"),
         ([{"name": "ss", "type": "ss", "server": "h.example", "port": 1, "password": "p"}],
          "proxies[0].cipher", "required"),
         ([{"name": "t", "type": "trojan", "server": "h.example", "port": 443}],
@@ -692,6 +699,18 @@ def test_proxy_errors(proxies: Any, path: str, reason: str) -> None:
     err = error(with_(proxies=proxies))
     assert err.path == path
     assert reason in err.reason
+
+
+def test_preconnect_defaults_and_values() -> None:
+    cfg = parse_config(with_(proxies=[
+        SOCKS,
+        {**SOCKS, "name": "off", "preconnect": 0},
+        {**SOCKS, "name": "many", "preconnect": 64},
+        {"name": "h", "type": "http", "server": "192.0.2.2", "port": 3128},
+        {"name": "hs", "type": "http", "server": "192.0.2.2", "port": 443, "tls": True},
+    ]))
+    # Plain proxies keep 2 by default; a TLS proxy none (kept ones are plain TCP).
+    assert [p.preconnect for p in cfg.proxies] == [2, 0, 64, 2, 0]
 
 
 def test_proxy_types() -> None:

@@ -160,6 +160,35 @@ def test_credentials_are_never_pipelined() -> None:
     assert c.data_to_send() == b"\x05\x01\x00\x03\x06a.test\x00P"
 
 
+def test_request_sent_and_received_track_the_exchange() -> None:
+    # What a kept proxy connection's user needs: when the request is out
+    # (time to open a replacement) and whether the proxy has said anything
+    # (if not, a dead connection may be retried on a new one).
+    c = s5.Socks5Client("a.test", 80)
+    assert not c.request_sent and c.received == 0
+    c.data_to_send()
+    assert c.request_sent  # pipelined with the greeting
+    c.receive_data(b"\x05\x00")
+    assert c.received == 2
+    # With credentials: only once the auth succeeded and the request left.
+    c = s5.Socks5Client("a.test", 80, username="u", password="pw")
+    c.data_to_send()
+    assert not c.request_sent
+    c.receive_data(b"\x05\x02")
+    c.data_to_send()  # the credentials
+    assert not c.request_sent
+    c.receive_data(b"\x01\x00")
+    assert c.data_to_send() == b"\x05\x01\x00\x03\x06a.test\x00P"
+    assert c.request_sent and c.received == 4
+    # Lock-step: after the method selection.
+    c = s5.Socks5Client("a.test", 80, pipeline=False)
+    c.data_to_send()
+    assert not c.request_sent
+    c.receive_data(b"\x05\x00")
+    c.data_to_send()
+    assert c.request_sent
+
+
 def test_lock_step_client_sends_request_after_selection() -> None:
     c = s5.Socks5Client("a.test", 80, pipeline=False)
     assert c.data_to_send() == b"\x05\x01\x00"
