@@ -38,7 +38,7 @@ import os
 import socket
 import struct
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
@@ -124,20 +124,10 @@ async def splice(
     use_splice = zero_copy and can_zero_copy(client, server)
     state = _State(SpliceResult(zero_copy=use_splice), trio.current_time())
     sweeper = _idle_sweeper() if idle_timeout is not None else None
-    down_started = False
     try:
         async with trio.open_nursery() as nursery:
 
-            def start_down() -> None:
-                nonlocal down_started
-                if not down_started:
-                    down_started = True
-                    nursery.start_soon(direction, server, client, "down")
-
             async def direction(src: trio.abc.Stream, dst: trio.abc.Stream, d: Direction) -> None:
-                # "up" starts "down" once it has moved the client's first
-                # bytes or has to wait (see below).
-                started = start_down if d == "up" else None
                 add = m.add_up if d == "up" else m.add_down
 
                 def count(n: int) -> None:
@@ -152,13 +142,9 @@ async def splice(
                     if use_splice:
                         assert isinstance(src, trio.SocketStream)
                         assert isinstance(dst, trio.SocketStream)
-                        await _pump_splice(src, dst, count, started)
+                        await _pump_splice(src, dst, count)
                     else:
-                        if started is not None:
-                            started()
                         await _pump_copy(src, dst, count)
-                    if started is not None:
-                        started()  # EOF at once: the other way still runs
                     # EOF from src: tell dst we are done sending, keep the other
                     # direction going. Streams without half-close (TLS) cannot
                     # say it; the other direction then ends on its own.
@@ -178,11 +164,8 @@ async def splice(
                 state.idle = idle_timeout
                 state.scope = nursery.cancel_scope
                 sweeper.add(state)
-            # "up" runs in this task: one task spawn per flow, not two. It
-            # spawns "down" only after forwarding what the client has already
-            # sent (a request usually waits in the socket when the splice
-            # starts): the spawn is then off the request's way to the server,
-            # and "down" still waits long before the answer can come.
+            # "up" runs in this task: one task spawn per flow, not two.
+            nursery.start_soon(direction, server, client, "down")
             await direction(client, server, "up")
     finally:
         if sweeper is not None:
@@ -279,8 +262,7 @@ async def _pump_copy(src: trio.abc.Stream, dst: trio.abc.Stream, count: Any) -> 
         count(len(data))
 
 
-async def _pump_splice(src: trio.SocketStream, dst: trio.SocketStream, count: Any,
-                       started: Callable[[], None] | None = None) -> None:
+async def _pump_splice(src: trio.SocketStream, dst: trio.SocketStream, count: Any) -> None:
     """Copy until a read fills CHUNK, then socket -> pipe -> socket with
     splice(2); returns at EOF of src.
 
@@ -291,7 +273,7 @@ async def _pump_splice(src: trio.SocketStream, dst: trio.SocketStream, count: An
     """
     # Copy first: most flows are short (a request and a small response, a
     # TLS handshake) or idle and never need a pipe (see the module docstring).
-    if not await _copy_sockets(src, dst, count, started):
+    if not await _copy_sockets(src, dst, count):
         return
     r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     try:
@@ -322,12 +304,9 @@ async def _pump_splice(src: trio.SocketStream, dst: trio.SocketStream, count: An
         os.close(w)
 
 
-async def _copy_sockets(src: trio.SocketStream, dst: trio.SocketStream, count: Any,
-                        started: Callable[[], None] | None = None) -> bool:
+async def _copy_sockets(src: trio.SocketStream, dst: trio.SocketStream, count: Any) -> bool:
     """The copy loop on the sockets' fds: False at EOF of src, True once a
-    read filled CHUNK (bulk data is queued: time to splice). `started()`
-    is called once, after the first chunk is written or before the first
-    wait, whichever comes first.
+    read filled CHUNK (bulk data is queued: time to splice).
 
     What `receive_some`/`send_all` do, minus their cost: trio yields to the
     scheduler after every successful socket call, several times per short
@@ -342,9 +321,6 @@ async def _copy_sockets(src: trio.SocketStream, dst: trio.SocketStream, count: A
         try:
             data = os.read(sfd, CHUNK)
         except BlockingIOError:
-            if started is not None:
-                started()
-                started = None
             await trio.lowlevel.wait_readable(src.socket)
             unwaited = 0
             continue
@@ -356,15 +332,9 @@ async def _copy_sockets(src: trio.SocketStream, dst: trio.SocketStream, count: A
             try:
                 sent += os.write(dfd, memoryview(data)[sent:] if sent else data)
             except BlockingIOError:
-                if started is not None:
-                    started()
-                    started = None
                 await trio.lowlevel.wait_writable(dst.socket)
                 unwaited = 0
         count(n)
-        if started is not None:
-            started()
-            started = None
         if n >= CHUNK:
             return True
         unwaited += 1
