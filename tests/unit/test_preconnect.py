@@ -44,6 +44,15 @@ def pool_for(listener: socket.socket, clock: Clock, size: int = 2, **kw: object)
     return Preconnect(lambda: LOOPBACK, port, size, clock=clock, **kw)  # type: ignore[arg-type]
 
 
+def keep_one(pool: Preconnect, clock: Clock) -> None:
+    """Two takes 1 s apart (the second owes a replacement), then its refill:
+    the pool opens one connection (when it can)."""
+    pool.take()
+    clock.now += 1
+    pool.take()
+    pool.refill()
+
+
 def accept(listener: socket.socket) -> socket.socket:
     listener.settimeout(2)
     conn, _ = listener.accept()
@@ -107,10 +116,7 @@ def test_never_holds_more_than_size(listener: socket.socket) -> None:
 def test_old_connections_are_closed_not_used(listener: socket.socket) -> None:
     clock = Clock()
     pool = pool_for(listener, clock)
-    pool.take()
-    clock.now += 1
-    pool.take()
-    pool.refill()
+    keep_one(pool, clock)
     server_side = accept(listener)
     server_side.settimeout(2)
     # Kept for max_idle: sweep closes it (the server sees the end) ...
@@ -136,10 +142,7 @@ def test_old_connections_are_closed_not_used(listener: socket.socket) -> None:
 def test_a_connection_the_server_closed_is_skipped(listener: socket.socket) -> None:
     clock = Clock()
     pool = pool_for(listener, clock)
-    pool.take()
-    clock.now += 1
-    pool.take()
-    pool.refill()
+    keep_one(pool, clock)
     accept(listener).close()  # the server gives up on it (FIN)
     clock.now += 1
     assert pool.take() is None
@@ -153,10 +156,7 @@ def test_a_refused_connect_is_never_handed_out() -> None:
         port = probe.getsockname()[1]
     clock = Clock()
     pool = Preconnect(lambda: LOOPBACK, port, 2, clock=clock)
-    pool.take()
-    clock.now += 1
-    pool.take()
-    pool.refill()
+    keep_one(pool, clock)
     clock.now += 0.1
     assert pool.take() is None
     assert pool.hits == 0 and pool.misses == 3
@@ -166,10 +166,7 @@ def test_a_refused_connect_is_never_handed_out() -> None:
 def test_kept_sockets_carry_the_mark_and_close_ends_all(listener: socket.socket) -> None:
     clock = Clock()
     pool = pool_for(listener, clock, size=2, mark=0x6D70)
-    pool.take()
-    clock.now += 1
-    pool.take()
-    pool.refill()
+    keep_one(pool, clock)
     kept = pool._ready[0][0]
     assert kept.getsockopt(socket.SOL_SOCKET, SO_MARK) == 0x6D70
     pool.close()
@@ -184,10 +181,7 @@ def test_no_address_yet_opens_nothing(listener: socket.socket) -> None:
     clock = Clock()
     port = listener.getsockname()[1]
     pool = Preconnect(lambda: None, port, 2, clock=clock)
-    pool.take()
-    clock.now += 1
-    pool.take()
-    pool.refill()
+    keep_one(pool, clock)
     assert len(pool) == 0
 
 
