@@ -342,7 +342,6 @@ class ProxyOutbound:
         return kept[0] if kept is not None else None
 
 
-
 async def handshake_send(stream: trio.abc.Stream, data: bytes) -> None:
     """`stream.send_all(data)` for a proxy handshake. On a plain socket the
     bytes go straight to its fd and the task waits only if the socket is

@@ -71,14 +71,17 @@ class HttpOutbound(ProxyOutbound):
         self.ssl_context = make_ssl_context(skip_cert_verify, ca_file) if tls else None
 
     async def _connect(self, host: str | IPAddress, port: int) -> trio.abc.Stream:
-        # Encoded once, up front: a bad target fails before any connection.
+        # Made up front, so a bad target fails before any connection; a
+        # retry after a stale kept connection gets a fresh one.
         try:
-            HttpConnectClient(host, port)
+            first = [HttpConnectClient(host, port, username=self.username,
+                                       password=self.password)]
         except HttpConnectError as e:
             raise OutboundError(f"{self.name}: {e}") from None
 
         async def handshake(sock_stream: trio.SocketStream, kept: bool) -> trio.abc.Stream:
-            client = HttpConnectClient(host, port, username=self.username, password=self.password)
+            client = first.pop() if first else HttpConnectClient(
+                host, port, username=self.username, password=self.password)
             try:
                 return await self._handshake(sock_stream, client)
             except BaseException as e:

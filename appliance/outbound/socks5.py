@@ -47,14 +47,16 @@ class Socks5Outbound(ProxyOutbound):
     type = "Socks5"
 
     async def _connect(self, host: str | IPAddress, port: int) -> trio.abc.Stream:
-        # Encoded once, up front: a bad target fails before any connection.
+        # Made up front, so a bad target fails before any connection; a
+        # retry after a stale kept connection gets a fresh one.
         try:
-            Socks5Client(host, port)
+            first = [Socks5Client(host, port, username=self.username, password=self.password)]
         except Socks5Error as e:
             raise OutboundError(f"{self.name}: {e}") from None
 
         async def handshake(stream: trio.SocketStream, kept: bool) -> trio.abc.Stream:
-            client = Socks5Client(host, port, username=self.username, password=self.password)
+            client = first.pop() if first else Socks5Client(
+                host, port, username=self.username, password=self.password)
             try:
                 await socks5_handshake(stream, client, self.name, self.request_sent)
             except BaseException as e:
