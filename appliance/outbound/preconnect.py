@@ -121,8 +121,11 @@ class Preconnect:
         ip = self._address()
         if ip is None:
             return
-        sock = socket.socket(socket.AF_INET6 if ip.version == 6 else socket.AF_INET,
-                             socket.SOCK_STREAM)
+        try:
+            sock = socket.socket(socket.AF_INET6 if ip.version == 6 else socket.AF_INET,
+                                 socket.SOCK_STREAM)
+        except OSError:  # out of descriptors: the flows need them more
+            return
         try:
             sock.setblocking(False)
             set_mark(sock, self.mark)
