@@ -39,6 +39,7 @@ from appliance.config.model import Config, DnsConfig
 from appliance.dns.handler import wants_fake_ip
 from appliance.dns.names import DomainMatcher
 from appliance.outbound.direct import DirectOutbound
+from appliance.outbound.preconnect import STATS as PRECONNECT_STATS
 from appliance.rules.engine import FlowContext
 
 log = logging.getLogger("mirage")
@@ -395,9 +396,12 @@ class Appliance:
             for key in ("packets", "bytes", "captured_packets", "captured_bytes"):
                 yield f"mirage_capture_client_{key}_total", labels, row[key]
         if self.router is not None:
-            for name, pool in self.router.preconnects().items():
-                for key, value in pool.stats().items():
-                    yield f"mirage_preconnect_{key}", {"proxy": name}, value
+            # One family at a time: the exposition format wants each
+            # metric's samples together.
+            stats = {name: pool.stats() for name, pool in self.router.preconnects().items()}
+            for key in PRECONNECT_STATS:
+                for name, values in stats.items():
+                    yield f"mirage_preconnect_{key}", {"proxy": name}, values[key]
 
     def capture_clients(self) -> list[dict[str, Any]]:
         if self.capture is not None and hasattr(self.capture, "clients"):

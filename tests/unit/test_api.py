@@ -148,3 +148,28 @@ def test_client_reads_controller_from_config(tmp_path: Any) -> None:
     with pytest.raises(ApiError, match="9999"):
         client.get("/")  # nothing listens there: a clear error, not a traceback
     assert json.dumps(Listen("::1", 1).__str__()) == '"[::1]:1"'
+
+
+def test_preconnect_series_come_one_family_at_a_time() -> None:
+    # The appliance's own series(): each proxy's pool counters, grouped by
+    # metric (the exposition format wants a family's samples together).
+    from appliance.app import Appliance
+    from appliance.outbound.build import Router, build_outbounds
+
+    cfg = Config(proxies=(
+        ProxyConfig(name="a", type="socks5", server="192.0.2.1", port=1080, preconnect=2),
+        ProxyConfig(name="b", type="http", server="192.0.2.2", port=3128, preconnect=1),
+        ProxyConfig(name="c", type="socks5", server="192.0.2.3", port=1080),
+    ))
+    app = Appliance(cfg)
+    app.router = Router(cfg, build_outbounds(cfg, None))
+    rows = list(app.series())
+    names = [metric for metric, _, _ in rows]
+    # Proxies without a pool (c) have no series; each family is contiguous.
+    assert [labels["proxy"] for _, labels, _ in rows] == ["a", "b"] * 5
+    assert names == [n for n in dict.fromkeys(names) for _ in range(2)]
+    assert ("mirage_preconnect_ready", {"proxy": "a"}, 0) in rows
+    text = api_server.render_metrics(app)
+    assert text.count("# TYPE mirage_preconnect_hits_total counter") == 1
+    assert 'mirage_preconnect_misses_total{proxy="b"} 0' in text
+    app.router.close()
