@@ -13,6 +13,10 @@ Paths:
   redsocks client -> 192.168.57.11, nft REDIRECT (in a table of ours) to
            redsocks in the gateway namespace -> dante (SOCKS5, by IP).
            Skipped with a reason when redsocks is not installed.
+  floor    the same redirect to bench/floor_relay.py instead: the least a
+           trio relay does per connection (accept, SOCKS5 by name with the
+           greeting pipelined, copy both ways), none of Mirage's work. The
+           framework's floor for the SOCKS5 row, next to redsocks (C).
   direct   client -> fake IP of www.gamma.test -> `mirage run` (TPROXY) ->
            DIRECT (resolved over DoH, sticky) -> 192.168.57.12.
   socks5   client -> fake IP of www.alpha.test -> `mirage run` -> SOCKS5
@@ -46,7 +50,7 @@ other load only ever makes a figure worse.
 
 Usage: bench/gateway.py [--seconds 3] [--iperf-seconds 3] [--requests 500]
                         [--idle-flows 10000] [--rounds 2] [--profile]
-                        [--paths kernel,redsocks,dante,offload,direct,socks5,idle]
+                        [--paths kernel,redsocks,floor,dante,offload,direct,socks5,idle]
 Exit status: 0 all targets met, 1 a target missed, 2 setup failed.
 """
 
@@ -83,7 +87,10 @@ from appliance.lab.mirage import MirageRun, lab_config
 
 HOLD_PORT = 9000
 # What --paths selects from: the rows, dante alone, and the idle flows.
-PATHS = ("kernel", "redsocks", "dante", "offload", "direct", "socks5", "idle")
+PATHS = ("kernel", "redsocks", "floor", "dante", "offload", "direct", "socks5", "idle")
+# The floor row's relay asks dante for this name (ATYP 3, as Mirage does):
+# the address redsocks' and its redirect lead to, by name.
+FLOOR_NAME = "www.beta.test"
 REDSOCKS_PORT = 12345
 PROBE = 500  # idle flows opened first to measure Mirage's fds per flow
 KERNEL_IP = "192.168.57.12"  # www.gamma.test's server; Mirage never captures real IPs
@@ -366,23 +373,30 @@ class Bench(LabBench):
 
     # ------------------------------------------------------------ redsocks
 
-    def start_redsocks(self) -> str:
-        """Start redsocks -> dante and our REDIRECT table; '' or why not."""
-        exe = shutil.which("redsocks")
-        if exe is None:
-            return "redsocks is not installed (apt-get install redsocks)"
+    def start_redsocks(self, floor: bool = False) -> str:
+        """Start redsocks -> dante (or, with `floor`, bench/floor_relay.py)
+        and our REDIRECT table; '' or why not."""
         socks = self.lab.topology.socks[0]
-        conf = self.tmp / "redsocks.conf"
-        conf.write_text(
-            "base {\n  log_debug = off;\n  log_info = off;\n  log = stderr;\n  daemon = off;\n"
-            f"  redirector = iptables;\n  rlimit_nofile = {NOFILE};\n"
-            "  redsocks_conn_max = 60000;\n}\n"
-            "redsocks {\n  local_ip = 0.0.0.0;\n"
-            f"  local_port = {REDSOCKS_PORT};\n  ip = {socks.address};\n  port = {socks.port};\n"
-            "  type = socks5;\n}\n")
-        self.redsocks = self.lab.popen("gateway", [exe, "-c", str(conf)],
-                                       stdout=subprocess.DEVNULL,
+        if floor:
+            argv = [sys.executable, str(ROOT / "bench" / "floor_relay.py"), str(socks.address),
+                    str(socks.port), str(REDSOCKS_PORT), FLOOR_NAME]
+        else:
+            exe = shutil.which("redsocks")
+            if exe is None:
+                return "redsocks is not installed (apt-get install redsocks)"
+            conf = self.tmp / "redsocks.conf"
+            conf.write_text(
+                "base {\n  log_debug = off;\n  log_info = off;\n  log = stderr;\n"
+                f"  daemon = off;\n  redirector = iptables;\n  rlimit_nofile = {NOFILE};\n"
+                "  redsocks_conn_max = 60000;\n}\n"
+                "redsocks {\n  local_ip = 0.0.0.0;\n"
+                f"  local_port = {REDSOCKS_PORT};\n  ip = {socks.address};\n"
+                f"  port = {socks.port};\n  type = socks5;\n}}\n")
+            argv = [exe, "-c", str(conf)]
+        self.redsocks = self.lab.popen("gateway", argv, stdout=subprocess.DEVNULL,
                                        stderr=open(self.tmp / "redsocks.log", "wb"))  # noqa: SIM115
+        if floor:
+            resource.prlimit(self.redsocks.pid, resource.RLIMIT_NOFILE, (NOFILE, NOFILE))
         ports = ", ".join(str(p) for p in (80, IPERF_PORT, HOLD_PORT))
         ruleset = (
             f"table ip {self.table} {{\n"
@@ -561,6 +575,12 @@ class Bench(LabBench):
                     print("measuring (d) redsocks -> dante", flush=True)
                     assert self.redsocks is not None
                     self.measure("redsocks", REDSOCKS_IP, "www.beta.test", self.redsocks.pid)
+                self.stop_redsocks()
+            if "floor" in want:
+                self.start_redsocks(floor=True)
+                print("measuring (f) the trio floor: bench/floor_relay.py -> dante", flush=True)
+                assert self.redsocks is not None
+                self.measure("trio-floor", REDSOCKS_IP, "www.beta.test", self.redsocks.pid)
                 self.stop_redsocks()
             if i == 0 and "dante" in want:
                 self.dante_alone()
