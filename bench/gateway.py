@@ -2,7 +2,7 @@
 """Gateway benchmark: Mirage's TCP data path against kernel forwarding and redsocks.
 
 One run builds its own namespace lab (`appliance.lab.Lab`, prefix `gb<pid>`),
-measures five paths from the lab's client namespace to real servers in the
+measures six paths from the lab's client namespace to real servers in the
 upstream namespace, prints one table with the ratios to kernel forwarding and
 the issue's targets next to the numbers, and tears the lab down (also on
 Ctrl-C, SIGTERM and errors).
@@ -554,7 +554,7 @@ class Bench(LabBench):
         self.profiles[name] = _top_frames(out.read_text())
 
     def main(self) -> int:
-        """`--rounds` rounds of the four paths (Mirage restarted each round,
+        """`--rounds` rounds of the paths (Mirage restarted each round,
         and stopped while the kernel path is measured); then, with the last
         round's Mirage, the idle flows and the profile."""
         self.setup()
@@ -827,7 +827,7 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=500, help="TTFB requests per path")
     parser.add_argument("--idle-flows", type=int, default=10_000)
     parser.add_argument("--rounds", type=int, default=2,
-                        help="rounds of the four paths; each figure's best is kept")
+                        help="rounds of the paths; each figure's best is kept")
     parser.add_argument("--paths", default=",".join(PATHS),
                         help=f"comma-separated subset of {','.join(PATHS)} (default: all)")
     parser.add_argument("--profile", action="store_true",
