@@ -399,11 +399,10 @@ class Socks5Client:
         self._out = bytearray(encode_greeting(methods))
         # Sent with the greeting (see the class doc): only when "no auth" is
         # the sole method offered.
-        self._request_sent = pipeline and self._auth is None
-        if self._request_sent:
+        self._pipelined = pipeline and self._auth is None
+        if self._pipelined:
             self._out += self._request
-        # The request is in `_out` / has been handed out by data_to_send.
-        self._request_queued = self._request_sent
+        # Whether data_to_send has handed out the request.
         self.request_sent = False
         self._in = bytearray()
         self.state = ClientState.GREETING
@@ -420,7 +419,9 @@ class Socks5Client:
         """What to send now. Once the bytes that held the request are handed
         out, `request_sent` is True (the caller sends what it gets)."""
         out, self._out = bytes(self._out), bytearray()
-        if self._request_queued:
+        if self._pipelined or self.state is ClientState.REQUEST:
+            # The request is queued with the greeting, or right when the
+            # state becomes REQUEST (after the method selection or auth).
             self.request_sent = True
         return out
 
@@ -429,7 +430,7 @@ class Socks5Client:
         has to come (so a read of this size never takes a tunnel byte)."""
         if self.state is ClientState.REQUEST:
             return max(reply_size_hint(self._in), 1)
-        if self.state is ClientState.GREETING and self._request_sent:
+        if self.state is ClientState.GREETING and self._pipelined:
             # The method selection, then at least the reply's fixed head
             # (VER REP RSV ATYP + one byte): all of it handshake, none tunnel.
             return max(2 - len(self._in), 0) + 5
@@ -457,9 +458,8 @@ class Socks5Client:
             method, used = sel
             del self._in[:used]
             if method == METHOD_NO_AUTH:
-                if not self._request_sent:
+                if not self._pipelined:
                     self._out += self._request
-                    self._request_queued = True
                 self.state = ClientState.REQUEST
             elif method == METHOD_USERPASS and self._auth is not None:
                 self._out += self._auth
@@ -478,7 +478,6 @@ class Socks5Client:
             if not ok:
                 raise Socks5Error("proxy refused the username/password", REP_NOT_ALLOWED)
             self._out += self._request
-            self._request_queued = True
             self.state = ClientState.REQUEST
             return True
         if self.state is ClientState.REQUEST:
