@@ -25,7 +25,7 @@ import os
 import socket
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Protocol
+from typing import Any, Protocol
 
 import trio
 
@@ -40,8 +40,18 @@ HAPPY_EYEBALLS_DELAY = 0.25
 
 # `resolve(name, family)` with family 4 or 6 -> (addresses, ttl seconds).
 Resolve = Callable[[str, int], Awaitable[tuple[list[IPAddress], int]]]
-# A proxy handshake on a connection to the proxy: (stream, kept) -> tunnel.
-Handshake = Callable[[trio.SocketStream, bool], Awaitable[trio.abc.Stream]]
+
+
+class HandshakeClient(Protocol):
+    """The sans-I/O proxy clients (Socks5Client, HttpConnectClient): bytes
+    the proxy has sent so far (0: it has not answered)."""
+
+    received: int
+
+
+# A proxy handshake on a connection to the proxy: (stream, client) -> tunnel.
+# It closes the stream if it fails.
+Handshake = Callable[[trio.SocketStream, Any], Awaitable[trio.abc.Stream]]
 
 
 class OutboundError(Exception):
@@ -262,12 +272,6 @@ class Dialer:
         return stream
 
 
-class StaleConnection(Exception):
-    """A kept proxy connection (`Preconnect`) ended before the proxy said a
-    byte: the server closed it while it waited. The flow retries on a new
-    connection; the handshake that raises this has closed the stream."""
-
-
 class ProxyOutbound:
     """What the proxy outbounds (SOCKS5, HTTP CONNECT) share: a proxy at
     `server:port` (a name is resolved through `resolve`), optional
@@ -311,22 +315,27 @@ class ProxyOutbound:
     async def _connect(self, host: str | IPAddress, port: int) -> trio.abc.Stream:
         raise NotImplementedError
 
-    async def _open_tunnel(self, handshake: Handshake) -> trio.abc.Stream:
-        """`handshake(stream, kept)` on a kept connection if the pool has
-        one, else (or if that one was stale) on a new connection to the
-        proxy. `handshake` calls `request_sent()` once its request is out
-        (the pool then opens a replacement, off this flow's critical path),
-        closes the stream if it fails, and raises StaleConnection only for
-        a kept stream the proxy never answered."""
+    async def _open_tunnel(self, client: HandshakeClient, new_client: Callable[[], Any],
+                           handshake: Handshake) -> trio.abc.Stream:
+        """`handshake(stream, client)` on a kept connection if the pool has
+        one, else on a new connection to the proxy. A kept connection that
+        fails before the proxy said a byte (`client.received` is 0: the
+        server closed it while it waited) is stale, not an answer: the flow
+        goes on over a new connection, with `new_client()`. `handshake`
+        calls `request_sent()` once its request is out (the pool then opens
+        a replacement, off this flow's critical path)."""
         pool = self.preconnect
-        if pool is not None:
-            kept = pool.take()
-            if kept is not None:
-                try:
-                    return await handshake(kept, True)
-                except StaleConnection:
-                    pool.stale += 1
-        return await handshake(await self.dialer.dial(self.server, self.port), False)
+        kept = pool.take() if pool is not None else None
+        if kept is not None:
+            assert pool is not None
+            try:
+                return await handshake(kept, client)
+            except (OSError, OutboundError):
+                if client.received:
+                    raise
+                pool.stale += 1
+                client = new_client()
+        return await handshake(await self.dialer.dial(self.server, self.port), client)
 
     def request_sent(self) -> None:
         if self.preconnect is not None:

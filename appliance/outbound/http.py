@@ -16,7 +16,6 @@ from appliance.outbound.base import (
     OutboundError,
     ProxyOutbound,
     ReplayStream,
-    StaleConnection,
     as_ip,
     handshake_send,
 )
@@ -71,25 +70,14 @@ class HttpOutbound(ProxyOutbound):
         self.ssl_context = make_ssl_context(skip_cert_verify, ca_file) if tls else None
 
     async def _connect(self, host: str | IPAddress, port: int) -> trio.abc.Stream:
-        # Made up front, so a bad target fails before any connection; a
-        # retry after a stale kept connection gets a fresh one.
+        def new_client() -> HttpConnectClient:
+            return HttpConnectClient(host, port, username=self.username, password=self.password)
+
         try:
-            first = [HttpConnectClient(host, port, username=self.username,
-                                       password=self.password)]
+            client = new_client()  # a bad target fails before any connection
         except HttpConnectError as e:
             raise OutboundError(f"{self.name}: {e}") from None
-
-        async def handshake(sock_stream: trio.SocketStream, kept: bool) -> trio.abc.Stream:
-            client = first.pop() if first else HttpConnectClient(
-                host, port, username=self.username, password=self.password)
-            try:
-                return await self._handshake(sock_stream, client)
-            except BaseException as e:
-                if kept and client.received == 0 and isinstance(e, OSError | OutboundError):
-                    raise StaleConnection from e
-                raise
-
-        return await self._open_tunnel(handshake)
+        return await self._open_tunnel(client, new_client, self._handshake)
 
     async def _handshake(self, sock_stream: trio.SocketStream,
                          client: HttpConnectClient) -> trio.abc.Stream:

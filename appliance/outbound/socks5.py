@@ -17,7 +17,6 @@ from appliance.outbound.base import (
     OutboundError,
     ProxyOutbound,
     ReplayStream,
-    StaleConnection,
     handshake_receive,
     handshake_send,
 )
@@ -47,28 +46,26 @@ class Socks5Outbound(ProxyOutbound):
     type = "Socks5"
 
     async def _connect(self, host: str | IPAddress, port: int) -> trio.abc.Stream:
-        # Made up front, so a bad target fails before any connection; a
-        # retry after a stale kept connection gets a fresh one.
+        def new_client() -> Socks5Client:
+            return Socks5Client(host, port, username=self.username, password=self.password)
+
         try:
-            first = [Socks5Client(host, port, username=self.username, password=self.password)]
+            client = new_client()  # a bad target fails before any connection
         except Socks5Error as e:
             raise OutboundError(f"{self.name}: {e}") from None
+        return await self._open_tunnel(client, new_client, self._handshake)
 
-        async def handshake(stream: trio.SocketStream, kept: bool) -> trio.abc.Stream:
-            client = first.pop() if first else Socks5Client(
-                host, port, username=self.username, password=self.password)
-            try:
-                await socks5_handshake(stream, client, self.name, self.request_sent)
-            except BaseException as e:
-                await trio.aclose_forcefully(stream)
-                if kept and client.received == 0 and isinstance(e, OSError | OutboundError):
-                    raise StaleConnection from e
-                raise
-            if client.trailing_data:
-                return ReplayStream(stream, client.trailing_data)
-            return stream
-
-        return await self._open_tunnel(handshake)
+    async def _handshake(self, stream: trio.SocketStream, client: Socks5Client
+                         ) -> trio.abc.Stream:
+        """The handshake on `stream`; closes it on any failure."""
+        try:
+            await socks5_handshake(stream, client, self.name, self.request_sent)
+        except BaseException:
+            await trio.aclose_forcefully(stream)
+            raise
+        if client.trailing_data:
+            return ReplayStream(stream, client.trailing_data)
+        return stream
 
 
 async def socks5_handshake(stream: trio.abc.Stream, client: Socks5Client, name: str,
