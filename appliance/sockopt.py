@@ -8,8 +8,9 @@ fallbacks are the values from <linux/in.h>, <linux/in6.h> and
 <asm-generic/socket.h>), and so do the decoders for what the kernel hands
 back with `recvmsg`, and `set_mark` (SO_MARK on an outgoing socket).
 
-Nothing here imports trio, and only `open_transparent_sender` opens a
-socket (the one TPROXY replies leave from); the decoders take plain bytes
+Nothing here imports trio, and only `open_transparent_sender` (the socket
+TPROXY replies leave from) and `start_marked_connect` (an outgoing TCP
+connect, not waited for) open sockets; the decoders take plain bytes
 (tests/unit/test_udp_sessions.py) and return None for what they do not
 recognise, never raise.
 """
@@ -54,6 +55,22 @@ def set_mark(sock: _Settable, mark: int | None) -> None:
     Raises OSError as setsockopt does (EPERM without CAP_NET_ADMIN)."""
     if mark:
         sock.setsockopt(socket.SOL_SOCKET, SO_MARK, mark)
+
+
+def start_marked_connect(ip: str, port: int, family: int,
+                         mark: int | None) -> tuple[socket.socket, int]:
+    """A non-blocking TCP socket carrying `mark`, its connect to ip:port
+    started: (socket, connect_ex's errno: 0, EINPROGRESS, or why it failed
+    at once). Raises OSError only if the socket cannot be made or marked
+    (then nothing is left open); the caller owns the socket otherwise."""
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setblocking(False)
+        set_mark(sock, mark)
+        return sock, sock.connect_ex((ip, port))
+    except BaseException:
+        sock.close()
+        raise
 
 
 def open_transparent_sender(dst: Destination) -> socket.socket:

@@ -32,7 +32,7 @@ import trio
 from appliance.config.model import IPAddress
 from appliance.dns.upstream_api import UpstreamError
 from appliance.outbound.preconnect import Preconnect
-from appliance.sockopt import set_mark
+from appliance.sockopt import start_marked_connect
 
 # RFC 8305 "Connection Attempt Delay": start the next address after 250 ms
 # unless the current attempt fails sooner.
@@ -170,22 +170,21 @@ async def _connect_one(addr: IPAddress, port: int, mark: int | None) -> trio.soc
     resolution machinery (several enum conversions per call) on an address
     that is already numeric: a per-connection cost (bench/gateway.py)."""
     family = socket.AF_INET6 if addr.version == 6 else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    await trio.lowlevel.checkpoint_if_cancelled()
+    sock: socket.socket | None = None
     try:
-        sock.setblocking(False)
-        set_mark(sock, mark)
-        await trio.lowlevel.checkpoint_if_cancelled()
-        err = sock.connect_ex((str(addr), port))
+        sock, err = start_marked_connect(str(addr), port, family, mark)
         if err == errno.EINPROGRESS:
             await trio.lowlevel.wait_writable(sock)
             err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if err:
             raise OSError(err, os.strerror(err))
-    except OSError as e:
-        sock.close()
-        raise OutboundError(f"connect to {addr} port {port} failed: {e.strerror or e}") from None
-    except BaseException:
-        sock.close()
+    except BaseException as e:
+        if sock is not None:
+            sock.close()
+        if isinstance(e, OSError):
+            raise OutboundError(
+                f"connect to {addr} port {port} failed: {e.strerror or e}") from None
         raise
     return trio.socket.from_stdlib_socket(sock)
 

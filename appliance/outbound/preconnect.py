@@ -37,7 +37,7 @@ from collections.abc import Callable
 import trio
 
 from appliance.config.model import IPAddress
-from appliance.sockopt import set_mark
+from appliance.sockopt import start_marked_connect
 
 # `stats()` keys, in order: kept now, then counters since start.
 STATS = ("ready", "hits_total", "misses_total", "expired_total", "stale_total")
@@ -123,17 +123,10 @@ class Preconnect:
         ip = self._address()
         if ip is None:
             return
+        family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
         try:
-            sock = socket.socket(socket.AF_INET6 if ip.version == 6 else socket.AF_INET,
-                                 socket.SOCK_STREAM)
+            sock, err = start_marked_connect(str(ip), self.port, family, self.mark)
         except OSError:  # out of descriptors: the flows need them more
-            return
-        try:
-            sock.setblocking(False)
-            set_mark(sock, self.mark)
-            err = sock.connect_ex((str(ip), self.port))
-        except OSError:
-            sock.close()
             return
         if err not in (0, errno.EINPROGRESS):
             sock.close()
