@@ -40,6 +40,7 @@ from appliance.config.model import Config, DnsConfig
 from appliance.dns.handler import wants_fake_ip
 from appliance.dns.names import DomainMatcher
 from appliance.outbound.direct import DirectOutbound
+from appliance.outbound.preconnect import MAX_IDLE as PRECONNECT_MAX_IDLE
 from appliance.outbound.preconnect import STATS as PRECONNECT_STATS
 from appliance.rules.engine import FlowContext
 
@@ -166,12 +167,10 @@ class Appliance:
         """Close proxy connections kept longer than they may wait
         (appliance/outbound/preconnect.py), whatever the traffic; and all of
         them when Mirage stops."""
-        from appliance.outbound.preconnect import MAX_IDLE
-
         task_status.started()
         try:
             while True:
-                await trio.sleep(MAX_IDLE / 2)
+                await trio.sleep(PRECONNECT_MAX_IDLE / 2)
                 for pool in self.router.preconnects().values():
                     pool.sweep()
         finally:
