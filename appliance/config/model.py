@@ -193,3 +193,14 @@ class Config:
     # (so real Clash profiles load).
     ignored_keys: tuple[str, ...] = ()
     source: Path | None = None
+
+    @property
+    def fake_range6(self) -> ipaddress.IPv6Network | None:
+        """The IPv6 fake range in effect, decided here and nowhere else: only
+        when the gateway carries IPv6 (`ipv6`, which also turns on the v6
+        capture) *and* the DNS answers AAAA (`dns.ipv6`). Otherwise a fake
+        AAAA would point at an address no rule captures, and a v6 fake range
+        captured with no v6 fake IP handed out would only cost rules."""
+        if self.ipv6 and self.dns.ipv6:
+            return self.dns.fake_ip_range6
+        return None
