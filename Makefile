@@ -3,7 +3,7 @@
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup test demo lint bench clean
+.PHONY: setup test demo lint bench soak clean
 
 setup:
 	./scripts/setup.sh
@@ -26,6 +26,12 @@ bench: setup
 	$(PY) bench/gateway.py
 	$(PY) bench/udp.py
 	$(PY) bench/capture.py
+
+# The 10-minute soak (bench/soak.py): mixed DNS/TCP/UDP from three LAN
+# clients while a small fake range recycles; judged on broken flows, fd and
+# RSS growth. `make test` runs a 12-second smoke of it.
+soak: setup
+	$(PY) bench/soak.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
