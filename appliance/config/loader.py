@@ -40,7 +40,7 @@ from appliance.config.model import (
     ProxyGroupConfig,
     Rule,
 )
-from appliance.dns.names import pattern_is_valid
+from appliance.names import pattern_is_valid
 
 T = TypeVar("T")
 

@@ -32,7 +32,7 @@ from appliance.config import (
     load_config,
     parse_config,
 )
-from appliance.dns.names import pattern_is_valid
+from appliance.names import pattern_is_valid
 from appliance.rules.engine import RuleSet
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
