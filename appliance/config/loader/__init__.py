@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from appliance.config.loader.errors import NO_VALUE, ConfigError, key_path
+from appliance.config.loader.rules import parse_rule
 from appliance.config.loader.section import LoadContext
 from appliance.config.loader.top import parse_root
 from appliance.config.loader.yaml_source import read_yaml
@@ -41,6 +42,7 @@ __all__ = [
     "check_runnable",
     "load_config",
     "parse_config",
+    "parse_rule",
 ]
 
 
