@@ -321,3 +321,20 @@ class Config:
         if self.ipv6 and self.dns.ipv6:
             return self.dns.fake_ip_range6
         return None
+
+    @property
+    def hijacks_dns(self) -> bool:
+        """Whether the capture takes port-53 traffic to any resolver, decided
+        here for both capture backends: `appliance.dns-hijack` asks for it,
+        and only a running DNS service (`dns.enable`) can answer it."""
+        return self.appliance.dns_hijack and self.dns.enable
+
+    @property
+    def proxy_ports(self) -> tuple[tuple[str, int], ...]:
+        """The proxy listeners in use as (Clash key, port), in this order:
+        `mixed-port` (SOCKS5 and HTTP), `socks-port`, `port` (HTTP); empty
+        when there are none (Clash's port 0 is off too). What the loader
+        checks for port clashes and the proxy-port service opens."""
+        keyed = (("mixed-port", self.mixed_port), ("socks-port", self.socks_port),
+                 ("port", self.http_port))  # fmt: skip
+        return tuple((key, port) for key, port in keyed if port)

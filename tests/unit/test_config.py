@@ -316,6 +316,25 @@ def test_nulls_mean_default() -> None:
 
 def test_port_zero_means_off_as_in_clash() -> None:
     assert parse_config(with_(mixed_port=0)).mixed_port is None
+    assert parse_config(with_(mixed_port=0)).proxy_ports == ()
+
+
+def test_derived_settings_are_decided_in_the_model() -> None:
+    cfg = parse_config(with_(mixed_port=7890, port=8080, socks_port=0))
+    assert cfg.proxy_ports == (("mixed-port", 7890), ("port", 8080))
+    cfg = parse_config(with_(socks_port=1080))
+    assert cfg.proxy_ports == (("socks-port", 1080),)
+    # DNS is hijacked only when asked for and there is a DNS service to answer.
+    assert parse_config(base()).hijacks_dns is True
+    assert parse_config(with_(appliance={"dns-hijack": False})).hijacks_dns is False
+    assert parse_config({"dns": {"enable": False}}).hijacks_dns is False
+    # The IPv6 fake range is in effect only with ipv6 and dns.ipv6 both on.
+    six = {"ipv6": True, "fake-ip-range6": "fd00:1::/64"}
+    assert parse_config(with_(dns=six)).fake_range6 is None
+    assert parse_config(with_(dns=six, ipv6=True)).fake_range6 == ipaddress.IPv6Network(
+        "fd00:1::/64"
+    )
+    assert parse_config(with_(dns={"fake-ip-range6": "fd00:1::/64"}, ipv6=True)).fake_range6 is None
 
 
 @pytest.mark.parametrize(

@@ -33,13 +33,7 @@ def _check_ports(cfg: Config) -> None:
     """Two TCP listeners of ours on one port and overlapping addresses cannot
     both bind; say which keys collide instead of failing at start."""
     wildcard = Listen("0.0.0.0", 0)
-    listeners: list[tuple[str, Listen]] = []
-    if cfg.mixed_port is not None:
-        listeners.append(("mixed-port", Listen(wildcard.host, cfg.mixed_port)))
-    if cfg.socks_port is not None:
-        listeners.append(("socks-port", Listen(wildcard.host, cfg.socks_port)))
-    if cfg.http_port is not None:
-        listeners.append(("port", Listen(wildcard.host, cfg.http_port)))
+    listeners = [(key, Listen(wildcard.host, port)) for key, port in cfg.proxy_ports]
     if cfg.tproxy_port is not None:
         listeners.append(("tproxy-port", Listen(wildcard.host, cfg.tproxy_port)))
     if cfg.external_controller is not None:
