@@ -40,6 +40,7 @@ def _ifname(value: Any, path: str) -> str:
 
 
 def parse_appliance(sec: Section) -> ApplianceConfig:
+    """`appliance:`; every key is Mirage's own, so none is ever ignored."""
     d = ApplianceConfig()
     ctx = sec.ctx
     lan_raw = sec.raw("lan")

@@ -8,6 +8,8 @@ from appliance.config.model import Config, IPNetwork, Listen
 
 
 def check_cross(cfg: Config) -> None:
+    """What needs two sections at once: marks, bypass against the fake
+    ranges, and listeners' ports."""
     a = cfg.appliance
     if cfg.routing_mark is not None and cfg.routing_mark == a.capture_mark:
         raise ConfigError(

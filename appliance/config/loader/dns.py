@@ -84,11 +84,11 @@ def parse_hosts(value: Any, path: str, ctx: LoadContext) -> dict[str, list[IPAdd
         if not addrs and not items:
             raise ConfigError(entry_path, raw, "needs at least one address")
         if addrs:
-            merge_addrs(result, name, addrs)
+            _merge_addrs(result, name, addrs)
     return result
 
 
-def merge_addrs(into: dict[str, list[IPAddress]], name: str, addrs: list[IPAddress]) -> None:
+def _merge_addrs(into: dict[str, list[IPAddress]], name: str, addrs: list[IPAddress]) -> None:
     current = into.setdefault(name, [])
     for addr in addrs:
         if addr not in current:
@@ -260,6 +260,7 @@ def _parse_policy(
 
 
 def parse_dns(sec: Section, top_hosts: dict[str, list[IPAddress]]) -> DnsConfig:
+    """`dns:`, with the top-level `hosts` (`top_hosts`) merged under it."""
     ctx = sec.ctx
     d = DnsConfig()
     enable = sec.get("enable", as_bool, d.enable)
@@ -286,7 +287,7 @@ def parse_dns(sec: Section, top_hosts: dict[str, list[IPAddress]]) -> DnsConfig:
     policy = _parse_policy(sec.raw("nameserver-policy"), sec.at("nameserver-policy"), ctx, named)
     hosts = {name: list(addrs) for name, addrs in top_hosts.items()}
     for name, addrs in parse_hosts(sec.raw("hosts"), sec.at("hosts"), ctx).items():
-        merge_addrs(hosts, name, addrs)
+        _merge_addrs(hosts, name, addrs)
     ca_file = sec.get("ca-file", lambda v, p: as_path(v, p, ctx.base), d.ca_file)
     upstream_timeout = sec.get("upstream-timeout", as_seconds, d.upstream_timeout)
     cache_size = sec.get("cache-size", lambda v, p: as_int(v, p, 0, 10_000_000), d.cache_size)
@@ -304,7 +305,7 @@ def parse_dns(sec: Section, top_hosts: dict[str, list[IPAddress]]) -> DnsConfig:
     # A DoH server known by name needs an IP-literal resolver to find it;
     # asking the system resolver would ask the poisoned one.
     for where, ns in named:
-        if not default_ns and not is_ip(ns.host):
+        if not default_ns and not _is_ip(ns.host):
             raise ConfigError(
                 where,
                 ns.text,
@@ -330,7 +331,7 @@ def parse_dns(sec: Section, top_hosts: dict[str, list[IPAddress]]) -> DnsConfig:
     )
 
 
-def is_ip(text: str) -> bool:
+def _is_ip(text: str) -> bool:
     try:
         ipaddress.ip_address(text)
     except ValueError:

@@ -46,10 +46,12 @@ _PLAIN_KEY = re.compile(r"[A-Za-z0-9_-]+")
 
 
 def key_path(parent: str, key: str) -> str:
+    """`parent.key`, or `parent['key']` for a key that is not a plain word."""
     if _PLAIN_KEY.fullmatch(key):
         return f"{parent}.{key}" if parent else key
     return f"{parent}[{key!r}]"
 
 
 def index_path(parent: str, index: int) -> str:
+    """`parent[index]`: an item of a list."""
     return f"{parent}[{index}]"

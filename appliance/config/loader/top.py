@@ -57,6 +57,9 @@ IGNORED_PROFILE = ("store-selected",)
 
 
 def parse_root(data: Any, ctx: LoadContext) -> Config:
+    """The whole profile: each section in turn (proxies, then the groups that
+    name them, then the rules that name both), then the top level's leftover
+    keys, then `check_cross` on the built `Config`."""
     root = Section(data, "", ctx)
     mixed_port = root.get("mixed-port", _optional_port, None)
     socks_port = root.get("socks-port", _optional_port, None)
