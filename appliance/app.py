@@ -45,7 +45,6 @@ from appliance.config import ConfigError, load_config
 from appliance.config.model import Config, DnsConfig
 from appliance.dns import server as dns_server
 from appliance.dns.handler import DnsHandler, wants_fake_ip
-from appliance.dns.names import DomainMatcher
 from appliance.dns.upstream import Resolver
 from appliance.fakeip import flusher
 from appliance.fakeip.pool import FakeIPPool
@@ -54,6 +53,7 @@ from appliance.gateway import mixed
 from appliance.gateway.splice import FlowRegistry
 from appliance.gateway.tcp import TransparentTcp
 from appliance.gateway.udp import UdpGateway
+from appliance.names import DomainMatcher
 from appliance.outbound.base import Resolve
 from appliance.outbound.preconnect import Preconnect
 from appliance.routing import Dispatcher, Router
@@ -307,7 +307,7 @@ def build_router(cfg: Config, resolve: Resolve | None) -> Router:
     """The outbounds and rules of `cfg`; AppError if they cannot be built."""
     try:
         return Router.from_config(cfg, resolve)
-    except ValueError as err:  # BuildError, RuleError
+    except ValueError as err:  # BuildError
         raise AppError(f"proxies/rules: {err}") from None
 
 

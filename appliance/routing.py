@@ -23,8 +23,8 @@ default. A profile that wants such UDP dropped instead says so with a rule
 placed before it, such as `NETWORK,udp,REJECT`.
 
 How it fails: `connect_tcp` and `open_udp` raise OutboundError (the
-outbound's, or its deadline); a bad configuration raises BuildError (or the
-rules' RuleError, a ValueError) when the router is built.
+outbound's, or its deadline); outbounds that cannot be built raise
+BuildError (a ValueError) when the router is built.
 """
 
 from __future__ import annotations
@@ -63,9 +63,8 @@ class Router:
     Owns the outbounds (and through them the proxies' kept connections:
     `close`), and the rule sets "the rules after rule i" that UDP routing
     builds when it has to skip a rule (built once per rule, kept as long as
-    this router). Raises BuildError (or RuleError, a ValueError) at
-    construction if a rule is invalid or names an outbound that does not
-    exist.
+    this router). Raises BuildError at construction if a rule names an
+    outbound that does not exist (the loader refuses that first).
     """
 
     def __init__(self, rules: Sequence[Rule], outbounds: Mapping[str, Outbound]) -> None:

@@ -11,6 +11,7 @@ from functools import partial
 import pytest
 import trio
 
+from appliance.config import parse_rule
 from appliance.config.model import Config, IPAddress, ProxyConfig, Rule
 from appliance.flow import Flow, Inbound
 from appliance.outbound.base import OutboundEnv, OutboundError, UdpPeer
@@ -49,8 +50,8 @@ async def web_port(nursery: trio.Nursery) -> AsyncIterator[int]:
 
 
 async def test_tcp_decision_is_recorded_in_the_flow(web_port: int) -> None:
-    rule = Rule("DOMAIN-SUFFIX", "web.test", "DIRECT")
-    d = dispatcher(Rule("DOMAIN", "ads.test", "REJECT"), rule)
+    rule = parse_rule("DOMAIN-SUFFIX,web.test,DIRECT")
+    d = dispatcher(parse_rule("DOMAIN,ads.test,REJECT"), rule)
     flow = tcp_flow("www.web.test", web_port)
     stream = await d.connect_tcp(flow)
     async with stream:
@@ -64,16 +65,16 @@ async def test_tcp_decision_is_recorded_in_the_flow(web_port: int) -> None:
 
 async def test_tcp_flows_see_their_source_port() -> None:
     # One FlowContext for every flow: SRC-PORT rules match TCP as they do UDP.
-    d = dispatcher(Rule("SRC-PORT", "5555", "REJECT"))
+    d = dispatcher(parse_rule("SRC-PORT,5555,REJECT"))
     with pytest.raises(OutboundError, match="rejected"):
         await d.connect_tcp(tcp_flow("a.test", 80, src_port=5555))
 
 
 async def test_a_reload_routes_new_flows_only(web_port: int) -> None:
-    d = dispatcher(Rule("MATCH", "", "DIRECT"))
+    d = dispatcher(parse_rule("MATCH,DIRECT"))
     before = tcp_flow("www.web.test", web_port)
     stream = await d.connect_tcp(before)
-    d.replace(Router.from_config(Config(rules=(Rule("MATCH", "", "REJECT"),)), resolve))
+    d.replace(Router.from_config(Config(rules=(parse_rule("MATCH,REJECT"),)), resolve))
     # The flow dialled before keeps its stream; new ones take the new rules.
     async with stream:
         assert await stream.receive_some(5) == b"hello"
@@ -92,8 +93,8 @@ class Offers:
 
 
 async def test_direct_by_name_is_offered_to_the_offload(web_port: int) -> None:
-    d = dispatcher(Rule("DST-PORT", "1", "REJECT"), Rule("DOMAIN", "www.web.test", "DIRECT"),
-                   Rule("MATCH", "", "DIRECT"))
+    d = dispatcher(parse_rule("DST-PORT,1,REJECT"), parse_rule("DOMAIN,www.web.test,DIRECT"),
+                   parse_rule("MATCH,DIRECT"))
     offers = d.offload = Offers()
     for flow in (
         tcp_flow("www.web.test", web_port),  # a DST-PORT rule came first: per flow
@@ -102,7 +103,7 @@ async def test_direct_by_name_is_offered_to_the_offload(web_port: int) -> None:
         async with await d.connect_tcp(flow):
             pass
     assert offers.made == []
-    d = dispatcher(Rule("DOMAIN", "www.web.test", "DIRECT"), Rule("DST-PORT", "1", "REJECT"))
+    d = dispatcher(parse_rule("DOMAIN,www.web.test,DIRECT"), parse_rule("DST-PORT,1,REJECT"))
     offers = d.offload = Offers()
     async with await d.connect_tcp(tcp_flow("www.web.test", web_port)):
         pass
@@ -137,7 +138,7 @@ async def test_a_new_outbound_type_is_one_registry_line(monkeypatch: pytest.Monk
     monkeypatch.setitem(BUILDERS, "ss", Echo.from_config)
     proxies = (ProxyConfig("e", "ss", "192.0.2.1", 8388),)
     assert isinstance(build_outbounds(Config(proxies=proxies), None)["e"], Echo)
-    d = dispatcher(Rule("MATCH", "", "e"), proxies=proxies)
+    d = dispatcher(parse_rule("MATCH,e"), proxies=proxies)
     with pytest.raises(OutboundError, match=r"echo a\.test:80"):
         await d.connect_tcp(tcp_flow("a.test", 80))
     # It carries no UDP: a UDP flow skips its rule and goes DIRECT.
