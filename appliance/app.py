@@ -132,12 +132,12 @@ class Appliance:
                 if cfg.dns.enable:
                     self.dns_handler = DnsHandler(dns_in_effect(cfg), pool)
                     await nursery.start(self._serve_dns, self.dns_handler, resolver)
-                if cfg.tproxy_port or cfg.mixed_port or cfg.socks_port or cfg.http_port:
+                if cfg.tproxy_port or cfg.proxy_ports:
                     self.flows = FlowRegistry()
                 if cfg.tproxy_port:
                     await nursery.start(self._serve_tcp, pool, dispatcher)
                     await nursery.start(self._serve_udp, pool, dispatcher)
-                if cfg.mixed_port or cfg.socks_port or cfg.http_port:
+                if cfg.proxy_ports:
                     await nursery.start(self._serve_proxy_ports, pool, dispatcher)
                 if cfg.external_controller is not None:
                     ctl = cfg.external_controller
@@ -161,7 +161,7 @@ class Appliance:
         # resolvers arrive unrewritten (sk_assign): the socket must be
         # transparent to answer from their address. (Under nftables they are
         # redirected through conntrack, and transparency is harmless.)
-        transparent = bool(cfg.appliance.lan and cfg.appliance.dns_hijack)
+        transparent = bool(cfg.appliance.lan) and cfg.hijacks_dns
         try:
             await dns_server.serve(cfg.dns.listen, handler, resolver,
                                    transparent=transparent, task_status=task_status)
