@@ -5,9 +5,10 @@ What this is for: clients that are configured to use a proxy (browsers,
 `curl -x`, apps with a SOCKS setting) instead of being captured
 transparently. Their flows take the same path as captured ones: the target
 (a name, a real IP, or a fake IP that the client resolved through Mirage and
-that the pool maps back to its name, the `curl -x socks5://` case) goes
-through the app's `dial` (rules -> outbound), then `splice`, and shows up in
-the same `FlowRegistry` (so in the control API's /connections).
+that the pool maps back to its name, the `curl -x socks5://` case) becomes a
+`Flow` that goes through `dial` (the dispatcher's `connect_tcp`: rules ->
+outbound), then `splice`, and shows up in the same `FlowRegistry` (so in the
+control API's /connections).
 
 Protocols, told apart by the first byte a client sends (RFC 1928 starts
 with the version byte; no HTTP method starts with 0x04 or 0x05):
@@ -27,9 +28,9 @@ with the version byte; no HTTP method starts with 0x04 or 0x05):
 
 UDP ASSOCIATE: one UDP socket on the address the client reached us at (LAN
 or loopback); each destination named in the client's datagrams gets its own
-peer from `open_udp` (the app passes the shared UDP outbounds,
-`appliance.outbound.udp.UdpDialer.open`: the rules pick DIRECT, a SOCKS5
-proxy with `udp: true`, or REJECT). Fake IPs map back to names as for TCP. The association ends
+peer from `open_udp` (the dispatcher's `open_udp`, appliance/routing.py:
+the rules pick DIRECT, a SOCKS5 proxy with `udp: true`, or REJECT). Fake
+IPs map back to names as for TCP. The association ends
 with its TCP control connection (RFC 1928 section 7) or after idle-timeout
 without datagrams.
 
@@ -63,14 +64,15 @@ import socket
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
 import trio
 
 from appliance.config.model import Config, IPAddress
-from appliance.gateway.splice import Flow, FlowRegistry, SpliceResult, abort, close, splice
-from appliance.gateway.tcp import Dial, FakeIPs, FlowTarget, accept_loop, ip_port
-from appliance.outbound.base import as_ip
+from appliance.flow import Flow, Inbound, Network
+from appliance.gateway.splice import FlowRecord, FlowRegistry, SpliceResult, abort, close, splice
+from appliance.gateway.tcp import Dial, FakeIPs, accept_loop, ip_port
+from appliance.outbound.base import UdpPeer, as_ip
 from appliance.proto import socks5 as s5
 from appliance.proto.http_connect import (
     DEFAULT_MAX_HEAD,
@@ -451,6 +453,12 @@ class ProxyPort:
     socks: bool
     http: bool
 
+    @property
+    def inbound(self) -> Inbound:
+        """What a flow taken here names as its inbound."""
+        return "mixed" if self.key == "mixed-port" else "socks" if self.key == "socks-port" \
+            else "http"
+
 
 def proxy_ports(cfg: Config) -> list[ProxyPort]:
     """The proxy ports `cfg` asks for (Clash keys mixed-port, socks-port, port)."""
@@ -661,7 +669,7 @@ class ProxyPorts:
                 )
                 return
             if ask is not None:
-                await self._serve(stream, ask, src, local, pins)
+                await self._serve(stream, ask, src, local, pins, spec.inbound)
         except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             log.debug("%s: client connection ended: %r", spec.key, exc)
         finally:
@@ -791,10 +799,12 @@ class ProxyPorts:
     # -- after the handshake --------------------------------------------------------
 
     def _target(
-        self, host: str | IPAddress, port: int, src: tuple[str, int], pins: _Pins
-    ) -> FlowTarget:
-        """The FlowTarget for a requested host: a name as is, a fake IP as
-        its name (pinned), a real IP as the destination. Raises _Refused."""
+        self, host: str | IPAddress, port: int, src: tuple[str, int], pins: _Pins,
+        inbound: Inbound, network: Network = "tcp",
+    ) -> Flow:
+        """The Flow for a requested host: a name as is, a fake IP as its
+        name (pinned), a real IP as the destination. Raises _Refused."""
+        client = ipaddress.ip_address(src[0])
         ip = as_ip(host)
         if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
             ip = ip.ipv4_mapped
@@ -802,7 +812,7 @@ class ProxyPorts:
             name = str(host).rstrip(".").lower()
             if not name:
                 raise _Refused("bad-target", f"bad host name {host!r}")
-            return FlowTarget(name, "", port, src[0], src[1])
+            return Flow(network, inbound, client, src[1], None, port, name)
         if self.pool.is_fake(ip):
             domain = pins.pin(str(ip))
             if domain is None:
@@ -811,8 +821,8 @@ class ProxyPorts:
                     "unmapped",
                     f"fake IP {ip} is not mapped (expired, or issued before a restart)",
                 )
-            return FlowTarget(domain, str(ip), port, src[0], src[1])
-        return FlowTarget(None, str(ip), port, src[0], src[1])
+            return Flow(network, inbound, client, src[1], ip, port, domain)
+        return Flow(network, inbound, client, src[1], ip, port, None)
 
     async def _serve(
         self,
@@ -821,13 +831,14 @@ class ProxyPorts:
         src: tuple[str, int],
         local: Any,
         pins: _Pins,
+        inbound: Inbound,
     ) -> None:
         where = f"{src[0]}:{src[1]} -> {format_authority(ask.host, ask.port)}"
         if ask.command == "udp":
-            await self._udp_associate(stream, ask, src, local, pins)
+            await self._udp_associate(stream, ask, src, local, pins, inbound)
             return
         try:
-            target = self._target(ask.host, ask.port, src, pins)
+            target = self._target(ask.host, ask.port, src, pins, inbound)
             framer: BodyFramer | None = None
             head = b""
             upgrade = False
@@ -843,7 +854,8 @@ class ProxyPorts:
             log.warning("proxy %s: %s", where, refusal.why)
             await self._refuse(stream, ask, refusal)
             return
-        flow = self.registry.open("tcp", src, (target.dst_ip, target.dst_port), target.domain)
+        dst = str(target.dst) if target.dst is not None else ""
+        flow = self.registry.open("tcp", src, (dst, target.dst_port), target.domain)
         flow.outbound = target.outbound
         log.debug("proxy %s: via %s", where, target.outbound or "?")
         result: SpliceResult | None = None
@@ -894,7 +906,7 @@ class ProxyPorts:
             result.down,
         )
 
-    async def _dial(self, target: FlowTarget, where: str) -> trio.abc.Stream:
+    async def _dial(self, target: Flow, where: str) -> trio.abc.Stream:
         timeout = self.cfg.appliance.connect_timeout
         try:
             with trio.fail_after(timeout):
@@ -911,7 +923,8 @@ class ProxyPorts:
     # -- UDP ASSOCIATE ------------------------------------------------------------------
 
     async def _udp_associate(
-        self, stream: trio.SocketStream, ask: _Ask, src: tuple[str, int], local: Any, pins: _Pins
+        self, stream: trio.SocketStream, ask: _Ask, src: tuple[str, int], local: Any, pins: _Pins,
+        inbound: Inbound,
     ) -> None:
         assert ask.socks is not None
         if self.open_udp is None:
@@ -932,7 +945,7 @@ class ProxyPorts:
             ask.socks.reply(s5.REP_SUCCEEDED, *bound)
             await stream.send_all(ask.socks.data_to_send())
             flow = self.registry.open("udp", src, bound, None)
-            relay = _UdpRelay(self, self.open_udp, relay_sock, src, ask, pins, flow)
+            relay = _UdpRelay(self, self.open_udp, relay_sock, src, ask, pins, flow, inbound)
             log.debug("proxy %s:%d: UDP ASSOCIATE relaying at %s:%d", *src, *bound)
             idle_timeout = self.cfg.appliance.idle_timeout
             try:
@@ -956,32 +969,8 @@ class ProxyPorts:
             relay_sock.close()
 
 
-class UdpPeer(Protocol):
-    """One destination's way out for UDP, as `appliance.outbound.udp.UdpPeer`
-    has it: a connected non-blocking socket; `header` goes before each
-    payload and replies carry a SOCKS5 UDP header when `socks`; `watch()`
-    returns when the peer is gone for good; `aclose()` releases it."""
-
-    sock: socket.socket
-    outbound: str
-    header: bytes
-    socks: bool
-
-    async def watch(self) -> None: ...
-
-    async def aclose(self) -> None: ...
-
-
-@dataclass(eq=False)
-class UdpFlowTarget(FlowTarget):
-    """One destination of a UDP association, as the UDP dialer reads it;
-    the dialer sets `outbound` and `skipped` (rules passed over because
-    their outbound carries no UDP)."""
-
-    skipped: int = 0
-
-
-OpenUdp = Callable[[UdpFlowTarget], Awaitable[UdpPeer | None]]
+# Route a UDP flow and open its outbound (`Dispatcher.open_udp`); None: REJECT.
+OpenUdp = Callable[[Flow], Awaitable[UdpPeer | None]]
 
 
 @dataclass(eq=False)
@@ -1014,9 +1003,11 @@ class _UdpRelay:
         src: tuple[str, int],
         ask: _Ask,
         pins: _Pins,
-        flow: Flow,
+        flow: FlowRecord,
+        inbound: Inbound,
     ) -> None:
         self.service = service
+        self.inbound: Inbound = inbound
         self.open_udp = open_udp
         self.sock = sock
         self.client_ip = src[0]
@@ -1084,8 +1075,7 @@ class _UdpRelay:
         src = (self.client_ip, self.client_port)
         where = f"{src[0]}:{src[1]} -> {format_authority(host, port)}"
         try:
-            t = svc._target(host, port, src, self.pins)
-            target = UdpFlowTarget(t.domain, t.dst_ip, t.dst_port, t.src_ip, t.src_port)
+            target = svc._target(host, port, src, self.pins, self.inbound, "udp")
             with trio.fail_after(svc.cfg.appliance.connect_timeout):
                 dest.peer = await self.open_udp(target)
         except _Refused as refusal:
@@ -1157,7 +1147,7 @@ async def _forward(
     client: trio.SocketStream,
     server: trio.abc.Stream,
     framer: BodyFramer,
-    flow: Flow,
+    flow: FlowRecord,
     idle_timeout: float,
 ) -> SpliceResult:
     """Relay the rest of one request's body up (no more than its framing
