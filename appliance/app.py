@@ -36,7 +36,7 @@ from dataclasses import replace
 
 import trio
 
-from appliance import __version__
+from appliance import __version__, privileges, systemd
 from appliance.api import server as api_server
 from appliance.capture import backend as capture_backend
 from appliance.capture.nftables import NftablesCapture
@@ -148,11 +148,24 @@ class Appliance:
                     if cfg.appliance.offload_direct:
                         await nursery.start(self._serve_offload, pool, dispatcher)
                 log.info("mirage %s running (pid %d)", __version__, os.getpid())
+                # systemd (Type=notify): started means the LAN is served.
+                systemd.notify("READY=1")
+                interval = systemd.watchdog_interval()
+                if interval is not None:
+                    await nursery.start(systemd.serve_watchdog, self._alive, interval)
                 task_status.started()
         finally:
             # After the flusher's final flush (the nursery has exited).
             if self.store is not None:
                 self.store.close()
+
+    async def _alive(self) -> bool:
+        """The watchdog's check: the DNS service answers (appliance/systemd.py);
+        without DNS, a running event loop is all there is to prove."""
+        if not self.cfg.dns.enable:
+            await trio.lowlevel.checkpoint()
+            return True
+        return await systemd.dns_answers(self.cfg.dns.listen)
 
     async def _serve_dns(self, handler: DnsHandler, resolver: Resolver, *,
                          task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -242,6 +255,7 @@ class Appliance:
                     await self.reload()
                 else:
                     log.info("%s: shutting down", signal.Signals(signum).name)
+                    systemd.notify("STOPPING=1")
                     scope.cancel()
                     return
 
@@ -342,12 +356,27 @@ def _tune_gc() -> None:
     gc.set_threshold(*GC_THRESHOLDS)
 
 
+def _drop_privileges(cfg: Config) -> None:
+    """Once set up, keep only the capabilities running needs
+    (appliance/privileges.py says which and why)."""
+    ebpf = cfg.appliance.redirect in ("ebpf", "auto") and bool(cfg.appliance.lan)
+    try:
+        dropped = privileges.drop_to_runtime(ebpf=ebpf)
+    except OSError as err:
+        log.warning("could not drop capabilities (%s); running with those it started with", err)
+        return
+    if dropped:
+        log.info("capabilities dropped now that setup is done: %s", ", ".join(dropped))
+
+
 async def run_appliance(cfg: Config) -> None:
-    """Entry point for `mirage run`: serve until SIGINT/SIGTERM. The
-    collector is tuned once every service is up (`_tune_gc`): this process
-    is Mirage's alone (tests that run an Appliance in theirs leave it be)."""
+    """Entry point for `mirage run`: serve until SIGINT/SIGTERM. Once every
+    service is up, the collector is tuned (`_tune_gc`) and the capabilities
+    only setup needed are dropped (`_drop_privileges`): this process is
+    Mirage's alone (tests that run an Appliance in theirs leave it be)."""
     app = Appliance(cfg)
     async with trio.open_nursery() as nursery:
         await nursery.start(app.serve)
         _tune_gc()
+        _drop_privileges(cfg)
 
