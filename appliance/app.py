@@ -73,21 +73,29 @@ class Appliance:
     # -- composition ---------------------------------------------------------
 
     def open_pool(self) -> None:
+        from appliance.fakeip.ledger import FileLedger, ledger_path
         from appliance.fakeip.pool import FakeIPPool
         from appliance.fakeip.store import SQLiteStore, store_path
 
         cfg = self.cfg
+        state_dir = cfg.appliance.state_dir
         if cfg.store_fake_ip:
-            state_dir = cfg.appliance.state_dir
             try:
                 state_dir.mkdir(parents=True, exist_ok=True)
                 self.store = SQLiteStore(store_path(state_dir))
             except OSError as err:
                 raise AppError(f"appliance.state-dir {state_dir}: {err}") from None
         range6 = answer_dns(cfg).fake_ip_range6
-        self.pool = FakeIPPool(
-            cfg.dns.fake_ip_range, range6, store=self.store, keep=fake_ip_filter(cfg.dns),
-        )
+        # The ledger (even without store-fake-ip) keeps a restart from giving
+        # an address clients may still hold to another name.
+        try:
+            state_dir.mkdir(parents=True, exist_ok=True)
+            self.pool = FakeIPPool(
+                cfg.dns.fake_ip_range, range6, store=self.store, keep=fake_ip_filter(cfg.dns),
+                ledger=FileLedger(ledger_path(state_dir)),
+            )
+        except OSError as err:
+            raise AppError(f"appliance.state-dir {state_dir}: {err}") from None
         where = f"from {store_path(cfg.appliance.state_dir)}" if cfg.store_fake_ip else "(memory)"
         log.info("fake-IP pool %s%s: %d mappings loaded %s", cfg.dns.fake_ip_range,
                  f" + {range6}" if range6 else "", len(self.pool), where)

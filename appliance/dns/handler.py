@@ -380,20 +380,21 @@ class DnsHandler:
             return RCODE_NOERROR, (), 0
         try:
             ip = self._pool.allocate(name, 4 if qtype == TYPE_A else 6)
-        except PoolExhausted:
-            self._log_exhausted(name)
+        except PoolExhausted as exc:
+            self._log_exhausted(name, exc)
             return RCODE_SERVFAIL, (), 0
         self.fake_answers += 1
         return RCODE_NOERROR, (ip.packed,), FAKE_IP_TTL
 
-    def _log_exhausted(self, name: str) -> None:
+    def _log_exhausted(self, name: str, exc: PoolExhausted) -> None:
         now = time.monotonic()
         if now - self._exhausted_logged_at < EXHAUSTED_LOG_INTERVAL:
             self._exhausted_silenced += 1
             return
         more = f" ({self._exhausted_silenced} more since the last report)"
         log.error(
-            "fake-IP pool exhausted (every address pinned by a live flow): SERVFAIL for %s%s",
+            "fake-IP pool exhausted (%s): SERVFAIL for %s%s",
+            exc,
             name,
             more if self._exhausted_silenced else "",
         )
