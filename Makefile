@@ -39,7 +39,7 @@ soak: setup
 # 20,000 per property); `make test` runs a smoke of this target.
 FUZZ_PROFILE ?= mirage-fuzz
 fuzz: setup
-	MIRAGE_FUZZ_PROFILE=$(FUZZ_PROFILE) $(PY) -m pytest -q -p no:cacheprovider tests/unit/test_fuzz_budget.py
+	MIRAGE_FUZZ_PROFILE=$(FUZZ_PROFILE) $(PY) -m pytest -q -p no:cacheprovider --timeout=0 tests/unit/test_fuzz_budget.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

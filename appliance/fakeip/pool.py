@@ -58,8 +58,9 @@ still hold for another name while it has a safer one:
 * quarantine: at start, the addresses that may sit in clients' caches under
   a name the pool no longer knows are held back: with a store, the holes
   (freed or filtered addresses), the unflushed tail of the cursor and, after
-  an unclean exit, the `reuse_budget` least recently used loaded mappings
-  (the only ones a lost flush interval can have recycled); without a store,
+  an unclean exit of a run that had used up the range, the `reuse_budget`
+  least recently used loaded mappings (the only ones a lost flush interval
+  can have recycled); without a store,
   every address ever issued, least recently used first when the last run
   ended cleanly. They are handed out only after never-issued and free
   addresses (and, with a store, after loaded mappings unused since the
@@ -590,7 +591,9 @@ class FakeIPPool:
                 # have reissued after its last flush. Safest first is the
                 # reverse of that order.
                 head: list[int] = []
-                if entry is not None and unclean:
+                # Only a run whose cursor could reach the range's end has
+                # recycled anything (fresh addresses come first).
+                if entry is not None and unclean and entry.issued > fam.capacity:
                     off = fam.nxt[0]
                     while off and len(head) < self._reuse_budget:
                         head.append(off)

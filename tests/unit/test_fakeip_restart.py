@@ -201,14 +201,26 @@ def test_recycling_waits_for_the_store_beyond_the_budget() -> None:
 
 
 def test_unclean_start_quarantines_the_budget_of_the_lru_head() -> None:
+    small = IPv4Network("198.18.0.0/28")  # 14 addresses: the mark reaches the end
     store, ledger = MemoryStore(), MemoryLedger()
-    pool = FakeIPPool(R16, store=store, ledger=ledger, reuse_budget=3)
-    for i in range(10):
+    pool = FakeIPPool(small, store=store, ledger=ledger, reuse_budget=3)
+    for i in range(14):
         pool.allocate(f"n{i}.example")
     pool.flush()  # then a crash: the ledger is not clean
-    pool = FakeIPPool(R16, store=store, ledger=ledger, reuse_budget=3)
+    pool = FakeIPPool(small, store=store, ledger=ledger, reuse_budget=3)
     assert [pool.lookup(f"n{i}.example") for i in range(3)] == [None] * 3
-    assert all(pool.lookup(f"n{i}.example") is not None for i in range(3, 10))
+    assert all(pool.lookup(f"n{i}.example") is not None for i in range(3, 14))
+
+
+def test_unclean_start_of_a_range_not_used_up_keeps_every_flushed_mapping() -> None:
+    """Nothing is recycled while never-issued addresses remain, so a crash
+    costs only the unflushed tail, never a flushed mapping."""
+    store, ledger = MemoryStore(), MemoryLedger()
+    pool = FakeIPPool(R16, store=store, ledger=ledger, reuse_budget=3)
+    before = {f"n{i}.example": pool.allocate(f"n{i}.example") for i in range(10)}
+    pool.flush()  # then a crash
+    pool = FakeIPPool(R16, store=store, ledger=ledger, reuse_budget=3)
+    assert {n: pool.lookup(n) for n in before} == before
 
 
 # -- the ledger file ------------------------------------------------------------------
