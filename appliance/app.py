@@ -47,6 +47,7 @@ from appliance.dns import server as dns_server
 from appliance.dns.handler import DnsHandler, wants_fake_ip
 from appliance.dns.upstream import Resolver
 from appliance.fakeip import flusher
+from appliance.fakeip.ledger import FileLedger, ledger_path
 from appliance.fakeip.pool import FakeIPPool
 from appliance.fakeip.store import SQLiteStore, store_path
 from appliance.gateway import mixed
@@ -100,16 +101,23 @@ class Appliance:
 
     def open_pool(self) -> FakeIPPool:
         cfg = self.cfg
+        state_dir = cfg.appliance.state_dir
         if cfg.store_fake_ip:
-            state_dir = cfg.appliance.state_dir
             try:
                 state_dir.mkdir(parents=True, exist_ok=True)
                 self.store = SQLiteStore(store_path(state_dir))
             except OSError as err:
                 raise AppError(f"appliance.state-dir {state_dir}: {err}") from None
         range6 = cfg.fake_range6
-        pool = FakeIPPool(cfg.dns.fake_ip_range, range6, store=self.store,
-                          keep=self._fake_ip_wanted)
+        # The ledger (even without store-fake-ip) keeps a restart from giving
+        # an address clients may still hold to another name.
+        try:
+            state_dir.mkdir(parents=True, exist_ok=True)
+            pool = FakeIPPool(cfg.dns.fake_ip_range, range6, store=self.store,
+                              keep=self._fake_ip_wanted,
+                              ledger=FileLedger(ledger_path(state_dir)))
+        except OSError as err:
+            raise AppError(f"appliance.state-dir {state_dir}: {err}") from None
         where = f"from {store_path(cfg.appliance.state_dir)}" if cfg.store_fake_ip else "(memory)"
         log.info("fake-IP pool %s%s: %d mappings loaded %s", cfg.dns.fake_ip_range,
                  f" + {range6}" if range6 else "", len(pool), where)
