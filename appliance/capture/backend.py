@@ -15,16 +15,22 @@ side by side.
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, Protocol
 
 import trio
 
-from appliance.capture.nftables import CaptureError
+from appliance.capture.spec import CaptureError
 from appliance.config.model import Config
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CaptureError", "render_plan", "serve"]
+__all__ = ["CaptureError", "hold", "render_plan", "serve"]
+
+
+class Removable(Protocol):
+    """An applied capture: `remove()` undoes it (synchronous, safe twice)."""
+
+    def remove(self) -> None: ...
 
 
 def render_plan(cfg: Config) -> str:
@@ -68,10 +74,24 @@ async def serve(
             log.warning("capture: eBPF unavailable (%s); redirect: auto falls back to "
                         "nftables", err)
         else:
-            await nftables.hold(capture, task_status, capture)
+            await hold(capture, task_status, capture)
             return
     await trio.to_thread.run_sync(ebpf.remove_leftovers, cfg)
     capture = nftables.NftablesCapture(cfg)
     await trio.to_thread.run_sync(capture.apply)
-    await nftables.hold(capture, task_status, capture)
+    await hold(capture, task_status, capture)
+
+
+async def hold(capture: Removable, task_status: trio.TaskStatus[Any],
+               started: object = None) -> None:
+    """Report started (with `started`), hold an applied `capture` until
+    cancelled, then remove it (`capture.remove()` in a worker thread). Every
+    capture service ends this way: nftables, eBPF and the backend choice."""
+    try:
+        task_status.started(started)
+        await trio.sleep_forever()
+    finally:
+        # Shielded: removal must run even while the nursery is being cancelled.
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(capture.remove)
 

@@ -16,7 +16,8 @@ Shared by both capture backends (nftables, eBPF).
 
 Synchronous: pyroute2 runs its own loop; call at setup/teardown or through
 `trio.to_thread.run_sync`. Failures raise pyroute2's `NetlinkError` (an
-`OSError`-like with the errno) from `apply`; `remove` logs and goes on.
+`OSError`-like with the errno) from `apply` (`apply_routing` turns it into
+a `CaptureError` naming the rule); `remove` logs and goes on.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from typing import Any
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
+from appliance.capture.spec import CaptureError
 from appliance.config.model import Config
 
 log = logging.getLogger(__name__)
@@ -130,3 +132,14 @@ class PolicyRouting:
             except NetlinkError as exc:
                 if exc.code not in (errno.ENOENT, errno.ESRCH):
                     raise
+
+
+def apply_routing(routing: PolicyRouting) -> None:
+    """Apply `routing`; the kernel's refusal as CaptureError naming the rule.
+    Both capture backends apply their policy routing this way."""
+    try:
+        routing.apply()
+    except (OSError, NetlinkError) as exc:
+        raise CaptureError(
+            f"policy routing (fwmark {routing.mark:#x} table {routing.table}): {exc}"
+        ) from exc

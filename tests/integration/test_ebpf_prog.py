@@ -166,7 +166,7 @@ def make_cfg(state: Path) -> Config:
         tproxy_port=TPROXY,
         routing_mark=ROUTING_MARK,
         ipv6=True,
-        dns=DnsConfig(listen=Listen("::", DNS_PORT),
+        dns=DnsConfig(listen=Listen("::", DNS_PORT), ipv6=True,
                       fake_ip_range6=ipaddress.IPv6Network("fdfe:dcba:9876::/64")),
         appliance=ApplianceConfig(
             lan=("lan0",), redirect="ebpf", capture_mark=MARK, state_dir=state,

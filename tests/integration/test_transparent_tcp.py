@@ -75,6 +75,7 @@ def make_config() -> Any:
         ipv6=True,
         dns=DnsConfig(
             listen=Listen("0.0.0.0", DNS_PORT),
+            ipv6=True,
             fake_ip_range=ipaddress.IPv4Network("198.18.0.0/16"),
             fake_ip_range6=ipaddress.IPv6Network("fdfe:dcba:9876::/64"),
         ),

@@ -17,7 +17,7 @@ import pytest
 
 from appliance.capture import ebpf
 from appliance.capture.backend import render_plan
-from appliance.capture.nftables import CaptureError
+from appliance.capture.spec import CaptureError
 from appliance.config.model import ApplianceConfig, Config, DnsConfig, Listen
 
 
@@ -56,7 +56,7 @@ def test_stat_names_follow_the_c_enum() -> None:
 
 
 def test_every_define_is_used_by_the_c_source() -> None:
-    cfg = make_cfg(ipv6=True, dns={"listen": Listen("::", 53),
+    cfg = make_cfg(ipv6=True, dns={"listen": Listen("::", 53), "ipv6": True,
                                    "fake_ip_range6": ipaddress.IPv6Network("fd00:18::/64")})
     source = "".join(p.read_text() for p in ebpf.BPF_DIR.rglob("*.[ch]"))
     for name in defines(ebpf.plan(cfg)):
@@ -78,7 +78,7 @@ def test_default_config_flags() -> None:
 
 
 def test_ipv6_flags() -> None:
-    cfg = make_cfg(ipv6=True, dns={"listen": Listen("::", 1053),
+    cfg = make_cfg(ipv6=True, dns={"listen": Listen("::", 1053), "ipv6": True,
                                    "fake_ip_range6": ipaddress.IPv6Network("fd00:18::/64")})
     d = defines(ebpf.plan(cfg))
     assert "MIRAGE_IPV6" in d and "MIRAGE_FAKE6" in d
@@ -144,11 +144,11 @@ def test_bypass_trie_entries() -> None:
 
 
 def test_trie_keys_are_ipv4_mapped() -> None:
-    plen, words = ebpf._mapped(ipaddress.ip_network("10.1.0.0/16"))
+    plen, words = ebpf.trie_key(ipaddress.ip_network("10.1.0.0/16"))
     assert plen == 112
     raw = b"".join(struct.pack("=I", w) for w in words)
     assert ipaddress.IPv6Address(raw) == ipaddress.IPv6Address("::ffff:10.1.0.0")
-    plen, words = ebpf._mapped(ipaddress.ip_network("fd00::/8"))
+    plen, words = ebpf.trie_key(ipaddress.ip_network("fd00::/8"))
     assert plen == 8
 
 
