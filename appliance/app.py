@@ -137,13 +137,15 @@ class Appliance:
     async def _serve_dns(self, dns_server: Any, *,
                          task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         cfg = self.cfg
-        # With dns-hijack under the eBPF backend, captured queries to other
-        # resolvers arrive unrewritten (sk_assign): the socket must be
-        # transparent to answer from their address. (Under nftables they are
-        # redirected through conntrack, and transparency is harmless.)
+        # With dns-hijack, captured queries to other resolvers arrive
+        # unrewritten (TPROXY, sk_assign): the socket must be transparent to
+        # answer from their address; it binds where the capture looks for it
+        # (dual-stack for 0.0.0.0, so IPv6 resolvers are hijacked too).
+        from appliance.capture.spec import dns_bind
+
         transparent = bool(cfg.appliance.lan and cfg.appliance.dns_hijack)
         try:
-            await dns_server.serve(cfg.dns.listen, self.dns_handler, self.resolver,
+            await dns_server.serve(dns_bind(cfg), self.dns_handler, self.resolver,
                                    transparent=transparent, task_status=task_status)
         except OSError as err:
             raise AppError(f"dns.listen {cfg.dns.listen}: cannot bind: {err}") from None

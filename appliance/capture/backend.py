@@ -24,7 +24,7 @@ from appliance.config.model import Config
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CaptureError", "hold", "render_plan", "serve"]
+__all__ = ["CaptureError", "hold", "remove_all", "render_plan", "serve"]
 
 
 class Removable(Protocol):
@@ -95,3 +95,34 @@ async def hold(capture: Removable, task_status: trio.TaskStatus[Any],
         with trio.CancelScope(shield=True):
             await trio.to_thread.run_sync(capture.remove)
 
+
+
+def remove_all(cfg: Config) -> list[str]:
+    """Remove whatever any earlier run of either backend may have left for
+    `cfg` (after kill -9, a watchdog abort): the nftables table, Mirage's tc
+    filters (and the clsact qdiscs it created), the policy-routing rules and
+    routes. Synchronous and best effort (a failure is logged, the rest still
+    runs); returns what it removed, for a log line. Never touches anything
+    that is not Mirage's (`mirage cleanup -c FILE`)."""
+    from appliance.capture import ebpf, nftables
+    from appliance.capture.routing import PolicyRouting
+
+    removed: list[str] = []
+    if nftables.table_exists():
+        try:
+            nftables.delete_table()
+            removed.append(f"nftables table {nftables.FAMILY} {nftables.DEFAULT_TABLE}")
+        except CaptureError as err:
+            log.warning("cleanup: %s", err)
+    removed += [f"tc filter on {name}" for name in ebpf.remove_leftovers(cfg)]
+    try:
+        routing = PolicyRouting.from_config(cfg)
+    except CaptureError:
+        # A DNS target no capture accepts: no run could have applied one.
+        return removed
+    # Both families: an earlier run may have had IPv6 on.
+    routing = PolicyRouting(routing.mark, routing.table, ipv6=True)
+    if n := routing.remove():
+        removed.append(f"policy routing fwmark {routing.mark:#x} table {routing.table} "
+                       f"({n} rules and routes)")
+    return removed

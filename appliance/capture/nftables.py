@@ -26,7 +26,6 @@ not fill, and for a transaction the kernel refuses (nothing is then applied).
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import string
 from collections.abc import Iterable
@@ -37,7 +36,7 @@ import trio
 
 from appliance.capture.backend import hold
 from appliance.capture.routing import PolicyRouting, apply_routing
-from appliance.capture.spec import CaptureError, CaptureSpec
+from appliance.capture.spec import DNS_PORT, CaptureError, CaptureSpec
 from appliance.config.model import Config
 
 log = logging.getLogger(__name__)
@@ -65,48 +64,30 @@ def _elements(items: Iterable[object]) -> str:
     return f"elements = {{ {', '.join(listed)} }}" if listed else "# no elements"
 
 
-def _dns_nat(spec: CaptureSpec) -> tuple[list[str], str]:
-    """(families, nat statement) of the DNS hijack rule.
-
-    Redirect, not TPROXY: conntrack rewrites the answer's source back to the
-    address and port the client asked, whatever port dns.listen uses (a
-    TPROXY'd UDP answer sent with IP_PKTINFO keeps the listener's port, which
-    a client's connected socket drops unless that port is 53). An
-    unspecified listen address takes `redirect` (to the address of the
-    interface the query came in on), for IPv6 too while the gateway carries
-    it; a specific one is named with `dnat`, which fits its own family only.
-    """
+def template_values(spec: CaptureSpec, table: str = DEFAULT_TABLE,
+                    capture: bool = True) -> dict[str, str]:
+    """The placeholder values nft/mirage.nft is filled with; `capture=False`
+    leaves the capture interfaces empty (the eBPF backend's table: the WAN
+    wall only)."""
     dns = spec.dns
-    if dns is None:
-        return [], f"redirect to :{DNS_PLACEHOLDER_PORT}"
-    addr = dns.addr4 if dns.addr4 is not None else dns.addr6
-    assert addr is not None  # a listen address is of one family at least
-    if addr.is_unspecified:
-        return (["ipv4", "ipv6"] if spec.ipv6 else ["ipv4"]), f"redirect to :{dns.port}"
-    if isinstance(addr, ipaddress.IPv4Address):
-        return ["ipv4"], f"dnat ip to {addr}:{dns.port}"
-    return ["ipv6"], f"dnat ip6 to [{addr}]:{dns.port}"
-
-
-# The port a disabled hijack rule names: the rule never matches (its family
-# set is empty), but it must still be a valid statement.
-DNS_PLACEHOLDER_PORT = 53
-
-
-def template_values(spec: CaptureSpec, table: str = DEFAULT_TABLE) -> dict[str, str]:
-    """The placeholder values nft/mirage.nft is filled with."""
-    families, nat = _dns_nat(spec)
+    lan = [f'"{i}"' for i in spec.lan]
     return {
         "table": table,
-        "lan_elements": _elements(f'"{i}"' for i in spec.lan),
+        "lan_elements": _elements(lan),
+        "capture_lan_elements": _elements(lan if capture else []),
+        "served_ports_elements": _elements(spec.served_ports),
         "own_marks_elements": _elements(
             [] if spec.routing_mark is None else [f"{spec.routing_mark:#x}"]),
         "fake4_elements": _elements([spec.fake4]),
         "fake6_elements": _elements([] if spec.fake6 is None else [spec.fake6]),
         "bypass4_elements": _elements(spec.bypass4_collapsed),
         "bypass6_elements": _elements(spec.bypass6_collapsed),
-        "dns_families_elements": _elements(families),
-        "dns_nat": nat,
+        "hijack4_elements": _elements([DNS_PORT] if dns and dns.addr4 is not None else []),
+        "hijack6_elements": _elements([DNS_PORT] if dns and dns.addr6 is not None else []),
+        # A family left out keeps a valid (never used) target address.
+        "dns4": str(dns.addr4 if dns and dns.addr4 is not None else "0.0.0.0"),
+        "dns6": str(dns.addr6 if dns and dns.addr6 is not None else "::"),
+        "dns_port": str(dns.port if dns else DNS_PORT),
         "capture_mark": f"{spec.capture_mark:#x}",
         "tproxy_port": str(spec.tproxy_port),
         "offload_size": str(OFFLOAD_SIZE),
@@ -114,12 +95,13 @@ def template_values(spec: CaptureSpec, table: str = DEFAULT_TABLE) -> dict[str, 
 
 
 def render_nft(cfg: Config | CaptureSpec, table: str = DEFAULT_TABLE,
-               template: Path = TEMPLATE) -> str:
+               template: Path = TEMPLATE, *, capture: bool = True) -> str:
     """The ruleset in nft syntax, from nft/mirage.nft: what `apply` applies
-    (loadable with `nft -f`)."""
+    (loadable with `nft -f`). `capture=False`: the eBPF backend's table."""
     spec = cfg if isinstance(cfg, CaptureSpec) else CaptureSpec.from_config(cfg)
+    values = template_values(spec, table, capture)
     try:
-        return string.Template(template.read_text()).substitute(template_values(spec, table))
+        return string.Template(template.read_text()).substitute(values)
     except (KeyError, ValueError) as exc:
         raise CaptureError(f"{template.name}: bad placeholder: {exc}") from exc
 
@@ -166,6 +148,15 @@ def run_commands(commands: list[Json], what: str) -> None:
     rc, _out, err = _nft().json_cmd({"nftables": commands})
     if rc != 0:
         raise CaptureError(f"nftables refused to {what}: {str(err).strip() or f'rc={rc}'}")
+
+
+def table_exists(table: str = DEFAULT_TABLE) -> bool:
+    """Whether the table is in the kernel (False without nftables bindings)."""
+    try:
+        rc, _out, _err = _nft().cmd(f"list table {FAMILY} {table}")
+    except ImportError:
+        return False
+    return bool(rc == 0)
 
 
 def delete_table(table: str = DEFAULT_TABLE) -> None:

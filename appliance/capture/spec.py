@@ -17,9 +17,10 @@ names the key and the fix.
 from __future__ import annotations
 
 import ipaddress
+import os
 from dataclasses import dataclass
 
-from appliance.config.model import Config
+from appliance.config.model import Config, Listen
 
 # Never captured, whatever the config says (brief: loopback, link-local,
 # multicast, broadcast). The gateway's own addresses are matched by asking
@@ -67,6 +68,9 @@ class CaptureSpec:
     bypass4: tuple[ipaddress.IPv4Network, ...]  # fixed + appliance.bypass, as configured
     bypass6: tuple[ipaddress.IPv6Network, ...]
     dns: DnsHijack | None  # None: no DNS hijack
+    # Every port Mirage listens on (DNS, the proxy ports, tproxy-port, the
+    # control API): open to appliance.lan interfaces and loopback only.
+    served_ports: tuple[int, ...] = ()
 
     @classmethod
     def from_config(cls, cfg: Config, backend: str = "nftables") -> CaptureSpec:
@@ -97,7 +101,8 @@ class CaptureSpec:
             fake6=cfg.fake_range6,
             bypass4=tuple(b4),
             bypass6=tuple(b6),
-            dns=_dns_hijack(cfg),
+            dns=dns_hijack(cfg),
+            served_ports=served_ports(cfg),
         )
 
     @property
@@ -112,17 +117,46 @@ class CaptureSpec:
         return list(ipaddress.collapse_addresses(self.bypass6))
 
 
-def _dns_hijack(cfg: Config) -> DnsHijack | None:
+def served_ports(cfg: Config) -> tuple[int, ...]:
+    """The ports Mirage's own services listen on, sorted, without
+    duplicates: dns.listen (while DNS is on), mixed-port, socks-port, port,
+    tproxy-port and external-controller."""
+    ports = {cfg.mixed_port, cfg.socks_port, cfg.http_port, cfg.tproxy_port}
+    if cfg.dns.enable:
+        ports.add(cfg.dns.listen.port)
+    if cfg.external_controller is not None:
+        ports.add(cfg.external_controller.port)
+    return tuple(sorted(p for p in ports if p))
+
+
+def _kernel_has_ipv6() -> bool:
+    return os.path.exists("/proc/net/if_inet6")
+
+
+def dns_bind(cfg: Config) -> Listen:
+    """The address the DNS service binds: `dns.listen`, except that with DNS
+    hijack an IPv4 wildcard becomes the dual-stack "::" (where the kernel
+    has IPv6), so that queries to IPv6 resolvers have a socket to be handed
+    to whatever `ipv6:` says about AAAA answers; IPv4 queries reach the same
+    socket through the IPv4 wildcard."""
+    listen = cfg.dns.listen
+    if (cfg.appliance.dns_hijack and cfg.dns.enable and listen.host == "0.0.0.0"
+            and _kernel_has_ipv6()):
+        return Listen("::", listen.port)
+    return listen
+
+
+def dns_hijack(cfg: Config) -> DnsHijack | None:
     """Where hijacked DNS goes, or None without hijack.
 
-    An unspecified IPv4 listen address is the IPv4 wildcard socket; "::" is
+    An unspecified IPv4 address is the IPv4 wildcard socket; "::" is
     dual-stack (the DNS service clears IPV6_V6ONLY), so IPv4 queries find it
     through the IPv4 wildcard too. A specific address serves its own family
     only.
     """
     if not (cfg.appliance.dns_hijack and cfg.dns.enable):
         return None
-    listen = cfg.dns.listen
+    listen = dns_bind(cfg)
     addr = ipaddress.ip_address(listen.host)
     if addr.is_loopback:
         # A loopback destination arriving on a LAN interface is a martian

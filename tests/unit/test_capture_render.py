@@ -106,7 +106,7 @@ def test_prerouting_returns_before_any_tproxy() -> None:
     guards = pre[:first_tproxy]
     # Only LAN ingress; own outbound mark; DNAT; local/broadcast/multicast; bypass sets.
     assert guards[1:7] == [
-        "iifname != @lan return",
+        "iifname != @capture_lan return",
         "meta mark @own_marks return",
         "ct status dnat return",
         "fib daddr type { local, broadcast, multicast } return",
@@ -127,7 +127,7 @@ def test_established_transparent_sockets_are_marked() -> None:
 def test_fake_ranges_go_to_tproxy_port_with_capture_mark() -> None:
     pre = chain(render_nft(make_cfg(tproxy_port=12345, appliance={"capture_mark": 0x77})),
                 "prerouting")
-    assert [r for r in pre if "tproxy" in r] == [
+    assert [r for r in pre if "tproxy" in r and "fake" in r] == [
         "ip daddr @fake4 meta l4proto { tcp, udp } tproxy ip to :12345 meta mark set 0x77 accept",
         "ip6 daddr @fake6 meta l4proto { tcp, udp } tproxy ip6 to :12345 meta mark set 0x77 "
         "accept",
@@ -136,44 +136,13 @@ def test_fake_ranges_go_to_tproxy_port_with_capture_mark() -> None:
 
 def test_fake_ranges_never_fall_through_to_forwarding() -> None:
     pre = chain(render_nft(make_cfg()), "prerouting")
-    last_tproxy = max(i for i, r in enumerate(pre) if "tproxy" in r)
-    assert pre[last_tproxy + 1:] == [
+    last_tproxy = max(i for i, r in enumerate(pre) if "tproxy" in r and "fake" in r)
+    assert pre[last_tproxy + 1:last_tproxy + 5] == [
         "ip daddr @fake4 meta l4proto tcp reject with tcp reset",
         "ip daddr @fake4 drop",
         "ip6 daddr @fake6 meta l4proto tcp reject with tcp reset",
         "ip6 daddr @fake6 drop",
     ]
-
-
-def test_dns_hijack_redirects_port_53_to_dns_listen_port() -> None:
-    cfg = make_cfg(dns=DnsConfig(listen=Listen("0.0.0.0", 1053)))
-    text = render_nft(cfg)
-    assert "type nat hook prerouting priority dstnat; policy accept;" in text
-    dns = chain(text, "dns")
-    # The same guards as the capture: LAN only, not the gateway, not bypassed.
-    assert dns[:4] == ["type nat hook prerouting priority dstnat; policy accept;",
-                       "iifname != @lan return", "fib daddr type local return",
-                       "ip daddr @bypass4 return"]
-    assert dns[4] == "ip6 daddr @bypass6 return"
-    # Redirect (conntrack answers from the address and port asked), v4 and v6.
-    assert dns[-1] == ("meta nfproto @dns_families meta l4proto { tcp, udp } th dport 53 "
-                       "redirect to :1053")
-    assert set_elements(text, "dns_families") == ["ipv4", "ipv6"]
-    # DNS never goes through TPROXY.
-    assert not [r for r in chain(text, "prerouting") if "tproxy" in r and "53" in r]
-
-
-def test_dns_hijack_to_specific_address_uses_dnat_of_that_family() -> None:
-    text = render_nft(make_cfg(dns=DnsConfig(listen=Listen("10.0.0.1", 5353))))
-    assert set_elements(text, "dns_families") == ["ipv4"]
-    assert chain(text, "dns")[-1].endswith("th dport 53 dnat ip to 10.0.0.1:5353")
-    text6 = render_nft(make_cfg(dns=DnsConfig(listen=Listen("fd00::1", 53))))
-    assert set_elements(text6, "dns_families") == ["ipv6"]
-    assert chain(text6, "dns")[-1].endswith("dnat ip6 to [fd00::1]:53")
-
-
-def test_dns_hijack_v4_only_without_ipv6() -> None:
-    assert set_elements(render_nft(make_cfg(ipv6=False)), "dns_families") == ["ipv4"]
 
 
 def test_dns_hijack_to_loopback_listener_is_refused() -> None:
@@ -182,25 +151,6 @@ def test_dns_hijack_to_loopback_listener_is_refused() -> None:
     # Without hijack the listen address does not matter to the capture.
     render_nft(make_cfg(dns=DnsConfig(listen=Listen("127.0.0.1", 53)),
                         appliance={"dns_hijack": False}))
-
-
-def test_no_dns_hijack_leaves_its_family_set_empty() -> None:
-    # The rule stays (the template has no conditionals); an empty family
-    # set matches nothing.
-    assert set_elements(render_nft(make_cfg(appliance={"dns_hijack": False})),
-                        "dns_families") == []
-    assert set_elements(render_nft(make_cfg(dns=DnsConfig(enable=False))),
-                        "dns_families") == []
-
-
-def test_ipv4_only_config_has_no_v6_capture() -> None:
-    cfg = make_cfg(ipv6=False)
-    text = render_nft(cfg)
-    assert set_elements(text, "fake6") == []
-    assert PolicyRouting.from_config(cfg).describe() == [
-        "ip rule add fwmark 0x233 lookup 233 priority 32000",
-        "ip route add local 0.0.0.0/0 dev lo table 233",
-    ]
 
 
 def test_no_routing_mark_no_mark_guard() -> None:
@@ -213,17 +163,9 @@ def test_offload_maps_are_sized_and_start_empty() -> None:
         assert set_elements(text, name) == []
     assert text.count("size 65536") == 2
     assert chain(text, "direct_nat")[1:] == [
-        "iifname != @lan return",
+        "iifname != @capture_lan return",
         "dnat ip to ip daddr map @offload4",
         "dnat ip6 to ip6 daddr map @offload6",
-    ]
-
-
-def test_input_chain_refuses_direct_connections_to_tproxy_port() -> None:
-    inp = chain(render_nft(make_cfg()), "input")
-    assert inp[1:] == [
-        "tcp dport 7893 meta mark != 0x233 reject with tcp reset",
-        "udp dport 7893 meta mark != 0x233 reject",
     ]
 
 
@@ -248,3 +190,90 @@ def test_bad_configs_are_refused() -> None:
 
 def test_empty_lan_captures_nothing() -> None:
     assert set_elements(render_nft(make_cfg(appliance={"lan": ()})), "lan") == []
+
+
+def dns_rules(text: str) -> list[str]:
+    return [r for r in chain(text, "prerouting") if "@hijack" in r]
+
+
+def test_dns_hijack_tproxies_port_53_to_the_dns_socket() -> None:
+    # TPROXY, not NAT: the query keeps the address and port asked, and when
+    # no DNS socket exists (Mirage gone) the rule does not match and the
+    # query goes on to the resolver asked.
+    text = render_nft(make_cfg(dns=DnsConfig(listen=Listen("0.0.0.0", 1053))))
+    pre = chain(text, "prerouting")
+    assert dns_rules(text) == [
+        "meta nfproto ipv4 meta l4proto { tcp, udp } th dport @hijack4 tproxy ip to "
+        "0.0.0.0:1053 meta mark set 0x233 accept",
+        "meta nfproto ipv6 meta l4proto { tcp, udp } th dport @hijack6 tproxy ip6 to "
+        "[::]:1053 meta mark set 0x233 accept",
+    ]
+    # After every guard (LAN only, not the gateway, not bypassed) and after
+    # the fake ranges (a fake IP's port 53 is a captured flow).
+    assert pre.index(dns_rules(text)[0]) > pre.index("ip6 daddr @fake6 drop")
+    assert not [r for r in pre if "redirect" in r or "dnat ip" in r]
+    assert "chain dns" not in text
+
+
+def test_dns_hijack_covers_ipv6_whatever_ipv6_says(monkeypatch: pytest.MonkeyPatch) -> None:
+    from appliance.capture import spec
+
+    monkeypatch.setattr(spec, "_kernel_has_ipv6", lambda: True)
+    for ipv6 in (True, False):
+        text = render_nft(make_cfg(ipv6=ipv6))
+        assert set_elements(text, "hijack4") == ["53"]
+        assert set_elements(text, "hijack6") == ["53"]
+    # ... and the IPv6 policy routing the TPROXY'd queries need.
+    assert PolicyRouting.from_config(make_cfg(ipv6=False)).ipv6
+    # The DNS service binds the dual-stack wildcard for it.
+    assert spec.dns_bind(make_cfg(ipv6=False)) == Listen("::", 53)
+    # Without IPv6 in the kernel, the IPv4 wildcard stays (and no v6 hijack).
+    monkeypatch.setattr(spec, "_kernel_has_ipv6", lambda: False)
+    assert spec.dns_bind(make_cfg(ipv6=False)) == Listen("0.0.0.0", 53)
+    assert set_elements(render_nft(make_cfg(ipv6=False)), "hijack6") == []
+
+
+def test_dns_hijack_to_a_specific_address_is_of_its_family() -> None:
+    text = render_nft(make_cfg(dns=DnsConfig(listen=Listen("10.0.0.1", 5353))))
+    assert set_elements(text, "hijack4") == ["53"] and set_elements(text, "hijack6") == []
+    assert "tproxy ip to 10.0.0.1:5353" in dns_rules(text)[0]
+    text6 = render_nft(make_cfg(dns=DnsConfig(listen=Listen("fd00::1", 53))))
+    assert set_elements(text6, "hijack4") == [] and set_elements(text6, "hijack6") == ["53"]
+    assert "tproxy ip6 to [fd00::1]:53" in dns_rules(text6)[1]
+
+
+def test_no_dns_hijack_leaves_its_port_sets_empty() -> None:
+    # The rules stay (the template has no conditionals); empty sets match nothing.
+    for cfg in (make_cfg(appliance={"dns_hijack": False}), make_cfg(dns=DnsConfig(enable=False))):
+        text = render_nft(cfg)
+        assert set_elements(text, "hijack4") == [] and set_elements(text, "hijack6") == []
+
+
+def test_ipv4_only_config_without_hijack_has_no_v6_routing() -> None:
+    cfg = make_cfg(ipv6=False, appliance={"dns_hijack": False})
+    assert set_elements(render_nft(cfg), "fake6") == []
+    assert PolicyRouting.from_config(cfg).describe() == [
+        "ip rule add fwmark 0x233 lookup 233 priority 32000",
+        "ip route add local 0.0.0.0/0 dev lo table 233",
+    ]
+
+
+def test_input_chain_walls_off_the_wan_and_guards_tproxy_port() -> None:
+    cfg = make_cfg(mixed_port=7890, socks_port=7891, http_port=7892,
+                   external_controller=Listen("0.0.0.0", 9090),
+                   dns=DnsConfig(listen=Listen("0.0.0.0", 1053)))
+    text = render_nft(cfg)
+    assert set_elements(text, "served_ports") == ["1053", "7890", "7891", "7892", "7893", "9090"]
+    assert chain(text, "input")[1:] == [
+        'iifname != @lan iifname != "lo" meta l4proto { tcp, udp } th dport @served_ports drop',
+        "tcp dport 7893 meta mark != 0x233 reject with tcp reset",
+        "udp dport 7893 meta mark != 0x233 reject",
+    ]
+
+
+def test_ebpf_table_keeps_the_wall_and_captures_nowhere() -> None:
+    text = render_nft(make_cfg(), capture=False)
+    assert set_elements(text, "lan") == ['"br-lan"', '"eth1"']
+    assert set_elements(text, "capture_lan") == []
+    for name in ("prerouting", "direct_nat", "fake_guard"):
+        assert chain(text, name)[1] == "iifname != @capture_lan return"

@@ -59,6 +59,7 @@ STAT_NAMES = (
     "drop_not_tcp_udp",
     "drop_malformed",
     "drop_loop",
+    "dns_no_socket",
 )
 
 TrieKey = tuple[int, tuple[int, ...]]
@@ -155,7 +156,7 @@ def _dns_plan(spec: CaptureSpec) -> tuple[list[str], list[str]]:
     if dns.addr4 is not None:
         flags += ["-DMIRAGE_DNS4", f"-DMIRAGE_DNS4_ADDR={_word(dns.addr4.packed):#x}"]
         lines.append(f"udp/tcp port 53 (IPv4, any destination) -> DNS socket {listen}")
-    if dns.addr6 is not None and spec.ipv6:
+    if dns.addr6 is not None:
         flags.append("-DMIRAGE_DNS6")
         flags += [f"-DMIRAGE_DNS6_A{i}={w:#x}" for i, w in enumerate(_words(dns.addr6))]
         lines.append(f"udp/tcp port 53 (IPv6, any destination) -> DNS socket {listen}")
@@ -182,7 +183,10 @@ def plan(cfg: Config) -> Plan:
     if spec.routing_mark is not None:
         flags.append(f"-DMIRAGE_ROUTING_MARK={spec.routing_mark:#x}")
     fake: list[IPNetwork] = [spec.fake4]
-    if spec.ipv6:
+    # IPv6 is parsed while the gateway carries it, and for DNS hijack to
+    # IPv6 resolvers whatever `ipv6` says.
+    parse6 = spec.ipv6 or (spec.dns is not None and spec.dns.addr6 is not None)
+    if parse6:
         flags.append("-DMIRAGE_IPV6")
     if spec.fake6 is not None:
         f6 = spec.fake6
@@ -193,14 +197,15 @@ def plan(cfg: Config) -> Plan:
     dns_flags, dns_lines = _dns_plan(spec)
     flags += dns_flags
     bypass: list[IPNetwork] = [*spec.bypass4]
-    if spec.ipv6:
+    if parse6:
         bypass += spec.bypass6
     if len(bypass) > BYPASS_MAX:
         raise CaptureError(f"appliance.bypass: {len(bypass)} entries; the eBPF capture "
                            f"holds at most {BYPASS_MAX}")
     notes = []
-    if not spec.ipv6 and any(isinstance(n, ipaddress.IPv6Network) for n in cfg.appliance.bypass):
-        notes.append("IPv6 bypass entries are unused: ipv6 is off, IPv6 passes untouched")
+    if not parse6 and any(isinstance(n, ipaddress.IPv6Network) for n in cfg.appliance.bypass):
+        notes.append("IPv6 bypass entries are unused: ipv6 and IPv6 DNS hijack are off, "
+                     "IPv6 passes untouched")
     return Plan(
         interfaces=spec.lan,
         cflags=tuple(flags),

@@ -169,16 +169,18 @@ def detach(names: tuple[str, ...], marker: Path) -> None:
         _save_created(marker, created)
 
 
-def remove_leftovers(lan: tuple[str, ...], marker: Path) -> None:
+def remove_leftovers(lan: tuple[str, ...], marker: Path) -> list[str]:
     """Detach a crashed run's filters (and the clsact it created) from the
-    `lan` interfaces, without compiling anything. Best effort."""
+    `lan` interfaces, without compiling anything; the interfaces it found
+    one on. Best effort."""
     try:
         with IPRoute() as ipr:
             found = [n for n in lan for idx in ipr.link_lookup(ifname=n)[:1]
                      if any(_is_ours(f) for f in _filters(ipr, idx, CLSACT_INGRESS))]
     except (OSError, NetlinkError) as exc:
         log.debug("ebpf: leftover check failed: %s", exc)
-        return
+        return []
     if found:
         log.info("ebpf: removing a leftover Mirage tc filter from %s", ", ".join(found))
         detach(lan, marker)
+    return found
