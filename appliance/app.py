@@ -40,8 +40,8 @@ from appliance import __version__, privileges, systemd
 from appliance.api import server as api_server
 from appliance.capture import backend as capture_backend
 from appliance.capture.nftables import NftablesCapture
-from appliance.capture.spec import dns_bind
 from appliance.capture.offload import DirectOffload
+from appliance.capture.spec import dns_bind
 from appliance.config import ConfigError, load_config
 from appliance.config.model import Config, DnsConfig
 from appliance.dns import server as dns_server
