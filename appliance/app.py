@@ -237,7 +237,7 @@ class Appliance:
         cfg = self.cfg
         offload = self.offload = DirectOffload(
             pool, table=self.capture.table, lan=cfg.appliance.lan,
-            map6=cfg.ipv6 and cfg.dns.fake_ip_range6 is not None)
+            map6=cfg.fake_range6 is not None)
         dispatcher.offload = offload
         await offload.serve(task_status=task_status)
 
