@@ -139,7 +139,9 @@ class Appliance:
                 await nursery.start(dispatcher.serve)
                 await nursery.start(flusher.serve, pool, cfg.appliance.store_flush_interval)
                 if cfg.dns.enable:
-                    self.dns_handler = DnsHandler(dns_in_effect(cfg), pool)
+                    self.dns_handler = DnsHandler(
+                        dns_in_effect(cfg), pool,
+                        block_canary=cfg.appliance.block_encrypted_dns)
                     await nursery.start(self._serve_dns, self.dns_handler, resolver)
                 if cfg.tproxy_port or cfg.proxy_ports:
                     self.flows = FlowRegistry()
