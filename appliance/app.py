@@ -89,6 +89,7 @@ class Appliance:
         self.udp: UdpGateway | None = None
         self.capture: object | None = None  # what capture/backend.py started
         self.offload: DirectOffload | None = None  # with appliance.offload-direct
+        self.stopping = False  # SIGINT/SIGTERM received
 
     # -- what the control API reads besides the services -------------------------
 
@@ -127,6 +128,7 @@ class Appliance:
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         cfg = self.cfg
         pool = self.pool = self.open_pool()
+        ready = False
         try:
             async with Resolver(cfg.dns, routing_mark=cfg.routing_mark) as resolver, \
                     trio.open_nursery() as nursery:
@@ -164,6 +166,10 @@ class Appliance:
                 interval = systemd.watchdog_interval()
                 if interval is not None:
                     await nursery.start(systemd.serve_watchdog, self._alive, interval)
+                task_status.started()
+                ready = True
+            if not ready and self.stopping:
+                # SIGTERM during startup: every service has unwound, a clean stop.
                 task_status.started()
         finally:
             # After the flusher's final flush (the nursery has exited).
@@ -266,6 +272,7 @@ class Appliance:
                     await self.reload()
                 else:
                     log.info("%s: shutting down", signal.Signals(signum).name)
+                    self.stopping = True
                     systemd.notify("STOPPING=1")
                     scope.cancel()
                     return
@@ -388,6 +395,8 @@ async def run_appliance(cfg: Config) -> None:
     app = Appliance(cfg)
     async with trio.open_nursery() as nursery:
         await nursery.start(app.serve)
+        if app.stopping:  # stopped while starting up
+            return
         _tune_gc()
         _drop_privileges(cfg)
 
