@@ -277,6 +277,12 @@ class ApplianceConfig:
     # Kernel fast path for fake IPs whose route is DIRECT by domain alone
     # (appliance/capture/offload.py): nftables DNAT after the first flow.
     offload_direct: bool = False
+    # Refuse encrypted DNS from LAN clients (DoT/DoQ on 853 to anywhere,
+    # DoH on 443 to well-known resolvers plus `encrypted_dns_resolvers`) and
+    # answer Firefox's canary NXDOMAIN, so clients fall back to plain DNS,
+    # which Mirage answers (capture/spec.py, nft/mirage.nft).
+    block_encrypted_dns: bool = False
+    encrypted_dns_resolvers: tuple[IPNetwork, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -120,6 +120,8 @@ def effective_config(cfg: Config, *, redact: bool = False) -> dict[str, Any]:
             "udp-timeout": app.udp_timeout,
             "udp-max-sessions": app.udp_max_sessions,
             "offload-direct": app.offload_direct,
+            "block-encrypted-dns": app.block_encrypted_dns,
+            "encrypted-dns-resolvers": [str(n) for n in app.encrypted_dns_resolvers],
         },
     }
 

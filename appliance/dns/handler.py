@@ -25,6 +25,12 @@ The chain follows mihomo's `dns/middleware.go`: hosts -> fake IP -> resolver.
   asks for them and gets the fake IP. Replies to A/AAAA questions (filtered
   names) pass unchanged, CNAME chains included.
 
+With `appliance.block-encrypted-dns` (`block_canary=True`), the canary
+name `use-application-dns.net` gets NXDOMAIN whatever the type: Firefox's
+documented signal that the network filters DNS, on which it turns its
+default DNS over HTTPS off and uses the system resolver (Mirage). Only that
+name: Firefox asks for nothing below it.
+
 Negative answers made here (NODATA for a hosts name without an address of
 the family, AAAA with IPv6 off or without `fake-ip-range6`; NXDOMAIN for the
 PTR of an unmapped fake IP) carry an SOA in the authority section with a
@@ -103,6 +109,10 @@ PROBLEM_LOG_INTERVAL = 10.0
 
 _F_AD = 0x0020
 _RCODE_BADVERS = 16  # RFC 6891 9: extended RCODE, upper 8 bits go in the OPT TTL
+
+# Firefox's canary domain (support.mozilla.org, "Canary domain -
+# use-application-dns.net"): NXDOMAIN turns its default DoH off.
+APPLICATION_DNS_CANARY = "use-application-dns.net"
 
 # (rcode, packed addresses, TTL) of an A/AAAA answer made here.
 Local = tuple[int, Sequence[bytes], int]
@@ -257,8 +267,11 @@ class DnsHandler:
     Owns no resources: the pool is shared with the gateway (which reverses fake
     IPs) and is only asked to allocate/reverse here. Stats are plain ints the
     metrics read: `queries`, `fake_answers`, `local_answers` (hosts, PTR,
-    empty AAAA), `upstream`, `formerr`, `servfail`. `fast_path=False` forces
-    every query through dnslib (the tests compare both paths).
+    empty AAAA, the canary), `upstream`, `formerr`, `servfail`.
+    `fast_path=False` forces every query through dnslib (the tests compare
+    both paths). `block_canary`: answer APPLICATION_DNS_CANARY with NXDOMAIN
+    (`appliance.block-encrypted-dns`; fixed for the handler's life, like the
+    capture rules that go with it).
     """
 
     def __init__(
@@ -268,8 +281,10 @@ class DnsHandler:
         *,
         fast_path: bool = True,
         problems: ProblemLog | None = None,
+        block_canary: bool = False,
     ) -> None:
         self._pool = pool
+        self._block_canary = block_canary
         self._fast = fast_path
         self.problems = problems if problems is not None else ProblemLog()
         self.queries = 0
@@ -366,6 +381,8 @@ class DnsHandler:
         """The local answer to an A/AAAA question for `name`, None to ask upstream."""
         if not name:  # not a host name (or the root): let the upstream say
             return None
+        if self._is_canary(name):
+            return RCODE_NXDOMAIN, (), 0
         entry = self._hosts.first(name)
         if entry is not None:
             self.local_answers += 1
@@ -385,6 +402,13 @@ class DnsHandler:
             return RCODE_SERVFAIL, (), 0
         self.fake_answers += 1
         return RCODE_NOERROR, (ip.packed,), FAKE_IP_TTL
+
+    def _is_canary(self, name: str | None) -> bool:
+        """Is `name` the canary, answered NXDOMAIN here (counted)?"""
+        if self._block_canary and name == APPLICATION_DNS_CANARY:
+            self.local_answers += 1
+            return True
+        return False
 
     def _log_exhausted(self, name: str, exc: PoolExhausted) -> None:
         now = time.monotonic()
@@ -467,6 +491,8 @@ class DnsHandler:
             rcode, rdatas, ttl = local
             answers = [_rr(q, TYPE_A, ttl, A(_ip_text(r))) for r in rdatas]
             return _reply(query, opt, rcode, answers, auth=_soa(q, rcode, rdatas))
+        elif self._is_canary(name):  # any other type (A/AAAA: in _address)
+            return _reply(query, opt, RCODE_NXDOMAIN, auth=_soa(q, RCODE_NXDOMAIN, []))
         return self._ask_upstream(data, query, opt, name)
 
     def _ask_upstream(

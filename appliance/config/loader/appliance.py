@@ -24,6 +24,7 @@ APPLIANCE_KEYS = (
     "lan", "redirect", "dns-hijack", "bypass", "state-dir",
     "store-flush-interval", "route-table", "capture-mark", "connect-timeout",
     "idle-timeout", "udp-timeout", "udp-max-sessions", "offload-direct",
+    "block-encrypted-dns", "encrypted-dns-resolvers",
 )  # fmt: skip
 
 
@@ -55,13 +56,7 @@ def parse_appliance(sec: Section) -> ApplianceConfig:
             lan.append(name)
     redirect = sec.get("redirect", choice(("nftables", "ebpf", "auto")), d.redirect)
     dns_hijack = sec.get("dns-hijack", as_bool, d.dns_hijack)
-    bypass: list[IPNetwork] = []
-    bypass_raw = sec.raw("bypass")
-    if bypass_raw is not None:
-        for i, item in enumerate(as_list(bypass_raw, sec.at("bypass"))):
-            net = as_cidr(item, index_path(sec.at("bypass"), i))
-            if net not in bypass:
-                bypass.append(net)
+    bypass = _networks(sec, "bypass")
     state_dir = sec.get("state-dir", lambda v, p: as_path(v, p, ctx.base), d.state_dir)
     flush = sec.get("store-flush-interval", as_seconds, d.store_flush_interval)
     # 0 and 253-255 are the kernel's unspec/default/main/local tables.
@@ -81,12 +76,14 @@ def parse_appliance(sec: Section) -> ApplianceConfig:
             "needs appliance.redirect nftables (or auto): the eBPF program hands fake-IP "
             "packets to Mirage before nftables could translate them",
         )
+    block_encrypted_dns = sec.get("block-encrypted-dns", as_bool, d.block_encrypted_dns)
+    encrypted_dns_resolvers = _networks(sec, "encrypted-dns-resolvers")
     sec.finish(APPLIANCE_KEYS, ())
     return ApplianceConfig(
         lan=tuple(lan),
         redirect=cast(Any, redirect),
         dns_hijack=dns_hijack,
-        bypass=tuple(bypass),
+        bypass=bypass,
         state_dir=state_dir,
         store_flush_interval=flush,
         route_table=route_table,
@@ -96,7 +93,22 @@ def parse_appliance(sec: Section) -> ApplianceConfig:
         udp_timeout=udp_timeout,
         udp_max_sessions=udp_max_sessions,
         offload_direct=offload_direct,
+        block_encrypted_dns=block_encrypted_dns,
+        encrypted_dns_resolvers=encrypted_dns_resolvers,
     )
+
+
+def _networks(sec: Section, key: str) -> tuple[IPNetwork, ...]:
+    """A list of v4/v6 networks (`bypass`, `encrypted-dns-resolvers`), in
+    order, duplicates dropped."""
+    nets: list[IPNetwork] = []
+    raw = sec.raw(key)
+    if raw is not None:
+        for i, item in enumerate(as_list(raw, sec.at(key))):
+            net = as_cidr(item, index_path(sec.at(key), i))
+            if net not in nets:
+                nets.append(net)
+    return tuple(nets)
 
 
 def _route_table(value: Any, path: str) -> int:
