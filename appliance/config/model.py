@@ -270,6 +270,10 @@ class ApplianceConfig:
     # TCP splice timeouts, seconds.
     connect_timeout: float = 5.0
     idle_timeout: float = 300.0
+    # Once one direction of a flow has ended (FIN), the flow ends when
+    # nothing moved for this long: a peer that vanished mid-flow (a
+    # blackholed proxy) does not hold it for the whole idle timeout.
+    half_close_timeout: float = 30.0
     # UDP sessions: seconds a session may stay silent (port 53: at most 10),
     # and how many live at once (the least recently active is evicted).
     udp_timeout: float = 60.0

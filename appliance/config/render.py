@@ -117,6 +117,7 @@ def effective_config(cfg: Config, *, redact: bool = False) -> dict[str, Any]:
             "capture-mark": app.capture_mark,
             "connect-timeout": app.connect_timeout,
             "idle-timeout": app.idle_timeout,
+            "half-close-timeout": app.half_close_timeout,
             "udp-timeout": app.udp_timeout,
             "udp-max-sessions": app.udp_max_sessions,
             "offload-direct": app.offload_direct,

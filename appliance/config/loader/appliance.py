@@ -23,7 +23,7 @@ from appliance.config.model import ApplianceConfig, IPNetwork
 APPLIANCE_KEYS = (
     "lan", "redirect", "dns-hijack", "bypass", "state-dir",
     "store-flush-interval", "route-table", "capture-mark", "connect-timeout",
-    "idle-timeout", "udp-timeout", "udp-max-sessions", "offload-direct",
+    "idle-timeout", "half-close-timeout", "udp-timeout", "udp-max-sessions", "offload-direct",
     "block-encrypted-dns", "encrypted-dns-resolvers",
 )  # fmt: skip
 
@@ -64,6 +64,7 @@ def parse_appliance(sec: Section) -> ApplianceConfig:
     capture_mark = sec.get("capture-mark", lambda v, p: as_int(v, p, 1, MAX_MARK), d.capture_mark)
     connect_timeout = sec.get("connect-timeout", as_seconds, d.connect_timeout)
     idle_timeout = sec.get("idle-timeout", as_seconds, d.idle_timeout)
+    half_close_timeout = sec.get("half-close-timeout", as_seconds, d.half_close_timeout)
     udp_timeout = sec.get("udp-timeout", as_seconds, d.udp_timeout)
     udp_max_sessions = sec.get(
         "udp-max-sessions", lambda v, p: as_int(v, p, 1, 1 << 20), d.udp_max_sessions
@@ -90,6 +91,7 @@ def parse_appliance(sec: Section) -> ApplianceConfig:
         capture_mark=capture_mark,
         connect_timeout=connect_timeout,
         idle_timeout=idle_timeout,
+        half_close_timeout=half_close_timeout,
         udp_timeout=udp_timeout,
         udp_max_sessions=udp_max_sessions,
         offload_direct=offload_direct,
