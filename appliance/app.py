@@ -211,7 +211,7 @@ class Appliance:
         set up to use one, on LAN and loopback addresses only. TCP flows go
         through `dial` (the live router) and share the gateway's registry
         (/connections); UDP ASSOCIATE uses the shared UDP outbounds."""
-        from appliance.gateway import mixed
+        from appliance.gateway import proxyport
         from appliance.gateway.splice import FlowRegistry
         from appliance.outbound.udp import UdpDialer
 
@@ -219,9 +219,9 @@ class Appliance:
             self.gateway = FlowRegistry()
         udp = UdpDialer(lambda: (self.router, self.cfg))
         try:
-            await mixed.serve(self.cfg, self.pool, self.dial, self.gateway, open_udp=udp.open,
-                              task_status=task_status)
-        except (OSError, mixed.ProxyPortError) as err:
+            await proxyport.serve(self.cfg, self.pool, self.dial, self.gateway, open_udp=udp.open,
+                                  task_status=task_status)
+        except (OSError, proxyport.ProxyPortError) as err:
             raise AppError(f"proxy ports (mixed-port/socks-port/port): {err}") from None
 
     async def dial(self, target: Any) -> Any:
