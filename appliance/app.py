@@ -38,7 +38,7 @@ from appliance import __version__
 from appliance.config import ConfigError, load_config
 from appliance.config.model import Config, DnsConfig
 from appliance.dns.handler import wants_fake_ip
-from appliance.dns.names import DomainMatcher
+from appliance.names import DomainMatcher
 from appliance.outbound.direct import DirectOutbound
 from appliance.outbound.preconnect import MAX_IDLE as PRECONNECT_MAX_IDLE
 from appliance.outbound.preconnect import STATS as PRECONNECT_STATS

@@ -1,7 +1,8 @@
 """Configuration: the Clash/mihomo-compatible YAML profile plus `appliance:`.
 
 `load_config(path)` / `parse_config(data)` return a validated, frozen
-`Config` or raise `ConfigError` (key path, value, reason). `effective_config`
+`Config` or raise `ConfigError` (key path, value, reason); `parse_rule(line)`
+makes one typed `Rule` the same way (for a `Config` built in code). `effective_config`
 and `format_effective` show the result with defaults filled in.
 """
 
@@ -11,20 +12,29 @@ from appliance.config.loader import (
     check_runnable,
     load_config,
     parse_config,
+    parse_rule,
 )
 from appliance.config.model import (
     FAKE_IP_TTL,
     ApplianceConfig,
     Config,
     DnsConfig,
+    DomainKeyword,
+    DomainName,
     DomainPolicy,
+    DomainSuffix,
     IPAddress,
     IPNetwork,
     Listen,
+    MatchAll,
     Nameserver,
+    NetworkKind,
+    PortSet,
     ProxyConfig,
     ProxyGroupConfig,
     Rule,
+    RulePayload,
+    RuleType,
 )
 from appliance.config.render import effective_config, format_effective, format_ignored
 
@@ -35,18 +45,27 @@ __all__ = [
     "Config",
     "ConfigError",
     "DnsConfig",
+    "DomainKeyword",
+    "DomainName",
     "DomainPolicy",
+    "DomainSuffix",
     "IPAddress",
     "IPNetwork",
     "Listen",
+    "MatchAll",
     "Nameserver",
+    "NetworkKind",
+    "PortSet",
     "ProxyConfig",
     "ProxyGroupConfig",
     "Rule",
+    "RulePayload",
+    "RuleType",
     "check_runnable",
     "effective_config",
     "format_effective",
     "format_ignored",
     "load_config",
     "parse_config",
+    "parse_rule",
 ]

@@ -124,14 +124,131 @@ class ProxyGroupConfig:
     proxies: tuple[str, ...]
 
 
+# --- rules -----------------------------------------------------------------
+# A rule's payload is parsed once, by the loader, into what it is; the rule
+# engine (appliance/rules/engine.py) compiles these values as they are.
+
+RuleType = Literal[
+    "DOMAIN", "DOMAIN-SUFFIX", "DOMAIN-KEYWORD", "IP-CIDR", "IP-CIDR6",
+    "SRC-IP-CIDR", "DST-PORT", "SRC-PORT", "NETWORK", "MATCH",
+]  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class DomainName:
+    """DOMAIN: exactly this name (lower case, punycode, no trailing dot)."""
+
+    name: str
+
+    def __str__(self) -> str:
+        return self.name
+
+
+@dataclass(frozen=True, slots=True)
+class DomainSuffix:
+    """DOMAIN-SUFFIX: this name and every name under it (normalised as
+    `DomainName`; Clash's leading `.` is already gone: it means the same)."""
+
+    suffix: str
+
+    def __str__(self) -> str:
+        return self.suffix
+
+
+@dataclass(frozen=True, slots=True)
+class DomainKeyword:
+    """DOMAIN-KEYWORD: every name that contains this text (lower case, no
+    whitespace, never empty)."""
+
+    keyword: str
+
+    def __str__(self) -> str:
+        return self.keyword
+
+
+@dataclass(frozen=True, slots=True)
+class PortSet:
+    """DST-PORT / SRC-PORT: the ports in any of these inclusive ranges
+    (each 1 <= lo <= hi <= 65535, in the order written)."""
+
+    ranges: tuple[tuple[int, int], ...]
+
+    def __str__(self) -> str:
+        # mihomo's spelling: `80/443/8000-9000`.
+        return "/".join(str(lo) if lo == hi else f"{lo}-{hi}" for lo, hi in self.ranges)
+
+
+@dataclass(frozen=True, slots=True)
+class NetworkKind:
+    """NETWORK: the flow's transport."""
+
+    name: Literal["tcp", "udp"]
+
+    def __str__(self) -> str:
+        return self.name
+
+
+@dataclass(frozen=True, slots=True)
+class MatchAll:
+    """MATCH (Clash Premium's FINAL): every flow."""
+
+    def __str__(self) -> str:
+        return ""
+
+
+RulePayload = (
+    DomainName
+    | DomainSuffix
+    | DomainKeyword
+    | ipaddress.IPv4Network
+    | ipaddress.IPv6Network
+    | PortSet
+    | NetworkKind
+    | MatchAll
+)
+
+# What payload each rule type carries: IP-CIDR and SRC-IP-CIDR take either
+# family (host bits already masked off), IP-CIDR6 only IPv6.
+RULE_PAYLOADS: dict[str, type | tuple[type, ...]] = {
+    "DOMAIN": DomainName,
+    "DOMAIN-SUFFIX": DomainSuffix,
+    "DOMAIN-KEYWORD": DomainKeyword,
+    "IP-CIDR": (ipaddress.IPv4Network, ipaddress.IPv6Network),
+    "IP-CIDR6": ipaddress.IPv6Network,
+    "SRC-IP-CIDR": (ipaddress.IPv4Network, ipaddress.IPv6Network),
+    "DST-PORT": PortSet,
+    "SRC-PORT": PortSet,
+    "NETWORK": NetworkKind,
+    "MATCH": MatchAll,
+}
+
+
 @dataclass(frozen=True)
 class Rule:
-    """One line of `rules`: `TYPE,VALUE,TARGET[,no-resolve]` or `MATCH,TARGET`."""
+    """One line of `rules`: `TYPE,VALUE,TARGET[,no-resolve]` or `MATCH,TARGET`.
 
-    type: str
-    value: str
+    `type` is the Clash keyword (what the payload is matched against: the
+    destination, or the client for the SRC- types), `payload` the value
+    parsed into what it is, `target` the name of a proxy, group, DIRECT or
+    REJECT (the loader checked it exists). A payload of the wrong kind for
+    `type` is a programming error: TypeError at construction.
+    """
+
+    type: RuleType
+    payload: RulePayload
     target: str
     no_resolve: bool = False
+
+    def __post_init__(self) -> None:
+        expected = RULE_PAYLOADS.get(self.type)
+        if expected is None or not isinstance(self.payload, expected):
+            raise TypeError(f"a {self.type} rule cannot carry {self.payload!r}")
+
+    @property
+    def value(self) -> str:
+        """The payload in Clash spelling ("" for MATCH): for `mirage check`,
+        the control API and messages."""
+        return str(self.payload)
 
 
 @dataclass(frozen=True)
@@ -204,3 +321,20 @@ class Config:
         if self.ipv6 and self.dns.ipv6:
             return self.dns.fake_ip_range6
         return None
+
+    @property
+    def hijacks_dns(self) -> bool:
+        """Whether the capture takes port-53 traffic to any resolver, decided
+        here for both capture backends: `appliance.dns-hijack` asks for it,
+        and only a running DNS service (`dns.enable`) can answer it."""
+        return self.appliance.dns_hijack and self.dns.enable
+
+    @property
+    def proxy_ports(self) -> tuple[tuple[str, int], ...]:
+        """The proxy listeners in use as (Clash key, port), in this order:
+        `mixed-port` (SOCKS5 and HTTP), `socks-port`, `port` (HTTP); empty
+        when there are none (Clash's port 0 is off too). What the loader
+        checks for port clashes and the proxy-port service opens."""
+        keyed = (("mixed-port", self.mixed_port), ("socks-port", self.socks_port),
+                 ("port", self.http_port))  # fmt: skip
+        return tuple((key, port) for key, port in keyed if port)

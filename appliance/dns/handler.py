@@ -47,7 +47,6 @@ from dnslib import AAAA, EDNS0, PTR, RD, RR, A, DNSBuffer, DNSHeader, DNSQuestio
 
 from appliance.config.model import FAKE_IP_TTL, DnsConfig, IPAddress
 from appliance.dns import wire
-from appliance.dns.names import DomainMatcher, DomainTrie, name_from_labels
 from appliance.dns.wire import (
     CLASS_IN,
     EDNS_UDP_SIZE,
@@ -66,6 +65,7 @@ from appliance.dns.wire import (
     TYPE_SVCB,
 )
 from appliance.fakeip.pool import FakeIPPool, PoolExhausted
+from appliance.names import DomainMatcher, DomainTrie, name_from_labels
 
 log = logging.getLogger("mirage.dns")
 

@@ -69,8 +69,8 @@ from appliance.dns.doh import (
     encode_request,
     with_zero_id,
 )
-from appliance.dns.names import DomainTrie
 from appliance.dns.upstream_api import UpstreamError
+from appliance.names import DomainTrie
 from appliance.sockopt import SO_MARK, set_mark
 
 log = logging.getLogger(__name__)

@@ -27,7 +27,7 @@ import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from appliance.dns.names import name_from_labels
+from appliance.names import name_from_labels
 
 TYPE_A = 1
 TYPE_NS = 2

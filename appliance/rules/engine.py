@@ -5,9 +5,11 @@ flow. Rules are evaluated top-down in config order and the first match wins,
 exactly as Clash/mihomo do; `MATCH` (alias `FINAL`) matches everything.
 
 Supported types: DOMAIN, DOMAIN-SUFFIX, DOMAIN-KEYWORD, IP-CIDR, IP-CIDR6,
-SRC-IP-CIDR, DST-PORT, SRC-PORT, NETWORK, MATCH. Anything else (GEOIP,
-RULE-SET, PROCESS-NAME, ...) raises RuleError at construction, so the loader
-can validate a config by building a RuleSet.
+SRC-IP-CIDR, DST-PORT, SRC-PORT, NETWORK, MATCH (`RuleType`). The loader
+(appliance/config/loader/rules.py) has parsed each payload into what it is
+(a name, a suffix, a keyword, an IP network, a port set, a network kind);
+this module compiles those values and never reads or re-checks text, so
+building a RuleSet from a loaded config cannot fail.
 
 No resolution here, ever: domain rules match the name the flow carries (from
 the fake-IP table), and IP rules match only a *real* destination address the
@@ -32,37 +34,22 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from appliance.config.model import IPAddress, Rule
-
-SUPPORTED_TYPES = frozenset(
-    {
-        "DOMAIN",
-        "DOMAIN-SUFFIX",
-        "DOMAIN-KEYWORD",
-        "IP-CIDR",
-        "IP-CIDR6",
-        "SRC-IP-CIDR",
-        "DST-PORT",
-        "SRC-PORT",
-        "NETWORK",
-        "MATCH",
-        "FINAL",
-    }
+from appliance.config.model import (
+    DomainKeyword,
+    DomainName,
+    DomainSuffix,
+    IPAddress,
+    MatchAll,
+    NetworkKind,
+    PortSet,
+    Rule,
+    RuleType,
 )
 
 _NONE = 1 << 62  # "no rule": larger than any rule index
 
 # Rule types whose match depends on the flow, not only on where it goes.
-_PER_FLOW_TYPES = frozenset({"DST-PORT", "SRC-PORT", "SRC-IP-CIDR", "NETWORK"})
-
-
-class RuleError(ValueError):
-    """A rule cannot be compiled. `index` is its position in `rules`."""
-
-    def __init__(self, index: int, rule: Rule, reason: str) -> None:
-        super().__init__(f"rules[{index}] ({rule.type},{rule.value}): {reason}")
-        self.index = index
-        self.rule = rule
+_PER_FLOW_TYPES: frozenset[RuleType] = frozenset({"DST-PORT", "SRC-PORT", "SRC-IP-CIDR", "NETWORK"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,8 +109,8 @@ class _CidrIndex:
 
 class RuleSet:
     """Compiled, immutable rules. Build once per config (re)load; `match`
-    is safe to call from any task. Raises RuleError for a rule that cannot
-    be compiled (unknown type, bad CIDR, bad port, empty domain)."""
+    is safe to call from any task. Never fails: every payload was parsed
+    and checked by the loader."""
 
     def __init__(self, rules: Sequence[Rule]) -> None:
         self.rules: tuple[Rule, ...] = tuple(rules)
@@ -141,49 +128,28 @@ class RuleSet:
         self._first_per_flow = _NONE
         for i, rule in enumerate(self.rules):
             self._add(i, rule)
-            if rule.type.upper() in _PER_FLOW_TYPES:
+            if rule.type in _PER_FLOW_TYPES:
                 self._first_per_flow = min(self._first_per_flow, i)
         self._has_dst_cidr = bool(self._dst._tables)
         self._has_src_cidr = bool(self._src._tables)
 
     def _add(self, i: int, rule: Rule) -> None:
-        kind = rule.type.upper()
-        value = rule.value.strip()
-        if kind not in SUPPORTED_TYPES:
-            raise RuleError(i, rule, f"rule type {rule.type!r} is not supported")
-        if kind in ("MATCH", "FINAL"):
+        payload = rule.payload
+        if isinstance(payload, MatchAll):
             self._match = min(self._match, i)
-        elif kind in ("DOMAIN", "DOMAIN-SUFFIX", "DOMAIN-KEYWORD"):
-            name = normalize_domain(value)
-            if kind == "DOMAIN-SUFFIX":
-                # Clash writes both "example.com" and ".example.com"; both
-                # mean the name itself and everything below it.
-                name = name.lstrip(".")
-            if not name:
-                raise RuleError(i, rule, "empty domain")
-            if kind == "DOMAIN":
-                self._exact.setdefault(name, i)
-            elif kind == "DOMAIN-SUFFIX":
-                self._suffix.setdefault(name, i)
-            else:
-                self._keywords.append((i, name))
-        elif kind in ("IP-CIDR", "IP-CIDR6", "SRC-IP-CIDR"):
-            try:
-                net = ipaddress.ip_network(value, strict=False)
-            except ValueError as e:
-                raise RuleError(i, rule, f"bad CIDR: {e}") from None
-            if kind == "IP-CIDR6" and net.version != 6:
-                raise RuleError(i, rule, "IP-CIDR6 needs an IPv6 network")
-            (self._src if kind == "SRC-IP-CIDR" else self._dst).add(net, i)
-        elif kind in ("DST-PORT", "SRC-PORT"):
-            target = self._dst_ports if kind == "DST-PORT" else self._src_ports
-            for lo, hi in _parse_ports(i, rule, value):
-                target.append((i, lo, hi))
-        else:  # NETWORK
-            net_name = value.lower()
-            if net_name not in ("tcp", "udp"):
-                raise RuleError(i, rule, "NETWORK is tcp or udp")
-            self._network.setdefault(net_name, i)
+        elif isinstance(payload, DomainName):
+            self._exact.setdefault(payload.name, i)
+        elif isinstance(payload, DomainSuffix):
+            self._suffix.setdefault(payload.suffix, i)
+        elif isinstance(payload, DomainKeyword):
+            self._keywords.append((i, payload.keyword))
+        elif isinstance(payload, PortSet):
+            ports = self._src_ports if rule.type == "SRC-PORT" else self._dst_ports
+            ports.extend((i, lo, hi) for lo, hi in payload.ranges)
+        elif isinstance(payload, NetworkKind):
+            self._network.setdefault(payload.name, i)
+        else:  # an IP network: IP-CIDR, IP-CIDR6 or SRC-IP-CIDR
+            (self._src if rule.type == "SRC-IP-CIDR" else self._dst).add(payload, i)
 
     def match_index(self, ctx: FlowContext) -> int | None:
         """Index of the first rule matching `ctx`, or None."""
@@ -243,19 +209,3 @@ def _scan_ports(ranges: list[tuple[int, int, int]], port: int, best: int) -> int
         if lo <= port <= hi:
             return i
     return best
-
-
-def _parse_ports(i: int, rule: Rule, value: str) -> list[tuple[int, int]]:
-    """'443', '8000-9000', or several joined by '/' (mihomo's form)."""
-    out: list[tuple[int, int]] = []
-    for part in value.split("/"):
-        lo_text, sep, hi_text = part.strip().partition("-")
-        try:
-            lo = int(lo_text)
-            hi = int(hi_text) if sep else lo
-        except ValueError:
-            raise RuleError(i, rule, f"bad port {part!r}") from None
-        if not 0 <= lo <= hi <= 65535:
-            raise RuleError(i, rule, f"bad port range {part!r}")
-        out.append((lo, hi))
-    return out

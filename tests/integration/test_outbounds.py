@@ -27,13 +27,13 @@ import pytest
 import trio
 from trio.testing import memory_stream_pair
 
+from appliance.config import parse_rule
 from appliance.config.model import (
     ApplianceConfig,
     Config,
     IPAddress,
     ProxyConfig,
     ProxyGroupConfig,
-    Rule,
 )
 from appliance.dns.upstream_api import UpstreamError
 from appliance.outbound.base import OutboundError, ReplayStream, open_marked_tcp
@@ -581,9 +581,9 @@ async def test_build_and_route_end_to_end(servers: Servers) -> None:
             ProxyGroupConfig("inner", "fallback", ("ss1", "dante")),
         ),
         rules=(
-            Rule("DOMAIN-SUFFIX", "ob.test", "outer"),
-            Rule("DST-PORT", "8080", "tiny"),
-            Rule("IP-CIDR", "10.0.0.0/8", "REJECT", no_resolve=True),
+            parse_rule("DOMAIN-SUFFIX,ob.test,outer"),
+            parse_rule("DST-PORT,8080,tiny"),
+            parse_rule("IP-CIDR,10.0.0.0/8,REJECT,no-resolve"),
         ),
     )
     outbounds = build_outbounds(cfg, DictResolver({NAME: [WEB_IP]}))
@@ -628,7 +628,7 @@ def test_build_errors() -> None:
     dup = _cfg(proxies=(ProxyConfig("DIRECT", "direct"),))
     with pytest.raises(BuildError, match="duplicate"):
         build_outbounds(dup, None)
-    bad_target = _cfg(rules=(Rule("MATCH", "", "nowhere"),))
+    bad_target = _cfg(rules=(parse_rule("MATCH,nowhere"),))
     with pytest.raises(BuildError, match="nowhere"):
         Router(bad_target, build_outbounds(bad_target, None))
 

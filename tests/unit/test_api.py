@@ -14,7 +14,8 @@ import trio
 
 from appliance.api import server as api_server
 from appliance.api.client import ApiClient, ApiError
-from appliance.config.model import Config, Listen, ProxyConfig, Rule
+from appliance.config import parse_rule
+from appliance.config.model import Config, Listen, ProxyConfig
 
 
 class View:
@@ -22,7 +23,7 @@ class View:
         self.cfg = Config(
             secret=secret, tproxy_port=7893,
             proxies=(ProxyConfig(name="dante", type="socks5", server="192.0.2.1", port=1080),),
-            rules=(Rule("DOMAIN-SUFFIX", "alpha.test", "dante"), Rule("MATCH", "", "DIRECT")),
+            rules=(parse_rule("DOMAIN-SUFFIX,alpha.test,dante"), parse_rule("MATCH,DIRECT")),
         )
         self.started_at = time.monotonic()
         self.resolved: list[tuple[str, str]] = []

@@ -20,8 +20,13 @@ from appliance.config import (
     NO_VALUE,
     Config,
     ConfigError,
+    DomainKeyword,
+    DomainSuffix,
     Listen,
+    MatchAll,
     Nameserver,
+    NetworkKind,
+    PortSet,
     ProxyConfig,
     ProxyGroupConfig,
     Rule,
@@ -32,7 +37,7 @@ from appliance.config import (
     load_config,
     parse_config,
 )
-from appliance.dns.names import pattern_is_valid
+from appliance.names import pattern_is_valid
 from appliance.rules.engine import RuleSet
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
@@ -95,9 +100,9 @@ def test_lab_example_loads_as_the_lab_needs() -> None:
                     preconnect=2),
     )
     assert cfg.rules == (
-        Rule("DOMAIN-SUFFIX", "alpha.test", "dante"),
-        Rule("DOMAIN-SUFFIX", "beta.test", "tinyproxy"),
-        Rule("MATCH", "", "DIRECT"),
+        Rule("DOMAIN-SUFFIX", DomainSuffix("alpha.test"), "dante"),
+        Rule("DOMAIN-SUFFIX", DomainSuffix("beta.test"), "tinyproxy"),
+        Rule("MATCH", MatchAll(), "DIRECT"),
     )
     assert cfg.appliance.state_dir == Path("/var/lib/mirage")
     assert cfg.store_fake_ip is True
@@ -119,7 +124,7 @@ def test_clash_profile_example_loads_and_reports_what_it_ignores() -> None:
     groups = {g.name: g for g in cfg.proxy_groups}
     assert groups["Auto"] == ProxyGroupConfig("Auto", "fallback", ("HK 01", "JP 01"))
     assert "US 01" not in groups["Proxy"].proxies
-    assert cfg.rules[-1] == Rule("MATCH", "", "Proxy")
+    assert cfg.rules[-1] == Rule("MATCH", MatchAll(), "Proxy")
     assert all(r.type not in ("GEOIP", "GEOSITE", "RULE-SET") for r in cfg.rules)
     assert [h for h, _ in cfg.dns.hosts] == ["router.lan", "nas.lan"]
 
@@ -245,10 +250,14 @@ def test_real_world_profile_loads(tmp_path: Path) -> None:
         "DST-PORT",
         "MATCH",
     ]
-    assert cfg.rules[0] == Rule("DOMAIN-SUFFIX", "example.com", "Select")
-    assert cfg.rules[1] == Rule("IP-CIDR", "1.1.1.1/32", "Auto", no_resolve=True)
+    assert cfg.rules[0] == Rule("DOMAIN-SUFFIX", DomainSuffix("example.com"), "Select")
+    assert cfg.rules[1] == Rule(
+        "IP-CIDR", ipaddress.IPv4Network("1.1.1.1/32"), "Auto", no_resolve=True
+    )
     assert cfg.rules[2].value == "2001:db8::/64"
+    assert cfg.rules[2].payload == ipaddress.IPv6Network("2001:db8::/64")
     assert cfg.rules[4].value == "80/443/8000-9000"
+    assert cfg.rules[4].payload == PortSet(((80, 80), (443, 443), (8000, 9000)))
     for key in ("rules[0] (AND)", "rules[1] (DOMAIN-REGEX)", "rules[8] (SUB-RULE)"):
         assert key in ignored
     assert cfg.appliance.lan == ("br-lan",)
@@ -307,6 +316,25 @@ def test_nulls_mean_default() -> None:
 
 def test_port_zero_means_off_as_in_clash() -> None:
     assert parse_config(with_(mixed_port=0)).mixed_port is None
+    assert parse_config(with_(mixed_port=0)).proxy_ports == ()
+
+
+def test_derived_settings_are_decided_in_the_model() -> None:
+    cfg = parse_config(with_(mixed_port=7890, port=8080, socks_port=0))
+    assert cfg.proxy_ports == (("mixed-port", 7890), ("port", 8080))
+    cfg = parse_config(with_(socks_port=1080))
+    assert cfg.proxy_ports == (("socks-port", 1080),)
+    # DNS is hijacked only when asked for and there is a DNS service to answer.
+    assert parse_config(base()).hijacks_dns is True
+    assert parse_config(with_(appliance={"dns-hijack": False})).hijacks_dns is False
+    assert parse_config({"dns": {"enable": False}}).hijacks_dns is False
+    # The IPv6 fake range is in effect only with ipv6 and dns.ipv6 both on.
+    six = {"ipv6": True, "fake-ip-range6": "fd00:1::/64"}
+    assert parse_config(with_(dns=six)).fake_range6 is None
+    assert parse_config(with_(dns=six, ipv6=True)).fake_range6 == ipaddress.IPv6Network(
+        "fd00:1::/64"
+    )
+    assert parse_config(with_(dns={"fake-ip-range6": "fd00:1::/64"}, ipv6=True)).fake_range6 is None
 
 
 @pytest.mark.parametrize(
@@ -405,7 +433,7 @@ def test_appliance_extensions() -> None:
 
 def test_rules_after_match_are_reported() -> None:
     cfg = parse_config(with_(rules=["MATCH,DIRECT", "DOMAIN,a.test,REJECT", "MATCH,REJECT"]))
-    assert cfg.rules == (Rule("MATCH", "", "DIRECT"),)
+    assert cfg.rules == (Rule("MATCH", MatchAll(), "DIRECT"),)
     assert cfg.ignored_keys == ("rules[1].. (2 rule(s) after MATCH never run)",)
 
 
@@ -832,12 +860,12 @@ def test_rule_forms() -> None:
         )
     )
     assert cfg.rules == (
-        Rule("DOMAIN-SUFFIX", "example.com", "DIRECT"),
-        Rule("SRC-PORT", "1024-65535", "REJECT"),
-        Rule("NETWORK", "udp", "REJECT"),
-        Rule("DOMAIN-KEYWORD", "ads", "REJECT"),
-        Rule("DST-PORT", "443", "DIRECT"),
-        Rule("MATCH", "", "DIRECT"),
+        Rule("DOMAIN-SUFFIX", DomainSuffix("example.com"), "DIRECT"),
+        Rule("SRC-PORT", PortSet(((1024, 65535),)), "REJECT"),
+        Rule("NETWORK", NetworkKind("udp"), "REJECT"),
+        Rule("DOMAIN-KEYWORD", DomainKeyword("ads"), "REJECT"),
+        Rule("DST-PORT", PortSet(((443, 443),)), "DIRECT"),
+        Rule("MATCH", MatchAll(), "DIRECT"),
     )
 
 

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from appliance.dns.names import (
+from appliance.names import (
     DomainMatcher,
     DomainTrie,
     name_from_labels,

@@ -16,12 +16,12 @@ import struct
 import pytest
 import trio
 
+from appliance.config import parse_rule
 from appliance.config.model import (
     ApplianceConfig,
     Config,
     ProxyConfig,
     ProxyGroupConfig,
-    Rule,
 )
 from appliance.gateway.udp_sessions import (
     SessionTable,
@@ -159,7 +159,8 @@ def make_cfg(rules: list[tuple[str, str, str]], groups: tuple[ProxyGroupConfig, 
             ProxyConfig("web", "http", "192.0.2.1", 8080, udp=True),  # http never carries UDP
         ),
         proxy_groups=groups,
-        rules=tuple(Rule(t, v, target) for t, v, target in rules),
+        rules=tuple(parse_rule(f"{t},{v},{target}" if v else f"{t},{target}")
+                    for t, v, target in rules),
     )
 
 

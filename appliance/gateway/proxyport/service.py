@@ -80,18 +80,14 @@ class ProxyPort:
     http: bool
 
 
+# What each Clash proxy-port key speaks: (SOCKS5, HTTP).
+_SPEAKS = {"mixed-port": (True, True), "socks-port": (True, False), "port": (False, True)}
+
+
 def proxy_ports(cfg: Config) -> list[ProxyPort]:
-    """The proxy ports `cfg` asks for (Clash keys mixed-port, socks-port, port)."""
-    out = []
-    if cfg.mixed_port:
-        out.append(ProxyPort("mixed-port", cfg.mixed_port, socks=True, http=True))
-    socks_port = cfg.socks_port
-    if socks_port:
-        out.append(ProxyPort("socks-port", socks_port, socks=True, http=False))
-    http_port = cfg.http_port
-    if http_port:
-        out.append(ProxyPort("port", http_port, socks=False, http=True))
-    return out
+    """The proxy ports `cfg` asks for (`Config.proxy_ports`: Clash keys
+    mixed-port, socks-port, port, in that order), with what each speaks."""
+    return [ProxyPort(key, port, *_SPEAKS[key]) for key, port in cfg.proxy_ports]
 
 
 @dataclass(frozen=True)

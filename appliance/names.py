@@ -1,7 +1,14 @@
 """Domain names as the appliance sees them, and Clash/mihomo domain patterns.
 
-Used by `fake-ip-filter`, `hosts`, `nameserver-policy` and (later) the rule
-engine. Pattern forms follow mihomo's `component/trie/domain.go`:
+The bottom layer for names: no imports from the rest of the package. The
+config loader validates every name and pattern of a profile here
+(`parse_name`, `pattern_is_valid`), and the DNS service builds its tables
+from the same rules (`DomainTrie`, `DomainMatcher`, `name_from_labels`), so
+a pattern the loader accepted is one the DNS service can use.
+
+Used by `fake-ip-filter`, `hosts`, `nameserver-policy`, `proxies[].server`,
+`sni` and the domain rules. Pattern forms follow mihomo's
+`component/trie/domain.go`:
 
     example.com        the name itself, nothing else
     *.example.com      exactly one label before example.com (a.example.com)
@@ -21,6 +28,7 @@ no exponential worst case on patterns full of `*`.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from typing import Generic, TypeVar
 
@@ -55,6 +63,60 @@ def name_from_labels(labels: Iterable[bytes]) -> str | None:
             return None
         parts.append(label.decode("ascii").lower())
     return ".".join(parts)
+
+
+# One label of a host name once in ASCII (punycode for international names):
+# letters, digits, `_` and inner `-`, at most 63 characters.
+_LABEL = re.compile(r"[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?")
+
+
+def _to_ascii(label: str) -> str:
+    if label.isascii():
+        return label
+    try:
+        return label.encode("idna").decode("ascii")
+    except UnicodeError as exc:
+        raise ValueError(f"label {label!r} is not a valid internationalised name ({exc})") from None
+
+
+def parse_name(text: str, *, pattern: bool = False) -> str:
+    """The normalised form of a domain name as a config writes it: lower
+    case, international labels in punycode, no trailing dot.
+
+    With `pattern`, a domain pattern (`+.x`, `.x`, `*` labels; see above) is
+    accepted too, and must also pass `pattern_is_valid`, so the DNS service's
+    tries never refuse what the loader let through. Raises ValueError whose
+    message is the reason, for a person (the loader adds the key path).
+    """
+    body = text.strip().lower()
+    prefix = ""
+    if pattern:
+        if body.startswith("+."):
+            prefix, body = "+.", body[2:]
+        elif body.startswith("."):
+            prefix, body = ".", body[1:]
+    if body.endswith("."):
+        body = body[:-1]
+    if not body:
+        raise ValueError("empty domain name")
+    out: list[str] = []
+    for label in body.split("."):
+        if pattern and label == _WILDCARD:
+            out.append(label)
+            continue
+        ascii_label = _to_ascii(label)
+        if not _LABEL.fullmatch(ascii_label):
+            hint = "" if pattern or _WILDCARD not in label else " (wildcards are not allowed here)"
+            raise ValueError(f"invalid label {label!r} in domain name{hint}")
+        out.append(ascii_label)
+    name = ".".join(out)
+    if len(name) > 253:
+        raise ValueError("domain name longer than 253 characters")
+    if pattern:
+        why = pattern_is_valid(prefix + name)
+        if why is not None:
+            raise ValueError(why)
+    return prefix + name
 
 
 def pattern_is_valid(pattern: str) -> str | None:

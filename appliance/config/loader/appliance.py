@@ -1,0 +1,106 @@
+"""`appliance:`: the settings only an appliance has (Mirage's own block)."""
+
+from __future__ import annotations
+
+import re
+from typing import Any, cast
+
+from appliance.config.loader.errors import ConfigError, index_path
+from appliance.config.loader.scalars import (
+    MAX_MARK,
+    as_bool,
+    as_cidr,
+    as_int,
+    as_list,
+    as_nonempty_str,
+    as_path,
+    as_seconds,
+    choice,
+)
+from appliance.config.loader.section import Section
+from appliance.config.model import ApplianceConfig, IPNetwork
+
+APPLIANCE_KEYS = (
+    "lan", "redirect", "dns-hijack", "bypass", "state-dir",
+    "store-flush-interval", "route-table", "capture-mark", "connect-timeout",
+    "idle-timeout", "udp-timeout", "udp-max-sessions", "offload-direct",
+)  # fmt: skip
+
+
+_IFNAME = re.compile(r"[^\s/:]{1,15}")
+
+
+def _ifname(value: Any, path: str) -> str:
+    text = as_nonempty_str(value, path)
+    if not _IFNAME.fullmatch(text) or text in (".", ".."):
+        raise ConfigError(
+            path, value, "not a Linux interface name (1-15 characters, no space, '/' or ':')"
+        )
+    return text
+
+
+def parse_appliance(sec: Section) -> ApplianceConfig:
+    """`appliance:`; every key is Mirage's own, so none is ever ignored."""
+    d = ApplianceConfig()
+    ctx = sec.ctx
+    lan_raw = sec.raw("lan")
+    lan: list[str] = []
+    if lan_raw is not None:
+        if isinstance(lan_raw, str):
+            lan_raw = [lan_raw]
+        for i, item in enumerate(as_list(lan_raw, sec.at("lan"))):
+            name = _ifname(item, index_path(sec.at("lan"), i))
+            if name in lan:
+                raise ConfigError(index_path(sec.at("lan"), i), item, "listed twice")
+            lan.append(name)
+    redirect = sec.get("redirect", choice(("nftables", "ebpf", "auto")), d.redirect)
+    dns_hijack = sec.get("dns-hijack", as_bool, d.dns_hijack)
+    bypass: list[IPNetwork] = []
+    bypass_raw = sec.raw("bypass")
+    if bypass_raw is not None:
+        for i, item in enumerate(as_list(bypass_raw, sec.at("bypass"))):
+            net = as_cidr(item, index_path(sec.at("bypass"), i))
+            if net not in bypass:
+                bypass.append(net)
+    state_dir = sec.get("state-dir", lambda v, p: as_path(v, p, ctx.base), d.state_dir)
+    flush = sec.get("store-flush-interval", as_seconds, d.store_flush_interval)
+    # 0 and 253-255 are the kernel's unspec/default/main/local tables.
+    route_table = sec.get("route-table", lambda v, p: _route_table(v, p), d.route_table)
+    capture_mark = sec.get("capture-mark", lambda v, p: as_int(v, p, 1, MAX_MARK), d.capture_mark)
+    connect_timeout = sec.get("connect-timeout", as_seconds, d.connect_timeout)
+    idle_timeout = sec.get("idle-timeout", as_seconds, d.idle_timeout)
+    udp_timeout = sec.get("udp-timeout", as_seconds, d.udp_timeout)
+    udp_max_sessions = sec.get(
+        "udp-max-sessions", lambda v, p: as_int(v, p, 1, 1 << 20), d.udp_max_sessions
+    )
+    offload_direct = sec.get("offload-direct", as_bool, d.offload_direct)
+    if offload_direct and redirect == "ebpf":
+        raise ConfigError(
+            sec.at("offload-direct"),
+            offload_direct,
+            "needs appliance.redirect nftables (or auto): the eBPF program hands fake-IP "
+            "packets to Mirage before nftables could translate them",
+        )
+    sec.finish(APPLIANCE_KEYS, ())
+    return ApplianceConfig(
+        lan=tuple(lan),
+        redirect=cast(Any, redirect),
+        dns_hijack=dns_hijack,
+        bypass=tuple(bypass),
+        state_dir=state_dir,
+        store_flush_interval=flush,
+        route_table=route_table,
+        capture_mark=capture_mark,
+        connect_timeout=connect_timeout,
+        idle_timeout=idle_timeout,
+        udp_timeout=udp_timeout,
+        udp_max_sessions=udp_max_sessions,
+        offload_direct=offload_direct,
+    )
+
+
+def _route_table(value: Any, path: str) -> int:
+    table = as_int(value, path, 1, MAX_MARK, "a routing table number")
+    if table in (253, 254, 255):
+        raise ConfigError(path, value, "253-255 are the kernel's default/main/local tables")
+    return table

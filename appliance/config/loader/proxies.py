@@ -1,0 +1,189 @@
+"""`proxies:`: the outbounds Mirage implements, parsed strictly.
+
+A proxy of a type Mirage cannot speak (`vmess`, ...) or with an option that
+changes its wire protocol (an ss `plugin`, a trojan `ws-opts`, ...) is
+skipped and reported; `parse_proxies` returns why, so a group can drop it
+and a rule that targets it can say so.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Any, cast
+
+from appliance.config.loader.errors import NO_VALUE, ConfigError, index_path
+from appliance.config.loader.scalars import (
+    as_bool,
+    as_domain,
+    as_int,
+    as_list,
+    as_nonempty_str,
+    as_port,
+    as_str,
+    choice,
+)
+from appliance.config.loader.section import LoadContext, Section
+from appliance.config.model import ProxyConfig
+
+BUILTIN_TARGETS = ("DIRECT", "REJECT")
+
+# Options every mihomo outbound takes (BasicOption) and a few per-type keys
+# that only tune transport details Mirage does not have.
+_IGNORED_PROXY_COMMON = (
+    "tfo", "mptcp", "interface-name", "routing-mark", "ip-version",
+    "dialer-proxy", "fingerprint", "client-fingerprint", "smux",
+)  # fmt: skip
+PROXY_KEYS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    # type: (implemented keys besides name/type, ignored keys)
+    "socks5": (
+        ("server", "port", "username", "password", "tls", "skip-cert-verify", "udp", "preconnect"),
+        _IGNORED_PROXY_COMMON,
+    ),
+    "http": (
+        ("server", "port", "username", "password", "tls", "skip-cert-verify", "sni", "preconnect"),
+        # udp: converters emit it on every proxy; an http proxy has no UDP.
+        (*_IGNORED_PROXY_COMMON, "headers", "udp"),
+    ),
+    "ss": (
+        ("server", "port", "password", "cipher", "udp"),
+        (*_IGNORED_PROXY_COMMON, "udp-over-tcp", "udp-over-tcp-version"),
+    ),
+    "trojan": (
+        ("server", "port", "password", "sni", "skip-cert-verify", "udp"),
+        (*_IGNORED_PROXY_COMMON, "alpn"),
+    ),
+    "direct": ((), _IGNORED_PROXY_COMMON),
+    "reject": ((), _IGNORED_PROXY_COMMON),
+}
+# `preconnect` of plain SOCKS5 / HTTP proxies: connections kept open ahead
+# of the flows (appliance/outbound/preconnect.py).
+PRECONNECT_DEFAULT = 2
+PRECONNECT_MAX = 64
+# mihomo outbound types Mirage cannot speak: such a proxy is skipped (and
+# reported); a rule that targets it is an error, a group drops it.
+UNSUPPORTED_PROXY_TYPES = (
+    "vmess", "vless", "ssr", "snell", "socks4", "hysteria", "hysteria2",
+    "tuic", "wireguard", "ssh", "mieru", "anytls", "dns", "semi", "sudoku",
+)  # fmt: skip
+# AEAD ciphers (SIP004) only: the stream ciphers are broken and mihomo
+# itself deprecates them.
+SS_CIPHERS = ("aes-128-gcm", "aes-192-gcm", "aes-256-gcm", "chacha20-ietf-poly1305")
+
+
+def _server(value: Any, path: str) -> str:
+    text = as_nonempty_str(value, path).strip()
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        return as_domain(text, path, wildcards=False)
+
+
+def parse_proxies(
+    value: Any, path: str, ctx: LoadContext
+) -> tuple[list[ProxyConfig], dict[str, str]]:
+    """Returns the implemented proxies and {name: why skipped} for the rest."""
+    proxies: list[ProxyConfig] = []
+    skipped: dict[str, str] = {}
+    names: set[str] = set()
+    if value is None:
+        return proxies, skipped
+    for i, item in enumerate(as_list(value, path)):
+        sec = Section(item, index_path(path, i), ctx)
+        name = sec.require("name", as_nonempty_str)
+        if name in names:
+            raise ConfigError(sec.at("name"), name, "duplicate proxy name")
+        if name in BUILTIN_TARGETS:
+            raise ConfigError(sec.at("name"), name, "reserved name (a built-in target)")
+        names.add(name)
+        ptype = sec.require("type", as_nonempty_str).lower()
+        if ptype in UNSUPPORTED_PROXY_TYPES:
+            ctx.ignore(sec.path, f"{ptype} proxy {name!r}")
+            skipped[name] = f"a {ptype} proxy, which Mirage does not implement"
+            continue
+        if ptype not in PROXY_KEYS:
+            raise ConfigError(
+                sec.at("type"), sec.data["type"],
+                "unknown proxy type (Mirage implements " + ", ".join(PROXY_KEYS) + ")",
+            )  # fmt: skip
+        reason = _unusable_proxy(sec, ptype)
+        if reason is not None:
+            ctx.ignore(sec.path, f"{ptype} proxy {name!r}: {reason}")
+            skipped[name] = f"a {ptype} proxy with {reason}, which Mirage does not implement"
+            continue
+        proxies.append(_parse_proxy(sec, name, ptype))
+    return proxies, skipped
+
+
+def _unusable_proxy(sec: Section, ptype: str) -> str | None:
+    """Real mihomo options that change the wire protocol: without them the
+    proxy cannot work, so the whole proxy is skipped rather than the key."""
+    data = sec.data
+    if ptype == "ss":
+        if data.get("plugin") is not None:
+            return f"plugin {data['plugin']!r}"
+        cipher = data.get("cipher")
+        if isinstance(cipher, str) and cipher.lower() not in SS_CIPHERS:
+            return f"cipher {cipher!r}"
+    if ptype == "trojan":
+        network = data.get("network")
+        if network is not None and network != "tcp":
+            return f"network {network!r}"
+        for key in ("reality-opts", "grpc-opts", "ws-opts", "ss-opts"):
+            if data.get(key) is not None:
+                return key
+    return None
+
+
+def _parse_proxy(sec: Section, name: str, ptype: str) -> ProxyConfig:
+    implemented, ignored = PROXY_KEYS[ptype]
+    if ptype in ("direct", "reject"):
+        sec.finish(("name", "type", *implemented), ignored)
+        return ProxyConfig(name=name, type=cast(Any, ptype))
+    server = sec.require("server", _server)
+    port = sec.require("port", as_port)
+    username = sec.get("username", as_str, None) if "username" in implemented else None
+    password: str | None
+    if ptype in ("ss", "trojan"):
+        password = sec.require("password", as_nonempty_str)
+    else:
+        password = sec.get("password", as_str, None)
+    tls = sec.get("tls", as_bool, False) if "tls" in implemented else ptype == "trojan"
+    skip_verify = sec.get("skip-cert-verify", as_bool, False) if ptype != "ss" else False
+    sni = (
+        sec.get("sni", lambda v, p: as_domain(v, p, wildcards=False), None)
+        if ("sni" in implemented)
+        else None
+    )
+    udp = sec.get("udp", as_bool, False) if "udp" in implemented else False
+    cipher = sec.require("cipher", choice(SS_CIPHERS)) if ptype == "ss" else None
+    if (username is None) != (password is None) and ptype in ("socks5", "http"):
+        missing = "password" if password is None else "username"
+        raise ConfigError(sec.at(missing), NO_VALUE, "username and password go together")
+    preconnect = 0
+    if "preconnect" in implemented:
+        preconnect = sec.get(
+            "preconnect",
+            lambda v, p: as_int(v, p, 0, PRECONNECT_MAX),
+            0 if tls else PRECONNECT_DEFAULT,
+        )
+        if preconnect and tls:
+            raise ConfigError(
+                sec.at("preconnect"),
+                preconnect,
+                "kept connections are plain TCP: set 0 with tls: true",
+            )
+    sec.finish(("name", "type", *implemented), ignored)
+    return ProxyConfig(
+        name=name,
+        type=cast(Any, ptype),
+        server=server,
+        port=port,
+        username=username,
+        password=password,
+        tls=tls,
+        skip_cert_verify=skip_verify,
+        sni=sni,
+        udp=udp,
+        cipher=cipher,
+        preconnect=preconnect,
+    )

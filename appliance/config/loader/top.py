@@ -1,0 +1,160 @@
+"""The top level of a profile: the listeners' keys, `profile:`, and the
+order in which the sections are read (each section module owns its keys).
+
+Known Clash/mihomo keys Mirage accepts and ignores come from mihomo's
+config/config.go (RawConfig, RawDNS, RawProfile and the adapter option
+structs).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Any, cast
+
+from appliance.config.loader.appliance import parse_appliance
+from appliance.config.loader.cross import check_cross
+from appliance.config.loader.dns import parse_dns, parse_hosts
+from appliance.config.loader.errors import ConfigError, index_path
+from appliance.config.loader.groups import parse_groups
+from appliance.config.loader.proxies import BUILTIN_TARGETS, parse_proxies
+from appliance.config.loader.rules import parse_rules
+from appliance.config.loader.scalars import (
+    as_bool,
+    as_list,
+    as_listen,
+    as_mark,
+    as_port,
+    as_str,
+    choice,
+)
+from appliance.config.loader.section import LoadContext, Section
+from appliance.config.model import Config, Listen
+
+TOP_LEVEL_KEYS = (
+    "mixed-port", "socks-port", "port", "authentication", "allow-lan", "bind-address",
+    "tproxy-port", "routing-mark", "ipv6", "log-level",
+    "external-controller", "secret", "profile", "dns", "hosts", "proxies",
+    "proxy-groups", "rules", "appliance",
+)  # fmt: skip
+IGNORED_TOP_LEVEL = (
+    "redir-port", "ss-config", "vmess-config",
+    "inbound-tfo", "inbound-mptcp", "skip-auth-prefixes",
+    "lan-allowed-ips", "lan-disallowed-ips", "mode",
+    "unified-delay", "external-controller-pipe", "external-controller-unix",
+    "external-controller-tls", "external-controller-cors", "external-ui",
+    "external-ui-url", "external-ui-name", "external-doh-server",
+    "interface-name", "tunnels", "geo-auto-update", "geo-update-interval",
+    "geodata-mode", "geodata-loader", "geosite-matcher", "tcp-concurrent",
+    "find-process-mode", "global-client-fingerprint", "global-ua",
+    "etag-support", "keep-alive-idle", "keep-alive-interval",
+    "disable-keep-alive", "proxy-providers", "rule-providers", "sub-rules",
+    "listeners", "ntp", "tun", "tuic-server", "iptables", "experimental",
+    "geox-url", "sniffer", "tls", "clash-for-android", "auto-redir",
+    "mitm-port", "mitm", "script", "log-file",
+)  # fmt: skip
+PROFILE_KEYS = ("store-fake-ip",)
+IGNORED_PROFILE = ("store-selected",)
+
+
+def parse_root(data: Any, ctx: LoadContext) -> Config:
+    """The whole profile: each section in turn (proxies, then the groups that
+    name them, then the rules that name both), then the top level's leftover
+    keys, then `check_cross` on the built `Config`."""
+    root = Section(data, "", ctx)
+    mixed_port = root.get("mixed-port", _optional_port, None)
+    socks_port = root.get("socks-port", _optional_port, None)
+    http_port = root.get("port", _optional_port, None)
+    authentication = _parse_authentication(root.raw("authentication"), root.at("authentication"))
+    allow_lan = root.get("allow-lan", as_bool, True)
+    bind_address = root.get("bind-address", _bind_address, "*")
+    tproxy_port = root.get("tproxy-port", _optional_port, None)
+    routing_mark = root.get("routing-mark", as_mark, None)
+    ipv6 = root.get("ipv6", as_bool, False)
+    log_level = root.get(
+        "log-level", choice(("silent", "error", "warning", "info", "debug")), "info"
+    )
+    external_controller = root.get("external-controller", _controller, None)
+    secret = root.get("secret", as_str, "")
+
+    profile = root.section("profile")
+    store_fake_ip = profile.get("store-fake-ip", as_bool, False)
+    profile.finish(PROFILE_KEYS, IGNORED_PROFILE)
+
+    top_hosts = parse_hosts(root.raw("hosts"), root.at("hosts"), ctx)
+    dns = parse_dns(root.section("dns"), top_hosts)
+
+    proxies, skipped = parse_proxies(root.raw("proxies"), root.at("proxies"), ctx)
+    groups = parse_groups(root.raw("proxy-groups"), root.at("proxy-groups"), ctx, proxies, skipped)
+    targets = {p.name for p in proxies} | {g.name for g in groups} | set(BUILTIN_TARGETS)
+    rules = parse_rules(root.raw("rules"), root.at("rules"), ctx, targets, skipped)
+    appliance = parse_appliance(root.section("appliance"))
+    root.finish(TOP_LEVEL_KEYS, IGNORED_TOP_LEVEL)
+
+    cfg = Config(
+        mixed_port=mixed_port,
+        socks_port=socks_port,
+        http_port=http_port,
+        authentication=authentication,
+        allow_lan=allow_lan,
+        bind_address=bind_address,
+        tproxy_port=tproxy_port,
+        routing_mark=routing_mark,
+        ipv6=ipv6,
+        log_level=cast(Any, log_level),
+        external_controller=external_controller,
+        secret=secret,
+        store_fake_ip=store_fake_ip,
+        dns=dns,
+        proxies=tuple(proxies),
+        proxy_groups=tuple(groups),
+        rules=tuple(rules),
+        appliance=appliance,
+        ignored_keys=tuple(ctx.ignored),
+        source=ctx.source,
+    )
+    check_cross(cfg)
+    return cfg
+
+
+def _parse_authentication(raw: Any, path: str) -> tuple[tuple[str, str], ...]:
+    """Clash `authentication: ["user:pass", ...]` (split at the first colon,
+    as mihomo does) -> ((user, pass), ...). RFC 1929 bounds both to 1..255
+    bytes; a user listed twice is an error."""
+    if raw is None:
+        return ()
+    users: list[tuple[str, str]] = []
+    for i, item in enumerate(as_list(raw, path)):
+        at = index_path(path, i)
+        user, sep, password = as_str(item, at).partition(":")
+        if not sep or not user or not password:
+            raise ConfigError(at, "<hidden>", 'expected "username:password"')
+        if len(user.encode()) > 255 or len(password.encode()) > 255:
+            raise ConfigError(at, "<hidden>", "username and password are at most 255 bytes each")
+        if any(u == user for u, _ in users):
+            raise ConfigError(at, user, "username listed twice")
+        users.append((user, password))
+    return tuple(users)
+
+
+def _bind_address(value: Any, path: str) -> str:
+    """`*` (every LAN address) or one IP literal."""
+    text = as_str(value, path).strip()
+    if text == "*":
+        return text
+    try:
+        return str(ipaddress.ip_address(text.strip("[]")))
+    except ValueError:
+        raise ConfigError(path, value, 'expected "*" or an IP address') from None
+
+
+def _optional_port(value: Any, path: str) -> int | None:
+    # Clash spells "this listener is off" as port 0.
+    if type(value) is int and value == 0:
+        return None
+    return as_port(value, path)
+
+
+def _controller(value: Any, path: str) -> Listen | None:
+    if isinstance(value, str) and not value.strip():
+        return None  # empty string: controller off, as in Clash
+    return as_listen(value, path)

@@ -1,0 +1,156 @@
+"""Keep only the capabilities `mirage run` still needs once it is set up.
+
+What this is for: setup (binding port 53, loading nftables rules, compiling
+and attaching the tc program, linking the sk_lookup program) needs more than
+running does. Once every service is up and the capture is in place,
+`drop_to_runtime` removes every other capability from the process's
+effective, permitted, inheritable, ambient and bounding sets, so a bug in a
+flow or a parser has nothing more to abuse, whether Mirage was started by
+systemd (which already grants only the unit's set) or by root by hand.
+
+Kept while running, and why (docs/operations.md lists them too):
+
+- CAP_NET_ADMIN: SO_MARK (`routing-mark`) and IP_TRANSPARENT on every new
+  outbound and UDP reply socket; DIRECT-offload map updates; removing the
+  nftables table, ip rules and tc filter at exit.
+- CAP_NET_BIND_SERVICE: UDP replies leave from a socket bound to the fake
+  address *and port* the client used, which may be below 1024 (DNS over a
+  fake IP, NTP, ...).
+- CAP_NET_RAW: the transparent reply sockets (IP_TRANSPARENT accepts it
+  where CAP_NET_ADMIN is not granted).
+- CAP_BPF (eBPF backend only): the map reads and writes of a running
+  program (per-client counters, the bypass map on reload) go through the
+  bpf() syscall.
+
+Dropped, among others: CAP_SYS_ADMIN and CAP_PERFMON (bcc's compile and
+load only), CAP_DAC_OVERRIDE, CAP_SYS_PTRACE, CAP_SETUID/SETGID, CAP_SYS_MODULE.
+
+Linux only, through libc's capset/prctl via ctypes (no dependency). How it
+fails: `drop_to_runtime` raises PrivilegeError with the failing call; a
+process that holds none of the capabilities (an unprivileged test) is left
+as it is.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+from collections.abc import Iterable
+from typing import Final
+
+# linux/capability.h
+CAP_DAC_OVERRIDE: Final = 1
+CAP_NET_BIND_SERVICE: Final = 10
+CAP_NET_ADMIN: Final = 12
+CAP_NET_RAW: Final = 13
+CAP_SYS_ADMIN: Final = 21
+CAP_PERFMON: Final = 38
+CAP_BPF: Final = 39
+
+NAMES: Final = {
+    CAP_DAC_OVERRIDE: "CAP_DAC_OVERRIDE",
+    CAP_NET_BIND_SERVICE: "CAP_NET_BIND_SERVICE",
+    CAP_NET_ADMIN: "CAP_NET_ADMIN",
+    CAP_NET_RAW: "CAP_NET_RAW",
+    CAP_SYS_ADMIN: "CAP_SYS_ADMIN",
+    CAP_PERFMON: "CAP_PERFMON",
+    CAP_BPF: "CAP_BPF",
+}
+
+_LINUX_CAPABILITY_VERSION_3: Final = 0x20080522
+_PR_CAPBSET_READ: Final = 23
+_PR_CAPBSET_DROP: Final = 24
+_PR_CAP_AMBIENT: Final = 47
+_PR_CAP_AMBIENT_CLEAR_ALL: Final = 4
+
+
+class PrivilegeError(OSError):
+    """A capability call failed; the message names it."""
+
+
+class _Header(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _Data(ctypes.Structure):
+    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32),
+                ("inheritable", ctypes.c_uint32)]
+
+
+def runtime_set(ebpf: bool) -> frozenset[int]:
+    """The capabilities `mirage run` keeps once set up (see the module doc)."""
+    keep = {CAP_NET_ADMIN, CAP_NET_BIND_SERVICE, CAP_NET_RAW}
+    if ebpf:
+        keep.add(CAP_BPF)
+    return frozenset(keep)
+
+
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+
+
+def _check(rc: int, what: str) -> None:
+    if rc != 0:
+        err = ctypes.get_errno()
+        raise PrivilegeError(err, f"{what}: {os.strerror(err)}")
+
+
+def _last_cap() -> int:
+    try:
+        with open("/proc/sys/kernel/cap_last_cap") as f:
+            return int(f.read())
+    except OSError:
+        return 40
+
+
+def current() -> dict[str, frozenset[int]]:
+    """This process's effective, permitted and bounding sets."""
+    libc = _libc()
+    header = _Header(_LINUX_CAPABILITY_VERSION_3, 0)
+    data = (_Data * 2)()
+    _check(libc.capget(ctypes.byref(header), data), "capget")
+    last = _last_cap()
+
+    def bits(word0: int, word1: int) -> frozenset[int]:
+        mask = word0 | word1 << 32
+        return frozenset(c for c in range(last + 1) if mask >> c & 1)
+
+    bounding = frozenset(c for c in range(last + 1)
+                         if libc.prctl(_PR_CAPBSET_READ, c, 0, 0, 0) == 1)
+    return {
+        "effective": bits(data[0].effective, data[1].effective),
+        "permitted": bits(data[0].permitted, data[1].permitted),
+        "bounding": bounding,
+    }
+
+
+def drop_to(keep: Iterable[int]) -> frozenset[int]:
+    """Keep only `keep` (where held): bounding set first (needs
+    CAP_SETPCAP, which a root process holds until this call), then ambient,
+    then effective/permitted/inheritable in one capset. Returns the set
+    dropped from the permitted set."""
+    keep = frozenset(keep)
+    libc = _libc()
+    before = current()
+    last = _last_cap()
+    for cap in range(last + 1):
+        if cap not in keep and cap in before["bounding"]:
+            _check(libc.prctl(_PR_CAPBSET_DROP, cap, 0, 0, 0), f"PR_CAPBSET_DROP {cap}")
+    # Ambient capabilities are inherited across execve; none is wanted
+    # (Mirage runs no helper that needs one). EINVAL: kernel without them.
+    libc.prctl(_PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0)
+    held = before["permitted"] & keep
+    words = [0, 0]
+    for cap in held:
+        words[cap // 32] |= 1 << (cap % 32)
+    header = _Header(_LINUX_CAPABILITY_VERSION_3, 0)
+    data = (_Data * 2)(_Data(words[0], words[0], 0), _Data(words[1], words[1], 0))
+    _check(libc.capset(ctypes.byref(header), data), "capset")
+    return before["permitted"] - keep
+
+
+def drop_to_runtime(ebpf: bool) -> list[str]:
+    """Drop everything `mirage run` no longer needs; the names dropped."""
+    dropped = drop_to(runtime_set(ebpf))
+    return sorted(NAMES.get(c, f"cap{c}") for c in dropped)
