@@ -3,7 +3,7 @@
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup test demo lint bench soak clean
+.PHONY: setup test demo lint bench soak fuzz clean
 
 setup:
 	./scripts/setup.sh
@@ -32,6 +32,14 @@ bench: setup
 # RSS growth. `make test` runs a 12-second smoke of it.
 soak: setup
 	$(PY) bench/soak.py
+
+# The fuzz budget's properties (tests/unit/test_fuzz_budget.py: DNS handler
+# and wire, SOCKS5 server, HTTP proxy parser, config loader) with many more
+# examples than `make test` runs (hypothesis profile `mirage-fuzz`, about
+# 20,000 per property); `make test` runs a smoke of this target.
+FUZZ_PROFILE ?= mirage-fuzz
+fuzz: setup
+	MIRAGE_FUZZ_PROFILE=$(FUZZ_PROFILE) $(PY) -m pytest -q -p no:cacheprovider --timeout=0 tests/unit/test_fuzz_budget.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

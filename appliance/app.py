@@ -6,7 +6,8 @@ bound, so a later step can rely on an earlier one):
 1. fake-IP store loaded into the pool (saved mappings outside the range or now
    covered by the filter are dropped), the store flusher;
 2. the upstream resolver (DoH client; owns its HTTP/2 connections), the
-   signal handler, the router (outbounds + rules);
+   signal handler, the dispatcher (appliance/routing.py: the live router,
+   outbounds + rules; it sweeps the proxies' kept connections);
 3. the DNS service (UDP + TCP on `dns.listen`);
 4. the transparent TCP listener and UDP socket on `tproxy-port`, the proxy
    ports (`mixed-port`, `socks-port`, `port`);
@@ -17,6 +18,10 @@ bound, so a later step can rely on an earlier one):
 Shutdown (SIGINT/SIGTERM) cancels the nursery; services unwind in reverse
 order: the capture rules go first (their `finally`), the store's final flush
 last. SIGHUP reloads the configuration (see `Appliance.reload`).
+
+This module only composes: flows go from the listeners to the dispatcher
+and never back up here, and what the control API shows is made in
+appliance/api/views.py from the services held here.
 """
 
 from __future__ import annotations
@@ -26,23 +31,33 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable
 from dataclasses import replace
-from ipaddress import ip_address
-from typing import Any
 
 import trio
-from dnslib import DNSRecord
 
-from appliance import __version__
+from appliance import __version__, privileges, systemd
+from appliance.api import server as api_server
+from appliance.capture import backend as capture_backend
+from appliance.capture.nftables import NftablesCapture
+from appliance.capture.offload import DirectOffload
 from appliance.config import ConfigError, load_config
 from appliance.config.model import Config, DnsConfig
-from appliance.dns.handler import wants_fake_ip
+from appliance.dns import server as dns_server
+from appliance.dns.handler import DnsHandler, wants_fake_ip
+from appliance.dns.upstream import Resolver
+from appliance.fakeip import flusher
+from appliance.fakeip.ledger import FileLedger, ledger_path
+from appliance.fakeip.pool import FakeIPPool
+from appliance.fakeip.store import SQLiteStore, store_path
+from appliance.gateway import proxyport
+from appliance.gateway.splice import FlowRegistry
+from appliance.gateway.tcp import TransparentTcp
+from appliance.gateway.udp import UdpGateway
 from appliance.names import DomainMatcher
-from appliance.outbound.direct import DirectOutbound
-from appliance.outbound.preconnect import MAX_IDLE as PRECONNECT_MAX_IDLE
-from appliance.outbound.preconnect import STATS as PRECONNECT_STATS
-from appliance.rules.engine import FlowContext
+from appliance.outbound.base import Resolve
+from appliance.outbound.preconnect import Preconnect
+from appliance.routing import Dispatcher, Router
 
 log = logging.getLogger("mirage")
 
@@ -53,210 +68,165 @@ class AppError(Exception):
 
 
 class Appliance:
-    """Owns the services of one `mirage run` and the state the API reads."""
+    """Owns the services of one `mirage run`: starts them in order, handles
+    signals and reloads. Each service field is None until it runs (and stays
+    None when not configured); the control API reads them
+    (appliance/api/views.py `Sources`)."""
 
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
         self.started_at = time.monotonic()
         self.reloads = 0
-        self.pool: Any = None
-        self.store: Any = None
-        self.resolver: Any = None
-        self.dns_handler: Any = None
-        self.router: Any = None
-        self.gateway: Any = None
-        self.udp: Any = None
-        self.capture: Any = None
-        self.offload: Any = None  # DirectOffload, with appliance.offload-direct
-        self.tcp: Any = None  # the TransparentTcp gateway
+        self._fake_ip_wanted = fake_ip_filter(cfg.dns)
+        self.store: SQLiteStore | None = None
+        self.pool: FakeIPPool | None = None
+        self.resolver: Resolver | None = None
+        self.dns_handler: DnsHandler | None = None
+        self.dispatcher: Dispatcher | None = None
+        self.flows: FlowRegistry | None = None  # TCP flows: tproxy-port and proxy ports
+        self.tcp: TransparentTcp | None = None
+        self.udp: UdpGateway | None = None
+        self.capture: object | None = None  # what capture/backend.py started
+        self.offload: DirectOffload | None = None  # with appliance.offload-direct
+
+    # -- what the control API reads besides the services -------------------------
+
+    def wants_fake_ip(self, name: str) -> bool:
+        return self._fake_ip_wanted(name)
+
+    def preconnects(self) -> dict[str, Preconnect]:
+        return self.dispatcher.router.preconnects() if self.dispatcher is not None else {}
 
     # -- composition ---------------------------------------------------------
 
-    def open_pool(self) -> None:
-        from appliance.fakeip.pool import FakeIPPool
-        from appliance.fakeip.store import SQLiteStore, store_path
-
+    def open_pool(self) -> FakeIPPool:
         cfg = self.cfg
+        state_dir = cfg.appliance.state_dir
         if cfg.store_fake_ip:
-            state_dir = cfg.appliance.state_dir
             try:
                 state_dir.mkdir(parents=True, exist_ok=True)
                 self.store = SQLiteStore(store_path(state_dir))
             except OSError as err:
                 raise AppError(f"appliance.state-dir {state_dir}: {err}") from None
-        range6 = answer_dns(cfg).fake_ip_range6
-        self.pool = FakeIPPool(
-            cfg.dns.fake_ip_range, range6, store=self.store, keep=fake_ip_filter(cfg.dns),
-        )
+        range6 = cfg.fake_range6
+        # The ledger (even without store-fake-ip) keeps a restart from giving
+        # an address clients may still hold to another name.
+        try:
+            state_dir.mkdir(parents=True, exist_ok=True)
+            pool = FakeIPPool(cfg.dns.fake_ip_range, range6, store=self.store,
+                              keep=self._fake_ip_wanted,
+                              ledger=FileLedger(ledger_path(state_dir)))
+        except OSError as err:
+            raise AppError(f"appliance.state-dir {state_dir}: {err}") from None
         where = f"from {store_path(cfg.appliance.state_dir)}" if cfg.store_fake_ip else "(memory)"
         log.info("fake-IP pool %s%s: %d mappings loaded %s", cfg.dns.fake_ip_range,
-                 f" + {range6}" if range6 else "", len(self.pool), where)
+                 f" + {range6}" if range6 else "", len(pool), where)
+        return pool
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        from appliance.dns import server as dns_server
-        from appliance.dns.handler import DnsHandler
-        from appliance.dns.upstream import Resolver
-        from appliance.fakeip import flusher
-
         cfg = self.cfg
-        self.open_pool()
+        pool = self.pool = self.open_pool()
         try:
             async with Resolver(cfg.dns, routing_mark=cfg.routing_mark) as resolver, \
                     trio.open_nursery() as nursery:
                 self.resolver = resolver
                 # Signals first: a SIGTERM during startup still unwinds cleanly.
                 await nursery.start(self._handle_signals, nursery.cancel_scope)
-                self.build_router(cfg)
-                await nursery.start(self._sweep_preconnect)
-                await nursery.start(flusher.serve, self.pool, cfg.appliance.store_flush_interval)
+                dispatcher = self.dispatcher = Dispatcher(
+                    build_router(cfg, resolver.resolve_ips),
+                    connect_timeout=cfg.appliance.connect_timeout)
+                await nursery.start(dispatcher.serve)
+                await nursery.start(flusher.serve, pool, cfg.appliance.store_flush_interval)
                 if cfg.dns.enable:
-                    self.dns_handler = DnsHandler(answer_dns(cfg), self.pool)
-                    await nursery.start(self._serve_dns, dns_server)
+                    self.dns_handler = DnsHandler(dns_in_effect(cfg), pool)
+                    await nursery.start(self._serve_dns, self.dns_handler, resolver)
+                if cfg.tproxy_port or cfg.proxy_ports:
+                    self.flows = FlowRegistry()
                 if cfg.tproxy_port:
-                    await nursery.start(self._serve_gateway)
-                    await nursery.start(self._serve_udp)
-                if cfg.mixed_port or cfg.socks_port or cfg.http_port:
-                    await nursery.start(self._serve_proxy_ports)
+                    await nursery.start(self._serve_tcp, pool, dispatcher)
+                    await nursery.start(self._serve_udp, pool, dispatcher)
+                if cfg.proxy_ports:
+                    await nursery.start(self._serve_proxy_ports, pool, dispatcher)
                 if cfg.external_controller is not None:
-                    from appliance.api import server as api_server
-
                     ctl = cfg.external_controller
                     await nursery.start(api_server.serve, self, ctl.host, ctl.port)
                     log.info("control API on http://%s", ctl)
                 if cfg.appliance.lan:
                     self.capture = await nursery.start(self._serve_capture)
                     if cfg.appliance.offload_direct:
-                        await nursery.start(self._serve_offload)
+                        await nursery.start(self._serve_offload, pool, dispatcher)
                 log.info("mirage %s running (pid %d)", __version__, os.getpid())
+                # systemd (Type=notify): started means the LAN is served.
+                systemd.notify("READY=1")
+                interval = systemd.watchdog_interval()
+                if interval is not None:
+                    await nursery.start(systemd.serve_watchdog, self._alive, interval)
                 task_status.started()
         finally:
             # After the flusher's final flush (the nursery has exited).
             if self.store is not None:
                 self.store.close()
 
-    async def _serve_dns(self, dns_server: Any, *,
+    async def _alive(self) -> bool:
+        """The watchdog's check: the DNS service answers (appliance/systemd.py);
+        without DNS, a running event loop is all there is to prove."""
+        if not self.cfg.dns.enable:
+            await trio.lowlevel.checkpoint()
+            return True
+        return await systemd.dns_answers(self.cfg.dns.listen)
+
+    async def _serve_dns(self, handler: DnsHandler, resolver: Resolver, *,
                          task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         cfg = self.cfg
         # With dns-hijack under the eBPF backend, captured queries to other
         # resolvers arrive unrewritten (sk_assign): the socket must be
         # transparent to answer from their address. (Under nftables they are
         # redirected through conntrack, and transparency is harmless.)
-        transparent = bool(cfg.appliance.lan and cfg.appliance.dns_hijack)
+        transparent = bool(cfg.appliance.lan) and cfg.hijacks_dns
         try:
-            await dns_server.serve(cfg.dns.listen, self.dns_handler, self.resolver,
+            await dns_server.serve(cfg.dns.listen, handler, resolver,
                                    transparent=transparent, task_status=task_status)
         except OSError as err:
             raise AppError(f"dns.listen {cfg.dns.listen}: cannot bind: {err}") from None
 
-    def build_router(self, cfg: Config) -> None:
-        """Outbounds and rules for `cfg`; replaces the router atomically
-        (flows already dialled keep their outbound)."""
-        from appliance.outbound.build import BuildError, Router, build_outbounds
-
-        try:
-            router = Router(cfg, build_outbounds(cfg, self.resolver.resolve_ips))
-        except (BuildError, ValueError) as err:
-            raise AppError(f"proxies/rules: {err}") from None
-        old, self.router = self.router, router
-        if old is not None:
-            old.close()
-
-    async def _sweep_preconnect(self, *,
-                                task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
-                                ) -> None:
-        """Close proxy connections kept longer than they may wait
-        (appliance/outbound/preconnect.py), whatever the traffic; and all of
-        them when Mirage stops."""
-        task_status.started()
-        try:
-            while True:
-                await trio.sleep(PRECONNECT_MAX_IDLE / 2)
-                for pool in self.router.preconnects().values():
-                    pool.sweep()
-        finally:
-            self.router.close()
-
-    async def _serve_gateway(self, *,
-                             task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        from appliance.gateway.splice import FlowRegistry
-        from appliance.gateway.tcp import TransparentTcp
-
-        self.gateway = FlowRegistry()
-        self.tcp = TransparentTcp(self.cfg, self.pool, self.dial, self.gateway)
+    async def _serve_tcp(self, pool: FakeIPPool, dispatcher: Dispatcher, *,
+                         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """The transparent TCP listener on tproxy-port: flows go to the
+        dispatcher and into the shared flow registry."""
+        self.tcp = TransparentTcp(self.cfg, pool, dispatcher.connect_tcp, self.flows)
         try:
             await self.tcp.serve(task_status=task_status)
         except OSError as err:
             raise AppError(f"tproxy-port {self.cfg.tproxy_port}: cannot listen: {err}") from None
 
-    async def _serve_udp(self, *,
+    async def _serve_udp(self, pool: FakeIPPool, dispatcher: Dispatcher, *,
                          task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """The transparent UDP gateway on tproxy-port; `self.udp.stats()` are
-        its counters. Sessions read the live router and config (reloads apply
-        to new sessions)."""
-        from appliance.gateway.udp import UdpGateway
-        from appliance.outbound.udp import UdpDialer
-
-        dialer = UdpDialer(lambda: (self.router, self.cfg))
-        self.udp = UdpGateway(self.cfg, self.pool, dialer.open)
+        """The transparent UDP gateway on tproxy-port; sessions are routed by
+        the live router (reloads apply to new sessions)."""
+        self.udp = UdpGateway(self.cfg, pool, dispatcher.open_udp)
         try:
             await self.udp.serve(task_status=task_status)
         except OSError as err:
             raise AppError(
                 f"tproxy-port {self.cfg.tproxy_port} (udp): cannot bind: {err}") from None
 
-    async def _serve_proxy_ports(self, *,
-                                 task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED
-                                 ) -> None:
+    async def _serve_proxy_ports(
+        self, pool: FakeIPPool, dispatcher: Dispatcher, *,
+        task_status: trio.TaskStatus[list[tuple[str, str, int]]] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
         """mixed-port / socks-port / port: SOCKS5 and HTTP proxy for clients
-        set up to use one, on LAN and loopback addresses only. TCP flows go
-        through `dial` (the live router) and share the gateway's registry
-        (/connections); UDP ASSOCIATE uses the shared UDP outbounds."""
-        from appliance.gateway import proxyport
-        from appliance.gateway.splice import FlowRegistry
-        from appliance.outbound.udp import UdpDialer
-
-        if self.gateway is None:
-            self.gateway = FlowRegistry()
-        udp = UdpDialer(lambda: (self.router, self.cfg))
+        set up to use one, on LAN and loopback addresses only. Flows go to
+        the dispatcher, TCP ones into the shared flow registry
+        (/connections)."""
         try:
-            await proxyport.serve(self.cfg, self.pool, self.dial, self.gateway, open_udp=udp.open,
-                                  task_status=task_status)
+            await proxyport.serve(self.cfg, pool, dispatcher.connect_tcp, self.flows,
+                                  open_udp=dispatcher.open_udp, task_status=task_status)
         except (OSError, proxyport.ProxyPortError) as err:
             raise AppError(f"proxy ports (mixed-port/socks-port/port): {err}") from None
 
-    async def dial(self, target: Any) -> Any:
-        """Route a captured flow by its rules and connect its outbound."""
-        # The transparent listener hands the addresses parsed (dst_addr/src_addr).
-        dst = getattr(target, "dst_addr", None)
-        src = getattr(target, "src_addr", None)
-        ctx = FlowContext(
-            domain=target.domain,
-            dst_ip=None if target.domain is not None else dst or ip_address(target.dst_ip),
-            dst_port=target.dst_port, src_ip=src or ip_address(target.src_ip), network="tcp")
-        outbound, by_name = self.router.decide(ctx)
-        target.outbound = outbound.name
-        stream = await outbound.connect_tcp(target.host, target.dst_port)
-        if by_name and self.offload is not None and dst is not None and target.domain:
-            self._offer_offload(outbound, target.domain, dst, stream)
-        return stream
-
-    def _offer_offload(self, outbound: Any, domain: str, fake: Any, stream: Any) -> None:
-        """A DIRECT flow to a fake IP, routed by its name alone: the kernel
-        can take the next ones (appliance/capture/offload.py)."""
-        if not isinstance(outbound, DirectOutbound) or not self.pool.is_fake(fake):
-            return
-        kept = outbound.dialer.sticky(domain)
-        if kept is None:
-            return  # TTL 0: every flow resolves again, nothing to pin down
-        real, until = kept
-        self.offload.offer(fake, domain, real, until - trio.current_time())
-
-    async def _serve_offload(self, *,
+    async def _serve_offload(self, pool: FakeIPPool, dispatcher: Dispatcher, *,
                              task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
                              ) -> None:
-        from appliance.capture.nftables import NftablesCapture
-        from appliance.capture.offload import DirectOffload
-
         if not isinstance(self.capture, NftablesCapture):
             # redirect: auto chose eBPF (the loader refuses offload with ebpf).
             log.warning("appliance.offload-direct: needs the nftables capture; the eBPF "
@@ -264,20 +234,21 @@ class Appliance:
             task_status.started()
             return
         cfg = self.cfg
-        self.offload = DirectOffload(
-            self.pool, table=self.capture.table, lan=cfg.appliance.lan,
+        offload = self.offload = DirectOffload(
+            pool, table=self.capture.table, lan=cfg.appliance.lan,
             map6=cfg.ipv6 and cfg.dns.fake_ip_range6 is not None)
-        await self.offload.serve(task_status=task_status)
+        dispatcher.offload = offload
+        await offload.serve(task_status=task_status)
 
     async def _serve_capture(self, *,
-                             task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        from appliance.capture import backend
-
+                             task_status: trio.TaskStatus[object] = trio.TASK_STATUS_IGNORED
+                             ) -> None:
         listeners = self.tcp.listeners if self.tcp is not None else []
         try:
-            await backend.serve(self.cfg, task_status=task_status,
-                                tcp_listener=listeners[0].socket.fileno() if listeners else None)
-        except (OSError, backend.CaptureError) as err:
+            await capture_backend.serve(
+                self.cfg, task_status=task_status,
+                tcp_listener=listeners[0].socket.fileno() if listeners else None)
+        except (OSError, capture_backend.CaptureError) as err:
             raise AppError(f"capture rules: {err}") from None
 
     # -- signals and reload --------------------------------------------------
@@ -292,6 +263,7 @@ class Appliance:
                     await self.reload()
                 else:
                     log.info("%s: shutting down", signal.Signals(signum).name)
+                    systemd.notify("STOPPING=1")
                     scope.cancel()
                     return
 
@@ -329,19 +301,21 @@ class Appliance:
                 ("profile.store-fake-ip", old.store_fake_ip, new.store_fake_ip),
             ] if a != b
         ]
-        try:
-            self.build_router(new)
-        except AppError as err:
-            log.error("SIGHUP: %s; keeping the running configuration", err)
-            return
+        if self.dispatcher is not None and self.resolver is not None:
+            try:
+                router = build_router(new, self.resolver.resolve_ips)
+            except AppError as err:
+                log.error("SIGHUP: %s; keeping the running configuration", err)
+                return
+            self.dispatcher.replace(router)
         if self.dns_handler is not None:
-            self.dns_handler.reconfigure(answer_dns(new))
+            self.dns_handler.reconfigure(dns_in_effect(new))
         if self.offload is not None:
             # The new rules may send an offloaded name elsewhere: the kernel
             # forgets them all; the next flow to each offers again.
             await self.offload.clear()
-        wanted = fake_ip_filter(new.dns)
-        dropped = self.pool.drop(lambda d: not wanted(d))
+        self._fake_ip_wanted = wanted = fake_ip_filter(new.dns)
+        dropped = self.pool.drop(lambda d: not wanted(d)) if self.pool is not None else 0
         logging.getLogger().setLevel(new.log_level.upper() if new.log_level != "silent"
                                      else logging.CRITICAL + 1)
         self.cfg = new
@@ -350,100 +324,13 @@ class Appliance:
                  "filter)%s", path, dropped,
                  f"; restart needed for: {', '.join(restart_keys)}" if restart_keys else "")
 
-    # -- what the control API reads -------------------------------------------
 
-    def status(self) -> dict[str, Any]:
-        cfg = self.cfg
-        return {
-            "version": __version__,
-            "pid": os.getpid(),
-            "uptime_seconds": round(time.monotonic() - self.started_at, 3),
-            "config": str(cfg.source) if cfg.source else None,
-            "reloads": self.reloads,
-            "redirect": cfg.appliance.redirect,
-            "lan": list(cfg.appliance.lan),
-            "dns_listen": str(cfg.dns.listen),
-            "tproxy_port": cfg.tproxy_port,
-            "mixed_port": cfg.mixed_port,
-            "socks_port": cfg.socks_port,
-            "http_port": cfg.http_port,
-            "counters": {k: dict(v) for k, v in self.counters().items()},
-            "clients": self.capture_clients(),
-        }
-
-    def counters(self) -> Mapping[str, Mapping[str, int | float]]:
-        out: dict[str, Mapping[str, int | float]] = {}
-        if self.pool is not None:
-            out["fakeip"] = self.pool.stats()
-        if self.dns_handler is not None:
-            out["dns"] = self.dns_handler.stats()
-        if self.gateway is not None:
-            out["gateway"] = self.gateway.stats()
-        if self.udp is not None:
-            out["udp"] = self.udp.stats()
-        if self.capture is not None and hasattr(self.capture, "stats"):
-            out["capture"] = self.capture.stats()
-        if self.offload is not None:
-            out["offload"] = self.offload.stats()
-        return out
-
-    def series(self) -> Iterable[tuple[str, Mapping[str, str], int | float]]:
-        """Labelled metrics: per-client counters where the capture keeps
-        them (the eBPF backend counts LAN -> gateway traffic by source), and
-        each proxy's kept connections (preconnect)."""
-        for row in self.capture_clients():
-            labels = {"client": row["address"]}
-            for key in ("packets", "bytes", "captured_packets", "captured_bytes"):
-                yield f"mirage_capture_client_{key}_total", labels, row[key]
-        if self.router is not None:
-            # One family at a time: the exposition format wants each
-            # metric's samples together.
-            stats = {name: pool.stats() for name, pool in self.router.preconnects().items()}
-            for key in PRECONNECT_STATS:
-                for name, values in stats.items():
-                    yield f"mirage_preconnect_{key}", {"proxy": name}, values[key]
-
-    def capture_clients(self) -> list[dict[str, Any]]:
-        if self.capture is not None and hasattr(self.capture, "clients"):
-            rows: list[dict[str, Any]] = self.capture.clients()
-            return rows
-        return []
-
-    def mappings(self) -> Iterable[tuple[str, Any, int]]:
-        return list(self.pool.mappings()) if self.pool is not None else []
-
-    def connections(self) -> list[dict[str, Any]]:
-        flows = self.gateway.snapshot() if self.gateway is not None else []
-        if self.udp is not None:
-            flows += self.udp.snapshot()
-        return flows
-
-    async def resolve(self, name: str, qtype: str) -> dict[str, Any]:
-        """The real upstream answer for `name`, next to its fake-IP mapping."""
-        from appliance.api.server import answer_rows, rcode_name
-        from appliance.dns.upstream_api import UpstreamError
-
-        name = name.rstrip(".").lower()
-        result: dict[str, Any] = {
-            "name": name, "type": qtype,
-            "fake_ip": fake_ip_filter(self.cfg.dns)(name),
-            "mapping": {},
-        }
-        if self.pool is not None:
-            for family in (4, 6):
-                try:
-                    ip = self.pool.lookup(name, family)
-                except ValueError:
-                    ip = None
-                if ip is not None:
-                    result["mapping"][f"ipv{family}"] = str(ip)
-        try:
-            reply = await self.resolver.query(DNSRecord.question(name, qtype))
-        except UpstreamError as err:
-            result["upstream"] = {"error": str(err)}
-        else:
-            result["upstream"] = {"rcode": rcode_name(reply), "answers": answer_rows(reply)}
-        return result
+def build_router(cfg: Config, resolve: Resolve | None) -> Router:
+    """The outbounds and rules of `cfg`; AppError if they cannot be built."""
+    try:
+        return Router.from_config(cfg, resolve)
+    except ValueError as err:  # BuildError
+        raise AppError(f"proxies/rules: {err}") from None
 
 
 def fake_ip_filter(dns: DnsConfig) -> Callable[[str], bool]:
@@ -453,14 +340,10 @@ def fake_ip_filter(dns: DnsConfig) -> Callable[[str], bool]:
     return lambda name: wants_fake_ip(matcher, mode, name)
 
 
-def answer_dns(cfg: Config) -> DnsConfig:
-    """The DNS settings the handler and pool use: IPv6 fake IPs only when the
-    gateway carries IPv6 (`ipv6`, which also turns on the v6 capture rules)
-    *and* the DNS answers AAAA (`dns.ipv6`); otherwise a fake AAAA would point
-    at an address no rule captures."""
-    if cfg.ipv6 and cfg.dns.ipv6:
-        return cfg.dns
-    return replace(cfg.dns, fake_ip_range6=None)
+def dns_in_effect(cfg: Config) -> DnsConfig:
+    """`cfg.dns` with the IPv6 fake range in effect (`Config.fake_range6`,
+    where that is decided), which is the one the DNS handler reads."""
+    return replace(cfg.dns, fake_ip_range6=cfg.fake_range6)
 
 
 # The cyclic GC's generation thresholds once running (CPython's default:
@@ -481,12 +364,27 @@ def _tune_gc() -> None:
     gc.set_threshold(*GC_THRESHOLDS)
 
 
+def _drop_privileges(cfg: Config) -> None:
+    """Once set up, keep only the capabilities running needs
+    (appliance/privileges.py says which and why)."""
+    ebpf = cfg.appliance.redirect in ("ebpf", "auto") and bool(cfg.appliance.lan)
+    try:
+        dropped = privileges.drop_to_runtime(ebpf=ebpf)
+    except OSError as err:
+        log.warning("could not drop capabilities (%s); running with those it started with", err)
+        return
+    if dropped:
+        log.info("capabilities dropped now that setup is done: %s", ", ".join(dropped))
+
+
 async def run_appliance(cfg: Config) -> None:
-    """Entry point for `mirage run`: serve until SIGINT/SIGTERM. The
-    collector is tuned once every service is up (`_tune_gc`): this process
-    is Mirage's alone (tests that run an Appliance in theirs leave it be)."""
+    """Entry point for `mirage run`: serve until SIGINT/SIGTERM. Once every
+    service is up, the collector is tuned (`_tune_gc`) and the capabilities
+    only setup needed are dropped (`_drop_privileges`): this process is
+    Mirage's alone (tests that run an Appliance in theirs leave it be)."""
     app = Appliance(cfg)
     async with trio.open_nursery() as nursery:
         await nursery.start(app.serve)
         _tune_gc()
+        _drop_privileges(cfg)
 

@@ -17,6 +17,10 @@ import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the model is imported only when a command loads a config
+    from appliance.config.model import Config
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -25,7 +29,7 @@ EXIT_CONFIG = 2
 DEFAULT_CONFIG = Path("/etc/mirage/config.yaml")
 
 
-def _load(path: Path):  # -> Config; typed lazily to keep imports light
+def _load(path: Path) -> Config:
     from appliance.config import ConfigError, load_config
 
     try:

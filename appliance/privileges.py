@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import errno
 import os
 from collections.abc import Iterable
 from typing import Final
@@ -135,8 +136,16 @@ def drop_to(keep: Iterable[int]) -> frozenset[int]:
     before = current()
     last = _last_cap()
     for cap in range(last + 1):
-        if cap not in keep and cap in before["bounding"]:
-            _check(libc.prctl(_PR_CAPBSET_DROP, cap, 0, 0, 0), f"PR_CAPBSET_DROP {cap}")
+        if cap in keep or cap not in before["bounding"]:
+            continue
+        if libc.prctl(_PR_CAPBSET_DROP, cap, 0, 0, 0) != 0:
+            # EPERM: no CAP_SETPCAP (a systemd unit that bounds the set
+            # already). The permitted set below is what counts: with it gone
+            # and no execve of a privileged file (the unit has
+            # NoNewPrivileges), a capability cannot come back.
+            if ctypes.get_errno() != errno.EPERM:
+                _check(-1, f"PR_CAPBSET_DROP {cap}")
+            break
     # Ambient capabilities are inherited across execve; none is wanted
     # (Mirage runs no helper that needs one). EINVAL: kernel without them.
     libc.prctl(_PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0)

@@ -6,52 +6,35 @@ Clash dashboards and TUIs speak to `external-controller` with the bearer
 own endpoints live under `/mirage/` (status, mappings, resolve) and feed the
 `mirage status | mappings | resolve` commands. `/metrics` is Prometheus text.
 
-The API reads the appliance through the `ApplianceView` protocol, so it never
-holds a reference to internals it could mutate by accident.
+The API reads the running services through the `Sources` it is started
+with (appliance/api/views.py, which makes every document about them); it
+never changes them.
 """
 
 from __future__ import annotations
 
 import hmac
 import time
-from collections.abc import Iterable, Mapping
-from typing import Any, Protocol
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import trio
-from dnslib import QTYPE, RCODE, DNSRecord
+from dnslib import QTYPE
 
 from appliance import __version__
+from appliance.api import views
 from appliance.api.http import Request, Response, serve_http
-from appliance.config.model import Config
-
-
-class ApplianceView(Protocol):
-    """What the control API reads. Implemented by `appliance.app.Appliance`."""
-
-    cfg: Config
-    started_at: float
-
-    def status(self) -> dict[str, Any]: ...
-
-    def counters(self) -> Mapping[str, Mapping[str, int | float]]: ...
-
-    def series(self) -> Iterable[tuple[str, Mapping[str, str], int | float]]: ...
-
-    def mappings(self) -> Iterable[tuple[str, Any, int]]: ...
-
-    def connections(self) -> list[dict[str, Any]]: ...
-
-    async def resolve(self, name: str, qtype: str) -> dict[str, Any]: ...
+from appliance.api.views import Sources
 
 
 class ControlApi:
-    """Routes requests to handlers; owns nothing but the view it reads."""
+    """Routes requests to handlers; owns nothing, reads `sources`."""
 
-    def __init__(self, view: ApplianceView) -> None:
-        self.view = view
+    def __init__(self, sources: Sources) -> None:
+        self.sources = sources
 
     def authorized(self, request: Request) -> bool:
-        secret = self.view.cfg.secret
+        secret = self.sources.cfg.secret
         if not secret:
             return True
         given = request.headers.get("authorization", "")
@@ -77,7 +60,7 @@ class ControlApi:
         return Response.json({"version": f"mirage-{__version__}", "meta": False, "premium": False})
 
     async def configs(self, request: Request) -> Response:
-        cfg = self.view.cfg
+        cfg = self.sources.cfg
         return Response.json({
             "port": 0, "socks-port": 0, "redir-port": 0,
             "mixed-port": cfg.mixed_port or 0,
@@ -87,7 +70,7 @@ class ControlApi:
         })
 
     async def proxies(self, request: Request) -> Response:
-        cfg = self.view.cfg
+        cfg = self.sources.cfg
         out: dict[str, Any] = {
             "DIRECT": {"name": "DIRECT", "type": "Direct", "udp": True, "history": []},
             "REJECT": {"name": "REJECT", "type": "Reject", "udp": True, "history": []},
@@ -102,11 +85,11 @@ class ControlApi:
 
     async def rules(self, request: Request) -> Response:
         return Response.json({"rules": [
-            {"type": r.type, "payload": r.value, "proxy": r.target} for r in self.view.cfg.rules
+            {"type": r.type, "payload": r.value, "proxy": r.target} for r in self.sources.cfg.rules
         ]})
 
     async def connections(self, request: Request) -> Response:
-        conns = self.view.connections()
+        conns = views.connections(self.sources)
         return Response.json({
             "downloadTotal": sum(c.get("download", 0) for c in conns),
             "uploadTotal": sum(c.get("upload", 0) for c in conns),
@@ -114,11 +97,10 @@ class ControlApi:
         })
 
     async def status(self, request: Request) -> Response:
-        return Response.json(self.view.status())
+        return Response.json(views.status(self.sources))
 
     async def mappings_endpoint(self, request: Request) -> Response:
-        rows = [{"domain": d, "ip": str(ip), "pins": pins} for d, ip, pins in self.view.mappings()]
-        return Response.json({"mappings": rows})
+        return Response.json({"mappings": views.mappings(self.sources)})
 
     async def resolve(self, request: Request) -> Response:
         name = request.query.get("name", "").strip()
@@ -127,16 +109,16 @@ class ControlApi:
             return Response.error(400, "query parameter `name` is required (a domain name)")
         if qtype not in QTYPE.reverse:
             return Response.error(400, f"unknown query type: {qtype}")
-        return Response.json(await self.view.resolve(name, qtype))
+        return Response.json(await views.resolve(self.sources, name, qtype))
 
     async def metrics(self, request: Request) -> Response:
-        return Response(200, render_metrics(self.view).encode(),
+        return Response(200, render_metrics(self.sources).encode(),
                         "text/plain; version=0.0.4; charset=utf-8")
 
 
 _CLASH_TYPE = {"socks5": "Socks5", "http": "Http", "ss": "Shadowsocks", "trojan": "Trojan"}
 
-_ROUTES = {
+_ROUTES: dict[str, Callable[[ControlApi, Request], Awaitable[Response]]] = {
     "/": ControlApi.root,
     "/version": ControlApi.version,
     "/configs": ControlApi.configs,
@@ -150,7 +132,7 @@ _ROUTES = {
 }
 
 
-def render_metrics(view: ApplianceView) -> str:
+def render_metrics(sources: Sources) -> str:
     """Prometheus text exposition: one gauge/counter per component counter,
     then the labelled series (per-client counters of the eBPF capture).
 
@@ -158,16 +140,16 @@ def render_metrics(view: ApplianceView) -> str:
     `_total` are typed counter, the rest gauge.
     """
     lines = []
-    uptime = time.monotonic() - view.started_at
+    uptime = time.monotonic() - sources.started_at
     lines += ["# TYPE mirage_uptime_seconds gauge", f"mirage_uptime_seconds {uptime:.3f}"]
-    for component, values in sorted(view.counters().items()):
+    for component, values in sorted(views.counters(sources).items()):
         for key, value in sorted(values.items()):
             metric = f"mirage_{component}_{key}".replace("-", "_").replace(".", "_")
             kind = "counter" if key.endswith("_total") else "gauge"
             lines.append(f"# TYPE {metric} {kind}")
             lines.append(f"{metric} {value}")
     typed: set[str] = set()
-    for metric, labels, value in view.series():
+    for metric, labels, value in views.series(sources):
         if metric not in typed:
             typed.add(metric)
             kind = "counter" if metric.endswith("_total") else "gauge"
@@ -181,22 +163,9 @@ def _escape_label(value: str) -> str:
     return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
 
 
-def answer_rows(reply: DNSRecord) -> list[dict[str, Any]]:
-    """Resource records of a reply's answer section as plain dicts."""
-    return [
-        {"name": str(rr.rname).rstrip("."), "type": QTYPE.get(rr.rtype), "ttl": rr.ttl,
-         "data": str(rr.rdata)}
-        for rr in reply.rr
-    ]
-
-
-def rcode_name(reply: DNSRecord) -> str:
-    return str(RCODE.get(reply.header.rcode))
-
-
-async def serve(view: ApplianceView, host: str, port: int, *,
+async def serve(sources: Sources, host: str, port: int, *,
                 task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED
                 ) -> None:
-    """Serve the control API for `view` on host:port until cancelled; started
-    with the bound listeners."""
-    await serve_http(host, port, ControlApi(view).handle, task_status=task_status)
+    """Serve the control API over `sources` on host:port until cancelled;
+    started with the bound listeners."""
+    await serve_http(host, port, ControlApi(sources).handle, task_status=task_status)

@@ -25,10 +25,20 @@ The chain follows mihomo's `dns/middleware.go`: hosts -> fake IP -> resolver.
   asks for them and gets the fake IP. Replies to A/AAAA questions (filtered
   names) pass unchanged, CNAME chains included.
 
+Negative answers made here (NODATA for a hosts name without an address of
+the family, AAAA with IPv6 off or without `fake-ip-range6`; NXDOMAIN for the
+PTR of an unmapped fake IP) carry an SOA in the authority section with a
+TTL of `wire.NEGATIVE_TTL`, so clients can cache them (RFC 2308).
+
 Failure handling lives in exactly one place, `DnsHandler._guard`: input that
 does not parse gets FORMERR (nothing at all when not even a header can be
 read, or when it is a response), and an exception anywhere else gets
-SERVFAIL with the exception logged. `handle` and `finish` never raise.
+SERVFAIL. `handle` and `finish` never raise. Hostile input is cheap: a
+malformed name (a label over 63 bytes, a name over 255, a pointer loop) is
+caught by one walk over the bytes (`wire.malformed`) before dnslib sees it,
+and none of it is logged per packet: `ProblemLog` counts queries by reason
+and writes one line per interval (the first traceback of a handler crash in
+an interval is kept, the others counted).
 
 A/AAAA queries of the common shape skip dnslib entirely (wire.py): the
 answers are the same bytes either way (tests/unit/test_dns_handler.py).
@@ -43,7 +53,19 @@ import time
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
-from dnslib import AAAA, EDNS0, PTR, RD, RR, A, DNSBuffer, DNSHeader, DNSQuestion, DNSRecord
+from dnslib import (
+    AAAA,
+    EDNS0,
+    PTR,
+    RD,
+    RR,
+    A,
+    DNSBuffer,
+    DNSHeader,
+    DNSLabel,
+    DNSQuestion,
+    DNSRecord,
+)
 
 from appliance.config.model import FAKE_IP_TTL, DnsConfig, IPAddress
 from appliance.dns import wire
@@ -62,6 +84,7 @@ from appliance.dns.wire import (
     TYPE_HTTPS,
     TYPE_OPT,
     TYPE_PTR,
+    TYPE_SOA,
     TYPE_SVCB,
 )
 from appliance.fakeip.pool import FakeIPPool, PoolExhausted
@@ -74,6 +97,9 @@ HOSTS_TTL = 10
 # At most one "pool exhausted" line per this many seconds (the condition can
 # hit every query for a while; the count of the silenced ones is logged).
 EXHAUSTED_LOG_INTERVAL = 10.0
+# At most one line about malformed queries and handler crashes per this many
+# seconds: a hostile client can send thousands a second.
+PROBLEM_LOG_INTERVAL = 10.0
 
 _F_AD = 0x0020
 _RCODE_BADVERS = 16  # RFC 6891 9: extended RCODE, upper 8 bits go in the OPT TTL
@@ -81,6 +107,59 @@ _RCODE_BADVERS = 16  # RFC 6891 9: extended RCODE, upper 8 bits go in the OPT TT
 # (rcode, packed addresses, TTL) of an A/AAAA answer made here.
 Local = tuple[int, Sequence[bytes], int]
 _Arg = TypeVar("_Arg")
+
+
+class ProblemLog:
+    """Counts of queries answered FORMERR/SERVFAIL (or dropped) for a reason,
+    written as one log line per `interval`, never a line per packet.
+
+    `note` counts; the first note after a quiet interval is reported at once,
+    later ones wait for `report` (the DNS service calls it every interval) or
+    for the next note after the interval. A handler crash also keeps its
+    traceback: the first one of each interval is logged with it, the rest
+    are counted. Owns nothing but counters; `clock` is injectable for tests.
+    """
+
+    def __init__(
+        self, interval: float = PROBLEM_LOG_INTERVAL, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.interval = interval
+        self._clock = clock
+        self._counts: dict[str, int] = {}
+        self._since = clock()
+        self._reported_at = -interval - 1.0  # the first note reports at once
+        self._traceback_at = -interval - 1.0
+        self.total = 0
+
+    def note(self, reason: str) -> None:
+        self._counts[reason] = self._counts.get(reason, 0) + 1
+        self.total += 1
+        if self._clock() - self._reported_at >= self.interval:
+            self.report()
+
+    def crash(self, reason: str, data: bytes) -> None:
+        """A bug met on query `data` (reason: "handler crash", "upstream
+        raised"): counted; logged with its traceback (call from the `except`
+        block) only if no traceback was logged this interval."""
+        now = self._clock()
+        if now - self._traceback_at >= self.interval:
+            self._traceback_at = now
+            log.exception("DNS %s on query %s (SERVFAIL)", reason, data[:64].hex())
+        self.note(reason)
+
+    def report(self, force: bool = False) -> None:
+        """Write the counts gathered since the last line, if an interval has
+        passed (or `force`) and there are any."""
+        now = self._clock()
+        if not self._counts or (not force and now - self._reported_at < self.interval):
+            return
+        counts = ", ".join(f"{reason}: {n}" for reason, n in sorted(self._counts.items()))
+        log.warning(
+            "DNS: %d queries not answered normally in the last %.0f s: %s",
+            sum(self._counts.values()), max(now - self._since, 0.0), counts,
+        )
+        self._counts = {}
+        self._since = self._reported_at = now
 
 
 class UpstreamQuery:
@@ -110,6 +189,16 @@ class UpstreamQuery:
         self._opt = opt
         self._strip = strip
         self.request = request
+
+    @property
+    def data(self) -> bytes:
+        """The client's query as received."""
+        return self._data
+
+    @property
+    def problems(self) -> ProblemLog:
+        """Where the service counts what went wrong with this query."""
+        return self._handler.problems
 
     def finish(self, reply: DNSRecord | None) -> bytes:
         result = self._handler._guard(self._data, self._finish, reply)
@@ -172,9 +261,17 @@ class DnsHandler:
     every query through dnslib (the tests compare both paths).
     """
 
-    def __init__(self, dns: DnsConfig, pool: FakeIPPool, *, fast_path: bool = True) -> None:
+    def __init__(
+        self,
+        dns: DnsConfig,
+        pool: FakeIPPool,
+        *,
+        fast_path: bool = True,
+        problems: ProblemLog | None = None,
+    ) -> None:
         self._pool = pool
         self._fast = fast_path
+        self.problems = problems if problems is not None else ProblemLog()
         self.queries = 0
         self.fake_answers = 0
         self.local_answers = 0
@@ -239,7 +336,7 @@ class DnsHandler:
         try:
             result = step(arg)
         except Exception:
-            log.exception("DNS handler failed on query %s", data[:64].hex())
+            self.problems.crash("handler crash", data)
             result = wire.error_reply(data, RCODE_SERVFAIL)
         if isinstance(result, bytes) and len(result) >= 4:
             rcode = result[3] & 0xF
@@ -255,8 +352,13 @@ class DnsHandler:
             if q is not None and q.qclass == CLASS_IN and q.qtype in (TYPE_A, TYPE_AAAA):
                 local = self._address(q.qname, q.qtype)
                 if local is not None:
-                    return wire.pack_reply(q, *local)
+                    rcode, rdatas, ttl = local
+                    return wire.pack_reply(q, rcode, rdatas, ttl, _negative(rcode, rdatas))
         return self._general(data)
+
+    def report_problems(self, force: bool = False) -> None:
+        """Log the malformed/crashed query counts due (see ProblemLog.report)."""
+        self.problems.report(force)
 
     # -- decisions shared by both paths ---------------------------------------
 
@@ -278,20 +380,21 @@ class DnsHandler:
             return RCODE_NOERROR, (), 0
         try:
             ip = self._pool.allocate(name, 4 if qtype == TYPE_A else 6)
-        except PoolExhausted:
-            self._log_exhausted(name)
+        except PoolExhausted as exc:
+            self._log_exhausted(name, exc)
             return RCODE_SERVFAIL, (), 0
         self.fake_answers += 1
         return RCODE_NOERROR, (ip.packed,), FAKE_IP_TTL
 
-    def _log_exhausted(self, name: str) -> None:
+    def _log_exhausted(self, name: str, exc: PoolExhausted) -> None:
         now = time.monotonic()
         if now - self._exhausted_logged_at < EXHAUSTED_LOG_INTERVAL:
             self._exhausted_silenced += 1
             return
         more = f" ({self._exhausted_silenced} more since the last report)"
         log.error(
-            "fake-IP pool exhausted (every address pinned by a live flow): SERVFAIL for %s%s",
+            "fake-IP pool exhausted (%s): SERVFAIL for %s%s",
+            exc,
             name,
             more if self._exhausted_silenced else "",
         )
@@ -318,12 +421,18 @@ class DnsHandler:
     # -- the general path (dnslib) ---------------------------------------------
 
     def _general(self, data: bytes) -> bytes | UpstreamQuery:
-        try:
-            query = DNSRecord.parse(data)
-        except Exception:
-            # dnslib raises DNSError, but hostile bytes also reach struct,
-            # index and Unicode errors inside it: all of them mean FORMERR.
-            return wire.error_reply(data, RCODE_FORMERR)
+        why = wire.malformed(data)
+        if why is None:
+            try:
+                query = DNSRecord.parse(data)
+            except Exception:
+                # dnslib raises DNSError, but hostile bytes also reach struct,
+                # index and Unicode errors inside it: all of them mean FORMERR.
+                why = "unparsable"
+        if why is not None:
+            reply = wire.error_reply(data, RCODE_FORMERR)
+            self.problems.note(why if reply else f"{why} (dropped)")
+            return reply
         header = query.header
         if header.qr:
             return b""
@@ -345,18 +454,19 @@ class DnsHandler:
                 rcode, rdatas, ttl = local
                 rdata_cls = A if q.qtype == TYPE_A else AAAA
                 answers = [_rr(q, q.qtype, ttl, rdata_cls(_ip_text(r))) for r in rdatas]
-                return _reply(query, opt, rcode, answers)
+                return _reply(query, opt, rcode, answers, auth=_soa(q, rcode, rdatas))
         elif q.qtype == TYPE_PTR:
             ptr = self._pointer(name)
             if ptr is not None:
                 rcode, target, ttl = ptr
                 answers = [] if target is None else [_rr(q, TYPE_PTR, ttl, PTR(target + "."))]
-                return _reply(query, opt, rcode, answers)
+                return _reply(query, opt, rcode, answers, auth=_soa(q, rcode, answers))
         elif q.qtype == TYPE_ANY and name and self.wants_fake_ip(name):
             local = self._address(name, TYPE_A)
             assert local is not None
             rcode, rdatas, ttl = local
-            return _reply(query, opt, rcode, [_rr(q, TYPE_A, ttl, A(_ip_text(r))) for r in rdatas])
+            answers = [_rr(q, TYPE_A, ttl, A(_ip_text(r))) for r in rdatas]
+            return _reply(query, opt, rcode, answers, auth=_soa(q, rcode, rdatas))
         return self._ask_upstream(data, query, opt, name)
 
     def _ask_upstream(
@@ -398,16 +508,42 @@ def _rr(q: DNSQuestion, rtype: int, ttl: int, rdata: RD) -> RR:
     return RR(rname=q.qname, rtype=rtype, rclass=q.qclass, ttl=ttl, rdata=rdata)
 
 
+def _negative(rcode: int, answers: Sequence[object]) -> bool:
+    """Is a local answer with `rcode` and `answers` NODATA or NXDOMAIN?"""
+    return rcode == RCODE_NXDOMAIN or (rcode == RCODE_NOERROR and not answers)
+
+
+def _soa(q: DNSQuestion, rcode: int, answers: Sequence[object]) -> list[RR]:
+    """The authority section of a local answer: our SOA when it is negative.
+
+    NODATA: owned by the question's name (the same label object, so it packs
+    as a pointer to offset 12, as wire.pack_reply does). NXDOMAIN (a PTR of
+    an unmapped fake IP): owned by the reverse tree's root, since the name
+    itself does not exist (RFC 2308 3)."""
+    if not _negative(rcode, answers):
+        return []
+    owner = q.qname
+    if rcode == RCODE_NXDOMAIN:
+        owner = DNSLabel(q.qname.label[-2:])
+    return [RR(rname=owner, rtype=TYPE_SOA, rclass=CLASS_IN, ttl=wire.NEGATIVE_TTL,
+               rdata=RD(wire.SOA_RDATA))]
+
+
 def _ip_text(packed: bytes) -> str:
     return str(ipaddress.ip_address(packed))
 
 
 def _reply(
-    query: DNSRecord, opt: RR | None, rcode: int, answers: Sequence[RR] = (), aa: bool = True
+    query: DNSRecord,
+    opt: RR | None,
+    rcode: int,
+    answers: Sequence[RR] = (),
+    aa: bool = True,
+    auth: Sequence[RR] = (),
 ) -> bytes:
     """Our reply to a parsed query (the dnslib twin of wire.pack_reply)."""
     header = DNSHeader(id=query.header.id, bitmap=wire.reply_flags(query.header.bitmap, rcode, aa))
-    out = DNSRecord(header, questions=list(query.questions), rr=list(answers))
+    out = DNSRecord(header, questions=list(query.questions), rr=list(answers), auth=list(auth))
     if opt is not None:
         reply_opt = _our_opt(_do(opt))
         reply_opt.ttl |= (rcode >> 4) << 24  # extended RCODE (BADVERS)

@@ -29,6 +29,9 @@ a bounded number of connections (extra ones are closed at once).
 Failure: bind errors (OSError) propagate before `started()`. After that,
 nothing a client sends ends the service: bad input is the handler's business
 (FORMERR/SERVFAIL), socket errors end one connection or drop one datagram.
+Nothing is logged per packet above debug level: malformed queries and
+crashes are counted by the handler's `ProblemLog`, which this service asks
+to report once per interval.
 """
 
 from __future__ import annotations
@@ -159,12 +162,22 @@ async def serve(
                     _tcp_accept_loop, listener, handler, upstream, limits, deadline,
                     tcp_idle_timeout, nursery,
                 )
+                nursery.start_soon(_report_problems, handler)
                 log.info("DNS service on %s (udp, tcp)%s", listen,
                          " transparent" if transparent else "")
                 task_status.started()
     finally:
         replies.close()
         udp.close()
+
+
+async def _report_problems(handler: DnsHandler) -> None:
+    """Write the handler's counts of malformed queries once per interval: the
+    handler only reports when a query arrives, so a burst's tail would
+    otherwise wait for the next bad packet."""
+    while True:
+        await trio.sleep(handler.problems.interval)
+        handler.report_problems()
 
 
 # -- upstream ---------------------------------------------------------------------
@@ -180,8 +193,9 @@ async def _resolve(uq: UpstreamQuery, upstream: Upstream, deadline: float) -> by
         except UpstreamError as err:
             log.debug("upstream failed for %s: %s", uq.request.q.qname, err)
         except Exception:
-            # A bug in the resolver must cost one query, not the service.
-            log.exception("upstream raised for %s", uq.request.q.qname)
+            # A bug in the resolver must cost one query, not the service (nor
+            # a traceback per query: the problem log keeps one per interval).
+            uq.problems.crash("upstream raised", uq.data)
     return uq.finish(reply)
 
 

@@ -31,6 +31,7 @@ from appliance.names import name_from_labels
 
 TYPE_A = 1
 TYPE_NS = 2
+TYPE_SOA = 6
 TYPE_PTR = 12
 TYPE_AAAA = 28
 TYPE_OPT = 41
@@ -52,6 +53,26 @@ EDNS_UDP_SIZE = 1232
 # A client without EDNS accepts at most this over UDP (RFC 1035 4.2.1).
 CLASSIC_UDP_SIZE = 512
 EDNS_DO = 0x8000
+
+# Negative answers Mirage makes itself (NODATA: hosts without an address of
+# the family, AAAA with IPv6 off or no fake-ip-range6; NXDOMAIN: PTR of an
+# unmapped fake IP) carry this SOA in the authority section, so clients may
+# cache them (RFC 2308 3, 5: the negative TTL is min(SOA TTL, SOA MINIMUM)).
+# Short: a SIGHUP that changes hosts or the IPv6 switch shows within 10 s.
+NEGATIVE_TTL = 10
+
+
+def _wire_name(text: str) -> bytes:
+    return b"".join(bytes([len(p)]) + p.encode() for p in text.split(".") if p) + b"\0"
+
+
+# MNAME, RNAME (RFC 2606 .invalid: nobody to ask), serial, refresh, retry,
+# expire, minimum. Raw bytes, never compressed, so both paths pack the same.
+SOA_RDATA = (
+    _wire_name("mirage.invalid")
+    + _wire_name("hostmaster.mirage.invalid")
+    + struct.pack("!IIIII", 1, 3600, 600, 86400, NEGATIVE_TTL)
+)
 
 _F_QR = 0x8000
 _F_OPCODE = 0x7800
@@ -150,19 +171,30 @@ def pack_reply(
     rcode: int = RCODE_NOERROR,
     rdatas: Sequence[bytes] = (),
     ttl: int = 0,
+    negative: bool = False,
 ) -> bytes:
     """Our reply to `q`: `rdatas` (packed addresses) as records of the question's
-    own type and class, all named by a pointer to the question."""
+    own type and class, all named by a pointer to the question; with
+    `negative` (a local NODATA) our SOA, owned by the question's name, in the
+    authority section."""
     parts = [
-        _HEADER.pack(q.qid, reply_flags(q.flags, rcode), 1, len(rdatas), 0, 1 if q.edns else 0),
+        _HEADER.pack(q.qid, reply_flags(q.flags, rcode), 1, len(rdatas), 1 if negative else 0,
+                     1 if q.edns else 0),
         q.question,
     ]
     for rdata in rdatas:
         parts.append(_ANSWER_PREFIX.pack(0xC00C, q.qtype, q.qclass, ttl, len(rdata)))
         parts.append(rdata)
+    if negative:
+        parts.append(_SOA_BY_POINTER)
     if q.edns:
         parts.append(opt_record(q.do))
     return b"".join(parts)
+
+
+_SOA_BY_POINTER = (
+    _ANSWER_PREFIX.pack(0xC00C, TYPE_SOA, CLASS_IN, NEGATIVE_TTL, len(SOA_RDATA)) + SOA_RDATA
+)
 
 
 def opt_record(do: bool) -> bytes:
@@ -186,6 +218,70 @@ def error_reply(data: bytes, rcode: int) -> bytes:
         return b""
     flags = reply_flags(flags, rcode, aa=False) | (flags & _F_OPCODE)
     return _HEADER.pack(qid, flags, 0, 0, 0, 0)
+
+
+def malformed(data: bytes) -> str | None:
+    """Why `data` is not a well-formed DNS message, or None when every name in
+    it is sound and every record fits.
+
+    The cheap gate in front of dnslib: it walks the header counts and every
+    name (following compression pointers) and reports the first of
+    "short header", "cut short", "label over 63", "name over 255",
+    "bad pointer" (one that does not point strictly backwards: loops end
+    here). dnslib accepts labels over 63 bytes and
+    names over 255 and only fails when the reply is packed, after the name
+    has been looked at (and given a fake IP); checked here first, such a
+    query costs one walk and gets FORMERR. Trailing bytes are not judged
+    (dnslib ignores them too). Never raises.
+    """
+    n = len(data)
+    if n < 12:
+        return "short header"
+    _qid, _flags, qd, an, ns, ar = _HEADER.unpack_from(data)
+    pos = 12
+    for index in range(qd + an + ns + ar):
+        pos, why = _walk_name(data, pos)
+        if why is not None:
+            return why
+        if index < qd:
+            pos += 4
+        else:
+            if pos + 10 > n:
+                return "cut short"
+            pos += 10 + int.from_bytes(data[pos + 8 : pos + 10])
+        if pos > n:
+            return "cut short"
+    return None
+
+
+def _walk_name(data: bytes, pos: int) -> tuple[int, str | None]:
+    """(offset just past the name at `pos`, None) or (_, reason) as in `malformed`."""
+    n = len(data)
+    end = -1  # where the name ends in the message (set at the first pointer)
+    floor = pos  # a pointer must jump below every label seen so far
+    total = 1  # wire length of the name: the root label
+    while True:
+        if pos >= n:
+            return pos, "cut short"
+        length = data[pos]
+        if length == 0:
+            return (pos + 1 if end < 0 else end), None
+        if length >= 0xC0:
+            if pos + 1 >= n:
+                return pos, "cut short"
+            target = ((length & 0x3F) << 8) | data[pos + 1]
+            if target >= floor:
+                return pos, "bad pointer"
+            if end < 0:
+                end = pos + 2
+            pos = floor = target
+            continue
+        if length > 63:  # 0x40-0xBF: what dnslib reads as a long label
+            return pos, "label over 63"
+        total += 1 + length
+        if total > 255:
+            return pos, "name over 255"
+        pos += 1 + length
 
 
 def _skip_name(data: bytes, pos: int) -> int:

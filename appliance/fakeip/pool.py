@@ -47,6 +47,29 @@ into a batch of `(family, address, domain | None, last_used)` rows, with
 `last_used` a counter that increases in pending order, so the store's
 `last_used` order is exactly the pool's LRU order as of the flush.
 
+Across restarts (docs/architecture.md, "Fake IPs across restarts"): with a
+`Ledger` (ledger.py) the pool never hands out an address that a client may
+still hold for another name while it has a safer one:
+
+* write-ahead: the allocation cursor only moves below a high-water mark
+  already on disk (`RESERVE_BLOCK` addresses, at most 1/64 of the range,
+  reserved per synchronous write), so after any restart the pool knows which
+  addresses were ever issued, to within that block;
+* quarantine: at start, the addresses that may sit in clients' caches under
+  a name the pool no longer knows are held back: with a store, the holes
+  (freed or filtered addresses), the unflushed tail of the cursor and, after
+  an unclean exit of a run that had used up the range, the `reuse_budget`
+  least recently used loaded mappings (the only ones a lost flush interval
+  can have recycled); without a store,
+  every address ever issued, least recently used first when the last run
+  ended cleanly. They are handed out only after never-issued and free
+  addresses (and, with a store, after loaded mappings unused since the
+  restart), and freely only once `quarantine` seconds have passed; one taken
+  earlier is counted (`quarantine_cut_short`) and logged;
+* with a store, at most `reuse_budget` mappings are recycled per completed
+  flush (beyond it `allocate` raises PoolExhausted until the flusher
+  catches up), which is what bounds the third kind above.
+
 Not thread-safe: call it from the trio thread only.
 """
 
@@ -55,9 +78,12 @@ from __future__ import annotations
 import collections
 import ipaddress
 import logging
+import time
 from array import array
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING
+
+from appliance.fakeip.ledger import RESERVE_BLOCK, FamilyLedger, Ledger, LedgerState
 
 if TYPE_CHECKING:
     from appliance.fakeip.store import Change, MappingStore, Row
@@ -71,6 +97,17 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 DEFAULT_MAX_MAPPINGS = 1 << 18
 # Offsets live in array('i') slots.
 _MAX_OFFSET = (1 << 31) - 1
+# How long after a restart a quarantined address is held back (while any
+# other is available). Clients are told TTL 1 but some cache far longer:
+# browsers about a minute, the JVM 30 s, stub caches that serve stale
+# answers (RFC 8767) longer still; ten minutes covers the common ones.
+DEFAULT_QUARANTINE = 600.0
+# Recycles of loaded/live mappings allowed between two completed store
+# flushes (store only): what an unclean exit can have lost, and therefore
+# what the next start quarantines from the head of the LRU order.
+DEFAULT_REUSE_BUDGET = 1024
+# At most one "quarantine cut short" line per this many seconds.
+_CUT_SHORT_LOG_INTERVAL = 10.0
 
 
 class PoolExhausted(Exception):
@@ -114,6 +151,10 @@ class _Family:
         "pending",
         "pins",
         "prv",
+        "q_pos",
+        "quarantine",
+        "reserved",
+        "stale",
         "version",
     )
 
@@ -137,6 +178,14 @@ class _Family:
         self.cursor = 1
         # Dirty offsets in order of last change/use (values unused).
         self.pending: dict[int, None] = {}
+        # The cursor may hand out offsets below this without a ledger write.
+        self.reserved = _MAX_OFFSET
+        # Held-back offsets, safest first; quarantine[q_pos:] are still held.
+        self.quarantine = array("i")
+        self.q_pos = 0
+        # Loaded mappings not used since the restart (kept only while there
+        # is a quarantine): safer to recycle than a quarantined address.
+        self.stale: set[int] = set()
 
     # -- LRU list ---------------------------------------------------------
 
@@ -202,6 +251,10 @@ class FakeIPPool:
         keep: Callable[[str], bool] | None = None,
         *,
         max_mappings: int = DEFAULT_MAX_MAPPINGS,
+        ledger: Ledger | None = None,
+        quarantine: float = DEFAULT_QUARANTINE,
+        reuse_budget: int = DEFAULT_REUSE_BUDGET,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if range4.version != 4:
             raise ValueError(f"fake-ip-range must be IPv4: {range4}")
@@ -224,8 +277,21 @@ class FakeIPPool:
         self._unbalanced_unpins = 0
         self._loaded = 0
         self._load_dropped = 0
+        self._ledger = ledger
+        self._clock_fn = clock
+        self._quarantine_until = clock() + quarantine
+        self._reuse_budget = reuse_budget
+        self._reuses = 0  # recycles of mapped addresses, ever
+        self._reuses_taken = 0  # ... as of the last take_pending
+        self._reuses_durable = 0  # ... as of the last completed store write
+        self._cut_short = 0
+        self._cut_short_logged_at = -_CUT_SHORT_LOG_INTERVAL
+        self._over_budget = 0
+        self._ledger_failures = 0
         if store is not None:
             self._load(store.load(), keep)
+        if ledger is not None:
+            self._open_ledger(ledger)
 
     # -- public API ---------------------------------------------------------
 
@@ -251,6 +317,8 @@ class FakeIPPool:
         elif off not in fam.pins:
             fam.unlink(off)
             fam.link_tail(off)
+            if fam.stale:
+                fam.stale.discard(off)
         if self._record:
             pending = fam.pending
             pending.pop(off, None)
@@ -300,6 +368,8 @@ class FakeIPPool:
         count = fam.pins.get(off, 0)
         if count == 0:
             fam.unlink(off)
+            if fam.stale:
+                fam.stale.discard(off)
         fam.pins[off] = count + 1
         self._mark(fam, off)
         return fam.names[off]
@@ -364,6 +434,10 @@ class FakeIPPool:
             "loaded": self._loaded,
             "load_dropped": self._load_dropped,
             "pending": self.pending_count(),
+            "quarantined": sum(len(f.quarantine) - f.q_pos for f in self._families),
+            "quarantine_cut_short": self._cut_short,
+            "reuse_over_budget": self._over_budget,
+            "ledger_failures": self._ledger_failures,
         }
 
     def mappings(self) -> Iterator[tuple[str, IPAddress, int]]:
@@ -421,7 +495,13 @@ class FakeIPPool:
                     clock += 1
             fam.pending = {}
         self._clock = clock
+        self._reuses_taken = self._reuses
         return batch
+
+    def flushed(self) -> None:
+        """The batch from the last `take_pending` is on disk: recycles up to
+        that point can no longer be lost (see `reuse_budget`)."""
+        self._reuses_durable = self._reuses_taken
 
     def requeue(self, batch: Iterable[Change]) -> None:
         """Put a batch whose write failed back, so the next flush retries it.
@@ -459,7 +539,109 @@ class FakeIPPool:
             except BaseException:
                 self.requeue(batch)
                 raise
+        self.flushed()
         return len(batch)
+
+    # -- the ledger -----------------------------------------------------------
+
+    @property
+    def ledger(self) -> Ledger | None:
+        return self._ledger
+
+    def ledger_state(self, clean: bool) -> LedgerState:
+        """What the ledger should say now; `clean` for the last write of a run
+        that ended with everything written. A clean store-less state also
+        lists every mapped address, least recently used first (pinned last),
+        so the next run reuses the oldest first."""
+        families: dict[int, FamilyLedger] = {}
+        for fam in self._families:
+            recent = None
+            if clean and self._store is None:
+                recent = []
+                off = fam.nxt[0]
+                while off:
+                    recent.append(off)
+                    off = fam.nxt[off]
+                recent.extend(fam.pins)
+            issued = fam.cursor if clean else min(fam.reserved, fam.capacity + 1)
+            families[fam.version] = FamilyLedger(str(fam.network), issued, recent)
+        return LedgerState(clean, families)
+
+    def _open_ledger(self, ledger: Ledger) -> None:
+        """Quarantine what the last run may have left in clients' caches and
+        reserve the first block (a synchronous write: before any answer)."""
+        prev = ledger.load()
+        unclean = prev is not None and not prev.clean
+        for fam in self._families:
+            entry = prev.families.get(fam.version) if prev is not None else None
+            if entry is not None and entry.range != str(fam.network):
+                entry = None  # another range: the old addresses are not ours
+            issued = min(entry.issued, fam.capacity + 1) if entry is not None else 0
+            # Addresses that held a name and hold none now (drops, filtered
+            # or range-limited rows): never hand them out as if fresh.
+            holes = [off for off in range(1, fam.cursor) if fam.names[off] is None]
+            held: list[int] = []
+            if self._store is None:
+                recent = [o for o in (entry.recent or ()) if 1 <= o < issued] if entry else []
+                seen = set(recent)
+                held = [o for o in range(1, issued) if o not in seen] + recent
+            else:
+                # The last run handed out fresh addresses first, then free
+                # ones (the holes), then recycled the LRU head: those it may
+                # have reissued after its last flush. Safest first is the
+                # reverse of that order.
+                head: list[int] = []
+                # Only a run whose cursor could reach the range's end has
+                # recycled anything (fresh addresses come first).
+                if entry is not None and unclean and entry.issued > fam.capacity:
+                    off = fam.nxt[0]
+                    while off and len(head) < self._reuse_budget:
+                        head.append(off)
+                        off = fam.nxt[off]
+                    for off in head:
+                        name = fam.names[off]
+                        assert name is not None
+                        self._unbind(fam, name, off)
+                tail = list(range(fam.cursor, issued))
+                held = head[::-1] + holes[::-1] + tail[::-1]
+            held_set = set(held)
+            fam.free = collections.deque(o for o in fam.free if o not in held_set)
+            fam.grow_to(max(issued, fam.cursor))
+            fam.cursor = len(fam.names)
+            fam.quarantine = array("i", held)
+            fam.q_pos = 0
+            if held:
+                fam.stale = set(fam.by_name.values())
+                log.info(
+                    "fake-IP pool: %d addresses of %s held back (possibly still in clients'"
+                    " caches under an old name)", len(held), fam.network,
+                )
+            fam.reserved = fam.cursor
+        for fam in self._families:
+            fam.reserved = min(fam.cursor + _block(fam), fam.capacity + 1)
+        # Before serving: a failure here is the caller's (it cannot start
+        # with a promise it cannot keep).
+        ledger.write(self.ledger_state(clean=False))
+
+    def _reserve(self, fam: _Family) -> bool:
+        """Move the family's high-water mark a block ahead, durably. False
+        (logged once per failure streak) when the ledger cannot be written."""
+        assert self._ledger is not None
+        old = fam.reserved
+        fam.reserved = min(fam.cursor + _block(fam), fam.capacity + 1)
+        try:
+            self._ledger.write(self.ledger_state(clean=False))
+        except OSError as err:
+            fam.reserved = old
+            self._ledger_failures += 1
+            if self._ledger_failures == 1:
+                log.warning("fake-IP ledger write failed (%s): no new addresses until it"
+                            " works again", err)
+            return False
+        if self._ledger_failures:
+            log.info("fake-IP ledger writes work again")
+            self._ledger_failures = 0
+        return True
 
     # -- internals ----------------------------------------------------------
 
@@ -484,6 +666,8 @@ class FakeIPPool:
         if off not in fam.pins:
             fam.unlink(off)
             fam.link_tail(off)
+            if fam.stale:
+                fam.stale.discard(off)
         if self._record:
             fam.pending.pop(off, None)
             fam.pending[off] = None
@@ -501,7 +685,10 @@ class FakeIPPool:
         self._mark(fam, off)
 
     def _new_offset(self, fam: _Family) -> int:
-        if fam.cursor <= fam.capacity:
+        """The address for a new mapping, safest first: never issued, free,
+        (a loaded mapping unused since the restart | quarantined, once its
+        time is up), quarantined early, the least recently used mapping."""
+        if fam.cursor <= fam.capacity and (fam.cursor < fam.reserved or self._reserve(fam)):
             off = fam.cursor
             fam.cursor += 1
             fam.names.append(None)
@@ -511,16 +698,51 @@ class FakeIPPool:
         if fam.free:
             return fam.free.popleft()
         victim = fam.nxt[0]
+        if fam.q_pos < len(fam.quarantine):
+            if self._clock_fn() >= self._quarantine_until:
+                fam.stale.clear()
+                return self._take_quarantined(fam)
+            if not (victim and victim in fam.stale):
+                self._cut_short += 1
+                self._log_cut_short(fam)
+                return self._take_quarantined(fam)
         if victim == 0:
             self._exhausted += 1
             raise PoolExhausted(
                 f"all {fam.capacity} fake IPs of {fam.network} are pinned by live flows"
             )
+        if self._store is not None and self._ledger is not None \
+                and self._reuses - self._reuses_durable >= self._reuse_budget:
+            self._over_budget += 1
+            raise PoolExhausted(
+                f"{self._reuse_budget} fake IPs of {fam.network} recycled since the store's"
+                " last completed flush: waiting for the store"
+            )
         name = fam.names[victim]
         assert name is not None
         self._unbind(fam, name, victim)
         self._recycled += 1
+        self._reuses += 1
         return victim
+
+    def _take_quarantined(self, fam: _Family) -> int:
+        off = fam.quarantine[fam.q_pos]
+        fam.q_pos += 1
+        if fam.q_pos == len(fam.quarantine):
+            fam.quarantine = array("i")
+            fam.q_pos = 0
+            fam.stale.clear()
+        return off
+
+    def _log_cut_short(self, fam: _Family) -> None:
+        now = self._clock_fn()
+        if now - self._cut_short_logged_at >= _CUT_SHORT_LOG_INTERVAL:
+            self._cut_short_logged_at = now
+            log.warning(
+                "fake-IP range %s has no never-issued address left: handing out addresses"
+                " issued before the restart early, oldest first (%d so far)",
+                fam.network, self._cut_short,
+            )
 
     def _load(self, rows: Iterable[Row], keep: Callable[[str], bool] | None) -> None:
         """Rebuild state from saved rows (any order): LRU order by last_used."""
@@ -574,6 +796,13 @@ class FakeIPPool:
                 self._loaded,
                 self._load_dropped,
             )
+
+
+def _block(fam: _Family) -> int:
+    """Addresses reserved per ledger write: `RESERVE_BLOCK`, but at most 1/64
+    of the range, so a crash over-reserves a small part of a small range
+    (a /28 writes the ledger before each new address, a /16 every 256)."""
+    return max(1, min(RESERVE_BLOCK, fam.capacity // 64))
 
 
 def _address(ip: IPAddress | str) -> IPAddress:

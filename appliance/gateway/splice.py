@@ -17,9 +17,11 @@ CAP_SYS_RESOURCE, new pipes are 8 KiB and cannot grow); bulk flows get a
 Other streams (TLS to a Trojan server, Shadowsocks cipher streams) use the
 copy loop throughout.
 
-Accounting: each direction reports the bytes it moved to a `Meter`; `Flow`
-is one (per-flow counters that also feed the `FlowRegistry` totals the
-metrics read). The registry of live flows is what the control API lists.
+Accounting: each direction reports the bytes it moved to a `Meter`;
+`FlowRecord` is one (a relayed flow's entry in the `FlowRegistry`: per-flow
+counters that also feed the registry's totals the metrics read; the flow
+itself, what routing saw and decided, is appliance/flow.py's `Flow`). The
+registry of live flows is what the control API lists.
 
 Failure model: an `OSError` or a broken/closed stream in one direction ends
 the flow (the result says which and why); the caller decides how to close the
@@ -383,7 +385,7 @@ async def abort(stream: trio.abc.Stream) -> None:
 
 
 @dataclass(eq=False)
-class Flow:
+class FlowRecord:
     """One live relayed flow, as the control API lists it. Also a `Meter`."""
 
     id: int
@@ -446,7 +448,7 @@ class FlowRegistry:
     )
 
     def __init__(self) -> None:
-        self._flows: dict[int, Flow] = {}
+        self._flows: dict[int, FlowRecord] = {}
         self._ids = itertools.count(1)
         self.opened = 0
         self.closed = 0
@@ -464,13 +466,13 @@ class FlowRegistry:
         src: tuple[str, int],
         dst: tuple[str, int],
         domain: str | None,
-    ) -> Flow:
-        flow = Flow(next(self._ids), network, src, dst, domain, registry=self)
+    ) -> FlowRecord:
+        flow = FlowRecord(next(self._ids), network, src, dst, domain, registry=self)
         self._flows[flow.id] = flow
         self.opened += 1
         return flow
 
-    def close(self, flow: Flow, result: SpliceResult | None = None) -> None:
+    def close(self, flow: FlowRecord, result: SpliceResult | None = None) -> None:
         if self._flows.pop(flow.id, None) is None:
             return
         self.closed += 1
@@ -482,13 +484,13 @@ class FlowRegistry:
             if result.zero_copy:
                 self.zero_copy += 1
 
-    def get(self, flow_id: int) -> Flow | None:
+    def get(self, flow_id: int) -> FlowRecord | None:
         return self._flows.get(flow_id)
 
     def __len__(self) -> int:
         return len(self._flows)
 
-    def __iter__(self) -> Iterator[Flow]:
+    def __iter__(self) -> Iterator[FlowRecord]:
         return iter(list(self._flows.values()))
 
     def snapshot(self) -> list[dict[str, Any]]:

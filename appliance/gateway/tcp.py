@@ -4,8 +4,9 @@ The capture (nft TPROXY or tc sk_assign) hands connections for fake IPs to a
 socket with IP_TRANSPARENT listening on `tproxy-port`; the accepted socket's
 *local* address is the destination the client asked for. For a fake IP the
 pool gives the domain back (pinned for the flow's lifetime, so recycling can
-never remap an address a live flow uses); `dial` routes the flow and connects
-its outbound; `splice` relays until the flow ends.
+never remap an address a live flow uses); `dial` (the dispatcher's
+`connect_tcp`, appliance/routing.py) routes the `Flow` and connects its
+outbound; `splice` relays until the flow ends.
 
 What it owns: the listening socket(s), each accepted connection, the
 outbound stream `dial` returned, and one pool pin per fake-IP flow; all are
@@ -24,12 +25,12 @@ import logging
 import os
 import socket
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from typing import Any, Protocol
 
 import trio
 
 from appliance.config.model import Config, IPAddress
+from appliance.flow import Flow
 from appliance.gateway.splice import FlowRegistry, SpliceResult, abort, close, splice
 from appliance.sockopt import IP_TRANSPARENT, IPV6_TRANSPARENT
 
@@ -43,34 +44,9 @@ _ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, e
 _ACCEPT_RETRY = 0.1
 
 
-@dataclass(eq=False)
-class FlowTarget:
-    """Where a captured flow wants to go, as `dial` sees it.
-
-    `domain` is the name behind a fake destination (None for a real IP).
-    Addresses are text (IPv4 as dotted quad even on a dual-stack socket);
-    `dst_addr`/`src_addr` are the same addresses parsed, when the listener
-    has them (so `dial` need not parse them again), else None.
-    `dial` may set `outbound` to the name of the outbound it chose; the flow
-    registry shows it.
-    """
-
-    domain: str | None
-    dst_ip: str
-    dst_port: int
-    src_ip: str
-    src_port: int
-    outbound: str = ""
-    dst_addr: IPAddress | None = None
-    src_addr: IPAddress | None = None
-
-    @property
-    def host(self) -> str:
-        """What to ask an outbound to connect to: the name when known."""
-        return self.domain if self.domain is not None else self.dst_ip
-
-
-Dial = Callable[[FlowTarget], Awaitable[trio.abc.Stream]]
+# Route a flow and connect its outbound (`Dispatcher.connect_tcp`): sets
+# `flow.outbound`; raises on failure.
+Dial = Callable[[Flow], Awaitable[trio.abc.Stream]]
 
 
 class FakeIPs(Protocol):
@@ -258,23 +234,23 @@ class TransparentTcp:
                     await abort(stream)
                     return
                 pinned = True
-            target = FlowTarget(domain, dst[0], dst[1], src[0], src[1],
-                                dst_addr=dst_addr, src_addr=src_addr)
-            await self._relay(stream, target)
+            flow = Flow("tcp", "tproxy", src_addr, src[1], dst_addr, dst[1], domain)
+            await self._relay(stream, flow, src, dst)
         finally:
             if pinned:
                 self.pool.unpin(dst_addr)
 
-    async def _relay(self, client: trio.SocketStream, target: FlowTarget) -> None:
+    async def _relay(self, client: trio.SocketStream, flow: Flow,
+                     src: tuple[str, int], dst: tuple[str, int]) -> None:
+        """`src`/`dst` are the flow's addresses as text (registry, logs)."""
         a = self.cfg.appliance
-        src = (target.src_ip, target.src_port)
-        flow = self.registry.open("tcp", src, (target.dst_ip, target.dst_port), target.domain)
-        where = f"{src[0]}:{src[1]} -> {target.host}:{target.dst_port}"
+        record = self.registry.open("tcp", src, dst, flow.domain)
+        where = f"{src[0]}:{src[1]} -> {flow.host}:{dst[1]}"
         result: SpliceResult | None = None
         try:
             try:
                 with trio.fail_after(a.connect_timeout):
-                    server = await self.dial(target)
+                    server = await self.dial(flow)
             except trio.TooSlowError:
                 why = f"no connection within {a.connect_timeout:g}s"
             except Exception as exc:  # dial is pluggable: any failure ends this flow only
@@ -287,15 +263,15 @@ class TransparentTcp:
                 log.warning(
                     "tcp %s: dial%s failed: %s; resetting the client",
                     where,
-                    f" via {target.outbound}" if target.outbound else "",
+                    f" via {flow.outbound}" if flow.outbound else "",
                     why,
                 )
                 await abort(client)
                 return
-            flow.outbound = target.outbound
-            log.debug("tcp %s: via %s", where, target.outbound or "?")
+            record.outbound = flow.outbound
+            log.debug("tcp %s: via %s", where, flow.outbound or "?")
             try:
-                result = await splice(client, server, idle_timeout=a.idle_timeout, meter=flow)
+                result = await splice(client, server, idle_timeout=a.idle_timeout, meter=record)
             finally:
                 if result is not None and result.reason == "error":
                     # Mirror the reset: both ends learn the flow broke.
@@ -313,7 +289,7 @@ class TransparentTcp:
                 result.down,
             )
         finally:
-            self.registry.close(flow, result)
+            self.registry.close(record, result)
             if result is None:
                 # Dial failed or cancelled: the client may still be open.
                 await client.aclose()

@@ -5,9 +5,10 @@ one transparent UDP socket on `tproxy-port` (IP_TRANSPARENT, and
 IP_RECVORIGDSTADDR / IPV6_RECVORIGDSTADDR so that each datagram comes with
 the address and port the client sent it to). Each (client address, original
 destination) is a *session*: the fake IP is turned back into its name (and
-pinned while the session lives, so recycling never remaps it), the rules pick
-an outbound (`open_peer`, normally `appliance.outbound.udp.UdpDialer.open`),
-and datagrams flow both ways until the session is idle for `udp-timeout`.
+pinned while the session lives, so recycling never remaps it), the session's
+`Flow` is routed and its outbound opened (`open_peer`, normally the
+dispatcher's `open_udp`, appliance/routing.py), and datagrams flow both ways
+until the session is idle for `udp-timeout`.
 
 Replies go back to the client *from the original destination* (the fake IP
 and port): a client's connected UDP socket accepts nothing else. They leave
@@ -41,6 +42,7 @@ and SOCKS5 control connection) and pool pins; all released in `finally`.
 from __future__ import annotations
 
 import errno
+import ipaddress
 import itertools
 import logging
 import resource
@@ -52,6 +54,7 @@ from typing import Any
 import trio
 
 from appliance.config.model import Config
+from appliance.flow import Flow
 from appliance.gateway.tcp import FakeIPs
 from appliance.gateway.udp_sessions import (
     MAX_UDP_PAYLOAD,
@@ -60,8 +63,7 @@ from appliance.gateway.udp_sessions import (
     client_address,
     idle_timeout,
 )
-from appliance.outbound.base import OutboundError
-from appliance.outbound.udp import UdpPeer
+from appliance.outbound.base import OutboundError, UdpPeer
 from appliance.proto.socks5 import Socks5Error, parse_udp
 from appliance.sockopt import (
     IP_ORIGDSTADDR,
@@ -88,41 +90,37 @@ RCVBUF = 4 << 20
 # Warn about unmapped fake IPs at most this often (then debug).
 WARN_INTERVAL = 1.0
 
-OpenPeer = Callable[["Session"], Awaitable[UdpPeer | None]]
+# Route a flow and open its outbound (`Dispatcher.open_udp`): sets
+# `flow.outbound` and `flow.skipped`; None means REJECT; raises on failure.
+OpenPeer = Callable[[Flow], Awaitable[UdpPeer | None]]
 
 
 class Session:
     """One (client address, original destination) pair and its state.
 
-    `state` is "opening", "open", "rejected" (REJECT: drop until idle) or
-    "failed" (the outbound did not open: drop for FAILED_HOLD). `sock` is
-    the peer's socket while open, else None; `pending` holds datagrams that
-    arrived while opening. `last` is the trio time of the last datagram
-    either way. Also what `open_peer` reads (the `UdpTarget` protocol of
-    appliance.outbound.udp).
+    `flow` is what routing sees and decides (appliance/flow.py); `client`
+    and `dst` are the addresses as the sockets use them (text). `state` is
+    "opening", "open", "rejected" (REJECT: drop until idle) or "failed" (the
+    outbound did not open: drop for FAILED_HOLD). `sock` is the peer's
+    socket while open, else None; `pending` holds datagrams that arrived
+    while opening. `last` is the trio time of the last datagram either way.
     """
 
     __slots__ = (
         "bytes_down",
         "bytes_up",
         "client",
-        "domain",
-        "dst_family",
-        "dst_ip",
-        "dst_port",
+        "dst",
+        "flow",
         "header",
         "id",
         "key",
         "last",
         "limit",
-        "outbound",
         "peer",
         "pending",
         "scope",
-        "skipped",
         "sock",
-        "src_ip",
-        "src_port",
         "started",
         "state",
         "timeout",
@@ -130,7 +128,7 @@ class Session:
 
     _ids = itertools.count(1)
 
-    def __init__(self, key: Any, client: tuple[str, int], dst: Destination, domain: str | None,
+    def __init__(self, key: Any, client: tuple[str, int], dst: Destination, flow: Flow,
                  now: float, timeout: float) -> None:
         self.id = next(Session._ids)
         self.started = time.time()
@@ -138,11 +136,8 @@ class Session:
         self.bytes_down = 0
         self.key = key
         self.client = client
-        self.src_ip, self.src_port = client
-        self.dst_family, self.dst_ip, self.dst_port = dst
-        self.domain = domain
-        self.outbound = ""
-        self.skipped = 0
+        self.dst = dst
+        self.flow = flow
         self.state = "opening"
         self.last = now
         self.timeout = timeout
@@ -153,13 +148,8 @@ class Session:
         self.pending: list[bytes] = []
         self.scope = trio.CancelScope()
 
-    @property
-    def host(self) -> str:
-        """What the outbound is asked to reach: the name when known."""
-        return self.domain if self.domain is not None else self.dst_ip
-
     def describe(self) -> str:
-        return f"{self.src_ip}:{self.src_port} -> {self.host}:{self.dst_port}"
+        return self.flow.describe()
 
 
 class ReplySockets:
@@ -271,15 +261,15 @@ class UdpGateway:
 
     def snapshot(self) -> list[dict[str, Any]]:
         """Live sessions for the API's connection list, in the TCP flows'
-        shape (appliance.gateway.splice.Flow.as_dict) plus `state` and
+        shape (appliance.gateway.splice.FlowRecord.as_dict) plus `state` and
         `idle` seconds. Ids are the UDP gateway's own."""
         now = trio.current_time()
         return [
             {"id": s.id, "network": "udp",
-             "src": f"{s.src_ip}:{s.src_port}", "dst": f"{s.dst_ip}:{s.dst_port}",
-             "src_ip": s.src_ip, "src_port": s.src_port,
-             "dst_ip": s.dst_ip, "dst_port": s.dst_port,
-             "domain": s.domain, "outbound": s.outbound, "started": s.started,
+             "src": f"{s.client[0]}:{s.client[1]}", "dst": f"{s.dst[1]}:{s.dst[2]}",
+             "src_ip": s.client[0], "src_port": s.client[1],
+             "dst_ip": s.dst[1], "dst_port": s.dst[2],
+             "domain": s.flow.domain, "outbound": s.flow.outbound, "started": s.started,
              "up": s.bytes_up, "down": s.bytes_down,
              "state": s.state, "idle": round(now - s.last, 3)}
             for s in self.table
@@ -386,7 +376,9 @@ class UdpGateway:
             # these; this holds whatever the capture is).
             self.counters.dropped_loop += 1
             return
-        session = Session(key, client, dst, domain, now, idle_timeout(dst[2], self.timeout))
+        flow = Flow("udp", "tproxy", ipaddress.ip_address(client[0]), client[1],
+                    ipaddress.ip_address(dst[1]), dst[2], domain)
+        session = Session(key, client, dst, flow, now, idle_timeout(dst[2], self.timeout))
         session.pending.append(data)
         evicted = self.table.add(key, session)
         if evicted is not None:
@@ -405,10 +397,10 @@ class UdpGateway:
         try:
             with s.scope:
                 try:
-                    reply = self.replies.acquire((s.dst_family, s.dst_ip, s.dst_port))
+                    reply = self.replies.acquire(s.dst)
                 except OSError as err:
-                    log.warning("udp %s: cannot reply from %s:%d: %s", s.describe(), s.dst_ip,
-                                s.dst_port, err)
+                    log.warning("udp %s: cannot reply from %s:%d: %s", s.describe(), s.dst[1],
+                                s.dst[2], err)
                     return
                 if not await self._open(s):
                     return
@@ -429,21 +421,22 @@ class UdpGateway:
             if s.state == "opening" or s.state == "open":
                 s.state = "closed"
             if reply is not None:
-                self.replies.release((s.dst_family, s.dst_ip, s.dst_port))
+                self.replies.release(s.dst)
             if s.peer is not None:
                 await s.peer.aclose()
-            if s.domain is not None:
-                self.pool.unpin(s.dst_ip)
+            if s.flow.domain is not None:
+                self.pool.unpin(s.dst[1])
 
     async def _open(self, s: Session) -> bool:
         """Open the session's outbound and send what waited; False when the
         session has nothing more to do (REJECT or failure, after holding)."""
         st = self.counters
+        flow = s.flow
         try:
             try:
-                peer = await self.open_peer(s)
+                peer = await self.open_peer(flow)
             finally:
-                st.skipped_no_udp += s.skipped
+                st.skipped_no_udp += flow.skipped
         except Exception as exc:  # open_peer is pluggable: any failure ends this session only
             why = exc.reason if isinstance(exc, OutboundError) else (
                 f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
@@ -452,20 +445,21 @@ class UdpGateway:
             s.pending = []
             s.state = "failed"
             log.warning("udp %s: outbound%s failed: %s; dropping for %gs", s.describe(),
-                        f" {s.outbound}" if s.outbound else "", why, FAILED_HOLD)
+                        f" {flow.outbound}" if flow.outbound else "", why, FAILED_HOLD)
             await trio.sleep(FAILED_HOLD)
             return False
         if peer is None:
             st.dropped_rejected += len(s.pending)
             s.pending = []
             s.state = "rejected"
-            s.outbound = s.outbound or "REJECT"
+            flow.outbound = flow.outbound or "REJECT"
             if log.isEnabledFor(logging.DEBUG):
-                log.debug("udp %s: rejected by %s", s.describe(), s.outbound)
+                log.debug("udp %s: rejected by %s", s.describe(), flow.outbound)
             await self._wait_idle(s)
             return False
         s.peer = peer
-        s.outbound = peer.outbound
+        # A group's member, which the flow list shows for UDP.
+        flow.outbound = peer.outbound
         s.header = peer.header
         s.limit = MAX_UDP_PAYLOAD - len(peer.header)
         pending, s.pending = s.pending, []

@@ -65,7 +65,7 @@ class UdpStats:
     captured), `send` (the kernel refused to send: full buffer,
     unreachable). `dial_failures` counts sessions whose outbound could not be
     opened, `skipped_no_udp` rules passed over because their target cannot
-    carry UDP (see appliance/outbound/udp.py).
+    carry UDP (see appliance/routing.py).
     """
 
     sessions: int = 0

@@ -183,5 +183,6 @@ class MirageRuns:
             for run in self.running:
                 run.stop()
         finally:
-            for f in (self.lab.state_dir / "mirage-state").glob("fakeip.sqlite3*"):
+            # The store and the ledger: the next run starts as a new appliance.
+            for f in (self.lab.state_dir / "mirage-state").glob("fakeip*"):
                 f.unlink()

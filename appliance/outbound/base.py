@@ -1,7 +1,11 @@
-"""What every outbound is, how it fails, and the marked TCP dialer they share.
+"""What every outbound is, how it fails, and the marked dialers they share.
 
 An outbound opens a TCP stream to `host:port` on behalf of one flow: directly
-(DIRECT), through a proxy (SOCKS5, HTTP CONNECT), or not at all (REJECT).
+(DIRECT), through a proxy (SOCKS5, HTTP CONNECT), or not at all (REJECT);
+where it carries UDP (`carries_udp`) it also opens a `UdpPeer` for one UDP
+flow (DIRECT, SOCKS5 with `udp: true`, REJECT: None, groups through their
+members). Each outbound says this itself: routing (appliance/routing.py)
+never asks what type an outbound is.
 The gateway splices the returned stream with the client's: when the result
 is a `trio.SocketStream` whose socket talks straight to the far end (DIRECT,
 and SOCKS5/plain-HTTP proxies after their handshake), both ends are plain
@@ -25,6 +29,7 @@ import os
 import socket
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import trio
@@ -32,7 +37,7 @@ import trio
 from appliance.config.model import IPAddress
 from appliance.dns.upstream_api import UpstreamError
 from appliance.outbound.preconnect import Preconnect
-from appliance.sockopt import start_marked_connect
+from appliance.sockopt import set_mark, start_marked_connect
 
 # RFC 8305 "Connection Attempt Delay": start the next address after 250 ms
 # unless the current attempt fails sooner.
@@ -54,6 +59,19 @@ class HandshakeClient(Protocol):
 Handshake = Callable[[trio.SocketStream, Any], Awaitable[trio.abc.Stream]]
 
 
+@dataclass(frozen=True)
+class OutboundEnv:
+    """What every outbound built from the config shares: the upstream
+    resolver's `resolve_ips` (None: names cannot be resolved), the
+    `routing-mark` its sockets carry, `appliance.connect-timeout` and
+    whether IPv6 destinations are used (`ipv6`)."""
+
+    resolve: Resolve | None
+    routing_mark: int | None
+    connect_timeout: float
+    ipv6: bool = False
+
+
 class OutboundError(Exception):
     """An outbound could not open the stream: refused, unreachable, timed out,
     proxy error reply, auth refused, or rejected by policy. `reason` is a
@@ -72,11 +90,97 @@ class Outbound(Protocol):
     name: str
     type: str
 
+    @property
+    def carries_udp(self) -> bool:
+        """Can this outbound carry a UDP flow now? (REJECT can: dropping is
+        its answer. A select group answers for its selected member.)"""
+        ...
+
     async def connect_tcp(self, host: str | IPAddress, port: int) -> trio.abc.Stream:
         """A stream to host:port (a name is passed on unresolved where the
         outbound can, e.g. SOCKS5 ATYP=3). Bounded by the outbound's connect
         timeout; raises OutboundError, never OSError or a protocol error."""
         ...
+
+    async def open_udp(self, host: str | IPAddress, port: int) -> UdpPeer | None:
+        """A peer for one UDP flow to host:port; None means drop its
+        datagrams (REJECT). No deadline of its own (the dispatcher sets
+        one); raises OutboundError (also when it does not carry UDP)."""
+        ...
+
+
+# A proxy that writes on the control connection of a UDP association is
+# misbehaving; read and ignore that much before giving up on it.
+_MAX_CONTROL_BYTES = 1 << 16
+
+
+class UdpPeer:
+    """One UDP flow's open way out.
+
+    `sock` is a non-blocking, connected stdlib UDP socket: the gateway sends
+    `header + payload` on it and reads replies from it (`socks` True: each
+    reply starts with a SOCKS5 UDP header to strip). `watch()` returns when
+    the peer is gone for good (the SOCKS5 control connection closed); for
+    DIRECT it never returns. `outbound` names the outbound that opened it
+    (a group's member, not the group). Owns `sock` and the control stream;
+    `aclose` releases both and may be called more than once.
+    """
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        outbound: str,
+        *,
+        header: bytes = b"",
+        control: trio.abc.Stream | None = None,
+        remote: str = "",
+    ) -> None:
+        self.sock = sock
+        self.outbound = outbound
+        self.header = header
+        self.socks = control is not None
+        self.control = control
+        # For logs: where datagrams go (peer address or proxy relay).
+        self.remote = remote
+
+    async def watch(self) -> None:
+        if self.control is None:
+            await trio.sleep_forever()
+            return
+        seen = 0
+        try:
+            while seen < _MAX_CONTROL_BYTES:
+                data = await self.control.receive_some(4096)
+                if not data:
+                    return
+                seen += len(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            return
+
+    async def aclose(self) -> None:
+        self.sock.close()
+        if self.control is not None:
+            control, self.control = self.control, None
+            await trio.aclose_forcefully(control)
+
+
+def udp_socket(family: int, mark: int | None) -> socket.socket:
+    """A non-blocking UDP socket carrying SO_MARK = `mark` (OSError if not)."""
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    try:
+        set_mark(sock, mark)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+async def no_udp(name: str) -> UdpPeer | None:
+    """`open_udp` of an outbound that does not carry UDP: routing skips
+    such outbounds, so this is reached only by asking one directly."""
+    await trio.lowlevel.checkpoint()
+    raise OutboundError(f"{name}: does not carry UDP")
 
 
 def as_ip(host: str | IPAddress) -> IPAddress | None:
@@ -282,6 +386,7 @@ class ProxyOutbound:
     connection through `_open_tunnel`."""
 
     type = ""
+    carries_udp = False
 
     def __init__(
         self,
@@ -310,6 +415,9 @@ class ProxyOutbound:
     async def connect_tcp(self, host: str | IPAddress, port: int) -> trio.abc.Stream:
         with outbound_deadline(self.connect_timeout, f"{self.name} {host}:{port}"):
             return await self._connect(host, port)
+
+    async def open_udp(self, host: str | IPAddress, port: int) -> UdpPeer | None:
+        return await no_udp(self.name)
 
     async def _connect(self, host: str | IPAddress, port: int) -> trio.abc.Stream:
         raise NotImplementedError

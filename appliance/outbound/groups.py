@@ -1,5 +1,9 @@
 """Proxy groups: `select` (the chosen member, first by default) and
-`fallback` (the first member that connects)."""
+`fallback` (the first member that connects).
+
+Both delegate TCP and UDP to their members: a select group carries UDP when
+its selected member does; a fallback group when any member does, and it
+tries only those members for a UDP flow."""
 
 from __future__ import annotations
 
@@ -8,7 +12,7 @@ from collections.abc import Sequence
 import trio
 
 from appliance.config.model import IPAddress
-from appliance.outbound.base import Outbound, OutboundError
+from appliance.outbound.base import Outbound, OutboundError, UdpPeer
 
 
 class SelectGroup:
@@ -33,8 +37,15 @@ class SelectGroup:
                 return
         raise KeyError(member)
 
+    @property
+    def carries_udp(self) -> bool:
+        return self.selected.carries_udp
+
     async def connect_tcp(self, host: str | IPAddress, port: int) -> trio.abc.Stream:
         return await self.selected.connect_tcp(host, port)
+
+    async def open_udp(self, host: str | IPAddress, port: int) -> UdpPeer | None:
+        return await self.selected.open_udp(host, port)
 
 
 class FallbackGroup:
@@ -82,3 +93,20 @@ class FallbackGroup:
             self._down_until.pop(member.name, None)
             return stream
         raise OutboundError(f"{self.name}: every member failed ({'; '.join(errors)})")
+
+    @property
+    def carries_udp(self) -> bool:
+        return any(m.carries_udp for m in self.members)
+
+    async def open_udp(self, host: str | IPAddress, port: int) -> UdpPeer | None:
+        """The first member that carries UDP and opens (members known to be
+        down last, as for TCP; UDP failures do not mark a member down)."""
+        errors: list[str] = []
+        for member in self.ordered():
+            if not member.carries_udp:
+                continue
+            try:
+                return await member.open_udp(host, port)
+            except OutboundError as e:
+                errors.append(f"{member.name}: {e.reason}")
+        raise OutboundError(f"{self.name}: no member opened UDP ({'; '.join(errors)})")

@@ -11,8 +11,9 @@ from typing import Any
 
 import trio
 
-from appliance.config.model import IPAddress
+from appliance.config.model import IPAddress, ProxyConfig
 from appliance.outbound.base import (
+    OutboundEnv,
     OutboundError,
     ProxyOutbound,
     ReplayStream,
@@ -45,7 +46,8 @@ class HttpOutbound(ProxyOutbound):
 
     Raises OutboundError on connect or TLS failure, a non-2xx answer (the
     text has the status; 407 = credentials missing or refused), or after
-    `connect_timeout` seconds for the whole exchange.
+    `connect_timeout` seconds for the whole exchange. Carries no UDP (HTTP
+    CONNECT is a TCP tunnel).
     """
 
     type = "Http"
@@ -68,6 +70,13 @@ class HttpOutbound(ProxyOutbound):
         self.tls = tls
         self.sni = sni
         self.ssl_context = make_ssl_context(skip_cert_verify, ca_file) if tls else None
+
+    @classmethod
+    def from_config(cls, p: ProxyConfig, env: OutboundEnv) -> HttpOutbound:
+        return cls(p.name, p.server, p.port, tls=p.tls, skip_cert_verify=p.skip_cert_verify,
+                   sni=p.sni, username=p.username, password=p.password,
+                   routing_mark=env.routing_mark, connect_timeout=env.connect_timeout,
+                   resolve=env.resolve, ipv6=env.ipv6, preconnect=p.preconnect)
 
     async def _connect(self, host: str | IPAddress, port: int) -> trio.abc.Stream:
         def new_client() -> HttpConnectClient:

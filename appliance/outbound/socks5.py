@@ -1,7 +1,15 @@
-"""SOCKS5 outbound: CONNECT through a SOCKS5 proxy, by name (ATYP=3).
+"""SOCKS5 outbound: CONNECT and UDP ASSOCIATE through a SOCKS5 proxy, by name.
 
-The target name goes to the proxy unresolved (RFC 3089 step 5): this is how a
-fake-IP flow reaches the right host even when local DNS lies.
+The target name goes to the proxy unresolved (ATYP=3, RFC 3089 step 5): this
+is how a fake-IP flow reaches the right host even when local DNS lies.
+
+UDP (only with `udp: true`): UDP ASSOCIATE (RFC 1928 section 7). The TCP
+control connection is held for the flow's life and the flow ends when the
+proxy closes it; each datagram carries the *name* (ATYP 3), so the proxy
+resolves it at the far end, as for CONNECT. Our UDP socket is bound before
+the request and its address is the one we announce; it is connected to the
+relay address the proxy answers (its own address when the reply says
+0.0.0.0), SO_MARK = routing-mark.
 """
 
 from __future__ import annotations
@@ -9,18 +17,24 @@ from __future__ import annotations
 import contextlib
 import socket
 from collections.abc import Callable
+from typing import Any
 
 import trio
 
-from appliance.config.model import IPAddress
+from appliance.config.model import IPAddress, ProxyConfig
 from appliance.outbound.base import (
+    OutboundEnv,
     OutboundError,
     ProxyOutbound,
     ReplayStream,
+    UdpPeer,
+    as_ip,
     handshake_receive,
     handshake_send,
+    no_udp,
+    udp_socket,
 )
-from appliance.proto.socks5 import Socks5Client, Socks5Error
+from appliance.proto.socks5 import CMD_UDP_ASSOCIATE, Socks5Client, Socks5Error, encode_udp
 
 # Greeting, auth and request need 3 round trips; a server that trickles its
 # replies byte by byte needs at most ~280 reads. Bound the loop anyway.
@@ -41,9 +55,67 @@ class Socks5Outbound(ProxyOutbound):
     Raises OutboundError on connect failure, an error reply (the text names
     the RFC 1928 reply), refused credentials, or after `connect_timeout`
     seconds for the whole exchange. Owns the socket until it returns it.
+    With `udp`, also carries UDP flows (UDP ASSOCIATE, see the module doc).
     """
 
     type = "Socks5"
+
+    def __init__(self, name: str, server: str, port: int, *, udp: bool = False,
+                 **common: Any) -> None:
+        super().__init__(name, server, port, **common)
+        self.carries_udp = udp
+
+    @classmethod
+    def from_config(cls, p: ProxyConfig, env: OutboundEnv) -> Socks5Outbound:
+        return cls(p.name, p.server, p.port, udp=p.udp, username=p.username,
+                   password=p.password, routing_mark=env.routing_mark,
+                   connect_timeout=env.connect_timeout, resolve=env.resolve, ipv6=env.ipv6,
+                   preconnect=p.preconnect)
+
+    async def open_udp(self, host: str | IPAddress, port: int) -> UdpPeer | None:
+        """UDP ASSOCIATE through the proxy (see the module doc). No deadline
+        of its own; closes what it opened on any failure."""
+        if not self.carries_udp:
+            return await no_udp(self.name)
+        stream = await self.dialer.dial(self.server, self.port)
+        sock: socket.socket | None = None
+        try:
+            local_ip = stream.socket.getsockname()[0]
+            proxy_ip = stream.socket.getpeername()[0]
+            sock = udp_socket(stream.socket.family, self.dialer.mark)
+            # Announce the address we will send from (RFC 1928: "the address
+            # and port that the client expects to use to send UDP
+            # datagrams"), so the proxy accepts exactly our datagrams.
+            sock.bind((local_ip, 0))
+            bound_port = sock.getsockname()[1]
+            try:
+                client = Socks5Client(local_ip, bound_port, username=self.username,
+                                      password=self.password, command=CMD_UDP_ASSOCIATE)
+                header = encode_udp(host, port, b"")
+            except Socks5Error as e:
+                raise OutboundError(f"{self.name}: UDP ASSOCIATE: {e}") from None
+            await socks5_handshake(stream, client, f"{self.name}: UDP ASSOCIATE")
+            assert client.reply is not None
+            # BND.ADDR 0.0.0.0 (or a name) means "the address you reached me at".
+            relay = as_ip(client.reply.host)
+            relay_host = proxy_ip if relay is None or relay.is_unspecified else str(relay)
+            relay_port = client.reply.port
+            if not 0 < relay_port <= 0xFFFF:
+                raise OutboundError(
+                    f"{self.name}: UDP ASSOCIATE answered relay port {relay_port}")
+            sock.connect((relay_host, relay_port))
+        except OSError as e:
+            if sock is not None:
+                sock.close()
+            await trio.aclose_forcefully(stream)
+            raise OutboundError(f"{self.name}: UDP ASSOCIATE: {e.strerror or e}") from None
+        except BaseException:
+            if sock is not None:
+                sock.close()
+            await trio.aclose_forcefully(stream)
+            raise
+        return UdpPeer(sock, self.name, header=header, control=stream,
+                       remote=f"{relay_host}:{relay_port}")
 
     async def _connect(self, host: str | IPAddress, port: int) -> trio.abc.Stream:
         def new_client() -> Socks5Client:
@@ -71,7 +143,7 @@ class Socks5Outbound(ProxyOutbound):
 async def socks5_handshake(stream: trio.abc.Stream, client: Socks5Client, name: str,
                            request_sent: Callable[[], None] | None = None) -> None:
     """Run `client` (greeting, optional auth, request) over `stream` until the
-    proxy's reply is in: CONNECT here, UDP ASSOCIATE in udp.py.
+    proxy's reply is in: CONNECT or UDP ASSOCIATE.
     `request_sent()` is called once the request is out (with the greeting
     when pipelined, else after the server's answers to greeting and auth),
     before waiting for the reply.

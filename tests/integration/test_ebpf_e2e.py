@@ -294,7 +294,10 @@ def test_ebpf_after_a_crash_replaces_the_leftover_filter(lab: Lab, runs: Runs) -
     second = runs.start("ebpf")
     assert len([f for f in tc_filters(lab) if "options" in f]) == 1
     assert sk_lookup_links(lab) == 1
-    assert dig(lab, "+short", "www.alpha.test") == fake
+    # The kill came before any flush: the name's old address may be held
+    # back (a client may still hold it), so only the range is certain.
+    again = dig(lab, "+short", "www.alpha.test")
+    assert FAKE.match(again) and FAKE.match(fake)
     assert curl(lab, "http://www.alpha.test/")[0] == 0
     assert second.stop() == 0
     assert tc_filters(lab) == []

@@ -20,13 +20,12 @@ import trio
 
 from appliance.config.model import ApplianceConfig, Config, IPAddress
 from appliance.fakeip.pool import FakeIPPool
+from appliance.flow import Flow
 from appliance.gateway.proxyport import BindAddress, Limits, ProxyPort, ProxyPorts
 from appliance.gateway.splice import FlowRegistry
-from appliance.gateway.tcp import FlowTarget
 from appliance.outbound.base import OutboundError
-from appliance.outbound.build import Router, build_outbounds
-from appliance.outbound.udp import UdpDialer
 from appliance.proto import socks5 as s5
+from appliance.routing import Dispatcher, Router
 
 
 @dataclass
@@ -38,7 +37,7 @@ class Origins:
     echo_port: int = 0
     heads: list[bytes] = field(default_factory=list)
     bodies: list[bytes] = field(default_factory=list)
-    targets: list[FlowTarget] = field(default_factory=list)
+    targets: list[Flow] = field(default_factory=list)
 
     async def http(self, stream: trio.SocketStream) -> None:
         buf = b""
@@ -71,7 +70,7 @@ class Origins:
         async for data in stream:
             await stream.send_all(data)
 
-    async def dial(self, target: FlowTarget) -> trio.abc.Stream:
+    async def dial(self, target: Flow) -> trio.abc.Stream:
         self.targets.append(target)
         target.outbound = "TEST"
         if target.host == "rejected.test":
@@ -210,7 +209,8 @@ async def test_socks5_connect_by_name(proxy: Running) -> None:
     stream = await socks(proxy.port, "WWW.Echo.Test.", 7)
     assert await echo_roundtrip(stream) == b"ping"
     (target,) = proxy.origins.targets
-    assert (target.domain, target.dst_port, target.src_ip) == ("www.echo.test", 7, "127.0.0.1")
+    assert (target.domain, target.dst_port, str(target.src)) == ("www.echo.test", 7, "127.0.0.1")
+    assert (target.network, target.inbound, target.dst) == ("tcp", "mixed", None)
     (flow,) = proxy.registry.snapshot()
     assert flow["domain"] == "www.echo.test" and flow["outbound"] == "TEST"
     assert flow["up"] >= 4
@@ -242,7 +242,8 @@ async def test_socks5_unmapped_fake_ip_is_host_unreachable(proxy: Running) -> No
 async def test_socks5_real_ip_is_dialled_as_an_ip(proxy: Running) -> None:
     stream = await socks(proxy.port, "127.0.0.1", 7)
     assert await echo_roundtrip(stream) == b"ping"
-    assert (proxy.origins.targets[0].domain, proxy.origins.targets[0].dst_ip) == (None, "127.0.0.1")
+    assert (proxy.origins.targets[0].domain, str(proxy.origins.targets[0].dst)) == (
+        None, "127.0.0.1")
     await stream.aclose()
 
 
@@ -327,7 +328,7 @@ async def test_http_absolute_uri_is_forwarded_in_origin_form(proxy: Running) -> 
     assert b"\r\nConnection: close" in head and b"Proxy-" not in head
     assert proxy.origins.bodies == [b"hello"]
     (target,) = proxy.origins.targets
-    assert (target.domain, target.dst_ip, target.dst_port) == ("www.alpha.test", str(fake), 80)
+    assert (target.domain, target.dst, target.dst_port) == ("www.alpha.test", fake, 80)
     await settle(proxy)
 
 
@@ -464,8 +465,9 @@ async def test_udp_associate_direct(nursery: trio.Nursery) -> None:
     hosts = Hosts()
     # The shared UDP outbounds, as the app passes them: no rules, so DIRECT.
     cfg = Config()
-    router = Router(cfg, build_outbounds(cfg, hosts))
-    running = await start(nursery, open_udp=UdpDialer(lambda: (router, cfg)).open)
+    dispatcher = Dispatcher(Router.from_config(cfg, hosts),
+                            connect_timeout=cfg.appliance.connect_timeout)
+    running = await start(nursery, open_udp=dispatcher.open_udp)
     fake = running.pool.allocate("dns.test")
 
     control = await socks(running.port, "0.0.0.0", 0, command=s5.CMD_UDP_ASSOCIATE)

@@ -95,6 +95,7 @@ def gateway_main(names: dict[str, str], domains: list[tuple[str, int]]) -> None:
 
     from appliance.capture import nftables
     from appliance.fakeip.pool import FakeIPPool
+    from appliance.flow import Flow
     from appliance.gateway import tcp
     from appliance.gateway.splice import FlowRegistry
 
@@ -104,7 +105,7 @@ def gateway_main(names: dict[str, str], domains: list[tuple[str, int]]) -> None:
     assert pool.reverse(UNMAPPED) is None
     registry = FlowRegistry()
 
-    async def dial(t: tcp.FlowTarget) -> trio.abc.Stream:
+    async def dial(t: Flow) -> trio.abc.Stream:
         t.outbound = "test-direct"
         if t.domain == "blackhole.test":
             await trio.sleep_forever()  # the connect timeout must fire
@@ -113,7 +114,7 @@ def gateway_main(names: dict[str, str], domains: list[tuple[str, int]]) -> None:
                 raise OSError(f"{t.domain}: not in the test's name table")
             host = names[t.domain]
         else:
-            host = t.dst_ip
+            host = str(t.dst)
         fam = socket.AF_INET6 if ":" in host else socket.AF_INET
         sock = trio.socket.socket(fam, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, ROUTING_MARK)

@@ -5,20 +5,62 @@ from __future__ import annotations
 import json
 import socket
 import time
-from collections.abc import Iterable, Mapping
-from ipaddress import IPv4Address
+from collections.abc import Mapping
+from ipaddress import IPv4Address, IPv4Network
 from typing import Any
 
 import pytest
 import trio
+from dnslib import MX, QTYPE, RR, DNSRecord
 
 from appliance.api import server as api_server
 from appliance.api.client import ApiClient, ApiError
 from appliance.config import parse_rule
 from appliance.config.model import Config, Listen, ProxyConfig
+from appliance.fakeip.pool import FakeIPPool
+
+
+class Counted:
+    def __init__(self, stats: dict[str, int], rows: list[dict[str, Any]] | None = None) -> None:
+        self._stats = stats
+        self._rows = rows or []
+
+    def stats(self) -> dict[str, int]:
+        return self._stats
+
+    def snapshot(self) -> list[dict[str, Any]]:
+        return self._rows
+
+
+class Capture:
+    """The eBPF capture's counters: totals and per LAN client."""
+
+    def stats(self) -> dict[str, int]:
+        return {"dropped_total": 1}
+
+    def clients(self) -> list[dict[str, Any]]:
+        rows = []
+        for address, packets in (("192.0.2.7", 3), ('we"ird', 4)):
+            rows.append({"address": address, "packets": packets, "bytes": 0,
+                         "captured_packets": 0, "captured_bytes": 0})
+        return rows
+
+
+class Resolver:
+    def __init__(self) -> None:
+        self.asked: list[tuple[str, str]] = []
+
+    async def query(self, request: DNSRecord) -> DNSRecord:
+        await trio.lowlevel.checkpoint()
+        self.asked.append((str(request.q.qname).rstrip("."), QTYPE[request.q.qtype]))
+        reply = request.reply()
+        reply.add_answer(RR(request.q.qname, QTYPE.MX, rdata=MX("mx.alpha.test"), ttl=60))
+        return reply
 
 
 class View:
+    """The `Sources` the API reads: a config, a pool, counters, flows."""
+
     def __init__(self, secret: str = "") -> None:
         self.cfg = Config(
             secret=secret, tproxy_port=7893,
@@ -26,28 +68,23 @@ class View:
             rules=(parse_rule("DOMAIN-SUFFIX,alpha.test,dante"), parse_rule("MATCH,DIRECT")),
         )
         self.started_at = time.monotonic()
-        self.resolved: list[tuple[str, str]] = []
+        self.reloads = 0
+        self.pool = FakeIPPool(IPv4Network("198.18.0.0/16"))
+        self.pool.allocate("www.alpha.test")
+        self.pool.allocate("www.beta.test")
+        self.pool.pin(IPv4Address("198.18.0.1"))
+        self.resolver = Resolver()
+        self.dns_handler = Counted({"queries_total": 7})
+        self.flows = Counted({"opened": 1}, [{"id": "1", "upload": 10, "download": 20}])
+        self.udp = None
+        self.capture: Any = Capture()
+        self.offload = None
 
-    def status(self) -> dict[str, Any]:
-        return {"version": "test", "counters": {k: dict(v) for k, v in self.counters().items()}}
+    def preconnects(self) -> Mapping[str, Counted]:
+        return {}
 
-    def counters(self) -> Mapping[str, Mapping[str, int | float]]:
-        return {"dns": {"queries_total": 7}, "fakeip": {"size4": 2}}
-
-    def series(self) -> Iterable[tuple[str, Mapping[str, str], int | float]]:
-        yield "mirage_capture_client_packets_total", {"client": "192.0.2.7"}, 3
-        yield "mirage_capture_client_packets_total", {"client": 'we"ird'}, 4
-
-    def mappings(self) -> Iterable[tuple[str, Any, int]]:
-        return [("www.alpha.test", IPv4Address("198.18.0.1"), 1),
-                ("www.beta.test", IPv4Address("198.18.0.2"), 0)]
-
-    def connections(self) -> list[dict[str, Any]]:
-        return [{"id": "1", "upload": 10, "download": 20}]
-
-    async def resolve(self, name: str, qtype: str) -> dict[str, Any]:
-        self.resolved.append((name, qtype))
-        return {"name": name, "type": qtype}
+    def wants_fake_ip(self, name: str) -> bool:
+        return name.endswith(".test")
 
 
 def free_port() -> int:
@@ -90,9 +127,17 @@ async def test_endpoints_answer_json(nursery: trio.Nursery) -> None:
     assert conns["uploadTotal"] == 10 and conns["downloadTotal"] == 20
     mappings = (await get("/mirage/mappings"))["mappings"]
     assert mappings[0] == {"domain": "www.alpha.test", "ip": "198.18.0.1", "pins": 1}
-    assert await get("/mirage/resolve?name=www.alpha.test&type=MX") == {
-        "name": "www.alpha.test", "type": "MX"}
-    assert view.resolved == [("www.alpha.test", "MX")]
+    assert await get("/mirage/resolve?name=WWW.alpha.test.&type=MX") == {
+        "name": "www.alpha.test", "type": "MX", "fake_ip": True,
+        "mapping": {"ipv4": "198.18.0.1"},
+        "upstream": {"rcode": "NOERROR", "answers": [
+            {"name": "www.alpha.test", "type": "MX", "ttl": 60, "data": "10 mx.alpha.test."}]}}
+    assert view.resolver.asked == [("www.alpha.test", "MX")]
+    status = await get("/mirage/status")
+    assert status["counters"]["gateway"] == {"opened": 1}
+    assert status["counters"]["capture"] == {"dropped_total": 1}
+    assert status["clients"][0]["address"] == "192.0.2.7"
+    assert status["tproxy_port"] == 7893 and "udp" not in status["counters"]
 
 
 async def test_bad_requests_get_clear_errors(nursery: trio.Nursery) -> None:
@@ -134,6 +179,7 @@ async def test_metrics_are_prometheus_text(nursery: trio.Nursery) -> None:
     lines = body.decode().splitlines()
     assert "# TYPE mirage_dns_queries_total counter" in lines
     assert "mirage_dns_queries_total 7" in lines
+    assert "mirage_gateway_opened 1" in lines
     assert "mirage_fakeip_size4 2" in lines
     assert lines.count("# TYPE mirage_capture_client_packets_total counter") == 1
     assert 'mirage_capture_client_packets_total{client="192.0.2.7"} 3' in lines
@@ -155,16 +201,18 @@ def test_preconnect_series_come_one_family_at_a_time() -> None:
     # The appliance's own series(): each proxy's pool counters, grouped by
     # metric (the exposition format wants a family's samples together).
     from appliance.app import Appliance
-    from appliance.outbound.build import Router, build_outbounds
+    from appliance.routing import Dispatcher, Router
 
     cfg = Config(proxies=(
         ProxyConfig(name="a", type="socks5", server="192.0.2.1", port=1080, preconnect=2),
         ProxyConfig(name="b", type="http", server="192.0.2.2", port=3128, preconnect=1),
         ProxyConfig(name="c", type="socks5", server="192.0.2.3", port=1080),
     ))
+    from appliance.api import views
+
     app = Appliance(cfg)
-    app.router = Router(cfg, build_outbounds(cfg, None))
-    rows = list(app.series())
+    app.dispatcher = Dispatcher(Router.from_config(cfg, None), connect_timeout=1.0)
+    rows = list(views.series(app))
     names = [metric for metric, _, _ in rows]
     # Proxies without a pool (c) have no series; each family is contiguous.
     assert [labels["proxy"] for _, labels, _ in rows] == ["a", "b"] * 5
@@ -173,4 +221,4 @@ def test_preconnect_series_come_one_family_at_a_time() -> None:
     text = api_server.render_metrics(app)
     assert text.count("# TYPE mirage_preconnect_hits_total counter") == 1
     assert 'mirage_preconnect_misses_total{proxy="b"} 0' in text
-    app.router.close()
+    app.dispatcher.router.close()

@@ -23,6 +23,7 @@ from appliance.config.model import (
     ProxyConfig,
     ProxyGroupConfig,
 )
+from appliance.flow import Flow
 from appliance.gateway.udp_sessions import (
     SessionTable,
     UdpStats,
@@ -30,11 +31,10 @@ from appliance.gateway.udp_sessions import (
     idle_timeout,
 )
 from appliance.outbound.base import OutboundError
-from appliance.outbound.build import Router, build_outbounds
+from appliance.outbound.build import build_outbounds
 from appliance.outbound.socks5 import Socks5Outbound
-from appliance.outbound.udp import UdpDialer, carries_udp, open_socks5, route_udp
 from appliance.proto import socks5 as s5
-from appliance.rules.engine import FlowContext
+from appliance.routing import Dispatcher, Router, flow_context
 from appliance.sockopt import (
     IP_ORIGDSTADDR,
     IP_PKTINFO,
@@ -164,10 +164,14 @@ def make_cfg(rules: list[tuple[str, str, str]], groups: tuple[ProxyGroupConfig, 
     )
 
 
+def udp_flow(domain: str | None, dst: str, port: int) -> Flow:
+    return Flow("udp", "tproxy", ipaddress.ip_address("192.168.56.10"), 40000,
+                ipaddress.ip_address(dst), port, domain)
+
+
 def route(cfg: Config, domain: str, port: int = 443) -> tuple[str, int]:
-    router = Router(cfg, build_outbounds(cfg, None))
-    udp = frozenset(p.name for p in cfg.proxies if p.udp)
-    out, skipped = route_udp(router, FlowContext(domain, None, port, network="udp"), udp)
+    router = Router.from_config(cfg, None)
+    out, _rule, skipped = router.pick_udp(flow_context(udp_flow(domain, "198.18.0.1", port)))
     return out.name, skipped
 
 
@@ -186,8 +190,10 @@ def test_udp_falls_to_direct_when_every_match_is_skipped() -> None:
     cfg = make_cfg([("DOMAIN-SUFFIX", "a.test", "web"), ("MATCH", "", "socks-tcp")])
     assert route(cfg, "www.a.test") == ("DIRECT", 2)
     # TCP routing is unchanged by this.
-    router = Router(cfg, build_outbounds(cfg, None))
-    assert router.route(FlowContext("www.a.test", None, 443)).name == "web"
+    router = Router.from_config(cfg, None)
+    tcp = Flow("tcp", "tproxy", ipaddress.ip_address("192.168.56.10"), 40000,
+               ipaddress.ip_address("198.18.0.1"), 443, "www.a.test")
+    assert router.pick(flow_context(tcp))[0].name == "web"
 
 
 def test_network_rule_sees_udp() -> None:
@@ -203,9 +209,8 @@ def test_groups_carry_udp_through_their_members() -> None:
     cfg = make_cfg([("DOMAIN", "x.test", "sel"), ("DOMAIN", "y.test", "fb"),
                     ("MATCH", "", "DIRECT")], groups)
     outbounds = build_outbounds(cfg, None)
-    udp = frozenset({"socks-udp"})
-    assert not carries_udp(outbounds["sel"], udp)  # selected: web
-    assert carries_udp(outbounds["fb"], udp)
+    assert not outbounds["sel"].carries_udp  # selected: web
+    assert outbounds["fb"].carries_udp
     assert route(cfg, "x.test") == ("DIRECT", 1)
     assert route(cfg, "y.test") == ("fb", 0)
 
@@ -250,11 +255,11 @@ async def test_socks5_udp_associate_sends_the_name_and_ends_with_control() -> No
     port = listeners[0].socket.getsockname()[1]
     async with trio.open_nursery() as nursery:
         nursery.start_soon(trio.serve_listeners, proxy.serve, listeners)
-        out = Socks5Outbound("p", "127.0.0.1", port)
+        out = Socks5Outbound("p", "127.0.0.1", port, udp=True)
         with trio.fail_after(5):
-            peer = await open_socks5(out, "www.example.test", 5353)
+            peer = await out.open_udp("www.example.test", 5353)
             try:
-                assert peer.socks and peer.outbound == "p"
+                assert peer is not None and peer.socks and peer.outbound == "p"
                 peer.sock.send(peer.header + b"ping")
                 await trio.lowlevel.wait_readable(peer.sock)
                 reply = s5.parse_udp(peer.sock.recv(65535))
@@ -289,36 +294,24 @@ async def test_socks5_udp_refused_is_an_outbound_error() -> None:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(trio.serve_listeners, refuse, listeners)
         with pytest.raises(OutboundError, match="command not supported"):
-            await open_socks5(Socks5Outbound("p", "127.0.0.1", port), "x.test", 53)
+            await Socks5Outbound("p", "127.0.0.1", port, udp=True).open_udp("x.test", 53)
+        # Without `udp: true` it does not even try.
+        with pytest.raises(OutboundError, match="does not carry UDP"):
+            await Socks5Outbound("p", "127.0.0.1", port).open_udp("x.test", 53)
         nursery.cancel_scope.cancel()
 
 
-class Target:
-    def __init__(self, domain: str | None, dst_ip: str, dst_port: int) -> None:
-        self.domain = domain
-        self.dst_ip = dst_ip
-        self.dst_port = dst_port
-        self.src_ip = "192.168.56.10"
-        self.src_port = 40000
-        self.outbound = ""
-        self.skipped = 0
-
-    @property
-    def host(self) -> str:
-        return self.domain or self.dst_ip
-
-
-async def test_dialer_opens_direct_to_an_ip_with_the_routing_mark() -> None:
+async def test_dispatcher_opens_direct_to_an_ip_with_the_routing_mark() -> None:
     cfg = Config(tproxy_port=7893, routing_mark=255,
                  appliance=ApplianceConfig(connect_timeout=2.0))
-    router = Router(cfg, build_outbounds(cfg, None))
-    dialer = UdpDialer(lambda: (router, cfg))
+    dispatcher = Dispatcher(Router.from_config(cfg, None), connect_timeout=2.0)
     echo = trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     with echo:
         await echo.bind(("127.0.0.1", 0))
-        target = Target(None, "127.0.0.1", echo.getsockname()[1])
-        peer = await dialer.open(target)
+        target = udp_flow(None, "127.0.0.1", echo.getsockname()[1])
+        peer = await dispatcher.open_udp(target)
         assert peer is not None and target.outbound == "DIRECT" and not peer.socks
+        assert target.rule is None and target.skipped == 0
         try:
             assert peer.sock.getsockopt(socket.SOL_SOCKET, 36) == 255  # SO_MARK
             peer.sock.send(b"hi")
@@ -328,8 +321,8 @@ async def test_dialer_opens_direct_to_an_ip_with_the_routing_mark() -> None:
             await peer.aclose()
     # A name with no resolver configured: an OutboundError, not a crash.
     with pytest.raises(OutboundError, match="no resolver"):
-        await dialer.open(Target("www.example.test", "198.18.0.1", 53))
-    assert ipaddress.ip_address(target.dst_ip).is_loopback
+        await dispatcher.open_udp(udp_flow("www.example.test", "198.18.0.1", 53))
+    assert target.dst is not None and target.dst.is_loopback
 
 
 def test_socks_replies_with_fragments_or_bad_headers_are_dropped_and_counted() -> None:

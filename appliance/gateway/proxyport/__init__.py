@@ -5,9 +5,10 @@ What this is for: clients that are configured to use a proxy (browsers,
 `curl -x`, apps with a SOCKS setting) instead of being captured
 transparently. Their flows take the same path as captured ones: the target
 (a name, a real IP, or a fake IP that the client resolved through Mirage and
-that the pool maps back to its name) goes through the app's `dial` (rules
--> outbound), then `splice`, and shows up in the same `FlowRegistry` (so in
-the control API's /connections). That is why this package lives in
+that the pool maps back to its name) becomes a `Flow` (inbound `mixed`,
+`socks` or `http`) that goes through `dial` (the dispatcher's
+`connect_tcp`: rules -> outbound), then `splice`, and shows up in the same
+`FlowRegistry` (so in the control API's /connections). That is why this package lives in
 `appliance.gateway`: it is the gateway's third way in, next to the
 transparent TCP listener (tcp.py) and UDP socket (udp.py), and shares their
 accept loop, splice, flow registry and pool pins; only the first bytes of
@@ -20,7 +21,7 @@ The parts, each usable alone:
   `Refuse`, `NeedMore`), over the protocol cores in appliance/proto/;
 - appliance/proto/http_proxy.py: the forward-proxy logic (origin-form
   rewrite, hop-by-hop headers, request body framing, error responses);
-- `target`: a requested host -> flow target (fake IP -> pinned name);
+- `target`: a requested host -> `Flow` (fake IP -> pinned name);
 - `bind`: where to listen (LAN interfaces' addresses and loopback only);
 - `service`: the trio service (listeners, one task per connection, limits,
   dial and splice), and `forward`, the one-request relay of the forward
@@ -52,7 +53,7 @@ from appliance.gateway.proxyport.service import (
     proxy_ports,
     serve,
 )
-from appliance.gateway.proxyport.udp_relay import OpenUdp, UdpFlowTarget, UdpPeer
+from appliance.gateway.proxyport.udp_relay import OpenUdp
 
 __all__ = [
     "Authenticator",
@@ -63,8 +64,6 @@ __all__ = [
     "ProxyPort",
     "ProxyPortError",
     "ProxyPorts",
-    "UdpFlowTarget",
-    "UdpPeer",
     "choose_bind_addresses",
     "lan_addresses",
     "proxy_ports",

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import trio
 
-from appliance.gateway.splice import Flow, SpliceResult
+from appliance.gateway.splice import FlowRecord, SpliceResult
 from appliance.proto.http_connect import HttpConnectError
 from appliance.proto.http_proxy import BodyFramer
 
@@ -28,7 +28,7 @@ async def relay_request(
     client: trio.abc.Stream,
     server: trio.abc.Stream,
     framer: BodyFramer,
-    flow: Flow,
+    flow: FlowRecord,
     idle_timeout: float,
 ) -> SpliceResult:
     """Relay the rest of one request's body up (no more than its framing

@@ -7,9 +7,10 @@ appliance/proto/http_proxy.py, where to listen by bind.py, what a
 requested host becomes by target.py, and a UDP association is relayed by
 udp_relay.py. This module turns their answers into socket operations.
 
-Dependencies are injected: `dial` (a `FlowTarget` -> an open stream: the
-app's rules and outbounds) and `open_udp` (one UDP destination -> a peer,
-or None for REJECT), so the service knows nothing of routing.
+Dependencies are injected: `dial` (a `Flow` -> an open stream: the
+dispatcher's `connect_tcp`, rules -> outbound) and `open_udp` (a UDP `Flow`
+-> a peer, or None for REJECT: the dispatcher's `open_udp`), so the service
+knows nothing of routing.
 
 What it owns: the listening sockets, each accepted connection, the
 outbound stream `dial` returned, the UDP relay socket of an association,
@@ -39,6 +40,7 @@ from typing import Any
 import trio
 
 from appliance.config.model import Config
+from appliance.flow import Flow, Inbound
 from appliance.gateway.proxyport.bind import (
     LOOPBACK,
     BindAddress,
@@ -59,7 +61,7 @@ from appliance.gateway.proxyport.handshake import (
 from appliance.gateway.proxyport.target import Pins, Targets
 from appliance.gateway.proxyport.udp_relay import OpenUdp, UdpAssociation
 from appliance.gateway.splice import FlowRegistry, SpliceResult, abort, close, splice
-from appliance.gateway.tcp import Dial, FakeIPs, FlowTarget, accept_loop, ip_port
+from appliance.gateway.tcp import Dial, FakeIPs, accept_loop, ip_port
 from appliance.proto.http_connect import DEFAULT_MAX_HEAD, HttpConnectError, format_authority
 from appliance.proto.http_proxy import Forwarding, forwarding
 from appliance.sockopt import IP_FREEBIND, IPV6_FREEBIND
@@ -79,7 +81,14 @@ class ProxyPort:
     socks: bool
     http: bool
 
+    @property
+    def inbound(self) -> Inbound:
+        """What a flow taken here names as its inbound."""
+        return _INBOUND[self.key]
 
+
+# The inbound each Clash proxy-port key names in its flows.
+_INBOUND: dict[str, Inbound] = {"mixed-port": "mixed", "socks-port": "socks", "port": "http"}
 # What each Clash proxy-port key speaks: (SOCKS5, HTTP).
 _SPEAKS = {"mixed-port": (True, True), "socks-port": (True, False), "port": (False, True)}
 
@@ -248,9 +257,9 @@ class ProxyPorts:
                 )
                 return
             if isinstance(ask, UdpAssociate):
-                await self._udp_associate(stream, handshake, ask, src, local, pins)
+                await self._udp_associate(stream, handshake, ask, src, local, pins, spec.inbound)
             elif ask is not None:
-                await self._serve(stream, handshake, ask, src, pins)
+                await self._serve(stream, handshake, ask, src, pins, spec.inbound)
         except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             log.debug("%s: client connection ended: %r", spec.key, exc)
         finally:
@@ -283,11 +292,12 @@ class ProxyPorts:
         ask: Ask,
         src: tuple[str, int],
         pins: Pins,
+        inbound: Inbound,
     ) -> None:
         where = f"{src[0]}:{src[1]} -> {format_authority(ask.host, ask.port)}"
         fwd: Forwarding | None = None
         try:
-            target = self.targets.resolve(FlowTarget, ask.host, ask.port, src, pins)
+            target = self.targets.resolve(ask.host, ask.port, src, pins, inbound)
             if ask.command == "forward":
                 assert ask.request is not None
                 try:
@@ -299,7 +309,8 @@ class ProxyPorts:
             log.warning("proxy %s: %s", where, refusal.why)
             await _send_refusal(stream, hs.refuse(refusal.refusal, refusal.why))
             return
-        flow = self.registry.open("tcp", src, (target.dst_ip, target.dst_port), target.domain)
+        dst = str(target.dst) if target.dst is not None else ""
+        flow = self.registry.open("tcp", src, (dst, target.dst_port), target.domain)
         flow.outbound = target.outbound
         log.debug("proxy %s: via %s", where, target.outbound or "?")
         idle_timeout = self.cfg.appliance.idle_timeout
@@ -344,7 +355,7 @@ class ProxyPorts:
             result.down,
         )
 
-    async def _dial(self, target: FlowTarget, where: str) -> trio.abc.Stream:
+    async def _dial(self, target: Flow, where: str) -> trio.abc.Stream:
         """`dial` bounded by connect-timeout; raises Refused (counted in
         the registry's dial_failures) for any failure."""
         timeout = self.cfg.appliance.connect_timeout
@@ -368,6 +379,7 @@ class ProxyPorts:
         src: tuple[str, int],
         local: Any,
         pins: Pins,
+        inbound: Inbound,
     ) -> None:
         if self.open_udp is None:
             log.info("proxy %s:%d: UDP ASSOCIATE refused: no UDP outbound given", *src)
@@ -394,6 +406,7 @@ class ProxyPorts:
                 targets=self.targets,
                 pins=pins,
                 flow=flow,
+                inbound=inbound,
                 connect_timeout=self.cfg.appliance.connect_timeout,
                 idle_timeout=self.cfg.appliance.idle_timeout,
                 max_targets=self.limits.udp_max_targets,
@@ -444,9 +457,10 @@ async def serve(
     until cancelled; `started()` once all are bound, with (key, address,
     port) for each listening socket.
 
-    `dial` routes and connects a TCP flow (the app's); `open_udp` opens one
-    UDP destination of a UDP ASSOCIATE (rules -> outbound; None: UDP
-    ASSOCIATE is answered "command not supported"). Raises OSError or
+    `dial` routes and connects a TCP `Flow` (the dispatcher's
+    `connect_tcp`); `open_udp` routes and opens one UDP destination of a
+    UDP ASSOCIATE (the dispatcher's `open_udp`; None: UDP ASSOCIATE is
+    answered "command not supported"). Raises OSError or
     ProxyPortError if a port cannot be bound.
     """
     service = ProxyPorts(cfg, pool, dial, registry, open_udp=open_udp)

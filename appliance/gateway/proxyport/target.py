@@ -1,11 +1,13 @@
-"""What a proxy-port request names, as the gateway's flow target.
+"""What a proxy-port request names, as the `Flow` every listener makes.
 
 A client of a proxy port names its target as a host name, a real IP, or a
 fake IP it resolved through Mirage (the `curl -x socks5://` case). The
 fake IP is turned back into its name and pinned in the pool for the life
 of the flow (or of the UDP association), so recycling can never remap an
 address a live flow uses; `Pins` releases them together. Nothing here
-imports trio or does I/O.
+imports trio or does I/O. The flow's inbound is the port's (`mixed`,
+`socks`, `http`); the dispatcher (appliance/routing.py) routes it as it
+routes the transparent listeners' flows.
 
 How it fails: `Refused` ("bad-target" for an empty name, "unmapped" for a
 fake IP with no mapping: expired, or issued before a restart; counted in
@@ -16,15 +18,13 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass, field
-from typing import TypeVar
 
 from appliance.config.model import IPAddress
+from appliance.flow import Flow, Inbound, Network
 from appliance.gateway.proxyport.handshake import Refused
 from appliance.gateway.splice import FlowRegistry
-from appliance.gateway.tcp import FakeIPs, FlowTarget
+from appliance.gateway.tcp import FakeIPs
 from appliance.outbound.base import as_ip
-
-T = TypeVar("T", bound=FlowTarget)
 
 
 @dataclass(eq=False)
@@ -47,19 +47,26 @@ class Pins:
 
 
 class Targets:
-    """Requested hosts -> flow targets, with the pool's fake IPs mapped
-    back to names (pinned in the caller's `Pins`)."""
+    """Requested hosts -> `Flow`s, with the pool's fake IPs mapped back to
+    names (pinned in the caller's `Pins`)."""
 
     def __init__(self, pool: FakeIPs, registry: FlowRegistry) -> None:
         self.pool = pool
         self.registry = registry
 
     def resolve(
-        self, kind: type[T], host: str | IPAddress, port: int, src: tuple[str, int], pins: Pins
-    ) -> T:
-        """The `kind` of target (FlowTarget, or a subclass such as the UDP
-        one) for a requested host: a name as is, a fake IP as its name
-        (pinned), a real IP as the destination. Raises Refused."""
+        self,
+        host: str | IPAddress,
+        port: int,
+        src: tuple[str, int],
+        pins: Pins,
+        inbound: Inbound,
+        network: Network = "tcp",
+    ) -> Flow:
+        """The Flow for a requested host: a name as is (no `dst`), a fake
+        IP as its name (pinned), a real IP as the destination. Raises
+        Refused."""
+        client = ipaddress.ip_address(src[0])
         ip = as_ip(host)
         if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
             ip = ip.ipv4_mapped
@@ -67,7 +74,7 @@ class Targets:
             name = str(host).rstrip(".").lower()
             if not name:
                 raise Refused("bad-target", f"bad host name {host!r}")
-            return kind(name, "", port, src[0], src[1])
+            return Flow(network, inbound, client, src[1], None, port, name)
         if self.pool.is_fake(ip):
             domain = pins.pin(str(ip))
             if domain is None:
@@ -76,5 +83,5 @@ class Targets:
                     "unmapped",
                     f"fake IP {ip} is not mapped (expired, or issued before a restart)",
                 )
-            return kind(domain, str(ip), port, src[0], src[1])
-        return kind(None, str(ip), port, src[0], src[1])
+            return Flow(network, inbound, client, src[1], ip, port, domain)
+        return Flow(network, inbound, client, src[1], ip, port, None)

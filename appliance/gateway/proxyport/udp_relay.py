@@ -32,20 +32,20 @@ replies; a destination that cannot be opened is logged and held off.
 from __future__ import annotations
 
 import logging
-import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import trio
 
 from appliance.config.model import IPAddress
+from appliance.flow import Flow, Inbound
 from appliance.gateway.proxyport.handshake import Refused
 from appliance.gateway.proxyport.target import Pins, Targets
-from appliance.gateway.splice import Flow
-from appliance.gateway.tcp import FlowTarget, ip_port
+from appliance.gateway.splice import FlowRecord
+from appliance.gateway.tcp import ip_port
 from appliance.gateway.udp_sessions import SessionTable
-from appliance.outbound.base import as_ip
+from appliance.outbound.base import UdpPeer, as_ip
 from appliance.proto import socks5 as s5
 from appliance.proto.http_connect import format_authority
 
@@ -57,32 +57,8 @@ RECV_SIZE = 65535
 _CONTROL_READ = 64 * 1024
 
 
-class UdpPeer(Protocol):
-    """One destination's way out for UDP, as `appliance.outbound.udp.UdpPeer`
-    has it: a connected non-blocking socket; `header` goes before each
-    payload and replies carry a SOCKS5 UDP header when `socks`; `watch()`
-    returns when the peer is gone for good; `aclose()` releases it."""
-
-    sock: socket.socket
-    outbound: str
-    header: bytes
-    socks: bool
-
-    async def watch(self) -> None: ...
-
-    async def aclose(self) -> None: ...
-
-
-@dataclass(eq=False)
-class UdpFlowTarget(FlowTarget):
-    """One destination of a UDP association, as the UDP dialer reads it;
-    the dialer sets `outbound` and `skipped` (rules passed over because
-    their outbound carries no UDP)."""
-
-    skipped: int = 0
-
-
-OpenUdp = Callable[[UdpFlowTarget], Awaitable[UdpPeer | None]]
+# Route a UDP flow and open its outbound (`Dispatcher.open_udp`); None: REJECT.
+OpenUdp = Callable[[Flow], Awaitable[UdpPeer | None]]
 
 
 @dataclass(eq=False)
@@ -111,7 +87,8 @@ class UdpAssociation:
         open_udp: OpenUdp,
         targets: Targets,
         pins: Pins,
-        flow: Flow,
+        flow: FlowRecord,
+        inbound: Inbound,
         connect_timeout: float,
         idle_timeout: float,
         max_targets: int,
@@ -128,6 +105,7 @@ class UdpAssociation:
         self.targets = targets
         self.pins = pins
         self.flow = flow
+        self.inbound: Inbound = inbound
         self.connect_timeout = connect_timeout
         self.idle_timeout = idle_timeout
         self.dests: SessionTable[tuple[str, int], _Destination] = SessionTable(max_targets)
@@ -207,7 +185,7 @@ class UdpAssociation:
         src = (self.client_ip, self.client_port)
         where = f"{src[0]}:{src[1]} -> {format_authority(host, port)}"
         try:
-            target = self.targets.resolve(UdpFlowTarget, host, port, src, self.pins)
+            target = self.targets.resolve(host, port, src, self.pins, self.inbound, "udp")
             with trio.fail_after(self.connect_timeout):
                 dest.peer = await self.open_udp(target)
         except Refused as refusal:

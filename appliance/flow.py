@@ -1,0 +1,64 @@
+"""One flow, whichever listener took it: what it is and what routing decided.
+
+A `Flow` is made once per TCP connection or UDP session by the listener
+that took it (the transparent TCP listener, the transparent UDP socket, a
+proxy port), handed to the dispatcher (appliance/routing.py), which fills in
+the routing decision, and read back by the listener for its logs and flow
+list. Nothing here does I/O.
+
+Addresses are parsed (`ipaddress` objects): the rules compare them as
+numbers, and the transparent listener has them parsed anyway. `dst` is the
+address the client connected or sent to: a fake IP (then `domain` is the
+name the pool mapped it back to), a real address (`domain` None), or None
+when the client named a host on a proxy port (then `domain` is that name).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from appliance.config.model import IPAddress, Rule
+
+Network = Literal["tcp", "udp"]
+# Which listener took the flow: the transparent listener/socket on
+# tproxy-port, or one of the proxy ports (mixed-port, socks-port, port).
+Inbound = Literal["tproxy", "mixed", "socks", "http"]
+
+
+@dataclass(slots=True, eq=False)
+class Flow:
+    """One TCP connection or UDP session, from the listener to its outbound.
+
+    Set by the listener: `network`, `inbound`, the client (`src`,
+    `src_port`), the destination (`dst`, `dst_port`) and `domain` (see the
+    module doc). Set by the dispatcher when it routes the flow: `outbound`
+    (the name of the outbound the rules chose), `rule` (the rule that chose
+    it; None: no rule matched, the default DIRECT) and, for UDP, `skipped`
+    (matching rules passed over because their outbound cannot carry UDP).
+    Owns nothing.
+    """
+
+    network: Network
+    inbound: Inbound
+    src: IPAddress
+    src_port: int
+    dst: IPAddress | None
+    dst_port: int
+    domain: str | None
+    outbound: str = ""
+    rule: Rule | None = None
+    skipped: int = 0
+
+    @property
+    def host(self) -> str | IPAddress:
+        """What an outbound is asked to reach: the name when known (so a
+        proxy resolves it at the far end), else the address."""
+        if self.domain is not None:
+            return self.domain
+        assert self.dst is not None, "a flow has a domain or a destination address"
+        return self.dst
+
+    def describe(self) -> str:
+        """`src:port -> host:port`, for logs."""
+        return f"{self.src}:{self.src_port} -> {self.host}:{self.dst_port}"
