@@ -387,14 +387,18 @@ class ProxyPorts:
             await stream.send_all(refusal.reply)
             return
         family = stream.socket.family
-        relay_sock = trio.socket.socket(family, socket.SOCK_DGRAM)
+        # A plain non-blocking socket: the shared UDP session path
+        # (gateway/udp.py) drains it after each wakeup, as the gateway's.
+        relay_sock = socket.socket(family, socket.SOCK_DGRAM)
         try:
-            # On the address the client reached us at: a LAN or loopback one.
+            relay_sock.setblocking(False)
+            # On the address the client reached us at (a LAN or loopback
+            # one, so binding does not block).
             if family == socket.AF_INET6:
                 relay_sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-                await relay_sock.bind((local[0], 0, 0, local[3]))
+                relay_sock.bind((local[0], 0, 0, local[3]))
             else:
-                await relay_sock.bind((local[0], 0))
+                relay_sock.bind((local[0], 0))
             bound = ip_port(relay_sock.getsockname())
             await stream.send_all(hs.accept(*bound))
             flow = self.registry.open("udp", src, bound, None)
@@ -407,7 +411,6 @@ class ProxyPorts:
                 pins=pins,
                 flow=flow,
                 inbound=inbound,
-                connect_timeout=self.cfg.appliance.connect_timeout,
                 idle_timeout=self.cfg.appliance.idle_timeout,
                 max_targets=self.limits.udp_max_targets,
             )
