@@ -494,3 +494,35 @@ async def test_udp_associate_direct(nursery: trio.Nursery) -> None:
     await control.aclose()
     await settle(running)
     assert [p for d, _i, p in running.pool.mappings() if d == "dns.test"] == [0]
+
+
+async def test_udp_associate_destinations_are_udp_flows_of_the_port(nursery: trio.Nursery) -> None:
+    """Each destination is a session on the transparent gateway's path: a
+    `Flow` (udp, this port's inbound) routed once; REJECT drops until idle
+    instead of asking again per datagram."""
+    asked: list[Flow] = []
+
+    async def reject(flow: Flow) -> None:
+        await trio.lowlevel.checkpoint()
+        asked.append(flow)
+        flow.outbound = "REJECT"
+
+    running = await start(nursery, open_udp=reject)
+    control = await socks(running.port, "0.0.0.0", 0, command=s5.CMD_UDP_ASSOCIATE)
+    relay = control.reply  # type: ignore[attr-defined]
+    udp = trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    with udp:
+        await udp.bind(("127.0.0.1", 0))
+        for _ in range(3):
+            await udp.sendto(s5.encode_udp("x.test", 9, b"q"), ("127.0.0.1", relay.port))
+        with trio.fail_after(5):
+            while not asked:  # noqa: ASYNC110 (polls state)
+                await trio.sleep(0.01)
+        await trio.sleep(0.1)
+        (flow,) = asked
+        assert (flow.network, flow.inbound, flow.domain, flow.dst_port) == (
+            "udp", "mixed", "x.test", 9)
+        (record,) = [f for f in running.registry.snapshot() if f["network"] == "udp"]
+        assert record["outbound"] == "REJECT" and record["up"] == 0
+    await control.aclose()
+    await settle(running)

@@ -101,7 +101,8 @@ class UdpAssociation:
         self.flow = flow
         self.inbound: Inbound = inbound
         self.idle_timeout = idle_timeout
-        self.sessions = UdpSessions(open_udp, max_targets, hold=self.FAILED_HOLD)
+        self.open_udp = open_udp
+        self.sessions = UdpSessions(self._open, max_targets, hold=self.FAILED_HOLD)
         # Destinations refused before routing (unmapped fake IP, bad name):
         # dropped until then, so a client cannot make us log per datagram.
         self._refused: dict[tuple[str, int], float] = {}
@@ -162,8 +163,15 @@ class UdpAssociation:
                     if s is None:
                         continue
                 self.sessions.send_up(s, dgram.payload, now)
-                if s.flow.outbound:
-                    self.flow.outbound = s.flow.outbound
+
+    async def _open(self, flow: Flow) -> UdpPeer | None:
+        """`open_udp`, and the association's registry entry shows the
+        outbound the latest destination took."""
+        try:
+            return await self.open_udp(flow)
+        finally:
+            if flow.outbound:
+                self.flow.outbound = flow.outbound
 
     def _new_session(
         self,
