@@ -51,7 +51,7 @@ from appliance.fakeip import flusher
 from appliance.fakeip.ledger import FileLedger, ledger_path
 from appliance.fakeip.pool import FakeIPPool
 from appliance.fakeip.store import SQLiteStore, store_path
-from appliance.gateway import mixed
+from appliance.gateway import proxyport
 from appliance.gateway.splice import FlowRegistry
 from appliance.gateway.tcp import TransparentTcp
 from appliance.gateway.udp import UdpGateway
@@ -228,9 +228,9 @@ class Appliance:
         the dispatcher, TCP ones into the shared flow registry
         (/connections)."""
         try:
-            await mixed.serve(self.cfg, pool, dispatcher.connect_tcp, self.flows,
-                              open_udp=dispatcher.open_udp, task_status=task_status)
-        except (OSError, mixed.ProxyPortError) as err:
+            await proxyport.serve(self.cfg, pool, dispatcher.connect_tcp, self.flows,
+                                  open_udp=dispatcher.open_udp, task_status=task_status)
+        except (OSError, proxyport.ProxyPortError) as err:
             raise AppError(f"proxy ports (mixed-port/socks-port/port): {err}") from None
 
     async def _serve_offload(self, pool: FakeIPPool, dispatcher: Dispatcher, *,

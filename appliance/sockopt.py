@@ -1,7 +1,7 @@
 """Linux socket options and control messages the data path uses, without I/O.
 
 What it is for: the transparent listeners (gateway/tcp.py, gateway/udp.py),
-the proxy ports (gateway/mixed.py), the DNS server and the outbounds set the
+the proxy ports (gateway/proxyport/), the DNS server and the outbounds set the
 same Linux socket options and read the same ancillary data. The numbers live
 here once (Python 3.11's `socket` module names only some of them; the
 fallbacks are the values from <linux/in.h>, <linux/in6.h> and

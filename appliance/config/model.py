@@ -297,7 +297,7 @@ class Config:
     # `allow-lan` (false: loopback only; true by default here, unlike Clash,
     # since serving the LAN is an appliance's job) and `bind-address` ("*":
     # every address of appliance.lan; never the WAN side, see
-    # appliance/gateway/mixed.py).
+    # appliance/gateway/proxyport/).
     socks_port: int | None = None
     http_port: int | None = None
     authentication: tuple[tuple[str, str], ...] = ()

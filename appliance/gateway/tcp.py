@@ -51,7 +51,7 @@ Dial = Callable[[Flow], Awaitable[trio.abc.Stream]]
 
 class FakeIPs(Protocol):
     """The part of `appliance.fakeip.pool.FakeIPPool` the gateway uses (the
-    transparent listeners here and in udp.py, and the proxy ports in mixed.py)."""
+    transparent listeners here and in udp.py, and the proxy ports in proxyport/)."""
 
     def is_fake(self, ip: Any) -> bool: ...
 
@@ -110,7 +110,7 @@ async def accept_loop(
 ) -> None:
     """Accept on `listener` and run `handler(stream)` in `nursery` for each
     connection, until cancelled (then the listener is closed). For the
-    transparent listener here and the proxy ports (mixed.py).
+    transparent listener here and the proxy ports (proxyport/service.py).
 
     `trio.serve_listeners` without its per-connection wrapper, whose
     `aclose_forcefully` of the (already closed) stream cost a cancel scope

@@ -35,6 +35,13 @@ failed to open drops its datagrams for `FAILED_HOLD` seconds, then the next
 datagram tries again; a REJECT session drops until idle. Bind errors
 (OSError) propagate before `started()`.
 
+The session path (`UdpSessions`: table, opening through the dispatcher,
+pending datagrams, REJECT and failure holds, replies, idle expiry,
+eviction, counters) is shared with the proxy ports' UDP ASSOCIATE
+(appliance/gateway/proxyport/udp_relay.py); this listener adds what is its
+own: TPROXY's original destinations, fake IP -> name pins, and reply
+sockets bound to the original destination.
+
 Owns: the listening socket, the reply sockets, every session's peer (socket
 and SOCKS5 control connection) and pool pins; all released in `finally`.
 """
@@ -49,7 +56,7 @@ import resource
 import socket
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Protocol
 
 import trio
 
@@ -95,6 +102,14 @@ WARN_INTERVAL = 1.0
 OpenPeer = Callable[[Flow], Awaitable[UdpPeer | None]]
 
 
+class Meter(Protocol):
+    """Where a session's bytes are also counted (splice.FlowRecord)."""
+
+    def add_up(self, n: int) -> None: ...
+
+    def add_down(self, n: int) -> None: ...
+
+
 class Session:
     """One (client address, original destination) pair and its state.
 
@@ -104,6 +119,11 @@ class Session:
     outbound did not open: drop for FAILED_HOLD). `sock` is the peer's
     socket while open, else None; `pending` holds datagrams that arrived
     while opening. `last` is the trio time of the last datagram either way.
+
+    Replies go to `reply_to` (the client's socket address; `client` by
+    default) with `reply_header` before each (a SOCKS5 UDP header on a proxy
+    port's association; empty for the transparent gateway), and are counted
+    in `meter` too when one is given (the association's registry entry).
     """
 
     __slots__ = (
@@ -117,8 +137,11 @@ class Session:
         "key",
         "last",
         "limit",
+        "meter",
         "peer",
         "pending",
+        "reply_header",
+        "reply_to",
         "scope",
         "sock",
         "started",
@@ -129,7 +152,8 @@ class Session:
     _ids = itertools.count(1)
 
     def __init__(self, key: Any, client: tuple[str, int], dst: Destination, flow: Flow,
-                 now: float, timeout: float) -> None:
+                 now: float, timeout: float, *, reply_to: Any = None,
+                 reply_header: bytes = b"", meter: Meter | None = None) -> None:
         self.id = next(Session._ids)
         self.started = time.time()
         self.bytes_up = 0
@@ -147,6 +171,9 @@ class Session:
         self.limit = MAX_UDP_PAYLOAD
         self.pending: list[bytes] = []
         self.scope = trio.CancelScope()
+        self.reply_to: Any = reply_to if reply_to is not None else client
+        self.reply_header = reply_header
+        self.meter = meter
 
     def describe(self) -> str:
         return self.flow.describe()
@@ -229,8 +256,272 @@ def _raise_fd_limit(sessions: int) -> None:
             log.warning("udp: open-file limit %d allows fewer than %d sessions", new, sessions)
 
 
+class UdpSessions:
+    """The UDP session path, shared by every UDP listener: sessions of
+    `Flow`s, each opened through `open_peer` (the dispatcher's `open_udp`),
+    relaying replies until idle, bounded, counted.
+
+    One serves the transparent gateway (`UdpGateway`, below); each UDP
+    ASSOCIATE on a proxy port has its own (appliance/gateway/proxyport/
+    udp_relay.py). The caller receives the client's datagrams (its socket,
+    its key), makes a session's `Flow` and the `Session`, hands it to
+    `start`, and passes each later datagram to `send_up` (or does the same
+    inline, as `UdpGateway` does for speed). Everything after that is here:
+    opening (datagrams wait in `pending`, at most `MAX_PENDING`), REJECT
+    (drop until idle), a failed open (drop for `hold` seconds, then the
+    session ends and the next datagram tries again), replies (batched, from
+    the `reply` socket the caller gives, to `Session.reply_to`), idle expiry
+    (a deadline checked when it fires), eviction of the least recently
+    active session when the table is full.
+
+    Owns: the table and every session's peer (closed when its session
+    ends, also when cancelled). Not the reply sockets nor pool pins: the
+    caller's `run` wrapper releases them.
+    """
+
+    def __init__(self, open_peer: OpenPeer, capacity: int, *, hold: float = FAILED_HOLD) -> None:
+        self.open_peer = open_peer
+        self.hold = hold
+        self.table: SessionTable[Any, Session] = SessionTable(capacity)
+        self.counters = UdpStats()
+
+    def add(self, session: Session) -> None:
+        """Put `session` in the table, ending the least recently active one
+        if it was full (counted in `evicted`)."""
+        evicted = self.table.add(session.key, session)
+        if evicted is not None:
+            self.counters.evicted += 1
+            evicted.scope.cancel()
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("udp %s: evicted (at most %d sessions)", evicted.describe(),
+                          self.table.capacity)
+        self.counters.sessions_opened += 1
+
+    def send_up(self, s: Session, data: bytes, now: float) -> None:
+        """One datagram from the client of a live session: sent, queued
+        while opening, or dropped (counted)."""
+        st = self.counters
+        s.last = now
+        self.table.touch(s.key)
+        out = s.sock
+        if out is not None:
+            n = len(data)
+            if n > s.limit:
+                st.dropped_oversize += 1
+                return
+            try:
+                out.send(s.header + data if s.header else data)
+            except OSError as err:
+                self.send_failed(err)
+                return
+            st.packets_up += 1
+            st.bytes_up += n
+            s.bytes_up += n
+            if s.meter is not None:
+                s.meter.add_up(n)
+        else:
+            self.not_open(s, data)
+
+    def not_open(self, s: Session, data: bytes) -> None:
+        """A datagram for a session with no open peer: queued while it
+        opens, else dropped and counted."""
+        st = self.counters
+        if s.state == "opening":
+            if len(s.pending) < MAX_PENDING:
+                s.pending.append(data)
+            else:
+                st.dropped_queue += 1
+        elif s.state == "rejected":
+            st.dropped_rejected += 1
+        else:
+            st.dropped_dial_failed += 1
+
+    def send_failed(self, err: OSError) -> None:
+        if err.errno == errno.EMSGSIZE:
+            self.counters.dropped_oversize += 1
+        else:
+            self.counters.dropped_send += 1
+
+    async def run(self, s: Session, reply: socket.socket | None) -> None:
+        """The session's life: open its outbound, relay replies through
+        `reply` until it idles out (or, SOCKS5, the proxy drops the
+        association), then `end` it. `reply` None: the caller could not get
+        a reply socket; the session just ends."""
+        try:
+            with s.scope:
+                if reply is None or not await self._open(s):
+                    return
+                assert s.peer is not None
+                if not s.peer.socks:
+                    await self._relay_down(s, s.peer, reply)
+                    return
+                # SOCKS5: the association ends when the proxy closes its
+                # control connection.
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._watch, s.peer, nursery.cancel_scope)
+                    await self._relay_down(s, s.peer, reply)
+                    nursery.cancel_scope.cancel()
+        finally:
+            await self.end(s)
+
+    async def end(self, s: Session) -> None:
+        """Take `s` out of the table and close its peer (shielded: also
+        when the caller is cancelled)."""
+        self.table.remove(s.key, s)
+        s.sock = None
+        s.pending = []
+        if s.state == "opening" or s.state == "open":
+            s.state = "closed"
+        if s.peer is not None:
+            with trio.CancelScope(shield=True):
+                await s.peer.aclose()
+
+    async def _open(self, s: Session) -> bool:
+        """Open the session's outbound and send what waited; False when the
+        session has nothing more to do (REJECT or failure, after holding)."""
+        st = self.counters
+        flow = s.flow
+        try:
+            try:
+                peer = await self.open_peer(flow)
+            finally:
+                st.skipped_no_udp += flow.skipped
+        except Exception as exc:  # open_peer is pluggable: any failure ends this session only
+            why = exc.reason if isinstance(exc, OutboundError) else (
+                f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
+            st.dial_failures += 1
+            st.dropped_dial_failed += len(s.pending)
+            s.pending = []
+            s.state = "failed"
+            log.warning("udp %s: outbound%s failed: %s; dropping for %gs", s.describe(),
+                        f" {flow.outbound}" if flow.outbound else "", why, self.hold)
+            await trio.sleep(self.hold)
+            return False
+        if peer is None:
+            st.dropped_rejected += len(s.pending)
+            s.pending = []
+            s.state = "rejected"
+            flow.outbound = flow.outbound or "REJECT"
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("udp %s: rejected by %s", s.describe(), flow.outbound)
+            await self._wait_idle(s)
+            return False
+        s.peer = peer
+        # A group's member, which the flow list shows for UDP.
+        flow.outbound = peer.outbound
+        s.header = peer.header
+        s.limit = MAX_UDP_PAYLOAD - len(peer.header)
+        pending, s.pending = s.pending, []
+        for data in pending:
+            if len(data) > s.limit:
+                st.dropped_oversize += 1
+                continue
+            try:
+                peer.sock.send(s.header + data)
+            except OSError as err:
+                self.send_failed(err)
+                continue
+            st.packets_up += 1
+            st.bytes_up += len(data)
+            s.bytes_up += len(data)
+            if s.meter is not None:
+                s.meter.add_up(len(data))
+        # From here on the receive loop sends directly.
+        s.sock = peer.sock
+        s.state = "open"
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("udp %s: via %s (%s)", s.describe(), peer.outbound, peer.remote)
+        return True
+
+    async def _wait_idle(self, s: Session) -> None:
+        while True:
+            deadline = s.last + s.timeout
+            if trio.current_time() >= deadline:
+                self.counters.idle_expired += 1
+                return
+            await trio.sleep_until(deadline)
+
+    @staticmethod
+    async def _watch(peer: UdpPeer, scope: trio.CancelScope) -> None:
+        await peer.watch()
+        scope.cancel()
+
+    async def _relay_down(self, s: Session, peer: UdpPeer, reply: socket.socket) -> None:
+        """Replies from the peer to the client until the session idles out,
+        from `reply` (the transparent gateway's is bound to the original
+        destination; an association's is its relay socket)."""
+        st = self.counters
+        sock = peer.sock
+        recv = sock.recv
+        sendto = reply.sendto
+        client = s.reply_to
+        prefix = s.reply_header
+        meter = s.meter
+        socks = peer.socks
+        touch = self.table.touch
+        while True:
+            deadline = s.last + s.timeout
+            if trio.current_time() >= deadline:
+                st.idle_expired += 1
+                if log.isEnabledFor(logging.DEBUG):
+                    log.debug("udp %s: idle for %gs, closed", s.describe(), s.timeout)
+                return
+            # Activity moves `s.last`; the deadline is checked again when it
+            # fires instead of being reset for every datagram.
+            with trio.move_on_at(deadline):
+                while True:
+                    await trio.lowlevel.wait_readable(sock)
+                    got = False
+                    for _ in range(BATCH):
+                        try:
+                            data = recv(RECV_SIZE)
+                        except BlockingIOError:
+                            break
+                        except OSError:
+                            # ICMP errors (port unreachable) surface on a
+                            # connected socket: the peer may come back.
+                            continue
+                        if socks:
+                            payload = self._unwrap(data)
+                            if payload is None:
+                                continue
+                            data = payload
+                        try:
+                            sendto(prefix + data if prefix else data, client)
+                        except OSError as err:
+                            self.send_failed(err)
+                            continue
+                        got = True
+                        n = len(data)
+                        st.packets_down += 1
+                        st.bytes_down += n
+                        s.bytes_down += n
+                        if meter is not None:
+                            meter.add_down(n)
+                    if got:
+                        s.last = trio.current_time()
+                        try:
+                            touch(s.key)
+                        except KeyError:
+                            return  # evicted: our scope is cancelled already
+
+    def _unwrap(self, datagram: bytes) -> bytes | None:
+        """The payload of a SOCKS5 UDP reply; None (counted) if it is a
+        fragment or malformed."""
+        try:
+            d = parse_udp(datagram)
+        except Socks5Error:
+            self.counters.dropped_malformed += 1
+            return None
+        if d.frag:
+            self.counters.dropped_fragment += 1
+            return None
+        return d.payload
+
+
 class UdpGateway:
-    """The UDP gateway service: listener, session table, reply sockets, counters."""
+    """The UDP gateway service: listener, reply sockets, and its sessions
+    (`UdpSessions`: table, counters)."""
 
     def __init__(
         self,
@@ -247,12 +538,12 @@ class UdpGateway:
         self.cfg = cfg
         self.port = cfg.tproxy_port
         self.pool = pool
-        self.open_peer = open_peer
         self.timeout = timeout if timeout is not None else a.udp_timeout
-        self.table: SessionTable[Any, Session] = SessionTable(
-            max_sessions if max_sessions is not None else a.udp_max_sessions)
+        self.sessions = UdpSessions(
+            open_peer, max_sessions if max_sessions is not None else a.udp_max_sessions)
+        self.table = self.sessions.table
+        self.counters = self.sessions.counters
         self.replies = ReplySockets()
-        self.counters = UdpStats()
         self._warned_at = -WARN_INTERVAL
 
     def stats(self) -> dict[str, int]:
@@ -296,6 +587,8 @@ class UdpGateway:
         get = self.table.get
         touch = self.table.touch
         st = self.counters
+        send_failed = self.sessions.send_failed
+        not_open = self.sessions.not_open
         trunc = int(socket.MSG_TRUNC)  # a plain int: IntFlag.__and__ costs per datagram
         while True:
             await trio.lowlevel.wait_readable(sock)
@@ -320,6 +613,7 @@ class UdpGateway:
                 if s is None:
                     self._new_session(key, addr, anc, data, now, nursery)
                     continue
+                # UdpSessions.send_up, inline: this is the per-datagram path.
                 s.last = now
                 touch(key)
                 out = s.sock
@@ -331,26 +625,13 @@ class UdpGateway:
                     try:
                         out.send(s.header + data if s.header else data)
                     except OSError as err:
-                        self._send_failed(err)
+                        send_failed(err)
                         continue
                     st.packets_up += 1
                     st.bytes_up += n
                     s.bytes_up += n
-                elif s.state == "opening":
-                    if len(s.pending) < MAX_PENDING:
-                        s.pending.append(data)
-                    else:
-                        st.dropped_queue += 1
-                elif s.state == "rejected":
-                    st.dropped_rejected += 1
                 else:
-                    st.dropped_dial_failed += 1
-
-    def _send_failed(self, err: OSError) -> None:
-        if err.errno == errno.EMSGSIZE:
-            self.counters.dropped_oversize += 1
-        else:
-            self.counters.dropped_send += 1
+                    not_open(s, data)
 
     def _new_session(self, key: Any, addr: Any, anc: Ancillary, data: bytes,
                      now: float, nursery: trio.Nursery) -> None:
@@ -380,185 +661,24 @@ class UdpGateway:
                     ipaddress.ip_address(dst[1]), dst[2], domain)
         session = Session(key, client, dst, flow, now, idle_timeout(dst[2], self.timeout))
         session.pending.append(data)
-        evicted = self.table.add(key, session)
-        if evicted is not None:
-            self.counters.evicted += 1
-            evicted.scope.cancel()
-            if log.isEnabledFor(logging.DEBUG):
-                log.debug("udp %s: evicted (at most %d sessions)", evicted.describe(),
-                          self.table.capacity)
-        self.counters.sessions_opened += 1
+        self.sessions.add(session)
         nursery.start_soon(self._run, session)
 
     # -- one session ---------------------------------------------------------------
 
     async def _run(self, s: Session) -> None:
+        """The shared session path, with this listener's parts around it:
+        the reply socket bound to the original destination, and the pin."""
         reply: socket.socket | None = None
         try:
-            with s.scope:
-                try:
-                    reply = self.replies.acquire(s.dst)
-                except OSError as err:
-                    log.warning("udp %s: cannot reply from %s:%d: %s", s.describe(), s.dst[1],
-                                s.dst[2], err)
-                    return
-                if not await self._open(s):
-                    return
-                assert s.peer is not None
-                if not s.peer.socks:
-                    await self._relay_down(s, s.peer, reply)
-                    return
-                # SOCKS5: the association ends when the proxy closes its
-                # control connection.
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._watch, s.peer, nursery.cancel_scope)
-                    await self._relay_down(s, s.peer, reply)
-                    nursery.cancel_scope.cancel()
+            try:
+                reply = self.replies.acquire(s.dst)
+            except OSError as err:
+                log.warning("udp %s: cannot reply from %s:%d: %s", s.describe(), s.dst[1],
+                            s.dst[2], err)
+            await self.sessions.run(s, reply)
         finally:
-            self.table.remove(s.key, s)
-            s.sock = None
-            s.pending = []
-            if s.state == "opening" or s.state == "open":
-                s.state = "closed"
             if reply is not None:
                 self.replies.release(s.dst)
-            if s.peer is not None:
-                await s.peer.aclose()
             if s.flow.domain is not None:
                 self.pool.unpin(s.dst[1])
-
-    async def _open(self, s: Session) -> bool:
-        """Open the session's outbound and send what waited; False when the
-        session has nothing more to do (REJECT or failure, after holding)."""
-        st = self.counters
-        flow = s.flow
-        try:
-            try:
-                peer = await self.open_peer(flow)
-            finally:
-                st.skipped_no_udp += flow.skipped
-        except Exception as exc:  # open_peer is pluggable: any failure ends this session only
-            why = exc.reason if isinstance(exc, OutboundError) else (
-                f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
-            st.dial_failures += 1
-            st.dropped_dial_failed += len(s.pending)
-            s.pending = []
-            s.state = "failed"
-            log.warning("udp %s: outbound%s failed: %s; dropping for %gs", s.describe(),
-                        f" {flow.outbound}" if flow.outbound else "", why, FAILED_HOLD)
-            await trio.sleep(FAILED_HOLD)
-            return False
-        if peer is None:
-            st.dropped_rejected += len(s.pending)
-            s.pending = []
-            s.state = "rejected"
-            flow.outbound = flow.outbound or "REJECT"
-            if log.isEnabledFor(logging.DEBUG):
-                log.debug("udp %s: rejected by %s", s.describe(), flow.outbound)
-            await self._wait_idle(s)
-            return False
-        s.peer = peer
-        # A group's member, which the flow list shows for UDP.
-        flow.outbound = peer.outbound
-        s.header = peer.header
-        s.limit = MAX_UDP_PAYLOAD - len(peer.header)
-        pending, s.pending = s.pending, []
-        for data in pending:
-            if len(data) > s.limit:
-                st.dropped_oversize += 1
-                continue
-            try:
-                peer.sock.send(s.header + data)
-            except OSError as err:
-                self._send_failed(err)
-                continue
-            st.packets_up += 1
-            st.bytes_up += len(data)
-            s.bytes_up += len(data)
-        # From here on the receive loop sends directly.
-        s.sock = peer.sock
-        s.state = "open"
-        if log.isEnabledFor(logging.DEBUG):
-            log.debug("udp %s: via %s (%s)", s.describe(), peer.outbound, peer.remote)
-        return True
-
-    async def _wait_idle(self, s: Session) -> None:
-        while True:
-            deadline = s.last + s.timeout
-            if trio.current_time() >= deadline:
-                self.counters.idle_expired += 1
-                return
-            await trio.sleep_until(deadline)
-
-    @staticmethod
-    async def _watch(peer: UdpPeer, scope: trio.CancelScope) -> None:
-        await peer.watch()
-        scope.cancel()
-
-    async def _relay_down(self, s: Session, peer: UdpPeer, reply: socket.socket) -> None:
-        """Replies from the peer to the client until the session idles out,
-        from the original destination (`reply` is bound to it)."""
-        st = self.counters
-        sock = peer.sock
-        recv = sock.recv
-        sendto = reply.sendto
-        client = s.client
-        socks = peer.socks
-        touch = self.table.touch
-        while True:
-            deadline = s.last + s.timeout
-            if trio.current_time() >= deadline:
-                st.idle_expired += 1
-                if log.isEnabledFor(logging.DEBUG):
-                    log.debug("udp %s: idle for %gs, closed", s.describe(), s.timeout)
-                return
-            # Activity moves `s.last`; the deadline is checked again when it
-            # fires instead of being reset for every datagram.
-            with trio.move_on_at(deadline):
-                while True:
-                    await trio.lowlevel.wait_readable(sock)
-                    got = False
-                    for _ in range(BATCH):
-                        try:
-                            data = recv(RECV_SIZE)
-                        except BlockingIOError:
-                            break
-                        except OSError:
-                            # ICMP errors (port unreachable) surface on a
-                            # connected socket: the peer may come back.
-                            continue
-                        if socks:
-                            payload = self._unwrap(data)
-                            if payload is None:
-                                continue
-                            data = payload
-                        try:
-                            sendto(data, client)
-                        except OSError as err:
-                            self._send_failed(err)
-                            continue
-                        got = True
-                        n = len(data)
-                        st.packets_down += 1
-                        st.bytes_down += n
-                        s.bytes_down += n
-                    if got:
-                        s.last = trio.current_time()
-                        try:
-                            touch(s.key)
-                        except KeyError:
-                            return  # evicted: our scope is cancelled already
-
-    def _unwrap(self, datagram: bytes) -> bytes | None:
-        """The payload of a SOCKS5 UDP reply; None (counted) if it is a
-        fragment or malformed."""
-        try:
-            d = parse_udp(datagram)
-        except Socks5Error:
-            self.counters.dropped_malformed += 1
-            return None
-        if d.frag:
-            self.counters.dropped_fragment += 1
-            return None
-        return d.payload
-

@@ -1,8 +1,10 @@
 """HTTP CONNECT tunnels (RFC 9110 section 9.3.6), without I/O.
 
 What this is for: the HTTP outbound (client side: build the CONNECT request,
-parse the proxy's response head) and, later, the mixed port (server side:
-parse a CONNECT or absolute-URI proxy request). Nothing here imports trio.
+parse the proxy's response head) and the proxy ports (server side: parse a
+CONNECT or absolute-URI proxy request; appliance/gateway/proxyport, with
+the forwarding rules in appliance/proto/http_proxy.py). Nothing here
+imports trio.
 
 The head of a message ends at the first CRLFCRLF; heads longer than
 `max_head` bytes are refused, so a peer cannot make us buffer without bound.
@@ -236,7 +238,7 @@ class ProxyRequest:
     `method` CONNECT: `host`/`port` are the tunnel target, `path` is "".
     Any other method: the request-target was absolute-form
     (`http://host[:port]/path`), `path` is the origin-form to forward.
-    `headers` are as received (`appliance.gateway.mixed.origin_request`
+    `headers` are as received (`appliance.proto.http_proxy.origin_request`
     rewrites them for forwarding).
     """
 

@@ -334,9 +334,9 @@ def test_socks_replies_with_fragments_or_bad_headers_are_dropped_and_counted() -
 
     cfg = Config(tproxy_port=7893)
     gw = UdpGateway(cfg, FakeIPPool(cfg.dns.fake_ip_range), no_peer)
-    assert gw._unwrap(s5.encode_udp("192.0.2.9", 53, b"answer")) == b"answer"
-    assert gw._unwrap(s5.encode_udp("192.0.2.9", 53, b"part", frag=1)) is None
-    assert gw._unwrap(b"\x00\x00\x00\x09junk") is None
-    assert gw._unwrap(b"\x00") is None
+    assert gw.sessions._unwrap(s5.encode_udp("192.0.2.9", 53, b"answer")) == b"answer"
+    assert gw.sessions._unwrap(s5.encode_udp("192.0.2.9", 53, b"part", frag=1)) is None
+    assert gw.sessions._unwrap(b"\x00\x00\x00\x09junk") is None
+    assert gw.sessions._unwrap(b"\x00") is None
     st = gw.stats()
     assert (st["dropped_fragment"], st["dropped_malformed"], st["sessions"]) == (1, 2, 0)

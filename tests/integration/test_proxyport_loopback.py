@@ -1,16 +1,14 @@
-"""The proxy ports (appliance/gateway/mixed.py).
-
-First the protocol logic without I/O (sniffing, credentials, forwarding
-heads, request body framing, where to listen), then the service itself on
-loopback: real SOCKS5/HTTP clients (the project's own sans-I/O client and
-raw sockets) against `ProxyPorts`, with a `dial` that connects to real
-origin servers on loopback and a real fake-IP pool.
+"""The proxy-port service on loopback (appliance/gateway/proxyport/service.py):
+real SOCKS5/HTTP clients (the project's own sans-I/O client and raw
+sockets) against `ProxyPorts`, with a `dial` that connects to real origin
+servers on loopback and a real fake-IP pool. No namespaces or root needed;
+integration tests because they run real sockets (the handshake's logic is
+tested without them in tests/unit/test_proxyport_handshake.py).
 """
 
 from __future__ import annotations
 
 import ipaddress
-import itertools
 import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -19,274 +17,15 @@ from typing import Any
 
 import pytest
 import trio
-from hypothesis import given
-from hypothesis import strategies as st
 
-from appliance.config import ConfigError, parse_config
 from appliance.config.model import ApplianceConfig, Config, IPAddress
 from appliance.fakeip.pool import FakeIPPool
 from appliance.flow import Flow
-from appliance.gateway.mixed import (
-    Authenticator,
-    BindAddress,
-    BodyFramer,
-    Limits,
-    ProxyPort,
-    ProxyPortError,
-    ProxyPorts,
-    choose_bind_addresses,
-    classify_dial_error,
-    origin_request,
-    proxy_ports,
-    sniff,
-)
+from appliance.gateway.proxyport import BindAddress, Limits, ProxyPort, ProxyPorts
 from appliance.gateway.splice import FlowRegistry
 from appliance.outbound.base import OutboundError
 from appliance.proto import socks5 as s5
-from appliance.proto.http_connect import HttpConnectError, ProxyRequest, parse_request
 from appliance.routing import Dispatcher, Router
-
-# ---------------------------------------------------------------------------- sniff
-
-
-def test_sniff_by_first_byte() -> None:
-    assert sniff(0x05) == "socks5"
-    assert sniff(0x04) == "socks4"
-    for first in b"GCPHDOT\x00\x16\xff":
-        assert sniff(first) == "http"
-
-
-# ---------------------------------------------------------------------- credentials
-
-
-def test_authenticator() -> None:
-    assert not Authenticator().required
-    auth = Authenticator([("alice", "s3cret"), ("bob", "pa:ss")])
-    assert auth.required
-    assert auth.check("alice", "s3cret")
-    assert auth.check("bob", "pa:ss")
-    assert not auth.check("alice", "pa:ss")
-    assert not auth.check("alice", "")
-    assert not auth.check("carol", "s3cret")
-    assert not auth.check("", "")
-
-
-def test_dial_errors_map_to_refusals() -> None:
-    assert classify_dial_error("rejected") == "rejected"
-    assert classify_dial_error("connect to 1.2.3.4 port 80 failed: Connection refused") == "refused"
-    assert classify_dial_error("DIRECT x:80: timed out after 5s") == "timeout"
-    assert classify_dial_error("no connection within 5s") == "timeout"
-    assert classify_dial_error("cannot resolve x.test: NXDOMAIN") == "unreachable"
-
-
-# ------------------------------------------------------------------ forwarding head
-
-
-def request(raw: bytes) -> ProxyRequest:
-    parsed = parse_request(raw)
-    assert parsed is not None
-    return parsed[0]
-
-
-def test_origin_request_rewrites_line_host_and_hop_by_hop() -> None:
-    req = request(
-        b"POST http://www.alpha.test:8080/p?q=1 HTTP/1.1\r\n"
-        b"Host: evil.test\r\n"
-        b"Proxy-Authorization: Basic dTpw\r\n"
-        b"Proxy-Connection: keep-alive\r\n"
-        b"Connection: keep-alive, X-Secret\r\n"
-        b"Keep-Alive: timeout=5\r\n"
-        b"X-Secret: drop me\r\n"
-        b"TE: trailers\r\n"
-        b"Content-Length: 3\r\n"
-        b"User-Agent: t\r\n\r\n"
-    )
-    head, upgrade = origin_request(req)
-    assert not upgrade
-    lines = head.decode().split("\r\n")
-    assert lines[0] == "POST /p?q=1 HTTP/1.1"
-    assert lines[1] == "Host: www.alpha.test:8080"
-    assert "Content-Length: 3" in lines and "User-Agent: t" in lines
-    assert "Connection: close" in lines
-    text = head.decode().lower()
-    for gone in ("proxy-", "keep-alive", "x-secret", "te:", "evil.test"):
-        assert gone not in text, gone
-    assert head.endswith(b"\r\n\r\n")
-
-
-def test_origin_request_default_port_and_v6_host() -> None:
-    head, _ = origin_request(request(b"GET http://www.beta.test/ HTTP/1.0\r\n\r\n"))
-    assert head.startswith(b"GET / HTTP/1.0\r\nHost: www.beta.test\r\n")
-    head, _ = origin_request(request(b"GET http://[fd57::10]/x HTTP/1.1\r\n\r\n"))
-    assert b"\r\nHost: [fd57::10]\r\n" in head
-
-
-def test_origin_request_keeps_an_upgrade() -> None:
-    head, upgrade = origin_request(
-        request(
-            b"GET http://ws.test/chat HTTP/1.1\r\nConnection: Upgrade\r\n"
-            b"Upgrade: websocket\r\nSec-WebSocket-Key: k\r\n\r\n"
-        )
-    )
-    assert upgrade
-    assert b"Upgrade: websocket\r\n" in head and b"Connection: upgrade\r\n" in head
-    assert b"Sec-WebSocket-Key: k" in head and b"close" not in head
-
-
-# ----------------------------------------------------------------------- body framing
-
-
-def framer(raw_head: bytes) -> BodyFramer:
-    return BodyFramer.for_request(request(raw_head))
-
-
-def test_framing_none_and_content_length() -> None:
-    f = framer(b"GET http://a.test/ HTTP/1.1\r\n\r\n")
-    assert f.done and f.feed(b"GET /next") == 0
-    f = framer(b"POST http://a.test/ HTTP/1.1\r\nContent-Length: 5\r\n\r\n")
-    assert not f.done
-    assert f.feed(b"abc") == 3
-    assert f.feed(b"deGET http://b.test/") == 2
-    assert f.done
-
-
-@pytest.mark.parametrize(
-    "headers",
-    [
-        b"Content-Length: 3\r\nTransfer-Encoding: chunked\r\n",
-        b"Content-Length: 3\r\nContent-Length: 4\r\n",
-        b"Content-Length: -1\r\n",
-        b"Content-Length: 1e3\r\n",
-        b"Transfer-Encoding: gzip\r\n",
-    ],
-)
-def test_framing_refuses_ambiguous_requests(headers: bytes) -> None:
-    with pytest.raises(HttpConnectError) as exc:
-        framer(b"POST http://a.test/ HTTP/1.1\r\n" + headers + b"\r\n")
-    assert exc.value.status == 400
-
-
-CHUNKED = b"4\r\nWiki\r\n5;ext=1\r\npedia\r\nE\r\n in\r\n\r\nchunks.\r\n0\r\nX-T: 1\r\n\r\n"
-
-
-def chunked() -> BodyFramer:
-    return framer(b"POST http://a.test/ HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n")
-
-
-def test_chunked_body_whole_and_byte_by_byte() -> None:
-    f = chunked()
-    assert f.feed(CHUNKED + b"NEXT") == len(CHUNKED) and f.done
-    f = chunked()
-    total = sum(f.feed(CHUNKED[i : i + 1]) for i in range(len(CHUNKED)))
-    assert total == len(CHUNKED) and f.done
-
-
-@given(st.lists(st.integers(min_value=1, max_value=len(CHUNKED)), max_size=10))
-def test_chunked_body_any_split(cuts: list[int]) -> None:
-    f = chunked()
-    points = sorted({0, len(CHUNKED), *cuts})
-    consumed = sum(f.feed(CHUNKED[a:b]) for a, b in itertools.pairwise(points))
-    assert consumed == len(CHUNKED) and f.done
-
-
-@pytest.mark.parametrize("bad", [b"zz\r\n", b"4\nWiki", b"4\r\nWikiX\r\n", b"1" * 5000])
-def test_chunked_malformed_is_400(bad: bytes) -> None:
-    with pytest.raises(HttpConnectError) as exc:
-        chunked().feed(bad)
-    assert exc.value.status == 400
-
-
-@given(st.binary(max_size=300))
-def test_chunked_never_raises_anything_else(data: bytes) -> None:
-    f = chunked()
-    try:
-        n = f.feed(data)
-    except HttpConnectError:
-        return
-    assert 0 <= n <= len(data)
-
-
-# ------------------------------------------------------------------- where to listen
-
-LAN = [BindAddress("192.168.56.1"), BindAddress("fd56::1"), BindAddress("fe80::1", 3)]
-
-
-def test_bind_lan_and_loopback_only() -> None:
-    got = choose_bind_addresses(LAN)
-    assert [a.host for a in got] == ["127.0.0.1", "::1", "192.168.56.1", "fd56::1", "fe80::1"]
-    assert got[-1].sockaddr(7890) == ("fe80::1", 7890, 0, 3)
-    # A plain host (no appliance.lan) and allow-lan: false: loopback only.
-    assert [a.host for a in choose_bind_addresses([])] == ["127.0.0.1", "::1"]
-    assert [a.host for a in choose_bind_addresses(LAN, allow_lan=False)] == ["127.0.0.1", "::1"]
-
-
-def test_bind_address_must_be_on_the_lan() -> None:
-    got = choose_bind_addresses(LAN, bind_address="192.168.56.1")
-    assert [a.host for a in got] == ["127.0.0.1", "::1", "192.168.56.1"]
-    with pytest.raises(ProxyPortError, match="LAN side only"):
-        choose_bind_addresses(LAN, bind_address="192.168.57.1")  # the WAN address
-    with pytest.raises(ProxyPortError):
-        choose_bind_addresses(LAN, bind_address="not-an-ip")
-
-
-def test_proxy_ports_from_config() -> None:
-    assert proxy_ports(Config()) == []
-    ports = proxy_ports(Config(mixed_port=7890, socks_port=7891, http_port=7892))
-    assert ports == [
-        ProxyPort("mixed-port", 7890, socks=True, http=True),
-        ProxyPort("socks-port", 7891, socks=True, http=False),
-        ProxyPort("port", 7892, socks=False, http=True),
-    ]
-
-
-NO_DNS = {"dns": {"enable": False}}
-
-
-def test_config_keys() -> None:
-    cfg = parse_config(
-        {
-            "mixed-port": 7890,
-            "socks-port": 7891,
-            "port": 7892,
-            "authentication": ["alice:s3:cret", "bob:pw"],
-            "allow-lan": False,
-            "bind-address": "[fd56::1]",
-            **NO_DNS,
-        }
-    )
-    assert (cfg.mixed_port, cfg.socks_port, cfg.http_port) == (7890, 7891, 7892)
-    assert cfg.authentication == (("alice", "s3:cret"), ("bob", "pw"))
-    assert (cfg.allow_lan, cfg.bind_address) == (False, "fd56::1")
-    assert "port" not in cfg.ignored_keys and "authentication" not in cfg.ignored_keys
-    # Defaults: every LAN address, no auth, port 0 means off.
-    cfg = parse_config({"socks-port": 0, **NO_DNS})
-    assert (cfg.socks_port, cfg.authentication, cfg.allow_lan, cfg.bind_address) == (
-        None,
-        (),
-        True,
-        "*",
-    )
-
-
-@pytest.mark.parametrize(
-    ("data", "path"),
-    [
-        ({"authentication": ["no-colon"]}, "authentication[0]"),
-        ({"authentication": [":pw"]}, "authentication[0]"),
-        ({"authentication": ["a:1", "a:2"]}, "authentication[1]"),
-        ({"authentication": "a:b"}, "authentication"),
-        ({"bind-address": "lan0"}, "bind-address"),
-        ({"mixed-port": 7890, "port": 7890}, "port"),
-        ({"socks-port": 70000}, "socks-port"),
-    ],
-)
-def test_config_errors_name_the_key(data: dict[str, Any], path: str) -> None:
-    with pytest.raises(ConfigError) as exc:
-        parse_config({**data, **NO_DNS})
-    assert exc.value.path == path
-
-
-# ============================================================== the service on loopback
 
 
 @dataclass
@@ -755,3 +494,35 @@ async def test_udp_associate_direct(nursery: trio.Nursery) -> None:
     await control.aclose()
     await settle(running)
     assert [p for d, _i, p in running.pool.mappings() if d == "dns.test"] == [0]
+
+
+async def test_udp_associate_destinations_are_udp_flows_of_the_port(nursery: trio.Nursery) -> None:
+    """Each destination is a session on the transparent gateway's path: a
+    `Flow` (udp, this port's inbound) routed once; REJECT drops until idle
+    instead of asking again per datagram."""
+    asked: list[Flow] = []
+
+    async def reject(flow: Flow) -> None:
+        await trio.lowlevel.checkpoint()
+        asked.append(flow)
+        flow.outbound = "REJECT"
+
+    running = await start(nursery, open_udp=reject)
+    control = await socks(running.port, "0.0.0.0", 0, command=s5.CMD_UDP_ASSOCIATE)
+    relay = control.reply  # type: ignore[attr-defined]
+    udp = trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    with udp:
+        await udp.bind(("127.0.0.1", 0))
+        for _ in range(3):
+            await udp.sendto(s5.encode_udp("x.test", 9, b"q"), ("127.0.0.1", relay.port))
+        with trio.fail_after(5):
+            while not asked:  # noqa: ASYNC110 (polls state)
+                await trio.sleep(0.01)
+        await trio.sleep(0.1)
+        (flow,) = asked
+        assert (flow.network, flow.inbound, flow.domain, flow.dst_port) == (
+            "udp", "mixed", "x.test", 9)
+        (record,) = [f for f in running.registry.snapshot() if f["network"] == "udp"]
+        assert record["outbound"] == "REJECT" and record["up"] == 0
+    await control.aclose()
+    await settle(running)
