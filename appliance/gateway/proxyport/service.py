@@ -336,7 +336,9 @@ class ProxyPorts:
                     # One request per connection: end ours once the response is through.
                     await _linger_close(stream)
             else:
-                result = await splice(stream, server, idle_timeout=idle_timeout, meter=flow)
+                result = await splice(stream, server, idle_timeout=idle_timeout,
+                                      half_close_timeout=self.cfg.appliance.half_close_timeout,
+                                      meter=flow)
         finally:
             self.registry.close(flow, result)
             # Shielded: a cancelled first close must not skip the second.
