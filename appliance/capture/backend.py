@@ -15,22 +15,17 @@ side by side.
 from __future__ import annotations
 
 import logging
-from typing import Any, Protocol
+from typing import Any
 
 import trio
 
+from appliance.capture.hold import hold
 from appliance.capture.spec import CaptureError
 from appliance.config.model import Config
 
 log = logging.getLogger(__name__)
 
 __all__ = ["CaptureError", "hold", "remove_all", "render_plan", "serve"]
-
-
-class Removable(Protocol):
-    """An applied capture: `remove()` undoes it (synchronous, safe twice)."""
-
-    def remove(self) -> None: ...
 
 
 def render_plan(cfg: Config) -> str:
@@ -92,21 +87,6 @@ async def serve(
     capture = nftables.NftablesCapture(cfg)
     await trio.to_thread.run_sync(capture.apply)
     await hold(capture, task_status, capture)
-
-
-async def hold(capture: Removable, task_status: trio.TaskStatus[Any],
-               started: object = None) -> None:
-    """Report started (with `started`), hold an applied `capture` until
-    cancelled, then remove it (`capture.remove()` in a worker thread). Every
-    capture service ends this way: nftables, eBPF and the backend choice."""
-    try:
-        task_status.started(started)
-        await trio.sleep_forever()
-    finally:
-        # Shielded: removal must run even while the nursery is being cancelled.
-        with trio.CancelScope(shield=True):
-            await trio.to_thread.run_sync(capture.remove)
-
 
 
 def remove_all(cfg: Config) -> list[str]:

@@ -34,7 +34,7 @@ from typing import Any
 
 import trio
 
-from appliance.capture.backend import hold
+from appliance.capture.hold import hold
 from appliance.capture.routing import PolicyRouting, apply_routing
 from appliance.capture.spec import DNS_PORT, CaptureError, CaptureSpec
 from appliance.config.model import Config
