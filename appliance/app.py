@@ -42,6 +42,7 @@ from appliance.api import server as api_server
 from appliance.capture import backend as capture_backend
 from appliance.capture.nftables import NftablesCapture
 from appliance.capture.offload import DirectOffload
+from appliance.capture.spec import dns_bind
 from appliance.config import ConfigError, load_config
 from appliance.config.model import Config, DnsConfig
 from appliance.dns import server as dns_server
@@ -183,13 +184,13 @@ class Appliance:
     async def _serve_dns(self, handler: DnsHandler, resolver: Resolver, *,
                          task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         cfg = self.cfg
-        # With dns-hijack under the eBPF backend, captured queries to other
-        # resolvers arrive unrewritten (sk_assign): the socket must be
-        # transparent to answer from their address. (Under nftables they are
-        # redirected through conntrack, and transparency is harmless.)
+        # With dns-hijack, captured queries to other resolvers arrive
+        # unrewritten (TPROXY, sk_assign): the socket must be transparent to
+        # answer from their address; it binds where the capture looks for it
+        # (dual-stack for 0.0.0.0, so IPv6 resolvers are hijacked too).
         transparent = bool(cfg.appliance.lan) and cfg.hijacks_dns
         try:
-            await dns_server.serve(cfg.dns.listen, handler, resolver,
+            await dns_server.serve(dns_bind(cfg), handler, resolver,
                                    transparent=transparent,
                                    upstream_share=self.limits.dns_upstream,
                                    tcp_share=self.limits.dns_tcp, task_status=task_status)
@@ -244,7 +245,7 @@ class Appliance:
         cfg = self.cfg
         offload = self.offload = DirectOffload(
             pool, table=self.capture.table, lan=cfg.appliance.lan,
-            map6=cfg.ipv6 and cfg.dns.fake_ip_range6 is not None)
+            map6=cfg.fake_range6 is not None)
         dispatcher.offload = offload
         await offload.serve(task_status=task_status)
 

@@ -60,6 +60,22 @@ def cmd_rules(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_cleanup(args: argparse.Namespace) -> int:
+    """Remove what a killed run left (systemd's ExecStopPost): nothing when
+    the last run stopped cleanly. Never touches a running Mirage's
+    listeners, only the capture it would remove itself on a clean exit."""
+    from appliance.capture.backend import remove_all
+
+    cfg = _load(args.config)
+    _setup_logging("info")
+    removed = remove_all(cfg)
+    for what in removed:
+        logging.getLogger("mirage").info("cleanup: removed %s", what)
+    if not removed:
+        logging.getLogger("mirage").info("cleanup: nothing of Mirage's was left")
+    return EXIT_OK
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     import trio
 
@@ -181,6 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
         func=cmd_check)
     with_config(sub.add_parser("rules", help="print the capture rules run would apply")
                 ).set_defaults(func=cmd_rules)
+    with_config(sub.add_parser("cleanup", help="remove the capture a killed run left behind")
+                ).set_defaults(func=cmd_cleanup)
 
     p = sub.add_parser("lab", help="the network-namespace lab (client, gateway, upstream)")
     p.add_argument("action", choices=["up", "down", "demo"])

@@ -41,6 +41,10 @@
  * address): every IP packet entering from the LAN, and how much of it was
  * captured.
  *
+ * Fail-safe: port 53 with no DNS socket to take it (Mirage was killed and
+ * this program stayed attached) is passed, counted, to the resolver the
+ * client asked; fake-range traffic is still never passed.
+ *
  * Fragments: in front of IP reassembly, a later fragment has no ports and the
  * first one cannot be assigned for the whole datagram. To a fake range every
  * fragment is dropped (counted); elsewhere fragments pass, including DNS
@@ -55,7 +59,7 @@
 #include <uapi/linux/udp.h>
 #include <uapi/linux/pkt_cls.h>
 
-/* --- configuration (-D from appliance/capture/ebpf.py) -------------------- */
+/* --- configuration (-D from appliance/capture/ebpf/plan.py) --------------- */
 
 #ifndef MIRAGE_CAPTURE_MARK
 #error "MIRAGE_CAPTURE_MARK (appliance.capture-mark) is required"
@@ -475,6 +479,11 @@ int mirage_ingress(struct __sk_buff *skb)
         else
             ret = steer_udp(skb, &p, a0, a1, a2, a3, MIRAGE_DNS_PORT, MIRAGE_ST_DNS_UDP,
                             MIRAGE_ST_DNS_UDP, &which);
+        /* Fail-safe: no DNS socket means Mirage is gone (killed, crashed)
+         * while this program stays attached. The query goes on to the
+         * resolver the client asked instead of into a black hole. */
+        if (ret == MIRAGE_NO_SOCKET)
+            return pass(st, MIRAGE_ST_DNS_NO_SOCKET);
         return captured(skb, st, ret, which, c);
     }
 #endif /* MIRAGE_DNS4 || MIRAGE_DNS6 */

@@ -15,16 +15,22 @@ side by side.
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, Protocol
 
 import trio
 
-from appliance.capture.nftables import CaptureError
+from appliance.capture.spec import CaptureError
 from appliance.config.model import Config
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CaptureError", "render_plan", "serve"]
+__all__ = ["CaptureError", "hold", "remove_all", "render_plan", "serve"]
+
+
+class Removable(Protocol):
+    """An applied capture: `remove()` undoes it (synchronous, safe twice)."""
+
+    def remove(self) -> None: ...
 
 
 def render_plan(cfg: Config) -> str:
@@ -68,10 +74,55 @@ async def serve(
             log.warning("capture: eBPF unavailable (%s); redirect: auto falls back to "
                         "nftables", err)
         else:
-            await nftables.hold(capture, task_status, capture)
+            await hold(capture, task_status, capture)
             return
     await trio.to_thread.run_sync(ebpf.remove_leftovers, cfg)
     capture = nftables.NftablesCapture(cfg)
     await trio.to_thread.run_sync(capture.apply)
-    await nftables.hold(capture, task_status, capture)
+    await hold(capture, task_status, capture)
 
+
+async def hold(capture: Removable, task_status: trio.TaskStatus[Any],
+               started: object = None) -> None:
+    """Report started (with `started`), hold an applied `capture` until
+    cancelled, then remove it (`capture.remove()` in a worker thread). Every
+    capture service ends this way: nftables, eBPF and the backend choice."""
+    try:
+        task_status.started(started)
+        await trio.sleep_forever()
+    finally:
+        # Shielded: removal must run even while the nursery is being cancelled.
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(capture.remove)
+
+
+
+def remove_all(cfg: Config) -> list[str]:
+    """Remove whatever any earlier run of either backend may have left for
+    `cfg` (after kill -9, a watchdog abort): the nftables table, Mirage's tc
+    filters (and the clsact qdiscs it created), the policy-routing rules and
+    routes. Synchronous and best effort (a failure is logged, the rest still
+    runs); returns what it removed, for a log line. Never touches anything
+    that is not Mirage's (`mirage cleanup -c FILE`)."""
+    from appliance.capture import ebpf, nftables
+    from appliance.capture.routing import PolicyRouting
+
+    removed: list[str] = []
+    if nftables.table_exists():
+        try:
+            nftables.delete_table()
+            removed.append(f"nftables table {nftables.FAMILY} {nftables.DEFAULT_TABLE}")
+        except CaptureError as err:
+            log.warning("cleanup: %s", err)
+    removed += [f"tc filter on {name}" for name in ebpf.remove_leftovers(cfg)]
+    try:
+        routing = PolicyRouting.from_config(cfg)
+    except CaptureError:
+        # A DNS target no capture accepts: no run could have applied one.
+        return removed
+    # Both families: an earlier run may have had IPv6 on.
+    routing = PolicyRouting(routing.mark, routing.table, ipv6=True)
+    if n := routing.remove():
+        removed.append(f"policy routing fwmark {routing.mark:#x} table {routing.table} "
+                       f"({n} rules and routes)")
+    return removed

@@ -60,9 +60,9 @@ from appliance.capture.nftables import (
     FAMILY,
     OFFLOAD_MAPS,
     OFFLOAD_SIZE,
-    CaptureError,
     run_commands,
 )
+from appliance.capture.spec import CaptureError
 from appliance.config.model import IPAddress
 
 log = logging.getLogger(__name__)

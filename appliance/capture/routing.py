@@ -16,7 +16,8 @@ Shared by both capture backends (nftables, eBPF).
 
 Synchronous: pyroute2 runs its own loop; call at setup/teardown or through
 `trio.to_thread.run_sync`. Failures raise pyroute2's `NetlinkError` (an
-`OSError`-like with the errno) from `apply`; `remove` logs and goes on.
+`OSError`-like with the errno) from `apply` (`apply_routing` turns it into
+a `CaptureError` naming the rule); `remove` logs and goes on.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from typing import Any
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
+from appliance.capture.spec import CaptureError, dns_hijack
 from appliance.config.model import Config
 
 log = logging.getLogger(__name__)
@@ -49,7 +51,11 @@ class PolicyRouting:
 
     @classmethod
     def from_config(cls, cfg: Config) -> PolicyRouting:
-        return cls(cfg.appliance.capture_mark, cfg.appliance.route_table, cfg.ipv6)
+        """IPv6 too while the gateway carries it, or while IPv6 DNS queries
+        are hijacked (CaptureError for a DNS target no capture can use)."""
+        dns = dns_hijack(cfg)
+        ipv6 = cfg.ipv6 or (dns is not None and dns.addr6 is not None)
+        return cls(cfg.appliance.capture_mark, cfg.appliance.route_table, ipv6)
 
     @property
     def families(self) -> tuple[tuple[socket.AddressFamily, str], ...]:
@@ -97,17 +103,21 @@ class PolicyRouting:
             "table": self.table,
         }
 
-    def remove(self) -> None:
+    def remove(self) -> int:
+        """Delete the rules and routes; how many there were (0 when the
+        kernel refused: logged)."""
         try:
             with IPRoute() as ipr:
                 lo = ipr.link_lookup(ifname="lo")[0]
-                self._clear(ipr, lo)
+                return self._clear(ipr, lo)
         except (OSError, NetlinkError) as exc:
             log.warning(
                 "routing: removing fwmark %#x table %d failed: %s", self.mark, self.table, exc
             )
+            return 0
 
-    def _clear(self, ipr: IPRoute, lo: int) -> None:
+    def _clear(self, ipr: IPRoute, lo: int) -> int:
+        removed = 0
         for family, dst in self.families:
             # By exact priority: a delete without one matches only pyroute2's
             # default priority, and a leftover added by hand (`ip rule add`)
@@ -122,11 +132,25 @@ class PolicyRouting:
                     ipr.rule(
                         "del", family=family, priority=priority, fwmark=self.mark, table=self.table
                     )
+                    removed += 1
                 except NetlinkError as exc:
                     if exc.code != errno.ENOENT:
                         raise
             try:
                 ipr.route("del", **self._route(family, dst, lo))
+                removed += 1
             except NetlinkError as exc:
                 if exc.code not in (errno.ENOENT, errno.ESRCH):
                     raise
+        return removed
+
+
+def apply_routing(routing: PolicyRouting) -> None:
+    """Apply `routing`; the kernel's refusal as CaptureError naming the rule.
+    Both capture backends apply their policy routing this way."""
+    try:
+        routing.apply()
+    except (OSError, NetlinkError) as exc:
+        raise CaptureError(
+            f"policy routing (fwmark {routing.mark:#x} table {routing.table}): {exc}"
+        ) from exc

@@ -91,9 +91,12 @@ def lab_config(lab: Lab, **overrides: Any) -> dict[str, Any]:
 class MirageRun:
     """One `mirage run -c <file>` in the lab's gateway namespace."""
 
-    def __init__(self, lab: Lab, config: dict[str, Any], name: str = "mirage") -> None:
+    def __init__(self, lab: Lab, config: dict[str, Any], name: str = "mirage",
+                 env: dict[str, str] | None = None) -> None:
         self.lab = lab
         self.config = config
+        # Extra environment (a test's NOTIFY_SOCKET / WATCHDOG_USEC).
+        self.env = dict(env or {})
         self.config_path = lab.state_dir / f"{name}.yaml"
         self.log_path = lab.state_dir / f"{name}.log"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -113,7 +116,7 @@ class MirageRun:
                 "gateway",
                 [sys.executable, "-m", "appliance", "run", "-c", str(self.config_path)],
                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                env={**os.environ, "PYTHONUNBUFFERED": "1", **self.env},
             )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -21,12 +21,13 @@ enum mirage_stat {
     MIRAGE_ST_UDP_LISTENER,      /* fake range, to the tproxy-port UDP socket */
     MIRAGE_ST_DNS_TCP,           /* hijacked TCP port 53 (established or listener) */
     MIRAGE_ST_DNS_UDP,           /* hijacked UDP port 53 */
-    MIRAGE_ST_DROP_NO_LISTENER,  /* fake range / DNS: no socket to hand it to */
+    MIRAGE_ST_DROP_NO_LISTENER,  /* fake range: no socket to hand it to */
     MIRAGE_ST_DROP_ASSIGN,       /* bpf_sk_assign refused the socket */
     MIRAGE_ST_DROP_FRAGMENT,     /* a fragment to a fake range */
     MIRAGE_ST_DROP_NOT_TCP_UDP,  /* fake range, neither TCP nor UDP (ICMP, ESP...) */
     MIRAGE_ST_DROP_MALFORMED,    /* fake range, L4 header cut off */
     MIRAGE_ST_DROP_LOOP,         /* tproxy-port on the gateway's own address */
+    MIRAGE_ST_DNS_NO_SOCKET,     /* port 53 with no DNS socket (Mirage gone): passed */
     MIRAGE_ST_MAX
 };
 

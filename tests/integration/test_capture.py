@@ -67,7 +67,7 @@ def make_cfg(**kw: Any) -> Config:
         "tproxy_port": 7893,
         "routing_mark": 0x100,
         "ipv6": True,
-        "dns": DnsConfig(listen=Listen("0.0.0.0", 1053),
+        "dns": DnsConfig(listen=Listen("0.0.0.0", 1053), ipv6=True,
                          fake_ip_range6=ipaddress.IPv6Network("fc00::/18")),
         "appliance": app,
     }
@@ -164,14 +164,24 @@ def test_apply_installs_table_and_policy_routing(ns: str) -> None:
     tproxies = [x["tproxy"] for e in pre for x in e if "tproxy" in x]
     assert {"family": "ip", "port": 7893} in tproxies
     assert {"family": "ip6", "port": 7893} in tproxies
-    assert all(x.get("port") == 7893 for x in tproxies)  # DNS is not TPROXY'd
-    # DNS hijack: a nat chain redirecting port 53 to dns.listen's port.
-    assert chains["dns"]["type"] == "nat" and chains["dns"]["prio"] == -100
-    assert rules_of(objs, "dns")[-1][-1] == {"redirect": {"port": 1053}}
+    # DNS hijack: TPROXY to dns.listen's port (the wildcard: the address of
+    # the interface the query came in on), both families; no NAT.
+    assert {"family": "ip", "addr": "0.0.0.0", "port": 1053} in tproxies
+    assert {"family": "ip6", "addr": "::", "port": 1053} in tproxies
+    assert "dns" not in chains
+    assert sets["hijack4"]["elem"] in (53, [53]) and sets["hijack6"]["elem"] in (53, [53])
+    # The WAN wall: Mirage's ports, from the LAN and loopback only.
+    assert set(sets["served_ports"]["elem"]) == {1053, 7893}
+    wall = rules_of(objs, "input")[0]
+    assert wall[-1] == {"drop": None}
+    assert {"match": {"op": "!=", "left": {"meta": {"key": "iifname"}}, "right": "@lan"}} in wall
+    assert {"match": {"op": "!=", "left": {"meta": {"key": "iifname"}}, "right": "lo"}} in wall
     assert_policy_routing(ns)
 
 
-def test_template_and_json_give_the_same_kernel_ruleset(ns: str, ns2: str) -> None:
+def test_rules_prints_what_run_applies(ns: str, ns2: str) -> None:
+    # `mirage rules` output loaded with nft -f and what NftablesCapture.apply
+    # leaves in the kernel are the same table, whatever the config leaves out.
     for cfg in (
         make_cfg(),
         make_cfg(ipv6=False, routing_mark=None, dns=DnsConfig(listen=Listen("10.0.0.1", 53))),

@@ -75,6 +75,7 @@ def make_config() -> Any:
         ipv6=True,
         dns=DnsConfig(
             listen=Listen("0.0.0.0", DNS_PORT),
+            ipv6=True,
             fake_ip_range=ipaddress.IPv4Network("198.18.0.0/16"),
             fake_ip_range6=ipaddress.IPv6Network("fdfe:dcba:9876::/64"),
         ),
@@ -126,25 +127,52 @@ def gateway_main(names: dict[str, str], domains: list[tuple[str, int]]) -> None:
         return trio.SocketStream(sock)
 
     async def dns_udp(task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-        # A plain socket: the capture's redirect makes conntrack answer from
-        # the address the client asked.
+        # Transparent, like Mirage's DNS service: the capture TPROXYs a query
+        # unrewritten, and the answer leaves from the address and port the
+        # client asked (IP_ORIGDSTADDR, then a socket bound there).
+        from appliance.sockopt import (
+            IP_ORIGDSTADDR,
+            IP_TRANSPARENT,
+            IPV6_ORIGDSTADDR,
+            IPV6_TRANSPARENT,
+            open_transparent_sender,
+            original_destination,
+        )
+
         sock = trio.socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
         sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        sock.setsockopt(socket.IPPROTO_IP, IP_TRANSPARENT, 1)
+        sock.setsockopt(socket.IPPROTO_IPV6, IPV6_TRANSPARENT, 1)
+        sock.setsockopt(socket.IPPROTO_IP, IP_ORIGDSTADDR, 1)
+        sock.setsockopt(socket.IPPROTO_IPV6, IPV6_ORIGDSTADDR, 1)
         await sock.bind(("::", DNS_PORT))
         task_status.started()
         with sock:
             while True:
-                data, addr = await sock.recvfrom(2048)
-                await sock.sendto(b"hijacked:" + data, addr)
+                data, anc, _flags, addr = await sock.recvmsg(2048, 256)
+                dst = original_destination(anc)
+                if dst is None:
+                    await sock.sendto(b"hijacked:" + data, addr)
+                    continue
+                host = addr[0].removeprefix("::ffff:") if dst[0] == socket.AF_INET else addr[0]
+                with open_transparent_sender(dst) as out:
+                    out.sendto(b"hijacked:" + data, (host, addr[1]))
 
     async def dns_tcp(task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        from appliance.sockopt import IP_TRANSPARENT, IPV6_TRANSPARENT
+
         async def answer(stream: trio.SocketStream) -> None:
             async with stream:
                 with trio.move_on_after(5):
                     data = await stream.receive_some(2048)
                     await stream.send_all(b"hijacked-tcp:" + data)
 
-        await trio.serve_tcp(answer, DNS_PORT, task_status=task_status)
+        listeners = await trio.open_tcp_listeners(DNS_PORT)
+        for listener in listeners:
+            listener.socket.setsockopt(socket.IPPROTO_IP, IP_TRANSPARENT, 1)
+            if listener.socket.family == socket.AF_INET6:
+                listener.socket.setsockopt(socket.IPPROTO_IPV6, IPV6_TRANSPARENT, 1)
+        await trio.serve_listeners(answer, listeners, task_status=task_status)
 
     async def commands(scope: trio.CancelScope) -> None:
         stdin = trio.lowlevel.FdStream(os.dup(0))

@@ -17,7 +17,7 @@ import pytest
 
 from appliance.capture import ebpf
 from appliance.capture.backend import render_plan
-from appliance.capture.nftables import CaptureError
+from appliance.capture.spec import CaptureError
 from appliance.config.model import ApplianceConfig, Config, DnsConfig, Listen
 
 
@@ -56,7 +56,7 @@ def test_stat_names_follow_the_c_enum() -> None:
 
 
 def test_every_define_is_used_by_the_c_source() -> None:
-    cfg = make_cfg(ipv6=True, dns={"listen": Listen("::", 53),
+    cfg = make_cfg(ipv6=True, dns={"listen": Listen("::", 53), "ipv6": True,
                                    "fake_ip_range6": ipaddress.IPv6Network("fd00:18::/64")})
     source = "".join(p.read_text() for p in ebpf.BPF_DIR.rglob("*.[ch]"))
     for name in defines(ebpf.plan(cfg)):
@@ -72,13 +72,17 @@ def test_default_config_flags() -> None:
     assert int(d["MIRAGE_FAKE4_MASK"], 16) == native("255.255.0.0")
     if sys.byteorder == "little":
         assert d["MIRAGE_FAKE4_NET"] == "0x12c6"
-    # dns.listen 0.0.0.0:53: IPv4 hijack to the wildcard socket; IPv6 off.
+    # dns.listen 0.0.0.0:53: the DNS service binds the dual-stack wildcard,
+    # so IPv6 resolvers are hijacked too, whatever `ipv6` says (IPv6 parsed
+    # for it); no IPv6 fake range.
     assert d["MIRAGE_DNS_PORT"] == "53" and d["MIRAGE_DNS4_ADDR"] == "0x0"
-    assert "MIRAGE_IPV6" not in d and "MIRAGE_DNS6" not in d and "MIRAGE_FAKE6" not in d
+    assert "MIRAGE_IPV6" in d and "MIRAGE_DNS6" in d and "MIRAGE_FAKE6" not in d
+    d = defines(ebpf.plan(make_cfg(app={"dns_hijack": False})))
+    assert "MIRAGE_IPV6" not in d
 
 
 def test_ipv6_flags() -> None:
-    cfg = make_cfg(ipv6=True, dns={"listen": Listen("::", 1053),
+    cfg = make_cfg(ipv6=True, dns={"listen": Listen("::", 1053), "ipv6": True,
                                    "fake_ip_range6": ipaddress.IPv6Network("fd00:18::/64")})
     d = defines(ebpf.plan(cfg))
     assert "MIRAGE_IPV6" in d and "MIRAGE_FAKE6" in d
@@ -95,11 +99,12 @@ def test_ipv6_flags() -> None:
 @pytest.mark.parametrize(
     ("listen", "ipv6", "v4", "v6"),
     [
-        ("0.0.0.0", True, True, False),
-        ("::", False, True, False),
+        ("0.0.0.0", True, True, True),
+        ("0.0.0.0", False, True, True),
+        ("::", False, True, True),
         ("192.168.56.1", True, True, False),
         ("fd56::1", True, False, True),
-        ("fd56::1", False, False, False),
+        ("fd56::1", False, False, True),
     ],
 )
 def test_dns_hijack_families(listen: str, ipv6: bool, v4: bool, v6: bool) -> None:
@@ -135,7 +140,11 @@ def test_bypass_trie_entries() -> None:
     p = ebpf.plan(make_cfg(app={"bypass": user}))
     assert ipaddress.ip_network("10.0.0.0/8") in p.bypass
     assert ipaddress.ip_network("127.0.0.0/8") in p.bypass
-    # IPv6 off: the program passes IPv6 untouched, so no IPv6 entries; said so.
+    # IPv6 off, but IPv6 DNS hijacked: the program parses IPv6 for it, and
+    # the IPv6 bypass applies to it.
+    assert ipaddress.ip_network("fd00::/8") in p.bypass
+    # IPv6 off and no hijack: IPv6 passes untouched, no IPv6 entries; said so.
+    p = ebpf.plan(make_cfg(app={"bypass": user, "dns_hijack": False}))
     assert not any(n.version == 6 for n in p.bypass)
     assert any("IPv6 bypass" in n for n in p.notes)
     p6 = ebpf.plan(make_cfg(ipv6=True, app={"bypass": user}))
@@ -144,11 +153,11 @@ def test_bypass_trie_entries() -> None:
 
 
 def test_trie_keys_are_ipv4_mapped() -> None:
-    plen, words = ebpf._mapped(ipaddress.ip_network("10.1.0.0/16"))
+    plen, words = ebpf.trie_key(ipaddress.ip_network("10.1.0.0/16"))
     assert plen == 112
     raw = b"".join(struct.pack("=I", w) for w in words)
     assert ipaddress.IPv6Address(raw) == ipaddress.IPv6Address("::ffff:10.1.0.0")
-    plen, words = ebpf._mapped(ipaddress.ip_network("fd00::/8"))
+    plen, words = ebpf.trie_key(ipaddress.ip_network("fd00::/8"))
     assert plen == 8
 
 
