@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import random
+import resource
 import select
 import socket
 import struct
@@ -69,8 +70,9 @@ def hold_tcp(source: str, target: str, port: int, count: int, out: Counter[str],
     time.sleep(1.0)  # refusals are immediate: a second is plenty
     still = []
     for s in held:
-        readable, _, _ = select.select([s], [], [], 0)
-        if not readable:
+        poller = select.poll()  # select() cannot watch descriptors past 1023
+        poller.register(s, select.POLLIN)
+        if not poller.poll(0):
             still.append(s)
             continue
         try:
@@ -107,7 +109,9 @@ def flood_udp_dns(source: str, target: str, names: list[str], qtype: int, rounds
             time.sleep(0.05)
         end = time.monotonic() + TIMEOUT
         while time.monotonic() < end:
-            select.select([s], [], [], 0.1)
+            poller = select.poll()
+            poller.register(s, select.POLLIN)
+            poller.poll(100)
             drain(s, out)
     finally:
         s.close()
@@ -167,6 +171,11 @@ def neighbour_http(source: str, target: str) -> bool:
 
 
 def main() -> None:
+    # The flooder holds many sockets: make room up to the hard limit.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (65536 if hard == resource.RLIM_INFINITY
+                                                    else min(hard, 65536), hard))
     mode, flooder, neighbour, target = sys.argv[1:5]
     count = int(sys.argv[5]) if len(sys.argv) > 5 else 200
     tag = f"{random.randrange(1 << 30):x}"
