@@ -93,6 +93,7 @@ class Appliance:
         self.offload: DirectOffload | None = None  # with appliance.offload-direct
         # Per-client limits, held by the services that enforce them.
         self.limits: FairShares = build_fair_shares(cfg)
+        self.stopping = False  # SIGINT/SIGTERM received
 
     # -- what the control API reads besides the services -------------------------
 
@@ -131,6 +132,7 @@ class Appliance:
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         cfg = self.cfg
         pool = self.pool = self.open_pool()
+        ready = False
         try:
             async with Resolver(cfg.dns, routing_mark=cfg.routing_mark) as resolver, \
                     trio.open_nursery() as nursery:
@@ -143,8 +145,10 @@ class Appliance:
                 await nursery.start(dispatcher.serve)
                 await nursery.start(flusher.serve, pool, cfg.appliance.store_flush_interval)
                 if cfg.dns.enable:
-                    self.dns_handler = DnsHandler(dns_in_effect(cfg), pool,
-                                                  fake_ip_rate=self.limits.fake_ip)
+                    self.dns_handler = DnsHandler(
+                        dns_in_effect(cfg), pool,
+                        block_canary=cfg.appliance.block_encrypted_dns,
+                        fake_ip_rate=self.limits.fake_ip)
                     await nursery.start(self._serve_dns, self.dns_handler, resolver)
                 if cfg.tproxy_port or cfg.proxy_ports:
                     self.flows = FlowRegistry()
@@ -167,6 +171,10 @@ class Appliance:
                 interval = systemd.watchdog_interval()
                 if interval is not None:
                     await nursery.start(systemd.serve_watchdog, self._alive, interval)
+                task_status.started()
+                ready = True
+            if not ready and self.stopping:
+                # SIGTERM during startup: every service has unwound, a clean stop.
                 task_status.started()
         finally:
             # After the flusher's final flush (the nursery has exited).
@@ -272,6 +280,7 @@ class Appliance:
                     await self.reload()
                 else:
                     log.info("%s: shutting down", signal.Signals(signum).name)
+                    self.stopping = True
                     systemd.notify("STOPPING=1")
                     scope.cancel()
                     return
@@ -447,6 +456,8 @@ async def run_appliance(cfg: Config) -> None:
     app = Appliance(cfg)
     async with trio.open_nursery() as nursery:
         await nursery.start(app.serve)
+        if app.stopping:  # stopped while starting up
+            return
         _tune_gc()
         _drop_privileges(cfg)
 

@@ -45,6 +45,15 @@ SO_RCVBUFFORCE: int = getattr(socket, "SO_RCVBUFFORCE", 33)
 
 
 
+# TCP keepalive on relayed sockets (mihomo's dialer turns it on for its TCP
+# connections too): a peer that vanished without FIN or RST is noticed after
+# KEEPALIVE_IDLE + KEEPALIVE_COUNT * KEEPALIVE_INTERVAL of silence (75 s)
+# instead of never.
+KEEPALIVE_IDLE = 15
+KEEPALIVE_INTERVAL = 15
+KEEPALIVE_COUNT = 4
+
+
 class _Settable(Protocol):
     def setsockopt(self, level: int, optname: int, value: int, /) -> None: ...
 
@@ -55,6 +64,20 @@ def set_mark(sock: _Settable, mark: int | None) -> None:
     Raises OSError as setsockopt does (EPERM without CAP_NET_ADMIN)."""
     if mark:
         sock.setsockopt(socket.SOL_SOCKET, SO_MARK, mark)
+
+
+def set_keepalive(sock: _Settable, idle: int = KEEPALIVE_IDLE,
+                  interval: int = KEEPALIVE_INTERVAL, count: int = KEEPALIVE_COUNT) -> None:
+    """TCP keepalive on a connected TCP socket (SO_KEEPALIVE, TCP_KEEPIDLE,
+    TCP_KEEPINTVL, TCP_KEEPCNT). Best effort: a socket that refuses (not
+    TCP, already closed) is left as it is."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, idle)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, interval)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, count)
+    except OSError:
+        return
 
 
 def start_marked_connect(ip: str, port: int, family: int,

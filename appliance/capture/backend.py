@@ -64,10 +64,22 @@ async def serve(
     from appliance.capture import ebpf, nftables
 
     mode = cfg.appliance.redirect
+    # A shutdown already under way may have closed the listener whose number
+    # `tcp_listener` is: stop here rather than take a copy of a closed fd.
+    await trio.lowlevel.checkpoint_if_cancelled()
     if mode in ("ebpf", "auto"):
+        # It takes its own copy of the listener's descriptor now, on the
+        # event loop: a SIGTERM does not stop the compile's worker thread
+        # (it is waited for, then the capture is removed), while the TCP
+        # service closes its listener meanwhile.
         capture: Any = ebpf.EbpfCapture(cfg, tcp_listener=tcp_listener)
         try:
-            await trio.to_thread.run_sync(capture.apply)
+            try:
+                await trio.to_thread.run_sync(capture.apply)
+            finally:
+                # `apply` closes it once linked or on failure; still open only
+                # if cancelled before the thread started.
+                capture.release_listener()
         except CaptureError as err:
             if mode == "ebpf":
                 raise

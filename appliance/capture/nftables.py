@@ -91,6 +91,10 @@ def template_values(spec: CaptureSpec, table: str = DEFAULT_TABLE,
         "capture_mark": f"{spec.capture_mark:#x}",
         "tproxy_port": str(spec.tproxy_port),
         "offload_size": str(OFFLOAD_SIZE),
+        "encrypted_dns_ports_elements": _elements(spec.encrypted_dns_ports),
+        "doh_ports_elements": _elements(spec.doh_ports),
+        "doh4_elements": _elements(spec.doh4),
+        "doh6_elements": _elements(spec.doh6),
     }
 
 

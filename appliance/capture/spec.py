@@ -36,6 +36,42 @@ ALWAYS_BYPASS6 = tuple(
 
 DNS_PORT = 53
 
+# Encrypted DNS that `appliance.block-encrypted-dns` refuses from LAN
+# clients: DNS over TLS (RFC 7858) and over QUIC (RFC 9250) share port 853,
+# refused to any destination; DNS over HTTPS (RFC 8484) is HTTPS, so only
+# port 443 to the resolvers below (and `appliance.encrypted-dns-resolvers`)
+# is refused, TCP and UDP (HTTP/3).
+ENCRYPTED_DNS_PORT = 853
+DOH_PORT = 443
+# Public resolvers whose addresses serve DoH, from their operators' pages.
+# Browsers upgrade a system resolver from this list to its DoH endpoint by
+# address (Chrome's "secure DNS" auto-upgrade), and Android's Private DNS
+# probes 853 on them; a DoH endpoint known by name (Firefox's default) is
+# resolved through Mirage and is answered by the canary instead (dns/handler.py).
+WELL_KNOWN_DOH: tuple[str, ...] = (
+    # Google Public DNS (dns.google)
+    "8.8.8.8", "8.8.4.4", "2001:4860:4860::8888", "2001:4860:4860::8844",
+    # Cloudflare 1.1.1.1, 1.1.1.2 (malware), 1.1.1.3 (family)
+    "1.1.1.1", "1.0.0.1", "1.1.1.2", "1.0.0.2", "1.1.1.3", "1.0.0.3",
+    "2606:4700:4700::1111", "2606:4700:4700::1001", "2606:4700:4700::1112",
+    "2606:4700:4700::1002", "2606:4700:4700::1113", "2606:4700:4700::1003",
+    # Quad9 (dns.quad9.net and its unfiltered / ECS variants)
+    "9.9.9.9", "149.112.112.112", "9.9.9.10", "149.112.112.10", "9.9.9.11", "149.112.112.11",
+    "2620:fe::fe", "2620:fe::9", "2620:fe::10", "2620:fe::fe:10", "2620:fe::11",
+    "2620:fe::fe:11",
+    # OpenDNS (doh.opendns.com, FamilyShield)
+    "208.67.222.222", "208.67.220.220", "208.67.222.123", "208.67.220.123",
+    "2620:119:35::35", "2620:119:53::53",
+    # AdGuard DNS (default, unfiltered, family)
+    "94.140.14.14", "94.140.15.15", "94.140.14.140", "94.140.14.141", "94.140.14.15",
+    "94.140.15.16", "2a10:50c0::ad1:ff", "2a10:50c0::ad2:ff", "2a10:50c0::1:ff",
+    "2a10:50c0::2:ff", "2a10:50c0::bad1:ff", "2a10:50c0::bad2:ff",
+    # CleanBrowsing (security, adult, family)
+    "185.228.168.9", "185.228.169.9", "185.228.168.10", "185.228.169.11",
+    "185.228.168.168", "185.228.169.168", "2a0d:2a00:1::2", "2a0d:2a00:2::2",
+    "2a0d:2a00:1::1", "2a0d:2a00:2::1", "2a0d:2a00:1::", "2a0d:2a00:2::",
+)  # fmt: skip
+
 
 class CaptureError(RuntimeError):
     """The config cannot be captured, or the kernel refused what a backend applied."""
@@ -71,6 +107,14 @@ class CaptureSpec:
     # Every port Mirage listens on (DNS, the proxy ports, tproxy-port, the
     # control API): open to appliance.lan interfaces and loopback only.
     served_ports: tuple[int, ...] = ()
+    # appliance.block-encrypted-dns: the ports refused to any destination
+    # ({853}) and to the DoH resolvers ({443}), and those resolvers (the
+    # well-known ones plus appliance.encrypted-dns-resolvers); all empty
+    # while the option is off.
+    encrypted_dns_ports: tuple[int, ...] = ()
+    doh_ports: tuple[int, ...] = ()
+    doh4: tuple[ipaddress.IPv4Network, ...] = ()
+    doh6: tuple[ipaddress.IPv6Network, ...] = ()
 
     @classmethod
     def from_config(cls, cfg: Config, backend: str = "nftables") -> CaptureSpec:
@@ -91,6 +135,14 @@ class CaptureSpec:
                 b4.append(n)
             else:
                 b6.append(n)
+        doh4: list[ipaddress.IPv4Network] = []
+        doh6: list[ipaddress.IPv6Network] = []
+        if a.block_encrypted_dns:
+            for n in (*map(ipaddress.ip_network, WELL_KNOWN_DOH), *a.encrypted_dns_resolvers):
+                if isinstance(n, ipaddress.IPv4Network):
+                    doh4.append(n)
+                else:
+                    doh6.append(n)
         return cls(
             lan=tuple(a.lan),
             tproxy_port=cfg.tproxy_port,
@@ -103,6 +155,11 @@ class CaptureSpec:
             bypass6=tuple(b6),
             dns=dns_hijack(cfg),
             served_ports=served_ports(cfg),
+            encrypted_dns_ports=(ENCRYPTED_DNS_PORT,) if a.block_encrypted_dns else (),
+            doh_ports=(DOH_PORT,) if a.block_encrypted_dns else (),
+            # Collapsed: an nft interval set refuses overlapping elements.
+            doh4=tuple(ipaddress.collapse_addresses(doh4)),
+            doh6=tuple(ipaddress.collapse_addresses(doh6)),
         )
 
     @property

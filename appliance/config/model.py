@@ -299,6 +299,10 @@ class ApplianceConfig:
     # TCP splice timeouts, seconds.
     connect_timeout: float = 5.0
     idle_timeout: float = 300.0
+    # Once one direction of a flow has ended (FIN), the flow ends when
+    # nothing moved for this long: a peer that vanished mid-flow (a
+    # blackholed proxy) does not hold it for the whole idle timeout.
+    half_close_timeout: float = 30.0
     # UDP sessions: seconds a session may stay silent (port 53: at most 10),
     # and how many live at once (the least recently active is evicted).
     udp_timeout: float = 60.0
@@ -307,6 +311,12 @@ class ApplianceConfig:
     # (appliance/capture/offload.py): nftables DNAT after the first flow.
     offload_direct: bool = False
     limits: LimitsConfig = field(default_factory=LimitsConfig)
+    # Refuse encrypted DNS from LAN clients (DoT/DoQ on 853 to anywhere,
+    # DoH on 443 to well-known resolvers plus `encrypted_dns_resolvers`) and
+    # answer Firefox's canary NXDOMAIN, so clients fall back to plain DNS,
+    # which Mirage answers (capture/spec.py, nft/mirage.nft).
+    block_encrypted_dns: bool = False
+    encrypted_dns_resolvers: tuple[IPNetwork, ...] = ()
 
 
 @dataclass(frozen=True)

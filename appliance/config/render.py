@@ -117,6 +117,7 @@ def effective_config(cfg: Config, *, redact: bool = False) -> dict[str, Any]:
             "capture-mark": app.capture_mark,
             "connect-timeout": app.connect_timeout,
             "idle-timeout": app.idle_timeout,
+            "half-close-timeout": app.half_close_timeout,
             "udp-timeout": app.udp_timeout,
             "udp-max-sessions": app.udp_max_sessions,
             "offload-direct": app.offload_direct,
@@ -130,6 +131,8 @@ def effective_config(cfg: Config, *, redact: bool = False) -> dict[str, Any]:
                 "fake-ip-rate-per-client": app.limits.fake_ip_rate_per_client,
                 "fake-ip-burst-per-client": app.limits.fake_ip_burst_per_client,
             },
+            "block-encrypted-dns": app.block_encrypted_dns,
+            "encrypted-dns-resolvers": [str(n) for n in app.encrypted_dns_resolvers],
         },
     }
 

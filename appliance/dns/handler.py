@@ -33,6 +33,12 @@ gets SERVFAIL (the same "try again" the global upstream bound gives, which
 stub resolvers retry and do not cache for long, RFC 2308 7.1), never an
 address taken from another name. Counted in `fake_ip_refused`.
 
+With `appliance.block-encrypted-dns` (`block_canary=True`), the canary
+name `use-application-dns.net` gets NXDOMAIN whatever the type: Firefox's
+documented signal that the network filters DNS, on which it turns its
+default DNS over HTTPS off and uses the system resolver (Mirage). Only that
+name: Firefox asks for nothing below it.
+
 Negative answers made here (NODATA for a hosts name without an address of
 the family, AAAA with IPv6 off or without `fake-ip-range6`; NXDOMAIN for the
 PTR of an unmapped fake IP) carry an SOA in the authority section with a
@@ -112,6 +118,10 @@ PROBLEM_LOG_INTERVAL = 10.0
 
 _F_AD = 0x0020
 _RCODE_BADVERS = 16  # RFC 6891 9: extended RCODE, upper 8 bits go in the OPT TTL
+
+# Firefox's canary domain (support.mozilla.org, "Canary domain -
+# use-application-dns.net"): NXDOMAIN turns its default DoH off.
+APPLICATION_DNS_CANARY = "use-application-dns.net"
 
 # (rcode, packed addresses, TTL) of an A/AAAA answer made here.
 Local = tuple[int, Sequence[bytes], int]
@@ -266,10 +276,13 @@ class DnsHandler:
     Owns no resources: the pool is shared with the gateway (which reverses fake
     IPs) and is only asked to allocate/reverse here. Stats are plain ints the
     metrics read: `queries`, `fake_answers`, `local_answers` (hosts, PTR,
-    empty AAAA), `upstream`, `formerr`, `servfail`, `fake_ip_refused` (new
-    names over the client's `fake_ip_rate`). `fast_path=False` forces every
-    query through dnslib (the tests compare both paths). `clock` (seconds,
-    monotonic) feeds the rate limit; injectable for tests.
+    empty AAAA, the canary), `upstream`, `formerr`, `servfail`,
+    `fake_ip_refused` (new names over the client's `fake_ip_rate`).
+    `fast_path=False` forces every query through dnslib (the tests compare
+    both paths). `block_canary`: answer APPLICATION_DNS_CANARY with NXDOMAIN
+    (`appliance.block-encrypted-dns`; fixed for the handler's life, like the
+    capture rules that go with it). `clock` (seconds, monotonic) feeds the
+    rate limit; injectable for tests.
     """
 
     def __init__(
@@ -281,8 +294,10 @@ class DnsHandler:
         problems: ProblemLog | None = None,
         fake_ip_rate: RateLimit | None = None,
         clock: Callable[[], float] = time.monotonic,
+        block_canary: bool = False,
     ) -> None:
         self._pool = pool
+        self._block_canary = block_canary
         self._fast = fast_path
         self._fake_ip_rate = fake_ip_rate
         self._clock = clock
@@ -388,6 +403,8 @@ class DnsHandler:
         """The local answer to an A/AAAA question for `name`, None to ask upstream."""
         if not name:  # not a host name (or the root): let the upstream say
             return None
+        if self._is_canary(name):
+            return RCODE_NXDOMAIN, (), 0
         entry = self._hosts.first(name)
         if entry is not None:
             self.local_answers += 1
@@ -416,6 +433,13 @@ class DnsHandler:
             return RCODE_SERVFAIL, (), 0
         self.fake_answers += 1
         return RCODE_NOERROR, (ip.packed,), FAKE_IP_TTL
+
+    def _is_canary(self, name: str | None) -> bool:
+        """Is `name` the canary, answered NXDOMAIN here (counted)?"""
+        if self._block_canary and name == APPLICATION_DNS_CANARY:
+            self.local_answers += 1
+            return True
+        return False
 
     def _log_exhausted(self, name: str, exc: PoolExhausted) -> None:
         now = time.monotonic()
@@ -498,6 +522,8 @@ class DnsHandler:
             rcode, rdatas, ttl = local
             answers = [_rr(q, TYPE_A, ttl, A(_ip_text(r))) for r in rdatas]
             return _reply(query, opt, rcode, answers, auth=_soa(q, rcode, rdatas))
+        elif self._is_canary(name):  # any other type (A/AAAA: in _address)
+            return _reply(query, opt, RCODE_NXDOMAIN, auth=_soa(q, RCODE_NXDOMAIN, []))
         return self._ask_upstream(data, query, opt, name)
 
     def _ask_upstream(

@@ -6,6 +6,14 @@ flow has been idle too long. Half-close is modelled per direction, as
 mitmproxy's TCP layer does: when one side sends EOF, the other side gets
 `shutdown(SHUT_WR)` (`send_eof`) and the opposite direction goes on, so
 request/response protocols that close their sending half early keep working.
+Once one direction has ended, the flow is half-closed: with
+`half_close_timeout` it then ends when nothing moved for that long (shorter
+than the idle timeout: a peer that went silent after its half-close, a
+proxy blackholed mid-flow, is not waited for 300 s).
+
+Dead peers: both ends, when they are sockets, get TCP keepalive
+(`sockopt.set_keepalive`, the dialer defaults mihomo uses), so a peer that
+vanished without a FIN or RST is noticed by the kernel while the flow idles.
 
 When both ends are plain `trio.SocketStream`s, a direction starts with the
 copy loop and, once one read fills a whole buffer (bulk data is queued),
@@ -45,6 +53,8 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
 import trio
+
+from appliance.sockopt import set_keepalive
 
 # Copy-path read size: below glibc's mmap threshold (128 KiB), so a read
 # buffer is not an mmap/munmap pair. A flow starts on the copy path and
@@ -103,6 +113,9 @@ class _State:
     idle: float = math.inf
     scope: trio.CancelScope | None = None
     finished: bool = False
+    # Heap entries the sweeper holds for it (one more when the timeout is
+    # shortened at half-close), so that stale entries are counted right.
+    entries: int = 1
 
 
 def can_zero_copy(a: trio.abc.Stream, b: trio.abc.Stream) -> bool:
@@ -116,16 +129,22 @@ async def splice(
     server: trio.abc.Stream,
     *,
     idle_timeout: float | None = None,
+    half_close_timeout: float | None = None,
     meter: Meter | None = None,
     zero_copy: bool = True,
 ) -> SpliceResult:
     """Relay until both directions end, one fails, or nothing moved for
-    `idle_timeout` seconds. Does not close either stream (the caller owns
-    them: see `abort`). `zero_copy=False` forces the copy loop (tests)."""
+    `idle_timeout` seconds (`half_close_timeout` once one direction has
+    ended, if shorter). Does not close either stream (the caller owns them:
+    see `abort`). `zero_copy=False` forces the copy loop (tests)."""
     m: Meter = meter if meter is not None else _NullMeter()
     use_splice = zero_copy and can_zero_copy(client, server)
+    for stream in (client, server):
+        if isinstance(stream, trio.SocketStream):
+            set_keepalive(stream.socket)
     state = _State(SpliceResult(zero_copy=use_splice), trio.current_time())
-    sweeper = _idle_sweeper() if idle_timeout is not None else None
+    timed = idle_timeout is not None or half_close_timeout is not None
+    sweeper = _idle_sweeper() if timed else None
     try:
         async with trio.open_nursery() as nursery:
 
@@ -155,6 +174,9 @@ async def splice(
                         dst.socket.shutdown(socket.SHUT_WR)
                     elif isinstance(dst, trio.abc.HalfCloseableStream):
                         await dst.send_eof()
+                    if (sweeper is not None and half_close_timeout is not None
+                            and half_close_timeout < state.idle and not state.finished):
+                        sweeper.tighten(state, half_close_timeout)
                 except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                     if state.result.reason == "done":
                         state.result.reason = "error"
@@ -162,8 +184,7 @@ async def splice(
                     nursery.cancel_scope.cancel()
 
             if sweeper is not None:
-                assert idle_timeout is not None
-                state.idle = idle_timeout
+                state.idle = idle_timeout if idle_timeout is not None else math.inf
                 state.scope = nursery.cancel_scope
                 sweeper.add(state)
             # "up" runs in this task: one task spawn per flow, not two.
@@ -206,11 +227,18 @@ class _IdleSweeper:
         if due < self._wake.deadline:
             self._wake.deadline = due
 
+    def tighten(self, state: _State, idle: float) -> None:
+        """Shorten a live flow's timeout to `idle` (half-close): a new entry
+        at its new expiry; the old one is re-checked when it comes due."""
+        state.idle = idle
+        state.entries += 1
+        self.add(state)
+
     def remove(self, state: _State) -> None:
         if state.finished or state.scope is None:
             return
         state.finished = True
-        self._stale += 1
+        self._stale += state.entries
         if self._stale > self.PRUNE_MIN and self._stale * 2 > len(self._heap):
             self._heap = [e for e in self._heap if not e[2].finished]
             heapq.heapify(self._heap)
@@ -228,6 +256,7 @@ class _IdleSweeper:
                 heapq.heappush(heap, (due, next(self._seq), state))
                 continue
             state.finished = True
+            self._stale += state.entries - 1  # its other entries
             if state.result.reason == "done":
                 state.result.reason = "idle"
                 state.result.detail = f"no bytes for {state.idle:g}s"

@@ -291,7 +291,8 @@ class TransparentTcp:
             record.outbound = flow.outbound
             log.debug("tcp %s: via %s", where, flow.outbound or "?")
             try:
-                result = await splice(client, server, idle_timeout=a.idle_timeout, meter=record)
+                result = await splice(client, server, idle_timeout=a.idle_timeout,
+                                      half_close_timeout=a.half_close_timeout, meter=record)
             finally:
                 if result is not None and result.reason == "error":
                     # Mirror the reset: both ends learn the flow broke.

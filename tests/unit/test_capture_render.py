@@ -277,3 +277,44 @@ def test_ebpf_table_keeps_the_wall_and_captures_nowhere() -> None:
     assert set_elements(text, "capture_lan") == []
     for name in ("prerouting", "direct_nat", "fake_guard"):
         assert chain(text, name)[1] == "iifname != @capture_lan return"
+
+
+ENCRYPTED_DNS_SETS = ("encrypted_dns_ports", "doh_ports", "doh4", "doh6")
+
+
+def test_encrypted_dns_is_refused_only_with_the_option() -> None:
+    # Off (the default): the chain's sets are empty, so its rules match
+    # nothing (the template has no conditionals; an empty set is the off state).
+    off = render_nft(make_cfg())
+    assert all(set_elements(off, s) == [] for s in ENCRYPTED_DNS_SETS)
+    on = render_nft(make_cfg(appliance={
+        "block_encrypted_dns": True,
+        "encrypted_dns_resolvers": (net("192.0.2.53/32"), net("8.8.8.0/24"), net("2001:db8::/64")),
+    }))
+    assert set_elements(on, "encrypted_dns_ports") == ["853"]
+    assert set_elements(on, "doh_ports") == ["443"]
+    doh4, doh6 = set_elements(on, "doh4"), set_elements(on, "doh6")
+    # The well-known resolvers and the configured ones, overlaps collapsed
+    # (8.8.8.8 inside 8.8.8.0/24: an interval set refuses overlaps).
+    assert {"1.1.1.1/32", "9.9.9.9/32", "192.0.2.53/32", "8.8.8.0/24"} <= set(doh4)
+    assert "8.8.8.8/32" not in doh4
+    assert {"2001:4860:4860::8888/128", "2606:4700:4700::1111/128", "2001:db8::/64"} <= set(doh6)
+    # Refused, not dropped (clients fall back at once), LAN only, and before
+    # the capture (a lower priority than the prerouting chain's mangle), so a
+    # fake IP on 853 is refused too.
+    rules = chain(on, "encrypted_dns")
+    assert rules[0] == "type filter hook prerouting priority mangle - 5; policy accept;"
+    assert rules[1:] == [
+        "iifname != @lan return",
+        "meta mark @own_marks return",
+        "tcp dport @encrypted_dns_ports reject with tcp reset",
+        "udp dport @encrypted_dns_ports reject",
+        "ip daddr @doh4 tcp dport @doh_ports reject with tcp reset",
+        "ip daddr @doh4 udp dport @doh_ports reject",
+        "ip6 daddr @doh6 tcp dport @doh_ports reject with tcp reset",
+        "ip6 daddr @doh6 udp dport @doh_ports reject",
+    ]
+    # The eBPF backend's table (no capture interfaces) keeps the refusal.
+    ebpf = render_nft(make_cfg(appliance={"block_encrypted_dns": True}), capture=False)
+    assert set_elements(ebpf, "encrypted_dns_ports") == ["853"]
+    assert set_elements(ebpf, "lan") == ['"br-lan"', '"eth1"']

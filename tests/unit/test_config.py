@@ -429,6 +429,18 @@ def test_appliance_extensions() -> None:
     assert a.bypass == (ipaddress.ip_network("192.168.0.0/16"), ipaddress.ip_network("fd00::/8"))
     assert (a.store_flush_interval, a.route_table, a.capture_mark) == (0.5, 100, 0x1000)
     assert (a.connect_timeout, a.idle_timeout) == (3.0, 60.0)
+    assert not a.block_encrypted_dns and a.encrypted_dns_resolvers == ()
+
+
+def test_encrypted_dns_keys() -> None:
+    a = parse_config(with_(appliance={
+        "block-encrypted-dns": True,
+        "encrypted-dns-resolvers": ["192.0.2.7", "2001:db8::/64", "192.0.2.7/32"],
+    })).appliance
+    assert a.block_encrypted_dns
+    # Host addresses are /32 or /128 networks; duplicates dropped, order kept.
+    assert a.encrypted_dns_resolvers == (ipaddress.ip_network("192.0.2.7/32"),
+                                         ipaddress.ip_network("2001:db8::/64"))
 
 
 def test_rules_after_match_are_reported() -> None:
@@ -499,6 +511,8 @@ def test_effective_config_round_trips_every_field() -> None:
                            "proxy-connections-per-client": 6, "dns-upstream-per-client": 5,
                            "dns-tcp-per-client": 4, "fake-ip-rate-per-client": 2.5,
                            "fake-ip-burst-per-client": 3},
+                "block-encrypted-dns": True,
+                "encrypted-dns-resolvers": ["192.0.2.0/24", "2001:db8::53"],
             },
         }
     )  # fmt: skip
@@ -615,6 +629,11 @@ def test_unknown_key_suggests_the_near_one() -> None:
         ("appliance: {state-dir: ''}", "appliance.state-dir", "empty"),
         ("appliance: [lan0]", "appliance", "expected a mapping"),
         ("appliance: {offload-direct: 1}", "appliance.offload-direct", "boolean"),
+        ("appliance: {block-encrypted-dns: 'on'}", "appliance.block-encrypted-dns", "boolean"),
+        ("appliance: {encrypted-dns-resolvers: [dns.google]}",
+         "appliance.encrypted-dns-resolvers[0]", "network"),
+        ("appliance: {encrypted-dns-resolvers: 8.8.8.8}", "appliance.encrypted-dns-resolvers",
+         "expected a list"),
         ("appliance: {redirect: ebpf, offload-direct: true}", "appliance.offload-direct",
          "needs appliance.redirect nftables"),
     ],

@@ -39,10 +39,10 @@ RANGE4 = IPv4Network("198.18.0.0/16")
 RANGE6 = IPv6Network("fdfe:dcba:9876::/64")
 
 
-def make(**kw: object) -> tuple[DnsHandler, FakeIPPool]:
+def make(*, block_canary: bool = False, **kw: object) -> tuple[DnsHandler, FakeIPPool]:
     dns = DnsConfig(**kw)  # type: ignore[arg-type]
     pool = FakeIPPool(dns.fake_ip_range, dns.fake_ip_range6)
-    return DnsHandler(dns, pool), pool
+    return DnsHandler(dns, pool, block_canary=block_canary), pool
 
 
 def ask(name: str, qtype: str = "A", *, qid: int = 4242, edns: bool = False,
@@ -428,3 +428,20 @@ def test_new_fake_ips_over_a_clients_rate_get_servfail_never_a_recycled_address(
     assert DNSRecord.parse(h.handle(ask("n4.test"), "192.168.56.10")).header.rcode == 2
     assert h.stats()["fake_ip_refused"] == 3
     assert rate.stats()["top_refused"] == [{"client": "192.168.56.10", "refused": 3}]
+@pytest.mark.parametrize("fast_path", [True, False])
+def test_application_dns_canary_is_nxdomain_only_when_blocking(fast_path: bool) -> None:
+    handler, pool = make(block_canary=True, ipv6=True, fake_ip_range6=RANGE6)
+    handler._fast = fast_path
+    for qtype in ("A", "AAAA", "HTTPS", "TXT"):
+        for name in ("use-application-dns.net", "USE-application-dns.NET."):
+            reply = answer(handler, ask(name, qtype))
+            assert reply.header.rcode == RCODE.NXDOMAIN, (name, qtype)
+            assert not reply.rr
+            assert [r.rtype for r in reply.auth] == [QTYPE.SOA]  # cacheable (RFC 2308)
+    assert len(pool) == 0  # no fake IP spent on it
+    # Other names are untouched; without the option the canary is an
+    # ordinary name (a fake IP; other types upstream).
+    assert answer(handler, ask("www.example.com")).short()
+    plain, _ = make()
+    assert answer(plain, ask("use-application-dns.net")).header.rcode == RCODE.NOERROR
+    upstream(plain, ask("use-application-dns.net", "TXT"))

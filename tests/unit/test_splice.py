@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import socket
 from collections.abc import AsyncIterator
 
 import pytest
@@ -173,6 +174,67 @@ async def test_idle_timeout_exact_on_memory_streams(autojump_clock: trio.abc.Clo
         t0 = trio.current_time()
     assert results[0].reason == "idle"
     assert trio.current_time() - t0 == pytest.approx(300)
+
+
+async def test_half_closed_flow_ends_after_the_half_close_timeout(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    # The client has sent its request and EOF; the server (a blackholed
+    # proxy) never answers: the flow ends 30 s after the last byte, not 300.
+    a_user, a_gw = trio.testing.memory_stream_pair()
+    b_gw, b_user = trio.testing.memory_stream_pair()
+    results: list[SpliceResult] = []
+
+    async def run_splice() -> None:
+        results.append(await splice(a_gw, b_gw, idle_timeout=300, half_close_timeout=30))
+
+    async with trio.open_nursery() as n:
+        n.start_soon(run_splice)
+        await trio.sleep(10)
+        await a_user.send_all(b"GET")
+        await a_user.send_eof()
+        t0 = trio.current_time()
+        assert await b_user.receive_some(10) == b"GET"
+        assert await b_user.receive_some(10) == b""  # the EOF went through
+    assert results[0].reason == "idle" and results[0].detail == "no bytes for 30s"
+    assert trio.current_time() - t0 == pytest.approx(30)
+
+
+async def test_half_closed_flow_that_moves_is_untouched(autojump_clock: trio.abc.Clock) -> None:
+    # A long download after the request's EOF: bytes every 20 s (under the
+    # 30 s half-close bound) keep it going until the server ends it.
+    a_user, a_gw = trio.testing.memory_stream_pair()
+    b_gw, b_user = trio.testing.memory_stream_pair()
+    results: list[SpliceResult] = []
+
+    async def run_splice() -> None:
+        results.append(await splice(a_gw, b_gw, idle_timeout=300, half_close_timeout=30))
+
+    async def download() -> bytes:
+        got = b""
+        while data := await a_user.receive_some(100):
+            got += data
+        return got
+
+    async with trio.open_nursery() as n:
+        n.start_soon(run_splice)
+        await a_user.send_eof()
+        for _ in range(20):
+            await trio.sleep(20)
+            await b_user.send_all(b"x")
+        await b_user.send_eof()
+        assert await download() == b"x" * 20
+    assert results[0].reason == "done" and results[0].down == 20
+
+
+async def test_relayed_sockets_get_tcp_keepalive() -> None:
+    async with Rig() as r, trio.open_nursery() as n:
+        n.start_soon(splice, r.gw_client, r.gw_server)
+        await trio.sleep(0.1)
+        for s in (r.gw_client, r.gw_server):
+            assert s.socket.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+            assert s.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == 15
+        n.cancel_scope.cancel()
 
 
 async def test_idle_timeouts_of_different_lengths_end_each_flow_on_time(

@@ -7,6 +7,12 @@ input chain is the WAN wall that keeps Mirage's ports off the upstream
 side; the same transaction replaces a crashed nftables run's table, so two
 captures never run side by side), applies the policy routing and attaches
 to each LAN interface; on any failure it undoes what it did and raises CaptureError.
+The transparent listener is used through the capture's own duplicate of its
+descriptor (taken when the capture is made, on the event loop, closed once
+linked or by `release_listener`): `apply` runs in a worker thread that a
+SIGTERM does not stop, and meanwhile the TCP service closes its listener,
+whose number may then name another file (it once failed the run with
+"Socket operation on non-socket").
 `remove` detaches exactly its filters, deletes the clsact qdiscs it created
 (only while empty), deletes the table, removes the routing, closes the program, and is safe to
 call twice. Synchronous (bcc and pyroute2 block): call at setup and
@@ -16,6 +22,7 @@ teardown, or through `trio.to_thread.run_sync`.
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 from appliance.capture.ebpf import tc
@@ -35,7 +42,6 @@ class EbpfCapture:
     def __init__(self, cfg: Config, *, table: str = DEFAULT_TABLE,
                  tcp_listener: int | None = None) -> None:
         self.cfg = cfg
-        self.tcp_listener = tcp_listener  # fd of the transparent TCP listener
         self.plan = plan(cfg)
         self.routing = self.plan.routing
         self.nft_table = table
@@ -44,6 +50,17 @@ class EbpfCapture:
         self._marker = cfg.appliance.state_dir / tc.QDISC_MARKER
         # Rendered before touching anything: a bad config fails here.
         self._wall = render_nft(cfg, table, capture=False)
+        # Our duplicate of the transparent TCP listener's descriptor (see the
+        # module doc); OSError if `tcp_listener` is not open.
+        self.links_listener = tcp_listener is not None
+        self._listener: int | None = None if tcp_listener is None else os.dup(tcp_listener)
+
+    def release_listener(self) -> None:
+        """Close our duplicate of the listener (idempotent; the event loop
+        calls it when `apply` never ran, `apply` once the socket is linked)."""
+        fd, self._listener = self._listener, None
+        if fd is not None:
+            os.close(fd)
 
     # -- counters (control API, metrics) ----------------------------------------
 
@@ -59,11 +76,14 @@ class EbpfCapture:
         ifaces = tc.interfaces(self.plan.interfaces)
         self.program = Program(self.plan)
         try:
-            if self.tcp_listener is not None:
+            if self._listener is not None:
                 try:
-                    self.program.link_sk_lookup(self.tcp_listener)
+                    self.program.link_sk_lookup(self._listener)
                 except OSError as exc:
                     raise CaptureError(f"sk_lookup program: {exc}") from exc
+                finally:
+                    # The sockmap holds the socket itself from here on.
+                    self.release_listener()
             try:
                 run_text(self._wall, f"apply the WAN wall (table inet {self.nft_table})")
             except ImportError as exc:
@@ -77,10 +97,11 @@ class EbpfCapture:
         log.info("capture: eBPF tc ingress on %s (pref %#x), fwmark %#x -> table %d, "
                  "%snftables table %s for the WAN wall only", ", ".join(self.attached), FILTER_PREF,
                  self.cfg.appliance.capture_mark, self.routing.table,
-                 "sk_lookup for the TCP listener, " if self.tcp_listener is not None else "",
+                 "sk_lookup for the TCP listener, " if self.links_listener else "",
                  self.nft_table)
 
     def remove(self) -> None:
+        self.release_listener()
         try:
             tc.detach(self.plan.interfaces, self._marker)
         finally:

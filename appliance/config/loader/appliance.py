@@ -23,7 +23,8 @@ from appliance.config.model import ApplianceConfig, IPNetwork, LimitsConfig
 APPLIANCE_KEYS = (
     "lan", "redirect", "dns-hijack", "bypass", "state-dir",
     "store-flush-interval", "route-table", "capture-mark", "connect-timeout",
-    "idle-timeout", "udp-timeout", "udp-max-sessions", "offload-direct", "limits",
+    "idle-timeout", "half-close-timeout", "udp-timeout", "udp-max-sessions", "offload-direct",
+    "block-encrypted-dns", "encrypted-dns-resolvers", "limits",
 )  # fmt: skip
 
 LIMITS_KEYS = (
@@ -63,13 +64,7 @@ def parse_appliance(sec: Section) -> ApplianceConfig:
             lan.append(name)
     redirect = sec.get("redirect", choice(("nftables", "ebpf", "auto")), d.redirect)
     dns_hijack = sec.get("dns-hijack", as_bool, d.dns_hijack)
-    bypass: list[IPNetwork] = []
-    bypass_raw = sec.raw("bypass")
-    if bypass_raw is not None:
-        for i, item in enumerate(as_list(bypass_raw, sec.at("bypass"))):
-            net = as_cidr(item, index_path(sec.at("bypass"), i))
-            if net not in bypass:
-                bypass.append(net)
+    bypass = _networks(sec, "bypass")
     state_dir = sec.get("state-dir", lambda v, p: as_path(v, p, ctx.base), d.state_dir)
     flush = sec.get("store-flush-interval", as_seconds, d.store_flush_interval)
     # 0 and 253-255 are the kernel's unspec/default/main/local tables.
@@ -77,6 +72,7 @@ def parse_appliance(sec: Section) -> ApplianceConfig:
     capture_mark = sec.get("capture-mark", lambda v, p: as_int(v, p, 1, MAX_MARK), d.capture_mark)
     connect_timeout = sec.get("connect-timeout", as_seconds, d.connect_timeout)
     idle_timeout = sec.get("idle-timeout", as_seconds, d.idle_timeout)
+    half_close_timeout = sec.get("half-close-timeout", as_seconds, d.half_close_timeout)
     udp_timeout = sec.get("udp-timeout", as_seconds, d.udp_timeout)
     udp_max_sessions = sec.get(
         "udp-max-sessions", lambda v, p: as_int(v, p, 1, 1 << 20), d.udp_max_sessions
@@ -90,21 +86,26 @@ def parse_appliance(sec: Section) -> ApplianceConfig:
             "packets to Mirage before nftables could translate them",
         )
     limits = parse_limits(sec.section("limits"))
+    block_encrypted_dns = sec.get("block-encrypted-dns", as_bool, d.block_encrypted_dns)
+    encrypted_dns_resolvers = _networks(sec, "encrypted-dns-resolvers")
     sec.finish(APPLIANCE_KEYS, ())
     return ApplianceConfig(
         lan=tuple(lan),
         redirect=cast(Any, redirect),
         dns_hijack=dns_hijack,
-        bypass=tuple(bypass),
+        bypass=bypass,
         state_dir=state_dir,
         store_flush_interval=flush,
         route_table=route_table,
         capture_mark=capture_mark,
         connect_timeout=connect_timeout,
         idle_timeout=idle_timeout,
+        half_close_timeout=half_close_timeout,
         udp_timeout=udp_timeout,
         udp_max_sessions=udp_max_sessions,
         offload_direct=offload_direct,
+        block_encrypted_dns=block_encrypted_dns,
+        encrypted_dns_resolvers=encrypted_dns_resolvers,
         limits=limits,
     )
 
@@ -151,6 +152,19 @@ def parse_limits(sec: Section) -> LimitsConfig:
     )
     sec.finish(LIMITS_KEYS, ())
     return limits
+
+
+def _networks(sec: Section, key: str) -> tuple[IPNetwork, ...]:
+    """A list of v4/v6 networks (`bypass`, `encrypted-dns-resolvers`), in
+    order, duplicates dropped."""
+    nets: list[IPNetwork] = []
+    raw = sec.raw(key)
+    if raw is not None:
+        for i, item in enumerate(as_list(raw, sec.at(key))):
+            net = as_cidr(item, index_path(sec.at(key), i))
+            if net not in nets:
+                nets.append(net)
+    return tuple(nets)
 
 
 def _route_table(value: Any, path: str) -> int:
