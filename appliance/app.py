@@ -237,7 +237,8 @@ class Appliance:
         (/connections)."""
         try:
             await proxyport.serve(self.cfg, pool, dispatcher.connect_tcp, self.flows,
-                                  open_udp=dispatcher.open_udp, task_status=task_status)
+                                  open_udp=dispatcher.open_udp, clients=self.limits.proxy,
+                                  task_status=task_status)
         except (OSError, proxyport.ProxyPortError) as err:
             raise AppError(f"proxy ports (mixed-port/socks-port/port): {err}") from None
 

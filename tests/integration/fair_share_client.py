@@ -42,6 +42,9 @@ REQUESTS = 20
 TIMEOUT = 3.0
 
 
+# The mixed port of the test's config (test_fair_shares.py).
+MIXED_PORT = 7890
+
 def dns_query(name: str, qtype: int, qid: int) -> bytes:
     labels = b"".join(bytes([len(p)]) + p.encode() for p in name.split("."))
     return struct.pack("!HHHHHH", qid, 0x0100, 1, 0, 0, 0) + labels + b"\0" + struct.pack(
@@ -170,6 +173,20 @@ def neighbour_http(source: str, target: str) -> bool:
         return data.startswith(b"HTTP/1.1 200")
 
 
+def neighbour_proxy(source: str, target: str) -> bool:
+    """One HTTP request through the mixed port (absolute URI: forwarded)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.settimeout(TIMEOUT)
+        s.bind((source, 0))
+        s.connect((target, MIXED_PORT))
+        s.sendall(b"GET http://www.gamma.test/ HTTP/1.1\r\nHost: www.gamma.test\r\n"
+                  b"Connection: close\r\n\r\n")
+        data = b""
+        while chunk := s.recv(4096):
+            data += chunk
+        return data.startswith(b"HTTP/1.1 200") and b"MARKER-GAMMA" in data
+
+
 def main() -> None:
     # The flooder holds many sockets: make room up to the hard limit.
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -184,6 +201,9 @@ def main() -> None:
     if mode == "tcp":
         hold_tcp(flooder, target, 80, count, flood, held)
         one = lambda i: neighbour_http(neighbour, target)  # noqa: E731
+    elif mode == "proxy":
+        hold_tcp(flooder, target, MIXED_PORT, count, flood, held)
+        one = lambda i: neighbour_proxy(neighbour, target)  # noqa: E731
     elif mode == "dns-tcp":
         hold_tcp(flooder, target, 53, count, flood, held)
         one = lambda i: neighbour_tcp_dns(neighbour, target)  # noqa: E731

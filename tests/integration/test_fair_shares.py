@@ -27,6 +27,7 @@ SCRIPT = str(Path(__file__).with_name("fair_share_client.py"))
 LIMITS = {
     "flows-per-client": 40,
     "dns-tcp-per-client": 4,
+    "proxy-connections-per-client": 10,
     "dns-upstream-per-client": 8,
     "fake-ip-rate-per-client": 5,
     "fake-ip-burst-per-client": 20,
@@ -48,7 +49,7 @@ def second_client(lab: Lab) -> Iterator[str]:
 
 @pytest.fixture
 def mirage(runs: MirageRuns, second_client: str) -> MirageRun:
-    return runs.start(appliance={"limits": LIMITS})
+    return runs.start(appliance={"limits": LIMITS}, **{"mixed-port": 7890})
 
 
 def run_clients(lab: Lab, mode: str, target: str, count: int) -> dict[str, Any]:
@@ -91,7 +92,8 @@ def test_tcp_flows_past_one_clients_share_are_reset_and_the_other_is_served(
     result = run_clients(lab, "tcp", target, 150)
     flood = result["flood"]
     assert flood.get("held") == LIMITS["flows-per-client"], flood
-    assert flood.get("reset", 0) + flood.get("closed", 0) == 150 - LIMITS["flows-per-client"]
+    refused = flood.get("reset", 0) + flood.get("closed", 0) + flood.get("ConnectionResetError", 0)
+    assert refused == 150 - LIMITS["flows-per-client"], flood
     assert_neighbour_served(result)
     assert_flooder_refused(lab, mirage, "flows", 150 - LIMITS["flows-per-client"])
 
@@ -122,3 +124,16 @@ def test_new_names_past_one_clients_rate_get_servfail_and_the_other_gets_fake_ip
     assert flood.get("servfail", 0) >= 160, flood
     assert_neighbour_served(result)
     assert_flooder_refused(lab, mirage, "fake_ip", 160)
+
+
+def test_held_proxy_connections_of_one_client_leave_the_proxy_port_to_the_other(
+        lab: Lab, mirage: MirageRun) -> None:
+    result = run_clients(lab, "proxy", lab.addr("gateway", "lan0"), 60)
+    flood = result["flood"]
+    per_client = LIMITS["proxy-connections-per-client"]
+    assert flood.get("held") == per_client, flood
+    # A reset can also reach the client while connect() still runs.
+    refused = flood.get("reset", 0) + flood.get("closed", 0) + flood.get("ConnectionResetError", 0)
+    assert refused == 60 - per_client, flood
+    assert_neighbour_served(result)
+    assert_flooder_refused(lab, mirage, "proxy", 60 - per_client)

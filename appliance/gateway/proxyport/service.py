@@ -62,6 +62,7 @@ from appliance.gateway.proxyport.target import Pins, Targets
 from appliance.gateway.proxyport.udp_relay import OpenUdp, UdpAssociation
 from appliance.gateway.splice import FlowRegistry, SpliceResult, abort, close, splice
 from appliance.gateway.tcp import Dial, FakeIPs, accept_loop, ip_port
+from appliance.limits import ConcurrencyLimit, client_key
 from appliance.proto.http_connect import DEFAULT_MAX_HEAD, HttpConnectError, format_authority
 from appliance.proto.http_proxy import Forwarding, forwarding
 from appliance.sockopt import IP_FREEBIND, IPV6_FREEBIND
@@ -123,6 +124,7 @@ class ProxyPorts:
         *,
         open_udp: OpenUdp | None = None,
         limits: Limits | None = None,
+        clients: ConcurrencyLimit | None = None,
         ports: Sequence[ProxyPort] | None = None,
         addresses: Sequence[BindAddress] | None = None,
     ) -> None:
@@ -132,6 +134,9 @@ class ProxyPorts:
         self.registry = registry if registry is not None else FlowRegistry()
         self.open_udp = open_udp
         self.limits = limits if limits is not None else Limits()
+        # Per-client share of connections (appliance.limits; None: only the
+        # service's own max_connections bounds them).
+        self.clients = clients
         self.ports = list(ports) if ports is not None else proxy_ports(cfg)
         self.addresses = list(addresses) if addresses is not None else None
         self.auth = Authenticator(cfg.authentication)
@@ -235,14 +240,20 @@ class ProxyPorts:
             log.warning("proxy ports: %d connections already; resetting a new one", self.active)
             await abort(stream)
             return
+        try:
+            src = ip_port(stream.socket.getpeername())
+            local = stream.socket.getsockname()
+        except OSError:
+            await stream.aclose()
+            return
+        share = client_key(src[0]) if self.clients is not None else None
+        if self.clients is not None and share is not None and not self.clients.acquire(share):
+            # One client at its share: reset at once, others go on.
+            await abort(stream)
+            return
         self.active += 1
         pins = Pins(self.pool)
         try:
-            try:
-                src = ip_port(stream.socket.getpeername())
-                local = stream.socket.getsockname()
-            except OSError:
-                return
             handshake = Handshake(
                 socks=spec.socks, http=spec.http, auth=self.auth, max_head=self.limits.max_head
             )
@@ -265,6 +276,8 @@ class ProxyPorts:
         finally:
             pins.release()
             self.active -= 1
+            if self.clients is not None and share is not None:
+                self.clients.release(share)
             await stream.aclose()
 
     async def _handshake(
@@ -456,6 +469,7 @@ async def serve(
     registry: FlowRegistry | None = None,
     *,
     open_udp: OpenUdp | None = None,
+    clients: ConcurrencyLimit | None = None,
     task_status: trio.TaskStatus[list[tuple[str, str, int]]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run the proxy ports `cfg` configures (mixed-port, socks-port, port)
@@ -466,7 +480,8 @@ async def serve(
     `connect_tcp`); `open_udp` routes and opens one UDP destination of a
     UDP ASSOCIATE (the dispatcher's `open_udp`; None: UDP ASSOCIATE is
     answered "command not supported"). Raises OSError or
-    ProxyPortError if a port cannot be bound.
+    ProxyPortError if a port cannot be bound. `clients` is the per-client
+    share of connections (appliance.limits `proxy-connections-per-client`).
     """
-    service = ProxyPorts(cfg, pool, dial, registry, open_udp=open_udp)
+    service = ProxyPorts(cfg, pool, dial, registry, open_udp=open_udp, clients=clients)
     await service.serve(task_status=task_status)
