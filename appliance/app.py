@@ -29,6 +29,7 @@ from __future__ import annotations
 import gc
 import logging
 import os
+import resource
 import signal
 import time
 from collections.abc import Callable
@@ -55,6 +56,7 @@ from appliance.gateway import proxyport
 from appliance.gateway.splice import FlowRegistry
 from appliance.gateway.tcp import TransparentTcp
 from appliance.gateway.udp import UdpGateway
+from appliance.limits import ConcurrencyLimit, FairShares, RateLimit, total_flows
 from appliance.names import DomainMatcher
 from appliance.outbound.base import Resolve
 from appliance.outbound.preconnect import Preconnect
@@ -90,6 +92,8 @@ class Appliance:
         self.proxy_ports: proxyport.ProxyPorts | None = None
         self.capture: object | None = None  # what capture/backend.py started
         self.offload: DirectOffload | None = None  # with appliance.offload-direct
+        # Per-client limits, held by the services that enforce them.
+        self.limits: FairShares = build_fair_shares(cfg)
         self.stopping = False  # SIGINT/SIGTERM received
 
     # -- what the control API reads besides the services -------------------------
@@ -144,7 +148,8 @@ class Appliance:
                 if cfg.dns.enable:
                     self.dns_handler = DnsHandler(
                         dns_in_effect(cfg), pool,
-                        block_canary=cfg.appliance.block_encrypted_dns)
+                        block_canary=cfg.appliance.block_encrypted_dns,
+                        fake_ip_rate=self.limits.fake_ip)
                     await nursery.start(self._serve_dns, self.dns_handler, resolver)
                 if cfg.tproxy_port or cfg.proxy_ports:
                     self.flows = FlowRegistry()
@@ -195,7 +200,9 @@ class Appliance:
         transparent = bool(cfg.appliance.lan) and cfg.hijacks_dns
         try:
             await dns_server.serve(dns_bind(cfg), handler, resolver,
-                                   transparent=transparent, task_status=task_status)
+                                   transparent=transparent,
+                                   upstream_share=self.limits.dns_upstream,
+                                   tcp_share=self.limits.dns_tcp, task_status=task_status)
         except OSError as err:
             raise AppError(f"dns.listen {cfg.dns.listen}: cannot bind: {err}") from None
 
@@ -203,7 +210,8 @@ class Appliance:
                          task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """The transparent TCP listener on tproxy-port: flows go to the
         dispatcher and into the shared flow registry."""
-        self.tcp = TransparentTcp(self.cfg, pool, dispatcher.connect_tcp, self.flows)
+        self.tcp = TransparentTcp(self.cfg, pool, dispatcher.connect_tcp, self.flows,
+                                  flows=self.limits.flows)
         try:
             await self.tcp.serve(task_status=task_status)
         except OSError as err:
@@ -213,7 +221,7 @@ class Appliance:
                          task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """The transparent UDP gateway on tproxy-port; sessions are routed by
         the live router (reloads apply to new sessions)."""
-        self.udp = UdpGateway(self.cfg, pool, dispatcher.open_udp)
+        self.udp = UdpGateway(self.cfg, pool, dispatcher.open_udp, flows=self.limits.flows)
         try:
             await self.udp.serve(task_status=task_status)
         except OSError as err:
@@ -377,6 +385,59 @@ def restart_keys(old: Config, new: Config, *, proxy_ports_live: bool) -> list[st
     keys += [f"appliance.{f.name.replace('_', '-')}" for f in fields(old.appliance)
              if getattr(old.appliance, f.name) != getattr(new.appliance, f.name)]
     return keys
+
+
+def build_fair_shares(cfg: Config) -> FairShares:
+    """The per-client limits of `cfg.appliance.limits` (appliance/limits.py).
+
+    The flows budget (`flows-total: auto`) is what half the memory and the
+    descriptor limit pay for; the soft descriptor limit is first raised to
+    the hard one (which an operator or systemd's LimitNOFILE sets), since
+    the budget would otherwise be the 1024 of a login shell. One client
+    never gets more than half of the flows budget (see docs/config.md).
+    """
+    lim = cfg.appliance.limits
+    total = lim.flows_total
+    if total is None:
+        total = total_flows(_memory_bytes(), _raise_descriptor_limit())
+    flows_per_client = min(lim.flows_per_client, max(1, total // 2))
+    if flows_per_client < lim.flows_per_client:
+        log.info("appliance.limits: %d flows per client (half of the %d this machine allows "
+                 "in all)", flows_per_client, total)
+    return FairShares(
+        flows=ConcurrencyLimit(flows_per_client, total),
+        proxy=ConcurrencyLimit(min(lim.proxy_connections_per_client, max(1, total // 2)), total),
+        dns_upstream=ConcurrencyLimit(lim.dns_upstream_per_client, dns_server.MAX_INFLIGHT),
+        dns_tcp=ConcurrencyLimit(lim.dns_tcp_per_client, dns_server.MAX_TCP_CONNECTIONS),
+        fake_ip=RateLimit(lim.fake_ip_rate_per_client, lim.fake_ip_burst_per_client),
+    )
+
+
+# Raise the soft descriptor limit at most this far (an unlimited hard limit
+# does not make memory for a million flows).
+MAX_DESCRIPTORS = 1 << 20
+
+
+def _raise_descriptor_limit() -> int:
+    """The soft RLIMIT_NOFILE after raising it to the hard limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = MAX_DESCRIPTORS if hard == resource.RLIM_INFINITY else min(hard, MAX_DESCRIPTORS)
+    if soft == resource.RLIM_INFINITY:
+        return MAX_DESCRIPTORS
+    if soft < want:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+            soft = want
+        except (OSError, ValueError) as err:
+            log.warning("could not raise the open-file limit from %d to %d: %s", soft, want, err)
+    return soft
+
+
+def _memory_bytes() -> int:
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):
+        return 256 << 20  # a small router's, if the system will not say
 
 
 def build_router(cfg: Config, resolve: Resolve | None) -> Router:

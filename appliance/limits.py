@@ -32,7 +32,8 @@ from __future__ import annotations
 
 import ipaddress
 from collections import Counter, OrderedDict
-from typing import Final
+from dataclasses import dataclass
+from typing import ClassVar, Final
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -43,7 +44,16 @@ TOP_REFUSED: Final = 5
 def client_key(ip: IPAddress | str) -> str:
     """The client an address belongs to: the IPv4 address itself, or the
     IPv6 /64 (see the module doc)."""
-    addr = ipaddress.ip_address(ip) if isinstance(ip, str) else ip
+    if isinstance(ip, str):
+        # Hot path (a DNS query, a new flow): a socket's IPv4 text is its
+        # own key, a v4-mapped one is that text after the prefix.
+        if ":" not in ip:
+            return ip
+        if ip.startswith("::ffff:") and "." in ip:
+            return ip[7:]
+        addr: IPAddress = ipaddress.ip_address(ip.split("%", 1)[0])
+    else:
+        addr = ip
     if isinstance(addr, ipaddress.IPv6Address):
         if addr.ipv4_mapped is not None:
             return str(addr.ipv4_mapped)
@@ -171,3 +181,52 @@ def total_flows(memory_bytes: int, fd_limit: int, *, share: float = 0.5,
     by_memory = int(memory_bytes * share) // FLOW_BYTES
     by_fds = max(0, fd_limit - reserve_fds) // 2
     return max(64, min(by_memory, by_fds))
+
+
+@dataclass(frozen=True)
+class FairShares:
+    """Every per-client limit of one running appliance, each named after the
+    refusal it counts (`REASONS`). Built once by the composition root from
+    `appliance.limits` (see docs/config.md); the services hold the ones
+    they enforce:
+
+    - `flows`: transparent TCP flows and UDP sessions (each costs Mirage a
+      descriptor or two), per client and in total (`total_flows`);
+    - `proxy`: connections to the proxy ports (mixed/socks/http);
+    - `dns_upstream`: DNS queries waiting on the upstream resolver;
+    - `dns_tcp`: DNS-over-TCP connections;
+    - `fake_ip`: new fake-IP mappings per second (a name already mapped is
+      always answered).
+    """
+
+    flows: ConcurrencyLimit
+    proxy: ConcurrencyLimit
+    dns_upstream: ConcurrencyLimit
+    dns_tcp: ConcurrencyLimit
+    fake_ip: RateLimit
+
+    REASONS: ClassVar[tuple[str, ...]] = ("flows", "proxy", "dns_upstream", "dns_tcp", "fake_ip")
+
+    def stats(self) -> dict[str, int | float]:
+        """Flat counters (metrics, `mirage status`): `<reason>_refused` for
+        each limit, and what the concurrency limits hold now (`<reason>_in_use`,
+        `<reason>_clients`) and allow (`<reason>_per_client`, `_total`)."""
+        out: dict[str, int | float] = {}
+        for reason in self.REASONS:
+            limit: ConcurrencyLimit | RateLimit = getattr(self, reason)
+            for key, value in limit.stats().items():
+                if isinstance(value, int | float):
+                    out[f"{reason}_{key}"] = value
+        return out
+
+    def top_refused(self) -> dict[str, list[dict[str, object]]]:
+        """The clients refused most often, by limit (at most TOP_REFUSED each;
+        limits that refused nobody are left out)."""
+        out: dict[str, list[dict[str, object]]] = {}
+        for reason in self.REASONS:
+            limit: ConcurrencyLimit | RateLimit = getattr(self, reason)
+            rows = limit.stats()["top_refused"]
+            assert isinstance(rows, list)
+            if rows:
+                out[reason] = rows
+        return out

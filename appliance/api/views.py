@@ -46,6 +46,12 @@ class Mappings(Counted, Protocol):
     def lookup(self, domain: str, family: int = 4) -> IPAddress | None: ...
 
 
+class Limits(Counted, Protocol):
+    """The per-client limits (appliance.limits.FairShares)."""
+
+    def top_refused(self) -> Mapping[str, list[dict[str, object]]]: ...
+
+
 @runtime_checkable
 class CaptureCounters(Protocol):
     """A capture that counts (the eBPF backend: totals and per LAN client)."""
@@ -89,6 +95,9 @@ class Sources(Protocol):
     @property
     def offload(self) -> Counted | None: ...
 
+    @property
+    def limits(self) -> Limits | None: ...
+
     def preconnects(self) -> Mapping[str, Counted]:
         """Each proxy's pool of kept connections, by proxy name."""
         ...
@@ -116,6 +125,8 @@ def status(src: Sources) -> dict[str, Any]:
         "http_port": cfg.http_port,
         "counters": {k: dict(v) for k, v in counters(src).items()},
         "clients": capture_clients(src),
+        # The clients each per-client limit refused most (appliance/limits.py).
+        "refused_clients": dict(src.limits.top_refused()) if src.limits is not None else {},
     }
 
 
@@ -134,17 +145,27 @@ def counters(src: Sources) -> dict[str, Counters]:
         out["capture"] = src.capture.stats()
     if src.offload is not None:
         out["offload"] = src.offload.stats()
+    if src.limits is not None:
+        out["limits"] = src.limits.stats()
     return out
 
 
 def series(src: Sources) -> Iterator[tuple[str, Mapping[str, str], int | float]]:
     """Labelled metrics: per-client counters where the capture keeps them
-    (the eBPF backend counts LAN -> gateway traffic by source), and each
-    proxy's kept connections (preconnect)."""
+    (the eBPF backend counts LAN -> gateway traffic by source), the clients
+    each per-client limit refused most (a gauge: a client may leave the top
+    list), and each proxy's kept connections (preconnect)."""
     for row in capture_clients(src):
         labels = {"client": row["address"]}
         for key in ("packets", "bytes", "captured_packets", "captured_bytes"):
             yield f"mirage_capture_client_{key}_total", labels, row[key]
+    if src.limits is not None:
+        for limit, rows in src.limits.top_refused().items():
+            for refused in rows:
+                count = refused["refused"]
+                assert isinstance(count, int)
+                yield ("mirage_limits_client_refused",
+                       {"limit": limit, "client": str(refused["client"])}, count)
     # One family at a time: the exposition format wants each metric's
     # samples together.
     stats = {name: pool.stats() for name, pool in src.preconnects().items()}

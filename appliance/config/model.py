@@ -252,6 +252,35 @@ class Rule:
 
 
 @dataclass(frozen=True)
+class LimitsConfig:
+    """`appliance.limits`: each LAN client's fair share (appliance/limits.py).
+
+    A client is an IPv4 address or an IPv6 /64. Defaults are far above what
+    a household's devices use and a fraction of the whole, so that one
+    client (a flood, a runaway app, a compromised device) cannot take what
+    the others need. Over its share a client is refused at once (reset,
+    dropped or SERVFAIL) and counted; the others go on.
+    """
+
+    # Transparent TCP flows + UDP sessions one client holds at once (each
+    # costs one or two descriptors and ~20 KB). At most half of flows_total.
+    flows_per_client: int = 1024
+    # All clients together; None: what half the memory and the descriptor
+    # limit pay for (appliance.limits.total_flows).
+    flows_total: int | None = None
+    # Connections one client holds to the proxy ports (mixed/socks/http).
+    proxy_connections_per_client: int = 256
+    # DNS queries of one client waiting on the upstream resolver (of the
+    # 1024 the DNS service lets wait at once).
+    dns_upstream_per_client: int = 128
+    # DNS-over-TCP connections one client holds (of 256 in all).
+    dns_tcp_per_client: int = 32
+    # New fake-IP mappings one client may cause, per second and in a burst.
+    fake_ip_rate_per_client: float = 50.0
+    fake_ip_burst_per_client: int = 500
+
+
+@dataclass(frozen=True)
 class ApplianceConfig:
     """Settings only an appliance has (the brief's `appliance:` block)."""
 
@@ -281,6 +310,7 @@ class ApplianceConfig:
     # Kernel fast path for fake IPs whose route is DIRECT by domain alone
     # (appliance/capture/offload.py): nftables DNAT after the first flow.
     offload_direct: bool = False
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
     # Refuse encrypted DNS from LAN clients (DoT/DoQ on 853 to anywhere,
     # DoH on 443 to well-known resolvers plus `encrypted_dns_resolvers`) and
     # answer Firefox's canary NXDOMAIN, so clients fall back to plain DNS,

@@ -121,6 +121,16 @@ def effective_config(cfg: Config, *, redact: bool = False) -> dict[str, Any]:
             "udp-timeout": app.udp_timeout,
             "udp-max-sessions": app.udp_max_sessions,
             "offload-direct": app.offload_direct,
+            "limits": {
+                "flows-per-client": app.limits.flows_per_client,
+                "flows-total": "auto" if app.limits.flows_total is None
+                else app.limits.flows_total,
+                "proxy-connections-per-client": app.limits.proxy_connections_per_client,
+                "dns-upstream-per-client": app.limits.dns_upstream_per_client,
+                "dns-tcp-per-client": app.limits.dns_tcp_per_client,
+                "fake-ip-rate-per-client": app.limits.fake_ip_rate_per_client,
+                "fake-ip-burst-per-client": app.limits.fake_ip_burst_per_client,
+            },
             "block-encrypted-dns": app.block_encrypted_dns,
             "encrypted-dns-resolvers": [str(n) for n in app.encrypted_dns_resolvers],
         },

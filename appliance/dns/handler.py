@@ -25,6 +25,14 @@ The chain follows mihomo's `dns/middleware.go`: hosts -> fake IP -> resolver.
   asks for them and gets the fake IP. Replies to A/AAAA questions (filtered
   names) pass unchanged, CNAME chains included.
 
+Fair shares: with a `fake_ip_rate` (appliance/limits.py RateLimit) a
+client (the `client` the server passes `handle`: its IPv4 address or IPv6
+/64) may cause at most so many *new* fake-IP mappings per second. A name
+that already has a fake IP is always answered; a new name over the rate
+gets SERVFAIL (the same "try again" the global upstream bound gives, which
+stub resolvers retry and do not cache for long, RFC 2308 7.1), never an
+address taken from another name. Counted in `fake_ip_refused`.
+
 With `appliance.block-encrypted-dns` (`block_canary=True`), the canary
 name `use-application-dns.net` gets NXDOMAIN whatever the type: Firefox's
 documented signal that the network filters DNS, on which it turns its
@@ -94,6 +102,7 @@ from appliance.dns.wire import (
     TYPE_SVCB,
 )
 from appliance.fakeip.pool import FakeIPPool, PoolExhausted
+from appliance.limits import RateLimit
 from appliance.names import DomainMatcher, DomainTrie, name_from_labels
 
 log = logging.getLogger("mirage.dns")
@@ -267,11 +276,13 @@ class DnsHandler:
     Owns no resources: the pool is shared with the gateway (which reverses fake
     IPs) and is only asked to allocate/reverse here. Stats are plain ints the
     metrics read: `queries`, `fake_answers`, `local_answers` (hosts, PTR,
-    empty AAAA, the canary), `upstream`, `formerr`, `servfail`.
+    empty AAAA, the canary), `upstream`, `formerr`, `servfail`,
+    `fake_ip_refused` (new names over the client's `fake_ip_rate`).
     `fast_path=False` forces every query through dnslib (the tests compare
     both paths). `block_canary`: answer APPLICATION_DNS_CANARY with NXDOMAIN
     (`appliance.block-encrypted-dns`; fixed for the handler's life, like the
-    capture rules that go with it).
+    capture rules that go with it). `clock` (seconds, monotonic) feeds the
+    rate limit; injectable for tests.
     """
 
     def __init__(
@@ -281,11 +292,18 @@ class DnsHandler:
         *,
         fast_path: bool = True,
         problems: ProblemLog | None = None,
+        fake_ip_rate: RateLimit | None = None,
+        clock: Callable[[], float] = time.monotonic,
         block_canary: bool = False,
     ) -> None:
         self._pool = pool
         self._block_canary = block_canary
         self._fast = fast_path
+        self._fake_ip_rate = fake_ip_rate
+        self._clock = clock
+        self.fake_ip_refused = 0
+        # The client of the query being handled (`handle` is not re-entered).
+        self._client: str | None = None
         self.problems = problems if problems is not None else ProblemLog()
         self.queries = 0
         self.fake_answers = 0
@@ -327,6 +345,7 @@ class DnsHandler:
             "upstream": self.upstream,
             "formerr": self.formerr,
             "servfail": self.servfail,
+            "fake_ip_refused": self.fake_ip_refused,
         }
 
     def wants_fake_ip(self, name: str) -> bool:
@@ -337,11 +356,14 @@ class DnsHandler:
 
     # -- entry points --------------------------------------------------------
 
-    def handle(self, data: bytes) -> bytes | UpstreamQuery:
+    def handle(self, data: bytes, client: str | None = None) -> bytes | UpstreamQuery:
         """The reply to the query `data`, b"" for no reply, or an UpstreamQuery.
 
+        `client` (appliance.limits.client_key of the sender) is who a new
+        fake IP is counted against; None: nobody (no rate applies).
         Never raises (see the module doc for what failures become)."""
         self.queries += 1
+        self._client = client
         return self._guard(data, self._handle, data)
 
     def _guard(
@@ -395,8 +417,17 @@ class DnsHandler:
         if qtype == TYPE_AAAA and not self._fake6:
             self.local_answers += 1
             return RCODE_NOERROR, (), 0
+        family = 4 if qtype == TYPE_A else 6
+        rate, client = self._fake_ip_rate, self._client
+        if (rate is not None and client is not None
+                and self._pool.lookup(name, family) is None
+                and not rate.allow(client, self._clock())):
+            # A new mapping over the client's rate: no address at all rather
+            # than one recycled from a name another client still uses.
+            self.fake_ip_refused += 1
+            return RCODE_SERVFAIL, (), 0
         try:
-            ip = self._pool.allocate(name, 4 if qtype == TYPE_A else 6)
+            ip = self._pool.allocate(name, family)
         except PoolExhausted as exc:
             self._log_exhausted(name, exc)
             return RCODE_SERVFAIL, (), 0

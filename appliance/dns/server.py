@@ -26,6 +26,15 @@ TCP follows RFC 7766: 2-byte length framing, several queries per connection,
 pipelined answers sent as they complete (in any order), an idle timeout,
 a bounded number of connections (extra ones are closed at once).
 
+Fair shares (appliance/limits.py; None: no per-client limit): each query
+is handed to the handler with its client (IPv4 address or IPv6 /64, which
+the handler's fake-IP rate counts against); `upstream_share` bounds one
+client's queries waiting on the upstream (over it: SERVFAIL at once, as
+over the global bound, so a flooding client cannot take the slots every
+other client's upstream queries need); `tcp_share` bounds one client's TCP
+connections (over it: closed at once, so held-open connections cannot lock
+the others out of DNS over TCP).
+
 Failure: bind errors (OSError) propagate before `started()`. After that,
 nothing a client sends ends the service: bad input is the handler's business
 (FORMERR/SERVFAIL), socket errors end one connection or drop one datagram.
@@ -49,6 +58,7 @@ from appliance.config.model import Listen
 from appliance.dns import wire
 from appliance.dns.handler import DnsHandler, UpstreamQuery
 from appliance.dns.upstream_api import Upstream, UpstreamError
+from appliance.limits import ConcurrencyLimit, client_key
 from appliance.sockopt import (
     IP_ORIGDSTADDR,
     IP_PKTINFO,
@@ -86,12 +96,31 @@ _ANC_SIZE = socket.CMSG_SPACE(20) * 2 + socket.CMSG_SPACE(28) * 2
 
 @dataclass
 class _Limits:
-    """Counters shared by the UDP loop and every TCP connection."""
+    """Counters shared by the UDP loop and every TCP connection, and the
+    per-client shares (None: none)."""
 
     max_inflight: int
     max_connections: int
     inflight: int = 0
     connections: int = 0
+    upstream_share: ConcurrencyLimit | None = None
+    tcp_share: ConcurrencyLimit | None = None
+
+    def take_upstream(self, client: str) -> bool:
+        """One upstream slot for `client`: under the global bound and its
+        share. `give_upstream(client)` when the query is over."""
+        if self.inflight >= self.max_inflight:
+            return False
+        share = self.upstream_share
+        if share is not None and not share.acquire(client):
+            return False
+        self.inflight += 1
+        return True
+
+    def give_upstream(self, client: str) -> None:
+        self.inflight -= 1
+        if self.upstream_share is not None:
+            self.upstream_share.release(client)
 
 
 def _bind_socket(family: int, kind: int, listen: Listen, transparent: bool) -> socket.socket:
@@ -136,15 +165,19 @@ async def serve(
     max_inflight: int = MAX_INFLIGHT,
     max_tcp_connections: int = MAX_TCP_CONNECTIONS,
     tcp_idle_timeout: float = TCP_IDLE_TIMEOUT,
+    upstream_share: ConcurrencyLimit | None = None,
+    tcp_share: ConcurrencyLimit | None = None,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve DNS on `listen` (UDP and TCP) until cancelled.
+    """Serve DNS on `listen` (UDP and TCP) until cancelled; per-client
+    `upstream_share` and `tcp_share` as the module doc says.
 
     Calls `task_status.started()` once both sockets are bound. Raises OSError
     if either cannot be bound; closes both sockets on the way out.
     """
     family = socket.AF_INET6 if ":" in listen.host else socket.AF_INET
-    limits = _Limits(max_inflight, max_tcp_connections)
+    limits = _Limits(max_inflight, max_tcp_connections,
+                     upstream_share=upstream_share, tcp_share=tcp_share)
     deadline = handler.upstream_timeout + DEADLINE_GRACE
     udp = _bind_socket(family, socket.SOCK_DGRAM, listen, transparent)
     replies = _UdpReplies(udp, transparent)
@@ -269,28 +302,28 @@ async def _udp_loop(
             except OSError as err:  # e.g. a queued ICMP error: not fatal
                 log.debug("UDP receive: %s", err)
                 continue
-            result = handle(data)
+            client = client_key(addr[0])
+            result = handle(data, client)
             if isinstance(result, bytes):
                 if result:
                     send(result, data, ancdata, addr)
-            elif limits.inflight >= limits.max_inflight:
+            elif not limits.take_upstream(client):
                 send(result.finish(None), data, ancdata, addr)
             else:
-                limits.inflight += 1
                 nursery.start_soon(
                     _udp_upstream, replies, result, data, ancdata, addr, upstream, deadline,
-                    limits,
+                    limits, client,
                 )
 
 
 async def _udp_upstream(
     replies: _UdpReplies, uq: UpstreamQuery, query: bytes, ancdata: Ancillary, addr: Any,
-    upstream: Upstream, deadline: float, limits: _Limits,
+    upstream: Upstream, deadline: float, limits: _Limits, client: str,
 ) -> None:
     try:
         reply = await _resolve(uq, upstream, deadline)
     finally:
-        limits.inflight -= 1
+        limits.give_upstream(client)
     if reply:
         replies.send(reply, query, ancdata, addr)
 
@@ -316,16 +349,26 @@ async def _tcp_accept_loop(
         if limits.connections >= limits.max_connections:
             await trio.aclose_forcefully(stream)
             continue
+        try:
+            client = client_key(stream.socket.getpeername()[0])
+        except OSError:  # reset before we looked
+            await trio.aclose_forcefully(stream)
+            continue
+        if limits.tcp_share is not None and not limits.tcp_share.acquire(client):
+            await trio.aclose_forcefully(stream)
+            continue
         limits.connections += 1
-        nursery.start_soon(_tcp_connection, stream, handler, upstream, limits, deadline, idle)
+        nursery.start_soon(_tcp_connection, stream, handler, upstream, limits, deadline, idle,
+                           client)
 
 
 async def _tcp_connection(
     stream: trio.SocketStream, handler: DnsHandler, upstream: Upstream, limits: _Limits,
-    deadline: float, idle: float,
+    deadline: float, idle: float, client: str,
 ) -> None:
     """One client connection: read frames, answer each, close when the client
-    does, when it idles for `idle` seconds, or when a send fails."""
+    does, when it idles for `idle` seconds, or when a send fails. Gives back
+    the connection's place (and `client`'s share) when it ends."""
     send_lock = trio.Lock()
     pipeline = trio.Semaphore(TCP_PIPELINE)
 
@@ -339,7 +382,7 @@ async def _tcp_connection(
         try:
             reply = await _resolve(uq, upstream, deadline)
         finally:
-            limits.inflight -= 1
+            limits.give_upstream(client)
             pipeline.release()
         if reply:
             await send(reply, query)
@@ -364,17 +407,21 @@ async def _tcp_connection(
                     query = bytes(buf[2 : 2 + size])
                     del buf[: 2 + size]
                     give_up_at = trio.current_time() + idle
-                    result = handler.handle(query)
+                    result = handler.handle(query, client)
                     if isinstance(result, bytes):
                         if result:
                             await send(result, query)
-                    elif limits.inflight >= limits.max_inflight:
+                    elif not limits.take_upstream(client):
                         await send(result.finish(None), query)
                     else:
-                        # Waits (stops reading) when this client already has
-                        # TCP_PIPELINE queries upstream: back-pressure.
-                        await pipeline.acquire()
-                        limits.inflight += 1
+                        try:
+                            # Waits (stops reading) when this connection
+                            # already has TCP_PIPELINE queries upstream:
+                            # back-pressure.
+                            await pipeline.acquire()
+                        except BaseException:
+                            limits.give_upstream(client)
+                            raise
                         nursery.start_soon(answer_later, result, query)
             # Reading is over; the nursery waits for the answers in flight.
     except* (trio.BrokenResourceError, trio.ClosedResourceError):
@@ -383,4 +430,6 @@ async def _tcp_connection(
         log.exception("DNS TCP connection failed")
     finally:
         limits.connections -= 1
+        if limits.tcp_share is not None:
+            limits.tcp_share.release(client)
         await trio.aclose_forcefully(stream)

@@ -15,6 +15,12 @@ an unmapped fake IP (expired, or from before a restart without
 store-fake-ip) and a failed dial both reset the client at once (RST, so the
 client retries or fails fast instead of hanging), log why, and count it in
 the `FlowRegistry`.
+
+Fair shares: with a `flows` limit (appliance/limits.py; the same one the
+UDP gateway's sessions count against), a client already holding its share
+of flows, or any client once all flows are taken, has its new connection
+reset at once (before any pin, dial or log line: a flood costs one accept
+and one close per connection) and counted as that limit's refusal.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ import trio
 from appliance.config.model import Config, IPAddress
 from appliance.flow import Flow
 from appliance.gateway.splice import FlowRegistry, SpliceResult, abort, close, splice
+from appliance.limits import ConcurrencyLimit, client_key
 from appliance.sockopt import IP_TRANSPARENT, IPV6_TRANSPARENT
 
 log = logging.getLogger(__name__)
@@ -159,12 +166,15 @@ class TransparentTcp:
         pool: FakeIPs,
         dial: Dial,
         registry: FlowRegistry | None = None,
+        flows: ConcurrencyLimit | None = None,
     ) -> None:
         if cfg.tproxy_port is None:
             raise ValueError("tproxy-port is not set")
         self.cfg = cfg
         self.pool = pool
         self.dial = dial
+        # Per-client share of flows (None: unlimited, for tests and tools).
+        self.flows = flows
         self.registry = registry if registry is not None else FlowRegistry()
         self.port = cfg.tproxy_port
         self.listeners: list[trio.SocketListener] = []  # bound once serve() started
@@ -206,6 +216,14 @@ class TransparentTcp:
         src_addr, dst_addr = parse_sockaddr_ip(peer), parse_sockaddr_ip(local)
         src = (str(src_addr), int(peer[1]))
         dst = (str(dst_addr), int(local[1]))
+        limit, client = self.flows, client_key(src[0])
+        if limit is not None and not limit.acquire(client):
+            # Over its share: reset now, so the client learns at once (a
+            # dropped SYN-ACK would leave it to time out, holding the fd).
+            log.debug("tcp %s:%d -> %s:%d: over the client's share of flows; reset",
+                      *src, *dst)
+            await abort(stream)
+            return
         domain: str | None = None
         pinned = False
         try:
@@ -239,6 +257,8 @@ class TransparentTcp:
         finally:
             if pinned:
                 self.pool.unpin(dst_addr)
+            if limit is not None:
+                limit.release(client)
 
     async def _relay(self, client: trio.SocketStream, flow: Flow,
                      src: tuple[str, int], dst: tuple[str, int]) -> None:
@@ -314,6 +334,7 @@ async def serve(
     dial: Dial,
     registry: FlowRegistry | None = None,
     *,
+    flows: ConcurrencyLimit | None = None,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run the transparent TCP gateway on `cfg.tproxy_port` until cancelled.
@@ -321,4 +342,4 @@ async def serve(
     Pass a `registry` to read live flows and counters (control API, metrics)
     while it runs; `started()` is called once the listener is bound.
     """
-    await TransparentTcp(cfg, pool, dial, registry).serve(task_status=task_status)
+    await TransparentTcp(cfg, pool, dial, registry, flows).serve(task_status=task_status)

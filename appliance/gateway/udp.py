@@ -30,7 +30,11 @@ Bounds and failures: at most `udp-max-sessions` sessions (the least recently
 active is evicted, counted in `evicted`); at most `MAX_PENDING` datagrams wait
 while an outbound opens. Datagrams to an unmapped fake IP, too big for the
 outbound, or refused by the kernel are dropped and counted (`UdpStats`);
-nothing a client or a proxy sends ends the service. A session whose outbound
+nothing a client or a proxy sends ends the service. With a `flows` limit
+(appliance/limits.py, shared with the TCP gateway) a client holding its
+share of flows, or any client once all are taken, gets no new session: the
+datagram is dropped and counted (`dropped_limit`, and the limit's refusal);
+its live sessions go on. A session whose outbound
 failed to open drops its datagrams for `FAILED_HOLD` seconds, then the next
 datagram tries again; a REJECT session drops until idle. Bind errors
 (OSError) propagate before `started()`.
@@ -70,6 +74,7 @@ from appliance.gateway.udp_sessions import (
     client_address,
     idle_timeout,
 )
+from appliance.limits import ConcurrencyLimit, client_key
 from appliance.outbound.base import OutboundError, UdpPeer
 from appliance.proto.socks5 import Socks5Error, parse_udp
 from appliance.sockopt import (
@@ -130,6 +135,7 @@ class Session:
         "bytes_down",
         "bytes_up",
         "client",
+        "client_key",
         "dst",
         "flow",
         "header",
@@ -160,6 +166,7 @@ class Session:
         self.bytes_down = 0
         self.key = key
         self.client = client
+        self.client_key: str | None = None  # set while it holds a share of flows
         self.dst = dst
         self.flow = flow
         self.state = "opening"
@@ -531,6 +538,7 @@ class UdpGateway:
         *,
         timeout: float | None = None,
         max_sessions: int | None = None,
+        flows: ConcurrencyLimit | None = None,
     ) -> None:
         if cfg.tproxy_port is None:
             raise ValueError("tproxy-port is not set")
@@ -538,6 +546,8 @@ class UdpGateway:
         self.cfg = cfg
         self.port = cfg.tproxy_port
         self.pool = pool
+        # Per-client share of flows (None: unlimited, for tests and tools).
+        self.flows = flows
         self.timeout = timeout if timeout is not None else a.udp_timeout
         self.sessions = UdpSessions(
             open_peer, max_sessions if max_sessions is not None else a.udp_max_sessions)
@@ -639,6 +649,28 @@ class UdpGateway:
         if dst is None:
             return
         client = client_address(addr)
+        flows, share = self.flows, None
+        if flows is not None:
+            share = client_key(client[0])
+            if not flows.acquire(share):
+                self.counters.dropped_limit += 1
+                return
+        session = None
+        try:
+            session = self._make_session(key, client, dst, data, now)
+        finally:
+            if session is None and flows is not None and share is not None:
+                flows.release(share)
+        if session is None:
+            return
+        session.client_key = share
+        self.sessions.add(session)
+        nursery.start_soon(self._run, session)
+
+    def _make_session(self, key: Any, client: tuple[str, int], dst: Destination, data: bytes,
+                      now: float) -> Session | None:
+        """The session for a new (client, destination), its fake IP pinned;
+        None (counted) when its datagram is to be dropped."""
         domain: str | None = None
         if self.pool.is_fake(dst[1]):
             domain = self.pool.pin(dst[1])
@@ -650,19 +682,18 @@ class UdpGateway:
                 log.log(level, "udp %s:%d -> %s:%d: fake IP not mapped (expired or issued before "
                         "a restart); dropped (%d so far)", *client, dst[1], dst[2],
                         self.counters.dropped_unmapped)
-                return
+                return None
         elif dst[2] == self.port:
             # Sent to the listener itself, not captured: relaying it DIRECT
             # would come straight back here (the nft input chain refuses
             # these; this holds whatever the capture is).
             self.counters.dropped_loop += 1
-            return
+            return None
         flow = Flow("udp", "tproxy", ipaddress.ip_address(client[0]), client[1],
                     ipaddress.ip_address(dst[1]), dst[2], domain)
         session = Session(key, client, dst, flow, now, idle_timeout(dst[2], self.timeout))
         session.pending.append(data)
-        self.sessions.add(session)
-        nursery.start_soon(self._run, session)
+        return session
 
     # -- one session ---------------------------------------------------------------
 
@@ -678,6 +709,9 @@ class UdpGateway:
                             s.dst[2], err)
             await self.sessions.run(s, reply)
         finally:
+            if s.client_key is not None and self.flows is not None:
+                self.flows.release(s.client_key)
+                s.client_key = None
             if reply is not None:
                 self.replies.release(s.dst)
             if s.flow.domain is not None:

@@ -63,9 +63,11 @@ class UdpStats:
     session's outbound to open), `malformed` (a proxy's reply without a valid
     SOCKS5 UDP header), `loop` (sent to the listener's own port, not
     captured), `send` (the kernel refused to send: full buffer,
-    unreachable). `dial_failures` counts sessions whose outbound could not be
-    opened, `skipped_no_udp` rules passed over because their target cannot
-    carry UDP (see appliance/routing.py).
+    unreachable), `limit` (the first datagram of a session its client had
+    no share of flows left for; appliance/limits.py). `dial_failures`
+    counts sessions whose outbound could not be opened, `skipped_no_udp`
+    rules passed over because their target cannot carry UDP (see
+    appliance/routing.py).
     """
 
     sessions: int = 0
@@ -83,6 +85,7 @@ class UdpStats:
     dropped_malformed: int = 0
     dropped_loop: int = 0
     dropped_send: int = 0
+    dropped_limit: int = 0
     packets_up: int = 0
     packets_down: int = 0
     bytes_up: int = 0

@@ -31,6 +31,7 @@ from appliance.dns import server
 from appliance.dns.handler import DnsHandler
 from appliance.dns.upstream_api import UpstreamError
 from appliance.fakeip.pool import FakeIPPool
+from appliance.limits import ConcurrencyLimit, RateLimit
 
 pytestmark = pytest.mark.skipif(
     os.geteuid() != 0 or not shutil.which("dig") or not shutil.which("dnsmasq"),
@@ -407,6 +408,126 @@ async def test_bind_failure_raises_before_started() -> None:
     # The UDP socket bound first was released again.
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as again:
         again.bind(("127.0.0.1", port))
+
+
+# -- fair shares: one client over its share, another served --------------------
+
+FLOODER, NEIGHBOUR = "127.61.1.2", "127.61.1.3"  # two loopback clients
+
+
+class SlowForSome:
+    """An upstream that never answers names under slow.test (a flooder's
+    queries) and forwards the rest to dnsmasq."""
+
+    def __init__(self, dnsmasq: int) -> None:
+        self.forward = UdpForwarder(DNSMASQ_ADDR, dnsmasq)
+
+    async def query(self, request: DNSRecord) -> DNSRecord:
+        if str(request.q.qname).rstrip(".").endswith("slow.test"):
+            await trio.sleep_forever()
+        return await self.forward.query(request)
+
+
+async def _ask_from(source: str, port: int, name: str, qid: int) -> DNSRecord:
+    sock = trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    with sock:
+        await sock.bind((source, 0))
+        await sock.sendto(_query(name, qid=qid), ("127.0.0.1", port))
+        with trio.fail_after(3):
+            return DNSRecord.parse(await sock.recv(65535))
+
+
+async def test_one_clients_upstream_flood_leaves_the_others_upstream_queries_alone(
+        dnsmasq: int) -> None:
+    port = _free_port()
+    handler = DnsHandler(_config(upstream_timeout=5.0, fake_ip_filter=("+.test",)),
+                         FakeIPPool(FAKE_RANGE))
+    share = ConcurrencyLimit(per_client=4, total=server.MAX_INFLIGHT)
+    flood = trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        await flood.bind((FLOODER, 0))
+        async with trio.open_nursery() as nursery:
+            await nursery.start(
+                lambda task_status: server.serve(Listen("127.0.0.1", port), handler,
+                                                 SlowForSome(dnsmasq), max_inflight=32,
+                                                 upstream_share=share, task_status=task_status)
+            )
+            # 50 queries that never come back: without a share they would
+            # take all 32 places and the neighbour would get SERVFAIL.
+            for qid in range(50):
+                await flood.sendto(_query(f"n{qid}.slow.test", qid=qid), ("127.0.0.1", port))
+            refused = 0
+            with trio.fail_after(2):  # refused at once, not after the deadline
+                while refused < 46:
+                    rec = DNSRecord.parse(await flood.recv(65535))
+                    assert rec.header.rcode == RCODE.SERVFAIL
+                    refused += 1
+            answers = [await _ask_from(NEIGHBOUR, port, "real.test", qid) for qid in range(20)]
+            assert [str(a.rr[0].rdata) for a in answers] == ["10.1.2.3"] * 20
+            nursery.cancel_scope.cancel()
+    finally:
+        flood.close()
+    assert share.stats()["refused"] == 46
+    assert share.stats()["top_refused"] == [{"client": FLOODER, "refused": 46}]
+
+
+async def test_one_clients_held_tcp_connections_leave_the_others_dns_over_tcp(
+        dnsmasq: int) -> None:
+    port = _free_port()
+    handler = DnsHandler(_config(), FakeIPPool(FAKE_RANGE))
+    share = ConcurrencyLimit(per_client=3, total=server.MAX_TCP_CONNECTIONS)
+    held: list[trio.SocketStream] = []
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(
+                lambda task_status: server.serve(Listen("127.0.0.1", port), handler,
+                                                 UdpForwarder(DNSMASQ_ADDR, dnsmasq),
+                                                 max_tcp_connections=8, tcp_idle_timeout=30,
+                                                 tcp_share=share, task_status=task_status)
+            )
+            for _ in range(10):  # more than the whole service's 8
+                sock = trio.socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                await sock.bind((FLOODER, 0))
+                await sock.connect(("127.0.0.1", port))
+                held.append(trio.SocketStream(sock))
+            closed = 0
+            for stream in held[3:]:  # over the share: closed at once
+                with trio.fail_after(2):
+                    try:
+                        closed += await stream.receive_some(10) == b""
+                    except trio.BrokenResourceError:
+                        closed += 1
+            assert closed == 7
+            out = await dig(port, "-b", NEIGHBOUR, "+tcp", "+short", "real.test")
+            assert out.strip() == "10.1.2.3"
+            nursery.cancel_scope.cancel()
+    finally:
+        for stream in held:
+            stream.socket.close()
+    assert share.stats()["top_refused"] == [{"client": FLOODER, "refused": 7}]
+
+
+async def test_new_names_over_one_clients_rate_leave_the_others_fake_ips() -> None:
+    port = _free_port()
+    rate = RateLimit(rate=1, burst=5)
+    handler = DnsHandler(_config(), FakeIPPool(FAKE_RANGE), fake_ip_rate=rate)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(
+            lambda task_status: server.serve(Listen("127.0.0.1", port), handler,
+                                             UdpForwarder("127.0.0.1", 9),
+                                             task_status=task_status)
+        )
+        rcodes = [(await _ask_from(FLOODER, port, f"new{i}.example", i)).header.rcode
+                  for i in range(20)]
+        assert rcodes.count(RCODE.NOERROR) in (5, 6) and rcodes[-1] == RCODE.SERVFAIL
+        # A name the flooder already has still answers; the neighbour is served.
+        again = await _ask_from(FLOODER, port, "new0.example", 99)
+        assert again.header.rcode == RCODE.NOERROR and again.rr
+        for i in range(5):
+            rec = await _ask_from(NEIGHBOUR, port, f"other{i}.example", i)
+            assert ipaddress.ip_address(str(rec.rr[0].rdata)) in FAKE_RANGE
+        nursery.cancel_scope.cancel()
+    assert handler.stats()["fake_ip_refused"] >= 14
 
 
 def test_struct_sizes() -> None:

@@ -79,6 +79,7 @@ class View:
         self.udp = None
         self.capture: Any = Capture()
         self.offload = None
+        self.limits: Any = None
 
     def preconnects(self) -> Mapping[str, Counted]:
         return {}

@@ -507,6 +507,10 @@ def test_effective_config_round_trips_every_field() -> None:
                 "bypass": ["2001:db8:ff::/48"], "state-dir": "/tmp/x", "route-table": 7,
                 "capture-mark": 1, "store-flush-interval": 2, "connect-timeout": 1,
                 "idle-timeout": 9, "udp-timeout": 10, "udp-max-sessions": 5,
+                "limits": {"flows-per-client": 7, "flows-total": 100,
+                           "proxy-connections-per-client": 6, "dns-upstream-per-client": 5,
+                           "dns-tcp-per-client": 4, "fake-ip-rate-per-client": 2.5,
+                           "fake-ip-burst-per-client": 3},
                 "block-encrypted-dns": True,
                 "encrypted-dns-resolvers": ["192.0.2.0/24", "2001:db8::53"],
             },
@@ -931,7 +935,8 @@ KEYS = [
     "proxy-groups", "rules", "appliance", "lan", "bypass", "redirect", "name",
     "type", "server", "port", "password", "cipher", "tun", "fallback",
     "socks-port", "authentication", "allow-lan", "bind-address", "udp-timeout",
-    "udp-max-sessions",
+    "udp-max-sessions", "limits", "flows-per-client", "flows-total",
+    "fake-ip-rate-per-client",
 ]  # fmt: skip
 scalars = st.one_of(
     st.none(),
@@ -1029,3 +1034,26 @@ def test_random_text_files_load_or_raise_config_error(text: str) -> None:
             load_config(f.name)
         except ConfigError:
             pass
+
+
+def test_limits_default_and_validate_with_key_paths() -> None:
+    d = parse_config(base()).appliance.limits
+    assert (d.flows_per_client, d.flows_total, d.dns_upstream_per_client) == (1024, None, 128)
+    cfg = parse_config(with_(appliance={"limits": {"flows-total": "auto",
+                                                  "fake-ip-rate-per-client": 10}}))
+    assert cfg.appliance.limits.flows_total is None
+    assert cfg.appliance.limits.fake_ip_rate_per_client == 10.0
+    for limits, path in [
+        ({"flows-per-client": 0}, "appliance.limits.flows-per-client"),
+        ({"flows-per-client": True}, "appliance.limits.flows-per-client"),
+        ({"flows-total": 10}, "appliance.limits.flows-total"),
+        ({"flows-total": "lots"}, "appliance.limits.flows-total"),
+        ({"flows-per-client": 500, "flows-total": 100}, "appliance.limits.flows-per-client"),
+        ({"fake-ip-rate-per-client": 0}, "appliance.limits.fake-ip-rate-per-client"),
+        ({"fake-ip-burst-per-client": 0.5}, "appliance.limits.fake-ip-burst-per-client"),
+        ({"dns-tcp-per-clients": 3}, "appliance.limits.dns-tcp-per-clients"),
+        ("many", "appliance.limits"),
+    ]:
+        with pytest.raises(ConfigError) as err:
+            parse_config(with_(appliance={"limits": limits}))
+        assert err.value.path == path, (limits, err.value)

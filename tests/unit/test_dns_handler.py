@@ -310,7 +310,7 @@ def test_stats() -> None:
     h.handle(ask("a.com", "MX"))
     h.handle(b"\x00\x01\x00\x00\x00\x01\x00\x00\x00\x00\x00\x00\xff")
     assert h.stats() == {"queries": 3, "fake_answers": 1, "local_answers": 0,
-                         "upstream": 1, "formerr": 1, "servfail": 0}
+                         "upstream": 1, "formerr": 1, "servfail": 0, "fake_ip_refused": 0}
 
 
 # -- the fast path and the general path give the same bytes --------------------
@@ -399,6 +399,35 @@ def test_a_reply_for_filtered_name_keeps_its_cname_chain() -> None:
     assert [str(r.rdata) for r in rec.rr] == ["cdn.example.net.", "192.0.2.80"]
 
 
+# -- fair shares: new fake IPs per second per client ------------------------------
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_new_fake_ips_over_a_clients_rate_get_servfail_never_a_recycled_address(
+        fast: bool) -> None:
+    from appliance.limits import RateLimit
+
+    dns = DnsConfig()
+    pool = FakeIPPool(dns.fake_ip_range)
+    now = [100.0]
+    rate = RateLimit(rate=2, burst=3)
+    h = DnsHandler(dns, pool, fast_path=fast, fake_ip_rate=rate, clock=lambda: now[0])
+    first = [DNSRecord.parse(h.handle(ask(f"n{i}.test"), "192.168.56.10")) for i in range(5)]
+    assert [r.header.rcode for r in first] == [0, 0, 0, 2, 2]  # burst 3, then SERVFAIL
+    assert all(not r.rr for r in first[3:])
+    assert len(pool) == 3  # nothing allocated (so nothing recycled) for the refused
+    # A name already mapped is always answered, whoever asks.
+    again = DNSRecord.parse(h.handle(ask("n0.test"), "192.168.56.10"))
+    assert again.header.rcode == 0 and str(again.rr[0].rdata) == str(first[0].rr[0].rdata)
+    # Another client has its own bucket; no client (the API, tests): no rate.
+    assert DNSRecord.parse(h.handle(ask("other.test"), "192.168.56.21")).header.rcode == 0
+    assert DNSRecord.parse(h.handle(ask("free.test"))).header.rcode == 0
+    # The bucket refills at the rate: one more name after half a second.
+    now[0] += 0.5
+    assert DNSRecord.parse(h.handle(ask("n3.test"), "192.168.56.10")).header.rcode == 0
+    assert DNSRecord.parse(h.handle(ask("n4.test"), "192.168.56.10")).header.rcode == 2
+    assert h.stats()["fake_ip_refused"] == 3
+    assert rate.stats()["top_refused"] == [{"client": "192.168.56.10", "refused": 3}]
 @pytest.mark.parametrize("fast_path", [True, False])
 def test_application_dns_canary_is_nxdomain_only_when_blocking(fast_path: bool) -> None:
     handler, pool = make(block_canary=True, ipv6=True, fake_ip_range6=RANGE6)

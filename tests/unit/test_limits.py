@@ -87,3 +87,29 @@ def test_total_flows_sized_from_memory_and_descriptors() -> None:
     assert total_flows(24 << 30, 1 << 22) == (24 << 30) // 2 // 20_000
     assert total_flows(24 << 30, 20_000) == (20_000 - 256) // 2
     assert total_flows(1 << 20, 100) == 64
+
+
+def test_client_key_of_socket_text_matches_the_parsed_address() -> None:
+    for text in ("192.168.56.10", "::ffff:192.168.56.10", "fd56::10", "fe80::1%lan0",
+                 "fd56:0:0:1::10"):
+        expected = client_key(ipaddress.ip_address(text.split("%")[0]))
+        assert client_key(text) == expected
+
+
+def test_fair_shares_report_each_limit_flat_and_its_top_refused() -> None:
+    from appliance.limits import FairShares
+
+    shares = FairShares(
+        flows=ConcurrencyLimit(1, 10), proxy=ConcurrencyLimit(1, 10),
+        dns_upstream=ConcurrencyLimit(1, 10), dns_tcp=ConcurrencyLimit(1, 10),
+        fake_ip=RateLimit(1, 1))
+    assert shares.flows.acquire("a") and not shares.flows.acquire("a")
+    assert shares.fake_ip.allow("b", 0.0) and not shares.fake_ip.allow("b", 0.0)
+    stats = shares.stats()
+    assert stats["flows_refused"] == 1 and stats["flows_in_use"] == 1
+    assert stats["fake_ip_refused"] == 1 and stats["dns_tcp_refused"] == 0
+    assert all(isinstance(v, int | float) for v in stats.values())
+    assert shares.top_refused() == {
+        "flows": [{"client": "a", "refused": 1}],
+        "fake_ip": [{"client": "b", "refused": 1}],
+    }

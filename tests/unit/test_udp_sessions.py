@@ -340,3 +340,70 @@ def test_socks_replies_with_fragments_or_bad_headers_are_dropped_and_counted() -
     assert gw.sessions._unwrap(b"\x00") is None
     st = gw.stats()
     assert (st["dropped_fragment"], st["dropped_malformed"], st["sessions"]) == (1, 2, 0)
+
+
+# -- fair shares: a new session needs a share of the client's flows ------------------
+
+
+def test_a_client_without_a_share_of_flows_gets_no_new_session_and_the_datagram_is_counted(
+        ) -> None:
+    import socket
+    import struct
+    from typing import Any
+
+    from appliance.config.model import Config
+    from appliance.gateway.udp import UdpGateway
+    from appliance.limits import ConcurrencyLimit
+    from appliance.sockopt import IP_ORIGDSTADDR
+
+    class NoFakes:
+        def is_fake(self, ip: Any) -> bool:
+            return False
+
+        def pin(self, ip: Any) -> str | None:
+            return None
+
+        def unpin(self, ip: Any) -> None:
+            pass
+
+    class Started:
+        def __init__(self) -> None:
+            self.tasks: list[Any] = []
+
+        def start_soon(self, fn: Any, *args: Any) -> None:
+            self.tasks.append(args)
+
+    async def never(flow: Any) -> None:
+        raise OSError("no outbound in this test")
+
+    flows = ConcurrencyLimit(per_client=2, total=100)
+    gw = UdpGateway(Config(tproxy_port=7893), NoFakes(), never, flows=flows)
+    nursery = Started()
+
+    def datagram(src: str, sport: int) -> None:
+        dst = struct.pack("!HH4s8x", socket.AF_INET, 443, socket.inet_aton("192.0.2.7"))
+        anc = [(socket.IPPROTO_IP, IP_ORIGDSTADDR, dst)]
+        key = ((src, sport), dst)
+        gw._new_session(key, (src, sport), anc, b"x", 0.0, nursery)  # type: ignore[arg-type]
+
+    for port in (1000, 1001, 1002, 1003):
+        datagram("192.168.56.10", port)
+    datagram("192.168.56.21", 1000)
+    assert len(nursery.tasks) == 3  # two sessions for .10, one for .21
+    assert gw.counters.dropped_limit == 2
+    assert flows.held("192.168.56.10") == 2 and flows.held("192.168.56.21") == 1
+    assert [s.client_key for (s,) in nursery.tasks] == ["192.168.56.10"] * 2 + ["192.168.56.21"]
+    assert flows.stats()["top_refused"] == [{"client": "192.168.56.10", "refused": 2}]
+    # A session that ends (here: its outbound fails, then the hold passes)
+    # gives its share back.
+    import trio
+    import trio.testing
+
+    async def end_first() -> None:
+        (session,) = nursery.tasks[0]
+        gw.replies.acquire = lambda dst: None  # type: ignore[assignment,method-assign,return-value]
+        gw.replies.release = lambda dst: None  # type: ignore[method-assign]
+        await gw._run(session)
+
+    trio.run(end_first, clock=trio.testing.MockClock(autojump_threshold=0))
+    assert flows.held("192.168.56.10") == 1 and flows.stats()["unbalanced"] == 0

@@ -18,14 +18,22 @@ from appliance.config.loader.scalars import (
     choice,
 )
 from appliance.config.loader.section import Section
-from appliance.config.model import ApplianceConfig, IPNetwork
+from appliance.config.model import ApplianceConfig, IPNetwork, LimitsConfig
 
 APPLIANCE_KEYS = (
     "lan", "redirect", "dns-hijack", "bypass", "state-dir",
     "store-flush-interval", "route-table", "capture-mark", "connect-timeout",
     "idle-timeout", "half-close-timeout", "udp-timeout", "udp-max-sessions", "offload-direct",
-    "block-encrypted-dns", "encrypted-dns-resolvers",
+    "block-encrypted-dns", "encrypted-dns-resolvers", "limits",
 )  # fmt: skip
+
+LIMITS_KEYS = (
+    "flows-per-client", "flows-total", "proxy-connections-per-client",
+    "dns-upstream-per-client", "dns-tcp-per-client", "fake-ip-rate-per-client",
+    "fake-ip-burst-per-client",
+)  # fmt: skip
+# Ceiling of every count limit: far above any machine's descriptors.
+_MAX_LIMIT = 1 << 22
 
 
 _IFNAME = re.compile(r"[^\s/:]{1,15}")
@@ -77,6 +85,7 @@ def parse_appliance(sec: Section) -> ApplianceConfig:
             "needs appliance.redirect nftables (or auto): the eBPF program hands fake-IP "
             "packets to Mirage before nftables could translate them",
         )
+    limits = parse_limits(sec.section("limits"))
     block_encrypted_dns = sec.get("block-encrypted-dns", as_bool, d.block_encrypted_dns)
     encrypted_dns_resolvers = _networks(sec, "encrypted-dns-resolvers")
     sec.finish(APPLIANCE_KEYS, ())
@@ -97,7 +106,52 @@ def parse_appliance(sec: Section) -> ApplianceConfig:
         offload_direct=offload_direct,
         block_encrypted_dns=block_encrypted_dns,
         encrypted_dns_resolvers=encrypted_dns_resolvers,
+        limits=limits,
     )
+
+
+def _count(value: Any, path: str) -> int:
+    return as_int(value, path, 1, _MAX_LIMIT, "a whole number")
+
+
+def _rate(value: Any, path: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigError(path, value, "not a number (per second)")
+    rate = float(value)
+    if not 0 < rate <= _MAX_LIMIT:  # also refuses NaN
+        raise ConfigError(path, value, f"must be more than 0 and at most {_MAX_LIMIT} per second")
+    return rate
+
+
+def parse_limits(sec: Section) -> LimitsConfig:
+    """`appliance.limits`: per-client fair shares (LimitsConfig). Counts are
+    whole numbers from 1; `flows-total` is one too, or `auto` (the default:
+    sized from memory and the descriptor limit at start)."""
+    d = LimitsConfig()
+    flows_total = d.flows_total
+    total_raw = sec.raw("flows-total")
+    if total_raw is not None and total_raw != "auto":
+        flows_total = as_int(total_raw, sec.at("flows-total"), 64, _MAX_LIMIT,
+                             "a whole number or 'auto'")
+    flows_per_client = sec.get("flows-per-client", _count, d.flows_per_client)
+    if flows_total is not None and flows_per_client > flows_total:
+        raise ConfigError(sec.at("flows-per-client"), flows_per_client,
+                          f"more than flows-total ({flows_total}): one client could take all")
+    limits = LimitsConfig(
+        flows_per_client=flows_per_client,
+        flows_total=flows_total,
+        proxy_connections_per_client=sec.get(
+            "proxy-connections-per-client", _count, d.proxy_connections_per_client),
+        dns_upstream_per_client=sec.get(
+            "dns-upstream-per-client", _count, d.dns_upstream_per_client),
+        dns_tcp_per_client=sec.get("dns-tcp-per-client", _count, d.dns_tcp_per_client),
+        fake_ip_rate_per_client=sec.get(
+            "fake-ip-rate-per-client", _rate, d.fake_ip_rate_per_client),
+        fake_ip_burst_per_client=sec.get(
+            "fake-ip-burst-per-client", _count, d.fake_ip_burst_per_client),
+    )
+    sec.finish(LIMITS_KEYS, ())
+    return limits
 
 
 def _networks(sec: Section, key: str) -> tuple[IPNetwork, ...]:
