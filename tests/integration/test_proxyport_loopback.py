@@ -598,3 +598,11 @@ async def test_reconfigure_asks_new_connections_for_the_new_credentials(
     assert await echo_roundtrip(held) == b"ping"
     await held.aclose()
     await settle(running)
+
+
+async def test_rebind_before_the_service_listens_changes_nothing() -> None:
+    cfg = Config(mixed_port=1)
+    service = ProxyPorts(cfg, FakeIPPool(ipaddress.IPv4Network("198.18.0.0/16")), Origins().dial,
+                         addresses=[BindAddress("127.0.0.1")])
+    assert not await service.rebind([BindAddress("127.0.0.2")])
+    assert service.bound == []

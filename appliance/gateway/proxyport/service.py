@@ -237,12 +237,11 @@ class ProxyPorts:
         self._port[spec.key] = port
         return listeners
 
-    def _accept_on(self, spec: ProxyPort, a: BindAddress, listener: trio.SocketListener) -> None:
-        """Start accepting on `listener` in the service's nursery, under a
-        cancel scope of its own so a reload can close this one listener
+    def _accept_on(self, spec: ProxyPort, a: BindAddress, listener: trio.SocketListener,
+                   nursery: trio.Nursery) -> None:
+        """Start accepting on `listener` in the service's `nursery`, under
+        a cancel scope of its own so a reload can close this one listener
         (the connections it accepted run in the nursery and go on)."""
-        assert self._nursery is not None
-        nursery = self._nursery
         scope = trio.CancelScope()
         done = trio.Event()
         self._listening[(spec.key, a)] = _Listening(scope, done)
@@ -267,20 +266,25 @@ class ProxyPorts:
         with (key, address, port) of each listening socket once all are
         bound. Raises OSError or ProxyPortError before that."""
         addresses = await self.bind_addresses()
-        async with trio.open_nursery() as nursery:
-            self._nursery = nursery
-            for spec in self.ports:
-                listeners = await self._listen(spec, addresses)
-                log.info(
-                    "%s: %s proxy on %s port %d",
-                    spec.key,
-                    "+".join(k for k, on in (("socks5", spec.socks), ("http", spec.http)) if on),
-                    ", ".join(str(a) for a, _ in listeners),
-                    self._port[spec.key],
-                )
-                for a, listener in listeners:
-                    self._accept_on(spec, a, listener)
-            task_status.started(list(self.bound))
+        try:
+            async with trio.open_nursery() as nursery:
+                for spec in self.ports:
+                    listeners = await self._listen(spec, addresses)
+                    log.info(
+                        "%s: %s proxy on %s port %d",
+                        spec.key,
+                        "+".join(k for k, on in (("socks5", spec.socks), ("http", spec.http))
+                                 if on),
+                        ", ".join(str(a) for a, _ in listeners),
+                        self._port[spec.key],
+                    )
+                    for a, listener in listeners:
+                        self._accept_on(spec, a, listener, nursery)
+                # From now on a reload may move listeners (`rebind`).
+                self._nursery = nursery
+                task_status.started(list(self.bound))
+        finally:
+            self._nursery = None
 
     # -- reload ---------------------------------------------------------------------
 
@@ -302,6 +306,11 @@ class ProxyPorts:
         are not touched. A socket that cannot be bound is logged at ERROR
         and left out (tried again at the next reload); the rest keep
         serving. Returns what was meant to change."""
+        if self._nursery is None:
+            log.warning("proxy ports: not serving (starting or stopping); listeners "
+                        "left as they are")
+            return ListenerChanges((), ())
+        nursery = self._nursery
         changes = listener_changes(self._listening, [p.key for p in self.ports], addresses)
         for key, a in changes.close:
             listening = self._listening.pop((key, a))
@@ -322,7 +331,7 @@ class ProxyPorts:
             if listener is None:
                 continue
             self._port.setdefault(key, listener.socket.getsockname()[1])
-            self._accept_on(spec, a, listener)
+            self._accept_on(spec, a, listener, nursery)
             log.info("%s: now listening on %s port %d (reload)", key, a, self._port[key])
         return changes
 
