@@ -33,7 +33,7 @@ import resource
 import signal
 import time
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import fields, replace
 
 import trio
 
@@ -89,6 +89,7 @@ class Appliance:
         self.flows: FlowRegistry | None = None  # TCP flows: tproxy-port and proxy ports
         self.tcp: TransparentTcp | None = None
         self.udp: UdpGateway | None = None
+        self.proxy_ports: proxyport.ProxyPorts | None = None
         self.capture: object | None = None  # what capture/backend.py started
         self.offload: DirectOffload | None = None  # with appliance.offload-direct
         # Per-client limits, held by the services that enforce them.
@@ -235,10 +236,11 @@ class Appliance:
         set up to use one, on LAN and loopback addresses only. Flows go to
         the dispatcher, TCP ones into the shared flow registry
         (/connections)."""
+        self.proxy_ports = proxyport.ProxyPorts(
+            self.cfg, pool, dispatcher.connect_tcp, self.flows, open_udp=dispatcher.open_udp,
+            clients=self.limits.proxy)
         try:
-            await proxyport.serve(self.cfg, pool, dispatcher.connect_tcp, self.flows,
-                                  open_udp=dispatcher.open_udp, clients=self.limits.proxy,
-                                  task_status=task_status)
+            await self.proxy_ports.serve(task_status=task_status)
         except (OSError, proxyport.ProxyPortError) as err:
             raise AppError(f"proxy ports (mixed-port/socks-port/port): {err}") from None
 
@@ -288,8 +290,11 @@ class Appliance:
 
     async def reload(self) -> None:
         """Re-read the config file; apply what can change without dropping
-        established flows (rules, proxies, fake-IP filter, log level). Keys
-        that need a restart are named in the log. A bad file changes nothing."""
+        established flows: rules, proxies, fake-IP filter, log level, and on
+        the proxy ports `authentication`, `allow-lan` and `bind-address`
+        (new connections, listeners moved; `ProxyPorts.reconfigure`). Every
+        other changed key needs a restart and is named in a WARNING. A bad
+        file changes nothing."""
         path = self.cfg.source
         if path is None:
             log.warning("SIGHUP: configuration has no file to reload from")
@@ -300,26 +305,6 @@ class Appliance:
             log.error("SIGHUP: %s: %s; keeping the running configuration", path, err)
             return
         old = self.cfg
-        restart_keys = [
-            key for key, a, b in [
-                ("dns.listen", old.dns.listen, new.dns.listen),
-                ("dns.fake-ip-range", old.dns.fake_ip_range, new.dns.fake_ip_range),
-                ("dns.fake-ip-range6", old.dns.fake_ip_range6, new.dns.fake_ip_range6),
-                ("dns.nameserver", old.dns.nameserver, new.dns.nameserver),
-                ("tproxy-port", old.tproxy_port, new.tproxy_port),
-                ("mixed-port", old.mixed_port, new.mixed_port),
-                ("socks-port", old.socks_port, new.socks_port),
-                ("port", old.http_port, new.http_port),
-                ("authentication", old.authentication, new.authentication),
-                ("allow-lan", old.allow_lan, new.allow_lan),
-                ("bind-address", old.bind_address, new.bind_address),
-                ("ipv6", old.ipv6, new.ipv6),
-                ("routing-mark", old.routing_mark, new.routing_mark),
-                ("external-controller", old.external_controller, new.external_controller),
-                ("appliance", old.appliance, new.appliance),
-                ("profile.store-fake-ip", old.store_fake_ip, new.store_fake_ip),
-            ] if a != b
-        ]
         if self.dispatcher is not None and self.resolver is not None:
             try:
                 router = build_router(new, self.resolver.resolve_ips)
@@ -337,11 +322,70 @@ class Appliance:
         dropped = self.pool.drop(lambda d: not wanted(d)) if self.pool is not None else 0
         logging.getLogger().setLevel(new.log_level.upper() if new.log_level != "silent"
                                      else logging.CRITICAL + 1)
+        live = await self._reload_proxy_ports(old, new)
         self.cfg = new
         self.reloads += 1
-        log.info("SIGHUP: reloaded %s (rules, proxies, filter; %d mappings dropped by the "
-                 "filter)%s", path, dropped,
-                 f"; restart needed for: {', '.join(restart_keys)}" if restart_keys else "")
+        log.info("SIGHUP: reloaded %s (rules, proxies, filter%s; %d mappings dropped by the "
+                 "filter)", path, "".join(f", {key}" for key in live), dropped)
+        for key in restart_keys(old, new, proxy_ports_live=self.proxy_ports is not None):
+            log.warning("SIGHUP: %s changed: restart needed, still running with the old "
+                        "setting", key)
+
+    async def _reload_proxy_ports(self, old: Config, new: Config) -> list[str]:
+        """authentication, allow-lan and bind-address on the running proxy
+        ports; returns the keys that changed (applied, or logged at ERROR
+        where a listener could not move)."""
+        changed = [key for key, a, b in [
+            ("authentication", old.authentication, new.authentication),
+            ("allow-lan", old.allow_lan, new.allow_lan),
+            ("bind-address", old.bind_address, new.bind_address),
+        ] if a != b]
+        if self.proxy_ports is None:
+            return []
+        try:
+            # Every reload, changed or not: the LAN addresses may have moved.
+            await self.proxy_ports.reconfigure(new)
+        except (OSError, proxyport.ProxyPortError) as err:
+            log.error("SIGHUP: proxy ports: %s; credentials applied, listeners left as "
+                      "they were: %s", err,
+                      ", ".join(f"{k} {h}:{p}" for k, h, p in self.proxy_ports.bound))
+        return changed
+
+
+# The keys a reload cannot apply (config key, what it reads in a Config).
+# `appliance` is compared field by field, so the warning names the one.
+_RESTART_KEYS: tuple[tuple[str, Callable[[Config], object]], ...] = (
+    ("dns.listen", lambda c: c.dns.listen),
+    ("dns.fake-ip-range", lambda c: c.dns.fake_ip_range),
+    ("dns.fake-ip-range6", lambda c: c.dns.fake_ip_range6),
+    ("dns.nameserver", lambda c: c.dns.nameserver),
+    ("tproxy-port", lambda c: c.tproxy_port),
+    ("mixed-port", lambda c: c.mixed_port),
+    ("socks-port", lambda c: c.socks_port),
+    ("port", lambda c: c.http_port),
+    ("ipv6", lambda c: c.ipv6),
+    ("routing-mark", lambda c: c.routing_mark),
+    ("external-controller", lambda c: c.external_controller),
+    ("profile.store-fake-ip", lambda c: c.store_fake_ip),
+)
+# Applied live by the proxy ports; a restart only when none are running
+# (then they only matter once a port is configured, which needs one).
+_PROXY_PORT_KEYS: tuple[tuple[str, Callable[[Config], object]], ...] = (
+    ("authentication", lambda c: c.authentication),
+    ("allow-lan", lambda c: c.allow_lan),
+    ("bind-address", lambda c: c.bind_address),
+)
+
+
+def restart_keys(old: Config, new: Config, *, proxy_ports_live: bool) -> list[str]:
+    """The config keys that differ between `old` and `new` and that a
+    reload does not apply (each `appliance.*` field by name)."""
+    keys = [key for key, get in _RESTART_KEYS if get(old) != get(new)]
+    if not proxy_ports_live:
+        keys += [key for key, get in _PROXY_PORT_KEYS if get(old) != get(new)]
+    keys += [f"appliance.{f.name.replace('_', '-')}" for f in fields(old.appliance)
+             if getattr(old.appliance, f.name) != getattr(new.appliance, f.name)]
+    return keys
 
 
 def build_fair_shares(cfg: Config) -> FairShares:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import ipaddress
 import socket
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any
 
@@ -137,9 +137,11 @@ async def socks(
     user: str | None = None,
     password: str | None = None,
     command: int = s5.CMD_CONNECT,
+    via: str = "127.0.0.1",
 ) -> trio.SocketStream:
-    """Connect through the proxy with the project's SOCKS5 client."""
-    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    """Connect through the proxy (listening on `via`) with the project's
+    SOCKS5 client."""
+    stream = await trio.open_tcp_stream(via, port)
     client = s5.Socks5Client(host, dport, username=user, password=password, command=command)
     try:
         await stream.send_all(client.data_to_send())
@@ -526,3 +528,81 @@ async def test_udp_associate_destinations_are_udp_flows_of_the_port(nursery: tri
         assert record["outbound"] == "REJECT" and record["up"] == 0
     await control.aclose()
     await settle(running)
+
+
+# ----------------------------------------------------------------------- reload
+
+
+async def refused(host: str, port: int) -> bool:
+    """Is a TCP connection to host:port refused (nothing listening)?"""
+    try:
+        stream = await trio.open_tcp_stream(host, port)
+    except OSError:
+        return True
+    await stream.aclose()
+    return False
+
+
+async def test_rebind_moves_listeners_and_keeps_established_connections(
+    nursery: trio.Nursery, caplog: pytest.LogCaptureFixture
+) -> None:
+    running = await start(nursery)
+    service, port = running.service, running.port
+    held = await socks(port, "www.echo.test", 7)
+    assert await echo_roundtrip(held) == b"ping"
+
+    # A new address: listened on at once, on the same port.
+    changes = await service.rebind([BindAddress("127.0.0.1"), BindAddress("127.0.0.2")])
+    assert changes.open == (("mixed-port", BindAddress("127.0.0.2")),) and not changes.close
+    stream = await socks(port, "www.echo.test", 7, via="127.0.0.2")
+    assert await echo_roundtrip(stream, b"two") == b"two"
+    await stream.aclose()
+
+    # An address dropped: refused once rebind returns; the connection it
+    # accepted before goes on.
+    await service.rebind([BindAddress("127.0.0.2")])
+    assert await refused("127.0.0.1", port)
+    assert await echo_roundtrip(held, b"still") == b"still"
+    assert [b[1] for b in service.bound] == ["127.0.0.2"]
+
+    # An address that cannot be bound (taken): logged at ERROR, the rest serves.
+    taken = socket.socket()
+    with taken:
+        taken.bind(("127.0.0.3", port))
+        taken.listen(1)
+        await service.rebind([BindAddress("127.0.0.2"), BindAddress("127.0.0.3")])
+    assert any(r.levelname == "ERROR" and "127.0.0.3" in r.getMessage() for r in caplog.records)
+    stream = await socks(port, "www.echo.test", 7, via="127.0.0.2")
+    assert await echo_roundtrip(stream) == b"ping"
+    await stream.aclose()
+    await held.aclose()
+    await settle(running)
+
+
+async def test_reconfigure_asks_new_connections_for_the_new_credentials(
+    nursery: trio.Nursery,
+) -> None:
+    running = await start(nursery)
+    held = await socks(running.port, "www.echo.test", 7)
+    await running.service.reconfigure(
+        replace(running.service.cfg, authentication=(("new", "secret"),)))
+    with pytest.raises(s5.Socks5Error):
+        await socks(running.port, "www.echo.test", 7)
+    answer = await exchange(running.port, b"GET http://www.echo.test/ HTTP/1.1\r\n"
+                            b"Host: www.echo.test\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 407"), answer[:80]
+    stream = await socks(running.port, "www.echo.test", 7, user="new", password="secret")
+    assert await echo_roundtrip(stream) == b"ping"
+    await stream.aclose()
+    # Established before the reload: not asked again.
+    assert await echo_roundtrip(held) == b"ping"
+    await held.aclose()
+    await settle(running)
+
+
+async def test_rebind_before_the_service_listens_changes_nothing() -> None:
+    cfg = Config(mixed_port=1)
+    service = ProxyPorts(cfg, FakeIPPool(ipaddress.IPv4Network("198.18.0.0/16")), Origins().dial,
+                         addresses=[BindAddress("127.0.0.1")])
+    assert not await service.rebind([BindAddress("127.0.0.2")])
+    assert service.bound == []

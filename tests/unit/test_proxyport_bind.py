@@ -15,6 +15,7 @@ from appliance.gateway.proxyport import (
     ProxyPort,
     ProxyPortError,
     choose_bind_addresses,
+    listener_changes,
     proxy_ports,
 )
 
@@ -96,3 +97,21 @@ def test_config_errors_name_the_key(data: dict[str, Any], path: str) -> None:
     with pytest.raises(ConfigError) as exc:
         parse_config({**data, **NO_DNS})
     assert exc.value.path == path
+
+
+# ------------------------------------------------------------------- what a reload moves
+
+
+def test_listener_changes_close_what_is_no_longer_wanted_and_open_what_is() -> None:
+    lo, lan = BindAddress("127.0.0.1"), BindAddress("192.168.56.1")
+    keys = ["mixed-port", "socks-port"]
+    listening = [(k, a) for k in keys for a in (lo, BindAddress("::1"), lan)]
+    # allow-lan: true -> false: the LAN address closes on every port, nothing opens.
+    off = listener_changes(listening, keys, choose_bind_addresses([lan], allow_lan=False))
+    assert off.close == (("mixed-port", lan), ("socks-port", lan)) and off.open == ()
+    # ... and back: it opens again.
+    now = [k for k in listening if k not in off.close]
+    on = listener_changes(now, keys, choose_bind_addresses([lan]))
+    assert on.open == (("mixed-port", lan), ("socks-port", lan)) and on.close == ()
+    # Nothing changed: nothing moves.
+    assert not listener_changes(listening, keys, choose_bind_addresses([lan]))

@@ -29,21 +29,29 @@ The parts, each usable alone:
 - `udp_relay`: UDP ASSOCIATE, one relay per association.
 
 Where it listens (the appliance never serves the WAN side): the addresses of
-the `appliance.lan` interfaces, read at start, plus 127.0.0.1 and ::1; with
+the `appliance.lan` interfaces, read at start and at each reload, plus 127.0.0.1 and ::1; with
 no LAN interfaces (a plain host) or `allow-lan: false`, loopback only. A
 `bind-address` other than `*` narrows the LAN side to that one address and
 must be one of the LAN interfaces' addresses.
 
+What a reload (SIGHUP) changes here, at once (`ProxyPorts.reconfigure`):
+`authentication` for new connections, and the listeners `allow-lan` and
+`bind-address` now ask for (the LAN interfaces' addresses read again);
+connections already accepted go on. The ports themselves need a restart.
+
 How it fails: per connection, never for the port (see `service`). Binding
-fails the service (OSError or ProxyPortError) so the app can say which key
-is wrong.
+fails the service at start (OSError or ProxyPortError) so the app can say
+which key is wrong; at a reload, a listener that cannot be bound is logged
+at ERROR and the others keep serving.
 """
 
 from appliance.gateway.proxyport.bind import (
     BindAddress,
+    ListenerChanges,
     ProxyPortError,
     choose_bind_addresses,
     lan_addresses,
+    listener_changes,
 )
 from appliance.gateway.proxyport.handshake import Authenticator, Handshake, sniff
 from appliance.gateway.proxyport.service import (
@@ -60,12 +68,14 @@ __all__ = [
     "BindAddress",
     "Handshake",
     "Limits",
+    "ListenerChanges",
     "OpenUdp",
     "ProxyPort",
     "ProxyPortError",
     "ProxyPorts",
     "choose_bind_addresses",
     "lan_addresses",
+    "listener_changes",
     "proxy_ports",
     "serve",
     "sniff",

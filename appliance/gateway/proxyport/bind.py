@@ -4,7 +4,8 @@ The appliance never serves the WAN side. `lan_addresses` reads the
 addresses of the `appliance.lan` interfaces from the kernel (pyroute2,
 blocking: call it through trio.to_thread); `choose_bind_addresses` decides,
 without I/O, which of them (plus 127.0.0.1 and ::1) to listen on from
-`allow-lan` and `bind-address`.
+`allow-lan` and `bind-address`; `listener_changes` says, also without I/O,
+which listeners a reload closes and opens to get there.
 
 How it fails: `ProxyPortError` for a bind-address that is not an address
 of the LAN interfaces (or not an address at all) and for a LAN interface
@@ -14,7 +15,7 @@ that does not exist, so the app can say which key is wrong.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -102,3 +103,33 @@ def lan_addresses(interfaces: Sequence[str]) -> list[BindAddress]:
                 link_local = ip.version == 6 and ip.is_link_local
                 out.append(BindAddress(str(ip), index if link_local else 0))
     return out
+
+
+# One listening socket: a proxy-port key ("mixed-port", ...) on one address.
+ListenerKey = tuple[str, BindAddress]
+
+
+@dataclass(frozen=True)
+class ListenerChanges:
+    """What a reload does to the listening sockets: `close` those the new
+    configuration no longer wants, `open` those it now wants (in the order
+    of `keys` and `addresses`); every other listener is left as it is."""
+
+    close: tuple[ListenerKey, ...]
+    open: tuple[ListenerKey, ...]
+
+    def __bool__(self) -> bool:
+        return bool(self.close or self.open)
+
+
+def listener_changes(
+    listening: Iterable[ListenerKey], keys: Sequence[str], addresses: Sequence[BindAddress]
+) -> ListenerChanges:
+    """From the listeners there are (`listening`) to one per key of `keys`
+    on each of `addresses` (what `choose_bind_addresses` now says)."""
+    have = list(listening)
+    want = [(key, a) for key in keys for a in addresses]
+    return ListenerChanges(
+        close=tuple(k for k in have if k not in want),
+        open=tuple(k for k in want if k not in have),
+    )

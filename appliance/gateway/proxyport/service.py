@@ -23,8 +23,9 @@ failure is answered the same way (SOCKS 0x02/0x04/0x05, HTTP
 403/502/504). Bounded: a handshake must finish within
 `Limits.handshake_timeout`, an HTTP head within `max_head` bytes, and at
 most `max_connections` client connections are served at once (more are
-reset at accept). Binding fails the service (OSError, or ProxyPortError
-from bind.py) so the app can say which key is wrong.
+reset at accept). Binding fails the service at start (OSError, or
+ProxyPortError from bind.py) so the app can say which key is wrong; at a
+reload (`reconfigure`) it is logged and the other listeners keep serving.
 """
 
 from __future__ import annotations
@@ -44,8 +45,11 @@ from appliance.flow import Flow, Inbound
 from appliance.gateway.proxyport.bind import (
     LOOPBACK,
     BindAddress,
+    ListenerChanges,
+    ListenerKey,
     choose_bind_addresses,
     lan_addresses,
+    listener_changes,
 )
 from appliance.gateway.proxyport.forward import relay_request
 from appliance.gateway.proxyport.handshake import (
@@ -111,6 +115,15 @@ class Limits:
     udp_max_targets: int = 1024
 
 
+@dataclass(frozen=True)
+class _Listening:
+    """One live listener's accept loop: cancel `scope` to close it;
+    `closed` is set once its socket is closed."""
+
+    scope: trio.CancelScope
+    closed: trio.Event
+
+
 class ProxyPorts:
     """The proxy-port service: listeners for every configured proxy port,
     the per-connection handshakes, and their flows in `registry`."""
@@ -145,68 +158,111 @@ class ProxyPorts:
         self.refused_over_limit = 0
         # (key, address, port) actually bound; filled by serve().
         self.bound: list[tuple[str, str, int]] = []
+        # The live listeners by (key, address), so a reload can close one;
+        # each key's port once bound (port 0: the kernel's choice).
+        self._listening: dict[ListenerKey, _Listening] = {}
+        self._port: dict[str, int] = {}
+        self._nursery: trio.Nursery | None = None
 
     # -- listening --------------------------------------------------------------
 
-    async def bind_addresses(self) -> list[BindAddress]:
+    async def bind_addresses(self, cfg: Config | None = None) -> list[BindAddress]:
+        """Where to listen under `cfg`'s allow-lan and bind-address (the
+        running configuration by default), on the LAN interfaces the
+        service started with, read again (their addresses may have changed).
+        Raises ProxyPortError for a bind-address that is not one of them."""
         if self.addresses is not None:
             return self.addresses
+        cfg = cfg if cfg is not None else self.cfg
         lan: list[BindAddress] = []
         if self.cfg.appliance.lan:
             lan = await trio.to_thread.run_sync(lan_addresses, self.cfg.appliance.lan)
         return choose_bind_addresses(
             lan,
-            allow_lan=self.cfg.allow_lan,
-            bind_address=self.cfg.bind_address,
+            allow_lan=cfg.allow_lan,
+            bind_address=cfg.bind_address,
         )
+
+    async def _bind(self, spec: ProxyPort, a: BindAddress, port: int) -> trio.SocketListener | None:
+        """One listening socket for `spec` on `a`:`port`; None for ::1 on a
+        host without IPv6 (loopback v4 suffices). Any other failure raises
+        OSError naming the key and address."""
+        family = socket.AF_INET6 if a.version == 6 else socket.AF_INET
+        try:
+            sock = trio.socket.socket(family, socket.SOCK_STREAM)
+        except OSError:
+            if a in LOOPBACK:
+                return None  # no IPv6 at all on this host
+            raise
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                # An address still in IPv6 DAD ("tentative") at boot
+                # can be bound all the same.
+                sock.setsockopt(socket.IPPROTO_IPV6, IPV6_FREEBIND, 1)
+            else:
+                sock.setsockopt(socket.SOL_IP, IP_FREEBIND, 1)
+            try:
+                await sock.bind(a.sockaddr(port))
+            except OSError as err:
+                if a == LOOPBACK[1] and err.errno != errno.EADDRINUSE:
+                    # No ::1 here (IPv6 disabled on lo): loopback v4 suffices.
+                    sock.close()
+                    return None
+                raise OSError(err.errno, f"{spec.key} {a}:{port}: {err.strerror}") from None
+            sock.listen(BACKLOG)
+        except BaseException:
+            sock.close()
+            raise
+        return trio.SocketListener(sock)
 
     async def _listen(
         self, spec: ProxyPort, addresses: Sequence[BindAddress]
-    ) -> list[trio.SocketListener]:
+    ) -> list[tuple[BindAddress, trio.SocketListener]]:
         """One listening socket per address, all on one port (port 0: the
-        first socket's kernel-chosen port for all). ::1 is skipped when the
-        host has no IPv6; any other failure raises OSError."""
+        first socket's kernel-chosen port for all, kept in `_port` for
+        listeners a reload opens). ::1 is skipped when the host has no
+        IPv6; any other failure closes those already bound and raises
+        OSError."""
         port = spec.port
-        listeners: list[trio.SocketListener] = []
+        listeners: list[tuple[BindAddress, trio.SocketListener]] = []
         try:
             for a in addresses:
-                family = socket.AF_INET6 if a.version == 6 else socket.AF_INET
-                try:
-                    sock = trio.socket.socket(family, socket.SOCK_STREAM)
-                except OSError:
-                    if a in LOOPBACK:
-                        continue  # no IPv6 at all on this host
-                    raise
-                try:
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                    if family == socket.AF_INET6:
-                        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-                        # An address still in IPv6 DAD ("tentative") at boot
-                        # can be bound all the same.
-                        sock.setsockopt(socket.IPPROTO_IPV6, IPV6_FREEBIND, 1)
-                    else:
-                        sock.setsockopt(socket.SOL_IP, IP_FREEBIND, 1)
-                    try:
-                        await sock.bind(a.sockaddr(port))
-                    except OSError as err:
-                        if a == LOOPBACK[1] and err.errno != errno.EADDRINUSE:
-                            # No ::1 here (IPv6 disabled on lo): loopback v4 suffices.
-                            sock.close()
-                            continue
-                        raise OSError(err.errno, f"{spec.key} {a}:{port}: {err.strerror}") from None
-                    sock.listen(BACKLOG)
-                except BaseException:
-                    sock.close()
-                    raise
+                listener = await self._bind(spec, a, port)
+                if listener is None:
+                    continue
                 if port == 0:
-                    port = sock.getsockname()[1]
-                listeners.append(trio.SocketListener(sock))
-                self.bound.append((spec.key, a.host, port))
+                    port = listener.socket.getsockname()[1]
+                listeners.append((a, listener))
         except BaseException:
-            for listener in listeners:
+            for _, listener in listeners:
                 await listener.aclose()
             raise
+        self._port[spec.key] = port
         return listeners
+
+    def _accept_on(self, spec: ProxyPort, a: BindAddress, listener: trio.SocketListener,
+                   nursery: trio.Nursery) -> None:
+        """Start accepting on `listener` in the service's `nursery`, under
+        a cancel scope of its own so a reload can close this one listener
+        (the connections it accepted run in the nursery and go on)."""
+        scope = trio.CancelScope()
+        done = trio.Event()
+        self._listening[(spec.key, a)] = _Listening(scope, done)
+        port = listener.socket.getsockname()[1]
+        self.bound.append((spec.key, a.host, port))
+
+        async def accept() -> None:
+            try:
+                with scope:
+                    await accept_loop(listener, partial(self.handle, spec), nursery, spec.key)
+            finally:
+                # Cancelled before accept_loop ran: it has not closed the socket.
+                listener.socket.close()
+                done.set()
+
+        nursery.start_soon(accept)
 
     async def serve(
         self, *, task_status: trio.TaskStatus[list[tuple[str, str, int]]] = trio.TASK_STATUS_IGNORED
@@ -215,20 +271,74 @@ class ProxyPorts:
         with (key, address, port) of each listening socket once all are
         bound. Raises OSError or ProxyPortError before that."""
         addresses = await self.bind_addresses()
-        async with trio.open_nursery() as nursery:
-            for spec in self.ports:
-                listeners = await self._listen(spec, addresses)
-                log.info(
-                    "%s: %s proxy on %s port %d",
-                    spec.key,
-                    "+".join(k for k, on in (("socks5", spec.socks), ("http", spec.http)) if on),
-                    ", ".join(str(a) for a in addresses),
-                    listeners[0].socket.getsockname()[1] if listeners else spec.port,
-                )
-                handler = partial(self.handle, spec)
-                for listener in listeners:
-                    nursery.start_soon(accept_loop, listener, handler, nursery, spec.key)
-            task_status.started(list(self.bound))
+        try:
+            async with trio.open_nursery() as nursery:
+                for spec in self.ports:
+                    listeners = await self._listen(spec, addresses)
+                    log.info(
+                        "%s: %s proxy on %s port %d",
+                        spec.key,
+                        "+".join(k for k, on in (("socks5", spec.socks), ("http", spec.http))
+                                 if on),
+                        ", ".join(str(a) for a, _ in listeners),
+                        self._port[spec.key],
+                    )
+                    for a, listener in listeners:
+                        self._accept_on(spec, a, listener, nursery)
+                # From now on a reload may move listeners (`rebind`).
+                self._nursery = nursery
+                task_status.started(list(self.bound))
+        finally:
+            self._nursery = None
+
+    # -- reload ---------------------------------------------------------------------
+
+    async def reconfigure(self, cfg: Config) -> ListenerChanges:
+        """Apply `cfg`'s `authentication`, `allow-lan` and `bind-address`
+        now (SIGHUP): new connections get the new credentials, and the
+        listeners move (`rebind`). The ports, the LAN interfaces and the
+        rest of the running configuration stay. Raises ProxyPortError (a
+        bind-address that is not a LAN address) or OSError (the LAN
+        interfaces cannot be read) with the credentials applied and the
+        listeners as they were."""
+        self.auth = Authenticator(cfg.authentication)
+        return await self.rebind(await self.bind_addresses(cfg))
+
+    async def rebind(self, addresses: Sequence[BindAddress]) -> ListenerChanges:
+        """Listen on `addresses` from now on, each port as it is: close
+        the listeners on other addresses (waiting until each socket is
+        closed) and open the missing ones. Connections already accepted
+        are not touched. A socket that cannot be bound is logged at ERROR
+        and left out (tried again at the next reload); the rest keep
+        serving. Returns what was meant to change."""
+        if self._nursery is None:
+            log.warning("proxy ports: not serving (starting or stopping); listeners "
+                        "left as they are")
+            return ListenerChanges((), ())
+        nursery = self._nursery
+        changes = listener_changes(self._listening, [p.key for p in self.ports], addresses)
+        for key, a in changes.close:
+            listening = self._listening.pop((key, a))
+            listening.scope.cancel()
+            await listening.closed.wait()
+            self.bound = [b for b in self.bound if b[:2] != (key, a.host)]
+            log.info("%s: no longer listening on %s (reload)", key, a)
+        specs = {p.key: p for p in self.ports}
+        for key, a in changes.open:
+            spec = specs[key]
+            port = self._port.get(key, spec.port)
+            try:
+                listener = await self._bind(spec, a, port)
+            except OSError as err:
+                log.error("%s: cannot listen on %s port %d (reload): %s; the other "
+                          "addresses keep serving", key, a, port, err.strerror or err)
+                continue
+            if listener is None:
+                continue
+            self._port.setdefault(key, listener.socket.getsockname()[1])
+            self._accept_on(spec, a, listener, nursery)
+            log.info("%s: now listening on %s port %d (reload)", key, a, self._port[key])
+        return changes
 
     # -- one client connection ----------------------------------------------------
 
