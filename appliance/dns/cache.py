@@ -49,12 +49,12 @@ def cache_ttl(reply: DNSRecord) -> int | None:
     """How many seconds `reply` may be cached, or None if it must not be."""
     rcode = reply.header.rcode
     if rcode == RCODE.NOERROR and reply.rr:
-        return min(rr.ttl for rr in reply.rr)
+        return min(int(rr.ttl) for rr in reply.rr)
     if rcode in (RCODE.NOERROR, RCODE.NXDOMAIN):
         soas = [rr for rr in reply.auth if rr.rtype == QTYPE.SOA]
         if not soas:
             return None
-        return min(min(rr.ttl, rr.rdata.times[4]) for rr in soas)  # times[4]: MINIMUM
+        return min(min(int(rr.ttl), int(rr.rdata.times[4])) for rr in soas)  # times[4]: MINIMUM
     return None
 
 

@@ -333,7 +333,7 @@ def udp_limit(query: bytes) -> int:
     _qid, _flags, _qd, an, ns, _ar = _HEADER.unpack_from(query)
     for start, _end, rtype in records[an + ns :]:
         if rtype == TYPE_OPT:
-            (size,) = struct.unpack_from("!H", query, _skip_name(query, start) + 2)
+            size: int = struct.unpack_from("!H", query, _skip_name(query, start) + 2)[0]
             return max(CLASSIC_UDP_SIZE, size)
     return CLASSIC_UDP_SIZE
 

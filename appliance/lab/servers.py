@@ -515,7 +515,7 @@ def _probe(ns: str, probe: Probe) -> bool:
                 with socket.socket(family, socket.SOCK_DGRAM) as s:
                     s.settimeout(0.2)
                     s.sendto(q.pack(), (probe.address, probe.port))
-                    return DNSRecord.parse(s.recv(4096)).header.id == q.header.id
+                    return bool(DNSRecord.parse(s.recv(4096)).header.id == q.header.id)
             with socket.create_connection((probe.address, probe.port), timeout=0.2):
                 return True
         except Exception:  # OSError, timeouts, dnslib parse errors: not ready yet
