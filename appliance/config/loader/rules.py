@@ -10,7 +10,7 @@ Rule types mihomo has and Mirage does not (GEOIP, RULE-SET, PROCESS-NAME,
 from __future__ import annotations
 
 import ipaddress
-from typing import Any, cast, get_args
+from typing import Any, get_args
 
 from appliance.config.loader.errors import ConfigError, index_path
 from appliance.config.loader.scalars import as_domain, as_list, as_nonempty_str, port_from_text
@@ -94,7 +94,7 @@ def _parse_line(
     """`known`: (targets, skipped) as for `parse_rules`; None takes any target."""
     if rtype not in RULE_TYPES:
         raise ConfigError(path, line, f"unknown rule type {fields[0]!r}")
-    kind = cast(RuleType, rtype)
+    kind = rtype  # narrowed to RuleType by the membership test
     if kind == "MATCH":
         if len(fields) != 2:
             raise ConfigError(path, line, "expected MATCH,TARGET")
