@@ -189,3 +189,19 @@ class MirageRuns:
             # The store and the ledger: the next run starts as a new appliance.
             for f in (self.lab.state_dir / "mirage-state").glob("fakeip*"):
                 f.unlink()
+
+
+class BackendRuns(MirageRuns):
+    """`MirageRuns` whose `start` takes the capture backend first
+    (`appliance.redirect`), for tests that tell one story under each
+    backend; `defaults` are top-level keys every run gets (a call's own
+    keys win)."""
+
+    def __init__(self, lab: Lab, name: str = "mirage",
+                 defaults: dict[str, Any] | None = None) -> None:
+        super().__init__(lab, name=name)
+        self.defaults = dict(defaults or {})
+
+    def start(self, backend: str, **overrides: Any) -> MirageRun:  # type: ignore[override]
+        app = {"redirect": backend, **overrides.pop("appliance", {})}
+        return super().start(appliance=app, **{**self.defaults, **overrides})

@@ -24,7 +24,7 @@ import pytest
 from lab_client import FAKE, connect_outcome, curl, dig, hijacked_answer, same_port_twice
 
 from appliance.lab.lab import Lab
-from appliance.lab.mirage import MirageRun, MirageRuns, lab_config
+from appliance.lab.mirage import BackendRuns, MirageRun, lab_config
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
 
@@ -75,20 +75,12 @@ def status(lab: Lab, run: MirageRun) -> dict[str, Any]:
     return out
 
 
-class Runs(MirageRuns):
-    """`mirage run` under one capture backend."""
-
-    def __init__(self, lab: Lab) -> None:
-        super().__init__(lab, name="ebpf-e2e")
-
-    def start(self, backend: str, **overrides: Any) -> MirageRun:  # type: ignore[override]
-        app = {"redirect": backend, **overrides.pop("appliance", {})}
-        return super().start(appliance=app, **overrides)
+Runs = BackendRuns
 
 
 @pytest.fixture
 def runs(lab: Lab) -> Iterator[Runs]:
-    r = Runs(lab)
+    r = Runs(lab, name="ebpf-e2e")
     try:
         yield r
     finally:

@@ -29,7 +29,7 @@ import pytest
 from lab_client import FAKE, dig
 
 from appliance.lab.lab import Lab
-from appliance.lab.mirage import MirageRun, MirageRuns
+from appliance.lab.mirage import BackendRuns, MirageRun
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
 
@@ -88,22 +88,15 @@ def gw_json(lab: Lab, *argv: str) -> Any:
     return json.loads(lab.exec("gateway", list(argv)).stdout or "null")
 
 
-class Runs(MirageRuns):
-    """`mirage run` under one capture backend with every port open."""
-
-    def __init__(self, lab: Lab) -> None:
-        super().__init__(lab, name="wan-wall")
-
-    def start(self, backend: str, **overrides: Any) -> MirageRun:  # type: ignore[override]
-        app = {"redirect": backend, **overrides.pop("appliance", {})}
-        ports = {"mixed-port": PORTS["mixed"], "socks-port": PORTS["socks"],
-                 "port": PORTS["http"], "external-controller": f"0.0.0.0:{PORTS['api']}"}
-        return super().start(appliance=app, **{**ports, **overrides})
+Runs = BackendRuns
+# Every port Mirage can open, so the wall is probed on each.
+ALL_PORTS = {"mixed-port": PORTS["mixed"], "socks-port": PORTS["socks"], "port": PORTS["http"],
+             "external-controller": f"0.0.0.0:{PORTS['api']}"}
 
 
 @pytest.fixture
 def runs(lab: Lab) -> Iterator[Runs]:
-    r = Runs(lab)
+    r = Runs(lab, name="wan-wall", defaults=ALL_PORTS)
     try:
         yield r
     finally:
