@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import os
 import re
+import subprocess
+import uuid
 from collections.abc import Iterator
 
 import pytest
@@ -78,3 +80,16 @@ def runs(lab: Lab) -> Iterator[MirageRuns]:
         yield r
     finally:
         r.close()
+
+
+@pytest.fixture
+def netns() -> Iterator[str]:
+    """A throwaway namespace with only loopback (`mt-ns-<random>`), removed
+    by name when the test ends."""
+    name = f"mt-ns-{uuid.uuid4().hex[:8]}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    subprocess.run(["ip", "netns", "exec", name, "ip", "link", "set", "lo", "up"], check=True)
+    try:
+        yield name
+    finally:
+        subprocess.run(["ip", "netns", "delete", name], check=False)

@@ -6,8 +6,6 @@ import os
 import socket
 import subprocess
 import sys
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -22,18 +20,6 @@ def mirage(*args: str, timeout: float = 30, netns: str | None = None
     if netns:
         argv = ["ip", "netns", "exec", netns, *argv]
     return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
-
-
-@pytest.fixture
-def netns() -> Iterator[str]:
-    """A throwaway namespace with only loopback, removed by name."""
-    name = f"cli-{uuid.uuid4().hex[:8]}"
-    subprocess.run(["ip", "netns", "add", name], check=True)
-    subprocess.run(["ip", "netns", "exec", name, "ip", "link", "set", "lo", "up"], check=True)
-    try:
-        yield name
-    finally:
-        subprocess.run(["ip", "netns", "delete", name], check=False)
 
 
 def test_check_prints_the_effective_config() -> None:
