@@ -13,6 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from appliance.config.protocols import ProtocolOptions
+from appliance.config.protocols.common import TlsOptions, TransportOptions
+
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -95,10 +98,13 @@ class DnsConfig:
 
 @dataclass(frozen=True)
 class ProxyConfig:
-    """One entry of `proxies`. `type` selects which optional fields matter."""
+    """One entry of `proxies`. `type` selects which optional fields matter:
+    socks5/http/ss/trojan use the flat fields below; a protocol registered in
+    appliance/config/loader/protocols/ carries its own keys in `options`
+    and its TLS and transport layers in `tls_options` / `transport`."""
 
     name: str
-    type: Literal["socks5", "http", "ss", "trojan", "direct", "reject"]
+    type: str
     server: str = ""
     port: int = 0
     username: str | None = None
@@ -111,6 +117,15 @@ class ProxyConfig:
     # socks5/http: connections to the server kept open for the next flows
     # (the loader's default is 2 without tls, 0 with it).
     preconnect: int = 0
+    options: ProtocolOptions | None = None
+    tls_options: TlsOptions | None = None
+    transport: TransportOptions | None = None
+    # `dialer-proxy`: the proxy or group this proxy's own connections go
+    # through (None: straight to the server, marked).
+    dialer_proxy: str | None = None
+    # `ip-version` for the server's own address: dual, ipv4, ipv6,
+    # ipv4-prefer, ipv6-prefer.
+    ip_version: str = "dual"
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ from typing import Any
 
 import yaml
 
+from appliance.config.loader.protocols import render_protocol_proxy
 from appliance.config.model import Config, Nameserver, ProxyConfig, Rule
 
 REDACTED = "<redacted>"
@@ -22,6 +23,8 @@ def _ns(ns: Nameserver) -> str:
 
 
 def _proxy(p: ProxyConfig, redact: bool) -> dict[str, Any]:
+    if p.options is not None:
+        return render_protocol_proxy(p, redact)
     out: dict[str, Any] = {"name": p.name, "type": p.type}
     if p.type in ("direct", "reject"):
         return out

@@ -47,6 +47,10 @@ HAPPY_EYEBALLS_DELAY = 0.25
 Resolve = Callable[[str, int], Awaitable[tuple[list[IPAddress], int]]]
 
 
+# How a proxy reaches its own server: (host, port) -> a stream to it.
+ServerDial = Callable[[str | IPAddress, int], Awaitable[trio.abc.Stream]]
+
+
 class HandshakeClient(Protocol):
     """The sans-I/O proxy clients (Socks5Client, HttpConnectClient): bytes
     the proxy has sent so far (0: it has not answered)."""
@@ -70,6 +74,13 @@ class OutboundEnv:
     routing_mark: int | None
     connect_timeout: float
     ipv6: bool = False
+    # `dialer-proxy` (and relay groups): the outbound a proxy's own server
+    # connections go through; None: straight to the server (`Dialer.dial`).
+    via: Outbound | None = None
+
+    def server_dial(self, dialer: Dialer) -> ServerDial:
+        """How a proxy built with this env reaches its server."""
+        return self.via.connect_tcp if self.via is not None else dialer.dial
 
 
 class OutboundError(Exception):

@@ -8,10 +8,10 @@ and a rule that targets it can say so.
 
 from __future__ import annotations
 
-import ipaddress
-from typing import Any, cast
+from typing import Any
 
 from appliance.config.loader.errors import NO_VALUE, ConfigError, index_path
+from appliance.config.loader.protocols import PROTOCOLS, parse_protocol_proxy, server_value
 from appliance.config.loader.scalars import (
     as_bool,
     as_domain,
@@ -70,14 +70,6 @@ UNSUPPORTED_PROXY_TYPES = (
 SS_CIPHERS = ("aes-128-gcm", "aes-192-gcm", "aes-256-gcm", "chacha20-ietf-poly1305")
 
 
-def _server(value: Any, path: str) -> str:
-    text = as_nonempty_str(value, path).strip()
-    try:
-        return str(ipaddress.ip_address(text))
-    except ValueError:
-        return as_domain(text, path, wildcards=False)
-
-
 def parse_proxies(
     value: Any, path: str, ctx: LoadContext
 ) -> tuple[list[ProxyConfig], dict[str, str]]:
@@ -96,6 +88,10 @@ def parse_proxies(
             raise ConfigError(sec.at("name"), name, "reserved name (a built-in target)")
         names.add(name)
         ptype = sec.require("type", as_nonempty_str).lower()
+        spec = PROTOCOLS.get(ptype)
+        if spec is not None:
+            proxies.append(parse_protocol_proxy(sec, name, ptype, spec))
+            continue
         if ptype in UNSUPPORTED_PROXY_TYPES:
             ctx.ignore(sec.path, f"{ptype} proxy {name!r}")
             skipped[name] = f"a {ptype} proxy, which Mirage does not implement"
@@ -103,7 +99,8 @@ def parse_proxies(
         if ptype not in PROXY_KEYS:
             raise ConfigError(
                 sec.at("type"), sec.data["type"],
-                "unknown proxy type (Mirage implements " + ", ".join(PROXY_KEYS) + ")",
+                "unknown proxy type (Mirage implements "
+                + ", ".join((*PROXY_KEYS, *PROTOCOLS)) + ")",
             )  # fmt: skip
         reason = _unusable_proxy(sec, ptype)
         if reason is not None:
@@ -138,8 +135,8 @@ def _parse_proxy(sec: Section, name: str, ptype: str) -> ProxyConfig:
     implemented, ignored = PROXY_KEYS[ptype]
     if ptype in ("direct", "reject"):
         sec.finish(("name", "type", *implemented), ignored)
-        return ProxyConfig(name=name, type=cast(Any, ptype))
-    server = sec.require("server", _server)
+        return ProxyConfig(name=name, type=ptype)
+    server = sec.require("server", server_value)
     port = sec.require("port", as_port)
     username = sec.get("username", as_str, None) if "username" in implemented else None
     password: str | None
@@ -175,7 +172,7 @@ def _parse_proxy(sec: Section, name: str, ptype: str) -> ProxyConfig:
     sec.finish(("name", "type", *implemented), ignored)
     return ProxyConfig(
         name=name,
-        type=cast(Any, ptype),
+        type=ptype,
         server=server,
         port=port,
         username=username,
