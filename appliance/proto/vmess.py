@@ -216,8 +216,9 @@ class _Direction:
 class ChunkSealer:
     """The sending side of a body: `seal(data)` -> the bytes to send."""
 
-    def __init__(self, d: _Direction) -> None:
+    def __init__(self, d: _Direction, random: Callable[[int], bytes] = os.urandom) -> None:
         self._d = d
+        self._random = random
 
     def seal(self, data: bytes | bytearray | memoryview) -> bytes:
         d = self._d
@@ -251,7 +252,7 @@ class ChunkSealer:
             out.append(size.to_bytes(2, "big"))
         out.append(sealed)
         if padding:
-            out.append(os.urandom(padding))
+            out.append(self._random(padding))
 
 
 class ChunkOpener:
@@ -388,7 +389,7 @@ class VmessClient:
         self.option = option
         self.security = sec
         self._sealer = ChunkSealer(_Direction(sec, option, self.body_key, self.body_iv,
-                                              self.body_key, self.body_iv))
+                                              self.body_key, self.body_iv), random)
         self._opener = ChunkOpener(_Direction(sec, option, self.response_key, self.response_iv,
                                               self.body_key, self.body_iv))
         self._head = bytearray()
