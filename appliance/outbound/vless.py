@@ -18,6 +18,8 @@ failed (wrong uuid?)").
 
 from __future__ import annotations
 
+import logging
+
 import trio
 
 from appliance.config.model import IPAddress, ProxyConfig
@@ -31,7 +33,7 @@ from appliance.outbound.base import (
     outbound_deadline,
 )
 from appliance.outbound.stream_udp import StreamUdpPeer
-from appliance.outbound.vmess import ServerLayers, auth_failed
+from appliance.outbound.vmess import AUTH_FAILED, ServerLayers
 from appliance.proto.vless import (
     COMMAND_TCP,
     COMMAND_UDP,
@@ -43,6 +45,8 @@ from appliance.proto.vless import (
 )
 from appliance.proto.vmess import user_id
 
+log = logging.getLogger(__name__)
+
 _RECV = 1 << 17
 
 
@@ -52,6 +56,7 @@ class VlessStream(trio.abc.HalfCloseableStream):
     def __init__(self, transport_stream: trio.abc.Stream, name: str) -> None:
         self.transport_stream = transport_stream
         self._name = name
+        self._reported = False
         self._response = ResponseReader()
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
@@ -59,7 +64,7 @@ class VlessStream(trio.abc.HalfCloseableStream):
             await self.transport_stream.send_all(data)
         except trio.BrokenResourceError:
             if not self._response.established:
-                raise auth_failed(self._name) from None
+                raise self._auth_failed() from None
             raise
 
     async def wait_send_all_might_not_block(self) -> None:
@@ -73,9 +78,9 @@ class VlessStream(trio.abc.HalfCloseableStream):
             try:
                 data = await t.receive_some(_RECV)
             except trio.BrokenResourceError:
-                raise auth_failed(self._name) from None
+                raise self._auth_failed() from None
             if not data:
-                raise auth_failed(self._name)
+                raise self._auth_failed()
             try:
                 body = self._response.feed(data)
             except VlessError as e:
@@ -89,6 +94,13 @@ class VlessStream(trio.abc.HalfCloseableStream):
             self.transport_stream = ReplayStream(t, body[max_bytes:])
             return body[:max_bytes]
         return body
+
+    def _auth_failed(self) -> trio.BrokenResourceError:
+        """The server closed before its response header (logged once)."""
+        if not self._reported:
+            self._reported = True
+            log.warning("%s", AUTH_FAILED.format(name=self._name))
+        return trio.BrokenResourceError(AUTH_FAILED.format(name=self._name))
 
     async def send_eof(self) -> None:
         t = self.transport_stream

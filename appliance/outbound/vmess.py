@@ -21,6 +21,8 @@ closing the connection, which the flow sees at its first read:
 
 from __future__ import annotations
 
+import logging
+
 import trio
 
 from appliance.config.model import IPAddress, ProxyConfig
@@ -38,15 +40,16 @@ from appliance.outbound.base import (
 from appliance.outbound.stream_udp import StreamUdpPeer
 from appliance.proto.vmess import COMMAND_TCP, COMMAND_UDP, VmessClient, VmessError, user_id
 
+log = logging.getLogger(__name__)
+
 # Bytes read from the server at a time: several 15000-byte chunks.
 _RECV = 1 << 17
 
 
-def auth_failed(name: str) -> trio.BrokenResourceError:
-    """What a server that closes (or resets) before its response header
-    means: it did not take our uuid (VMess, VLESS)."""
-    return trio.BrokenResourceError(
-        f"{name}: server closed before answering: authentication failed (wrong uuid?)")
+# What a server that closes (or resets) before its response header means:
+# it did not take our uuid (VMess, VLESS). Logged at WARNING, as a dial
+# failure is; the flow's record carries it too.
+AUTH_FAILED = "{name}: server closed before answering: authentication failed (wrong uuid?)"
 
 
 class ServerLayers:
@@ -78,6 +81,7 @@ class VmessStream(trio.abc.HalfCloseableStream):
         self.transport_stream = transport_stream
         self._client = client
         self._name = name
+        self._reported = False
         self._ready: list[bytes] = []
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
@@ -85,7 +89,7 @@ class VmessStream(trio.abc.HalfCloseableStream):
             await self.transport_stream.send_all(self._client.seal(data))
         except trio.BrokenResourceError:
             if not self._client.established:
-                raise auth_failed(self._name) from None
+                raise self._auth_failed() from None
             raise
 
     async def wait_send_all_might_not_block(self) -> None:
@@ -100,11 +104,11 @@ class VmessStream(trio.abc.HalfCloseableStream):
                 data = await self.transport_stream.receive_some(_RECV)
             except trio.BrokenResourceError:
                 if not self._client.established:
-                    raise auth_failed(self._name) from None
+                    raise self._auth_failed() from None
                 raise
             if not data:
                 if not self._client.established:
-                    raise auth_failed(self._name)
+                    raise self._auth_failed()
                 return b""
             try:
                 self._ready = self._client.receive_data(data)
@@ -116,6 +120,13 @@ class VmessStream(trio.abc.HalfCloseableStream):
             return data[:max_bytes]
         self._ready = []
         return data
+
+    def _auth_failed(self) -> trio.BrokenResourceError:
+        """The server closed before its response header (logged once)."""
+        if not self._reported:
+            self._reported = True
+            log.warning("%s", AUTH_FAILED.format(name=self._name))
+        return trio.BrokenResourceError(AUTH_FAILED.format(name=self._name))
 
     async def send_eof(self) -> None:
         t = self.transport_stream

@@ -1,0 +1,218 @@
+"""VMess and VLESS end to end: a client in the lab's client namespace,
+`mirage run` in the gateway, sing-box's vmess and vless inbounds in the
+upstream node (appliance/lab/reference.py), and behind them a small HTTP
+server and a UDP echo on www.alpha.test's address.
+
+Each case has its own port on the far end, and a DST-PORT rule sends that
+port to the proxy under test, so one Mirage and one sing-box serve the
+whole module. The client asks for www.alpha.test (a fake IP): sing-box's
+log must show the *name* arriving (`inbound connection to
+www.alpha.test:PORT`), and what the client receives is the far end's
+marker (TCP) or the echo's tagged reply (UDP). A wrong uuid ends the flow
+at once with the reason in Mirage's log.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from appliance.lab.lab import Lab
+from appliance.lab.mirage import MirageRun, lab_config
+from appliance.lab.reference import SingBox
+
+pytestmark = pytest.mark.netns
+
+UUID = "6d6a9b1e-3c4f-4b8e-9a51-2f0c7e1d4b33"
+WRONG = "00000000-1111-2222-3333-444444444444"
+ALPHA = "192.168.57.10"
+SERVER = "192.168.57.11"  # sing-box listens here (www.beta.test's address)
+ECHO = Path(__file__).resolve().parents[2] / "bench" / "udp_echo.py"
+MARKER = "VMESS-VLESS-MARKER"
+
+# sing-box inbounds: tag -> (type, port, extra inbound keys).
+INBOUNDS: dict[str, tuple[str, int, dict[str, Any]]] = {
+    "vmess-tcp": ("vmess", 20001, {}),
+    "vless-tcp": ("vless", 20002, {}),
+}
+
+# Mirage proxies: name -> (inbound tag, extra proxy keys).
+PROXIES: dict[str, tuple[str, dict[str, Any]]] = {
+    "vm-auto": ("vmess-tcp", {"cipher": "auto"}),
+    "vm-chacha": ("vmess-tcp", {"cipher": "chacha20-poly1305", "global-padding": True,
+                                "authenticated-length": True}),
+    "vm-none": ("vmess-tcp", {"cipher": "none"}),
+    "vm-wrong": ("vmess-tcp", {"uuid": WRONG}),
+    "vl-tcp": ("vless-tcp", {}),
+    "vl-wrong": ("vless-tcp", {"uuid": WRONG}),
+}
+
+# Far-end TCP port -> proxy (each case its own port: a DST-PORT rule).
+TCP_CASES = {21001: "vm-auto", 21002: "vm-chacha", 21003: "vm-none", 21004: "vl-tcp"}
+WRONG_CASES = {21005: "vm-wrong", 21006: "vl-wrong"}
+UDP_CASES = {22001: "vm-auto", 22002: "vl-tcp"}
+
+WEB = f"""
+import http.server, socketserver, sys, threading
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = b"{MARKER} " + str(self.server.server_address[1]).encode()
+        self.send_response(200); self.send_header("Content-Length", str(len(body)))
+        self.end_headers(); self.wfile.write(body)
+    def log_message(self, *a): pass
+class S(socketserver.ThreadingMixIn, http.server.HTTPServer):
+    daemon_threads = True
+for port in sys.argv[2:]:
+    s = S((sys.argv[1], int(port)), H)
+    threading.Thread(target=s.serve_forever, daemon=True).start()
+print("ready", flush=True)
+threading.Event().wait(600)
+"""
+
+
+def _inbound(tag: str) -> dict[str, Any]:
+    kind, port, extra = INBOUNDS[tag]
+    user: dict[str, Any] = {"name": "mirage", "uuid": UUID}
+    if kind == "vmess":
+        user["alterId"] = 0
+    return {"type": kind, "tag": tag, "listen": SERVER, "listen_port": port,
+            "users": [user], **extra}
+
+
+def _proxy(name: str) -> dict[str, Any]:
+    tag, extra = PROXIES[name]
+    kind, port, _ = INBOUNDS[tag]
+    return {"name": name, "type": kind, "server": SERVER, "port": port, "uuid": UUID,
+            "udp": True, **({"alterId": 0} if kind == "vmess" else {}), **extra}
+
+
+def _ready(proc: subprocess.Popen[bytes]) -> None:
+    assert proc.stdout is not None
+    assert proc.stdout.readline().strip() == b"ready"
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    proc.terminate()
+    proc.wait(timeout=5)
+    if proc.stdout is not None:
+        proc.stdout.close()
+
+
+@pytest.fixture(scope="module")
+def far_end(lab: Lab) -> Iterator[None]:
+    """The HTTP server on every TCP case's port and the UDP echo on every
+    UDP case's port, on www.alpha.test's address."""
+    ports = [str(p) for p in (*TCP_CASES, *WRONG_CASES)]
+    web = lab.popen("upstream", [sys.executable, "-c", WEB, ALPHA, *ports],
+                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    echo = lab.popen("upstream", [sys.executable, str(ECHO), "--tag", "--max-seconds", "600",
+                                  *(f"{ALPHA}:{p}" for p in UDP_CASES)],
+                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        _ready(web)
+        _ready(echo)
+        yield
+    finally:
+        _stop(web)
+        _stop(echo)
+
+
+@pytest.fixture(scope="module")
+def singbox(lab: Lab, far_end: None) -> Iterator[SingBox]:
+    with SingBox(lab, [_inbound(tag) for tag in INBOUNDS], name="sing-box-vmess") as sb:
+        yield sb
+
+
+@pytest.fixture(scope="module")
+def mirage(lab: Lab, singbox: SingBox) -> Iterator[MirageRun]:
+    state = lab.state_dir / "vmess-mirage-state"
+    cfg = lab_config(lab, appliance={"state-dir": str(state)})
+    cfg["proxies"] = [*cfg["proxies"], *(_proxy(name) for name in PROXIES)]
+    cases = {**TCP_CASES, **WRONG_CASES, **UDP_CASES}
+    cfg["rules"] = [*(f"DST-PORT,{port},{name}" for port, name in cases.items()),
+                    *cfg["rules"]]
+    run = MirageRun(lab, cfg, name="vmess-mirage")
+    run.start()
+    try:
+        yield run
+    finally:
+        run.stop()
+        for f in state.glob("fakeip.sqlite3*"):
+            f.unlink()
+
+
+def _curl(lab: Lab, port: int) -> tuple[int, str, float]:
+    t0 = time.monotonic()
+    r = lab.exec("client", ["curl", "-s", "-m", "8", f"http://www.alpha.test:{port}/"],
+                 timeout=20)
+    return r.returncode, r.stdout, time.monotonic() - t0
+
+
+UDP_EXCHANGE = """
+import json, socket, sys
+port = int(sys.argv[1])
+ip = socket.getaddrinfo("www.alpha.test", port, socket.AF_INET, socket.SOCK_DGRAM)[0][4][0]
+c = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); c.settimeout(3)
+c.connect((ip, port))
+out = {"ip": ip, "replies": []}
+for payload in (b"first", b"x" * 1400, b"third"):
+    c.send(payload)
+    try:
+        out["replies"].append(c.recv(4096).decode())
+    except TimeoutError:
+        out["replies"].append(None)
+print(json.dumps(out))
+"""
+
+
+def _wait_log(sb: SingBox, text: str, seconds: float = 5) -> None:
+    deadline = time.monotonic() + seconds
+    while text not in sb.log_text():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not in sing-box's log: {text!r}\n{sb.log_text()[-2000:]}")
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("port", list(TCP_CASES), ids=[TCP_CASES[p] for p in TCP_CASES])
+def test_curl_through_the_proxy_reaches_the_name(lab: Lab, mirage: MirageRun, singbox: SingBox,
+                                                 port: int) -> None:
+    code, body, _ = _curl(lab, port)
+    assert code == 0 and body == f"{MARKER} {port}", (code, body, mirage.log_text()[-2000:])
+    _wait_log(singbox, f"inbound connection to www.alpha.test:{port}")
+
+
+@pytest.mark.parametrize("port", list(UDP_CASES), ids=[UDP_CASES[p] for p in UDP_CASES])
+def test_udp_echo_through_the_proxy(lab: Lab, mirage: MirageRun, singbox: SingBox,
+                                    port: int) -> None:
+    r = lab.exec("client", [sys.executable, "-c", UDP_EXCHANGE, str(port)], timeout=30)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["ip"].startswith("198.18.")
+    replies = out["replies"]
+    assert all(replies), (replies, mirage.log_text()[-2000:])
+    assert replies[0].startswith("first from=")
+    assert replies[1].startswith("x" * 1400 + " from=")
+    # The echo saw sing-box (on the upstream node), reached by name.
+    assert f"to={ALPHA}:{port}" in replies[2]
+    _wait_log(singbox, f"inbound packet connection to www.alpha.test:{port}")
+
+
+@pytest.mark.parametrize("port", list(WRONG_CASES), ids=[WRONG_CASES[p] for p in WRONG_CASES])
+def test_wrong_uuid_fails_fast_with_the_reason(lab: Lab, mirage: MirageRun, port: int) -> None:
+    offset = len(mirage.log_text())
+    code, body, took = _curl(lab, port)
+    assert code != 0 and MARKER not in body
+    assert took < 3, took
+    name = WRONG_CASES[port]
+    deadline = time.monotonic() + 5
+    want = f"{name}: server closed before answering: authentication failed (wrong uuid?)"
+    while want not in mirage.log_text(offset):
+        assert time.monotonic() < deadline, mirage.log_text(offset)
+        time.sleep(0.05)
