@@ -7,9 +7,10 @@ A flow is one connection to the server (dial, TLS, transport: the same
 name stays a name) sent at once. `VlessStream` strips the server's
 response header from the first bytes it sends and passes the rest through.
 
-UDP (`udp: true`): command 2, each datagram length-prefixed on the flow's
-own connection, relayed by a `StreamUdpPeer`. `packet-encoding` (mihomo's
-default for VLESS is xudp) is read and falls back to this plain UDP.
+UDP (`udp: true`): one connection per flow, relayed by a `StreamUdpPeer`:
+XUDP (command 3, appliance/proto/xudp.py), mihomo's default for VLESS; with
+`packet-encoding: packetaddr` plain VLESS UDP instead (command 2, each
+datagram length-prefixed), as packetaddr itself carries only IP addresses.
 
 A wrong uuid: the server closes without a response header, which the
 flow's first read reports as BrokenResourceError("NAME: authentication
@@ -32,9 +33,10 @@ from appliance.outbound.base import (
     no_udp,
     outbound_deadline,
 )
-from appliance.outbound.stream_udp import StreamUdpPeer
+from appliance.outbound.stream_udp import PacketCodec, StreamUdpPeer
 from appliance.outbound.vmess import AUTH_FAILED, ServerLayers
 from appliance.proto.vless import (
+    COMMAND_MUX,
     COMMAND_TCP,
     COMMAND_UDP,
     PacketReader,
@@ -44,6 +46,7 @@ from appliance.proto.vless import (
     request_header,
 )
 from appliance.proto.vmess import user_id
+from appliance.proto.xudp import XudpCodec
 
 log = logging.getLogger(__name__)
 
@@ -128,6 +131,21 @@ class _VlessPackets:
         return self._reader.feed(body) if body else []
 
 
+class _VlessXudp:
+    """XUDP frames after the response header (command 3, no address)."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self._response = ResponseReader()
+        self._xudp = XudpCodec(host, port)
+
+    def encode(self, payload: bytes) -> bytes:
+        return self._xudp.encode(payload)
+
+    def decode(self, data: bytes) -> list[bytes]:
+        body = self._response.feed(data)
+        return self._xudp.decode(body) if body else []
+
+
 class VlessOutbound:
     """A `type: vless` proxy (module doc). Holds no connection between flows."""
 
@@ -166,7 +184,10 @@ class VlessOutbound:
     async def open_udp(self, host: str | IPAddress, port: int) -> UdpPeer | None:
         if not self.carries_udp:
             return await no_udp(self.name)
+        # mihomo's default for VLESS is xudp; packetaddr carries only IP
+        # addresses (never the flow's name): plain VLESS UDP instead.
+        xudp = self.options.packet_encoding != "packetaddr"
         with outbound_deadline(self.layers.connect_timeout, f"{self.name} udp {host}:{port}"):
-            stream = await self._open(host, port, COMMAND_UDP)
-        return StreamUdpPeer(stream, _VlessPackets(), self.name,
-                             f"{self.layers.server}:{self.layers.port}")
+            stream = await self._open(host, port, COMMAND_MUX if xudp else COMMAND_UDP)
+        codec: PacketCodec = _VlessXudp(str(host), port) if xudp else _VlessPackets()
+        return StreamUdpPeer(stream, codec, self.name, f"{self.layers.server}:{self.layers.port}")

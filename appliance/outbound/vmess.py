@@ -8,9 +8,11 @@ at once so that server-first protocols work. The returned `VmessStream`
 seals what the gateway sends into chunks and opens what comes back; the
 server's response header arrives with its first bytes.
 
-UDP (`udp: true`): one connection per flow with command 2 (one datagram
-per chunk), relayed by a `StreamUdpPeer`. `packet-encoding` xudp and
-packetaddr are read and fall back to this plain UDP (see docs/config.md).
+UDP (`udp: true`): one connection per flow, relayed by a `StreamUdpPeer`:
+command 2 (one datagram per chunk), or with `packet-encoding: xudp`
+command 3 and XUDP frames in the body (appliance/proto/xudp.py).
+`packetaddr` (which carries only IP addresses, never the flow's name)
+falls back to command 2.
 
 Failures: dial, TLS and transport errors and the connect timeout are
 OutboundErrors from `connect_tcp`. The server answers a wrong uuid by
@@ -37,8 +39,16 @@ from appliance.outbound.base import (
     no_udp,
     outbound_deadline,
 )
-from appliance.outbound.stream_udp import StreamUdpPeer
-from appliance.proto.vmess import COMMAND_TCP, COMMAND_UDP, VmessClient, VmessError, user_id
+from appliance.outbound.stream_udp import PacketCodec, StreamUdpPeer
+from appliance.proto.vmess import (
+    COMMAND_MUX,
+    COMMAND_TCP,
+    COMMAND_UDP,
+    VmessClient,
+    VmessError,
+    user_id,
+)
+from appliance.proto.xudp import XudpCodec
 
 log = logging.getLogger(__name__)
 
@@ -152,6 +162,24 @@ class _VmessPackets:
         return self._client.receive_data(data)
 
 
+class _VmessXudp:
+    """`packet-encoding: xudp`: XUDP frames in the body of a command-3
+    (mux) VMess connection."""
+
+    def __init__(self, client: VmessClient, host: str, port: int) -> None:
+        self._client = client
+        self._xudp = XudpCodec(host, port)
+
+    def encode(self, payload: bytes) -> bytes:
+        return self._client.seal(self._xudp.encode(payload))
+
+    def decode(self, data: bytes) -> list[bytes]:
+        out: list[bytes] = []
+        for plain in self._client.receive_data(data):
+            out += self._xudp.decode(plain)
+        return out
+
+
 class VmessOutbound:
     """A `type: vmess` proxy (module doc). Holds no connection between flows."""
 
@@ -197,7 +225,9 @@ class VmessOutbound:
     async def open_udp(self, host: str | IPAddress, port: int) -> UdpPeer | None:
         if not self.carries_udp:
             return await no_udp(self.name)
+        xudp = self.options.packet_encoding == "xudp"
         with outbound_deadline(self.layers.connect_timeout, f"{self.name} udp {host}:{port}"):
-            stream, client = await self._open(host, port, COMMAND_UDP)
-        return StreamUdpPeer(stream, _VmessPackets(client), self.name,
-                             f"{self.layers.server}:{self.layers.port}")
+            stream, client = await self._open(host, port, COMMAND_MUX if xudp else COMMAND_UDP)
+        codec: PacketCodec = (_VmessXudp(client, str(host), port) if xudp
+                              else _VmessPackets(client))
+        return StreamUdpPeer(stream, codec, self.name, f"{self.layers.server}:{self.layers.port}")

@@ -21,6 +21,7 @@ from appliance.proto.vmess import VmessError, encode_address
 VERSION = 0
 COMMAND_TCP = 1
 COMMAND_UDP = 2
+COMMAND_MUX = 3  # XUDP (appliance/proto/xudp.py): no address
 MAX_PACKET = 0xFFFF
 
 
@@ -36,7 +37,7 @@ def request_header(user: bytes, host: str, port: int, *, command: int = COMMAND_
         raw = flow.encode()
         addons = b"\x0a" + _uvarint(len(raw)) + raw
     try:
-        address = encode_address(host, port)
+        address = encode_address(host, port) if command != COMMAND_MUX else b""
     except VmessError as e:
         raise VlessError(str(e)) from None
     return bytes((VERSION,)) + user + bytes((len(addons),)) + addons + bytes((command,)) + address

@@ -47,6 +47,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 VERSION = 1
 COMMAND_TCP = 1
 COMMAND_UDP = 2
+COMMAND_MUX = 3  # XUDP (appliance/proto/xudp.py): no address in the header
 
 SECURITY_AES_128_GCM = 3
 SECURITY_CHACHA20_POLY1305 = 4
@@ -369,7 +370,8 @@ class VmessClient:
         header = bytearray((VERSION,))
         header += self.body_iv + self.body_key
         header += bytes((self.response_v, option, padding_len << 4 | sec, 0, command))
-        header += encode_address(host, port)
+        if command != COMMAND_MUX:
+            header += encode_address(host, port)
         header += random(padding_len)
         header += struct.pack(">I", fnv1a32(bytes(header)))
         aid = auth_id(key, int(time.time()) if now is None else now, random(4))

@@ -50,14 +50,17 @@ PROXIES: dict[str, tuple[str, dict[str, Any]]] = {
                                 "authenticated-length": True}),
     "vm-none": ("vmess-tcp", {"cipher": "none"}),
     "vm-wrong": ("vmess-tcp", {"uuid": WRONG}),
+    "vm-xudp": ("vmess-tcp", {"packet-encoding": "xudp"}),
     "vl-tcp": ("vless-tcp", {}),
+    "vl-plain-udp": ("vless-tcp", {"packet-encoding": "packetaddr"}),
     "vl-wrong": ("vless-tcp", {"uuid": WRONG}),
 }
 
 # Far-end TCP port -> proxy (each case its own port: a DST-PORT rule).
 TCP_CASES = {21001: "vm-auto", 21002: "vm-chacha", 21003: "vm-none", 21004: "vl-tcp"}
 WRONG_CASES = {21005: "vm-wrong", 21006: "vl-wrong"}
-UDP_CASES = {22001: "vm-auto", 22002: "vl-tcp"}
+# vl-tcp: XUDP (mihomo's default for VLESS); vl-plain-udp: command 2.
+UDP_CASES = {22001: "vm-auto", 22002: "vl-tcp", 22003: "vm-xudp", 22004: "vl-plain-udp"}
 
 WEB = f"""
 import http.server, socketserver, sys, threading

@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -28,6 +29,7 @@ from appliance.config.protocols.vmess import VmessOptions
 from appliance.config.render import effective_config
 from appliance.proto import vless
 from appliance.proto.vmess import (
+    COMMAND_MUX,
     COMMAND_UDP,
     ChunkOpener,
     VmessClient,
@@ -40,6 +42,7 @@ from appliance.proto.vmess import (
     kdf,
     user_id,
 )
+from appliance.proto.xudp import XudpCodec
 
 UUID = "b831381d-6324-4d53-ad4f-8cda48b30811"
 USER = user_id(UUID)
@@ -223,6 +226,47 @@ def test_vless_packets_split_and_join() -> None:
     for i in range(len(wire)):
         got += reader.feed(wire[i:i + 1])
     assert got == [b"one", b"", b"three"]
+
+
+def test_xudp_frames() -> None:
+    codec = XudpCodec("example.com", 53)
+    addr = b"\x00\x35\x02\x0bexample.com"
+    meta = len(addr) + 5
+    assert codec.encode(b"q1") == (bytes([0, meta, 0, 0, 1, 1, 2]) + addr + b"\x00\x02q1")
+    assert codec.encode(b"q2") == (bytes([0, meta, 0, 0, 2, 1, 2]) + addr + b"\x00\x02q2")
+    keep_with_address = bytes([0, meta, 0, 0, 2, 1, 2]) + addr + b"\x00\x02a1"
+    keep_bare = bytes([0, 4, 0, 0, 2, 1]) + b"\x00\x02a2"
+    keepalive = bytes([0, 4, 0, 0, 4, 0])
+    end = bytes([0, 4, 0, 0, 3, 0])
+    wire = keep_with_address + keepalive + keep_bare + end + b"trailing"
+    got: list[bytes] = []
+    for i in range(len(wire)):
+        got += codec.decode(wire[i:i + 1])
+    assert got == [b"a1", b"a2"] and codec.ended
+    with pytest.raises(VmessError):
+        XudpCodec("example.com", 53).decode(bytes([0, 4, 0, 0, 1, 1]))
+
+
+def test_mux_requests_carry_no_address() -> None:
+    assert vless.request_header(USER, "example.com", 53, command=vless.COMMAND_MUX) == (
+        b"\x00" + USER + b"\x00\x03")
+    c = VmessClient(USER, "example.com", 53, command=COMMAND_MUX)
+    plain = _open_request(c)
+    assert plain[37] == COMMAND_MUX and len(plain) == 38 + (plain[35] >> 4) + 4
+
+
+def _open_request(c: VmessClient) -> bytes:
+    """The request header as the server decrypts it (AEAD, alterId 0)."""
+    key = cmd_key(USER)
+    aid, nonce = c.request[:16], c.request[34:42]
+    length_key = kdf(key, b"VMess Header AEAD Key_Length", aid, nonce)[:16]
+    length_iv = kdf(key, b"VMess Header AEAD Nonce_Length", aid, nonce)[:12]
+    n = int.from_bytes(AESGCM(length_key).decrypt(length_iv, c.request[16:34], aid), "big")
+    header_key = kdf(key, b"VMess Header AEAD Key", aid, nonce)[:16]
+    header_iv = kdf(key, b"VMess Header AEAD Nonce", aid, nonce)[:12]
+    plain = AESGCM(header_key).decrypt(header_iv, c.request[42:42 + n + 16], aid)
+    assert fnv1a32(plain[:-4]) == int.from_bytes(plain[-4:], "big")
+    return plain
 
 
 def _profile(*proxies: dict[str, Any]) -> dict[str, Any]:
