@@ -276,35 +276,42 @@ class ChunkOpener:
         d = self._d
         if not d.chunked:
             return [bytes(data)] if data else []
-        buf = self._buf
-        buf += data
+        # Work on `data` itself unless a partial chunk waits: most reads
+        # start on a chunk boundary, and then nothing is copied but the
+        # leftover (sealed data goes to the AEAD as a view).
+        if self._buf:
+            self._buf += data
+            src: bytes | bytearray = self._buf
+        else:
+            src = data
         out: list[bytes] = []
         pos = 0
-        end = len(buf)
-        while not self.eof:
-            if self._want < 0:
-                if end - pos < d.size_bytes:
+        end = len(src)
+        with memoryview(src) as view:
+            while not self.eof:
+                if self._want < 0:
+                    if end - pos < d.size_bytes:
+                        break
+                    self._read_size(bytes(view[pos:pos + d.size_bytes]))
+                    pos += d.size_bytes
+                if end - pos < self._want:
                     break
-                self._read_size(bytes(buf[pos:pos + d.size_bytes]))
-                pos += d.size_bytes
-            if end - pos < self._want:
-                break
-            n = self._want - self._padding
-            sealed = bytes(buf[pos:pos + n])
-            pos += self._want
-            self._want = -1
-            if d.aead is not None:
-                try:
-                    plain = d.aead.decrypt(d.nonces.next(), sealed, None)
-                except Exception:
-                    raise VmessError("a body chunk did not authenticate") from None
-            else:
-                plain = sealed
-            if not plain:
-                self.eof = True
-                break
-            out.append(plain)
-        del buf[:pos]
+                n = self._want - self._padding
+                sealed = view[pos:pos + n]
+                pos += self._want
+                self._want = -1
+                if d.aead is not None:
+                    try:
+                        plain = d.aead.decrypt(d.nonces.next(), sealed, None)
+                    except Exception:
+                        raise VmessError("a body chunk did not authenticate") from None
+                else:
+                    plain = bytes(sealed)
+                if not plain:
+                    self.eof = True
+                    break
+                out.append(plain)
+        self._buf = bytearray(src[pos:]) if pos < end else bytearray()
         return out
 
     def _read_size(self, raw: bytes) -> None:
