@@ -39,8 +39,10 @@ from appliance.proto.vless import (
     COMMAND_MUX,
     COMMAND_TCP,
     COMMAND_UDP,
+    VISION_FLOW,
     PacketReader,
     ResponseReader,
+    Vision,
     VlessError,
     encode_packet,
     request_header,
@@ -116,6 +118,98 @@ class VlessStream(trio.abc.HalfCloseableStream):
         await self.transport_stream.aclose()
 
 
+class VisionStream(trio.abc.HalfCloseableStream):
+    """A VLESS flow with `flow: xtls-rprx-vision` over `tls` (the outer TLS
+    to the server, over a plain connection: Vision needs both). What the
+    gateway sends goes through `Vision.encode` (padded blocks through TLS,
+    then, once the inner TLS 1.3 handshake is done, straight onto the raw
+    connection); what comes back is unpadded until the server switches to
+    the raw connection too.
+
+    At that switch the outer TLS may hold bytes already read: decrypted
+    data not yet taken, and raw bytes not yet decrypted (which are not TLS
+    at all but the inner records). They are taken from the TLS object's
+    buffers (trio's SSLStream keeps them in `_ssl_object` and `_incoming`;
+    one TLS read returns at most one record, so nothing after the switch
+    has been decrypted). After a switch no close_notify is sent: it would
+    land in the inner stream. Owns `tls` and its transport."""
+
+    def __init__(self, tls: trio.SSLStream[trio.abc.Stream], user: bytes, name: str) -> None:
+        self._tls = tls
+        self._raw = tls.transport_stream
+        self._vision = Vision(user)
+        self._response = ResponseReader()
+        self._name = name
+        self._reported = False
+        self._ready = b""
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        via_tls, raw = self._vision.encode(bytes(data))
+        try:
+            if via_tls:
+                await self._tls.send_all(via_tls)
+            if raw:
+                await self._raw.send_all(raw)
+        except trio.BrokenResourceError:
+            if not self._response.established:
+                raise self._auth_failed() from None
+            raise
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self._raw.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        while not self._ready:
+            if self._vision.direct_read:
+                return await self._raw.receive_some(max_bytes)
+            try:
+                data = await self._tls.receive_some(_RECV)
+            except trio.BrokenResourceError:
+                if not self._response.established:
+                    raise self._auth_failed() from None
+                raise
+            if not data:
+                if not self._response.established:
+                    raise self._auth_failed()
+                return b""
+            try:
+                body = self._response.feed(data)
+                plain = self._vision.decode(body) if body else b""
+            except VlessError as e:
+                raise trio.BrokenResourceError(f"{self._name}: {e}") from None
+            if self._vision.direct_read:
+                plain += self._drain_tls()
+            self._ready = plain
+        data, self._ready = self._ready, b""
+        if max_bytes is not None and len(data) > max_bytes:
+            data, self._ready = data[:max_bytes], data[max_bytes:]
+        return data
+
+    def _drain_tls(self) -> bytes:
+        """What the outer TLS holds at the switch to the raw connection."""
+        obj = self._tls._ssl_object
+        taken = [obj.read(obj.pending()) for _ in range(64) if obj.pending()]
+        return b"".join(taken) + self._tls._incoming.read()
+
+    def _auth_failed(self) -> trio.BrokenResourceError:
+        if not self._reported:
+            self._reported = True
+            log.warning("%s", AUTH_FAILED.format(name=self._name))
+        return trio.BrokenResourceError(AUTH_FAILED.format(name=self._name))
+
+    async def send_eof(self) -> None:
+        if self._vision.direct_write and isinstance(self._raw, trio.abc.HalfCloseableStream):
+            await self._raw.send_eof()
+        else:
+            await trio.lowlevel.checkpoint()
+
+    async def aclose(self) -> None:
+        if self._vision.direct_write or self._vision.direct_read:
+            await self._raw.aclose()
+        else:
+            await self._tls.aclose()
+
+
 class _VlessPackets:
     """Plain VLESS UDP: length-prefixed datagrams after the response header."""
 
@@ -163,9 +257,10 @@ class VlessOutbound:
     def from_config(cls, p: ProxyConfig, env: OutboundEnv) -> VlessOutbound:
         return cls(p, env)
 
-    async def _open(self, host: str | IPAddress, port: int, command: int) -> trio.abc.Stream:
+    async def _open(self, host: str | IPAddress, port: int, command: int,
+                    flow: str = "") -> trio.abc.Stream:
         try:
-            request = request_header(self.user, str(host), port, command=command)
+            request = request_header(self.user, str(host), port, command=command, flow=flow)
         except VlessError as e:
             raise OutboundError(f"{self.name}: {e}") from None
         stream = await self.layers.open()
@@ -177,8 +272,13 @@ class VlessOutbound:
         return stream
 
     async def connect_tcp(self, host: str | IPAddress, port: int) -> trio.abc.Stream:
+        flow = self.options.flow
         with outbound_deadline(self.layers.connect_timeout, f"{self.name} {host}:{port}"):
-            stream = await self._open(host, port, COMMAND_TCP)
+            stream = await self._open(host, port, COMMAND_TCP, flow)
+        if flow == VISION_FLOW:
+            # The loader allows vision only over TLS with network tcp.
+            assert isinstance(stream, trio.SSLStream)
+            return VisionStream(stream, self.user, self.name)
         return VlessStream(stream, self.name)
 
     async def open_udp(self, host: str | IPAddress, port: int) -> UdpPeer | None:

@@ -283,8 +283,15 @@ def test_vmess_and_vless_load_with_mihomo_keys_and_render_back() -> None:
         {"name": "vl", "type": "vless", "server": "vl.example", "port": 443, "uuid": UUID,
          "flow": "", "encryption": "none", "tls": False, "servername": "ignored.example",
          "skip-cert-verify": True, "client-fingerprint": "chrome"},
+        {"name": "vision", "type": "vless", "server": "vl.example", "port": 443, "uuid": UUID,
+         "tls": True, "flow": "xtls-rprx-vision-udp443"},
+        {"name": "vl-ws", "type": "vless", "server": "vl.example", "port": 443, "uuid": UUID,
+         "network": "ws", "flow": "xtls-rprx-vision"},
     ))
-    vm, vl = cfg.proxies
+    vm, vl, vision, vl_ws = cfg.proxies
+    # mihomo keeps the first 16 characters of `flow`, and ignores it over ws.
+    assert vision.options == VlessOptions(uuid=UUID, flow="xtls-rprx-vision")
+    assert vl_ws.options == VlessOptions(uuid=UUID)
     assert vm.options == VmessOptions(uuid=UUID, cipher="chacha20-poly1305",
                                       global_padding=True, packet_encoding="xudp")
     assert vm.tls_options is not None and vm.tls_options.sni == "front.example"
@@ -294,7 +301,10 @@ def test_vmess_and_vless_load_with_mihomo_keys_and_render_back() -> None:
 
 @pytest.mark.parametrize(("proxy", "reason"), [
     ({"type": "vmess", "alterId": 64}, "alterId 64 (the legacy VMess header"),
-    ({"type": "vless", "flow": "xtls-rprx-vision"}, "xtls-rprx-vision is not implemented"),
+    ({"type": "vless", "flow": "xtls-rprx-vision"}, "without tls over network tcp"),
+    ({"type": "vless", "flow": "xtls-rprx-vision", "tls": True, "network": "grpc"},
+     "without tls over network tcp"),
+    ({"type": "vless", "flow": "xtls-rprx-direct", "tls": True}, "only xtls-rprx-vision"),
     ({"type": "vless", "encryption": "mlkem768x25519plus"}, "encryption"),
     ({"type": "vless", "tls": True, "reality-opts": {"public-key": "k", "short-id": "ab"}},
      "REALITY is not supported"),
@@ -306,3 +316,62 @@ def test_what_mirage_cannot_speak_is_skipped_with_the_reason(proxy: dict[str, An
         {"name": "g", "type": "select", "proxies": ["x", "DIRECT"]}]})
     assert cfg.proxies == ()
     assert any(reason in k for k in cfg.ignored_keys), cfg.ignored_keys
+
+
+def _server_hello(cipher: int = 0x1301, tls13: bool = True) -> bytes:
+    ext = b"\x00\x2b\x00\x02\x03\x04" if tls13 else b"\xff\x01\x00\x01\x00"
+    body = (b"\x03\x03" + bytes(32) + b"\x20" + bytes(32) + cipher.to_bytes(2, "big") + b"\x00"
+            + len(ext).to_bytes(2, "big") + ext)
+    hs = b"\x02" + len(body).to_bytes(3, "big") + body
+    return b"\x16\x03\x03" + len(hs).to_bytes(2, "big") + hs
+
+
+CLIENT_HELLO = b"\x16\x03\x01\x02\x00\x01" + bytes(506)
+APP_DATA = b"\x17\x03\x03\x00\x20" + bytes(32)
+
+
+def test_vision_pads_the_inner_handshake_then_goes_direct() -> None:
+    client = vless.Vision(USER)
+    server = vless.Vision(USER)  # unpadding is the same on both ends
+    wire, raw = client.encode(CLIENT_HELLO)
+    assert raw == b"" and wire[:16] == USER and wire[16] == vless.CMD_CONTINUE
+    assert len(wire) >= 16 + 5 + 900  # short records grow to 900-1399 bytes
+    assert server.decode(wire) == CLIENT_HELLO
+    # The server's hello (TLS 1.3, AES-128-GCM), padded, then "direct".
+    hello = _server_hello()
+    reply, _ = server.encode(hello)
+    assert client.decode(reply) == hello and not client.direct_read
+    direct_block = bytes((vless.CMD_DIRECT, 0, 5, 0, 3)) + b"inner" + bytes(3)
+    assert client.decode(direct_block) == b"inner" and client.direct_read
+    # Our first application-data record: the last padded block, command 2;
+    # everything after goes raw.
+    wire, raw = client.encode(APP_DATA)
+    assert raw == b"" and wire[0] == vless.CMD_DIRECT and client.direct_write
+    assert client.encode(b"later") == (b"", b"later")
+
+
+def test_vision_ends_padding_without_direct_for_tls12() -> None:
+    client = vless.Vision(USER)
+    client.encode(CLIENT_HELLO)
+    hello = _server_hello(tls13=False)
+    reply, _ = vless.Vision(USER).encode(hello)
+    assert client.decode(reply) == hello
+    wire, raw = client.encode(APP_DATA)
+    assert raw == b"" and wire[0] == vless.CMD_END and not client.direct_write
+    assert client.encode(b"later") == (b"later", b"")
+    # The server ends its padding too: the rest of that read is plain.
+    assert client.decode(bytes((vless.CMD_END, 0, 2, 0, 1)) + b"ab" + b"\0" + b"plain") == (
+        b"abplain")
+    assert client.decode(b"more") == b"more"
+
+
+def test_vision_block_headers_split_across_reads() -> None:
+    server = vless.Vision(USER)
+    client = vless.Vision(USER)
+    wire, _ = client.encode(CLIENT_HELLO)
+    # The first read holds the uuid and a block header (a whole TLS record
+    # does); after that a header may be cut anywhere.
+    got = server.decode(wire[:30])
+    for i in range(30, len(wire), 7):
+        got += server.decode(wire[i:i + 7])
+    assert got == CLIENT_HELLO

@@ -12,9 +12,10 @@ from appliance.config.protocols.vmess import PacketEncoding
 
 @dataclass(frozen=True)
 class VlessOptions(ProtocolOptions):
-    """`uuid` and `packet-encoding` as configured ("" when not given).
-    `flow` (xtls-rprx-vision) and an `encryption` other than none are
-    skipped at load."""
+    """`uuid`, `flow` ("" or "xtls-rprx-vision": XTLS Vision, only over TLS
+    with `network: tcp`) and `packet-encoding` as configured ("" when not
+    given). An `encryption` other than none is skipped at load."""
 
     uuid: str
+    flow: str = ""
     packet_encoding: PacketEncoding = ""
