@@ -37,6 +37,7 @@ from appliance.config import (
     load_config,
     parse_config,
 )
+from appliance.config.protocols.trojan import TrojanOptions
 from appliance.names import pattern_is_valid
 from appliance.rules.engine import RuleSet
 
@@ -227,12 +228,14 @@ def test_real_world_profile_loads(tmp_path: Path) -> None:
     assert dict(cfg.dns.hosts) == {"mtalk.google.com": (ipaddress.ip_address("108.177.125.188"),)}
     assert "hosts['services.googleapis.cn'] (domain alias)" in ignored
     assert "x-common (YAML anchor)" in ignored
-    assert [p.name for p in cfg.proxies] == ["ss-aead", "trojan-1"]
+    assert [p.name for p in cfg.proxies] == ["ss-aead", "trojan-1", "trojan-ws"]
     trojan = cfg.proxies[1]
-    assert trojan.tls and trojan.skip_cert_verify and trojan.udp
+    assert trojan.tls_options is not None and trojan.tls_options.skip_cert_verify
+    assert trojan.udp and trojan.tls_options.sni == "tj.example.net"
+    ws = cfg.proxies[2].transport
+    assert ws is not None and ws.ws is not None and ws.ws.path == "/x"
     assert "proxies[1] (ss proxy 'ss-plugin': plugin 'obfs')" in ignored
     assert "proxies[2] (ss proxy 'ss-old': cipher 'rc4-md5')" in ignored
-    assert "proxies[4] (trojan proxy 'trojan-ws': network 'ws')" in ignored
     groups = {g.name: g for g in cfg.proxy_groups}
     assert groups["Auto"] == ProxyGroupConfig("Auto", "fallback", ("ss-aead", "trojan-1"))
     assert groups["Balance"].type == "fallback"
@@ -784,7 +787,8 @@ def test_proxy_types() -> None:
         "h", "http", "proxy.example", 3128, "u", "p", True, True, "proxy.example", False, None
     )
     assert ss.server == "2001:db8::1" and ss.cipher == "aes-128-gcm" and ss.udp
-    assert t.tls and t.sni is None and not t.udp
+    assert t.tls_options is not None and t.tls_options.sni is None and not t.udp
+    assert t.options == TrojanOptions(password="p")
     assert d == ProxyConfig("d", "direct")
 
 

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from appliance.config.loader.protocols import trojan
 from appliance.config.loader.protocols.common import (
     TLS_KEYS,
     TRANSPORT_KEYS,
@@ -58,10 +59,17 @@ class ProtocolSpec:
     tls: TlsUse = "none"
     sni_key: str = "sni"
     networks: tuple[Network, ...] = ("tcp",)
+    # The proxy's raw mapping -> why Mirage cannot speak it (None: it can);
+    # such a proxy is skipped with that reason, as an unsupported type is.
+    unusable: Callable[[dict[str, Any]], str | None] | None = None
 
 
 # `proxies[].type` -> its spec. One line per protocol module.
-PROTOCOLS: dict[str, ProtocolSpec] = {}
+PROTOCOLS: dict[str, ProtocolSpec] = {
+    "trojan": ProtocolSpec(trojan.parse, trojan.render, trojan.KEYS, trojan.IGNORED,
+                           tls="always", networks=("tcp", "ws"),
+                           unusable=trojan.unusable),
+}
 
 
 def server_value(value: Any, path: str) -> str:
