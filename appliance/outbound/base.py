@@ -151,10 +151,6 @@ class UdpPeer:
         self.header = header
         self.socks = control is not None
         self.control = control
-        # The gateway runs `watch()` beside the flow and ends the flow when
-        # it returns: SOCKS5 (the control connection) and peers whose
-        # watch() relays the datagrams themselves (a tunnel's UdpPeer).
-        self.watched = control is not None
         # For logs: where datagrams go (peer address or proxy relay).
         self.remote = remote
 

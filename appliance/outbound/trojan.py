@@ -14,16 +14,13 @@ carried a byte back. `TrojanStream` notices that once and logs it with the
 likely reasons (the flow itself then ends as any closed flow does).
 
 UDP (`udp: true`): a UDP ASSOCIATE tunnel per UDP flow, each datagram
-framed with its destination. The gateway sends and reads datagrams on a
-connected socket (`UdpPeer.sock`); here that socket is one end of an
-AF_UNIX datagram socketpair and `TrojanUdpPeer.watch` moves datagrams
-between the other end and the tunnel, both ways, for the flow's life.
+framed with its destination (`TrojanPacketCodec`), relayed by the shared
+`StreamUdpPeer` (appliance/outbound/stream_udp.py).
 """
 
 from __future__ import annotations
 
 import logging
-import socket
 
 import trio
 
@@ -39,6 +36,7 @@ from appliance.outbound.base import (
     no_udp,
     outbound_deadline,
 )
+from appliance.outbound.stream_udp import StreamUdpPeer
 from appliance.outbound.tls import TlsClient
 from appliance.outbound.transport import open_transport, transport_alpn
 from appliance.proto.socks5 import Socks5Error, encode_address
@@ -59,8 +57,6 @@ DEFAULT_ALPN = ("h2", "http/1.1")
 # Reads from the tunnel: one TLS record is 16 KiB; a large read takes
 # several records per wakeup.
 READ_SIZE = 1 << 16
-# Datagrams moved per wakeup of the UDP relay.
-UDP_BATCH = 64
 
 
 class TrojanOutbound:
@@ -127,7 +123,8 @@ class TrojanOutbound:
             raise OutboundError(f"{self.name}: UDP: {e}") from None
         with outbound_deadline(self.connect_timeout, f"{self.name} UDP {host}:{port}"):
             tunnel = await self._tunnel(CMD_UDP_ASSOCIATE, host, port)
-        return TrojanUdpPeer(tunnel, address, self.name, f"{self.server}:{self.port}")
+        return StreamUdpPeer(tunnel, TrojanPacketCodec(address), self.name,
+                             f"{self.server}:{self.port}")
 
 
 class TrojanStream(trio.abc.Stream):
@@ -163,62 +160,18 @@ class TrojanStream(trio.abc.Stream):
         await self.tunnel.aclose()
 
 
-class TrojanUdpPeer(UdpPeer):
-    """One UDP flow through a Trojan UDP ASSOCIATE tunnel (module doc).
-    Owns the socketpair and the tunnel; `aclose` releases all three."""
+class TrojanPacketCodec:
+    """A UDP flow's datagrams as Trojan packets (`PacketCodec` of
+    appliance/outbound/stream_udp.py): each one framed with the flow's
+    destination; replies' source addresses are not needed (one flow, one
+    destination)."""
 
-    def __init__(self, tunnel: trio.abc.Stream, address: bytes, outbound: str,
-                 remote: str) -> None:
-        gateway_end, self._relay_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
-        gateway_end.setblocking(False)
-        self._relay_end.setblocking(False)
-        super().__init__(gateway_end, outbound, remote=remote)
-        self.watched = True
-        self.tunnel: trio.abc.Stream | None = tunnel
+    def __init__(self, address: bytes) -> None:
         self._address = address
+        self._decoder = UdpDecoder()
 
-    async def watch(self) -> None:
-        """Relay both ways until the tunnel ends (then the flow is over)."""
-        tunnel = self.tunnel
-        if tunnel is None:
-            return
-        try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._up, tunnel)
-                await self._down(tunnel)
-                nursery.cancel_scope.cancel()
-        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError, TrojanError) as e:
-            log.debug("%s: UDP tunnel ended: %s", self.outbound, e)
+    def encode(self, payload: bytes) -> bytes:
+        return encode_udp(self._address, payload)
 
-    async def _up(self, tunnel: trio.abc.Stream) -> None:
-        relay, address = self._relay_end, self._address
-        while True:
-            await trio.lowlevel.wait_readable(relay)
-            packets = []
-            for _ in range(UDP_BATCH):
-                try:
-                    packets.append(encode_udp(address, relay.recv(65535)))
-                except BlockingIOError:
-                    break
-            if packets:
-                await tunnel.send_all(b"".join(packets))
-
-    async def _down(self, tunnel: trio.abc.Stream) -> None:
-        decoder = UdpDecoder()
-        relay = self._relay_end
-        while True:
-            data = await tunnel.receive_some(READ_SIZE)
-            if not data:
-                return
-            for _host, _port, payload in decoder.feed(data):
-                try:
-                    relay.send(payload)
-                except BlockingIOError:
-                    pass  # the gateway is behind: drop, as a full socket would
-
-    async def aclose(self) -> None:
-        self.sock.close()
-        self._relay_end.close()
-        tunnel, self.tunnel = self.tunnel, None
-        if tunnel is not None:
-            await trio.aclose_forcefully(tunnel)
+    def decode(self, data: bytes) -> list[bytes]:
+        return [payload for _host, _port, payload in self._decoder.feed(data)]

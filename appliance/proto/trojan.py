@@ -31,8 +31,9 @@ CRLF = b"\r\n"
 MAX_UDP_PAYLOAD = 0xFFFF
 
 
-class TrojanError(Exception):
-    """A Trojan request could not be made or a packet could not be read."""
+class TrojanError(ValueError):
+    """A Trojan request could not be made or a packet could not be read
+    (a ValueError: what a PacketCodec raises for bytes that do not decode)."""
 
 
 def password_key(password: str) -> bytes:
