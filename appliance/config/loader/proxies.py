@@ -25,7 +25,9 @@ from appliance.config.loader.scalars import (
 from appliance.config.loader.section import LoadContext, Section
 from appliance.config.model import ProxyConfig
 
-BUILTIN_TARGETS = ("DIRECT", "REJECT")
+# Targets every profile has (mihomo's built-in outbounds and GLOBAL, its
+# implicit select group of everything).
+BUILTIN_TARGETS = ("DIRECT", "REJECT", "REJECT-DROP", "PASS", "COMPATIBLE", "GLOBAL")
 
 # Options every mihomo outbound takes (BasicOption) and a few per-type keys
 # that only tune transport details Mirage does not have.
@@ -36,11 +38,13 @@ _IGNORED_PROXY_COMMON = (
 PROXY_KEYS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     # type: (implemented keys besides name/type, ignored keys)
     "socks5": (
-        ("server", "port", "username", "password", "tls", "skip-cert-verify", "udp", "preconnect"),
+        ("server", "port", "username", "password", "tls", "skip-cert-verify", "udp", "preconnect",
+         "dialer-proxy"),
         _IGNORED_PROXY_COMMON,
     ),
     "http": (
-        ("server", "port", "username", "password", "tls", "skip-cert-verify", "sni", "preconnect"),
+        ("server", "port", "username", "password", "tls", "skip-cert-verify", "sni", "preconnect",
+         "dialer-proxy"),
         # udp: converters emit it on every proxy; an http proxy has no UDP.
         (*_IGNORED_PROXY_COMMON, "headers", "udp"),
     ),
@@ -169,6 +173,11 @@ def _parse_proxy(sec: Section, name: str, ptype: str) -> ProxyConfig:
                 preconnect,
                 "kept connections are plain TCP: set 0 with tls: true",
             )
+    dialer_proxy = (sec.get("dialer-proxy", as_nonempty_str, None)
+                    if "dialer-proxy" in implemented else None)
+    if dialer_proxy is not None:
+        # Kept connections go straight to the server: not through a chain.
+        preconnect = 0
     sec.finish(("name", "type", *implemented), ignored)
     return ProxyConfig(
         name=name,
@@ -183,4 +192,5 @@ def _parse_proxy(sec: Section, name: str, ptype: str) -> ProxyConfig:
         udp=udp,
         cipher=cipher,
         preconnect=preconnect,
+        dialer_proxy=dialer_proxy,
     )
