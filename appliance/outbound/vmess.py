@@ -40,6 +40,8 @@ from appliance.outbound.base import (
     outbound_deadline,
 )
 from appliance.outbound.stream_udp import PacketCodec, StreamUdpPeer
+from appliance.outbound.tls import TlsClient
+from appliance.outbound.transport import open_transport, transport_alpn
 from appliance.proto.vmess import (
     COMMAND_MUX,
     COMMAND_TCP,
@@ -63,24 +65,34 @@ AUTH_FAILED = "{name}: server closed before answering: authentication failed (wr
 
 
 class ServerLayers:
-    """How a VMess/VLESS proxy reaches its server: dial, then TLS and the
-    transport from the proxy's config. Raises OutboundError."""
+    """How a VMess/VLESS proxy reaches its server: dial (`env.server_dial`),
+    then TLS (`TlsClient`, one SSLContext per proxy) and the transport
+    (`open_transport`) when configured. Raises OutboundError; closes what
+    it opened on failure."""
 
     def __init__(self, p: ProxyConfig, env: OutboundEnv) -> None:
         self.name = p.name
         self.server = p.server
         self.port = p.port
-        self.tls: TlsOptions | None = p.tls_options
         self.transport: TransportOptions | None = p.transport
+        tls = p.tls_options
+        if tls is None and p.transport is not None and p.transport.network == "h2":
+            tls = TlsOptions()  # mihomo runs h2 over TLS whatever `tls` says
+        self.tls = (TlsClient(tls, p.server, alpn=transport_alpn(p.transport))
+                    if tls is not None else None)
+        # Host / :authority for the transport: the name TLS sends, else the
+        # server (a `Host` in ws-opts headers wins inside the transport).
+        self.host = self.tls.server_hostname if self.tls is not None else p.server
         self.dialer = Dialer(env.resolve, env.routing_mark, ipv6=env.ipv6)
         self.dial: ServerDial = env.server_dial(self.dialer)
         self.connect_timeout = env.connect_timeout
 
     async def open(self) -> trio.abc.Stream:
-        if self.tls is not None or (self.transport is not None
-                                    and self.transport.network != "tcp"):
-            raise OutboundError(f"{self.name}: TLS and transports are not available yet")
-        return await self.dial(self.server, self.port)
+        stream: trio.abc.Stream = await self.dial(self.server, self.port)
+        if self.tls is not None:
+            stream = await self.tls.wrap(stream, self.name)
+        return await open_transport(stream, self.transport, self.host,
+                                    tls=self.tls is not None)
 
 
 class VmessStream(trio.abc.HalfCloseableStream):

@@ -37,10 +37,18 @@ SERVER = "192.168.57.11"  # sing-box listens here (www.beta.test's address)
 ECHO = Path(__file__).resolve().parents[2] / "bench" / "udp_echo.py"
 MARKER = "VMESS-VLESS-MARKER"
 
-# sing-box inbounds: tag -> (type, port, extra inbound keys).
+# sing-box inbounds: tag -> (type, port, extra inbound keys); "tls": True
+# stands for the lab certificate (www.beta.test is in it).
 INBOUNDS: dict[str, tuple[str, int, dict[str, Any]]] = {
     "vmess-tcp": ("vmess", 20001, {}),
     "vless-tcp": ("vless", 20002, {}),
+    "vmess-ws": ("vmess", 20003, {"transport": {"type": "ws", "path": "/vm"}}),
+    "vmess-tls-ws": ("vmess", 20004, {"tls": True, "transport": {
+        "type": "ws", "path": "/vmtls", "max_early_data": 2048,
+        "early_data_header_name": "Sec-WebSocket-Protocol"}}),
+    "vless-tls": ("vless", 20005, {"tls": True}),
+    "vless-ws": ("vless", 20006, {"transport": {"type": "ws", "path": "/vl"}}),
+    "vless-vision": ("vless", 20007, {"tls": True, "flow": "xtls-rprx-vision"}),
 }
 
 # Mirage proxies: name -> (inbound tag, extra proxy keys).
@@ -54,39 +62,75 @@ PROXIES: dict[str, tuple[str, dict[str, Any]]] = {
     "vl-tcp": ("vless-tcp", {}),
     "vl-plain-udp": ("vless-tcp", {"packet-encoding": "packetaddr"}),
     "vl-wrong": ("vless-tcp", {"uuid": WRONG}),
+    "vm-ws": ("vmess-ws", {"network": "ws", "ws-opts": {"path": "/vm"}}),
+    "vm-tls-ws": ("vmess-tls-ws", {"tls": True, "servername": "www.beta.test", "network": "ws",
+                                   "ws-opts": {"path": "/vmtls", "max-early-data": 2048,
+                                               "early-data-header-name":
+                                                   "Sec-WebSocket-Protocol"}}),
+    # A name as `server` (resolved by Mirage, the SNI by default).
+    "vl-tls": ("vless-tls", {"server": "www.beta.test", "tls": True}),
+    "vl-ws": ("vless-ws", {"network": "ws", "ws-opts": {"path": "/vl"}}),
+    "vl-vision": ("vless-vision", {"server": "www.beta.test", "tls": True,
+                                   "flow": "xtls-rprx-vision"}),
 }
 
 # Far-end TCP port -> proxy (each case its own port: a DST-PORT rule).
-TCP_CASES = {21001: "vm-auto", 21002: "vm-chacha", 21003: "vm-none", 21004: "vl-tcp"}
+TCP_CASES = {21001: "vm-auto", 21002: "vm-chacha", 21003: "vm-none", 21004: "vl-tcp",
+             21007: "vm-ws", 21008: "vm-tls-ws", 21009: "vl-tls", 21010: "vl-ws",
+             21011: "vl-vision"}
+# HTTPS (TLS 1.3) through Vision: the inner handshake is padded, then both
+# ends go direct.
+VISION_HTTPS = 21012
 WRONG_CASES = {21005: "vm-wrong", 21006: "vl-wrong"}
 # vl-tcp: XUDP (mihomo's default for VLESS); vl-plain-udp: command 2.
-UDP_CASES = {22001: "vm-auto", 22002: "vl-tcp", 22003: "vm-xudp", 22004: "vl-plain-udp"}
+UDP_CASES = {22001: "vm-auto", 22002: "vl-tcp", 22003: "vm-xudp", 22004: "vl-plain-udp",
+             22005: "vm-tls-ws", 22006: "vl-tls"}
 
+BIG = 8 << 20
+# The far end: HTTP on each port given, HTTPS (TLS 1.3, the lab certificate)
+# on each "tls:PORT"; "/big" is BIG bytes, anything else the marker.
 WEB = f"""
-import http.server, socketserver, sys, threading
+import http.server, socketserver, ssl, sys, threading
 class H(http.server.BaseHTTPRequestHandler):
     def do_GET(self):
-        body = b"{MARKER} " + str(self.server.server_address[1]).encode()
+        if self.path == "/big":
+            body = b"x" * {BIG}
+        else:
+            body = b"{MARKER} " + str(self.server.server_address[1]).encode()
         self.send_response(200); self.send_header("Content-Length", str(len(body)))
         self.end_headers(); self.wfile.write(body)
     def log_message(self, *a): pass
 class S(socketserver.ThreadingMixIn, http.server.HTTPServer):
     daemon_threads = True
-for port in sys.argv[2:]:
-    s = S((sys.argv[1], int(port)), H)
+ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+ctx.load_cert_chain(sys.argv[2], sys.argv[3])
+for port in sys.argv[4:]:
+    tls = port.startswith("tls:")
+    s = S((sys.argv[1], int(port.removeprefix("tls:"))), H)
+    if tls:
+        s.socket = ctx.wrap_socket(s.socket, server_side=True)
     threading.Thread(target=s.serve_forever, daemon=True).start()
 print("ready", flush=True)
 threading.Event().wait(600)
 """
 
 
-def _inbound(tag: str) -> dict[str, Any]:
+def _inbound(lab: Lab, tag: str) -> dict[str, Any]:
     kind, port, extra = INBOUNDS[tag]
+    extra = dict(extra)
     user: dict[str, Any] = {"name": "mirage", "uuid": UUID}
     if kind == "vmess":
         user["alterId"] = 0
-    return {"type": kind, "tag": tag, "listen": SERVER, "listen_port": port,
-            "users": [user], **extra}
+    if "flow" in extra:
+        user["flow"] = extra.pop("flow")
+    inbound = {"type": kind, "tag": tag, "listen": SERVER, "listen_port": port,
+               "users": [user], **extra}
+    if extra.get("tls"):
+        tls_dir = lab.state_dir / "tls"
+        inbound["tls"] = {"enabled": True, "certificate_path": str(tls_dir / "server.pem"),
+                          "key_path": str(tls_dir / "server.key")}
+    return inbound
 
 
 def _proxy(name: str) -> dict[str, Any]:
@@ -112,8 +156,10 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
 def far_end(lab: Lab) -> Iterator[None]:
     """The HTTP server on every TCP case's port and the UDP echo on every
     UDP case's port, on www.alpha.test's address."""
-    ports = [str(p) for p in (*TCP_CASES, *WRONG_CASES)]
-    web = lab.popen("upstream", [sys.executable, "-c", WEB, ALPHA, *ports],
+    ports = [str(p) for p in (*TCP_CASES, *WRONG_CASES)] + [f"tls:{VISION_HTTPS}"]
+    tls_dir = lab.state_dir / "tls"
+    web = lab.popen("upstream", [sys.executable, "-c", WEB, ALPHA, str(tls_dir / "server.pem"),
+                                 str(tls_dir / "server.key"), *ports],
                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     echo = lab.popen("upstream", [sys.executable, str(ECHO), "--tag", "--max-seconds", "600",
                                   *(f"{ALPHA}:{p}" for p in UDP_CASES)],
@@ -129,7 +175,7 @@ def far_end(lab: Lab) -> Iterator[None]:
 
 @pytest.fixture(scope="module")
 def singbox(lab: Lab, far_end: None) -> Iterator[SingBox]:
-    with SingBox(lab, [_inbound(tag) for tag in INBOUNDS], name="sing-box-vmess") as sb:
+    with SingBox(lab, [_inbound(lab, tag) for tag in INBOUNDS], name="sing-box-vmess") as sb:
         yield sb
 
 
@@ -138,10 +184,11 @@ def mirage(lab: Lab, singbox: SingBox) -> Iterator[MirageRun]:
     state = lab.state_dir / "vmess-mirage-state"
     cfg = lab_config(lab, appliance={"state-dir": str(state)})
     cfg["proxies"] = [*cfg["proxies"], *(_proxy(name) for name in PROXIES)]
-    cases = {**TCP_CASES, **WRONG_CASES, **UDP_CASES}
+    cases = {**TCP_CASES, **WRONG_CASES, **UDP_CASES, VISION_HTTPS: "vl-vision"}
     cfg["rules"] = [*(f"DST-PORT,{port},{name}" for port, name in cases.items()),
                     *cfg["rules"]]
-    run = MirageRun(lab, cfg, name="vmess-mirage")
+    # The lab CA as the system trust store: no proxy skips verification.
+    run = MirageRun(lab, cfg, name="vmess-mirage", env={"SSL_CERT_FILE": str(lab.ca_path)})
     run.start()
     try:
         yield run
@@ -219,3 +266,19 @@ def test_wrong_uuid_fails_fast_with_the_reason(lab: Lab, mirage: MirageRun, port
     while want not in mirage.log_text(offset):
         assert time.monotonic() < deadline, mirage.log_text(offset)
         time.sleep(0.05)
+
+
+def test_vision_goes_direct_for_https_and_carries_a_big_download(
+        lab: Lab, mirage: MirageRun, singbox: SingBox) -> None:
+    for path, want in (("/", None), ("/big", BIG)):
+        r = lab.exec("client", ["curl", "-sS", "-m", "20", "--cacert", str(lab.ca_path),
+                                "-o", "/dev/stdout" if want is None else "/dev/null",
+                                "-w", "\\n%{size_download}",
+                                f"https://www.alpha.test:{VISION_HTTPS}{path}"], timeout=30)
+        assert r.returncode == 0, (r.stderr, mirage.log_text()[-2000:])
+        body, size = r.stdout.rsplit("\n", 1)
+        if want is None:
+            assert body == f"{MARKER} {VISION_HTTPS}"
+        else:
+            assert int(size) == want
+    _wait_log(singbox, f"inbound connection to www.alpha.test:{VISION_HTTPS}")
