@@ -375,3 +375,20 @@ def test_vision_block_headers_split_across_reads() -> None:
     for i in range(30, len(wire), 7):
         got += server.decode(wire[i:i + 7])
     assert got == CLIENT_HELLO
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.binary(max_size=300), max_size=6))
+def test_decoders_take_any_bytes_or_fail_with_their_error(reads: list[bytes]) -> None:
+    client = VmessClient(USER, "example.com", 443)
+    opener = _server_side(VmessClient(USER, "example.com", 443, global_padding=True))
+    decoders: list[Callable[[bytes], object]] = [
+        client.receive_data, opener.feed, XudpCodec("example.com", 53).decode,
+        vless.ResponseReader().feed, vless.PacketReader().feed, vless.Vision(USER).decode,
+    ]
+    for decode in decoders:
+        try:
+            for data in reads:
+                decode(data)
+        except (VmessError, vless.VlessError):
+            pass  # XudpError is a VmessError
