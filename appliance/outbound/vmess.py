@@ -16,9 +16,9 @@ falls back to command 2.
 
 Failures: dial, TLS and transport errors and the connect timeout are
 OutboundErrors from `connect_tcp`. The server answers a wrong uuid by
-closing the connection, which the flow sees at its first read:
-`VmessStream` raises BrokenResourceError("NAME: authentication failed
-(wrong uuid?)"), which the gateway records as the flow's end.
+closing the connection, which the flow sees at its first read or write:
+`VmessStream` logs `AUTH_FAILED` once and raises it as a
+BrokenResourceError, which the gateway records as the flow's end.
 """
 
 from __future__ import annotations
