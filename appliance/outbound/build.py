@@ -55,6 +55,8 @@ from appliance.outbound.http import HttpOutbound
 from appliance.outbound.reject import RejectOutbound
 from appliance.outbound.selections import Selections
 from appliance.outbound.socks5 import Socks5Outbound
+from appliance.outbound.vless import VlessOutbound
+from appliance.outbound.vmess import VmessOutbound
 
 # One proxy entry and what all outbounds share -> the outbound.
 Builder = Callable[[ProxyConfig, OutboundEnv], Outbound]
@@ -65,6 +67,8 @@ BUILDERS: dict[str, Builder] = {
     "http": HttpOutbound.from_config,
     "direct": DirectOutbound.from_config,
     "reject": RejectOutbound.from_config,
+    "vmess": VmessOutbound.from_config,
+    "vless": VlessOutbound.from_config,
 }
 
 

@@ -11,7 +11,12 @@ from __future__ import annotations
 from typing import Any
 
 from appliance.config.loader.errors import NO_VALUE, ConfigError, index_path
-from appliance.config.loader.protocols import PROTOCOLS, parse_protocol_proxy, server_value
+from appliance.config.loader.protocols import (
+    PROTOCOLS,
+    UnusableProxy,
+    parse_protocol_proxy,
+    server_value,
+)
 from appliance.config.loader.scalars import (
     as_bool,
     as_domain,
@@ -66,7 +71,7 @@ PRECONNECT_MAX = 64
 # mihomo outbound types Mirage cannot speak: such a proxy is skipped (and
 # reported); a rule that targets it is an error, a group drops it.
 UNSUPPORTED_PROXY_TYPES = (
-    "vmess", "vless", "ssr", "snell", "socks4", "hysteria", "hysteria2",
+    "ssr", "snell", "socks4", "hysteria", "hysteria2",
     "tuic", "wireguard", "ssh", "mieru", "anytls", "dns", "semi", "sudoku",
 )  # fmt: skip
 # AEAD ciphers (SIP004) only: the stream ciphers are broken and mihomo
@@ -94,7 +99,11 @@ def parse_proxies(
         ptype = sec.require("type", as_nonempty_str).lower()
         spec = PROTOCOLS.get(ptype)
         if spec is not None:
-            proxies.append(parse_protocol_proxy(sec, name, ptype, spec))
+            try:
+                proxies.append(parse_protocol_proxy(sec, name, ptype, spec))
+            except UnusableProxy as e:
+                ctx.ignore(sec.path, f"{ptype} proxy {name!r}: {e.reason}")
+                skipped[name] = f"a {ptype} proxy with {e.reason}"
             continue
         if ptype in UNSUPPORTED_PROXY_TYPES:
             ctx.ignore(sec.path, f"{ptype} proxy {name!r}")
