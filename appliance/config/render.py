@@ -48,7 +48,7 @@ def _proxy(p: ProxyConfig, redact: bool) -> dict[str, Any]:
         out["tls"] = p.tls
     if p.type != "ss":
         out["skip-cert-verify"] = p.skip_cert_verify
-    if p.type in ("http", "trojan") and p.sni is not None:
+    if p.type == "http" and p.sni is not None:
         out["sni"] = p.sni
     if p.type != "http":
         out["udp"] = p.udp

@@ -9,7 +9,7 @@ A proxy is built by the builder its `type` names in `BUILDERS`: a new
 protocol is one new module (a class with `from_config(proxy, env)`,
 `connect_tcp`, `open_udp`, `carries_udp`) plus one line there.
 
-Shadowsocks and Trojan proxies are not implemented yet: they become
+Shadowsocks proxies are not implemented yet: they become
 `UnsupportedOutbound`s, which fail each connection with a clear
 OutboundError, so a profile that lists them still loads and every other
 proxy works (fallback groups move past them).
@@ -55,6 +55,7 @@ from appliance.outbound.http import HttpOutbound
 from appliance.outbound.reject import RejectOutbound
 from appliance.outbound.selections import Selections
 from appliance.outbound.socks5 import Socks5Outbound
+from appliance.outbound.trojan import TrojanOutbound
 from appliance.outbound.vless import VlessOutbound
 from appliance.outbound.vmess import VmessOutbound
 
@@ -69,6 +70,7 @@ BUILDERS: dict[str, Builder] = {
     "reject": RejectOutbound.from_config,
     "vmess": VmessOutbound.from_config,
     "vless": VlessOutbound.from_config,
+    "trojan": TrojanOutbound.from_config,
 }
 
 

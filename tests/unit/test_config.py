@@ -36,6 +36,7 @@ from appliance.config import (
     load_config,
     parse_config,
 )
+from appliance.config.protocols.trojan import TrojanOptions
 from appliance.names import pattern_is_valid
 from appliance.rules.engine import RuleSet
 
@@ -123,8 +124,8 @@ def test_clash_profile_example_loads_and_reports_what_it_ignores() -> None:
                                              "Office HTTP"]
     groups = {g.name: g for g in cfg.proxy_groups}
     auto = groups["Auto"]
-    assert (auto.type, auto.proxies, auto.tolerance) == (
-        "url-test", ("HK 01", "JP 01", "US 01"), 50)
+    assert (auto.type, auto.proxies, auto.tolerance) == ("url-test", ("HK 01", "JP 01", "US 01"),
+                                                         50)
     assert (auto.health.url, auto.health.interval) == ("http://www.gstatic.com/generate_204",
                                                        300.0)
     assert "SG 01" not in groups["Proxy"].proxies
@@ -232,12 +233,14 @@ def test_real_world_profile_loads(tmp_path: Path) -> None:
     assert dict(cfg.dns.hosts) == {"mtalk.google.com": (ipaddress.ip_address("108.177.125.188"),)}
     assert "hosts['services.googleapis.cn'] (domain alias)" in ignored
     assert "x-common (YAML anchor)" in ignored
-    assert [p.name for p in cfg.proxies] == ["ss-aead", "trojan-1"]
+    assert [p.name for p in cfg.proxies] == ["ss-aead", "trojan-1", "trojan-ws"]
     trojan = cfg.proxies[1]
-    assert trojan.tls and trojan.skip_cert_verify and trojan.udp
+    assert trojan.tls_options is not None and trojan.tls_options.skip_cert_verify
+    assert trojan.udp and trojan.tls_options.sni == "tj.example.net"
+    ws = cfg.proxies[2].transport
+    assert ws is not None and ws.ws is not None and ws.ws.path == "/x"
     assert "proxies[1] (ss proxy 'ss-plugin': plugin 'obfs')" in ignored
     assert "proxies[2] (ss proxy 'ss-old': cipher 'rc4-md5')" in ignored
-    assert "proxies[4] (trojan proxy 'trojan-ws': network 'ws')" in ignored
     assert ("proxies[6] (vless proxy 'vless-1': reality-opts (REALITY is not supported))"
             in ignored)
     groups = {g.name: g for g in cfg.proxy_groups}
@@ -251,7 +254,7 @@ def test_real_world_profile_loads(tmp_path: Path) -> None:
     assert groups["Provided"].use == ("provider1",)
     assert groups["Select"].proxies == ("Auto", "Balance", "Chain", "trojan-1", "DIRECT")
     # include-all: every proxy of the file after the named ones (skipped dropped).
-    assert groups["Global"].proxies == ("Select", "ss-aead", "trojan-1")
+    assert groups["Global"].proxies == ("Select", "ss-aead", "trojan-1", "trojan-ws")
     assert groups["Global"].use == ("provider1",)
     assert "proxy-groups[4] (group 'Dead' has no usable member)" in ignored
     assert [r.type for r in cfg.rules] == [
@@ -796,7 +799,8 @@ def test_proxy_types() -> None:
         "h", "http", "proxy.example", 3128, "u", "p", True, True, "proxy.example", False, None
     )
     assert ss.server == "2001:db8::1" and ss.cipher == "aes-128-gcm" and ss.udp
-    assert t.tls and t.sni is None and not t.udp
+    assert t.tls_options is not None and t.tls_options.sni is None and not t.udp
+    assert t.options == TrojanOptions(password="p")
     assert d == ProxyConfig("d", "direct")
 
 
