@@ -62,6 +62,8 @@ def _proxies(rogue_sha: str, lab_sha: str) -> dict[str, tuple[dict[str, Any], in
         "tj-ws-ed": ({"port": PORTS["ws"], "network": "ws", "ws-opts": {
             "path": "/tj", "max-early-data": 2048,
             "early-data-header-name": "Sec-WebSocket-Protocol"}}, 31020),
+        "tj-grpc": ({"port": PORTS["grpc"], "network": "grpc",
+                     "grpc-opts": {"grpc-service-name": "TunSvc"}}, 31030),
         "tj-upgrade": ({"port": PORTS["upgrade"], "network": "ws",
                         "ws-opts": {"path": "/up", "v2ray-http-upgrade": True}}, 31040),
         "tj-rogue": ({"port": PORTS["rogue"]}, 31050),
@@ -144,7 +146,7 @@ def trojan(lab: Lab, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Troja
             f.unlink()
 
 
-@pytest.mark.parametrize("proxy", ["tj-tcp", "tj-ws", "tj-ws-ed", "tj-upgrade",
+@pytest.mark.parametrize("proxy", ["tj-tcp", "tj-ws", "tj-ws-ed", "tj-grpc", "tj-upgrade",
                                    "tj-pin-right", "tj-rogue-pinned"])
 def test_http_through_trojan_reaches_the_server_by_name(trojan: TrojanLab, proxy: str) -> None:
     before = trojan.singbox.log_text().count(f"inbound connection to {SERVER_NAME}:80")
@@ -154,9 +156,9 @@ def test_http_through_trojan_reaches_the_server_by_name(trojan: TrojanLab, proxy
     assert trojan.singbox.log_text().count(f"inbound connection to {SERVER_NAME}:80") > before
 
 
-def test_big_download_over_tcp_and_ws(trojan: TrojanLab) -> None:
+def test_big_download_over_tcp_ws_and_grpc(trojan: TrojanLab) -> None:
     size = trojan.lab.topology.web.big_bytes
-    for proxy in ("tj-ws", "tj-tcp"):
+    for proxy in ("tj-ws", "tj-grpc", "tj-tcp"):
         out = trojan.lab.exec("client", [
             "curl", "-sS", "--max-time", "20", "-o", "/dev/null", "-w", "%{size_download}",
             "--local-port", f"{trojan.ports[proxy]}-{trojan.ports[proxy] + 9}",
