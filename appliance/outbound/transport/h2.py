@@ -136,7 +136,12 @@ class H2Stream(trio.abc.Stream):
         elif isinstance(event, StreamEnded) and event.stream_id == self._id:
             self._eof = True
         elif isinstance(event, StreamReset) and event.stream_id == self._id:
-            self._fail(f"HTTP/2: the server reset the stream (error {event.error_code})")
+            if event.error_code == 0:
+                # NO_ERROR: a Go server whose handler returned before the
+                # request body ended (the far end closed): an end, not a fault.
+                self._eof = True
+            else:
+                self._fail(f"HTTP/2: the server reset the stream (error {event.error_code})")
         elif isinstance(event, ConnectionTerminated):
             self._fail(f"HTTP/2: the server closed the connection (GOAWAY, error "
                        f"{event.error_code})")
