@@ -23,6 +23,7 @@ from trio.testing import memory_stream_pair
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, BytesMessage, Ping, Pong, Request
 
+from appliance.config import parse_config
 from appliance.config.protocols.common import (
     GrpcOptions,
     HttpOptions,
@@ -30,6 +31,8 @@ from appliance.config.protocols.common import (
     TlsOptions,
     WsOptions,
 )
+from appliance.config.protocols.trojan import TrojanOptions
+from appliance.config.render import effective_config
 from appliance.lab.certs import make_ca_and_cert
 from appliance.outbound.base import OutboundError
 from appliance.outbound.tls import TlsClient, unsupported_tls
@@ -351,3 +354,33 @@ def test_reality_is_refused_by_the_layer() -> None:
     assert unsupported_tls(reality) is not None and unsupported_tls(TlsOptions()) is None
     with pytest.raises(ValueError, match="REALITY"):
         TlsClient(reality, "x.test")
+
+
+# --- trojan in the profile ----------------------------------------------------
+
+
+def test_trojan_profile_keys(caplog: pytest.LogCaptureFixture) -> None:
+    raw = {"dns": {"enable": False}, "rules": ["MATCH,DIRECT"], "proxies": [
+        {"name": "t", "type": "trojan", "server": "t.example", "port": 443, "password": "p",
+         "flow": "xtls-rprx-direct", "client-fingerprint": "chrome", "network": "ws",
+         "ws-opts": {"path": "/x?ed=2048", "headers": {"Host": "h"}},
+         "fingerprint": "AB:" * 31 + "AB", "udp": True},
+        {"name": "g", "type": "trojan", "server": "192.0.2.1", "port": 443, "password": "p",
+         "network": "grpc", "grpc-opts": {"grpc-service-name": "s"},
+         "ss-opts": {"enabled": False}},
+        {"name": "s", "type": "trojan", "server": "192.0.2.1", "port": 443, "password": "p",
+         "ss-opts": {"enabled": True, "method": "aes-128-gcm", "password": "x"}},
+    ]}  # fmt: skip
+    with caplog.at_level("INFO", "appliance.config.loader.proxies"):
+        cfg = parse_config(raw)
+    assert "client-fingerprint (uTLS) on 1 proxy has no effect" in caplog.text
+    t, g = cfg.proxies
+    assert t.options == TrojanOptions(password="p") and t.udp
+    assert t.tls_options is not None and t.tls_options.fingerprint == "ab" * 32
+    assert t.transport is not None and t.transport.ws is not None
+    assert g.transport is not None and g.transport.grpc is not None
+    assert "proxies[0].flow (mihomo's trojan has no XTLS flow any more)" in cfg.ignored_keys
+    assert "proxies[2] (trojan proxy 's': ss-opts (Shadowsocks inside Trojan))" in \
+        cfg.ignored_keys
+    assert parse_config(effective_config(cfg)).proxies == cfg.proxies
+    assert effective_config(cfg, redact=True)["proxies"][0]["password"] == "<redacted>"
