@@ -9,6 +9,7 @@ Usage: transport_client.py CA_FILE PATH SPEC_JSON [SPEC_JSON ...]
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from typing import Any
@@ -47,7 +48,6 @@ async def fetch(ca: str, path: str, spec: dict[str, Any]) -> dict[str, Any]:
                     options=TrojanOptions(password=spec["password"]),
                     tls_options=TlsOptions(sni=spec.get("sni")), transport=transport(spec))
     outbound = TrojanOutbound.from_config(p, OutboundEnv(None, None, 5.0))
-    outbound.tls.context.load_verify_locations(ca)
     started = time.perf_counter()
     try:
         stream = await outbound.connect_tcp("www.alpha.test", 80)
@@ -74,6 +74,8 @@ async def fetch(ca: str, path: str, spec: dict[str, Any]) -> dict[str, Any]:
 
 async def main() -> None:
     ca, path = sys.argv[1], sys.argv[2]
+    # The trust store the TLS layer's contexts load (as the lab's Mirage does).
+    os.environ["SSL_CERT_FILE"] = ca
     for raw in sys.argv[3:]:
         print(json.dumps(await fetch(ca, path, json.loads(raw))), flush=True)
 
