@@ -33,7 +33,9 @@ from appliance.config.model import ProxyConfig
 
 log = logging.getLogger(__name__)
 
-BUILTIN_TARGETS = ("DIRECT", "REJECT")
+# Targets every profile has (mihomo's built-in outbounds and GLOBAL, its
+# implicit select group of everything).
+BUILTIN_TARGETS = ("DIRECT", "REJECT", "REJECT-DROP", "PASS", "COMPATIBLE", "GLOBAL")
 
 # Options every mihomo outbound takes (BasicOption) and a few per-type keys
 # that only tune transport details Mirage does not have.
@@ -44,11 +46,13 @@ _IGNORED_PROXY_COMMON = (
 PROXY_KEYS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     # type: (implemented keys besides name/type, ignored keys)
     "socks5": (
-        ("server", "port", "username", "password", "tls", "skip-cert-verify", "udp", "preconnect"),
+        ("server", "port", "username", "password", "tls", "skip-cert-verify", "udp", "preconnect",
+         "dialer-proxy"),
         _IGNORED_PROXY_COMMON,
     ),
     "http": (
-        ("server", "port", "username", "password", "tls", "skip-cert-verify", "sni", "preconnect"),
+        ("server", "port", "username", "password", "tls", "skip-cert-verify", "sni", "preconnect",
+         "dialer-proxy"),
         # udp: converters emit it on every proxy; an http proxy has no UDP.
         (*_IGNORED_PROXY_COMMON, "headers", "udp"),
     ),
@@ -177,6 +181,11 @@ def _parse_proxy(sec: Section, name: str, ptype: str) -> ProxyConfig:
                 preconnect,
                 "kept connections are plain TCP: set 0 with tls: true",
             )
+    dialer_proxy = (sec.get("dialer-proxy", as_nonempty_str, None)
+                    if "dialer-proxy" in implemented else None)
+    if dialer_proxy is not None:
+        # Kept connections go straight to the server: not through a chain.
+        preconnect = 0
     sec.finish(("name", "type", *implemented), ignored)
     return ProxyConfig(
         name=name,
@@ -191,4 +200,5 @@ def _parse_proxy(sec: Section, name: str, ptype: str) -> ProxyConfig:
         udp=udp,
         cipher=cipher,
         preconnect=preconnect,
+        dialer_proxy=dialer_proxy,
     )
