@@ -20,6 +20,7 @@ failed (wrong uuid?)").
 from __future__ import annotations
 
 import logging
+import ssl
 
 import trio
 
@@ -34,6 +35,7 @@ from appliance.outbound.base import (
     outbound_deadline,
 )
 from appliance.outbound.stream_udp import PacketCodec, StreamUdpPeer
+from appliance.outbound.tls import TlsStream
 from appliance.outbound.vmess import AUTH_FAILED, ServerLayers
 from appliance.proto.vless import (
     COMMAND_MUX,
@@ -128,13 +130,14 @@ class VisionStream(trio.abc.HalfCloseableStream):
 
     At that switch the outer TLS may hold bytes already read: decrypted
     data not yet taken, and raw bytes not yet decrypted (which are not TLS
-    at all but the inner records). They are taken from the TLS object's
-    buffers (trio's SSLStream keeps them in `_ssl_object` and `_incoming`;
-    one TLS read returns at most one record, so nothing after the switch
-    has been decrypted). After a switch no close_notify is sent: it would
-    land in the inner stream. Owns `tls` and its transport."""
+    at all but the inner records). So this stream reads the outer TLS one
+    record at a time itself (one SSL_read on the `TlsStream`'s SSLObject;
+    `TlsStream.receive_some` would decrypt on into the raw bytes) and at
+    the switch takes what the SSLObject and its incoming buffer hold.
+    After a switch no close_notify is sent: it would land in the inner
+    stream. Owns `tls` and its transport."""
 
-    def __init__(self, tls: trio.SSLStream[trio.abc.Stream], user: bytes, name: str) -> None:
+    def __init__(self, tls: TlsStream, user: bytes, name: str) -> None:
         self._tls = tls
         self._raw = tls.transport_stream
         self._vision = Vision(user)
@@ -163,8 +166,8 @@ class VisionStream(trio.abc.HalfCloseableStream):
             if self._vision.direct_read:
                 return await self._raw.receive_some(max_bytes)
             try:
-                data = await self._tls.receive_some(_RECV)
-            except trio.BrokenResourceError:
+                data = await self._tls_record()
+            except (trio.BrokenResourceError, OSError):
                 if not self._response.established:
                     raise self._auth_failed() from None
                 raise
@@ -185,9 +188,25 @@ class VisionStream(trio.abc.HalfCloseableStream):
             data, self._ready = data[:max_bytes], data[max_bytes:]
         return data
 
+    async def _tls_record(self) -> bytes:
+        """The plaintext of the next outer TLS record (b"" at its end)."""
+        t = self._tls
+        while True:
+            try:
+                return t._ssl.read(_RECV)  # one SSL_read: at most one record
+            except ssl.SSLWantReadError:
+                pass
+            except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+                return b""
+            except ssl.SSLError as e:
+                raise trio.BrokenResourceError(f"TLS: {e.reason or e}") from e
+            if t._outgoing.pending:
+                await t._flush()
+            await t._fill()
+
     def _drain_tls(self) -> bytes:
         """What the outer TLS holds at the switch to the raw connection."""
-        obj = self._tls._ssl_object
+        obj = self._tls._ssl
         taken = [obj.read(obj.pending()) for _ in range(64) if obj.pending()]
         return b"".join(taken) + self._tls._incoming.read()
 
@@ -277,7 +296,7 @@ class VlessOutbound:
             stream = await self._open(host, port, COMMAND_TCP, flow)
         if flow == VISION_FLOW:
             # The loader allows vision only over TLS with network tcp.
-            assert isinstance(stream, trio.SSLStream)
+            assert isinstance(stream, TlsStream)
             return VisionStream(stream, self.user, self.name)
         return VlessStream(stream, self.name)
 

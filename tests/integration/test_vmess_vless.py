@@ -49,6 +49,10 @@ INBOUNDS: dict[str, tuple[str, int, dict[str, Any]]] = {
     "vless-tls": ("vless", 20005, {"tls": True}),
     "vless-ws": ("vless", 20006, {"transport": {"type": "ws", "path": "/vl"}}),
     "vless-vision": ("vless", 20007, {"tls": True, "flow": "xtls-rprx-vision"}),
+    "vmess-grpc": ("vmess", 20008, {"tls": True, "transport": {"type": "grpc",
+                                                               "service_name": "VmSvc"}}),
+    "vless-grpc": ("vless", 20009, {"tls": True, "transport": {"type": "grpc",
+                                                               "service_name": "VlSvc"}}),
 }
 
 # Mirage proxies: name -> (inbound tag, extra proxy keys).
@@ -70,6 +74,10 @@ PROXIES: dict[str, tuple[str, dict[str, Any]]] = {
     # A name as `server` (resolved by Mirage, the SNI by default).
     "vl-tls": ("vless-tls", {"server": "www.beta.test", "tls": True}),
     "vl-ws": ("vless-ws", {"network": "ws", "ws-opts": {"path": "/vl"}}),
+    "vm-grpc": ("vmess-grpc", {"tls": True, "servername": "www.beta.test", "network": "grpc",
+                               "grpc-opts": {"grpc-service-name": "VmSvc"}}),
+    "vl-grpc": ("vless-grpc", {"tls": True, "servername": "www.beta.test", "network": "grpc",
+                               "grpc-opts": {"grpc-service-name": "VlSvc"}}),
     "vl-vision": ("vless-vision", {"server": "www.beta.test", "tls": True,
                                    "flow": "xtls-rprx-vision"}),
 }
@@ -77,7 +85,7 @@ PROXIES: dict[str, tuple[str, dict[str, Any]]] = {
 # Far-end TCP port -> proxy (each case its own port: a DST-PORT rule).
 TCP_CASES = {21001: "vm-auto", 21002: "vm-chacha", 21003: "vm-none", 21004: "vl-tcp",
              21007: "vm-ws", 21008: "vm-tls-ws", 21009: "vl-tls", 21010: "vl-ws",
-             21011: "vl-vision"}
+             21011: "vl-vision", 21013: "vm-grpc", 21014: "vl-grpc"}
 # HTTPS (TLS 1.3) through Vision: the inner handshake is padded, then both
 # ends go direct.
 VISION_HTTPS = 21012
@@ -130,6 +138,8 @@ def _inbound(lab: Lab, tag: str) -> dict[str, Any]:
         tls_dir = lab.state_dir / "tls"
         inbound["tls"] = {"enabled": True, "certificate_path": str(tls_dir / "server.pem"),
                           "key_path": str(tls_dir / "server.key")}
+        if extra.get("transport", {}).get("type") == "grpc":
+            inbound["tls"]["alpn"] = ["h2"]
     return inbound
 
 
