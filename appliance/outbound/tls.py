@@ -90,8 +90,11 @@ def client_context(verify: bool, alpn: tuple[str, ...]) -> ssl.SSLContext:
     once per process instead of once per proxy (a profile lists dozens).
     Per-connection state (the name, the session) lives in each SSLObject,
     so sharing is safe; a changed trust store is read at the next start."""
-    ctx = ssl.create_default_context()
-    if not verify:
+    if verify:
+        ctx = ssl.create_default_context()
+    else:
+        # No trust store to load: nothing is verified.
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_NONE
     if alpn:

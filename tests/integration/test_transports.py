@@ -3,13 +3,17 @@ lab's upstream node: ws with early data asked for in the path (`?ed=`,
 Xray's spelling), h2 (v2ray's http transport, which no trojan profile
 uses but vmess and vless do), grpc and plain TCP, each from the gateway
 namespace through `TrojanOutbound` (tests/integration/transport_client.py),
-small page and the 8 MiB download. One sing-box for the module.
+small page and the 8 MiB download. One sing-box for the module. The
+http disguise, which sing-box does not serve, against Debian's v2ray
+(a trojan inbound with the TCP "http" header).
 """
 
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -65,9 +69,10 @@ def singbox(lab: Lab) -> Iterator[SingBox]:
         yield sb
 
 
-def run_client(lab: Lab, path: str) -> dict[str, dict[str, Any]]:
+def run_client(lab: Lab, path: str, specs_in: list[dict[str, Any]] = SPECS
+               ) -> dict[str, dict[str, Any]]:
     specs = [json.dumps({**s, "server": SERVER_IP, "sni": "www.alpha.test",
-                         "password": PASSWORD}) for s in SPECS]
+                         "password": PASSWORD}) for s in specs_in]
     out = lab.exec("gateway", [sys.executable, str(CLIENT), str(lab.ca_path), path, *specs],
                    timeout=60)
     assert out.returncode == 0, out.stderr
@@ -95,3 +100,53 @@ def test_each_transport_carries_the_big_download(lab: Lab, singbox: SingBox) -> 
         assert r["status"] == "HTTP/1.1 200 OK", r
         # The body and its head.
         assert web.big_bytes < r["bytes"] < web.big_bytes + 1024, r
+
+
+V2RAY_PORT = 18547
+
+
+@pytest.fixture(scope="module")
+def v2ray(lab: Lab, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Debian's v2ray in the upstream node; yields its access log."""
+    d = tmp_path_factory.mktemp("v2ray")
+    tls_dir = lab.state_dir / "tls"
+    access = d / "access.log"
+    config = d / "config.json"
+    config.write_text(json.dumps({
+        "log": {"loglevel": "info", "access": str(access)},
+        "inbounds": [{
+            "listen": SERVER_IP, "port": V2RAY_PORT, "protocol": "trojan",
+            "settings": {"clients": [{"password": PASSWORD}]},
+            "streamSettings": {
+                "network": "tcp", "security": "tls",
+                "tlsSettings": {"certificates": [{
+                    "certificateFile": str(tls_dir / "server.pem"),
+                    "keyFile": str(tls_dir / "server.key")}]},
+                "tcpSettings": {"header": {"type": "http", "request": {"path": ["/obfs"]}}},
+            },
+        }],
+        "outbounds": [{"protocol": "freedom"}],
+    }))
+    log = d / "v2ray.log"
+    with open(log, "wb") as out:
+        proc = lab.popen("upstream", ["v2ray", "-config", str(config)], stdout=out,
+                         stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 10
+        while "started" not in log.read_text(errors="replace"):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"v2ray did not start:\n{log.read_text(errors='replace')}")
+            time.sleep(0.05)
+        yield access
+    finally:
+        proc.terminate()
+        proc.wait(timeout=5)
+
+
+def test_http_disguise_against_v2ray(lab: Lab, v2ray: Path) -> None:
+    spec = {"name": "http", "port": V2RAY_PORT, "network": "http",
+            "opts": {"paths": ["/obfs"]}}
+    r = run_client(lab, "/", [spec])["http"]
+    assert "error" not in r, r
+    assert r["status"] == "HTTP/1.1 200 OK" and r["marker"], r
+    assert "www.alpha.test:80" in v2ray.read_text()

@@ -37,6 +37,7 @@ from appliance.lab.certs import make_ca_and_cert
 from appliance.outbound.base import OutboundError
 from appliance.outbound.tls import TlsClient, TlsStream, unsupported_tls
 from appliance.outbound.transport import gun
+from appliance.outbound.transport.chunks import Chunks
 from appliance.outbound.transport.h2 import open_grpc
 from appliance.outbound.transport.http_obfs import ResponseHeadSkipper, request_head
 from appliance.outbound.transport.ws import (
@@ -390,3 +391,16 @@ def test_trojan_profile_keys(caplog: pytest.LogCaptureFixture) -> None:
         cfg.ignored_keys
     assert parse_config(effective_config(cfg)).proxies == cfg.proxies
     assert effective_config(cfg, redact=True)["proxies"][0]["password"] == "<redacted>"
+
+
+@given(st.lists(st.binary(min_size=1, max_size=40), max_size=8),
+       st.integers(min_value=1, max_value=64))
+def test_chunks_take_joins_in_order_and_never_exceeds_max(parts: list[bytes], most: int) -> None:
+    chunks = Chunks()
+    chunks.extend(parts)
+    got = b""
+    while chunks:
+        piece = chunks.take(most)
+        assert 0 < len(piece) <= most
+        got += piece
+    assert got == b"".join(parts) and chunks.size == 0

@@ -43,6 +43,7 @@ from h2.settings import SettingCodes
 
 from appliance.config.protocols.common import GrpcOptions, H2Options
 from appliance.outbound.transport import gun
+from appliance.outbound.transport.chunks import Chunks
 
 READ_SIZE = 1 << 16
 WINDOW = 1 << 24
@@ -67,7 +68,7 @@ class H2Stream(trio.abc.Stream):
         self._id = stream_id
         self._grpc = grpc
         self._decoder = gun.GunDecoder() if grpc else None
-        self._received: list[bytes] = []
+        self._received = Chunks()
         self._eof = False
         self._error: str | None = None
         self._reading = False
@@ -163,12 +164,7 @@ class H2Stream(trio.abc.Stream):
                     raise trio.BrokenResourceError(self._error)
                 return b""
             await self._wait_progress()
-        chunk = self._received[0]
-        if max_bytes is None or len(chunk) <= max_bytes:
-            self._received.pop(0)
-            return chunk
-        self._received[0] = chunk[max_bytes:]
-        return chunk[:max_bytes]
+        return self._received.take(max_bytes)
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         if self._error is not None:

@@ -43,6 +43,7 @@ from wsproto.utilities import LocalProtocolError, RemoteProtocolError
 
 from appliance.config.protocols.common import WsOptions
 from appliance.outbound.base import ReplayStream
+from appliance.outbound.transport.chunks import Chunks
 
 # One read from the server: big reads, few wakeups (a TLS record is 16 KiB).
 READ_SIZE = 1 << 16
@@ -100,7 +101,7 @@ class WsStream(trio.abc.Stream):
         self._opened = False
         self._open_lock = trio.Lock()
         self._send_lock = trio.Lock()
-        self._received: list[bytes] = []
+        self._received = Chunks()
         self._eof = False
         self._pending_pong = b""
 
@@ -201,12 +202,7 @@ class WsStream(trio.abc.Stream):
             self._process_events()
             if self._pending_pong:
                 await self.send_all(b"")
-        chunk = self._received[0]
-        if max_bytes is None or len(chunk) <= max_bytes:
-            self._received.pop(0)
-            return chunk
-        self._received[0] = chunk[max_bytes:]
-        return chunk[:max_bytes]
+        return self._received.take(max_bytes)
 
     async def aclose(self) -> None:
         await self.transport_stream.aclose()
