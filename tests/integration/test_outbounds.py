@@ -1,7 +1,7 @@
 """Outbounds against real servers on loopback: nginx (the far end, serving a
 marker page), dante (SOCKS5, with and without username/password), tinyproxy
-(HTTP CONNECT with Basic auth) and stunnel in front of tinyproxy (an HTTPS
-proxy). Each server runs in a private mount namespace whose /etc/hosts names
+(HTTP CONNECT with Basic auth), stunnel in front of tinyproxy (an HTTPS
+proxy) and microsocks (a SOCKS5 server that drops a pipelined request). Each server runs in a private mount namespace whose /etc/hosts names
 the nginx address, so the proxies resolve `marker.ob.test` themselves (the
 name must reach them unresolved). Processes are started here, killed by PID
 in teardown; the SOCKS5 auth test's system user is created and deleted by
@@ -107,6 +107,7 @@ class Servers:
     tls_port: int | None
     dante_log: Path
     cert: Path | None
+    micro_port: int | None = None
 
 
 def _dante_conf(path: Path, log: Path, port: int, method: str) -> None:
@@ -259,8 +260,19 @@ key = {key}
             )
             start(["stunnel4", str(d / "stunnel.conf")], TLS_IP, tls_port, "stunnel")
 
+        micro_port: int | None = None
+        if shutil.which("microsocks"):
+            micro_port = free_port("127.0.0.1")
+            start(
+                in_private_hosts(hosts, ["microsocks", "-i", "127.0.0.1", "-p", str(micro_port)]),
+                "127.0.0.1",
+                micro_port,
+                "microsocks",
+            )
+
         yield Servers(
-            d, web_port, socks_port, socks_auth_port, tiny_port, tls_port, dante_log, cert
+            d, web_port, socks_port, socks_auth_port, tiny_port, tls_port, dante_log, cert,
+            micro_port,
         )
     finally:
         for p in reversed(procs):
@@ -425,6 +437,30 @@ async def test_socks5_sends_the_name_and_fetches_marker(servers: Servers) -> Non
     assert response.startswith(b"HTTP/1.1 200") and MARKER in response
     log = servers.dante_log.read_text(errors="replace")
     assert f"ATYP: 3 address: {NAME}.{servers.web_port}" in log
+
+
+async def test_socks5_learns_which_server_takes_pipelining(servers: Servers) -> None:
+    # dante reads a stream: the pipelined request is answered, and
+    # pipelining becomes that server's known habit.
+    dante = Socks5Outbound("dante", "127.0.0.1", servers.socks_port)
+    assert dante.pipelining is None
+    assert MARKER in await http_get(await dante.connect_tcp(NAME, servers.web_port))
+    assert dante.pipelining is True
+
+    # microsocks answers the greeting and drops the request that came with
+    # it: the first flow starts over in lock step after the stall bound,
+    # well under a second (not the connect timeout); later flows go in
+    # lock step at once.
+    if servers.micro_port is None:
+        pytest.skip("microsocks is not installed (scripts/setup.sh installs it)")
+    micro = Socks5Outbound("micro", "127.0.0.1", servers.micro_port, connect_timeout=5.0)
+    t0 = trio.current_time()
+    assert MARKER in await http_get(await micro.connect_tcp(NAME, servers.web_port))
+    assert trio.current_time() - t0 < 1.0
+    assert micro.pipelining is False
+    t0 = trio.current_time()
+    assert MARKER in await http_get(await micro.connect_tcp(NAME, servers.web_port))
+    assert trio.current_time() - t0 < 0.2
 
 
 async def test_socks5_username_password(servers: Servers) -> None:
