@@ -9,7 +9,7 @@ A proxy is built by the builder its `type` names in `BUILDERS`: a new
 protocol is one new module (a class with `from_config(proxy, env)`,
 `connect_tcp`, `open_udp`, `carries_udp`) plus one line there.
 
-Shadowsocks and Trojan proxies are not implemented yet: they become
+Trojan proxies are not implemented yet: they become
 `UnsupportedOutbound`s, which fail each connection with a clear
 OutboundError, so a profile that lists them still loads and every other
 proxy works (fallback groups move past them).
@@ -32,6 +32,7 @@ from appliance.outbound.direct import DirectOutbound
 from appliance.outbound.groups import FallbackGroup, SelectGroup
 from appliance.outbound.http import HttpOutbound
 from appliance.outbound.reject import RejectOutbound
+from appliance.outbound.shadowsocks import ShadowsocksOutbound
 from appliance.outbound.socks5 import Socks5Outbound
 
 # One proxy entry and what all outbounds share -> the outbound.
@@ -43,6 +44,7 @@ BUILDERS: dict[str, Builder] = {
     "http": HttpOutbound.from_config,
     "direct": DirectOutbound.from_config,
     "reject": RejectOutbound.from_config,
+    "ss": ShadowsocksOutbound.from_config,
 }
 
 

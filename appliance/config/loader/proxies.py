@@ -1,8 +1,8 @@
 """`proxies:`: the outbounds Mirage implements, parsed strictly.
 
 A proxy of a type Mirage cannot speak (`vmess`, ...) or with an option that
-changes its wire protocol (an ss `plugin`, a trojan `ws-opts`, ...) is
-skipped and reported; `parse_proxies` returns why, so a group can drop it
+changes its wire protocol (an ss stream cipher or `shadow-tls` plugin, a
+trojan `ws-opts`, ...) is skipped and reported; `parse_proxies` returns why, so a group can drop it
 and a rule that targets it can say so.
 """
 
@@ -12,6 +12,7 @@ from typing import Any
 
 from appliance.config.loader.errors import NO_VALUE, ConfigError, index_path
 from appliance.config.loader.protocols import PROTOCOLS, parse_protocol_proxy, server_value
+from appliance.config.loader.protocols import shadowsocks as ss_options
 from appliance.config.loader.scalars import (
     as_bool,
     as_domain,
@@ -20,7 +21,6 @@ from appliance.config.loader.scalars import (
     as_nonempty_str,
     as_port,
     as_str,
-    choice,
 )
 from appliance.config.loader.section import LoadContext, Section
 from appliance.config.model import ProxyConfig
@@ -44,10 +44,6 @@ PROXY_KEYS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
         # udp: converters emit it on every proxy; an http proxy has no UDP.
         (*_IGNORED_PROXY_COMMON, "headers", "udp"),
     ),
-    "ss": (
-        ("server", "port", "password", "cipher", "udp"),
-        (*_IGNORED_PROXY_COMMON, "udp-over-tcp", "udp-over-tcp-version"),
-    ),
     "trojan": (
         ("server", "port", "password", "sni", "skip-cert-verify", "udp"),
         (*_IGNORED_PROXY_COMMON, "alpn"),
@@ -65,9 +61,6 @@ UNSUPPORTED_PROXY_TYPES = (
     "vmess", "vless", "ssr", "snell", "socks4", "hysteria", "hysteria2",
     "tuic", "wireguard", "ssh", "mieru", "anytls", "dns", "semi", "sudoku",
 )  # fmt: skip
-# AEAD ciphers (SIP004) only: the stream ciphers are broken and mihomo
-# itself deprecates them.
-SS_CIPHERS = ("aes-128-gcm", "aes-192-gcm", "aes-256-gcm", "chacha20-ietf-poly1305")
 
 
 def parse_proxies(
@@ -89,6 +82,10 @@ def parse_proxies(
         names.add(name)
         ptype = sec.require("type", as_nonempty_str).lower()
         spec = PROTOCOLS.get(ptype)
+        if ptype == "ss" and (why := ss_options.unusable(sec.data)) is not None:
+            ctx.ignore(sec.path, f"ss proxy {name!r}: {why}")
+            skipped[name] = f"an ss proxy with {why}"
+            continue
         if spec is not None:
             proxies.append(parse_protocol_proxy(sec, name, ptype, spec))
             continue
@@ -115,12 +112,6 @@ def _unusable_proxy(sec: Section, ptype: str) -> str | None:
     """Real mihomo options that change the wire protocol: without them the
     proxy cannot work, so the whole proxy is skipped rather than the key."""
     data = sec.data
-    if ptype == "ss":
-        if data.get("plugin") is not None:
-            return f"plugin {data['plugin']!r}"
-        cipher = data.get("cipher")
-        if isinstance(cipher, str) and cipher.lower() not in SS_CIPHERS:
-            return f"cipher {cipher!r}"
     if ptype == "trojan":
         network = data.get("network")
         if network is not None and network != "tcp":
@@ -140,19 +131,18 @@ def _parse_proxy(sec: Section, name: str, ptype: str) -> ProxyConfig:
     port = sec.require("port", as_port)
     username = sec.get("username", as_str, None) if "username" in implemented else None
     password: str | None
-    if ptype in ("ss", "trojan"):
+    if ptype == "trojan":
         password = sec.require("password", as_nonempty_str)
     else:
         password = sec.get("password", as_str, None)
     tls = sec.get("tls", as_bool, False) if "tls" in implemented else ptype == "trojan"
-    skip_verify = sec.get("skip-cert-verify", as_bool, False) if ptype != "ss" else False
+    skip_verify = sec.get("skip-cert-verify", as_bool, False)
     sni = (
         sec.get("sni", lambda v, p: as_domain(v, p, wildcards=False), None)
         if ("sni" in implemented)
         else None
     )
     udp = sec.get("udp", as_bool, False) if "udp" in implemented else False
-    cipher = sec.require("cipher", choice(SS_CIPHERS)) if ptype == "ss" else None
     if (username is None) != (password is None) and ptype in ("socks5", "http"):
         missing = "password" if password is None else "username"
         raise ConfigError(sec.at(missing), NO_VALUE, "username and password go together")
@@ -181,6 +171,5 @@ def _parse_proxy(sec: Section, name: str, ptype: str) -> ProxyConfig:
         skip_cert_verify=skip_verify,
         sni=sni,
         udp=udp,
-        cipher=cipher,
         preconnect=preconnect,
     )

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from appliance.config.loader.protocols import shadowsocks
 from appliance.config.loader.protocols.common import (
     TLS_KEYS,
     TRANSPORT_KEYS,
@@ -61,7 +62,10 @@ class ProtocolSpec:
 
 
 # `proxies[].type` -> its spec. One line per protocol module.
-PROTOCOLS: dict[str, ProtocolSpec] = {}
+PROTOCOLS: dict[str, ProtocolSpec] = {
+    "ss": ProtocolSpec(shadowsocks.parse, shadowsocks.render, shadowsocks.KEYS,
+                       shadowsocks.IGNORED),
+}
 
 
 def server_value(value: Any, path: str) -> str:
