@@ -1,8 +1,9 @@
 """Outbounds against real servers on loopback: nginx (the far end, serving a
 marker page), dante (SOCKS5, with and without username/password), tinyproxy
 (HTTP CONNECT with Basic auth), stunnel in front of tinyproxy (an HTTPS
-proxy) and microsocks (a SOCKS5 server that drops a pipelined request). Each server runs in a private mount namespace whose /etc/hosts names
-the nginx address, so the proxies resolve `marker.ob.test` themselves (the
+proxy) and microsocks (a SOCKS5 server that drops a pipelined request).
+Each server runs in a private mount namespace whose /etc/hosts names the
+nginx address, so the proxies resolve `marker.ob.test` themselves (the
 name must reach them unresolved). Processes are started here, killed by PID
 in teardown; the SOCKS5 auth test's system user is created and deleted by
 name. Addresses: 127.111.98.x ("ob") and 127.0.0.1 for dante (it binds only
@@ -35,14 +36,16 @@ from appliance.config.model import (
     ProxyConfig,
     ProxyGroupConfig,
 )
+from appliance.config.protocols.shadowsocks import ShadowsocksOptions
 from appliance.dns.upstream_api import UpstreamError
 from appliance.flow import Flow
 from appliance.outbound.base import OutboundError, ReplayStream, open_marked_tcp
-from appliance.outbound.build import BuildError, UnsupportedOutbound, build_outbounds
+from appliance.outbound.build import BuildError, build_outbounds
 from appliance.outbound.direct import DirectOutbound
 from appliance.outbound.groups import FallbackGroup, SelectGroup
 from appliance.outbound.http import HttpOutbound
 from appliance.outbound.reject import RejectOutbound
+from appliance.outbound.shadowsocks import ShadowsocksOutbound
 from appliance.outbound.socks5 import Socks5Outbound
 from appliance.proto.socks5 import encode_reply
 from appliance.routing import Dispatcher, Router
@@ -613,7 +616,8 @@ async def test_build_and_route_end_to_end(servers: Servers) -> None:
             ProxyConfig(
                 "tiny", "http", TINY_IP, servers.tiny_port, username="obuser", password="obpass"
             ),
-            ProxyConfig("ss1", "ss", "127.0.0.1", 8388, password="x", cipher="aes-128-gcm"),
+            ProxyConfig("ss1", "ss", DEAD_IP, 8388,
+                        options=ShadowsocksOptions("aes-128-gcm", "x")),
         ),
         proxy_groups=(
             ProxyGroupConfig("outer", "select", ("inner", "DIRECT")),
@@ -627,13 +631,13 @@ async def test_build_and_route_end_to_end(servers: Servers) -> None:
     )
     outbounds = build_outbounds(cfg, DictResolver({NAME: [WEB_IP]}))
     assert {"DIRECT", "REJECT", "dante", "tiny", "ss1", "outer", "inner"} <= outbounds.keys()
-    assert isinstance(outbounds["ss1"], UnsupportedOutbound)
+    assert isinstance(outbounds["ss1"], ShadowsocksOutbound)
     router = Router(cfg.rules, outbounds)
     dispatcher = Dispatcher(router, connect_timeout=2.0)
 
     flow = Flow("tcp", "mixed", ipaddress.ip_address("127.0.0.1"), 40000, None,
                 servers.web_port, NAME)
-    # outer -> inner -> ss1 (not implemented: fails) -> dante: the marker.
+    # outer -> inner -> ss1 (nothing listens: refused) -> dante: the marker.
     assert MARKER in await http_get(await dispatcher.connect_tcp(flow))
     assert flow.outbound == "outer" and flow.rule is not None and flow.rule.target == "outer"
 

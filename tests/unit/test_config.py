@@ -37,6 +37,7 @@ from appliance.config import (
     load_config,
     parse_config,
 )
+from appliance.config.protocols.shadowsocks import ObfsOptions, ShadowsocksOptions
 from appliance.names import pattern_is_valid
 from appliance.rules.engine import RuleSet
 
@@ -227,11 +228,15 @@ def test_real_world_profile_loads(tmp_path: Path) -> None:
     assert dict(cfg.dns.hosts) == {"mtalk.google.com": (ipaddress.ip_address("108.177.125.188"),)}
     assert "hosts['services.googleapis.cn'] (domain alias)" in ignored
     assert "x-common (YAML anchor)" in ignored
-    assert [p.name for p in cfg.proxies] == ["ss-aead", "trojan-1"]
-    trojan = cfg.proxies[1]
+    assert [p.name for p in cfg.proxies] == ["ss-aead", "ss-plugin", "trojan-1"]
+    trojan = cfg.proxies[2]
     assert trojan.tls and trojan.skip_cert_verify and trojan.udp
-    assert "proxies[1] (ss proxy 'ss-plugin': plugin 'obfs')" in ignored
-    assert "proxies[2] (ss proxy 'ss-old': cipher 'rc4-md5')" in ignored
+    ss_plugin = cfg.proxies[1].options
+    assert isinstance(ss_plugin, ShadowsocksOptions)
+    assert ss_plugin.obfs == ObfsOptions("tls", "example.com")
+    assert ("proxies[2] (ss proxy 'ss-old': cipher 'rc4-md5', which is not supported: "
+            "insecure (a stream cipher without integrity); use an AEAD or 2022 cipher)"
+            in ignored)
     assert "proxies[4] (trojan proxy 'trojan-ws': network 'ws')" in ignored
     groups = {g.name: g for g in cfg.proxy_groups}
     assert groups["Auto"] == ProxyGroupConfig("Auto", "fallback", ("ss-aead", "trojan-1"))
@@ -783,7 +788,8 @@ def test_proxy_types() -> None:
     assert h == ProxyConfig(
         "h", "http", "proxy.example", 3128, "u", "p", True, True, "proxy.example", False, None
     )
-    assert ss.server == "2001:db8::1" and ss.cipher == "aes-128-gcm" and ss.udp
+    assert ss.server == "2001:db8::1" and ss.udp
+    assert ss.options == ShadowsocksOptions("aes-128-gcm", "p")
     assert t.tls and t.sni is None and not t.udp
     assert d == ProxyConfig("d", "direct")
 

@@ -122,7 +122,9 @@ class MuxCool:
             if meta_len < 4 or meta_len > 512:
                 raise ValueError(f"mux.cool: metadata length {meta_len}")
             head_end = pos + 2 + meta_len
-            status, option = buf[pos + 4], buf[pos + 5] if len(buf) > pos + 5 else 0
+            if len(buf) < head_end:
+                break
+            status, option = buf[pos + 4], buf[pos + 5]
             has_data = option & _OPTION_DATA
             need = head_end + (2 if has_data else 0)
             if len(buf) < need:
