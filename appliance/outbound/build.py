@@ -34,6 +34,8 @@ from appliance.outbound.http import HttpOutbound
 from appliance.outbound.reject import RejectOutbound
 from appliance.outbound.shadowsocks import ShadowsocksOutbound
 from appliance.outbound.socks5 import Socks5Outbound
+from appliance.outbound.vless import VlessOutbound
+from appliance.outbound.vmess import VmessOutbound
 
 # One proxy entry and what all outbounds share -> the outbound.
 Builder = Callable[[ProxyConfig, OutboundEnv], Outbound]
@@ -45,6 +47,8 @@ BUILDERS: dict[str, Builder] = {
     "direct": DirectOutbound.from_config,
     "reject": RejectOutbound.from_config,
     "ss": ShadowsocksOutbound.from_config,
+    "vmess": VmessOutbound.from_config,
+    "vless": VlessOutbound.from_config,
 }
 
 

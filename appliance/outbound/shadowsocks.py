@@ -12,7 +12,8 @@ copies instead of splicing.
 
 UDP (`udp: true`): one marked UDP socket to the server per flow and a local
 socket pair the gateway talks to (`ShadowsocksUdpPeer`): its datagrams are
-sealed on the way up and replies opened on the way down, in `watch()`.
+sealed on the way up and replies opened (and their source address
+stripped) on the way down, in `watch()`.
 
 How it fails: connect failures and the deadline as every outbound
 (`OutboundError`, `connect-timeout` over dial + plugin handshake). A wrong
@@ -59,6 +60,7 @@ from appliance.proto.shadowsocks import (
     ShadowsocksError,
     TcpClient,
     UdpClient,
+    address_length,
     encode_address,
     evp_bytes_to_key,
     parse_psks,
@@ -70,10 +72,6 @@ log = logging.getLogger(__name__)
 # below glibc's mmap threshold, like the splice copy loop's.
 RECV_SIZE = 64 * 1024
 AUTH_HINT = "authentication failed or wrong cipher/password"
-# The socks5 UDP header's first three bytes (RSV RSV FRAG): prepended to an
-# opened reply (address + payload), it is what the gateway's SOCKS5 reply
-# parser strips.
-_SOCKS_UDP_PREFIX = b"\0\0\0"
 _MAX_UDP = 65535
 
 
@@ -269,19 +267,42 @@ class ShadowsocksStream(trio.abc.HalfCloseableStream):
         await self.transport.aclose()
 
 
+class _ServerSocket(trio.abc.Stream):
+    """The UDP socket to the server as the peer's `control`: the gateway
+    runs `watch()` (the relay) for peers that have one, and closing it
+    closes the socket. Not a byte stream: nothing reads or writes it."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        raise trio.ClosedResourceError("the server socket of a UDP flow is not a stream")
+
+    async def wait_send_all_might_not_block(self) -> None:
+        raise trio.ClosedResourceError("the server socket of a UDP flow is not a stream")
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        raise trio.ClosedResourceError("the server socket of a UDP flow is not a stream")
+
+    async def aclose(self) -> None:
+        self.sock.close()
+        await trio.lowlevel.checkpoint()
+
+
 class ShadowsocksUdpPeer(UdpPeer):
     """A UDP flow through a Shadowsocks server. The gateway sends
     `header + payload` (header: the target as a SOCKS address) on `sock`,
     one end of a local datagram pair; `watch()` seals what arrives at the
-    other end and sends it to the server, and opens the server's replies
-    into SOCKS5-shaped datagrams (`socks` True: the gateway strips that
-    header). Replies that do not open are dropped (a wrong key, a replay).
-    Owns the pair and the socket to the server."""
+    other end and sends it to the server, and opens the server's replies,
+    returning their payloads. Replies that do not open are dropped (a
+    wrong key, a replay; the first is logged). Owns the pair and the socket
+    to the server (`control`)."""
 
     def __init__(self, sock: socket.socket, inner: socket.socket, remote: socket.socket,
                  client: UdpClient, outbound: str, header: bytes, where: str) -> None:
-        super().__init__(sock, outbound, header=header, remote=where)
-        self.socks = True
+        super().__init__(sock, outbound, header=header, control=_ServerSocket(remote),
+                         remote=where)
+        self.socks = False  # replies are bare payloads
         self.inner = inner
         self.server = remote
         self.client = client
@@ -318,7 +339,8 @@ class ShadowsocksUdpPeer(UdpPeer):
                 except OSError:
                     continue  # ICMP errors surface here; the server may come back
                 try:
-                    inner.send(_SOCKS_UDP_PREFIX + open_(packet))
+                    body = open_(packet)
+                    inner.send(body[address_length(body):])
                 except (ShadowsocksError, OSError) as e:
                     self.dropped += 1
                     if self.dropped == 1:
@@ -327,5 +349,4 @@ class ShadowsocksUdpPeer(UdpPeer):
 
     async def aclose(self) -> None:
         self.inner.close()
-        self.server.close()
         await super().aclose()

@@ -11,8 +11,12 @@ from __future__ import annotations
 from typing import Any
 
 from appliance.config.loader.errors import NO_VALUE, ConfigError, index_path
-from appliance.config.loader.protocols import PROTOCOLS, parse_protocol_proxy, server_value
-from appliance.config.loader.protocols import shadowsocks as ss_options
+from appliance.config.loader.protocols import (
+    PROTOCOLS,
+    UnusableProxy,
+    parse_protocol_proxy,
+    server_value,
+)
 from appliance.config.loader.scalars import (
     as_bool,
     as_domain,
@@ -58,7 +62,7 @@ PRECONNECT_MAX = 64
 # mihomo outbound types Mirage cannot speak: such a proxy is skipped (and
 # reported); a rule that targets it is an error, a group drops it.
 UNSUPPORTED_PROXY_TYPES = (
-    "vmess", "vless", "ssr", "snell", "socks4", "hysteria", "hysteria2",
+    "ssr", "snell", "socks4", "hysteria", "hysteria2",
     "tuic", "wireguard", "ssh", "mieru", "anytls", "dns", "semi", "sudoku",
 )  # fmt: skip
 
@@ -82,12 +86,12 @@ def parse_proxies(
         names.add(name)
         ptype = sec.require("type", as_nonempty_str).lower()
         spec = PROTOCOLS.get(ptype)
-        if ptype == "ss" and (why := ss_options.unusable(sec.data)) is not None:
-            ctx.ignore(sec.path, f"ss proxy {name!r}: {why}")
-            skipped[name] = f"an ss proxy with {why}"
-            continue
         if spec is not None:
-            proxies.append(parse_protocol_proxy(sec, name, ptype, spec))
+            try:
+                proxies.append(parse_protocol_proxy(sec, name, ptype, spec))
+            except UnusableProxy as e:
+                ctx.ignore(sec.path, f"{ptype} proxy {name!r}: {e.reason}")
+                skipped[name] = f"a {ptype} proxy with {e.reason}"
             continue
         if ptype in UNSUPPORTED_PROXY_TYPES:
             ctx.ignore(sec.path, f"{ptype} proxy {name!r}")

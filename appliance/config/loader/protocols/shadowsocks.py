@@ -1,7 +1,7 @@
 """`type: ss` keys: cipher, password, plugin, plugin-opts, udp-over-tcp.
 
-A proxy this build cannot speak safely is skipped before it gets here
-(`unusable`): stream ciphers and `none`/`plain` (no integrity: anyone on
+A proxy this build cannot speak safely is skipped (`UnusableProxy`, with
+the reason): stream ciphers and `none`/`plain` (no integrity: anyone on
 the path can change the stream; mihomo still accepts them, Mirage says
 why not), and the plugins it does not have (shadow-tls, restls, kcptun,
 gost-plugin). A 2022 password is checked here (base64, key size), so a
@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 from appliance.config.loader.errors import ConfigError
+from appliance.config.loader.protocols import ProtocolSpec, UnusableProxy
 from appliance.config.loader.protocols.common import _headers
 from appliance.config.loader.scalars import as_bool, as_nonempty_str, as_str, choice
 from appliance.config.loader.section import Section
@@ -56,6 +57,9 @@ def _cipher(value: Any, path: str) -> str:
 
 
 def parse(sec: Section) -> ShadowsocksOptions:
+    why = unusable(sec.data)
+    if why is not None:
+        raise UnusableProxy(why)
     cipher = sec.require("cipher", _cipher)
     password = sec.require("password", as_nonempty_str)
     method = METHODS[cipher]
@@ -105,3 +109,6 @@ def render(options: ProtocolOptions, redact: bool) -> dict[str, Any]:
                               "tls": v.tls, "skip-cert-verify": v.skip_cert_verify,
                               "mux": v.mux, "headers": dict(v.headers)}
     return out
+
+
+SPEC: ProtocolSpec = ProtocolSpec(parse=parse, render=render, keys=KEYS, ignored=IGNORED)
