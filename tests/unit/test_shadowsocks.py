@@ -13,11 +13,15 @@ from __future__ import annotations
 
 import struct
 import time
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from appliance.config.loader import ConfigError, parse_config
+from appliance.config.protocols.shadowsocks import ShadowsocksOptions, V2rayPluginOptions
+from appliance.config.render import effective_config
 from appliance.outbound.plugins.obfs import ObfsError, ObfsHttp, ObfsTls
 from appliance.outbound.plugins.v2ray import MuxCool
 from appliance.proto import shadowsocks as ss
@@ -421,3 +425,65 @@ SINGBOX_2022_REQUEST = (
     "37d31d61b23060bc659cf880e64fc86dce9cf23b8e1f2067e58eaa2e2b53e5a8d02eee0d5c7533b39d86f7"
     "68a995ec9eb25f27576ec88541926c423352936619eaca6bed1231e5b4400ddd7c29c311fc6db1e7b58a38"
     "abd77ea56e312e65c71baf8e")
+
+
+# -- configuration ----------------------------------------------------------------
+
+
+def _ss_profile(**proxy: Any) -> dict[str, Any]:
+    entry = {"name": "s", "type": "ss", "server": "ss.example", "port": 8388,
+             "cipher": "aes-128-gcm", "password": "pw", **proxy}
+    return {"dns": {"nameserver": ["https://192.0.2.53/dns-query"]},
+            "proxies": [entry], "proxy-groups": [{"name": "g", "type": "select",
+                                                  "proxies": ["s", "DIRECT"]}],
+            "rules": ["MATCH,g"]}
+
+
+def test_config_plugins_and_render() -> None:
+    cfg = parse_config(_ss_profile(
+        cipher="2022-blake3-aes-128-gcm", password="AAECAwQFBgcICQoLDA0ODw==", udp=True,
+        plugin="v2ray-plugin", **{"plugin-opts": {"mode": "websocket", "path": "/ws",
+                                                  "tls": True, "mux": False}}))
+    options = cfg.proxies[0].options
+    assert isinstance(options, ShadowsocksOptions)
+    assert options.v2ray_plugin == V2rayPluginOptions(host="bing.com", path="/ws", tls=True,
+                                                      mux=False)
+    rendered = effective_config(cfg, redact=True)["proxies"][0]
+    assert rendered["password"] == "<redacted>" and rendered["plugin"] == "v2ray-plugin"
+    again = parse_config(_ss_profile(**{k: v for k, v in effective_config(cfg)["proxies"][0]
+                                        .items() if k not in ("name", "type")}))
+    assert again.proxies == cfg.proxies
+
+
+@pytest.mark.parametrize(("proxy", "why"), [
+    ({"cipher": "rc4-md5"}, "not supported: insecure"),
+    ({"cipher": "none"}, "not supported: insecure"),
+    ({"plugin": "shadow-tls", "plugin-opts": {"host": "x"}}, "plugin 'shadow-tls'"),
+    ({"plugin": "kcptun"}, "plugin 'kcptun'"),
+])
+def test_config_skips_with_the_reason(proxy: dict[str, Any], why: str) -> None:
+    cfg = parse_config(_ss_profile(**proxy))
+    assert cfg.proxies == ()
+    assert any(why in line for line in cfg.ignored_keys), cfg.ignored_keys
+    with pytest.raises(ConfigError, match=why.replace("(", r"\(")):
+        parse_config({**_ss_profile(**proxy), "proxy-groups": [], "rules": ["MATCH,s"]})
+
+
+@pytest.mark.parametrize(("proxy", "path", "why"), [
+    ({"cipher": "2022-blake3-aes-256-gcm", "password": "AAECAwQFBgcICQoLDA0ODw=="},
+     "proxies[0].password", "takes 32"),
+    ({"cipher": "2022-blake3-aes-128-gcm", "password": "pw"}, "proxies[0].password", "base64"),
+    ({"cipher": "aes-512-gcm"}, "proxies[0].cipher", "must be one of"),
+    ({"plugin": "obfs", "plugin-opts": {"mode": "quic"}}, "proxies[0].plugin-opts.mode",
+     "must be one of"),
+])
+def test_config_errors(proxy: dict[str, Any], path: str, why: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        parse_config(_ss_profile(**proxy))
+    assert e.value.path == path and why in e.value.reason
+    assert "AAECAw" not in str(e.value)  # a key is never echoed
+
+
+def test_config_udp_over_tcp_is_reported() -> None:
+    cfg = parse_config(_ss_profile(**{"udp-over-tcp": True}))
+    assert any("udp-over-tcp" in line and "not supported" in line for line in cfg.ignored_keys)
