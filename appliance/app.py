@@ -34,6 +34,7 @@ import signal
 import time
 from collections.abc import Callable
 from dataclasses import fields, replace
+from typing import Any
 
 import trio
 
@@ -59,7 +60,10 @@ from appliance.gateway.udp import UdpGateway
 from appliance.limits import ConcurrencyLimit, FairShares, RateLimit, total_flows
 from appliance.names import DomainMatcher
 from appliance.outbound.base import Resolve
+from appliance.outbound.groups import groups_in
+from appliance.outbound.health import DelayHistory, HealthChecks
 from appliance.outbound.preconnect import Preconnect
+from appliance.outbound.selections import Selections, selected_path
 from appliance.routing import Dispatcher, Router
 
 log = logging.getLogger("mirage")
@@ -94,6 +98,13 @@ class Appliance:
         self.offload: DirectOffload | None = None  # with appliance.offload-direct
         # Per-client limits, held by the services that enforce them.
         self.limits: FairShares = build_fair_shares(cfg)
+        # What outlives a router (reloads): the probe results of every proxy
+        # (the API's `history`), the choices made in groups (kept in the
+        # state dir with profile.store-selected), the service that probes.
+        self.delays = DelayHistory()
+        self.selections = Selections(
+            selected_path(cfg.appliance.state_dir) if cfg.store_selected else None)
+        self.health = HealthChecks()
         self.stopping = False  # SIGINT/SIGTERM received
 
     # -- what the control API reads besides the services -------------------------
@@ -105,6 +116,13 @@ class Appliance:
         return self.dispatcher.router.preconnects() if self.dispatcher is not None else {}
 
     # -- composition ---------------------------------------------------------
+
+    def build_router(self, cfg: Config, resolve: Resolve | None) -> Router:
+        """The router of `cfg` with the groups' shared state, its groups
+        handed to the health checks (replacing the previous router's)."""
+        router = build_router(cfg, resolve, delays=self.delays, selections=self.selections)
+        self.health.watch(groups_in(router.outbounds).values())
+        return router
 
     def open_pool(self) -> FakeIPPool:
         cfg = self.cfg
@@ -140,8 +158,9 @@ class Appliance:
                 self.resolver = resolver
                 # Signals first: a SIGTERM during startup still unwinds cleanly.
                 await nursery.start(self._handle_signals, nursery.cancel_scope)
+                await nursery.start(self.health.serve)
                 dispatcher = self.dispatcher = Dispatcher(
-                    build_router(cfg, resolver.resolve_ips),
+                    self.build_router(cfg, resolver.resolve_ips),
                     connect_timeout=cfg.appliance.connect_timeout)
                 await nursery.start(dispatcher.serve)
                 await nursery.start(flusher.serve, pool, cfg.appliance.store_flush_interval)
@@ -307,7 +326,7 @@ class Appliance:
         old = self.cfg
         if self.dispatcher is not None and self.resolver is not None:
             try:
-                router = build_router(new, self.resolver.resolve_ips)
+                router = self.build_router(new, self.resolver.resolve_ips)
             except AppError as err:
                 log.error("SIGHUP: %s; keeping the running configuration", err)
                 return
@@ -441,10 +460,10 @@ def _memory_bytes() -> int:
         return 256 << 20  # a small router's, if the system will not say
 
 
-def build_router(cfg: Config, resolve: Resolve | None) -> Router:
+def build_router(cfg: Config, resolve: Resolve | None, **shared: Any) -> Router:
     """The outbounds and rules of `cfg`; AppError if they cannot be built."""
     try:
-        return Router.from_config(cfg, resolve)
+        return Router.from_config(cfg, resolve, **shared)
     except ValueError as err:  # BuildError
         raise AppError(f"proxies/rules: {err}") from None
 
