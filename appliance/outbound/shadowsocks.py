@@ -53,7 +53,7 @@ from appliance.outbound.base import (
     outbound_deadline,
     udp_socket,
 )
-from appliance.outbound.plugins import wrap_plugin
+from appliance.outbound.plugins import make_plugin
 from appliance.proto.shadowsocks import (
     METHODS,
     SaltFilter,
@@ -96,6 +96,7 @@ class ShadowsocksOutbound:
         self.dialer = Dialer(env.resolve, env.routing_mark, ipv6=env.ipv6)
         self._dial: ServerDial = env.server_dial(self.dialer)
         self.salt_filter = SaltFilter()
+        self.plugin = make_plugin(options, server, port)
         # Whether a server byte has ever opened with our key (see the doc).
         self.verified = False
         # 2022 UDP here takes one PSK (no identity headers).
@@ -114,7 +115,8 @@ class ShadowsocksOutbound:
         with outbound_deadline(self.connect_timeout, f"{self.name} {host}:{port}"):
             stream: trio.abc.Stream = await self._dial(self.server, self.port)
             try:
-                stream = await wrap_plugin(stream, self.options, self.server, self.port)
+                if self.plugin is not None:
+                    stream = await self.plugin.wrap(stream)
                 await stream.send_all(client.request())
             except BaseException:
                 await trio.aclose_forcefully(stream)

@@ -61,6 +61,10 @@ PROXIES: dict[str, dict[str, Any]] = {
     "v2ray-ws": {"port": 18392, "cipher": "aes-128-gcm", "password": PASSWORD,
                  "plugin": "v2ray-plugin",
                  "plugin-opts": {"mode": "websocket", "host": "cdn.example", "path": "/ws"}},
+    "v2ray-wss": {"port": 18393, "cipher": "aes-256-gcm", "password": PASSWORD,
+                  "plugin": "v2ray-plugin",
+                  "plugin-opts": {"mode": "websocket", "host": "cdn.example", "path": "/wss",
+                                  "tls": True, "skip-cert-verify": True}},
     "sb-2022-aes": {"port": 18400, "cipher": "2022-blake3-aes-128-gcm", "password": PSK16,
                     "udp": True},
     "sb-2022-chacha": {"port": 18401, "cipher": "2022-blake3-chacha20-poly1305",
@@ -113,6 +117,13 @@ def servers(lab: Lab) -> Iterator[SingBox]:
         ss_server("obfs-tls", "--plugin", "obfs-server", "--plugin-opts", "obfs=tls")
         ss_server("v2ray-ws", "--plugin", "ss-v2ray-plugin", "--plugin-opts",
                   "server;path=/ws;host=cdn.example")
+        cert, key = logs / "cdn.pem", logs / "cdn.key"
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+                        "ec_paramgen_curve:prime256v1", "-nodes", "-days", "1",
+                        "-subj", "/CN=cdn.example", "-keyout", str(key), "-out", str(cert)],
+                       check=True, capture_output=True)
+        ss_server("v2ray-wss", "--plugin", "ss-v2ray-plugin", "--plugin-opts",
+                  f"server;tls;host=cdn.example;path=/wss;cert={cert};key={key}")
         echo = lab.popen("upstream", [sys.executable, str(ECHO), "--tag", "--max-seconds", "600",
                                       *(f"192.168.57.{h}:{ECHO_PORT}" for h in (10, 11, 12))],
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -244,7 +255,9 @@ def test_udp_echo_and_dig_through_shadowsocks(lab: Lab, mirage: MirageRun) -> No
 def test_plugins_and_more_ciphers(lab: Lab, mirage: MirageRun) -> None:
     route(mirage, "obfs-http", "obfs-tls", "v2ray-ws")
     assert_markers(fetch_all(lab))
-    route(mirage, "libev-xchacha", "sb-2022-users", "sb-aead")
+    route(mirage, "libev-xchacha", "sb-2022-users", "v2ray-wss")
+    assert_markers(fetch_all(lab))
+    route(mirage, "sb-aead", "sb-2022-users", "v2ray-wss")
     assert_markers(fetch_all(lab))
     out = udp_exchange(lab, "www.alpha.test", "ping-xchacha")
     assert out["reply"] is not None and out["reply"].startswith("ping-xchacha from=")

@@ -3,72 +3,47 @@ the Shadowsocks stream as the binary messages of one websocket (RFC 6455)
 to `path` with `host` as Host (and as SNI with `tls`), what the Debian
 `ss-v2ray-plugin` server takes. With `mux` (true by default, as in mihomo;
 the v2ray-plugin server expects it) the stream is one session of v2ray's
-mux.cool framing inside the websocket (`MuxCool`), as mihomo's
-single-session client does.
+mux.cool framing inside the websocket (`MuxCool`, sans-I/O; `MuxStream`),
+as mihomo's single-session client does.
 
-The websocket framing is wsproto's (sans-I/O); TLS is trio's SSLStream
-over the stdlib `ssl` module (certificate verified against the system
-store unless `skip-cert-verify`).
+TLS and the websocket are the shared layers (appliance/outbound/tls.py
+`TlsClient`, appliance/outbound/transport/ws.py `WsStream`).
 """
 
 from __future__ import annotations
 
-import ssl
-
 import trio
-from wsproto import ConnectionType, WSConnection
-from wsproto.events import (
-    AcceptConnection,
-    BytesMessage,
-    CloseConnection,
-    Event,
-    Message,
-    Ping,
-    RejectConnection,
-    Request,
-    TextMessage,
-)
 
+from appliance.config.protocols.common import TlsOptions, WsOptions
 from appliance.config.protocols.shadowsocks import V2rayPluginOptions
 from appliance.outbound.base import OutboundError
+from appliance.outbound.tls import ALPN_HTTP1, TlsClient
+from appliance.outbound.transport.ws import WsStream
 
-_MAX_HANDSHAKE_READS = 64
 
+class V2rayPlugin:
+    """The plugin layer of one outbound: its TLS context (made once) and
+    websocket options; `wrap` is per connection."""
 
-async def open_v2ray_websocket(stream: trio.abc.Stream, opts: V2rayPluginOptions,
-                               server: str, port: int) -> WebsocketStream:
-    """TLS (with `tls`) and the websocket upgrade on `stream`. Raises
-    OutboundError when the server refuses the upgrade or closes."""
-    host = opts.host or server
-    if opts.tls:
-        ctx = ssl.create_default_context()
-        if opts.skip_cert_verify:
-            ctx.check_hostname = False
-            ctx.verify_mode = ssl.CERT_NONE
-        tls = trio.SSLStream(stream, ctx, server_hostname=host)
+    def __init__(self, opts: V2rayPluginOptions, server: str, port: int) -> None:
+        self.opts = opts
+        self.what = f"v2ray-plugin {server}:{port}"
+        self.tls = (TlsClient(TlsOptions(sni=opts.host, skip_cert_verify=opts.skip_cert_verify),
+                              server, alpn=ALPN_HTTP1) if opts.tls else None)
+        self.ws = WsOptions(path=opts.path, headers=opts.headers)
+
+    async def wrap(self, stream: trio.abc.Stream) -> trio.abc.Stream:
+        """TLS (with `tls`) and the websocket upgrade on `stream`. Raises
+        OutboundError when either fails; closes `stream` then."""
+        if self.tls is not None:
+            stream = await self.tls.wrap(stream, self.what)
+        ws = WsStream(stream, self.ws, self.opts.host)
         try:
-            await tls.do_handshake()
+            await ws.open()
         except trio.BrokenResourceError as e:
-            raise OutboundError(f"v2ray-plugin TLS to {server}:{port}: {e.__cause__ or e}"
-                                ) from None
-        stream = tls
-    ws = WSConnection(ConnectionType.CLIENT)
-    await stream.send_all(ws.send(Request(host=host, target=opts.path,
-                                          extra_headers=[(k.encode(), v.encode())
-                                                         for k, v in opts.headers])))
-    for _ in range(_MAX_HANDSHAKE_READS):
-        data = await stream.receive_some(65536)
-        ws.receive_data(bytes(data) if data else None)
-        for event in ws.events():
-            if isinstance(event, AcceptConnection):
-                return WebsocketStream(stream, ws, MuxCool() if opts.mux else None)
-            if isinstance(event, RejectConnection):
-                raise OutboundError(
-                    f"v2ray-plugin: {server}:{port} refused the websocket upgrade "
-                    f"(HTTP {event.status_code})")
-        if not data:
-            raise OutboundError(f"v2ray-plugin: {server}:{port} closed during the upgrade")
-    raise OutboundError(f"v2ray-plugin: {server}:{port}: no upgrade answer")
+            await trio.aclose_forcefully(ws)
+            raise OutboundError(f"{self.what}: {e}") from None
+        return MuxStream(ws) if self.opts.mux else ws
 
 
 # mux.cool session status and option bits (v2ray common/mux).
@@ -138,67 +113,39 @@ class MuxCool:
         return b"".join(out), ended
 
 
-class WebsocketStream(trio.abc.HalfCloseableStream):
-    """One websocket's binary messages as a byte stream. Owns
-    `transport_stream`. No half-close on a websocket: `send_eof` sends
-    the close frame."""
+class MuxStream(trio.abc.Stream):
+    """One mux.cool session over `transport_stream` (the websocket). Owns
+    it; closing sends the session's end frame first, when it can."""
 
-    def __init__(self, transport_stream: trio.abc.Stream, ws: WSConnection,
-                 mux: MuxCool | None = None) -> None:
+    def __init__(self, transport_stream: trio.abc.Stream) -> None:
         self.transport_stream = transport_stream
-        self.ws = ws
-        self.mux = mux
-        self._closed = False
+        self.mux = MuxCool()
+        self._ended = False
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
-        ws = self.ws
-        while True:
-            out: list[bytes] = []
-            reply = b""
-            for event in ws.events():
-                if isinstance(event, BytesMessage | TextMessage):
-                    data = event.data
-                    out.append(data.encode() if isinstance(data, str) else bytes(data))
-                elif isinstance(event, Ping):
-                    reply += ws.send(event.response())
-                elif isinstance(event, CloseConnection):
-                    self._closed = True
-            if reply:
-                await self.transport_stream.send_all(reply)
-            if out and self.mux is not None:
-                try:
-                    data, ended = self.mux.unwrap(b"".join(out))
-                except ValueError as e:
-                    raise trio.BrokenResourceError(str(e)) from None
-                self._closed = self._closed or ended
-                out = [data] if data else []
-            if out:
-                return b"".join(out)
-            if self._closed:
-                return b""
-            data = await self.transport_stream.receive_some(65536)
+        while not self._ended:
+            data = await self.transport_stream.receive_some(max_bytes)
             if not data:
                 return b""
-            ws.receive_data(bytes(data))
+            try:
+                out, self._ended = self.mux.unwrap(bytes(data))
+            except ValueError as e:
+                raise trio.BrokenResourceError(str(e)) from None
+            if out:
+                return out
+        return b""
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        payload = bytes(data) if self.mux is None else self.mux.wrap(bytes(data))
-        await self.transport_stream.send_all(self.ws.send(_message(payload)))
+        await self.transport_stream.send_all(self.mux.wrap(bytes(data)))
 
     async def wait_send_all_might_not_block(self) -> None:
         await self.transport_stream.wait_send_all_might_not_block()
 
-    async def send_eof(self) -> None:
-        if not self._closed:
-            self._closed = True
-            if self.mux is not None:
-                await self.transport_stream.send_all(
-                    self.ws.send(_message(self.mux.close_frame())))
-            await self.transport_stream.send_all(self.ws.send(CloseConnection(code=1000)))
-
     async def aclose(self) -> None:
+        with trio.move_on_after(0.5) as scope:
+            scope.shield = True
+            try:
+                await self.transport_stream.send_all(self.mux.close_frame())
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                pass
         await self.transport_stream.aclose()
-
-
-def _message(data: bytes) -> Event:
-    return Message(data=data)
