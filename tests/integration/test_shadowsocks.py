@@ -18,8 +18,10 @@ www.alpha.test:80`, the name and not an address.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -314,3 +316,37 @@ async def test_silent_server_hits_the_first_answer_deadline(silent_server: int) 
     assert 0.5 < trio.current_time() - t0 < 2.0
     assert not out.verified
     await stream.aclose()
+
+
+async def test_server_down_and_connect_timeout_fail_fast() -> None:
+    env = OutboundEnv(None, None, 0.5)
+    opts = ShadowsocksOptions("aes-128-gcm", PASSWORD)
+    down = ShadowsocksOutbound("down", "127.0.0.1", 18498, opts, env)  # nothing listens
+    t0 = trio.current_time()
+    with pytest.raises(OutboundError, match="refused"):
+        await down.connect_tcp("www.example.test", 80)
+    assert trio.current_time() - t0 < 0.3
+    # A listener whose backlog is full: SYNs go unanswered, the connect
+    # deadline (connect-timeout, 0.5 s) ends it.
+    listener = socket.socket()
+    held: list[socket.socket] = []
+    try:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        port = listener.getsockname()[1]
+        for _ in range(3):
+            s = socket.socket()
+            s.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                s.connect(("127.0.0.1", port))
+            held.append(s)
+        await trio.sleep(0.1)
+        stuck = ShadowsocksOutbound("stuck", "127.0.0.1", port, opts, env)
+        t0 = trio.current_time()
+        with pytest.raises(OutboundError, match="timed out"):
+            await stuck.connect_tcp("www.example.test", 80)
+        assert 0.4 < trio.current_time() - t0 < 1.0
+    finally:
+        for s in held:
+            s.close()
+        listener.close()
