@@ -259,11 +259,18 @@ class ShadowsocksStream(trio.abc.HalfCloseableStream):
         await self.transport.wait_send_all_might_not_block()
 
     async def send_eof(self) -> None:
-        # AEAD framing has no end-of-stream frame: the server takes TCP's FIN.
-        if isinstance(self.transport, trio.abc.HalfCloseableStream):
+        # The framing has no end-of-stream frame: a server learns it from
+        # TCP's FIN. 2022 servers (sing-box, shadowsocks-rust) pass it on
+        # as a half-close; shadowsocks-libev (AEAD) tears the whole relay
+        # down on it, answer and all, so an AEAD flow does not send it: its
+        # download goes on until the server ends it (or the gateway's
+        # half-close timeout does). Nor does a layer that cannot half-close
+        # (a websocket).
+        if self.client.method.is_2022 and isinstance(self.transport,
+                                                     trio.abc.HalfCloseableStream):
             await self.transport.send_eof()
         else:
-            raise trio.ClosedResourceError("the underlying stream cannot half-close")
+            await trio.lowlevel.checkpoint()
 
     async def aclose(self) -> None:
         await self.transport.aclose()

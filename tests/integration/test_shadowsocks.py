@@ -233,6 +233,7 @@ def udp_exchange(lab: Lab, name: str, payload: str) -> dict[str, Any]:
 def test_aead_and_2022_carry_http_by_name(lab: Lab, mirage: MirageRun, servers: SingBox) -> None:
     before = len(servers.log_text())
     assert_markers(fetch_all(lab))  # libev aes-256-gcm, sing-box 2022 aes and chacha
+    half_close(lab, "alpha", "beta")  # libev (not passed on), sing-box 2022 (passed on)
     log = servers.log_text()[before:]
     # The names reached sing-box, not addresses (resolved at the far end).
     assert "inbound connection to www.beta.test:80" in log
@@ -254,9 +255,31 @@ def test_udp_echo_and_dig_through_shadowsocks(lab: Lab, mirage: MirageRun) -> No
     assert dig(lab, f"@{fake}", "-p", str(DNS_PORT), "+short", "www.alpha.test") == UP
 
 
+# An HTTP/1.0 client that half-closes after its request (the flow must go
+# on downstream, also over a websocket, which cannot pass the half-close on).
+HALF_CLOSE = """
+import socket, sys
+s = socket.create_connection((sys.argv[1], 80), timeout=5)
+s.sendall(b"GET / HTTP/1.0\\r\\nHost: " + sys.argv[1].encode() + b"\\r\\n\\r\\n")
+s.shutdown(socket.SHUT_WR)
+data = b""
+while (chunk := s.recv(65536)):
+    data += chunk
+print(data.decode(errors="replace"))
+"""
+
+
+def half_close(lab: Lab, *names: str) -> None:
+    for name in names:
+        out = lab.exec("client", [sys.executable, "-c", HALF_CLOSE, f"www.{name}.test"],
+                       timeout=20)
+        assert f"MARKER-{name.upper()}" in out.stdout, (name, out.stdout, out.stderr)
+
+
 def test_plugins_and_more_ciphers(lab: Lab, mirage: MirageRun) -> None:
     route(mirage, "obfs-http", "obfs-tls", "v2ray-ws")
     assert_markers(fetch_all(lab))
+    half_close(lab, "beta", "gamma")  # obfs-tls (libev), v2ray-plugin
     route(mirage, "libev-xchacha", "sb-2022-users", "v2ray-wss")
     assert_markers(fetch_all(lab))
     route(mirage, "sb-aead", "sb-2022-users", "v2ray-wss")

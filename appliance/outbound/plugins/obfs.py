@@ -182,7 +182,7 @@ class ObfsStream(trio.abc.HalfCloseableStream):
         if isinstance(self.transport_stream, trio.abc.HalfCloseableStream):
             await self.transport_stream.send_eof()
         else:
-            raise trio.ClosedResourceError("the underlying stream cannot half-close")
+            await trio.lowlevel.checkpoint()
 
     async def aclose(self) -> None:
         await self.transport_stream.aclose()
