@@ -43,6 +43,14 @@ from appliance.sockopt import set_mark, start_marked_connect
 # unless the current attempt fails sooner.
 HAPPY_EYEBALLS_DELAY = 0.25
 
+# The least time a dialer keeps the address that worked for a name, whatever
+# the upstream TTL (0 included). Without it, an upstream that answers TTL 0
+# sends every DIRECT flow back to the resolver (a DoH round trip each: TTFB
+# 1.28 ms against 0.53 ms with TTL 60 in the side-by-side lab). Only the
+# dial cache is floored: the TTL that DNS clients are told is not touched,
+# and an address that stops answering is forgotten at once (see `dial`).
+DIAL_TTL_FLOOR = 60.0
+
 # `resolve(name, family)` with family 4 or 6 -> (addresses, ttl seconds).
 Resolve = Callable[[str, int], Awaitable[tuple[list[IPAddress], int]]]
 
@@ -308,7 +316,8 @@ class Dialer:
     """Resolves a host through `resolve` and opens a marked TCP connection.
 
     Owns a small cache of the address that last worked for each name, kept
-    while the resolver's TTL lasts: the same name keeps reaching the same
+    while the resolver's TTL lasts, and at least `DIAL_TTL_FLOOR` seconds
+    (also for an answer of TTL 0): the same name keeps reaching the same
     peer (protocols that pin a session to one server need that), and a
     repeat connection skips the resolver. Does not impose a timeout; raises
     OutboundError when the name does not resolve or nothing answers.
@@ -378,11 +387,10 @@ class Dialer:
                 del self._sticky[name]
         addresses, ttl = await self.resolve(name)
         stream = await open_marked_tcp(interleave(addresses), port, mark=self.mark)
-        if ttl > 0:
-            peer = ipaddress.ip_address(stream.socket.getpeername()[0])
-            if len(self._sticky) >= self.MAX_STICKY:
-                self._sticky.pop(next(iter(self._sticky)))
-            self._sticky[name] = (peer, trio.current_time() + ttl)
+        peer = ipaddress.ip_address(stream.socket.getpeername()[0])
+        if len(self._sticky) >= self.MAX_STICKY:
+            self._sticky.pop(next(iter(self._sticky)))
+        self._sticky[name] = (peer, trio.current_time() + max(ttl, DIAL_TTL_FLOOR))
         return stream
 
 

@@ -9,10 +9,9 @@ A proxy is built by the builder its `type` names in `BUILDERS`: a new
 protocol is one new module (a class with `from_config(proxy, env)`,
 `connect_tcp`, `open_udp`, `carries_udp`) plus one line there.
 
-Shadowsocks proxies are not implemented yet: they become
-`UnsupportedOutbound`s, which fail each connection with a clear
-OutboundError, so a profile that lists them still loads and every other
-proxy works (fallback groups move past them).
+A type without a builder becomes an `UnsupportedOutbound`, which fails
+each connection with a clear OutboundError, so a profile that lists it
+still loads and every other proxy works (fallback groups move past it).
 
 The loader refuses group cycles (appliance/config/loader.py); building
 does not check again. A name used twice or a group member that names
@@ -54,6 +53,7 @@ from appliance.outbound.health import DelayHistory
 from appliance.outbound.http import HttpOutbound
 from appliance.outbound.reject import RejectOutbound
 from appliance.outbound.selections import Selections
+from appliance.outbound.shadowsocks import ShadowsocksOutbound
 from appliance.outbound.socks5 import Socks5Outbound
 from appliance.outbound.trojan import TrojanOutbound
 from appliance.outbound.vless import VlessOutbound
@@ -68,6 +68,7 @@ BUILDERS: dict[str, Builder] = {
     "http": HttpOutbound.from_config,
     "direct": DirectOutbound.from_config,
     "reject": RejectOutbound.from_config,
+    "ss": ShadowsocksOutbound.from_config,
     "vmess": VmessOutbound.from_config,
     "vless": VlessOutbound.from_config,
     "trojan": TrojanOutbound.from_config,

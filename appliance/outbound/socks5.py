@@ -3,6 +3,20 @@
 The target name goes to the proxy unresolved (ATYP=3, RFC 3089 step 5): this
 is how a fake-IP flow reaches the right host even when local DNS lies.
 
+Pipelining, learned per server: without credentials the request can go
+out with the greeting (one round trip to the proxy instead of two), and
+dante takes that; microsocks 1.0.3 answers the greeting and never the
+request that came with it. So the first flows pipeline with a short stall
+bound (`PIPELINE_STALL`): a server that answers the method selection and
+then nothing within it is taken to drop pipelined requests, the flow
+starts over in lock step on a new connection, and every later flow to
+that server goes in lock step (as mihomo, sing-box and curl always do).
+A pipelined reply that does come makes pipelining that server's known
+habit, with no stall bound after. A slow far end can make a pipelining
+server look like one that drops the request: the cost is the lock-step
+round trip, never a failed flow. The fact lives as long as the outbound
+(a reload learns it again).
+
 UDP (only with `udp: true`): UDP ASSOCIATE (RFC 1928 section 7). The TCP
 control connection is held for the flow's life and the flow ends when the
 proxy closes it; each datagram carries the *name* (ATYP 3), so the proxy
@@ -40,6 +54,17 @@ from appliance.proto.socks5 import CMD_UDP_ASSOCIATE, Socks5Client, Socks5Error,
 # replies byte by byte needs at most ~280 reads. Bound the loop anyway.
 _MAX_READS = 300
 
+# How long a server whose pipelining habit is not known yet may take between
+# its method selection and the first byte of its reply before the flow
+# starts over in lock step (see the module doc). A far end that takes
+# longer to connect only costs later flows the lock-step round trip.
+PIPELINE_STALL = 0.25
+
+
+class PipelineStalled(Exception):
+    """The server answered the greeting of a pipelined handshake and not
+    the request within the stall bound (it dropped the request)."""
+
 
 class Socks5Outbound(ProxyOutbound):
     """Connects to the proxy (`server` may be a name: resolved through
@@ -56,6 +81,8 @@ class Socks5Outbound(ProxyOutbound):
     the RFC 1928 reply), refused credentials, or after `connect_timeout`
     seconds for the whole exchange. Owns the socket until it returns it.
     With `udp`, also carries UDP flows (UDP ASSOCIATE, see the module doc).
+    `pipelining` is what it learned about the server: None (not known yet:
+    pipeline, with the stall bound), True (takes it) or False (lock step).
     """
 
     type = "Socks5"
@@ -64,6 +91,7 @@ class Socks5Outbound(ProxyOutbound):
                  **common: Any) -> None:
         super().__init__(name, server, port, **common)
         self.carries_udp = udp
+        self.pipelining: bool | None = None
 
     @classmethod
     def from_config(cls, p: ProxyConfig, env: OutboundEnv) -> Socks5Outbound:
@@ -92,8 +120,11 @@ class Socks5Outbound(ProxyOutbound):
             sock.bind((local_ip, 0))
             bound_port = sock.getsockname()[1]
             try:
+                # Pipelined only to a server known to take it: an
+                # association has no flow of its own to learn it on.
                 client = Socks5Client(local_ip, bound_port, username=self.username,
-                                      password=self.password, command=CMD_UDP_ASSOCIATE)
+                                      password=self.password, command=CMD_UDP_ASSOCIATE,
+                                      pipeline=self.pipelining is True)
                 header = encode_udp(host, port, b"")
             except Socks5Error as e:
                 raise OutboundError(f"{self.name}: UDP ASSOCIATE: {e}") from None
@@ -121,35 +152,49 @@ class Socks5Outbound(ProxyOutbound):
                        remote=f"{relay_host}:{relay_port}")
 
     async def _connect(self, host: str | IPAddress, port: int) -> trio.abc.Stream:
-        def new_client() -> Socks5Client:
-            return Socks5Client(host, port, username=self.username, password=self.password)
+        def new_client(pipeline: bool = self.pipelining is not False) -> Socks5Client:
+            return Socks5Client(host, port, username=self.username, password=self.password,
+                                pipeline=pipeline)
 
         try:
             client = new_client()  # a bad target fails before any connection
         except Socks5Error as e:
             raise OutboundError(f"{self.name}: {e}") from None
-        return await self._open_tunnel(client, new_client, self._handshake)
+        try:
+            return await self._open_tunnel(client, new_client, self._handshake)
+        except PipelineStalled:
+            self.pipelining = False
+        return await self._handshake(await self.dialer.dial(self.server, self.port),
+                                     new_client(False))
 
     async def _handshake(self, stream: trio.abc.Stream, client: Socks5Client
                          ) -> trio.abc.Stream:
         """The handshake on `stream`; closes it on any failure."""
+        learning = client.pipelined and self.pipelining is None
         try:
-            await socks5_handshake(stream, client, self.name, self.request_sent)
+            await socks5_handshake(stream, client, self.name, self.request_sent,
+                                   stall=PIPELINE_STALL if learning else None)
         except BaseException:
             await trio.aclose_forcefully(stream)
             raise
+        if learning:
+            self.pipelining = True
         if client.trailing_data:
             return ReplayStream(stream, client.trailing_data)
         return stream
 
 
 async def socks5_handshake(stream: trio.abc.Stream, client: Socks5Client, name: str,
-                           request_sent: Callable[[], None] | None = None) -> None:
+                           request_sent: Callable[[], None] | None = None,
+                           stall: float | None = None) -> None:
     """Run `client` (greeting, optional auth, request) over `stream` until the
     proxy's reply is in: CONNECT or UDP ASSOCIATE.
     `request_sent()` is called once the request is out (with the greeting
     when pipelined, else after the server's answers to greeting and auth),
     before waiting for the reply.
+
+    With `stall`, a pipelined handshake whose reply has not begun `stall`
+    seconds after the method selection raises PipelineStalled.
 
     Raises OutboundError("{name}: ...") for an error reply, refused
     credentials or a handshake that does not finish within the read bound;
@@ -171,10 +216,21 @@ async def socks5_handshake(stream: trio.abc.Stream, client: Socks5Client, name: 
             if client.established:
                 return
             wanted = client.bytes_wanted()
-            if sock is not None and wanted != lowat:
+            # While learning, wake for the method selection alone: a server
+            # that drops the request sends nothing more to wake us for.
+            if sock is not None and wanted != lowat and stall is None:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, wanted)
                 lowat = wanted
-            client.receive_data(await handshake_receive(stream, wanted))
+            if stall is not None and client.awaiting_reply:
+                data = None
+                with trio.move_on_after(stall):
+                    data = await handshake_receive(stream, wanted)
+                if data is None:
+                    raise PipelineStalled(f"{name}: no reply to a pipelined request")
+                stall = None
+            else:
+                data = await handshake_receive(stream, wanted)
+            client.receive_data(data)
             out = client.data_to_send()
             if out:
                 await handshake_send(stream, out)

@@ -369,8 +369,10 @@ class Socks5Client:
     default) it goes out with the greeting, saving a round trip per flow
     (the server's method selection and reply then arrive back to back; a
     server that refuses answers 0xFF and closes, which still raises here).
-    RFC 1928 servers read a stream, so they take it; `pipeline=False` keeps
-    the strict lock-step exchange for one that does not.
+    Servers that read a stream take it (dante); others read the greeting
+    with one recv() and drop what came with it (microsocks 1.0.3 then
+    waits for a request that never comes): `pipeline=False` keeps the
+    strict lock-step exchange for those. `pipelined` says which it is.
 
     Raises Socks5Error on malformed replies, no acceptable method, refused
     credentials, or a reply code other than 0 (then `.reply` is that code).
@@ -414,6 +416,16 @@ class Socks5Client:
     @property
     def established(self) -> bool:
         return self.state is ClientState.ESTABLISHED
+
+    @property
+    def pipelined(self) -> bool:
+        """Whether the request went (or goes) out with the greeting."""
+        return self._pipelined
+
+    @property
+    def awaiting_reply(self) -> bool:
+        """The method selection (and auth) are in, no byte of the reply yet."""
+        return self.state is ClientState.REQUEST and not self._in
 
     def data_to_send(self) -> bytes:
         """What to send now. Once the bytes that held the request are handed

@@ -1,8 +1,9 @@
 """Outbounds against real servers on loopback: nginx (the far end, serving a
 marker page), dante (SOCKS5, with and without username/password), tinyproxy
-(HTTP CONNECT with Basic auth) and stunnel in front of tinyproxy (an HTTPS
-proxy). Each server runs in a private mount namespace whose /etc/hosts names
-the nginx address, so the proxies resolve `marker.ob.test` themselves (the
+(HTTP CONNECT with Basic auth), stunnel in front of tinyproxy (an HTTPS
+proxy) and microsocks (a SOCKS5 server that drops a pipelined request).
+Each server runs in a private mount namespace whose /etc/hosts names the
+nginx address, so the proxies resolve `marker.ob.test` themselves (the
 name must reach them unresolved). Processes are started here, killed by PID
 in teardown; the SOCKS5 auth test's system user is created and deleted by
 name. Addresses: 127.111.98.x ("ob") and 127.0.0.1 for dante (it binds only
@@ -35,15 +36,17 @@ from appliance.config.model import (
     ProxyConfig,
     ProxyGroupConfig,
 )
+from appliance.config.protocols.shadowsocks import ShadowsocksOptions
 from appliance.dns.upstream_api import UpstreamError
 from appliance.flow import Flow
 from appliance.outbound.base import OutboundError, ReplayStream, open_marked_tcp
-from appliance.outbound.build import BuildError, UnsupportedOutbound, build_outbounds
+from appliance.outbound.build import BuildError, build_outbounds
 from appliance.outbound.direct import DirectOutbound
 from appliance.outbound.groups import FallbackGroup, SelectGroup
 from appliance.outbound.http import HttpOutbound
 from appliance.outbound.reject import RejectOutbound
-from appliance.outbound.socks5 import Socks5Outbound
+from appliance.outbound.shadowsocks import ShadowsocksOutbound
+from appliance.outbound.socks5 import PIPELINE_STALL, Socks5Outbound
 from appliance.proto.socks5 import encode_reply
 from appliance.routing import Dispatcher, Router
 from appliance.rules.engine import FlowContext
@@ -107,6 +110,7 @@ class Servers:
     tls_port: int | None
     dante_log: Path
     cert: Path | None
+    micro_port: int | None = None
 
 
 def _dante_conf(path: Path, log: Path, port: int, method: str) -> None:
@@ -259,8 +263,19 @@ key = {key}
             )
             start(["stunnel4", str(d / "stunnel.conf")], TLS_IP, tls_port, "stunnel")
 
+        micro_port: int | None = None
+        if shutil.which("microsocks"):
+            micro_port = free_port("127.0.0.1")
+            start(
+                in_private_hosts(hosts, ["microsocks", "-i", "127.0.0.1", "-p", str(micro_port)]),
+                "127.0.0.1",
+                micro_port,
+                "microsocks",
+            )
+
         yield Servers(
-            d, web_port, socks_port, socks_auth_port, tiny_port, tls_port, dante_log, cert
+            d, web_port, socks_port, socks_auth_port, tiny_port, tls_port, dante_log, cert,
+            micro_port,
         )
     finally:
         for p in reversed(procs):
@@ -373,12 +388,13 @@ async def test_direct_happy_eyeballs_and_sticky_address(servers: Servers) -> Non
         assert MARKER in await http_get(stream)
     assert len(resolve.calls) == 1  # later connections skipped the resolver
 
-    # TTL 0: nothing is pinned, every connection resolves.
+    # TTL 0: the address that worked is still kept for the dial cache's
+    # floor (DIAL_TTL_FLOOR), so the second connection skips the resolver.
     resolve0 = DictResolver({NAME: [WEB_IP]}, ttl=0)
     out0 = DirectOutbound(resolve0, None, 3.0)
     for _ in range(2):
         await (await out0.connect_tcp(NAME, servers.web_port)).aclose()
-    assert len(resolve0.calls) == 2
+    assert len(resolve0.calls) == 1
 
 
 async def test_direct_failures_are_outbound_errors(servers: Servers) -> None:
@@ -424,6 +440,30 @@ async def test_socks5_sends_the_name_and_fetches_marker(servers: Servers) -> Non
     assert response.startswith(b"HTTP/1.1 200") and MARKER in response
     log = servers.dante_log.read_text(errors="replace")
     assert f"ATYP: 3 address: {NAME}.{servers.web_port}" in log
+
+
+async def test_socks5_learns_which_server_takes_pipelining(servers: Servers) -> None:
+    # dante reads a stream: the pipelined request is answered, and
+    # pipelining becomes that server's known habit.
+    dante = Socks5Outbound("dante", "127.0.0.1", servers.socks_port)
+    assert dante.pipelining is None
+    assert MARKER in await http_get(await dante.connect_tcp(NAME, servers.web_port))
+    assert dante.pipelining is True
+
+    # microsocks answers the greeting and drops the request that came with
+    # it: the first flow starts over in lock step after the stall bound,
+    # well under a second (not the connect timeout); later flows go in
+    # lock step at once.
+    if servers.micro_port is None:
+        pytest.skip("microsocks is not installed (scripts/setup.sh installs it)")
+    micro = Socks5Outbound("micro", "127.0.0.1", servers.micro_port, connect_timeout=5.0)
+    t0 = trio.current_time()
+    assert MARKER in await http_get(await micro.connect_tcp(NAME, servers.web_port))
+    assert trio.current_time() - t0 < 1.0
+    assert micro.pipelining is False
+    t0 = trio.current_time()
+    assert MARKER in await http_get(await micro.connect_tcp(NAME, servers.web_port))
+    assert trio.current_time() - t0 < PIPELINE_STALL  # no stall this time
 
 
 async def test_socks5_username_password(servers: Servers) -> None:
@@ -576,7 +616,8 @@ async def test_build_and_route_end_to_end(servers: Servers) -> None:
             ProxyConfig(
                 "tiny", "http", TINY_IP, servers.tiny_port, username="obuser", password="obpass"
             ),
-            ProxyConfig("ss1", "ss", "127.0.0.1", 8388, password="x", cipher="aes-128-gcm"),
+            ProxyConfig("ss1", "ss", DEAD_IP, 8388,
+                        options=ShadowsocksOptions("aes-128-gcm", "x")),
         ),
         proxy_groups=(
             ProxyGroupConfig("outer", "select", ("inner", "DIRECT")),
@@ -590,13 +631,13 @@ async def test_build_and_route_end_to_end(servers: Servers) -> None:
     )
     outbounds = build_outbounds(cfg, DictResolver({NAME: [WEB_IP]}))
     assert {"DIRECT", "REJECT", "dante", "tiny", "ss1", "outer", "inner"} <= outbounds.keys()
-    assert isinstance(outbounds["ss1"], UnsupportedOutbound)
+    assert isinstance(outbounds["ss1"], ShadowsocksOutbound)
     router = Router(cfg.rules, outbounds)
     dispatcher = Dispatcher(router, connect_timeout=2.0)
 
     flow = Flow("tcp", "mixed", ipaddress.ip_address("127.0.0.1"), 40000, None,
                 servers.web_port, NAME)
-    # outer -> inner -> ss1 (not implemented: fails) -> dante: the marker.
+    # outer -> inner -> ss1 (nothing listens: refused) -> dante: the marker.
     assert MARKER in await http_get(await dispatcher.connect_tcp(flow))
     assert flow.outbound == "outer" and flow.rule is not None and flow.rule.target == "outer"
 

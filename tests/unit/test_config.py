@@ -36,6 +36,7 @@ from appliance.config import (
     load_config,
     parse_config,
 )
+from appliance.config.protocols.shadowsocks import ObfsOptions, ShadowsocksOptions
 from appliance.config.protocols.trojan import TrojanOptions
 from appliance.names import pattern_is_valid
 from appliance.rules.engine import RuleSet
@@ -233,14 +234,18 @@ def test_real_world_profile_loads(tmp_path: Path) -> None:
     assert dict(cfg.dns.hosts) == {"mtalk.google.com": (ipaddress.ip_address("108.177.125.188"),)}
     assert "hosts['services.googleapis.cn'] (domain alias)" in ignored
     assert "x-common (YAML anchor)" in ignored
-    assert [p.name for p in cfg.proxies] == ["ss-aead", "trojan-1", "trojan-ws"]
-    trojan = cfg.proxies[1]
+    assert [p.name for p in cfg.proxies] == ["ss-aead", "ss-plugin", "trojan-1", "trojan-ws"]
+    trojan = cfg.proxies[2]
     assert trojan.tls_options is not None and trojan.tls_options.skip_cert_verify
     assert trojan.udp and trojan.tls_options.sni == "tj.example.net"
-    ws = cfg.proxies[2].transport
+    ws = cfg.proxies[3].transport
     assert ws is not None and ws.ws is not None and ws.ws.path == "/x"
-    assert "proxies[1] (ss proxy 'ss-plugin': plugin 'obfs')" in ignored
-    assert "proxies[2] (ss proxy 'ss-old': cipher 'rc4-md5')" in ignored
+    ss_plugin = cfg.proxies[1].options
+    assert isinstance(ss_plugin, ShadowsocksOptions)
+    assert ss_plugin.obfs == ObfsOptions("tls", "example.com")
+    assert ("proxies[2] (ss proxy 'ss-old': cipher 'rc4-md5', which is not supported: "
+            "insecure (a stream cipher without integrity); use an AEAD or 2022 cipher)"
+            in ignored)
     assert ("proxies[6] (vless proxy 'vless-1': reality-opts (REALITY is not supported))"
             in ignored)
     groups = {g.name: g for g in cfg.proxy_groups}
@@ -254,7 +259,7 @@ def test_real_world_profile_loads(tmp_path: Path) -> None:
     assert groups["Provided"].use == ("provider1",)
     assert groups["Select"].proxies == ("Auto", "Balance", "Chain", "trojan-1", "DIRECT")
     # include-all: every proxy of the file after the named ones (skipped dropped).
-    assert groups["Global"].proxies == ("Select", "ss-aead", "trojan-1", "trojan-ws")
+    assert groups["Global"].proxies == ("Select", "ss-aead", "ss-plugin", "trojan-1", "trojan-ws")
     assert groups["Global"].use == ("provider1",)
     assert "proxy-groups[4] (group 'Dead' has no usable member)" in ignored
     assert [r.type for r in cfg.rules] == [
@@ -798,7 +803,8 @@ def test_proxy_types() -> None:
     assert h == ProxyConfig(
         "h", "http", "proxy.example", 3128, "u", "p", True, True, "proxy.example", False, None
     )
-    assert ss.server == "2001:db8::1" and ss.cipher == "aes-128-gcm" and ss.udp
+    assert ss.server == "2001:db8::1" and ss.udp
+    assert ss.options == ShadowsocksOptions("aes-128-gcm", "p")
     assert t.tls_options is not None and t.tls_options.sni is None and not t.udp
     assert t.options == TrojanOptions(password="p")
     assert d == ProxyConfig("d", "direct")

@@ -1,8 +1,8 @@
 """`proxies:`: the outbounds Mirage implements, parsed strictly.
 
 A proxy of a type Mirage cannot speak (`vmess`, ...) or with an option that
-changes its wire protocol (an ss `plugin`, a trojan `ss-opts`, ...) is
-skipped and reported; `parse_proxies` returns why, so a group can drop it
+changes its wire protocol (an ss stream cipher, a trojan `ss-opts`, ...)
+is skipped and reported; `parse_proxies` returns why, so a group can drop it
 and a rule that targets it can say so.
 """
 
@@ -26,7 +26,6 @@ from appliance.config.loader.scalars import (
     as_nonempty_str,
     as_port,
     as_str,
-    choice,
 )
 from appliance.config.loader.section import LoadContext, Section
 from appliance.config.model import ProxyConfig
@@ -56,10 +55,6 @@ PROXY_KEYS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
         # udp: converters emit it on every proxy; an http proxy has no UDP.
         (*_IGNORED_PROXY_COMMON, "headers", "udp"),
     ),
-    "ss": (
-        ("server", "port", "password", "cipher", "udp"),
-        (*_IGNORED_PROXY_COMMON, "udp-over-tcp", "udp-over-tcp-version"),
-    ),
     "direct": ((), _IGNORED_PROXY_COMMON),
     "reject": ((), _IGNORED_PROXY_COMMON),
 }
@@ -73,9 +68,6 @@ UNSUPPORTED_PROXY_TYPES = (
     "ssr", "snell", "socks4", "hysteria", "hysteria2",
     "tuic", "wireguard", "ssh", "mieru", "anytls", "dns", "semi", "sudoku",
 )  # fmt: skip
-# AEAD ciphers (SIP004) only: the stream ciphers are broken and mihomo
-# itself deprecates them.
-SS_CIPHERS = ("aes-128-gcm", "aes-192-gcm", "aes-256-gcm", "chacha20-ietf-poly1305")
 
 
 def parse_proxies(
@@ -117,30 +109,12 @@ def parse_proxies(
                 "unknown proxy type (Mirage implements "
                 + ", ".join((*PROXY_KEYS, *PROTOCOLS)) + ")",
             )  # fmt: skip
-        reason = _unusable_proxy(sec, ptype)
-        if reason is not None:
-            ctx.ignore(sec.path, f"{ptype} proxy {name!r}: {reason}")
-            skipped[name] = f"a {ptype} proxy with {reason}, which Mirage does not implement"
-            continue
         proxies.append(_parse_proxy(sec, name, ptype))
     if client_fingerprints:
         log.info("client-fingerprint (uTLS) on %d prox%s has no effect: TLS is Python's "
                  "(OpenSSL's ClientHello)", client_fingerprints,
                  "y" if client_fingerprints == 1 else "ies")
     return proxies, skipped
-
-
-def _unusable_proxy(sec: Section, ptype: str) -> str | None:
-    """Real mihomo options that change the wire protocol: without them the
-    proxy cannot work, so the whole proxy is skipped rather than the key."""
-    data = sec.data
-    if ptype == "ss":
-        if data.get("plugin") is not None:
-            return f"plugin {data['plugin']!r}"
-        cipher = data.get("cipher")
-        if isinstance(cipher, str) and cipher.lower() not in SS_CIPHERS:
-            return f"cipher {cipher!r}"
-    return None
 
 
 def _parse_proxy(sec: Section, name: str, ptype: str) -> ProxyConfig:
@@ -151,20 +125,15 @@ def _parse_proxy(sec: Section, name: str, ptype: str) -> ProxyConfig:
     server = sec.require("server", server_value)
     port = sec.require("port", as_port)
     username = sec.get("username", as_str, None) if "username" in implemented else None
-    password: str | None
-    if ptype == "ss":
-        password = sec.require("password", as_nonempty_str)
-    else:
-        password = sec.get("password", as_str, None)
+    password = sec.get("password", as_str, None)
     tls = sec.get("tls", as_bool, False) if "tls" in implemented else False
-    skip_verify = sec.get("skip-cert-verify", as_bool, False) if ptype != "ss" else False
+    skip_verify = sec.get("skip-cert-verify", as_bool, False)
     sni = (
         sec.get("sni", lambda v, p: as_domain(v, p, wildcards=False), None)
         if ("sni" in implemented)
         else None
     )
     udp = sec.get("udp", as_bool, False) if "udp" in implemented else False
-    cipher = sec.require("cipher", choice(SS_CIPHERS)) if ptype == "ss" else None
     if (username is None) != (password is None) and ptype in ("socks5", "http"):
         missing = "password" if password is None else "username"
         raise ConfigError(sec.at(missing), NO_VALUE, "username and password go together")
@@ -198,7 +167,6 @@ def _parse_proxy(sec: Section, name: str, ptype: str) -> ProxyConfig:
         skip_cert_verify=skip_verify,
         sni=sni,
         udp=udp,
-        cipher=cipher,
         preconnect=preconnect,
         dialer_proxy=dialer_proxy,
     )

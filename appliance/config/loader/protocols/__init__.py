@@ -125,8 +125,9 @@ def render_protocol_proxy(p: ProxyConfig, redact: bool) -> dict[str, Any]:
 
 
 # The protocol modules import ProtocolSpec from here: registered last.
-from appliance.config.loader.protocols import trojan, vless, vmess  # noqa: E402
+from appliance.config.loader.protocols import shadowsocks, trojan, vless, vmess  # noqa: E402
 
 PROTOCOLS["vmess"] = vmess.SPEC
 PROTOCOLS["vless"] = vless.SPEC
 PROTOCOLS["trojan"] = trojan.SPEC
+PROTOCOLS["ss"] = shadowsocks.SPEC
