@@ -31,8 +31,10 @@ from appliance.outbound.base import Outbound, OutboundEnv, OutboundError, Resolv
 from appliance.outbound.direct import DirectOutbound
 from appliance.outbound.groups import FallbackGroup, SelectGroup
 from appliance.outbound.http import HttpOutbound
+from appliance.outbound.hysteria2 import Hysteria2Outbound
 from appliance.outbound.reject import RejectOutbound
 from appliance.outbound.socks5 import Socks5Outbound
+from appliance.outbound.tuic import TuicOutbound
 
 # One proxy entry and what all outbounds share -> the outbound.
 Builder = Callable[[ProxyConfig, OutboundEnv], Outbound]
@@ -43,6 +45,8 @@ BUILDERS: dict[str, Builder] = {
     "http": HttpOutbound.from_config,
     "direct": DirectOutbound.from_config,
     "reject": RejectOutbound.from_config,
+    "hysteria2": Hysteria2Outbound.from_config,
+    "tuic": TuicOutbound.from_config,
 }
 
 

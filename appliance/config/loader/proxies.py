@@ -11,7 +11,12 @@ from __future__ import annotations
 from typing import Any
 
 from appliance.config.loader.errors import NO_VALUE, ConfigError, index_path
-from appliance.config.loader.protocols import PROTOCOLS, parse_protocol_proxy, server_value
+from appliance.config.loader.protocols import (
+    PROTOCOLS,
+    UnusableProxy,
+    parse_protocol_proxy,
+    server_value,
+)
 from appliance.config.loader.scalars import (
     as_bool,
     as_domain,
@@ -62,8 +67,8 @@ PRECONNECT_MAX = 64
 # mihomo outbound types Mirage cannot speak: such a proxy is skipped (and
 # reported); a rule that targets it is an error, a group drops it.
 UNSUPPORTED_PROXY_TYPES = (
-    "vmess", "vless", "ssr", "snell", "socks4", "hysteria", "hysteria2",
-    "tuic", "wireguard", "ssh", "mieru", "anytls", "dns", "semi", "sudoku",
+    "vmess", "vless", "ssr", "snell", "socks4", "hysteria",
+    "wireguard", "ssh", "mieru", "anytls", "dns", "semi", "sudoku",
 )  # fmt: skip
 # AEAD ciphers (SIP004) only: the stream ciphers are broken and mihomo
 # itself deprecates them.
@@ -90,11 +95,17 @@ def parse_proxies(
         ptype = sec.require("type", as_nonempty_str).lower()
         spec = PROTOCOLS.get(ptype)
         if spec is not None:
-            proxies.append(parse_protocol_proxy(sec, name, ptype, spec))
+            try:
+                proxies.append(parse_protocol_proxy(sec, name, ptype, spec))
+            except UnusableProxy as e:
+                ctx.ignore(sec.path, f"{ptype} proxy {name!r}: {e.reason}")
+                skipped[name] = f"a {ptype} proxy with {e.reason}"
             continue
         if ptype in UNSUPPORTED_PROXY_TYPES:
             ctx.ignore(sec.path, f"{ptype} proxy {name!r}")
             skipped[name] = f"a {ptype} proxy, which Mirage does not implement"
+            if ptype == "hysteria":
+                skipped[name] += " (Hysteria v1; hysteria2 is supported)"
             continue
         if ptype not in PROXY_KEYS:
             raise ConfigError(

@@ -45,6 +45,18 @@ COMMON_IGNORED = ("tfo", "mptcp", "interface-name", "routing-mark")
 IP_VERSIONS = ("dual", "ipv4", "ipv6", "ipv4-prefer", "ipv6-prefer")
 
 
+class UnusableProxy(Exception):
+    """Raised by a protocol's `parse` (or the shared layers) for a proxy
+    whose options change its wire protocol in a way Mirage does not speak
+    (a legacy header, REALITY, an xtls flow): the loader skips that proxy
+    and reports `reason` ("a <type> proxy with <reason>"), as it does for a
+    type it does not implement."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
 @dataclass(frozen=True)
 class ProtocolSpec:
     """How one proxy `type` is read: its own keys' parser and renderer, the
@@ -106,3 +118,10 @@ def render_protocol_proxy(p: ProxyConfig, redact: bool) -> dict[str, Any]:
     assert p.options is not None
     out.update(spec.render(p.options, redact))
     return out
+
+
+# The protocol modules import ProtocolSpec from here: registered last.
+from appliance.config.loader.protocols import hysteria2, tuic  # noqa: E402
+
+PROTOCOLS["hysteria2"] = hysteria2.SPEC
+PROTOCOLS["tuic"] = tuic.SPEC
