@@ -35,6 +35,8 @@ from appliance.outbound.hysteria2 import Hysteria2Outbound
 from appliance.outbound.reject import RejectOutbound
 from appliance.outbound.socks5 import Socks5Outbound
 from appliance.outbound.tuic import TuicOutbound
+from appliance.outbound.vless import VlessOutbound
+from appliance.outbound.vmess import VmessOutbound
 
 # One proxy entry and what all outbounds share -> the outbound.
 Builder = Callable[[ProxyConfig, OutboundEnv], Outbound]
@@ -45,6 +47,8 @@ BUILDERS: dict[str, Builder] = {
     "http": HttpOutbound.from_config,
     "direct": DirectOutbound.from_config,
     "reject": RejectOutbound.from_config,
+    "vmess": VmessOutbound.from_config,
+    "vless": VlessOutbound.from_config,
     "hysteria2": Hysteria2Outbound.from_config,
     "tuic": TuicOutbound.from_config,
 }

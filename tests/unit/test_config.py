@@ -117,13 +117,14 @@ def test_clash_profile_example_loads_and_reports_what_it_ignores() -> None:
     for key in ("tun", "sniffer", "redir-port", "mode", "rule-providers", "dns.fallback"):
         assert key in ignored
     assert "rules[15] (GEOIP)" in ignored
-    assert "proxies[2] (vmess proxy 'US 01')" in ignored
+    assert "proxies[3] (ssr proxy 'SG 01')" in ignored
     assert "proxy-groups[1].type (url-test runs as fallback)" in ignored
     assert "dns.nameserver[2] (tls://dns.google:853)" in ignored
-    assert [p.name for p in cfg.proxies] == ["HK 01", "JP 01", "Home SOCKS", "Office HTTP"]
+    assert [p.name for p in cfg.proxies] == ["HK 01", "JP 01", "US 01", "Home SOCKS",
+                                             "Office HTTP"]
     groups = {g.name: g for g in cfg.proxy_groups}
-    assert groups["Auto"] == ProxyGroupConfig("Auto", "fallback", ("HK 01", "JP 01"))
-    assert "US 01" not in groups["Proxy"].proxies
+    assert groups["Auto"] == ProxyGroupConfig("Auto", "fallback", ("HK 01", "JP 01", "US 01"))
+    assert "SG 01" not in groups["Proxy"].proxies
     assert cfg.rules[-1] == Rule("MATCH", MatchAll(), "Proxy")
     assert all(r.type not in ("GEOIP", "GEOSITE", "RULE-SET") for r in cfg.rules)
     assert [h for h, _ in cfg.dns.hosts] == ["router.lan", "nas.lan"]
@@ -182,7 +183,8 @@ proxies:
   - {name: trojan-ws, type: trojan, server: tj.example.net, port: 443, password: pw,
      network: ws, ws-opts: {path: /x}}
   - {name: hy1, type: hysteria, server: hy.example.net, port: 443, auth-str: pw}
-  - {name: vless-1, type: vless, server: vl.example.net, port: 443, uuid: x}
+  - {name: vless-1, type: vless, server: vl.example.net, port: 443, uuid: x, tls: true,
+     reality-opts: {public-key: k}}
 proxy-groups:
   - {name: Select, type: select, proxies: [Auto, Balance, Chain, trojan-1, DIRECT]}
   - {name: Auto, type: url-test, proxies: [ss-aead, trojan-1, hy1],
@@ -233,6 +235,8 @@ def test_real_world_profile_loads(tmp_path: Path) -> None:
     assert "proxies[1] (ss proxy 'ss-plugin': plugin 'obfs')" in ignored
     assert "proxies[2] (ss proxy 'ss-old': cipher 'rc4-md5')" in ignored
     assert "proxies[4] (trojan proxy 'trojan-ws': network 'ws')" in ignored
+    assert ("proxies[6] (vless proxy 'vless-1': reality-opts (REALITY is not supported))"
+            in ignored)
     groups = {g.name: g for g in cfg.proxy_groups}
     assert groups["Auto"] == ProxyGroupConfig("Auto", "fallback", ("ss-aead", "trojan-1"))
     assert groups["Balance"].type == "fallback"
@@ -836,7 +840,7 @@ def test_groups_may_name_later_groups() -> None:
     [
         ("DOMAIN,a.test,nope", "names no proxy, group, DIRECT or REJECT"),
         ("DOMAIN,a.test,direct", "names no proxy"),
-        ("DOMAIN,a.test,v", "a vmess proxy"),
+        ("DOMAIN,a.test,v", "a vmess proxy with alterId 64"),
         ("DOMAIN,a.test,dead", "a group with no member"),
         ("FOO,a.test,DIRECT", "unknown rule type"),
         ("DOMAIN,a.test", "expected DOMAIN,VALUE,TARGET"),
@@ -860,7 +864,8 @@ def test_groups_may_name_later_groups() -> None:
 )
 def test_rule_errors(rule: str, reason: str) -> None:
     data = with_(
-        proxies=[SOCKS, {"name": "v", "type": "vmess", "server": "x", "port": 1}],
+        proxies=[SOCKS, {"name": "v", "type": "vmess", "server": "x", "port": 1, "uuid": "u",
+                         "alterId": 64}],
         proxy_groups=[{"name": "dead", "type": "select", "proxies": ["v"]}],
         rules=["DOMAIN,ok.test,s", rule],
     )

@@ -67,7 +67,7 @@ PRECONNECT_MAX = 64
 # mihomo outbound types Mirage cannot speak: such a proxy is skipped (and
 # reported); a rule that targets it is an error, a group drops it.
 UNSUPPORTED_PROXY_TYPES = (
-    "vmess", "vless", "ssr", "snell", "socks4", "hysteria",
+    "ssr", "snell", "socks4", "hysteria",
     "wireguard", "ssh", "mieru", "anytls", "dns", "semi", "sudoku",
 )  # fmt: skip
 # AEAD ciphers (SIP004) only: the stream ciphers are broken and mihomo
