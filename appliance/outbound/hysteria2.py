@@ -45,7 +45,6 @@ from appliance.outbound.quic import (
     SharedTunnel,
     open_tunnel,
     quic_configuration,
-    spawn_pump,
 )
 from appliance.proto.hysteria2 import (
     AUTH_AUTHORITY,
@@ -290,8 +289,6 @@ class Hysteria2Outbound:
             tunnel.sessions.pop(session, None)
             tunnel.release()
 
-        peer = DatagramPeer(self.name, f"{self.server}:{self.port} session {session}", closed)
-        tunnel.sessions[session] = (peer, Defragmenter())
         quic = tunnel.quic
 
         def send(payload: bytes) -> None:
@@ -305,6 +302,8 @@ class Hysteria2Outbound:
             for frame in frames:
                 quic.send_datagram_frame(frame)
 
-        spawn_pump(peer, send, tunnel.transmit, self.name)
+        peer = DatagramPeer(tunnel, self.name, f"{self.server}:{self.port} session {session}",
+                            send=send, on_close=closed)
+        tunnel.sessions[session] = (peer, Defragmenter())
         await trio.lowlevel.checkpoint()
         return peer

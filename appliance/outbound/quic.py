@@ -219,6 +219,8 @@ class QuicTunnel:
         self.streams: dict[int, QuicStream] = {}
         self.closed_reason: str | None = None
         self.connected = trio.Event()
+        # Set once the tunnel takes no more flows (closing or closed).
+        self.ended = trio.Event()
         self.terminated = trio.Event()
         self.users = 0
         self._idle_since = trio.current_time()
@@ -258,6 +260,7 @@ class QuicTunnel:
         if self.closed_reason is not None:
             return
         self.closed_reason = reason
+        self.ended.set()
         for stream in list(self.streams.values()):
             stream._fail(reason)
         self.streams.clear()
@@ -642,15 +645,41 @@ class SharedTunnel:
             return t
 
 
-class DatagramPeer(UdpPeer):
-    """A UDP flow carried over a tunnel: the gateway's end of a
-    socketpair. The gateway writes payloads to `sock` and reads replies
-    from it as from any connected UDP socket; the outbound's pump reads the
-    other end (`inner`) and sends each payload over QUIC, and writes what
-    the server answers to `inner`. `on_close` tells the protocol the flow
-    ended (dissociate, release the tunnel)."""
+class TunnelLife(trio.abc.Stream):
+    """The tunnel in the place of a UDP flow's control connection: the
+    gateway runs the peer's `watch()` for a peer with one (and ends the
+    flow when it returns); nothing is ever read from or written to it."""
 
-    def __init__(self, outbound: str, remote: str, on_close: Callable[[], None]) -> None:
+    def __init__(self, tunnel: QuicTunnel) -> None:
+        self.tunnel = tunnel
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        await self.tunnel.ended.wait()
+        return b""
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        raise trio.BrokenResourceError("a tunnel's life carries no data")
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await trio.lowlevel.checkpoint()
+
+    async def aclose(self) -> None:
+        await trio.lowlevel.checkpoint()
+
+
+class DatagramPeer(UdpPeer):
+    """A UDP flow carried over a tunnel, as the gateway's end of a
+    socketpair: the gateway writes payloads to `sock` and reads replies
+    from it as from any connected UDP socket. `watch()` (run by the
+    gateway for the flow's life) reads the other end (`inner`) and hands
+    each payload to `send` (queued on the QUIC connection), one `flush`
+    (transmit) per batch; the protocol writes the server's answers to
+    `inner` (`deliver`). `watch()` returns when the tunnel ends, which
+    ends the flow; `on_close` tells the protocol the flow ended
+    (dissociate, release the tunnel)."""
+
+    def __init__(self, tunnel: QuicTunnel, outbound: str, remote: str, *,
+                 send: Callable[[bytes], None], on_close: Callable[[], None]) -> None:
         outer, inner = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
         outer.setblocking(False)
         inner.setblocking(False)
@@ -659,8 +688,11 @@ class DatagramPeer(UdpPeer):
             with contextlib.suppress(OSError):
                 s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
                 s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
-        super().__init__(outer, outbound, remote=remote)
+        super().__init__(outer, outbound, control=TunnelLife(tunnel), remote=remote)
+        self.socks = False  # replies are bare payloads, not SOCKS5 datagrams
+        self.tunnel = tunnel
         self.inner = inner
+        self._send = send
         self._on_close: Callable[[], None] | None = on_close
 
     def deliver(self, payload: bytes) -> None:
@@ -668,36 +700,37 @@ class DatagramPeer(UdpPeer):
         with contextlib.suppress(OSError):
             self.inner.send(payload)
 
+    async def watch(self) -> None:
+        async with trio.open_nursery() as nursery:
+
+            async def until_the_tunnel_ends() -> None:
+                await self.tunnel.ended.wait()
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(until_the_tunnel_ends)
+            await self._pump()
+            nursery.cancel_scope.cancel()
+
+    async def _pump(self) -> None:
+        inner = self.inner
+        send = self._send
+        flush = self.tunnel.transmit
+        try:
+            while True:
+                await trio.lowlevel.wait_readable(inner)
+                for _ in range(RECV_BATCH):
+                    try:
+                        data = inner.recv(RECV_SIZE)
+                    except BlockingIOError:
+                        break
+                    send(data)
+                flush()
+        except (OSError, ValueError, trio.ClosedResourceError):
+            return  # closed under us: the flow is over
+
     async def aclose(self) -> None:
         on_close, self._on_close = self._on_close, None
         if on_close is not None:
             on_close()
         self.inner.close()
         await super().aclose()
-
-
-async def pump_up(peer: DatagramPeer, send: Callable[[bytes], None],
-                  flush: Callable[[], None]) -> None:
-    """Payloads the gateway wrote to the peer -> `send` (queued on the QUIC
-    connection), then one `flush` (transmit) per batch, until the peer is
-    closed. Runs as a system task (the flow's life is the gateway's, which
-    closes the peer)."""
-    inner = peer.inner
-    try:
-        while True:
-            await trio.lowlevel.wait_readable(inner)
-            for _ in range(RECV_BATCH):
-                try:
-                    data = inner.recv(RECV_SIZE)
-                except BlockingIOError:
-                    break
-                send(data)
-            flush()
-    except (OSError, ValueError, trio.ClosedResourceError):
-        return  # closed under us: the flow is over
-
-
-def spawn_pump(peer: DatagramPeer, send: Callable[[bytes], None], flush: Callable[[], None],
-               name: str) -> None:
-    trio.lowlevel.spawn_system_task(pump_up, peer, send, flush, name=f"quic udp {name}")
-

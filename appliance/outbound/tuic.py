@@ -41,7 +41,6 @@ from appliance.outbound.quic import (
     SharedTunnel,
     open_tunnel,
     quic_configuration,
-    spawn_pump,
 )
 from appliance.proto.tuic import (
     CMD_PACKET,
@@ -223,8 +222,6 @@ class TuicOutbound:
                 tunnel.transmit()
             tunnel.release()
 
-        peer = DatagramPeer(self.name, f"{self.server}:{self.port} assoc {assoc}", closed)
-        tunnel.associations[assoc] = (peer, Reassembler())
         quic = tunnel.quic
 
         def send(payload: bytes) -> None:
@@ -241,7 +238,9 @@ class TuicOutbound:
                 else:
                     tunnel.send_uni(frame)
 
-        spawn_pump(peer, send, tunnel.transmit, self.name)
+        peer = DatagramPeer(tunnel, self.name, f"{self.server}:{self.port} assoc {assoc}",
+                            send=send, on_close=closed)
+        tunnel.associations[assoc] = (peer, Reassembler())
         await trio.lowlevel.checkpoint()
         return peer
 
