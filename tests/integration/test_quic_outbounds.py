@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
 
 from appliance.lab.certs import make_ca_and_cert
 from appliance.lab.lab import Lab
@@ -67,6 +69,8 @@ HY2_BAD = Case("hy2-badpass", 41400)
 TUIC_BAD = Case("tuic-baduuid", 41500)
 HY2_DEAD = Case("hy2-down", 41600)
 TUIC_DEAD = Case("tuic-down", 41700)
+HY2_PINNED = Case("hy2-pinned", 41800)
+TUIC_BADPIN = Case("tuic-badpin", 41900)
 WORKING = [HY2, HY2_OBFS, TUIC_NATIVE, TUIC_QUIC]
 
 
@@ -88,6 +92,8 @@ def quic(lab: Lab) -> Iterator[Quic]:
     bundle = d / "trust.pem"
     bundle.write_text(lab.ca_path.read_text() + certs.ca_cert.read_text())
     tls = _tls(certs.cert, certs.key)
+    pin = x509.load_pem_x509_certificate(certs.cert.read_bytes()).fingerprint(
+        hashes.SHA256()).hex()
     inbounds = [
         {"type": "hysteria2", "tag": "hy2", "listen": SERVER, "listen_port": HY2_PORT,
          "users": [{"name": "mirage", "password": HY2_PASSWORD}], "tls": tls},
@@ -117,6 +123,11 @@ def quic(lab: Lab) -> Iterator[Quic]:
          "password": HY2_PASSWORD, **common},
         {"name": TUIC_DEAD.proxy, "type": "tuic", "port": DEAD_PORT, "uuid": TUIC_UUID,
          "password": TUIC_PASSWORD, **common},
+        # Pinned: the chain is not verified, the certificate's hash is.
+        {"name": HY2_PINNED.proxy, "type": "hysteria2", "port": HY2_PORT,
+         "password": HY2_PASSWORD, "server": SERVER, "sni": "any.name", "fingerprint": pin},
+        {"name": TUIC_BADPIN.proxy, "type": "tuic", "port": TUIC_PORT, "uuid": TUIC_UUID,
+         "password": TUIC_PASSWORD, "fingerprint": "00" * 32, **common},
     ]
     state = lab.state_dir / "quic-mirage-state"
     # Mirage's DNS off port 53, so the client's dig to port 53 is a flow
@@ -124,8 +135,8 @@ def quic(lab: Lab) -> Iterator[Quic]:
     cfg = lab_config(lab, appliance={"state-dir": str(state), "dns-hijack": False},
                      dns={"listen": f"0.0.0.0:{GATEWAY_DNS_PORT}"})
     cfg["proxies"] = proxies
-    cfg["rules"] = [c.rule for c in (*WORKING, HY2_BAD, TUIC_BAD, HY2_DEAD, TUIC_DEAD)] + [
-        "MATCH,DIRECT"]
+    cfg["rules"] = [c.rule for c in (*WORKING, HY2_BAD, TUIC_BAD, HY2_DEAD, TUIC_DEAD,
+                                     HY2_PINNED, TUIC_BADPIN)] + ["MATCH,DIRECT"]
     echo = lab.popen("upstream", [sys.executable, str(ECHO), "--tag", "--max-seconds", "600",
                                   f"{SERVER}:{ECHO_PORT}"],
                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -247,3 +258,12 @@ def test_server_down_fails_fast(lab: Lab, quic: Quic) -> None:
         assert code != 0 and took < 5, (case.proxy, code, took)
     log = quic.mirage.log_text()
     assert f"{HY2_DEAD.proxy}: QUIC handshake: server unreachable" in log, log[-3000:]
+
+
+def test_a_pinned_fingerprint_replaces_the_chain_check(lab: Lab, quic: Quic) -> None:
+    code, body, _ = curl(lab, HY2_PINNED)
+    assert code == 0 and "MARKER-ALPHA" in body, (code, body)
+    code, _, took = curl(lab, TUIC_BADPIN)
+    assert code != 0 and took < 5, (code, took)
+    log = quic.mirage.log_text()
+    assert f"{TUIC_BADPIN.proxy}: server certificate SHA-256" in log, log[-3000:]
