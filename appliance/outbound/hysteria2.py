@@ -216,7 +216,8 @@ class Hysteria2Outbound:
         self.connect_timeout = connect_timeout
         self.fingerprint = fingerprint
         self.configuration = quic_configuration(
-            sni=sni, alpn=alpn, skip_cert_verify=skip_cert_verify, fingerprint=fingerprint)
+            sni=sni, alpn=alpn, skip_cert_verify=skip_cert_verify, fingerprint=fingerprint,
+            ca_file=str(options.ca) if options.ca is not None else None, ca_data=options.ca_str)
         self.salamander = (Salamander(options.obfs_password)
                            if options.obfs == "salamander" else None)
         self.shared = SharedTunnel(self._connect)

@@ -11,15 +11,16 @@ their handshake, datagrams and server-opened streams.
 
 The driver (`QuicTunnel._drive`): one wake-up per batch of received
 datagrams (up to `RECV_BATCH` recv calls, all fed to aioquic before its
-events are handled), then one `datagrams_to_send` drained with a send per
-datagram. Flows that write call `transmit()` themselves, so their data
-leaves in the writer's own turn instead of a second task's; the driver's
-timer (aioquic's `get_timer`, idle and keepalive) is a cancel scope whose
-deadline every transmit moves.
+events are handled; while datagrams keep coming, the next pass follows a
+plain checkpoint instead of a wait), then one `datagrams_to_send` drained
+with a send per datagram. Flows that write call `transmit()` themselves,
+so their data leaves in the writer's own turn instead of a second task's;
+the driver's timer (aioquic's `get_timer`, idle and keepalive) is a cancel
+scope whose deadline every transmit moves.
 
 Why it is not faster: every QUIC packet costs a Python round through
-aioquic's packet builder/parser and AEAD (per packet, not per byte), about
-10-20 µs; see docs/architecture.md "QUIC protocols".
+aioquic's packet parser/builder, header protection and AEAD (per packet,
+not per byte), about 40 us; see docs/architecture.md "QUIC protocols".
 
 How it fails: the tunnel ends when the server closes it (its error code
 and reason are kept in `closed_reason` and logged once), when aioquic's
@@ -91,10 +92,13 @@ NO_ERROR = 0
 
 def quic_configuration(*, sni: str, alpn: tuple[str, ...], skip_cert_verify: bool,
                        fingerprint: str | None, congestion: str = "cubic",
+                       ca_file: str | None = None, ca_data: str | None = None,
                        datagrams: bool = True) -> QuicConfiguration:
     """The client configuration of one proxy. A `fingerprint` pins the
     certificate instead of verifying its chain (checked after the
-    handshake, as mihomo does); SSL_CERT_FILE adds a private CA."""
+    handshake, as mihomo does). The chain is verified against the proxy's
+    own `ca`/`ca-str` when given, else the certifi bundle, or, as Python's
+    ssl does, the CA file SSL_CERT_FILE names."""
     cfg = QuicConfiguration(
         is_client=True, alpn_protocols=list(alpn), server_name=sni,
         max_datagram_size=MAX_DATAGRAM_SIZE, idle_timeout=IDLE_TIMEOUT + KEEPALIVE,
@@ -104,6 +108,8 @@ def quic_configuration(*, sni: str, alpn: tuple[str, ...], skip_cert_verify: boo
     )  # fmt: skip
     if skip_cert_verify or fingerprint is not None:
         cfg.verify_mode = ssl.CERT_NONE
+    elif ca_file is not None or ca_data is not None:
+        cfg.load_verify_locations(cafile=ca_file, cadata=ca_data.encode() if ca_data else None)
     else:
         cafile = os.environ.get("SSL_CERT_FILE")
         if cafile:

@@ -160,6 +160,7 @@ class TuicOutbound:
         self.fingerprint = fingerprint
         self.configuration = quic_configuration(
             sni=sni, alpn=alpn, skip_cert_verify=skip_cert_verify, fingerprint=fingerprint,
+            ca_file=str(options.ca) if options.ca is not None else None, ca_data=options.ca_str,
             congestion=_CONGESTION[options.congestion_controller])
         self.shared = SharedTunnel(self._connect)
 

@@ -71,6 +71,7 @@ HY2_DEAD = Case("hy2-down", 41600)
 TUIC_DEAD = Case("tuic-down", 41700)
 HY2_PINNED = Case("hy2-pinned", 41800)
 TUIC_BADPIN = Case("tuic-badpin", 41900)
+TUIC_WRONG_CA = Case("tuic-wrongca", 42000)
 WORKING = [HY2, HY2_OBFS, TUIC_NATIVE, TUIC_QUIC]
 
 
@@ -128,6 +129,9 @@ def quic(lab: Lab) -> Iterator[Quic]:
          "password": HY2_PASSWORD, "server": SERVER, "sni": "any.name", "fingerprint": pin},
         {"name": TUIC_BADPIN.proxy, "type": "tuic", "port": TUIC_PORT, "uuid": TUIC_UUID,
          "password": TUIC_PASSWORD, "fingerprint": "00" * 32, **common},
+        # Its own `ca` (the lab's other CA) wins over SSL_CERT_FILE: refused.
+        {"name": TUIC_WRONG_CA.proxy, "type": "tuic", "port": TUIC_PORT, "uuid": TUIC_UUID,
+         "password": TUIC_PASSWORD, "ca": str(lab.ca_path), **common},
     ]
     state = lab.state_dir / "quic-mirage-state"
     # Mirage's DNS off port 53, so the client's dig to port 53 is a flow
@@ -136,7 +140,7 @@ def quic(lab: Lab) -> Iterator[Quic]:
                      dns={"listen": f"0.0.0.0:{GATEWAY_DNS_PORT}"})
     cfg["proxies"] = proxies
     cfg["rules"] = [c.rule for c in (*WORKING, HY2_BAD, TUIC_BAD, HY2_DEAD, TUIC_DEAD,
-                                     HY2_PINNED, TUIC_BADPIN)] + ["MATCH,DIRECT"]
+                                     HY2_PINNED, TUIC_BADPIN, TUIC_WRONG_CA)] + ["MATCH,DIRECT"]
     echo = lab.popen("upstream", [sys.executable, str(ECHO), "--tag", "--max-seconds", "600",
                                   f"{SERVER}:{ECHO_PORT}"],
                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -267,3 +271,11 @@ def test_a_pinned_fingerprint_replaces_the_chain_check(lab: Lab, quic: Quic) -> 
     assert code != 0 and took < 5, (code, took)
     log = quic.mirage.log_text()
     assert f"{TUIC_BADPIN.proxy}: server certificate SHA-256" in log, log[-3000:]
+
+
+def test_a_proxys_own_ca_is_the_one_trusted(lab: Lab, quic: Quic) -> None:
+    code, _, took = curl(lab, TUIC_WRONG_CA)
+    assert code != 0 and took < 5, (code, took)
+    log = quic.mirage.log_text()
+    assert f"{TUIC_WRONG_CA.proxy}: QUIC handshake: connection closed with error code" in log, (
+        log[-3000:])

@@ -231,11 +231,13 @@ def _profile(*proxies: dict[str, Any]) -> dict[str, Any]:
 HY2 = {"name": "hy", "type": "hysteria2", "server": "hy.example", "port": 443,
        "password": 123456, "obfs": "salamander", "obfs-password": "cover",
        "up": "30 Mbps", "down": 100, "ports": "443,8443-8450", "sni": "front.example",
-       "skip-cert-verify": True, "hop-interval": 30}
+       "skip-cert-verify": True, "hop-interval": 30,
+       "ca-str": "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"}
 TUIC = {"name": "tu", "type": "tuic", "server": "203.0.113.5", "port": 443,
         "uuid": "7b2f6a0e-4c1d-4e8a-9f3b-2d5c6e7f8a9b", "password": "pw",
         "udp-relay-mode": "quic", "congestion-controller": "bbr", "heartbeat-interval": 5000,
-        "request-timeout": 4000, "reduce-rtt": True, "alpn": ["h3"], "max-open-streams": 20}
+        "request-timeout": 4000, "reduce-rtt": True, "alpn": ["h3"], "max-open-streams": 20,
+        "ca": "/etc/mirage/tuic-ca.pem"}
 
 
 def test_hysteria2_and_tuic_load_with_mihomo_names_and_render_back() -> None:
@@ -243,12 +245,13 @@ def test_hysteria2_and_tuic_load_with_mihomo_names_and_render_back() -> None:
     hy2, tu = cfg.proxies
     assert hy2.options == Hysteria2Options(password="123456", obfs="salamander",
                                            obfs_password="cover", up="30 Mbps", down="100",
-                                           ports="443,8443-8450")
+                                           ports="443,8443-8450", ca_str=HY2["ca-str"])
     assert hy2.tls_options is not None and hy2.tls_options.sni == "front.example"
     assert isinstance(tu.options, TuicOptions)
     assert tu.options.uuid == uuid.UUID(str(TUIC["uuid"]))
     assert tu.options.udp_relay_mode == "quic" and tu.options.heartbeat_interval == 5.0
     assert tu.options.request_timeout == 4.0 and tu.options.congestion_controller == "bbr"
+    assert str(tu.options.ca) == "/etc/mirage/tuic-ca.pem"
     assert parse_config(effective_config(cfg, redact=False)).proxies == cfg.proxies
     shown = effective_config(cfg, redact=True)["proxies"]
     assert shown[0]["password"] == shown[0]["obfs-password"] == shown[1]["password"] == (
@@ -272,6 +275,7 @@ def test_tuic_v4_hysteria_v1_and_quic_behind_a_dialer_proxy_are_skipped_with_why
     ({"obfs": "xplus"}, "proxies[0].obfs"),
     ({"obfs": "salamander", "obfs-password": "abc"}, "proxies[0].obfs-password"),
     ({"password": None}, "proxies[0].password"),
+    ({"ca-str": "not pem"}, "proxies[0].ca-str"),
 ])
 def test_bad_hysteria2_options_name_their_key(extra: dict[str, Any], path: str) -> None:
     proxy = {k: v for k, v in {**HY2, "obfs": None, **extra}.items() if v is not None}

@@ -5,6 +5,7 @@ appliance/config/loader/protocols/hysteria2.py; TLS (`sni`, `alpn`,
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from appliance.config.protocols import ProtocolOptions
 
@@ -23,3 +24,7 @@ class Hysteria2Options(ProtocolOptions):
     up: str | None = None
     down: str | None = None
     ports: str | None = None
+    # `ca` (a PEM file) and `ca-str` (PEM text): CAs trusted for the server
+    # instead of the default bundle.
+    ca: Path | None = None
+    ca_str: str | None = None

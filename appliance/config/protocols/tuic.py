@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 from appliance.config.protocols import ProtocolOptions
@@ -32,3 +33,7 @@ class TuicOptions(ProtocolOptions):
     request_timeout: float = 8.0
     reduce_rtt: bool = False
     ip: str | None = None
+    # `ca` (a PEM file) and `ca-str` (PEM text): CAs trusted for the server
+    # instead of the default bundle.
+    ca: Path | None = None
+    ca_str: str | None = None

@@ -8,19 +8,20 @@ they do and do not do).
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from appliance.config.loader.errors import ConfigError
 from appliance.config.loader.protocols import ProtocolSpec, UnusableProxy
-from appliance.config.loader.scalars import as_str, fail_type
+from appliance.config.loader.scalars import as_nonempty_str, as_path, as_str, fail_type
 from appliance.config.loader.section import Section
 from appliance.config.protocols import ProtocolOptions
 from appliance.config.protocols.hysteria2 import Hysteria2Options
 
 OBFS_TYPES = ("salamander",)
 # mihomo keys accepted without effect: QUIC tuning (windows, MTU, initial
-# congestion window), port hopping's interval and a CA given inline.
-IGNORED = ("hop-interval", "cwnd", "udp-mtu", "ca", "ca-str",
+# congestion window) and port hopping's interval.
+IGNORED = ("hop-interval", "cwnd", "udp-mtu",
            "initial-stream-receive-window", "max-stream-receive-window",
            "initial-connection-receive-window", "max-connection-receive-window")
 
@@ -49,11 +50,30 @@ def refuse_dialer_proxy(sec: Section) -> None:
                             "QUIC cannot ride another proxy)")
 
 
+def parse_ca(sec: Section) -> tuple[Path | None, str | None]:
+    """`ca` (a file, relative to the profile) and `ca-str` (PEM text)."""
+    ca = sec.get("ca", lambda v, p: as_path(v, p, sec.ctx.base), None)
+    ca_str = sec.get("ca-str", as_nonempty_str, None)
+    if ca_str is not None and "BEGIN CERTIFICATE" not in ca_str:
+        raise ConfigError(sec.at("ca-str"), ca_str, "PEM certificates")
+    return ca, ca_str
+
+
+def render_ca(ca: Path | None, ca_str: str | None) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if ca is not None:
+        out["ca"] = str(ca)
+    if ca_str is not None:
+        out["ca-str"] = ca_str
+    return out
+
+
 def parse(sec: Section) -> Hysteria2Options:
     refuse_dialer_proxy(sec)
     password = sec.require("password", text_value)
     obfs = sec.get("obfs", _obfs, None) or None
     obfs_password = sec.get("obfs-password", text_value, "")
+    ca, ca_str = parse_ca(sec)
     if obfs is not None and len(obfs_password.encode()) < 4:
         raise ConfigError(sec.at("obfs-password"), obfs_password or None,
                           "salamander needs an obfs-password of at least 4 bytes")
@@ -61,6 +81,7 @@ def parse(sec: Section) -> Hysteria2Options:
         password=password, obfs=obfs, obfs_password=obfs_password,
         up=sec.get("up", text_value, None), down=sec.get("down", text_value, None),
         ports=sec.get("ports", text_value, None),
+        ca=ca, ca_str=ca_str,
     )  # fmt: skip
 
 
@@ -73,11 +94,12 @@ def render(options: ProtocolOptions, redact: bool) -> dict[str, Any]:
     for key, value in (("up", options.up), ("down", options.down), ("ports", options.ports)):
         if value is not None:
             out[key] = value
+    out.update(render_ca(options.ca, options.ca_str))
     return out
 
 
 SPEC: ProtocolSpec = ProtocolSpec(
     parse=parse, render=render,
-    keys=("password", "obfs", "obfs-password", "up", "down", "ports"),
+    keys=("password", "obfs", "obfs-password", "up", "down", "ports", "ca", "ca-str"),
     ignored=IGNORED, tls="always",
 )  # fmt: skip

@@ -14,7 +14,12 @@ from typing import Any
 
 from appliance.config.loader.errors import ConfigError
 from appliance.config.loader.protocols import ProtocolSpec, UnusableProxy, server_value
-from appliance.config.loader.protocols.hysteria2 import refuse_dialer_proxy, text_value
+from appliance.config.loader.protocols.hysteria2 import (
+    parse_ca,
+    refuse_dialer_proxy,
+    render_ca,
+    text_value,
+)
 from appliance.config.loader.scalars import as_bool, as_int, choice
 from appliance.config.loader.section import Section
 from appliance.config.protocols import ProtocolOptions
@@ -23,9 +28,9 @@ from appliance.config.protocols.tuic import TuicOptions
 RELAY_MODES = ("native", "quic")
 CONGESTION_CONTROLLERS = ("cubic", "bbr", "new_reno")
 # mihomo keys accepted without effect: QUIC tuning and per-stream limits,
-# a CA given inline, UDP over a stream (a sing-box extension).
+# UDP over a stream (a sing-box extension).
 IGNORED = ("disable-sni", "max-udp-relay-packet-size", "fast-open", "max-open-streams",
-           "cwnd", "ca", "ca-str", "recv-window-conn", "recv-window",
+           "cwnd", "recv-window-conn", "recv-window",
            "disable-mtu-discovery", "max-datagram-frame-size", "udp-over-stream",
            "udp-over-stream-version")
 
@@ -46,6 +51,7 @@ def parse(sec: Section) -> TuicOptions:
     if sec.raw("token") is not None and sec.raw("uuid") is None:
         raise UnusableProxy("token (TUIC v4, which Mirage does not implement: "
                             "only v5 with uuid and password)")
+    ca, ca_str = parse_ca(sec)
     return TuicOptions(
         uuid=sec.require("uuid", _uuid),
         password=sec.require("password", text_value),
@@ -56,7 +62,8 @@ def parse(sec: Section) -> TuicOptions:
         request_timeout=sec.get("request-timeout", _millis, 8.0),
         reduce_rtt=sec.get("reduce-rtt", as_bool, False),
         ip=sec.get("ip", server_value, None),
-    )
+        ca=ca, ca_str=ca_str,
+    )  # fmt: skip
 
 
 def render(options: ProtocolOptions, redact: bool) -> dict[str, Any]:
@@ -72,12 +79,13 @@ def render(options: ProtocolOptions, redact: bool) -> dict[str, Any]:
     }
     if options.ip is not None:
         out["ip"] = options.ip
+    out.update(render_ca(options.ca, options.ca_str))
     return out
 
 
 SPEC: ProtocolSpec = ProtocolSpec(
     parse=parse, render=render,
     keys=("uuid", "password", "token", "udp-relay-mode", "congestion-controller",
-          "heartbeat-interval", "request-timeout", "reduce-rtt", "ip"),
+          "heartbeat-interval", "request-timeout", "reduce-rtt", "ip", "ca", "ca-str"),
     ignored=IGNORED, tls="always",
 )  # fmt: skip
