@@ -644,12 +644,17 @@ class SharedTunnel:
     """A proxy's one live tunnel. `get()` returns it when usable without
     taking the lock or yielding (the fast path); else one caller connects
     (`connect()`) while the others wait on the lock and then take its
-    tunnel. A connect failure is raised to each waiter that tries."""
+    tunnel. When that attempt fails, the callers that waited for it get its
+    error at once instead of each trying again in turn (a server that does
+    not answer would otherwise cost every waiting flow one more handshake
+    timeout); the next caller after them tries anew."""
 
     def __init__(self, connect: Callable[[], Awaitable[QuicTunnel]]) -> None:
         self._connect = connect
         self._tunnel: QuicTunnel | None = None
         self._lock = trio.Lock()
+        self._attempts = 0
+        self._failure: OutboundError | None = None
 
     @property
     def current(self) -> QuicTunnel | None:
@@ -659,12 +664,21 @@ class SharedTunnel:
         t = self._tunnel
         if t is not None and t.usable:
             return t
+        seen = self._attempts
         async with self._lock:
             t = self._tunnel
             if t is not None and t.usable:
                 return t
+            if self._attempts != seen and self._failure is not None:
+                raise self._failure
             self._tunnel = None
-            t = await self._connect()
+            self._attempts += 1
+            self._failure = None  # a cancelled attempt leaves none to share
+            try:
+                t = await self._connect()
+            except OutboundError as e:
+                self._failure = e
+                raise
             self._tunnel = t
             return t
 
