@@ -180,7 +180,7 @@ class Hysteria2Stream(trio.abc.HalfCloseableStream):
         rest = bytes(buf[response.length:])
         if rest:
             if max_bytes is not None and len(rest) > max_bytes:
-                self.stream._buffer[:0] = rest[max_bytes:]
+                self.stream.unread(rest[max_bytes:])
                 rest = rest[:max_bytes]
             return rest
         return await self.stream.receive_some(max_bytes)

@@ -51,7 +51,15 @@ from typing import Any
 import trio
 from aioquic.quic import events
 from aioquic.quic.configuration import QuicConfiguration
-from aioquic.quic.connection import QuicConnection, QuicConnectionState
+from aioquic.quic.connection import (
+    MAX_STREAM_DATA_FRAME_CAPACITY,
+    QuicConnection,
+    QuicConnectionState,
+)
+from aioquic.quic.packet import QuicFrameType
+from aioquic.quic.packet_builder import QuicPacketBuilder
+from aioquic.quic.recovery import QuicPacketSpace
+from aioquic.quic.stream import QuicStream as AioquicStream
 from aioquic.tls import Direction, Epoch, hkdf_expand_label
 
 from appliance.config.model import IPAddress
@@ -80,8 +88,10 @@ IDLE_TIMEOUT = 30.0
 KEEPALIVE = 10.0
 # Flow control: a writer waits while this much of its stream is unacked.
 SEND_HIGH_WATER = 1 << 20
-# Per-stream and per-connection receive windows we grant (aioquic grants
-# more as data arrives).
+# Receive windows: a stream is granted what its flow has read plus
+# STREAM_WINDOW (CreditedConnection; at most that much waits in the
+# gateway per stream), the connection starts at CONNECTION_WINDOW (aioquic
+# doubles it as it fills).
 STREAM_WINDOW = 4 << 20
 CONNECTION_WINDOW = 16 << 20
 # Largest chunk a receive_some hands back when not asked for less.
@@ -117,6 +127,39 @@ def quic_configuration(*, sni: str, alpn: tuple[str, ...], skip_cert_verify: boo
     return cfg
 
 
+class CreditedConnection(QuicConnection):
+    """aioquic's client connection with receive credit that follows what
+    the flows read. aioquic doubles a stream's window whenever half of it
+    has arrived, read or not: a slow LAN client behind a fast proxy would
+    have the gateway buffer a whole download. Here a flow's stream (one of
+    `flows`) is granted up to what its flow consumed plus STREAM_WINDOW,
+    raised in steps of a quarter window; other streams (HTTP/3 control,
+    TUIC's server streams) keep aioquic's rule."""
+
+    def __init__(self, *, configuration: QuicConfiguration) -> None:
+        super().__init__(configuration=configuration)
+        self.flows: dict[int, QuicStream] = {}
+
+    def _write_stream_limits(self, builder: QuicPacketBuilder, space: QuicPacketSpace,
+                             stream: AioquicStream) -> None:
+        stream_id = stream.stream_id
+        flow = self.flows.get(stream_id) if stream_id is not None else None
+        if flow is None or stream_id is None or not stream.max_stream_data_local:
+            super()._write_stream_limits(builder, space, stream)
+            return
+        target = flow.consumed + STREAM_WINDOW
+        if target >= stream.max_stream_data_local + STREAM_WINDOW // 4:
+            stream.max_stream_data_local = target
+        if stream.max_stream_data_local_sent != stream.max_stream_data_local:
+            # The frame as aioquic writes it (connection.py _write_stream_limits).
+            buf = builder.start_frame(
+                QuicFrameType.MAX_STREAM_DATA, capacity=MAX_STREAM_DATA_FRAME_CAPACITY,
+                handler=self._on_max_stream_data_delivery, handler_args=(stream,))
+            buf.push_uint_var(stream_id)
+            buf.push_uint_var(stream.max_stream_data_local)
+            stream.max_stream_data_local_sent = stream.max_stream_data_local
+
+
 class QuicStream(trio.abc.HalfCloseableStream):
     """One bidirectional (or, for `send_all` only, unidirectional) QUIC
     stream of a tunnel as a trio stream. Received data waits in a buffer
@@ -134,6 +177,8 @@ class QuicStream(trio.abc.HalfCloseableStream):
         self._writable = trio.Event()
         self._sent_eof = False
         self._closed = False
+        # Bytes the flow has read: the receive credit follows it.
+        self.consumed = 0
 
     # -- the tunnel's side
     def _deliver(self, data: bytes, end: bool) -> None:
@@ -164,8 +209,15 @@ class QuicStream(trio.abc.HalfCloseableStream):
         n = min(len(self._buffer), max_bytes or READ_CHUNK)
         out = bytes(self._buffer[:n])
         del self._buffer[:n]
+        self.consumed += n
+        self.tunnel.credit(self)
         await trio.lowlevel.checkpoint()
         return out
+
+    def unread(self, data: bytes) -> None:
+        """Put back what a wrapper read past its protocol's header."""
+        self._buffer[:0] = data
+        self.consumed -= len(data)
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         if self._closed:
@@ -217,12 +269,13 @@ class QuicTunnel:
                  obfuscate: Callable[[bytes], bytes] | None = None,
                  deobfuscate: Callable[[bytes], bytes | None] | None = None) -> None:
         self.name = name
-        self.quic = QuicConnection(configuration=configuration)
+        self.quic = CreditedConnection(configuration=configuration)
         self.sock = sock
         self.address = address
         self._obfuscate = obfuscate
         self._deobfuscate = deobfuscate
         self.streams: dict[int, QuicStream] = {}
+        self.quic.flows = self.streams
         self.closed_reason: str | None = None
         self.connected = trio.Event()
         # Set once the tunnel takes no more flows (closing or closed).
@@ -457,6 +510,15 @@ class QuicTunnel:
         if s is None:
             return 0
         return s.sender._buffer_stop - s.sender._buffer_start
+
+    def credit(self, stream: QuicStream) -> None:
+        """The flow read from `stream`: send more credit once it is worth
+        a frame (a quarter window; CreditedConnection writes it)."""
+        s = self.quic._streams.get(stream.stream_id)
+        if (s is not None and s.max_stream_data_local
+                and stream.consumed + STREAM_WINDOW >= s.max_stream_data_local
+                + STREAM_WINDOW // 4):
+            self.transmit()
 
     def wants_writable(self, stream: QuicStream) -> None:
         self._blocked_writers.append(stream)

@@ -1,10 +1,12 @@
-"""The QUIC driver's pieces that need no server: `SharedTunnel` (one live
+"""The QUIC driver's pieces that need no sockets: `SharedTunnel` (one live
 tunnel per proxy, a lock-free fast path, one connection attempt per wave
-of flows) and the TLS exporter's derivation (RFC 8446 7.5) against a
-straight transcription of the RFC's formulas."""
+of flows), the TLS exporter's derivation (RFC 8446 7.5) against a
+straight transcription of the RFC's formulas, and `CreditedConnection`'s
+receive credit against an aioquic server wired to it in memory."""
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import hmac
 from typing import Any
@@ -12,9 +14,23 @@ from typing import Any
 import pytest
 import trio
 import trio.testing
+from aioquic.buffer import Buffer
+from aioquic.quic.configuration import QuicConfiguration
+from aioquic.quic.connection import QuicConnection
+from aioquic.quic.packet import pull_quic_header
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
+from appliance.outbound import quic as quic_module
 from appliance.outbound.base import OutboundError
-from appliance.outbound.quic import QuicTunnel, SharedTunnel
+from appliance.outbound.quic import (
+    CreditedConnection,
+    QuicTunnel,
+    SharedTunnel,
+    quic_configuration,
+)
 
 
 class FakeTunnel:
@@ -125,3 +141,79 @@ def test_the_exporter_follows_rfc8446() -> None:
     derived = _expand_label(secret, label, hashlib.sha256(b"").digest(), 32)
     expected = _expand_label(derived, b"exporter", hashlib.sha256(context).digest(), 32)
     assert tunnel.export_keying_material(label, context, 32) == expected
+
+
+# -- receive credit: a client and a server QuicConnection wired together in
+# memory (no sockets), the server sending more than the flow reads.
+
+CLIENT_ADDR = ("192.0.2.1", 40000)
+SERVER_ADDR = ("192.0.2.2", 443)
+WINDOW = 64 * 1024
+
+
+def _server_config() -> QuicConfiguration:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "quic.test")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(1)
+            .not_valid_before(now - datetime.timedelta(days=1))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName("quic.test")]),
+                           critical=False)
+            .sign(key, hashes.SHA256()))
+    cfg = QuicConfiguration(is_client=False, alpn_protocols=["h3"])
+    cfg.certificate = cert
+    cfg.private_key = key
+    return cfg
+
+
+class Flow:
+    consumed = 0
+
+
+def test_receive_credit_follows_what_the_flow_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(quic_module, "STREAM_WINDOW", WINDOW)
+    client = CreditedConnection(configuration=quic_configuration(
+        sni="quic.test", alpn=("h3",), skip_cert_verify=True, fingerprint=None))
+    now = 1.0
+    client.connect(SERVER_ADDR, now=now)
+    first = client.datagrams_to_send(now)
+    header = pull_quic_header(Buffer(data=first[0][0]), host_cid_length=8)
+    server = QuicConnection(configuration=_server_config(),
+                            original_destination_connection_id=header.destination_cid)
+    for data, _ in first:
+        server.receive_datagram(data, CLIENT_ADDR, now)
+
+    def pump(rounds: int) -> None:
+        nonlocal now
+        for _ in range(rounds):
+            now += 0.002
+            for conn in (client, server):
+                timer = conn.get_timer()
+                if timer is not None and timer <= now:
+                    conn.handle_timer(now)
+            for data, _ in client.datagrams_to_send(now):
+                server.receive_datagram(data, CLIENT_ADDR, now)
+            for data, _ in server.datagrams_to_send(now):
+                client.receive_datagram(data, SERVER_ADDR, now)
+            while client.next_event() is not None:
+                pass
+            while server.next_event() is not None:
+                pass
+
+    pump(20)
+    stream_id = client.get_next_available_stream_id()
+    flow = Flow()
+    client.flows[stream_id] = flow  # type: ignore[assignment]
+    client.send_stream_data(stream_id, b"request")
+    pump(5)
+    server.send_stream_data(stream_id, bytes(8 * WINDOW))
+    pump(300)
+    # Nothing read: the server may send one window and no more.
+    received = client._streams[stream_id].receiver.highest_offset
+    assert WINDOW // 2 < received <= WINDOW
+    flow.consumed = WINDOW
+    pump(300)
+    received = client._streams[stream_id].receiver.highest_offset
+    assert WINDOW < received <= 2 * WINDOW
