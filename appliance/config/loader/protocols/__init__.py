@@ -125,9 +125,10 @@ def render_protocol_proxy(p: ProxyConfig, redact: bool) -> dict[str, Any]:
 
 
 # The protocol modules import ProtocolSpec from here: registered last.
-from appliance.config.loader.protocols import hysteria2, tuic, vless, vmess  # noqa: E402
+from appliance.config.loader.protocols import hysteria2, trojan, tuic, vless, vmess  # noqa: E402
 
 PROTOCOLS["vmess"] = vmess.SPEC
 PROTOCOLS["vless"] = vless.SPEC
+PROTOCOLS["trojan"] = trojan.SPEC
 PROTOCOLS["hysteria2"] = hysteria2.SPEC
 PROTOCOLS["tuic"] = tuic.SPEC
