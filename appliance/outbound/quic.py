@@ -86,6 +86,13 @@ RECV_SIZE = 65536
 # the server's idle timer fresh.
 IDLE_TIMEOUT = 30.0
 KEEPALIVE = 10.0
+# A server that has acknowledged nothing for DEAD_SILENCE seconds, through
+# at least DEAD_PTO_COUNT probe timeouts in a row, is gone (a crashed or
+# restarted server drops our packets, or answers with stateless resets
+# keyed by a secret it no longer has): the tunnel closes so the next flow
+# gets a new one, instead of every flow waiting out the idle timeout.
+DEAD_SILENCE = 3.0
+DEAD_PTO_COUNT = 4
 # Flow control: a writer waits while this much of its stream is unacked.
 SEND_HIGH_WATER = 1 << 20
 # Receive windows: a stream is granted what its flow has read plus
@@ -284,6 +291,8 @@ class QuicTunnel:
         self.users = 0
         self._idle_since = trio.current_time()
         self._last_activity = trio.current_time()
+        # Since when probe timeouts have gone unacknowledged (None: none).
+        self._unanswered_since: float | None = None
         self._timer_scope: trio.CancelScope | None = None
         self._blocked_writers: list[QuicStream] = []
         self._exporter_secret: bytes | None = None
@@ -407,6 +416,17 @@ class QuicTunnel:
 
     def _housekeeping(self, now: float) -> None:
         if self.closed_reason is not None or not self.connected.is_set():
+            return
+        ptos = self.quic._loss._pto_count  # reset by every acknowledgement
+        if not ptos:
+            self._unanswered_since = None
+        elif self._unanswered_since is None:
+            self._unanswered_since = now
+        elif ptos >= DEAD_PTO_COUNT and now - self._unanswered_since >= DEAD_SILENCE:
+            log.warning("%s: the server stopped answering (%d probes unacknowledged over "
+                        "%.1fs); closing the connection", self.name, ptos,
+                        now - self._unanswered_since)
+            self.close(NO_ERROR, "server stopped answering")
             return
         if self.users == 0 and now >= self._idle_since + IDLE_TIMEOUT:
             log.debug("%s: QUIC connection idle for %gs, closed", self.name, IDLE_TIMEOUT)

@@ -295,3 +295,21 @@ def test_a_reload_builds_new_tunnels_and_flows_go_on(lab: Lab, quic: Quic) -> No
     for case in (HY2, TUIC_NATIVE):
         code, body, _ = curl(lab, case)
         assert code == 0 and "MARKER-ALPHA" in body, (case.proxy, code, body)
+
+
+def test_a_crashed_server_is_noticed_and_a_new_tunnel_made(lab: Lab, quic: Quic) -> None:
+    for case in (HY2, TUIC_NATIVE):
+        assert curl(lab, case)[0] == 0  # a live tunnel to each
+    proc = quic.singbox._proc
+    assert proc is not None
+    proc.kill()  # a crash: no CONNECTION_CLOSE reaches Mirage, nor a reset later
+    proc.wait()
+    quic.singbox.start()
+    for case in (HY2, TUIC_NATIVE):
+        # The first flow rides the dead tunnel until it is noticed...
+        code, _, took = curl(lab, case)
+        assert took < 7, (case.proxy, code, took)
+        # ... the next one gets a new tunnel.
+        code, body, took = curl(lab, case)
+        assert code == 0 and "MARKER-ALPHA" in body and took < 2, (case.proxy, code, took)
+    assert "hy2: the server stopped answering" in quic.mirage.log_text()
