@@ -51,11 +51,13 @@ from appliance.outbound.groups import (
 )
 from appliance.outbound.health import DelayHistory
 from appliance.outbound.http import HttpOutbound
+from appliance.outbound.hysteria2 import Hysteria2Outbound
 from appliance.outbound.reject import RejectOutbound
 from appliance.outbound.selections import Selections
 from appliance.outbound.shadowsocks import ShadowsocksOutbound
 from appliance.outbound.socks5 import Socks5Outbound
 from appliance.outbound.trojan import TrojanOutbound
+from appliance.outbound.tuic import TuicOutbound
 from appliance.outbound.vless import VlessOutbound
 from appliance.outbound.vmess import VmessOutbound
 
@@ -72,6 +74,8 @@ BUILDERS: dict[str, Builder] = {
     "vmess": VmessOutbound.from_config,
     "vless": VlessOutbound.from_config,
     "trojan": TrojanOutbound.from_config,
+    "hysteria2": Hysteria2Outbound.from_config,
+    "tuic": TuicOutbound.from_config,
 }
 
 

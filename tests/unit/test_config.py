@@ -187,17 +187,17 @@ proxies:
     skip-cert-verify: true
   - {name: trojan-ws, type: trojan, server: tj.example.net, port: 443, password: pw,
      network: ws, ws-opts: {path: /x}}
-  - {name: hy2, type: hysteria2, server: hy.example.net, port: 443, password: pw}
+  - {name: hy1, type: hysteria, server: hy.example.net, port: 443, auth-str: pw}
   - {name: vless-1, type: vless, server: vl.example.net, port: 443, uuid: x, tls: true,
      reality-opts: {public-key: k}}
 proxy-groups:
   - {name: Select, type: select, proxies: [Auto, Balance, Chain, trojan-1, DIRECT]}
-  - {name: Auto, type: url-test, proxies: [ss-aead, trojan-1, hy2],
+  - {name: Auto, type: url-test, proxies: [ss-aead, trojan-1, hy1],
      url: 'https://cp.cloudflare.com', interval: 300, lazy: true}
   - {name: Balance, type: load-balance, strategy: consistent-hashing,
      proxies: [ss-aead, ss-old], url: 'https://cp.cloudflare.com', interval: 300}
   - {name: Chain, type: relay, proxies: [ss-aead, trojan-1]}
-  - {name: Dead, type: select, proxies: [hy2, vless-1]}
+  - {name: Dead, type: select, proxies: [hy1, vless-1]}
   - {name: Provided, type: select, use: [provider1]}
   - {name: Global, type: select, include-all: true, proxies: [Select]}
 proxy-providers:

@@ -65,8 +65,8 @@ PRECONNECT_MAX = 64
 # mihomo outbound types Mirage cannot speak: such a proxy is skipped (and
 # reported); a rule that targets it is an error, a group drops it.
 UNSUPPORTED_PROXY_TYPES = (
-    "ssr", "snell", "socks4", "hysteria", "hysteria2",
-    "tuic", "wireguard", "ssh", "mieru", "anytls", "dns", "semi", "sudoku",
+    "ssr", "snell", "socks4", "hysteria",
+    "wireguard", "ssh", "mieru", "anytls", "dns", "semi", "sudoku",
 )  # fmt: skip
 
 
@@ -102,6 +102,8 @@ def parse_proxies(
         if ptype in UNSUPPORTED_PROXY_TYPES:
             ctx.ignore(sec.path, f"{ptype} proxy {name!r}")
             skipped[name] = f"a {ptype} proxy, which Mirage does not implement"
+            if ptype == "hysteria":
+                skipped[name] += " (Hysteria v1; hysteria2 is supported)"
             continue
         if ptype not in PROXY_KEYS:
             raise ConfigError(

@@ -125,9 +125,18 @@ def render_protocol_proxy(p: ProxyConfig, redact: bool) -> dict[str, Any]:
 
 
 # The protocol modules import ProtocolSpec from here: registered last.
-from appliance.config.loader.protocols import shadowsocks, trojan, vless, vmess  # noqa: E402
+from appliance.config.loader.protocols import (  # noqa: E402
+    hysteria2,
+    shadowsocks,
+    trojan,
+    tuic,
+    vless,
+    vmess,
+)
 
 PROTOCOLS["vmess"] = vmess.SPEC
 PROTOCOLS["vless"] = vless.SPEC
 PROTOCOLS["trojan"] = trojan.SPEC
 PROTOCOLS["ss"] = shadowsocks.SPEC
+PROTOCOLS["hysteria2"] = hysteria2.SPEC
+PROTOCOLS["tuic"] = tuic.SPEC

@@ -1,0 +1,310 @@
+"""Hysteria2 outbound: TCP as QUIC streams, UDP as QUIC datagrams.
+
+One QUIC connection per proxy (`SharedTunnel`), authenticated once with an
+HTTP/3 `POST /auth` (aioquic's H3 layer, used for that one request and the
+server's control streams; the proxy streams after it are Hysteria2's own
+framing, appliance/proto/hysteria2.py). Each TCP flow is a bidirectional
+stream opened with the target as a *name*; the server's answer (status,
+message) is read with the first bytes of the tunnel, so a flow to a server
+that waits for the client to speak first is not held up. Each UDP flow is
+a session id on the connection's DATAGRAM frames, fragmented when a packet
+does not fit in one.
+
+`obfs: salamander` obfuscates every UDP packet of the connection. `up` and
+`down` ask for Brutal congestion control and `ports` for port hopping;
+Mirage has neither (the QUIC stack's cubic, the one `port`), and says so at
+INFO when it builds the outbound.
+
+How it fails (OutboundError, within the connect timeout): the server
+refused the password (the auth status), the handshake timed out (server
+down, UDP blocked, wrong obfs password: the server drops what it cannot
+deobfuscate), the certificate was refused. A refused TCP request fails the
+flow's first read with the server's message.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import socket
+from typing import Any
+
+import trio
+from aioquic.h3.connection import H3Connection
+from aioquic.h3.events import DataReceived, HeadersReceived
+from aioquic.quic import events
+
+from appliance.config.model import IPAddress, ProxyConfig
+from appliance.config.protocols.hysteria2 import Hysteria2Options
+from appliance.outbound.base import Dialer, OutboundEnv, OutboundError, UdpPeer
+from appliance.outbound.quic import (
+    DATAGRAM_ROOM,
+    DatagramPeer,
+    QuicStream,
+    QuicTunnel,
+    SharedTunnel,
+    open_tunnel,
+    quic_configuration,
+)
+from appliance.proto.hysteria2 import (
+    AUTH_AUTHORITY,
+    AUTH_OK_STATUS,
+    AUTH_PATH,
+    Defragmenter,
+    Hysteria2Error,
+    Salamander,
+    auth_padding,
+    encode_tcp_request,
+    encode_udp,
+    format_address,
+    parse_tcp_response,
+    parse_udp_message,
+)
+
+log = logging.getLogger(__name__)
+
+# Bytes of a TCP response we read before calling the server broken.
+_MAX_RESPONSE = 8192
+
+
+class Hysteria2Tunnel(QuicTunnel):
+    """A QUIC connection to a Hysteria2 server: the HTTP/3 auth, then the
+    UDP sessions' datagrams (`sessions`: session id -> its peer and
+    reassembly)."""
+
+    def __init__(self, *args: Any, password: str, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._password = password
+        self._h3: H3Connection | None = None
+        self._auth_stream: int | None = None
+        self._auth_status: int | None = None
+        self._auth_done = trio.Event()
+        self.udp_enabled = False
+        self.sessions: dict[int, tuple[DatagramPeer, Defragmenter]] = {}
+        self._session_ids = itertools.count(1)
+
+    async def handshake(self) -> None:
+        h3 = self._h3 = H3Connection(self.quic)
+        stream_id = self._auth_stream = self.quic.get_next_available_stream_id()
+        h3.send_headers(stream_id, [
+            (b":method", b"POST"), (b":scheme", b"https"),
+            (b":authority", AUTH_AUTHORITY.encode()), (b":path", AUTH_PATH.encode()),
+            (b"hysteria-auth", self._password.encode()),
+            (b"hysteria-cc-rx", b"0"),
+            (b"hysteria-padding", auth_padding().encode()),
+        ], end_stream=True)  # fmt: skip
+        self.transmit()
+        await self._auth_done.wait()
+        if self.closed_reason is not None:
+            raise OutboundError(f"{self.name}: auth: {self.closed_reason}")
+        if self._auth_status != AUTH_OK_STATUS:
+            self.close(0, "auth refused")
+            raise OutboundError(f"{self.name}: auth refused by the server (HTTP status "
+                                f"{self._auth_status}, wrong password?)")
+
+    def on_other_stream(self, event: events.StreamDataReceived | events.StreamReset) -> None:
+        # The auth request's stream and the server's HTTP/3 control and
+        # QPACK streams: the H3 layer's.
+        if self._h3 is None:
+            return
+        for h3_event in self._h3.handle_event(event):
+            if (isinstance(h3_event, HeadersReceived)
+                    and h3_event.stream_id == self._auth_stream
+                    and self._auth_status is None):
+                headers = dict(h3_event.headers)
+                try:
+                    self._auth_status = int(headers.get(b":status", b"0"))
+                except ValueError:
+                    self._auth_status = 0
+                self.udp_enabled = headers.get(b"hysteria-udp", b"").lower() == b"true"
+                self._auth_done.set()
+            elif isinstance(h3_event, DataReceived):
+                pass  # a masquerade page's body
+
+    def on_datagram(self, data: bytes) -> None:
+        try:
+            msg = parse_udp_message(data)
+        except Hysteria2Error:
+            return
+        entry = self.sessions.get(msg.session_id)
+        if entry is None:
+            return
+        peer, defrag = entry
+        whole = defrag.feed(msg)
+        if whole is not None:
+            peer.deliver(whole.payload)
+
+    def on_end(self, reason: str) -> None:
+        self._auth_done.set()
+        self.sessions.clear()
+
+    def new_session(self) -> int:
+        while True:
+            sid = next(self._session_ids) & 0xFFFF_FFFF
+            if sid and sid not in self.sessions:
+                return sid
+
+
+class Hysteria2Stream(trio.abc.HalfCloseableStream):
+    """A TCP flow's stream: reads the server's response before the first
+    tunnel bytes (raising BrokenResourceError with the server's message
+    when it refused), then passes everything through."""
+
+    def __init__(self, stream: QuicStream, name: str) -> None:
+        self.stream = stream
+        self._name = name
+        self._answered = False
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        if self._answered:
+            return await self.stream.receive_some(max_bytes)
+        buf = bytearray()
+        while True:
+            data = await self.stream.receive_some()
+            if not data:
+                raise trio.BrokenResourceError(f"{self._name}: stream closed before the "
+                                               "server's response")
+            buf += data
+            try:
+                response = parse_tcp_response(buf)
+            except Hysteria2Error as e:
+                raise trio.BrokenResourceError(f"{self._name}: {e}") from None
+            if response is not None:
+                break
+            if len(buf) > _MAX_RESPONSE:
+                raise trio.BrokenResourceError(f"{self._name}: response too long")
+        if not response.ok:
+            raise trio.BrokenResourceError(
+                f"{self._name}: server refused the connection: {response.message}")
+        self._answered = True
+        rest = bytes(buf[response.length:])
+        if rest:
+            if max_bytes is not None and len(rest) > max_bytes:
+                self.stream.unread(rest[max_bytes:])
+                rest = rest[:max_bytes]
+            return rest
+        return await self.stream.receive_some(max_bytes)
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self.stream.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.stream.wait_send_all_might_not_block()
+
+    async def send_eof(self) -> None:
+        await self.stream.send_eof()
+
+    async def aclose(self) -> None:
+        await self.stream.aclose()
+
+
+class Hysteria2Outbound:
+    """Flows through a Hysteria2 server (see the module doc). Owns its
+    `SharedTunnel`; carries UDP when the server allows it."""
+
+    type = "Hysteria2"
+    carries_udp = True
+
+    def __init__(self, name: str, server: str, port: int, options: Hysteria2Options, *,
+                 sni: str, alpn: tuple[str, ...], skip_cert_verify: bool,
+                 fingerprint: str | None, dialer: Dialer, connect_timeout: float) -> None:
+        self.name = name
+        self.server = server
+        self.port = port
+        self.options = options
+        self.dialer = dialer
+        self.connect_timeout = connect_timeout
+        self.fingerprint = fingerprint
+        self.configuration = quic_configuration(
+            sni=sni, alpn=alpn, skip_cert_verify=skip_cert_verify, fingerprint=fingerprint,
+            ca_file=str(options.ca) if options.ca is not None else None, ca_data=options.ca_str)
+        self.salamander = (Salamander(options.obfs_password)
+                           if options.obfs == "salamander" else None)
+        self.shared = SharedTunnel(self._connect)
+
+    @classmethod
+    def from_config(cls, p: ProxyConfig, env: OutboundEnv) -> Hysteria2Outbound:
+        options = p.options
+        assert isinstance(options, Hysteria2Options)
+        tls = p.tls_options
+        if options.up is not None or options.down is not None:
+            log.info("%s: up/down (Brutal congestion control) are not implemented: "
+                     "the QUIC stack's cubic is used", p.name)
+        if options.ports is not None:
+            log.info("%s: ports (port hopping) is not implemented: port %d is used",
+                     p.name, p.port)
+        return cls(
+            p.name, p.server, p.port, options,
+            sni=(tls.sni if tls is not None and tls.sni else p.server),
+            alpn=(tls.alpn if tls is not None and tls.alpn else ("h3",)),
+            skip_cert_verify=tls.skip_cert_verify if tls is not None else False,
+            fingerprint=tls.fingerprint if tls is not None else None,
+            dialer=Dialer(env.resolve, env.routing_mark, ipv6=env.ipv6),
+            connect_timeout=env.connect_timeout,
+        )  # fmt: skip
+
+    async def _connect(self) -> QuicTunnel:
+        salamander = self.salamander
+
+        def make(sock: socket.socket, address: tuple[Any, ...]) -> QuicTunnel:
+            return Hysteria2Tunnel(
+                self.name, self.configuration, sock, address, password=self.options.password,
+                obfuscate=salamander.obfuscate if salamander is not None else None,
+                deobfuscate=salamander.deobfuscate if salamander is not None else None)
+
+        return await open_tunnel(make, self.dialer, self.server, self.port, name=self.name,
+                                 within=self.connect_timeout, fingerprint=self.fingerprint)
+
+    async def _tunnel(self) -> Hysteria2Tunnel:
+        tunnel = await self.shared.get()
+        assert isinstance(tunnel, Hysteria2Tunnel)
+        return tunnel
+
+    async def connect_tcp(self, host: str | IPAddress, port: int) -> trio.abc.Stream:
+        try:
+            request = encode_tcp_request(host, port)
+        except Hysteria2Error as e:
+            raise OutboundError(f"{self.name}: {e}") from None
+        tunnel = await self._tunnel()
+        stream = tunnel.open_stream()
+        try:
+            await stream.send_all(request)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as e:
+            await stream.aclose()
+            raise OutboundError(f"{self.name}: {e}") from None
+        return Hysteria2Stream(stream, self.name)
+
+    async def open_udp(self, host: str | IPAddress, port: int) -> UdpPeer | None:
+        tunnel = await self._tunnel()
+        if not tunnel.udp_enabled:
+            raise OutboundError(f"{self.name}: the server does not allow UDP")
+        try:
+            address = format_address(host, port)
+        except Hysteria2Error as e:
+            raise OutboundError(f"{self.name}: {e}") from None
+        session = tunnel.new_session()
+        packet_ids = itertools.count()
+        tunnel.acquire()
+
+        def closed() -> None:
+            tunnel.sessions.pop(session, None)
+            tunnel.release()
+
+        quic = tunnel.quic
+
+        def send(payload: bytes) -> None:
+            if tunnel.closed_reason is not None:
+                return
+            try:
+                frames = encode_udp(session, next(packet_ids) & 0xFFFF, address, payload,
+                                    DATAGRAM_ROOM)
+            except Hysteria2Error:
+                return  # too large even in 255 fragments: dropped, as UDP may
+            for frame in frames:
+                quic.send_datagram_frame(frame)
+
+        peer = DatagramPeer(tunnel, self.name, f"{self.server}:{self.port} session {session}",
+                            send=send, on_close=closed)
+        tunnel.sessions[session] = (peer, Defragmenter())
+        await trio.lowlevel.checkpoint()
+        return peer

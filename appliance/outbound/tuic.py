@@ -1,0 +1,247 @@
+"""TUIC v5 outbound: TCP as QUIC streams, UDP as datagrams or streams.
+
+One QUIC connection per proxy (`SharedTunnel`). Right after QUIC's
+handshake the tunnel sends Authenticate on a unidirectional stream (the
+UUID and the TLS exporter's token for label = UUID, context = password);
+TUIC has no answer to it, so flows start at once and a refused UUID or
+password shows as the server closing the connection (its error code and
+reason are logged at WARNING and fail every flow on it). Each TCP flow is a
+bidirectional stream that starts with Connect (the target as a *name*); a
+UDP flow is an association id whose Packets go as DATAGRAM frames
+(`udp-relay-mode: native`, fragmented when one does not fit) or one
+unidirectional stream each (`quic`); the flow's end sends Dissociate.
+While flows are open, a Heartbeat datagram every `heartbeat-interval`
+keeps the connection alive.
+
+`congestion-controller: bbr` has no implementation in aioquic (cubic is
+used, said at INFO); `reduce-rtt` (0-RTT) is accepted without effect.
+
+How it fails (OutboundError): handshake timeout (`request-timeout` or the
+connect timeout, the sooner: server down, UDP blocked), certificate
+refused, connection closed by the server.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import socket
+from typing import Any
+
+import trio
+from aioquic.quic import events
+
+from appliance.config.model import IPAddress, ProxyConfig
+from appliance.config.protocols.tuic import TuicOptions
+from appliance.outbound.base import Dialer, OutboundEnv, OutboundError, UdpPeer
+from appliance.outbound.quic import (
+    DATAGRAM_ROOM,
+    DatagramPeer,
+    QuicTunnel,
+    SharedTunnel,
+    open_tunnel,
+    quic_configuration,
+)
+from appliance.proto.tuic import (
+    CMD_PACKET,
+    HEARTBEAT,
+    TOKEN_LENGTH,
+    Packet,
+    Reassembler,
+    TuicError,
+    encode_authenticate,
+    encode_connect,
+    encode_dissociate,
+    encode_packet,
+    parse_command,
+)
+
+log = logging.getLogger(__name__)
+
+# aioquic's names for the congestion controllers mihomo names.
+_CONGESTION = {"cubic": "cubic", "new_reno": "reno", "bbr": "cubic"}
+# A server-opened stream carrying one Packet (quic relay mode) is at most
+# this long.
+_MAX_PACKET_STREAM = 1 << 17
+
+
+class TuicTunnel(QuicTunnel):
+    """A QUIC connection to a TUIC v5 server: Authenticate after QUIC's
+    handshake, the associations' Packets (`associations`: id -> peer and
+    reassembly), Heartbeats while flows are open."""
+
+    def __init__(self, *args: Any, options: TuicOptions, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.options = options
+        self.keepalive_interval = options.heartbeat_interval
+        self.associations: dict[int, tuple[DatagramPeer, Reassembler]] = {}
+        self._assoc_ids = itertools.count(1)
+        self._incoming: dict[int, bytearray] = {}
+
+    async def handshake(self) -> None:
+        token = self.export_keying_material(self.options.uuid.bytes,
+                                            self.options.password.encode(), TOKEN_LENGTH)
+        self.send_uni(encode_authenticate(self.options.uuid, token))
+        await trio.lowlevel.checkpoint()
+
+    def send_uni(self, data: bytes) -> None:
+        """One command on a unidirectional stream of its own."""
+        if self.closed_reason is not None:
+            return
+        stream_id = self.quic.get_next_available_stream_id(is_unidirectional=True)
+        self.quic.send_stream_data(stream_id, data, end_stream=True)
+
+    def keepalive(self) -> None:
+        self.quic.send_datagram_frame(HEARTBEAT)
+
+    def close_hint(self) -> str:
+        # TUIC never answers Authenticate: a server that closes before it
+        # served a byte most likely refused the uuid or password.
+        return "" if self.received else " before serving any stream (wrong uuid or password?)"
+
+    def on_datagram(self, data: bytes) -> None:
+        self._command(data)
+
+    def on_other_stream(self, event: events.StreamDataReceived | events.StreamReset) -> None:
+        # Packets in quic relay mode arrive on server-opened uni streams.
+        if isinstance(event, events.StreamReset):
+            self._incoming.pop(event.stream_id, None)
+            return
+        buf = self._incoming.setdefault(event.stream_id, bytearray())
+        buf += event.data
+        if len(buf) > _MAX_PACKET_STREAM:
+            self._incoming.pop(event.stream_id, None)
+            return
+        if event.end_stream:
+            self._command(bytes(self._incoming.pop(event.stream_id)))
+
+    def _command(self, data: bytes) -> None:
+        try:
+            cmd, body = parse_command(data)
+        except TuicError:
+            return
+        if cmd != CMD_PACKET or not isinstance(body, Packet):
+            return
+        entry = self.associations.get(body.assoc_id)
+        if entry is None:
+            return
+        peer, reassembler = entry
+        whole = reassembler.feed(body)
+        if whole is not None:
+            peer.deliver(whole.payload)
+
+    def on_end(self, reason: str) -> None:
+        self.associations.clear()
+        self._incoming.clear()
+
+    def new_association(self) -> int:
+        while True:
+            aid = next(self._assoc_ids) & 0xFFFF
+            if aid and aid not in self.associations:
+                return aid
+
+
+class TuicOutbound:
+    """Flows through a TUIC v5 server (see the module doc). Owns its
+    `SharedTunnel`."""
+
+    type = "Tuic"
+    carries_udp = True
+
+    def __init__(self, name: str, server: str, port: int, options: TuicOptions, *,
+                 sni: str, alpn: tuple[str, ...], skip_cert_verify: bool,
+                 fingerprint: str | None, dialer: Dialer, connect_timeout: float) -> None:
+        self.name = name
+        self.server = server
+        self.port = port
+        self.options = options
+        self.dialer = dialer
+        self.connect_timeout = min(connect_timeout, options.request_timeout)
+        self.fingerprint = fingerprint
+        self.configuration = quic_configuration(
+            sni=sni, alpn=alpn, skip_cert_verify=skip_cert_verify, fingerprint=fingerprint,
+            ca_file=str(options.ca) if options.ca is not None else None, ca_data=options.ca_str,
+            congestion=_CONGESTION[options.congestion_controller])
+        self.shared = SharedTunnel(self._connect)
+
+    @classmethod
+    def from_config(cls, p: ProxyConfig, env: OutboundEnv) -> TuicOutbound:
+        options = p.options
+        assert isinstance(options, TuicOptions)
+        tls = p.tls_options
+        if options.congestion_controller == "bbr":
+            log.info("%s: congestion-controller bbr is not implemented: cubic is used", p.name)
+        return cls(
+            p.name, options.ip or p.server, p.port, options,
+            sni=(tls.sni if tls is not None and tls.sni else p.server),
+            alpn=(tls.alpn if tls is not None and tls.alpn else ("h3",)),
+            skip_cert_verify=tls.skip_cert_verify if tls is not None else False,
+            fingerprint=tls.fingerprint if tls is not None else None,
+            dialer=Dialer(env.resolve, env.routing_mark, ipv6=env.ipv6),
+            connect_timeout=env.connect_timeout,
+        )  # fmt: skip
+
+    async def _connect(self) -> QuicTunnel:
+        def make(sock: socket.socket, address: tuple[Any, ...]) -> QuicTunnel:
+            return TuicTunnel(self.name, self.configuration, sock, address,
+                              options=self.options)
+
+        return await open_tunnel(make, self.dialer, self.server, self.port, name=self.name,
+                                 within=self.connect_timeout, fingerprint=self.fingerprint)
+
+    async def _tunnel(self) -> TuicTunnel:
+        tunnel = await self.shared.get()
+        assert isinstance(tunnel, TuicTunnel)
+        return tunnel
+
+    async def connect_tcp(self, host: str | IPAddress, port: int) -> trio.abc.Stream:
+        try:
+            request = encode_connect(host, port)
+        except TuicError as e:
+            raise OutboundError(f"{self.name}: {e}") from None
+        tunnel = await self._tunnel()
+        stream = tunnel.open_stream()
+        try:
+            await stream.send_all(request)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as e:
+            await stream.aclose()
+            raise OutboundError(f"{self.name}: {e}") from None
+        return stream
+
+    async def open_udp(self, host: str | IPAddress, port: int) -> UdpPeer | None:
+        tunnel = await self._tunnel()
+        assoc = tunnel.new_association()
+        packet_ids = itertools.count()
+        native = self.options.udp_relay_mode == "native"
+        # A Packet on a stream of its own is not bound by the datagram size.
+        room = DATAGRAM_ROOM if native else 0xFFFF + 64
+        tunnel.acquire()
+
+        def closed() -> None:
+            if tunnel.associations.pop(assoc, None) is not None:
+                tunnel.send_uni(encode_dissociate(assoc))
+                tunnel.transmit()
+            tunnel.release()
+
+        quic = tunnel.quic
+
+        def send(payload: bytes) -> None:
+            if tunnel.closed_reason is not None:
+                return
+            try:
+                frames = encode_packet(assoc, next(packet_ids) & 0xFFFF, host, port, payload,
+                                       room)
+            except TuicError:
+                return  # too large even in 255 fragments: dropped, as UDP may
+            for frame in frames:
+                if native:
+                    quic.send_datagram_frame(frame)
+                else:
+                    tunnel.send_uni(frame)
+
+        peer = DatagramPeer(tunnel, self.name, f"{self.server}:{self.port} assoc {assoc}",
+                            send=send, on_close=closed)
+        tunnel.associations[assoc] = (peer, Reassembler())
+        await trio.lowlevel.checkpoint()
+        return peer
+

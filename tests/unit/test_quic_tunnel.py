@@ -1,0 +1,219 @@
+"""The QUIC driver's pieces that need no sockets: `SharedTunnel` (one live
+tunnel per proxy, a lock-free fast path, one connection attempt per wave
+of flows), the TLS exporter's derivation (RFC 8446 7.5) against a
+straight transcription of the RFC's formulas, and `CreditedConnection`'s
+receive credit against an aioquic server wired to it in memory."""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import hmac
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+from aioquic.buffer import Buffer
+from aioquic.quic.configuration import QuicConfiguration
+from aioquic.quic.connection import QuicConnection
+from aioquic.quic.packet import pull_quic_header
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from appliance.outbound import quic as quic_module
+from appliance.outbound.base import OutboundError
+from appliance.outbound.quic import (
+    CreditedConnection,
+    QuicTunnel,
+    SharedTunnel,
+    quic_configuration,
+)
+
+
+class FakeTunnel:
+    def __init__(self) -> None:
+        self.usable = True
+
+
+def shared(connect: Any) -> SharedTunnel:
+    return SharedTunnel(connect)
+
+
+async def test_the_fast_path_returns_at_once() -> None:
+    tunnel = FakeTunnel()
+
+    async def connect() -> Any:
+        await trio.lowlevel.checkpoint()
+        return tunnel
+
+    s = shared(connect)
+    assert await s.get() is tunnel
+    coro = s.get()
+    with trio.testing.assert_no_checkpoints(), pytest.raises(StopIteration) as done:
+        coro.send(None)
+    assert done.value.value is tunnel
+
+
+async def test_one_attempt_serves_every_waiting_flow_and_a_dead_tunnel_is_replaced(
+        autojump_clock: trio.abc.Clock) -> None:
+    made: list[FakeTunnel] = []
+
+    async def connect() -> Any:
+        await trio.sleep(1)
+        made.append(FakeTunnel())
+        return made[-1]
+
+    s = shared(connect)
+    got: list[Any] = []
+    async with trio.open_nursery() as nursery:
+        for _ in range(5):
+            nursery.start_soon(lambda: _append(got, s.get()))
+    assert len(made) == 1 and all(t is made[0] for t in got)
+    made[0].usable = False
+    assert await s.get() is made[1]
+
+
+async def _append(out: list[Any], coro: Any) -> None:
+    out.append(await coro)
+
+
+async def test_a_failed_attempt_fails_its_waiters_at_once_then_is_retried(
+        autojump_clock: trio.abc.Clock) -> None:
+    attempts = 0
+
+    async def connect() -> Any:
+        nonlocal attempts
+        attempts += 1
+        await trio.sleep(5)
+        raise OutboundError("hy: QUIC handshake timed out")
+
+    s = shared(connect)
+    errors: list[str] = []
+
+    async def one() -> None:
+        try:
+            await s.get()
+        except OutboundError as e:
+            errors.append(e.reason)
+
+    start = trio.current_time()
+    async with trio.open_nursery() as nursery:
+        for _ in range(4):
+            nursery.start_soon(one)
+    assert attempts == 1 and len(errors) == 4
+    assert trio.current_time() - start == pytest.approx(5)
+    await one()
+    assert attempts == 2
+
+
+def _expand_label(secret: bytes, label: bytes, context: bytes, length: int) -> bytes:
+    """HKDF-Expand-Label (RFC 8446 7.1) with SHA-256, from the RFC."""
+    full = b"tls13 " + label
+    info = length.to_bytes(2, "big") + bytes([len(full)]) + full + bytes([len(context)]) + context
+    out, block, i = b"", b"", 1
+    while len(out) < length:
+        block = hmac.new(secret, block + info + bytes([i]), hashlib.sha256).digest()
+        out += block
+        i += 1
+    return out[:length]
+
+
+def test_the_exporter_follows_rfc8446() -> None:
+    class Schedule:
+        from cryptography.hazmat.primitives import hashes
+        algorithm = hashes.SHA256()
+
+    class Tls:
+        key_schedule = Schedule()
+
+    class Quic:
+        tls = Tls()
+
+    tunnel = QuicTunnel.__new__(QuicTunnel)
+    tunnel.name = "t"
+    tunnel.quic = Quic()  # type: ignore[assignment]
+    secret = bytes(range(32))
+    tunnel._exporter_secret = secret
+    label, context = bytes(range(16)), b"password"
+    derived = _expand_label(secret, label, hashlib.sha256(b"").digest(), 32)
+    expected = _expand_label(derived, b"exporter", hashlib.sha256(context).digest(), 32)
+    assert tunnel.export_keying_material(label, context, 32) == expected
+
+
+# -- receive credit: a client and a server QuicConnection wired together in
+# memory (no sockets), the server sending more than the flow reads.
+
+CLIENT_ADDR = ("192.0.2.1", 40000)
+SERVER_ADDR = ("192.0.2.2", 443)
+WINDOW = 64 * 1024
+
+
+def _server_config() -> QuicConfiguration:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "quic.test")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(1)
+            .not_valid_before(now - datetime.timedelta(days=1))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName("quic.test")]),
+                           critical=False)
+            .sign(key, hashes.SHA256()))
+    cfg = QuicConfiguration(is_client=False, alpn_protocols=["h3"])
+    cfg.certificate = cert
+    cfg.private_key = key
+    return cfg
+
+
+class Flow:
+    consumed = 0
+
+
+def test_receive_credit_follows_what_the_flow_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(quic_module, "STREAM_WINDOW", WINDOW)
+    client = CreditedConnection(configuration=quic_configuration(
+        sni="quic.test", alpn=("h3",), skip_cert_verify=True, fingerprint=None))
+    now = 1.0
+    client.connect(SERVER_ADDR, now=now)
+    first = client.datagrams_to_send(now)
+    header = pull_quic_header(Buffer(data=first[0][0]), host_cid_length=8)
+    server = QuicConnection(configuration=_server_config(),
+                            original_destination_connection_id=header.destination_cid)
+    for data, _ in first:
+        server.receive_datagram(data, CLIENT_ADDR, now)
+
+    def pump(rounds: int) -> None:
+        nonlocal now
+        for _ in range(rounds):
+            now += 0.002
+            for conn in (client, server):
+                timer = conn.get_timer()
+                if timer is not None and timer <= now:
+                    conn.handle_timer(now)
+            for data, _ in client.datagrams_to_send(now):
+                server.receive_datagram(data, CLIENT_ADDR, now)
+            for data, _ in server.datagrams_to_send(now):
+                client.receive_datagram(data, SERVER_ADDR, now)
+            while client.next_event() is not None:
+                pass
+            while server.next_event() is not None:
+                pass
+
+    pump(20)
+    stream_id = client.get_next_available_stream_id()
+    flow = Flow()
+    client.flows[stream_id] = flow  # type: ignore[assignment]
+    client.send_stream_data(stream_id, b"request")
+    pump(5)
+    server.send_stream_data(stream_id, bytes(8 * WINDOW))
+    pump(300)
+    # Nothing read: the server may send one window and no more.
+    received = client._streams[stream_id].receiver.highest_offset
+    assert WINDOW // 2 < received <= WINDOW
+    flow.consumed = WINDOW
+    pump(300)
+    received = client._streams[stream_id].receiver.highest_offset
+    assert WINDOW < received <= 2 * WINDOW
