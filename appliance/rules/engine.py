@@ -121,6 +121,10 @@ class GeoLookup(Protocol):
 
     def asn(self, ip: IPAddress) -> int | None: ...
 
+    def want(self, code: str) -> None:
+        """A GEOIP rule names list `code`: load it if lists load per name."""
+        ...
+
     def geosite(self, code: str, attrs: tuple[str, ...]) -> Sequence[tuple[str, str]]:
         """The list's entries as (kind, value): kind `full` (exact name),
         `domain` (name and below), `keyword`, `regex`. Empty if unknown."""
@@ -338,6 +342,9 @@ class SuffixBitsIndex:
         return best
 
 
+_LAN_CODES = ("lan", "private")
+
+
 def is_lan(ip: IPAddress) -> bool:
     """mihomo's GEOIP,LAN: private, loopback, link-local, unspecified,
     multicast."""
@@ -365,8 +372,9 @@ class _AddressSide:
         if self.suffix:
             best = self.suffix.best(ip, best)
         if self.geo:
-            if "lan" in self.geo and is_lan(ip):
-                best = min(best, self.geo["lan"])
+            for code in _LAN_CODES:
+                if code in self.geo and is_lan(ip):
+                    best = min(best, self.geo[code])
             if geo is not None:
                 for code in geo.countries(ip):
                     i = self.geo.get(code, _NONE)
@@ -452,6 +460,8 @@ class RuleSet:
                 self._add_geosite(payload, i)
             else:
                 side.geo.setdefault(payload.code, i)
+                if self.env.geo is not None:
+                    self.env.geo.want(payload.code)
         elif isinstance(payload, Asn):
             side.asn.setdefault(payload.number, i)
         elif isinstance(payload, IpSuffix):
