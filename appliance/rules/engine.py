@@ -202,7 +202,11 @@ class DomainIndex:
         self.suffix: dict[str, int] = {}
         self.below: dict[str, int] = {}
         self.keywords: list[tuple[int, str]] = []
+        # Patterns with a required literal of GRAM+ characters are found
+        # through it (`grams`: its first GRAM characters -> candidates);
+        # the others (`patterns`) are tried in rule order.
         self.patterns: list[tuple[int, re.Pattern[str]]] = []
+        self.grams: dict[str, list[tuple[int, str, re.Pattern[str]]]] = {}
         self._sorted = True
 
     def add_exact(self, name: str, i: int) -> None:
@@ -216,6 +220,10 @@ class DomainIndex:
         self._sorted = False
 
     def add_pattern(self, pattern: re.Pattern[str], i: int) -> None:
+        literal = required_literal(pattern)
+        if literal is not None and len(literal) >= GRAM:
+            self.grams.setdefault(literal[:GRAM], []).append((i, literal, pattern))
+            return
         self.patterns.append((i, pattern))
         self._sorted = False
 
@@ -245,7 +253,8 @@ class DomainIndex:
             self._sorted = True
 
     def __bool__(self) -> bool:
-        return bool(self.exact or self.suffix or self.below or self.keywords or self.patterns)
+        return bool(self.exact or self.suffix or self.below or self.keywords or self.patterns
+                    or self.grams)
 
     def best(self, name: str, best: int) -> int:
         i = self.exact.get(name, _NONE)
@@ -279,7 +288,43 @@ class DomainIndex:
             if pat.search(name):
                 best = i
                 break
+        grams = self.grams
+        if grams:
+            for start in range(len(name) - GRAM + 1):
+                candidates = grams.get(name[start:start + GRAM])
+                if candidates is None:
+                    continue
+                for i, literal, pat in candidates:
+                    if i < best and literal in name and pat.search(name):
+                        best = i
         return best
+
+
+# Length of the literal prefix that indexes a pattern (see DomainIndex).
+GRAM = 4
+
+
+def required_literal(pattern: re.Pattern[str]) -> str | None:
+    """The longest run of plain characters every match of `pattern` must
+    contain (lower case), from the pattern's top-level sequence; None when
+    there is none (a top-level alternation, classes only, ...). Used only
+    as a filter: the pattern itself still decides."""
+    try:
+        parsed = re._parser.parse(pattern.pattern, pattern.flags)  # type: ignore[attr-defined]
+    except Exception:  # the private parser changed: no filter, still correct
+        return None
+    best, run = "", []
+    literal = re._constants.LITERAL  # type: ignore[attr-defined]
+    for op, arg in parsed:
+        if op is literal:
+            run.append(chr(arg))
+            continue
+        if len(run) > len(best):
+            best = "".join(run)
+        run = []
+    if len(run) > len(best):
+        best = "".join(run)
+    return best.lower() or None
 
 
 class CidrIndex:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import re
 import subprocess
 from pathlib import Path
 
@@ -296,7 +297,7 @@ async def test_no_resolve_never_looks_up_and_fake_ips_never_match() -> None:
 
 # --- the structures against a linear scan ---------------------------------------
 
-labels = st.sampled_from(["a", "b", "c", "ab", "x1"])
+labels = st.sampled_from(["a", "b", "c", "ab", "x1", "abcd", "bcdab"])
 names = st.lists(labels, min_size=1, max_size=4).map(".".join)
 
 
@@ -310,11 +311,13 @@ def _linear_domain(entries: list[tuple[str, str]], name: str) -> int | None:
             return i
         if kind == "keyword" and value in name:
             return i
+        if kind == "regex" and re.search(re.escape(value) + "$", name):
+            return i
     return None
 
 
-@given(st.lists(st.tuples(st.sampled_from(["exact", "suffix", "below", "keyword"]), names),
-                max_size=30), names)
+@given(st.lists(st.tuples(st.sampled_from(["exact", "suffix", "below", "keyword", "regex"]),
+                          names), max_size=30), names)
 def test_domain_index_agrees_with_a_linear_scan(entries: list[tuple[str, str]],
                                                  name: str) -> None:
     index = DomainIndex()
@@ -325,6 +328,8 @@ def test_domain_index_agrees_with_a_linear_scan(entries: list[tuple[str, str]],
             index.add_suffix(value, i)
         elif kind == "below":
             index.add_mihomo("." + value, i)
+        elif kind == "regex":  # long literals go through the gram index
+            index.add_pattern(re.compile(re.escape(value) + "$", re.IGNORECASE), i)
         else:
             index.add_keyword(value, i)
     index.finish()
