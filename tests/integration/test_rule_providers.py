@@ -168,3 +168,43 @@ async def test_file_provider_next_to_the_profile(tmp_path: Path) -> None:
         assert await live.providers.update("local") == "updated"
         assert live.route("a.local.test") == "DIRECT" and live.route("else.test") == "REJECT"
         nursery.cancel_scope.cancel()
+
+
+async def test_geodata_downloaded_when_missing(site: tuple[str, Site], tmp_path: Path) -> None:
+    """GEOSITE with no GeoSite.dat in the state dir: fetched from geox-url
+    (here the local server, serving the wheel's file), then the rules see it."""
+    import ipaddress
+
+    from appliance.geodata import Geodata
+    from appliance.geodata.update import GeodataFiles, needed
+    from appliance.lab.reference import mihomo_geodata
+
+    url, s = site
+    s.files = {"/geosite.dat": (200, (mihomo_geodata() / "geosite.dat").read_bytes()),
+               "/bad.mmdb": (200, b"not a database")}
+    data = {"dns": {"enable": False}, "rules": ["GEOSITE,google,REJECT", "GEOIP,CN,REJECT",
+                                                 "MATCH,DIRECT"],
+            "geox-url": {"geosite": f"{url}/geosite.dat", "mmdb": f"{url}/bad.mmdb"},
+            "appliance": {"state-dir": str(tmp_path)}}
+    cfg = parse_config(data)
+    geo = Geodata(tmp_path)
+    kinds = needed(cfg.rules, cfg.geodata.mode)
+    assert kinds == {"geosite", "mmdb"}
+    changed: list[int] = []
+
+    async def on_change() -> None:
+        changed.append(1)
+
+    files = GeodataFiles(cfg.geodata, geo, kinds, on_change=on_change)
+    async with trio.open_nursery() as nursery:
+        with trio.fail_after(30):
+            await nursery.start(files.serve)
+        nursery.cancel_scope.cancel()
+    assert (tmp_path / "GeoSite.dat").exists() and changed
+    assert not (tmp_path / "geoip.metadb").exists()  # refused: not a MaxMind DB
+    assert "not a MaxMind DB" in (files.sources["mmdb"].status.last_error or "")
+    router = Router.from_config(cfg, None, RuleEnv(geo=geo))
+    assert router.pick(FlowContext("mail.google.com", None, 443))[0].name == "REJECT"
+    # No country database: GEOIP matches nothing, the appliance goes on.
+    assert router.pick(FlowContext(None, ipaddress.ip_address("114.114.114.114"), 443)
+                       )[0].name == "DIRECT"
