@@ -34,6 +34,7 @@ import signal
 import time
 from collections.abc import Callable
 from dataclasses import fields, replace
+from typing import Any
 
 import trio
 
@@ -61,7 +62,10 @@ from appliance.geodata.update import GeodataFiles, needed
 from appliance.limits import ConcurrencyLimit, FairShares, RateLimit, total_flows
 from appliance.names import DomainMatcher
 from appliance.outbound.base import Resolve
+from appliance.outbound.groups import groups_in
+from appliance.outbound.health import DelayHistory, HealthChecks
 from appliance.outbound.preconnect import Preconnect
+from appliance.outbound.selections import Selections, selected_path
 from appliance.providers.rules import RuleProviders
 from appliance.providers.source import Dial
 from appliance.routing import Dispatcher, Router
@@ -102,6 +106,13 @@ class Appliance:
         self.geodata = Geodata(cfg.geodata.dir or cfg.appliance.state_dir, mode=cfg.geodata.mode)
         # Per-client limits, held by the services that enforce them.
         self.limits: FairShares = build_fair_shares(cfg)
+        # What outlives a router (reloads): the probe results of every proxy
+        # (the API's `history`), the choices made in groups (kept in the
+        # state dir with profile.store-selected), the service that probes.
+        self.delays = DelayHistory()
+        self.selections = Selections(
+            selected_path(cfg.appliance.state_dir) if cfg.store_selected else None)
+        self.health = HealthChecks()
         self.stopping = False  # SIGINT/SIGTERM received
 
     # -- what the control API reads besides the services -------------------------
@@ -113,6 +124,14 @@ class Appliance:
         return self.dispatcher.router.preconnects() if self.dispatcher is not None else {}
 
     # -- composition ---------------------------------------------------------
+
+    def build_router(self, cfg: Config, resolve: Resolve | None) -> Router:
+        """The router of `cfg` with the groups' shared state, its groups
+        handed to the health checks (replacing the previous router's)."""
+        router = build_router(cfg, resolve, self._rule_env(), delays=self.delays,
+                              selections=self.selections)
+        self.health.watch(groups_in(router.outbounds).values())
+        return router
 
     def open_pool(self) -> FakeIPPool:
         cfg = self.cfg
@@ -148,8 +167,9 @@ class Appliance:
                 self.resolver = resolver
                 # Signals first: a SIGTERM during startup still unwinds cleanly.
                 await nursery.start(self._handle_signals, nursery.cancel_scope)
+                await nursery.start(self.health.serve)
                 dispatcher = self.dispatcher = Dispatcher(
-                    build_router(cfg, resolver.resolve_ips, self._rule_env()),
+                    self.build_router(cfg, resolver.resolve_ips),
                     connect_timeout=cfg.appliance.connect_timeout)
                 await nursery.start(dispatcher.serve)
                 await self._start_rule_sources(nursery)
@@ -359,7 +379,7 @@ class Appliance:
         old = self.cfg
         if self.dispatcher is not None and self.resolver is not None:
             try:
-                router = build_router(new, self.resolver.resolve_ips, self._rule_env())
+                router = self.build_router(new, self.resolver.resolve_ips)
             except AppError as err:
                 log.error("SIGHUP: %s; keeping the running configuration", err)
                 return
@@ -497,11 +517,12 @@ def _memory_bytes() -> int:
         return 256 << 20  # a small router's, if the system will not say
 
 
-def build_router(cfg: Config, resolve: Resolve | None, env: RuleEnv | None = None) -> Router:
+def build_router(cfg: Config, resolve: Resolve | None, env: RuleEnv | None = None,
+                 **shared: Any) -> Router:
     """The outbounds and rules of `cfg` (over `env`: rule-providers' content,
     geodata); AppError if they cannot be built."""
     try:
-        return Router.from_config(cfg, resolve, env)
+        return Router.from_config(cfg, resolve, env, **shared)
     except ValueError as err:  # BuildError
         raise AppError(f"proxies/rules: {err}") from None
 

@@ -42,7 +42,7 @@ import dataclasses
 import logging
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 import trio
 
@@ -52,6 +52,7 @@ from appliance.flow import Flow
 from appliance.outbound.base import Outbound, Resolve, UdpPeer, outbound_deadline
 from appliance.outbound.build import BuildError, build_outbounds
 from appliance.outbound.direct import DirectOutbound
+from appliance.outbound.groups import FLOW_SOURCE, unwrap
 from appliance.outbound.preconnect import MAX_IDLE as PRECONNECT_MAX_IDLE
 from appliance.outbound.preconnect import Preconnect
 from appliance.rules.engine import EMPTY_ENV, FlowContext, RuleEnv, RuleSet
@@ -150,12 +151,15 @@ class Router:
 
     @classmethod
     def from_config(cls, cfg: Config, resolve: Resolve | None,
-                    env: RuleEnv | None = None) -> Router:
-        """The outbounds `cfg` configures (appliance/outbound/build.py) and
-        its rules; `env` what they refer to (rule-providers' content,
-        geodata; its sub-rules are taken from `cfg`)."""
+                    env: RuleEnv | None = None, **shared: Any) -> Router:
+        """The outbounds `cfg` configures (appliance/outbound/build.py, which
+        takes what outlives a router in `shared`: delay history, remembered
+        choices, providers' proxies) and its rules; `env` what the rules
+        refer to (rule-providers' content, geodata; its sub-rules are taken
+        from `cfg`)."""
         env = dataclasses.replace(env or EMPTY_ENV, sub_rules=dict(cfg.sub_rules))
-        return cls(cfg.rules, build_outbounds(cfg, resolve), env, NameAddresses(resolve))
+        return cls(cfg.rules, build_outbounds(cfg, resolve, **shared), env,
+                   NameAddresses(resolve))
 
     def with_env(self, env: RuleEnv) -> Router:
         """The same rules and outbounds over new rule-provider content or
@@ -171,11 +175,18 @@ class Router:
             return self.outbounds[name]
         return target
 
+    def _passes(self, index: int, ctx: FlowContext) -> bool:
+        """PASS (a rule's target, or the member a group chose) means "not
+        this rule": matching goes on after it, as in mihomo."""
+        return unwrap(self._outbound(index, ctx)).type == "Pass"
+
     def pick(self, ctx: FlowContext) -> tuple[Outbound, int | None]:
         """The outbound for a TCP flow and the index of the rule that chose
         it (None: the default), matching with what `ctx` has (no lookup:
         see `route`)."""
         i = self.rules.match_index(ctx)
+        while i is not None and self._passes(i, ctx):
+            i = self._match_from(ctx, i + 1)
         return (self.default if i is None else self._outbound(i, ctx)), i
 
     async def resolved(self, ctx: FlowContext) -> tuple[FlowContext | None, int | None]:
@@ -213,8 +224,10 @@ class Router:
         resolved, i = await self.resolved(ctx)
         if resolved is not None:
             i = self._first(ctx, 0, resolved)
-            ctx = resolved
-        return (self.default if i is None else self._outbound(i, ctx)), i, ctx
+        while i is not None and self._passes(i, ctx if resolved is None else resolved):
+            i = self._first(ctx, i + 1, resolved)
+        return (self.default if i is None else self._outbound(i, resolved or ctx)), i, \
+            resolved or ctx
 
     def pick_udp(self, ctx: FlowContext, resolved: FlowContext | None = None
                  ) -> tuple[Outbound, int | None, int]:
@@ -230,7 +243,7 @@ class Router:
             use = resolved if resolved is not None and switch is not None \
                 and index >= switch else ctx
             target = self._outbound(index, use)
-            if target.carries_udp:
+            if target.carries_udp and unwrap(target).type != "Pass":
                 return target, index, skipped
             skipped += 1
             index = self._first(ctx, index + 1, resolved)
@@ -305,7 +318,11 @@ class Dispatcher:
         flow.outbound = outbound.name
         if index is not None:
             flow.rule = router.rules.rules[index]
-        stream = await outbound.connect_tcp(flow.host, flow.dst_port)
+        token = FLOW_SOURCE.set(flow.src)
+        try:
+            stream = await outbound.connect_tcp(flow.host, flow.dst_port)
+        finally:
+            FLOW_SOURCE.reset(token)
         if self.offload is not None and flow.inbound == "tproxy" and flow.domain is not None \
                 and router.rules.decided_by_domain(index):
             self._offer_offload(outbound, flow)
@@ -333,9 +350,13 @@ class Dispatcher:
         if index is not None:
             flow.rule = router.rules.rules[index]
         host = flow.host
-        with outbound_deadline(self.connect_timeout,
-                               f"{outbound.name} udp {host}:{flow.dst_port}"):
-            return await outbound.open_udp(host, flow.dst_port)
+        token = FLOW_SOURCE.set(flow.src)
+        try:
+            with outbound_deadline(self.connect_timeout,
+                                   f"{outbound.name} udp {host}:{flow.dst_port}"):
+                return await outbound.open_udp(host, flow.dst_port)
+        finally:
+            FLOW_SOURCE.reset(token)
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
                     ) -> None:

@@ -17,6 +17,7 @@ from appliance.config.loader.dns import parse_dns, parse_hosts
 from appliance.config.loader.errors import ConfigError, index_path
 from appliance.config.loader.groups import parse_groups
 from appliance.config.loader.proxies import BUILTIN_TARGETS, parse_proxies
+from appliance.config.loader.proxy_providers import parse_proxy_providers
 from appliance.config.loader.rules import (
     parse_geodata,
     parse_rule_providers,
@@ -39,7 +40,7 @@ TOP_LEVEL_KEYS = (
     "mixed-port", "socks-port", "port", "authentication", "allow-lan", "bind-address",
     "tproxy-port", "routing-mark", "ipv6", "log-level",
     "external-controller", "secret", "profile", "dns", "hosts", "proxies",
-    "proxy-groups", "rules", "appliance", "rule-providers", "sub-rules",
+    "proxy-groups", "proxy-providers", "rules", "appliance", "rule-providers", "sub-rules",
     "geodata-mode", "geodata-loader", "geosite-matcher", "geo-auto-update",
     "geo-update-interval", "geox-url",
 )  # fmt: skip
@@ -53,13 +54,13 @@ IGNORED_TOP_LEVEL = (
     "interface-name", "tunnels", "tcp-concurrent",
     "find-process-mode", "global-client-fingerprint", "global-ua",
     "etag-support", "keep-alive-idle", "keep-alive-interval",
-    "disable-keep-alive", "proxy-providers",
+    "disable-keep-alive",
     "listeners", "ntp", "tun", "tuic-server", "iptables", "experimental",
     "sniffer", "tls", "clash-for-android", "auto-redir",
     "mitm-port", "mitm", "script", "log-file",
 )  # fmt: skip
-PROFILE_KEYS = ("store-fake-ip",)
-IGNORED_PROFILE = ("store-selected",)
+PROFILE_KEYS = ("store-fake-ip", "store-selected")
+IGNORED_PROFILE = ()
 
 
 def parse_root(data: Any, ctx: LoadContext) -> Config:
@@ -84,13 +85,17 @@ def parse_root(data: Any, ctx: LoadContext) -> Config:
 
     profile = root.section("profile")
     store_fake_ip = profile.get("store-fake-ip", as_bool, False)
+    store_selected = profile.get("store-selected", as_bool, True)
     profile.finish(PROFILE_KEYS, IGNORED_PROFILE)
 
     top_hosts = parse_hosts(root.raw("hosts"), root.at("hosts"), ctx)
     dns = parse_dns(root.section("dns"), top_hosts)
 
     proxies, skipped = parse_proxies(root.raw("proxies"), root.at("proxies"), ctx)
-    groups = parse_groups(root.raw("proxy-groups"), root.at("proxy-groups"), ctx, proxies, skipped)
+    providers = parse_proxy_providers(root.raw("proxy-providers"), root.at("proxy-providers"),
+                                      ctx)
+    groups = parse_groups(root.raw("proxy-groups"), root.at("proxy-groups"), ctx, proxies,
+                          skipped, [p.name for p in providers])
     targets = {p.name for p in proxies} | {g.name for g in groups} | set(BUILTIN_TARGETS)
     rule_providers = parse_rule_providers(root.raw("rule-providers"), root.at("rule-providers"),
                                           ctx)
@@ -117,9 +122,11 @@ def parse_root(data: Any, ctx: LoadContext) -> Config:
         external_controller=external_controller,
         secret=secret,
         store_fake_ip=store_fake_ip,
+        store_selected=store_selected,
         dns=dns,
         proxies=tuple(proxies),
         proxy_groups=tuple(groups),
+        proxy_providers=tuple(providers),
         rules=tuple(rules),
         sub_rules=sub_rules,
         rule_providers=tuple(rule_providers),
