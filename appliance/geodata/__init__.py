@@ -125,24 +125,33 @@ class GeoSiteFile:
         if where is None:
             log.error("geosite: no list %r in %s", code, self.path)
         else:
-            offset, length = where
-            entry = memoryview(self._data)[offset:offset + length]
-            for n, w, domain, _ in _fields(entry):
-                if n != 2 or w != 2:
-                    continue
-                kind, value, have = 0, "", set()
-                for dn, dw, dv, _ in _fields(domain):
-                    if dn == 1 and dw == 0:
-                        kind = dv
-                    elif dn == 2 and dw == 2:
-                        value = bytes(dv).decode("utf-8", "replace")
-                    elif dn == 3 and dw == 2 and key[1]:
-                        for an, aw, av, _ in _fields(dv):
-                            if an == 1 and aw == 2:
-                                have.add(bytes(av).decode("utf-8", "replace").lower())
-                if all(a in have for a in key[1]) and kind in _DOMAIN_KINDS and value:
-                    out.append((_DOMAIN_KINDS[kind], value.lower() if kind != 1 else value))
+            try:
+                out = self._decode(where, key[1])
+            except ValueError as err:
+                log.error("geosite: list %r in %s is damaged: %s", code, self.path, err)
         self._cache[key] = out
+        return out
+
+    def _decode(self, where: tuple[int, int], attrs: tuple[str, ...]) -> list[tuple[str, str]]:
+        """A GeoSite entry's domains (raises ValueError if damaged)."""
+        out: list[tuple[str, str]] = []
+        offset, length = where
+        entry = memoryview(self._data)[offset:offset + length]
+        for n, w, domain, _ in _fields(entry):
+            if n != 2 or w != 2:
+                continue
+            kind, value, have = 0, "", set()
+            for dn, dw, dv, _ in _fields(domain):
+                if dn == 1 and dw == 0:
+                    kind = dv
+                elif dn == 2 and dw == 2:
+                    value = bytes(dv).decode("utf-8", "replace")
+                elif dn == 3 and dw == 2 and attrs:
+                    for an, aw, av, _ in _fields(dv):
+                        if an == 1 and aw == 2:
+                            have.add(bytes(av).decode("utf-8", "replace").lower())
+            if all(a in have for a in attrs) and kind in _DOMAIN_KINDS and value:
+                out.append((_DOMAIN_KINDS[kind], value.lower() if kind != 1 else value))
         return out
 
 
