@@ -356,3 +356,36 @@ def test_cidr_index_agrees_with_a_linear_scan(networks: list[ipaddress.IPv4Netwo
 def test_provider_rules_len() -> None:
     assert len(ProviderRules("domain", domains=("a",))) == 1
     assert isinstance(parse_rule("MATCH,X"), Rule)
+
+
+# --- parsers of downloaded content: hostile bytes fail cleanly -------------------
+
+@given(st.binary(max_size=300), st.sampled_from(["domain", "ipcidr"]))
+def test_mrs_reader_refuses_garbage_with_value_error(data: bytes, behavior: str) -> None:
+    import zstandard
+
+    for blob in (data, zstandard.ZstdCompressor().compress(b"MRS\x01" + data)):
+        try:
+            read_mrs(blob, behavior)  # type: ignore[arg-type]
+        except ValueError:
+            pass
+
+
+@given(st.binary(max_size=300), st.sampled_from(["yaml", "text"]),
+       st.sampled_from(["domain", "ipcidr", "classical"]))
+def test_provider_parser_refuses_garbage_with_value_error(data: bytes, fmt: str,
+                                                           behavior: str) -> None:
+    try:
+        parse_provider(data, behavior, fmt)  # type: ignore[arg-type]
+    except ValueError:
+        pass
+
+
+@given(st.binary(max_size=300))
+def test_geosite_reader_refuses_garbage_with_value_error(data: bytes) -> None:
+    from appliance.geodata import _index_lists
+
+    try:
+        _index_lists(data)
+    except ValueError:
+        pass
