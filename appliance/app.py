@@ -61,11 +61,12 @@ from appliance.geodata import Geodata
 from appliance.geodata.update import GeodataFiles, needed
 from appliance.limits import ConcurrencyLimit, FairShares, RateLimit, total_flows
 from appliance.names import DomainMatcher
-from appliance.outbound.base import Resolve
+from appliance.outbound.base import Outbound, Resolve
 from appliance.outbound.groups import groups_in
 from appliance.outbound.health import DelayHistory, HealthChecks
 from appliance.outbound.preconnect import Preconnect
 from appliance.outbound.selections import Selections, selected_path
+from appliance.providers.proxies import ProxyProviders
 from appliance.providers.rules import RuleProviders
 from appliance.providers.source import Dial
 from appliance.routing import Dispatcher, Router
@@ -113,6 +114,10 @@ class Appliance:
         self.selections = Selections(
             selected_path(cfg.appliance.state_dir) if cfg.store_selected else None)
         self.health = HealthChecks()
+        # proxy-providers: their sources and refresh tasks (None: none yet).
+        self.providers: ProxyProviders | None = None
+        self._providers_scope: trio.CancelScope | None = None
+        self._nursery: trio.Nursery | None = None
         self.stopping = False  # SIGINT/SIGTERM received
 
     # -- what the control API reads besides the services -------------------------
@@ -126,12 +131,56 @@ class Appliance:
     # -- composition ---------------------------------------------------------
 
     def build_router(self, cfg: Config, resolve: Resolve | None) -> Router:
-        """The router of `cfg` with the groups' shared state, its groups
-        handed to the health checks (replacing the previous router's)."""
+        """The router of `cfg` with the groups' shared state and the proxy
+        providers' proxies in use, its groups handed to the health checks
+        (replacing the previous router's); its rules over the rule-providers'
+        content and the geodata."""
+        providers = self.providers
+        provided_out: dict[str, list[Outbound]] = {}
         router = build_router(cfg, resolve, self._rule_env(), delays=self.delays,
-                              selections=self.selections)
+                              selections=self.selections,
+                              provided=providers.provided() if providers is not None else {},
+                              provided_out=provided_out)
+        if providers is not None:
+            providers.attach(router.outbounds, provided_out)
         self.health.watch(groups_in(router.outbounds).values())
         return router
+
+    def open_providers(self, cfg: Config) -> ProxyProviders:
+        """The proxy providers of `cfg` with their cached content loaded (no
+        network: a boot without it runs on the cache files)."""
+        providers = ProxyProviders(cfg.proxy_providers, cfg.appliance.state_dir,
+                                   on_change=self._providers_changed, delays=self.delays)
+        providers.load_cached()
+        return providers
+
+    def _start_providers(self, providers: ProxyProviders) -> None:
+        """Run `providers`' refresh tasks in the app's nursery, stopping the
+        previous set's."""
+        if self._providers_scope is not None:
+            self._providers_scope.cancel()
+        self._providers_scope = None
+        if self._nursery is None or not providers.sources:
+            return
+        scope = self._providers_scope = trio.CancelScope()
+
+        async def run() -> None:
+            with scope:
+                await providers.serve()
+
+        self._nursery.start_soon(run)
+
+    def _providers_changed(self) -> None:
+        """A provider's content changed: rebuild the router so the groups
+        that use it get the new members in one swap."""
+        if self.dispatcher is None or self.resolver is None:
+            return
+        try:
+            router = self.build_router(self.cfg, self.resolver.resolve_ips)
+        except AppError as err:
+            log.error("proxy-provider update: %s; keeping the running proxies", err)
+            return
+        self.dispatcher.replace(router)
 
     def open_pool(self) -> FakeIPPool:
         cfg = self.cfg
@@ -167,11 +216,14 @@ class Appliance:
                 self.resolver = resolver
                 # Signals first: a SIGTERM during startup still unwinds cleanly.
                 await nursery.start(self._handle_signals, nursery.cancel_scope)
+                self._nursery = nursery
                 await nursery.start(self.health.serve)
+                self.providers = self.open_providers(cfg)
                 dispatcher = self.dispatcher = Dispatcher(
                     self.build_router(cfg, resolver.resolve_ips),
                     connect_timeout=cfg.appliance.connect_timeout)
                 await nursery.start(dispatcher.serve)
+                self._start_providers(self.providers)
                 await self._start_rule_sources(nursery)
                 await nursery.start(flusher.serve, pool, cfg.appliance.store_flush_interval)
                 if cfg.dns.enable:
@@ -378,12 +430,18 @@ class Appliance:
             return
         old = self.cfg
         if self.dispatcher is not None and self.resolver is not None:
+            kept_providers = self.providers
+            if new.proxy_providers != old.proxy_providers:
+                self.providers = self.open_providers(new)
             try:
                 router = self.build_router(new, self.resolver.resolve_ips)
             except AppError as err:
                 log.error("SIGHUP: %s; keeping the running configuration", err)
+                self.providers = kept_providers
                 return
             self.dispatcher.replace(router)
+            if self.providers is not kept_providers and self.providers is not None:
+                self._start_providers(self.providers)
         if self.dns_handler is not None:
             self.dns_handler.reconfigure(dns_in_effect(new))
         if self.offload is not None:

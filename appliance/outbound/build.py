@@ -137,7 +137,8 @@ def build_outbounds(
     *,
     delays: DelayHistory | None = None,
     selections: Selections | None = None,
-    provided: Mapping[str, Sequence[Outbound]] | None = None,
+    provided: Mapping[str, Sequence[ProxyConfig]] | None = None,
+    provided_out: dict[str, list[Outbound]] | None = None,
 ) -> dict[str, Outbound]:
     """Every outbound by name: the built-ins (DIRECT, REJECT, REJECT-DROP,
     PASS, COMPATIBLE), `proxies`, `proxy-groups` and GLOBAL.
@@ -150,7 +151,10 @@ def build_outbounds(
     the delay history the groups share (kept across reloads by the caller);
     `selections` the remembered choices (restored here, and told of new
     ones); `provided` the proxies of each proxy provider, by provider name
-    (groups that `use:` one take them, filtered).
+    (groups that `use:` one take them, filtered); their outbounds are put
+    in `provided_out` when given (a provider's proxies are not rule
+    targets, as in mihomo, so they are not in the returned map). A
+    provider is built after the outbounds its proxies' `dialer-proxy` name.
     """
     env = outbound_env(cfg, resolve)
     delays = delays if delays is not None else DelayHistory()
@@ -189,12 +193,30 @@ def build_outbounds(
             else []
     for name, g in groups.items():
         graph[name] = [m for m in g.proxies if m in proxies or m in groups]
+        graph[name] += [f"provider:{u}" for u in g.use]
+    for pname, configs in provided.items():
+        dialers = {c.dialer_proxy for c in configs if c.dialer_proxy is not None}
+        unknown_dialers = [d for d in dialers if d not in proxies and d not in groups
+                           and d not in out]
+        if unknown_dialers:
+            raise BuildError(f"proxy-provider {pname!r}: dialer-proxy {unknown_dialers} "
+                             "names nothing")
+        graph[f"provider:{pname}"] = [d for d in dialers if d in proxies or d in groups]
     try:
         order = list(TopologicalSorter(graph).static_order())
     except CycleError as e:
         raise BuildError(f"dialer-proxy / group cycle: {' -> '.join(e.args[1])}") from None
     factory = ProxyFactory(env, dict(proxies))
+    built: dict[str, list[Outbound]] = {}
     for name in order:
+        if name.startswith("provider:"):
+            pname = name.removeprefix("provider:")
+            built[pname] = []
+            for c in provided.get(pname, ()):
+                factory.configs.setdefault(c.name, c)
+                built[pname].append(factory.build(
+                    c, out[c.dialer_proxy] if c.dialer_proxy is not None else None))
+            continue
         pc = proxies.get(name)
         if pc is not None:
             via = out[pc.dialer_proxy] if pc.dialer_proxy is not None else None
@@ -202,7 +224,7 @@ def build_outbounds(
             continue
         g = groups[name]
         static = [out[m] for m in g.proxies]
-        members = compose_members(static, [provided[u] for u in g.use], g.filter)
+        members = compose_members(static, [built[u] for u in g.use], g.filter)
         group = out[name] = make_group(g, members, delays=delays, factory=factory,
                                        direct=out["DIRECT"])
         group.static = tuple(static)
@@ -212,6 +234,8 @@ def build_outbounds(
         out["GLOBAL"] = SelectGroup("GLOBAL", everything, delays=delays)
     if selections is not None:
         restore_selections(out, selections)
+    if provided_out is not None:
+        provided_out.update(built)
     return out
 
 

@@ -549,7 +549,7 @@ async def test_fallback_skips_a_dead_member_and_remembers(servers: Servers) -> N
     live = Socks5Outbound("live", "127.0.0.1", servers.socks_port)
     group = FallbackGroup("auto", [dead, live], retry_after=30)
     assert MARKER in await http_get(await group.connect_tcp(NAME, servers.web_port))
-    assert group.current is live  # dead is tried last for a while
+    assert group.current() is live  # dead is tried last for a while
     sel = SelectGroup("pick", [live, dead])
     assert MARKER in await http_get(await sel.connect_tcp(NAME, servers.web_port))
     sel.select("dead")

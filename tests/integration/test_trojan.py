@@ -37,7 +37,8 @@ SERVER_IP = "192.168.57.10"
 SERVER_NAME = "www.alpha.test"  # in the lab certificate; resolved through DoH
 PASSWORD = "lab-trojan-pw"
 ECHO_PORT = 9997
-PORTS = {"tcp": 18443, "ws": 18444, "grpc": 18445, "rogue": 18446, "upgrade": 18447}
+PORTS = {"tcp": 18443, "ws": 18444, "grpc": 18445, "rogue": 18446, "upgrade": 18447,
+         "gfw": 18448}
 
 
 def _cert_sha256(pem: Path) -> str:
@@ -62,6 +63,8 @@ def _proxies(rogue_sha: str, lab_sha: str) -> dict[str, tuple[dict[str, Any], in
         "tj-ws-ed": ({"port": PORTS["ws"], "network": "ws", "ws-opts": {
             "path": "/tj", "max-early-data": 2048,
             "early-data-header-name": "Sec-WebSocket-Protocol"}}, 31020),
+        "tj-grpc": ({"port": PORTS["grpc"], "network": "grpc",
+                     "grpc-opts": {"grpc-service-name": "TunSvc"}}, 31030),
         "tj-upgrade": ({"port": PORTS["upgrade"], "network": "ws",
                         "ws-opts": {"path": "/up", "v2ray-http-upgrade": True}}, 31040),
         "tj-rogue": ({"port": PORTS["rogue"]}, 31050),
@@ -70,14 +73,37 @@ def _proxies(rogue_sha: str, lab_sha: str) -> dict[str, tuple[dict[str, Any], in
         "tj-pin-wrong": ({"port": PORTS["tcp"], "fingerprint": rogue_sha}, 31080),
         "tj-pin-right": ({"port": PORTS["tcp"], "fingerprint": lab_sha}, 31090),
         "tj-wrong-password": ({"port": PORTS["tcp"], "password": "not-it"}, 31100),
+        "tj-gfw": ({"port": PORTS["gfw"]}, 31110),
     }
+
+
+def trojan_gfw(lab: Lab, d: Path, cert: Path, key: Path) -> tuple[subprocess.Popen[bytes], Path]:
+    """Debian's trojan (trojan-gfw) in the upstream node; its log (level 1)
+    names each requested destination. Falls back to www.beta.test's page."""
+    config = d / "trojan-gfw.json"
+    config.write_text(json.dumps({
+        "run_type": "server", "local_addr": SERVER_IP, "local_port": PORTS["gfw"],
+        "remote_addr": "192.168.57.11", "remote_port": 80, "password": [PASSWORD],
+        "log_level": 1, "ssl": {"cert": str(cert), "key": str(key), "alpn": ["http/1.1"]},
+    }))
+    log = d / "trojan-gfw.log"
+    with open(log, "wb") as out:
+        proc = lab.popen("upstream", ["trojan", "-c", str(config)], stdout=out,
+                         stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 10
+    while "started at" not in log.read_text(errors="replace"):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"trojan did not start:\n{log.read_text(errors='replace')}")
+        time.sleep(0.05)
+    return proc, log
 
 
 class TrojanLab:
     def __init__(self, lab: Lab, singbox: SingBox, mirage: MirageRun,
-                 ports: dict[str, int]) -> None:
+                 ports: dict[str, int], gfw_log: Path) -> None:
         self.lab = lab
         self.singbox = singbox
+        self.gfw_log = gfw_log
         self.mirage = mirage
         self.ports = ports
 
@@ -123,6 +149,7 @@ def trojan(lab: Lab, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Troja
     echo = lab.popen("upstream", [sys.executable, str(ECHO), "--tag", "--max-seconds", "300",
                                   f"{SERVER_IP}:{ECHO_PORT}"],
                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    gfw, gfw_log = trojan_gfw(lab, tmp_path_factory.mktemp("gfw"), cert, key)
     try:
         assert echo.stdout is not None
         assert echo.stdout.readline().strip() == b"ready"
@@ -132,10 +159,12 @@ def trojan(lab: Lab, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Troja
             run.start()
             try:
                 yield TrojanLab(lab, singbox, run,
-                                {name: first for name, (_, first) in proxies.items()})
+                                {name: first for name, (_, first) in proxies.items()}, gfw_log)
             finally:
                 run.stop()
     finally:
+        gfw.terminate()
+        gfw.wait(timeout=5)
         echo.terminate()
         echo.wait(timeout=5)
         if echo.stdout is not None:
@@ -144,7 +173,7 @@ def trojan(lab: Lab, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Troja
             f.unlink()
 
 
-@pytest.mark.parametrize("proxy", ["tj-tcp", "tj-ws", "tj-ws-ed", "tj-upgrade",
+@pytest.mark.parametrize("proxy", ["tj-tcp", "tj-ws", "tj-ws-ed", "tj-grpc", "tj-upgrade",
                                    "tj-pin-right", "tj-rogue-pinned"])
 def test_http_through_trojan_reaches_the_server_by_name(trojan: TrojanLab, proxy: str) -> None:
     before = trojan.singbox.log_text().count(f"inbound connection to {SERVER_NAME}:80")
@@ -154,9 +183,9 @@ def test_http_through_trojan_reaches_the_server_by_name(trojan: TrojanLab, proxy
     assert trojan.singbox.log_text().count(f"inbound connection to {SERVER_NAME}:80") > before
 
 
-def test_big_download_over_tcp_and_ws(trojan: TrojanLab) -> None:
+def test_big_download_over_tcp_ws_and_grpc(trojan: TrojanLab) -> None:
     size = trojan.lab.topology.web.big_bytes
-    for proxy in ("tj-ws", "tj-tcp"):
+    for proxy in ("tj-ws", "tj-grpc", "tj-tcp"):
         out = trojan.lab.exec("client", [
             "curl", "-sS", "--max-time", "20", "-o", "/dev/null", "-w", "%{size_download}",
             "--local-port", f"{trojan.ports[proxy]}-{trojan.ports[proxy] + 9}",
@@ -225,3 +254,10 @@ def test_udp_echo_over_trojan(trojan: TrojanLab) -> None:
     assert f"to={SERVER_IP}:{ECHO_PORT}" in got["replies"][0]
     assert f"inbound packet connection to {SERVER_NAME}:{ECHO_PORT}" in \
         trojan.singbox.log_text()
+
+
+def test_debian_trojan_server(trojan: TrojanLab) -> None:
+    out = trojan.curl("tj-gfw")
+    assert out.returncode == 0, out.stderr
+    assert "MARKER-ALPHA" in out.stdout
+    assert f"requested connection to {SERVER_NAME}:80" in trojan.gfw_log.read_text()

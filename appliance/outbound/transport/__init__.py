@@ -21,6 +21,8 @@ import trio
 
 from appliance.config.protocols.common import TransportOptions
 from appliance.outbound.tls import ALPN_H2, ALPN_HTTP1
+from appliance.outbound.transport.h2 import open_grpc, open_h2
+from appliance.outbound.transport.http_obfs import HttpObfsStream
 from appliance.outbound.transport.ws import WsStream, open_http_upgrade
 
 
@@ -45,7 +47,14 @@ async def open_transport(stream: trio.abc.Stream, t: TransportOptions | None,
             if t.ws.v2ray_http_upgrade:
                 return await open_http_upgrade(stream, t.ws, host)
             return WsStream(stream, t.ws, host)
-        raise trio.BrokenResourceError(f"the {t.network} transport is not implemented yet")
+        if t.network == "grpc":
+            assert t.grpc is not None
+            return await open_grpc(stream, t.grpc, host, tls=tls)
+        if t.network == "h2":
+            assert t.h2 is not None
+            return await open_h2(stream, t.h2, host, tls=tls)
+        assert t.http is not None
+        return HttpObfsStream(stream, t.http, host)
     except BaseException:
         await trio.aclose_forcefully(stream)
         raise

@@ -26,8 +26,6 @@ def parse(sec: Section) -> TrojanOptions:
     ss = sec.raw("ss-opts")
     if isinstance(ss, dict) and ss.get("enabled"):
         raise UnusableProxy("ss-opts (Shadowsocks inside Trojan)")
-    if sec.data.get("network") == "grpc":
-        raise UnusableProxy("network 'grpc'")
     if sec.raw("flow") is not None:
         sec.ctx.ignore(sec.at("flow"), "mihomo's trojan has no XTLS flow any more")
     return TrojanOptions(password=sec.require("password", as_nonempty_str))

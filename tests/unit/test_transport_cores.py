@@ -1,0 +1,392 @@
+"""The TLS layer, the stream transports and Trojan's wire format without a
+network: sans-I/O cores fed bytes (gun framing, early data, HTTP heads,
+Trojan packets) and the stream adapters run over trio memory streams
+against scripted servers made of the same sans-I/O libraries (wsproto's
+and h2's server sides, trio's SSLStream with a lab certificate)."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import random
+import ssl
+from pathlib import Path
+
+import h2.config
+import h2.connection
+import h2.events
+import pytest
+import trio
+from hypothesis import given
+from hypothesis import strategies as st
+from trio.testing import memory_stream_pair
+from wsproto import ConnectionType, WSConnection
+from wsproto.events import AcceptConnection, BytesMessage, Ping, Pong, Request
+
+from appliance.config import parse_config
+from appliance.config.protocols.common import (
+    GrpcOptions,
+    HttpOptions,
+    RealityOptions,
+    TlsOptions,
+    WsOptions,
+)
+from appliance.config.protocols.trojan import TrojanOptions
+from appliance.config.render import effective_config
+from appliance.lab.certs import make_ca_and_cert
+from appliance.outbound.base import OutboundError
+from appliance.outbound.tls import TlsClient, TlsStream, unsupported_tls
+from appliance.outbound.transport import gun
+from appliance.outbound.transport.h2 import open_grpc
+from appliance.outbound.transport.http_obfs import ResponseHeadSkipper, request_head
+from appliance.outbound.transport.ws import (
+    WsStream,
+    early_data_plan,
+    open_http_upgrade,
+    parse_upgrade_response,
+)
+from appliance.outbound.trojan import TrojanPacketCodec
+from appliance.proto.socks5 import encode_address
+from appliance.proto.trojan import (
+    CMD_CONNECT,
+    TrojanError,
+    UdpDecoder,
+    encode_request,
+    encode_udp,
+    password_key,
+)
+
+# --- Trojan -------------------------------------------------------------------
+
+
+def test_trojan_request_is_key_crlf_cmd_address_crlf() -> None:
+    key = password_key("pw")
+    assert key == hashlib.sha224(b"pw").hexdigest().encode()
+    head = encode_request(key, CMD_CONNECT, "www.alpha.test", 80)
+    assert head == key + b"\r\n\x01\x03\x0ewww.alpha.test\x00\x50\r\n"
+    with pytest.raises(TrojanError):
+        encode_request(key, CMD_CONNECT, "x" * 300, 80)
+
+
+def test_trojan_udp_packets_split_anywhere() -> None:
+    address = encode_address("www.alpha.test", 53)
+    wire = encode_udp(address, b"one") + encode_udp(address, b"") + encode_udp(address, b"3" * 9)
+    for cut in range(len(wire) + 1):
+        decoder = UdpDecoder()
+        got = decoder.feed(wire[:cut]) + decoder.feed(wire[cut:])
+        assert [p for _, _, p in got] == [b"one", b"", b"3" * 9]
+        assert all(h == "www.alpha.test" and port == 53 for h, port, _ in got)
+    with pytest.raises(TrojanError, match="CRLF"):
+        UdpDecoder().feed(address + b"\x00\x01XXz")
+    codec = TrojanPacketCodec(address)
+    assert codec.decode(codec.encode(b"abc")) == [b"abc"]
+
+
+# --- gun ----------------------------------------------------------------------
+
+
+@given(st.lists(st.binary(max_size=300), max_size=5), st.integers(min_value=1, max_value=50))
+def test_gun_messages_round_trip_in_any_chunks(payloads: list[bytes], step: int) -> None:
+    wire = b"".join(gun.encode(p) for p in payloads)
+    decoder = gun.GunDecoder()
+    got: list[bytes] = []
+    for i in range(0, len(wire), step):
+        got += decoder.feed(wire[i:i + step])
+    assert got == payloads
+
+
+def test_gun_frame_layout_and_errors() -> None:
+    data = b"x" * 200
+    assert gun.encode(data) == b"\x00\x00\x00\x00\xcb\x0a\xc8\x01" + data
+    with pytest.raises(gun.GunError, match="compressed"):
+        gun.GunDecoder().feed(b"\x01\x00\x00\x00\x00")
+    with pytest.raises(gun.GunError, match="protobuf key"):
+        gun.GunDecoder().feed(b"\x00\x00\x00\x00\x02\x12\x00")
+
+
+# --- ws -----------------------------------------------------------------------
+
+
+def test_early_data_plan() -> None:
+    assert early_data_plan(WsOptions(path="/p?ed=2048")) == ("/p", 2048, "Sec-WebSocket-Protocol")
+    assert early_data_plan(WsOptions(path="/p?a=1&ed=9")) == ("/p?a=1", 9, "Sec-WebSocket-Protocol")
+    assert early_data_plan(WsOptions(path="/p", max_early_data=5)) == ("/p", 5, "")
+    assert early_data_plan(WsOptions(path="/p?ed=x")) == ("/p?ed=x", 0, "")
+
+
+class WsServer:
+    """wsproto's server side on the far end of a memory stream."""
+
+    def __init__(self, stream: trio.abc.Stream) -> None:
+        self.stream = stream
+        self.ws = WSConnection(ConnectionType.SERVER)
+        self.request: Request | None = None
+        self.messages: list[bytes] = []
+        self.pongs = 0
+
+    async def handshake(self, accept_subprotocol: bool) -> None:
+        while self.request is None:
+            self.ws.receive_data(await self.stream.receive_some())
+            for event in self.ws.events():
+                if isinstance(event, Request):
+                    self.request = event
+        sub = self.request.subprotocols[0] if accept_subprotocol and \
+            self.request.subprotocols else None
+        await self.stream.send_all(self.ws.send(AcceptConnection(subprotocol=sub)))
+
+    async def read_until(self, n: int) -> None:
+        while len(b"".join(self.messages)) < n:
+            self.ws.receive_data(await self.stream.receive_some())
+            for event in self.ws.events():
+                if isinstance(event, BytesMessage):
+                    self.messages.append(bytes(event.data))
+                elif isinstance(event, Pong):
+                    self.pongs += 1
+
+
+async def test_ws_early_data_rides_in_the_subprotocol_header() -> None:
+    client_end, server_end = memory_stream_pair()
+    ws = WsStream(client_end, WsOptions(path="/tj", headers=(("Host", "cdn.test"),),
+                                        max_early_data=4,
+                                        early_data_header_name="Sec-WebSocket-Protocol"),
+                  "ignored.test")
+    server = WsServer(server_end)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(server.handshake, True)
+        await ws.send_all(b"headTAIL")
+    assert server.request is not None
+    assert server.request.host == "cdn.test" and server.request.target == "/tj"
+    assert server.request.subprotocols == [base64.urlsafe_b64encode(b"head").decode()
+                                           .rstrip("=")]
+    await server.read_until(4)
+    assert b"".join(server.messages) == b"TAIL"
+    await server_end.send_all(server.ws.send(BytesMessage(data=b"down1")) +
+                              server.ws.send(Ping(payload=b"p")) +
+                              server.ws.send(BytesMessage(data=b"down2")))
+    got = b""
+    while len(got) < 10:
+        got += await ws.receive_some(3)
+    assert got == b"down1down2"
+    await ws.send_all(b"x")
+    await server.read_until(5)
+    assert server.pongs == 1
+
+
+async def test_ws_early_data_without_a_header_goes_in_the_path() -> None:
+    client_end, server_end = memory_stream_pair()
+    ws = WsStream(client_end, WsOptions(path="/ed/", max_early_data=8), "h.test")
+    server = WsServer(server_end)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(server.handshake, False)
+        await ws.send_all(b"abc")
+    assert server.request is not None
+    assert server.request.target == "/ed/" + base64.urlsafe_b64encode(b"abc").decode().rstrip("=")
+    assert server.request.host == "h.test"
+
+
+async def test_ws_refused_upgrade_is_a_broken_stream() -> None:
+    client_end, server_end = memory_stream_pair()
+    ws = WsStream(client_end, WsOptions(path="/"), "h.test")
+
+    async def refuse() -> None:
+        await server_end.receive_some()
+        await server_end.send_all(b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n")
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(refuse)
+        with pytest.raises(trio.BrokenResourceError, match="404"):
+            await ws.send_all(b"x")
+
+
+async def test_http_upgrade_replays_bytes_after_the_101() -> None:
+    assert parse_upgrade_response(b"HTTP/1.1 101 Switching") is None
+    assert parse_upgrade_response(b"HTTP/1.1 101 Switching Protocols\r\n\r\n") == 101
+    client_end, server_end = memory_stream_pair()
+
+    async def server() -> None:
+        head = await server_end.receive_some()
+        assert head.startswith(b"GET /up HTTP/1.1\r\nHost: h.test\r\n")
+        await server_end.send_all(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket"
+                                  b"\r\n\r\nearly bytes")
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(server)
+        stream = await open_http_upgrade(client_end, WsOptions(path="/up",
+                                                               v2ray_http_upgrade=True),
+                                         "h.test")
+    assert await stream.receive_some() == b"early bytes"
+
+
+# --- http disguise ------------------------------------------------------------
+
+
+def test_http_request_head_and_response_skip() -> None:
+    opts = HttpOptions(method="GET", paths=("/a",),
+                       headers=(("Host", ("cdn.test",)), ("Accept", ("*/*",))))
+    head = request_head(opts, "server.test", 5, random.Random(1))
+    assert head == (b"GET /a HTTP/1.1\r\nHost: cdn.test\r\nAccept: */*\r\n"
+                    b"Content-Length: 5\r\n\r\n")
+    skipper = ResponseHeadSkipper()
+    assert skipper.feed(b"HTTP/1.1 200 OK\r\nX: y\r") == b""
+    assert skipper.feed(b"\n\r\npayload") == b"payload" and skipper.done
+    with pytest.raises(trio.BrokenResourceError):
+        ResponseHeadSkipper().feed(b"SSH-2.0-x\r\n")
+
+
+# --- grpc over h2 -------------------------------------------------------------
+
+
+class H2Server:
+    """h2's server side, answering one gun call."""
+
+    def __init__(self, stream: trio.abc.Stream) -> None:
+        self.stream = stream
+        self.conn = h2.connection.H2Connection(
+            h2.config.H2Configuration(client_side=False, header_encoding=None))
+        self.conn.initiate_connection()
+        self.headers: dict[bytes, bytes] = {}
+        self.body = gun.GunDecoder()
+        self.received: list[bytes] = []
+
+    async def read(self, until: int) -> None:
+        """Read (acknowledging nothing until `until` bytes are in: the
+        client's window must not be opened early)."""
+        while len(b"".join(self.received)) < until:
+            data = await self.stream.receive_some()
+            for event in self.conn.receive_data(data):
+                if isinstance(event, h2.events.RequestReceived):
+                    self.headers = dict(event.headers)
+                    self.conn.send_headers(event.stream_id, [(b":status", b"200"),
+                                                             (b"content-type",
+                                                              b"application/grpc")])
+                elif isinstance(event, h2.events.DataReceived):
+                    self.received += self.body.feed(event.data)
+                    self.conn.acknowledge_received_data(event.flow_controlled_length,
+                                                        event.stream_id)
+            await self.stream.send_all(self.conn.data_to_send())
+
+
+async def test_grpc_call_carries_gun_messages_both_ways_past_the_window() -> None:
+    client_end, server_end = memory_stream_pair()
+    server = H2Server(server_end)
+    stream = await open_grpc(client_end, GrpcOptions(service_name="Svc"), "g.test", tls=True)
+    big = bytes(range(256)) * 1024  # 256 KiB: four times the default window
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(server.read, len(big))
+        await stream.send_all(big)
+    assert server.headers[b":path"] == b"/Svc/Tun"
+    assert server.headers[b"content-type"] == b"application/grpc"
+    assert b"".join(server.received) == big
+    server.conn.send_data(1, gun.encode(b"reply-1") + gun.encode(b"reply-2"))
+    server.conn.send_headers(1, [(b"grpc-status", b"14"), (b"grpc-message", b"unavailable")],
+                             end_stream=True)
+    await server_end.send_all(server.conn.data_to_send())
+    got = b""
+    with pytest.raises(trio.BrokenResourceError, match="status 14 \\(unavailable\\)"):
+        while True:
+            got += await stream.receive_some()
+    assert got == b"reply-1reply-2"
+
+
+# --- TLS ----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
+    paths = make_ca_and_cert(tmp_path_factory.mktemp("tls"), ["192.0.2.1"], ["tls.test"])
+    return paths.ca_cert, paths.cert, paths.key
+
+
+def trusting(ca: Path) -> ssl.SSLContext:
+    """A verifying client context that trusts `ca` (the shared ones trust
+    the system store and must not be changed by a test)."""
+    return ssl.create_default_context(cafile=str(ca))
+
+
+async def _handshake(client: TlsClient, cert: Path, key: Path) -> trio.abc.Stream:
+    client_end, server_end = memory_stream_pair()
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(cert, key)
+    server = trio.SSLStream(server_end, ctx, server_side=True)
+
+    async def serve() -> None:
+        try:
+            await server.do_handshake()
+        except trio.BrokenResourceError:
+            pass
+
+    result: trio.abc.Stream | OutboundError
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(serve)
+        try:
+            result = await client.wrap(client_end, "tj")
+        except OutboundError as e:
+            result = e
+        nursery.cancel_scope.cancel()
+    if isinstance(result, OutboundError):
+        raise result
+    return result
+
+
+async def test_tls_verifies_against_the_trusted_ca(certs: tuple[Path, Path, Path]) -> None:
+    ca, cert, key = certs
+    trusted = TlsClient(TlsOptions(), "tls.test")
+    trusted.context = trusting(ca)
+    assert isinstance(await _handshake(trusted, cert, key), TlsStream)
+    by_ip = TlsClient(TlsOptions(), "192.0.2.1")
+    by_ip.context = trusting(ca)
+    await _handshake(by_ip, cert, key)
+    with pytest.raises(OutboundError, match="tj: certificate verify failed: "):
+        await _handshake(TlsClient(TlsOptions(), "tls.test"), cert, key)
+    wrong_name = TlsClient(TlsOptions(sni="other.test"), "tls.test")
+    wrong_name.context = trusting(ca)
+    with pytest.raises(OutboundError, match="certificate verify failed: Hostname mismatch"):
+        await _handshake(wrong_name, cert, key)
+    await _handshake(TlsClient(TlsOptions(skip_cert_verify=True), "tls.test"), cert, key)
+
+
+async def test_tls_fingerprint_pin_replaces_the_chain_check(
+        certs: tuple[Path, Path, Path]) -> None:
+    _, cert, key = certs
+    sha = hashlib.sha256(ssl.PEM_cert_to_DER_cert(cert.read_text())).hexdigest()
+    # Not trusted, but pinned: accepted, as mihomo does.
+    await _handshake(TlsClient(TlsOptions(fingerprint=sha), "tls.test"), cert, key)
+    with pytest.raises(OutboundError, match="tj: fingerprint mismatch"):
+        await _handshake(TlsClient(TlsOptions(fingerprint="00" * 32), "tls.test"), cert, key)
+
+
+def test_reality_is_refused_by_the_layer() -> None:
+    reality = TlsOptions(reality=RealityOptions(public_key="k"))
+    assert unsupported_tls(reality) is not None and unsupported_tls(TlsOptions()) is None
+    with pytest.raises(ValueError, match="REALITY"):
+        TlsClient(reality, "x.test")
+
+
+# --- trojan in the profile ----------------------------------------------------
+
+
+def test_trojan_profile_keys(caplog: pytest.LogCaptureFixture) -> None:
+    raw = {"dns": {"enable": False}, "rules": ["MATCH,DIRECT"], "proxies": [
+        {"name": "t", "type": "trojan", "server": "t.example", "port": 443, "password": "p",
+         "flow": "xtls-rprx-direct", "client-fingerprint": "chrome", "network": "ws",
+         "ws-opts": {"path": "/x?ed=2048", "headers": {"Host": "h"}},
+         "fingerprint": "AB:" * 31 + "AB", "udp": True},
+        {"name": "g", "type": "trojan", "server": "192.0.2.1", "port": 443, "password": "p",
+         "network": "grpc", "grpc-opts": {"grpc-service-name": "s"},
+         "ss-opts": {"enabled": False}},
+        {"name": "s", "type": "trojan", "server": "192.0.2.1", "port": 443, "password": "p",
+         "ss-opts": {"enabled": True, "method": "aes-128-gcm", "password": "x"}},
+    ]}  # fmt: skip
+    with caplog.at_level("INFO", "appliance.config.loader.proxies"):
+        cfg = parse_config(raw)
+    assert "client-fingerprint (uTLS) on 1 proxy has no effect" in caplog.text
+    t, g = cfg.proxies
+    assert t.options == TrojanOptions(password="p") and t.udp
+    assert t.tls_options is not None and t.tls_options.fingerprint == "ab" * 32
+    assert t.transport is not None and t.transport.ws is not None
+    assert g.transport is not None and g.transport.grpc is not None
+    assert "proxies[0].flow (mihomo's trojan has no XTLS flow any more)" in cfg.ignored_keys
+    assert "proxies[2] (trojan proxy 's': ss-opts (Shadowsocks inside Trojan))" in \
+        cfg.ignored_keys
+    assert parse_config(effective_config(cfg)).proxies == cfg.proxies
+    assert effective_config(cfg, redact=True)["proxies"][0]["password"] == "<redacted>"
