@@ -57,6 +57,8 @@ from appliance.gateway import proxyport
 from appliance.gateway.splice import FlowRegistry
 from appliance.gateway.tcp import TransparentTcp
 from appliance.gateway.udp import UdpGateway
+from appliance.geodata import Geodata
+from appliance.geodata.update import GeodataFiles, needed
 from appliance.limits import ConcurrencyLimit, FairShares, RateLimit, total_flows
 from appliance.names import DomainMatcher
 from appliance.outbound.base import Outbound, Resolve
@@ -65,7 +67,10 @@ from appliance.outbound.health import DelayHistory, HealthChecks
 from appliance.outbound.preconnect import Preconnect
 from appliance.outbound.selections import Selections, selected_path
 from appliance.providers.proxies import ProxyProviders
+from appliance.providers.rules import RuleProviders
+from appliance.providers.source import Dial
 from appliance.routing import Dispatcher, Router
+from appliance.rules.engine import RuleEnv
 
 log = logging.getLogger("mirage")
 
@@ -97,6 +102,9 @@ class Appliance:
         self.proxy_ports: proxyport.ProxyPorts | None = None
         self.capture: object | None = None  # what capture/backend.py started
         self.offload: DirectOffload | None = None  # with appliance.offload-direct
+        # What rules refer to: rule-providers (the control API's hook) and geodata.
+        self.rule_providers: RuleProviders | None = None
+        self.geodata = Geodata(cfg.geodata.dir or cfg.appliance.state_dir, mode=cfg.geodata.mode)
         # Per-client limits, held by the services that enforce them.
         self.limits: FairShares = build_fair_shares(cfg)
         # What outlives a router (reloads): the probe results of every proxy
@@ -125,10 +133,12 @@ class Appliance:
     def build_router(self, cfg: Config, resolve: Resolve | None) -> Router:
         """The router of `cfg` with the groups' shared state and the proxy
         providers' proxies in use, its groups handed to the health checks
-        (replacing the previous router's)."""
+        (replacing the previous router's); its rules over the rule-providers'
+        content and the geodata."""
         providers = self.providers
         provided_out: dict[str, list[Outbound]] = {}
-        router = build_router(cfg, resolve, delays=self.delays, selections=self.selections,
+        router = build_router(cfg, resolve, self._rule_env(), delays=self.delays,
+                              selections=self.selections,
                               provided=providers.provided() if providers is not None else {},
                               provided_out=provided_out)
         if providers is not None:
@@ -214,6 +224,7 @@ class Appliance:
                     connect_timeout=cfg.appliance.connect_timeout)
                 await nursery.start(dispatcher.serve)
                 self._start_providers(self.providers)
+                await self._start_rule_sources(nursery)
                 await nursery.start(flusher.serve, pool, cfg.appliance.store_flush_interval)
                 if cfg.dns.enable:
                     self.dns_handler = DnsHandler(
@@ -251,6 +262,49 @@ class Appliance:
             # After the flusher's final flush (the nursery has exited).
             if self.store is not None:
                 self.store.close()
+
+    async def _start_rule_sources(self, nursery: trio.Nursery) -> None:
+        """rule-providers and geodata downloads: loaded (cache first) before
+        any listener starts, then refreshed in the background; each change
+        recompiles the rules (`_rules_changed`)."""
+        cfg = self.cfg
+        if cfg.rule_providers:
+            self.rule_providers = RuleProviders(cfg, dial_for=self._dial_for,
+                                                on_change=self._rules_changed)
+            await nursery.start(self.rule_providers.serve)
+        rules = list(cfg.rules) + [r for _, sub in cfg.sub_rules for r in sub]
+        kinds = needed(rules, cfg.geodata.mode)
+        if kinds:
+            files = GeodataFiles(cfg.geodata, self.geodata, kinds,
+                                 dial=self._dial_for(cfg.geodata.proxy),
+                                 on_change=self._rules_changed)
+            await nursery.start(files.serve)
+
+    def _dial_for(self, proxy: str | None) -> Dial:
+        """How a download reaches its server: the `proxy:` outbound, else
+        DIRECT (marked sockets, names through the upstream resolver)."""
+        async def dial(host: str, port: int) -> trio.abc.Stream:
+            assert self.dispatcher is not None
+            outbounds = self.dispatcher.router.outbounds
+            outbound = outbounds.get(proxy or "DIRECT") or outbounds["DIRECT"]
+            return await outbound.connect_tcp(host, port)
+        return dial
+
+    def _rule_env(self) -> RuleEnv:
+        providers = self.rule_providers.contents() if self.rule_providers is not None else {}
+        return RuleEnv(providers=providers, geo=self.geodata)
+
+    async def _rules_changed(self) -> None:
+        """A rule-provider or geodata file changed: compile the rules again
+        (in a thread: large sets take a while) and route new flows by them."""
+        if self.dispatcher is None:
+            return
+        router = await trio.to_thread.run_sync(self.dispatcher.router.with_env,
+                                               self._rule_env())
+        self.dispatcher.swap_rules(router)
+        if self.offload is not None:
+            await self.offload.clear()
+        log.info("rules recompiled (%d rules)", len(router.rules.rules))
 
     async def _alive(self) -> bool:
         """The watchdog's check: the DNS service answers (appliance/systemd.py);
@@ -443,6 +497,10 @@ _RESTART_KEYS: tuple[tuple[str, Callable[[Config], object]], ...] = (
     ("routing-mark", lambda c: c.routing_mark),
     ("external-controller", lambda c: c.external_controller),
     ("profile.store-fake-ip", lambda c: c.store_fake_ip),
+    # The providers and geodata files are loaded and refreshed by tasks
+    # started once; a reload compiles the new rules over their content.
+    ("rule-providers", lambda c: c.rule_providers),
+    ("geox-url / geodata-*", lambda c: c.geodata),
 )
 # Applied live by the proxy ports; a restart only when none are running
 # (then they only matter once a port is configured, which needs one).
@@ -517,10 +575,12 @@ def _memory_bytes() -> int:
         return 256 << 20  # a small router's, if the system will not say
 
 
-def build_router(cfg: Config, resolve: Resolve | None, **shared: Any) -> Router:
-    """The outbounds and rules of `cfg`; AppError if they cannot be built."""
+def build_router(cfg: Config, resolve: Resolve | None, env: RuleEnv | None = None,
+                 **shared: Any) -> Router:
+    """The outbounds and rules of `cfg` (over `env`: rule-providers' content,
+    geodata); AppError if they cannot be built."""
     try:
-        return Router.from_config(cfg, resolve, **shared)
+        return Router.from_config(cfg, resolve, env, **shared)
     except ValueError as err:  # BuildError
         raise AppError(f"proxies/rules: {err}") from None
 

@@ -22,6 +22,15 @@ keeps its meaning); when no later rule matches, the flow goes DIRECT, the
 default. A profile that wants such UDP dropped instead says so with a rule
 placed before it, such as `NETWORK,udp,REJECT`.
 
+IP rules and names (mihomo's `tunnel.match`): a flow known by name (a fake
+IP's, or a host named on a proxy port) first matches by name only; when no
+rule before the first one that would resolve (`RuleSet.first_resolve`)
+matched, the router resolves the name through the upstream resolver
+(`resolve_ips`, never the system's; answers kept for their TTL, at most 5
+minutes, 4096 names) and matches again from that rule with the address. A
+failed lookup leaves the flow without an address: the IP rules do not
+match it. A fake IP is never matched as if it were the destination.
+
 How it fails: `connect_tcp` and `open_udp` raise OutboundError (the
 outbound's, or its deadline); outbounds that cannot be built raise
 BuildError (a ValueError) when the router is built.
@@ -29,13 +38,16 @@ BuildError (a ValueError) when the router is built.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
 import trio
 
 from appliance.config.model import Config, IPAddress, Rule
+from appliance.dns.upstream_api import UpstreamError
 from appliance.flow import Flow
 from appliance.outbound.base import Outbound, Resolve, UdpPeer, outbound_deadline
 from appliance.outbound.build import BuildError, build_outbounds
@@ -43,9 +55,17 @@ from appliance.outbound.direct import DirectOutbound
 from appliance.outbound.groups import FLOW_SOURCE, unwrap
 from appliance.outbound.preconnect import MAX_IDLE as PRECONNECT_MAX_IDLE
 from appliance.outbound.preconnect import Preconnect
-from appliance.rules.engine import FlowContext, RuleSet
+from appliance.rules.engine import EMPTY_ENV, FlowContext, RuleEnv, RuleSet
 
 log = logging.getLogger(__name__)
+
+
+# mihomo's inbound type names (IN-TYPE) for Mirage's listeners; a mixed port
+# does not record which protocol the client spoke.
+_IN_TYPES = {"tproxy": "TPROXY", "socks": "SOCKS5", "http": "HTTP", "mixed": ""}
+# How long a name's address resolved for IP rules is kept, at most.
+RESOLVE_MAX_TTL = 300.0
+RESOLVE_TIMEOUT = 5.0
 
 
 def flow_context(flow: Flow) -> FlowContext:
@@ -54,7 +74,44 @@ def flow_context(flow: Flow) -> FlowContext:
     destination is a fake IP, which says nothing (rules/engine.py)."""
     domain = flow.domain
     return FlowContext(domain, None if domain is not None else flow.dst, flow.dst_port,
-                       flow.src, flow.network, flow.src_port)
+                       flow.src, flow.network, flow.src_port,
+                       in_type=_IN_TYPES.get(flow.inbound, ""))
+
+
+class NameAddresses:
+    """The address of a name for IP rules: asked from the upstream resolver
+    (IPv4 first, then IPv6, as mihomo's ResolveIP), kept for the answer's TTL
+    (at most RESOLVE_MAX_TTL), the `size` most recent names. A failure is
+    kept for 5 s so that a dead resolver is not asked once per flow."""
+
+    def __init__(self, resolve: Resolve | None, *, size: int = 4096) -> None:
+        self._resolve = resolve
+        self._size = size
+        self._cache: OrderedDict[str, tuple[IPAddress | None, float]] = OrderedDict()
+
+    async def lookup(self, name: str) -> IPAddress | None:
+        now = trio.current_time()
+        hit = self._cache.get(name)
+        if hit is not None and hit[1] > now:
+            self._cache.move_to_end(name)
+            return hit[0]
+        address, ttl = None, 5.0
+        if self._resolve is not None:
+            with trio.move_on_after(RESOLVE_TIMEOUT):
+                for family in (4, 6):
+                    try:
+                        addresses, answer_ttl = await self._resolve(name, family)
+                    except (UpstreamError, OSError) as err:
+                        log.debug("rules: resolving %s for IP rules: %s", name, err)
+                        continue
+                    if addresses:
+                        address, ttl = addresses[0], min(float(answer_ttl), RESOLVE_MAX_TTL)
+                        break
+        self._cache[name] = (address, now + max(ttl, 1.0))
+        self._cache.move_to_end(name)
+        while len(self._cache) > self._size:
+            self._cache.popitem(last=False)
+        return address
 
 
 class Router:
@@ -68,58 +125,139 @@ class Router:
     outbound that does not exist (the loader refuses that first).
     """
 
-    def __init__(self, rules: Sequence[Rule], outbounds: Mapping[str, Outbound]) -> None:
-        self.rules = RuleSet(rules)
+    def __init__(self, rules: Sequence[Rule], outbounds: Mapping[str, Outbound],
+                 env: RuleEnv = EMPTY_ENV, addresses: NameAddresses | None = None) -> None:
+        self.rules = RuleSet(rules, env)
         self.outbounds = dict(outbounds)
         self.default = outbounds["DIRECT"]
-        targets: list[Outbound] = []
+        self.addresses = addresses if addresses is not None else NameAddresses(None)
+        targets: list[Outbound | None] = []
         for i, rule in enumerate(self.rules.rules):
+            if rule.type == "SUB-RULE":
+                targets.append(None)  # decided per flow by its sub-rules list
+                continue
             target = outbounds.get(rule.target)
             if target is None:
                 raise BuildError(f"rules[{i}]: target {rule.target!r} is not an outbound")
             targets.append(target)
-        # The outbound of each rule, by rule index.
+        for name, sub in env.sub_rules.items():
+            for i, rule in enumerate(sub):
+                if rule.type != "SUB-RULE" and rule.target not in outbounds:
+                    raise BuildError(f"sub-rules.{name}[{i}]: target {rule.target!r} is not "
+                                     "an outbound")
+        # The outbound of each rule, by rule index (None: a SUB-RULE).
         self.targets = tuple(targets)
         self._tails: dict[int, RuleSet] = {}
 
     @classmethod
-    def from_config(cls, cfg: Config, resolve: Resolve | None, **shared: Any) -> Router:
+    def from_config(cls, cfg: Config, resolve: Resolve | None,
+                    env: RuleEnv | None = None, **shared: Any) -> Router:
         """The outbounds `cfg` configures (appliance/outbound/build.py, which
         takes what outlives a router in `shared`: delay history, remembered
-        choices, providers' proxies) and its rules."""
-        return cls(cfg.rules, build_outbounds(cfg, resolve, **shared))
+        choices, providers' proxies) and its rules; `env` what the rules
+        refer to (rule-providers' content, geodata; its sub-rules are taken
+        from `cfg`)."""
+        env = dataclasses.replace(env or EMPTY_ENV, sub_rules=dict(cfg.sub_rules))
+        return cls(cfg.rules, build_outbounds(cfg, resolve, **shared), env,
+                   NameAddresses(resolve))
+
+    def with_env(self, env: RuleEnv) -> Router:
+        """The same rules and outbounds over new rule-provider content or
+        geodata (`env`'s sub-rules are this router's). Compiles the rules:
+        may take a second for very large rule-sets (call it in a thread)."""
+        env = dataclasses.replace(env, sub_rules=self.rules.env.sub_rules)
+        return Router(self.rules.rules, self.outbounds, env, self.addresses)
+
+    def _outbound(self, index: int, ctx: FlowContext) -> Outbound:
+        target = self.targets[index]
+        if target is None:
+            name, _ = self.rules.target(index, ctx)
+            return self.outbounds[name]
+        return target
+
+    def _passes(self, index: int, ctx: FlowContext) -> bool:
+        """PASS (a rule's target, or the member a group chose) means "not
+        this rule": matching goes on after it, as in mihomo."""
+        return unwrap(self._outbound(index, ctx)).type == "Pass"
 
     def pick(self, ctx: FlowContext) -> tuple[Outbound, int | None]:
         """The outbound for a TCP flow and the index of the rule that chose
-        it (None: the default)."""
+        it (None: the default), matching with what `ctx` has (no lookup:
+        see `route`)."""
         i = self.rules.match_index(ctx)
-        # PASS (a rule's target, or the member a group chose) means "not
-        # this rule": matching goes on after it, as in mihomo.
-        while i is not None and unwrap(self.targets[i]).type == "Pass":
-            rest = self._tail(i + 1).match_index(ctx)
-            i = None if rest is None else i + 1 + rest
-        return (self.default if i is None else self.targets[i]), i
+        while i is not None and self._passes(i, ctx):
+            i = self._match_from(ctx, i + 1)
+        return (self.default if i is None else self._outbound(i, ctx)), i
 
-    def pick_udp(self, ctx: FlowContext) -> tuple[Outbound, int | None, int]:
+    async def resolved(self, ctx: FlowContext) -> tuple[FlowContext | None, int | None]:
+        """(`ctx` with the name's address, or None when matching by name
+        alone decides; the first match by name alone). See the module doc."""
+        i = self.rules.match_index(ctx)
+        start = self.rules.first_resolve
+        if start is None or not ctx.domain or ctx.dst_ip is not None \
+                or (i is not None and i < start):
+            return None, i
+        address = await self.addresses.lookup(ctx.domain)
+        if address is None:
+            return None, i
+        return dataclasses.replace(ctx, dst_ip=address), i
+
+    def _first(self, ctx: FlowContext, start: int, resolved: FlowContext | None) -> int | None:
+        """The first rule from `start` matching the flow: by `ctx` before
+        `first_resolve`, by `resolved` (when given) from there on."""
+        i = self._match_from(ctx, start)
+        switch = self.rules.first_resolve
+        if resolved is None or switch is None or (i is not None and i < switch):
+            return i
+        return self._match_from(resolved, max(start, switch))
+
+    def _match_from(self, ctx: FlowContext, start: int) -> int | None:
+        if start == 0:
+            return self.rules.match_index(ctx)
+        rest = self._tail(start).match_index(ctx)
+        return None if rest is None else start + rest
+
+    async def route(self, ctx: FlowContext) -> tuple[Outbound, int | None, FlowContext]:
+        """The outbound for a TCP flow, the index of the rule that chose it
+        (None: the default) and the context it matched with (its address
+        when a rule needed one)."""
+        resolved, i = await self.resolved(ctx)
+        if resolved is not None:
+            i = self._first(ctx, 0, resolved)
+        while i is not None and self._passes(i, ctx if resolved is None else resolved):
+            i = self._first(ctx, i + 1, resolved)
+        return (self.default if i is None else self._outbound(i, resolved or ctx)), i, \
+            resolved or ctx
+
+    def pick_udp(self, ctx: FlowContext, resolved: FlowContext | None = None
+                 ) -> tuple[Outbound, int | None, int]:
         """The outbound for a UDP flow, the index of the rule that chose it
         (None: the default) and how many matching rules were skipped because
-        their outbound cannot carry UDP (see the module doc)."""
-        index = self.rules.match_index(ctx)
+        their outbound cannot carry UDP (see the module doc). `resolved`:
+        the flow with its name's address (`resolved`), for the IP rules."""
+        index = self._first(ctx, 0, resolved)
         skipped = 0
         # Each pass moves past one matching rule: bounded by the rule count.
         while index is not None:
-            target = self.targets[index]
+            switch = self.rules.first_resolve
+            use = resolved if resolved is not None and switch is not None \
+                and index >= switch else ctx
+            target = self._outbound(index, use)
             if target.carries_udp and unwrap(target).type != "Pass":
                 return target, index, skipped
             skipped += 1
-            rest = self._tail(index + 1).match_index(ctx)
-            index = None if rest is None else index + 1 + rest
+            index = self._first(ctx, index + 1, resolved)
         return self.default, None, skipped
+
+    async def route_udp(self, ctx: FlowContext) -> tuple[Outbound, int | None, int]:
+        """`pick_udp` after the lookup `route` makes."""
+        resolved, _ = await self.resolved(ctx)
+        return self.pick_udp(ctx, resolved)
 
     def _tail(self, start: int) -> RuleSet:
         rules = self._tails.get(start)
         if rules is None:
-            rules = self._tails[start] = RuleSet(self.rules.rules[start:])
+            rules = self._tails[start] = RuleSet(self.rules.rules[start:], self.rules.env)
         return rules
 
     def preconnects(self) -> dict[str, Preconnect]:
@@ -166,11 +304,17 @@ class Dispatcher:
         old, self.router = self.router, router
         old.close()
 
+    def swap_rules(self, router: Router) -> None:
+        """Route new flows by `router`, which shares this router's outbounds
+        (`Router.with_env`: a rule-provider or geodata update): nothing is
+        closed."""
+        self.router = router
+
     async def connect_tcp(self, flow: Flow) -> trio.abc.Stream:
         """Route a TCP flow (sets `flow.outbound` and `flow.rule`) and
         connect its outbound. Raises OutboundError."""
         router = self.router
-        outbound, index = router.pick(flow_context(flow))
+        outbound, index, _ = await router.route(flow_context(flow))
         flow.outbound = outbound.name
         if index is not None:
             flow.rule = router.rules.rules[index]
@@ -201,7 +345,7 @@ class Dispatcher:
         `flow.skipped`) and open its outbound; None: drop its datagrams
         (REJECT). Raises OutboundError, bounded by `connect_timeout`."""
         router = self.router
-        outbound, index, flow.skipped = router.pick_udp(flow_context(flow))
+        outbound, index, flow.skipped = await router.route_udp(flow_context(flow))
         flow.outbound = outbound.name
         if index is not None:
             flow.rule = router.rules.rules[index]

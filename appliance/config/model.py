@@ -232,9 +232,21 @@ class ProxyProviderConfig:
 # engine (appliance/rules/engine.py) compiles these values as they are.
 
 RuleType = Literal[
-    "DOMAIN", "DOMAIN-SUFFIX", "DOMAIN-KEYWORD", "IP-CIDR", "IP-CIDR6",
-    "SRC-IP-CIDR", "DST-PORT", "SRC-PORT", "NETWORK", "MATCH",
+    "DOMAIN", "DOMAIN-SUFFIX", "DOMAIN-KEYWORD", "DOMAIN-WILDCARD", "DOMAIN-REGEX",
+    "GEOSITE", "GEOIP", "SRC-GEOIP", "IP-ASN", "SRC-IP-ASN",
+    "IP-CIDR", "IP-CIDR6", "SRC-IP-CIDR", "IP-SUFFIX", "SRC-IP-SUFFIX",
+    "DST-PORT", "SRC-PORT", "IN-PORT", "IN-TYPE", "IN-USER", "IN-NAME",
+    "NETWORK", "DSCP", "UID", "RULE-SET", "AND", "OR", "NOT", "SUB-RULE",
+    "PROCESS-NAME", "PROCESS-PATH", "PROCESS-NAME-REGEX", "PROCESS-PATH-REGEX",
+    "PROCESS-NAME-WILDCARD", "PROCESS-PATH-WILDCARD", "MATCH",
 ]  # fmt: skip
+
+# Rule types that look at the process that opened a connection: they have no
+# meaning for a LAN device's flow and never match (said once at load).
+PROCESS_RULE_TYPES = frozenset({
+    "PROCESS-NAME", "PROCESS-PATH", "PROCESS-NAME-REGEX", "PROCESS-PATH-REGEX",
+    "PROCESS-NAME-WILDCARD", "PROCESS-PATH-WILDCARD",
+})  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)
@@ -270,15 +282,85 @@ class DomainKeyword:
 
 
 @dataclass(frozen=True, slots=True)
+class DomainPattern:
+    """DOMAIN-WILDCARD (`*` any run of characters, `?` one character, the
+    whole name) or DOMAIN-REGEX (a regular expression searched in the name,
+    case-insensitive): the loader compiled it once, so it is valid."""
+
+    pattern: str
+
+    def __str__(self) -> str:
+        return self.pattern
+
+
+@dataclass(frozen=True, slots=True)
+class GeoCode:
+    """GEOIP / SRC-GEOIP: a country code (`cn`, lower case as mihomo
+    compares it) or `lan` (private, loopback, link-local, unspecified and
+    multicast addresses); GEOSITE: a geosite list
+    (`cn`, lower case) with its `@attr` filter (`google@cn`: only entries
+    with attribute `cn`; `!` before an attribute negates it)."""
+
+    code: str
+    attrs: tuple[str, ...] = ()
+
+    def __str__(self) -> str:
+        return self.code + "".join(f"@{a}" for a in self.attrs)
+
+
+@dataclass(frozen=True, slots=True)
+class Asn:
+    """IP-ASN / SRC-IP-ASN: an autonomous system number."""
+
+    number: int
+
+    def __str__(self) -> str:
+        return str(self.number)
+
+
+@dataclass(frozen=True, slots=True)
+class IpSuffix:
+    """IP-SUFFIX / SRC-IP-SUFFIX: addresses whose last `bits` bits equal
+    those of `address` (mihomo's `8.8.8.8/24`: the last 24 bits)."""
+
+    address: IPAddress
+    bits: int
+
+    def __str__(self) -> str:
+        return f"{self.address}/{self.bits}"
+
+
+@dataclass(frozen=True, slots=True)
 class PortSet:
-    """DST-PORT / SRC-PORT: the ports in any of these inclusive ranges
-    (each 1 <= lo <= hi <= 65535, in the order written)."""
+    """DST-PORT / SRC-PORT / IN-PORT: the ports in any of these inclusive
+    ranges (each 1 <= lo <= hi <= 65535, in the order written)."""
 
     ranges: tuple[tuple[int, int], ...]
 
     def __str__(self) -> str:
         # mihomo's spelling: `80/443/8000-9000`.
         return "/".join(str(lo) if lo == hi else f"{lo}-{hi}" for lo, hi in self.ranges)
+
+
+@dataclass(frozen=True, slots=True)
+class IntRanges:
+    """DSCP (0..63) / UID: values in any of these inclusive ranges."""
+
+    ranges: tuple[tuple[int, int], ...]
+
+    def __str__(self) -> str:
+        return "/".join(str(lo) if lo == hi else f"{lo}-{hi}" for lo, hi in self.ranges)
+
+
+@dataclass(frozen=True, slots=True)
+class NameSet:
+    """IN-TYPE (inbound kinds, upper case: `SOCKS5`, `HTTP`, `TPROXY`, ...),
+    IN-USER (proxy-port user names), IN-NAME (listener names): any of these."""
+
+    names: tuple[str, ...]
+
+    def __str__(self) -> str:
+        return "/".join(self.names)
 
 
 @dataclass(frozen=True, slots=True)
@@ -289,6 +371,49 @@ class NetworkKind:
 
     def __str__(self) -> str:
         return self.name
+
+
+@dataclass(frozen=True, slots=True)
+class RuleSetName:
+    """RULE-SET: the `rule-providers` entry of that name (the loader checked
+    it exists)."""
+
+    name: str
+
+    def __str__(self) -> str:
+        return self.name
+
+
+@dataclass(frozen=True, slots=True)
+class LogicRules:
+    """AND / OR / NOT: the rules combined (targets unused, ""); NOT has one."""
+
+    rules: tuple[Rule, ...]
+
+    def __str__(self) -> str:
+        return "(" + ",".join(f"({r.line()})" for r in self.rules) + ")"
+
+
+@dataclass(frozen=True, slots=True)
+class SubRuleCall:
+    """SUB-RULE: when `condition` matches, the `sub-rules` list named by the
+    rule's target decides (its first matching rule's target); when none of
+    that list matches, matching goes on after the SUB-RULE line."""
+
+    condition: Rule
+
+    def __str__(self) -> str:
+        return f"({self.condition.line()})"
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessMatch:
+    """PROCESS-*: kept for `mirage check`; never matches a LAN flow."""
+
+    text: str
+
+    def __str__(self) -> str:
+        return self.text
 
 
 @dataclass(frozen=True, slots=True)
@@ -303,44 +428,82 @@ RulePayload = (
     DomainName
     | DomainSuffix
     | DomainKeyword
+    | DomainPattern
+    | GeoCode
+    | Asn
     | ipaddress.IPv4Network
     | ipaddress.IPv6Network
+    | IpSuffix
     | PortSet
+    | IntRanges
+    | NameSet
     | NetworkKind
+    | RuleSetName
+    | LogicRules
+    | SubRuleCall
+    | ProcessMatch
     | MatchAll
 )
 
+_NETS = (ipaddress.IPv4Network, ipaddress.IPv6Network)
 # What payload each rule type carries: IP-CIDR and SRC-IP-CIDR take either
 # family (host bits already masked off), IP-CIDR6 only IPv6.
 RULE_PAYLOADS: dict[str, type | tuple[type, ...]] = {
     "DOMAIN": DomainName,
     "DOMAIN-SUFFIX": DomainSuffix,
     "DOMAIN-KEYWORD": DomainKeyword,
-    "IP-CIDR": (ipaddress.IPv4Network, ipaddress.IPv6Network),
+    "DOMAIN-WILDCARD": DomainPattern,
+    "DOMAIN-REGEX": DomainPattern,
+    "GEOSITE": GeoCode,
+    "GEOIP": GeoCode,
+    "SRC-GEOIP": GeoCode,
+    "IP-ASN": Asn,
+    "SRC-IP-ASN": Asn,
+    "IP-CIDR": _NETS,
     "IP-CIDR6": ipaddress.IPv6Network,
-    "SRC-IP-CIDR": (ipaddress.IPv4Network, ipaddress.IPv6Network),
+    "SRC-IP-CIDR": _NETS,
+    "IP-SUFFIX": IpSuffix,
+    "SRC-IP-SUFFIX": IpSuffix,
     "DST-PORT": PortSet,
     "SRC-PORT": PortSet,
+    "IN-PORT": PortSet,
+    "IN-TYPE": NameSet,
+    "IN-USER": NameSet,
+    "IN-NAME": NameSet,
     "NETWORK": NetworkKind,
+    "DSCP": IntRanges,
+    "UID": IntRanges,
+    "RULE-SET": RuleSetName,
+    "AND": LogicRules,
+    "OR": LogicRules,
+    "NOT": LogicRules,
+    "SUB-RULE": SubRuleCall,
     "MATCH": MatchAll,
+    **{t: ProcessMatch for t in PROCESS_RULE_TYPES},
 }
 
 
 @dataclass(frozen=True)
 class Rule:
-    """One line of `rules`: `TYPE,VALUE,TARGET[,no-resolve]` or `MATCH,TARGET`.
+    """One line of `rules` (or of a `sub-rules` list, a classical rule-set,
+    or inside a logic rule): `TYPE,VALUE,TARGET[,no-resolve][,src]` or
+    `MATCH,TARGET`.
 
-    `type` is the Clash keyword (what the payload is matched against: the
-    destination, or the client for the SRC- types), `payload` the value
-    parsed into what it is, `target` the name of a proxy, group, DIRECT or
-    REJECT (the loader checked it exists). A payload of the wrong kind for
-    `type` is a programming error: TypeError at construction.
+    `type` is the Clash keyword, `payload` the value parsed into what it is,
+    `target` the name of a proxy, group, DIRECT or REJECT (the loader checked
+    it exists; for SUB-RULE the `sub-rules` list; "" inside a logic rule or
+    a rule-set). `no_resolve`: an IP rule never resolves a flow's name to
+    match (mihomo's `no-resolve`); `src`: GEOIP/IP-ASN/IP-CIDR/IP-SUFFIX/
+    RULE-SET look at the client's address instead (mihomo's `src`, which
+    implies no-resolve). A payload of the wrong kind for `type` is a
+    programming error: TypeError at construction.
     """
 
     type: RuleType
     payload: RulePayload
     target: str
     no_resolve: bool = False
+    src: bool = False
 
     def __post_init__(self) -> None:
         expected = RULE_PAYLOADS.get(self.type)
@@ -352,6 +515,80 @@ class Rule:
         """The payload in Clash spelling ("" for MATCH): for `mirage check`,
         the control API and messages."""
         return str(self.payload)
+
+    def line(self) -> str:
+        """`TYPE,VALUE[,TARGET][,options]` as a profile would write it."""
+        parts = [self.type] + ([self.value] if self.type != "MATCH" else [])
+        if self.target:
+            parts.append(self.target)
+        if self.no_resolve and not self.src:
+            parts.append("no-resolve")
+        if self.src and not self.type.startswith("SRC-"):
+            parts.append("src")
+        return ",".join(parts)
+
+
+# --- rule-providers and geodata ------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RuleProviderConfig:
+    """One entry of `rule-providers` (mihomo's names and defaults).
+
+    `type`: `http` (download `url`, cache at `path`: by default
+    `<state-dir>/rules/<md5 of url>`), `file` (`path`) or `inline`
+    (`payload`). `behavior` says what each entry is (a domain pattern, a
+    CIDR, a classical rule line without target) and `format` how the file
+    spells them (`yaml`: a `payload:` list; `text`: one per line; `mrs`:
+    mihomo's binary format, domain and ipcidr only). `interval` seconds
+    between refreshes (0: never), `proxy` the outbound downloads go
+    through, `size-limit` bytes (0: no limit)."""
+
+    name: str
+    type: Literal["http", "file", "inline"]
+    behavior: Literal["domain", "ipcidr", "classical"]
+    format: Literal["yaml", "text", "mrs"] = "yaml"
+    url: str | None = None
+    path: Path | None = None
+    interval: float = 0.0
+    proxy: str | None = None
+    size_limit: int = 0
+    payload: tuple[str, ...] = ()
+    headers: tuple[tuple[str, str], ...] = ()
+
+
+# mihomo's default `geox-url` (config/config.go).
+GEOX_DEFAULTS = {
+    "geoip": "https://github.com/MetaCubeX/meta-rules-dat/releases/download/latest/geoip.dat",
+    "geosite": "https://github.com/MetaCubeX/meta-rules-dat/releases/download/latest/geosite.dat",
+    "mmdb": "https://github.com/MetaCubeX/meta-rules-dat/releases/download/latest/geoip.metadb",
+    "asn": "https://github.com/MetaCubeX/meta-rules-dat/releases/download/latest/GeoLite2-ASN.mmdb",
+}
+
+
+@dataclass(frozen=True)
+class GeodataConfig:
+    """Where GEOIP, IP-ASN and GEOSITE look things up (appliance/geodata/).
+
+    Files live in `dir` (default: the state dir) under mihomo's names
+    (`geoip.metadb` or `Country.mmdb`, `GeoIP.dat`, `GeoSite.dat`,
+    `GeoLite2-ASN.mmdb` or `ASN.mmdb`); a missing one is downloaded from its
+    `geox-url` when a rule needs it. `geodata-mode: true` reads GEOIP from
+    GeoIP.dat instead of the mmdb. `geo-auto-update` re-downloads every
+    `geo-update-interval` hours. `geodata-loader` and `geosite-matcher`
+    choose mihomo's in-memory structures: accepted, Mirage has its own."""
+
+    mode: bool = False
+    loader: Literal["memconservative", "standard"] = "memconservative"
+    matcher: Literal["succinct", "mph", "hybrid"] = "succinct"
+    auto_update: bool = False
+    update_interval: float = 24.0  # hours
+    urls: tuple[tuple[str, str], ...] = tuple(GEOX_DEFAULTS.items())
+    dir: Path | None = None
+    proxy: str | None = None  # outbound for the downloads (None: DIRECT)
+
+    def url(self, kind: str) -> str:
+        return dict(self.urls).get(kind, GEOX_DEFAULTS[kind])
 
 
 @dataclass(frozen=True)
@@ -451,6 +688,10 @@ class Config:
     proxy_groups: tuple[ProxyGroupConfig, ...] = ()
     proxy_providers: tuple[ProxyProviderConfig, ...] = ()
     rules: tuple[Rule, ...] = ()
+    # `sub-rules`: named rule lists that SUB-RULE lines hand flows to.
+    sub_rules: tuple[tuple[str, tuple[Rule, ...]], ...] = ()
+    rule_providers: tuple[RuleProviderConfig, ...] = ()
+    geodata: GeodataConfig = field(default_factory=GeodataConfig)
     appliance: ApplianceConfig = field(default_factory=ApplianceConfig)
     # Clash keys (dotted paths), rule types and proxies present in the file
     # that Mirage does not implement: reported once at load, never an error

@@ -21,6 +21,7 @@ from appliance.config.model import (
     ProxyGroupConfig,
     ProxyProviderConfig,
     Rule,
+    RuleProviderConfig,
 )
 
 REDACTED = "<redacted>"
@@ -129,10 +130,26 @@ def _provider(p: ProxyProviderConfig, redact: bool) -> dict[str, Any]:
 
 
 def _rule(r: Rule) -> str:
-    if r.type == "MATCH":
-        return f"MATCH,{r.target}"
-    text = f"{r.type},{r.value},{r.target}"
-    return text + ",no-resolve" if r.no_resolve else text
+    return r.line()
+
+
+def _rule_provider(p: RuleProviderConfig, redact: bool) -> dict[str, Any]:
+    out: dict[str, Any] = {"type": p.type, "behavior": p.behavior, "format": p.format}
+    if p.url is not None:
+        out["url"] = REDACTED if redact else p.url  # subscription tokens live in URLs
+    if p.path is not None:
+        out["path"] = str(p.path)
+    if p.interval:
+        out["interval"] = int(p.interval)
+    if p.proxy is not None:
+        out["proxy"] = p.proxy
+    if p.size_limit:
+        out["size-limit"] = p.size_limit
+    if p.type == "inline":
+        out["payload"] = list(p.payload)
+    if p.headers:
+        out["header"] = {k: [REDACTED if redact else v] for k, v in p.headers}
+    return out
 
 
 def effective_config(cfg: Config, *, redact: bool = False) -> dict[str, Any]:
@@ -189,6 +206,14 @@ def effective_config(cfg: Config, *, redact: bool = False) -> dict[str, Any]:
         "proxy-groups": [_group(g) for g in cfg.proxy_groups],
         "proxy-providers": {p.name: _provider(p, redact) for p in cfg.proxy_providers},
         "rules": [_rule(r) for r in cfg.rules],
+        "sub-rules": {name: [_rule(r) for r in rules] for name, rules in cfg.sub_rules},
+        "rule-providers": {p.name: _rule_provider(p, redact) for p in cfg.rule_providers},
+        "geodata-mode": cfg.geodata.mode,
+        "geodata-loader": cfg.geodata.loader,
+        "geosite-matcher": cfg.geodata.matcher,
+        "geo-auto-update": cfg.geodata.auto_update,
+        "geo-update-interval": int(cfg.geodata.update_interval),
+        "geox-url": dict(cfg.geodata.urls),
         "appliance": {
             "lan": list(app.lan),
             "redirect": app.redirect,

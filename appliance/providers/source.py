@@ -401,6 +401,9 @@ class ProviderSource(Generic[T]):
         except ValueError as err:
             self._fail(f"content refused: {err}")
             return False
+        except Exception as err:  # hostile content must not stop the appliance
+            self._fail(f"content refused: {type(err).__name__}: {err}")
+            return False
         if write and self.spec.path is not None:
             try:
                 atomic_write(self.spec.path, data)

@@ -115,9 +115,10 @@ def test_lab_example_loads_as_the_lab_needs() -> None:
 def test_clash_profile_example_loads_and_reports_what_it_ignores() -> None:
     cfg = load_config(EXAMPLES / "clash-profile.yaml")
     ignored = set(cfg.ignored_keys)
-    for key in ("tun", "sniffer", "redir-port", "mode", "rule-providers", "dns.fallback"):
+    for key in ("tun", "sniffer", "redir-port", "mode", "dns.fallback"):
         assert key in ignored
-    assert "rules[15] (GEOIP)" in ignored
+    assert not any(k.startswith(("rule-providers", "rules[")) for k in ignored)
+    assert [p.name for p in cfg.rule_providers] == ["reject"]
     assert "proxies[3] (ssr proxy 'SG 01')" in ignored
     assert not any("runs as fallback" in key for key in ignored)
     assert "dns.nameserver[2] (tls://dns.google:853)" in ignored
@@ -131,7 +132,7 @@ def test_clash_profile_example_loads_and_reports_what_it_ignores() -> None:
                                                        300.0)
     assert "SG 01" not in groups["Proxy"].proxies
     assert cfg.rules[-1] == Rule("MATCH", MatchAll(), "Proxy")
-    assert all(r.type not in ("GEOIP", "GEOSITE", "RULE-SET") for r in cfg.rules)
+    assert {"GEOIP", "GEOSITE", "RULE-SET"} <= {r.type for r in cfg.rules}
     assert [h for h, _ in cfg.dns.hosts] == ["router.lan", "nas.lan"]
 
 
@@ -214,6 +215,8 @@ rules:
   - GEOIP,private,DIRECT,no-resolve
   - SUB-RULE,(NETWORK,tcp),sub
   - MATCH,Select
+sub-rules:
+  sub: ['DOMAIN,sub.example,DIRECT']
 appliance:
   lan: br-lan
 """
@@ -263,23 +266,27 @@ def test_real_world_profile_loads(tmp_path: Path) -> None:
     assert groups["Global"].use == ("provider1",)
     assert "proxy-groups[4] (group 'Dead' has no usable member)" in ignored
     assert [r.type for r in cfg.rules] == [
+        "AND",
+        "DOMAIN-REGEX",
         "DOMAIN-SUFFIX",
         "IP-CIDR",
         "IP-CIDR6",
         "SRC-IP-CIDR",
         "DST-PORT",
+        "GEOIP",
+        "SUB-RULE",
         "MATCH",
     ]
-    assert cfg.rules[0] == Rule("DOMAIN-SUFFIX", DomainSuffix("example.com"), "Select")
-    assert cfg.rules[1] == Rule(
+    assert cfg.rules[2] == Rule("DOMAIN-SUFFIX", DomainSuffix("example.com"), "Select")
+    assert cfg.rules[3] == Rule(
         "IP-CIDR", ipaddress.IPv4Network("1.1.1.1/32"), "Auto", no_resolve=True
     )
-    assert cfg.rules[2].value == "2001:db8::/64"
-    assert cfg.rules[2].payload == ipaddress.IPv6Network("2001:db8::/64")
-    assert cfg.rules[4].value == "80/443/8000-9000"
-    assert cfg.rules[4].payload == PortSet(((80, 80), (443, 443), (8000, 9000)))
-    for key in ("rules[0] (AND)", "rules[1] (DOMAIN-REGEX)", "rules[8] (SUB-RULE)"):
-        assert key in ignored
+    assert cfg.rules[4].value == "2001:db8::/64"
+    assert cfg.rules[4].payload == ipaddress.IPv6Network("2001:db8::/64")
+    assert cfg.rules[6].value == "80/443/8000-9000"
+    assert cfg.rules[6].payload == PortSet(((80, 80), (443, 443), (8000, 9000)))
+    assert dict(cfg.sub_rules)["sub"][0].target == "DIRECT"
+    assert not any(k.startswith("rules[") for k in ignored)
     assert cfg.appliance.lan == ("br-lan",)
 
 
@@ -876,7 +883,7 @@ def test_groups_may_name_later_groups() -> None:
         ("DST-PORT,0,DIRECT", "out of range"),
         ("DST-PORT,9000-8000,DIRECT", "backwards"),
         ("DST-PORT,http,DIRECT", "not a number"),
-        ("IP-CIDR,10.0.0.0/8,DIRECT,src", "unknown rule option"),
+        ("IP-CIDR,10.0.0.0/8,DIRECT,srcs", "unknown rule option"),
         ("", "empty"),
     ],
 )

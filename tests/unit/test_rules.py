@@ -149,10 +149,10 @@ def test_bad_rules_are_refused_at_load_with_their_index(line: str) -> None:
 
 
 def test_unimplemented_rule_types_never_reach_the_engine() -> None:
-    # GEOIP & co. are reported ignored by the loader (test_config.py);
-    # `parse_rule` refuses them, and a Rule cannot carry untyped text.
+    # Types mihomo dropped are reported ignored by the loader; `parse_rule`
+    # refuses them, and a Rule cannot carry untyped text.
     with pytest.raises(ConfigError, match="not implemented"):
-        parse_rule("GEOIP,CN,DIRECT", "rules[1]")
+        parse_rule("SCRIPT,x,DIRECT", "rules[1]")
     with pytest.raises(TypeError):
         Rule("DOMAIN", "x.test", "X")  # type: ignore[arg-type]
     with pytest.raises(TypeError):

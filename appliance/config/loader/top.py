@@ -18,7 +18,12 @@ from appliance.config.loader.errors import ConfigError, index_path
 from appliance.config.loader.groups import parse_groups
 from appliance.config.loader.proxies import BUILTIN_TARGETS, parse_proxies
 from appliance.config.loader.proxy_providers import parse_proxy_providers
-from appliance.config.loader.rules import parse_rules
+from appliance.config.loader.rules import (
+    parse_geodata,
+    parse_rule_providers,
+    parse_rules,
+    parse_sub_rules,
+)
 from appliance.config.loader.scalars import (
     as_bool,
     as_list,
@@ -35,7 +40,9 @@ TOP_LEVEL_KEYS = (
     "mixed-port", "socks-port", "port", "authentication", "allow-lan", "bind-address",
     "tproxy-port", "routing-mark", "ipv6", "log-level",
     "external-controller", "secret", "profile", "dns", "hosts", "proxies",
-    "proxy-groups", "proxy-providers", "rules", "appliance",
+    "proxy-groups", "proxy-providers", "rules", "appliance", "rule-providers", "sub-rules",
+    "geodata-mode", "geodata-loader", "geosite-matcher", "geo-auto-update",
+    "geo-update-interval", "geox-url",
 )  # fmt: skip
 IGNORED_TOP_LEVEL = (
     "redir-port", "ss-config", "vmess-config",
@@ -44,13 +51,12 @@ IGNORED_TOP_LEVEL = (
     "unified-delay", "external-controller-pipe", "external-controller-unix",
     "external-controller-tls", "external-controller-cors", "external-ui",
     "external-ui-url", "external-ui-name", "external-doh-server",
-    "interface-name", "tunnels", "geo-auto-update", "geo-update-interval",
-    "geodata-mode", "geodata-loader", "geosite-matcher", "tcp-concurrent",
+    "interface-name", "tunnels", "tcp-concurrent",
     "find-process-mode", "global-client-fingerprint", "global-ua",
     "etag-support", "keep-alive-idle", "keep-alive-interval",
-    "disable-keep-alive", "rule-providers", "sub-rules",
+    "disable-keep-alive",
     "listeners", "ntp", "tun", "tuic-server", "iptables", "experimental",
-    "geox-url", "sniffer", "tls", "clash-for-android", "auto-redir",
+    "sniffer", "tls", "clash-for-android", "auto-redir",
     "mitm-port", "mitm", "script", "log-file",
 )  # fmt: skip
 PROFILE_KEYS = ("store-fake-ip", "store-selected")
@@ -91,7 +97,14 @@ def parse_root(data: Any, ctx: LoadContext) -> Config:
     groups = parse_groups(root.raw("proxy-groups"), root.at("proxy-groups"), ctx, proxies,
                           skipped, [p.name for p in providers])
     targets = {p.name for p in proxies} | {g.name for g in groups} | set(BUILTIN_TARGETS)
-    rules = parse_rules(root.raw("rules"), root.at("rules"), ctx, targets, skipped)
+    rule_providers = parse_rule_providers(root.raw("rule-providers"), root.at("rule-providers"),
+                                          ctx)
+    provider_names = {p.name for p in rule_providers}
+    sub_rules = parse_sub_rules(root.raw("sub-rules"), root.at("sub-rules"), ctx, targets,
+                                skipped, provider_names)
+    rules = parse_rules(root.raw("rules"), root.at("rules"), ctx, targets, skipped,
+                        sub_rules={name for name, _ in sub_rules}, providers=provider_names)
+    geodata = parse_geodata(root)
     appliance = parse_appliance(root.section("appliance"))
     root.finish(TOP_LEVEL_KEYS, IGNORED_TOP_LEVEL)
 
@@ -115,6 +128,9 @@ def parse_root(data: Any, ctx: LoadContext) -> Config:
         proxy_groups=tuple(groups),
         proxy_providers=tuple(providers),
         rules=tuple(rules),
+        sub_rules=sub_rules,
+        rule_providers=tuple(rule_providers),
+        geodata=geodata,
         appliance=appliance,
         ignored_keys=tuple(ctx.ignored),
         source=ctx.source,
