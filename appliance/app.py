@@ -443,6 +443,7 @@ _RESTART_KEYS: tuple[tuple[str, Callable[[Config], object]], ...] = (
     ("routing-mark", lambda c: c.routing_mark),
     ("external-controller", lambda c: c.external_controller),
     ("profile.store-fake-ip", lambda c: c.store_fake_ip),
+    ("profile.store-selected", lambda c: c.store_selected),
 )
 # Applied live by the proxy ports; a restart only when none are running
 # (then they only matter once a port is configured, which needs one).
