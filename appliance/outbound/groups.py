@@ -57,6 +57,10 @@ log = logging.getLogger(__name__)
 FLOW_SOURCE: ContextVar[IPAddress | None] = ContextVar("mirage_flow_source", default=None)
 
 
+# Probes of one round in flight at once (mihomo's health check batches 10).
+PROBE_CONCURRENCY = 10
+
+
 class GroupError(Exception):
     """An API request a group cannot do (select on a type that does not)."""
 
@@ -243,9 +247,12 @@ class Group:
         results: dict[str, int] = {}
         health = self.health
 
+        limiter = trio.CapacityLimiter(PROBE_CONCURRENCY)
+
         async def one(member: Outbound) -> None:
-            results[member.name] = await measure(member, self.delays, health.url,
-                                                 health.timeout, health.expected_status)
+            async with limiter:
+                results[member.name] = await measure(member, self.delays, health.url,
+                                                     health.timeout, health.expected_status)
 
         async with trio.open_nursery() as nursery:
             for m in self.members:

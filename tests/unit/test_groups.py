@@ -235,3 +235,21 @@ async def test_probe_times_the_first_byte_and_checks_the_status() -> None:
         assert await group.delay("d", f"http://127.0.0.1:{port}/bad") > 0  # any status
         assert [s.delay > 0 for s in group.delays.history("d")] == [True]
         nursery.cancel_scope.cancel()
+
+
+def test_groups_use_providers_and_their_probe_url() -> None:
+    cfg = parse_config(profile(
+        [{"name": "Sub", "type": "url-test", "use": ["p1"], "exclude-filter": "US"},
+         {"name": "All", "type": "select", "include-all-providers": True, "proxies": ["HK 01"]}],
+        **{"proxy-providers": {
+            "p1": {"type": "inline", "payload": [
+                {"name": "a", "type": "socks5", "server": "192.0.2.9", "port": 1}],
+                "health-check": {"enable": True, "url": "http://probe.example/204",
+                                 "interval": 60}},
+            "p2": {"type": "file", "path": "/nonexistent/p2.yaml"}}}))
+    sub, every = cfg.proxy_groups
+    assert sub.use == ("p1",) and sub.health.url == "http://probe.example/204"
+    assert every.use == ("p1", "p2") and every.proxies == ("HK 01",)
+    with pytest.raises(ConfigError) as err:
+        parse_config(profile([{"name": "X", "type": "select", "use": ["nope"]}]))
+    assert err.value.path == "proxy-groups[0].use[0]"

@@ -89,7 +89,8 @@ def parse_root(data: Any, ctx: LoadContext) -> Config:
     providers = parse_proxy_providers(root.raw("proxy-providers"), root.at("proxy-providers"),
                                       ctx)
     groups = parse_groups(root.raw("proxy-groups"), root.at("proxy-groups"), ctx, proxies,
-                          skipped, [p.name for p in providers])
+                          skipped, {p.name: p.health.url if p.health.enable else ""
+                                    for p in providers})
     targets = {p.name for p in proxies} | {g.name for g in groups} | set(BUILTIN_TARGETS)
     rules = parse_rules(root.raw("rules"), root.at("rules"), ctx, targets, skipped)
     appliance = parse_appliance(root.section("appliance"))
