@@ -525,7 +525,12 @@ class LoadBalanceGroup(Group):
         return ""  # mihomo shows no `now` for load-balance
 
     def current(self) -> Outbound:
-        return self.pick("", None)
+        """The member a flow with no known destination would take; for
+        routing's look at the group (PASS) and the API: changes no state."""
+        key = stable_hash("")
+        return next((m for m in (self.members[jump_hash(key + i, len(self.members))]
+                                 for i in range(self.MAX_RETRY)) if self.alive(m)),
+                    self.members[0])
 
     def pick(self, host: str | IPAddress, source: IPAddress | None) -> Outbound:
         members = self.members
