@@ -128,9 +128,19 @@ class Appliance:
         (replacing the previous router's)."""
         providers = self.providers
         provided_out: dict[str, list[Outbound]] = {}
-        router = build_router(cfg, resolve, delays=self.delays, selections=self.selections,
-                              provided=providers.provided() if providers is not None else {},
-                              provided_out=provided_out)
+        shared: dict[str, Any] = {"delays": self.delays, "selections": self.selections,
+                                  "provided_out": provided_out}
+        provided = providers.provided() if providers is not None else {}
+        try:
+            router = build_router(cfg, resolve, provided=provided, **shared)
+        except AppError as err:
+            if not any(provided.values()):
+                raise
+            # What a provider's content asks cannot be built (a dialer-proxy
+            # loop through the groups that use it): run without providers'
+            # proxies rather than not at all.
+            log.error("proxy-providers: %s; their proxies are left out", err)
+            router = build_router(cfg, resolve, provided=dict.fromkeys(provided, ()), **shared)
         if providers is not None:
             providers.attach(router.outbounds, provided_out)
         self.health.watch(groups_in(router.outbounds).values())

@@ -254,3 +254,36 @@ def test_groups_use_providers_and_their_probe_url() -> None:
     with pytest.raises(ConfigError) as err:
         parse_config(profile([{"name": "X", "type": "select", "use": ["nope"]}]))
     assert err.value.path == "proxy-groups[0].use[0]"
+
+
+def test_provider_dialer_proxy_and_chains_are_built_in_order() -> None:
+    from appliance.outbound.build import BuildError, build_outbounds
+    from appliance.outbound.socks5 import Socks5Outbound
+
+    bad = profile([], **{"proxy-providers": {"p": {"type": "inline", "payload": [],
+                                                   "override": {"dialer-proxy": "nowhere"}}}})
+    with pytest.raises(ConfigError) as err:
+        parse_config(bad)
+    assert err.value.path == "proxy-providers.p.override.dialer-proxy"
+    data = profile([{"name": "G", "type": "select", "proxies": ["JP 01"]},
+                    {"name": "Chain", "type": "relay", "proxies": ["HK 01", "G", "US 01"]}])
+    data["proxies"][1]["dialer-proxy"] = "G"
+    cfg = parse_config(data)
+    out = build_outbounds(cfg, None)
+    hk2 = out["HK 02"]
+    assert isinstance(hk2, Socks5Outbound) and hk2.server_dial == out["G"].connect_tcp
+    assert not hk2.carries_udp and hk2.preconnect is None
+    chain = out["Chain"].chain()  # type: ignore[attr-defined]
+    # US 01 through JP 01 (G's choice) through HK 01: each hop rebuilt with a via.
+    assert chain.name == "US 01" and chain is not out["US 01"]
+    assert chain.server_dial.__self__.name == "JP 01"
+    assert chain.server_dial.__self__.server_dial.__self__ is out["HK 01"]
+    # A provider whose proxies dial through a group that uses it: a loop.
+    from appliance.config.model import ProxyConfig
+
+    cfg2 = parse_config(profile(
+        [{"name": "U", "type": "select", "use": ["p"]}],
+        **{"proxy-providers": {"p": {"type": "inline", "payload": []}}}))
+    looped = ProxyConfig("x", "socks5", "192.0.2.5", 1, dialer_proxy="U")
+    with pytest.raises(BuildError, match="cycle"):
+        build_outbounds(cfg2, None, provided={"p": (looped,)})

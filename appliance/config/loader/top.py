@@ -17,7 +17,10 @@ from appliance.config.loader.dns import parse_dns, parse_hosts
 from appliance.config.loader.errors import ConfigError, index_path
 from appliance.config.loader.groups import parse_groups
 from appliance.config.loader.proxies import BUILTIN_TARGETS, parse_proxies
-from appliance.config.loader.proxy_providers import parse_proxy_providers
+from appliance.config.loader.proxy_providers import (
+    check_provider_dialers,
+    parse_proxy_providers,
+)
 from appliance.config.loader.rules import parse_rules
 from appliance.config.loader.scalars import (
     as_bool,
@@ -92,6 +95,7 @@ def parse_root(data: Any, ctx: LoadContext) -> Config:
                           skipped, {p.name: p.health.url if p.health.enable else ""
                                     for p in providers})
     targets = {p.name for p in proxies} | {g.name for g in groups} | set(BUILTIN_TARGETS)
+    check_provider_dialers(providers, targets)
     rules = parse_rules(root.raw("rules"), root.at("rules"), ctx, targets, skipped)
     appliance = parse_appliance(root.section("appliance"))
     root.finish(TOP_LEVEL_KEYS, IGNORED_TOP_LEVEL)
