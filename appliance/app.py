@@ -137,10 +137,20 @@ class Appliance:
         content and the geodata."""
         providers = self.providers
         provided_out: dict[str, list[Outbound]] = {}
-        router = build_router(cfg, resolve, self._rule_env(), delays=self.delays,
-                              selections=self.selections,
-                              provided=providers.provided() if providers is not None else {},
-                              provided_out=provided_out)
+        shared: dict[str, Any] = {"delays": self.delays, "selections": self.selections,
+                                  "provided_out": provided_out}
+        provided = providers.provided() if providers is not None else {}
+        try:
+            router = build_router(cfg, resolve, self._rule_env(), provided=provided, **shared)
+        except AppError as err:
+            if not any(provided.values()):
+                raise
+            # What a provider's content asks cannot be built (a dialer-proxy
+            # loop through the groups that use it): run without providers'
+            # proxies rather than not at all.
+            log.error("proxy-providers: %s; their proxies are left out", err)
+            router = build_router(cfg, resolve, self._rule_env(),
+                                  provided=dict.fromkeys(provided, ()), **shared)
         if providers is not None:
             providers.attach(router.outbounds, provided_out)
         self.health.watch(groups_in(router.outbounds).values())
@@ -501,6 +511,7 @@ _RESTART_KEYS: tuple[tuple[str, Callable[[Config], object]], ...] = (
     # started once; a reload compiles the new rules over their content.
     ("rule-providers", lambda c: c.rule_providers),
     ("geox-url / geodata-*", lambda c: c.geodata),
+    ("profile.store-selected", lambda c: c.store_selected),
 )
 # Applied live by the proxy ports; a restart only when none are running
 # (then they only matter once a port is configured, which needs one).

@@ -57,6 +57,10 @@ log = logging.getLogger(__name__)
 FLOW_SOURCE: ContextVar[IPAddress | None] = ContextVar("mirage_flow_source", default=None)
 
 
+# Probes of one round in flight at once (mihomo's health check batches 10).
+PROBE_CONCURRENCY = 10
+
+
 class GroupError(Exception):
     """An API request a group cannot do (select on a type that does not)."""
 
@@ -243,9 +247,12 @@ class Group:
         results: dict[str, int] = {}
         health = self.health
 
+        limiter = trio.CapacityLimiter(PROBE_CONCURRENCY)
+
         async def one(member: Outbound) -> None:
-            results[member.name] = await measure(member, self.delays, health.url,
-                                                 health.timeout, health.expected_status)
+            async with limiter:
+                results[member.name] = await measure(member, self.delays, health.url,
+                                                     health.timeout, health.expected_status)
 
         async with trio.open_nursery() as nursery:
             for m in self.members:
@@ -518,7 +525,12 @@ class LoadBalanceGroup(Group):
         return ""  # mihomo shows no `now` for load-balance
 
     def current(self) -> Outbound:
-        return self.pick("", None)
+        """The member a flow with no known destination would take; for
+        routing's look at the group (PASS) and the API: changes no state."""
+        key = stable_hash("")
+        return next((m for m in (self.members[jump_hash(key + i, len(self.members))]
+                                 for i in range(self.MAX_RETRY)) if self.alive(m)),
+                    self.members[0])
 
     def pick(self, host: str | IPAddress, source: IPAddress | None) -> Outbound:
         members = self.members

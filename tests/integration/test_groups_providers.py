@@ -225,6 +225,14 @@ def test_select_is_remembered_across_a_restart(story: Story) -> None:
     assert story.curl("www.gamma.test").stdout == "200"
     after = story.carriers("www.gamma.test")
     assert after["hop-b"] == before["hop-b"] + 1 and after["hop-a"] == before["hop-a"]
+    # And a reload (SIGHUP) keeps it too.
+    assert story.run is not None
+    offset = len(story.run.log_text())
+    story.run.reload()
+    story.wait_log("SIGHUP: reloaded", offset)
+    assert story.curl("www.gamma.test").stdout == "200"
+    again = story.carriers("www.gamma.test")
+    assert again["hop-b"] == after["hop-b"] + 1 and again["hop-a"] == after["hop-a"]
     # Every run of the story, start to end, without a crash of any task.
     assert story.run is not None
     assert "Traceback" not in story.run.log_text(), story.run.log_text()[-3000:]

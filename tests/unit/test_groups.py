@@ -177,6 +177,7 @@ def test_load_balance_keys_are_stable_and_consistent() -> None:
 async def test_round_robin_and_sticky_sessions() -> None:
     members = [Fake("a"), Fake("b"), Fake("c")]
     rr = LoadBalanceGroup("rr", members, strategy="round-robin")
+    rr.current()  # routing's look at the group takes no turn
     assert [rr.pick("x.example", None).name for _ in range(4)] == ["a", "b", "c", "a"]
     sticky = LoadBalanceGroup("st", members, strategy="sticky-sessions")
     src = ipaddress.ip_address("192.168.1.10")
@@ -235,3 +236,54 @@ async def test_probe_times_the_first_byte_and_checks_the_status() -> None:
         assert await group.delay("d", f"http://127.0.0.1:{port}/bad") > 0  # any status
         assert [s.delay > 0 for s in group.delays.history("d")] == [True]
         nursery.cancel_scope.cancel()
+
+
+def test_groups_use_providers_and_their_probe_url() -> None:
+    cfg = parse_config(profile(
+        [{"name": "Sub", "type": "url-test", "use": ["p1"], "exclude-filter": "US"},
+         {"name": "All", "type": "select", "include-all-providers": True, "proxies": ["HK 01"]}],
+        **{"proxy-providers": {
+            "p1": {"type": "inline", "payload": [
+                {"name": "a", "type": "socks5", "server": "192.0.2.9", "port": 1}],
+                "health-check": {"enable": True, "url": "http://probe.example/204",
+                                 "interval": 60}},
+            "p2": {"type": "file", "path": "/nonexistent/p2.yaml"}}}))
+    sub, every = cfg.proxy_groups
+    assert sub.use == ("p1",) and sub.health.url == "http://probe.example/204"
+    assert every.use == ("p1", "p2") and every.proxies == ("HK 01",)
+    with pytest.raises(ConfigError) as err:
+        parse_config(profile([{"name": "X", "type": "select", "use": ["nope"]}]))
+    assert err.value.path == "proxy-groups[0].use[0]"
+
+
+def test_provider_dialer_proxy_and_chains_are_built_in_order() -> None:
+    from appliance.outbound.build import BuildError, build_outbounds
+    from appliance.outbound.socks5 import Socks5Outbound
+
+    bad = profile([], **{"proxy-providers": {"p": {"type": "inline", "payload": [],
+                                                   "override": {"dialer-proxy": "nowhere"}}}})
+    with pytest.raises(ConfigError) as err:
+        parse_config(bad)
+    assert err.value.path == "proxy-providers.p.override.dialer-proxy"
+    data = profile([{"name": "G", "type": "select", "proxies": ["JP 01"]},
+                    {"name": "Chain", "type": "relay", "proxies": ["HK 01", "G", "US 01"]}])
+    data["proxies"][1]["dialer-proxy"] = "G"
+    cfg = parse_config(data)
+    out = build_outbounds(cfg, None)
+    hk2 = out["HK 02"]
+    assert isinstance(hk2, Socks5Outbound) and hk2.server_dial == out["G"].connect_tcp
+    assert not hk2.carries_udp and hk2.preconnect is None
+    chain = out["Chain"].chain()  # type: ignore[attr-defined]
+    # US 01 through JP 01 (G's choice) through HK 01: each hop rebuilt with a via.
+    assert chain.name == "US 01" and chain is not out["US 01"]
+    assert chain.server_dial.__self__.name == "JP 01"
+    assert chain.server_dial.__self__.server_dial.__self__ is out["HK 01"]
+    # A provider whose proxies dial through a group that uses it: a loop.
+    from appliance.config.model import ProxyConfig
+
+    cfg2 = parse_config(profile(
+        [{"name": "U", "type": "select", "use": ["p"]}],
+        **{"proxy-providers": {"p": {"type": "inline", "payload": []}}}))
+    looped = ProxyConfig("x", "socks5", "192.0.2.5", 1, dialer_proxy="U")
+    with pytest.raises(BuildError, match="cycle"):
+        build_outbounds(cfg2, None, provided={"p": (looped,)})

@@ -119,10 +119,13 @@ def parse_groups(
     ctx: LoadContext,
     proxies: list[ProxyConfig],
     skipped: dict[str, str],
-    providers: Collection[str] = (),
+    providers: Collection[str] | dict[str, str] = (),
 ) -> list[ProxyGroupConfig]:
     """Every group of a type mihomo has, with its members resolved and its
-    probe read. `providers` are the proxy-provider names (`use:`)."""
+    probe read. `providers` are the proxy-provider names (`use:`), or a
+    map of them to their health-check URL ("" when off): a group that uses
+    providers and names no `url` probes the first provider's, as mihomo."""
+    provider_urls = providers if isinstance(providers, dict) else dict.fromkeys(providers, "")
     if value is None:
         return []
     proxy_names = {p.name for p in proxies}
@@ -186,9 +189,11 @@ def parse_groups(
         interval = float(sec.get("interval", weak_int(0, 86400 * 7, "seconds"), 0))
         if gtype in PROBED and interval == 0:
             interval = DEFAULT_INTERVAL
+        default_url = next((provider_urls[u] for u in use if provider_urls.get(u)),
+                           DEFAULT_TEST_URL)
         health = HealthCheckConfig(
             enable=True,
-            url=sec.get("url", test_url, DEFAULT_TEST_URL),
+            url=sec.get("url", test_url, default_url),
             interval=interval,
             timeout=sec.get("timeout", weak_int(0, 600_000, "milliseconds"), 5000) / 1000
             or 5.0,

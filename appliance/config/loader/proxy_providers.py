@@ -142,3 +142,12 @@ def _override(sec: Section) -> ProviderOverride:
     )
     sec.finish(OVERRIDE_KEYS, IGNORED_OVERRIDE)
     return override
+
+
+def check_provider_dialers(providers: list[ProxyProviderConfig], names: set[str]) -> None:
+    """An `override.dialer-proxy` must name a proxy, group or built-in."""
+    for p in providers:
+        d = p.override.dialer_proxy
+        if d is not None and d not in names:
+            raise ConfigError(f"proxy-providers.{p.name}.override.dialer-proxy", d,
+                              "no proxy or group has this name")

@@ -17,7 +17,10 @@ from appliance.config.loader.dns import parse_dns, parse_hosts
 from appliance.config.loader.errors import ConfigError, index_path
 from appliance.config.loader.groups import parse_groups
 from appliance.config.loader.proxies import BUILTIN_TARGETS, parse_proxies
-from appliance.config.loader.proxy_providers import parse_proxy_providers
+from appliance.config.loader.proxy_providers import (
+    check_provider_dialers,
+    parse_proxy_providers,
+)
 from appliance.config.loader.rules import (
     parse_geodata,
     parse_rule_providers,
@@ -95,8 +98,10 @@ def parse_root(data: Any, ctx: LoadContext) -> Config:
     providers = parse_proxy_providers(root.raw("proxy-providers"), root.at("proxy-providers"),
                                       ctx)
     groups = parse_groups(root.raw("proxy-groups"), root.at("proxy-groups"), ctx, proxies,
-                          skipped, [p.name for p in providers])
+                          skipped, {p.name: p.health.url if p.health.enable else ""
+                                    for p in providers})
     targets = {p.name for p in proxies} | {g.name for g in groups} | set(BUILTIN_TARGETS)
+    check_provider_dialers(providers, targets)
     rule_providers = parse_rule_providers(root.raw("rule-providers"), root.at("rule-providers"),
                                           ctx)
     provider_names = {p.name for p in rule_providers}
