@@ -56,6 +56,23 @@ def flow_context(flow: Flow) -> FlowContext:
                        flow.src, flow.network, flow.src_port)
 
 
+def chain(outbound: Outbound) -> tuple[str, ...]:
+    """The outbounds a flow sent to `outbound` goes through now, the last
+    one first (mihomo's `chains`): a group's selected member (`selected`,
+    or a fallback's `current`), then that one's, up to a proxy. Bounded: a
+    group cannot contain itself (the loader refuses cycles), and the walk
+    stops after 32 hops regardless."""
+    names = [outbound.name]
+    here: object = outbound
+    for _ in range(32):
+        nxt = getattr(here, "selected", None) or getattr(here, "current", None)
+        if nxt is None or not hasattr(nxt, "name"):
+            break
+        names.append(nxt.name)
+        here = nxt
+    return tuple(reversed(names))
+
+
 class Router:
     """Picks the outbound for a flow: the first matching rule's target, or
     DIRECT when no rule matches (no rules at all -> everything DIRECT).
@@ -165,6 +182,7 @@ class Dispatcher:
         router = self.router
         outbound, index = router.pick(flow_context(flow))
         flow.outbound = outbound.name
+        flow.chains = chain(outbound)
         if index is not None:
             flow.rule = router.rules.rules[index]
         stream = await outbound.connect_tcp(flow.host, flow.dst_port)
@@ -192,6 +210,7 @@ class Dispatcher:
         router = self.router
         outbound, index, flow.skipped = router.pick_udp(flow_context(flow))
         flow.outbound = outbound.name
+        flow.chains = chain(outbound)
         if index is not None:
             flow.rule = router.rules.rules[index]
         host = flow.host
