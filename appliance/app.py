@@ -39,12 +39,15 @@ import trio
 
 from appliance import __version__, privileges, systemd
 from appliance.api import server as api_server
+from appliance.api.logbus import LogBus
+from appliance.api.providers import Providers
+from appliance.api.selection import Selections
 from appliance.capture import backend as capture_backend
 from appliance.capture.nftables import NftablesCapture
 from appliance.capture.offload import DirectOffload
 from appliance.capture.spec import dns_bind
 from appliance.config import ConfigError, load_config
-from appliance.config.model import Config, DnsConfig
+from appliance.config.model import Config, DnsConfig, Listen
 from appliance.dns import server as dns_server
 from appliance.dns.handler import DnsHandler, wants_fake_ip
 from appliance.dns.upstream import Resolver
@@ -95,6 +98,12 @@ class Appliance:
         # Per-client limits, held by the services that enforce them.
         self.limits: FairShares = build_fair_shares(cfg)
         self.stopping = False  # SIGINT/SIGTERM received
+        # The control API's: the members chosen in select groups (kept in
+        # the state dir across reloads and restarts), the providers it
+        # lists, and the log records its /logs streams.
+        self.selections = Selections(cfg.appliance.state_dir)
+        self.providers = Providers(self._outbounds)
+        self.log_bus = LogBus()
 
     # -- what the control API reads besides the services -------------------------
 
@@ -103,6 +112,22 @@ class Appliance:
 
     def preconnects(self) -> dict[str, Preconnect]:
         return self.dispatcher.router.preconnects() if self.dispatcher is not None else {}
+
+    def _outbounds(self) -> dict[str, object]:
+        return dict(self.dispatcher.router.outbounds) if self.dispatcher is not None else {}
+
+    def _router(self, cfg: Config, resolve: Resolve | None) -> Router:
+        """`build_router` with the remembered select-group choices applied."""
+        router = build_router(cfg, resolve)
+        self.selections.apply(router.outbounds)
+        return router
+
+    async def apply_config(self, new: Config) -> None:
+        """The API's PATCH /configs: log-level, allow-lan and bind-address
+        from now on (the same paths a reload takes for those keys)."""
+        old, self.cfg = self.cfg, new
+        _set_log_level(new.log_level)
+        await self._reload_proxy_ports(old, new)
 
     # -- composition ---------------------------------------------------------
 
@@ -141,7 +166,7 @@ class Appliance:
                 # Signals first: a SIGTERM during startup still unwinds cleanly.
                 await nursery.start(self._handle_signals, nursery.cancel_scope)
                 dispatcher = self.dispatcher = Dispatcher(
-                    build_router(cfg, resolver.resolve_ips),
+                    self._router(cfg, resolver.resolve_ips),
                     connect_timeout=cfg.appliance.connect_timeout)
                 await nursery.start(dispatcher.serve)
                 await nursery.start(flusher.serve, pool, cfg.appliance.store_flush_interval)
@@ -160,7 +185,7 @@ class Appliance:
                     await nursery.start(self._serve_proxy_ports, pool, dispatcher)
                 if cfg.external_controller is not None:
                     ctl = cfg.external_controller
-                    await nursery.start(api_server.serve, self, ctl.host, ctl.port)
+                    await nursery.start(self._serve_api, ctl)
                     log.info("control API on http://%s", ctl)
                 if cfg.appliance.lan:
                     self.capture = await nursery.start(self._serve_capture)
@@ -181,6 +206,17 @@ class Appliance:
             # After the flusher's final flush (the nursery has exited).
             if self.store is not None:
                 self.store.close()
+
+    async def _serve_api(
+        self, ctl: Listen, *,
+        task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """The control API (appliance/api/), its /logs fed from the root logger."""
+        with self.log_bus.installed(logging.getLogger()):
+            try:
+                await api_server.serve(self, ctl.host, ctl.port, task_status=task_status)
+            except OSError as err:
+                raise AppError(f"external-controller {ctl}: cannot listen: {err}") from None
 
     async def _alive(self) -> bool:
         """The watchdog's check: the DNS service answers (appliance/systemd.py);
@@ -288,7 +324,7 @@ class Appliance:
                     scope.cancel()
                     return
 
-    async def reload(self) -> None:
+    async def reload(self) -> bool:
         """Re-read the config file; apply what can change without dropping
         established flows: rules, proxies, fake-IP filter, log level, and on
         the proxy ports `authentication`, `allow-lan` and `bind-address`
@@ -298,19 +334,19 @@ class Appliance:
         path = self.cfg.source
         if path is None:
             log.warning("SIGHUP: configuration has no file to reload from")
-            return
+            return False
         try:
             new = load_config(path)
         except ConfigError as err:
             log.error("SIGHUP: %s: %s; keeping the running configuration", path, err)
-            return
+            return False
         old = self.cfg
         if self.dispatcher is not None and self.resolver is not None:
             try:
-                router = build_router(new, self.resolver.resolve_ips)
+                router = self._router(new, self.resolver.resolve_ips)
             except AppError as err:
                 log.error("SIGHUP: %s; keeping the running configuration", err)
-                return
+                return False
             self.dispatcher.replace(router)
         if self.dns_handler is not None:
             self.dns_handler.reconfigure(dns_in_effect(new))
@@ -320,8 +356,7 @@ class Appliance:
             await self.offload.clear()
         self._fake_ip_wanted = wanted = fake_ip_filter(new.dns)
         dropped = self.pool.drop(lambda d: not wanted(d)) if self.pool is not None else 0
-        logging.getLogger().setLevel(new.log_level.upper() if new.log_level != "silent"
-                                     else logging.CRITICAL + 1)
+        _set_log_level(new.log_level)
         live = await self._reload_proxy_ports(old, new)
         self.cfg = new
         self.reloads += 1
@@ -330,6 +365,7 @@ class Appliance:
         for key in restart_keys(old, new, proxy_ports_live=self.proxy_ports is not None):
             log.warning("SIGHUP: %s changed: restart needed, still running with the old "
                         "setting", key)
+        return True
 
     async def _reload_proxy_ports(self, old: Config, new: Config) -> list[str]:
         """authentication, allow-lan and bind-address on the running proxy
@@ -386,6 +422,10 @@ def restart_keys(old: Config, new: Config, *, proxy_ports_live: bool) -> list[st
     keys += [f"appliance.{f.name.replace('_', '-')}" for f in fields(old.appliance)
              if getattr(old.appliance, f.name) != getattr(new.appliance, f.name)]
     return keys
+
+
+def _set_log_level(level: str) -> None:
+    logging.getLogger().setLevel(level.upper() if level != "silent" else logging.CRITICAL + 1)
 
 
 def build_fair_shares(cfg: Config) -> FairShares:

@@ -30,6 +30,7 @@ BuildError (a ValueError) when the router is built.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Mapping, Sequence
 from typing import Protocol
 
@@ -37,6 +38,7 @@ import trio
 
 from appliance.config.model import Config, IPAddress, Rule
 from appliance.flow import Flow
+from appliance.metrics import CONNECT_SECONDS
 from appliance.outbound.base import Outbound, Resolve, UdpPeer, outbound_deadline
 from appliance.outbound.build import BuildError, build_outbounds
 from appliance.outbound.direct import DirectOutbound
@@ -185,7 +187,11 @@ class Dispatcher:
         flow.chains = chain(outbound)
         if index is not None:
             flow.rule = router.rules.rules[index]
-        stream = await outbound.connect_tcp(flow.host, flow.dst_port)
+        started = time.perf_counter()
+        try:
+            stream = await outbound.connect_tcp(flow.host, flow.dst_port)
+        finally:
+            CONNECT_SECONDS.labels(outbound.name).observe(time.perf_counter() - started)
         if self.offload is not None and flow.inbound == "tproxy" and flow.domain is not None \
                 and router.rules.decided_by_domain(index):
             self._offer_offload(outbound, flow)

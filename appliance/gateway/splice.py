@@ -475,6 +475,10 @@ class FlowRecord:
             "started": self.started,
             "up": self.up,
             "down": self.down,
+            "inbound": self.inbound,
+            "rule": self.rule,
+            "rule_payload": self.rule_payload,
+            "chains": list(self.chains),
         }
 
 
