@@ -84,7 +84,9 @@ async def serve(sources: Sources, host: str, port: int, *,
                 ) -> None:
     """Serve the control API over `sources` on host:port until cancelled;
     started with the bound listeners."""
-    listeners = await trio.open_tcp_listeners(port, host=host or None)
+    # "::" is every address of both families, as Go's listener takes it
+    # in mihomo; "0.0.0.0" stays IPv4 only.
+    listeners = await trio.open_tcp_listeners(port, host=None if host in ("", "::") else host)
     app = ASGIWrapper(build_app(sources))  # type: ignore[arg-type]  # ASGI's two spellings
     config = hypercorn_config()
     context = WorkerContext(None)
