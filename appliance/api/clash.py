@@ -106,7 +106,7 @@ def proxy_doc(name: str, outbound: object, cfg: Config) -> dict[str, Any]:
             "now": now_of(outbound),
             "all": [str(getattr(m, "name", m)) for m in members],
             "hidden": False, "icon": "", "testUrl": str(getattr(outbound, "url", "") or ""),
-            "expectedStatus": "*", "fixed": "",
+            "expectedStatus": "*", "fixed": "", "emptyFallback": "",
         })
     return doc
 
@@ -119,7 +119,7 @@ def proxies_doc(outbounds: Mapping[str, object], cfg: Config) -> dict[str, dict[
     out["GLOBAL"] = {**proxy_doc("GLOBAL", None, cfg), "type": "Selector",
                      "now": names[0] if names else "DIRECT", "all": names,
                      "hidden": True, "icon": "", "testUrl": "", "expectedStatus": "*",
-                     "fixed": ""}
+                     "fixed": "", "emptyFallback": ""}
     return out
 
 
@@ -144,6 +144,7 @@ def connection_doc(row: Mapping[str, Any]) -> dict[str, Any]:
             "inboundUser": "", "host": domain, "dnsMode": "fake-ip" if domain else "normal",
             "uid": 0, "process": "", "processPath": "", "specialProxy": "",
             "specialRules": "", "remoteDestination": dst_ip, "dscp": 0, "sniffHost": "",
+            "rematchName": "",
         },
         "upload": int(row.get("up", 0)),
         "download": int(row.get("down", 0)),
@@ -197,7 +198,7 @@ def configs_doc(cfg: Config, mode: str) -> dict[str, Any]:
         "bind-address": cfg.bind_address,
         "inbound-tfo": False, "inbound-mptcp": False,
         "mode": mode,
-        "UnifiedDelay": False,
+        "unified-delay": False,
         "log-level": cfg.log_level,
         "ipv6": cfg.ipv6,
         "interface-name": "",
