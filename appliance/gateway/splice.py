@@ -432,6 +432,7 @@ class FlowRecord:
     registry: FlowRegistry | None = field(default=None, repr=False)
     # What routing decided (`routed`), for the control API's connections.
     inbound: str = ""
+    protocol: str = ""  # what a proxy port's client spoke: Socks5, HTTP, HTTPS (CONNECT)
     rule: str = ""
     rule_payload: str = ""
     chains: tuple[str, ...] = ()
@@ -448,7 +449,7 @@ class FlowRecord:
         if flow.rule is not None:
             self.rule, self.rule_payload = flow.rule.type, flow.rule.value
         elif flow.outbound:
-            self.rule = "Match"  # no rule matched: the default, as mihomo names it
+            self.rule = "MATCH"  # no rule matched: the default, as mihomo shows it
 
     def add_up(self, n: int) -> None:
         self.up += n
@@ -476,6 +477,7 @@ class FlowRecord:
             "up": self.up,
             "down": self.down,
             "inbound": self.inbound,
+            "protocol": self.protocol,
             "rule": self.rule,
             "rule_payload": self.rule_payload,
             "chains": list(self.chains),

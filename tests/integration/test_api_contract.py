@@ -258,6 +258,14 @@ def compare(path: str, a: Any, b: Any) -> list[str]:
     return gaps
 
 
+def _values(doc: dict[str, Any]) -> Any:
+    """What must be equal, not just present: rule types and payloads, a
+    group's type, members and choice."""
+    if "rules" in doc:
+        return [(r["type"], r["payload"], r["proxy"]) for r in doc["rules"]]
+    return (doc["type"], doc["now"], doc["all"])
+
+
 def test_every_dashboard_route_answers_like_mihomo(pair: Pair) -> None:
     gaps: list[str] = []
     for c in ROUTES:
@@ -268,6 +276,8 @@ def test_every_dashboard_route_answers_like_mihomo(pair: Pair) -> None:
                                                 b.status_code, b.text[:200])
         if a.content and a.headers.get("content-type", "").startswith("application/json"):
             gaps += compare(what, a.json(), b.json())
+            if c.method == "GET" and c.path in ("/rules", "/proxies/Proxy", "/group/Proxy"):
+                assert _values(a.json()) == _values(b.json()), what
     assert not gaps, "\n".join(gaps)
 
 
@@ -301,7 +311,12 @@ def test_live_connections_look_alike_and_close(pair: Pair) -> None:
     assert not gaps, "\n".join(gaps)
     mine = docs["mirage"]["connections"][0]
     assert mine["metadata"]["destinationPort"] == str(held_port)
-    assert mine["chains"] == ["DIRECT"] and mine["rule"] == "IP-CIDR"
+    theirs = docs["mihomo"]["connections"][0]
+    for key in ("chains", "rule", "rulePayload"):
+        assert mine[key] == theirs[key], key
+    for key in ("network", "type", "sourceIP", "destinationIP", "destinationPort", "host",
+                "inboundName"):
+        assert mine["metadata"][key] == theirs["metadata"][key], key
     # DELETE by id ends the flow: the client sees the close.
     for name, side in pair.sides.items():
         flow_id = docs[name]["connections"][0]["id"]

@@ -289,7 +289,7 @@ print('MARKER-ALPHA' in drain(s).decode(errors='replace'), flush=True)
         mine = [c for c in conns if c["metadata"]["host"] == "www.alpha.test"]
         assert mine and mine[0]["chains"][-1] == "dante"
         assert mine[0]["metadata"]["sourceIP"] == "192.168.56.10"
-        assert mine[0]["metadata"]["type"] == "Mixed"
+        assert mine[0]["metadata"]["type"] == "Socks5"
         held.stdin.write("\n")
         held.stdin.flush()
         assert held.stdout.readline().strip() == "True"

@@ -224,7 +224,7 @@ async def test_mihomo_documents_carry_real_values(api: Served) -> None:
         assert proxies["Proxy"]["all"] == ["dante", "squid", "DIRECT"]
         assert "Proxy" in proxies["GLOBAL"]["all"]
         rules = (await http.get("/rules")).json()["rules"]
-        assert rules[0]["type"] == "DOMAIN-SUFFIX" and rules[0]["payload"] == "alpha.test"
+        assert rules[0]["type"] == "DomainSuffix" and rules[0]["payload"] == "alpha.test"
         assert rules[0]["proxy"] == "Proxy"
         conns = (await http.get("/connections")).json()
         # Totals are every byte since start, the closed flow's too.
@@ -236,7 +236,7 @@ async def test_mihomo_documents_carry_real_values(api: Served) -> None:
         assert row["metadata"]["destinationPort"] == "443"
         assert row["metadata"]["type"] == "TProxy" and row["metadata"]["network"] == "tcp"
         assert row["chains"] == ["dante", "Proxy"]
-        assert (row["rule"], row["rulePayload"]) == ("DOMAIN-SUFFIX", "alpha.test")
+        assert (row["rule"], row["rulePayload"]) == ("DomainSuffix", "alpha.test")
         assert row["start"].endswith("Z")
         mappings = (await http.get("/mirage/mappings")).json()["mappings"]
         assert mappings[0] == {"domain": "www.alpha.test", "ip": "198.18.0.1", "pins": 1}

@@ -435,6 +435,8 @@ class ProxyPorts:
         dst = str(target.dst) if target.dst is not None else ""
         flow = self.registry.open("tcp", src, (dst, target.dst_port), target.domain)
         flow.routed(target)
+        # The protocol the client spoke, as mihomo's metadata.type names it.
+        flow.protocol = "Socks5" if hs.speaks_socks5 else "HTTP" if fwd is not None else "HTTPS"
         log.debug("proxy %s: via %s", where, target.outbound or "?")
         idle_timeout = self.cfg.appliance.idle_timeout
         result: SpliceResult | None = None
