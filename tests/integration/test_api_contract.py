@@ -27,6 +27,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import aclosing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -343,3 +344,74 @@ def test_streams_look_alike(pair: Pair) -> None:
         a = trio.run(first, pair.sides["mihomo"], target)
         b = trio.run(first, pair.sides["mirage"], target)
         assert not missing(a, b), (target, sorted(missing(a, b)))
+
+
+# -- a third-party client: clashctl's library (its TUI is built on it) ----------------
+
+
+# clashctl's stream helpers leave httpx's inner line iterators to the
+# garbage collector when a reader stops early (clashctl/api/streams.py);
+# trio reports each as an unraisable ResourceWarning. Theirs, not ours.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_clashctl_lists_switches_and_reads_connections(pair: Pair) -> None:
+    """clashctl (PyPI) is a Textual TUI; its `Clash` client and `streams`
+    are what the TUI calls, driven here without a terminal, against both
+    servers: the same calls must work on Mirage as on mihomo."""
+    from clashctl.api.client import Clash
+    from clashctl.api.streams import stream_logs, stream_traffic
+
+    async def drive(side: Side) -> dict[str, Any]:
+        seen: dict[str, Any] = {}
+        async with Clash(f"http://127.0.0.1:{side.api}", SECRET) as clash:
+            seen["version"] = (await clash.version()).version
+            proxies = await clash.proxies()
+            group = proxies.root["Proxy"] if hasattr(proxies, "root") else proxies["Proxy"]
+            seen["all"] = group.all
+            await clash.select("Proxy", "far-socks")
+            seen["now"] = (await clash.proxy("Proxy")).now
+            await clash.select("Proxy", "DIRECT")
+            held = socks_connect(side.mixed, pair.held.hold_port)
+            held.sendall(b"ping")
+            with trio.fail_after(5):
+                while True:
+                    conns = (await clash.connections()).connections
+                    if conns and conns[0].upload >= 4:
+                        break
+                    await trio.sleep(0.1)
+            seen["conn"] = (conns[0].metadata.destination_port, conns[0].chains)
+            await clash.close_connection(conns[0].id)
+            held.settimeout(5)
+            try:
+                seen["closed"] = await trio.to_thread.run_sync(held.recv, 100) == b""
+            except ConnectionResetError:
+                seen["closed"] = True
+            held.close()
+            with trio.fail_after(5):
+                async with aclosing(stream_traffic(clash)) as traffic:
+                    async for sample in traffic:
+                        seen["traffic"] = sample.up >= 0
+                        break
+            if side.name == "mihomo":
+                return seen  # its log lines at info come from traffic, not from a switch
+            with trio.fail_after(5):
+
+                async def log_something() -> None:
+                    await trio.sleep(0.3)
+                    await clash.select("Proxy", "DIRECT")  # both log a switch at info
+
+                async with trio.open_nursery() as nursery, \
+                        aclosing(stream_logs(clash)) as logs:
+                    nursery.start_soon(log_something)
+                    async for line in logs:
+                        seen["log"] = bool(line.payload)
+                        break
+        return seen
+
+    results = {name: trio.run(drive, side) for name, side in pair.sides.items()}
+    mine, theirs = results["mirage"], results["mihomo"]
+    assert mine["all"] == theirs["all"] == ["DIRECT", "far-socks"]
+    assert mine["now"] == theirs["now"] == "far-socks"
+    assert mine["conn"] == theirs["conn"] == (str(pair.held.hold_port), ["DIRECT"])
+    assert mine["closed"] and theirs["closed"]
+    assert mine["traffic"] and mine["log"]
+    assert mine["version"].startswith("mirage-")
