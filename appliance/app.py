@@ -34,6 +34,7 @@ import signal
 import time
 from collections.abc import Callable
 from dataclasses import fields, replace
+from typing import Any
 
 import trio
 
@@ -41,7 +42,6 @@ from appliance import __version__, privileges, systemd
 from appliance.api import server as api_server
 from appliance.api.logbus import LogBus
 from appliance.api.providers import Providers
-from appliance.api.selection import Selections
 from appliance.capture import backend as capture_backend
 from appliance.capture.nftables import NftablesCapture
 from appliance.capture.offload import DirectOffload
@@ -62,7 +62,10 @@ from appliance.gateway.udp import UdpGateway
 from appliance.limits import ConcurrencyLimit, FairShares, RateLimit, total_flows
 from appliance.names import DomainMatcher
 from appliance.outbound.base import Resolve
+from appliance.outbound.groups import groups_in
+from appliance.outbound.health import DelayHistory, HealthChecks
 from appliance.outbound.preconnect import Preconnect
+from appliance.outbound.selections import Selections, selected_path
 from appliance.routing import Dispatcher, Router
 
 log = logging.getLogger("mirage")
@@ -97,11 +100,16 @@ class Appliance:
         self.offload: DirectOffload | None = None  # with appliance.offload-direct
         # Per-client limits, held by the services that enforce them.
         self.limits: FairShares = build_fair_shares(cfg)
+        # What outlives a router (reloads): the probe results of every proxy
+        # (the API's `history`), the choices made in groups (kept in the
+        # state dir with profile.store-selected), the service that probes.
+        self.delays = DelayHistory()
+        self.selections = Selections(
+            selected_path(cfg.appliance.state_dir) if cfg.store_selected else None)
+        self.health = HealthChecks()
         self.stopping = False  # SIGINT/SIGTERM received
-        # The control API's: the members chosen in select groups (kept in
-        # the state dir across reloads and restarts), the providers it
-        # lists, and the log records its /logs streams.
-        self.selections = Selections(cfg.appliance.state_dir)
+        # The control API's: the providers it lists and the log records its
+        # /logs streams.
         self.providers = Providers(self._outbounds)
         self.log_bus = LogBus()
 
@@ -116,12 +124,6 @@ class Appliance:
     def _outbounds(self) -> dict[str, object]:
         return dict(self.dispatcher.router.outbounds) if self.dispatcher is not None else {}
 
-    def _router(self, cfg: Config, resolve: Resolve | None) -> Router:
-        """`build_router` with the remembered select-group choices applied."""
-        router = build_router(cfg, resolve)
-        self.selections.apply(router.outbounds)
-        return router
-
     async def apply_config(self, new: Config) -> None:
         """The API's PATCH /configs: log-level, allow-lan and bind-address
         from now on (the same paths a reload takes for those keys)."""
@@ -130,6 +132,13 @@ class Appliance:
         await self._reload_proxy_ports(old, new)
 
     # -- composition ---------------------------------------------------------
+
+    def build_router(self, cfg: Config, resolve: Resolve | None) -> Router:
+        """The router of `cfg` with the groups' shared state, its groups
+        handed to the health checks (replacing the previous router's)."""
+        router = build_router(cfg, resolve, delays=self.delays, selections=self.selections)
+        self.health.watch(groups_in(router.outbounds).values())
+        return router
 
     def open_pool(self) -> FakeIPPool:
         cfg = self.cfg
@@ -165,8 +174,9 @@ class Appliance:
                 self.resolver = resolver
                 # Signals first: a SIGTERM during startup still unwinds cleanly.
                 await nursery.start(self._handle_signals, nursery.cancel_scope)
+                await nursery.start(self.health.serve)
                 dispatcher = self.dispatcher = Dispatcher(
-                    self._router(cfg, resolver.resolve_ips),
+                    self.build_router(cfg, resolver.resolve_ips),
                     connect_timeout=cfg.appliance.connect_timeout)
                 await nursery.start(dispatcher.serve)
                 await nursery.start(flusher.serve, pool, cfg.appliance.store_flush_interval)
@@ -343,7 +353,7 @@ class Appliance:
         old = self.cfg
         if self.dispatcher is not None and self.resolver is not None:
             try:
-                router = self._router(new, self.resolver.resolve_ips)
+                router = self.build_router(new, self.resolver.resolve_ips)
             except AppError as err:
                 log.error("SIGHUP: %s; keeping the running configuration", err)
                 return False
@@ -481,10 +491,10 @@ def _memory_bytes() -> int:
         return 256 << 20  # a small router's, if the system will not say
 
 
-def build_router(cfg: Config, resolve: Resolve | None) -> Router:
+def build_router(cfg: Config, resolve: Resolve | None, **shared: Any) -> Router:
     """The outbounds and rules of `cfg`; AppError if they cannot be built."""
     try:
-        return Router.from_config(cfg, resolve)
+        return Router.from_config(cfg, resolve, **shared)
     except ValueError as err:  # BuildError
         raise AppError(f"proxies/rules: {err}") from None
 

@@ -32,7 +32,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping, Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 import trio
 
@@ -42,6 +42,7 @@ from appliance.metrics import CONNECT_SECONDS
 from appliance.outbound.base import Outbound, Resolve, UdpPeer, outbound_deadline
 from appliance.outbound.build import BuildError, build_outbounds
 from appliance.outbound.direct import DirectOutbound
+from appliance.outbound.groups import FLOW_SOURCE, unwrap
 from appliance.outbound.preconnect import MAX_IDLE as PRECONNECT_MAX_IDLE
 from appliance.outbound.preconnect import Preconnect
 from appliance.rules.engine import FlowContext, RuleSet
@@ -60,18 +61,18 @@ def flow_context(flow: Flow) -> FlowContext:
 
 def chain(outbound: Outbound) -> tuple[str, ...]:
     """The outbounds a flow sent to `outbound` goes through now, the last
-    one first (mihomo's `chains`): a group's selected member (`selected`,
-    or a fallback's `current`), then that one's, up to a proxy. Bounded: a
+    one first (mihomo's `chains`): a group's member in use (`current()`),
+    then that one's, up to a proxy. Bounded: a
     group cannot contain itself (the loader refuses cycles), and the walk
     stops after 32 hops regardless."""
     names = [outbound.name]
-    here: object = outbound
+    here: Any = outbound
     for _ in range(32):
-        nxt = getattr(here, "selected", None) or getattr(here, "current", None)
-        if nxt is None or not hasattr(nxt, "name"):
+        current = getattr(here, "current", None)
+        if not callable(current):
             break
-        names.append(nxt.name)
-        here = nxt
+        here = current()
+        names.append(here.name)
     return tuple(reversed(names))
 
 
@@ -101,15 +102,21 @@ class Router:
         self._tails: dict[int, RuleSet] = {}
 
     @classmethod
-    def from_config(cls, cfg: Config, resolve: Resolve | None) -> Router:
-        """The outbounds `cfg` configures (appliance/outbound/build.py) and
-        its rules."""
-        return cls(cfg.rules, build_outbounds(cfg, resolve))
+    def from_config(cls, cfg: Config, resolve: Resolve | None, **shared: Any) -> Router:
+        """The outbounds `cfg` configures (appliance/outbound/build.py, which
+        takes what outlives a router in `shared`: delay history, remembered
+        choices, providers' proxies) and its rules."""
+        return cls(cfg.rules, build_outbounds(cfg, resolve, **shared))
 
     def pick(self, ctx: FlowContext) -> tuple[Outbound, int | None]:
         """The outbound for a TCP flow and the index of the rule that chose
         it (None: the default)."""
         i = self.rules.match_index(ctx)
+        # PASS (a rule's target, or the member a group chose) means "not
+        # this rule": matching goes on after it, as in mihomo.
+        while i is not None and unwrap(self.targets[i]).type == "Pass":
+            rest = self._tail(i + 1).match_index(ctx)
+            i = None if rest is None else i + 1 + rest
         return (self.default if i is None else self.targets[i]), i
 
     def pick_udp(self, ctx: FlowContext) -> tuple[Outbound, int | None, int]:
@@ -121,7 +128,7 @@ class Router:
         # Each pass moves past one matching rule: bounded by the rule count.
         while index is not None:
             target = self.targets[index]
-            if target.carries_udp:
+            if target.carries_udp and unwrap(target).type != "Pass":
                 return target, index, skipped
             skipped += 1
             rest = self._tail(index + 1).match_index(ctx)
@@ -187,10 +194,12 @@ class Dispatcher:
         flow.chains = chain(outbound)
         if index is not None:
             flow.rule = router.rules.rules[index]
+        token = FLOW_SOURCE.set(flow.src)
         started = time.perf_counter()
         try:
             stream = await outbound.connect_tcp(flow.host, flow.dst_port)
         finally:
+            FLOW_SOURCE.reset(token)
             CONNECT_SECONDS.labels(outbound.name).observe(time.perf_counter() - started)
         if self.offload is not None and flow.inbound == "tproxy" and flow.domain is not None \
                 and router.rules.decided_by_domain(index):
@@ -220,9 +229,13 @@ class Dispatcher:
         if index is not None:
             flow.rule = router.rules.rules[index]
         host = flow.host
-        with outbound_deadline(self.connect_timeout,
-                               f"{outbound.name} udp {host}:{flow.dst_port}"):
-            return await outbound.open_udp(host, flow.dst_port)
+        token = FLOW_SOURCE.set(flow.src)
+        try:
+            with outbound_deadline(self.connect_timeout,
+                                   f"{outbound.name} udp {host}:{flow.dst_port}"):
+                return await outbound.open_udp(host, flow.dst_port)
+        finally:
+            FLOW_SOURCE.reset(token)
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
                     ) -> None:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -71,26 +71,29 @@ def rfc3339(seconds: float) -> str:
         "+00:00", "Z")
 
 
-def _history(outbound: object) -> list[dict[str, Any]]:
-    rows = getattr(outbound, "history", None)
-    if callable(rows):
-        rows = rows()
-    out = []
-    for row in rows or ():
-        if isinstance(row, Mapping):
-            out.append({"time": row.get("time", ""), "delay": int(row.get("delay", 0))})
-        else:  # (time, delay) pairs
-            when, delay = row
-            out.append({"time": rfc3339(when) if isinstance(when, float) else str(when),
-                        "delay": int(delay)})
-    return out
+History = Callable[[str], list[dict[str, Any]]]
+
+
+def no_history(name: str) -> list[dict[str, Any]]:
+    return []
+
+
+def history_of(delays: Any) -> History:
+    """mihomo's `history` (oldest first) from a DelayHistory
+    (appliance/outbound/health.py), or none without one."""
+    if delays is None:
+        return no_history
+
+    def history(name: str) -> list[dict[str, Any]]:
+        return [{"time": rfc3339(s.time), "delay": s.delay} for s in delays.history(name)]
+    return history
 
 
 def proxy_type(name: str, outbound: object, cfg: Config) -> str:
     if name in BUILTIN_TYPES:
         return BUILTIN_TYPES[name]
     declared = getattr(outbound, "type", None)
-    if isinstance(declared, str) and declared in GROUP_TYPES.values():
+    if isinstance(declared, str) and declared:
         return declared
     for g in cfg.proxy_groups:
         if g.name == name:
@@ -98,7 +101,7 @@ def proxy_type(name: str, outbound: object, cfg: Config) -> str:
     for p in cfg.proxies:
         if p.name == name:
             return PROXY_TYPES.get(p.type, p.type.title())
-    return declared if isinstance(declared, str) else "Unknown"
+    return "Unknown"
 
 
 def is_group(outbound: object) -> bool:
@@ -106,15 +109,28 @@ def is_group(outbound: object) -> bool:
 
 
 def now_of(outbound: object) -> str:
-    chosen = getattr(outbound, "selected", None) or getattr(outbound, "current", None)
+    """The member in use (a group's `now`)."""
+    now = getattr(outbound, "now", None)
+    if isinstance(now, str):
+        return now
+    current = getattr(outbound, "current", None)
+    chosen = current() if callable(current) else getattr(outbound, "selected", None)
     return str(getattr(chosen, "name", ""))
 
 
-def proxy_doc(name: str, outbound: object, cfg: Config) -> dict[str, Any]:
+def members_of(outbound: object) -> list[str]:
+    names = getattr(outbound, "all", None)
+    if isinstance(names, list):
+        return [str(n) for n in names]
+    return [str(getattr(m, "name", m)) for m in getattr(outbound, "members", ())]
+
+
+def proxy_doc(name: str, outbound: object, cfg: Config,
+              history: History = no_history) -> dict[str, Any]:
     """One entry of GET /proxies (adapter/adapter.go MarshalJSON, plus a
-    group's `now`/`all`)."""
+    group's fields from adapter/outboundgroup/*.go)."""
     pcfg: ProxyConfig | None = next((p for p in cfg.proxies if p.name == name), None)
-    history = _history(outbound)
+    past = history(name)
     doc: dict[str, Any] = {
         "name": name,
         "type": proxy_type(name, outbound, cfg),
@@ -122,29 +138,33 @@ def proxy_doc(name: str, outbound: object, cfg: Config) -> dict[str, Any]:
         "uot": False, "xudp": False, "tfo": False, "mptcp": False, "smux": False,
         "interface": "", "dialer-proxy": getattr(pcfg, "dialer_proxy", "") or "",
         "routing-mark": cfg.routing_mark or 0, "provider-name": "",
-        "alive": bool(history[-1]["delay"]) if history else True,
-        "history": history, "extra": {}, "id": name,
+        "alive": bool(past[-1]["delay"]) if past else True,
+        "history": past, "extra": {}, "id": name,
     }
     if is_group(outbound):
-        members = getattr(outbound, "members", ())
+        health = getattr(outbound, "health", None)
         doc.update({
             "now": now_of(outbound),
-            "all": [str(getattr(m, "name", m)) for m in members],
-            "hidden": False, "icon": "", "testUrl": str(getattr(outbound, "url", "") or ""),
+            "all": members_of(outbound),
+            "hidden": bool(getattr(outbound, "hidden", False)),
+            "icon": str(getattr(outbound, "icon", "") or ""),
+            "testUrl": str(getattr(health, "url", "") or ""),
             "expectedStatus": "*", "fixed": "", "emptyFallback": "",
         })
     return doc
 
 
-def proxies_doc(outbounds: Mapping[str, object], cfg: Config) -> dict[str, dict[str, Any]]:
+def proxies_doc(outbounds: Mapping[str, object], cfg: Config,
+                history: History = no_history) -> dict[str, dict[str, Any]]:
     """GET /proxies: every outbound by name, and GLOBAL (mihomo's
     selector over everything; in rule mode it routes nothing)."""
-    out = {name: proxy_doc(name, o, cfg) for name, o in outbounds.items()}
-    names = list(out)
-    out["GLOBAL"] = {**proxy_doc("GLOBAL", None, cfg), "type": "Selector",
-                     "now": names[0] if names else "DIRECT", "all": names,
-                     "hidden": True, "icon": "", "testUrl": "", "expectedStatus": "*",
-                     "fixed": "", "emptyFallback": ""}
+    out = {name: proxy_doc(name, o, cfg, history) for name, o in outbounds.items()}
+    if "GLOBAL" not in out:
+        names = list(out)
+        out["GLOBAL"] = {**proxy_doc("GLOBAL", None, cfg), "type": "Selector",
+                         "now": names[0] if names else "DIRECT", "all": names,
+                         "hidden": True, "icon": "", "testUrl": "", "expectedStatus": "*",
+                         "fixed": "", "emptyFallback": ""}
     return out
 
 

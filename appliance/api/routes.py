@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import logging
-import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
 from typing import Any
@@ -40,6 +39,8 @@ from appliance.api.security import Guard
 from appliance.api.ui import ui_directory
 from appliance.api.views import Controlled as Sources
 from appliance.dns.upstream_api import UpstreamError
+from appliance.outbound.groups import GroupError
+from appliance.outbound.health import ProbeError, url_delay
 
 log = logging.getLogger("mirage.api")
 
@@ -66,14 +67,17 @@ class Api:
 
     # -- what the routes read --------------------------------------------------
 
-    def outbounds(self) -> dict[str, object]:
+    def outbounds(self) -> dict[str, Any]:
         dispatcher = getattr(self.src, "dispatcher", None)
         if dispatcher is None:
             return {}
         return dict(dispatcher.router.outbounds)
 
-    def find(self, name: str) -> object | None:
+    def find(self, name: str) -> Any:
         return self.outbounds().get(name)
+
+    def history(self) -> clash.History:
+        return clash.history_of(getattr(self.src, "delays", None))
 
     def totals(self) -> tuple[int, int]:
         up = down = 0
@@ -147,16 +151,15 @@ class Api:
         return no_content()
 
     async def proxies(self, request: Request) -> Response:
-        return JSONResponse({"proxies": clash.proxies_doc(self.outbounds(), self.src.cfg)})
+        return JSONResponse({"proxies": clash.proxies_doc(self.outbounds(), self.src.cfg,
+                                                          self.history())})
 
     async def proxy(self, request: Request) -> Response:
         name = request.path_params["name"]
-        if name == "GLOBAL":
-            return JSONResponse(clash.proxies_doc(self.outbounds(), self.src.cfg)["GLOBAL"])
-        outbound = self.find(name)
-        if outbound is None:
+        docs = clash.proxies_doc(self.outbounds(), self.src.cfg, self.history())
+        if name not in docs:
             return error(404, "resource not found")
-        return JSONResponse(clash.proxy_doc(name, outbound, self.src.cfg))
+        return JSONResponse(docs[name])
 
     async def select(self, request: Request) -> Response:
         name = request.path_params["name"]
@@ -167,17 +170,18 @@ class Api:
         member = body.get("name") if isinstance(body, dict) else None
         if not isinstance(member, str):
             return error(400, "Body invalid")
-        if name == "GLOBAL":  # rule mode: GLOBAL routes nothing
+        if outbound is None:  # no GLOBAL group: rule mode routes nothing through it
             return no_content() if member in self.outbounds() else error(
                 400, f"Selector update error: {member} not found")
-        select = getattr(outbound, "select", None)
-        if select is None:
+        if not getattr(outbound, "selectable", hasattr(outbound, "select")):
             return error(400, "Must be a Selector")
         try:
-            select(member)
+            # The group tells the remembered selections (store-selected).
+            outbound.select(member)
         except KeyError:
             return error(400, f"Selector update error: proxy not exist {member}")
-        self.src.selections.remember(name, member)
+        except GroupError as err:
+            return error(400, f"Selector update error: {err}")
         log.info("group %s: %s selected through the API", name, member)
         return no_content()
 
@@ -189,18 +193,25 @@ class Api:
         test = _delay_args(request)
         if test is None:
             return error(400, "Body invalid")
-        url, timeout, expected = test
+        url, limit, expected = test
+        started = trio.current_time()
         try:
-            delay = await url_test(outbound, url, timeout, expected)
-        except trio.TooSlowError:
-            return error(504, "Timeout")
-        except Exception as err:  # the outbound's failure, whatever it is
+            delay = await url_delay(outbound, url, limit, expected)
+        except ProbeError as err:
+            self._record(name, url, 0)
+            if trio.current_time() - started >= limit * 0.95:
+                return error(504, "Timeout")
             return error(503, f"An error occurred in the delay test: {err}")
-        _record(outbound, delay)
+        self._record(name, url, delay)
         return JSONResponse({"delay": delay})
 
+    def _record(self, name: str, url: str, delay: int) -> None:
+        delays = getattr(self.src, "delays", None)
+        if delays is not None:
+            delays.record(name, url, delay)
+
     async def groups(self, request: Request) -> Response:
-        docs = clash.proxies_doc(self.outbounds(), self.src.cfg)
+        docs = clash.proxies_doc(self.outbounds(), self.src.cfg, self.history())
         return JSONResponse({"proxies": [d for n, d in docs.items()
                                          if "all" in d and n != "GLOBAL"]})
 
@@ -209,7 +220,7 @@ class Api:
         outbound = self.find(name)
         if outbound is None or not clash.is_group(outbound):
             return error(404, "resource not found")
-        return JSONResponse(clash.proxy_doc(name, outbound, self.src.cfg))
+        return JSONResponse(clash.proxy_doc(name, outbound, self.src.cfg, self.history()))
 
     async def group_delay(self, request: Request) -> Response:
         name = request.path_params["name"]
@@ -219,19 +230,20 @@ class Api:
         test = _delay_args(request)
         if test is None:
             return error(400, "Body invalid")
-        url, timeout, expected = test
+        url, limit, expected = test
         delays: dict[str, int] = {}
 
         async def one(member: Any) -> None:
             try:
-                delays[member.name] = await url_test(member, url, timeout, expected)
-                _record(member, delays[member.name])
-            except Exception:  # a failed member is left out, as in mihomo
-                _record(member, 0)
+                delays[member.name] = await url_delay(member, url, limit, expected)
+            except ProbeError:  # a failed member is left out, as in mihomo
+                self._record(member.name, url, 0)
+            else:
+                self._record(member.name, url, delays[member.name])
 
-        with trio.move_on_after(timeout / 1000 + 0.5):
-            async with trio.open_nursery() as nursery:
-                for member in getattr(outbound, "members", ()):
+        async with trio.open_nursery() as nursery:
+            for member in getattr(outbound, "members", ()):
+                if member.name not in ("COMPATIBLE", "PASS", "REJECT", "REJECT-DROP"):
                     nursery.start_soon(one, member)
         return JSONResponse(delays)
 
@@ -430,7 +442,10 @@ async def _json_body(request: Request) -> Any:
         return None
 
 
-def _delay_args(request: Request) -> tuple[str, float, str] | None:
+def _delay_args(request: Request) -> tuple[str, float, tuple[tuple[int, int], ...]] | None:
+    """(url, limit in seconds, expected status ranges) from mihomo's
+    `url`, `timeout` (ms) and `expected` ("204", "200-299/302", empty:
+    any); None when malformed (mihomo answers 400)."""
     q = request.query_params
     try:
         timeout = int(q.get("timeout", "5000"))
@@ -441,64 +456,13 @@ def _delay_args(request: Request) -> tuple[str, float, str] | None:
     url = q.get("url") or DEFAULT_TEST_URL
     if urlsplit(url).scheme not in ("http", "https"):
         return None
-    return url, float(timeout), q.get("expected", "")
-
-
-def _record(outbound: object, delay: int) -> None:
-    """Give a delay result to an outbound that keeps a history."""
-    record = getattr(outbound, "record_delay", None)
-    if callable(record):
-        record(delay)
-
-
-async def url_test(outbound: Any, url: str, timeout_ms: float, expected: str = "") -> int:
-    """mihomo's URLTest through `outbound`: milliseconds from dialling to
-    the first response line of a HEAD request to `url`. Raises
-    trio.TooSlowError past `timeout_ms`, or the outbound's error; a status
-    outside `expected` ("204" or "200-299/302", empty: any) is an error."""
-    own = getattr(outbound, "url_test", None)
-    if callable(own):  # groups that test themselves (url-test, fallback)
-        result: int = await own(url, timeout_ms)
-        return result
-    parts = urlsplit(url)
-    https = parts.scheme == "https"
-    host = parts.hostname or ""
-    port = parts.port or (443 if https else 80)
-    started = trio.current_time()
-    with trio.fail_after(timeout_ms / 1000):
-        stream = await outbound.connect_tcp(host, port)
-        try:
-            if https:
-                stream = trio.SSLStream(stream, ssl.create_default_context(),
-                                        server_hostname=host)
-                await stream.do_handshake()
-            path = parts.path or "/"
-            if parts.query:
-                path += "?" + parts.query
-            await stream.send_all(f"HEAD {path} HTTP/1.1\r\nHost: {host}\r\n"
-                                  "Connection: close\r\n\r\n".encode())
-            head = b""
-            while b"\r\n" not in head and len(head) < 4096:
-                chunk = await stream.receive_some(4096)
-                if not chunk:
-                    break
-                head += chunk
-        finally:
-            await trio.aclose_forcefully(stream)
-    line = head.split(b"\r\n", 1)[0].split()
-    if len(line) < 2 or not line[0].startswith(b"HTTP/") or not line[1].isdigit():
-        raise ValueError("no HTTP response")
-    if expected and not _status_expected(int(line[1]), expected):
-        raise ValueError(f"status {int(line[1])} not in {expected}")
-    return max(1, round((trio.current_time() - started) * 1000))
-
-
-def _status_expected(status: int, expected: str) -> bool:
-    for part in expected.split("/"):
+    expected: list[tuple[int, int]] = []
+    for part in filter(None, q.get("expected", "").split("/")):
         lo, _, hi = part.partition("-")
-        if lo.strip().isdigit() and int(lo) <= status <= int(hi or lo):
-            return True
-    return False
+        if not lo.strip().isdigit() or (hi and not hi.strip().isdigit()):
+            return None
+        expected.append((int(lo), int(hi or lo)))
+    return url, timeout / 1000, tuple(expected)
 
 
 def build_app(sources: Sources, bus: LogBus | None = None) -> Starlette:

@@ -128,15 +128,103 @@ class ProxyConfig:
     ip_version: str = "dual"
 
 
+# mihomo's C.DefaultTestURL: what groups and providers probe by default.
+DEFAULT_TEST_URL = "https://www.gstatic.com/generate_204"
+
+GroupType = Literal["select", "url-test", "fallback", "load-balance", "relay"]
+LoadBalanceStrategy = Literal["consistent-hashing", "round-robin", "sticky-sessions"]
+
+
+@dataclass(frozen=True)
+class HealthCheckConfig:
+    """How a group (or a proxy provider's `health-check`) probes its
+    members: an HTTP GET of `url` through each, every `interval` seconds
+    (0: only on demand), at most `timeout` seconds each; `lazy` skips a
+    round when no flow used the group since the last; `expected_status`
+    as ranges (empty: any status); `max_failed_times` failed connects in a
+    row start a round early (appliance/outbound/health.py)."""
+
+    enable: bool = True
+    url: str = DEFAULT_TEST_URL
+    interval: float = 0.0
+    timeout: float = 5.0
+    lazy: bool = True
+    expected_status: tuple[tuple[int, int], ...] = ()
+    max_failed_times: int = 5
+
+
+@dataclass(frozen=True)
+class MemberFilter:
+    """Which proxies a group takes from its providers and include-all
+    lists: `filter` (regexes, one of which must match the name; mihomo
+    splits the key at backticks), then `exclude_filter` and `exclude_type`
+    (Clash type names, case-insensitive) remove members."""
+
+    filter: tuple[str, ...] = ()
+    exclude_filter: str | None = None
+    exclude_type: tuple[str, ...] = ()
+
+
 @dataclass(frozen=True)
 class ProxyGroupConfig:
-    """One entry of `proxy-groups`. `select` (first member) and `fallback`
-    (first reachable) are implemented; `url-test` and `load-balance` load as
-    `fallback` and `relay` is skipped, both reported as ignored."""
+    """One entry of `proxy-groups`, as mihomo runs it: `proxies` are the
+    members named in the file (after include-all-proxies and the filters),
+    `use` the proxy providers whose proxies follow them (include-all-
+    providers adds every provider). `health` is the probe of url-test,
+    fallback and load-balance (interval 300 s by default as in mihomo);
+    `tolerance` (ms) keeps a url-test group on its member until another is
+    that much faster; `strategy` is load-balance's."""
 
     name: str
-    type: Literal["select", "fallback"]
+    type: GroupType
     proxies: tuple[str, ...]
+    use: tuple[str, ...] = ()
+    health: HealthCheckConfig = field(default_factory=HealthCheckConfig)
+    tolerance: int = 0
+    strategy: LoadBalanceStrategy = "consistent-hashing"
+    filter: MemberFilter = field(default_factory=MemberFilter)
+    disable_udp: bool = False
+    hidden: bool = False
+    icon: str = ""
+
+
+@dataclass(frozen=True)
+class ProviderOverride:
+    """A proxy provider's `override`: values set on every proxy it yields
+    (None: the proxy's own), and its names changed by `additional-prefix`,
+    `additional-suffix` and `proxy-name` (regex, replacement) pairs."""
+
+    skip_cert_verify: bool | None = None
+    udp: bool | None = None
+    dialer_proxy: str | None = None
+    ip_version: str | None = None
+    additional_prefix: str = ""
+    additional_suffix: str = ""
+    proxy_name: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True)
+class ProxyProviderConfig:
+    """One entry of `proxy-providers` (appliance/providers/proxies.py runs
+    it): `http` fetches `url` every `interval` seconds (0: at start only)
+    through the outbound `proxy` (DIRECT by default) and caches it at
+    `path` (a boot without network uses that copy); `file` reads `path`;
+    `inline` has its proxies in `payload`. Its proxies pass `filter` and
+    `override`, then the normal proxy loader; `health` probes them for
+    the groups that use it. `size_limit`: bytes (0: no limit)."""
+
+    name: str
+    type: Literal["http", "file", "inline"]
+    url: str | None = None
+    path: Path | None = None
+    interval: float = 0.0
+    proxy: str | None = None
+    size_limit: int = 0
+    header: tuple[tuple[str, str], ...] = ()
+    health: HealthCheckConfig = field(default_factory=lambda: HealthCheckConfig(enable=False))
+    filter: MemberFilter = field(default_factory=MemberFilter)
+    override: ProviderOverride = field(default_factory=ProviderOverride)
+    payload: tuple[object, ...] = ()
 
 
 # --- rules -----------------------------------------------------------------
@@ -386,9 +474,13 @@ class Config:
     secret: str = ""
     controller: ControllerConfig = field(default_factory=ControllerConfig)
     store_fake_ip: bool = False  # profile.store-fake-ip
+    # profile.store-selected: group choices kept in the state dir across
+    # restarts (appliance/outbound/selections.py); on by default as in mihomo.
+    store_selected: bool = True
     dns: DnsConfig = field(default_factory=DnsConfig)
     proxies: tuple[ProxyConfig, ...] = ()
     proxy_groups: tuple[ProxyGroupConfig, ...] = ()
+    proxy_providers: tuple[ProxyProviderConfig, ...] = ()
     rules: tuple[Rule, ...] = ()
     appliance: ApplianceConfig = field(default_factory=ApplianceConfig)
     # Clash keys (dotted paths), rule types and proxies present in the file

@@ -13,7 +13,15 @@ from typing import Any
 import yaml
 
 from appliance.config.loader.protocols import render_protocol_proxy
-from appliance.config.model import Config, Nameserver, ProxyConfig, Rule
+from appliance.config.model import (
+    Config,
+    MemberFilter,
+    Nameserver,
+    ProxyConfig,
+    ProxyGroupConfig,
+    ProxyProviderConfig,
+    Rule,
+)
 
 REDACTED = "<redacted>"
 
@@ -40,10 +48,83 @@ def _proxy(p: ProxyConfig, redact: bool) -> dict[str, Any]:
         out["tls"] = p.tls
     if p.type != "ss":
         out["skip-cert-verify"] = p.skip_cert_verify
-    if p.type in ("http", "trojan") and p.sni is not None:
+    if p.type == "http" and p.sni is not None:
         out["sni"] = p.sni
     if p.type != "http":
         out["udp"] = p.udp
+    return out
+
+
+def _status(ranges: tuple[tuple[int, int], ...]) -> str:
+    return "/".join(f"{a}-{b}" if a != b else str(a) for a, b in ranges) or "*"
+
+
+def _filters(f: MemberFilter) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if f.filter:
+        out["filter"] = "`".join(f.filter)
+    if f.exclude_filter is not None:
+        out["exclude-filter"] = f.exclude_filter
+    if f.exclude_type:
+        out["exclude-type"] = "|".join(f.exclude_type)
+    return out
+
+
+def _group(g: ProxyGroupConfig) -> dict[str, Any]:
+    out: dict[str, Any] = {"name": g.name, "type": g.type, "proxies": list(g.proxies)}
+    if g.use:
+        out["use"] = list(g.use)
+    h = g.health
+    out.update({"url": h.url, "interval": int(h.interval), "timeout": round(h.timeout * 1000),
+                "lazy": h.lazy, "expected-status": _status(h.expected_status),
+                "max-failed-times": h.max_failed_times})
+    if g.type == "url-test":
+        out["tolerance"] = g.tolerance
+    if g.type == "load-balance":
+        out["strategy"] = g.strategy
+    out.update(_filters(g.filter))
+    out.update({"disable-udp": g.disable_udp, "hidden": g.hidden})
+    if g.icon:
+        out["icon"] = g.icon
+    return out
+
+
+def _provider(p: ProxyProviderConfig, redact: bool) -> dict[str, Any]:
+    out: dict[str, Any] = {"type": p.type}
+    if p.url is not None:
+        # Subscription URLs carry their token in the path or query.
+        out["url"] = REDACTED if redact else p.url
+    if p.path is not None:
+        out["path"] = str(p.path)
+    out["interval"] = int(p.interval)
+    if p.proxy is not None:
+        out["proxy"] = p.proxy
+    if p.size_limit:
+        out["size-limit"] = p.size_limit
+    if p.header:
+        header: dict[str, list[str]] = {}
+        for k, v in p.header:
+            header.setdefault(k, []).append(REDACTED if redact else v)
+        out["header"] = header
+    h = p.health
+    out["health-check"] = {"enable": h.enable, "url": h.url, "interval": int(h.interval),
+                           "timeout": round(h.timeout * 1000), "lazy": h.lazy,
+                           "expected-status": _status(h.expected_status)}
+    out.update(_filters(p.filter))
+    o = p.override
+    override: dict[str, Any] = {k: v for k, v in (
+        ("skip-cert-verify", o.skip_cert_verify), ("udp", o.udp),
+        ("dialer-proxy", o.dialer_proxy), ("ip-version", o.ip_version)) if v is not None}
+    if o.additional_prefix:
+        override["additional-prefix"] = o.additional_prefix
+    if o.additional_suffix:
+        override["additional-suffix"] = o.additional_suffix
+    if o.proxy_name:
+        override["proxy-name"] = [{"pattern": a, "target": b} for a, b in o.proxy_name]
+    if override:
+        out["override"] = override
+    if p.type == "inline":
+        out["payload"] = [REDACTED] * len(p.payload) if redact else list(p.payload)
     return out
 
 
@@ -93,7 +174,7 @@ def effective_config(cfg: Config, *, redact: bool = False) -> dict[str, Any]:
             "allow-origins": list(cfg.controller.cors.allow_origins),
             "allow-private-network": cfg.controller.cors.allow_private_network,
         },
-        "profile": {"store-fake-ip": cfg.store_fake_ip},
+        "profile": {"store-fake-ip": cfg.store_fake_ip, "store-selected": cfg.store_selected},
         "hosts": hosts,
         "dns": {
             "enable": dns.enable,
@@ -112,9 +193,8 @@ def effective_config(cfg: Config, *, redact: bool = False) -> dict[str, Any]:
             "cache-size": dns.cache_size,
         },
         "proxies": [_proxy(p, redact) for p in cfg.proxies],
-        "proxy-groups": [
-            {"name": g.name, "type": g.type, "proxies": list(g.proxies)} for g in cfg.proxy_groups
-        ],
+        "proxy-groups": [_group(g) for g in cfg.proxy_groups],
+        "proxy-providers": {p.name: _provider(p, redact) for p in cfg.proxy_providers},
         "rules": [_rule(r) for r in cfg.rules],
         "appliance": {
             "lan": list(app.lan),

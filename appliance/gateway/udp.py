@@ -359,11 +359,12 @@ class UdpSessions:
                 if reply is None or not await self._open(s):
                     return
                 assert s.peer is not None
-                if not s.peer.socks:
+                if s.peer.control is None:
                     await self._relay_down(s, s.peer, reply)
                     return
                 # SOCKS5: the association ends when the proxy closes its
-                # control connection.
+                # control connection; a peer that carries its datagrams
+                # over a stream (VMess, VLESS) relays them in `watch`.
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._watch, s.peer, nursery.cancel_scope)
                     await self._relay_down(s, s.peer, reply)

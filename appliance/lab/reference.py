@@ -122,3 +122,128 @@ class SingBox:
     def __exit__(self, et: type[BaseException] | None, e: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.stop()
+
+
+# mihomo as the lab's transparent gateway: its own nftables table, policy
+# rule and route table, each removed by name.
+MIHOMO_TABLE = "mihomo_ref"
+MIHOMO_MARK = 0x4D48  # "MH": packets TPROXYed to mihomo
+MIHOMO_ROUTE_TABLE = 4242
+MIHOMO_TPROXY_PORT = 7894
+MIHOMO_DNS_PORT = 1053
+MIHOMO_CONTROLLER = ("127.0.0.1", 9097)
+
+_MIHOMO_NFT = """\
+table inet {table} {{
+    chain dns {{
+        type nat hook prerouting priority dstnat; policy accept;
+        iifname "{lan}" meta l4proto {{ tcp, udp }} th dport 53 redirect to :{dns}
+    }}
+    chain steer {{
+        type filter hook prerouting priority mangle; policy accept;
+        iifname "{lan}" ip daddr {fake} meta l4proto {{ tcp, udp }} \
+tproxy ip to 127.0.0.1:{tproxy} meta mark set {mark} accept
+    }}
+}}
+"""
+
+
+class MihomoGateway:
+    """mihomo running where `mirage run` would: in the lab's gateway node as
+    a fake-IP transparent gateway (LAN DNS redirected to its DNS port, the
+    fake range TPROXYed to its `tproxy-port`), with `profile` (proxies,
+    proxy-groups, rules, ... as a dict) merged over those settings and its
+    controller on 127.0.0.1:9097 inside the gateway namespace. Not together
+    with a running Mirage (both would take the LAN's DNS)."""
+
+    def __init__(self, lab: Lab, profile: dict[str, Any], *, name: str = "mihomo",
+                 lan: str = "lan0", fake_range: str = "198.18.0.0/16") -> None:
+        self.lab = lab
+        self.home = lab.state_dir / name
+        self.log = self.home / "mihomo.log"
+        self.lan = lan
+        self.fake_range = fake_range
+        dns = {"enable": True, "listen": f"0.0.0.0:{MIHOMO_DNS_PORT}", "ipv6": False,
+               "enhanced-mode": "fake-ip", "fake-ip-range": "198.18.0.1/16",
+               "nameserver": [lab.addr("upstream", family=4).rsplit(".", 1)[0] + ".53"]}
+        self.config: dict[str, Any] = {
+            "mode": "rule", "log-level": "info", "allow-lan": True, "bind-address": "*",
+            "tproxy-port": MIHOMO_TPROXY_PORT, "routing-mark": 255, "ipv6": False,
+            "external-controller": "{}:{}".format(*MIHOMO_CONTROLLER),
+            "dns": dns, **profile,
+        }
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    def _gw(self, *argv: str) -> subprocess.CompletedProcess[str]:
+        return self.lab.exec("gateway", list(argv))
+
+    def start(self, timeout: float = 15.0) -> MihomoGateway:
+        import yaml
+
+        mihomo_home(self.home)
+        cfg = self.home / "config.yaml"
+        cfg.write_text(yaml.safe_dump(self.config, sort_keys=False))
+        nft = self.home / "steer.nft"
+        nft.write_text(_MIHOMO_NFT.format(
+            table=MIHOMO_TABLE, lan=self.lan, dns=MIHOMO_DNS_PORT, fake=self.fake_range,
+            tproxy=MIHOMO_TPROXY_PORT, mark=MIHOMO_MARK))
+        self.stop()
+        with open(self.log, "wb") as log:
+            self._proc = self.lab.popen("gateway", [str(mihomo_binary()), "-d", str(self.home),
+                                                    "-f", str(cfg)],
+                                        stdout=log, stderr=subprocess.STDOUT)
+        for argv in (("nft", "-f", str(nft)),
+                     ("ip", "rule", "add", "fwmark", str(MIHOMO_MARK), "lookup",
+                      str(MIHOMO_ROUTE_TABLE)),
+                     ("ip", "route", "add", "local", "0.0.0.0/0", "dev", "lo", "table",
+                      str(MIHOMO_ROUTE_TABLE))):
+            done = self._gw(*argv)
+            if done.returncode != 0:
+                self.stop()
+                raise ReferenceError(f"{' '.join(argv)}: {done.stderr.strip()}")
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self._proc.poll() is not None:
+                raise ReferenceError(f"mihomo exited:\n{self.log_text()[-2000:]}")
+            if self.api("/version").returncode == 0:
+                return self
+            time.sleep(0.1)
+        self.stop()
+        raise ReferenceError(f"mihomo did not start in {timeout} s:\n{self.log_text()[-2000:]}")
+
+    def api(self, path: str, method: str = "GET") -> subprocess.CompletedProcess[str]:
+        """curl its controller from inside the gateway namespace."""
+        host, port = MIHOMO_CONTROLLER
+        return self._gw("curl", "-sf", "-m", "3", "-X", method, f"http://{host}:{port}{path}")
+
+    def connections(self) -> list[dict[str, Any]]:
+        """mihomo's live `/connections` list."""
+        done = self.api("/connections")
+        if done.returncode != 0:
+            raise ReferenceError(f"mihomo /connections: curl exit {done.returncode}")
+        return list(json.loads(done.stdout).get("connections") or [])
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    def stop(self) -> None:
+        p = self._proc
+        if p is not None and p.poll() is None:
+            p.terminate()
+            try:
+                p.wait(5)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait(5)
+        self._gw("nft", "delete", "table", "inet", MIHOMO_TABLE)
+        while self._gw("ip", "rule", "del", "fwmark", str(MIHOMO_MARK), "lookup",
+                       str(MIHOMO_ROUTE_TABLE)).returncode == 0:
+            pass
+        self._gw("ip", "route", "flush", "table", str(MIHOMO_ROUTE_TABLE))
+
+    def __enter__(self) -> MihomoGateway:
+        return self.start()
+
+    def __exit__(self, et: type[BaseException] | None, e: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop()

@@ -60,7 +60,7 @@ class HandshakeClient(Protocol):
 
 # A proxy handshake on a connection to the proxy: (stream, client) -> tunnel.
 # It closes the stream if it fails.
-Handshake = Callable[[trio.SocketStream, Any], Awaitable[trio.abc.Stream]]
+Handshake = Callable[[trio.abc.Stream, Any], Awaitable[trio.abc.Stream]]
 
 
 @dataclass(frozen=True)
@@ -392,7 +392,10 @@ class ProxyOutbound:
     credentials, a `Dialer` whose sockets carry `routing_mark`, one
     deadline of `connect_timeout` seconds over connect + handshake, and
     with `preconnect` > 0 that many connections to the proxy kept open
-    ahead of the flows (`Preconnect`; the Router closes it).
+    ahead of the flows (`Preconnect`; the Router closes it). With
+    `server_dial` (`dialer-proxy`, a relay hop: `OutboundEnv.server_dial`
+    of an env with `via`), connections to the proxy go through that
+    instead, and none are kept ahead.
     Subclasses implement `_connect(host, port)`, opening the proxy
     connection through `_open_tunnel`."""
 
@@ -412,6 +415,7 @@ class ProxyOutbound:
         resolve: Resolve | None = None,
         ipv6: bool = False,
         preconnect: int = 0,
+        server_dial: ServerDial | None = None,
     ) -> None:
         self.name = name
         self.server = server
@@ -420,8 +424,9 @@ class ProxyOutbound:
         self.password = password
         self.connect_timeout = connect_timeout
         self.dialer = Dialer(resolve, routing_mark, ipv6=ipv6)
+        self.server_dial: ServerDial = server_dial or self.dialer.dial
         self.preconnect = (Preconnect(self._server_address, port, preconnect, mark=routing_mark)
-                           if preconnect > 0 else None)
+                           if preconnect > 0 and server_dial is None else None)
 
     async def connect_tcp(self, host: str | IPAddress, port: int) -> trio.abc.Stream:
         with outbound_deadline(self.connect_timeout, f"{self.name} {host}:{port}"):
@@ -453,7 +458,7 @@ class ProxyOutbound:
                     raise
                 pool.stale += 1
                 client = new_client()
-        return await handshake(await self.dialer.dial(self.server, self.port), client)
+        return await handshake(await self.server_dial(self.server, self.port), client)
 
     def request_sent(self) -> None:
         if self.preconnect is not None:

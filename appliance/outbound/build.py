@@ -9,7 +9,7 @@ A proxy is built by the builder its `type` names in `BUILDERS`: a new
 protocol is one new module (a class with `from_config(proxy, env)`,
 `connect_tcp`, `open_udp`, `carries_udp`) plus one line there.
 
-Shadowsocks and Trojan proxies are not implemented yet: they become
+Shadowsocks proxies are not implemented yet: they become
 `UnsupportedOutbound`s, which fail each connection with a clear
 OutboundError, so a profile that lists them still loads and every other
 proxy works (fallback groups move past them).
@@ -21,18 +21,43 @@ nothing is a BuildError (an object could not be built, or would be lost).
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from graphlib import TopologicalSorter
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
+from graphlib import CycleError, TopologicalSorter
+from typing import Any
 
 import trio
 
-from appliance.config.model import Config, IPAddress, ProxyConfig
+from appliance.config.model import (
+    Config,
+    IPAddress,
+    MemberFilter,
+    ProxyConfig,
+    ProxyGroupConfig,
+)
 from appliance.outbound.base import Outbound, OutboundEnv, OutboundError, Resolve, UdpPeer
 from appliance.outbound.direct import DirectOutbound
-from appliance.outbound.groups import FallbackGroup, SelectGroup
+from appliance.outbound.groups import (
+    CompatibleOutbound,
+    FallbackGroup,
+    Group,
+    LoadBalanceGroup,
+    PassOutbound,
+    RejectDropOutbound,
+    RelayGroup,
+    SelectGroup,
+    URLTestGroup,
+    filter_members,
+    groups_in,
+)
+from appliance.outbound.health import DelayHistory
 from appliance.outbound.http import HttpOutbound
 from appliance.outbound.reject import RejectOutbound
+from appliance.outbound.selections import Selections
 from appliance.outbound.socks5 import Socks5Outbound
+from appliance.outbound.trojan import TrojanOutbound
+from appliance.outbound.vless import VlessOutbound
+from appliance.outbound.vmess import VmessOutbound
 
 # One proxy entry and what all outbounds share -> the outbound.
 Builder = Callable[[ProxyConfig, OutboundEnv], Outbound]
@@ -43,6 +68,9 @@ BUILDERS: dict[str, Builder] = {
     "http": HttpOutbound.from_config,
     "direct": DirectOutbound.from_config,
     "reject": RejectOutbound.from_config,
+    "vmess": VmessOutbound.from_config,
+    "vless": VlessOutbound.from_config,
+    "trojan": TrojanOutbound.from_config,
 }
 
 
@@ -74,37 +102,165 @@ def outbound_env(cfg: Config, resolve: Resolve | None) -> OutboundEnv:
     return OutboundEnv(resolve, cfg.routing_mark, cfg.appliance.connect_timeout, cfg.ipv6)
 
 
-def build_outbounds(cfg: Config, resolve: Resolve | None) -> dict[str, Outbound]:
-    """Every outbound by name: DIRECT, REJECT, `proxies`, `proxy-groups`.
+def build_proxy(p: ProxyConfig, env: OutboundEnv) -> Outbound:
+    """One proxy by its type's builder; an UnsupportedOutbound otherwise."""
+    builder = BUILDERS.get(p.type)
+    return builder(p, env) if builder is not None else UnsupportedOutbound(p.name, p.type)
+
+
+class ProxyFactory:
+    """Builds proxies from their config for the parts that build them after
+    the first pass: relay hops (a proxy rebuilt to dial through the hop
+    before it) and proxy providers' proxies. `configs` holds every proxy
+    config by name, including providers' (their refresh adds to it)."""
+
+    def __init__(self, env: OutboundEnv, configs: dict[str, ProxyConfig]) -> None:
+        self.env = env
+        self.configs = configs
+
+    def build(self, p: ProxyConfig, via: Outbound | None = None) -> Outbound:
+        return build_proxy(p, replace(self.env, via=via))
+
+    def rechain(self, hop: Outbound, via: Outbound) -> Outbound | None:
+        p = self.configs.get(hop.name)
+        if p is None or p.type in ("direct", "reject"):
+            return None
+        return self.build(p, via)
+
+
+BUILTINS = ("DIRECT", "REJECT", "REJECT-DROP", "PASS", "COMPATIBLE")
+
+
+def build_outbounds(
+    cfg: Config,
+    resolve: Resolve | None,
+    *,
+    delays: DelayHistory | None = None,
+    selections: Selections | None = None,
+    provided: Mapping[str, Sequence[Outbound]] | None = None,
+) -> dict[str, Outbound]:
+    """Every outbound by name: the built-ins (DIRECT, REJECT, REJECT-DROP,
+    PASS, COMPATIBLE), `proxies`, `proxy-groups` and GLOBAL.
 
     `resolve` is the upstream resolver's `resolve_ips` (DIRECT, and proxies
-    whose server is a name). Groups may name groups: they are built after
-    their members (graphlib's order; a cycle, which the loader refuses,
-    would raise its CycleError).
+    whose server is a name). Proxies and groups are built in dependency
+    order (graphlib's): a group after its members, a proxy with
+    `dialer-proxy` after that outbound, which becomes its env's `via`; a
+    cycle, which the loader refuses, raises BuildError here. `delays` is
+    the delay history the groups share (kept across reloads by the caller);
+    `selections` the remembered choices (restored here, and told of new
+    ones); `provided` the proxies of each proxy provider, by provider name
+    (groups that `use:` one take them, filtered).
     """
     env = outbound_env(cfg, resolve)
+    delays = delays if delays is not None else DelayHistory()
+    provided = provided or {}
     out: dict[str, Outbound] = {
         "DIRECT": DirectOutbound(resolve, env.routing_mark, env.connect_timeout, ipv6=env.ipv6),
         "REJECT": RejectOutbound(),
+        "REJECT-DROP": RejectDropOutbound(),
+        "PASS": PassOutbound(),
+        "COMPATIBLE": CompatibleOutbound(),
     }
+    proxies: dict[str, ProxyConfig] = {}
     for i, p in enumerate(cfg.proxies):
-        if p.name in out:
+        if p.name in out or p.name in proxies:
             raise BuildError(f"proxies[{i}]: duplicate name {p.name!r}")
-        builder = BUILDERS.get(p.type)
-        out[p.name] = builder(p, env) if builder is not None else UnsupportedOutbound(
-            p.name, p.type)
-    groups = {g.name: g for g in cfg.proxy_groups}
+        proxies[p.name] = p
+    groups: dict[str, ProxyGroupConfig] = {}
     for i, g in enumerate(cfg.proxy_groups):
-        if g.name in out:
+        if g.name in out or g.name in proxies or g.name in groups:
             raise BuildError(f"proxy-groups[{i}]: duplicate name {g.name!r}")
-        unknown = [m for m in g.proxies if m not in out and m not in groups]
+        groups[g.name] = g
+    for i, g in enumerate(cfg.proxy_groups):
+        unknown = [m for m in g.proxies if m not in out and m not in groups and m not in proxies]
         if unknown:
             raise BuildError(f"proxy-groups[{i}] {g.name!r}: unknown member(s) {unknown}")
-    order = TopologicalSorter({g.name: [m for m in g.proxies if m in groups]
-                               for g in cfg.proxy_groups})
-    for name in order.static_order():
+        missing = [u for u in g.use if u not in provided]
+        if missing:
+            raise BuildError(f"proxy-groups[{i}] {g.name!r}: unknown provider(s) {missing}")
+    for name, p in proxies.items():
+        if p.dialer_proxy is not None and p.dialer_proxy not in proxies \
+                and p.dialer_proxy not in groups and p.dialer_proxy not in out:
+            raise BuildError(f"proxy {name!r}: dialer-proxy {p.dialer_proxy!r} names nothing")
+    graph: dict[str, list[str]] = {}
+    for name, p in proxies.items():
+        graph[name] = [p.dialer_proxy] if p.dialer_proxy in proxies or p.dialer_proxy in groups \
+            else []
+    for name, g in groups.items():
+        graph[name] = [m for m in g.proxies if m in proxies or m in groups]
+    try:
+        order = list(TopologicalSorter(graph).static_order())
+    except CycleError as e:
+        raise BuildError(f"dialer-proxy / group cycle: {' -> '.join(e.args[1])}") from None
+    factory = ProxyFactory(env, dict(proxies))
+    for name in order:
+        pc = proxies.get(name)
+        if pc is not None:
+            via = out[pc.dialer_proxy] if pc.dialer_proxy is not None else None
+            out[name] = factory.build(pc, via)
+            continue
         g = groups[name]
-        members = [out[m] for m in g.proxies]
-        out[name] = (SelectGroup(name, members) if g.type == "select"
-                     else FallbackGroup(name, members))
+        static = [out[m] for m in g.proxies]
+        members = compose_members(static, [provided[u] for u in g.use], g.filter)
+        group = out[name] = make_group(g, members, delays=delays, factory=factory,
+                                       direct=out["DIRECT"])
+        group.static = tuple(static)
+    if "GLOBAL" not in out:
+        everything = [out["DIRECT"], out["REJECT"], *(out[n] for n in proxies),
+                      *(out[n] for n in groups)]
+        out["GLOBAL"] = SelectGroup("GLOBAL", everything, delays=delays)
+    if selections is not None:
+        restore_selections(out, selections)
     return out
+
+
+def make_group(g: ProxyGroupConfig, members: Sequence[Outbound], *, delays: DelayHistory,
+               factory: ProxyFactory, direct: Outbound) -> Group:
+    """The group object of one `proxy-groups` entry."""
+    common: dict[str, Any] = {"health": g.health, "delays": delays, "hidden": g.hidden,
+                              "icon": g.icon, "disable_udp": g.disable_udp}
+    group: Group
+    if g.type == "select":
+        group = SelectGroup(g.name, members, **common)
+    elif g.type == "url-test":
+        group = URLTestGroup(g.name, members, tolerance=g.tolerance, **common)
+    elif g.type == "fallback":
+        group = FallbackGroup(g.name, members, **common)
+    elif g.type == "load-balance":
+        group = LoadBalanceGroup(g.name, members, strategy=g.strategy, **common)
+    else:
+        group = RelayGroup(g.name, members, rechain=factory.rechain, direct=direct, **common)
+    group.config = g
+    return group
+
+
+def compose_members(static: Sequence[Outbound], provided: Sequence[Sequence[Outbound]],
+                    rules: MemberFilter) -> list[Outbound]:
+    """A group's members as mihomo's GetProxies makes them: the proxies it
+    names (unfiltered but for the excludes), then each used provider's
+    proxies that `filter` keeps, each name once; then `exclude-filter` and
+    `exclude-type` over all of them."""
+    members = list(static)
+    seen = {m.name for m in members}
+    for proxies in provided:
+        for m in filter_members(proxies, MemberFilter(filter=rules.filter)):
+            if m.name not in seen:
+                seen.add(m.name)
+                members.append(m)
+    return filter_members(members, MemberFilter(exclude_filter=rules.exclude_filter,
+                                                exclude_type=rules.exclude_type),
+                          use_filter=False)
+
+
+def restore_selections(outbounds: Mapping[str, Outbound], selections: Selections) -> None:
+    """Re-apply remembered choices to the groups that can select (a choice
+    that names no member is left alone), then report new choices to
+    `selections`."""
+    for group in groups_in(dict(outbounds)).values():
+        if not group.selectable:
+            continue
+        chosen = selections.get(group.name)
+        if chosen is not None and chosen in group.all:
+            group.select(chosen)
+        group.on_select = selections.remember

@@ -76,7 +76,8 @@ class HttpOutbound(ProxyOutbound):
         return cls(p.name, p.server, p.port, tls=p.tls, skip_cert_verify=p.skip_cert_verify,
                    sni=p.sni, username=p.username, password=p.password,
                    routing_mark=env.routing_mark, connect_timeout=env.connect_timeout,
-                   resolve=env.resolve, ipv6=env.ipv6, preconnect=p.preconnect)
+                   resolve=env.resolve, ipv6=env.ipv6, preconnect=p.preconnect,
+                   server_dial=env.via.connect_tcp if env.via is not None else None)
 
     async def _connect(self, host: str | IPAddress, port: int) -> trio.abc.Stream:
         def new_client() -> HttpConnectClient:
@@ -88,7 +89,7 @@ class HttpOutbound(ProxyOutbound):
             raise OutboundError(f"{self.name}: {e}") from None
         return await self._open_tunnel(client, new_client, self._handshake)
 
-    async def _handshake(self, sock_stream: trio.SocketStream,
+    async def _handshake(self, sock_stream: trio.abc.Stream,
                          client: HttpConnectClient) -> trio.abc.Stream:
         """TLS (if configured), CONNECT, the response head; closes the
         stream on any failure."""

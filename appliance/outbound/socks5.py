@@ -67,10 +67,13 @@ class Socks5Outbound(ProxyOutbound):
 
     @classmethod
     def from_config(cls, p: ProxyConfig, env: OutboundEnv) -> Socks5Outbound:
-        return cls(p.name, p.server, p.port, udp=p.udp, username=p.username,
+        # UDP ASSOCIATE needs the relay reachable by UDP: not through a
+        # dialer-proxy, which carries the control connection only.
+        return cls(p.name, p.server, p.port, udp=p.udp and env.via is None, username=p.username,
                    password=p.password, routing_mark=env.routing_mark,
                    connect_timeout=env.connect_timeout, resolve=env.resolve, ipv6=env.ipv6,
-                   preconnect=p.preconnect)
+                   preconnect=p.preconnect,
+                   server_dial=env.via.connect_tcp if env.via is not None else None)
 
     async def open_udp(self, host: str | IPAddress, port: int) -> UdpPeer | None:
         """UDP ASSOCIATE through the proxy (see the module doc). No deadline
@@ -127,7 +130,7 @@ class Socks5Outbound(ProxyOutbound):
             raise OutboundError(f"{self.name}: {e}") from None
         return await self._open_tunnel(client, new_client, self._handshake)
 
-    async def _handshake(self, stream: trio.SocketStream, client: Socks5Client
+    async def _handshake(self, stream: trio.abc.Stream, client: Socks5Client
                          ) -> trio.abc.Stream:
         """The handshake on `stream`; closes it on any failure."""
         try:

@@ -9,7 +9,13 @@ from pathlib import Path
 import pytest
 
 from appliance.lab.lab import Lab
-from appliance.lab.reference import SingBox, mihomo_binary, mihomo_home
+from appliance.lab.reference import (
+    MIHOMO_TABLE,
+    MihomoGateway,
+    SingBox,
+    mihomo_binary,
+    mihomo_home,
+)
 
 pytestmark = pytest.mark.netns
 
@@ -33,3 +39,15 @@ def test_mihomo_tests_a_profile_with_the_wheels_geodata(tmp_path: Path) -> None:
                           str(home / "config.yaml")], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "test is successful" in out.stdout
+
+
+def test_mihomo_runs_as_the_labs_transparent_gateway(lab: Lab) -> None:
+    profile = {"proxies": [], "rules": ["DOMAIN-SUFFIX,alpha.test,DIRECT", "MATCH,REJECT"]}
+    with MihomoGateway(lab, profile) as gw:
+        ok = lab.exec("client", ["curl", "-sS", "-m", "5", "-o", "/dev/null", "-w",
+                                 "%{http_code} %{remote_ip}", "http://www.alpha.test/"])
+        assert ok.stdout.startswith("200 198.18."), ok.stdout + ok.stderr
+        refused = lab.exec("client", ["curl", "-sS", "-m", "5", "http://www.beta.test/"])
+        assert refused.returncode != 0
+        assert "www.alpha.test:80 match DomainSuffix(alpha.test) using DIRECT" in gw.log_text()
+    assert lab.exec("gateway", ["nft", "list", "table", "inet", MIHOMO_TABLE]).returncode != 0

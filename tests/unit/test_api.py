@@ -23,7 +23,6 @@ from appliance.api import views
 from appliance.api.client import ApiClient, ApiError
 from appliance.api.logbus import LogBus
 from appliance.api.providers import Providers
-from appliance.api.selection import Selections
 from appliance.config import ConfigError, load_config, parse_rule
 from appliance.config.model import (
     ApplianceConfig,
@@ -38,6 +37,8 @@ from appliance.fakeip.pool import FakeIPPool
 from appliance.flow import Flow
 from appliance.gateway.splice import FlowRegistry
 from appliance.metrics import render
+from appliance.outbound.health import DelayHistory
+from appliance.outbound.selections import Selections, selected_path
 from appliance.routing import Dispatcher, Router, chain
 from tests.ws_client import WsClient, WsRefused
 
@@ -109,7 +110,8 @@ class View:
         self.capture: Any = Capture()
         self.offload = None
         self.limits: Any = None
-        self.selections = Selections(state_dir)
+        self.delays = DelayHistory()
+        self.selections = Selections(selected_path(state_dir) if state_dir else None)
         self.dispatcher = Dispatcher(self.router(), connect_timeout=1.0)
         self.providers = Providers(lambda: self.dispatcher.router.outbounds)
         self.log_bus = LogBus()
@@ -117,9 +119,8 @@ class View:
         self.reload_ok = True
 
     def router(self) -> Router:
-        router = Router.from_config(self.cfg, None)
-        self.selections.apply(router.outbounds)
-        return router
+        return Router.from_config(self.cfg, None, delays=self.delays,
+                                  selections=self.selections)
 
     def preconnects(self) -> Mapping[str, Counted]:
         return {}

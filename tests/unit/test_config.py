@@ -28,7 +28,6 @@ from appliance.config import (
     NetworkKind,
     PortSet,
     ProxyConfig,
-    ProxyGroupConfig,
     Rule,
     check_runnable,
     effective_config,
@@ -37,6 +36,7 @@ from appliance.config import (
     load_config,
     parse_config,
 )
+from appliance.config.protocols.trojan import TrojanOptions
 from appliance.names import pattern_is_valid
 from appliance.rules.engine import RuleSet
 
@@ -117,13 +117,18 @@ def test_clash_profile_example_loads_and_reports_what_it_ignores() -> None:
     for key in ("tun", "sniffer", "redir-port", "mode", "rule-providers", "dns.fallback"):
         assert key in ignored
     assert "rules[15] (GEOIP)" in ignored
-    assert "proxies[2] (vmess proxy 'US 01')" in ignored
-    assert "proxy-groups[1].type (url-test runs as fallback)" in ignored
+    assert "proxies[3] (ssr proxy 'SG 01')" in ignored
+    assert not any("runs as fallback" in key for key in ignored)
     assert "dns.nameserver[2] (tls://dns.google:853)" in ignored
-    assert [p.name for p in cfg.proxies] == ["HK 01", "JP 01", "Home SOCKS", "Office HTTP"]
+    assert [p.name for p in cfg.proxies] == ["HK 01", "JP 01", "US 01", "Home SOCKS",
+                                             "Office HTTP"]
     groups = {g.name: g for g in cfg.proxy_groups}
-    assert groups["Auto"] == ProxyGroupConfig("Auto", "fallback", ("HK 01", "JP 01"))
-    assert "US 01" not in groups["Proxy"].proxies
+    auto = groups["Auto"]
+    assert (auto.type, auto.proxies, auto.tolerance) == ("url-test", ("HK 01", "JP 01", "US 01"),
+                                                         50)
+    assert (auto.health.url, auto.health.interval) == ("http://www.gstatic.com/generate_204",
+                                                       300.0)
+    assert "SG 01" not in groups["Proxy"].proxies
     assert cfg.rules[-1] == Rule("MATCH", MatchAll(), "Proxy")
     assert all(r.type not in ("GEOIP", "GEOSITE", "RULE-SET") for r in cfg.rules)
     assert [h for h, _ in cfg.dns.hosts] == ["router.lan", "nas.lan"]
@@ -183,7 +188,8 @@ proxies:
   - {name: trojan-ws, type: trojan, server: tj.example.net, port: 443, password: pw,
      network: ws, ws-opts: {path: /x}}
   - {name: hy2, type: hysteria2, server: hy.example.net, port: 443, password: pw}
-  - {name: vless-1, type: vless, server: vl.example.net, port: 443, uuid: x}
+  - {name: vless-1, type: vless, server: vl.example.net, port: 443, uuid: x, tls: true,
+     reality-opts: {public-key: k}}
 proxy-groups:
   - {name: Select, type: select, proxies: [Auto, Balance, Chain, trojan-1, DIRECT]}
   - {name: Auto, type: url-test, proxies: [ss-aead, trojan-1, hy2],
@@ -228,20 +234,29 @@ def test_real_world_profile_loads(tmp_path: Path) -> None:
     assert dict(cfg.dns.hosts) == {"mtalk.google.com": (ipaddress.ip_address("108.177.125.188"),)}
     assert "hosts['services.googleapis.cn'] (domain alias)" in ignored
     assert "x-common (YAML anchor)" in ignored
-    assert [p.name for p in cfg.proxies] == ["ss-aead", "trojan-1"]
+    assert [p.name for p in cfg.proxies] == ["ss-aead", "trojan-1", "trojan-ws"]
     trojan = cfg.proxies[1]
-    assert trojan.tls and trojan.skip_cert_verify and trojan.udp
+    assert trojan.tls_options is not None and trojan.tls_options.skip_cert_verify
+    assert trojan.udp and trojan.tls_options.sni == "tj.example.net"
+    ws = cfg.proxies[2].transport
+    assert ws is not None and ws.ws is not None and ws.ws.path == "/x"
     assert "proxies[1] (ss proxy 'ss-plugin': plugin 'obfs')" in ignored
     assert "proxies[2] (ss proxy 'ss-old': cipher 'rc4-md5')" in ignored
-    assert "proxies[4] (trojan proxy 'trojan-ws': network 'ws')" in ignored
+    assert ("proxies[6] (vless proxy 'vless-1': reality-opts (REALITY is not supported))"
+            in ignored)
     groups = {g.name: g for g in cfg.proxy_groups}
-    assert groups["Auto"] == ProxyGroupConfig("Auto", "fallback", ("ss-aead", "trojan-1"))
-    assert groups["Balance"].type == "fallback"
+    assert (groups["Auto"].type, groups["Auto"].proxies) == ("url-test", ("ss-aead", "trojan-1"))
+    assert groups["Balance"].type == "load-balance"
+    assert groups["Balance"].strategy == "consistent-hashing"
     assert groups["Balance"].proxies == ("ss-aead",)
-    assert "Chain" not in groups and "Dead" not in groups and "Provided" not in groups
-    assert groups["Select"].proxies == ("Auto", "Balance", "trojan-1", "DIRECT")
-    assert groups["Global"].proxies == ("Select",)
-    assert "proxy-groups[3] (relay group 'Chain')" in ignored
+    assert groups["Chain"].type == "relay"
+    assert groups["Chain"].proxies == ("ss-aead", "trojan-1")
+    assert "Dead" not in groups
+    assert groups["Provided"].use == ("provider1",)
+    assert groups["Select"].proxies == ("Auto", "Balance", "Chain", "trojan-1", "DIRECT")
+    # include-all: every proxy of the file after the named ones (skipped dropped).
+    assert groups["Global"].proxies == ("Select", "ss-aead", "trojan-1", "trojan-ws")
+    assert groups["Global"].use == ("provider1",)
     assert "proxy-groups[4] (group 'Dead' has no usable member)" in ignored
     assert [r.type for r in cfg.rules] == [
         "DOMAIN-SUFFIX",
@@ -785,7 +800,8 @@ def test_proxy_types() -> None:
         "h", "http", "proxy.example", 3128, "u", "p", True, True, "proxy.example", False, None
     )
     assert ss.server == "2001:db8::1" and ss.cipher == "aes-128-gcm" and ss.udp
-    assert t.tls and t.sni is None and not t.udp
+    assert t.tls_options is not None and t.tls_options.sni is None and not t.udp
+    assert t.options == TrojanOptions(password="p")
     assert d == ProxyConfig("d", "direct")
 
 
@@ -837,7 +853,7 @@ def test_groups_may_name_later_groups() -> None:
     [
         ("DOMAIN,a.test,nope", "names no proxy, group, DIRECT or REJECT"),
         ("DOMAIN,a.test,direct", "names no proxy"),
-        ("DOMAIN,a.test,v", "a vmess proxy"),
+        ("DOMAIN,a.test,v", "a vmess proxy with alterId 64"),
         ("DOMAIN,a.test,dead", "a group with no member"),
         ("FOO,a.test,DIRECT", "unknown rule type"),
         ("DOMAIN,a.test", "expected DOMAIN,VALUE,TARGET"),
@@ -861,7 +877,8 @@ def test_groups_may_name_later_groups() -> None:
 )
 def test_rule_errors(rule: str, reason: str) -> None:
     data = with_(
-        proxies=[SOCKS, {"name": "v", "type": "vmess", "server": "x", "port": 1}],
+        proxies=[SOCKS, {"name": "v", "type": "vmess", "server": "x", "port": 1, "uuid": "u",
+                         "alterId": 64}],
         proxy_groups=[{"name": "dead", "type": "select", "proxies": ["v"]}],
         rules=["DOMAIN,ok.test,s", rule],
     )

@@ -1,17 +1,23 @@
 """`proxies:`: the outbounds Mirage implements, parsed strictly.
 
 A proxy of a type Mirage cannot speak (`vmess`, ...) or with an option that
-changes its wire protocol (an ss `plugin`, a trojan `ws-opts`, ...) is
+changes its wire protocol (an ss `plugin`, a trojan `ss-opts`, ...) is
 skipped and reported; `parse_proxies` returns why, so a group can drop it
 and a rule that targets it can say so.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from appliance.config.loader.errors import NO_VALUE, ConfigError, index_path
-from appliance.config.loader.protocols import PROTOCOLS, parse_protocol_proxy, server_value
+from appliance.config.loader.protocols import (
+    PROTOCOLS,
+    UnusableProxy,
+    parse_protocol_proxy,
+    server_value,
+)
 from appliance.config.loader.scalars import (
     as_bool,
     as_domain,
@@ -25,7 +31,11 @@ from appliance.config.loader.scalars import (
 from appliance.config.loader.section import LoadContext, Section
 from appliance.config.model import ProxyConfig
 
-BUILTIN_TARGETS = ("DIRECT", "REJECT")
+log = logging.getLogger(__name__)
+
+# Targets every profile has (mihomo's built-in outbounds and GLOBAL, its
+# implicit select group of everything).
+BUILTIN_TARGETS = ("DIRECT", "REJECT", "REJECT-DROP", "PASS", "COMPATIBLE", "GLOBAL")
 
 # Options every mihomo outbound takes (BasicOption) and a few per-type keys
 # that only tune transport details Mirage does not have.
@@ -36,21 +46,19 @@ _IGNORED_PROXY_COMMON = (
 PROXY_KEYS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     # type: (implemented keys besides name/type, ignored keys)
     "socks5": (
-        ("server", "port", "username", "password", "tls", "skip-cert-verify", "udp", "preconnect"),
+        ("server", "port", "username", "password", "tls", "skip-cert-verify", "udp", "preconnect",
+         "dialer-proxy"),
         _IGNORED_PROXY_COMMON,
     ),
     "http": (
-        ("server", "port", "username", "password", "tls", "skip-cert-verify", "sni", "preconnect"),
+        ("server", "port", "username", "password", "tls", "skip-cert-verify", "sni", "preconnect",
+         "dialer-proxy"),
         # udp: converters emit it on every proxy; an http proxy has no UDP.
         (*_IGNORED_PROXY_COMMON, "headers", "udp"),
     ),
     "ss": (
         ("server", "port", "password", "cipher", "udp"),
         (*_IGNORED_PROXY_COMMON, "udp-over-tcp", "udp-over-tcp-version"),
-    ),
-    "trojan": (
-        ("server", "port", "password", "sni", "skip-cert-verify", "udp"),
-        (*_IGNORED_PROXY_COMMON, "alpn"),
     ),
     "direct": ((), _IGNORED_PROXY_COMMON),
     "reject": ((), _IGNORED_PROXY_COMMON),
@@ -62,7 +70,7 @@ PRECONNECT_MAX = 64
 # mihomo outbound types Mirage cannot speak: such a proxy is skipped (and
 # reported); a rule that targets it is an error, a group drops it.
 UNSUPPORTED_PROXY_TYPES = (
-    "vmess", "vless", "ssr", "snell", "socks4", "hysteria", "hysteria2",
+    "ssr", "snell", "socks4", "hysteria", "hysteria2",
     "tuic", "wireguard", "ssh", "mieru", "anytls", "dns", "semi", "sudoku",
 )  # fmt: skip
 # AEAD ciphers (SIP004) only: the stream ciphers are broken and mihomo
@@ -77,6 +85,7 @@ def parse_proxies(
     proxies: list[ProxyConfig] = []
     skipped: dict[str, str] = {}
     names: set[str] = set()
+    client_fingerprints = 0
     if value is None:
         return proxies, skipped
     for i, item in enumerate(as_list(value, path)):
@@ -90,7 +99,13 @@ def parse_proxies(
         ptype = sec.require("type", as_nonempty_str).lower()
         spec = PROTOCOLS.get(ptype)
         if spec is not None:
-            proxies.append(parse_protocol_proxy(sec, name, ptype, spec))
+            if sec.data.get("client-fingerprint") is not None:
+                client_fingerprints += 1
+            try:
+                proxies.append(parse_protocol_proxy(sec, name, ptype, spec))
+            except UnusableProxy as e:
+                ctx.ignore(sec.path, f"{ptype} proxy {name!r}: {e.reason}")
+                skipped[name] = f"a {ptype} proxy with {e.reason}"
             continue
         if ptype in UNSUPPORTED_PROXY_TYPES:
             ctx.ignore(sec.path, f"{ptype} proxy {name!r}")
@@ -108,6 +123,10 @@ def parse_proxies(
             skipped[name] = f"a {ptype} proxy with {reason}, which Mirage does not implement"
             continue
         proxies.append(_parse_proxy(sec, name, ptype))
+    if client_fingerprints:
+        log.info("client-fingerprint (uTLS) on %d prox%s has no effect: TLS is Python's "
+                 "(OpenSSL's ClientHello)", client_fingerprints,
+                 "y" if client_fingerprints == 1 else "ies")
     return proxies, skipped
 
 
@@ -121,13 +140,6 @@ def _unusable_proxy(sec: Section, ptype: str) -> str | None:
         cipher = data.get("cipher")
         if isinstance(cipher, str) and cipher.lower() not in SS_CIPHERS:
             return f"cipher {cipher!r}"
-    if ptype == "trojan":
-        network = data.get("network")
-        if network is not None and network != "tcp":
-            return f"network {network!r}"
-        for key in ("reality-opts", "grpc-opts", "ws-opts", "ss-opts"):
-            if data.get(key) is not None:
-                return key
     return None
 
 
@@ -140,11 +152,11 @@ def _parse_proxy(sec: Section, name: str, ptype: str) -> ProxyConfig:
     port = sec.require("port", as_port)
     username = sec.get("username", as_str, None) if "username" in implemented else None
     password: str | None
-    if ptype in ("ss", "trojan"):
+    if ptype == "ss":
         password = sec.require("password", as_nonempty_str)
     else:
         password = sec.get("password", as_str, None)
-    tls = sec.get("tls", as_bool, False) if "tls" in implemented else ptype == "trojan"
+    tls = sec.get("tls", as_bool, False) if "tls" in implemented else False
     skip_verify = sec.get("skip-cert-verify", as_bool, False) if ptype != "ss" else False
     sni = (
         sec.get("sni", lambda v, p: as_domain(v, p, wildcards=False), None)
@@ -169,6 +181,11 @@ def _parse_proxy(sec: Section, name: str, ptype: str) -> ProxyConfig:
                 preconnect,
                 "kept connections are plain TCP: set 0 with tls: true",
             )
+    dialer_proxy = (sec.get("dialer-proxy", as_nonempty_str, None)
+                    if "dialer-proxy" in implemented else None)
+    if dialer_proxy is not None:
+        # Kept connections go straight to the server: not through a chain.
+        preconnect = 0
     sec.finish(("name", "type", *implemented), ignored)
     return ProxyConfig(
         name=name,
@@ -183,4 +200,5 @@ def _parse_proxy(sec: Section, name: str, ptype: str) -> ProxyConfig:
         udp=udp,
         cipher=cipher,
         preconnect=preconnect,
+        dialer_proxy=dialer_proxy,
     )

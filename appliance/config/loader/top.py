@@ -18,6 +18,7 @@ from appliance.config.loader.dns import parse_dns, parse_hosts
 from appliance.config.loader.errors import ConfigError, index_path
 from appliance.config.loader.groups import parse_groups
 from appliance.config.loader.proxies import BUILTIN_TARGETS, parse_proxies
+from appliance.config.loader.proxy_providers import parse_proxy_providers
 from appliance.config.loader.rules import parse_rules
 from appliance.config.loader.scalars import (
     as_bool,
@@ -34,7 +35,7 @@ TOP_LEVEL_KEYS = (
     "mixed-port", "socks-port", "port", "authentication", "allow-lan", "bind-address",
     "tproxy-port", "routing-mark", "ipv6", "log-level",
     *CONTROLLER_KEYS, "profile", "dns", "hosts", "proxies",
-    "proxy-groups", "rules", "appliance",
+    "proxy-groups", "proxy-providers", "rules", "appliance",
 )  # fmt: skip
 IGNORED_TOP_LEVEL = (
     "redir-port", "ss-config", "vmess-config",
@@ -46,13 +47,13 @@ IGNORED_TOP_LEVEL = (
     "geodata-mode", "geodata-loader", "geosite-matcher", "tcp-concurrent",
     "find-process-mode", "global-client-fingerprint", "global-ua",
     "etag-support", "keep-alive-idle", "keep-alive-interval",
-    "disable-keep-alive", "proxy-providers", "rule-providers", "sub-rules",
+    "disable-keep-alive", "rule-providers", "sub-rules",
     "listeners", "ntp", "tun", "tuic-server", "iptables", "experimental",
     "geox-url", "sniffer", "tls", "clash-for-android", "auto-redir",
     "mitm-port", "mitm", "script", "log-file",
 )  # fmt: skip
-PROFILE_KEYS = ("store-fake-ip",)
-IGNORED_PROFILE = ("store-selected",)
+PROFILE_KEYS = ("store-fake-ip", "store-selected")
+IGNORED_PROFILE = ()
 
 
 def parse_root(data: Any, ctx: LoadContext) -> Config:
@@ -76,13 +77,17 @@ def parse_root(data: Any, ctx: LoadContext) -> Config:
 
     profile = root.section("profile")
     store_fake_ip = profile.get("store-fake-ip", as_bool, False)
+    store_selected = profile.get("store-selected", as_bool, True)
     profile.finish(PROFILE_KEYS, IGNORED_PROFILE)
 
     top_hosts = parse_hosts(root.raw("hosts"), root.at("hosts"), ctx)
     dns = parse_dns(root.section("dns"), top_hosts)
 
     proxies, skipped = parse_proxies(root.raw("proxies"), root.at("proxies"), ctx)
-    groups = parse_groups(root.raw("proxy-groups"), root.at("proxy-groups"), ctx, proxies, skipped)
+    providers = parse_proxy_providers(root.raw("proxy-providers"), root.at("proxy-providers"),
+                                      ctx)
+    groups = parse_groups(root.raw("proxy-groups"), root.at("proxy-groups"), ctx, proxies,
+                          skipped, [p.name for p in providers])
     targets = {p.name for p in proxies} | {g.name for g in groups} | set(BUILTIN_TARGETS)
     rules = parse_rules(root.raw("rules"), root.at("rules"), ctx, targets, skipped)
     appliance = parse_appliance(root.section("appliance"))
@@ -103,9 +108,11 @@ def parse_root(data: Any, ctx: LoadContext) -> Config:
         secret=secret,
         controller=controller,
         store_fake_ip=store_fake_ip,
+        store_selected=store_selected,
         dns=dns,
         proxies=tuple(proxies),
         proxy_groups=tuple(groups),
+        proxy_providers=tuple(providers),
         rules=tuple(rules),
         appliance=appliance,
         ignored_keys=tuple(ctx.ignored),

@@ -1,0 +1,192 @@
+"""VMess outbound: TCP and UDP flows through a VMess server (AEAD header,
+alterId 0), over plain TCP or the shared TLS and transport layers.
+
+A flow is one connection to the server: dial (`env.server_dial`: marked
+TCP, or the `dialer-proxy`), then TLS and the transport when configured,
+then the VMess request for the flow's target (a name stays a name), sent
+at once so that server-first protocols work. The returned `VmessStream`
+seals what the gateway sends into chunks and opens what comes back; the
+server's response header arrives with its first bytes.
+
+UDP (`udp: true`): one connection per flow with command 2 (one datagram
+per chunk), relayed by a `StreamUdpPeer`. `packet-encoding` xudp and
+packetaddr are read and fall back to this plain UDP (see docs/config.md).
+
+Failures: dial, TLS and transport errors and the connect timeout are
+OutboundErrors from `connect_tcp`. The server answers a wrong uuid by
+closing the connection, which the flow sees at its first read:
+`VmessStream` raises BrokenResourceError("NAME: authentication failed
+(wrong uuid?)"), which the gateway records as the flow's end.
+"""
+
+from __future__ import annotations
+
+import trio
+
+from appliance.config.model import IPAddress, ProxyConfig
+from appliance.config.protocols.common import TlsOptions, TransportOptions
+from appliance.config.protocols.vmess import VmessOptions
+from appliance.outbound.base import (
+    Dialer,
+    OutboundEnv,
+    OutboundError,
+    ServerDial,
+    UdpPeer,
+    no_udp,
+    outbound_deadline,
+)
+from appliance.outbound.stream_udp import StreamUdpPeer
+from appliance.proto.vmess import COMMAND_TCP, COMMAND_UDP, VmessClient, VmessError, user_id
+
+# Bytes read from the server at a time: several 15000-byte chunks.
+_RECV = 1 << 17
+
+
+def auth_failed(name: str) -> trio.BrokenResourceError:
+    """What a server that closes (or resets) before its response header
+    means: it did not take our uuid (VMess, VLESS)."""
+    return trio.BrokenResourceError(
+        f"{name}: server closed before answering: authentication failed (wrong uuid?)")
+
+
+class ServerLayers:
+    """How a VMess/VLESS proxy reaches its server: dial, then TLS and the
+    transport from the proxy's config. Raises OutboundError."""
+
+    def __init__(self, p: ProxyConfig, env: OutboundEnv) -> None:
+        self.name = p.name
+        self.server = p.server
+        self.port = p.port
+        self.tls: TlsOptions | None = p.tls_options
+        self.transport: TransportOptions | None = p.transport
+        self.dialer = Dialer(env.resolve, env.routing_mark, ipv6=env.ipv6)
+        self.dial: ServerDial = env.server_dial(self.dialer)
+        self.connect_timeout = env.connect_timeout
+
+    async def open(self) -> trio.abc.Stream:
+        if self.tls is not None or (self.transport is not None
+                                    and self.transport.network != "tcp"):
+            raise OutboundError(f"{self.name}: TLS and transports are not available yet")
+        return await self.dial(self.server, self.port)
+
+
+class VmessStream(trio.abc.HalfCloseableStream):
+    """The flow's stream through the server: plaintext in and out, chunks
+    on `transport_stream` (which it owns). Not spliceable (copy loop)."""
+
+    def __init__(self, transport_stream: trio.abc.Stream, client: VmessClient, name: str) -> None:
+        self.transport_stream = transport_stream
+        self._client = client
+        self._name = name
+        self._ready: list[bytes] = []
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        try:
+            await self.transport_stream.send_all(self._client.seal(data))
+        except trio.BrokenResourceError:
+            if not self._client.established:
+                raise auth_failed(self._name) from None
+            raise
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.transport_stream.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        while not self._ready:
+            if self._client.eof:
+                await trio.lowlevel.checkpoint()
+                return b""
+            try:
+                data = await self.transport_stream.receive_some(_RECV)
+            except trio.BrokenResourceError:
+                if not self._client.established:
+                    raise auth_failed(self._name) from None
+                raise
+            if not data:
+                if not self._client.established:
+                    raise auth_failed(self._name)
+                return b""
+            try:
+                self._ready = self._client.receive_data(data)
+            except VmessError as e:
+                raise trio.BrokenResourceError(f"{self._name}: {e}") from None
+        data = self._ready[0] if len(self._ready) == 1 else b"".join(self._ready)
+        if max_bytes is not None and len(data) > max_bytes:
+            self._ready = [data[max_bytes:]]
+            return data[:max_bytes]
+        self._ready = []
+        return data
+
+    async def send_eof(self) -> None:
+        t = self.transport_stream
+        if isinstance(t, trio.abc.HalfCloseableStream):
+            await t.send_eof()
+        else:
+            await trio.lowlevel.checkpoint()
+
+    async def aclose(self) -> None:
+        await self.transport_stream.aclose()
+
+
+class _VmessPackets:
+    """VMess UDP (command 2): one datagram per chunk."""
+
+    def __init__(self, client: VmessClient) -> None:
+        self._client = client
+
+    def encode(self, payload: bytes) -> bytes:
+        return self._client.seal_packet(payload) if payload else b""
+
+    def decode(self, data: bytes) -> list[bytes]:
+        return self._client.receive_data(data)
+
+
+class VmessOutbound:
+    """A `type: vmess` proxy (module doc). Holds no connection between flows."""
+
+    type = "Vmess"
+
+    def __init__(self, p: ProxyConfig, env: OutboundEnv) -> None:
+        assert isinstance(p.options, VmessOptions)
+        self.name = p.name
+        self.options = p.options
+        self.user = user_id(p.options.uuid)
+        self.layers = ServerLayers(p, env)
+        self.carries_udp = p.udp
+
+    @classmethod
+    def from_config(cls, p: ProxyConfig, env: OutboundEnv) -> VmessOutbound:
+        return cls(p, env)
+
+    def _client(self, host: str | IPAddress, port: int, command: int) -> VmessClient:
+        o = self.options
+        try:
+            return VmessClient(self.user, str(host), port, security=o.cipher, command=command,
+                               global_padding=o.global_padding,
+                               authenticated_length=o.authenticated_length)
+        except VmessError as e:
+            raise OutboundError(f"{self.name}: {e}") from None
+
+    async def _open(self, host: str | IPAddress, port: int, command: int
+                    ) -> tuple[trio.abc.Stream, VmessClient]:
+        client = self._client(host, port, command)
+        stream = await self.layers.open()
+        try:
+            await stream.send_all(client.request)
+        except BaseException:
+            await trio.aclose_forcefully(stream)
+            raise
+        return stream, client
+
+    async def connect_tcp(self, host: str | IPAddress, port: int) -> trio.abc.Stream:
+        with outbound_deadline(self.layers.connect_timeout, f"{self.name} {host}:{port}"):
+            stream, client = await self._open(host, port, COMMAND_TCP)
+        return VmessStream(stream, client, self.name)
+
+    async def open_udp(self, host: str | IPAddress, port: int) -> UdpPeer | None:
+        if not self.carries_udp:
+            return await no_udp(self.name)
+        with outbound_deadline(self.layers.connect_timeout, f"{self.name} udp {host}:{port}"):
+            stream, client = await self._open(host, port, COMMAND_UDP)
+        return StreamUdpPeer(stream, _VmessPackets(client), self.name,
+                             f"{self.layers.server}:{self.layers.port}")

@@ -1,0 +1,227 @@
+"""Trojan end to end: a real client in the lab's client namespace, `mirage
+run` in the gateway, sing-box's trojan inbounds (tcp, ws, ws with early
+data, grpc, HTTP upgrade, one with an untrusted certificate) and a UDP
+echo server in the upstream node.
+
+One sing-box and one Mirage for the module. Each proxy variant gets its
+own client source ports (`curl --local-port`, SRC-PORT rules), so one
+config routes every case. Mirage trusts the lab CA through SSL_CERT_FILE
+(as a system store); no proxy skips verification except the one test of
+skip-cert-verify. The proof that a name reached the server is sing-box's
+log line `inbound connection to www.alpha.test:80`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import ssl
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from appliance.lab.certs import make_ca_and_cert
+from appliance.lab.lab import Lab
+from appliance.lab.mirage import MirageRun, lab_config
+from appliance.lab.reference import SingBox
+
+pytestmark = pytest.mark.netns
+
+ECHO = Path(__file__).resolve().parents[2] / "bench" / "udp_echo.py"
+SERVER_IP = "192.168.57.10"
+SERVER_NAME = "www.alpha.test"  # in the lab certificate; resolved through DoH
+PASSWORD = "lab-trojan-pw"
+ECHO_PORT = 9997
+PORTS = {"tcp": 18443, "ws": 18444, "grpc": 18445, "rogue": 18446, "upgrade": 18447}
+
+
+def _cert_sha256(pem: Path) -> str:
+    return hashlib.sha256(ssl.PEM_cert_to_DER_cert(pem.read_text())).hexdigest()
+
+
+def _inbound(tag: str, port: int, cert: Path, key: Path, **extra: Any) -> dict[str, Any]:
+    tls: dict[str, Any] = {"enabled": True, "certificate_path": str(cert),
+                           "key_path": str(key)}
+    if "transport" in extra and extra["transport"]["type"] == "grpc":
+        tls["alpn"] = ["h2"]
+    return {"type": "trojan", "tag": tag, "listen": SERVER_IP, "listen_port": port,
+            "users": [{"name": "lab", "password": PASSWORD}], "tls": tls, **extra}
+
+
+# proxy name -> (its options besides name/type/server/password, first client port)
+def _proxies(rogue_sha: str, lab_sha: str) -> dict[str, tuple[dict[str, Any], int]]:
+    ws = {"network": "ws", "ws-opts": {"path": "/tj"}}
+    return {
+        "tj-tcp": ({"port": PORTS["tcp"], "udp": True}, 31000),
+        "tj-ws": ({"port": PORTS["ws"], **ws}, 31010),
+        "tj-ws-ed": ({"port": PORTS["ws"], "network": "ws", "ws-opts": {
+            "path": "/tj", "max-early-data": 2048,
+            "early-data-header-name": "Sec-WebSocket-Protocol"}}, 31020),
+        "tj-upgrade": ({"port": PORTS["upgrade"], "network": "ws",
+                        "ws-opts": {"path": "/up", "v2ray-http-upgrade": True}}, 31040),
+        "tj-rogue": ({"port": PORTS["rogue"]}, 31050),
+        "tj-rogue-skip": ({"port": PORTS["rogue"], "skip-cert-verify": True}, 31060),
+        "tj-rogue-pinned": ({"port": PORTS["rogue"], "fingerprint": rogue_sha}, 31070),
+        "tj-pin-wrong": ({"port": PORTS["tcp"], "fingerprint": rogue_sha}, 31080),
+        "tj-pin-right": ({"port": PORTS["tcp"], "fingerprint": lab_sha}, 31090),
+        "tj-wrong-password": ({"port": PORTS["tcp"], "password": "not-it"}, 31100),
+    }
+
+
+class TrojanLab:
+    def __init__(self, lab: Lab, singbox: SingBox, mirage: MirageRun,
+                 ports: dict[str, int]) -> None:
+        self.lab = lab
+        self.singbox = singbox
+        self.mirage = mirage
+        self.ports = ports
+
+    def curl(self, proxy: str, path: str = "/") -> subprocess.CompletedProcess[str]:
+        first = self.ports[proxy]
+        return self.lab.exec("client", [
+            "curl", "-sS", "--max-time", "8", "--local-port", f"{first}-{first + 9}",
+            f"http://{SERVER_NAME}{path}"], timeout=15)
+
+    def wait_log(self, text: str, seconds: float = 5) -> str:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            log = self.mirage.log_text()
+            if text in log:
+                return log
+            time.sleep(0.1)
+        raise AssertionError(f"{text!r} not in mirage's log:\n{self.mirage.log_text()[-3000:]}")
+
+
+@pytest.fixture(scope="module")
+def trojan(lab: Lab, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TrojanLab]:
+    tls_dir = lab.state_dir / "tls"
+    cert, key = tls_dir / "server.pem", tls_dir / "server.key"
+    rogue = make_ca_and_cert(tmp_path_factory.mktemp("rogue"), [SERVER_IP], [SERVER_NAME])
+    inbounds = [
+        _inbound("tj-tcp", PORTS["tcp"], cert, key),
+        _inbound("tj-ws", PORTS["ws"], cert, key, transport={
+            "type": "ws", "path": "/tj", "max_early_data": 2048,
+            "early_data_header_name": "Sec-WebSocket-Protocol"}),
+        _inbound("tj-grpc", PORTS["grpc"], cert, key,
+                 transport={"type": "grpc", "service_name": "TunSvc"}),
+        _inbound("tj-rogue", PORTS["rogue"], rogue.cert, rogue.key),
+        _inbound("tj-upgrade", PORTS["upgrade"], cert, key,
+                 transport={"type": "httpupgrade", "path": "/up"}),
+    ]
+    proxies = _proxies(_cert_sha256(rogue.cert), _cert_sha256(cert))
+    cfg = lab_config(lab, appliance={"state-dir": str(lab.state_dir / "trojan-mirage-state")})
+    cfg["proxies"] = [*cfg["proxies"], *(
+        {"name": name, "type": "trojan", "server": SERVER_NAME, "password": PASSWORD, **opts}
+        for name, (opts, _) in proxies.items())]
+    cfg["rules"] = [f"SRC-PORT,{first}-{first + 9},{name}"
+                    for name, (_, first) in proxies.items()] + cfg["rules"]
+    echo = lab.popen("upstream", [sys.executable, str(ECHO), "--tag", "--max-seconds", "300",
+                                  f"{SERVER_IP}:{ECHO_PORT}"],
+                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        assert echo.stdout is not None
+        assert echo.stdout.readline().strip() == b"ready"
+        with SingBox(lab, inbounds, name="sing-box-trojan") as singbox:
+            run = MirageRun(lab, cfg, name="trojan-mirage",
+                            env={"SSL_CERT_FILE": str(lab.ca_path)})
+            run.start()
+            try:
+                yield TrojanLab(lab, singbox, run,
+                                {name: first for name, (_, first) in proxies.items()})
+            finally:
+                run.stop()
+    finally:
+        echo.terminate()
+        echo.wait(timeout=5)
+        if echo.stdout is not None:
+            echo.stdout.close()
+        for f in (lab.state_dir / "trojan-mirage-state").glob("fakeip*"):
+            f.unlink()
+
+
+@pytest.mark.parametrize("proxy", ["tj-tcp", "tj-ws", "tj-ws-ed", "tj-upgrade",
+                                   "tj-pin-right", "tj-rogue-pinned"])
+def test_http_through_trojan_reaches_the_server_by_name(trojan: TrojanLab, proxy: str) -> None:
+    before = trojan.singbox.log_text().count(f"inbound connection to {SERVER_NAME}:80")
+    out = trojan.curl(proxy)
+    assert out.returncode == 0, out.stderr + trojan.mirage.log_text()[-2000:]
+    assert "MARKER-ALPHA" in out.stdout
+    assert trojan.singbox.log_text().count(f"inbound connection to {SERVER_NAME}:80") > before
+
+
+def test_big_download_over_tcp_and_ws(trojan: TrojanLab) -> None:
+    size = trojan.lab.topology.web.big_bytes
+    for proxy in ("tj-ws", "tj-tcp"):
+        out = trojan.lab.exec("client", [
+            "curl", "-sS", "--max-time", "20", "-o", "/dev/null", "-w", "%{size_download}",
+            "--local-port", f"{trojan.ports[proxy]}-{trojan.ports[proxy] + 9}",
+            f"http://{SERVER_NAME}{trojan.lab.topology.web.big_path}"], timeout=30)
+        assert out.returncode == 0, out.stderr
+        assert int(out.stdout) == size, proxy
+
+
+def test_untrusted_certificate_fails_with_the_reason(trojan: TrojanLab) -> None:
+    out = trojan.curl("tj-rogue")
+    assert out.returncode != 0
+    log = trojan.wait_log("tj-rogue")
+    assert "certificate verify failed" in log
+
+
+def test_skip_cert_verify_accepts_the_untrusted_certificate(trojan: TrojanLab) -> None:
+    out = trojan.curl("tj-rogue-skip")
+    assert out.returncode == 0, out.stderr
+    assert "MARKER-ALPHA" in out.stdout
+
+
+def test_wrong_fingerprint_fails_with_the_reason(trojan: TrojanLab) -> None:
+    out = trojan.curl("tj-pin-wrong")
+    assert out.returncode != 0
+    trojan.wait_log("tj-pin-wrong")
+    assert "fingerprint mismatch" in trojan.wait_log("fingerprint mismatch")
+
+
+def test_wrong_password_fails_fast_with_the_reason(trojan: TrojanLab) -> None:
+    started = time.monotonic()
+    out = trojan.curl("tj-wrong-password")
+    assert out.returncode != 0
+    assert time.monotonic() - started < 4
+    trojan.wait_log("tj-wrong-password www.alpha.test:80: the server closed the tunnel "
+                    "without answering (wrong password")
+
+
+UDP_EXCHANGE = """
+import json, socket, sys
+name, port, local = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+ip = socket.getaddrinfo(name, port, socket.AF_INET, socket.SOCK_DGRAM)[0][4][0]
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(3)
+s.bind(("0.0.0.0", local)); s.connect((ip, port))
+replies = []
+for i in range(3):
+    s.send(b"trojan-udp %d" % i)
+    try:
+        replies.append(s.recv(4096).decode())
+    except TimeoutError:
+        replies.append(None)
+print(json.dumps({"ip": ip, "replies": replies}))
+"""
+
+
+def test_udp_echo_over_trojan(trojan: TrojanLab) -> None:
+    out = trojan.lab.exec("client", [sys.executable, "-c", UDP_EXCHANGE, SERVER_NAME,
+                                     str(ECHO_PORT), str(trojan.ports["tj-tcp"] + 5)],
+                          timeout=20)
+    assert out.returncode == 0, out.stderr
+    got = json.loads(out.stdout)
+    assert got["ip"].startswith("198.18.")
+    for i, reply in enumerate(got["replies"]):
+        assert reply is not None, trojan.mirage.log_text()[-2000:]
+        assert reply.startswith(f"trojan-udp {i} from=")
+    # The echo saw sing-box (in the upstream node), which got the name.
+    assert f"to={SERVER_IP}:{ECHO_PORT}" in got["replies"][0]
+    assert f"inbound packet connection to {SERVER_NAME}:{ECHO_PORT}" in \
+        trojan.singbox.log_text()
