@@ -560,3 +560,44 @@ def test_preconnect_series_come_one_family_at_a_time() -> None:
     assert text.count("# TYPE mirage_preconnect_hits_total counter") == 1
     assert 'mirage_preconnect_misses_total{proxy="b"} 0.0' in text
     app.dispatcher.router.close()
+
+
+async def test_cli_commands_read_and_switch(api: Served, capsys: pytest.CaptureFixture[str],
+                                            tmp_path: Path) -> None:
+    from appliance.cli import build_parser
+
+    def main(argv: list[str]) -> int:  # cli.main without its SIGPIPE setup (main thread only)
+        args = build_parser().parse_args(argv)
+        result: int = args.func(args)
+        return result
+
+    view = api.view
+    flow = view.flows.open("tcp", ("192.168.1.20", 40000), ("198.18.0.1", 443),
+                           "www.alpha.test")
+    flow.add_down(2048)
+    cfg = tmp_path / "none.yaml"  # the flags say where; the file is never read
+    flags = ["-c", str(cfg), "--controller", f"127.0.0.1:{api.port}", "--secret", ""]
+
+    async def run(*argv: str) -> tuple[int, str]:
+        code = await trio.to_thread.run_sync(main, [*argv, *flags])
+        return code, capsys.readouterr().out
+
+    code, out = await run("select", "Proxy", "squid")
+    assert code == 0 and out.splitlines() == [
+        "Proxy (Selector): squid", "    dante", "  * squid", "    DIRECT"]
+    assert view.dispatcher.router.outbounds["Proxy"].now == "squid"
+    code, out = await run("connections")
+    header, row, total = out.splitlines()
+    assert header.split() == ["ID", "NET", "SOURCE", "DESTINATION", "CHAIN", "RULE", "UP",
+                              "DOWN", "AGE"]
+    assert row.split()[:4] == [str(flow.id), "tcp", "192.168.1.20:40000", "www.alpha.test:443"]
+    assert "2.0 KiB" in row and "down 2.0 KiB" in total
+    code, out = await run("connections", "--json")
+    assert json.loads(out)["connections"][0]["metadata"]["host"] == "www.alpha.test"
+    code, out = await run("connections", "--close", str(flow.id))
+    assert code == 0 and flow.cancel_scope.cancel_called
+    code, out = await run("status")
+    assert out.startswith("mirage ")
+    assert ["dns", "queries", "7"] in [line.split() for line in out.splitlines()]
+    code, out = await run("resolve", "www.alpha.test", "--type", "MX")
+    assert "fake IP yes (mapping 198.18.0.1)" in out and "mx.alpha.test" in out
