@@ -109,7 +109,10 @@ def main(args: dict[str, Any]) -> dict[str, Any]:
                 subprocess.run(["curl", "-4", "-s", "-m", "5", "-o", "/dev/null",
                                 "--data-binary", "@-", f"http://{args['host']}/"],
                                input=b"x" * (1 << 20), timeout=10)
-            page.wait_for_timeout(2500)  # the next ticks reach the chart
+            deadline = time.monotonic() + 8  # the next ticks reach the chart
+            while sum(out["traffic"][ticks:]) < 3 << 20 and time.monotonic() < deadline:
+                page.wait_for_timeout(250)
+            page.wait_for_timeout(500)  # drawn
             out["traffic_while_shown"] = out["traffic"][ticks:]
             shot(page, "overview")
 
