@@ -280,6 +280,10 @@ def test_every_dashboard_route_answers_like_mihomo(pair: Pair) -> None:
             if c.method == "GET" and c.path in ("/rules", "/proxies/Proxy", "/group/Proxy"):
                 assert _values(a.json()) == _values(b.json()), what
     assert not gaps, "\n".join(gaps)
+    # The delay tests above went into each proxy's and member's history.
+    for side in pair.sides.values():
+        with side.client() as client:
+            assert client.get("/proxies/DIRECT").json()["history"], side.name
 
 
 def socks_connect(port: int, dst_port: int) -> socket.socket:
@@ -397,7 +401,7 @@ def test_clashctl_lists_switches_and_reads_connections(pair: Pair) -> None:
 
                 async def log_something() -> None:
                     await trio.sleep(0.3)
-                    await clash.select("Proxy", "DIRECT")  # both log a switch at info
+                    await clash.select("Proxy", "DIRECT")  # Mirage logs a switch at info
 
                 async with trio.open_nursery() as nursery, \
                         aclosing(stream_logs(clash)) as logs:
