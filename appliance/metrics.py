@@ -17,7 +17,6 @@ that goes down: live flows, pool size); counters that were already named
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -103,14 +102,3 @@ def render(collector: ServiceCollector) -> bytes:
     scrape.register(collector)
     return generate_latest(REGISTRY) + generate_latest(scrape)
 
-
-class Timer:
-    """`with Timer() as t: ...; t.seconds` on the monotonic clock."""
-
-    def __enter__(self) -> Timer:
-        self.start = time.perf_counter()
-        self.seconds = 0.0
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.seconds = time.perf_counter() - self.start

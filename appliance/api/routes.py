@@ -34,7 +34,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from appliance import __version__, metrics
 from appliance.api import clash, views
-from appliance.api.logbus import LEVELS, LogBus
+from appliance.api.logbus import LEVELS, LogBus, level_name
 from appliance.api.security import Guard
 from appliance.api.ui import ui_directory
 from appliance.api.views import Controlled as Sources
@@ -361,7 +361,7 @@ class Api:
             with self.bus.subscribe() as lines:
                 async for levelno, text in lines:
                     if levelno >= level:
-                        yield {"type": _mihomo_level(levelno), "payload": text}
+                        yield {"type": level_name(levelno), "payload": text}
         return gen()
 
     def stream_route(self, make: Callable[[Request | WebSocket],
@@ -423,11 +423,6 @@ class Api:
     async def metrics(self, request: Request) -> Response:
         return Response(metrics.render(views.collector(self.src)),
                         media_type=metrics.CONTENT_TYPE)
-
-
-def _mihomo_level(levelno: int) -> str:
-    from appliance.api.logbus import level_name
-    return level_name(levelno)
 
 
 async def _json_body(request: Request) -> Any:
@@ -523,10 +518,10 @@ def build_app(sources: Sources, bus: LogBus | None = None) -> Starlette:
     for path, make in (("/traffic", traffic), ("/memory", memory), ("/logs", logs)):
         http, ws = api.stream_route(make)
         routes += [Route(path, http), WebSocketRoute(path, ws)]
-    conns_http, conns_ws = api.stream_route(conns)
+    # A plain GET /connections is one snapshot, as in mihomo (clients parse
+    # one document); the websocket streams snapshots.
     routes += [Route("/connections", api.get_connections, methods=["GET"]),
-               WebSocketRoute("/connections", conns_ws)]
-    del conns_http  # plain GET /connections is one snapshot, as in mihomo
+               WebSocketRoute("/connections", api.stream_route(conns)[1])]
     ui = ui_directory(sources.cfg)
     if ui is not None:
         routes += [Route("/ui", lambda r: RedirectResponse("/ui/", 307)),
