@@ -40,12 +40,14 @@ import trio
 
 from appliance import __version__, privileges, systemd
 from appliance.api import server as api_server
+from appliance.api.logbus import LogBus
+from appliance.api.providers import Providers
 from appliance.capture import backend as capture_backend
 from appliance.capture.nftables import NftablesCapture
 from appliance.capture.offload import DirectOffload
 from appliance.capture.spec import dns_bind
 from appliance.config import ConfigError, load_config
-from appliance.config.model import Config, DnsConfig
+from appliance.config.model import Config, DnsConfig, Listen
 from appliance.dns import server as dns_server
 from appliance.dns.handler import DnsHandler, wants_fake_ip
 from appliance.dns.upstream import Resolver
@@ -119,6 +121,10 @@ class Appliance:
         self._providers_scope: trio.CancelScope | None = None
         self._nursery: trio.Nursery | None = None
         self.stopping = False  # SIGINT/SIGTERM received
+        # The control API's: the providers it lists and the log records its
+        # /logs streams.
+        self.api_providers = Providers(self._outbounds)
+        self.log_bus = LogBus()
 
     # -- what the control API reads besides the services -------------------------
 
@@ -127,6 +133,16 @@ class Appliance:
 
     def preconnects(self) -> dict[str, Preconnect]:
         return self.dispatcher.router.preconnects() if self.dispatcher is not None else {}
+
+    def _outbounds(self) -> dict[str, object]:
+        return dict(self.dispatcher.router.outbounds) if self.dispatcher is not None else {}
+
+    async def apply_config(self, new: Config) -> None:
+        """The API's PATCH /configs: log-level, allow-lan and bind-address
+        from now on (the same paths a reload takes for those keys)."""
+        old, self.cfg = self.cfg, new
+        _set_log_level(new.log_level)
+        await self._reload_proxy_ports(old, new)
 
     # -- composition ---------------------------------------------------------
 
@@ -251,7 +267,7 @@ class Appliance:
                     await nursery.start(self._serve_proxy_ports, pool, dispatcher)
                 if cfg.external_controller is not None:
                     ctl = cfg.external_controller
-                    await nursery.start(api_server.serve, self, ctl.host, ctl.port)
+                    await nursery.start(self._serve_api, ctl)
                     log.info("control API on http://%s", ctl)
                 if cfg.appliance.lan:
                     self.capture = await nursery.start(self._serve_capture)
@@ -315,6 +331,17 @@ class Appliance:
         if self.offload is not None:
             await self.offload.clear()
         log.info("rules recompiled (%d rules)", len(router.rules.rules))
+
+    async def _serve_api(
+        self, ctl: Listen, *,
+        task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """The control API (appliance/api/), its /logs fed from the root logger."""
+        with self.log_bus.installed(logging.getLogger()):
+            try:
+                await api_server.serve(self, ctl.host, ctl.port, task_status=task_status)
+            except OSError as err:
+                raise AppError(f"external-controller {ctl}: cannot listen: {err}") from None
 
     async def _alive(self) -> bool:
         """The watchdog's check: the DNS service answers (appliance/systemd.py);
@@ -422,7 +449,7 @@ class Appliance:
                     scope.cancel()
                     return
 
-    async def reload(self) -> None:
+    async def reload(self) -> bool:
         """Re-read the config file; apply what can change without dropping
         established flows: rules, proxies, fake-IP filter, log level, and on
         the proxy ports `authentication`, `allow-lan` and `bind-address`
@@ -432,12 +459,12 @@ class Appliance:
         path = self.cfg.source
         if path is None:
             log.warning("SIGHUP: configuration has no file to reload from")
-            return
+            return False
         try:
             new = load_config(path)
         except ConfigError as err:
             log.error("SIGHUP: %s: %s; keeping the running configuration", path, err)
-            return
+            return False
         old = self.cfg
         if self.dispatcher is not None and self.resolver is not None:
             kept_providers = self.providers
@@ -448,7 +475,7 @@ class Appliance:
             except AppError as err:
                 log.error("SIGHUP: %s; keeping the running configuration", err)
                 self.providers = kept_providers
-                return
+                return False
             self.dispatcher.replace(router)
             if self.providers is not kept_providers and self.providers is not None:
                 self._start_providers(self.providers)
@@ -460,8 +487,7 @@ class Appliance:
             await self.offload.clear()
         self._fake_ip_wanted = wanted = fake_ip_filter(new.dns)
         dropped = self.pool.drop(lambda d: not wanted(d)) if self.pool is not None else 0
-        logging.getLogger().setLevel(new.log_level.upper() if new.log_level != "silent"
-                                     else logging.CRITICAL + 1)
+        _set_log_level(new.log_level)
         live = await self._reload_proxy_ports(old, new)
         self.cfg = new
         self.reloads += 1
@@ -470,6 +496,7 @@ class Appliance:
         for key in restart_keys(old, new, proxy_ports_live=self.proxy_ports is not None):
             log.warning("SIGHUP: %s changed: restart needed, still running with the old "
                         "setting", key)
+        return True
 
     async def _reload_proxy_ports(self, old: Config, new: Config) -> list[str]:
         """authentication, allow-lan and bind-address on the running proxy
@@ -531,6 +558,10 @@ def restart_keys(old: Config, new: Config, *, proxy_ports_live: bool) -> list[st
     keys += [f"appliance.{f.name.replace('_', '-')}" for f in fields(old.appliance)
              if getattr(old.appliance, f.name) != getattr(new.appliance, f.name)]
     return keys
+
+
+def _set_log_level(level: str) -> None:
+    logging.getLogger().setLevel(level.upper() if level != "silent" else logging.CRITICAL + 1)
 
 
 def build_fair_shares(cfg: Config) -> FairShares:

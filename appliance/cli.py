@@ -15,11 +15,12 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # the model is imported only when a command loads a config
+    from appliance.api.client import ApiClient
     from appliance.config.model import Config
 
 EXIT_OK = 0
@@ -119,26 +120,111 @@ def cmd_lab(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _api_get(args: argparse.Namespace, path: str) -> object:
+def _api(args: argparse.Namespace) -> ApiClient:
     from appliance.api.client import ApiClient, ApiError
 
     try:
-        client = ApiClient.from_config_file(args.config, args.controller, args.secret)
-        return client.get(path)
+        return ApiClient.from_config_file(args.config, args.controller, args.secret)
     except ApiError as err:
         print(f"mirage: {err}", file=sys.stderr)
         raise SystemExit(EXIT_FAILURE) from None
 
 
+def _call(args: argparse.Namespace, method: str, path: str, body: object = None) -> Any:
+    from appliance.api.client import ApiError
+
+    try:
+        return _api(args).request(method, path, body)
+    except ApiError as err:
+        print(f"mirage: {err}", file=sys.stderr)
+        raise SystemExit(EXIT_FAILURE) from None
+
+
+def _watching(args: argparse.Namespace, show: Callable[[], None]) -> int:
+    """Run `show` once, or every `--watch` seconds (screen cleared) until
+    Ctrl-C."""
+    import time
+
+    interval = getattr(args, "watch", None)
+    if not interval:
+        show()
+        return EXIT_OK
+    try:
+        while True:
+            if sys.stdout.isatty():
+                print("\033[H\033[2J", end="")
+            show()
+            sys.stdout.flush()
+            time.sleep(interval)
+    except KeyboardInterrupt:
+        return EXIT_OK
+
+
+def _table(rows: list[list[str]], header: list[str]) -> str:
+    """Columns padded to their widest cell; the last one is left ragged."""
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    lines = []
+    for row in [header, *rows]:
+        cells = [c.ljust(w) for c, w in zip(row[:-1], widths[:-1], strict=True)]
+        lines.append("  ".join([*cells, row[-1]]).rstrip())
+    return "\n".join(lines)
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"  # not reached
+
+
+def _age(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    if seconds < 120:
+        return f"{seconds}s"
+    if seconds < 7200:
+        return f"{seconds // 60}m"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
 def cmd_status(args: argparse.Namespace) -> int:
-    data = _api_get(args, "/mirage/status")
-    print(json.dumps(data, indent=2, sort_keys=True))
-    return EXIT_OK
+    def show() -> None:
+        data = _call(args, "GET", "/mirage/status")
+        if args.json:
+            print(json.dumps(data, indent=2, sort_keys=True))
+            return
+        print(format_status(data))
+    return _watching(args, show)
+
+
+def format_status(data: dict[str, Any]) -> str:
+    ports = ", ".join(f"{k} {data[k]}" for k in ("tproxy_port", "mixed_port", "socks_port",
+                                                  "http_port") if data.get(k))
+    lines = [
+        f"mirage {data['version']}  pid {data['pid']}  up {_age(data['uptime_seconds'])}"
+        f"  reloads {data['reloads']}",
+        f"config    {data.get('config') or '-'}",
+        f"capture   {data['redirect']} on {', '.join(data['lan']) or '(no LAN: none)'}",
+        f"dns       {data['dns_listen']}",
+        f"ports     {ports or '-'}",
+        "",
+    ]
+    rows = [[component, key, str(value)]
+            for component, values in sorted(data["counters"].items())
+            for key, value in sorted(values.items())]
+    lines.append(_table(rows, ["COMPONENT", "COUNTER", "VALUE"]))
+    if data.get("clients"):
+        lines += ["", _table([[c["address"], str(c["packets"]), _size(c["bytes"])]
+                              for c in data["clients"]], ["CLIENT", "PACKETS", "BYTES"])]
+    refused = [[limit, str(r["client"]), str(r["refused"])]
+               for limit, rows in sorted(data.get("refused_clients", {}).items()) for r in rows]
+    if refused:
+        lines += ["", _table(refused, ["LIMIT", "CLIENT", "REFUSED"])]
+    return "\n".join(lines)
 
 
 def cmd_mappings(args: argparse.Namespace) -> int:
-    data = _api_get(args, "/mirage/mappings")
-    assert isinstance(data, dict)
+    data = _call(args, "GET", "/mirage/mappings")
     rows = data.get("mappings", [])
     if args.json:
         print(json.dumps(rows, indent=2))
@@ -150,11 +236,82 @@ def cmd_mappings(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_connections(args: argparse.Namespace) -> int:
+    from urllib.parse import quote
+
+    if args.close is not None:
+        path = "/connections" if args.close == "all" else f"/connections/{quote(args.close)}"
+        _call(args, "DELETE", path)
+        print(f"closed {'every connection' if args.close == 'all' else args.close}")
+        return EXIT_OK
+
+    def show() -> None:
+        data = _call(args, "GET", "/connections")
+        if args.json:
+            print(json.dumps(data, indent=2))
+            return
+        print(format_connections(data))
+    return _watching(args, show)
+
+
+def format_connections(data: dict[str, Any]) -> str:
+    from datetime import datetime
+
+    now = datetime.now().astimezone()
+    rows = []
+    for c in sorted(data.get("connections") or [], key=lambda c: c["start"]):
+        m = c["metadata"]
+        host = m.get("host") or m.get("destinationIP", "")
+        dst = f"[{host}]" if ":" in host else host
+        started = datetime.fromisoformat(c["start"].replace("Z", "+00:00"))
+        rule = f"{c['rule']}({c['rulePayload']})" if c.get("rulePayload") else c.get("rule", "")
+        rows.append([c["id"], m["network"], f"{m['sourceIP']}:{m['sourcePort']}",
+                     f"{dst}:{m['destinationPort']}", " <- ".join(c.get("chains") or []),
+                     rule, _size(c["upload"]), _size(c["download"]),
+                     _age((now - started).total_seconds())])
+    table = _table(rows, ["ID", "NET", "SOURCE", "DESTINATION", "CHAIN", "RULE", "UP", "DOWN",
+                          "AGE"])
+    return (f"{table}\n# {len(rows)} connections; since start up "
+            f"{_size(data.get('uploadTotal', 0))}, down {_size(data.get('downloadTotal', 0))}")
+
+
 def cmd_resolve(args: argparse.Namespace) -> int:
     from urllib.parse import quote
 
-    data = _api_get(args, f"/mirage/resolve?name={quote(args.name)}&type={quote(args.type)}")
-    print(json.dumps(data, indent=2, sort_keys=True))
+    data = _call(args, "GET", f"/mirage/resolve?name={quote(args.name)}&type={quote(args.type)}")
+    if args.json:
+        print(json.dumps(data, indent=2, sort_keys=True))
+        return EXIT_OK
+    mapping = ", ".join(data["mapping"].values()) or "-"
+    print(f"{data['name']} {data['type']}: fake IP {'yes' if data['fake_ip'] else 'no'} "
+          f"(mapping {mapping})")
+    upstream = data["upstream"]
+    if "error" in upstream:
+        print(f"upstream: {upstream['error']}")
+        return EXIT_OK
+    rows = [[a["name"], a["type"], str(a["ttl"]), a["data"]] for a in upstream["answers"]]
+    print(f"upstream: {upstream['rcode']}")
+    if rows:
+        print(_table(rows, ["NAME", "TYPE", "TTL", "DATA"]))
+    return EXIT_OK
+
+
+def cmd_select(args: argparse.Namespace) -> int:
+    from urllib.parse import quote
+
+    path = f"/proxies/{quote(args.group, safe='')}"
+    if args.proxy is not None:
+        _call(args, "PUT", path, {"name": args.proxy})
+    group = _call(args, "GET", path)
+    if "all" not in group:
+        print(f"mirage: {args.group} is a proxy, not a group", file=sys.stderr)
+        return EXIT_FAILURE
+    if args.json:
+        print(json.dumps(group, indent=2))
+        return EXIT_OK
+    print(f"{group['name']} ({group['type']}): {group['now']}")
+    for member in group["all"]:
+        print(f"  {'*' if member == group['now'] else ' '} {member}")
     return EXIT_OK
 
 
@@ -206,18 +363,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_lab)
 
     for name, func, helptext in [
-        ("status", cmd_status, "show the running appliance's status"),
+        ("status", cmd_status, "show the running appliance's status and counters"),
         ("mappings", cmd_mappings, "list fake-IP mappings"),
+        ("connections", cmd_connections, "list live connections (or close them)"),
         ("resolve", cmd_resolve, "show the real upstream answer next to the mapping"),
+        ("select", cmd_select, "show a group's members, or switch a select group to PROXY"),
     ]:
         p = with_config(sub.add_parser(name, help=helptext))
         p.add_argument("--controller", help="host:port of the control API (default: from config)")
         p.add_argument("--secret", help="bearer secret (default: from config)")
+        p.add_argument("--json", action="store_true", help="the API's JSON instead of a table")
         if name == "resolve":
             p.add_argument("name")
             p.add_argument("--type", default="A")
-        if name == "mappings":
-            p.add_argument("--json", action="store_true")
+        if name == "select":
+            p.add_argument("group")
+            p.add_argument("proxy", nargs="?")
+        if name in ("status", "connections"):
+            p.add_argument("--watch", type=float, nargs="?", const=1.0, metavar="SECONDS",
+                           help="refresh every SECONDS (default 1) until Ctrl-C")
+        if name == "connections":
+            p.add_argument("--close", metavar="ID|all", help="close one connection, or all")
         p.set_defaults(func=func)
     return parser
 

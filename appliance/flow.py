@@ -34,8 +34,9 @@ class Flow:
     `src_port`), the destination (`dst`, `dst_port`) and `domain` (see the
     module doc). Set by the dispatcher when it routes the flow: `outbound`
     (the name of the outbound the rules chose), `rule` (the rule that chose
-    it; None: no rule matched, the default DIRECT) and, for UDP, `skipped`
-    (matching rules passed over because their outbound cannot carry UDP).
+    it; None: no rule matched, the default DIRECT), `chains` (the group
+    members it went through) and, for UDP, `skipped` (matching rules passed
+    over because their outbound cannot carry UDP).
     Owns nothing.
     """
 
@@ -49,6 +50,10 @@ class Flow:
     outbound: str = ""
     rule: Rule | None = None
     skipped: int = 0
+    # The outbounds the flow went through, the last one first, as mihomo's
+    # `chains` (["ss-1", "Proxy"] for the group Proxy's member ss-1): set
+    # by the dispatcher, shown by the control API.
+    chains: tuple[str, ...] = ()
 
     @property
     def host(self) -> str | IPAddress:

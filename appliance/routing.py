@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
@@ -49,6 +50,7 @@ import trio
 from appliance.config.model import Config, IPAddress, Rule
 from appliance.dns.upstream_api import UpstreamError
 from appliance.flow import Flow
+from appliance.metrics import CONNECT_SECONDS
 from appliance.outbound.base import Outbound, Resolve, UdpPeer, outbound_deadline
 from appliance.outbound.build import BuildError, build_outbounds
 from appliance.outbound.direct import DirectOutbound
@@ -112,6 +114,23 @@ class NameAddresses:
         while len(self._cache) > self._size:
             self._cache.popitem(last=False)
         return address
+
+
+def chain(outbound: Outbound) -> tuple[str, ...]:
+    """The outbounds a flow sent to `outbound` goes through now, the last
+    one first (mihomo's `chains`): a group's member in use (`current()`),
+    then that one's, up to a proxy. Bounded: a
+    group cannot contain itself (the loader refuses cycles), and the walk
+    stops after 32 hops regardless."""
+    names = [outbound.name]
+    here: Any = outbound
+    for _ in range(32):
+        current = getattr(here, "current", None)
+        if not callable(current):
+            break
+        here = current()
+        names.append(here.name)
+    return tuple(reversed(names))
 
 
 class Router:
@@ -316,13 +335,16 @@ class Dispatcher:
         router = self.router
         outbound, index, _ = await router.route(flow_context(flow))
         flow.outbound = outbound.name
+        flow.chains = chain(outbound)
         if index is not None:
             flow.rule = router.rules.rules[index]
         token = FLOW_SOURCE.set(flow.src)
+        started = time.perf_counter()
         try:
             stream = await outbound.connect_tcp(flow.host, flow.dst_port)
         finally:
             FLOW_SOURCE.reset(token)
+            CONNECT_SECONDS.labels(outbound.name).observe(time.perf_counter() - started)
         if self.offload is not None and flow.inbound == "tproxy" and flow.domain is not None \
                 and router.rules.decided_by_domain(index):
             self._offer_offload(outbound, flow)
@@ -347,6 +369,7 @@ class Dispatcher:
         router = self.router
         outbound, index, flow.skipped = await router.route_udp(flow_context(flow))
         flow.outbound = outbound.name
+        flow.chains = chain(outbound)
         if index is not None:
             flow.rule = router.rules.rules[index]
         host = flow.host

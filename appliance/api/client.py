@@ -1,14 +1,18 @@
-"""The client side of the control API, for `mirage status | mappings | resolve`.
+"""The client side of the control API, for the `mirage` commands (status,
+mappings, connections, resolve, select).
 
-Synchronous (stdlib http.client): a CLI call makes one request and exits.
+Synchronous httpx: a command makes a request or two and exits (`--watch`
+repeats). Errors are `ApiError` with a message for a person: the address
+it could not reach, or the status and the API's `message`.
 """
 
 from __future__ import annotations
 
-import http.client
-import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+import httpx
 
 
 class ApiError(Exception):
@@ -49,23 +53,32 @@ class ApiClient:
             host = "127.0.0.1"
         return cls(host, port, cfg_secret if secret is None else secret)
 
-    def get(self, path: str) -> object:
-        conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
+    @property
+    def base_url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+    def request(self, method: str, path: str, body: object = None) -> Any:
+        """One request; the decoded JSON answer (None for 204)."""
         headers = {"Authorization": f"Bearer {self.secret}"} if self.secret else {}
         try:
-            conn.request("GET", path, headers=headers)
-            resp = conn.getresponse()
-            body = resp.read()
-        except OSError as err:
-            raise ApiError(f"control API at {self.host}:{self.port}: {err}") from None
-        finally:
-            conn.close()
+            with httpx.Client(base_url=self.base_url, timeout=self.timeout,
+                              trust_env=False) as client:
+                resp = client.request(method, path, headers=headers,
+                                      json=body if body is not None else None)
+        except httpx.HTTPError as err:
+            raise ApiError(f"control API at {self.base_url}: {err}") from None
+        if resp.status_code == 204:
+            return None
         try:
-            data = json.loads(body) if body else None
+            data = resp.json()
         except ValueError:
-            raise ApiError(f"control API answered {resp.status} with non-JSON body") from None
-        if resp.status != 200:
-            message = (data.get("message") if isinstance(data, dict)
-                       else body[:200].decode("latin-1"))
-            raise ApiError(f"control API answered {resp.status}: {message}")
+            raise ApiError(f"control API answered {resp.status_code} with non-JSON "
+                           "body") from None
+        if resp.status_code >= 300:
+            message = data.get("message") if isinstance(data, dict) else resp.text[:200]
+            raise ApiError(f"control API answered {resp.status_code}: {message}")
         return data
+
+    def get(self, path: str) -> Any:
+        return self.request("GET", path)

@@ -1,166 +1,82 @@
-"""The control API: Clash-compatible REST, Mirage's own endpoints, /metrics.
+"""The control API's listener: hypercorn's trio worker serving the Starlette
+app of appliance/api/routes.py, HTTP/1.1 and websockets.
 
-Clash dashboards and TUIs speak to `external-controller` with the bearer
-`secret`; the subset served here is what they need to show state read-only:
-`/`, `/version`, `/configs`, `/proxies`, `/rules`, `/connections`. Mirage's
-own endpoints live under `/mirage/` (status, mappings, resolve) and feed the
-`mirage status | mappings | resolve` commands. `/metrics` is Prometheus text.
+Owns the listening sockets and the connections accepted on them. hypercorn
+speaks HTTP (h11, wsproto, HEAD, chunked streams); what is added here is
+the accept loop, so that one client cannot lock the others out:
 
-The API reads the running services through the `Sources` it is started
-with (appliance/api/views.py, which makes every document about them); it
-never changes them.
+- per client address at most `PER_CLIENT` connections at once; one more is
+  closed at accept, before hypercorn reads a byte (a dashboard holds about
+  ten: four websockets and a browser's six HTTP connections);
+- a connection that has not sent a request within `IDLE_TIMEOUT` seconds is
+  closed (hypercorn's keep-alive timer runs from accept), and a read that
+  stalls for `READ_TIMEOUT` seconds ends the connection.
+
+There is no global cap: with one, idle sockets from a few addresses would
+lock everyone out again; the descriptor limit (appliance/app.py raises it)
+is the bound. hypercorn's access log is off: a request line can carry a
+websocket's `?token=`.
+
+How it fails: an address that cannot be bound raises OSError out of
+`serve` before `task_status.started`.
 """
 
 from __future__ import annotations
 
-import hmac
-import time
-from collections.abc import Awaitable, Callable
+import logging
+from collections import Counter
 from typing import Any
 
 import trio
-from dnslib import QTYPE
+from hypercorn.app_wrappers import ASGIWrapper
+from hypercorn.config import Config as HypercornConfig
+from hypercorn.trio.tcp_server import TCPServer
+from hypercorn.trio.worker_context import WorkerContext
+from hypercorn.typing import ConnectionState
 
-from appliance import __version__
-from appliance.api import views
-from appliance.api.http import Request, Response, serve_http
-from appliance.api.views import Sources
+from appliance.api.routes import build_app
+from appliance.api.views import Controlled as Sources
 
+log = logging.getLogger("mirage.api")
 
-class ControlApi:
-    """Routes requests to handlers; owns nothing, reads `sources`."""
-
-    def __init__(self, sources: Sources) -> None:
-        self.sources = sources
-
-    def authorized(self, request: Request) -> bool:
-        secret = self.sources.cfg.secret
-        if not secret:
-            return True
-        given = request.headers.get("authorization", "")
-        token = given[7:] if given.lower().startswith("bearer ") else request.query.get("token", "")
-        return hmac.compare_digest(token.encode(), secret.encode())
-
-    async def handle(self, request: Request) -> Response:
-        if request.method == "OPTIONS":  # CORS preflight from a dashboard
-            return Response(204)
-        if not self.authorized(request):
-            return Response.error(401, "Unauthorized")
-        if request.method != "GET":
-            return Response.error(405, "read-only API: only GET is served")
-        route = _ROUTES.get(request.path.rstrip("/") or "/")
-        if route is None:
-            return Response.error(404, f"no such endpoint: {request.path}")
-        return await route(self, request)
-
-    async def root(self, request: Request) -> Response:
-        return Response.json({"hello": "mirage"})
-
-    async def version(self, request: Request) -> Response:
-        return Response.json({"version": f"mirage-{__version__}", "meta": False, "premium": False})
-
-    async def configs(self, request: Request) -> Response:
-        cfg = self.sources.cfg
-        return Response.json({
-            "port": 0, "socks-port": 0, "redir-port": 0,
-            "mixed-port": cfg.mixed_port or 0,
-            "tproxy-port": cfg.tproxy_port or 0,
-            "allow-lan": True, "mode": "rule",
-            "log-level": cfg.log_level, "ipv6": cfg.ipv6,
-        })
-
-    async def proxies(self, request: Request) -> Response:
-        cfg = self.sources.cfg
-        out: dict[str, Any] = {
-            "DIRECT": {"name": "DIRECT", "type": "Direct", "udp": True, "history": []},
-            "REJECT": {"name": "REJECT", "type": "Reject", "udp": True, "history": []},
-        }
-        for p in cfg.proxies:
-            out[p.name] = {"name": p.name, "type": _CLASH_TYPE.get(p.type, p.type), "udp": p.udp,
-                           "history": []}
-        for g in cfg.proxy_groups:
-            out[g.name] = {"name": g.name, "type": g.type.title(), "all": list(g.proxies),
-                           "now": g.proxies[0] if g.proxies else "", "history": []}
-        return Response.json({"proxies": out})
-
-    async def rules(self, request: Request) -> Response:
-        return Response.json({"rules": [
-            {"type": r.type, "payload": r.value, "proxy": r.target} for r in self.sources.cfg.rules
-        ]})
-
-    async def connections(self, request: Request) -> Response:
-        conns = views.connections(self.sources)
-        return Response.json({
-            "downloadTotal": sum(c.get("download", 0) for c in conns),
-            "uploadTotal": sum(c.get("upload", 0) for c in conns),
-            "connections": conns,
-        })
-
-    async def status(self, request: Request) -> Response:
-        return Response.json(views.status(self.sources))
-
-    async def mappings_endpoint(self, request: Request) -> Response:
-        return Response.json({"mappings": views.mappings(self.sources)})
-
-    async def resolve(self, request: Request) -> Response:
-        name = request.query.get("name", "").strip()
-        qtype = request.query.get("type", "A").upper()
-        if not name or len(name) > 253:
-            return Response.error(400, "query parameter `name` is required (a domain name)")
-        if qtype not in QTYPE.reverse:
-            return Response.error(400, f"unknown query type: {qtype}")
-        return Response.json(await views.resolve(self.sources, name, qtype))
-
-    async def metrics(self, request: Request) -> Response:
-        return Response(200, render_metrics(self.sources).encode(),
-                        "text/plain; version=0.0.4; charset=utf-8")
+PER_CLIENT = 32
+IDLE_TIMEOUT = 5.0
+READ_TIMEOUT = 10.0
+# A graceful stop waits this long for streams (websockets) to end.
+GRACEFUL_TIMEOUT = 1.0
 
 
-_CLASH_TYPE = {"socks5": "Socks5", "http": "Http", "ss": "Shadowsocks", "trojan": "Trojan"}
-
-_ROUTES: dict[str, Callable[[ControlApi, Request], Awaitable[Response]]] = {
-    "/": ControlApi.root,
-    "/version": ControlApi.version,
-    "/configs": ControlApi.configs,
-    "/proxies": ControlApi.proxies,
-    "/rules": ControlApi.rules,
-    "/connections": ControlApi.connections,
-    "/mirage/status": ControlApi.status,
-    "/mirage/mappings": ControlApi.mappings_endpoint,
-    "/mirage/resolve": ControlApi.resolve,
-    "/metrics": ControlApi.metrics,
-}
+def hypercorn_config() -> HypercornConfig:
+    config = HypercornConfig()
+    config.accesslog = None
+    config.errorlog = log
+    config.keep_alive_timeout = IDLE_TIMEOUT
+    config.read_timeout = int(READ_TIMEOUT)
+    config.graceful_timeout = GRACEFUL_TIMEOUT
+    config.h11_max_incomplete_size = 16 * 1024
+    config.websocket_ping_interval = 20.0
+    return config
 
 
-def render_metrics(sources: Sources) -> str:
-    """Prometheus text exposition: one gauge/counter per component counter,
-    then the labelled series (per-client counters of the eBPF capture).
+class ClientLimit:
+    """Connections held per client address (trio thread only)."""
 
-    Names are `mirage_<component>_<counter>`; counters whose name ends in
-    `_total` are typed counter, the rest gauge.
-    """
-    lines = []
-    uptime = time.monotonic() - sources.started_at
-    lines += ["# TYPE mirage_uptime_seconds gauge", f"mirage_uptime_seconds {uptime:.3f}"]
-    for component, values in sorted(views.counters(sources).items()):
-        for key, value in sorted(values.items()):
-            metric = f"mirage_{component}_{key}".replace("-", "_").replace(".", "_")
-            kind = "counter" if key.endswith("_total") else "gauge"
-            lines.append(f"# TYPE {metric} {kind}")
-            lines.append(f"{metric} {value}")
-    typed: set[str] = set()
-    for metric, labels, value in views.series(sources):
-        if metric not in typed:
-            typed.add(metric)
-            kind = "counter" if metric.endswith("_total") else "gauge"
-            lines.append(f"# TYPE {metric} {kind}")
-        text = ",".join(f'{k}="{_escape_label(v)}"' for k, v in sorted(labels.items()))
-        lines.append(f"{metric}{{{text}}} {value}")
-    return "\n".join(lines) + "\n"
+    def __init__(self, per_client: int) -> None:
+        self.per_client = per_client
+        self.held: Counter[str] = Counter()
+        self.refused = 0
 
+    def take(self, address: str) -> bool:
+        if self.held[address] >= self.per_client:
+            self.refused += 1
+            return False
+        self.held[address] += 1
+        return True
 
-def _escape_label(value: str) -> str:
-    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+    def give_back(self, address: str) -> None:
+        self.held[address] -= 1
+        if self.held[address] <= 0:
+            del self.held[address]
 
 
 async def serve(sources: Sources, host: str, port: int, *,
@@ -168,4 +84,39 @@ async def serve(sources: Sources, host: str, port: int, *,
                 ) -> None:
     """Serve the control API over `sources` on host:port until cancelled;
     started with the bound listeners."""
-    await serve_http(host, port, ControlApi(sources).handle, task_status=task_status)
+    # "::" is every address of both families, as Go's listener takes it
+    # in mihomo; "0.0.0.0" stays IPv4 only.
+    listeners = await trio.open_tcp_listeners(port, host=None if host in ("", "::") else host)
+    app = ASGIWrapper(build_app(sources))  # type: ignore[arg-type]  # ASGI's two spellings
+    config = hypercorn_config()
+    context = WorkerContext(None)
+    limit = ClientLimit(PER_CLIENT)
+
+    async def connection(stream: trio.SocketStream) -> None:
+        try:
+            peer: Any = stream.socket.getpeername()
+        except OSError:
+            await trio.aclose_forcefully(stream)
+            return
+        address = str(peer[0])
+        if not limit.take(address):
+            log.debug("control API: %s holds %d connections; closing one more",
+                      address, PER_CLIENT)
+            await trio.aclose_forcefully(stream)
+            return
+        try:
+            await TCPServer(app, config, context, ConnectionState({}),
+                            stream).run()  # type: ignore[arg-type]  # plain TCP is served too
+        finally:
+            limit.give_back(address)
+
+    async with trio.open_nursery() as nursery:
+        task_status.started(listeners)
+        try:
+            await trio.serve_listeners(connection, listeners, handler_nursery=nursery)
+        finally:
+            # Websocket streams never end by themselves: tell hypercorn's
+            # connections to finish and give them a moment.
+            await context.terminated.set()
+            nursery.cancel_scope.deadline = trio.current_time() + GRACEFUL_TIMEOUT
+

@@ -21,6 +21,7 @@ from dnslib import QTYPE, RCODE, DNSRecord
 from appliance import __version__
 from appliance.config.model import Config, IPAddress
 from appliance.dns.upstream_api import Upstream, UpstreamError
+from appliance.metrics import ServiceCollector
 from appliance.outbound.preconnect import STATS as PRECONNECT_STATS
 
 Counters = Mapping[str, int | float]
@@ -36,6 +37,12 @@ class Listed(Counted, Protocol):
     """A service with live flows: the TCP flow registry, the UDP gateway."""
 
     def snapshot(self) -> list[dict[str, Any]]: ...
+
+
+class Closable(Listed, Protocol):
+    """The TCP flow registry: its flows can be ended (DELETE /connections)."""
+
+    def close_flow(self, flow_id: int) -> bool: ...
 
 
 class Mappings(Counted, Protocol):
@@ -84,7 +91,7 @@ class Sources(Protocol):
     def dns_handler(self) -> Counted | None: ...
 
     @property
-    def flows(self) -> Listed | None: ...
+    def flows(self) -> Closable | None: ...
 
     @property
     def udp(self) -> Listed | None: ...
@@ -104,6 +111,32 @@ class Sources(Protocol):
 
     def wants_fake_ip(self, name: str) -> bool:
         """Would `name` get a fake IP under the live fake-IP filter?"""
+        ...
+
+
+class Controlled(Sources, Protocol):
+    """What the control API changes besides reading: the live router's
+    outbounds (select groups), the selections it remembers, the providers,
+    the configuration (reload, PATCH), and the log records it streams."""
+
+    @property
+    def dispatcher(self) -> Any: ...
+
+    @property
+    def selections(self) -> Any: ...
+
+    @property
+    def api_providers(self) -> Any: ...
+
+    @property
+    def log_bus(self) -> Any: ...
+
+    async def reload(self) -> bool:
+        """Re-read the configured file; False if it did not load."""
+        ...
+
+    async def apply_config(self, new: Config) -> None:
+        """Run with `new` (the keys PATCH /configs changes) from now on."""
         ...
 
 
@@ -172,6 +205,12 @@ def series(src: Sources) -> Iterator[tuple[str, Mapping[str, str], int | float]]
     for key in PRECONNECT_STATS:
         for name, values in stats.items():
             yield f"mirage_preconnect_{key}", {"proxy": name}, values[key]
+
+
+def collector(src: Sources) -> ServiceCollector:
+    """The Prometheus collector over `src` (appliance/metrics.py)."""
+    return ServiceCollector(lambda: time.monotonic() - src.started_at,
+                            lambda: counters(src), lambda: series(src))
 
 
 def capture_clients(src: Sources) -> list[dict[str, Any]]:

@@ -657,6 +657,36 @@ class ApplianceConfig:
     # which Mirage answers (capture/spec.py, nft/mirage.nft).
     block_encrypted_dns: bool = False
     encrypted_dns_resolvers: tuple[IPNetwork, ...] = ()
+    # Host header names the control API answers besides IP literals and
+    # localhost (its DNS rebinding guard): the gateway's own DNS names.
+    controller_hosts: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class CorsConfig:
+    """`external-controller-cors`, as mihomo reads it: the origins a
+    dashboard page may call the API from ("*": any), and whether a page on
+    the public Internet may reach this private address (Chrome's Private
+    Network Access preflight). Applied only when a secret is set."""
+
+    allow_origins: tuple[str, ...] = ("*",)
+    allow_private_network: bool = True
+
+
+@dataclass(frozen=True)
+class ControllerConfig:
+    """The control API's settings besides its address and secret.
+
+    `ui`: `external-ui`, the directory served at /ui (relative paths are
+    relative to the config file); `ui_name`: `external-ui-name`, a
+    subdirectory of it; `ui_url`: `external-ui-url`, where a dashboard
+    archive comes from: offline, only a local zip path or a file:// URL
+    (unpacked into `ui` at start when `ui` has no index.html)."""
+
+    ui: Path | None = None
+    ui_name: str = ""
+    ui_url: str = ""
+    cors: CorsConfig = field(default_factory=CorsConfig)
 
 
 @dataclass(frozen=True)
@@ -679,6 +709,7 @@ class Config:
     log_level: Literal["debug", "info", "warning", "error", "silent"] = "info"
     external_controller: Listen | None = None
     secret: str = ""
+    controller: ControllerConfig = field(default_factory=ControllerConfig)
     store_fake_ip: bool = False  # profile.store-fake-ip
     # profile.store-selected: group choices kept in the state dir across
     # restarts (appliance/outbound/selections.py); on by default as in mihomo.

@@ -184,6 +184,13 @@ def effective_config(cfg: Config, *, redact: bool = False) -> dict[str, Any]:
             str(cfg.external_controller) if cfg.external_controller is not None else None
         ),
         "secret": REDACTED if redact and cfg.secret else cfg.secret,
+        **({"external-ui": str(cfg.controller.ui)} if cfg.controller.ui is not None else {}),
+        **({"external-ui-name": cfg.controller.ui_name} if cfg.controller.ui_name else {}),
+        **({"external-ui-url": cfg.controller.ui_url} if cfg.controller.ui_url else {}),
+        "external-controller-cors": {
+            "allow-origins": list(cfg.controller.cors.allow_origins),
+            "allow-private-network": cfg.controller.cors.allow_private_network,
+        },
         "profile": {"store-fake-ip": cfg.store_fake_ip, "store-selected": cfg.store_selected},
         "hosts": hosts,
         "dns": {
@@ -241,6 +248,7 @@ def effective_config(cfg: Config, *, redact: bool = False) -> dict[str, Any]:
             },
             "block-encrypted-dns": app.block_encrypted_dns,
             "encrypted-dns-resolvers": [str(n) for n in app.encrypted_dns_resolvers],
+            "controller-hosts": list(app.controller_hosts),
         },
     }
 

@@ -48,6 +48,7 @@ from __future__ import annotations
 import errno
 import logging
 import socket
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
@@ -59,6 +60,7 @@ from appliance.dns import wire
 from appliance.dns.handler import DnsHandler, UpstreamQuery
 from appliance.dns.upstream_api import Upstream, UpstreamError
 from appliance.limits import ConcurrencyLimit, client_key
+from appliance.metrics import DNS_UPSTREAM_SECONDS
 from appliance.sockopt import (
     IP_ORIGDSTADDR,
     IP_PKTINFO,
@@ -220,6 +222,7 @@ async def _resolve(uq: UpstreamQuery, upstream: Upstream, deadline: float) -> by
     """The client's reply to `uq`: the upstream's answer, or SERVFAIL when it
     fails or does not answer within `deadline` seconds."""
     reply = None
+    started = time.perf_counter()
     with trio.move_on_after(deadline):
         try:
             reply = await upstream.query(uq.request)
@@ -229,6 +232,7 @@ async def _resolve(uq: UpstreamQuery, upstream: Upstream, deadline: float) -> by
             # A bug in the resolver must cost one query, not the service (nor
             # a traceback per query: the problem log keeps one per interval).
             uq.problems.crash("upstream raised", uq.data)
+    DNS_UPSTREAM_SECONDS.observe(time.perf_counter() - started)
     return uq.finish(reply)
 
 

@@ -50,11 +50,14 @@ import struct
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import trio
 
 from appliance.sockopt import set_keepalive
+
+if TYPE_CHECKING:
+    from appliance.flow import Flow
 
 # Copy-path read size: below glibc's mmap threshold (128 KiB), so a read
 # buffer is not an mmap/munmap pair. A flow starts on the copy path and
@@ -427,6 +430,26 @@ class FlowRecord:
     up: int = 0
     down: int = 0
     registry: FlowRegistry | None = field(default=None, repr=False)
+    # What routing decided (`routed`), for the control API's connections.
+    inbound: str = ""
+    protocol: str = ""  # what a proxy port's client spoke: Socks5, HTTP, HTTPS (CONNECT)
+    rule: str = ""
+    rule_payload: str = ""
+    chains: tuple[str, ...] = ()
+    # The flow's task runs inside this scope: `close_flow` (the API's
+    # DELETE /connections) cancels it, which ends the relay and closes both
+    # sockets the way any cancellation does.
+    cancel_scope: trio.CancelScope = field(default_factory=trio.CancelScope, repr=False)
+
+    def routed(self, flow: Flow) -> None:
+        """Copy the routing decision of `flow` (outbound, rule, chains)."""
+        self.inbound = flow.inbound
+        self.outbound = flow.outbound
+        self.chains = flow.chains
+        if flow.rule is not None:
+            self.rule, self.rule_payload = flow.rule.type, flow.rule.value
+        elif flow.outbound:
+            self.rule = "MATCH"  # no rule matched: the default, as mihomo shows it
 
     def add_up(self, n: int) -> None:
         self.up += n
@@ -453,6 +476,11 @@ class FlowRecord:
             "started": self.started,
             "up": self.up,
             "down": self.down,
+            "inbound": self.inbound,
+            "protocol": self.protocol,
+            "rule": self.rule,
+            "rule_payload": self.rule_payload,
+            "chains": list(self.chains),
         }
 
 
@@ -515,6 +543,16 @@ class FlowRegistry:
 
     def get(self, flow_id: int) -> FlowRecord | None:
         return self._flows.get(flow_id)
+
+    def close_flow(self, flow_id: int) -> bool:
+        """End a live flow (the control API's DELETE /connections/{id}):
+        its task's scope is cancelled, which closes both of its sockets.
+        False if no such flow is live."""
+        flow = self._flows.get(flow_id)
+        if flow is None:
+            return False
+        flow.cancel_scope.cancel()
+        return True
 
     def __len__(self) -> int:
         return len(self._flows)

@@ -267,53 +267,56 @@ class TransparentTcp:
         record = self.registry.open("tcp", src, dst, flow.domain)
         where = f"{src[0]}:{src[1]} -> {flow.host}:{dst[1]}"
         result: SpliceResult | None = None
-        try:
+        # The registry's close_flow (the API's DELETE /connections) cancels
+        # this scope: the relay ends and both sockets close.
+        with record.cancel_scope:
             try:
-                with trio.fail_after(a.connect_timeout):
-                    server = await self.dial(flow)
-            except trio.TooSlowError:
-                why = f"no connection within {a.connect_timeout:g}s"
-            except Exception as exc:  # dial is pluggable: any failure ends this flow only
-                why = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-                log.debug("tcp %s: dial failed", where, exc_info=True)
-            else:
-                why = ""
-            if why:
-                self.registry.dial_failures += 1
-                log.warning(
-                    "tcp %s: dial%s failed: %s; resetting the client",
-                    where,
-                    f" via {flow.outbound}" if flow.outbound else "",
-                    why,
-                )
-                await abort(client)
-                return
-            record.outbound = flow.outbound
-            log.debug("tcp %s: via %s", where, flow.outbound or "?")
-            try:
-                result = await splice(client, server, idle_timeout=a.idle_timeout,
-                                      half_close_timeout=a.half_close_timeout, meter=record)
-            finally:
-                if result is not None and result.reason == "error":
-                    # Mirror the reset: both ends learn the flow broke.
-                    await abort(client)
-                    await abort(server)
+                try:
+                    with trio.fail_after(a.connect_timeout):
+                        server = await self.dial(flow)
+                except trio.TooSlowError:
+                    why = f"no connection within {a.connect_timeout:g}s"
+                except Exception as exc:  # dial is pluggable: any failure ends this flow only
+                    why = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+                    log.debug("tcp %s: dial failed", where, exc_info=True)
                 else:
-                    await close(client)
-                    await close(server)
-            log.debug(
-                "tcp %s: %s%s (up %d, down %d bytes)",
-                where,
-                result.reason,
-                f": {result.detail}" if result.detail else "",
-                result.up,
-                result.down,
-            )
-        finally:
-            self.registry.close(record, result)
-            if result is None:
-                # Dial failed or cancelled: the client may still be open.
-                await client.aclose()
+                    why = ""
+                if why:
+                    self.registry.dial_failures += 1
+                    log.warning(
+                        "tcp %s: dial%s failed: %s; resetting the client",
+                        where,
+                        f" via {flow.outbound}" if flow.outbound else "",
+                        why,
+                    )
+                    await abort(client)
+                    return
+                record.routed(flow)
+                log.debug("tcp %s: via %s", where, flow.outbound or "?")
+                try:
+                    result = await splice(client, server, idle_timeout=a.idle_timeout,
+                                          half_close_timeout=a.half_close_timeout, meter=record)
+                finally:
+                    if result is not None and result.reason == "error":
+                        # Mirror the reset: both ends learn the flow broke.
+                        await abort(client)
+                        await abort(server)
+                    else:
+                        await close(client)
+                        await close(server)
+                log.debug(
+                    "tcp %s: %s%s (up %d, down %d bytes)",
+                    where,
+                    result.reason,
+                    f": {result.detail}" if result.detail else "",
+                    result.up,
+                    result.down,
+                )
+            finally:
+                self.registry.close(record, result)
+                if result is None:
+                    # Dial failed or cancelled: the client may still be open.
+                    await client.aclose()
 
 
 def _is_local(ip: str) -> bool:

@@ -120,7 +120,7 @@ class Demo:
         resolved = self.step(
             "resolve", "gateway",
             [sys.executable, "-m", "appliance", "resolve", "-c",
-             str(lab.state_dir / "mirage.yaml"), "www.alpha.test"],
+             str(lab.state_dir / "mirage.yaml"), "www.alpha.test", "--json"],
             lambda o: '"192.168.57.10"' in o or "192.168.57.10" in o,
             "`mirage resolve` shows the real upstream answer next to the fake IP",
             label="mirage resolve www.alpha.test")

@@ -283,12 +283,12 @@ def test_control_api_shows_mappings_and_the_real_answer(lab: Lab, mirage: Mirage
     rows = json.loads(out.stdout)
     assert {"domain": "www.alpha.test", "ip": fake, "pins": 0} in rows
     out = lab.exec("gateway", [sys.executable, "-m", "appliance", "resolve", "-c", cfg,
-                               "www.alpha.test"])
+                               "www.alpha.test", "--json"])
     data = json.loads(out.stdout)
     assert data["mapping"] == {"ipv4": fake}
     assert [a["data"] for a in data["upstream"]["answers"]] == ["192.168.57.10"]
     status = json.loads(lab.exec("gateway", [sys.executable, "-m", "appliance", "status",
-                                             "-c", cfg]).stdout)
+                                             "-c", cfg, "--json"]).stdout)
     assert status["counters"]["dns"]["queries"] >= 1
 
 

@@ -71,7 +71,7 @@ def sk_lookup_links(lab: Lab) -> int:
 
 def status(lab: Lab, run: MirageRun) -> dict[str, Any]:
     out: dict[str, Any] = gw_json(lab, sys.executable, "-m", "appliance", "status", "-c",
-                                  str(run.config_path))
+                                  str(run.config_path), "--json")
     return out
 
 

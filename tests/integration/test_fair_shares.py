@@ -62,7 +62,7 @@ def run_clients(lab: Lab, mode: str, target: str, count: int) -> dict[str, Any]:
 
 def status(lab: Lab, run: MirageRun) -> dict[str, Any]:
     out = lab.exec("gateway", [sys.executable, "-m", "appliance", "status", "-c",
-                               str(run.config_path)], check=True)
+                               str(run.config_path), "--json"], check=True)
     data: dict[str, Any] = json.loads(out.stdout)
     return data
 

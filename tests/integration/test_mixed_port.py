@@ -285,8 +285,11 @@ print('MARKER-ALPHA' in drain(s).decode(errors='replace'), flush=True)
         assert held.stdout.readline().strip() == "up"
         api = lab.exec("gateway", ["curl", "-s", "-m", "5", "http://127.0.0.1:9090/connections"])
         conns = json.loads(api.stdout)["connections"]
-        mine = [c for c in conns if c.get("domain") == "www.alpha.test"]
-        assert mine and mine[0]["outbound"] == "dante" and mine[0]["src_ip"] == "192.168.56.10"
+        # mihomo's shape: metadata.host, chains (the rule's target last).
+        mine = [c for c in conns if c["metadata"]["host"] == "www.alpha.test"]
+        assert mine and mine[0]["chains"][-1] == "dante"
+        assert mine[0]["metadata"]["sourceIP"] == "192.168.56.10"
+        assert mine[0]["metadata"]["type"] == "Socks5"
         held.stdin.write("\n")
         held.stdin.flush()
         assert held.stdout.readline().strip() == "True"

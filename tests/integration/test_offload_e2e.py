@@ -48,7 +48,7 @@ def wait_offloaded(lab: Lab, fake: str, timeout: float = 5.0) -> tuple[str, int]
 
 def status(lab: Lab, run: MirageRun) -> dict[str, Any]:
     out = lab.exec("gateway", [sys.executable, "-m", "appliance", "status", "-c",
-                               str(run.config_path)]).stdout
+                               str(run.config_path), "--json"]).stdout
     return dict(json.loads(out)["counters"])
 
 

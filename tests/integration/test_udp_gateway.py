@@ -86,7 +86,7 @@ def api(lab: Lab, run: MirageRun, command: str, *extra: str) -> Any:
 
 
 def udp_counters(lab: Lab, run: MirageRun) -> dict[str, int]:
-    counters: dict[str, int] = api(lab, run, "status")["counters"]["udp"]
+    counters: dict[str, int] = api(lab, run, "status", "--json")["counters"]["udp"]
     return counters
 
 

@@ -91,7 +91,9 @@ def gw_json(lab: Lab, *argv: str) -> Any:
 Runs = BackendRuns
 # Every port Mirage can open, so the wall is probed on each.
 ALL_PORTS = {"mixed-port": PORTS["mixed"], "socks-port": PORTS["socks"], "port": PORTS["http"],
-             "external-controller": f"0.0.0.0:{PORTS['api']}"}
+             # Both families (mihomo's "[::]"), so the v6 probes meet a listener;
+             # a LAN-wide controller needs a secret.
+             "external-controller": f"[::]:{PORTS['api']}", "secret": "wall"}
 
 
 @pytest.fixture
@@ -117,7 +119,8 @@ def test_nothing_answers_the_wan_while_the_lan_is_served(lab: Lab, runs: Runs,
     # the loop guard's refusal: it is never a proxy for a direct client).
     lan4, lan6 = lab.addr("gateway", "lan0", 4), lab.addr("gateway", "lan0", 6)
     lan_targets = [("tcp", lan4, p) for p in PORTS.values()]
-    lan_targets += [("dns", lan4, 53), ("dns", lan6, 53), ("tcp", lan6, 53)]
+    lan_targets += [("dns", lan4, 53), ("dns", lan6, 53), ("tcp", lan6, 53),
+                    ("tcp", lan6, PORTS["api"])]
     seen = probe(lab, "client", lan_targets)
     expected = {f"{k} {a} {p}": "answered" for k, a, p in lan_targets}
     expected[f"tcp {lan4} {PORTS['tproxy']}"] = seen[f"tcp {lan4} {PORTS['tproxy']}"]

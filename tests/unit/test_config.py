@@ -143,6 +143,7 @@ allow-lan: false
 mode: Rule
 log-level: info
 external-controller: :9090
+secret: from-the-converter
 ipv6: true
 profile: {store-selected: true}
 experimental: {ignore-resolve-fail: true}

@@ -24,7 +24,7 @@ APPLIANCE_KEYS = (
     "lan", "redirect", "dns-hijack", "bypass", "state-dir",
     "store-flush-interval", "route-table", "capture-mark", "connect-timeout",
     "idle-timeout", "half-close-timeout", "udp-timeout", "udp-max-sessions", "offload-direct",
-    "block-encrypted-dns", "encrypted-dns-resolvers", "limits",
+    "block-encrypted-dns", "encrypted-dns-resolvers", "limits", "controller-hosts",
 )  # fmt: skip
 
 LIMITS_KEYS = (
@@ -34,6 +34,17 @@ LIMITS_KEYS = (
 )  # fmt: skip
 # Ceiling of every count limit: far above any machine's descriptors.
 _MAX_LIMIT = 1 << 22
+
+
+def _host_names(value: Any, path: str) -> tuple[str, ...]:
+    """DNS names, lower case, without a trailing dot."""
+    names = []
+    for i, item in enumerate(as_list(value, path)):
+        name = as_nonempty_str(item, f"{path}[{i}]").strip().rstrip(".").lower()
+        if not re.fullmatch(r"[a-z0-9_-]+(\.[a-z0-9_-]+)*", name) or len(name) > 253:
+            raise ConfigError(f"{path}[{i}]", item, "not a DNS name")
+        names.append(name)
+    return tuple(names)
 
 
 _IFNAME = re.compile(r"[^\s/:]{1,15}")
@@ -88,6 +99,7 @@ def parse_appliance(sec: Section) -> ApplianceConfig:
     limits = parse_limits(sec.section("limits"))
     block_encrypted_dns = sec.get("block-encrypted-dns", as_bool, d.block_encrypted_dns)
     encrypted_dns_resolvers = _networks(sec, "encrypted-dns-resolvers")
+    controller_hosts = sec.get("controller-hosts", _host_names, d.controller_hosts)
     sec.finish(APPLIANCE_KEYS, ())
     return ApplianceConfig(
         lan=tuple(lan),
@@ -98,6 +110,7 @@ def parse_appliance(sec: Section) -> ApplianceConfig:
         store_flush_interval=flush,
         route_table=route_table,
         capture_mark=capture_mark,
+        controller_hosts=controller_hosts,
         connect_timeout=connect_timeout,
         idle_timeout=idle_timeout,
         half_close_timeout=half_close_timeout,

@@ -12,6 +12,7 @@ import ipaddress
 from typing import Any, cast
 
 from appliance.config.loader.appliance import parse_appliance
+from appliance.config.loader.controller import CONTROLLER_KEYS, parse_controller
 from appliance.config.loader.cross import check_cross
 from appliance.config.loader.dns import parse_dns, parse_hosts
 from appliance.config.loader.errors import ConfigError, index_path
@@ -30,19 +31,18 @@ from appliance.config.loader.rules import (
 from appliance.config.loader.scalars import (
     as_bool,
     as_list,
-    as_listen,
     as_mark,
     as_port,
     as_str,
     choice,
 )
 from appliance.config.loader.section import LoadContext, Section
-from appliance.config.model import Config, Listen
+from appliance.config.model import Config
 
 TOP_LEVEL_KEYS = (
     "mixed-port", "socks-port", "port", "authentication", "allow-lan", "bind-address",
     "tproxy-port", "routing-mark", "ipv6", "log-level",
-    "external-controller", "secret", "profile", "dns", "hosts", "proxies",
+    *CONTROLLER_KEYS, "profile", "dns", "hosts", "proxies",
     "proxy-groups", "proxy-providers", "rules", "appliance", "rule-providers", "sub-rules",
     "geodata-mode", "geodata-loader", "geosite-matcher", "geo-auto-update",
     "geo-update-interval", "geox-url",
@@ -52,8 +52,7 @@ IGNORED_TOP_LEVEL = (
     "inbound-tfo", "inbound-mptcp", "skip-auth-prefixes",
     "lan-allowed-ips", "lan-disallowed-ips", "mode",
     "unified-delay", "external-controller-pipe", "external-controller-unix",
-    "external-controller-tls", "external-controller-cors", "external-ui",
-    "external-ui-url", "external-ui-name", "external-doh-server",
+    "external-controller-tls", "external-doh-server",
     "interface-name", "tunnels", "tcp-concurrent",
     "find-process-mode", "global-client-fingerprint", "global-ua",
     "etag-support", "keep-alive-idle", "keep-alive-interval",
@@ -83,8 +82,7 @@ def parse_root(data: Any, ctx: LoadContext) -> Config:
     log_level = root.get(
         "log-level", choice(("silent", "error", "warning", "info", "debug")), "info"
     )
-    external_controller = root.get("external-controller", _controller, None)
-    secret = root.get("secret", as_str, "")
+    external_controller, secret, controller = parse_controller(root)
 
     profile = root.section("profile")
     store_fake_ip = profile.get("store-fake-ip", as_bool, False)
@@ -126,6 +124,7 @@ def parse_root(data: Any, ctx: LoadContext) -> Config:
         log_level=cast(Any, log_level),
         external_controller=external_controller,
         secret=secret,
+        controller=controller,
         store_fake_ip=store_fake_ip,
         store_selected=store_selected,
         dns=dns,
@@ -180,9 +179,3 @@ def _optional_port(value: Any, path: str) -> int | None:
     if type(value) is int and value == 0:
         return None
     return as_port(value, path)
-
-
-def _controller(value: Any, path: str) -> Listen | None:
-    if isinstance(value, str) and not value.strip():
-        return None  # empty string: controller off, as in Clash
-    return as_listen(value, path)

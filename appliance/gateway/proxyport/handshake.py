@@ -219,6 +219,11 @@ class Handshake:
         self._out = bytearray()
         self._ask: Ask | UdpAssociate | None = None
 
+    @property
+    def speaks_socks5(self) -> bool:
+        """The client spoke SOCKS5 (else HTTP, once sniffed)."""
+        return self._socks is not None
+
     def data_to_send(self) -> bytes:
         """Bytes to send to the client now (SOCKS5 method selection, auth
         status); a `Refuse` carries its own."""

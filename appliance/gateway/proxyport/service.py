@@ -434,43 +434,50 @@ class ProxyPorts:
             return
         dst = str(target.dst) if target.dst is not None else ""
         flow = self.registry.open("tcp", src, (dst, target.dst_port), target.domain)
-        flow.outbound = target.outbound
+        flow.routed(target)
+        # The protocol the client spoke, as mihomo's metadata.type names it.
+        flow.protocol = "Socks5" if hs.speaks_socks5 else "HTTP" if fwd is not None else "HTTPS"
         log.debug("proxy %s: via %s", where, target.outbound or "?")
         idle_timeout = self.cfg.appliance.idle_timeout
         result: SpliceResult | None = None
-        try:
-            bound = ("0.0.0.0", 0)
-            if hs.reply_names_address and isinstance(server, trio.SocketStream):
-                bound = ip_port(server.socket.getsockname())
-            answer = hs.accept(*bound)
-            if answer:
-                await stream.send_all(answer)
-            framer = fwd.framer if fwd is not None and not fwd.upgrade else None
-            head = fwd.head if fwd is not None else b""
-            rest = ask.rest
-            if framer is not None:
-                rest = rest[: framer.feed(rest)]
-            if head or rest:
-                await server.send_all(head + rest)
-                flow.add_up(len(head) + len(rest))
-            if framer is not None:
-                result = await relay_request(stream, server, framer, flow, idle_timeout)
-                if result.reason != "error":
-                    # One request per connection: end ours once the response is through.
-                    await _linger_close(stream)
-            else:
-                result = await splice(stream, server, idle_timeout=idle_timeout,
-                                      half_close_timeout=self.cfg.appliance.half_close_timeout,
-                                      meter=flow)
-        finally:
-            self.registry.close(flow, result)
-            # Shielded: a cancelled first close must not skip the second.
-            with trio.CancelScope(shield=True):
-                if result is None or result.reason == "error":
-                    await abort(stream)
-                    await abort(server)
+        # The registry's close_flow (the API's DELETE /connections) cancels
+        # this scope: the relay ends and both sockets close.
+        with flow.cancel_scope:
+            try:
+                bound = ("0.0.0.0", 0)
+                if hs.reply_names_address and isinstance(server, trio.SocketStream):
+                    bound = ip_port(server.socket.getsockname())
+                answer = hs.accept(*bound)
+                if answer:
+                    await stream.send_all(answer)
+                framer = fwd.framer if fwd is not None and not fwd.upgrade else None
+                head = fwd.head if fwd is not None else b""
+                rest = ask.rest
+                if framer is not None:
+                    rest = rest[: framer.feed(rest)]
+                if head or rest:
+                    await server.send_all(head + rest)
+                    flow.add_up(len(head) + len(rest))
+                if framer is not None:
+                    result = await relay_request(stream, server, framer, flow, idle_timeout)
+                    if result.reason != "error":
+                        # One request per connection: end ours once the response is through.
+                        await _linger_close(stream)
                 else:
-                    await close(server)
+                    result = await splice(stream, server, idle_timeout=idle_timeout,
+                                          half_close_timeout=self.cfg.appliance.half_close_timeout,
+                                          meter=flow)
+            finally:
+                self.registry.close(flow, result)
+                # Shielded: a cancelled first close must not skip the second.
+                with trio.CancelScope(shield=True):
+                    if result is None or result.reason == "error":
+                        await abort(stream)
+                        await abort(server)
+                    else:
+                        await close(server)
+        if result is None:  # closed through the API (or failed before relaying)
+            return
         log.debug(
             "proxy %s: %s%s (up %d, down %d bytes)",
             where,
