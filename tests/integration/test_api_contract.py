@@ -116,13 +116,18 @@ class Side:
                             trust_env=False, timeout=10)
 
 
-def wait_ready(side: Side) -> None:
+def wait_ready(side: Side, http_port: int) -> None:
+    """Until the API answers and a DIRECT delay test succeeds: mihomo's API
+    is up before its dialer is, and a delay test in that window fails with
+    503 (seen once in every few starts on a loaded machine)."""
     deadline = time.monotonic() + 20
+    delay = f"/proxies/DIRECT/delay?url=http://127.0.0.1:{http_port}/&timeout=2000"
     while time.monotonic() < deadline:
         assert side.proc.poll() is None, f"{side.name} exited"
         try:
             with side.client() as c:
-                if c.get("/version").status_code == 200:
+                if (c.get("/version").status_code == 200
+                        and c.get(delay).status_code == 200):
                     return
         except httpx.HTTPError:
             pass
@@ -167,7 +172,7 @@ def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pair]:
         out = {"mihomo": Side("mihomo", m_api, m_mixed, mihomo),
                "mirage": Side("mirage", g_api, g_mixed, mirage)}
         for side in out.values():
-            wait_ready(side)
+            wait_ready(side, held.http_port)
         yield Pair(out, held, base / "mirage.log")
     finally:
         for p in procs:
@@ -205,6 +210,7 @@ ROUTES = [
     Call("GET", "/version"),
     Call("GET", "/version", auth=False),
     Call("GET", "/configs"),
+    Call("GET", "/proxies/DIRECT/delay?url=http://127.0.0.1:{http}/&timeout=3000"),
     Call("PATCH", "/configs", {"log-level": "info"}),
     Call("GET", "/proxies"),
     Call("GET", "/proxies/Proxy"),
@@ -215,7 +221,6 @@ ROUTES = [
     Call("PUT", "/proxies/far-socks", {"name": "DIRECT"}),
     Call("PUT", "/proxies/Proxy", {"name": "far-socks"}),
     Call("PUT", "/proxies/Proxy", {"name": "DIRECT"}),
-    Call("GET", "/proxies/DIRECT/delay?url=http://127.0.0.1:{http}/&timeout=3000"),
     Call("GET", "/proxies/DIRECT/delay?timeout=bad"),
     Call("GET", "/group"),
     Call("GET", "/group/Proxy"),
@@ -272,6 +277,13 @@ def test_every_dashboard_route_answers_like_mihomo(pair: Pair) -> None:
     for c in ROUTES:
         answers = {name: call(side, c, pair.held.http_port) for name, side in pair.sides.items()}
         a, b = answers["mihomo"], answers["mirage"]
+        if "/delay?url=" in c.path and a.status_code == 503:
+            # mihomo's own delay test to the loopback server fails in about
+            # one run in four here (503 at once, nothing logged, retries
+            # fail too): no oracle for this call then; Mirage's answer must
+            # still be a measured delay.
+            assert b.status_code == 200 and b.json()["delay"] > 0, (c.path, b.text)
+            continue
         what = f"{c.method} {c.path}{'' if c.auth else ' (no secret)'}"
         assert a.status_code == b.status_code, (what, a.status_code, a.text[:200],
                                                 b.status_code, b.text[:200])
