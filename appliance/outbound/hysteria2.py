@@ -41,8 +41,10 @@ from appliance.outbound.quic import (
     DATAGRAM_ROOM,
     DatagramPeer,
     QuicStream,
+    QuicTls,
     QuicTunnel,
     SharedTunnel,
+    open_request_stream,
     open_tunnel,
     quic_configuration,
 )
@@ -206,17 +208,17 @@ class Hysteria2Outbound:
     carries_udp = True
 
     def __init__(self, name: str, server: str, port: int, options: Hysteria2Options, *,
-                 sni: str, alpn: tuple[str, ...], skip_cert_verify: bool,
-                 fingerprint: str | None, dialer: Dialer, connect_timeout: float) -> None:
+                 tls: QuicTls, dialer: Dialer, connect_timeout: float) -> None:
         self.name = name
         self.server = server
         self.port = port
         self.options = options
         self.dialer = dialer
         self.connect_timeout = connect_timeout
-        self.fingerprint = fingerprint
+        self.fingerprint = tls.fingerprint
         self.configuration = quic_configuration(
-            sni=sni, alpn=alpn, skip_cert_verify=skip_cert_verify, fingerprint=fingerprint,
+            sni=tls.sni, alpn=tls.alpn, skip_cert_verify=tls.skip_cert_verify,
+            fingerprint=tls.fingerprint,
             ca_file=str(options.ca) if options.ca is not None else None, ca_data=options.ca_str)
         self.salamander = (Salamander(options.obfs_password)
                            if options.obfs == "salamander" else None)
@@ -226,7 +228,6 @@ class Hysteria2Outbound:
     def from_config(cls, p: ProxyConfig, env: OutboundEnv) -> Hysteria2Outbound:
         options = p.options
         assert isinstance(options, Hysteria2Options)
-        tls = p.tls_options
         if options.up is not None or options.down is not None:
             log.info("%s: up/down (Brutal congestion control) are not implemented: "
                      "the QUIC stack's cubic is used", p.name)
@@ -235,10 +236,7 @@ class Hysteria2Outbound:
                      p.name, p.port)
         return cls(
             p.name, p.server, p.port, options,
-            sni=(tls.sni if tls is not None and tls.sni else p.server),
-            alpn=(tls.alpn if tls is not None and tls.alpn else ("h3",)),
-            skip_cert_verify=tls.skip_cert_verify if tls is not None else False,
-            fingerprint=tls.fingerprint if tls is not None else None,
+            tls=QuicTls.of(p),
             dialer=Dialer(env.resolve, env.routing_mark, ipv6=env.ipv6),
             connect_timeout=env.connect_timeout,
         )  # fmt: skip
@@ -265,13 +263,7 @@ class Hysteria2Outbound:
             request = encode_tcp_request(host, port)
         except Hysteria2Error as e:
             raise OutboundError(f"{self.name}: {e}") from None
-        tunnel = await self._tunnel()
-        stream = tunnel.open_stream()
-        try:
-            await stream.send_all(request)
-        except (trio.BrokenResourceError, trio.ClosedResourceError) as e:
-            await stream.aclose()
-            raise OutboundError(f"{self.name}: {e}") from None
+        stream = await open_request_stream(await self._tunnel(), request, self.name)
         return Hysteria2Stream(stream, self.name)
 
     async def open_udp(self, host: str | IPAddress, port: int) -> UdpPeer | None:

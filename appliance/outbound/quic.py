@@ -46,6 +46,7 @@ import os
 import socket
 import ssl
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import trio
@@ -62,7 +63,7 @@ from aioquic.quic.recovery import QuicPacketSpace
 from aioquic.quic.stream import QuicStream as AioquicStream
 from aioquic.tls import Direction, Epoch, hkdf_expand_label
 
-from appliance.config.model import IPAddress
+from appliance.config.model import IPAddress, ProxyConfig
 from appliance.outbound.base import Dialer, OutboundError, UdpPeer, as_ip, udp_socket
 
 log = logging.getLogger(__name__)
@@ -105,6 +106,26 @@ CONNECTION_WINDOW = 16 << 20
 READ_CHUNK = 1 << 18
 # The error code a tunnel closes with when it is done (no error).
 NO_ERROR = 0
+
+
+@dataclass(frozen=True)
+class QuicTls:
+    """A QUIC proxy's TLS as its outbound uses it: the proxy's `sni`
+    (default: the server's name), `alpn` (default h3), verification and
+    certificate pin."""
+
+    sni: str
+    alpn: tuple[str, ...]
+    skip_cert_verify: bool
+    fingerprint: str | None
+
+    @classmethod
+    def of(cls, p: ProxyConfig) -> QuicTls:
+        tls = p.tls_options
+        if tls is None:
+            return cls(p.server, ("h3",), False, None)
+        return cls(tls.sni or p.server, tls.alpn or ("h3",), tls.skip_cert_verify,
+                   tls.fingerprint)
 
 
 def quic_configuration(*, sni: str, alpn: tuple[str, ...], skip_cert_verify: bool,
@@ -720,6 +741,18 @@ async def open_tunnel(make: Callable[[socket.socket, tuple[Any, ...]], QuicTunne
             tunnel.close(NO_ERROR, "error")
         raise
     return tunnel
+
+
+async def open_request_stream(tunnel: QuicTunnel, request: bytes, name: str) -> QuicStream:
+    """A new bidirectional stream on `tunnel` with the protocol's request
+    for one TCP flow already sent; OutboundError if the tunnel broke."""
+    stream = tunnel.open_stream()
+    try:
+        await stream.send_all(request)
+    except (trio.BrokenResourceError, trio.ClosedResourceError) as e:
+        await stream.aclose()
+        raise OutboundError(f"{name}: {e}") from None
+    return stream
 
 
 class SharedTunnel:

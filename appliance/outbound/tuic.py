@@ -37,8 +37,10 @@ from appliance.outbound.base import Dialer, OutboundEnv, OutboundError, UdpPeer
 from appliance.outbound.quic import (
     DATAGRAM_ROOM,
     DatagramPeer,
+    QuicTls,
     QuicTunnel,
     SharedTunnel,
+    open_request_stream,
     open_tunnel,
     quic_configuration,
 )
@@ -149,17 +151,17 @@ class TuicOutbound:
     carries_udp = True
 
     def __init__(self, name: str, server: str, port: int, options: TuicOptions, *,
-                 sni: str, alpn: tuple[str, ...], skip_cert_verify: bool,
-                 fingerprint: str | None, dialer: Dialer, connect_timeout: float) -> None:
+                 tls: QuicTls, dialer: Dialer, connect_timeout: float) -> None:
         self.name = name
         self.server = server
         self.port = port
         self.options = options
         self.dialer = dialer
         self.connect_timeout = min(connect_timeout, options.request_timeout)
-        self.fingerprint = fingerprint
+        self.fingerprint = tls.fingerprint
         self.configuration = quic_configuration(
-            sni=sni, alpn=alpn, skip_cert_verify=skip_cert_verify, fingerprint=fingerprint,
+            sni=tls.sni, alpn=tls.alpn, skip_cert_verify=tls.skip_cert_verify,
+            fingerprint=tls.fingerprint,
             ca_file=str(options.ca) if options.ca is not None else None, ca_data=options.ca_str,
             congestion=_CONGESTION[options.congestion_controller])
         self.shared = SharedTunnel(self._connect)
@@ -168,15 +170,11 @@ class TuicOutbound:
     def from_config(cls, p: ProxyConfig, env: OutboundEnv) -> TuicOutbound:
         options = p.options
         assert isinstance(options, TuicOptions)
-        tls = p.tls_options
         if options.congestion_controller == "bbr":
             log.info("%s: congestion-controller bbr is not implemented: cubic is used", p.name)
         return cls(
             p.name, options.ip or p.server, p.port, options,
-            sni=(tls.sni if tls is not None and tls.sni else p.server),
-            alpn=(tls.alpn if tls is not None and tls.alpn else ("h3",)),
-            skip_cert_verify=tls.skip_cert_verify if tls is not None else False,
-            fingerprint=tls.fingerprint if tls is not None else None,
+            tls=QuicTls.of(p),
             dialer=Dialer(env.resolve, env.routing_mark, ipv6=env.ipv6),
             connect_timeout=env.connect_timeout,
         )  # fmt: skip
@@ -199,14 +197,7 @@ class TuicOutbound:
             request = encode_connect(host, port)
         except TuicError as e:
             raise OutboundError(f"{self.name}: {e}") from None
-        tunnel = await self._tunnel()
-        stream = tunnel.open_stream()
-        try:
-            await stream.send_all(request)
-        except (trio.BrokenResourceError, trio.ClosedResourceError) as e:
-            await stream.aclose()
-            raise OutboundError(f"{self.name}: {e}") from None
-        return stream
+        return await open_request_stream(await self._tunnel(), request, self.name)
 
     async def open_udp(self, host: str | IPAddress, port: int) -> UdpPeer | None:
         tunnel = await self._tunnel()
