@@ -36,7 +36,7 @@ from appliance.outbound.base import (
 )
 from appliance.outbound.stream_udp import PacketCodec, StreamUdpPeer
 from appliance.outbound.tls import TlsStream
-from appliance.outbound.vmess import AUTH_FAILED, ServerLayers
+from appliance.outbound.vmess import AuthFailure, ServerLayers
 from appliance.proto.vless import (
     COMMAND_MUX,
     COMMAND_TCP,
@@ -63,7 +63,7 @@ class VlessStream(trio.abc.HalfCloseableStream):
     def __init__(self, transport_stream: trio.abc.Stream, name: str) -> None:
         self.transport_stream = transport_stream
         self._name = name
-        self._reported = False
+        self._auth_failed = AuthFailure(name)
         self._response = ResponseReader()
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
@@ -102,13 +102,6 @@ class VlessStream(trio.abc.HalfCloseableStream):
             return body[:max_bytes]
         return body
 
-    def _auth_failed(self) -> trio.BrokenResourceError:
-        """The server closed before its response header (logged once)."""
-        if not self._reported:
-            self._reported = True
-            log.warning("%s", AUTH_FAILED.format(name=self._name))
-        return trio.BrokenResourceError(AUTH_FAILED.format(name=self._name))
-
     async def send_eof(self) -> None:
         t = self.transport_stream
         if isinstance(t, trio.abc.HalfCloseableStream):
@@ -143,7 +136,7 @@ class VisionStream(trio.abc.HalfCloseableStream):
         self._vision = Vision(user)
         self._response = ResponseReader()
         self._name = name
-        self._reported = False
+        self._auth_failed = AuthFailure(name)
         self._ready = b""
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
@@ -209,12 +202,6 @@ class VisionStream(trio.abc.HalfCloseableStream):
         obj = self._tls._ssl
         taken = [obj.read(obj.pending()) for _ in range(64) if obj.pending()]
         return b"".join(taken) + self._tls._incoming.read()
-
-    def _auth_failed(self) -> trio.BrokenResourceError:
-        if not self._reported:
-            self._reported = True
-            log.warning("%s", AUTH_FAILED.format(name=self._name))
-        return trio.BrokenResourceError(AUTH_FAILED.format(name=self._name))
 
     async def send_eof(self) -> None:
         if self._vision.direct_write and isinstance(self._raw, trio.abc.HalfCloseableStream):

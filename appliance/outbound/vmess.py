@@ -64,6 +64,21 @@ _RECV = 1 << 17
 AUTH_FAILED = "{name}: server closed before answering: authentication failed (wrong uuid?)"
 
 
+class AuthFailure:
+    """One flow's AUTH_FAILED: logged at WARNING the first time it is
+    called, returned as the BrokenResourceError to raise every time."""
+
+    def __init__(self, name: str) -> None:
+        self._text = AUTH_FAILED.format(name=name)
+        self._logged = False
+
+    def __call__(self) -> trio.BrokenResourceError:
+        if not self._logged:
+            self._logged = True
+            log.warning("%s", self._text)
+        return trio.BrokenResourceError(self._text)
+
+
 class ServerLayers:
     """How a VMess/VLESS proxy reaches its server: dial (`env.server_dial`),
     then TLS (`TlsClient`, one SSLContext per proxy) and the transport
@@ -103,7 +118,7 @@ class VmessStream(trio.abc.HalfCloseableStream):
         self.transport_stream = transport_stream
         self._client = client
         self._name = name
-        self._reported = False
+        self._auth_failed = AuthFailure(name)
         self._ready: list[bytes] = []
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
@@ -142,13 +157,6 @@ class VmessStream(trio.abc.HalfCloseableStream):
             return data[:max_bytes]
         self._ready = []
         return data
-
-    def _auth_failed(self) -> trio.BrokenResourceError:
-        """The server closed before its response header (logged once)."""
-        if not self._reported:
-            self._reported = True
-            log.warning("%s", AUTH_FAILED.format(name=self._name))
-        return trio.BrokenResourceError(AUTH_FAILED.format(name=self._name))
 
     async def send_eof(self) -> None:
         t = self.transport_stream
