@@ -34,7 +34,6 @@ import random
 import socket
 import statistics
 import struct
-import subprocess
 import sys
 import tempfile
 import time
@@ -42,11 +41,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import yaml
 
 from appliance.config.loader.rules import parse_rule
 from appliance.geodata import GeoIPDat, GeoSiteFile
-from appliance.lab.reference import mihomo_binary, mihomo_geodata
+from appliance.lab.reference import ReferenceError, mihomo_binary, mihomo_geodata, start_mihomo
 from appliance.rules.engine import FlowContext, ProviderRules, RuleEnv, RuleSet
 
 TARGETS = ("REJECT", "REJECT-DROP", "DIRECT")
@@ -180,26 +178,16 @@ def mihomo_per_flow(lines: list[str], flows: list[tuple[str | None, str | None]]
     """Seconds per SOCKS5 CONNECT through mihomo's mixed port with `lines`."""
     with tempfile.TemporaryDirectory() as d:
         home = Path(d)
-        for name, file in (("geoip.metadb", "country.mmdb"), ("GeoSite.dat", "geosite.dat")):
-            (home / name).symlink_to(mihomo_geodata() / file)
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         profile = {"mixed-port": port, "bind-address": "127.0.0.1", "allow-lan": False,
                    "log-level": "silent", "dns": {"enable": False}, "rules": lines}
-        (home / "config.yaml").write_text(yaml.safe_dump(profile, width=1 << 20))
-        proc = subprocess.Popen([str(mihomo_binary()), "-d", str(home)],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
-            deadline = time.monotonic() + 120
-            while True:
-                try:
-                    socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                    break
-                except OSError:
-                    if time.monotonic() > deadline or proc.poll() is not None:
-                        raise SystemExit("mihomo did not start") from None
-                    time.sleep(0.1)
+            proc = start_mihomo(home, profile, port, timeout=120)
+        except ReferenceError as e:
+            raise SystemExit(str(e)) from None
+        try:
             time.sleep(0.5)
             for f in flows[:200]:
                 _connect(port, f)  # warm

@@ -11,6 +11,7 @@ the proof that a name and not an address reached the server.
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import time
 from importlib import resources
@@ -66,6 +67,31 @@ def mihomo_home(home: Path) -> Path:
         if not link.exists():
             link.symlink_to(src / file)
     return home
+
+
+def start_mihomo(home: Path, profile: dict[str, Any], port: int, *, timeout: float = 20.0,
+                 stdout: int | None = subprocess.DEVNULL) -> subprocess.Popen[str]:
+    """mihomo on this host with `profile` as `home`/config.yaml (`home` made
+    a mihomo home first), returned once `port` (a listener of the profile's)
+    accepts; ReferenceError if it exits or `timeout` passes. The caller
+    stops it."""
+    import yaml
+
+    mihomo_home(home)
+    (home / "config.yaml").write_text(yaml.safe_dump(profile, width=1 << 20))
+    proc = subprocess.Popen([str(mihomo_binary()), "-d", str(home)], stdout=stdout,
+                            stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return proc
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                proc.communicate()
+                raise ReferenceError(f"mihomo did not open port {port}") from None
+            time.sleep(0.05)
 
 
 class SingBox:

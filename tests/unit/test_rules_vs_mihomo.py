@@ -21,11 +21,10 @@ from typing import Any
 
 import pytest
 import trio
-import yaml
 
 from appliance.config import parse_config
 from appliance.geodata import Geodata
-from appliance.lab.reference import mihomo_binary, mihomo_home
+from appliance.lab.reference import mihomo_home, start_mihomo
 from appliance.providers.rules import RuleProviders
 from appliance.routing import Router
 from appliance.rules.engine import FlowContext, RuleEnv
@@ -134,19 +133,8 @@ _DIAL = re.compile(r"dial (\S+) .*? --> (\S+):(\d+) error")
 
 def _mihomo_choices(home: Path) -> dict[tuple[str, int], str]:
     port = _free_port()
-    (home / "config.yaml").write_text(yaml.safe_dump(_profile(port)))
-    proc = subprocess.Popen([str(mihomo_binary()), "-d", str(home)], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    proc = start_mihomo(home, _profile(port), port, stdout=subprocess.PIPE)
     try:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline or proc.poll() is not None:
-                    raise AssertionError("mihomo did not open its mixed port") from None
-                time.sleep(0.05)
         for host, dst_port in FLOWS:
             _socks_connect(port, host, dst_port)
         time.sleep(0.3)
