@@ -123,7 +123,8 @@ class Appliance:
         self.stopping = False  # SIGINT/SIGTERM received
         # The control API's: the providers it lists and the log records its
         # /logs streams.
-        self.api_providers = Providers(self._outbounds)
+        self.api_providers = Providers(self._outbounds, lambda: self.providers,
+                                       lambda: self.rule_providers)
         self.log_bus = LogBus()
 
     # -- what the control API reads besides the services -------------------------

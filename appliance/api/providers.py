@@ -1,13 +1,9 @@
 """Proxy and rule providers as the API shows them (mihomo's
-/providers/proxies and /providers/rules), behind one narrow adapter.
-
-`Providers` is what the routes call; today Mirage has no providers, so it
-shows mihomo's built-in "default" proxy provider (every proxy of the
-profile, vehicleType Compatible) and no rule providers. Provider objects
-plug in through `proxy` / `rule` lists of objects with `name`,
-`vehicle_type`, `updated_at` (epoch seconds), `async update()`, and for
-proxy providers `proxies` (outbound names) and `async healthcheck()`, for
-rule providers `behavior`, `format` and `rule_count`.
+/providers/proxies and /providers/rules), over the appliance's own
+`ProxyProviders` (appliance/providers/proxies.py) and `RuleProviders`
+(appliance/providers/rules.py), read when asked (a reload may replace
+them). mihomo's built-in "default" proxy provider (every proxy of the
+profile, vehicleType Compatible) is always listed, as mihomo does.
 """
 
 from __future__ import annotations
@@ -17,63 +13,81 @@ from typing import Any
 
 from appliance.api import clash
 from appliance.config.model import Config
+from appliance.providers.proxies import ProxyProviders
+from appliance.providers.rules import RuleProviders
+
+NEVER = "0001-01-01T00:00:00Z"  # Go's zero time, what mihomo shows for "not yet"
+
+
+class ProviderError(Exception):
+    """A provider's update failed (its last error); the API answers 503."""
 
 
 class Providers:
-    def __init__(self, outbounds: Callable[[], Mapping[str, object]]) -> None:
+    def __init__(self, outbounds: Callable[[], Mapping[str, object]],
+                 proxy: Callable[[], ProxyProviders | None] = lambda: None,
+                 rule: Callable[[], RuleProviders | None] = lambda: None) -> None:
         self.outbounds = outbounds
-        self.proxy: list[Any] = []
-        self.rule: list[Any] = []
+        self.proxy = proxy
+        self.rule = rule
 
     def proxy_docs(self, cfg: Config) -> dict[str, Any]:
         outbounds = self.outbounds()
         docs = {}
-        for p in self.proxy:
-            docs[p.name] = self._proxy_doc(p.name, getattr(p, "vehicle_type", "HTTP"),
-                                           list(p.proxies), outbounds, cfg,
-                                           getattr(p, "updated_at", None))
+        providers = self.proxy()
+        if providers is not None:
+            for entry in providers.list():
+                members = {o.name: o for o in providers.outbounds.get(entry["name"], [])}
+                docs[entry["name"]] = self._proxy_doc(
+                    entry["name"], entry["vehicleType"],
+                    [(m, members[m]) for m in entry["proxies"] if m in members], cfg,
+                    entry["updatedAt"])
         named = {p.name for p in cfg.proxies}
         docs["default"] = self._proxy_doc(
-            "default", "Compatible", [n for n in outbounds if n in named], outbounds, cfg, None)
+            "default", "Compatible", [(n, o) for n, o in outbounds.items() if n in named],
+            cfg, None)
         return docs
 
     @staticmethod
-    def _proxy_doc(name: str, vehicle: str, members: list[str],
-                   outbounds: Mapping[str, object], cfg: Config,
+    def _proxy_doc(name: str, vehicle: str, members: list[tuple[str, object]], cfg: Config,
                    updated: float | None) -> dict[str, Any]:
         return {
             "name": name, "type": "Proxy", "vehicleType": vehicle,
-            "proxies": [clash.proxy_doc(m, outbounds[m], cfg) for m in members
-                        if m in outbounds],
+            "proxies": [clash.proxy_doc(m, outbound, cfg) for m, outbound in members],
             "testUrl": "", "expectedStatus": "*",
-            "updatedAt": clash.rfc3339(updated) if updated else "0001-01-01T00:00:00Z",
+            "updatedAt": clash.rfc3339(updated) if updated else NEVER,
             "subscriptionInfo": None,
         }
 
     def rule_docs(self) -> dict[str, Any]:
-        return {r.name: {
-            "name": r.name, "type": "Rule", "vehicleType": getattr(r, "vehicle_type", "HTTP"),
-            "behavior": getattr(r, "behavior", "domain"), "format": getattr(r, "format", "yaml"),
-            "ruleCount": int(getattr(r, "rule_count", 0)),
-            "updatedAt": clash.rfc3339(r.updated_at) if getattr(r, "updated_at", None)
-            else "0001-01-01T00:00:00Z",
-        } for r in self.rule}
+        providers = self.rule()
+        if providers is None:
+            return {}
+        return {entry["name"]: {k: v for k, v in entry.items() if k != "lastError"}
+                | {"updatedAt": entry["updatedAt"] or NEVER}
+                for entry in providers.list()}
 
     async def update_proxy(self, name: str) -> bool:
-        return await self._call(self.proxy, name, "update")
+        providers = self.proxy()
+        if providers is None or name not in providers.sources:
+            return False
+        if await providers.update(name) == "failed":
+            raise ProviderError(providers.sources[name].status.last_error or "update failed")
+        return True
 
     async def healthcheck(self, name: str) -> bool:
         if name == "default":
             return True
-        return await self._call(self.proxy, name, "healthcheck")
+        providers = self.proxy()
+        if providers is None or name not in providers.sources:
+            return False
+        await providers.healthcheck(name)
+        return True
 
     async def update_rule(self, name: str) -> bool:
-        return await self._call(self.rule, name, "update")
-
-    @staticmethod
-    async def _call(items: list[Any], name: str, method: str) -> bool:
-        for item in items:
-            if item.name == name:
-                await getattr(item, method)()
-                return True
-        return False
+        providers = self.rule()
+        if providers is None or name not in providers.sources:
+            return False
+        if await providers.update(name) == "failed":
+            raise ProviderError(providers.sources[name].status.last_error or "update failed")
+        return True
