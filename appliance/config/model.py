@@ -99,7 +99,7 @@ class DnsConfig:
 @dataclass(frozen=True)
 class ProxyConfig:
     """One entry of `proxies`. `type` selects which optional fields matter:
-    socks5/http/ss/trojan use the flat fields below; a protocol registered in
+    socks5/http use the flat fields below; a protocol registered in
     appliance/config/loader/protocols/ carries its own keys in `options`
     and its TLS and transport layers in `tls_options` / `transport`."""
 
@@ -113,7 +113,6 @@ class ProxyConfig:
     skip_cert_verify: bool = False
     sni: str | None = None
     udp: bool = False
-    cipher: str | None = None  # ss only
     # socks5/http: connections to the server kept open for the next flows
     # (the loader's default is 2 without tls, 0 with it).
     preconnect: int = 0

@@ -39,19 +39,16 @@ def _proxy(p: ProxyConfig, redact: bool) -> dict[str, Any]:
         return out
     out["server"] = p.server
     out["port"] = p.port
-    if p.type in ("socks5", "http") and p.username is not None:
+    # Besides the registered protocols: socks5 and http.
+    if p.username is not None:
         out["username"] = p.username
     if p.password is not None:
         out["password"] = REDACTED if redact else p.password
-    if p.type == "ss":
-        out["cipher"] = p.cipher
-    if p.type in ("socks5", "http"):
-        out["tls"] = p.tls
-    if p.type != "ss":
-        out["skip-cert-verify"] = p.skip_cert_verify
+    out["tls"] = p.tls
+    out["skip-cert-verify"] = p.skip_cert_verify
     if p.type == "http" and p.sni is not None:
         out["sni"] = p.sni
-    if p.type != "http":
+    if p.type == "socks5":
         out["udp"] = p.udp
     return out
 

@@ -809,7 +809,7 @@ def test_proxy_types() -> None:
     )  # fmt: skip
     h, ss, t, d = cfg.proxies
     assert h == ProxyConfig(
-        "h", "http", "proxy.example", 3128, "u", "p", True, True, "proxy.example", False, None
+        "h", "http", "proxy.example", 3128, "u", "p", True, True, "proxy.example", False
     )
     assert ss.server == "2001:db8::1" and ss.udp
     assert ss.options == ShadowsocksOptions("aes-128-gcm", "p")
