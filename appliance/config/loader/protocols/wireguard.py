@@ -43,7 +43,7 @@ from appliance.config.loader.scalars import (
     split_host_port,
 )
 from appliance.config.loader.section import Section
-from appliance.config.model import IPAddress
+from appliance.config.model import IPAddress, IPNetwork
 from appliance.config.protocols import ProtocolOptions
 from appliance.config.protocols.wireguard import WireguardOptions, WireguardPeer
 
@@ -113,11 +113,13 @@ def dns_server(text: str) -> tuple[IPAddress, int] | None:
     return (addr, int(port)) if port.isdigit() and 0 < int(port) < 65536 else None
 
 
+def _networks(value: Any, path: str) -> tuple[IPNetwork, ...]:
+    return tuple(as_cidr(x, f"{path}[{i}]") for i, x in enumerate(as_list(value, path)))
+
+
 def _peer(sec: Section) -> WireguardPeer:
     reserved = sec.get("reserved", reserved_value, None)
-    allowed = sec.get("allowed-ips",
-                      lambda v, p: tuple(as_cidr(x, f"{p}[{i}]")
-                                         for i, x in enumerate(as_list(v, p))), ())
+    allowed: tuple[IPNetwork, ...] = sec.get("allowed-ips", _networks, ())
     if not allowed:
         raise ConfigError(sec.at("allowed-ips"), None, "required for each peer (mihomo: "
                           "missing allowed_ips)")
@@ -146,8 +148,9 @@ def parse(sec: Section) -> WireguardOptions:
     if ip is None and ipv6 is None:
         raise ConfigError(sec.at("ip"), None, "required: the interface's address (ip, ipv6 "
                           "or both; mihomo: missing local address)")
+    raw_peers: list[Any] = sec.get("peers", as_list, [])
     peers = tuple(_peer(Section(item, f"{sec.at('peers')}[{i}]", sec.ctx))
-                  for i, item in enumerate(sec.get("peers", as_list, [])))
+                  for i, item in enumerate(raw_peers))
     if peers:
         # mihomo ignores the top-level peer keys when `peers:` is given.
         public_key = pre_shared_key = None
@@ -159,8 +162,8 @@ def parse(sec: Section) -> WireguardOptions:
         pre_shared_key = sec.get("pre-shared-key", wg_key, None)
         _refuse_reserved(sec.get("reserved", reserved_value, None))
     remote_dns = sec.get("remote-dns-resolve", as_bool, False)
-    entries = [as_str(v, f"{sec.at('dns')}[{i}]")
-               for i, v in enumerate(sec.get("dns", as_list, []))]
+    raw_dns: list[Any] = sec.get("dns", as_list, [])
+    entries = [as_str(v, f"{sec.at('dns')}[{i}]") for i, v in enumerate(raw_dns)]
     dns: list[tuple[IPAddress, int]] = []
     if entries and not remote_dns:
         sec.ctx.ignore(sec.at("dns"), "used only with remote-dns-resolve: true")
