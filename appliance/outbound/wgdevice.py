@@ -11,8 +11,11 @@ name, so a later run or `mirage cleanup` removes a crashed run's):
   its UAPI socket /var/run/wireguard/<name>.sock). Both are the same to the
   flows: sockets bound to the interface;
 - its routing table (`route_table`) with default routes through it, and the
-  rules `oif <interface> lookup <table>` (IPv4 and IPv6) that send the
-  bound sockets' packets there: the gateway's own routes are never changed.
+  rules that send there the bound sockets' packets (`oif <interface> lookup
+  <table>`) and those from the interface's addresses (`from <address>
+  lookup <table>`, which is also where the reverse-path filter finds the
+  route of what comes back): the gateway's own routes are never changed.
+  Rules are found again by their table (TABLE_BASE .. +0xffff).
 
 The interface's own UDP (the encrypted tunnel) carries SO_MARK
 `routing-mark`, like every outbound socket, so the capture never takes it.
@@ -54,12 +57,14 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from appliance.proto.wireguard import (
     RULE_PRIORITY,
+    TABLE_BASE,
     UAPI_GET,
     DevicePlan,
     handshake_times,
     is_ours,
     kernel_peer,
     parse_uapi,
+    route_table,
     uapi_set,
 )
 
@@ -323,6 +328,17 @@ def _configure(dev: Device) -> None:
                 ipr.route("replace", **route)
                 ipr.rule("add", family=family, priority=RULE_PRIORITY, oifname=plan.ifname,
                          table=plan.table)
+            # Traffic from the interface's addresses uses its table too: the
+            # reverse-path check of what comes back through the tunnel
+            # (rp_filter) finds its route there. After the `oif` rules, so
+            # that proxies sharing an address (WARP profiles all say
+            # 172.16.0.2) still each use their own interface; strict
+            # rp_filter then accepts replies only on the first such one.
+            for address in plan.addresses:
+                addr = address.split("/")[0]
+                family = socket.AF_INET6 if ":" in addr else socket.AF_INET
+                ipr.rule("add", family=family, priority=RULE_PRIORITY + 1, src=addr,
+                         src_len=128 if family == socket.AF_INET6 else 32, table=plan.table)
     except (OSError, NetlinkError, ValueError) as err:
         raise WireguardError(f"{plan.ifname}: configuring {step} failed: {err}") from None
 
@@ -355,8 +371,37 @@ def _kernel_handshakes(ifname: str) -> dict[str, int]:
     return out
 
 
+def _is_our_table(table: object) -> bool:
+    return isinstance(table, int) and TABLE_BASE <= table <= TABLE_BASE + 0xFFFF
+
+
+def _delete_rules(ipr: IPRoute, table: int | None) -> list[str]:
+    """Delete the rules that look up `table` (None: any of our tables)."""
+    removed = []
+    for family in (socket.AF_INET, socket.AF_INET6):
+        rules = [r for r in ipr.get_rules(family=family)
+                 if (r.get("table") == table if table is not None
+                     else _is_our_table(r.get("table")))]
+        for rule in rules[:_MAX_LEFTOVERS]:
+            selector = {k: rule.get(k) for k in ("oifname", "src") if rule.get(k) is not None}
+            if "src" in selector:
+                selector["src_len"] = rule["src_len"]
+            try:
+                ipr.rule("del", family=family, priority=rule.get("priority"),
+                         table=rule.get("table"), **selector)
+            except NetlinkError as err:
+                if err.code != errno.ENOENT:
+                    raise
+                continue
+            what = " ".join(f"{'from' if k == 'src' else 'oif'} {v}"
+                            for k, v in selector.items() if k != "src_len")
+            removed.append(f"ip{' -6' if family == socket.AF_INET6 else ''} rule {what} "
+                           f"lookup {rule.get('table')}")
+    return removed
+
+
 def remove_interface(ifname: str) -> list[str]:
-    """Delete interface `ifname`, the `oif` rules naming it and a stale
+    """Delete interface `ifname`, the rules that use its table and a stale
     control socket of it; what was removed (nothing: none was there)."""
     removed: list[str] = []
     with IPRoute() as ipr:
@@ -367,17 +412,7 @@ def remove_interface(ifname: str) -> list[str]:
             except NetlinkError as err:
                 if err.code != errno.ENODEV:
                     raise
-        for family in (socket.AF_INET, socket.AF_INET6):
-            rules = [r for r in ipr.get_rules(family=family) if r.get("oifname") == ifname]
-            for rule in rules[:_MAX_LEFTOVERS]:
-                try:
-                    ipr.rule("del", family=family, priority=rule.get("priority"),
-                             oifname=ifname, table=rule.get("table"))
-                    removed.append(f"ip{'-6' if family == socket.AF_INET6 else ''} rule oif "
-                                   f"{ifname}")
-                except NetlinkError as err:
-                    if err.code != errno.ENOENT:
-                        raise
+        removed += _delete_rules(ipr, route_table(ifname))
     sock = UAPI_DIR / f"{ifname}.sock"
     if sock.exists() and not _answers(ifname):
         # A wireguard-go that died without removing it (in any namespace: the
@@ -388,13 +423,12 @@ def remove_interface(ifname: str) -> list[str]:
 
 def remove_leftovers() -> list[str]:
     """Every interface named like Mirage's (`mwg-...`) in this namespace and
-    every rule that sends to one: what a killed run left (`mirage cleanup`,
-    and each run's start). Best effort: a failure is logged."""
+    every rule that looks up one of their tables: what a killed run left
+    (`mirage cleanup`, and each run's start). Best effort: a failure is
+    logged."""
     try:
         with IPRoute() as ipr:
-            names = {link.get("ifname") for link in ipr.get_links()}
-            for family in (socket.AF_INET, socket.AF_INET6):
-                names |= {r.get("oifname") for r in ipr.get_rules(family=family)}
+            names = [link.get("ifname") for link in ipr.get_links()]
     except (OSError, NetlinkError) as err:
         log.warning("wireguard: listing leftovers failed: %s", err)
         return []
@@ -404,4 +438,9 @@ def remove_leftovers() -> list[str]:
             removed += remove_interface(name)
         except (OSError, NetlinkError) as err:
             log.warning("wireguard: removing %s failed: %s", name, err)
+    try:
+        with IPRoute() as ipr:
+            removed += _delete_rules(ipr, None)
+    except (OSError, NetlinkError) as err:
+        log.warning("wireguard: removing leftover rules failed: %s", err)
     return removed
