@@ -279,6 +279,33 @@ def test_wrong_key_fails_within_connect_timeout_saying_why(lab: Lab, mirage: Mir
     assert f"dial via {BAD} failed" in log and "no WireGuard handshake" in log
 
 
+def reload(run: MirageRun) -> None:
+    offset = run.log_path.stat().st_size
+    run.write_config()
+    run.reload()
+    wait_for(lambda: "SIGHUP: reloaded" in run.log_text(offset), "reloaded")
+
+
+def test_reload_keeps_an_unchanged_interface_and_removes_a_dropped_one(
+        lab: Lab, mirage: MirageRun) -> None:
+    good, bad = interface_name(GOOD), interface_name(BAD)
+    index = links(lab)[good]["ifindex"]
+    proxies = mirage.config["proxies"]
+    mirage.config["proxies"] = [p for p in proxies if p["name"] != BAD]
+    mirage.config["rules"] = [f"DOMAIN-SUFFIX,wg.test,{GOOD}", "MATCH,DIRECT"]
+    reload(mirage)
+    wait_for(lambda: bad not in links(lab), "the dropped proxy's interface removed")
+    assert links(lab)[good]["ifindex"] == index  # untouched: its flows go on
+    assert sorted(our_rules(lab)) == sorted([good, MIRAGE_ADDR])
+    assert curl(lab, "http://www.wg.test/")[0] == 0
+    # Back again: made anew by a run that has dropped its setup capabilities.
+    mirage.config["proxies"] = proxies
+    mirage.config["rules"] = [f"DOMAIN-SUFFIX,wg.test,{GOOD}", f"DOMAIN,www.gamma.test,{BAD}",
+                              "MATCH,DIRECT"]
+    reload(mirage)
+    wait_for(lambda: bad in links(lab), "the proxy's interface back")
+
+
 def test_stop_and_cleanup_remove_interfaces_and_rules(lab: Lab, mirage: MirageRun) -> None:
     names = {interface_name(GOOD), interface_name(BAD)}
     assert names <= set(links(lab)), links(lab).keys()
