@@ -65,7 +65,7 @@ from typing import Any, Protocol
 import trio
 
 from appliance.config.model import Config
-from appliance.flow import Flow
+from appliance.flow import Flow, tproxy_entry
 from appliance.gateway.tcp import FakeIPs
 from appliance.gateway.udp_sessions import (
     MAX_UDP_PAYLOAD,
@@ -546,6 +546,7 @@ class UdpGateway:
         a = cfg.appliance
         self.cfg = cfg
         self.port = cfg.tproxy_port
+        self.entry = tproxy_entry(self.port)
         self.pool = pool
         # Per-client share of flows (None: unlimited, for tests and tools).
         self.flows = flows
@@ -573,6 +574,7 @@ class UdpGateway:
              "dst_ip": s.dst[1], "dst_port": s.dst[2],
              "domain": s.flow.domain, "outbound": s.flow.outbound, "started": s.started,
              "up": s.bytes_up, "down": s.bytes_down,
+             **(s.flow.entry.as_dict() if s.flow.entry is not None else {}),
              "state": s.state, "idle": round(now - s.last, 3)}
             for s in self.table
         ]
@@ -691,7 +693,7 @@ class UdpGateway:
             self.counters.dropped_loop += 1
             return None
         flow = Flow("udp", "tproxy", ipaddress.ip_address(client[0]), client[1],
-                    ipaddress.ip_address(dst[1]), dst[2], domain)
+                    ipaddress.ip_address(dst[1]), dst[2], domain, entry=self.entry)
         session = Session(key, client, dst, flow, now, idle_timeout(dst[2], self.timeout))
         session.pending.append(data)
         return session
