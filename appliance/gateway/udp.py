@@ -56,7 +56,6 @@ import errno
 import ipaddress
 import itertools
 import logging
-import resource
 import socket
 import time
 from collections.abc import Awaitable, Callable
@@ -76,6 +75,7 @@ from appliance.gateway.udp_sessions import (
 )
 from appliance.limits import ConcurrencyLimit, client_key
 from appliance.outbound.base import OutboundError, UdpPeer
+from appliance.privileges import raise_descriptor_limit
 from appliance.proto.socks5 import Socks5Error, parse_udp
 from appliance.sockopt import (
     IP_ORIGDSTADDR,
@@ -253,14 +253,10 @@ def open_listener(port: int, ipv6: bool) -> socket.socket:
 def _raise_fd_limit(sessions: int) -> None:
     """Each session holds a socket (two for SOCKS5): make room for them up to
     the hard limit, which an operator or systemd (LimitNOFILE) sets."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     want = 2 * sessions + 1024
-    if soft != resource.RLIM_INFINITY and soft < want:
-        new = want if hard == resource.RLIM_INFINITY else min(want, hard)
-        if new > soft:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
-        if new < want:
-            log.warning("udp: open-file limit %d allows fewer than %d sessions", new, sessions)
+    have = raise_descriptor_limit()
+    if have < want:
+        log.warning("udp: open-file limit %d allows fewer than %d sessions", have, sessions)
 
 
 class UdpSessions:
