@@ -405,6 +405,8 @@ def remove_interface(ifname: str) -> list[str]:
     control socket of it; what was removed (nothing: none was there)."""
     removed: list[str] = []
     with IPRoute() as ipr:
+        # Rules first: an interface that is gone has no rules left either.
+        removed += _delete_rules(ipr, route_table(ifname))
         for index in ipr.link_lookup(ifname=ifname):
             try:
                 ipr.link("del", index=index)
@@ -412,7 +414,6 @@ def remove_interface(ifname: str) -> list[str]:
             except NetlinkError as err:
                 if err.code != errno.ENODEV:
                     raise
-        removed += _delete_rules(ipr, route_table(ifname))
     sock = UAPI_DIR / f"{ifname}.sock"
     if sock.exists() and not _answers(ifname):
         # A wireguard-go that died without removing it (in any namespace: the

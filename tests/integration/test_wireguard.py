@@ -46,6 +46,8 @@ pytestmark = pytest.mark.netns
 ECHO = Path(__file__).resolve().parents[2] / "bench" / "udp_echo.py"
 PEER_ADDR = "10.99.0.1"
 MIRAGE_ADDR = "10.99.0.2"
+PEER_ADDR6 = "fd99::1"
+MIRAGE_ADDR6 = "fd99::2"
 WG_PORT = 51820
 DNS_PORT = 5353
 ECHO_PORT = 9997
@@ -103,6 +105,7 @@ http {{
     scgi_temp_path {d}/scgi;
     server {{
         listen {addr}:80;
+        listen [{addr6}]:80;
         location / {{ return 200 "MARKER-TUNNEL host=$host from=$remote_addr\\n"; }}
     }}
 }}
@@ -126,24 +129,29 @@ def tunnel(lab: Lab) -> Iterator[Tunnel]:
         kernel = _add_peer_interface(lab, logs, procs)
         for argv in (
             ["wg", "set", PEER_IF, "private-key", str(logs / "peer.key"), "listen-port",
-             str(WG_PORT), "peer", good_public, "allowed-ips", f"{MIRAGE_ADDR}/32"],
+             str(WG_PORT), "peer", good_public, "allowed-ips",
+             f"{MIRAGE_ADDR}/32,{MIRAGE_ADDR6}/128"],
             ["ip", "addr", "add", f"{PEER_ADDR}/24", "dev", PEER_IF],
+            ["ip", "-6", "addr", "add", f"{PEER_ADDR6}/64", "dev", PEER_IF],
             ["ip", "link", "set", PEER_IF, "up"],
         ):
             lab.exec("upstream", argv, check=True)
         web = logs / "nginx"
         web.mkdir(exist_ok=True)
-        (web / "nginx.conf").write_text(NGINX_CONF.format(d=web, addr=PEER_ADDR))
+        (web / "nginx.conf").write_text(NGINX_CONF.format(d=web, addr=PEER_ADDR,
+                                                          addr6=PEER_ADDR6))
         with open(logs / "servers.log", "wb") as out:
             procs.append(lab.popen("upstream", ["nginx", "-c", str(web / "nginx.conf"), "-p",
                                                 str(web)], stdout=out, stderr=subprocess.STDOUT))
             procs.append(lab.popen("upstream", [
-                "dnsmasq", "-k", "-p", str(DNS_PORT), f"--listen-address={PEER_ADDR}",
+                "dnsmasq", "-k", "-p", str(DNS_PORT), f"--listen-address={PEER_ADDR},{PEER_ADDR6}",
                 "--bind-interfaces", "--no-resolv", "--no-hosts",
-                f"--address=/wg.test/{PEER_ADDR}", f"--pid-file={logs}/dnsmasq.pid"],
+                f"--address=/wg.test/{PEER_ADDR}", f"--address=/wg.test/{PEER_ADDR6}",
+                f"--pid-file={logs}/dnsmasq.pid"],
                 stdout=out, stderr=subprocess.STDOUT))
         echo = lab.popen("upstream", [sys.executable, str(ECHO), "--tag", "--max-seconds", "600",
-                                      f"{PEER_ADDR}:{ECHO_PORT}"],
+                                      f"{PEER_ADDR}:{ECHO_PORT}",
+                                      f"[{PEER_ADDR6}]:{ECHO_PORT}"],
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         procs.append(echo)
         assert echo.stdout is not None and echo.stdout.readline().strip() == b"ready"
@@ -172,7 +180,8 @@ def wg_proxies(lab: Lab, t: Tunnel) -> list[dict[str, Any]]:
     common = {"type": "wireguard", "server": server, "port": WG_PORT, "ip": MIRAGE_ADDR,
               "public-key": t.peer_public, "udp": True, "mtu": 1400}
     return [
-        {"name": GOOD, **common, "private-key": t.good_private, "remote-dns-resolve": True,
+        {"name": GOOD, **common, "ipv6": MIRAGE_ADDR6, "private-key": t.good_private,
+         "remote-dns-resolve": True,
          "dns": [f"{PEER_ADDR}:{DNS_PORT}"]},
         # A key the peer does not know: names resolve through Mirage's resolver.
         {"name": BAD, **common, "private-key": t.bad_private},
@@ -229,12 +238,14 @@ def test_http_through_the_tunnel_by_its_dns(lab: Lab, mirage: MirageRun) -> None
     assert direct.returncode != 0
     rc, body, _ = curl(lab, "http://www.wg.test/")
     assert rc == 0, (body, mirage.log_text()[-2000:])
-    # Came out of the tunnel with Mirage's tunnel address, asked by name.
-    assert "MARKER-TUNNEL host=www.wg.test from=" + MIRAGE_ADDR in body
+    # Came out of the tunnel from Mirage's tunnel address, asked by name: the
+    # tunnel's DNS answered A and AAAA, and IPv6 goes first (RFC 8305).
+    assert "MARKER-TUNNEL host=www.wg.test from=" + MIRAGE_ADDR6 in body
     # The interface and its rule, as `ip` and `wg` show them.
     good = interface_name(GOOD)
     assert good in links(lab)
-    assert good in our_rules(lab) and MIRAGE_ADDR in our_rules(lab)
+    assert sorted(r for r in our_rules(lab) if r != interface_name(BAD)) == sorted(
+        [good, good, MIRAGE_ADDR, MIRAGE_ADDR6, MIRAGE_ADDR])  # oif v4+v6; from each
     shown = lab.exec("gateway", ["wg", "show", good, "latest-handshakes"], check=True).stdout
     _peer, when = shown.split()
     assert int(when) > 0  # a handshake completed
@@ -247,6 +258,7 @@ def test_udp_dig_and_echo_through_the_tunnel(lab: Lab, mirage: MirageRun) -> Non
     assert FAKE.match(fake), fake
     # dnsmasq behind the tunnel, asked through Mirage's fake IP for it.
     assert dig(lab, f"@{fake}", "-p", str(DNS_PORT), "+short", "anything.wg.test") == PEER_ADDR
+    assert dig(lab, f"@{fake}", "-p", str(DNS_PORT), "+short", "AAAA", "x.wg.test") == PEER_ADDR6
     script = (
         "import json, socket, sys\n"
         "ip = socket.getaddrinfo('echo.wg.test', 9997, socket.AF_INET)[0][4][0]\n"
@@ -263,8 +275,8 @@ def test_udp_dig_and_echo_through_the_tunnel(lab: Lab, mirage: MirageRun) -> Non
     out = lab.exec("client", [sys.executable, "-c", script], timeout=20)
     ip, reply = json.loads(out.stdout)
     assert FAKE.match(ip)
-    assert reply is not None and reply.startswith(f"ping-wg from={MIRAGE_ADDR}:"), reply
-    assert reply.endswith(f"to={PEER_ADDR}:{ECHO_PORT}")
+    assert reply is not None and reply.startswith(f"ping-wg from={MIRAGE_ADDR6}:"), reply
+    assert reply.endswith(f"to={PEER_ADDR6}:{ECHO_PORT}")
 
 
 def test_wrong_key_fails_within_connect_timeout_saying_why(lab: Lab, mirage: MirageRun) -> None:
@@ -296,7 +308,8 @@ def test_reload_keeps_an_unchanged_interface_and_removes_a_dropped_one(
     reload(mirage)
     wait_for(lambda: bad not in links(lab), "the dropped proxy's interface removed")
     assert links(lab)[good]["ifindex"] == index  # untouched: its flows go on
-    assert sorted(our_rules(lab)) == sorted([good, MIRAGE_ADDR])
+    wait_for(lambda: sorted(our_rules(lab)) == sorted([good, good, MIRAGE_ADDR, MIRAGE_ADDR6]),
+             f"only the remaining interface's rules: {our_rules(lab)}")
     assert curl(lab, "http://www.wg.test/")[0] == 0
     # Back again: made anew by a run that has dropped its setup capabilities.
     mirage.config["proxies"] = proxies
@@ -314,7 +327,7 @@ def test_stop_and_cleanup_remove_interfaces_and_rules(lab: Lab, mirage: MirageRu
     assert our_rules(lab) == []
     # A crash: SIGKILL leaves the rules (and a kernel interface) behind.
     mirage.start()
-    wait_for(lambda: names <= set(links(lab)) and len(our_rules(lab)) == 4,
+    wait_for(lambda: names <= set(links(lab)) and len(our_rules(lab)) == 6,
              "interfaces up after the restart")
     mirage.kill()
     assert our_rules(lab) != []
