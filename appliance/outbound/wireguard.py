@@ -11,8 +11,9 @@ app prepares its proxies, `prepare`) and kept until no proxy names it.
 Names (as mihomo does): a flow to a name is resolved by Mirage's resolver
 and the address is sent through the tunnel; with `remote-dns-resolve` and
 `dns`, the name is asked of those servers through the tunnel instead
-(A, and AAAA when the interface has an IPv6 address). Addresses of a family
-the interface has no address in are not tried.
+(A, and AAAA when the interface has an IPv6 address; answers kept for their
+TTL, 5 to 300 s). Addresses of a family the interface has no address in are
+not tried; IPv6 ones go first (RFC 8305's order, without the race).
 
 UDP (`udp: true`, off by default as in mihomo): one bound UDP socket per
 flow, connected to the destination.
@@ -70,6 +71,12 @@ SO_BINDTODEVICE: int = getattr(socket, "SO_BINDTODEVICE", 25)
 CONNECT_SHARE = 0.9
 # One question to one tunnel DNS server, before the next server is asked.
 DNS_ATTEMPT = 2.0
+# Tunnel DNS answers are kept for their TTL, within these bounds (a burst
+# of UDP sessions to one name costs one question), for at most this many
+# names (oldest dropped).
+DNS_TTL_MIN = 5.0
+DNS_TTL_MAX = 300.0
+DNS_CACHE_SIZE = 4096
 
 
 def bind_to(sock: socket.socket, ifname: str) -> None:
@@ -99,6 +106,8 @@ class WireguardOutbound:
         self.devices = devices
         self.carries_udp = udp
         self.plan: DevicePlan | None = None
+        # remote-dns-resolve answers: name -> (addresses, until when).
+        self._answers: dict[str, tuple[list[IPAddress], float]] = {}
 
     @classmethod
     def from_config(cls, p: ProxyConfig, env: OutboundEnv) -> WireguardOutbound:
@@ -218,22 +227,37 @@ class WireguardOutbound:
         return usable
 
     async def _resolve_remote(self, name: str) -> list[IPAddress]:
-        """`name` asked of the `dns` servers through the tunnel, in order."""
+        """`name` asked of the `dns` servers through the tunnel, in order
+        (kept for the answer's TTL, within DNS_TTL_MIN..DNS_TTL_MAX)."""
+        key = name.rstrip(".").lower()
+        now = trio.current_time()
+        kept = self._answers.get(key)
+        if kept is not None and kept[1] > now:
+            return kept[0]
         errors: list[str] = []
         for server in self.options.dns:
             found: list[IPAddress] = []
+            ttls: list[int] = []
             for family in sorted(self.families, reverse=True):
                 try:
-                    found += await self._ask(server, name, family)
+                    addresses, ttl = await self._ask(server, name, family)
                 except (OSError, ValueError) as e:
                     errors.append(f"{server[0]}: {e}")
+                    continue
+                found += addresses
+                if addresses:
+                    ttls.append(ttl)
             if found:
+                if len(self._answers) >= DNS_CACHE_SIZE:
+                    self._answers.pop(next(iter(self._answers)))
+                keep = min(max(min(ttls), DNS_TTL_MIN), DNS_TTL_MAX)
+                self._answers[key] = (found, trio.current_time() + keep)
                 return found
         raise OutboundError(f"{self.name}: cannot resolve {name} through the tunnel: "
                             + ("; ".join(errors) or "no address records"))
 
     async def _ask(self, server: tuple[IPAddress, int], name: str, family: int
-                   ) -> list[IPAddress]:
+                   ) -> tuple[list[IPAddress], int]:
         addr, port = server
         sock = udp_socket(socket.AF_INET6 if addr.version == 6 else socket.AF_INET, self.mark)
         try:
@@ -246,7 +270,7 @@ class WireguardOutbound:
                     await trio.lowlevel.wait_readable(sock)
                     answer = dns_answer(sock.recv(65535), qid, family)
                     if answer is not None:
-                        return answer[0]
+                        return answer
             raise OSError(errno.ETIMEDOUT, f"no answer within {DNS_ATTEMPT:g}s")
         finally:
             sock.close()
