@@ -55,9 +55,10 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 def cmd_rules(args: argparse.Namespace) -> int:
     from appliance.capture.backend import render_plan
+    from appliance.outbound.wireguard import render_plans
 
     cfg = _load(args.config)
-    print(render_plan(cfg), end="")
+    print(render_plan(cfg) + render_plans(cfg.proxies, cfg.routing_mark), end="")
     return EXIT_OK
 
 

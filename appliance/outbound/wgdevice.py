@@ -371,6 +371,31 @@ def _kernel_handshakes(ifname: str) -> dict[str, int]:
     return out
 
 
+def describe(plan: DevicePlan) -> list[str]:
+    """The equivalent `ip` / `wg` commands of `plan`, for `mirage rules`
+    (keys are not shown)."""
+    name = plan.ifname
+    out = [f"ip link add {name} type wireguard   # or: wireguard-go {name}",
+           f"wg set {name} private-key <private-key> fwmark {plan.fwmark:#x}"]
+    for peer in plan.peers:
+        psk = " preshared-key <pre-shared-key>" if peer.pre_shared_key else ""
+        keepalive = (f" persistent-keepalive {peer.persistent_keepalive}"
+                     if peer.persistent_keepalive else "")
+        out.append(f"wg set {name} peer {peer.public_key}{psk} endpoint {peer.endpoint_text}"
+                   f"{keepalive} allowed-ips {','.join(peer.allowed_ips)}")
+    out += [f"ip addr add {address} dev {name}" for address in plan.addresses]
+    out.append(f"ip link set {name} mtu {plan.mtu} up")
+    for family, dst in _families(plan):
+        ip = "ip -6" if family == socket.AF_INET6 else "ip"
+        out.append(f"{ip} route add {dst} dev {name} table {plan.table}")
+        out.append(f"{ip} rule add oif {name} lookup {plan.table} priority {RULE_PRIORITY}")
+    for address in plan.addresses:
+        ip = "ip -6" if ":" in address else "ip"
+        out.append(f"{ip} rule add from {address.split('/')[0]} lookup {plan.table} "
+                   f"priority {RULE_PRIORITY + 1}")
+    return out
+
+
 def _is_our_table(table: object) -> bool:
     return isinstance(table, int) and TABLE_BASE <= table <= TABLE_BASE + 0xFFFF
 

@@ -31,6 +31,7 @@ interface that cannot be made fails the flow with the reason
 from __future__ import annotations
 
 import errno
+import ipaddress
 import logging
 import os
 import random
@@ -51,7 +52,7 @@ from appliance.outbound.base import (
     no_udp,
     udp_socket,
 )
-from appliance.outbound.wgdevice import DEVICES, WireguardDevices, WireguardError
+from appliance.outbound.wgdevice import DEVICES, WireguardDevices, WireguardError, describe
 from appliance.proto.wireguard import (
     DevicePlan,
     device_plan,
@@ -274,6 +275,29 @@ class WireguardOutbound:
             raise OSError(errno.ETIMEDOUT, f"no answer within {DNS_ATTEMPT:g}s")
         finally:
             sock.close()
+
+
+def render_plans(proxies: Iterable[ProxyConfig], mark: int | None) -> str:
+    """What `mirage rules` shows for the WireGuard proxies of a config: each
+    interface as the equivalent `ip`/`wg` commands (a server name stands
+    for the address it will resolve to)."""
+    out = []
+    for p in proxies:
+        if not isinstance(p.options, WireguardOptions):
+            continue
+        peers = effective_peers(p.options, p.server, p.port)
+        # A placeholder address for names: shown as the name below.
+        plan = device_plan(p.name, p.options, peers,
+                           tuple(as_ip(peer.server) or ipaddress.ip_address("0.0.0.0")
+                                 for peer in peers), mark)
+        lines = describe(plan)
+        for peer in peers:
+            if as_ip(peer.server) is None:
+                lines = [line.replace(f"endpoint 0.0.0.0:{peer.port}",
+                                      f"endpoint {peer.server}:{peer.port}") for line in lines]
+        out.append(f"# WireGuard proxy {p.name!r} (made with pyroute2 or wireguard-go; "
+                   "equivalent commands):\n" + "".join(f"#   {line}\n" for line in lines))
+    return "\n" + "\n".join(out) if out else ""
 
 
 async def prepare_all(outbounds: Iterable[object], devices: WireguardDevices = DEVICES,

@@ -23,7 +23,7 @@ from appliance.config.render import effective_config
 from appliance.lab.reference import mihomo_binary
 from appliance.outbound.base import OutboundEnv
 from appliance.outbound.build import BUILDERS
-from appliance.outbound.wireguard import WireguardOutbound
+from appliance.outbound.wireguard import WireguardOutbound, render_plans
 from appliance.proto.wireguard import (
     IFNAMSIZ,
     TABLE_BASE,
@@ -245,3 +245,15 @@ def test_outbound_without_touching_the_kernel() -> None:
     out = WireguardOutbound.from_config(cfg.proxies[0], OutboundEnv(None, 255, 5.0))
     assert out.type == "WireGuard" and not out.carries_udp  # udp is off unless asked
     assert out.ifname == interface_name("wg") and out.families == {4}
+
+
+def test_mirage_rules_shows_the_interface_without_its_keys() -> None:
+    cfg = parse_config(profile(server="wg.example", **{"pre-shared-key": PSK}))
+    text = render_plans(cfg.proxies, 255)
+    name = interface_name("wg")
+    assert f"ip link add {name} type wireguard" in text
+    assert "endpoint wg.example:2480 allowed-ips 0.0.0.0/0" in text
+    assert f"ip rule add oif {name} lookup {route_table(name)} priority 31900" in text
+    assert f"ip rule add from 172.16.0.2 lookup {route_table(name)}" in text
+    assert PRIV not in text and PSK not in text and "fwmark 0xff" in text
+    assert render_plans(parse_config({**NO_DNS}).proxies, None) == ""
