@@ -105,7 +105,11 @@ class WireguardOutbound:
         # remote-dns-resolve (never the system resolver).
         self.dialer = Dialer(env.resolve, env.routing_mark, ipv6=env.ipv6)
         self.devices = devices
-        self.carries_udp = udp
+        # A relay group's later hop (`env.via`): the kernel sends the
+        # tunnel's UDP itself, so it cannot ride the hop before it
+        # (`dialer-proxy` is refused at load for the same reason).
+        self.relayed = env.via is not None
+        self.carries_udp = udp and not self.relayed
         self.plan: DevicePlan | None = None
         # remote-dns-resolve answers: name -> (addresses, until when).
         self._answers: dict[str, tuple[list[IPAddress], float]] = {}
@@ -120,6 +124,10 @@ class WireguardOutbound:
     async def prepare(self) -> DevicePlan:
         """The interface up as the options say (made on first use). Raises
         OutboundError naming why it cannot be."""
+        if self.relayed:
+            await trio.lowlevel.checkpoint()
+            raise OutboundError(f"{self.name}: a WireGuard proxy cannot be a later hop of a "
+                                "relay (the kernel sends its UDP, not the hop before it)")
         plan = self.plan
         if plan is None or plan.ifname not in self.devices.devices:
             endpoints = []
@@ -307,7 +315,7 @@ async def prepare_all(outbounds: Iterable[object], devices: WireguardDevices = D
     the interfaces no longer named (a reload that dropped a proxy).
     Returns the names of the interfaces that are up."""
     ours: Sequence[WireguardOutbound] = [o for o in outbounds
-                                          if isinstance(o, WireguardOutbound)]
+                                          if isinstance(o, WireguardOutbound) and not o.relayed]
     up = []
     async with devices.sync_lock:
         for outbound in ours:

@@ -21,7 +21,7 @@ from appliance.config.loader import ConfigError, parse_config
 from appliance.config.protocols.wireguard import WireguardOptions
 from appliance.config.render import effective_config
 from appliance.lab.reference import mihomo_binary
-from appliance.outbound.base import OutboundEnv
+from appliance.outbound.base import OutboundEnv, OutboundError
 from appliance.outbound.build import BUILDERS
 from appliance.outbound.wireguard import WireguardOutbound, render_plans
 from appliance.proto.wireguard import (
@@ -257,3 +257,13 @@ def test_mirage_rules_shows_the_interface_without_its_keys() -> None:
     assert f"ip rule add from 172.16.0.2 lookup {route_table(name)}" in text
     assert PRIV not in text and PSK not in text and "fwmark 0xff" in text
     assert render_plans(parse_config({**NO_DNS}).proxies, None) == ""
+
+
+async def test_a_relay_hop_fails_with_the_reason_and_carries_no_udp() -> None:
+    cfg = parse_config(profile(udp=True))
+    hop = WireguardOutbound.from_config(cfg.proxies[0], OutboundEnv(None, None, 1.0))
+    relayed = WireguardOutbound.from_config(cfg.proxies[0],
+                                            OutboundEnv(None, None, 1.0, via=hop))
+    assert hop.carries_udp and not relayed.carries_udp
+    with pytest.raises(OutboundError, match="cannot be a later hop of a relay"):
+        await relayed.connect_tcp("www.example.test", 80)
