@@ -22,6 +22,7 @@ gone; after SIGKILL, `mirage cleanup` removes what is left.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -52,6 +53,7 @@ WG_PORT = 51820
 DNS_PORT = 5353
 ECHO_PORT = 9997
 CONNECT_TIMEOUT = 3.0
+BIG_BYTES = 4 << 20
 # Unique per test process: wireguard-go's control sockets share one directory
 # across namespaces, so concurrent runs must not pick the same names.
 GOOD = f"wg-good-{os.getpid()}"
@@ -106,6 +108,7 @@ http {{
     server {{
         listen {addr}:80;
         listen [{addr6}]:80;
+        location = /big {{ default_type application/octet-stream; alias {d}/big.bin; }}
         location / {{ return 200 "MARKER-TUNNEL host=$host from=$remote_addr\\n"; }}
     }}
 }}
@@ -138,6 +141,7 @@ def tunnel(lab: Lab) -> Iterator[Tunnel]:
             lab.exec("upstream", argv, check=True)
         web = logs / "nginx"
         web.mkdir(exist_ok=True)
+        (web / "big.bin").write_bytes(os.urandom(BIG_BYTES))
         (web / "nginx.conf").write_text(NGINX_CONF.format(d=web, addr=PEER_ADDR,
                                                           addr6=PEER_ADDR6))
         with open(logs / "servers.log", "wb") as out:
@@ -251,6 +255,13 @@ def test_http_through_the_tunnel_by_its_dns(lab: Lab, mirage: MirageRun) -> None
     assert int(when) > 0  # a handshake completed
     mtu = links(lab)[good]["mtu"]
     assert mtu == 1400
+
+
+def test_bulk_download_through_the_tunnel(lab: Lab, mirage: MirageRun) -> None:
+    big = (lab.state_dir / "wireguard" / "nginx" / "big.bin").read_bytes()
+    out = lab.exec("client", ["sh", "-c", "curl -s -m 20 http://www.wg.test/big | sha256sum"],
+                   timeout=30)
+    assert out.stdout.split()[0] == hashlib.sha256(big).hexdigest()
 
 
 def test_udp_dig_and_echo_through_the_tunnel(lab: Lab, mirage: MirageRun) -> None:
