@@ -112,13 +112,19 @@ def test_zero_reserved_is_what_the_kernel_sends() -> None:
     ({"public-key": None}, "proxies[0].public-key", "required"),
     ({"peers": [{"server": "a.example", "port": 1, "public-key": PUB}]},
      "proxies[0].peers[0].allowed-ips", "required"),
-    ({"keepalive": 25}, "proxies[0].keepalive", "unknown key"),
 ])
 def test_bad_values_name_their_key(extra: dict[str, Any], path: str, why: str) -> None:
     with pytest.raises(ConfigError) as err:
         parse_config(profile(**extra))
     assert err.value.path == path and why in err.value.reason
     assert PRIV not in str(err.value)  # keys never printed
+
+
+def test_an_unknown_key_is_reported_with_a_did_you_mean() -> None:
+    cfg = parse_config(profile(**{"persistent-keepalives": 25}))
+    assert options(cfg).persistent_keepalive == 0
+    assert any("persistent-keepalives" in i and "did you mean 'persistent-keepalive'" in i
+               for i in cfg.ignored_keys), cfg.ignored_keys
 
 
 def test_dns_only_with_remote_dns_resolve_and_plain_servers() -> None:
