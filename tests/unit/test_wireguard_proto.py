@@ -83,13 +83,29 @@ def test_peers_list_replaces_the_top_level_peer() -> None:
     assert [str(n) for n in peer.allowed_ips] == ["10.0.0.0/8", "fd00::/8"]
 
 
-@pytest.mark.parametrize(("extra", "why"), [
+# What mihomo loads but the kernel cannot do (or no interface takes): the
+# proxy is skipped with the reason.
+SKIPPED: list[tuple[dict[str, Any], str]] = [
     ({"reserved": [209, 98, 59]}, "reserved bytes other than zeros"),
     ({"reserved": "U4An"}, "reserved bytes other than zeros"),
-    ({"amnezia-wg-option": {"jc": 5, "jmin": 500, "jmax": 501}}, "amnezia-wg-option"),
-    ({"dialer-proxy": "other"}, "dialer-proxy"),
+    ({"amnezia-wg-option": {"jc": 5, "jmin": 500, "jmax": 501, "s1": 30, "s2": 40,
+                            "h1": 1, "h2": 2, "h3": 3, "h4": 4}}, "amnezia-wg-option"),
+    ({"private-key": "c2hvcnQ="}, "private-key of 5 bytes"),
+    ({"pre-shared-key": "c2hvcnQ="}, "pre-shared-key of 5 bytes"),
+    ({"mtu": 100}, "mtu 100"),
     ({"remote-dns-resolve": True, "dns": ["https://1.1.1.1/dns-query"]}, "remote-dns-resolve"),
-])
+]
+# What mihomo refuses too: the whole profile, with the key's path.
+REFUSED: list[tuple[dict[str, Any], str, str]] = [
+    ({"public-key": "not base64!"}, "proxies[0].public-key", "not base64"),
+    ({"ip": None}, "proxies[0].ip", "required"),
+    ({"reserved": [1, 2]}, "proxies[0].reserved", "3 bytes"),
+    ({"peers": [{"server": "a.example", "port": 1, "public-key": PUB}]},
+     "proxies[0].peers[0].allowed-ips", "required"),
+]
+
+
+@pytest.mark.parametrize(("extra", "why"), [*SKIPPED, ({"dialer-proxy": "other"}, "dialer-proxy")])
 def test_what_the_kernel_cannot_send_skips_the_proxy(extra: dict[str, Any], why: str) -> None:
     cfg = parse_config({**profile(**extra), "proxy-groups": [
         {"name": "g", "type": "select", "proxies": ["wg", "DIRECT"]}], "rules": ["MATCH,g"]})
@@ -103,15 +119,9 @@ def test_zero_reserved_is_what_the_kernel_sends() -> None:
 
 
 @pytest.mark.parametrize(("extra", "path", "why"), [
-    ({"private-key": "c2hvcnQ="}, "proxies[0].private-key", "32 bytes"),
-    ({"public-key": "not base64!"}, "proxies[0].public-key", "not base64"),
-    ({"ip": None}, "proxies[0].ip", "required"),
+    *REFUSED,
     ({"ip": "fd00::1"}, "proxies[0].ip", "not an IPv4 address"),
-    ({"reserved": [1, 2]}, "proxies[0].reserved", "3 bytes"),
-    ({"mtu": 100}, "proxies[0].mtu", ""),
     ({"public-key": None}, "proxies[0].public-key", "required"),
-    ({"peers": [{"server": "a.example", "port": 1, "public-key": PUB}]},
-     "proxies[0].peers[0].allowed-ips", "required"),
 ])
 def test_bad_values_name_their_key(extra: dict[str, Any], path: str, why: str) -> None:
     with pytest.raises(ConfigError) as err:
@@ -150,6 +160,30 @@ def test_render_round_trips_and_redacts() -> None:
     again = parse_config({**NO_DNS, "proxies": [effective_config(cfg, redact=False)["proxies"][0]],
                           "rules": ["MATCH,wg"]})
     assert again.proxies == cfg.proxies
+
+
+def mihomo_loads(cfg: dict[str, Any], home: Path) -> tuple[bool, str]:
+    home.mkdir(exist_ok=True)
+    (home / "config.yaml").write_text(yaml.safe_dump(cfg))
+    run = subprocess.run([str(mihomo_binary()), "-t", "-d", str(home)],
+                         capture_output=True, text=True, timeout=60)
+    return run.returncode == 0, run.stdout + run.stderr
+
+
+def test_mihomo_refuses_what_mirage_refuses_and_loads_what_it_skips(tmp_path: Path) -> None:
+    for i, (extra, path, _) in enumerate(REFUSED):
+        ok, said = mihomo_loads(profile(**extra), tmp_path / f"refused{i}")
+        assert not ok, (path, said)
+    skipped = {**NO_DNS, "proxies": [
+        {**profile(**extra)["proxies"][0], "name": f"wg{i}"} for i, (extra, _) in
+        enumerate(SKIPPED)], "rules": ["MATCH,DIRECT"]}
+    ok, said = mihomo_loads(skipped, tmp_path / "skipped")
+    assert ok, said
+    assert parse_config(skipped).proxies == ()
+
+
+def test_mtu_zero_is_mihomos_default() -> None:
+    assert options(parse_config(profile(mtu=0))).mtu == 1408
 
 
 def test_mihomo_accepts_the_profiles_mirage_loads(tmp_path: Path) -> None:

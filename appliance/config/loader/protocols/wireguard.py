@@ -12,9 +12,13 @@ tunnel (WireguardOptions), read as mihomo reads them.
   `remote-dns-resolve` with `dns` (plain DNS servers: an address, with an
   optional `:port` or `udp://` in front).
 
-What Mirage's WireGuard (the kernel's, or wireguard-go's where the kernel
-has none) cannot send makes the proxy unusable (UnusableProxy: skipped
-with the reason, as the registry does for every protocol):
+What mihomo refuses is a ConfigError here too (a key that is not base64,
+`reserved` not 3 bytes, no `ip`/`ipv6`, a peer without `allowed-ips`).
+What mihomo loads but Mirage's WireGuard (the kernel's, or wireguard-go's
+where the kernel has none) cannot do makes the proxy unusable
+(UnusableProxy: skipped with the reason, as the registry does for every
+protocol): a key of another length than 32 bytes or an `mtu` no interface
+takes (mihomo fails every flow of those),
 `amnezia-wg-option` (AmneziaWG's junk packets and changed headers are not
 WireGuard), `reserved` bytes other than zeros (Cloudflare WARP's client id
 in the three reserved header bytes: the kernel always sends zeros there),
@@ -52,20 +56,34 @@ KEYS = ("ip", "ipv6", "private-key", "public-key", "pre-shared-key", "reserved",
 IGNORED = ("workers", "refresh-server-ip-interval")
 PEER_KEYS = ("server", "port", "public-key", "pre-shared-key", "reserved", "allowed-ips")
 DEFAULT_MTU = 1408
+MIN_MTU, MAX_MTU = 576, 65535
 KEY_BYTES = 32
 
 
 def wg_key(value: Any, path: str) -> str:
-    """A WireGuard key: base64 of 32 bytes (returned as written, trimmed)."""
+    """A WireGuard key: base64 of 32 bytes (returned as written, trimmed).
+    Text that is not base64 is a ConfigError (mihomo refuses the profile);
+    base64 of another length makes the proxy unusable (mihomo loads it and
+    fails its every flow)."""
     text = as_nonempty_str(value, path).strip()
     try:
         raw = base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):
         raise ConfigError(path, "<redacted>", "not base64 (a WireGuard key)") from None
     if len(raw) != KEY_BYTES:
-        raise ConfigError(path, "<redacted>",
-                          f"a WireGuard key is {KEY_BYTES} bytes, this one {len(raw)}")
+        raise UnusableProxy(f"{path.rsplit('.', 1)[-1]} of {len(raw)} bytes (a WireGuard "
+                            f"key is {KEY_BYTES})")
     return text
+
+
+def _mtu(value: Any, path: str) -> int:
+    mtu = as_int(value, path, 0, 1 << 31)
+    if mtu == 0:
+        return DEFAULT_MTU  # mihomo's zero value: its default
+    if not MIN_MTU <= mtu <= MAX_MTU:
+        # mihomo takes any number here; an interface takes only these.
+        raise UnusableProxy(f"mtu {mtu} (an interface's MTU is {MIN_MTU}..{MAX_MTU})")
+    return mtu
 
 
 def reserved_value(value: Any, path: str) -> bytes:
@@ -181,7 +199,7 @@ def parse(sec: Section) -> WireguardOptions:
     options = WireguardOptions(
         private_key=private_key, ip=ip, ipv6=ipv6, public_key=public_key,
         pre_shared_key=pre_shared_key, peers=peers,
-        mtu=sec.get("mtu", lambda v, p: as_int(v, p, 576, 65535), DEFAULT_MTU),
+        mtu=sec.get("mtu", _mtu, DEFAULT_MTU),
         persistent_keepalive=sec.get("persistent-keepalive",
                                      lambda v, p: as_int(v, p, 0, 65535), 0),
         remote_dns_resolve=remote_dns and bool(dns), dns=tuple(dns),
