@@ -446,10 +446,7 @@ class FlowRecord:
         self.inbound = flow.inbound
         self.outbound = flow.outbound
         self.chains = flow.chains
-        if flow.rule is not None:
-            self.rule, self.rule_payload = flow.rule.type, flow.rule.value
-        elif flow.outbound:
-            self.rule = "MATCH"  # no rule matched: the default, as mihomo shows it
+        self.rule, self.rule_payload = flow.rule_shown()
 
     def add_up(self, n: int) -> None:
         self.up += n
