@@ -50,7 +50,7 @@ HERE = Path(__file__).parent
 RESOLVER = "192.168.57.54"  # added to the upstream node: dnsmasq, rule-sets, the proxies
 SETS_PORT = 18190
 # Addresses the resolver hands out, each on the upstream node's loopback.
-REAL = {"cn": "114.114.114.114", "us": "9.9.9.9", "cidr": "203.0.113.5",
+REAL = {"cn": "114.114.114.114", "us": "9.9.9.9", "asn": "1.1.1.1", "cidr": "203.0.113.5",
         "cl-ip": "198.51.100.5", "nr": "192.0.2.7"}
 WEB, LOGIC, PORT_RULE, NOT_RULE, UDP = 18080, 18443, 12222, 13333, 15353
 SS_PASSWORD = "differential"
@@ -80,10 +80,12 @@ RULES = [
     "IP-CIDR,198.18.0.0/16,dead,no-resolve",
     # Before any rule resolves: a fake-IP flow has no address to match.
     "IP-CIDR,192.0.2.0/24,dead,no-resolve",
+    "GEOIP,CN,dead,no-resolve",
     "DOMAIN,exact.diff.test,Sel",
     "DOMAIN-SUFFIX,suffix.diff.test,Auto",
     "DOMAIN-KEYWORD,kwmatch,Fall",
     "DOMAIN-REGEX,^re[0-9]+\\.diff\\.test$,Balance",
+    "DOMAIN-WILDCARD,*.wild?.diff.test,socks-a",
     f"AND,((DOMAIN-SUFFIX,logic.diff.test),(DST-PORT,{LOGIC})),Chain",
     "AND,((NETWORK,udp),(DOMAIN-SUFFIX,udp.diff.test)),ss-c",
     "OR,((DOMAIN,or1.diff.test),(DOMAIN,or2.diff.test)),Nested",
@@ -96,6 +98,7 @@ RULES = [
     "RULE-SET,classic_set,Fall",
     "GEOIP,CN,ss-c",
     "GEOIP,US,Sel",
+    "IP-ASN,13335,Fall",
     "IP-CIDR,192.0.2.0/24,socks-b",
     f"DST-PORT,{PORT_RULE},Fall",
     "NETWORK,udp,Sel",
@@ -145,7 +148,8 @@ FLOWS = [
     Flow("a.sub.diff.test"), Flow("b.sub.diff.test"), Flow("y.yaml.diff.test"),
     Flow("t.text.diff.test"), Flow("m.mrs.diff.test"), Flow("www.bilibili.com"),
     Flow("cidr.diff.test"), Flow("c.classic.diff.test"), Flow("cl-ip.diff.test"),
-    Flow("cn.diff.test"), Flow("us.diff.test"), Flow("nr.diff.test"),
+    Flow("cn.diff.test"), Flow("us.diff.test"), Flow("asn.diff.test"), Flow("nr.diff.test"),
+    Flow("a.wild1.diff.test"), Flow("wild1.diff.test"),
     Flow("port.diff.test", PORT_RULE), Flow("not.diff.test", NOT_RULE), Flow("other.diff.test"),
     Flow("or1.diff.test", UDP, "udp"), Flow("x.udp.diff.test", UDP, "udp"),
     Flow("b.sub.diff.test", UDP, "udp"), Flow("x.logic.diff.test", LOGIC, "udp"),
@@ -365,7 +369,8 @@ def test_the_flows_reach_every_kind_of_rule(mihomo_seen: dict[str, Seen]) -> Non
     every group type."""
     rules = {rule for _, rule, _ in mihomo_seen.values()}
     groups = {chain[-1] for chain, _, _ in mihomo_seen.values()}
-    assert {"Domain", "DomainSuffix", "DomainKeyword", "DomainRegex", "AND", "OR",
+    assert {"Domain", "DomainSuffix", "DomainKeyword", "DomainRegex", "DomainWildcard",
+            "IPASN", "AND", "OR",
             "SubRules", "RuleSet", "GeoSite", "GeoIP", "IPCIDR", "DstPort", "Network", "NOT",
             "Match"} <= rules, rules
     assert {"Sel", "Auto", "Fall", "Balance", "Chain", "Nested"} <= groups, groups
