@@ -265,10 +265,9 @@ def world(lab: Lab, tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]
     box = SingBox(lab, [
         {"type": "socks", "tag": "a", "listen": RESOLVER, "listen_port": 18201},
         {"type": "socks", "tag": "b", "listen": RESOLVER, "listen_port": 18202},
-        # On its address, not the wildcard: a UDP reply from a wildcard socket
-        # leaves from the node's first address, and a gateway's socket
-        # connected to the server's address does not take it.
-        {"type": "shadowsocks", "tag": "c", "listen": RESOLVER, "listen_port": 18203,
+        # On the wildcard: its UDP replies leave from the node's first
+        # address, not the one the gateways send to (both must take them).
+        {"type": "shadowsocks", "tag": "c", "listen": "::", "listen_port": 18203,
          "method": "aes-128-gcm", "password": SS_PASSWORD},
     ], name="sb-differential")
     # The proxies resolve with the test's resolver, as the gateways do.
