@@ -262,11 +262,11 @@ def world(lab: Lab, tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]
     resolver = [f"--address=/diff.test/{RESOLVER}", f"--address=/www.bilibili.com/{RESOLVER}",
                 f"--address=/www.alpha.test/{lab.addr('upstream')}",
                 *(f"--address=/{name}.diff.test/{ip}" for name, ip in REAL.items())]
+    # On the wildcard, as most servers are: UDP replies leave from the
+    # node's first address, not the one the gateways sent to.
     box = SingBox(lab, [
-        {"type": "socks", "tag": "a", "listen": RESOLVER, "listen_port": 18201},
-        {"type": "socks", "tag": "b", "listen": RESOLVER, "listen_port": 18202},
-        # On the wildcard: its UDP replies leave from the node's first
-        # address, not the one the gateways send to (both must take them).
+        {"type": "socks", "tag": "a", "listen": "::", "listen_port": 18201},
+        {"type": "socks", "tag": "b", "listen": "::", "listen_port": 18202},
         {"type": "shadowsocks", "tag": "c", "listen": "::", "listen_port": 18203,
          "method": "aes-128-gcm", "password": SS_PASSWORD},
     ], name="sb-differential")
