@@ -13,7 +13,12 @@ The lab for it, all started and removed by the module fixture:
   reach a real server at each of them;
 - the proxies: sing-box SOCKS5 (x2) and Shadowsocks inbounds, plus a SOCKS5
   proxy at a closed port (`dead`), which the url-test, fallback and
-  load-balance groups must route around once their health check has run;
+  load-balance groups must route around once their health check has run.
+  Each of those groups has one live member: which of two live members a
+  url-test or load-balance group takes is not the same question on both
+  sides (measured delays; mihomo's consistent hash is seeded per process).
+  A chain is a proxy with `dialer-proxy`: mihomo 1.19 refuses `relay`
+  groups ("removed, please use dialer-proxy") while Mirage still runs them;
 - the rule-sets in the three formats (yaml, text, mrs), served over HTTP;
 - a hold server (hold_server.py) that answers each TCP request and each UDP
   datagram only when the test releases it, so every flow is open while the
@@ -21,7 +26,8 @@ The lab for it, all started and removed by the module fixture:
 
 TCP flows are curl, UDP flows one Python socket each, both in the client
 namespace, names answered by the gateway's fake-IP DNS. Each flow's answer
-is checked too (the flow really went through).
+is checked too (the flow really went through). Where Mirage deliberately
+differs, `DIFFERENCES` names the flow, the reason and both answers.
 """
 
 from __future__ import annotations
