@@ -46,7 +46,7 @@ import pytest
 
 from appliance.lab.lab import Lab
 from appliance.lab.mirage import MirageRun, lab_config
-from appliance.lab.reference import MihomoGateway, SingBox, mihomo_home
+from appliance.lab.reference import MIHOMO_TPROXY_PORT, MihomoGateway, SingBox, mihomo_home
 from appliance.lab.servers import terminate
 from appliance.rules.provider import write_mrs
 
@@ -59,6 +59,7 @@ SETS_PORT = 18190
 REAL = {"cn": "114.114.114.114", "us": "9.9.9.9", "asn": "1.1.1.1", "cidr": "203.0.113.5",
         "cl-ip": "198.51.100.5", "nr": "192.0.2.7"}
 WEB, LOGIC, PORT_RULE, NOT_RULE, UDP = 18080, 18443, 12222, 13333, 15353
+TPROXY_PORT = MIHOMO_TPROXY_PORT  # Mirage's too, for the IN-PORT rule
 SS_PASSWORD = "differential"
 
 PROXIES: list[dict[str, Any]] = [
@@ -95,6 +96,9 @@ RULES = [
     f"AND,((DOMAIN-SUFFIX,logic.diff.test),(DST-PORT,{LOGIC})),Chain",
     "AND,((NETWORK,udp),(DOMAIN-SUFFIX,udp.diff.test)),ss-c",
     "OR,((DOMAIN,or1.diff.test),(DOMAIN,or2.diff.test)),Nested",
+    # How the flow came in and from where (the tproxy port is the same on both).
+    f"AND,((IN-TYPE,TPROXY),(IN-PORT,{TPROXY_PORT}),(DOMAIN-SUFFIX,in.diff.test)),socks-b",
+    "AND,((SRC-IP-CIDR,192.168.56.0/24),(DOMAIN-SUFFIX,src.diff.test)),ss-c",
     "SUB-RULE,(DOMAIN-SUFFIX,sub.diff.test),inner",
     "RULE-SET,yaml_set,socks-b",
     "RULE-SET,text_set,ss-c",
@@ -104,6 +108,8 @@ RULES = [
     "RULE-SET,classic_set,Fall",
     "GEOIP,CN,ss-c",
     "GEOIP,US,Sel",
+    # LAN: mihomo's private ranges (the resolver's answer is one).
+    "AND,((GEOIP,LAN),(DOMAIN-SUFFIX,lan.diff.test)),Balance",
     "IP-ASN,13335,Fall",
     "IP-CIDR,192.0.2.0/24,socks-b",
     f"DST-PORT,{PORT_RULE},Fall",
@@ -155,7 +161,8 @@ FLOWS = [
     Flow("t.text.diff.test"), Flow("m.mrs.diff.test"), Flow("www.bilibili.com"),
     Flow("cidr.diff.test"), Flow("c.classic.diff.test"), Flow("cl-ip.diff.test"),
     Flow("cn.diff.test"), Flow("us.diff.test"), Flow("asn.diff.test"), Flow("nr.diff.test"),
-    Flow("a.wild1.diff.test"), Flow("wild1.diff.test"),
+    Flow("a.wild1.diff.test"), Flow("wild1.diff.test"), Flow("x.in.diff.test"),
+    Flow("x.src.diff.test"), Flow("x.lan.diff.test"),
     Flow("port.diff.test", PORT_RULE), Flow("not.diff.test", NOT_RULE), Flow("other.diff.test"),
     Flow("or1.diff.test", UDP, "udp"), Flow("x.udp.diff.test", UDP, "udp"),
     Flow("b.sub.diff.test", UDP, "udp"), Flow("x.logic.diff.test", LOGIC, "udp"),
@@ -167,9 +174,9 @@ UDP_PORTS = sorted({f.port for f in FLOWS if f.network == "udp"})
 
 def profile(url: str) -> dict[str, Any]:
     """The profile both gateways run (merged over each one's lab settings)."""
-    return {"proxies": PROXIES, "proxy-groups": GROUPS, "rule-providers": rule_providers(url),
-            "sub-rules": SUB_RULES, "rules": RULES, "geodata-mode": False,
-            "geo-auto-update": False}
+    return {"tproxy-port": TPROXY_PORT, "proxies": PROXIES, "proxy-groups": GROUPS,
+            "rule-providers": rule_providers(url), "sub-rules": SUB_RULES, "rules": RULES,
+            "geodata-mode": False, "geo-auto-update": False}
 
 
 # A gateway's view of a flow: (chains, rule, rulePayload).
