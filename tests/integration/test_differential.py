@@ -33,6 +33,7 @@ differs, `DIFFERENCES` names the flow, the reason and both answers.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -81,6 +82,10 @@ GROUPS: list[dict[str, Any]] = [
      "strategy": "consistent-hashing", **HEALTH},
     {"name": "Chain", "type": "select", "proxies": ["b-via-a", "socks-a"]},
     {"name": "Nested", "type": "select", "proxies": ["Auto", "Fall"]},
+    # Two live members: the member per destination differs between the two
+    # (see the module doc); each must name the member that carried the flow.
+    {"name": "Spread", "type": "load-balance", "proxies": ["socks-a", "socks-b"],
+     "strategy": "consistent-hashing", **HEALTH},
 ]
 RULES = [
     # A fake IP is never matched as if it were the destination.
@@ -89,6 +94,7 @@ RULES = [
     "IP-CIDR,192.0.2.0/24,dead,no-resolve",
     "GEOIP,CN,dead,no-resolve",
     "DOMAIN,exact.diff.test,Sel",
+    "DOMAIN-SUFFIX,lbtest,Spread",
     "DOMAIN-SUFFIX,suffix.diff.test,Auto",
     "DOMAIN-KEYWORD,kwmatch,Fall",
     "DOMAIN-REGEX,^re[0-9]+\\.diff\\.test$,Balance",
@@ -163,11 +169,13 @@ FLOWS = [
     Flow("cn.diff.test"), Flow("us.diff.test"), Flow("asn.diff.test"), Flow("nr.diff.test"),
     Flow("a.wild1.diff.test"), Flow("wild1.diff.test"), Flow("x.in.diff.test"),
     Flow("x.src.diff.test"), Flow("x.lan.diff.test"),
+    *(Flow(f"s{i}.lbtest") for i in range(6)),
     Flow("port.diff.test", PORT_RULE), Flow("not.diff.test", NOT_RULE), Flow("other.diff.test"),
     Flow("or1.diff.test", UDP, "udp"), Flow("x.udp.diff.test", UDP, "udp"),
     Flow("b.sub.diff.test", UDP, "udp"), Flow("x.logic.diff.test", LOGIC, "udp"),
     Flow("cn.diff.test", UDP, "udp"), Flow("other.diff.test", UDP, "udp"),
 ]
+SPREAD = {f.key for f in FLOWS if f.host.endswith(".lbtest")}
 TCP_PORTS = sorted({f.port for f in FLOWS if f.network == "tcp"})
 UDP_PORTS = sorted({f.port for f in FLOWS if f.network == "udp"})
 
@@ -188,18 +196,22 @@ class World:
     lab: Lab
     dir: Path
     release: Path
+    box: SingBox
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    # Per gateway: flow -> the proxy whose sing-box inbound logged it.
+    carried: dict[str, dict[str, str]] = field(default_factory=dict)
 
     @property
     def sets_url(self) -> str:
         return f"http://{RESOLVER}:{SETS_PORT}"
 
-    def run_flows(self, connections: Callable[[], list[dict[str, Any]]],
+    def run_flows(self, gateway: str, connections: Callable[[], list[dict[str, Any]]],
                   log: Callable[[], str]) -> dict[str, Seen]:
         """Open every flow, read the gateway's `/connections` until each
         flow is listed (at most 15 s), then release them; asserts that each
         flow got the hold server's answer. Returns what the gateway said."""
         self.release.unlink(missing_ok=True)
+        box_log = len(self.box.log_text())
         curls = {f.key: self.lab.popen("client", [
             "curl", "-sS", "-m", "25", "-w", " %{http_code}", f"http://{f.host}:{f.port}/"],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -234,9 +246,17 @@ class World:
                 wrong[f.key] = answers.get(f.key)
         assert not wrong, f"wrong answers {wrong} {err}\n{log()[-4000:]}\n" + \
             (self.lab.state_dir / "sb-differential" / "sing-box.log").read_text()[-3000:]
+        carried = self.carried[gateway] = {}
+        for m in INBOUND_LOG.finditer(self.box.log_text()[box_log:]):
+            carried[f"tcp:{m.group(2)}:{m.group(3)}"] = INBOUND_TAGS[m.group(1)]
         missing = [f.key for f in FLOWS if f.key not in seen]
         assert not missing, (missing, sorted(seen), log()[-3000:])
         return seen
+
+
+# sing-box's log of a TCP flow it took: which inbound, to where.
+INBOUND_LOG = re.compile(r"inbound/\w+\[(\w)\]: inbound connection to ([^\s:]+):(\d+)")
+INBOUND_TAGS = {"a": "socks-a", "b": "socks-b", "c": "ss-c"}
 
 
 def wait_for(what: str, check: Callable[[], bool], timeout: float = 20.0) -> None:
@@ -269,10 +289,10 @@ def world(lab: Lab, tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]
     sets = d / "sets"
     sets.mkdir()
     write_rule_sets(sets)
-    w = World(lab, d, d / "release")
     up = lab.ns("upstream")
     added = [("wan0", f"{RESOLVER}/24"), *(("lo", f"{ip}/32") for ip in REAL.values())]
     resolver = [f"--address=/diff.test/{RESOLVER}", f"--address=/www.bilibili.com/{RESOLVER}",
+                f"--address=/lbtest/{RESOLVER}",
                 f"--address=/www.alpha.test/{lab.addr('upstream')}",
                 *(f"--address=/{name}.diff.test/{ip}" for name, ip in REAL.items())]
     # On the wildcard, as most servers are: UDP replies leave from the
@@ -286,6 +306,7 @@ def world(lab: Lab, tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]
     # The proxies resolve with the test's resolver, as the gateways do.
     box.config["dns"] = {"servers": [{"type": "udp", "tag": "lab", "server": RESOLVER}]}
     box.config["route"] = {"default_domain_resolver": "lab"}
+    w = World(lab, d, d / "release", box)
     try:
         for dev, cidr in added:
             subprocess.run(["ip", "-n", up, "addr", "add", cidr, "dev", dev], check=True)
@@ -334,8 +355,9 @@ def mirage_seen(world: World) -> dict[str, Seen]:
     run = MirageRun(lab, cfg, name="mirage-differential").start()
     try:
         wait_for("mirage's health checks and rule-sets", lambda: ready(lab, MIRAGE_API))
-        return world.run_flows(lambda: gw_get(lab, MIRAGE_API, "/connections")["connections"],
-                              run.log_text)
+        return world.run_flows("mirage",
+                               lambda: gw_get(lab, MIRAGE_API, "/connections")["connections"],
+                               run.log_text)
     finally:
         run.stop()
         shutil.rmtree(state, ignore_errors=True)
@@ -348,7 +370,7 @@ def mihomo_seen(world: World, mirage_seen: dict[str, Seen]) -> dict[str, Seen]:
     gw = MihomoGateway(lab, profile(world.sets_url), nameservers=[RESOLVER])
     with gw:
         wait_for("mihomo's health checks and rule-sets", lambda: ready(lab, MIHOMO_API))
-        return world.run_flows(gw.connections, gw.log_text)
+        return world.run_flows("mihomo", gw.connections, gw.log_text)
 
 
 # Where Mirage deliberately answers otherwise: flow -> (why, what Mirage
@@ -367,8 +389,17 @@ DIFFERENCES: dict[str, tuple[str, Seen, Seen]] = {
 
 
 @pytest.mark.parametrize("flow", FLOWS, ids=[f.key for f in FLOWS])
-def test_mirage_routes_the_flow_as_mihomo_does(flow: Flow, mirage_seen: dict[str, Seen],
+def test_mirage_routes_the_flow_as_mihomo_does(flow: Flow, world: World,
+                                               mirage_seen: dict[str, Seen],
                                                mihomo_seen: dict[str, Seen]) -> None:
+    if flow.key in SPREAD:
+        # Each side's member is its own (see Spread); the rest must agree,
+        # and each side names the member whose server took the flow.
+        ours, theirs = mirage_seen[flow.key], mihomo_seen[flow.key]
+        assert (ours[0][1:], ours[1:]) == (theirs[0][1:], theirs[1:])
+        assert ours[0][0] == world.carried["mirage"][flow.key]
+        assert theirs[0][0] == world.carried["mihomo"][flow.key]
+        return
     if flow.key in DIFFERENCES:
         why, ours, theirs = DIFFERENCES[flow.key]
         assert (mirage_seen[flow.key], mihomo_seen[flow.key]) == (ours, theirs), why
