@@ -8,8 +8,10 @@ gateway's `/connections` can be read while every flow is open
 TCP: reads the request head, then waits until FILE exists (or `--hold`
 seconds pass, or the peer goes away) and answers `HTTP/1.1 200` with the
 body `HELD <port>`. UDP: each datagram is answered `HELD <port> <data>` once
-FILE exists (or `--hold` seconds pass). Listens on every address of the
-namespace it runs in; prints `ready` once bound. Runs until terminated.
+FILE exists (or `--hold` seconds pass). TCP listens on every address of
+the namespace it runs in, UDP on each of `--udp-addresses` (a socket bound
+to the wildcard would answer from the node's first address, not the one
+asked); prints `ready` once bound. Runs until terminated.
 
 `--udp-client` is the other end, for a LAN client: one socket per
 `name:port` (the name resolved by the namespace's resolver), one datagram
@@ -109,6 +111,7 @@ def main() -> None:
     ap.add_argument("--udp-client", type=lambda t: t.split(","))
     ap.add_argument("--tcp", type=ports, default=[])
     ap.add_argument("--udp", type=ports, default=[])
+    ap.add_argument("--udp-addresses", type=lambda t: t.split(","), default=["0.0.0.0"])
     ap.add_argument("--hold", type=float, default=20.0)
     args = ap.parse_args()
     if args.udp_client:
@@ -123,10 +126,11 @@ def main() -> None:
         threads.append(threading.Thread(target=serve_tcp, args=(s, args.release, args.hold),
                                         daemon=True))
     for port in args.udp:
-        u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        u.bind(("0.0.0.0", port))
-        threads.append(threading.Thread(target=serve_udp, args=(u, args.release, args.hold),
-                                        daemon=True))
+        for address in args.udp_addresses:
+            u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            u.bind((address, port))
+            threads.append(threading.Thread(target=serve_udp, args=(u, args.release, args.hold),
+                                            daemon=True))
     for t in threads:
         t.start()
     print("ready", flush=True)

@@ -11,7 +11,8 @@ The lab for it, all started and removed by the module fixture:
   (114.114.114.114 is CN, 9.9.9.9 US) or that fall in the rules' CIDRs;
   those addresses sit on the upstream node's loopback, so the proxies there
   reach a real server at each of them;
-- the proxies: sing-box SOCKS5 (x2) and Shadowsocks inbounds, plus a SOCKS5
+- the proxies: sing-box SOCKS5 (x2), Shadowsocks and HTTP (TCP only: UDP
+  flows skip its rules) inbounds, DIRECT, PASS, plus a SOCKS5
   proxy at a closed port (`dead`), which the url-test, fallback and
   load-balance groups must route around once their health check has run.
   Each of those groups has one live member: which of two live members a
@@ -69,6 +70,8 @@ PROXIES: list[dict[str, Any]] = [
     {"name": "ss-c", "type": "ss", "server": RESOLVER, "port": 18203, "cipher": "aes-128-gcm",
      "password": SS_PASSWORD, "udp": True},
     {"name": "dead", "type": "socks5", "server": RESOLVER, "port": 18209, "udp": True},
+    # TCP only: a UDP flow skips the rules that send to it.
+    {"name": "http-d", "type": "http", "server": RESOLVER, "port": 18204},
     # A chain (mihomo 1.19 refuses `relay` groups and says to use this).
     {"name": "b-via-a", "type": "socks5", "server": RESOLVER, "port": 18202, "udp": True,
      "dialer-proxy": "socks-a"},
@@ -76,6 +79,8 @@ PROXIES: list[dict[str, Any]] = [
 HEALTH = {"url": "http://www.alpha.test/", "interval": 600, "lazy": False, "timeout": 2000}
 GROUPS: list[dict[str, Any]] = [
     {"name": "Sel", "type": "select", "proxies": ["socks-b", "socks-a"]},
+    # Its choice is PASS: the rule that names it does not match.
+    {"name": "PassSel", "type": "select", "proxies": ["PASS", "socks-a"]},
     {"name": "Auto", "type": "url-test", "proxies": ["dead", "socks-a"], **HEALTH},
     {"name": "Fall", "type": "fallback", "proxies": ["dead", "ss-c"], **HEALTH},
     {"name": "Balance", "type": "load-balance", "proxies": ["dead", "socks-b"],
@@ -95,6 +100,10 @@ RULES = [
     "GEOIP,CN,dead,no-resolve",
     "DOMAIN,exact.diff.test,Sel",
     "DOMAIN-SUFFIX,lbtest,Spread",
+    "DOMAIN-SUFFIX,direct.diff.test,DIRECT",
+    "DOMAIN-SUFFIX,pass.diff.test,PASS",
+    "DOMAIN-SUFFIX,pass.diff.test,PassSel",
+    "DOMAIN-SUFFIX,h.diff.test,http-d",
     "DOMAIN-SUFFIX,suffix.diff.test,Auto",
     "DOMAIN-KEYWORD,kwmatch,Fall",
     "DOMAIN-REGEX,^re[0-9]+\\.diff\\.test$,Balance",
@@ -170,6 +179,8 @@ FLOWS = [
     Flow("a.wild1.diff.test"), Flow("wild1.diff.test"), Flow("x.in.diff.test"),
     Flow("x.src.diff.test"), Flow("x.lan.diff.test"),
     *(Flow(f"s{i}.lbtest") for i in range(6)),
+    Flow("x.direct.diff.test"), Flow("x.pass.diff.test"), Flow("x.h.diff.test"),
+    Flow("x.h.diff.test", UDP, "udp"), Flow("x.direct.diff.test", UDP, "udp"),
     Flow("port.diff.test", PORT_RULE), Flow("not.diff.test", NOT_RULE), Flow("other.diff.test"),
     Flow("or1.diff.test", UDP, "udp"), Flow("x.udp.diff.test", UDP, "udp"),
     Flow("b.sub.diff.test", UDP, "udp"), Flow("x.logic.diff.test", LOGIC, "udp"),
@@ -256,7 +267,7 @@ class World:
 
 # sing-box's log of a TCP flow it took: which inbound, to where.
 INBOUND_LOG = re.compile(r"inbound/\w+\[(\w)\]: inbound connection to ([^\s:]+):(\d+)")
-INBOUND_TAGS = {"a": "socks-a", "b": "socks-b", "c": "ss-c"}
+INBOUND_TAGS = {"a": "socks-a", "b": "socks-b", "c": "ss-c", "d": "http-d"}
 
 
 def wait_for(what: str, check: Callable[[], bool], timeout: float = 20.0) -> None:
@@ -302,6 +313,7 @@ def world(lab: Lab, tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]
         {"type": "socks", "tag": "b", "listen": "::", "listen_port": 18202},
         {"type": "shadowsocks", "tag": "c", "listen": "::", "listen_port": 18203,
          "method": "aes-128-gcm", "password": SS_PASSWORD},
+        {"type": "http", "tag": "d", "listen": "::", "listen_port": 18204},
     ], name="sb-differential")
     # The proxies resolve with the test's resolver, as the gateways do.
     box.config["dns"] = {"servers": [{"type": "udp", "tag": "lab", "server": RESOLVER}]}
@@ -319,7 +331,8 @@ def world(lab: Lab, tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]
             "--directory", str(sets)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         hold = lab.popen("upstream", [
             sys.executable, str(HERE / "hold_server.py"), "--release", str(w.release),
-            "--tcp", ",".join(map(str, TCP_PORTS)), "--udp", ",".join(map(str, UDP_PORTS))],
+            "--tcp", ",".join(map(str, TCP_PORTS)), "--udp", ",".join(map(str, UDP_PORTS)),
+            "--udp-addresses", ",".join([RESOLVER, *REAL.values()])],
             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
         w.procs.append(hold)
         assert hold.stdout is not None and hold.stdout.readline() == b"ready\n"
