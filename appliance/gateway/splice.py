@@ -445,10 +445,7 @@ class FlowRecord:
         self.entry = flow.entry
         self.outbound = flow.outbound
         self.chains = flow.chains
-        if flow.rule is not None:
-            self.rule, self.rule_payload = flow.rule.type, flow.rule.value
-        elif flow.outbound:
-            self.rule = "MATCH"  # no rule matched: the default, as mihomo shows it
+        self.rule, self.rule_payload = flow.rule_shown()
 
     def add_up(self, n: int) -> None:
         self.up += n
