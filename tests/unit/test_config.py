@@ -673,7 +673,7 @@ def test_unknown_key_suggests_the_near_one() -> None:
         ("appliance: {state-dir: ''}", "appliance.state-dir", "empty"),
         ("appliance: [lan0]", "appliance", "expected a mapping"),
         ("appliance: {offload-direct: 1}", "appliance.offload-direct", "boolean"),
-        ("appliance: {block-encrypted-dns: 'on'}", "appliance.block-encrypted-dns", "boolean"),
+        ("appliance: {block-encrypted-dns: 'always'}", "appliance.block-encrypted-dns", "boolean"),
         ("appliance: {encrypted-dns-resolvers: [dns.google]}",
          "appliance.encrypted-dns-resolvers[0]", "network"),
         ("appliance: {encrypted-dns-resolvers: 8.8.8.8}", "appliance.encrypted-dns-resolvers",

@@ -110,7 +110,7 @@ def test_every_error_of_a_profile_in_one_run() -> None:
         "mixed-port": "7890",
         "dns": {**NS["dns"], "fake-ip-range": "10.0.0.0/33", "listen": "nowhere"},
         "proxies": [{**SOCKS, "port": 0}, {**SOCKS, "name": "ok"},
-                    {**SOCKS, "name": "also-bad", "udp": "yes"}],
+                    {**SOCKS, "name": "also-bad", "udp": "maybe"}],
         "proxy-groups": [{"name": "g", "type": "select", "proxies": ["ok", "missing"]},
                          {"name": "h", "type": "nonsense", "proxies": ["ok"]}],
         "rules": ["DOMAIN,a.test,s", "DOMAIN,b.test,nowhere", "BOGUS,x,ok", "MATCH,h"],
@@ -143,7 +143,7 @@ def test_one_error_is_a_plain_config_error() -> None:
 
 def test_dns_keys_are_reported_each_and_without_echoes() -> None:
     # A broken nameserver list is one error, not also "nameserver required".
-    errs = errors_of({"dns": {"nameserver": "tls//x", "ipv6": "no", "cache-size": -1}})
+    errs = errors_of({"dns": {"nameserver": "tls//x", "ipv6": "maybe", "cache-size": -1}})
     assert [e.path for e in errs] == ["dns.ipv6", "dns.nameserver", "dns.cache-size"]
 
 
