@@ -168,6 +168,7 @@ def effective_config(cfg: Config, *, redact: bool = False) -> dict[str, Any]:
         texts = [str(a) for a in addrs]
         hosts[name] = texts[0] if len(texts) == 1 else texts
     return {
+        "mode": cfg.mode,
         "mixed-port": cfg.mixed_port,
         "socks-port": cfg.socks_port,
         "port": cfg.http_port,

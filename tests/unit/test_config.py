@@ -115,8 +115,9 @@ def test_lab_example_loads_as_the_lab_needs() -> None:
 def test_clash_profile_example_loads_and_reports_what_it_ignores() -> None:
     cfg = load_config(EXAMPLES / "clash-profile.yaml")
     ignored = set(cfg.ignored_keys)
-    for key in ("tun", "sniffer", "redir-port", "mode", "dns.fallback"):
+    for key in ("tun", "sniffer", "redir-port", "dns.fallback"):
         assert key in ignored
+    assert cfg.mode == "rule" and "mode" not in ignored
     assert not any(k.startswith(("rule-providers", "rules[")) for k in ignored)
     assert [p.name for p in cfg.rule_providers] == ["reject"]
     assert "proxies[3] (ssr proxy 'SG 01')" in ignored
@@ -492,6 +493,7 @@ def test_effective_config_round_trips() -> None:
 def test_effective_config_round_trips_every_field() -> None:
     cfg = parse_config(
         {
+            "mode": "global",
             "mixed-port": 7890,
             "socks-port": 7891,
             "port": 7892,
@@ -510,7 +512,7 @@ def test_effective_config_round_trips_every_field() -> None:
                 "enable": True,
                 "listen": "[::]:1053",
                 "ipv6": True,
-                "enhanced-mode": "redir-host",
+                "enhanced-mode": "fake-ip",
                 "fake-ip-range": "10.128.0.1/9",
                 "fake-ip-filter": ["time.*.test", ".home"],
                 "fake-ip-filter-mode": "whitelist",

@@ -238,3 +238,28 @@ def test_ignored_lines_are_one_per_kind_and_collapse_indices() -> None:
     assert "skipped (Mirage cannot use them): proxies[*] (ssr proxy; 2 times)" in lines
     assert "ignored (no meaning on a gateway): tun, iptables" in lines
     assert all(len(line) < 400 for line in lines)
+
+
+# --------------------------------------------------------------------------
+# 6. Modes
+
+
+@pytest.mark.parametrize(("text", "mode"), [("rule", "rule"), ("Global", "global"),
+                                            ("DIRECT", "direct")])
+def test_mode_is_read_as_mihomo_reads_it(text: str, mode: str) -> None:
+    assert parse_config({**NS, "mode": text}).mode == mode
+
+
+def test_an_invalid_mode_is_an_error_as_in_mihomo() -> None:
+    (err,) = errors_of({**NS, "mode": "script"})
+    assert err.path == "mode" and "rule, global or direct" in err.reason
+
+
+@pytest.mark.parametrize("mode", ["redir-host", "normal"])
+def test_dns_modes_mirage_does_not_run_are_said_at_load(mode: str) -> None:
+    cfg = parse_config({"dns": {**NS["dns"], "enhanced-mode": mode}})
+    assert cfg.dns.enhanced_mode == "fake-ip"
+    (note,) = [n for n in cfg.load_notes if n.kind == "mode"]
+    assert note.path == "dns.enhanced-mode" and mode in note.note and "fake-ip" in note.note
+    assert format_ignored(cfg).splitlines()[0].startswith(
+        f"instead: dns.enhanced-mode ({mode} is not run: Mirage answers with fake IPs")
