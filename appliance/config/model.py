@@ -711,6 +711,9 @@ class LoadNote:
     path: str
     kind: IgnoredKind
     note: str = ""
+    # The ConfigError behind a skipped item (a proxy with a value mihomo
+    # loads but Mirage cannot use), for code that wants its path and reason.
+    error: Exception | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)

@@ -55,6 +55,15 @@ def as_port(value: Any, path: str) -> int:
     return as_int(value, path, 1, 65535, "a port number")
 
 
+def as_proxy_port(value: Any, path: str) -> int:
+    """A proxy's `port`: mihomo decodes proxies with weak typing, so a
+    string of digits (`port: "443"`, as some converters write it) is the
+    number."""
+    if isinstance(value, str) and value.strip().isdigit() and value.strip().isascii():
+        value = int(value.strip())
+    return as_port(value, path)
+
+
 def as_mark(value: Any, path: str) -> int:
     return as_int(value, path, 0, MAX_MARK, "a mark (integer)")
 
