@@ -147,8 +147,7 @@ def parse_root(data: Any, ctx: LoadContext) -> Config:
     for key, current in LEGACY_TOP_LEVEL.items():
         if key in root.data:
             root.raw(key)
-            ctx.ignore(key, f"Clash's old spelling of {current!r}: mihomo no longer reads it, "
-                            "so neither does Mirage", kind="legacy")
+            ctx.ignore(key, f"Clash's old spelling of {current!r}", kind="legacy")
     root.finish(TOP_LEVEL_KEYS, IGNORED_TOP_LEVEL,
                 kinds=_GATEWAY_KINDS)
     raise_collected(ctx.errors)
