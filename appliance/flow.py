@@ -54,6 +54,9 @@ class Flow:
     # `chains` (["ss-1", "Proxy"] for the group Proxy's member ss-1): set
     # by the dispatcher, shown by the control API.
     chains: tuple[str, ...] = ()
+    # Routed by the tunnel mode (global, direct), not by the rules: mihomo
+    # then shows no rule at all, not its default's "Match".
+    by_mode: bool = False
 
     @property
     def host(self) -> str | IPAddress:

@@ -362,6 +362,7 @@ class Dispatcher:
         outbound, index, _ = await router.route(flow_context(flow))
         flow.outbound = outbound.name
         flow.chains = chain(outbound)
+        flow.by_mode = router.mode != "rule"
         if index is not None:
             flow.rule = router.rules.rules[index]
         token = FLOW_SOURCE.set(flow.src)
@@ -371,8 +372,10 @@ class Dispatcher:
         finally:
             FLOW_SOURCE.reset(token)
             CONNECT_SECONDS.labels(outbound.name).observe(time.perf_counter() - started)
+        # Not in global or direct mode: an offloaded name would stay DIRECT
+        # in the kernel after the API switches back to the rules.
         if self.offload is not None and flow.inbound == "tproxy" and flow.domain is not None \
-                and router.rules.decided_by_domain(index):
+                and not flow.by_mode and router.rules.decided_by_domain(index):
             self._offer_offload(outbound, flow)
         return stream
 
@@ -396,6 +399,7 @@ class Dispatcher:
         outbound, index, flow.skipped = await router.route_udp(flow_context(flow))
         flow.outbound = outbound.name
         flow.chains = chain(outbound)
+        flow.by_mode = router.mode != "rule"
         if index is not None:
             flow.rule = router.rules.rules[index]
         host = flow.host

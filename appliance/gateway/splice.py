@@ -436,6 +436,7 @@ class FlowRecord:
     rule: str = ""
     rule_payload: str = ""
     chains: tuple[str, ...] = ()
+    by_mode: bool = False  # routed by mode global/direct: no rule shown (Flow.by_mode)
     # The flow's task runs inside this scope: `close_flow` (the API's
     # DELETE /connections) cancels it, which ends the relay and closes both
     # sockets the way any cancellation does.
@@ -446,9 +447,10 @@ class FlowRecord:
         self.inbound = flow.inbound
         self.outbound = flow.outbound
         self.chains = flow.chains
+        self.by_mode = flow.by_mode
         if flow.rule is not None:
             self.rule, self.rule_payload = flow.rule.type, flow.rule.value
-        elif flow.outbound:
+        elif flow.outbound and not flow.by_mode:
             self.rule = "MATCH"  # no rule matched: the default, as mihomo shows it
 
     def add_up(self, n: int) -> None:
@@ -481,6 +483,7 @@ class FlowRecord:
             "rule": self.rule,
             "rule_payload": self.rule_payload,
             "chains": list(self.chains),
+            "by_mode": self.by_mode,
         }
 
 
