@@ -56,6 +56,7 @@ from appliance.outbound.reject import RejectOutbound
 from appliance.outbound.selections import Selections
 from appliance.outbound.shadowsocks import ShadowsocksOutbound
 from appliance.outbound.socks5 import Socks5Outbound
+from appliance.outbound.ssh import SshOutbound
 from appliance.outbound.trojan import TrojanOutbound
 from appliance.outbound.tuic import TuicOutbound
 from appliance.outbound.vless import VlessOutbound
@@ -76,6 +77,7 @@ BUILDERS: dict[str, Builder] = {
     "trojan": TrojanOutbound.from_config,
     "hysteria2": Hysteria2Outbound.from_config,
     "tuic": TuicOutbound.from_config,
+    "ssh": SshOutbound.from_config,
 }
 
 

@@ -128,6 +128,7 @@ def render_protocol_proxy(p: ProxyConfig, redact: bool) -> dict[str, Any]:
 from appliance.config.loader.protocols import (  # noqa: E402
     hysteria2,
     shadowsocks,
+    ssh,
     trojan,
     tuic,
     vless,
@@ -140,3 +141,4 @@ PROTOCOLS["trojan"] = trojan.SPEC
 PROTOCOLS["ss"] = shadowsocks.SPEC
 PROTOCOLS["hysteria2"] = hysteria2.SPEC
 PROTOCOLS["tuic"] = tuic.SPEC
+PROTOCOLS["ssh"] = ssh.SPEC
