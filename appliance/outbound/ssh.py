@@ -276,6 +276,11 @@ class SshConnection:
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
             self._end(f"read failed: {e}")
             log.info("%s: SSH connection ended: %s", self.name, e)
+        except Exception:
+            # A bug here must end this connection, not the appliance (this is
+            # a system task: what it raises would crash the whole run).
+            log.exception("%s: SSH connection failed", self.name)
+            self._end("internal error")
         finally:
             self._end("closed")
             await trio.aclose_forcefully(self.stream)

@@ -926,7 +926,7 @@ class SshClient:
             ch.sent_close = True
             self._send_now(struct.pack(">BI", MSG_CHANNEL_CLOSE, ch.remote))
             if ch.got_close:
-                del self.channels[ch.local]
+                self.channels.pop(ch.local, None)
         if wrote:
             self._events.append(ChannelWritable(ch.local))
 
@@ -973,7 +973,7 @@ class SshClient:
                 ch.close_pending = True
                 self._flush_channel(ch)
             if ch.sent_close:
-                del self.channels[local]
+                self.channels.pop(local, None)
         elif msg == MSG_CHANNEL_REQUEST:
             r.string()
             if r.boolean():
