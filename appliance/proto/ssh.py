@@ -249,6 +249,7 @@ def load_private_key(data: bytes, passphrase: str | None) -> PrivateKey:
     """An OpenSSH or PEM private key (ed25519, RSA, ECDSA); ValueError with
     the reason if it does not load (wrong passphrase included)."""
     pw = passphrase.encode() if passphrase else None
+    key: object
     try:
         if b"OPENSSH PRIVATE KEY" in data:
             key = serialization.load_ssh_private_key(data, pw)

@@ -164,7 +164,8 @@ def test_big_download_and_parallel_flows_share_one_connection(ssh: SshLab) -> No
     first = ssh.ports["ssh-pw"]
     script = " & ".join(
         f"curl -sS --max-time 20 -o /dev/null -w '%{{size_download}}\\n' "
-        f"--local-port {first + 4 + 2 * i}-{first + 5 + 2 * i} http://{SERVER_NAME}{web.big_path}" for i in range(3))
+        f"--local-port {first + 4 + 2 * i}-{first + 5 + 2 * i} "
+        f"http://{SERVER_NAME}{web.big_path}" for i in range(3))
     out = ssh.lab.exec("client", ["sh", "-c", script + " & wait"], timeout=40)
     assert out.stdout.split() == [str(web.big_bytes)] * 3, out.stderr
     # The connection of the first test carried these too (no new login).

@@ -7,9 +7,9 @@ Everything that can be checked is checked here, so a key that does not
 load (wrong passphrase, unknown format) or a host key that does not parse
 is a ConfigError with its key path, never a flow-time failure. A
 `host-key-algorithms` entry Mirage's SSH client does not implement (the
-certificate and security-key kinds) makes the proxy unusable (skipped with
-the reason). mihomo's ssh carries no UDP: `udp: true` is read and has no
-effect (the outbound says carries_udp False).
+certificate and security-key kinds) is listed as ignored; when none of
+them is left, the proxy is unusable (skipped with the reason). mihomo's
+ssh carries no UDP: `udp: true` is read and has no effect (the outbound says carries_udp False).
 """
 
 from __future__ import annotations
@@ -44,13 +44,19 @@ def _host_keys(value: Any, path: str) -> tuple[str, ...]:
     return lines
 
 
-def _algorithms(value: Any, path: str) -> tuple[str, ...]:
-    names = _str_list(value, path)
+def _algorithms(sec: Section) -> tuple[str, ...]:
+    """`host-key-algorithms`: the ones the client speaks; the rest are
+    noted (and when none is left, the proxy cannot be used)."""
+    names: tuple[str, ...] = sec.get("host-key-algorithms", _str_list, ())
+    known = tuple(n for n in names if n in HOST_KEY_ALGORITHMS)
     unknown = [n for n in names if n not in HOST_KEY_ALGORITHMS]
-    if unknown:
+    if unknown and not known:
         raise UnusableProxy(f"host-key-algorithms {', '.join(unknown)} (Mirage's SSH client "
                             f"speaks {', '.join(HOST_KEY_ALGORITHMS)})")
-    return names
+    if unknown:
+        sec.ctx.ignore(sec.at("host-key-algorithms"),
+                       f"{', '.join(unknown)} not supported; offering {', '.join(known)}")
+    return known
 
 
 def parse(sec: Section) -> SshOptions:
@@ -86,7 +92,7 @@ def parse(sec: Section) -> SshOptions:
         username=username, password=password, private_key=key_text,
         private_key_source=source, private_key_passphrase=passphrase,
         host_keys=sec.get("host-key", _host_keys, ()),
-        host_key_algorithms=sec.get("host-key-algorithms", _algorithms, ()),
+        host_key_algorithms=_algorithms(sec),
     )
 
 
