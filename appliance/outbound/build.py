@@ -34,6 +34,7 @@ from appliance.config.model import (
     ProxyConfig,
     ProxyGroupConfig,
 )
+from appliance.outbound.anytls import AnytlsOutbound
 from appliance.outbound.base import Outbound, OutboundEnv, OutboundError, Resolve, UdpPeer
 from appliance.outbound.direct import DirectOutbound
 from appliance.outbound.groups import (
@@ -78,6 +79,7 @@ BUILDERS: dict[str, Builder] = {
     "hysteria2": Hysteria2Outbound.from_config,
     "tuic": TuicOutbound.from_config,
     "ssh": SshOutbound.from_config,
+    "anytls": AnytlsOutbound.from_config,
 }
 
 
