@@ -94,3 +94,13 @@ def test_host_keys_and_algorithms() -> None:
     assert isinstance(cfg.proxies[0].options, SshOptions)
     assert cfg.proxies[0].options.host_key_algorithms == ("rsa-sha2-256",)
     assert any("sk-ssh-ed25519@openssh.com not supported" in k for k in cfg.ignored_keys)
+
+
+def test_snell_is_skipped_with_the_reason() -> None:
+    profile = _profile(password="pw")
+    profile["proxies"].append({"name": "sn", "type": "snell", "server": "s.example",
+                              "port": 443, "psk": "k", "version": 4})
+    profile["rules"] = ["MATCH,sn"]
+    with pytest.raises(ConfigError, match="target 'sn' is a snell proxy, which Mirage does "
+                                          r"not implement \(no Snell server to test"):
+        parse_config(profile)

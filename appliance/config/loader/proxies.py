@@ -104,6 +104,10 @@ def parse_proxies(
             skipped[name] = f"a {ptype} proxy, which Mirage does not implement"
             if ptype == "hysteria":
                 skipped[name] += " (Hysteria v1; hysteria2 is supported)"
+            if ptype == "snell":
+                # No Snell server is packaged (Debian, PyPI): no client
+                # without a real server to test it against.
+                skipped[name] += " (no Snell server to test a client against)"
             continue
         if ptype not in PROXY_KEYS:
             raise ConfigError(
