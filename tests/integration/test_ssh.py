@@ -125,7 +125,9 @@ def ssh(lab: Lab, tmp_path_factory: pytest.TempPathFactory) -> Iterator[SshLab]:
                                          for name, (opts, _) in proxies.items())]
     cfg["rules"] = [f"SRC-PORT,{first}-{first + 9},{name}"
                     for name, (_, first) in proxies.items()] + cfg["rules"]
-    sshd = _sshd(lab, d, "sshd", PORT)
+    # RekeyLimit: the server re-keys every 1 MB, so the downloads below run
+    # through key re-exchanges the server starts.
+    sshd = _sshd(lab, d, "sshd", PORT, "RekeyLimit 1M\n")
     ctr = _sshd(lab, d, "sshd-ctr", PORT_CTR, "Ciphers aes128-ctr\nMACs hmac-sha2-256\n")
     try:
         run = MirageRun(lab, cfg, name="ssh-mirage")
@@ -168,6 +170,7 @@ def test_big_download_and_parallel_flows_share_one_connection(ssh: SshLab) -> No
         f"http://{SERVER_NAME}{web.big_path}" for i in range(3))
     out = ssh.lab.exec("client", ["sh", "-c", script + " & wait"], timeout=40)
     assert out.stdout.split() == [str(web.big_bytes)] * 3, out.stderr
+    assert ssh.sshd.text().count("SSH2_MSG_KEXINIT sent") > 3  # re-keyed on the way
     # The connection of the first test carried these too (no new login).
     assert ssh.sshd.text().count("Accepted password for") == accepted
 
