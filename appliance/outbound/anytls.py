@@ -42,6 +42,7 @@ from appliance.outbound.base import (
     no_udp,
     outbound_deadline,
 )
+from appliance.outbound.inbox import Inbox
 from appliance.outbound.stream_udp import StreamUdpPeer
 from appliance.outbound.tls import TlsClient
 from appliance.proto.anytls import (
@@ -66,58 +67,28 @@ READ_SIZE = 1 << 18
 
 
 class AnytlsStream(trio.abc.Stream):
-    """One flow on a session. Bytes arrive from the session's driver;
-    writes become PSH frames. Owns the stream (aclose sends FIN and gives
+    """One flow on a session. Bytes arrive from the session's driver (into
+    its `Inbox`); writes become PSH frames. Owns the stream (aclose sends FIN and gives
     the session back to the pool), not the session."""
 
     def __init__(self, session: AnytlsSession, stream_id: int, what: str) -> None:
         self.session = session
         self.stream_id = stream_id
         self.what = what
-        self._buffer = bytearray()
-        self._eof = False
-        self._error: str | None = None
+        self.inbox = Inbox()
         self._closed = False
-        self._changed = trio.Event()
-
-    def _wake(self) -> None:
-        self._changed.set()
-        self._changed = trio.Event()
-
-    def _deliver(self, data: bytes) -> None:
-        self._buffer += data
-        self._wake()
-
-    def _end(self) -> None:
-        self._eof = True
-        self._wake()
-
-    def _fail(self, reason: str) -> None:
-        if self._error is None:
-            self._error = reason
-        self._wake()
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         if self._closed:
             raise trio.ClosedResourceError("stream closed")
-        while not self._buffer:
-            if self._error is not None:
-                raise trio.BrokenResourceError(self._error)
-            if self._eof:
-                await trio.lowlevel.checkpoint()
-                return b""
-            await self._changed.wait()
-        n = len(self._buffer) if max_bytes is None else min(max_bytes, len(self._buffer))
-        out = bytes(self._buffer[:n])
-        del self._buffer[:n]
-        return out
+        return await self.inbox.take(max_bytes)
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         if self._closed:
             raise trio.ClosedResourceError("stream closed")
-        if self._error is not None:
-            raise trio.BrokenResourceError(self._error)
-        if self._eof:
+        if self.inbox.error is not None:
+            raise trio.BrokenResourceError(self.inbox.error)
+        if self.inbox.eof:
             # The server ended the stream (FIN ends both directions).
             raise trio.BrokenResourceError(f"{self.what}: the server ended the stream")
         if data:
@@ -185,7 +156,7 @@ class AnytlsSession:
             return
         self.closed_reason = reason
         for stream in list(self.streams.values()):
-            stream._fail(f"{stream.what}: AnyTLS session ended: {reason}")
+            stream.inbox.fail(f"{stream.what}: AnyTLS session ended: {reason}")
         self.streams.clear()
         self.pool.forget(self)
         self._driver.cancel()
@@ -234,14 +205,14 @@ class AnytlsSession:
             if stream is None:
                 continue
             if isinstance(event, Data):
-                stream._deliver(event.data)
+                stream.inbox.put(event.data)
             elif isinstance(event, Fin):
                 self.streams.pop(event.stream_id, None)
-                stream._end()
+                stream.inbox.end()
                 self.pool.release(self)
             elif event.error is not None:
                 log.warning("%s: the server could not open it: %s", stream.what, event.error)
-                stream._fail(f"{stream.what}: the server could not open it: {event.error}")
+                stream.inbox.fail(f"{stream.what}: the server could not open it: {event.error}")
                 self.streams.pop(event.stream_id, None)
                 self.pool.release(self)
 

@@ -44,6 +44,7 @@ from appliance.outbound.base import (
     no_udp,
     outbound_deadline,
 )
+from appliance.outbound.inbox import Inbox
 from appliance.proto.ssh import (
     ChannelClosed,
     ChannelData,
@@ -77,62 +78,39 @@ def client_version() -> str:
 
 class SshChannel(trio.abc.HalfCloseableStream):
     """One flow: a direct-tcpip channel. Data arrives from the connection's
-    driver (`_deliver`); reading it re-opens the server's window. Owns the
+    driver (into its `Inbox`); reading it re-opens the server's window. Owns the
     channel (aclose closes it), not the connection."""
 
     def __init__(self, conn: SshConnection, channel: int) -> None:
         self.conn = conn
         self.channel = channel
-        self._buffer = bytearray()
-        self._eof = False
-        self._error: str | None = None
+        self.inbox = Inbox()
         self._closed = False
-        self._changed = trio.Event()
         self.opened = trio.Event()
         self.open_error: str | None = None
 
-    def _wake(self) -> None:
-        self._changed.set()
-        self._changed = trio.Event()
-
-    def _deliver(self, data: bytes) -> None:
-        self._buffer += data
-        self._wake()
-
-    def _end(self) -> None:
-        self._eof = True
-        self._wake()
-
     def _fail(self, reason: str) -> None:
-        if self._error is None:
-            self._error = reason
         if not self.opened.is_set():
             self.open_error = reason
             self.opened.set()
-        self._wake()
+        self.inbox.fail(reason)
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         if self._closed:
             raise trio.ClosedResourceError("channel closed")
-        while not self._buffer:
-            if self._eof:
-                await trio.lowlevel.checkpoint()
-                return b""
-            if self._error is not None:
-                raise trio.BrokenResourceError(self._error)
-            await self._changed.wait()
-        n = len(self._buffer) if max_bytes is None else min(max_bytes, len(self._buffer))
-        out = bytes(self._buffer[:n])
-        del self._buffer[:n]
-        self.conn.client.consumed(self.channel, n)
-        await self.conn.flush()
+        out = await self.inbox.take(max_bytes)
+        if out:
+            client = self.conn.client
+            client.consumed(self.channel, len(out))
+            if client.has_output:
+                await self.conn.flush()
         return out
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         if self._closed:
             raise trio.ClosedResourceError("channel closed")
-        if self._error is not None:
-            raise trio.BrokenResourceError(self._error)
+        if self.inbox.error is not None:
+            raise trio.BrokenResourceError(self.inbox.error)
         if data:
             try:
                 self.conn.client.send_data(self.channel, bytes(data))
@@ -143,13 +121,13 @@ class SshChannel(trio.abc.HalfCloseableStream):
 
     async def wait_send_all_might_not_block(self) -> None:
         while self.conn.client.pending_bytes(self.channel) > SEND_HIGH_WATER:
-            if self._error is not None:
-                raise trio.BrokenResourceError(self._error)
-            await self._changed.wait()
+            if self.inbox.error is not None:
+                raise trio.BrokenResourceError(self.inbox.error)
+            await self.inbox.changed()
         await trio.lowlevel.checkpoint()
 
     async def send_eof(self) -> None:
-        if self._error is not None or self._closed:
+        if self.inbox.error is not None or self._closed:
             await trio.lowlevel.checkpoint()
             return
         try:
@@ -293,7 +271,7 @@ class SshConnection:
             if channel is None:
                 continue
             if isinstance(event, ChannelData):
-                channel._deliver(event.data)
+                channel.inbox.put(event.data)
             elif isinstance(event, ChannelOpened):
                 channel.opened.set()
                 if channel._closed:  # given up on while it opened
@@ -303,14 +281,14 @@ class SshConnection:
                 channel._fail(event.reason)
                 self.channels.pop(event.channel, None)
             elif isinstance(event, ChannelEof):
-                channel._end()
+                channel.inbox.end()
             elif isinstance(event, ChannelClosed):
-                channel._end()
+                channel.inbox.end()
                 self.channels.pop(event.channel, None)
                 if not self.channels:
                     self._idle_since = trio.current_time()
             elif isinstance(event, ChannelWritable):
-                channel._wake()
+                channel.inbox.wake()
 
 
 class SshOutbound:

@@ -580,6 +580,11 @@ class SshClient:
 
     # ---- the application's side
 
+    @property
+    def has_output(self) -> bool:
+        """Bytes are waiting for `data_to_send`."""
+        return bool(self._out)
+
     def data_to_send(self) -> bytes:
         out = bytes(self._out)
         self._out.clear()
