@@ -39,6 +39,7 @@ import struct
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from cryptography.exceptions import InvalidSignature, InvalidTag
 from cryptography.hazmat.primitives import hashes, poly1305, serialization
@@ -88,9 +89,9 @@ STRICT_KEX_SERVER = "kex-strict-s-v00@openssh.com"
 HOST_KEY_ALGORITHMS = ("ssh-ed25519", "ecdsa-sha2-nistp256", "ecdsa-sha2-nistp384",
                        "ecdsa-sha2-nistp521", "rsa-sha2-512", "rsa-sha2-256", "ssh-rsa")
 # Go's x/crypto/ssh order (so mihomo's): AES-GCM first. It is also ours for
-# speed: with AES-NI a 32 KiB packet opens in ~10 us, against ~150 us for
-# chacha20-poly1305, whose OpenSSH form needs three cipher contexts and a
-# Poly1305 per packet from Python.
+# speed: with AES-NI a 32 KiB packet opens in ~7 us, against ~80 us for
+# chacha20-poly1305 (OpenSSH's form: two ChaCha20 contexts and a separate
+# Poly1305 per packet from Python) and ~50 us for aes128-ctr + HMAC.
 CIPHERS = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com",
            "chacha20-poly1305@openssh.com", "aes128-ctr", "aes256-ctr")
 MACS = ("hmac-sha2-256-etm@openssh.com", "hmac-sha2-512-etm@openssh.com",
@@ -331,29 +332,35 @@ class ChaChaPoly(PacketCipher):
 
     def __init__(self, key: bytes) -> None:
         self.main, self.header = key[:32], key[32:64]
+        self._head_plain = b""
 
     @staticmethod
-    def _stream(key: bytes, seq: int, counter: int, data: bytes) -> bytes:
-        nonce = counter.to_bytes(8, "little") + seq.to_bytes(8, "big")
-        return Cipher(algorithms.ChaCha20(key, nonce), None).encryptor().update(data)
+    def _context(key: bytes, seq: int) -> Any:
+        """A keystream from block 0 for packet `seq`; block 0's first 32
+        bytes are the Poly1305 key, the packet starts at block 1."""
+        nonce = bytes(8) + seq.to_bytes(8, "big")
+        return Cipher(algorithms.ChaCha20(key, nonce), None).encryptor()
 
     def seal(self, seq: int, packet: bytes) -> bytes:
-        head = self._stream(self.header, seq, 0, packet[:4])
-        body = self._stream(self.main, seq, 1, packet[4:])
-        poly_key = self._stream(self.main, seq, 0, bytes(32))
+        head = self._context(self.header, seq).update(packet[:4])
+        main = self._context(self.main, seq)
+        poly_key = main.update(bytes(64))[:32]
+        body = main.update(packet[4:])
         return head + body + poly1305.Poly1305.generate_tag(poly_key, head + body)
 
     def length(self, seq: int, head: bytes) -> int:
-        return int(struct.unpack(">I", self._stream(self.header, seq, 0, head[:4]))[0])
+        self._head_plain = self._context(self.header, seq).update(head[:4])
+        return int(struct.unpack(">I", self._head_plain)[0])
 
     def open(self, seq: int, data: bytes) -> bytes:
-        poly_key = self._stream(self.main, seq, 0, bytes(32))
+        main = self._context(self.main, seq)
+        poly_key = main.update(bytes(64))[:32]
         try:
             poly1305.Poly1305.verify_tag(poly_key, data[:-16], data[-16:])
         except InvalidSignature:
             raise SshError("packet authentication failed (corrupt or forged data)") from None
-        return self._stream(self.header, seq, 0, data[:4]) + \
-            self._stream(self.main, seq, 1, data[4:-16])
+        # `length` ran first for this packet (the reader needs the length).
+        return self._head_plain + main.update(data[4:-16])
 
 
 class AesGcm(PacketCipher):
