@@ -39,7 +39,6 @@ import struct
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 from cryptography.exceptions import InvalidSignature, InvalidTag
 from cryptography.hazmat.primitives import hashes, poly1305, serialization
@@ -48,7 +47,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import (
     decode_dss_signature,
     encode_dss_signature,
 )
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from cryptography.hazmat.primitives.ciphers import Cipher, CipherContext, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 # Message numbers (RFC 4250 section 4.1).
@@ -335,7 +334,7 @@ class ChaChaPoly(PacketCipher):
         self._head_plain = b""
 
     @staticmethod
-    def _context(key: bytes, seq: int) -> Any:
+    def _context(key: bytes, seq: int) -> CipherContext:
         """A keystream from block 0 for packet `seq`; block 0's first 32
         bytes are the Poly1305 key, the packet starts at block 1."""
         nonce = bytes(8) + seq.to_bytes(8, "big")
