@@ -22,13 +22,19 @@ in the first flow's task under the outbound's connect deadline: a wrong
 password, a host key that is not one of `host-key`, a refused channel
 ("connect failed: ...", the server's words) are OutboundErrors with that
 reason. When the connection drops, every channel on it raises
-trio.BrokenResourceError with the reason. UDP: mihomo's ssh carries none,
+trio.BrokenResourceError with the reason. A server that goes silent
+without closing (a host that vanished, a path that drops everything) shows
+as a channel open that the flow gives up on: the connection then sends a
+keepalive request, and if nothing comes back within `PROBE_TIMEOUT` it is
+closed (WARNING "the SSH server stopped answering"), so the next flow
+connects anew instead of meeting the same silence. UDP: mihomo's ssh carries none,
 and neither does this (`carries_udp` False).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import random
 
 import trio
@@ -66,6 +72,9 @@ log = logging.getLogger(__name__)
 IDLE_TIMEOUT = 60.0
 # One read of the server's stream.
 READ_SIZE = 1 << 18
+# A channel open the server did not answer before the flow gave up: the
+# server gets this long to answer a keepalive, or the connection is closed.
+PROBE_TIMEOUT = 3.0
 # A writer waits while this much of its data is queued beyond the peer's window.
 SEND_HIGH_WATER = 1 << 20
 
@@ -159,6 +168,9 @@ class SshConnection:
         self.closed_reason: str | None = None
         self._send_lock = trio.Lock()
         self._idle_since = trio.current_time()
+        self._probe_deadline = math.inf
+        self._timer: trio.CancelScope | None = None
+        self._scope = trio.CancelScope()
 
     @property
     def usable(self) -> bool:
@@ -207,6 +219,9 @@ class SshConnection:
             await self.flush()
             await channel.opened.wait()
         except BaseException:
+            with trio.CancelScope(shield=True), trio.move_on_after(1):
+                if not channel.opened.is_set():
+                    await self.probe()
             await channel.aclose()
             raise
         if channel.open_error is not None:
@@ -229,13 +244,31 @@ class SshConnection:
         for channel in list(self.channels.values()):
             channel._fail(f"{self.name}: SSH connection lost: {reason}")
         self.channels.clear()
+        self._scope.cancel()  # the driver stops reading and closes the stream
 
     async def _drive(self) -> None:
         try:
+            with self._scope:
+                await self._read()
+        finally:
+            self._end("closed")
+            await trio.aclose_forcefully(self.stream)
+
+    async def _read(self) -> None:
+        try:
             while self.closed_reason is None:
-                with trio.move_on_at(self._idle_since + IDLE_TIMEOUT) as idle:
+                deadline = min(self._idle_since + IDLE_TIMEOUT, self._probe_deadline)
+                with trio.move_on_at(deadline) as timer:
+                    self._timer = timer
                     data = await self.stream.receive_some(READ_SIZE)
-                if idle.cancelled_caught:
+                self._timer = None
+                if timer.cancelled_caught:
+                    if trio.current_time() >= self._probe_deadline:
+                        log.warning("%s: the SSH server stopped answering (no reply to a "
+                                    "keepalive in %gs): connection closed", self.name,
+                                    PROBE_TIMEOUT)
+                        self._end("the server stopped answering")
+                        return
                     if self.channels:
                         self._idle_since = trio.current_time()
                         continue
@@ -244,7 +277,8 @@ class SshConnection:
                     self._end("idle")
                     log.debug("%s: SSH connection idle for %gs, closed", self.name,
                               IDLE_TIMEOUT)
-                    break
+                    return
+                self._probe_deadline = math.inf  # it answered
                 self.client.receive_data(bytes(data))
                 self._handle_events()
                 await self.flush(quiet=True)
@@ -259,9 +293,18 @@ class SshConnection:
             # a system task: what it raises would crash the whole run).
             log.exception("%s: SSH connection failed", self.name)
             self._end("internal error")
-        finally:
-            self._end("closed")
-            await trio.aclose_forcefully(self.stream)
+
+    async def probe(self) -> None:
+        """A channel open went unanswered (the flow gave up): ask the server
+        for any reply; none within PROBE_TIMEOUT ends the connection, so the
+        flows after it get a new one instead of the same silence."""
+        if self.closed_reason is not None or self._probe_deadline != math.inf:
+            return
+        self.client.send_keepalive()
+        self._probe_deadline = trio.current_time() + PROBE_TIMEOUT
+        if self._timer is not None:
+            self._timer.deadline = min(self._timer.deadline, self._probe_deadline)
+        await self.flush(quiet=True)
 
     def _handle_events(self) -> None:
         while (event := self.client.next_event()) is not None:

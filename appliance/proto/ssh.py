@@ -647,6 +647,11 @@ class SshClient:
             self._send(struct.pack(">BII", MSG_CHANNEL_WINDOW_ADJUST, ch.remote, ch.consumed))
             ch.consumed = 0
 
+    def send_keepalive(self) -> None:
+        """A global request the server must answer (OpenSSH's client
+        keepalive): any answer shows the connection is alive."""
+        self._send(bytes((MSG_GLOBAL_REQUEST,)) + ssh_string("keepalive@openssh.com") + b"\1")
+
     def disconnect(self, reason: str = "bye") -> None:
         if self.closed_reason is None:
             self._send_now(bytes((MSG_DISCONNECT,)) + struct.pack(">I", 11)

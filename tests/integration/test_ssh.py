@@ -211,3 +211,29 @@ def test_a_dropped_connection_is_replaced(ssh: SshLab) -> None:
     assert out.returncode == 0, out.stderr + ssh.mirage.log_text()[-2000:]
     assert "MARKER-ALPHA" in out.stdout
     assert ssh.sshd.text().count("Accepted password for") == accepted + 1
+
+
+def _descendants(pid: int) -> list[str]:
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True,
+                         timeout=10).stdout.split()
+    return [p for child in out for p in (child, *_descendants(int(child)))]
+
+
+def test_a_silent_server_is_given_up_and_replaced(ssh: SshLab) -> None:
+    assert ssh.curl("ssh-pw").returncode == 0
+    # Stop (not end) the processes serving the connection: it stays open and
+    # says nothing, as a vanished host would.
+    stopped = _descendants(ssh.sshd.proc.pid)
+    assert stopped
+    try:
+        for pid in stopped:
+            subprocess.run(["kill", "-STOP", pid], check=False, timeout=10)
+        assert ssh.curl("ssh-pw").returncode != 0
+        ssh.wait_log("ssh-pw: the SSH server stopped answering", seconds=10)
+        out = ssh.curl("ssh-pw")
+        assert out.returncode == 0, out.stderr + ssh.mirage.log_text()[-2000:]
+        assert "MARKER-ALPHA" in out.stdout
+    finally:
+        for pid in stopped:
+            subprocess.run(["kill", "-CONT", pid], check=False, timeout=10)
+            subprocess.run(["kill", pid], check=False, timeout=10)
