@@ -18,7 +18,10 @@ a session that ends before the server sent a single frame is logged once
 at WARNING as "closed the session without answering (wrong password?)",
 and its stream then ends. A destination the server cannot reach comes
 back (protocol v2) as SYNACK with the server's reason: the stream raises
-trio.BrokenResourceError with it, logged at WARNING. AnyTLS has no
+trio.BrokenResourceError with it, logged at WARNING. A v2 server answers
+every stream's SYN: one that says nothing for `OPEN_TIMEOUT` after a new
+stream (a host that vanished while its session sat idle) has its session
+closed, so the flows after it do not pick the same dead session. AnyTLS has no
 half-close (FIN ends a stream both ways), so streams are not
 HalfCloseableStream: the gateway keeps the flow open until both sides are
 done.
@@ -27,6 +30,7 @@ done.
 from __future__ import annotations
 
 import logging
+import math
 
 import trio
 
@@ -64,6 +68,9 @@ from appliance.proto.socks5 import Socks5Error, encode_address
 log = logging.getLogger(__name__)
 
 READ_SIZE = 1 << 18
+# A stream opened on a session whose (v2) server then says nothing for this
+# long: the session is closed and its streams fail.
+OPEN_TIMEOUT = 5.0
 
 
 class AnytlsStream(trio.abc.Stream):
@@ -119,6 +126,8 @@ class AnytlsSession:
         self.seq = 0
         self._send_lock = trio.Lock()
         self._driver = trio.CancelScope()
+        self._watchdog = math.inf  # when a silent server is given up
+        self._timer: trio.CancelScope | None = None
 
     async def write(self, writes: list[bytes]) -> None:
         """Each item one TLS write, in order (the padding is about records)."""
@@ -136,6 +145,12 @@ class AnytlsSession:
     async def open_stream(self, address: bytes, what: str) -> AnytlsStream:
         sid, writes = self.core.open_stream(address)
         stream = self.streams[sid] = AnytlsStream(self, sid, what)
+        if self.core.server_version >= 2:
+            # A v2 server answers every SYN (SYNACK): silence means it is
+            # gone (sing-anytls' stream-open watchdog).
+            self._watchdog = min(self._watchdog, trio.current_time() + OPEN_TIMEOUT)
+            if self._timer is not None:
+                self._timer.deadline = self._watchdog
         await self.write(writes)
         return stream
 
@@ -172,7 +187,16 @@ class AnytlsSession:
     async def _read(self) -> None:
         try:
             while self.closed_reason is None:
-                data = await self.tls.receive_some(READ_SIZE)
+                with trio.move_on_at(self._watchdog) as timer:
+                    self._timer = timer
+                    data = await self.tls.receive_some(READ_SIZE)
+                self._timer = None
+                if timer.cancelled_caught:
+                    log.warning("%s: the server stopped answering (no SYNACK in %gs): "
+                                "session closed", self.pool.name, OPEN_TIMEOUT)
+                    self.end("the server stopped answering")
+                    break
+                self._watchdog = math.inf
                 if not data:
                     if not self.core.answered:
                         log.warning("%s: the server closed the session without answering "

@@ -177,3 +177,21 @@ def test_udp_echo_over_anytls(anytls: AnytlsLab) -> None:
     # sing-box (at debug) names the UDP-over-TCP destination it was given.
     assert f"inbound UoT connect connection to {SERVER_NAME}:{ECHO_PORT}" in \
         anytls.singbox.log_text()
+
+
+def test_a_session_whose_server_went_silent_is_given_up(anytls: AnytlsLab) -> None:
+    # A session back in the pool (nginx closed: the server ended the stream).
+    out = anytls.curl("at", f"http://{SERVER_NAME}/", 0, "-H", "Connection: close")
+    assert out.returncode == 0, out.stderr
+    proc = anytls.singbox._proc
+    assert proc is not None
+    # Stopped, sing-box keeps the session open and answers nothing.
+    subprocess.run(["kill", "-STOP", str(proc.pid)], check=True, timeout=10)
+    try:
+        assert anytls.curl("at", offset=5).returncode != 0
+        anytls.wait_log("at: the server stopped answering (no SYNACK in 5s)", seconds=10)
+    finally:
+        subprocess.run(["kill", "-CONT", str(proc.pid)], check=True, timeout=10)
+    out = anytls.curl("at", f"http://{SERVER_NAME}/", 10)
+    assert out.returncode == 0, out.stderr + anytls.mirage.log_text()[-2000:]
+    assert "MARKER-ALPHA" in out.stdout
