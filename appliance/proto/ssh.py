@@ -574,7 +574,10 @@ class SshClient:
         self._kexing = True  # the first key exchange starts at once
         self._strict = False
         self._held: list[bytes] = []  # payloads waiting for a key exchange to end
+        self._keyed = False  # the first NEWKEYS has come: packets are protected
         self._service_requested = False
+        self._service_accepted = False
+        self._auth_outstanding = False
         self._auth_methods: list[str] = []
         self._auth_tried: list[str] = []
         self.ready = False
@@ -761,8 +764,15 @@ class SshClient:
             self._on_ecdh_reply(payload)
         elif msg == MSG_NEWKEYS:
             self._on_newkeys()
+        elif not self._keyed:
+            # Nothing but the key exchange before keys are in place: a server
+            # (or a man in the middle) that skips it gets nowhere.
+            raise SshError(f"unexpected message {msg} before the key exchange finished")
         elif msg == MSG_SERVICE_ACCEPT:
-            self._start_auth()
+            if not self._service_requested or self._service_accepted:
+                raise SshError("unexpected SERVICE_ACCEPT")
+            self._service_accepted = True
+            self._try_next_auth()
         elif MSG_USERAUTH_REQUEST <= msg <= 79:
             self._on_auth(msg, payload)
         elif msg == MSG_GLOBAL_REQUEST:
@@ -773,12 +783,16 @@ class SshClient:
         elif msg in (MSG_REQUEST_SUCCESS, MSG_REQUEST_FAILURE):
             return
         elif MSG_CHANNEL_OPEN <= msg <= MSG_CHANNEL_FAILURE:
+            if not self.ready:
+                raise SshError(f"channel message {msg} before authentication")
             self._on_channel(msg, payload)
         else:
             self._send(bytes((MSG_UNIMPLEMENTED,)) + struct.pack(
                 ">I", (self._recv_seq - 1) & 0xFFFFFFFF))
 
     def _on_kexinit(self, payload: bytes) -> None:
+        if self._kex_key is not None or self._next_recv_cipher is not None:
+            raise SshError("a second KEXINIT within one key exchange")
         if not self._kexing:
             self._send_kexinit()  # the server starts a re-exchange
         self._kex_server_init = payload
@@ -864,6 +878,7 @@ class SshClient:
             raise SshError("NEWKEYS before the key exchange reply")
         self._recv_cipher = self._next_recv_cipher
         self._next_recv_cipher = None
+        self._keyed = True
         if self._strict:
             self._recv_seq = 0
         first = not self._service_requested
@@ -883,9 +898,6 @@ class SshClient:
         return (bytes((MSG_USERAUTH_REQUEST,)) + ssh_string(self.username)
                 + ssh_string("ssh-connection") + ssh_string(method) + rest)
 
-    def _start_auth(self) -> None:
-        self._try_next_auth()
-
     def _try_next_auth(self) -> None:
         allowed = self._auth_methods
         if self.private_key is not None and "publickey" not in self._auth_tried and \
@@ -898,17 +910,24 @@ class SshClient:
             signature = _sign(self.private_key, algorithm,
                               ssh_string(self._session_id) + unsigned)
             self._send(unsigned + ssh_string(signature))
+            self._auth_outstanding = True
             return
         if self.password is not None and "password" not in self._auth_tried and \
                 (not allowed or "password" in allowed):
             self._auth_tried.append("password")
             self._send(self._auth_request("password", b"\0" + ssh_string(self.password)))
+            self._auth_outstanding = True
             return
         tried = ", ".join(self._auth_tried) or "nothing (no password or private-key)"
         raise SshError(f"authentication failed for user {self.username!r}: tried {tried}; "
                        f"the server allows {', '.join(allowed) or 'nothing'}")
 
     def _on_auth(self, msg: int, payload: bytes) -> None:
+        if msg == MSG_USERAUTH_BANNER and self._service_accepted and not self.ready:
+            return
+        if not self._auth_outstanding:
+            raise SshError(f"unexpected user auth message {msg}")
+        self._auth_outstanding = False
         if msg == MSG_USERAUTH_SUCCESS:
             self.ready = True
             self._events.append(Ready())
@@ -916,8 +935,6 @@ class SshClient:
             r = Reader(payload, 1)
             self._auth_methods = r.names()
             self._try_next_auth()
-        elif msg == MSG_USERAUTH_BANNER:
-            return
         else:
             raise SshError(f"unexpected user auth message {msg}")
 

@@ -13,6 +13,8 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, x25519
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from appliance.proto import ssh
 from appliance.proto.ssh import Reader, SshClient, SshError, ssh_string
@@ -299,3 +301,47 @@ def test_public_key_lines() -> None:
         ssh.public_key_blob("ssh-ed25519 !!!")
     with pytest.raises(ValueError, match="the line says ssh-rsa"):
         ssh.public_key_blob("ssh-rsa " + key.split()[1])
+
+
+_MESSAGES = st.sampled_from([1, 2, 3, 4, 5, 6, 7, 20, 21, 30, 31, 50, 51, 52, 53, 60, 80, 81,
+                             82, 90, 91, 92, 93, 94, 95, 96, 97, 98, 99, 100, 200])
+_PAYLOADS = st.lists(st.tuples(_MESSAGES, st.binary(max_size=64)), max_size=6)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_PAYLOADS, st.booleans())
+def test_any_server_message_fails_only_with_ssh_error(payloads: list[tuple[int, bytes]],
+                                                     logged_in: bool) -> None:
+    """Whatever messages a server sends, before the key exchange or once
+    logged in with a channel open, the client raises SshError (or goes on),
+    never anything else; and nothing but the key exchange's own messages
+    makes progress before keys are in place."""
+    key = ed25519.Ed25519PrivateKey.generate()
+    client = SshClient("user", password="secret", private_key=key)
+    server = ScriptedServer()
+    if logged_in:
+        _converse(client, server)
+        assert client.ready
+        client.open_direct_tcpip("www.example.test", 80)
+        _converse(client, server)
+    else:
+        client.receive_data(b"SSH-2.0-fuzz\r\n")
+    try:
+        for msg, body in payloads:
+            client.receive_data(server.send(bytes((msg,)) + body))
+            while client.next_event() is not None:
+                pass
+    except SshError:
+        pass
+    if not logged_in:
+        assert not client.ready
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=200))
+def test_any_bytes_before_the_version_fail_only_with_ssh_error(data: bytes) -> None:
+    client = SshClient("user", password="pw")
+    try:
+        client.receive_data(data + b"\n" + data)
+    except SshError:
+        pass
