@@ -119,6 +119,9 @@ def ssh(lab: Lab, tmp_path_factory: pytest.TempPathFactory) -> Iterator[SshLab]:
         "ssh-ctr": ({"password": user.password, "port": PORT_CTR,
                      "host-key-algorithms": ["rsa-sha2-256"]}, 32020),
         "ssh-chacha": ({"password": user.password, "port": PORT_CHACHA}, 32050),
+        # An SSH connection that rides a channel of another one.
+        "ssh-chained": ({"password": user.password, "port": PORT_CHACHA,
+                         "dialer-proxy": "ssh-pw"}, 32060),
         "ssh-wrong-pw": ({"password": "not-it"}, 32030),
         # The user's key is not the server's: a host key mismatch.
         "ssh-wrong-host": ({"password": user.password, "host-key": [user_pub]}, 32040),
@@ -164,6 +167,16 @@ def test_http_through_ssh_reaches_sshd_by_name(ssh: SshLab, proxy: str) -> None:
               "ssh-chacha": "chacha20-poly1305@openssh.com MAC: <implicit>"}.get(
                   proxy, "aes128-gcm@openssh.com MAC: <implicit>")
     assert f"kex: client->server cipher: {cipher}" in server.text()
+
+
+def test_dialer_proxy_carries_the_ssh_connection(ssh: SshLab) -> None:
+    out = ssh.curl("ssh-chained")
+    assert out.returncode == 0, out.stderr + ssh.mirage.log_text()[-2000:]
+    assert "MARKER-ALPHA" in out.stdout
+    # The first server opened the channel to the second; the second's login
+    # came from the first (same host), not from the gateway.
+    assert f"target {SERVER_NAME} port {PORT_CHACHA}" in ssh.sshd.text()
+    assert f"Accepted password for mirage from {SERVER_IP}" in ssh.chacha.text()
 
 
 def test_big_download_and_parallel_flows_share_one_connection(ssh: SshLab) -> None:
