@@ -68,6 +68,10 @@ from appliance.proto.socks5 import Socks5Error, encode_address
 log = logging.getLogger(__name__)
 
 READ_SIZE = 1 << 18
+# AnyTLS has no flow control of its own: past this much unread by a flow,
+# the session's driver stops reading (TCP then holds the server back), as
+# mihomo's stream pipe does.
+INBOX_HIGH_WATER = 1 << 20
 # A stream opened on a session whose (v2) server then says nothing for this
 # long: the session is closed and its streams fail.
 OPEN_TIMEOUT = 5.0
@@ -84,6 +88,10 @@ class AnytlsStream(trio.abc.Stream):
         self.what = what
         self.inbox = Inbox()
         self._closed = False
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         if self._closed:
@@ -109,6 +117,7 @@ class AnytlsStream(trio.abc.Stream):
             await trio.lowlevel.checkpoint()
             return
         self._closed = True
+        self.inbox.wake()  # a driver waiting for this stream to be read
         await self.session.close_stream(self)
 
 
@@ -210,6 +219,10 @@ class AnytlsSession:
                 replies = self.core.replies()
                 if replies:
                     await self.write(replies)
+                for stream in list(self.streams.values()):
+                    while stream.inbox.size > INBOX_HIGH_WATER and not stream.closed \
+                            and self.closed_reason is None:
+                        await stream.inbox.changed()
         except (AnytlsError, trio.BrokenResourceError, trio.ClosedResourceError,
                 OSError) as e:
             self.end(str(e) or type(e).__name__)

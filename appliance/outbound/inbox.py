@@ -5,7 +5,8 @@ broke. Used by the streams of SSH channels and AnyTLS sessions.
 Chunks are kept as the driver delivered them: a read returns a chunk
 whole when it fits (no copy), joins the ones that fit together, and splits
 only a chunk larger than the read. One `trio.Event` at a time, made only
-when a task waits, wakes the reader (and a writer waiting for window).
+when a task waits, wakes whoever waits for a change: the reader, a writer
+waiting for window, a driver waiting for the reader to make room.
 """
 
 from __future__ import annotations
@@ -47,7 +48,8 @@ class Inbox:
         self.wake()
 
     async def changed(self) -> None:
-        """Wait until bytes arrive, the stream ends or fails, or `wake()`."""
+        """Wait until bytes arrive or are read, the stream ends or fails, or
+        `wake()`."""
         if self._waiter is None:
             self._waiter = trio.Event()
         await self._waiter.wait()
@@ -77,4 +79,5 @@ class Inbox:
         else:
             out = parts[0] if len(parts) == 1 else b"".join(parts)
         self.size -= len(out)
+        self.wake()  # a driver waiting for room (`changed`) may go on
         return out

@@ -178,7 +178,10 @@ class SshConnection:
 
     async def flush(self, *, quiet: bool = False) -> None:
         """Send what the client has queued. The lock keeps one writer on the
-        stream; whoever holds it sends everything queued so far."""
+        stream; whoever holds it sends everything queued so far. Nothing
+        queued: no lock, no scheduler turn (the driver asks after every read)."""
+        if not self.client.has_output:
+            return
         async with self._send_lock:
             data = self.client.data_to_send()
             if not data or self.closed_reason is not None:

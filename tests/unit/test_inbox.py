@@ -52,3 +52,21 @@ async def test_a_waiting_reader_wakes_on_data() -> None:
         assert got == []
         box.put(b"late")
     assert got == [b"late"]
+
+
+async def test_a_read_wakes_a_task_waiting_for_room() -> None:
+    box = Inbox()
+    box.put(b"z" * 100)
+    done = trio.Event()
+
+    async def driver() -> None:
+        while box.size > 10:
+            await box.changed()
+        done.set()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(driver)
+        await trio.testing.wait_all_tasks_blocked()
+        assert not done.is_set()
+        await box.take(95)
+    assert done.is_set()
