@@ -68,6 +68,9 @@ from appliance.proto.socks5 import Socks5Error, encode_address
 log = logging.getLogger(__name__)
 
 READ_SIZE = 1 << 18
+# A write to the server that has not gone through in this long ends the
+# session (writes are shielded from the flows' cancellation).
+SEND_TIMEOUT = 30.0
 # AnyTLS has no flow control of its own: past this much unread by a flow,
 # the session's driver stops reading (TCP then holds the server back), as
 # mihomo's stream pipe does.
@@ -145,11 +148,18 @@ class AnytlsSession:
                 raise trio.BrokenResourceError(f"{self.pool.name}: session closed: "
                                                f"{self.closed_reason}")
             try:
-                for chunk in writes:
-                    await self.tls.send_all(chunk)
+                # Shielded: a flow cancelled half-way through its frames would
+                # leave the session's framing torn.
+                with trio.CancelScope(shield=True), \
+                        trio.move_on_after(SEND_TIMEOUT) as timer:
+                    for chunk in writes:
+                        await self.tls.send_all(chunk)
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
                 self.end(f"send failed: {e}")
                 raise trio.BrokenResourceError(f"{self.pool.name}: {e}") from None
+            if timer.cancelled_caught:
+                self.end(f"the server took no data for {SEND_TIMEOUT:g}s")
+                raise trio.BrokenResourceError(f"{self.pool.name}: {self.closed_reason}")
 
     async def open_stream(self, address: bytes, what: str) -> AnytlsStream:
         sid, writes = self.core.open_stream(address)

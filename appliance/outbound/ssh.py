@@ -75,6 +75,9 @@ READ_SIZE = 1 << 18
 # A channel open the server did not answer before the flow gave up: the
 # server gets this long to answer a keepalive, or the connection is closed.
 PROBE_TIMEOUT = 3.0
+# A send to the server that has not gone through in this long ends the
+# connection (sends are shielded from the flows' cancellation).
+SEND_TIMEOUT = 30.0
 # A writer waits while this much of its data is queued beyond the peer's window.
 SEND_HIGH_WATER = 1 << 20
 
@@ -187,11 +190,20 @@ class SshConnection:
             if not data or self.closed_reason is not None:
                 return
             try:
-                await self.stream.send_all(data)
+                # Shielded: a flow cancelled half-way through a packet would
+                # leave the server a torn packet and end every channel.
+                with trio.CancelScope(shield=True), \
+                        trio.move_on_after(SEND_TIMEOUT) as timer:
+                    await self.stream.send_all(data)
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
                 self._end(f"send failed: {e}")
                 if not quiet:
                     raise trio.BrokenResourceError(self.closed_reason) from None
+                return
+            if timer.cancelled_caught:
+                self._end(f"the server took no data for {SEND_TIMEOUT:g}s")
+                if not quiet:
+                    raise trio.BrokenResourceError(self.closed_reason)
 
     async def handshake(self) -> None:
         """Version exchange, keys, auth; in the caller's task and deadline.
