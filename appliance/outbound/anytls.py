@@ -82,8 +82,8 @@ OPEN_TIMEOUT = 5.0
 
 class AnytlsStream(trio.abc.Stream):
     """One flow on a session. Bytes arrive from the session's driver (into
-    its `Inbox`); writes become PSH frames. Owns the stream (aclose sends FIN and gives
-    the session back to the pool), not the session."""
+    its `Inbox`); writes become PSH frames. Owns the stream (aclose sends
+    FIN and gives the session back to the pool), not the session."""
 
     def __init__(self, session: AnytlsSession, stream_id: int, what: str) -> None:
         self.session = session

@@ -90,8 +90,8 @@ def client_version() -> str:
 
 class SshChannel(trio.abc.HalfCloseableStream):
     """One flow: a direct-tcpip channel. Data arrives from the connection's
-    driver (into its `Inbox`); reading it re-opens the server's window. Owns the
-    channel (aclose closes it), not the connection."""
+    driver (into its `Inbox`); reading it re-opens the server's window.
+    Owns the channel (aclose closes it), not the connection."""
 
     def __init__(self, conn: SshConnection, channel: int) -> None:
         self.conn = conn

@@ -9,7 +9,8 @@ is a ConfigError with its key path, never a flow-time failure. A
 `host-key-algorithms` entry Mirage's SSH client does not implement (the
 certificate and security-key kinds) is listed as ignored; when none of
 them is left, the proxy is unusable (skipped with the reason). mihomo's
-ssh carries no UDP: `udp: true` is read and has no effect (the outbound says carries_udp False).
+ssh carries no UDP: `udp: true` is read and has no effect (the outbound
+says carries_udp False).
 """
 
 from __future__ import annotations
