@@ -62,6 +62,7 @@ from appliance.proto.ssh import (
     Ready,
     SshClient,
     SshError,
+    algorithms_for,
     load_private_key,
     public_key_blob,
 )
@@ -370,6 +371,10 @@ class SshOutbound:
             self._key = load_private_key(options.private_key.encode(),
                                          options.private_key_passphrase)
         self._host_keys = tuple(public_key_blob(k) for k in options.host_keys)
+        # With pinned keys, offer only their algorithms: a server that also
+        # has an ed25519 key would otherwise show that one and fail the pin
+        # of its RSA key (what OpenSSH's known_hosts ordering avoids too).
+        self._algorithms = options.host_key_algorithms or algorithms_for(self._host_keys)
         self._conn: SshConnection | None = None
         self._lock = trio.Lock()
         self._attempts = 0
@@ -386,7 +391,7 @@ class SshOutbound:
         stream = await self._dial(self.server, self.port)
         client = SshClient(self.options.username, password=self.options.password,
                            private_key=self._key, host_keys=self._host_keys,
-                           host_key_algorithms=self.options.host_key_algorithms,
+                           host_key_algorithms=self._algorithms,
                            client_version=client_version())
         conn = SshConnection(self.name, stream, client)
         await conn.handshake()

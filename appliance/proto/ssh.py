@@ -204,6 +204,14 @@ def public_key_blob(line: str) -> bytes:
     return blob
 
 
+def algorithms_for(key_blobs: Sequence[bytes]) -> tuple[str, ...]:
+    """The host key algorithms that can show one of these keys (RSA keys:
+    the three RSA signature kinds), in our order of preference."""
+    kinds = {Reader(blob).text() for blob in key_blobs}
+    return tuple(a for a in HOST_KEY_ALGORITHMS
+                 if (a if not a.startswith("rsa-sha2-") else "ssh-rsa") in kinds)
+
+
 def describe_key(blob: bytes) -> str:
     """"TYPE SHA256:..." as ssh-keygen -l prints a key."""
     import base64

@@ -106,7 +106,7 @@ class SshLab:
 def ssh(lab: Lab, tmp_path_factory: pytest.TempPathFactory) -> Iterator[SshLab]:
     d = tmp_path_factory.mktemp("sshd")
     host_ed = _keygen(d / "host_ed25519", "ed25519")
-    _keygen(d / "host_rsa", "rsa")
+    host_rsa = _keygen(d / "host_rsa", "rsa")
     user_pub = _keygen(d / "user_ed25519", "ed25519", PASSPHRASE)
     (d / "authorized_keys").write_text(user_pub + "\n")
     user = next(s for s in lab.topology.socks if s.username)
@@ -118,7 +118,9 @@ def ssh(lab: Lab, tmp_path_factory: pytest.TempPathFactory) -> Iterator[SshLab]:
                      "private-key-passphrase": PASSPHRASE, "host-key": [host_ed]}, 32010),
         "ssh-ctr": ({"password": user.password, "port": PORT_CTR,
                      "host-key-algorithms": ["rsa-sha2-256"]}, 32020),
-        "ssh-chacha": ({"password": user.password, "port": PORT_CHACHA}, 32050),
+        # Pinned to the server's RSA key (it has an ed25519 one too).
+        "ssh-chacha": ({"password": user.password, "port": PORT_CHACHA,
+                        "host-key": [host_rsa]}, 32050),
         # An SSH connection that rides a channel of another one.
         "ssh-chained": ({"password": user.password, "port": PORT_CHACHA,
                          "dialer-proxy": "ssh-pw"}, 32060),
@@ -167,6 +169,8 @@ def test_http_through_ssh_reaches_sshd_by_name(ssh: SshLab, proxy: str) -> None:
               "ssh-chacha": "chacha20-poly1305@openssh.com MAC: <implicit>"}.get(
                   proxy, "aes128-gcm@openssh.com MAC: <implicit>")
     assert f"kex: client->server cipher: {cipher}" in server.text()
+    if proxy == "ssh-chacha":
+        assert "kex: host key algorithm: rsa-sha2-512" in server.text()
 
 
 def test_dialer_proxy_carries_the_ssh_connection(ssh: SshLab) -> None:

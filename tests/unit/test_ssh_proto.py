@@ -345,3 +345,12 @@ def test_any_bytes_before_the_version_fail_only_with_ssh_error(data: bytes) -> N
         client.receive_data(data + b"\n" + data)
     except SshError:
         pass
+
+
+def test_pinned_keys_choose_the_algorithms_offered() -> None:
+    ed = ssh_string("ssh-ed25519") + ssh_string(bytes(32))
+    rsa_key = ssh_string("ssh-rsa") + ssh.ssh_mpint(65537) + ssh.ssh_mpint(3 << 1000)
+    assert ssh.algorithms_for([ed]) == ("ssh-ed25519",)
+    assert ssh.algorithms_for([rsa_key, ed]) == ("ssh-ed25519", "rsa-sha2-512", "rsa-sha2-256",
+                                                 "ssh-rsa")
+    assert ssh.algorithms_for([]) == ()
