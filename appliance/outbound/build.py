@@ -62,6 +62,7 @@ from appliance.outbound.trojan import TrojanOutbound
 from appliance.outbound.tuic import TuicOutbound
 from appliance.outbound.vless import VlessOutbound
 from appliance.outbound.vmess import VmessOutbound
+from appliance.outbound.wireguard import WireguardOutbound
 
 # One proxy entry and what all outbounds share -> the outbound.
 Builder = Callable[[ProxyConfig, OutboundEnv], Outbound]
@@ -80,6 +81,7 @@ BUILDERS: dict[str, Builder] = {
     "tuic": TuicOutbound.from_config,
     "ssh": SshOutbound.from_config,
     "anytls": AnytlsOutbound.from_config,
+    "wireguard": WireguardOutbound.from_config,
 }
 
 

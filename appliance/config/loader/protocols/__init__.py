@@ -134,6 +134,7 @@ from appliance.config.loader.protocols import (  # noqa: E402
     tuic,
     vless,
     vmess,
+    wireguard,
 )
 
 PROTOCOLS["vmess"] = vmess.SPEC
@@ -144,3 +145,4 @@ PROTOCOLS["hysteria2"] = hysteria2.SPEC
 PROTOCOLS["tuic"] = tuic.SPEC
 PROTOCOLS["ssh"] = ssh.SPEC
 PROTOCOLS["anytls"] = anytls.SPEC
+PROTOCOLS["wireguard"] = wireguard.SPEC
