@@ -133,21 +133,23 @@ def ssh(lab: Lab, tmp_path_factory: pytest.TempPathFactory) -> Iterator[SshLab]:
                                          for name, (opts, _) in proxies.items())]
     cfg["rules"] = [f"SRC-PORT,{first}-{first + 9},{name}"
                     for name, (_, first) in proxies.items()] + cfg["rules"]
-    # RekeyLimit: the server re-keys every 1 MB, so the downloads below run
-    # through key re-exchanges the server starts.
-    sshd = _sshd(lab, d, "sshd", PORT, "RekeyLimit 1M\n")
-    ctr = _sshd(lab, d, "sshd-ctr", PORT_CTR, "Ciphers aes128-ctr\nMACs hmac-sha2-256\n")
-    chacha = _sshd(lab, d, "sshd-chacha", PORT_CHACHA, "Ciphers chacha20-poly1305@openssh.com\n")
+    servers: list[Sshd] = []
     try:
+        # RekeyLimit: the server re-keys every 1 MB, so the downloads below
+        # run through key re-exchanges the server starts.
+        servers.append(_sshd(lab, d, "sshd", PORT, "RekeyLimit 1M\n"))
+        servers.append(_sshd(lab, d, "sshd-ctr", PORT_CTR,
+                             "Ciphers aes128-ctr\nMACs hmac-sha2-256\n"))
+        servers.append(_sshd(lab, d, "sshd-chacha", PORT_CHACHA,
+                             "Ciphers chacha20-poly1305@openssh.com\n"))
         run = MirageRun(lab, cfg, name="ssh-mirage")
         run.start()
         try:
-            yield SshLab(lab, run, sshd, ctr, chacha,
-                         {n: first for n, (_, first) in proxies.items()})
+            yield SshLab(lab, run, *servers, {n: first for n, (_, first) in proxies.items()})
         finally:
             run.stop()
     finally:
-        for s in (sshd, ctr, chacha):
+        for s in servers:
             s.proc.terminate()
             s.proc.wait(timeout=5)
         for f in (lab.state_dir / "ssh-mirage-state").glob("fakeip*"):
