@@ -192,7 +192,7 @@ class ClientSession:
         self._writes = 0
         self._padding = True
         self._buffer = b""
-        self._in = bytearray()
+        self._in = b""
         self._replies: list[bytes] = []
 
     def start(self) -> list[bytes]:
@@ -253,39 +253,50 @@ class ClientSession:
         return out
 
     def receive(self, data: bytes) -> list[Event]:
-        self._in += data
+        # One pass over (leftover + data) by offset: each frame's body is one
+        # slice, and only an incomplete tail is kept for the next call.
+        buf = self._in + data if self._in else data
+        end = len(buf)
+        off = 0
         events: list[Event] = []
-        while len(self._in) >= HEADER_SIZE:
-            cmd, sid, length = HEADER.unpack_from(self._in)
-            if len(self._in) < HEADER_SIZE + length:
+        while end - off >= HEADER_SIZE:
+            cmd, sid, length = HEADER.unpack_from(buf, off)
+            start = off + HEADER_SIZE
+            if end - start < length:
                 break
-            body = bytes(self._in[HEADER_SIZE:HEADER_SIZE + length])
-            del self._in[:HEADER_SIZE + length]
+            off = start + length
             self.answered = True
             if cmd == CMD_PSH:
-                if body:
-                    events.append(Data(sid, body))
-            elif cmd == CMD_FIN:
-                events.append(Fin(sid))
-            elif cmd == CMD_SYNACK:
-                events.append(SynAck(sid, body.decode("utf-8", "replace") if body else None))
-            elif cmd == CMD_SERVER_SETTINGS:
-                version = parse_settings(body).get("v", "")
-                self.server_version = int(version) if version.isdigit() else 0
-            elif cmd == CMD_UPDATE_PADDING_SCHEME:
-                try:
-                    self.scheme = PaddingScheme(body)
-                except AnytlsError:
-                    pass  # keep the scheme we have, as the reference clients do
-            elif cmd == CMD_ALERT:
-                events.append(Alert(body.decode("utf-8", "replace")))
-            elif cmd == CMD_HEART_REQUEST:
-                self._replies.append(frame(CMD_HEART_RESPONSE, sid))
-            elif cmd in (CMD_WASTE, CMD_HEART_RESPONSE, CMD_SETTINGS, CMD_SYN):
+                if length:
+                    events.append(Data(sid, buf[start:off]))
+            elif cmd == CMD_WASTE:
                 pass
             else:
-                raise AnytlsError(f"unknown AnyTLS command {cmd} from the server")
+                self._control(cmd, sid, buf[start:off], events)
+        self._in = buf[off:]
         return events
+
+    def _control(self, cmd: int, sid: int, body: bytes, events: list[Event]) -> None:
+        if cmd == CMD_FIN:
+            events.append(Fin(sid))
+        elif cmd == CMD_SYNACK:
+            events.append(SynAck(sid, body.decode("utf-8", "replace") if body else None))
+        elif cmd == CMD_SERVER_SETTINGS:
+            version = parse_settings(body).get("v", "")
+            self.server_version = int(version) if version.isdigit() else 0
+        elif cmd == CMD_UPDATE_PADDING_SCHEME:
+            try:
+                self.scheme = PaddingScheme(body)
+            except AnytlsError:
+                pass  # keep the scheme we have, as the reference clients do
+        elif cmd == CMD_ALERT:
+            events.append(Alert(body.decode("utf-8", "replace")))
+        elif cmd == CMD_HEART_REQUEST:
+            self._replies.append(frame(CMD_HEART_RESPONSE, sid))
+        elif cmd in (CMD_HEART_RESPONSE, CMD_SETTINGS, CMD_SYN):
+            pass
+        else:
+            raise AnytlsError(f"unknown AnyTLS command {cmd} from the server")
 
 
 def uot_request(address: bytes) -> bytes:

@@ -565,7 +565,7 @@ class SshClient:
         self.server_version = b""
         self.server_key: bytes = b""
         self.negotiated: dict[str, str] = {}
-        self._in = bytearray()
+        self._in = b""
         self._out = bytearray()
         self._events: deque[Event] = deque()
         self._send_seq = 0
@@ -677,14 +677,18 @@ class SshClient:
             if self.closed_reason is None:
                 self.closed_reason = "the server closed the connection"
             raise SshError(self.closed_reason)
-        self._in += data
+        # One pass over (leftover + data) by offset: a packet is one slice,
+        # and only an incomplete tail is kept for the next call.
+        self._in = self._in + data if self._in else data
         if not self.server_version and not self._read_version():
             return
-        while True:
-            payload = self._read_packet()
-            if payload is None:
-                return
-            self._dispatch(payload)
+        buf, off = self._in, 0
+        try:
+            while (packet := self._read_packet(buf, off)) is not None:
+                payload, off = packet
+                self._dispatch(payload)
+        finally:
+            self._in = buf[off:]
 
     # ---- internals: transport
 
@@ -695,8 +699,8 @@ class SshClient:
                 if len(self._in) > MAX_PRE_VERSION:
                     raise SshError("the server did not send an SSH version line")
                 return False
-            line = bytes(self._in[:end]).rstrip(b"\r")
-            del self._in[:end + 1]
+            line = self._in[:end].rstrip(b"\r")
+            self._in = self._in[end + 1:]
             if line.startswith(b"SSH-"):
                 if len(line) > MAX_VERSION_LINE:
                     raise SshError("the server's version line is too long")
@@ -706,29 +710,30 @@ class SshClient:
                 self.server_version = line
                 return True
 
-    def _read_packet(self) -> bytes | None:
+    def _read_packet(self, buf: bytes, off: int) -> tuple[bytes, int] | None:
+        """The payload of the packet at `buf[off:]` and the offset after it,
+        or None when it is not all there yet."""
         cipher = self._recv_cipher
         if self._recv_length is None:
-            if len(self._in) < cipher.head_size:
+            if len(buf) - off < cipher.head_size:
                 return None
-            length = cipher.length(self._recv_seq, bytes(self._in[:cipher.head_size]))
+            # Called once per packet: for aes-ctr it decrypts the first block.
+            length = cipher.length(self._recv_seq, buf[off:off + cipher.head_size])
             if length > MAX_PACKET_LENGTH or length < 5:
                 raise SshError(f"bad packet length {length} from the server (wrong cipher "
                                "state, or not an SSH server)")
             self._recv_length = length
-        total = 4 + self._recv_length + cipher.tag_size
-        if len(self._in) < total:
+        end = off + 4 + self._recv_length + cipher.tag_size
+        if len(buf) < end:
             return None
-        wire = bytes(self._in[:total])
-        del self._in[:total]
         self._recv_length = None
-        packet = cipher.open(self._recv_seq, wire)
+        packet = cipher.open(self._recv_seq, buf[off:end])
         self._recv_seq = (self._recv_seq + 1) & 0xFFFFFFFF
         pad = packet[4]
         payload = packet[5:len(packet) - pad]
         if not payload:
             raise SshError("empty packet from the server")
-        return payload
+        return payload, end
 
     def _send_now(self, payload: bytes) -> None:
         self._out += seal_packet(self._send_cipher, self._send_seq, payload)
