@@ -31,6 +31,8 @@ from __future__ import annotations
 
 import logging
 import math
+import weakref
+from collections.abc import Callable
 
 import trio
 
@@ -226,6 +228,7 @@ class AnytlsSession:
                         self.end("the server closed the session")
                     break
                 self._handle(self.core.receive(bytes(data)))
+                self.pool.scheme = self.core.scheme
                 replies = self.core.replies()
                 if replies:
                     await self.write(replies)
@@ -271,6 +274,11 @@ class AnytlsPool:
     def __init__(self, name: str, options: AnytlsOptions) -> None:
         self.name = name
         self.options = options
+        # The outbound this pool serves. Once it is gone (a reload replaced
+        # it), the next check closes every idle session.
+        self.owner: Callable[[], object | None] = lambda: None
+        # The server may send another scheme; later sessions use it (as mihomo).
+        self.scheme = PaddingScheme(DEFAULT_PADDING_SCHEME)
         self.idle: list[AnytlsSession] = []  # oldest first
         self.sessions: set[AnytlsSession] = set()
         self._seq = 0
@@ -308,12 +316,17 @@ class AnytlsPool:
         """mihomo's idleCleanup: newest first, keep sessions idle for less
         than the timeout, and up to `min-idle-session` of the others."""
         expired_before = now - self.options.idle_session_timeout
+        keep = self.options.min_idle_session
+        if self.owner() is None:
+            # The outbound is gone (replaced by a reload): no flow will take
+            # these sessions any more.
+            expired_before, keep = math.inf, 0
         kept = 0
         for session in sorted(self.idle, key=lambda s: s.seq, reverse=True):
             if session.idle_since >= expired_before:
                 kept += 1
                 continue
-            if kept < self.options.min_idle_session:
+            if kept < keep:
                 session.idle_since = now
                 kept += 1
                 continue
@@ -346,8 +359,7 @@ class AnytlsOutbound:
         self._dial = dial
         self.tls = TlsClient(tls, server)
         self.pool = AnytlsPool(name, options)
-        # The server may send another scheme; later sessions use it (as mihomo).
-        self.scheme = PaddingScheme(DEFAULT_PADDING_SCHEME)
+        self.pool.owner = weakref.ref(self)
 
     @classmethod
     def from_config(cls, p: ProxyConfig, env: OutboundEnv) -> AnytlsOutbound:
@@ -359,7 +371,7 @@ class AnytlsOutbound:
     async def _new_session(self) -> AnytlsSession:
         stream = await self._dial(self.server, self.port)
         tls = await self.tls.wrap(stream, self.name)
-        core = ClientSession(self.options.password, self.scheme)
+        core = ClientSession(self.options.password, self.pool.scheme)
         session = AnytlsSession(self.pool, tls, core)
         try:
             await session.write(core.start())
@@ -367,13 +379,10 @@ class AnytlsOutbound:
             await trio.aclose_forcefully(tls)
             raise
         self.pool.add(session)
-        trio.lowlevel.spawn_system_task(self._drive, session, name=f"anytls {self.name}")
+        # The driver holds the session and its pool, never the outbound (the
+        # pool's idle check learns from `owner` when a reload dropped it).
+        trio.lowlevel.spawn_system_task(session.drive, name=f"anytls {self.name}")
         return session
-
-    async def _drive(self, session: AnytlsSession) -> None:
-        await session.drive()
-        if session.core.scheme is not self.scheme:
-            self.scheme = session.core.scheme
 
     async def _stream(self, host: str | IPAddress, port: int, what: str) -> AnytlsStream:
         try:

@@ -66,6 +66,8 @@ class _NullStream(trio.abc.Stream):
 async def test_idle_cleanup_keeps_the_newest_min_idle_sessions() -> None:
     pool = AnytlsPool("a", AnytlsOptions(password="pw", idle_session_timeout=30.0,
                                          min_idle_session=1))
+    owner = AnytlsPool("stands for the outbound", pool.options)
+    pool.owner = lambda: owner
     sessions = []
     for _ in range(3):
         s = AnytlsSession(pool, _NullStream(),
@@ -84,4 +86,21 @@ async def test_idle_cleanup_keeps_the_newest_min_idle_sessions() -> None:
     sessions[2].idle_since = now - 100
     pool.cleanup(now)
     assert pool.idle == [sessions[2]] and sessions[2].closed_reason is None
-    assert pool.take() is sessions[2] and pool.take() is None
+    # The outbound replaced by a reload: min-idle-session keeps nothing.
+    pool.owner = lambda: None
+    pool.cleanup(now)
+    assert pool.idle == [] and sessions[2].closed_reason == "idle"
+    assert pool.take() is None
+
+
+def test_the_pool_learns_when_its_outbound_is_gone() -> None:
+    import gc
+
+    cfg = parse_config(_profile(**{"min-idle-session": 3}))
+    out = build_outbounds(cfg, None)["a"]
+    assert isinstance(out, AnytlsOutbound)
+    pool = out.pool
+    assert pool.owner() is out
+    del out, cfg
+    gc.collect()
+    assert pool.owner() is None
