@@ -270,6 +270,20 @@ def test_dns_modes_mirage_does_not_run_are_said_at_load(mode: str) -> None:
 # 2b. Per error: refuse where mihomo refuses, else skip the one proxy
 
 
+def mihomo_accepts(tmp_path: Path, profile: dict[str, Any]) -> bool:
+    import subprocess
+
+    import yaml
+
+    from appliance.lab.reference import mihomo_binary, mihomo_home
+
+    path = tmp_path / "mihomo.yaml"
+    path.write_text(yaml.safe_dump(profile))
+    result = subprocess.run([str(mihomo_binary()), "-t", "-d", str(mihomo_home(tmp_path / "h")),
+                             "-f", str(path)], capture_output=True, text=True, timeout=60)
+    return "test is successful" in result.stdout
+
+
 @pytest.mark.parametrize(("proxy", "refused"), [
     # mihomo -t: "has unset fields: port" / "'udp' expected type 'bool'" /
     # "unknown method: nope": the profile is refused.
@@ -288,20 +302,10 @@ def test_dns_modes_mirage_does_not_run_are_said_at_load(mode: str) -> None:
 ])  # fmt: skip
 def test_a_bad_proxy_is_refused_or_skipped_as_mihomo_does(
         tmp_path: Path, proxy: dict[str, Any], refused: bool) -> None:
-    import subprocess
-
-    import yaml
-
-    from appliance.lab.reference import mihomo_binary, mihomo_home
-
     profile = {"proxies": [proxy, {**SOCKS, "name": "other"}],
                "proxy-groups": [{"name": "G", "type": "select", "proxies": ["s", "other"]}],
                "rules": ["MATCH,G"]}
-    path = tmp_path / "p.yaml"
-    path.write_text(yaml.safe_dump(profile))
-    result = subprocess.run([str(mihomo_binary()), "-t", "-d", str(mihomo_home(tmp_path / "h")),
-                             "-f", str(path)], capture_output=True, text=True, timeout=60)
-    assert ("test failed" in result.stdout) is refused, result.stdout[-500:]
+    assert mihomo_accepts(tmp_path, profile) is not refused
     if refused:
         errors_of({**NS, **profile})
         return
@@ -318,3 +322,23 @@ def test_a_bad_proxy_is_refused_or_skipped_as_mihomo_does(
 
 def test_a_proxy_port_may_be_a_string_of_digits_as_in_mihomo() -> None:
     assert parse_config({**NS, "proxies": [{**SOCKS, "port": "1080"}]}).proxies[0].port == 1080
+
+
+@pytest.mark.parametrize(("profile", "path", "kind"), [
+    # Each loads in `mihomo -t` (checked against the binary): said, not refused.
+    ({"dns": {**NS["dns"], "fake-ip-filter": ["time?.*.com", "+.lan"]}},
+     "dns.fake-ip-filter[0]", "skipped"),
+    ({**NS, "proxy-groups": [{"name": "g", "type": "url-test", "proxies": ["DIRECT"],
+                              "url": "www.gstatic.com/generate_204"}]},
+     "proxy-groups[0].url", "mode"),
+    ({**NS, "rule-providers": {"r": {"type": "http", "behavior": "domain", "interval": "86400",
+                                     "url": "http://a.example/r.yaml"}}}, None, None),
+])  # fmt: skip
+def test_values_mihomo_loads_are_said_not_refused(
+        tmp_path: Path, profile: dict[str, Any], path: str | None, kind: str | None) -> None:
+    assert mihomo_accepts(tmp_path, {**profile, "rules": ["MATCH,DIRECT"]})
+    cfg = parse_config(profile)
+    if path is None:
+        assert cfg.rule_providers[0].interval == 86400
+        return
+    assert [(n.path, n.kind) for n in cfg.load_notes if n.error is not None] == [(path, kind)]

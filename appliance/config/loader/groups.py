@@ -86,6 +86,20 @@ def expected_status(value: Any, path: str) -> tuple[tuple[int, int], ...]:
     return tuple(ranges)
 
 
+def probe_url(sec: Section, default: str) -> str:
+    """A group's or health check's `url`. mihomo loads any string there
+    (its probes then fail); a string that is no http(s) URL is said at
+    load, and the default is probed instead."""
+    try:
+        return sec.get("url", test_url, default)
+    except ConfigError as err:
+        if err.reason.startswith("expected an http"):
+            sec.ctx.ignore(sec.at("url"), f"not an http(s) URL: {default} is probed instead",
+                           kind="mode", error=err)
+            return default
+        raise
+
+
 def test_url(value: Any, path: str) -> str:
     text = as_nonempty_str(value, path).strip()
     if not re.match(r"^https?://[^/\s]+", text, re.IGNORECASE):
@@ -252,7 +266,7 @@ def _parse_group(item: Any, path: str, ctx: LoadContext, proxy_names: set[str],
                        DEFAULT_TEST_URL)
     health = HealthCheckConfig(
         enable=True,
-        url=sec.get("url", test_url, default_url),
+        url=probe_url(sec, default_url),
         interval=interval,
         timeout=sec.get("timeout", weak_int(0, 600_000, "milliseconds"), 5000) / 1000
         or 5.0,

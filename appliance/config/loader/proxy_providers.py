@@ -14,8 +14,8 @@ from typing import Any, cast
 from appliance.config.loader.errors import ConfigError, key_path
 from appliance.config.loader.groups import (
     expected_status,
+    probe_url,
     regex_list,
-    test_url,
     weak_bool,
     weak_int,
 )
@@ -117,7 +117,7 @@ def _provider(name: Any, item: Any, path: str, ctx: LoadContext) -> ProxyProvide
 def _health(sec: Section) -> HealthCheckConfig:
     health = HealthCheckConfig(
         enable=sec.get("enable", weak_bool, False),
-        url=sec.get("url", test_url, DEFAULT_TEST_URL),
+        url=probe_url(sec, DEFAULT_TEST_URL),
         interval=float(sec.get("interval", weak_int(0, 86400 * 7, "seconds"), 0)),
         timeout=sec.get("timeout", weak_int(0, 600_000, "milliseconds"), 5000) / 1000 or 5.0,
         lazy=sec.get("lazy", weak_bool, True),
