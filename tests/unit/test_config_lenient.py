@@ -342,3 +342,22 @@ def test_values_mihomo_loads_are_said_not_refused(
         assert cfg.rule_providers[0].interval == 86400
         return
     assert [(n.path, n.kind) for n in cfg.load_notes if n.error is not None] == [(path, kind)]
+
+
+def test_run_logs_the_same_lines_at_start(caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    from appliance.cli import _log_ignored
+
+    cfg = parse_config({"dns": {**NS["dns"], "enabled": True, "enhanced-mode": "redir-host"},
+                        "tun": {"enable": True}})
+    with caplog.at_level(logging.INFO, logger="mirage"):
+        _log_ignored(cfg)
+    # What will not happen as written (a mode run instead, a likely typo)
+    # is a WARNING; what is merely left out, INFO. One record per line.
+    assert [(r.levelno, r.getMessage().split(":")[0]) for r in caplog.records] == [
+        (logging.WARNING, "instead"),
+        (logging.WARNING, "ignored (unknown keys; mihomo ignores them too)"),
+        (logging.INFO, "ignored (no meaning on a gateway)"),
+    ]
+    assert [r.getMessage() for r in caplog.records] == format_ignored(cfg).splitlines()
