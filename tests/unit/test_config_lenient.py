@@ -361,3 +361,49 @@ def test_run_logs_the_same_lines_at_start(caplog: pytest.LogCaptureFixture) -> N
         (logging.INFO, "ignored (no meaning on a gateway)"),
     ]
     assert [r.getMessage() for r in caplog.records] == format_ignored(cfg).splitlines()
+
+
+# --------------------------------------------------------------------------
+# Keys of proxies, groups and providers matched as mihomo's decoder does
+
+
+def test_proxy_group_and_provider_keys_fold_as_in_mihomo(tmp_path: Path) -> None:
+    # mihomo (common/structure): a proxy's keys case-insensitively with `_`
+    # read as `-`; a group's and a provider's case-insensitively.
+    profile = {
+        "proxies": [{"Name": "a", "type": "socks5", "Server": "192.0.2.1", "port": 1080,
+                     "skip_cert_verify": True, "UDP": True},
+                    {"name": "b", "type": "vmess", "server": "v.example", "port": 443,
+                     "uuid": "0b2c5a6e-1d7f-4c8a-9e3b-5f6a7b8c9d0e", "alterid": 0,
+                     "Cipher": "auto", "ws_opts": {"Path": "/w"}, "network": "ws"}],
+        "proxy-groups": [{"name": "G", "Type": "url-test", "Proxies": ["a", "b"],
+                          "Interval": 60}],
+        "rule-providers": {"R": {"Type": "inline", "Behavior": "domain",
+                                 "Payload": ["a.test"]}},
+        "rules": ["RULE-SET,R,G", "MATCH,G"],
+    }  # fmt: skip
+    assert mihomo_accepts(tmp_path, profile)
+    cfg = parse_config({**NS, **profile})
+    a, b = cfg.proxies
+    assert (a.name, a.type, a.udp) == ("a", "socks5", True)
+    assert b.transport is not None and b.transport.ws is not None
+    assert b.transport.ws.path == "/w"
+    assert cfg.proxy_groups[0].health.interval == 60
+    assert cfg.rule_providers[0].payload == ("a.test",)
+    assert notes(cfg, "unknown") == []
+    # What matches nothing is still named as written.
+    cfg = parse_config({**NS, "proxies": [{**SOCKS, "Made_Up": 1}]})
+    assert notes(cfg, "unknown") == ["proxies[0].Made_Up"]
+    # mihomo reads a proxy's `type` and a group's `name` before decoding:
+    # only as spelled ("proxy 0: missing type", "proxy group 0: missing name").
+    no_type = {k: v for k, v in SOCKS.items() if k != "type"}
+    for bad in ({**NS, "proxies": [{**no_type, "Type": "socks5"}]},
+                {**NS, "proxy-groups": [{"Name": "G", "type": "select", "proxies": ["DIRECT"]}]}):
+        assert not mihomo_accepts(tmp_path, {**bad, "rules": ["MATCH,DIRECT"]})
+        with pytest.raises(ConfigError) as info:
+            parse_config(bad)
+        assert info.value.reason == "required"
+    # Only the entries fold: rule-provider names stay case-sensitive.
+    with pytest.raises(ConfigError):
+        parse_config({**NS, "rule-providers": profile["rule-providers"],
+                      "rules": ["RULE-SET,r,DIRECT"]})

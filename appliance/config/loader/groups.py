@@ -19,7 +19,7 @@ from typing import Any, cast
 from appliance.config.loader.errors import NO_VALUE, ConfigError, index_path
 from appliance.config.loader.proxies import BUILTIN_TARGETS
 from appliance.config.loader.scalars import as_bool, as_list, as_nonempty_str, as_str, choice
-from appliance.config.loader.section import LoadContext, Section
+from appliance.config.loader.section import LoadContext, Section, fold_case
 from appliance.config.model import (
     DEFAULT_TEST_URL,
     HealthCheckConfig,
@@ -208,7 +208,7 @@ def _parse_group(item: Any, path: str, ctx: LoadContext, proxy_names: set[str],
                  providers: Collection[str] | dict[str, str], provider_urls: dict[str, str],
                  ) -> tuple[Section, ProxyGroupConfig, list[tuple[str, str]]]:
     """One `proxy-groups[i]`, its members not yet resolved. Raises ConfigError."""
-    sec = Section(item, path, ctx)
+    sec = Section(item, path, ctx, fold_case, exact=("name",))
     name = sec.require("name", as_nonempty_str)
     if name in group_names or name in proxy_names or name in skipped:
         raise ConfigError(

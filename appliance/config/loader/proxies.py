@@ -27,7 +27,7 @@ from appliance.config.loader.scalars import (
     as_proxy_port,
     as_str,
 )
-from appliance.config.loader.section import LoadContext, Section
+from appliance.config.loader.section import LoadContext, Section, fold_proxy_key
 from appliance.config.model import ProxyConfig
 
 log = logging.getLogger(__name__)
@@ -86,7 +86,7 @@ def parse_proxies(
         try:
             parsed = _parse_entry(item, index_path(path, i), ctx, names, skipped)
         except ConfigError as err:
-            name = item.get("name") if isinstance(item, dict) else None
+            name = _written_name(item)
             if isinstance(name, str) and name in names and not mihomo_refuses(err):
                 # mihomo loads it (and fails when it dials): skipped, said.
                 ctx.ignore(index_path(path, i), f"{name!r}: {err}", kind="skipped", error=err)
@@ -108,6 +108,14 @@ def parse_proxies(
                  "(OpenSSL's ClientHello)", client_fingerprints,
                  "y" if client_fingerprints == 1 else "ies")
     return proxies, skipped
+
+
+def _written_name(item: Any) -> Any:
+    """The `name` of a proxy entry however it is spelled (`Name`), or None."""
+    if not isinstance(item, dict):
+        return None
+    return next((v for k, v in item.items()
+                 if isinstance(k, str) and fold_proxy_key(k) == "name"), None)
 
 
 # Keys Mirage adds to a mihomo proxy: a bad value there is Mirage's to refuse.
@@ -137,7 +145,7 @@ def _parse_entry(item: Any, path: str, ctx: LoadContext, names: set[str],
                  skipped: dict[str, str]) -> ProxyConfig | None:
     """One `proxies[i]`: its ProxyConfig, or None when it is skipped (its
     reason put in `skipped`). Raises ConfigError."""
-    sec = Section(item, path, ctx)
+    sec = Section(item, path, ctx, fold_proxy_key, exact=("type",))
     name = sec.require("name", as_nonempty_str)
     if name in names:
         raise ConfigError(sec.at("name"), name, "duplicate proxy name")

@@ -20,7 +20,7 @@ from appliance.config.loader.groups import (
     weak_int,
 )
 from appliance.config.loader.scalars import as_list, as_nonempty_str, as_path, as_str, choice
-from appliance.config.loader.section import LoadContext, Section
+from appliance.config.loader.section import LoadContext, Section, fold_case
 from appliance.config.model import (
     DEFAULT_TEST_URL,
     HealthCheckConfig,
@@ -69,7 +69,7 @@ def parse_proxy_providers(value: Any, path: str, ctx: LoadContext) -> list[Proxy
 
 def _provider(name: Any, item: Any, path: str, ctx: LoadContext) -> ProxyProviderConfig:
     """One `proxy-providers.NAME`. Raises ConfigError."""
-    sec = Section(item, key_path(path, str(name)), ctx)
+    sec = Section(item, key_path(path, str(name)), ctx, fold_case)
     ptype = sec.require("type", choice(("http", "file", "inline")))
     url = sec.get("url", _http_url, None)
     if ptype == "http" and url is None:

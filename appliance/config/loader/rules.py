@@ -35,7 +35,7 @@ from appliance.config.loader.scalars import (
     choice,
     port_from_text,
 )
-from appliance.config.loader.section import LoadContext, Section
+from appliance.config.loader.section import LoadContext, Section, fold_case
 from appliance.config.model import (
     GEOX_DEFAULTS,
     PROCESS_RULE_TYPES,
@@ -466,7 +466,8 @@ def parse_rule_providers(value: Any, path: str, ctx: LoadContext) -> list[RulePr
 
 def _rule_provider(section: Section, name: str) -> RuleProviderConfig:
     """One `rule-providers.NAME`. Raises ConfigError."""
-    entry = section.section(name)
+    raw = section.raw(name)
+    entry = Section({} if raw is None else raw, section.at(name), section.ctx, fold_case)
     kind = entry.require("type", choice(("http", "file", "inline")))
     behavior = entry.require("behavior", choice(("domain", "ipcidr", "classical")))
     fmt = entry.get("format", choice(("yaml", "text", "mrs")), "yaml")
