@@ -407,3 +407,12 @@ def test_proxy_group_and_provider_keys_fold_as_in_mihomo(tmp_path: Path) -> None
     with pytest.raises(ConfigError):
         parse_config({**NS, "rule-providers": profile["rule-providers"],
                       "rules": ["RULE-SET,r,DIRECT"]})
+
+
+def test_appliance_keys_are_reported_each() -> None:
+    errs = errors_of({**NS, "appliance": {"lan": ["br lan"], "redirect": "iptables",
+                                          "udp-timeout": -1, "colour": "blue",
+                                          "limits": {"flows-per-client": 0}}})
+    assert [e.path for e in errs] == ["appliance.lan[0]", "appliance.redirect",
+                                      "appliance.udp-timeout",
+                                      "appliance.limits.flows-per-client", "appliance.colour"]
