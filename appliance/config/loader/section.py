@@ -174,7 +174,8 @@ class Section:
                 self.ctx.ignore(self.at(written),
                                 kind=(kinds or {}).get(ignored_set[key], "unimplemented"))
                 continue
-            close = difflib.get_close_matches(written, list(known), n=1)
+            # mihomo's keys Mirage ignores are suggestions too (`snifer`).
+            close = difflib.get_close_matches(written, [*known, *ignored_set.values()], n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
             if strict:
                 self.ctx.fail(ConfigError(self.at(written), NO_VALUE, f"unknown key{hint}"))
