@@ -416,3 +416,9 @@ def test_appliance_keys_are_reported_each() -> None:
     assert [e.path for e in errs] == ["appliance.lan[0]", "appliance.redirect",
                                       "appliance.udp-timeout",
                                       "appliance.limits.flows-per-client", "appliance.colour"]
+
+
+def test_cross_section_checks_are_reported_together() -> None:
+    errs = errors_of({**NS, "mixed-port": 7890, "tproxy-port": 7890, "routing-mark": 0x233,
+                      "appliance": {"bypass": ["198.18.0.0/15"]}})
+    assert [e.path for e in errs] == ["routing-mark", "appliance.bypass[0]", "tproxy-port"]
