@@ -68,7 +68,7 @@ PRECONNECT_MAX = 64
 # reported); a rule that targets it is an error, a group drops it.
 UNSUPPORTED_PROXY_TYPES = (
     "ssr", "snell", "socks4", "hysteria",
-    "wireguard", "ssh", "mieru", "anytls", "dns", "semi", "sudoku",
+    "ssh", "mieru", "anytls", "dns", "semi", "sudoku",
 )  # fmt: skip
 
 
