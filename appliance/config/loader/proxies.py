@@ -118,27 +118,28 @@ def _written_name(item: Any) -> Any:
                  if isinstance(k, str) and fold_proxy_key(k) == "name"), None)
 
 
-# Keys Mirage adds to a mihomo proxy: a bad value there is Mirage's to refuse.
-_MIRAGE_PROXY_KEYS = ("preconnect",)
+# A proxy's keys whose bad values `mihomo -t` loads (it never looks at them
+# before dialling): a port of 0 or 99999, a server or SNI that is no host
+# name, a `network`, `ip-version` or ss `plugin` it does not know. Checked
+# against the binary (tests/unit/test_config_lenient.py).
+_UNCHECKED_BY_MIHOMO = ("port", "server", "sni", "servername", "network", "ip-version",
+                        "plugin")
 
 
 def mihomo_refuses(err: ConfigError) -> bool:
     """Whether `mihomo -t` refuses a profile for this error in a proxy
-    entry (checked against the binary, tests/unit/test_config_lenient.py).
-
-    mihomo decodes a proxy into a Go struct and builds its outbound: a
-    missing key ("has unset fields"), a value of a type it cannot convert
-    (a string for a bool; a string of digits for a number it converts, as
-    Mirage does), an unknown `type`, an unknown ss `cipher` and a name
-    used twice stop it. Values it never checks before dialling (a port of
-    0 or 99999, a server name with a space, a malformed uuid, a `network`
-    or `ip-version` it does not know) load there, and the proxy fails when
-    used: here that proxy is skipped, with the reason, instead of refusing
-    the whole profile."""
+    entry. mihomo decodes a proxy into a Go struct and builds its outbound:
+    a missing key ("has unset fields"), a value of a type it cannot convert
+    (a string for a bool), an unknown `type` or ss `cipher`, a key that is
+    no key (WireGuard) stop it, and Mirage refuses those too. The values of
+    `_UNCHECKED_BY_MIHOMO`, and a username without a password, load there
+    and fail when the proxy is used: Mirage skips that proxy, with the
+    reason, instead of refusing the whole profile. Anything else is
+    refused (what Mirage does not know mihomo to load)."""
     leaf = err.path.rsplit(".", 1)[-1]
-    return (err.reason == "required" or err.reason.startswith("expected ")
-            or leaf in ("name", "type", "cipher", *_MIRAGE_PROXY_KEYS)
-            or "duplicate" in err.reason)
+    if err.reason.startswith(("required", "expected ")):
+        return True
+    return not (leaf in _UNCHECKED_BY_MIHOMO or "go together" in err.reason)
 
 
 def _parse_entry(item: Any, path: str, ctx: LoadContext, names: set[str],
