@@ -41,8 +41,7 @@ def _host_keys(value: Any, path: str) -> tuple[str, ...]:
         try:
             public_key_blob(line)
         except ValueError as e:
-            raise ConfigError(f"{path}[{i}]", line, f"an SSH public key line: {e}",
-                              mihomo_refuses=True) from None
+            raise ConfigError(f"{path}[{i}]", line, f"an SSH public key line: {e}") from None
     return lines
 
 
@@ -79,18 +78,17 @@ def parse(sec: Section) -> SshOptions:
             try:
                 key_text = file.read_text()
             except (OSError, UnicodeDecodeError) as e:
-                raise ConfigError(path, raw_key, f"cannot read the key file: {e}",
-                                  mihomo_refuses=True) from None
+                raise ConfigError(path, raw_key, f"cannot read the key file: {e}") from None
             source = str(file)
         try:
             load_private_key(key_text.encode(), passphrase)
         except ValueError as e:
             # Never the key itself in the message: it is a secret.
             raise ConfigError(path, source if source else NO_VALUE,
-                              f"not a usable private key: {e}", mihomo_refuses=True) from None
+                              f"not a usable private key: {e}") from None
         except Exception as e:  # cryptography's UnsupportedAlgorithm and friends
             raise ConfigError(path, source if source else NO_VALUE,
-                              f"not a usable private key: {e}", mihomo_refuses=True) from None
+                              f"not a usable private key: {e}") from None
     if password is None and key_text is None:
         raise ConfigError(sec.at("password"), NO_VALUE,
                           "an ssh proxy needs a password or a private-key")
