@@ -54,7 +54,7 @@ from appliance.metrics import CONNECT_SECONDS
 from appliance.outbound.base import Outbound, Resolve, UdpPeer, outbound_deadline
 from appliance.outbound.build import BuildError, build_outbounds
 from appliance.outbound.direct import DirectOutbound
-from appliance.outbound.groups import FLOW_SOURCE, unwrap
+from appliance.outbound.groups import FLOW_PICKS, FLOW_SOURCE, unwrap
 from appliance.outbound.preconnect import MAX_IDLE as PRECONNECT_MAX_IDLE
 from appliance.outbound.preconnect import Preconnect
 from appliance.rules.engine import EMPTY_ENV, FlowContext, RuleEnv, RuleSet
@@ -118,9 +118,11 @@ class NameAddresses:
 
 
 def chain(outbound: Outbound) -> tuple[str, ...]:
-    """The outbounds a flow sent to `outbound` goes through now, the last
-    one first (mihomo's `chains`): a group's member in use (`current()`),
-    then that one's, up to a proxy. Bounded: a
+    """The outbounds a flow sent to `outbound` would go through now, the
+    last one first (mihomo's `chains`): a group's member in use
+    (`current()`), then that one's, up to a proxy. The dispatcher replaces
+    it with the members the groups really took once the flow connected
+    (`FLOW_PICKS`). Bounded: a
     group cannot contain itself (the loader refuses cycles), and the walk
     stops after 32 hops regardless."""
     names = [outbound.name]
@@ -367,12 +369,17 @@ class Dispatcher:
         if index is not None:
             flow.rule = router.rules.rules[index]
         token = FLOW_SOURCE.set(flow.src)
+        picks: list[str] = []
+        picks_token = FLOW_PICKS.set(picks)
         started = time.perf_counter()
         try:
             stream = await outbound.connect_tcp(flow.host, flow.dst_port)
         finally:
             FLOW_SOURCE.reset(token)
+            FLOW_PICKS.reset(picks_token)
             CONNECT_SECONDS.labels(outbound.name).observe(time.perf_counter() - started)
+        if picks:
+            flow.chains = (*picks, outbound.name)
         # Not in global or direct mode: an offloaded name would stay DIRECT
         # in the kernel after the API switches back to the rules.
         if self.offload is not None and flow.inbound == "tproxy" and flow.domain is not None \
@@ -405,12 +412,18 @@ class Dispatcher:
             flow.rule = router.rules.rules[index]
         host = flow.host
         token = FLOW_SOURCE.set(flow.src)
+        picks: list[str] = []
+        picks_token = FLOW_PICKS.set(picks)
         try:
             with outbound_deadline(self.connect_timeout,
                                    f"{outbound.name} udp {host}:{flow.dst_port}"):
-                return await outbound.open_udp(host, flow.dst_port)
+                peer = await outbound.open_udp(host, flow.dst_port)
         finally:
             FLOW_SOURCE.reset(token)
+            FLOW_PICKS.reset(picks_token)
+        if picks:
+            flow.chains = (*picks, outbound.name)
+        return peer
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
                     ) -> None:

@@ -447,10 +447,7 @@ class FlowRecord:
         self.outbound = flow.outbound
         self.chains = flow.chains
         self.by_mode = flow.by_mode
-        if flow.rule is not None:
-            self.rule, self.rule_payload = flow.rule.type, flow.rule.value
-        elif flow.outbound and not flow.by_mode:
-            self.rule = "MATCH"  # no rule matched: the default, as mihomo shows it
+        self.rule, self.rule_payload = flow.rule_shown()
 
     def add_up(self, n: int) -> None:
         self.up += n

@@ -99,7 +99,11 @@ def profile(mixed: int, api: int, held: Held) -> dict[str, Any]:
                      "port": held.hold_port}],
         "proxy-groups": [{"name": "Proxy", "type": "select",
                           "proxies": ["DIRECT", "far-socks"]}],
-        "rules": ["IP-CIDR,127.0.0.0/8,DIRECT,no-resolve", "MATCH,Proxy"],
+        "rules": ["IP-CIDR,127.0.0.0/8,DIRECT,no-resolve",
+                  # Logic rules' payloads are rebuilt by mihomo from their parts.
+                  "AND,((DOMAIN-SUFFIX,and.test),(DST-PORT,443)),DIRECT",
+                  "OR,((DOMAIN,or1.test),(DOMAIN-KEYWORD,or2)),Proxy",
+                  "NOT,((NETWORK,tcp)),DIRECT", "MATCH,Proxy"],
     }
 
 

@@ -118,6 +118,19 @@ def _written_name(item: Any) -> Any:
                  if isinstance(k, str) and fold_proxy_key(k) == "name"), None)
 
 
+def warn_udp_behind_dialer(proxies: list[ProxyConfig]) -> None:
+    """Say at load what `udp: true` does not do here: mihomo sends a SOCKS5
+    proxy's UDP through its dialer-proxy; Mirage does not
+    (outbound/socks5.py), so such a proxy's UDP flows go on to the next
+    rule, as for any outbound without UDP."""
+    names = [p.name for p in proxies if p.type == "socks5" and p.udp and p.dialer_proxy]
+    if names:
+        log.warning("udp: true on SOCKS5 prox%s behind a dialer-proxy (%s): Mirage carries no "
+                    "UDP through a dialer-proxy; UDP flows skip the rules that send to %s",
+                    "y" if len(names) == 1 else "ies", ", ".join(map(repr, names)),
+                    "it" if len(names) == 1 else "them")
+
+
 # A proxy's keys whose bad values `mihomo -t` loads (it never looks at them
 # before dialling): a port of 0 or 99999, a server or SNI that is no host
 # name, a `network`, `ip-version` or ss `plugin` it does not know. Checked
@@ -131,13 +144,14 @@ def mihomo_refuses(err: ConfigError) -> bool:
     entry. mihomo decodes a proxy into a Go struct and builds its outbound:
     a missing key ("has unset fields"), a value of a type it cannot convert
     (a string for a bool), an unknown `type` or ss `cipher`, a key that is
-    no key (WireGuard) stop it, and Mirage refuses those too. The values of
+    no key (WireGuard: `ConfigError.mihomo_refuses`) stop it, and Mirage
+    refuses those too. The values of
     `_UNCHECKED_BY_MIHOMO`, and a username without a password, load there
     and fail when the proxy is used: Mirage skips that proxy, with the
     reason, instead of refusing the whole profile. Anything else is
     refused (what Mirage does not know mihomo to load)."""
     leaf = err.path.rsplit(".", 1)[-1]
-    if err.reason.startswith(("required", "expected ")):
+    if err.mihomo_refuses or err.reason.startswith(("required", "expected ")):
         return True
     return not (leaf in _UNCHECKED_BY_MIHOMO or "go together" in err.reason)
 

@@ -17,7 +17,11 @@ from appliance.config.loader.cross import check_cross
 from appliance.config.loader.dns import parse_dns, parse_hosts
 from appliance.config.loader.errors import ConfigError, index_path, raise_collected
 from appliance.config.loader.groups import parse_groups
-from appliance.config.loader.proxies import BUILTIN_TARGETS, parse_proxies
+from appliance.config.loader.proxies import (
+    BUILTIN_TARGETS,
+    parse_proxies,
+    warn_udp_behind_dialer,
+)
 from appliance.config.loader.proxy_providers import (
     check_provider_dialers,
     parse_proxy_providers,
@@ -123,6 +127,7 @@ def parse_root(data: Any, ctx: LoadContext) -> Config:
 
     proxies, skipped = ctx.attempt(
         lambda: parse_proxies(root.raw("proxies"), root.at("proxies"), ctx), ([], {}))
+    warn_udp_behind_dialer(proxies)
     providers = ctx.attempt(lambda: parse_proxy_providers(
         root.raw("proxy-providers"), root.at("proxy-providers"), ctx), [])
     groups = ctx.attempt(lambda: parse_groups(
