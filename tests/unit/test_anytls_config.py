@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import pytest
 import trio
 
 from appliance.config.loader import ConfigError, parse_config
@@ -39,13 +38,17 @@ def test_options_tls_and_the_outbound() -> None:
     assert parse_config(effective_config(cfg, redact=False)) == cfg
 
 
-def test_bad_values_name_their_key() -> None:
-    with pytest.raises(ConfigError) as e:
-        parse_config(_profile(password=""))
-    assert e.value.path == "proxies[0].password"
-    with pytest.raises(ConfigError) as e:
-        parse_config(_profile(**{"min-idle-session": -1}))
-    assert e.value.path == "proxies[0].min-idle-session"
+def test_bad_values_skip_the_proxy_naming_their_key() -> None:
+    """mihomo -t loads both (the proxy fails when dialled): Mirage skips the
+    proxy at load and says which key, instead of failing its flows."""
+    for extra, key in (({"password": ""}, "password"), ({"min-idle-session": -1},
+                                                         "min-idle-session")):
+        profile = _profile(**extra)
+        profile["rules"] = ["MATCH,DIRECT"]
+        cfg = parse_config(profile)
+        assert not cfg.proxies
+        (note,) = [n for n in cfg.load_notes if n.kind == "skipped" and n.path == "proxies[0]"]
+        assert isinstance(note.error, ConfigError) and note.error.path == f"proxies[0].{key}"
 
 
 class _NullStream(trio.abc.Stream):

@@ -118,14 +118,6 @@ def parse_proxies(
     return proxies, skipped
 
 
-def _written_name(item: Any) -> Any:
-    """The `name` of a proxy entry however it is spelled (`Name`), or None."""
-    if not isinstance(item, dict):
-        return None
-    return next((v for k, v in item.items()
-                 if isinstance(k, str) and fold_proxy_key(k) == "name"), None)
-
-
 def warn_udp_behind_dialer(proxies: list[ProxyConfig]) -> None:
     """Say at load what `udp: true` does not do here: mihomo sends a SOCKS5
     proxy's UDP through its dialer-proxy; Mirage does not
@@ -139,12 +131,22 @@ def warn_udp_behind_dialer(proxies: list[ProxyConfig]) -> None:
                     "it" if len(names) == 1 else "them")
 
 
+def _written_name(item: Any) -> Any:
+    """The `name` of a proxy entry however it is spelled (`Name`), or None."""
+    if not isinstance(item, dict):
+        return None
+    return next((v for k, v in item.items()
+                 if isinstance(k, str) and fold_proxy_key(k) == "name"), None)
+
+
 # A proxy's keys whose bad values `mihomo -t` loads (it never looks at them
 # before dialling): a port of 0 or 99999, a server or SNI that is no host
-# name, a `network`, `ip-version` or ss `plugin` it does not know. Checked
-# against the binary (tests/unit/test_config_lenient.py).
+# name, a `network`, `ip-version` or ss `plugin` it does not know, an empty
+# password (ssh without password or key, anytls), anytls' min-idle-session
+# below 0. Checked against the binary (tests/unit/test_config_lenient.py,
+# test_ssh_config.py, test_anytls_config.py).
 _UNCHECKED_BY_MIHOMO = ("port", "server", "sni", "servername", "network", "ip-version",
-                        "plugin")
+                        "plugin", "password", "min-idle-session")
 
 
 def mihomo_refuses(err: ConfigError) -> bool:
@@ -152,14 +154,13 @@ def mihomo_refuses(err: ConfigError) -> bool:
     entry. mihomo decodes a proxy into a Go struct and builds its outbound:
     a missing key ("has unset fields"), a value of a type it cannot convert
     (a string for a bool), an unknown `type` or ss `cipher`, a key that is
-    no key (WireGuard: `ConfigError.mihomo_refuses`) stop it, and Mirage
-    refuses those too. The values of
+    no key (WireGuard) stop it, and Mirage refuses those too. The values of
     `_UNCHECKED_BY_MIHOMO`, and a username without a password, load there
     and fail when the proxy is used: Mirage skips that proxy, with the
     reason, instead of refusing the whole profile. Anything else is
     refused (what Mirage does not know mihomo to load)."""
     leaf = err.path.rsplit(".", 1)[-1]
-    if err.mihomo_refuses or err.reason.startswith(("required", "expected ")):
+    if err.reason.startswith(("required", "expected ")):
         return True
     return not (leaf in _UNCHECKED_BY_MIHOMO or "go together" in err.reason)
 

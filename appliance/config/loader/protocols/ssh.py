@@ -61,6 +61,9 @@ def _algorithms(sec: Section) -> tuple[str, ...]:
 
 
 def parse(sec: Section) -> SshOptions:
+    """mihomo reads the host keys and the private key when it loads the
+    profile and refuses the profile if one does not parse (checked with
+    `mihomo -t`): so does Mirage."""
     username = sec.require("username", as_nonempty_str)
     password = sec.get("password", as_str, "") or None
     passphrase = sec.get("private-key-passphrase", as_str, "") or None
