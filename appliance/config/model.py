@@ -689,6 +689,19 @@ class ControllerConfig:
 
 
 @dataclass(frozen=True)
+class SkippedOutbound:
+    """A proxy or group of the profile that Mirage cannot use, and why (a
+    sentence: "a vless proxy with reality-opts (REALITY is not supported)").
+    Groups drop it from their members; a rule that names it sends its flows
+    to COMPATIBLE, as mihomo does with a group left without a proxy
+    (appliance/outbound/build.py): DIRECT."""
+
+    name: str
+    kind: Literal["proxy", "group"]
+    reason: str
+
+
+@dataclass(frozen=True)
 class Config:
     mixed_port: int | None = None
     # The other proxy ports (Clash `socks-port`, and `port` for HTTP) and who
@@ -727,6 +740,9 @@ class Config:
     # that Mirage does not implement: reported once at load, never an error
     # (so real Clash profiles load).
     ignored_keys: tuple[str, ...] = ()
+    # Proxies and groups left out (file order, proxies first): what the
+    # routing summary of `mirage check` reports (appliance/config/summary.py).
+    skipped: tuple[SkippedOutbound, ...] = ()
     source: Path | None = None
 
     @property

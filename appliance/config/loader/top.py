@@ -37,7 +37,7 @@ from appliance.config.loader.scalars import (
     choice,
 )
 from appliance.config.loader.section import LoadContext, Section
-from appliance.config.model import Config
+from appliance.config.model import Config, SkippedOutbound
 
 TOP_LEVEL_KEYS = (
     "mixed-port", "socks-port", "port", "authentication", "allow-lan", "bind-address",
@@ -93,6 +93,7 @@ def parse_root(data: Any, ctx: LoadContext) -> Config:
     dns = parse_dns(root.section("dns"), top_hosts)
 
     proxies, skipped = parse_proxies(root.raw("proxies"), root.at("proxies"), ctx)
+    skipped_proxies = dict(skipped)
     providers = parse_proxy_providers(root.raw("proxy-providers"), root.at("proxy-providers"),
                                       ctx)
     groups = parse_groups(root.raw("proxy-groups"), root.at("proxy-groups"), ctx, proxies,
@@ -137,6 +138,8 @@ def parse_root(data: Any, ctx: LoadContext) -> Config:
         geodata=geodata,
         appliance=appliance,
         ignored_keys=tuple(ctx.ignored),
+        skipped=tuple(SkippedOutbound(name, "proxy" if name in skipped_proxies else "group", why)
+                      for name, why in skipped.items()),
         source=ctx.source,
     )
     check_cross(cfg)
