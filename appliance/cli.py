@@ -30,27 +30,55 @@ EXIT_CONFIG = 2
 DEFAULT_CONFIG = Path("/etc/mirage/config.yaml")
 
 
-def _load(path: Path) -> Config:
+def _load(path: Path, *, as_json: bool = False) -> Config:
     from appliance.config import ConfigError, load_config
 
     try:
         return load_config(path)
     except ConfigError as err:
+        if as_json:
+            errors = getattr(err, "errors", None) or [err]
+            print(json.dumps({"ok": False, "errors": [
+                {"path": e.path, "reason": e.reason, "message": str(e)} for e in errors]},
+                ensure_ascii=False, indent=2))
         print(f"mirage: {path}: {err}", file=sys.stderr)
         raise SystemExit(EXIT_CONFIG) from None
 
 
 def cmd_check(args: argparse.Namespace) -> int:
     from appliance.config.render import format_effective, format_ignored
+    from appliance.config.summary import summarize
 
-    cfg = _load(args.config)
+    cfg = _load(args.config, as_json=args.json)
+    summary = summarize(cfg, _cached_providers(cfg))
+    if args.json:
+        print(json.dumps({"ok": True, "summary": summary.as_data()}, ensure_ascii=False,
+                         indent=2))
+        return EXIT_OK
     print(format_effective(cfg), end="")
     ignored = format_ignored(cfg)
     if ignored:
         # A YAML comment: stdout stays a loadable config.
         print(f"# {ignored.strip()}")
+    print("# routing summary:")
+    for line in summary.lines():
+        print(f"#   {line}")
     print(f"# {args.config}: configuration OK", file=sys.stderr)
     return EXIT_OK
+
+
+def _cached_providers(cfg: Config) -> set[str]:
+    """The providers whose file exists now (an http provider's cache, a
+    file provider's file), where `mirage run` would look: what they hold
+    at start, before any download."""
+    from appliance.providers.proxies import source_spec
+    from appliance.providers.rules import provider_spec
+
+    state = cfg.appliance.state_dir
+    profile_dir = cfg.source.parent if cfg.source is not None else None
+    specs = [(p.name, source_spec(p, state)) for p in cfg.proxy_providers]
+    specs += [(p.name, provider_spec(p, state, profile_dir)) for p in cfg.rule_providers]
+    return {name for name, spec in specs if spec.path is not None and spec.path.is_file()}
 
 
 def cmd_rules(args: argparse.Namespace) -> int:
@@ -350,8 +378,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = with_config(sub.add_parser("run", help="run the appliance in this network namespace"))
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error", "silent"])
     p.set_defaults(func=cmd_run)
-    with_config(sub.add_parser("check", help="validate the configuration")).set_defaults(
-        func=cmd_check)
+    p = with_config(sub.add_parser("check", help="validate the configuration and summarise "
+                                   "what it does to traffic"))
+    p.add_argument("--json", action="store_true",
+                   help="print the routing summary (or the errors) as JSON instead")
+    p.set_defaults(func=cmd_check)
     with_config(sub.add_parser("rules", help="print the capture rules run would apply")
                 ).set_defaults(func=cmd_rules)
     with_config(sub.add_parser("cleanup", help="remove the capture a killed run left behind")

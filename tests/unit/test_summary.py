@@ -1,0 +1,118 @@
+"""The routing summary of `mirage check` (appliance/config/summary.py),
+without a network: skipped proxies grouped by reason, rules that end on an
+outbound Mirage skipped (runs, sub-rules), groups fed only by providers,
+rule providers not yet downloaded, PROCESS-* rules, MATCH, and the JSON."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from appliance.config import parse_config
+from appliance.config.summary import COMPATIBLE_EFFECT, summarize
+
+REALITY = "a vless proxy with reality-opts (REALITY is not supported)"
+
+
+def _profile(**extra: Any) -> dict[str, Any]:
+    vless = {"type": "vless", "server": "192.0.2.9", "port": 443, "uuid":
+             "b831381d-6324-4d53-ad4f-8cda48b30811", "tls": True,
+             "reality-opts": {"public-key": "x" * 43}}
+    proxies = [
+        {"name": "socks", "type": "socks5", "server": "192.0.2.1", "port": 1080},
+        *({"name": n, **vless} for n in ("r1", "r2", "r3")),
+        {"name": "old", "type": "ssr", "server": "192.0.2.2", "port": 1},
+    ]
+    return {"dns": {"enable": False}, "proxies": proxies, **extra}
+
+
+def test_skipped_proxies_are_grouped_by_reason() -> None:
+    s = summarize(parse_config(_profile(rules=["MATCH,socks"])))
+    assert [(r.reason, r.names) for r in s.skipped_proxies] == [
+        (REALITY, ("r1", "r2", "r3")),
+        ("a ssr proxy, which Mirage does not implement", ("old",)),
+    ]
+    assert dict(s.counts)["proxies"] == 1 and dict(s.counts)["proxies-skipped"] == 4
+    assert f"skipped, {REALITY}: 3 proxies (r1, r2, r3)" in s.lines()
+    assert s.final == "MATCH -> 'socks'"
+
+
+def test_rules_to_skipped_outbounds_are_runs_with_their_effect() -> None:
+    cfg = parse_config(_profile(
+        **{"proxy-groups": [{"name": "Netflix", "type": "url-test", "proxies": ["r1", "r2"]},
+                            {"name": "Mixed", "type": "select", "proxies": ["r3", "socks"]}],
+           "rule-providers": {"netflix": {"type": "http", "behavior": "domain", "format": "mrs",
+                                          "url": "https://rules.example/netflix.mrs"}},
+           "sub-rules": {"media": ["DOMAIN,s.test,old", "MATCH,DIRECT"]},
+           "rules": ["DOMAIN,a.test,socks", "RULE-SET,netflix,Netflix",
+                     "DOMAIN-SUFFIX,nflxvideo.net,Netflix", "DOMAIN,b.test,old",
+                     "DOMAIN,c.test,Netflix", "DOMAIN,d.test,Mixed",
+                     "SUB-RULE,(DOMAIN,s.test),media", "PROCESS-NAME,curl,DIRECT",
+                     "MATCH,Netflix"]}))
+    s = summarize(cfg)
+    assert [(g.reason, g.names) for g in s.skipped_groups] == [
+        ("a group with no member Mirage can use", ("Netflix",))]
+    assert [(d.span, d.target, dict(d.types)) for d in s.dead_ends] == [
+        ("rules[1..2]", "Netflix", {"DOMAIN-SUFFIX": 1, "RULE-SET": 1}),
+        ("rules[3]", "old", {"DOMAIN": 1}),
+        ("rules[4]", "Netflix", {"DOMAIN": 1}),
+        ("rules[8]", "Netflix", {"MATCH": 1}),
+        ("sub-rules.media[0]", "old", {"DOMAIN": 1}),
+    ]
+    lines = s.lines()
+    assert ("rules[1..2] (1 DOMAIN-SUFFIX, 1 RULE-SET) send to 'Netflix', a group with no "
+            f"member Mirage can use: {COMPATIBLE_EFFECT}") in lines
+    assert s.final == ("MATCH -> 'Netflix' (a group with no member Mirage can use): "
+                       "COMPATIBLE (DIRECT)")
+    assert s.never_match == (("PROCESS-NAME", 1),)
+    # Mixed lost r3 but keeps socks: not a dead end.
+    assert all(d.target != "Mixed" for d in s.dead_ends)
+    (netflix,) = [p for p in s.providers if p.name == "netflix"]
+    assert (netflix.kind, netflix.ready, netflix.rules) == ("rule", False, 1)
+    assert any(line.startswith("rule providers not yet downloaded (netflix): their 1 RULE-SET")
+               for line in lines)
+
+
+def test_groups_fed_only_by_providers_wait_for_a_copy() -> None:
+    data = _profile(**{
+        "proxy-providers": {
+            "sub": {"type": "http", "url": "https://sub.example/x?token=secret",
+                    "path": "./providers/sub.yaml"},
+            "mine": {"type": "inline", "payload": [
+                {"name": "p", "type": "socks5", "server": "192.0.2.3", "port": 1}]}},
+        "proxy-groups": [{"name": "Auto", "type": "url-test", "use": ["sub"]},
+                         {"name": "Manual", "type": "select", "use": ["sub"],
+                          "proxies": ["socks"]},
+                         {"name": "Own", "type": "select", "use": ["mine"]}],
+        "rules": ["DOMAIN,a.test,Auto", "MATCH,Manual"]})
+    s = summarize(parse_config(data))
+    assert [(g.name, g.ready, g.rules) for g in s.provider_only_groups] == [
+        ("Auto", False, 1), ("Own", True, 0)]
+    assert ("1 group (Auto) take their members only from sub, with no cached copy: "
+            "COMPATIBLE (DIRECT) until a download succeeds; 1 rule sends flows to them"
+            ) in s.lines()
+    # With a cached copy the group has members at start: nothing to say.
+    cached = summarize(parse_config(data), cached={"sub"})
+    assert [g.ready for g in cached.provider_only_groups] == [True, True]
+    assert not any("take their members" in line for line in cached.lines())
+
+
+def test_json_is_plain_data_and_hides_provider_urls() -> None:
+    data = _profile(**{
+        "proxy-providers": {"sub": {"type": "http", "url": "https://sub.example/x?token=s3cr3t"}},
+        "proxy-groups": [{"name": "Auto", "type": "url-test", "use": ["sub"]}],
+        "rules": ["DOMAIN,a.test,r1", "MATCH,Auto"]})
+    out = summarize(parse_config(data)).as_data()
+    text = json.dumps(out)
+    assert "s3cr3t" not in text
+    assert json.loads(text) == out
+    assert out["dead-ends"] == [{"rules": "rules[0]", "count": 1, "types": {"DOMAIN": 1},
+                                 "target": "r1", "why": REALITY, "effect": COMPATIBLE_EFFECT}]
+    assert out["counts"]["proxy-providers"] == 1
+    assert out["final"] == "MATCH -> 'Auto'"
+
+
+def test_no_match_rule_says_direct() -> None:
+    s = summarize(parse_config(_profile(rules=["DOMAIN,a.test,socks"])))
+    assert s.final == "no MATCH rule: flows no rule matches go DIRECT"
+    assert s.dead_ends == () and s.skipped_groups == ()
