@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:  # the model is imported only when a command loads a config
     from appliance.api.client import ApiClient
     from appliance.config.model import Config
+    from appliance.config.summary import ProviderCopy
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -50,7 +51,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     from appliance.config.summary import summarize
 
     cfg = _load(args.config, as_json=args.json)
-    summary = summarize(cfg, _cached_providers(cfg))
+    summary = summarize(cfg, _cached_providers(cfg), _provider_copies(cfg))
     if args.json:
         print(json.dumps({"ok": True, "summary": summary.as_data()}, ensure_ascii=False,
                          indent=2))
@@ -79,6 +80,34 @@ def _cached_providers(cfg: Config) -> set[str]:
     specs = [(p.name, source_spec(p, state)) for p in cfg.proxy_providers]
     specs += [(p.name, provider_spec(p, state, profile_dir)) for p in cfg.rule_providers]
     return {name for name, spec in specs if spec.path is not None and spec.path.is_file()}
+
+
+def _provider_copies(cfg: Config) -> dict[str, ProviderCopy]:
+    """What each proxy provider's copy at hand (its cache or file, or its
+    inline payload) yields now, parsed as `mirage run` parses it."""
+    from appliance.config.summary import ProviderCopy
+    from appliance.providers.proxies import parse_provided, source_spec
+
+    copies: dict[str, ProviderCopy] = {}
+    for p in cfg.proxy_providers:
+        spec = source_spec(p, cfg.appliance.state_dir)
+        try:
+            if spec.payload is not None:
+                data = spec.payload
+            elif spec.path is not None and spec.path.is_file():
+                data = spec.path.read_bytes()
+            else:
+                continue
+        except OSError as e:
+            copies[p.name] = ProviderCopy(error=f"cannot read it: {e.strerror}")
+            continue
+        try:
+            provided = parse_provided(data, p)
+        except ValueError as e:
+            copies[p.name] = ProviderCopy(error=str(e))
+            continue
+        copies[p.name] = ProviderCopy(len(provided.proxies), tuple(provided.skipped.items()))
+    return copies
 
 
 def cmd_rules(args: argparse.Namespace) -> int:

@@ -25,7 +25,7 @@ file exists (the caller looks); `RoutingSummary.as_data()` is what
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Collection, Iterable
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -75,6 +75,17 @@ class DeadEnd:
 
 
 @dataclass(frozen=True)
+class ProviderCopy:
+    """What a proxy provider's copy at hand (cache file, file, inline
+    payload) yields now: the proxies Mirage can use, those it skips with
+    why, or the reason the copy yields nothing (`error`)."""
+
+    proxies: int = 0
+    skipped: tuple[tuple[str, str], ...] = ()
+    error: str | None = None
+
+
+@dataclass(frozen=True)
 class ProviderState:
     """A proxy or rule provider at start: `kind` is proxy or rule, `type`
     http/file/inline; `ready` whether it has something before any download
@@ -88,6 +99,7 @@ class ProviderState:
     ready: bool
     used_by: tuple[str, ...]
     rules: int = 0
+    copy: ProviderCopy | None = None
 
 
 @dataclass(frozen=True)
@@ -126,7 +138,8 @@ class RoutingSummary:
                            "effect": COMPATIBLE_EFFECT} for d in self.dead_ends],
             "providers": [{"name": p.name, "kind": p.kind, "type": p.type, "path": p.path,
                            "ready": p.ready, "used-by": list(p.used_by),
-                           **({"rules": p.rules} if p.kind == "rule" else {})}
+                           **({"rules": p.rules} if p.kind == "rule" else {}),
+                           **({"copy": _copy_data(p.copy)} if p.copy is not None else {})}
                           for p in self.providers],
             "provider-only-groups": [{"name": g.name, "providers": list(g.providers),
                                       "ready": g.ready, "rules": g.rules}
@@ -154,6 +167,19 @@ class RoutingSummary:
         for d in self.dead_ends:
             kinds = ", ".join(f"{n} {t}" for t, n in d.types)
             out.append(f"{d.span} ({kinds}) send to {d.target!r}, {d.why}: {COMPATIBLE_EFFECT}")
+        for p in self.providers:
+            if p.copy is None:
+                continue
+            if p.copy.error is not None:
+                out.append(f"proxy provider {p.name!r}: its copy at hand yields nothing "
+                           f"({p.copy.error})")
+            else:
+                out.append(f"proxy provider {p.name!r}: its copy at hand has "
+                           f"{_count(p.copy.proxies, 'proxy', 'proxies')} Mirage uses")
+            for reason in _grouped(p.copy.skipped):
+                out.append(f"proxy provider {p.name!r} skips, {reason.reason}: "
+                           f"{_count(len(reason.names), 'proxy', 'proxies')} "
+                           f"({_names(reason.names)})")
         waiting_groups: dict[tuple[str, ...], list[ProviderOnlyGroup]] = {}
         for g in self.provider_only_groups:
             if not g.ready:
@@ -163,8 +189,8 @@ class RoutingSummary:
             used = f"; {_count(rules, 'rule sends', 'rules send')} flows to them" if rules else ""
             out.append(f"{_count(len(groups), 'group', 'groups')} "
                        f"({_names(g.name for g in groups)}) take their members only from "
-                       f"{_names(providers)}, with no cached copy: COMPATIBLE (DIRECT) until "
-                       f"a download succeeds{used}")
+                       f"{_names(providers)}, with no usable proxy at hand: COMPATIBLE "
+                       f"(DIRECT) until a download brings one{used}")
         waiting = [p for p in self.providers if p.kind == "rule" and not p.ready and p.rules]
         if waiting:
             out.append(f"rule providers not yet downloaded ({_names([p.name for p in waiting])}):"
@@ -177,6 +203,13 @@ class RoutingSummary:
         if self.ignored:
             out.append(f"{self.ignored} keys or items ignored (listed above)")
         return out
+
+
+def _copy_data(c: ProviderCopy) -> dict[str, Any]:
+    return {"proxies": c.proxies,
+            "skipped": [{"reason": r.reason, "count": len(r.names), "names": list(r.names)}
+                        for r in _grouped(c.skipped)],
+            "error": c.error}
 
 
 def _count(n: int, one: str, many: str) -> str:
@@ -231,9 +264,12 @@ def _path_text(path: Path | None, base: Path | None) -> str | None:
     return str(path)
 
 
-def summarize(cfg: Config, cached: Collection[str] = ()) -> RoutingSummary:
-    """The routing summary of `cfg`. `cached` names the providers (proxy and
-    rule, by name) whose `path` file exists now: the caller looks."""
+def summarize(cfg: Config, cached: Collection[str] = (),
+              copies: Mapping[str, ProviderCopy] | None = None) -> RoutingSummary:
+    """The routing summary of `cfg`. `cached` names the rule providers whose
+    file exists now; `copies` what each proxy provider's copy at hand
+    yields (absent: no copy). The caller looks and parses."""
+    copies = copies or {}
     why = {s.name: s.reason for s in cfg.skipped}
     skipped_proxies = _grouped((s.name, s.reason) for s in cfg.skipped if s.kind == "proxy")
     skipped_groups = _grouped((s.name, s.reason) for s in cfg.skipped if s.kind == "group")
@@ -252,9 +288,11 @@ def summarize(cfg: Config, cached: Collection[str] = ()) -> RoutingSummary:
     providers: list[ProviderState] = []
     ready: dict[str, bool] = {}
     for p in cfg.proxy_providers:
-        ready[p.name] = bool(p.payload) if p.type == "inline" else p.name in cached
+        copy = copies.get(p.name)
+        ready[p.name] = copy is not None and copy.proxies > 0
         providers.append(ProviderState(p.name, "proxy", p.type, _path_text(p.path, base),
-                                       ready[p.name], tuple(users.get(p.name, ()))))
+                                       ready[p.name], tuple(users.get(p.name, ())),
+                                       copy=copy))
     rule_sets = Counter(_rule_set_names(all_rules))
     for rp in cfg.rule_providers:
         providers.append(ProviderState(

@@ -9,7 +9,7 @@ import json
 from typing import Any
 
 from appliance.config import parse_config
-from appliance.config.summary import COMPATIBLE_EFFECT, summarize
+from appliance.config.summary import COMPATIBLE_EFFECT, ProviderCopy, summarize
 
 REALITY = "a vless proxy with reality-opts (REALITY is not supported)"
 
@@ -85,16 +85,26 @@ def test_groups_fed_only_by_providers_wait_for_a_copy() -> None:
                           "proxies": ["socks"]},
                          {"name": "Own", "type": "select", "use": ["mine"]}],
         "rules": ["DOMAIN,a.test,Auto", "MATCH,Manual"]})
-    s = summarize(parse_config(data))
+    cfg = parse_config(data)
+    mine = ProviderCopy(proxies=1)
+    s = summarize(cfg, copies={"mine": mine})
     assert [(g.name, g.ready, g.rules) for g in s.provider_only_groups] == [
         ("Auto", False, 1), ("Own", True, 0)]
-    assert ("1 group (Auto) take their members only from sub, with no cached copy: "
-            "COMPATIBLE (DIRECT) until a download succeeds; 1 rule sends flows to them"
+    assert ("1 group (Auto) take their members only from sub, with no usable proxy at hand: "
+            "COMPATIBLE (DIRECT) until a download brings one; 1 rule sends flows to them"
             ) in s.lines()
-    # With a cached copy the group has members at start: nothing to say.
-    cached = summarize(parse_config(data), cached={"sub"})
+    # A cached copy with a usable proxy: the group has members at start.
+    cached = summarize(cfg, copies={"mine": mine, "sub": ProviderCopy(proxies=2)})
     assert [g.ready for g in cached.provider_only_groups] == [True, True]
     assert not any("take their members" in line for line in cached.lines())
+    # A copy whose every proxy is skipped does not count, and says why.
+    reality = summarize(cfg, copies={"mine": mine, "sub": ProviderCopy(
+        skipped=(("n1", REALITY), ("n2", REALITY)), error="no usable proxy (2 skipped)")})
+    assert [g.ready for g in reality.provider_only_groups] == [False, True]
+    assert f"proxy provider 'sub' skips, {REALITY}: 2 proxies (n1, n2)" in reality.lines()
+    (sub,) = [p for p in reality.as_data()["providers"] if p["name"] == "sub"]
+    assert sub["copy"] == {"proxies": 0, "error": "no usable proxy (2 skipped)", "skipped": [
+        {"reason": REALITY, "count": 2, "names": ["n1", "n2"]}]}
 
 
 def test_json_is_plain_data_and_hides_provider_urls() -> None:
