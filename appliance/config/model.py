@@ -688,6 +688,27 @@ class ControllerConfig:
     cors: CorsConfig = field(default_factory=CorsConfig)
 
 
+# Why a key or item of a profile was left out (the groups `mirage check`
+# prints): "gateway" keys have no meaning on a gateway (tun, listeners, a
+# proxy's interface-name); "unimplemented" ones Mirage does not do yet;
+# "unknown" keys neither mihomo nor Mirage knows (mihomo ignores them too);
+# "legacy" keys are Clash spellings mihomo no longer reads; "anchor" keys
+# only hold YAML anchors; "skipped" items (a proxy, group or rule) are left
+# out whole; "mode" notes say what runs instead of what was asked.
+IgnoredKind = Literal["gateway", "unimplemented", "unknown", "legacy", "anchor", "skipped",
+                      "mode"]
+
+
+@dataclass(frozen=True)
+class LoadNote:
+    """One thing the loader left out or changed, with its key path and why.
+    `note` never holds a secret value (the loader's redaction applies)."""
+
+    path: str
+    kind: IgnoredKind
+    note: str = ""
+
+
 @dataclass(frozen=True)
 class SkippedOutbound:
     """A proxy or group of the profile that Mirage cannot use, and why (a
@@ -743,6 +764,9 @@ class Config:
     # Proxies and groups left out (file order, proxies first): what the
     # routing summary of `mirage check` reports (appliance/config/summary.py).
     skipped: tuple[SkippedOutbound, ...] = ()
+    # The same, structured (kind and note apart) for the grouped report;
+    # not part of what the configuration *is* (equality ignores it).
+    load_notes: tuple[LoadNote, ...] = field(default=(), compare=False)
     source: Path | None = None
 
     @property
