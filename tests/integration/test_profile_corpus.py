@@ -92,7 +92,7 @@ def test_profile(name: str, verdicts: dict[str, tuple[dict[str, Any], dict[str, 
     mihomo, mirage = verdicts[name]
     path = EXPECTED / f"{name}.json"
     if RECORD:
-        note = json.loads(path.read_text())["note"] if path.exists() else None
+        note = json.loads(path.read_text()).get("note") if path.exists() else None
         record: dict[str, Any] = {"mihomo": mihomo, "mirage": mirage}
         if note:
             record["note"] = note
