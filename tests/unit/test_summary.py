@@ -126,3 +126,17 @@ def test_no_match_rule_says_direct() -> None:
     s = summarize(parse_config(_profile(rules=["DOMAIN,a.test,socks"])))
     assert s.final == "no MATCH rule: flows no rule matches go DIRECT"
     assert s.dead_ends == () and s.skipped_groups == ()
+
+
+def test_a_placeholder_subscription_url_loads_and_is_said() -> None:
+    # Templates ship '订阅链接1' or '' where the user's URL goes; mihomo -t
+    # accepts them (its download fails later), so does Mirage.
+    cfg = parse_config(_profile(**{
+        "proxy-providers": {"a": {"type": "http", "url": "订阅链接1"},
+                            "b": {"type": "http", "url": ""}},
+        "proxy-groups": [{"name": "Auto", "type": "url-test", "use": ["a", "b"]}],
+        "rules": ["MATCH,Auto"]}))
+    assert [p.url for p in cfg.proxy_providers] == ["订阅链接1", ""]
+    assert {n.path for n in cfg.load_notes if "not an http(s) URL" in n.note} == {
+        "proxy-providers.a.url", "proxy-providers.b.url"}
+    assert [g.ready for g in summarize(cfg).provider_only_groups] == [False]
