@@ -14,6 +14,8 @@ do to traffic, in terms a person can act on.
   COMPATIBLE (DIRECT) until a provider has proxies: at start a provider's
   proxies come from its cache file (`path`) if one exists, else it is empty
   until its first download succeeds (mihomo does the same);
+- which groups have no member at all (include-all found nothing): they
+  hold COMPATIBLE (DIRECT) for good;
 - which rule providers match nothing until downloaded, and rules that never
   match a LAN device's flow (PROCESS-*).
 
@@ -121,6 +123,9 @@ class RoutingSummary:
     dead_ends: tuple[DeadEnd, ...]
     providers: tuple[ProviderState, ...]
     provider_only_groups: tuple[ProviderOnlyGroup, ...]
+    # Groups with no member at all (include-all found no proxy, no
+    # provider): (name, rules that name them).
+    empty_groups: tuple[tuple[str, int], ...]
     never_match: tuple[tuple[str, int], ...]
     final: str
     ignored: int
@@ -144,6 +149,7 @@ class RoutingSummary:
             "provider-only-groups": [{"name": g.name, "providers": list(g.providers),
                                       "ready": g.ready, "rules": g.rules}
                                      for g in self.provider_only_groups],
+            "empty-groups": [{"name": n, "rules": r} for n, r in self.empty_groups],
             "never-match": dict(self.never_match),
             "final": self.final,
             "ignored-keys": self.ignored,
@@ -188,9 +194,17 @@ class RoutingSummary:
             rules = sum(g.rules for g in groups)
             used = f"; {_count(rules, 'rule sends', 'rules send')} flows to them" if rules else ""
             out.append(f"{_count(len(groups), 'group', 'groups')} "
-                       f"({_names(g.name for g in groups)}) take their members only from "
+                       f"({_names(g.name for g in groups)}) "
+                       f"{'takes its' if len(groups) == 1 else 'take their'} members only from "
                        f"{_names(providers)}, with no usable proxy at hand: COMPATIBLE "
                        f"(DIRECT) until a download brings one{used}")
+        if self.empty_groups:
+            rules = sum(r for _, r in self.empty_groups)
+            used = f"; {_count(rules, 'rule sends', 'rules send')} flows to them" if rules else ""
+            out.append(f"{_count(len(self.empty_groups), 'group', 'groups')} "
+                       f"({_names(n for n, _ in self.empty_groups)}) "
+                       f"{'has' if len(self.empty_groups) == 1 else 'have'} no member (no proxy "
+                       f"named or included, no provider): COMPATIBLE (DIRECT){used}")
         waiting = [p for p in self.providers if p.kind == "rule" and not p.ready and p.rules]
         if waiting:
             out.append(f"rule providers not yet downloaded ({_names([p.name for p in waiting])}):"
@@ -304,6 +318,8 @@ def summarize(cfg: Config, cached: Collection[str] = (),
         ProviderOnlyGroup(g.name, g.use, any(ready.get(u, False) for u in g.use),
                           targeted.get(g.name, 0))
         for g in cfg.proxy_groups if g.use and not g.proxies)
+    empty = tuple((g.name, targeted.get(g.name, 0)) for g in cfg.proxy_groups
+                  if not g.use and not g.proxies)
 
     never = Counter(r.type for r in all_rules if r.type in PROCESS_RULE_TYPES)
     last = cfg.rules[-1] if cfg.rules else None
@@ -331,6 +347,7 @@ def summarize(cfg: Config, cached: Collection[str] = (),
         dead_ends=tuple(dead),
         providers=tuple(providers),
         provider_only_groups=provider_only,
+        empty_groups=empty,
         never_match=tuple(sorted(never.items())),
         final=final,
         ignored=len(cfg.ignored_keys),

@@ -174,7 +174,7 @@ def test_check_ends_with_a_routing_summary_and_json_says_the_same(tmp_path: Path
     summary = text.stdout[text.stdout.index("# routing summary:"):]
     assert ("rules[0..1] (1 DOMAIN, 1 DOMAIN-SUFFIX) send to 'Media', a group with no member "
             "Mirage can use: their flows go to COMPATIBLE, which sends them DIRECT") in summary
-    assert "1 group (Auto) take their members only from sub" in summary
+    assert "1 group (Auto) takes its members only from sub" in summary
     assert "s3cr3t" not in text.stdout + text.stderr
     as_json = mirage("check", "--json", "-c", str(cfg))
     assert as_json.returncode == 0, as_json.stderr

@@ -90,13 +90,13 @@ def test_groups_fed_only_by_providers_wait_for_a_copy() -> None:
     s = summarize(cfg, copies={"mine": mine})
     assert [(g.name, g.ready, g.rules) for g in s.provider_only_groups] == [
         ("Auto", False, 1), ("Own", True, 0)]
-    assert ("1 group (Auto) take their members only from sub, with no usable proxy at hand: "
+    assert ("1 group (Auto) takes its members only from sub, with no usable proxy at hand: "
             "COMPATIBLE (DIRECT) until a download brings one; 1 rule sends flows to them"
             ) in s.lines()
     # A cached copy with a usable proxy: the group has members at start.
     cached = summarize(cfg, copies={"mine": mine, "sub": ProviderCopy(proxies=2)})
     assert [g.ready for g in cached.provider_only_groups] == [True, True]
-    assert not any("take their members" in line for line in cached.lines())
+    assert not any("members only from" in line for line in cached.lines())
     # A copy whose every proxy is skipped does not count, and says why.
     reality = summarize(cfg, copies={"mine": mine, "sub": ProviderCopy(
         skipped=(("n1", REALITY), ("n2", REALITY)), error="no usable proxy (2 skipped)")})
@@ -120,6 +120,22 @@ def test_json_is_plain_data_and_hides_provider_urls() -> None:
                                  "target": "r1", "why": REALITY, "effect": COMPATIBLE_EFFECT}]
     assert out["counts"]["proxy-providers"] == 1
     assert out["final"] == "MATCH -> 'Auto'"
+
+
+def test_groups_with_no_member_at_all_hold_compatible() -> None:
+    # include-all with no proxy to include (a template whose nodes come
+    # later): mihomo gives the group COMPATIBLE, so does Mirage.
+    cfg = parse_config({"dns": {"enable": False},
+                        "proxy-groups": [{"name": "Auto", "type": "url-test",
+                                          "include-all": True},
+                                         {"name": "Pick", "type": "select",
+                                          "proxies": ["Auto", "DIRECT"]}],
+                        "rules": ["DOMAIN,a.test,Auto", "MATCH,Pick"]})
+    s = summarize(cfg)
+    assert s.empty_groups == (("Auto", 1),)
+    assert ("1 group (Auto) has no member (no proxy named or included, no provider): "
+            "COMPATIBLE (DIRECT); 1 rule sends flows to them") in s.lines()
+    assert s.as_data()["empty-groups"] == [{"name": "Auto", "rules": 1}]
 
 
 def test_no_match_rule_says_direct() -> None:
