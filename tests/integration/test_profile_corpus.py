@@ -20,6 +20,7 @@ import contextlib
 import io
 import json
 import os
+import re
 import subprocess
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
@@ -51,8 +52,10 @@ def _mihomo(name: str, home: Path) -> dict[str, Any]:
     errors = [line.split('msg="', 1)[1].rstrip('"').replace(str(home), "<home>")
               for line in result.stdout.splitlines() if "level=error" in line and 'msg="' in line]
     # The last error is the one that failed the test (earlier ones are
-    # warnings mihomo logs at error level).
-    return {"accepts": False, "error": errors[-1] if errors else result.stdout[-300:]}
+    # warnings mihomo logs at error level). Item numbers are dropped: mihomo
+    # parses groups in parallel, so which one it names first varies.
+    error = errors[-1] if errors else result.stdout[-300:]
+    return {"accepts": False, "error": re.sub(r"\[\d+\]", "[N]", error)}
 
 
 def _mirage(name: str) -> dict[str, Any]:
