@@ -662,7 +662,7 @@ def test_unknown_key_suggests_the_near_one() -> None:
         ('ipv6: "true"', "ipv6", "expected a boolean"),
         ("ipv6: 1", "ipv6", "expected a boolean"),
         ("log-level: verbose", "log-level", "must be one of"),
-        ("secret: 1234", "secret", "expected a string"),
+        ("secret: [1234]", "secret", "expected a string"),
         ("external-controller: localhost:9090", "external-controller", "not an IP"),
         ("external-controller: 127.0.0.1", "external-controller", "needs a port"),
         ("profile: {store-fake-ip: yes please}", "profile.store-fake-ip", "boolean"),
@@ -914,6 +914,11 @@ def test_rule_errors(rule: str, reason: str) -> None:
     err = error(data)
     assert err.path == "rules[1]"
     assert reason in err.reason
+
+
+def test_a_numeric_secret_is_its_text() -> None:
+    # mihomo -t loads `secret: 123456` (tests/profiles/lvbibir.yaml).
+    assert parse_config({"dns": {"enable": False}, "secret": 123456}).secret == "123456"
 
 
 def test_rules_may_name_skipped_outbounds() -> None:

@@ -36,7 +36,7 @@ CONTROLLER_KEYS = (
 def parse_controller(root: Section) -> tuple[Listen | None, str, ControllerConfig]:
     """(address, secret, the rest) from the top level of a profile."""
     listen = root.get("external-controller", _controller, None)
-    secret = root.get("secret", as_str, "")
+    secret = root.get("secret", _secret, "")
     base = root.ctx.base
     ui = root.get("external-ui", lambda v, p: as_path(v, p, base), None)
     ui_name = root.get("external-ui-name", _ui_name, "")
@@ -60,6 +60,14 @@ def parse_controller(root: Section) -> tuple[Listen | None, str, ControllerConfi
                         "the LAN)", kind="mode")
         listen = Listen(loopback, listen.port)
     return listen, secret, ControllerConfig(ui=ui, ui_name=ui_name, ui_url=ui_url, cors=cors)
+
+
+def _secret(value: Any, path: str) -> str:
+    """A string; a number is its text (`secret: 123456`: mihomo's YAML
+    reader puts any scalar into a string field, and mihomo -t loads it)."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return str(value)
+    return as_str(value, path)
 
 
 def _controller(value: Any, path: str) -> Listen | None:
