@@ -36,6 +36,7 @@ from appliance.config import (
     load_config,
     parse_config,
 )
+from appliance.config.model import SkippedOutbound
 from appliance.config.protocols.shadowsocks import ObfsOptions, ShadowsocksOptions
 from appliance.config.protocols.trojan import TrojanOptions
 from appliance.names import pattern_is_valid
@@ -488,7 +489,8 @@ def test_effective_config_round_trips() -> None:
     for path in (EXAMPLES / "lab.yaml", EXAMPLES / "clash-profile.yaml"):
         cfg = load_config(path)
         again = parse_config(effective_config(cfg), source=cfg.source)
-        assert again == dataclasses.replace(cfg, ignored_keys=())
+        # Skipped proxies are left out of the effective config, as ignored keys are.
+        assert again == dataclasses.replace(cfg, ignored_keys=(), skipped=())
 
 
 def test_effective_config_round_trips_every_field() -> None:
@@ -660,7 +662,7 @@ def test_unknown_key_suggests_the_near_one() -> None:
         ('ipv6: "true"', "ipv6", "expected a boolean"),
         ("ipv6: 1", "ipv6", "expected a boolean"),
         ("log-level: verbose", "log-level", "must be one of"),
-        ("secret: 1234", "secret", "expected a string"),
+        ("secret: [1234]", "secret", "expected a string"),
         ("external-controller: localhost:9090", "external-controller", "not an IP"),
         ("external-controller: 127.0.0.1", "external-controller", "needs a port"),
         ("profile: {store-fake-ip: yes please}", "profile.store-fake-ip", "boolean"),
@@ -884,8 +886,6 @@ def test_groups_may_name_later_groups() -> None:
     [
         ("DOMAIN,a.test,nope", "names no proxy, group, DIRECT or REJECT"),
         ("DOMAIN,a.test,direct", "names no proxy"),
-        ("DOMAIN,a.test,v", "a vmess proxy with alterId 64"),
-        ("DOMAIN,a.test,dead", "a group with no member"),
         ("FOO,a.test,DIRECT", "unknown rule type"),
         ("DOMAIN,a.test", "expected DOMAIN,VALUE,TARGET"),
         ("MATCH", "expected MATCH,TARGET"),
@@ -916,6 +916,42 @@ def test_rule_errors(rule: str, reason: str) -> None:
     err = error(data)
     assert err.path == "rules[1]"
     assert reason in err.reason
+
+
+def test_a_numeric_secret_is_its_text() -> None:
+    # mihomo -t loads `secret: 123456` (tests/profiles/lvbibir.yaml).
+    assert parse_config({"dns": {"enable": False}, "secret": 123456}).secret == "123456"
+
+
+def test_rules_may_name_skipped_outbounds() -> None:
+    # mihomo would use them, so the profile loads; the flows go to COMPATIBLE.
+    cfg = parse_config(with_(
+        proxies=[SOCKS, {"name": "v", "type": "vmess", "server": "x", "port": 1, "uuid": "u",
+                         "alterId": 64}],
+        proxy_groups=[{"name": "dead", "type": "select", "proxies": ["v"]}],
+        rules=["DOMAIN,a.test,v", "DOMAIN,b.test,dead", "MATCH,s"],
+    ))
+    assert [r.target for r in cfg.rules] == ["v", "dead", "s"]
+    assert cfg.skipped == (
+        SkippedOutbound("v", "proxy", "a vmess proxy with alterId 64 (the legacy VMess header; "
+                        "only alterId 0)"),
+        SkippedOutbound("dead", "group", "a group with no member Mirage can use"),
+    )
+    assert effective_config(cfg)["rules"] == ["DOMAIN,a.test,COMPATIBLE",
+                                              "DOMAIN,b.test,COMPATIBLE", "MATCH,s"]
+
+
+def _as_run(cfg: Config) -> Config:
+    """`cfg` as its effective config spells it: no ignored keys or skipped
+    outbounds, and rules that named a skipped one naming COMPATIBLE."""
+    gone = {s.name for s in cfg.skipped}
+
+    def run(rules: tuple[Rule, ...]) -> tuple[Rule, ...]:
+        return tuple(dataclasses.replace(r, target="COMPATIBLE")
+                     if r.type != "SUB-RULE" and r.target in gone else r for r in rules)
+
+    return dataclasses.replace(cfg, ignored_keys=(), skipped=(), rules=run(cfg.rules),
+                               sub_rules=tuple((n, run(rs)) for n, rs in cfg.sub_rules))
 
 
 def test_rule_forms() -> None:
@@ -1028,7 +1064,7 @@ def _outcome(data: Any) -> None:
     assert [p for p in patterns if pattern_is_valid(p) is not None] == []
     # Whatever loads renders, and the rendering loads to the same model.
     again = parse_config(effective_config(cfg))
-    assert again == dataclasses.replace(cfg, ignored_keys=())
+    assert again == _as_run(cfg)
     format_effective(cfg)
 
 
