@@ -103,6 +103,13 @@ def test_a_quirky_name_reads_the_same_in_mihomo(tmp_path: Path, name: str) -> No
     ("x: [http://a.example/b?x=1]\nrules: ['MATCH,DIRECT']\n", False),
     ("proxies:\n\t- {name: a}\nrules: ['MATCH,DIRECT']\n", False),
     ("rules: ['MATCH,DIRECT']\nrules: ['MATCH,DIRECT']\n", False),
+    # A tab between tokens is white space to both; in indentation or right
+    # after `-` / `?` both refuse it.
+    ("x:\t\n  b: 1\t\nmode: rule\t# note\nrules: ['MATCH,DIRECT']\n", True),
+    ("x:\tfoo\ny: [a,\tb]\nz: \"q\"\t\nw:\n  - a:\t1\nrules: ['MATCH,DIRECT']\n", True),
+    ("x:\n  - \tfoo\nrules: ['MATCH,DIRECT']\n", False),
+    ("x:\n  ? \ta\n  : 1\nrules: ['MATCH,DIRECT']\n", False),
+    ("x:\n  b: 1\n  \tc: 2\nrules: ['MATCH,DIRECT']\n", False),
 ])  # fmt: skip
 def test_files_both_accept_or_both_refuse(tmp_path: Path, text: str, accepted: bool) -> None:
     assert mihomo_accepts(tmp_path, text) is accepted

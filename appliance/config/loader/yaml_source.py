@@ -18,6 +18,12 @@ PyYAML follows YAML 1.1; each difference below was checked against
 * only the first document of a file is read (PyYAML: an error when there
   are more), as yaml.Unmarshal does.
 
+* a tab between tokens on a line (`key:<TAB>value`, `value<TAB># note`,
+  a trailing tab) is white space (PyYAML: an error); yaml.v3 (scannerc.go,
+  yaml_parser_scan_to_next_token) eats tabs in flow context, after a value
+  indicator `:` and after any token that ends a simple key, but not at the
+  start of a line (indentation) nor right after `-` or `?`: those stay errors.
+
 Both refuse duplicate keys, tabs for indentation, and `?` or `:` inside an
 unquoted URL in a flow mapping (`{url: http://a/b?x=1}`): those stay
 YAML errors, with line and column. `<<: *anchor` merges work, and top-level
@@ -46,6 +52,35 @@ class _UniqueKeyLoader(yaml.SafeLoader):
     def __init__(self, stream: str) -> None:
         super().__init__(stream)
         self.anchored: set[int] = set()
+        # The last token fetched was `:`: a tab may follow it (yaml.v3).
+        self._after_value = False
+
+    def fetch_value(self) -> None:
+        super().fetch_value()  # type: ignore[no-untyped-call]
+        self._after_value = True
+
+    def scan_to_next_token(self) -> None:
+        """PyYAML's loop (scanner.py), with yaml.v3's rule for tabs: one is
+        white space in flow context, after `:`, or where no simple key may
+        start (after a scalar, an anchor, a tag); elsewhere (indentation,
+        after `-` or `?`) it is left to fail as a token."""
+        after_value, self._after_value = self._after_value, False
+        if self.index == 0 and self.peek() == "\uFEFF":
+            self.forward()
+        while True:
+            while self.peek() == " " or (
+                self.peek() == "\t"
+                and (self.flow_level or not self.allow_simple_key or after_value)
+            ):
+                self.forward()
+            if self.peek() == "#":
+                while self.peek() not in "\0\r\n\x85\u2028\u2029":
+                    self.forward()
+            if not self.scan_line_break():
+                return
+            after_value = False
+            if not self.flow_level:
+                self.allow_simple_key = True
 
     def compose_scalar_node(self, anchor: Any) -> yaml.ScalarNode:
         node = super().compose_scalar_node(anchor)
