@@ -192,7 +192,7 @@ def test_errors_never_carry_a_secret() -> None:
     errs = errors_of({
         **NS,
         "secret": 12345,
-        "authentication": ["userT0KEN"],
+        "authentication": ["userT0KEN:"],
         "proxies": {"name": "x", "password": "T0KEN1"},
         "proxy-providers": {"sub": {"type": "http", "url": "ftp://sub.example/x?token=T0KEN2"}},
         "rule-providers": {"r": {"type": "http", "behavior": "domain",

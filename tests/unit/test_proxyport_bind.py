@@ -81,10 +81,20 @@ def test_config_keys() -> None:
     )
 
 
+def test_an_authentication_entry_without_a_colon_adds_no_user() -> None:
+    # mihomo drops it (the templates' `- ""` placeholder): no user, no
+    # authentication asked; said at load, without the entry's text.
+    cfg = parse_config({"authentication": ["", "sEcr3t", "bob:pw"], **NO_DNS})
+    assert cfg.authentication == (("bob", "pw"),)
+    skipped = [n for n in cfg.load_notes if n.kind == "skipped"]
+    assert [n.path for n in skipped] == ["authentication[0]", "authentication[1]"]
+    assert "sEcr3t" not in repr(cfg.load_notes) + repr(cfg.ignored_keys)
+
+
 @pytest.mark.parametrize(
     ("data", "path"),
     [
-        ({"authentication": ["no-colon"]}, "authentication[0]"),
+        ({"authentication": ["user:"]}, "authentication[0]"),
         ({"authentication": [":pw"]}, "authentication[0]"),
         ({"authentication": ["a:1", "a:2"]}, "authentication[1]"),
         ({"authentication": "a:b"}, "authentication"),

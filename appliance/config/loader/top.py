@@ -110,7 +110,8 @@ def parse_root(data: Any, ctx: LoadContext) -> Config:
     socks_port = get("socks-port", _optional_port, None)
     http_port = get("port", _optional_port, None)
     authentication = ctx.attempt(
-        lambda: _parse_authentication(root.raw("authentication"), root.at("authentication")), ())
+        lambda: _parse_authentication(root.raw("authentication"), root.at("authentication"),
+                                      ctx), ())
     allow_lan = get("allow-lan", as_bool, True)
     bind_address = get("bind-address", _bind_address, "*")
     tproxy_port = get("tproxy-port", _optional_port, None)
@@ -201,17 +202,24 @@ def parse_root(data: Any, ctx: LoadContext) -> Config:
     return cfg
 
 
-def _parse_authentication(raw: Any, path: str) -> tuple[tuple[str, str], ...]:
+def _parse_authentication(raw: Any, path: str, ctx: LoadContext
+                          ) -> tuple[tuple[str, str], ...]:
     """Clash `authentication: ["user:pass", ...]` (split at the first colon,
-    as mihomo does) -> ((user, pass), ...). RFC 1929 bounds both to 1..255
-    bytes; a user listed twice is an error."""
+    as mihomo does) -> ((user, pass), ...). An entry with no colon at all
+    (`""`, the templates' "no password" placeholder) adds no user in mihomo
+    (config.go parseAuthentication drops it): skipped here too, and said.
+    RFC 1929 bounds user and password to 1..255 bytes; a user listed twice
+    is an error."""
     if raw is None:
         return ()
     users: list[tuple[str, str]] = []
     for i, item in enumerate(as_list(raw, path)):
         at = index_path(path, i)
         user, sep, password = as_str(item, at).partition(":")
-        if not sep or not user or not password:
+        if not sep:
+            ctx.ignore(at, 'no "username:password": adds no user (as mihomo)', kind="skipped")
+            continue
+        if not user or not password:
             raise ConfigError(at, "<hidden>", 'expected "username:password"')
         if len(user.encode()) > 255 or len(password.encode()) > 255:
             raise ConfigError(at, "<hidden>", "username and password are at most 255 bytes each")
