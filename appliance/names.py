@@ -66,8 +66,11 @@ def name_from_labels(labels: Iterable[bytes]) -> str | None:
 
 
 # One label of a host name once in ASCII (punycode for international names):
-# letters, digits, `_` and inner `-`, at most 63 characters.
-_LABEL = re.compile(r"[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?")
+# letters, digits, `_` and `-`, at most 63 characters. A `-` at either end
+# breaks the host-name rule (RFC 952/1123) but not DNS (RFC 2181 s11), and
+# real names and rule lists have such labels (`fc-.cdn.bcebos.com`); mihomo
+# takes any text there.
+_LABEL = re.compile(r"[a-z0-9_-]{1,63}")
 
 
 def _to_ascii(label: str) -> str:

@@ -771,7 +771,7 @@ SOCKS = {"name": "s", "type": "socks5", "server": "192.0.2.1", "port": 1080}
     [
         ([SOCKS, {**SOCKS}], "proxies[1].name", "duplicate proxy name"),
         ([{**SOCKS, "name": "DIRECT"}], "proxies[0].name", "reserved"),
-        ([{**SOCKS, "name": ""}], "proxies[0].name", "empty"),
+        ([{**SOCKS, "name": ""}, {**SOCKS, "name": None}], "proxies[1].name", "duplicate"),
         ([{"type": "socks5", "server": "h", "port": 1}], "proxies[0].name", "required"),
         ([{**SOCKS, "type": "sock5"}], "proxies[0].type", "unknown proxy type"),
         ([{k: v for k, v in SOCKS.items() if k != "port"}], "proxies[0].port", "required"),
@@ -798,6 +798,23 @@ def test_proxy_errors(proxies: Any, path: str, reason: str) -> None:
     err = reported(with_(proxies=proxies))
     assert err.path == path
     assert reason in err.reason
+
+
+def test_a_proxy_with_a_blank_name_is_skipped_as_mihomo_loads_it() -> None:
+    # A template's `name:` slot left blank: mihomo -t loads a proxy named ""
+    # (even with no server or port); nothing can use it, so it is skipped.
+    blank = {"name": None, "type": "socks5", "server": None, "port": None}
+    cfg = parse_config(with_(proxies=[SOCKS, blank]))
+    assert [p.name for p in cfg.proxies] == ["s"]
+    assert cfg.skipped == (SkippedOutbound("", "proxy", "a proxy with an empty name"),)
+    assert any(n.path == "proxies[1]" and n.kind == "skipped" for n in cfg.load_notes)
+
+
+def test_rule_domains_take_a_label_with_a_hyphen_at_an_end() -> None:
+    # DNS allows it (RFC 2181 s11) and rule lists have it; mihomo too.
+    cfg = parse_config(with_(rules=["DOMAIN-SUFFIX,fc-.cdn.example.com,DIRECT",
+                                    "DOMAIN,-a.example,DIRECT", "MATCH,DIRECT"]))
+    assert [str(r.payload) for r in cfg.rules][:2] == ["fc-.cdn.example.com", "-a.example"]
 
 
 def test_preconnect_defaults_and_values() -> None:

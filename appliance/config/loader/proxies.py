@@ -68,7 +68,7 @@ PRECONNECT_MAX = 64
 # reported); a rule that targets it is an error, a group drops it.
 UNSUPPORTED_PROXY_TYPES = (
     "ssr", "snell", "socks4", "hysteria",
-    "mieru", "dns", "semi", "sudoku",
+    "mieru", "dns", "semi", "sudoku", "rematch",
 )  # fmt: skip
 
 # Why, where there is more to say than "not implemented".
@@ -77,6 +77,9 @@ _UNSUPPORTED_WHY = {
     # No Snell server is packaged (Debian, PyPI): no client without a real
     # server to test it against.
     "snell": " (no Snell server to test a client against)",
+    # Not a way out: it sends the flow through the rules again (under a
+    # REMATCH-NAME or in a sub-rule); mihomo's newer builds have it.
+    "rematch": " (a second pass through the rules; its flows go to COMPATIBLE, i.e. DIRECT)",
 }
 
 
@@ -170,6 +173,16 @@ def _parse_entry(item: Any, path: str, ctx: LoadContext, names: set[str],
     """One `proxies[i]`: its ProxyConfig, or None when it is skipped (its
     reason put in `skipped`). Raises ConfigError."""
     sec = Section(item, path, ctx, fold_proxy_key, exact=("type",))
+    if "name" in sec.data and sec.data["name"] in (None, ""):
+        # `name:` left blank (a template's slot): mihomo loads a proxy named
+        # "" (and dials nothing until it is used); skipped here, said. Two
+        # of them are a duplicate name there too.
+        if "" in names:
+            raise ConfigError(sec.at("name"), "", "duplicate proxy name")
+        names.add("")
+        ctx.ignore(sec.path, "a proxy with an empty name: nothing can use it", kind="skipped")
+        skipped[""] = "a proxy with an empty name"
+        return None
     name = sec.require("name", as_nonempty_str)
     if name in names:
         raise ConfigError(sec.at("name"), name, "duplicate proxy name")
