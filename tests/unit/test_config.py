@@ -757,10 +757,32 @@ def test_top_level_hosts_error_path() -> None:
     assert err.path == "hosts['a.lan']"
 
 
-def test_missing_dns_section_says_nameserver_is_required() -> None:
-    err = error({})
-    assert (err.path, err.value) == ("dns.nameserver", NO_VALUE)
-    assert str(err) == "dns.nameserver: required when dns.enable is true"
+def test_without_a_dns_section_mirage_serves_dns_with_mihomos_default_upstreams() -> None:
+    # mihomo would run with its DNS off (the system resolver); the gateway
+    # needs its own, so it takes what mihomo asks when its DNS is on and no
+    # nameserver is listed, and says so.
+    cfg = parse_config({})
+    assert cfg.dns.enable and cfg.dns.enhanced_mode == "fake-ip"
+    assert cfg.dns.nameserver[0].url == "https://doh.pub:443/dns-query"
+    assert [ns.host for ns in cfg.dns.default_nameserver] == [
+        "114.114.114.114", "223.5.5.5", "8.8.8.8", "1.0.0.1"]
+    [note] = [n for n in cfg.load_notes if n.path == "dns"]
+    assert note.kind == "mode" and "system resolver" in note.note
+
+
+def test_a_dns_section_without_nameserver_takes_mihomos_defaults() -> None:
+    # mihomo -t loads `dns: {enable: true}` (its defaults stay) and refuses
+    # `nameserver: []`; Mirage the same.
+    cfg = parse_config({"dns": {"enable": True, "default-nameserver": ["192.0.2.53"]}})
+    assert cfg.dns.nameserver[0].text == "https://doh.pub/dns-query"
+    assert [ns.host for ns in cfg.dns.default_nameserver] == ["192.0.2.53"]
+    assert any(n.path == "dns.nameserver" and n.kind == "mode" for n in cfg.load_notes)
+    err = error({"dns": {"enable": True, "nameserver": []}})
+    assert err.path == "dns.nameserver"
+    # With the DNS off nothing is asked and nothing is said.
+    off = parse_config({"dns": {"enable": False}})
+    assert off.dns.nameserver == () and not any(
+        n.path.startswith("dns") for n in off.load_notes)
 
 
 SOCKS = {"name": "s", "type": "socks5", "server": "192.0.2.1", "port": 1080}

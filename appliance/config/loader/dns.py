@@ -45,6 +45,12 @@ IGNORED_DNS = (
     "direct-nameserver-follow-policy", "fake-ip-ttl",
 )  # fmt: skip
 
+# mihomo's upstreams when a profile names none (config.go, the RawDNS
+# defaults of ParseRawConfig): `nameserver` and, to find those by name,
+# `default-nameserver` (plain UDP).
+MIHOMO_NAMESERVERS = ("https://doh.pub/dns-query", "tls://223.5.5.5:853")
+MIHOMO_BOOTSTRAP = ("114.114.114.114", "223.5.5.5", "8.8.8.8", "1.0.0.1")
+
 # mihomo's default fake-ip-range6 (used only when dns.ipv6 is on and the key
 # is absent).
 DEFAULT_FAKE_IP_RANGE6 = ipaddress.IPv6Network("fdfe:dcba:9876::/64")
@@ -267,8 +273,27 @@ def _parse_policy(
     return result
 
 
-def parse_dns(sec: Section, top_hosts: dict[str, list[IPAddress]]) -> DnsConfig:
-    """`dns:`, with the top-level `hosts` (`top_hosts`) merged under it."""
+def _mihomo_nameservers(path: str) -> list[tuple[str, Nameserver]]:
+    """MIHOMO_NAMESERVERS in the forms Mirage speaks (parsed quietly: the
+    profile did not write them, so nothing of theirs is reported)."""
+    quiet = LoadContext(None)
+    found = (_nameserver(text, path, quiet) for text in MIHOMO_NAMESERVERS)
+    return [(path, ns) for ns in found if ns is not None]
+
+
+def parse_dns(
+    sec: Section, top_hosts: dict[str, list[IPAddress]], *, present: bool = True
+) -> DnsConfig:
+    """`dns:`, with the top-level `hosts` (`top_hosts`) merged under it.
+
+    `present`: the profile has a `dns:` section. Without one mihomo leaves
+    its DNS off and resolves with the system resolver; a fake-IP gateway
+    cannot (the LAN's names must come back as fake IPs, and the system
+    resolver is the one a poisoning network answers), so Mirage runs its
+    DNS service as `dns: {enable: true}` would in mihomo: fake IPs, and
+    mihomo's default upstreams (MIHOMO_NAMESERVERS, found through
+    MIHOMO_BOOTSTRAP). The same defaults fill a `dns:` that lists no
+    `nameserver` (as mihomo fills it). Both are said at load."""
     ctx = sec.ctx
     d = DnsConfig()
     errors_before = len(ctx.errors)
@@ -300,10 +325,25 @@ def parse_dns(sec: Section, top_hosts: dict[str, list[IPAddress]]) -> DnsConfig:
         "default-nameserver", lambda v, p: _nameserver_list(v, p, ctx, ip_only=True), []
     )
     nameserver_raw = sec.raw("nameserver")
+    mihomo_defaults = enable and nameserver_raw is None
     named = ctx.attempt(lambda: (
-        [] if nameserver_raw is None
+        _mihomo_nameservers(sec.at("nameserver")) if mihomo_defaults
+        else [] if nameserver_raw is None
         else _nameserver_entries(nameserver_raw, sec.at("nameserver"), ctx)
     ), [])  # fmt: skip
+    if mihomo_defaults:
+        using = ", ".join(ns.text for _, ns in named)
+        if not default_ns and sec.raw("default-nameserver") is None:
+            default_ns = [Nameserver("udp", ip, 53, text=ip) for ip in MIHOMO_BOOTSTRAP]
+            using += f" (their names through {', '.join(MIHOMO_BOOTSTRAP)} over plain UDP)"
+        if present:
+            ctx.ignore(sec.at("nameserver"), f"not set: mihomo's defaults are asked: {using}",
+                       kind="mode")
+        else:
+            ctx.ignore("dns", "no dns: section: mihomo would leave its DNS off and use the "
+                       "system resolver; a fake-IP gateway answers the LAN's DNS itself, so "
+                       f"Mirage serves DNS on {listen} with fake IPs from {fake_range} and "
+                       f"asks mihomo's default nameservers: {using}", kind="mode")
     nameservers = [ns for _, ns in named]
     policy = ctx.attempt(lambda: _parse_policy(
         sec.raw("nameserver-policy"), sec.at("nameserver-policy"), ctx, named), [])

@@ -130,7 +130,8 @@ def parse_root(data: Any, ctx: LoadContext) -> Config:
 
     store_fake_ip, store_selected = ctx.attempt(parse_profile, (False, True))
     top_hosts = ctx.attempt(lambda: parse_hosts(root.raw("hosts"), root.at("hosts"), ctx), {})
-    dns = ctx.attempt(lambda: parse_dns(root.section("dns"), top_hosts), d.dns)
+    dns = ctx.attempt(lambda: parse_dns(root.section("dns"), top_hosts,
+                                        present=root.raw("dns") is not None), d.dns)
 
     proxies, skipped = ctx.attempt(
         lambda: parse_proxies(root.raw("proxies"), root.at("proxies"), ctx), ([], {}))
