@@ -209,14 +209,19 @@ class Router:
     def _outbound(self, index: int, ctx: FlowContext) -> Outbound:
         target = self.targets[index]
         if target is None:
-            name, _ = self.rules.target(index, ctx)
+            name, _ = self.rules.target(index, ctx, self._passes_in_list)
             return self.outbounds[name]
         return target
 
+    def _passes_in_list(self, name: str) -> bool:
+        return unwrap(self.outbounds[name]).type == "PassRule"
+
     def _passes(self, index: int, ctx: FlowContext) -> bool:
         """PASS (a rule's target, or the member a group chose) means "not
-        this rule": matching goes on after it, as in mihomo."""
-        return unwrap(self._outbound(index, ctx)).type == "Pass"
+        this rule": matching goes on after it, as in mihomo. PASS-RULE is
+        the same in the main rules; in a sub-rules list it goes on in that
+        list (RuleSet.target), where PASS goes back to the main rules."""
+        return unwrap(self._outbound(index, ctx)).type in ("Pass", "PassRule")
 
     def pick(self, ctx: FlowContext) -> tuple[Outbound, int | None]:
         """The outbound for a TCP flow and the index of the rule that chose
@@ -289,7 +294,7 @@ class Router:
             use = resolved if resolved is not None and switch is not None \
                 and index >= switch else ctx
             target = self._outbound(index, use)
-            if target.carries_udp and unwrap(target).type != "Pass":
+            if target.carries_udp and unwrap(target).type not in ("Pass", "PassRule"):
                 return target, index, skipped
             skipped += 1
             index = self._first(ctx, index + 1, resolved)

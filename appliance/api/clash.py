@@ -34,7 +34,7 @@ PROXY_TYPES = {
     "direct": "Direct", "dns": "Dns",
 }  # fmt: skip
 BUILTIN_TYPES = {"DIRECT": "Direct", "REJECT": "Reject", "REJECT-DROP": "RejectDrop",
-                 "PASS": "Pass", "COMPATIBLE": "Compatible"}
+                 "PASS": "Pass", "PASS-RULE": "PassRule", "COMPATIBLE": "Compatible"}
 GROUP_TYPES = {"select": "Selector", "url-test": "URLTest", "fallback": "Fallback",
                "load-balance": "LoadBalance", "relay": "Relay"}
 # How mihomo's metadata.type shows an inbound type (IN-TYPE's words).

@@ -248,7 +248,7 @@ class Api:
 
         async with trio.open_nursery() as nursery:
             for member in getattr(outbound, "members", ()):
-                if member.name not in ("COMPATIBLE", "PASS", "REJECT", "REJECT-DROP"):
+                if member.name not in ("COMPATIBLE", "PASS", "PASS-RULE", "REJECT", "REJECT-DROP"):
                     nursery.start_soon(one, member)
         return JSONResponse(delays)
 

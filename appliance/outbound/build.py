@@ -139,7 +139,7 @@ class ProxyFactory:
         return self.build(p, via)
 
 
-BUILTINS = ("DIRECT", "REJECT", "REJECT-DROP", "PASS", "COMPATIBLE")
+BUILTINS = ("DIRECT", "REJECT", "REJECT-DROP", "PASS", "PASS-RULE", "COMPATIBLE")
 
 
 def build_outbounds(
@@ -152,7 +152,7 @@ def build_outbounds(
     provided_out: dict[str, list[Outbound]] | None = None,
 ) -> dict[str, Outbound]:
     """Every outbound by name: the built-ins (DIRECT, REJECT, REJECT-DROP,
-    PASS, COMPATIBLE), `proxies`, `proxy-groups` and GLOBAL.
+    PASS, PASS-RULE, COMPATIBLE), `proxies`, `proxy-groups` and GLOBAL.
 
     `resolve` is the upstream resolver's `resolve_ips` (DIRECT, and proxies
     whose server is a name). Proxies and groups are built in dependency
@@ -176,6 +176,7 @@ def build_outbounds(
         "REJECT": RejectOutbound(),
         "REJECT-DROP": RejectDropOutbound(),
         "PASS": PassOutbound(),
+        "PASS-RULE": PassOutbound("PASS-RULE", in_list=True),
         "COMPATIBLE": CompatibleOutbound(direct=direct),
     }
     # Proxies and groups the loader skipped stay rule targets (mihomo would

@@ -133,13 +133,14 @@ class RejectDropOutbound:
 class PassOutbound:
     """PASS: as a rule's target (or a group's current member) it means "not
     this rule, go on matching". Routing never connects through it; asked
-    directly it refuses."""
+    directly it refuses. PASS-RULE (`in_list`) differs only inside a
+    sub-rules list: matching goes on in that list (appliance/routing.py)."""
 
-    type = "Pass"
     carries_udp = False
 
-    def __init__(self, name: str = "PASS") -> None:
+    def __init__(self, name: str = "PASS", *, in_list: bool = False) -> None:
         self.name = name
+        self.type = "PassRule" if in_list else "Pass"
 
     async def connect_tcp(self, host: str | IPAddress, port: int) -> trio.abc.Stream:
         await trio.lowlevel.checkpoint()

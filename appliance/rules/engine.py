@@ -457,6 +457,8 @@ class RuleSet:
         # The first rule that would resolve a name to match (see module doc).
         self.first_resolve: int | None = None
         self._sub_sets: dict[str, RuleSet] = {}
+        # "The rules from i on", for PASS-RULE in a sub-rules list (target).
+        self._tails: dict[int, RuleSet] = {}
         for i, rule in enumerate(self.rules):
             self._add(i, rule, rule.src)
             if not self._destination_only(rule):
@@ -614,16 +616,39 @@ class RuleSet:
                 break
         return None if best == _NONE else best
 
-    def target(self, index: int, ctx: FlowContext) -> tuple[str, Rule]:
+    def match_after(self, ctx: FlowContext, start: int) -> int | None:
+        """Index of the first rule from `start` on matching `ctx`, or None."""
+        if start == 0:
+            return self.match_index(ctx)
+        tail = self._tails.get(start)
+        if tail is None:
+            tail = self._tails[start] = RuleSet(self.rules[start:], self.env)
+        found = tail.match_index(ctx)
+        return None if found is None else start + found
+
+    def target(self, index: int, ctx: FlowContext,
+               passes_in_list: Callable[[str], bool] | None = None) -> tuple[str, Rule]:
         """The outbound name rule `index` sends `ctx` to, and the rule that
         named it (a SUB-RULE hands over to its list: the first matching
-        rule there, recursively)."""
+        rule there, recursively).
+
+        `passes_in_list(name)`: whether that outbound now means PASS-RULE
+        (mihomo: inside a sub-rules list, skip this rule and go on in the
+        same list, where PASS leaves the list). A list with nothing left
+        that matches gives "PASS": its SUB-RULE did not match after all,
+        and the main rules go on."""
         rule = self.rules[index]
         while rule.type == "SUB-RULE":
             sub = self.sub_set(rule.target)
             j = sub.match_index(ctx)
             assert j is not None  # the SUB-RULE matched only if its list did
             rule = sub.rules[j]
+            while passes_in_list is not None and rule.type != "SUB-RULE" \
+                    and passes_in_list(rule.target):
+                found = sub.match_after(ctx, j + 1)
+                if found is None:
+                    return "PASS", rule
+                j, rule = found, sub.rules[found]
         return rule.target, rule
 
     def decided_by_domain(self, index: int | None) -> bool:

@@ -5,6 +5,7 @@ HTTP server."""
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 from functools import partial
 from pathlib import Path
@@ -13,7 +14,7 @@ from typing import Any
 import pytest
 import trio
 
-from appliance.config import ConfigError, parse_config
+from appliance.config import ConfigError, parse_config, parse_rule
 from appliance.config.model import IPAddress, MemberFilter
 from appliance.flow import Flow
 from appliance.outbound.base import OutboundError, UdpPeer
@@ -241,6 +242,34 @@ def test_pass_goes_on_matching() -> None:
     assert (out.name, index) == ("JP 01", 2)
     router.outbounds["S"].select("HK 01")  # type: ignore[attr-defined]
     assert router.pick(flow_context(flow))[0].name == "S"
+
+
+def test_pass_rule_goes_on_in_its_sub_rules_list_where_pass_leaves_it() -> None:
+    # mihomo's PASS-RULE (echs-top's QUIC switch): in the main rules it is
+    # PASS; in a sub-rules list it skips that rule only, where PASS goes
+    # back to the main rules.
+    cfg = parse_config(profile(
+        [{"name": "QUIC", "type": "select", "proxies": ["PASS-RULE", "PASS", "REJECT"]}],
+        rules=["SUB-RULE,(DOMAIN-SUFFIX,example.com),ai", "NETWORK,udp,QUIC",
+               "MATCH,JP 01"],
+        **{"sub-rules": {"ai": ["NETWORK,udp,QUIC", "MATCH,HK 01"],
+                         "only": ["NETWORK,udp,QUIC"]}}))
+    router = Router.from_config(cfg, None)
+    quic = Flow("udp", "tproxy", ipaddress.ip_address("192.168.1.2"), 5000,
+                ipaddress.ip_address("198.18.0.9"), 443, "chat.example.com")
+    other = dataclasses.replace(quic, domain="www.other.test")
+    group = router.outbounds["QUIC"]
+    assert router.pick(flow_context(quic))[0].name == "HK 01"  # on in the list
+    assert router.pick(flow_context(other))[0].name == "JP 01"  # main rules: as PASS
+    group.select("PASS")  # type: ignore[attr-defined]
+    assert router.pick(flow_context(quic))[0].name == "JP 01"  # out of the list
+    group.select("REJECT")  # type: ignore[attr-defined]
+    assert router.pick(flow_context(quic))[0].name == "QUIC"
+    # A list with nothing after the skipped rule: its SUB-RULE did not match.
+    cfg = dataclasses.replace(cfg, rules=(parse_rule("SUB-RULE,(NETWORK,udp),only"),
+                                          parse_rule("MATCH,US 01")))
+    router = Router.from_config(cfg, None)
+    assert router.pick(flow_context(quic))[0].name == "US 01"
 
 
 class Direct(Fake):

@@ -34,7 +34,8 @@ log = logging.getLogger(__name__)
 
 # Targets every profile has (mihomo's built-in outbounds and GLOBAL, its
 # implicit select group of everything).
-BUILTIN_TARGETS = ("DIRECT", "REJECT", "REJECT-DROP", "PASS", "COMPATIBLE", "GLOBAL")
+BUILTIN_TARGETS = ("DIRECT", "REJECT", "REJECT-DROP", "PASS", "PASS-RULE", "COMPATIBLE",
+                   "GLOBAL")
 
 # Options every mihomo outbound takes (BasicOption) and a few per-type keys
 # that only tune transport details Mirage does not have.
