@@ -93,10 +93,6 @@ def parse_protocol_proxy(sec: Section, name: str, ptype: str, spec: ProtocolSpec
     dialer_proxy = sec.get("dialer-proxy", as_nonempty_str, None)
     ip_version = sec.get("ip-version", choice(IP_VERSIONS), "dual")
     tls = parse_tls(sec, spec.tls, spec.sni_key)
-    if tls is not None and tls.reality is not None:
-        # REALITY needs a TLS 1.3 client that sets the session id and checks
-        # the server's temporary certificate; Python's ssl can do neither.
-        raise UnusableProxy("reality-opts (REALITY is not supported)")
     transport = parse_transport(sec, spec.networks) if len(spec.networks) > 1 else None
     options = spec.parse(sec)
     known = (*COMMON_KEYS, *spec.keys,
