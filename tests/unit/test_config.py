@@ -267,7 +267,8 @@ def test_real_world_profile_loads(tmp_path: Path) -> None:
     assert groups["Provided"].use == ("provider1",)
     assert groups["Select"].proxies == ("Auto", "Balance", "Chain", "trojan-1", "DIRECT")
     # include-all: every proxy of the file after the named ones (skipped dropped).
-    assert groups["Global"].proxies == ("Select", "ss-aead", "ss-plugin", "trojan-1", "trojan-ws")
+    assert groups["Global"].proxies == ("Select", "ss-aead", "ss-plugin", "trojan-1", "trojan-ws",
+                                        "vless-1")
     assert groups["Global"].use == ("provider1",)
     assert "proxy-groups[4] (group 'Dead' has no usable member)" in ignored
     assert [r.type for r in cfg.rules] == [
