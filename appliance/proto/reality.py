@@ -31,13 +31,25 @@ import hashlib
 import hmac
 import struct
 import time
+import warnings
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives.asymmetric import ed25519, x25519
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+from cryptography.hazmat.primitives.serialization import (
+    Encoding,
+    PublicFormat,
+    load_der_public_key,
+)
 
-from appliance.proto.tls13 import SESSION_ID_OFFSET, Tls13Client, Tls13Error, hkdf_expand
+from appliance.proto.tls13 import (
+    SESSION_ID_OFFSET,
+    Tls13Client,
+    Tls13Error,
+    certificate_fields,
+    hkdf_expand,
+)
 
 # The client version REALITY servers may bound (min/max-client-ver);
 # mihomo sends 1.8.2.
@@ -90,19 +102,22 @@ def seal_session_id(key: bytes, random: bytes, hello: bytes, short_id: bytes,
 def certificate_proves(der: bytes, key: bytes) -> bool:
     """Whether `der` is REALITY's temporary certificate for `key`."""
     try:
-        cert = x509.load_der_x509_certificate(der)
-        public = cert.public_key()
-    except ValueError:
+        spki, signature = certificate_fields(der)
+        public = load_der_public_key(spki)
+    except (ValueError, UnsupportedAlgorithm):
         return False
     if not isinstance(public, ed25519.Ed25519PublicKey):
         return False
     raw = public.public_bytes(Encoding.Raw, PublicFormat.Raw)
-    return hmac.compare_digest(hmac.new(key, raw, hashlib.sha512).digest(), cert.signature)
+    return hmac.compare_digest(hmac.new(key, raw, hashlib.sha512).digest(), signature)
 
 
 def _describe(der: bytes) -> str:
     try:
-        cert = x509.load_der_x509_certificate(der)
+        with warnings.catch_warnings():
+            # Whatever answered: a serial number out of RFC 5280 is not our concern.
+            warnings.simplefilter("ignore")
+            cert = x509.load_der_x509_certificate(der)
     except ValueError:
         return "a certificate that does not parse"
     return f"a certificate for {cert.subject.rfc4514_string() or 'no subject'}"

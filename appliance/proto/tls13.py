@@ -38,11 +38,11 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from cryptography import x509
-from cryptography.exceptions import InvalidSignature, InvalidTag
+from cryptography.exceptions import InvalidSignature, InvalidTag, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, mlkem, padding, rsa, x25519
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
+from cryptography.hazmat.primitives.serialization import load_der_public_key
 
 # Record content types.
 CHANGE_CIPHER_SPEC = 20
@@ -198,8 +198,16 @@ class KeyShare:
     mlkem: mlkem.MLKEM768PrivateKey | None
 
 
+def grease_values() -> tuple[int, int, int, int]:
+    """Four distinct GREASE values (RFC 8701), as BoringSSL picks per hello."""
+    while True:
+        g = tuple(_grease() for _ in range(4))
+        if len(set(g)) == 4:
+            return g  # type: ignore[return-value]
+
+
 def client_hello(server_name: str | None, alpn: tuple[str, ...], random: bytes,
-                 shares: KeyShare) -> bytes:
+                 shares: KeyShare, grease: tuple[int, int, int, int] | None = None) -> bytes:
     """The ClientHello handshake message, session id zero (32 bytes).
 
     Shaped like Chrome's (BoringSSL): GREASE in suites, groups, key shares,
@@ -207,9 +215,7 @@ def client_hello(server_name: str | None, alpn: tuple[str, ...], random: bytes,
     pre-shuffle order (Chrome shuffles them per connection since 110; here
     the order is fixed). Not mimicked: the padding extension, the
     encrypted_client_hello GREASE, and Chrome's per-connection shuffle."""
-    g = [_grease() for _ in range(4)]
-    while len(set(g)) < 4:
-        g = [_grease() for _ in range(4)]
+    g = grease or grease_values()
     x_pub = shares.x25519.public_key().public_bytes_raw()
     groups = [g[1], X25519, SECP256R1, SECP384R1]
     key_shares = struct.pack("!HH", g[1], 1) + b"\x00"
@@ -280,15 +286,62 @@ class _Reader:
         return out
 
 
-def _verify_signature(leaf: x509.Certificate, scheme: int, signature: bytes,
-                      content: bytes) -> None:
-    key = leaf.public_key()
+def _der_element(data: bytes, pos: int) -> tuple[int, int, int]:
+    """The DER element at `pos`: (tag, start of its content, end)."""
+    if pos + 2 > len(data):
+        raise ValueError("truncated DER")
+    tag, length = data[pos], data[pos + 1]
+    pos += 2
+    if length & 0x80:
+        n = length & 0x7F
+        if not 0 < n <= 4 or pos + n > len(data):
+            raise ValueError("bad DER length")
+        length = int.from_bytes(data[pos:pos + n], "big")
+        pos += n
+    if pos + length > len(data):
+        raise ValueError("truncated DER")
+    return tag, pos, pos + length
+
+
+def certificate_fields(der: bytes) -> tuple[bytes, bytes]:
+    """(subjectPublicKeyInfo DER, signatureValue bits) of an X.509
+    certificate, read from the DER directly: REALITY's temporary
+    certificate has serial number 0, which cryptography's certificate
+    loader warns about (and is to refuse); the key and the signature are
+    all either side needs. ValueError if it is not a certificate."""
+    tag, start, _ = _der_element(der, 0)
+    if tag != 0x30:
+        raise ValueError("not a certificate")
+    tag, tbs, tbs_end = _der_element(der, start)
+    _, _, alg_end = _der_element(der, tbs_end)
+    tag, sig, sig_end = _der_element(der, alg_end)
+    if tag != 0x03 or sig == sig_end:
+        raise ValueError("no signature")
+    pos = tbs
+    fields = []
+    while pos < tbs_end:
+        t, _, e = _der_element(der, pos)
+        fields.append((t, pos, e))
+        pos = e
+    if fields and fields[0][0] == 0xA0:
+        fields = fields[1:]  # [0] version
+    if len(fields) < 6 or fields[5][0] != 0x30:
+        raise ValueError("no subjectPublicKeyInfo")
+    _, spki_start, spki_end = fields[5]
+    return der[spki_start:spki_end], der[sig + 1:sig_end]
+
+
+def _verify_signature(leaf: bytes, scheme: int, signature: bytes, content: bytes) -> None:
+    try:
+        key = load_der_public_key(certificate_fields(leaf)[0])
+    except (ValueError, UnsupportedAlgorithm) as e:
+        raise Tls13Error(f"the server's certificate key does not load: {e}") from None
     try:
         if scheme == 0x0807 and isinstance(key, ed25519.Ed25519PublicKey):
             key.verify(signature, content)
         elif scheme in (0x0403, 0x0503) and isinstance(key, ec.EllipticCurvePublicKey):
-            algo = hashes.SHA256() if scheme == 0x0403 else hashes.SHA384()
-            key.verify(signature, content, ec.ECDSA(algo))
+            ec_algo: hashes.HashAlgorithm = hashes.SHA256() if scheme == 0x0403 else hashes.SHA384()
+            key.verify(signature, content, ec.ECDSA(ec_algo))
         elif scheme in (0x0804, 0x0805, 0x0806) and isinstance(key, rsa.RSAPublicKey):
             algo = {0x0804: hashes.SHA256(), 0x0805: hashes.SHA384(),
                     0x0806: hashes.SHA512()}[scheme]
@@ -309,15 +362,16 @@ class Tls13Client:
     def __init__(self, server_name: str | None, *, alpn: tuple[str, ...] = ("h2", "http/1.1"),
                  pq: bool = False,
                  check_certificate: Callable[[list[bytes]], None] | None = None,
-                 random: bytes | None = None, shares: KeyShare | None = None) -> None:
+                 random: bytes | None = None, shares: KeyShare | None = None,
+                 grease: tuple[int, int, int, int] | None = None) -> None:
         """`check_certificate(chain)` judges the server's DER chain (leaf
         first) and raises Tls13Error to refuse it; None trusts anything.
-        `random` and `shares` fix what is otherwise random (tests)."""
+        `random`, `shares` and `grease` fix what is otherwise random (tests)."""
         self.random = random if random is not None else os.urandom(32)
         self.shares = shares or KeyShare(
             x25519.X25519PrivateKey.generate(),
             mlkem.MLKEM768PrivateKey.generate() if pq else None)
-        self.hello = bytearray(client_hello(server_name, alpn, self.random, self.shares))
+        self.hello = bytearray(client_hello(server_name, alpn, self.random, self.shares, grease))
         self.check_certificate = check_certificate
         self._started = False
         self._in = bytearray()
@@ -361,7 +415,7 @@ class Tls13Client:
         self._out.clear()
         return out
 
-    def receive_data(self, data: bytes) -> None:
+    def receive_data(self, data: bytes | bytearray) -> None:
         self._in += data
 
     def take_unprocessed(self) -> bytes:
@@ -475,8 +529,7 @@ class Tls13Client:
             scheme, signature = r.u16(), r.vec16()
             content = (b" " * 64 + b"TLS 1.3, server CertificateVerify\x00"
                        + self._hash(self._transcript))
-            leaf = x509.load_der_x509_certificate(self.peer_certificates[0])
-            _verify_signature(leaf, scheme, signature, content)
+            _verify_signature(self.peer_certificates[0], scheme, signature, content)
             self._transcript += raw
             self._state = "finished"
         elif kind == FINISHED and state == "finished":
@@ -550,7 +603,7 @@ class Tls13Client:
         if not chain:
             raise Tls13Error("the server sent no certificate")
         try:
-            x509.load_der_x509_certificate(chain[0])
+            certificate_fields(chain[0])
         except ValueError as e:
             raise Tls13Error(f"the server's certificate does not parse: {e}") from None
         self.peer_certificates = chain

@@ -134,8 +134,9 @@ def mihomo_refuses(err: ConfigError) -> bool:
     mihomo decodes a proxy into a Go struct and builds its outbound: a
     missing key ("has unset fields"), a value of a type it cannot convert
     (a string for a bool; a string of digits for a number it converts, as
-    Mirage does), an unknown `type`, an unknown ss `cipher` and a name
-    used twice stop it. Values it never checks before dialling (a port of
+    Mirage does), an unknown `type`, an unknown ss `cipher`, a REALITY
+    `public-key` or `short-id` that does not decode, and a name used twice
+    stop it. Values it never checks before dialling (a port of
     0 or 99999, a server name with a space, a malformed uuid, a `network`
     or `ip-version` it does not know) load there, and the proxy fails when
     used: here that proxy is skipped, with the reason, instead of refusing
@@ -143,6 +144,7 @@ def mihomo_refuses(err: ConfigError) -> bool:
     leaf = err.path.rsplit(".", 1)[-1]
     return (err.reason == "required" or err.reason.startswith("expected ")
             or leaf in ("name", "type", "cipher", *_MIRAGE_PROXY_KEYS)
+            or ".reality-opts." in err.path
             or "duplicate" in err.reason)
 
 
