@@ -69,11 +69,15 @@ TCP_CASES = {23001: "vl-reality", 23002: "vl-reality-pq", 23003: "vl-reality-vis
              23004: "tj-reality"}
 WRONG_CASES = {23005: "vl-wrong-key", 23006: "vl-wrong-sid"}
 
+BIG = 8 << 20
 WEB = f"""
 import http.server, socketserver, ssl, sys, threading
 class H(http.server.BaseHTTPRequestHandler):
     def do_GET(self):
-        body = b"{MARKER} " + str(self.server.server_address[1]).encode()
+        if self.path == "/big":
+            body = b"x" * {BIG}
+        else:
+            body = b"{MARKER} " + str(self.server.server_address[1]).encode()
         self.send_response(200); self.send_header("Content-Length", str(len(body)))
         self.end_headers(); self.wfile.write(body)
     def log_message(self, *a): pass
@@ -186,7 +190,9 @@ def mirage(lab: Lab, server: MihomoServer) -> Iterator[MirageRun]:
     state = lab.state_dir / "reality-mirage-state"
     cfg = lab_config(lab, appliance={"state-dir": str(state)})
     cfg["proxies"] = [*cfg["proxies"], *(_proxy(name) for name in PROXIES)]
-    cases = {**TCP_CASES, **WRONG_CASES}
+    # HTTPS to the cover server's port goes through Vision (inner TLS 1.3:
+    # Vision's switch to the raw connection under REALITY).
+    cases = {**TCP_CASES, **WRONG_CASES, COVER_PORT: "vl-reality-vision"}
     cfg["rules"] = [*(f"DST-PORT,{port},{name}" for port, name in cases.items()),
                     *cfg["rules"]]
     run = MirageRun(lab, cfg, name="reality-mirage")
@@ -235,3 +241,19 @@ def test_wrong_key_or_short_id_fails_fast_with_the_reason(lab: Lab, mirage: Mira
               lambda: mirage.log_text(offset))
     # What answered instead: nginx's certificate (the lab's, for the web names).
     assert "it answered with a certificate for" in mirage.log_text(offset)
+
+
+def test_vision_over_reality_goes_direct_for_https_and_carries_a_big_download(
+        lab: Lab, mirage: MirageRun, server: MihomoServer) -> None:
+    for path, want in (("/", None), ("/big", BIG)):
+        r = lab.exec("client", ["curl", "-sS", "-m", "20", "--cacert", str(lab.ca_path),
+                                "-o", "/dev/stdout" if want is None else "/dev/null",
+                                "-w", "\\n%{size_download}",
+                                f"https://www.alpha.test:{COVER_PORT}{path}"], timeout=30)
+        assert r.returncode == 0, (r.stderr, mirage.log_text()[-2000:])
+        body, size = r.stdout.rsplit("\n", 1)
+        if want is None:
+            assert body == f"{MARKER} {COVER_PORT}"
+        else:
+            assert int(size) == want
+    _wait_log(f"www.alpha.test:{COVER_PORT}", server.log_text)
