@@ -16,7 +16,8 @@ server (a marked TCP connection, or another outbound's tunnel for
   the pin), the pin replaces the chain check: a self-signed server can be
   pinned without trusting anything else.
 - `client-fingerprint` (uTLS ClientHello imitation) has no effect: stdlib
-  ssl sends OpenSSL's ClientHello. The loader says so once at load.
+  ssl sends OpenSSL's ClientHello (REALITY's client sends a Chrome-shaped
+  one). The loader says so once at load.
 - REALITY (`reality-opts`) needs a TLS stack that sets the session ID and
   verifies the server's temporary certificate; stdlib ssl does neither, so
   `TlsClient` hands such a proxy to appliance/outbound/reality.py (its own

@@ -48,7 +48,7 @@ IP_VERSIONS = ("dual", "ipv4", "ipv6", "ipv4-prefer", "ipv6-prefer")
 class UnusableProxy(Exception):
     """Raised by a protocol's `parse` (or the shared layers) for a proxy
     whose options change its wire protocol in a way Mirage does not speak
-    (a legacy header, REALITY, an xtls flow): the loader skips that proxy
+    (a legacy header, an xtls flow): the loader skips that proxy
     and reports `reason` ("a <type> proxy with <reason>"), as it does for a
     type it does not implement."""
 
