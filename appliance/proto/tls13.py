@@ -380,6 +380,7 @@ class Tls13Client:
         self._transcript = b""
         self._state = "server_hello"
         self.suite: CipherSuite | None = None
+        self.group: int | None = None  # the key exchange the server chose
         self._read: RecordProtection | None = None
         self._write: RecordProtection | None = None
         self._app_read_secret = b""
@@ -562,6 +563,7 @@ class Tls13Client:
             raise Tls13Error("the server sent no key share")
         ks = _Reader(exts[51], "key_share")
         group, key = ks.u16(), ks.vec16()
+        self.group = group
         self._shared = self._key_agreement(group, key)
 
     def _key_agreement(self, group: int, key: bytes) -> bytes:

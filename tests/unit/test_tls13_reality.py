@@ -249,3 +249,19 @@ def test_reality_opts_load_and_bad_values_name_the_key() -> None:
             parse_config(_vless({**good, key: value}))
         assert info.value.path == f"proxies[0].reality-opts.{key}"
         assert reason in info.value.reason
+
+
+def test_hybrid_key_share_is_mlkem_secret_then_x25519() -> None:
+    """X25519MLKEM768 (draft-ietf-tls-ecdhe-mlkem): the server's share is
+    the ML-KEM ciphertext then its X25519 key; the secret the ML-KEM one
+    then the X25519 one. (The lab's REALITY cover server has no ML-KEM, and
+    REALITY answers with the cover's group, so end to end it is X25519.)"""
+    client = Tls13Client("t.test", pq=True)
+    assert client.shares.mlkem is not None
+    secret, ciphertext = client.shares.mlkem.public_key().encapsulate()
+    server = x25519.X25519PrivateKey.generate()
+    share = ciphertext + server.public_key().public_bytes_raw()
+    got = client._key_agreement(0x11EC, share)
+    assert got == secret + server.exchange(client.shares.x25519.public_key())
+    with pytest.raises(Tls13Error, match="not offered"):
+        Tls13Client("t.test")._key_agreement(0x11EC, share)
