@@ -14,10 +14,12 @@ arriving. A wrong public key or short id is refused by the REALITY server
 from __future__ import annotations
 
 import base64
+import json
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -68,6 +70,9 @@ PROXIES: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
 TCP_CASES = {23001: "vl-reality", 23002: "vl-reality-pq", 23003: "vl-reality-vision",
              23004: "tj-reality"}
 WRONG_CASES = {23005: "vl-wrong-key", 23006: "vl-wrong-sid"}
+# UDP through REALITY: XUDP on a VLESS connection.
+UDP_CASES = {24001: "vl-reality"}
+ECHO = Path(__file__).resolve().parents[2] / "bench" / "udp_echo.py"
 
 BIG = 8 << 20
 WEB = f"""
@@ -149,7 +154,7 @@ def _proxy(name: str) -> dict[str, Any]:
     tag, extra, reality = PROXIES[name]
     kind, port, _ = INBOUNDS[tag]
     p: dict[str, Any] = {"name": name, "type": kind, "server": SERVER, "port": port,
-                         "client-fingerprint": "chrome",
+                         "client-fingerprint": "chrome", "udp": True,
                          "reality-opts": {"public-key": PUBLIC_B64, "short-id": SHORT_ID,
                                           **reality}, **extra}
     if kind == "vless":
@@ -166,14 +171,19 @@ def far_end(lab: Lab) -> Iterator[None]:
                                  str(tls_dir / "server.key"), f"tls:{COVER_PORT}",
                                  *(str(p) for p in (*TCP_CASES, *WRONG_CASES))],
                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    echo = lab.popen("upstream", [sys.executable, str(ECHO), "--tag", "--max-seconds", "600",
+                                  *(f"{ALPHA}:{p}" for p in UDP_CASES)],
+                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
-        assert web.stdout is not None and web.stdout.readline().strip() == b"ready"
+        for proc in (web, echo):
+            assert proc.stdout is not None and proc.stdout.readline().strip() == b"ready"
         yield
     finally:
-        web.terminate()
-        web.wait(timeout=5)
-        if web.stdout is not None:
-            web.stdout.close()
+        for proc in (web, echo):
+            proc.terminate()
+            proc.wait(timeout=5)
+            if proc.stdout is not None:
+                proc.stdout.close()
 
 
 @pytest.fixture(scope="module")
@@ -192,7 +202,7 @@ def mirage(lab: Lab, server: MihomoServer) -> Iterator[MirageRun]:
     cfg["proxies"] = [*cfg["proxies"], *(_proxy(name) for name in PROXIES)]
     # HTTPS to the cover server's port goes through Vision (inner TLS 1.3:
     # Vision's switch to the raw connection under REALITY).
-    cases = {**TCP_CASES, **WRONG_CASES, COVER_PORT: "vl-reality-vision"}
+    cases = {**TCP_CASES, **WRONG_CASES, **UDP_CASES, COVER_PORT: "vl-reality-vision"}
     cfg["rules"] = [*(f"DST-PORT,{port},{name}" for port, name in cases.items()),
                     *cfg["rules"]]
     run = MirageRun(lab, cfg, name="reality-mirage")
@@ -257,3 +267,34 @@ def test_vision_over_reality_goes_direct_for_https_and_carries_a_big_download(
         else:
             assert int(size) == want
     _wait_log(f"www.alpha.test:{COVER_PORT}", server.log_text)
+
+
+UDP_EXCHANGE = """
+import json, socket, sys
+port = int(sys.argv[1])
+ip = socket.getaddrinfo("www.alpha.test", port, socket.AF_INET, socket.SOCK_DGRAM)[0][4][0]
+c = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); c.settimeout(3)
+c.connect((ip, port))
+replies = []
+for payload in (b"first", b"x" * 1400):
+    c.send(payload)
+    try:
+        replies.append(c.recv(4096).decode())
+    except TimeoutError:
+        replies.append(None)
+print(json.dumps({"ip": ip, "replies": replies}))
+"""
+
+
+@pytest.mark.parametrize("port", list(UDP_CASES), ids=[UDP_CASES[p] for p in UDP_CASES])
+def test_udp_echo_through_reality(lab: Lab, mirage: MirageRun, server: MihomoServer,
+                                  port: int) -> None:
+    r = lab.exec("client", [sys.executable, "-c", UDP_EXCHANGE, str(port)], timeout=30)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["ip"].startswith("198.18.")
+    first, big = out["replies"]
+    assert first and first.startswith("first from="), (out, mirage.log_text()[-600:],
+                                                        server.log_text()[-1500:])
+    assert big and big.startswith("x" * 1400 + " from=")
+    _wait_log(f"www.alpha.test:{port}", server.log_text)
