@@ -93,8 +93,7 @@ def reserved_value(value: Any, path: str) -> bytes:
         try:
             raw = base64.b64decode(value.strip(), validate=True)
         except (binascii.Error, ValueError):
-            raise ConfigError(path, value, "three bytes in base64 or a list of 3 numbers") \
-                from None
+            raise ConfigError(path, value, "three bytes in base64 or a list of 3 numbers") from None
     else:
         raw = bytes(as_int(v, f"{path}[{i}]", 0, 255) for i, v in enumerate(as_list(value, path)))
     if len(raw) != 3:
