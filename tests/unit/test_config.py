@@ -194,7 +194,7 @@ proxies:
      network: ws, ws-opts: {path: /x}}
   - {name: hy1, type: hysteria, server: hy.example.net, port: 443, auth-str: pw}
   - {name: vless-1, type: vless, server: vl.example.net, port: 443, uuid: x, tls: true,
-     reality-opts: {public-key: k}}
+     reality-opts: {public-key: AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA}}
 proxy-groups:
   - {name: Select, type: select, proxies: [Auto, Balance, Chain, trojan-1, DIRECT]}
   - {name: Auto, type: url-test, proxies: [ss-aead, trojan-1, hy1],
@@ -202,7 +202,7 @@ proxy-groups:
   - {name: Balance, type: load-balance, strategy: consistent-hashing,
      proxies: [ss-aead, ss-old], url: 'https://cp.cloudflare.com', interval: 300}
   - {name: Chain, type: relay, proxies: [ss-aead, trojan-1]}
-  - {name: Dead, type: select, proxies: [hy1, vless-1]}
+  - {name: Dead, type: select, proxies: [hy1]}
   - {name: Provided, type: select, use: [provider1]}
   - {name: Global, type: select, include-all: true, proxies: [Select]}
 proxy-providers:
@@ -241,7 +241,8 @@ def test_real_world_profile_loads(tmp_path: Path) -> None:
     assert dict(cfg.dns.hosts) == {"mtalk.google.com": (ipaddress.ip_address("108.177.125.188"),)}
     assert "hosts['services.googleapis.cn'] (domain alias)" in ignored
     assert "x-common (YAML anchor)" in ignored
-    assert [p.name for p in cfg.proxies] == ["ss-aead", "ss-plugin", "trojan-1", "trojan-ws"]
+    assert [p.name for p in cfg.proxies] == ["ss-aead", "ss-plugin", "trojan-1", "trojan-ws",
+                                            "vless-1"]
     trojan = cfg.proxies[2]
     assert trojan.tls_options is not None and trojan.tls_options.skip_cert_verify
     assert trojan.udp and trojan.tls_options.sni == "tj.example.net"
@@ -253,8 +254,9 @@ def test_real_world_profile_loads(tmp_path: Path) -> None:
     assert ("proxies[2] (ss proxy 'ss-old': cipher 'rc4-md5', which is not supported: "
             "insecure (a stream cipher without integrity); use an AEAD or 2022 cipher)"
             in ignored)
-    assert ("proxies[6] (vless proxy 'vless-1': reality-opts (REALITY is not supported))"
-            in ignored)
+    reality = cfg.proxies[4].tls_options
+    assert reality is not None and reality.reality is not None
+    assert reality.reality.public_key == "A" * 43
     groups = {g.name: g for g in cfg.proxy_groups}
     assert (groups["Auto"].type, groups["Auto"].proxies) == ("url-test", ("ss-aead", "trojan-1"))
     assert groups["Balance"].type == "load-balance"
@@ -266,7 +268,8 @@ def test_real_world_profile_loads(tmp_path: Path) -> None:
     assert groups["Provided"].use == ("provider1",)
     assert groups["Select"].proxies == ("Auto", "Balance", "Chain", "trojan-1", "DIRECT")
     # include-all: every proxy of the file after the named ones (skipped dropped).
-    assert groups["Global"].proxies == ("Select", "ss-aead", "ss-plugin", "trojan-1", "trojan-ws")
+    assert groups["Global"].proxies == ("Select", "ss-aead", "ss-plugin", "trojan-1", "trojan-ws",
+                                        "vless-1")
     assert groups["Global"].use == ("provider1",)
     assert "proxy-groups[4] (group 'Dead' has no usable member)" in ignored
     assert [r.type for r in cfg.rules] == [

@@ -356,11 +356,13 @@ async def test_tls_fingerprint_pin_replaces_the_chain_check(
         await _handshake(TlsClient(TlsOptions(fingerprint="00" * 32), "tls.test"), cert, key)
 
 
-def test_reality_is_refused_by_the_layer() -> None:
-    reality = TlsOptions(reality=RealityOptions(public_key="k"))
-    assert unsupported_tls(reality) is not None and unsupported_tls(TlsOptions()) is None
-    with pytest.raises(ValueError, match="REALITY"):
-        TlsClient(reality, "x.test")
+def test_reality_is_carried_by_its_own_client() -> None:
+    reality = TlsOptions(reality=RealityOptions(public_key="A" * 43))
+    assert unsupported_tls(reality) is None and unsupported_tls(TlsOptions()) is None
+    client = TlsClient(reality, "192.0.2.1")
+    # An IP literal as server and no sni: no SNI sent (as Go's TLS).
+    assert client.reality is not None and client.reality.server_name is None
+    assert TlsClient(TlsOptions(), "x.test").reality is None
 
 
 # --- trojan in the profile ----------------------------------------------------
