@@ -25,7 +25,7 @@ a figure worse); the ratio table puts Mirage beside mihomo, with the issue's
 floors: a TCP-transport row >= 0.5x mihomo's MB/s and conn/s, the QUIC rows
 (hysteria2, tuic) >= 0.2x.
 
-`--profile` also records `mirage run` with py-spy during each row's download
+`--profile` also records `mirage run` with py-spy during an extra download per row
 (`.venv/bin/pip install py-spy`) and prints its top functions per row.
 
 Usage: bench/protocols.py [--rows ss-aes,trojan-ws,...] [--rounds 2] [--mbytes 64]
@@ -281,11 +281,14 @@ class Bench(LabBench):
         # not the row's steady state.
         self.run("client", ["curl", "-sf", "-o", "/dev/null", "-m", "10", f"http://{ip}/"])
         print(f"  {gateway:6} {row:12}", end="", flush=True)
-        spy = self.start_profile(pid) if self.args.profile and gateway == "mirage" else None
         c0 = sum(cpu_seconds(pid))
         size, secs = self.download(ip)
         c1 = sum(cpu_seconds(pid))
-        if spy is not None:
+        if self.args.profile and gateway == "mirage":
+            # An extra download of its own: py-spy's sampling slows the
+            # process it samples, so it never runs during a measured one.
+            spy = self.start_profile(pid)
+            self.download(ip)
             self.profiles[row] = self.stop_profile(spy)
         f.mbps = size / secs / 1e6
         f.cpu_mb = (c1 - c0) / (size / 1e6)
@@ -310,11 +313,21 @@ class Bench(LabBench):
                 try:
                     f = self.measure(gateway, pid, row, ip)
                 except BenchError as e:  # one broken row does not hide the others
-                    print(f"  {gateway} {row}: {e}", flush=True)
-                    f = Figures(error=str(e)[:200])
+                    print(f"  {gateway} {row}: {str(e)[-300:]}", flush=True)
+                    f = Figures(error=str(e)[-200:])
+                    self.say_if_exited(gateway)
                 self.figures.setdefault((gateway, row), []).append(f)
         finally:
             self.stop()
+
+    def say_if_exited(self, gateway: str) -> None:
+        """A gateway that died under load: its log tail, and BenchError (the
+        rows after it would only fail to connect)."""
+        run = self.mirage if gateway == "mirage" else self.mihomo
+        proc = None if run is None else (run.proc if isinstance(run, MirageRun) else run._proc)
+        if run is not None and proc is not None and proc.poll() is not None:
+            raise BenchError(f"{gateway} exited ({proc.returncode}) during the row:\n"
+                             f"{run.log_text()[-3000:]}")
 
     # ------------------------------------------------------------ py-spy
 
@@ -420,7 +433,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--mbytes", type=int, default=64, help="download size, MiB")
     ap.add_argument("--seconds", type=int, default=3, help="wrk duration per row")
     ap.add_argument("--requests", type=int, default=100, help="sequential TTFB requests")
-    ap.add_argument("--profile", action="store_true", help="py-spy on mirage per download")
+    ap.add_argument("--profile", action="store_true",
+                    help="py-spy on mirage during an extra download per row")
     args = ap.parse_args(argv)
     unknown = set(args.rows.split(",")) - set(ROWS)
     if unknown:
