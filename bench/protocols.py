@@ -328,6 +328,9 @@ class Bench(LabBench):
         if run is not None and proc is not None and proc.poll() is not None:
             raise BenchError(f"{gateway} exited ({proc.returncode}) during the row:\n"
                              f"{run.log_text()[-3000:]}")
+        if run is not None:
+            tail = run.log_text().splitlines()[-6:]
+            print("  its log's last lines:\n" + "\n".join(f"    {line[:300]}" for line in tail))
 
     # ------------------------------------------------------------ py-spy
 
