@@ -273,8 +273,11 @@ class QuicStream(trio.abc.HalfCloseableStream):
             self.tunnel.wants_writable(self)
             await self._writable.wait()
         await trio.lowlevel.checkpoint()
-        if self._error is not None or self._stopped is not None:
-            raise trio.BrokenResourceError(self._error or self._stopped)
+        # Not for `_stopped`: what was written went out before the server
+        # stopped reading (its answer and STOP_SENDING often come in one
+        # packet, while the writer waits here); the next write fails.
+        if self._error is not None:
+            raise trio.BrokenResourceError(self._error)
 
     async def send_eof(self) -> None:
         await trio.lowlevel.checkpoint()
@@ -523,6 +526,8 @@ class QuicTunnel:
                     self.on_other_stream(event)
             elif isinstance(event, events.StopSendingReceived):
                 stream = self.streams.get(event.stream_id)
+                log.debug("%s: stream %d: STOP_SENDING %#x (ours: %s)", self.name,
+                          event.stream_id, event.error_code, stream is not None)
                 if stream is not None and stream._stopped is None:
                     # The server is done reading (sing-box's hysteria2 does
                     # this once it has answered): our half is reset.

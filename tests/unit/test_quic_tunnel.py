@@ -267,6 +267,8 @@ async def test_a_stream_the_server_stopped_reading_ends_cleanly() -> None:
     server.send_stream_data(stream.stream_id, b"answer", end_stream=True)
     pump(3)
     assert stream._stopped is not None
+    # A writer that was waiting when it came has had its bytes sent: no error.
+    await stream.wait_send_all_might_not_block()
     assert await stream.receive_some() == b"answer"
     assert await stream.receive_some() == b""
     with pytest.raises(trio.BrokenResourceError, match="stopped reading"):
