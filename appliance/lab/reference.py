@@ -105,7 +105,7 @@ class SingBox:
         self.node = node
         self.dir = lab.state_dir / name
         self.log = self.dir / "sing-box.log"
-        self.config = {
+        self.config: dict[str, Any] = {
             "log": {"level": level, "timestamp": False},
             "inbounds": inbounds,
             "outbounds": [{"type": "direct", "tag": "direct"}],

@@ -38,7 +38,7 @@ from appliance.outbound.base import OutboundError
 from appliance.outbound.tls import TlsClient, TlsStream, unsupported_tls
 from appliance.outbound.transport import gun
 from appliance.outbound.transport.chunks import Chunks
-from appliance.outbound.transport.h2 import open_grpc
+from appliance.outbound.transport.h2 import GunPool, open_grpc
 from appliance.outbound.transport.http_obfs import ResponseHeadSkipper, request_head
 from appliance.outbound.transport.ws import (
     WsStream,
@@ -287,6 +287,75 @@ async def test_grpc_call_carries_gun_messages_both_ways_past_the_window() -> Non
         while True:
             got += await stream.receive_some()
     assert got == b"reply-1reply-2"
+
+
+class GunEchoServer:
+    """h2's server side for any number of gun calls on each connection it
+    is given: every message comes back prefixed with `echo:`; a call the
+    client resets is counted."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.resets = 0
+        self.connections = 0
+
+    async def serve(self, stream: trio.abc.Stream) -> None:
+        self.connections += 1
+        conn = h2.connection.H2Connection(
+            h2.config.H2Configuration(client_side=False, header_encoding=None))
+        conn.initiate_connection()
+        decoders: dict[int, gun.GunDecoder] = {}
+        while data := await stream.receive_some():
+            for event in conn.receive_data(data):
+                if isinstance(event, h2.events.RequestReceived):
+                    self.calls += 1
+                    decoders[event.stream_id] = gun.GunDecoder()
+                    conn.send_headers(event.stream_id, [(b":status", b"200"),
+                                                        (b"content-type", b"application/grpc")])
+                elif isinstance(event, h2.events.DataReceived):
+                    conn.acknowledge_received_data(event.flow_controlled_length,
+                                                   event.stream_id)
+                    for message in decoders[event.stream_id].feed(event.data):
+                        conn.send_data(event.stream_id, gun.encode(b"echo:" + message))
+                elif isinstance(event, h2.events.StreamReset):
+                    self.resets += 1
+            await stream.send_all(conn.data_to_send())
+
+
+async def test_gun_pool_carries_many_calls_on_one_connection() -> None:
+    server = GunEchoServer()
+    pool = GunPool(GrpcOptions(service_name="Svc"), "g.test", tls=True)
+    async with trio.open_nursery() as nursery:
+
+        async def dial() -> trio.abc.Stream:
+            client_end, server_end = memory_stream_pair()
+            nursery.start_soon(server.serve, server_end)
+            return client_end
+
+        first = await pool.open(dial)
+        second = await pool.open(dial)
+        # Both at once: each call gets its own answers, whoever reads.
+        await first.send_all(b"one")
+        await second.send_all(b"two")
+        assert await second.receive_some() == b"echo:two"
+        assert await first.receive_some() == b"echo:one"
+        await first.aclose()
+        third = await pool.open(dial)
+        await third.send_all(b"three")
+        assert await third.receive_some() == b"echo:three"
+        # The first call was reset (it went out before the third's request).
+        assert (server.connections, server.calls, server.resets) == (1, 3, 1)
+        await second.aclose()
+        await third.aclose()
+        # A broken connection is not reused: the next call dials anew.
+        conn = first.h2
+        await conn.aclose()
+        fourth = await pool.open(dial)
+        assert fourth.h2 is not conn and server.connections == 2
+        await fourth.send_all(b"four")
+        assert await fourth.receive_some() == b"echo:four"
+        await fourth.aclose()
+        nursery.cancel_scope.cancel()
 
 
 # --- TLS ----------------------------------------------------------------------
