@@ -25,7 +25,8 @@ a figure worse); the ratio table puts Mirage beside mihomo, with the issue's
 floors: a TCP-transport row >= 0.5x mihomo's MB/s and conn/s, the QUIC rows
 (hysteria2, tuic) >= 0.2x.
 
-`--profile` also records `mirage run` with py-spy during an extra download per row
+`--profile` also records `mirage run` with py-spy during an extra download and an
+extra wrk run per row
 (`.venv/bin/pip install py-spy`) and prints its top functions per row.
 
 Usage: bench/protocols.py [--rows ss-aes,trojan-ws,...] [--rounds 2] [--mbytes 64]
@@ -289,7 +290,7 @@ class Bench(LabBench):
             # process it samples, so it never runs during a measured one.
             spy = self.start_profile(pid)
             self.download(ip)
-            self.profiles[row] = self.stop_profile(spy)
+            self.profiles[f"{row} download"] = self.stop_profile(spy)
         f.mbps = size / secs / 1e6
         f.cpu_mb = (c1 - c0) / (size / 1e6)
         print(f" {f.mbps:8.1f} MB/s", end="", flush=True)
@@ -298,6 +299,10 @@ class Bench(LabBench):
         c1 = sum(cpu_seconds(pid))
         if f.conns:
             f.cpu_conn = (c1 - c0) / (f.conns * self.args.seconds)
+        if self.args.profile and gateway == "mirage":
+            spy = self.start_profile(pid)
+            self.wrk(ip, self.args.seconds)
+            self.profiles[f"{row} conn/s"] = self.stop_profile(spy)
         print(f" {f.conns:8,.0f} conn/s", end="", flush=True)
         out = self.run("client", [sys.executable, "-c", TTFB_CLIENT, ip, "80",
                                   str(self.args.requests), "5", TARGET], timeout=120)
@@ -402,7 +407,7 @@ class Bench(LabBench):
                 verdict = f"  >= {floor}x: {'PASS' if ok else 'MISS'}"
             print(f"{row:13}{cells}{verdict}")
         for row, lines in self.profiles.items():
-            print(f"\npy-spy, mirage during the {row} download (own samples, share):")
+            print(f"\npy-spy, mirage during an extra {row} run (own samples, share):")
             for line in lines:
                 print(f"  {line}")
         return 1 if missed else 0
@@ -413,19 +418,30 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 
 
 def top_functions(raw: str, n: int = 12) -> list[str]:
-    """The `n` leaf functions with the most samples in py-spy's raw
-    (collapsed-stack) output, with their share."""
+    """From py-spy's raw (collapsed-stack) output: the `n` leaf functions
+    with the most samples ("own"), then the `n` functions of Mirage itself
+    (appliance/) on the most stacks ("incl"), each with its share."""
     own: dict[str, int] = {}
+    incl: dict[str, int] = {}
     total = 0
     for line in raw.splitlines():
         stack, _, count = line.rpartition(" ")
         if not stack or not count.isdigit():
             continue
         total += int(count)
-        leaf = stack.rsplit(";", 1)[-1]
-        own[leaf] = own.get(leaf, 0) + int(count)
-    ranked = sorted(own.items(), key=lambda kv: -kv[1])[:n]
-    return [f"{c / total:6.1%}  {name}" for name, c in ranked] if total else []
+        frames = stack.split(";")
+        own[frames[-1]] = own.get(frames[-1], 0) + int(count)
+        for frame in set(frames):
+            if "appliance/" in frame:
+                incl[frame] = incl.get(frame, 0) + int(count)
+    if not total:
+        return []
+
+    def ranked(d: dict[str, int], kind: str) -> list[str]:
+        top = sorted(d.items(), key=lambda kv: -kv[1])[:n]
+        return [f"{kind} {c / total:6.1%}  {name}" for name, c in top]
+
+    return ranked(own, "own ") + ranked(incl, "incl")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -437,7 +453,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seconds", type=int, default=3, help="wrk duration per row")
     ap.add_argument("--requests", type=int, default=100, help="sequential TTFB requests")
     ap.add_argument("--profile", action="store_true",
-                    help="py-spy on mirage during an extra download per row")
+                    help="py-spy on mirage during an extra download and wrk run per row")
     args = ap.parse_args(argv)
     unknown = set(args.rows.split(",")) - set(ROWS)
     if unknown:

@@ -345,8 +345,8 @@ class GunPool:
         self._lock = trio.Lock()
 
     async def open(self, dial: Callable[[], Awaitable[trio.abc.Stream]]) -> H2Stream:
-        """A new call; `dial` opens a connection to the server (TLS on it)
-        when one is needed. BrokenResourceError if the call cannot be sent."""
+        """A new call (sent with its first `send_all`); `dial` opens a
+        connection to the server (TLS on it) when one is needed."""
         conn = self._conn
         if conn is None or not conn.reusable:
             async with self._lock:
@@ -356,13 +356,9 @@ class GunPool:
                         await conn.aclose()
                     conn = H2Conn(await dial(), shared=True)
                     self._conn = conn
-        stream = conn.open_stream(self.headers, grpc=True)
-        try:
-            await conn.flush()
-        except BaseException:
-            await stream.aclose()
-            raise
-        return stream
+        # Not flushed here: the HEADERS go out with the protocol's request
+        # (the flow's first send_all), one TLS record and one send for both.
+        return conn.open_stream(self.headers, grpc=True)
 
 
 def _grpc_error(headers: dict[bytes, bytes]) -> str:
