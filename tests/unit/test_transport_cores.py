@@ -41,6 +41,10 @@ from appliance.outbound.transport.chunks import Chunks
 from appliance.outbound.transport.h2 import GunPool, open_grpc
 from appliance.outbound.transport.http_obfs import ResponseHeadSkipper, request_head
 from appliance.outbound.transport.ws import (
+    OP_CLOSE,
+    OP_PING,
+    ServerFrames,
+    WsFrameError,
     WsStream,
     early_data_plan,
     open_http_upgrade,
@@ -197,6 +201,52 @@ async def test_ws_refused_upgrade_is_a_broken_stream() -> None:
         nursery.start_soon(refuse)
         with pytest.raises(trio.BrokenResourceError, match="404"):
             await ws.send_all(b"x")
+
+
+def _server_frames() -> tuple[bytes, bytes]:
+    """Frames a wsproto server sends after the upgrade: messages (one
+    fragmented, one text, one 70,000 bytes: a 64-bit length), a ping and a
+    close; and the data they carry."""
+    from wsproto.frame_protocol import FrameProtocol
+
+    proto = FrameProtocol(client=False, extensions=[])
+    big = bytes(range(256)) * 274
+    wire = (proto.send_data(b"frag-", fin=False) + proto.send_data(b"ment", fin=True)
+            + proto.ping(b"p1") + proto.send_data("text", fin=True)
+            + proto.send_data(big, fin=True) + proto.send_data(b"", fin=True)
+            + proto.close(1000, "bye"))
+    return wire, b"frag-ment" + b"text" + big
+
+
+def test_server_frames_at_every_split() -> None:
+    wire, want = _server_frames()
+    for cut in [*range(0, 40), len(wire) // 2, len(wire) - 3]:
+        frames = ServerFrames()
+        payloads, controls = frames.feed(wire[:cut])
+        more, more_controls = frames.feed(wire[cut:])
+        assert b"".join(payloads + more) == want
+        assert [op for op, _ in controls + more_controls] == [OP_PING, OP_CLOSE]
+        assert (controls + more_controls)[0] == (OP_PING, b"p1")
+
+
+def test_server_frames_refuse_what_a_server_must_not_send() -> None:
+    from wsproto.frame_protocol import FrameProtocol
+
+    masked = FrameProtocol(client=True, extensions=[]).send_data(b"x", fin=True)
+    for bad, why in ((masked, "masked"), (b"\xc2\x00", "RSV"), (b"\x83\x00", "reserved"),
+                     (b"\x09\x00", "fragmented"), (b"\x89\x7e\x00\x80", "125")):
+        with pytest.raises(WsFrameError, match=why):
+            ServerFrames().feed(bad)
+
+
+@given(st.lists(st.binary(max_size=64), max_size=8))
+def test_server_frames_fail_only_with_their_error(chunks: list[bytes]) -> None:
+    frames = ServerFrames()
+    try:
+        for chunk in chunks:
+            frames.feed(chunk)
+    except WsFrameError:
+        pass
 
 
 async def test_http_upgrade_replays_bytes_after_the_101() -> None:
