@@ -17,6 +17,7 @@ import h2.connection
 import h2.events
 import pytest
 import trio
+from hyperframe.frame import DataFrame
 from hypothesis import given
 from hypothesis import strategies as st
 from trio.testing import memory_stream_pair
@@ -218,6 +219,11 @@ def _server_frames() -> tuple[bytes, bytes]:
     return wire, b"frag-ment" + b"text" + big
 
 
+def test_a_data_frames_repr_does_not_encode_its_payload() -> None:
+    # h2 builds it for every frame received (see transport/h2.py).
+    assert repr(DataFrame(1, data=b"x" * 20000)).endswith("<20000 bytes>")
+
+
 def test_server_frames_at_every_split() -> None:
     wire, want = _server_frames()
     for cut in [*range(0, 40), len(wire) // 2, len(wire) - 3]:
@@ -348,12 +354,14 @@ class GunEchoServer:
         self.calls = 0
         self.resets = 0
         self.connections = 0
+        self.conns: list[h2.connection.H2Connection] = []
 
     async def serve(self, stream: trio.abc.Stream) -> None:
         self.connections += 1
         conn = h2.connection.H2Connection(
             h2.config.H2Configuration(client_side=False, header_encoding=None))
         conn.initiate_connection()
+        self.conns.append(conn)
         decoders: dict[int, gun.GunDecoder] = {}
         while data := await stream.receive_some():
             for event in conn.receive_data(data):
@@ -389,6 +397,8 @@ async def test_gun_pool_carries_many_calls_on_one_connection() -> None:
         await second.send_all(b"two")
         assert await second.receive_some() == b"echo:two"
         assert await first.receive_some() == b"echo:one"
+        # The server may send DATA frames of 64 KiB (fewer frames to parse).
+        assert server.conns[0].max_outbound_frame_size == 1 << 16
         await first.aclose()
         third = await pool.open(dial)
         await third.send_all(b"three")
