@@ -380,6 +380,26 @@ class GunEchoServer:
             await stream.send_all(conn.data_to_send())
 
 
+async def test_a_large_frame_in_the_read_that_acknowledges_our_settings() -> None:
+    """The server's SETTINGS ACK and a 32 KiB DATA frame (allowed by our
+    SETTINGS_MAX_FRAME_SIZE) in one read."""
+    client_end, server_end = memory_stream_pair()
+    stream = await open_grpc(client_end, GrpcOptions(service_name="Svc"), "g.test", tls=True)
+    server = h2.connection.H2Connection(
+        h2.config.H2Configuration(client_side=False, header_encoding=None))
+    server.initiate_connection()
+    server.receive_data(await server_end.receive_some())
+    server.send_headers(1, [(b":status", b"200")])
+    payload = bytes(range(256)) * 128
+    server.send_data(1, gun.encode(payload))
+    assert server.max_outbound_frame_size == 1 << 16
+    await server_end.send_all(server.data_to_send())
+    got = b""
+    while len(got) < len(payload):
+        got += await stream.receive_some()
+    assert got == payload
+
+
 async def test_gun_pool_carries_many_calls_on_one_connection() -> None:
     server = GunEchoServer()
     pool = GunPool(GrpcOptions(service_name="Svc"), "g.test", tls=True)

@@ -112,6 +112,11 @@ class H2Conn:
         self.conn.update_settings({SettingCodes.INITIAL_WINDOW_SIZE: WINDOW,
                                    SettingCodes.MAX_FRAME_SIZE: MAX_FRAME,
                                    SettingCodes.ENABLE_PUSH: 0})
+        # Taken from now on, not only once the server acknowledged it: h2
+        # checks a read's frames against the size in force when the read
+        # began, and the server's ACK and its first large frame can come
+        # in one read.
+        self.conn.max_inbound_frame_size = MAX_FRAME
         self.conn.increment_flow_control_window(WINDOW - 65535)
         self.streams: dict[int, H2Stream] = {}
         # Why the connection is unusable (None: it is usable).
