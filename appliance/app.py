@@ -29,11 +29,11 @@ from __future__ import annotations
 import gc
 import logging
 import os
-import resource
 import signal
 import time
 from collections.abc import Callable
 from dataclasses import fields, replace
+from itertools import chain
 from typing import Any
 
 import trio
@@ -63,6 +63,7 @@ from appliance.geodata import Geodata
 from appliance.geodata.update import GeodataFiles, needed
 from appliance.limits import ConcurrencyLimit, FairShares, RateLimit, total_flows
 from appliance.names import DomainMatcher
+from appliance.outbound import wgdevice, wireguard
 from appliance.outbound.base import Outbound, Resolve
 from appliance.outbound.groups import groups_in
 from appliance.outbound.health import DelayHistory, HealthChecks
@@ -171,6 +172,11 @@ class Appliance:
         if providers is not None:
             providers.attach(router.outbounds, provided_out)
         self.health.watch(groups_in(router.outbounds).values())
+        if self._nursery is not None:
+            # WireGuard proxies' interfaces up now rather than on their first
+            # flow; those no proxy names any more go.
+            self._nursery.start_soon(wireguard.prepare_all, [
+                *router.outbounds.values(), *chain.from_iterable(provided_out.values())])
         return router
 
     def open_providers(self, cfg: Config) -> ProxyProviders:
@@ -244,6 +250,8 @@ class Appliance:
                 # Signals first: a SIGTERM during startup still unwinds cleanly.
                 await nursery.start(self._handle_signals, nursery.cancel_scope)
                 self._nursery = nursery
+                # Before any proxy's interface is made: a killed run's go.
+                await trio.to_thread.run_sync(wgdevice.remove_leftovers)
                 await nursery.start(self.health.serve)
                 self.providers = self.open_providers(cfg)
                 dispatcher = self.dispatcher = Dispatcher(
@@ -286,6 +294,8 @@ class Appliance:
                 # SIGTERM during startup: every service has unwound, a clean stop.
                 task_status.started()
         finally:
+            # No flow is left to use them (the nursery has exited).
+            wgdevice.DEVICES.close()
             # After the flusher's final flush (the nursery has exited).
             if self.store is not None:
                 self.store.close()
@@ -577,7 +587,7 @@ def build_fair_shares(cfg: Config) -> FairShares:
     lim = cfg.appliance.limits
     total = lim.flows_total
     if total is None:
-        total = total_flows(_memory_bytes(), _raise_descriptor_limit())
+        total = total_flows(_memory_bytes(), privileges.raise_descriptor_limit())
     flows_per_client = min(lim.flows_per_client, max(1, total // 2))
     if flows_per_client < lim.flows_per_client:
         log.info("appliance.limits: %d flows per client (half of the %d this machine allows "
@@ -589,26 +599,6 @@ def build_fair_shares(cfg: Config) -> FairShares:
         dns_tcp=ConcurrencyLimit(lim.dns_tcp_per_client, dns_server.MAX_TCP_CONNECTIONS),
         fake_ip=RateLimit(lim.fake_ip_rate_per_client, lim.fake_ip_burst_per_client),
     )
-
-
-# Raise the soft descriptor limit at most this far (an unlimited hard limit
-# does not make memory for a million flows).
-MAX_DESCRIPTORS = 1 << 20
-
-
-def _raise_descriptor_limit() -> int:
-    """The soft RLIMIT_NOFILE after raising it to the hard limit."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    want = MAX_DESCRIPTORS if hard == resource.RLIM_INFINITY else min(hard, MAX_DESCRIPTORS)
-    if soft == resource.RLIM_INFINITY:
-        return MAX_DESCRIPTORS
-    if soft < want:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
-            soft = want
-        except (OSError, ValueError) as err:
-            log.warning("could not raise the open-file limit from %d to %d: %s", soft, want, err)
-    return soft
 
 
 def _memory_bytes() -> int:

@@ -54,7 +54,7 @@ from appliance.metrics import CONNECT_SECONDS
 from appliance.outbound.base import Outbound, Resolve, UdpPeer, outbound_deadline
 from appliance.outbound.build import BuildError, build_outbounds
 from appliance.outbound.direct import DirectOutbound
-from appliance.outbound.groups import FLOW_SOURCE, unwrap
+from appliance.outbound.groups import FLOW_PICKS, FLOW_SOURCE, unwrap
 from appliance.outbound.preconnect import MAX_IDLE as PRECONNECT_MAX_IDLE
 from appliance.outbound.preconnect import Preconnect
 from appliance.rules.engine import EMPTY_ENV, FlowContext, RuleEnv, RuleSet
@@ -62,9 +62,6 @@ from appliance.rules.engine import EMPTY_ENV, FlowContext, RuleEnv, RuleSet
 log = logging.getLogger(__name__)
 
 
-# mihomo's inbound type names (IN-TYPE) for Mirage's listeners; a mixed port
-# does not record which protocol the client spoke.
-_IN_TYPES = {"tproxy": "TPROXY", "socks": "SOCKS5", "http": "HTTP", "mixed": ""}
 # How long a name's address resolved for IP rules is kept, at most.
 RESOLVE_MAX_TTL = 300.0
 RESOLVE_TIMEOUT = 5.0
@@ -75,9 +72,13 @@ def flow_context(flow: Flow) -> FlowContext:
     from a flow. A flow known by name carries no destination address: its
     destination is a fake IP, which says nothing (rules/engine.py)."""
     domain = flow.domain
+    entry = flow.entry
+    if entry is None:
+        return FlowContext(domain, None if domain is not None else flow.dst, flow.dst_port,
+                           flow.src, flow.network, flow.src_port)
     return FlowContext(domain, None if domain is not None else flow.dst, flow.dst_port,
-                       flow.src, flow.network, flow.src_port,
-                       in_type=_IN_TYPES.get(flow.inbound, ""))
+                       flow.src, flow.network, flow.src_port, in_type=entry.type,
+                       in_port=entry.port, in_user=entry.user, in_name=entry.name)
 
 
 class NameAddresses:
@@ -117,9 +118,11 @@ class NameAddresses:
 
 
 def chain(outbound: Outbound) -> tuple[str, ...]:
-    """The outbounds a flow sent to `outbound` goes through now, the last
-    one first (mihomo's `chains`): a group's member in use (`current()`),
-    then that one's, up to a proxy. Bounded: a
+    """The outbounds a flow sent to `outbound` would go through now, the
+    last one first (mihomo's `chains`): a group's member in use
+    (`current()`), then that one's, up to a proxy. The dispatcher replaces
+    it with the members the groups really took once the flow connected
+    (`FLOW_PICKS`). Bounded: a
     group cannot contain itself (the loader refuses cycles), and the walk
     stops after 32 hops regardless."""
     names = [outbound.name]
@@ -339,12 +342,17 @@ class Dispatcher:
         if index is not None:
             flow.rule = router.rules.rules[index]
         token = FLOW_SOURCE.set(flow.src)
+        picks: list[str] = []
+        picks_token = FLOW_PICKS.set(picks)
         started = time.perf_counter()
         try:
             stream = await outbound.connect_tcp(flow.host, flow.dst_port)
         finally:
             FLOW_SOURCE.reset(token)
+            FLOW_PICKS.reset(picks_token)
             CONNECT_SECONDS.labels(outbound.name).observe(time.perf_counter() - started)
+        if picks:
+            flow.chains = (*picks, outbound.name)
         if self.offload is not None and flow.inbound == "tproxy" and flow.domain is not None \
                 and router.rules.decided_by_domain(index):
             self._offer_offload(outbound, flow)
@@ -374,12 +382,18 @@ class Dispatcher:
             flow.rule = router.rules.rules[index]
         host = flow.host
         token = FLOW_SOURCE.set(flow.src)
+        picks: list[str] = []
+        picks_token = FLOW_PICKS.set(picks)
         try:
             with outbound_deadline(self.connect_timeout,
                                    f"{outbound.name} udp {host}:{flow.dst_port}"):
-                return await outbound.open_udp(host, flow.dst_port)
+                peer = await outbound.open_udp(host, flow.dst_port)
         finally:
             FLOW_SOURCE.reset(token)
+            FLOW_PICKS.reset(picks_token)
+        if picks:
+            flow.chains = (*picks, outbound.name)
+        return peer
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
                     ) -> None:

@@ -23,6 +23,7 @@ from typing import Any
 from dnslib import QTYPE, DNSRecord
 
 from appliance.config.model import Config, ProxyConfig
+from appliance.rules.names import rule_payload, rule_type
 
 # mihomo's adapter type names (constant/adapters.go), by profile `type`.
 PROXY_TYPES = {
@@ -36,33 +37,8 @@ BUILTIN_TYPES = {"DIRECT": "Direct", "REJECT": "Reject", "REJECT-DROP": "RejectD
                  "PASS": "Pass", "COMPATIBLE": "Compatible"}
 GROUP_TYPES = {"select": "Selector", "url-test": "URLTest", "fallback": "Fallback",
                "load-balance": "LoadBalance", "relay": "Relay"}
-# Which listener took a flow, as mihomo's metadata.type names inbounds.
-# (a proxy port's flow carries the protocol its client spoke instead).
-INBOUND_TYPES = {"tproxy": "TProxy", "mixed": "Socks5", "socks": "Socks5", "http": "HTTP"}
-INBOUND_NAMES = {"tproxy": "DEFAULT-TPROXY", "mixed": "DEFAULT-MIXED",
-                 "socks": "DEFAULT-SOCKS", "http": "DEFAULT-HTTP"}
-
-
-# mihomo's rule type names (constant/rule.go RuleType.String), by profile keyword.
-RULE_TYPES = {
-    "DOMAIN": "Domain", "DOMAIN-SUFFIX": "DomainSuffix", "DOMAIN-KEYWORD": "DomainKeyword",
-    "DOMAIN-REGEX": "DomainRegex", "GEOSITE": "GeoSite", "GEOIP": "GeoIP",
-    "SRC-GEOIP": "SrcGeoIP", "IP-ASN": "IPASN", "SRC-IP-ASN": "SrcIPASN",
-    "IP-CIDR": "IPCIDR", "IP-CIDR6": "IPCIDR", "SRC-IP-CIDR": "SrcIPCIDR",
-    "IP-SUFFIX": "IPSuffix", "SRC-IP-SUFFIX": "SrcIPSuffix", "SRC-PORT": "SrcPort",
-    "DST-PORT": "DstPort", "IN-PORT": "InPort", "IN-USER": "InUser", "IN-NAME": "InName",
-    "IN-TYPE": "InType", "PROCESS-NAME": "ProcessName", "PROCESS-PATH": "ProcessPath",
-    "PROCESS-NAME-REGEX": "ProcessNameRegex", "PROCESS-PATH-REGEX": "ProcessPathRegex",
-    "MATCH": "Match", "RULE-SET": "RuleSet", "NETWORK": "Network", "DSCP": "DSCP",
-    "UID": "Uid", "SUB-RULE": "SubRules", "AND": "AND", "OR": "OR", "NOT": "NOT",
-}  # fmt: skip
-
-
-def rule_type(keyword: str) -> str:
-    """A profile's rule keyword as mihomo's API names the type."""
-    if keyword in RULE_TYPES:
-        return RULE_TYPES[keyword]
-    return "".join(part.title() for part in keyword.split("-"))
+# How mihomo's metadata.type shows an inbound type (IN-TYPE's words).
+INBOUND_TYPES = {"TPROXY": "TProxy", "SOCKS5": "Socks5", "HTTP": "HTTP", "HTTPS": "HTTPS"}
 
 
 def rfc3339(seconds: float) -> str:
@@ -179,16 +155,16 @@ def connection_doc(row: Mapping[str, Any]) -> dict[str, Any]:
         "id": str(row["id"]),
         "metadata": {
             "network": network,
-            "type": row.get("protocol") or INBOUND_TYPES.get(str(row.get("inbound", "tproxy")),
-                                                             "TProxy"),
+            "type": INBOUND_TYPES.get(str(row.get("in_type", "TPROXY")), "TProxy"),
             "sourceIP": src_ip, "destinationIP": "" if domain else dst_ip,
             "sourceGeoIP": None, "destinationGeoIP": None,
             "sourceIPASN": "", "destinationIPASN": "",
             "sourcePort": str(row.get("src_port", 0)),
             "destinationPort": str(row.get("dst_port", 0)),
-            "inboundIP": "", "inboundPort": "0",
-            "inboundName": INBOUND_NAMES.get(str(row.get("inbound", "")), ""),
-            "inboundUser": "", "host": domain, "dnsMode": "fake-ip" if domain else "normal",
+            "inboundIP": "", "inboundPort": str(row.get("in_port", 0)),
+            "inboundName": str(row.get("in_name", "")),
+            "inboundUser": str(row.get("in_user", "")), "host": domain,
+            "dnsMode": "fake-ip" if domain else "normal",
             "uid": 0, "process": "", "processPath": "", "specialProxy": "",
             "specialRules": "", "remoteDestination": dst_ip, "dscp": 0, "sniffHost": "",
             "rematchName": "",
@@ -261,7 +237,8 @@ def configs_doc(cfg: Config, mode: str) -> dict[str, Any]:
 def rules_doc(cfg: Config) -> dict[str, Any]:
     """GET /rules (hub/route/rules.go)."""
     return {"rules": [
-        {"index": i, "type": rule_type(r.type), "payload": r.value, "proxy": r.target, "size": -1,
+        {"index": i, "type": rule_type(r.type), "payload": rule_payload(r), "proxy": r.target,
+         "size": -1,
          "extra": {"disabled": False, "hitCount": 0, "hitAt": "", "missCount": 0,
                    "missAt": ""}}
         for i, r in enumerate(cfg.rules)

@@ -99,7 +99,11 @@ def profile(mixed: int, api: int, held: Held) -> dict[str, Any]:
                      "port": held.hold_port}],
         "proxy-groups": [{"name": "Proxy", "type": "select",
                           "proxies": ["DIRECT", "far-socks"]}],
-        "rules": ["IP-CIDR,127.0.0.0/8,DIRECT,no-resolve", "MATCH,Proxy"],
+        "rules": ["IP-CIDR,127.0.0.0/8,DIRECT,no-resolve",
+                  # Logic rules' payloads are rebuilt by mihomo from their parts.
+                  "AND,((DOMAIN-SUFFIX,and.test),(DST-PORT,443)),DIRECT",
+                  "OR,((DOMAIN,or1.test),(DOMAIN-KEYWORD,or2)),Proxy",
+                  "NOT,((NETWORK,tcp)),DIRECT", "MATCH,Proxy"],
     }
 
 
@@ -334,6 +338,10 @@ def test_live_connections_look_alike_and_close(pair: Pair) -> None:
     for key in ("network", "type", "sourceIP", "destinationIP", "destinationPort", "host",
                 "inboundName"):
         assert mine["metadata"][key] == theirs["metadata"][key], key
+    # The listener's own port (IN-PORT): each side's mixed port.
+    for name, side in pair.sides.items():
+        metadata = docs[name]["connections"][0]["metadata"]
+        assert metadata["inboundPort"] == str(side.mixed), name
     # DELETE by id ends the flow: the client sees the close.
     for name, side in pair.sides.items():
         flow_id = docs[name]["connections"][0]["id"]

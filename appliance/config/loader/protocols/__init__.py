@@ -132,6 +132,7 @@ from appliance.config.loader.protocols import (  # noqa: E402
     tuic,
     vless,
     vmess,
+    wireguard,
 )
 
 PROTOCOLS["vmess"] = vmess.SPEC
@@ -140,3 +141,4 @@ PROTOCOLS["trojan"] = trojan.SPEC
 PROTOCOLS["ss"] = shadowsocks.SPEC
 PROTOCOLS["hysteria2"] = hysteria2.SPEC
 PROTOCOLS["tuic"] = tuic.SPEC
+PROTOCOLS["wireguard"] = wireguard.SPEC
