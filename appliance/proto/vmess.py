@@ -129,7 +129,7 @@ def kdf(key: bytes, *path: bytes) -> bytes:
     about ten of these; the pads by table and the root level in C took
     them from ~260-630 to ~70 us per connection (a loop over one
     connection's calls)."""
-    fn = _kdf_root
+    fn: Callable[[bytes], bytes] = _kdf_root
     for value in path:
         fn = _hmac_over(fn, value)
     return fn(key)
