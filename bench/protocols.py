@@ -29,8 +29,12 @@ floors: a TCP-transport row >= 0.5x mihomo's MB/s and conn/s, the QUIC rows
 extra wrk run per row
 (`.venv/bin/pip install py-spy`) and prints its top functions per row.
 
+`--cpu N` pins both gateways, every thread, to CPU N (taskset): one core
+each, the same for both, so that Mirage's one thread meets mihomo's
+runtime on equal terms on a shared machine.
+
 Usage: bench/protocols.py [--rows ss-aes,trojan-ws,...] [--rounds 2] [--mbytes 64]
-                          [--seconds 3] [--requests 100] [--profile]
+                          [--seconds 3] [--requests 100] [--cpu N] [--profile]
 Exit status: 0 every floor met, 1 a floor missed, 2 setup failed, 130 interrupted.
 """
 
@@ -221,18 +225,27 @@ class Bench(LabBench):
         }
 
     def start(self, gateway: str) -> int:
-        """Start `gateway`; returns its pid."""
+        """Start `gateway` (pinned to `--cpu` if given); returns its pid."""
         if gateway == "mirage":
             # log-level info (lab_config's): the readiness line is an info
             # line; Mirage logs flows at debug.
             cfg = lab_config(self.lab, **self.profile())
             self.mirage = MirageRun(self.lab, cfg, name="mirage-protocols").start()
             assert self.mirage.proc is not None
-            return self.mirage.proc.pid
-        # mihomo logs every flow at info: warning, as Mirage logs none.
-        self.mihomo = MihomoGateway(self.lab, {**self.profile(), "log-level": "warning"}).start()
-        assert self.mihomo._proc is not None
-        return self.mihomo._proc.pid
+            pid = self.mirage.proc.pid
+        else:
+            # mihomo logs every flow at info: warning, as Mirage logs none.
+            self.mihomo = MihomoGateway(self.lab, {**self.profile(),
+                                                   "log-level": "warning"}).start()
+            assert self.mihomo._proc is not None
+            pid = self.mihomo._proc.pid
+        if self.args.cpu is not None:
+            # Every thread (-a): a Go runtime's threads made later inherit it.
+            done = subprocess.run(["taskset", "-a", "-p", "-c", str(self.args.cpu), str(pid)],
+                                  capture_output=True, text=True)
+            if done.returncode != 0:
+                raise BenchError(f"taskset {gateway}: {done.stderr.strip()}")
+        return pid
 
     def stop(self) -> None:
         if self.mirage is not None:
@@ -365,8 +378,9 @@ class Bench(LabBench):
 
     def report(self) -> int:
         table = {(g, r): best(fs) for (g, r), fs in self.figures.items()}
+        pinned = "" if self.args.cpu is None else f"both gateways on CPU {self.args.cpu}; "
         print("\nper row and gateway (best of "
-              f"{self.args.rounds} round{'s' * (self.args.rounds > 1)}; "
+              f"{self.args.rounds} round{'s' * (self.args.rounds > 1)}; {pinned}"
               f"{self.args.mbytes} MiB download, wrk {self.args.seconds}s, "
               f"{self.args.requests} TTFB requests):")
         print(f"{'row':13}{'gateway':8}{'MB/s':>9}{'conn/s':>9}{'p50 ms':>9}{'p99 ms':>9}"
@@ -452,6 +466,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--mbytes", type=int, default=64, help="download size, MiB")
     ap.add_argument("--seconds", type=int, default=3, help="wrk duration per row")
     ap.add_argument("--requests", type=int, default=100, help="sequential TTFB requests")
+    ap.add_argument("--cpu", type=int, default=None,
+                    help="pin both gateways (every thread) to this CPU: one core each, "
+                         "like for like")
     ap.add_argument("--profile", action="store_true",
                     help="py-spy on mirage during an extra download and wrk run per row")
     args = ap.parse_args(argv)
