@@ -328,12 +328,20 @@ class Bench(LabBench):
         try:
             ip = self.fake_ip(TARGET)
             for row in self.rows:
-                try:
-                    f = self.measure(gateway, pid, row, ip)
-                except BenchError as e:  # one broken row does not hide the others
-                    print(f"  {gateway} {row}: {str(e)[-300:]}", flush=True)
-                    f = Figures(error=str(e)[-200:])
-                    self.say_if_exited(gateway)
+                f = None
+                for attempt in (1, 2):
+                    try:
+                        f = self.measure(gateway, pid, row, ip)
+                        break
+                    except BenchError as e:  # one broken row does not hide the others
+                        print(f"  {gateway} {row} (attempt {attempt}): {str(e)[-300:]}",
+                              flush=True)
+                        self.say_if_exited(gateway)
+                        # Once more: a failure that does not repeat is the
+                        # busy machine's (it is printed above), a second one
+                        # is the row's.
+                        f = Figures(error=str(e)[-200:])
+                assert f is not None
                 self.figures.setdefault((gateway, row), []).append(f)
         finally:
             self.stop()
