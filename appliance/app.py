@@ -140,9 +140,13 @@ class Appliance:
         return dict(self.dispatcher.router.outbounds) if self.dispatcher is not None else {}
 
     async def apply_config(self, new: Config) -> None:
-        """The API's PATCH /configs: log-level, allow-lan and bind-address
-        from now on (the same paths a reload takes for those keys)."""
+        """The API's PATCH /configs: mode, log-level, allow-lan and
+        bind-address from now on (the same paths a reload takes for those
+        keys; the mode is the live router's, see `Router.set_mode`)."""
         old, self.cfg = self.cfg, new
+        if self.dispatcher is not None and new.mode != old.mode:
+            self.dispatcher.router.set_mode(new.mode)
+            log.info("mode: %s (was %s)", new.mode, old.mode)
         _set_log_level(new.log_level)
         await self._reload_proxy_ports(old, new)
 

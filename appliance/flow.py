@@ -83,6 +83,9 @@ class Flow:
     # `chains` (["ss-1", "Proxy"] for the group Proxy's member ss-1): set
     # by the dispatcher, shown by the control API.
     chains: tuple[str, ...] = ()
+    # Routed by the tunnel mode (global, direct), not by the rules: mihomo
+    # then shows no rule at all, not its default's "Match".
+    by_mode: bool = False
     entry: Entry | None = None
 
     @property
@@ -98,7 +101,9 @@ class Flow:
         """The rule that routed the flow as the control API shows it: its
         keyword and its payload as mihomo spells it; ("MATCH", "") when no
         rule matched (the default, as mihomo shows it); ("", "") before
-        routing."""
+        routing and for a flow routed by the mode (global, direct)."""
+        if self.by_mode:
+            return "", ""
         if self.rule is not None:
             return self.rule.type, rule_payload(self.rule)
         return ("MATCH", "") if self.outbound else ("", "")

@@ -174,7 +174,8 @@ def connection_doc(row: Mapping[str, Any]) -> dict[str, Any]:
         "start": rfc3339(float(row.get("started", time.time()))),
         "chains": chains,
         "providerChains": ["" for _ in chains],
-        "rule": rule_type(str(row.get("rule", "") or ("MATCH" if chains else ""))),
+        "rule": "" if row.get("by_mode") else rule_type(
+            str(row.get("rule", "") or ("MATCH" if chains else ""))),
         "rulePayload": str(row.get("rule_payload", "")),
     }
 

@@ -688,6 +688,10 @@ class ControllerConfig:
     cors: CorsConfig = field(default_factory=CorsConfig)
 
 
+TunnelMode = Literal["rule", "global", "direct"]
+TUNNEL_MODES: tuple[TunnelMode, ...] = ("rule", "global", "direct")
+
+
 # Why a key or item of a profile was left out (the groups `mirage check`
 # prints): "gateway" keys have no meaning on a gateway (tun, listeners, a
 # proxy's interface-name); "unimplemented" ones Mirage does not do yet;
@@ -707,10 +711,30 @@ class LoadNote:
     path: str
     kind: IgnoredKind
     note: str = ""
+    # The ConfigError behind a skipped item (a proxy with a value mihomo
+    # loads but Mirage cannot use), for code that wants its path and reason.
+    error: Exception | None = field(default=None, compare=False, repr=False)
+
+
+@dataclass(frozen=True)
+class SkippedOutbound:
+    """A proxy or group of the profile that Mirage cannot use, and why (a
+    sentence: "a vless proxy with reality-opts (REALITY is not supported)").
+    Groups drop it from their members; a rule that names it sends its flows
+    to COMPATIBLE, as mihomo does with a group left without a proxy
+    (appliance/outbound/build.py): DIRECT."""
+
+    name: str
+    kind: Literal["proxy", "group"]
+    reason: str
 
 
 @dataclass(frozen=True)
 class Config:
+    # mihomo's `mode`: `rule` (the rules decide), `global` (every flow to the
+    # GLOBAL group's selection), `direct` (every flow DIRECT). The API's
+    # PATCH /configs switches it live; a reload goes back to the file's.
+    mode: TunnelMode = "rule"
     mixed_port: int | None = None
     # The other proxy ports (Clash `socks-port`, and `port` for HTTP) and who
     # may use them: `authentication: ["user:pass", ...]` (empty: no auth),
@@ -748,6 +772,9 @@ class Config:
     # that Mirage does not implement: reported once at load, never an error
     # (so real Clash profiles load).
     ignored_keys: tuple[str, ...] = ()
+    # Proxies and groups left out (file order, proxies first): what the
+    # routing summary of `mirage check` reports (appliance/config/summary.py).
+    skipped: tuple[SkippedOutbound, ...] = ()
     # The same, structured (kind and note apart) for the grouped report;
     # not part of what the configuration *is* (equality ignores it).
     load_notes: tuple[LoadNote, ...] = field(default=(), compare=False)

@@ -8,12 +8,14 @@ None): feeding it back to `parse_config` gives an equal `Config`.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from typing import Any
 
 import yaml
 
 from appliance.config.loader.protocols import render_protocol_proxy
+from appliance.config.loader.redact import scrub_text
 from appliance.config.model import (
     Config,
     IgnoredKind,
@@ -30,8 +32,10 @@ from appliance.config.model import (
 REDACTED = "<redacted>"
 
 
-def _ns(ns: Nameserver) -> str:
-    return ns.text or ns.url
+def _ns(ns: Nameserver, redact: bool = False) -> str:
+    # A DoH path can be an account's id (`https://dns.nextdns.io/ab12cd`).
+    text = ns.text or ns.url
+    return scrub_text(text) if redact else text
 
 
 def _proxy(p: ProxyConfig, redact: bool) -> dict[str, Any]:
@@ -129,7 +133,11 @@ def _provider(p: ProxyProviderConfig, redact: bool) -> dict[str, Any]:
     return out
 
 
-def _rule(r: Rule) -> str:
+def _rule(r: Rule, skipped: frozenset[str] = frozenset()) -> str:
+    # A rule naming an outbound Mirage skipped sends its flows to COMPATIBLE
+    # (DIRECT): printed so, which is what runs (and loads again).
+    if r.type != "SUB-RULE" and r.target in skipped:
+        return dataclasses.replace(r, target="COMPATIBLE").line()
     return r.line()
 
 
@@ -160,14 +168,16 @@ def effective_config(cfg: Config, *, redact: bool = False) -> dict[str, Any]:
     """
     dns = cfg.dns
     app = cfg.appliance
+    skipped = frozenset(s.name for s in cfg.skipped)
     policy: dict[str, list[str]] = {}
     for entry in dns.nameserver_policy:
-        policy[entry.pattern] = [_ns(ns) for ns in entry.nameservers]
+        policy[entry.pattern] = [_ns(ns, redact) for ns in entry.nameservers]
     hosts: dict[str, Any] = {}
     for name, addrs in dns.hosts:
         texts = [str(a) for a in addrs]
         hosts[name] = texts[0] if len(texts) == 1 else texts
     return {
+        "mode": cfg.mode,
         "mixed-port": cfg.mixed_port,
         "socks-port": cfg.socks_port,
         "port": cfg.http_port,
@@ -202,8 +212,8 @@ def effective_config(cfg: Config, *, redact: bool = False) -> dict[str, Any]:
             "fake-ip-range6": None if dns.fake_ip_range6 is None else str(dns.fake_ip_range6),
             "fake-ip-filter": list(dns.fake_ip_filter),
             "fake-ip-filter-mode": dns.fake_ip_filter_mode,
-            "default-nameserver": [_ns(ns) for ns in dns.default_nameserver],
-            "nameserver": [_ns(ns) for ns in dns.nameserver],
+            "default-nameserver": [_ns(ns, redact) for ns in dns.default_nameserver],
+            "nameserver": [_ns(ns, redact) for ns in dns.nameserver],
             "nameserver-policy": policy,
             "ca-file": None if dns.ca_file is None else str(dns.ca_file),
             "upstream-timeout": dns.upstream_timeout,
@@ -212,8 +222,8 @@ def effective_config(cfg: Config, *, redact: bool = False) -> dict[str, Any]:
         "proxies": [_proxy(p, redact) for p in cfg.proxies],
         "proxy-groups": [_group(g) for g in cfg.proxy_groups],
         "proxy-providers": {p.name: _provider(p, redact) for p in cfg.proxy_providers},
-        "rules": [_rule(r) for r in cfg.rules],
-        "sub-rules": {name: [_rule(r) for r in rules] for name, rules in cfg.sub_rules},
+        "rules": [_rule(r, skipped) for r in cfg.rules],
+        "sub-rules": {name: [_rule(r, skipped) for r in rules] for name, rules in cfg.sub_rules},
         "rule-providers": {p.name: _rule_provider(p, redact) for p in cfg.rule_providers},
         "geodata-mode": cfg.geodata.mode,
         "geodata-loader": cfg.geodata.loader,
@@ -301,8 +311,9 @@ def _grouped(notes: list[LoadNote]) -> list[str]:
     by_path: dict[str, list[str]] = {}
     first_path: dict[str, str] = {}
     for n in notes:
-        note = n.note.removeprefix("unknown key").removeprefix("; ") if n.kind == "unknown" \
-            else n.note
+        # The line's title already says what the kind's own notes say.
+        note = (n.note.removeprefix("unknown key").removeprefix("; ") if n.kind == "unknown"
+                else "" if n.kind == "anchor" else n.note)
         general = re.sub(r"\[\d+\]", "[*]", n.path)
         by_path.setdefault(general, []).append(note)
         first_path.setdefault(general, n.path)

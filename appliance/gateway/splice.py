@@ -435,6 +435,7 @@ class FlowRecord:
     rule: str = ""
     rule_payload: str = ""
     chains: tuple[str, ...] = ()
+    by_mode: bool = False  # routed by mode global/direct: no rule shown (Flow.by_mode)
     # The flow's task runs inside this scope: `close_flow` (the API's
     # DELETE /connections) cancels it, which ends the relay and closes both
     # sockets the way any cancellation does.
@@ -445,6 +446,7 @@ class FlowRecord:
         self.entry = flow.entry
         self.outbound = flow.outbound
         self.chains = flow.chains
+        self.by_mode = flow.by_mode
         self.rule, self.rule_payload = flow.rule_shown()
 
     def add_up(self, n: int) -> None:
@@ -476,6 +478,7 @@ class FlowRecord:
             "rule": self.rule,
             "rule_payload": self.rule_payload,
             "chains": list(self.chains),
+            "by_mode": self.by_mode,
         }
 
 

@@ -16,7 +16,7 @@ from appliance.lab.reference import mihomo_binary, mihomo_home
 ROOT = Path(__file__).resolve().parents[2]
 
 # Every value a message must never show.
-SECRETS = ("Tr0janPw-9f2", "0b2c5a6e-1d7f-4c8a-9e3b-5f6a7b8c9d0e", "Ss-P4ss-77",
+SECRETS = ("T0kenId77", "Tr0janPw-9f2", "0b2c5a6e-1d7f-4c8a-9e3b-5f6a7b8c9d0e", "Ss-P4ss-77",
            "S0cksPw-31", "ApiS3cret-88", "SubT0ken-4a9", "RuleT0ken-5c1", "Bearer-Hdr-6d2",
            "H2Pw-0xx", "authPw-13")  # fmt: skip
 
@@ -33,7 +33,9 @@ dns:
   enabled: true
   listen: 127.0.0.1:1053
   enhanced-mode: fake-ip
-  nameserver: [223.5.5.5, "https://dns.example/dns-query?token=SubT0ken-4a9#PROXY"]
+  default-nameserver: [223.5.5.5]
+  nameserver: [223.5.5.5, "https://dns.example/dns-query?token=SubT0ken-4a9#PROXY",
+               "https://dns.nextdns.example/T0kenId77"]
 proxies:
   - {name: tj, type: trojan, server: t.example, port: 443, password: Tr0janPw-9f2,
      flow: xtls-rprx-direct, udp: true}
@@ -43,6 +45,7 @@ proxies:
   - {name: ss, type: ss, server: s.example, port: 8388, cipher: aes-128-gcm, password: Ss-P4ss-77}
   - {name: so, type: socks5, server: 192.0.2.1, port: 1080, username: u, password: S0cksPw-31}
   - {name: hy, type: hysteria2, server: h.example, port: 443, password: H2Pw-0xx}
+  - {name: far, type: socks5, server: 192.0.2.2, port: 99999, password: S0cksPw-31}
   - {name: dr, type: direct, udp: true}
 proxy-providers:
   sub:
@@ -115,6 +118,9 @@ def test_a_profile_mihomo_accepts_loads_with_warnings_and_no_secret(
     assert any(c.startswith("# ignored (old Clash spellings") and "Proxy" in c
                for c in comments)
     assert any(c.startswith("# ignored (no meaning on a gateway): tun") for c in comments)
+    # A value mihomo loads but no dial could use: that proxy is skipped, said.
+    assert any(c.startswith("# skipped (Mirage cannot use them): ") and
+               "proxies[5] ('far': proxies[5].port: 99999: out of range" in c for c in comments)
     # One line per kind.
     kinds = [c.split(":")[0] for c in comments]
     assert len(kinds) == len(set(kinds))

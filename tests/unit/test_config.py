@@ -36,10 +36,12 @@ from appliance.config import (
     load_config,
     parse_config,
 )
+from appliance.config.model import SkippedOutbound
 from appliance.config.protocols.shadowsocks import ObfsOptions, ShadowsocksOptions
 from appliance.config.protocols.trojan import TrojanOptions
 from appliance.names import pattern_is_valid
 from appliance.rules.engine import RuleSet
+from tests.config_problem import reported
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
@@ -115,8 +117,9 @@ def test_lab_example_loads_as_the_lab_needs() -> None:
 def test_clash_profile_example_loads_and_reports_what_it_ignores() -> None:
     cfg = load_config(EXAMPLES / "clash-profile.yaml")
     ignored = set(cfg.ignored_keys)
-    for key in ("tun", "sniffer", "redir-port", "mode", "dns.fallback"):
+    for key in ("tun", "sniffer", "redir-port", "dns.fallback"):
         assert key in ignored
+    assert cfg.mode == "rule" and "mode" not in ignored
     assert not any(k.startswith(("rule-providers", "rules[")) for k in ignored)
     assert [p.name for p in cfg.rule_providers] == ["reject"]
     assert "proxies[3] (ssr proxy 'SG 01')" in ignored
@@ -486,12 +489,14 @@ def test_effective_config_round_trips() -> None:
     for path in (EXAMPLES / "lab.yaml", EXAMPLES / "clash-profile.yaml"):
         cfg = load_config(path)
         again = parse_config(effective_config(cfg), source=cfg.source)
-        assert again == dataclasses.replace(cfg, ignored_keys=())
+        # Skipped proxies are left out of the effective config, as ignored keys are.
+        assert again == dataclasses.replace(cfg, ignored_keys=(), skipped=())
 
 
 def test_effective_config_round_trips_every_field() -> None:
     cfg = parse_config(
         {
+            "mode": "global",
             "mixed-port": 7890,
             "socks-port": 7891,
             "port": 7892,
@@ -510,7 +515,7 @@ def test_effective_config_round_trips_every_field() -> None:
                 "enable": True,
                 "listen": "[::]:1053",
                 "ipv6": True,
-                "enhanced-mode": "redir-host",
+                "enhanced-mode": "fake-ip",
                 "fake-ip-range": "10.128.0.1/9",
                 "fake-ip-filter": ["time.*.test", ".home"],
                 "fake-ip-filter-mode": "whitelist",
@@ -657,7 +662,7 @@ def test_unknown_key_suggests_the_near_one() -> None:
         ('ipv6: "true"', "ipv6", "expected a boolean"),
         ("ipv6: 1", "ipv6", "expected a boolean"),
         ("log-level: verbose", "log-level", "must be one of"),
-        ("secret: 1234", "secret", "expected a string"),
+        ("secret: [1234]", "secret", "expected a string"),
         ("external-controller: localhost:9090", "external-controller", "not an IP"),
         ("external-controller: 127.0.0.1", "external-controller", "needs a port"),
         ("profile: {store-fake-ip: yes please}", "profile.store-fake-ip", "boolean"),
@@ -673,7 +678,7 @@ def test_unknown_key_suggests_the_near_one() -> None:
         ("appliance: {state-dir: ''}", "appliance.state-dir", "empty"),
         ("appliance: [lan0]", "appliance", "expected a mapping"),
         ("appliance: {offload-direct: 1}", "appliance.offload-direct", "boolean"),
-        ("appliance: {block-encrypted-dns: 'on'}", "appliance.block-encrypted-dns", "boolean"),
+        ("appliance: {block-encrypted-dns: 'always'}", "appliance.block-encrypted-dns", "boolean"),
         ("appliance: {encrypted-dns-resolvers: [dns.google]}",
          "appliance.encrypted-dns-resolvers[0]", "network"),
         ("appliance: {encrypted-dns-resolvers: 8.8.8.8}", "appliance.encrypted-dns-resolvers",
@@ -740,7 +745,9 @@ def test_top_level_and_appliance_values(
 )  # fmt: skip
 def test_dns_values(dns: dict[str, Any], path: str, reason: str) -> None:
     data = {"dns": {"nameserver": ["192.0.2.53"], **dns}}
-    err = error(data)
+    # Raised, or (a fake-ip-filter entry mihomo loads and never matches)
+    # the reason it is left out.
+    err = reported(data)
     assert err.path == path
     assert reason in err.reason
 
@@ -768,7 +775,7 @@ SOCKS = {"name": "s", "type": "socks5", "server": "192.0.2.1", "port": 1080}
         ([{"type": "socks5", "server": "h", "port": 1}], "proxies[0].name", "required"),
         ([{**SOCKS, "type": "sock5"}], "proxies[0].type", "unknown proxy type"),
         ([{k: v for k, v in SOCKS.items() if k != "port"}], "proxies[0].port", "required"),
-        ([{**SOCKS, "port": "1080"}], "proxies[0].port", "got a string"),
+        ([{**SOCKS, "port": "1o80"}], "proxies[0].port", "got a string"),
         ([{**SOCKS, "port": 0}], "proxies[0].port", "out of range"),
         ([{**SOCKS, "server": "bad host"}], "proxies[0].server", "invalid label"),
         ([{**SOCKS, "udp": "true"}], "proxies[0].udp", "boolean"),
@@ -787,7 +794,8 @@ SOCKS = {"name": "s", "type": "socks5", "server": "192.0.2.1", "port": 1080}
     ],
 )  # fmt: skip
 def test_proxy_errors(proxies: Any, path: str, reason: str) -> None:
-    err = error(with_(proxies=proxies))
+    # Raised, or the reason its proxy is skipped (a value mihomo loads).
+    err = reported(with_(proxies=proxies))
     assert err.path == path
     assert reason in err.reason
 
@@ -878,8 +886,6 @@ def test_groups_may_name_later_groups() -> None:
     [
         ("DOMAIN,a.test,nope", "names no proxy, group, DIRECT or REJECT"),
         ("DOMAIN,a.test,direct", "names no proxy"),
-        ("DOMAIN,a.test,v", "a vmess proxy with alterId 64"),
-        ("DOMAIN,a.test,dead", "a group with no member"),
         ("FOO,a.test,DIRECT", "unknown rule type"),
         ("DOMAIN,a.test", "expected DOMAIN,VALUE,TARGET"),
         ("MATCH", "expected MATCH,TARGET"),
@@ -910,6 +916,42 @@ def test_rule_errors(rule: str, reason: str) -> None:
     err = error(data)
     assert err.path == "rules[1]"
     assert reason in err.reason
+
+
+def test_a_numeric_secret_is_its_text() -> None:
+    # mihomo -t loads `secret: 123456` (tests/profiles/lvbibir.yaml).
+    assert parse_config({"dns": {"enable": False}, "secret": 123456}).secret == "123456"
+
+
+def test_rules_may_name_skipped_outbounds() -> None:
+    # mihomo would use them, so the profile loads; the flows go to COMPATIBLE.
+    cfg = parse_config(with_(
+        proxies=[SOCKS, {"name": "v", "type": "vmess", "server": "x", "port": 1, "uuid": "u",
+                         "alterId": 64}],
+        proxy_groups=[{"name": "dead", "type": "select", "proxies": ["v"]}],
+        rules=["DOMAIN,a.test,v", "DOMAIN,b.test,dead", "MATCH,s"],
+    ))
+    assert [r.target for r in cfg.rules] == ["v", "dead", "s"]
+    assert cfg.skipped == (
+        SkippedOutbound("v", "proxy", "a vmess proxy with alterId 64 (the legacy VMess header; "
+                        "only alterId 0)"),
+        SkippedOutbound("dead", "group", "a group with no member Mirage can use"),
+    )
+    assert effective_config(cfg)["rules"] == ["DOMAIN,a.test,COMPATIBLE",
+                                              "DOMAIN,b.test,COMPATIBLE", "MATCH,s"]
+
+
+def _as_run(cfg: Config) -> Config:
+    """`cfg` as its effective config spells it: no ignored keys or skipped
+    outbounds, and rules that named a skipped one naming COMPATIBLE."""
+    gone = {s.name for s in cfg.skipped}
+
+    def run(rules: tuple[Rule, ...]) -> tuple[Rule, ...]:
+        return tuple(dataclasses.replace(r, target="COMPATIBLE")
+                     if r.type != "SUB-RULE" and r.target in gone else r for r in rules)
+
+    return dataclasses.replace(cfg, ignored_keys=(), skipped=(), rules=run(cfg.rules),
+                               sub_rules=tuple((n, run(rs)) for n, rs in cfg.sub_rules))
 
 
 def test_rule_forms() -> None:
@@ -1022,7 +1064,7 @@ def _outcome(data: Any) -> None:
     assert [p for p in patterns if pattern_is_valid(p) is not None] == []
     # Whatever loads renders, and the rendering loads to the same model.
     again = parse_config(effective_config(cfg))
-    assert again == dataclasses.replace(cfg, ignored_keys=())
+    assert again == _as_run(cfg)
     format_effective(cfg)
 
 

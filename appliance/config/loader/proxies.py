@@ -24,10 +24,10 @@ from appliance.config.loader.scalars import (
     as_int,
     as_list,
     as_nonempty_str,
-    as_port,
+    as_proxy_port,
     as_str,
 )
-from appliance.config.loader.section import LoadContext, Section
+from appliance.config.loader.section import LoadContext, Section, fold_proxy_key
 from appliance.config.model import ProxyConfig
 
 log = logging.getLogger(__name__)
@@ -68,8 +68,16 @@ PRECONNECT_MAX = 64
 # reported); a rule that targets it is an error, a group drops it.
 UNSUPPORTED_PROXY_TYPES = (
     "ssr", "snell", "socks4", "hysteria",
-    "ssh", "mieru", "anytls", "dns", "semi", "sudoku",
+    "mieru", "dns", "semi", "sudoku",
 )  # fmt: skip
+
+# Why, where there is more to say than "not implemented".
+_UNSUPPORTED_WHY = {
+    "hysteria": " (Hysteria v1; hysteria2 is supported)",
+    # No Snell server is packaged (Debian, PyPI): no client without a real
+    # server to test it against.
+    "snell": " (no Snell server to test a client against)",
+}
 
 
 def parse_proxies(
@@ -86,11 +94,17 @@ def parse_proxies(
         try:
             parsed = _parse_entry(item, index_path(path, i), ctx, names, skipped)
         except ConfigError as err:
+            name = _written_name(item)
+            if isinstance(name, str) and name in names and not mihomo_refuses(err):
+                # mihomo loads it (and fails when it dials): skipped, said.
+                ctx.ignore(index_path(path, i), f"{name!r}: {err}", kind="skipped", error=err)
+                skipped[name] = f"a proxy with a value Mirage cannot use ({err})"
+                continue
             # One broken proxy does not hide the next; its name (if it has
             # one) is known, so what names it is not reported again.
             ctx.fail(err)
-            if isinstance(item, dict) and isinstance(item.get("name"), str):
-                ctx.broken.add(item["name"])
+            if isinstance(name, str):
+                ctx.broken.add(name)
             continue
         if parsed is not None:
             proxies.append(parsed)
@@ -117,11 +131,45 @@ def warn_udp_behind_dialer(proxies: list[ProxyConfig]) -> None:
                     "it" if len(names) == 1 else "them")
 
 
+def _written_name(item: Any) -> Any:
+    """The `name` of a proxy entry however it is spelled (`Name`), or None."""
+    if not isinstance(item, dict):
+        return None
+    return next((v for k, v in item.items()
+                 if isinstance(k, str) and fold_proxy_key(k) == "name"), None)
+
+
+# A proxy's keys whose bad values `mihomo -t` loads (it never looks at them
+# before dialling): a port of 0 or 99999, a server or SNI that is no host
+# name, a `network`, `ip-version` or ss `plugin` it does not know, an empty
+# password (ssh without password or key, anytls), anytls' min-idle-session
+# below 0. Checked against the binary (tests/unit/test_config_lenient.py,
+# test_ssh_config.py, test_anytls_config.py).
+_UNCHECKED_BY_MIHOMO = ("port", "server", "sni", "servername", "network", "ip-version",
+                        "plugin", "password", "min-idle-session")
+
+
+def mihomo_refuses(err: ConfigError) -> bool:
+    """Whether `mihomo -t` refuses a profile for this error in a proxy
+    entry. mihomo decodes a proxy into a Go struct and builds its outbound:
+    a missing key ("has unset fields"), a value of a type it cannot convert
+    (a string for a bool), an unknown `type` or ss `cipher`, a key that is
+    no key (WireGuard) stop it, and Mirage refuses those too. The values of
+    `_UNCHECKED_BY_MIHOMO`, and a username without a password, load there
+    and fail when the proxy is used: Mirage skips that proxy, with the
+    reason, instead of refusing the whole profile. Anything else is
+    refused (what Mirage does not know mihomo to load)."""
+    leaf = err.path.rsplit(".", 1)[-1]
+    if err.reason.startswith(("required", "expected ")):
+        return True
+    return not (leaf in _UNCHECKED_BY_MIHOMO or "go together" in err.reason)
+
+
 def _parse_entry(item: Any, path: str, ctx: LoadContext, names: set[str],
                  skipped: dict[str, str]) -> ProxyConfig | None:
     """One `proxies[i]`: its ProxyConfig, or None when it is skipped (its
     reason put in `skipped`). Raises ConfigError."""
-    sec = Section(item, path, ctx)
+    sec = Section(item, path, ctx, fold_proxy_key, exact=("type",))
     name = sec.require("name", as_nonempty_str)
     if name in names:
         raise ConfigError(sec.at("name"), name, "duplicate proxy name")
@@ -138,10 +186,9 @@ def _parse_entry(item: Any, path: str, ctx: LoadContext, names: set[str],
             skipped[name] = f"a {ptype} proxy with {e.reason}"
             return None
     if ptype in UNSUPPORTED_PROXY_TYPES:
-        ctx.ignore(sec.path, f"{ptype} proxy {name!r}", kind="skipped")
-        skipped[name] = f"a {ptype} proxy, which Mirage does not implement"
-        if ptype == "hysteria":
-            skipped[name] += " (Hysteria v1; hysteria2 is supported)"
+        why = _UNSUPPORTED_WHY.get(ptype, "")
+        ctx.ignore(sec.path, f"{ptype} proxy {name!r}{why}", kind="skipped")
+        skipped[name] = f"a {ptype} proxy, which Mirage does not implement{why}"
         return None
     if ptype not in PROXY_KEYS:
         raise ConfigError(
@@ -158,7 +205,7 @@ def _parse_proxy(sec: Section, name: str, ptype: str) -> ProxyConfig:
         sec.finish(("name", "type", *implemented), ignored)
         return ProxyConfig(name=name, type=ptype)
     server = sec.require("server", server_value)
-    port = sec.require("port", as_port)
+    port = sec.require("port", as_proxy_port)
     username = sec.get("username", as_str, None) if "username" in implemented else None
     password = sec.get("password", as_str, None)
     tls = sec.get("tls", as_bool, False) if "tls" in implemented else False
