@@ -50,6 +50,8 @@ def _proxy(p: ProxyConfig, redact: bool) -> dict[str, Any]:
         out["sni"] = p.sni
     if p.type == "socks5":
         out["udp"] = p.udp
+    if p.ip_version != "dual":
+        out["ip-version"] = p.ip_version
     return out
 
 

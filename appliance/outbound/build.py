@@ -108,8 +108,10 @@ def outbound_env(cfg: Config, resolve: Resolve | None) -> OutboundEnv:
 
 
 def build_proxy(p: ProxyConfig, env: OutboundEnv) -> Outbound:
-    """One proxy by its type's builder; an UnsupportedOutbound otherwise."""
+    """One proxy by its type's builder (its env carrying the proxy's
+    `ip-version` for its server dialer); an UnsupportedOutbound otherwise."""
     builder = BUILDERS.get(p.type)
+    env = replace(env, ip_version=p.ip_version)
     return builder(p, env) if builder is not None else UnsupportedOutbound(p.name, p.type)
 
 

@@ -24,8 +24,8 @@ from appliance.outbound.base import (
     Resolve,
     UdpPeer,
     as_ip,
-    interleave,
     outbound_deadline,
+    pick_udp_address,
     udp_socket,
 )
 
@@ -50,7 +50,7 @@ class AddressCache:
         if hit is not None and hit[1] > now:
             return hit[0]
         addresses, ttl = await self.dialer.resolve(name)
-        ip = interleave(addresses)[0]
+        ip = pick_udp_address(addresses, self.dialer.ip_version)
         if ttl > 0:
             if len(self._entries) >= self.size:
                 self._entries.pop(next(iter(self._entries)))

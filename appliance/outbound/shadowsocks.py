@@ -42,13 +42,10 @@ import trio
 from appliance.config.model import IPAddress, ProxyConfig
 from appliance.config.protocols.shadowsocks import ShadowsocksOptions
 from appliance.outbound.base import (
-    Dialer,
     OutboundEnv,
     OutboundError,
     ServerDial,
     UdpPeer,
-    as_ip,
-    interleave,
     no_udp,
     outbound_deadline,
     udp_socket,
@@ -93,7 +90,7 @@ class ShadowsocksOutbound:
             parse_psks(self.method, options.password) if self.method.is_2022
             else evp_bytes_to_key(options.password.encode(), self.method.key_size))
         self.connect_timeout = env.connect_timeout
-        self.dialer = Dialer(env.resolve, env.routing_mark, ipv6=env.ipv6)
+        self.dialer = env.server_dialer()
         self._dial: ServerDial = env.server_dial(self.dialer)
         self.salt_filter = SaltFilter()
         self.plugin = make_plugin(options, server, port)
@@ -138,11 +135,7 @@ class ShadowsocksOutbound:
             client = UdpClient(self.method, self.key)
         except ShadowsocksError as e:
             raise OutboundError(f"{self.name}: udp: {e}") from None
-        ip = as_ip(self.server)
-        if ip is None:
-            kept = self.dialer.sticky(self.server)
-            ip = kept[0] if kept is not None else interleave(
-                (await self.dialer.resolve(self.server))[0])[0]
+        ip = await self.dialer.udp_address(self.server)
         family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
         remote = udp_socket(family, self.dialer.mark)
         inner, outer = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)

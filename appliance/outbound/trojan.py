@@ -28,7 +28,6 @@ from appliance.config.model import IPAddress, ProxyConfig
 from appliance.config.protocols.common import TlsOptions, TransportOptions
 from appliance.config.protocols.trojan import TrojanOptions
 from appliance.outbound.base import (
-    Dialer,
     OutboundEnv,
     OutboundError,
     ServerDial,
@@ -87,7 +86,7 @@ class TrojanOutbound:
     @classmethod
     def from_config(cls, p: ProxyConfig, env: OutboundEnv) -> TrojanOutbound:
         assert isinstance(p.options, TrojanOptions)
-        dialer = Dialer(env.resolve, env.routing_mark, ipv6=env.ipv6)
+        dialer = env.server_dialer()
         return cls(p.name, p.server, p.port, p.options.password,
                    tls=p.tls_options or TlsOptions(), transport=p.transport, udp=p.udp,
                    dial=env.server_dial(dialer), connect_timeout=env.connect_timeout)

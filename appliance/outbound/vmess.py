@@ -31,7 +31,6 @@ from appliance.config.model import IPAddress, ProxyConfig
 from appliance.config.protocols.common import TlsOptions, TransportOptions
 from appliance.config.protocols.vmess import VmessOptions
 from appliance.outbound.base import (
-    Dialer,
     OutboundEnv,
     OutboundError,
     ServerDial,
@@ -98,7 +97,7 @@ class ServerLayers:
         # Host / :authority for the transport: the name TLS sends, else the
         # server (a `Host` in ws-opts headers wins inside the transport).
         self.host = self.tls.server_hostname if self.tls is not None else p.server
-        self.dialer = Dialer(env.resolve, env.routing_mark, ipv6=env.ipv6)
+        self.dialer = env.server_dialer()
         self.dial: ServerDial = env.server_dial(self.dialer)
         self.connect_timeout = env.connect_timeout
 

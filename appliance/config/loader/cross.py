@@ -3,8 +3,13 @@ section can see (marks, fake ranges against bypass, listeners' ports)."""
 
 from __future__ import annotations
 
+import ipaddress
+import logging
+
 from appliance.config.loader.errors import ConfigError
 from appliance.config.model import Config, IPNetwork, Listen
+
+log = logging.getLogger(__name__)
 
 
 def check_cross(cfg: Config) -> None:
@@ -29,6 +34,27 @@ def check_cross(cfg: Config) -> None:
                     f"overlaps the fake-IP range {fake}: traffic to fake IPs must be captured",
                 )
     _check_ports(cfg)
+    _warn_ip_versions(cfg)
+
+
+def _warn_ip_versions(cfg: Config) -> None:
+    """A proxy whose `ip-version` leaves its server no address can never be
+    reached; mihomo loads such a profile (and fails each connection), so
+    Mirage loads it too, and says so now rather than at the first flow."""
+    for p in cfg.proxies:
+        if p.ip_version == "ipv6" and not cfg.ipv6:
+            log.warning("proxy %r: ip-version: ipv6 with the top-level ipv6: false: its "
+                        "server is never resolved (every connection through it fails)", p.name)
+            continue
+        try:
+            literal = ipaddress.ip_address(p.server)
+        except ValueError:
+            continue
+        want = {"ipv4": 4, "ipv6": 6}.get(p.ip_version)
+        if want is not None and literal.version != want:
+            log.warning("proxy %r: server %s is an IPv%d address, but ip-version is %s "
+                        "(every connection through it fails)", p.name, p.server,
+                        literal.version, p.ip_version)
 
 
 def _check_ports(cfg: Config) -> None:

@@ -13,6 +13,7 @@ from typing import Any
 
 from appliance.config.loader.errors import NO_VALUE, ConfigError, index_path
 from appliance.config.loader.protocols import (
+    IP_VERSIONS,
     PROTOCOLS,
     UnusableProxy,
     parse_protocol_proxy,
@@ -26,6 +27,7 @@ from appliance.config.loader.scalars import (
     as_nonempty_str,
     as_port,
     as_str,
+    choice,
 )
 from appliance.config.loader.section import LoadContext, Section
 from appliance.config.model import ProxyConfig
@@ -42,18 +44,20 @@ _IGNORED_PROXY_COMMON = (
     "tfo", "mptcp", "interface-name", "routing-mark", "ip-version",
     "dialer-proxy", "fingerprint", "client-fingerprint", "smux",
 )  # fmt: skip
+# What socks5 and http ignore of those (they read `ip-version` themselves).
+_IGNORED_SERVER_PROXY = tuple(k for k in _IGNORED_PROXY_COMMON if k != "ip-version")
 PROXY_KEYS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     # type: (implemented keys besides name/type, ignored keys)
     "socks5": (
         ("server", "port", "username", "password", "tls", "skip-cert-verify", "udp", "preconnect",
-         "dialer-proxy"),
-        _IGNORED_PROXY_COMMON,
+         "dialer-proxy", "ip-version"),
+        _IGNORED_SERVER_PROXY,
     ),
     "http": (
         ("server", "port", "username", "password", "tls", "skip-cert-verify", "sni", "preconnect",
-         "dialer-proxy"),
+         "dialer-proxy", "ip-version"),
         # udp: converters emit it on every proxy; an http proxy has no UDP.
-        (*_IGNORED_PROXY_COMMON, "headers", "udp"),
+        (*_IGNORED_SERVER_PROXY, "headers", "udp"),
     ),
     "direct": ((), _IGNORED_PROXY_COMMON),
     "reject": ((), _IGNORED_PROXY_COMMON),
@@ -157,6 +161,7 @@ def _parse_proxy(sec: Section, name: str, ptype: str) -> ProxyConfig:
     if dialer_proxy is not None:
         # Kept connections go straight to the server: not through a chain.
         preconnect = 0
+    ip_version = sec.get("ip-version", choice(IP_VERSIONS), "dual")
     sec.finish(("name", "type", *implemented), ignored)
     return ProxyConfig(
         name=name,
@@ -171,4 +176,5 @@ def _parse_proxy(sec: Section, name: str, ptype: str) -> ProxyConfig:
         udp=udp,
         preconnect=preconnect,
         dialer_proxy=dialer_proxy,
+        ip_version=ip_version,
     )
