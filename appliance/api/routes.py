@@ -281,16 +281,19 @@ class Api:
         return JSONResponse(self.connections())
 
     async def close_all(self, request: Request) -> Response:
-        flows = self.src.flows
-        if flows is not None:
-            for row in flows.snapshot():
-                flows.close_flow(int(row["id"]))
+        for flows in (self.src.flows, self.src.udp):
+            if flows is not None:
+                for row in flows.snapshot():
+                    flows.close_flow(int(row["id"]))
         return no_content()
 
     async def close_one(self, request: Request) -> Response:
         flow_id = request.path_params["id"]
-        if self.src.flows is not None and flow_id.isdigit():
-            self.src.flows.close_flow(int(flow_id))
+        if flow_id.isdigit():
+            # TCP flows and UDP sessions share one id sequence: one has it.
+            for flows in (self.src.flows, self.src.udp):
+                if flows is not None and flows.close_flow(int(flow_id)):
+                    break
         return no_content()  # mihomo answers 204 for an unknown id too
 
     async def dns_query(self, request: Request) -> Response:

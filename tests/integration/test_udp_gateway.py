@@ -442,3 +442,72 @@ def test_http3_over_quic_through_a_fake_ip(lab: Lab, mirage: MirageRun) -> None:
         server.wait(timeout=5)
         if server.stdout is not None:
             server.stdout.close()
+
+
+# Two exchanges from one connected socket (same client address and port),
+# the second once a line arrives on stdin.
+TWO_EXCHANGES = """
+import json, socket, sys
+name, port = sys.argv[1], int(sys.argv[2])
+ip = socket.getaddrinfo(name, port, socket.AF_INET, socket.SOCK_DGRAM)[0][4][0]
+c = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); c.settimeout(3)
+c.connect((ip, port))
+def once(payload):
+    c.send(payload)
+    try:
+        return c.recv(4096).decode()
+    except TimeoutError:
+        return None
+print(json.dumps({"ip": ip, "port": c.getsockname()[1], "reply": once(b"first")}), flush=True)
+sys.stdin.readline()
+print(json.dumps({"reply": once(b"second")}), flush=True)
+"""
+
+
+def connections(lab: Lab, method: str = "GET", path: str = "/connections") -> Any:
+    """The control API as a dashboard calls it (curl in the gateway)."""
+    result = lab.exec("gateway", ["curl", "-s", "-m", "5", "-X", method,
+                                  f"http://127.0.0.1:9090{path}"])
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout) if method == "GET" else result.stdout
+
+
+def udp_sessions_from(lab: Lab, port: int) -> list[dict[str, Any]]:
+    return [c for c in connections(lab)["connections"]
+            if c["metadata"]["network"] == "udp" and c["metadata"]["sourcePort"] == str(port)]
+
+
+def test_a_udp_session_is_closed_by_id_through_the_api(lab: Lab, mirage: MirageRun) -> None:
+    proc = lab.popen("client", [sys.executable, "-c", TWO_EXCHANGES, "www.gamma.test",
+                                str(PORT)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                     text=True)
+    try:
+        assert proc.stdin is not None and proc.stdout is not None
+        first = json.loads(proc.stdout.readline())
+        assert first["reply"] is not None and first["reply"].startswith("first from=")
+        (session,) = udp_sessions_from(lab, first["port"])
+        assert session["metadata"]["host"] == "www.gamma.test"
+        # TCP flows and UDP sessions share one id sequence: no id twice.
+        ids = [c["id"] for c in connections(lab)["connections"]]
+        assert len(ids) == len(set(ids)), ids
+        assert connections(lab, "DELETE", f"/connections/{session['id']}") == ""
+        wait_for("the session leaves /connections",
+                 lambda: not udp_sessions_from(lab, first["port"]), 5)
+        # The client's next datagram opens a new session (a new id), which
+        # carries it and its reply.
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+        second = json.loads(proc.stdout.readline())
+        assert second["reply"] is not None and second["reply"].startswith("second from=")
+        (again,) = udp_sessions_from(lab, first["port"])
+        assert again["id"] != session["id"]
+        # DELETE /connections (all) ends it too.
+        assert connections(lab, "DELETE") == ""
+        wait_for("DELETE /connections ends every UDP session",
+                 lambda: not udp_sessions_from(lab, first["port"]), 5)
+    finally:
+        proc.kill()
+        proc.wait(timeout=5)
+        for stream in (proc.stdin, proc.stdout):
+            if stream is not None:
+                stream.close()
