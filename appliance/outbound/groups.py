@@ -598,8 +598,15 @@ class RelayGroup(Group):
     turns relay into the same dialer-proxy chain). Groups among the members
     take their current member at connect time; DIRECT members are left out.
     Each hop is the member rebuilt with the previous hop as its `via`
-    (`rechain`, from appliance/outbound/build.py), kept per chain. TCP
-    only. Raises OutboundError (a hop's, or "cannot be chained")."""
+    (`rechain`, from appliance/outbound/build.py), kept per chain.
+
+    UDP where mihomo's Relay.SupportUDP says so: the last hop's UDP must
+    ride its own stream to its server (mihomo's SupportUOT: Trojan, VMess,
+    VLESS), which then goes through the earlier hops' TCP; so the chain
+    carries UDP when its last hop, rebuilt on the chain, does (a hop
+    rebuilt with a `via` says no where its UDP would leave the chain:
+    Shadowsocks and SOCKS5 send datagrams straight to their server).
+    Raises OutboundError (a hop's, or "cannot be chained")."""
 
     type = "Relay"
 
@@ -642,14 +649,24 @@ class RelayGroup(Group):
 
     @property
     def carries_udp(self) -> bool:
-        return False
+        if self.disable_udp:
+            return False
+        try:
+            return self.chain().carries_udp
+        except OutboundError:
+            return False
 
     async def connect_tcp(self, host: str | IPAddress, port: int) -> trio.abc.Stream:
         self._touch()
         return await self.chain().connect_tcp(host, port)
 
     async def open_udp(self, host: str | IPAddress, port: int) -> UdpPeer | None:
-        return await no_udp(self.name)
+        """The last hop's UDP, its stream through the earlier hops."""
+        last = self.chain()
+        if self.disable_udp or not last.carries_udp:
+            return await no_udp(self.name)
+        self._touch()
+        return await last.open_udp(host, port)
 
 
 def groups_in(outbounds: dict[str, Outbound]) -> dict[str, Group]:

@@ -96,8 +96,12 @@ class ShadowsocksOutbound:
         self.plugin = make_plugin(options, server, port)
         # Whether a server byte has ever opened with our key (see the doc).
         self.verified = False
-        # 2022 UDP here takes one PSK (no identity headers).
-        self.carries_udp = udp and not (self.method.is_2022 and len(self.key) > 1)
+        # 2022 UDP here takes one PSK (no identity headers). Through a
+        # `via` (dialer-proxy, a relay hop) there is no UDP: the datagrams
+        # would go straight to the server, around the chain (mihomo carries
+        # them only with udp-over-tcp, which Mirage does not speak).
+        self.carries_udp = (udp and env.via is None
+                            and not (self.method.is_2022 and len(self.key) > 1))
 
     @classmethod
     def from_config(cls, p: ProxyConfig, env: OutboundEnv) -> ShadowsocksOutbound:

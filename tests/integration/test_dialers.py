@@ -1,9 +1,13 @@
 """How proxies reach their own servers, end to end in the lab: `ip-version`
-with happy eyeballs (RFC 8305) for the server's address.
+with happy eyeballs (RFC 8305) for the server's address, and UDP through
+chains (a relay group, `dialer-proxy`).
 
 One sing-box upstream (module-scoped, stopped by PID) with a SOCKS5 inbound
-on `::`, reachable at 192.168.57.10 and fd57::10. Mirage runs with
-`ipv6: true` and `hosts` that give the proxy names their records:
+on `::` (reachable at 192.168.57.10 and fd57::10) and a Trojan inbound
+(TLS with the lab certificate, www.alpha.test); a UDP echo server
+(bench/udp_echo.py) on www.gamma.test's address and a dnsmasq on
+www.beta.test's, port 5354 (port 53 is hijacked to Mirage). Mirage runs
+with `ipv6: true` and `hosts` that give the proxy names their records:
 
 - `he.proxy.test`: an A that black-holes (192.168.57.99: nobody answers
   ARP, so a connection waits ~3 s for "no route to host") and an AAAA that
@@ -11,13 +15,22 @@ on `::`, reachable at 192.168.57.10 and fd57::10. Mirage runs with
 - `v6only.proxy.test`: an AAAA only.
 
 The client fetches each lab name through a proxy of another `ip-version`,
-and sing-box's log shows from which family the gateway reached it.
+and sing-box's log shows from which family the gateway reached it. The
+chains are chosen by the client's source port (SRC-PORT rules): the relay
+`Chain` (the SOCKS5 hop, then Trojan) and `tj-via` (Trojan with
+`dialer-proxy: hop`); sing-box's log shows the Trojan server reached
+through the SOCKS5 inbound, by name.
 """
 
 from __future__ import annotations
 
+import json
 import re
+import shutil
+import subprocess
+import sys
 import time
+from pathlib import Path
 from collections.abc import Iterator
 from typing import Any
 
@@ -30,19 +43,57 @@ from appliance.lab.reference import SingBox
 
 pytestmark = pytest.mark.netns
 
+ECHO = Path(__file__).resolve().parents[2] / "bench" / "udp_echo.py"
 SOCKS_PORT = 21080
+TROJAN_PORT = 21443
+TROJAN_NAME = "www.alpha.test"  # in the lab certificate
+PASSWORD = "dialers-trojan"
+ECHO_PORT = 9996
+DNS_PORT = 5354
 BLACKHOLE4 = "192.168.57.99"  # in the upstream subnet, on no interface
 UP6 = "fd57::10"
+# Client source ports -> the chain the SRC-PORT rules send them through.
+CHAIN_PORTS = {"Chain": 32000, "tj-via": 32010}
 
 
 @pytest.fixture(scope="module")
 def upstream(lab: Lab) -> Iterator[SingBox]:
+    if shutil.which("dnsmasq") is None:
+        pytest.skip("dnsmasq is not installed (scripts/setup.sh installs it)")
+    tls = lab.state_dir / "tls"
+    trojan = {"type": "trojan", "tag": "trojan-in", "listen": "::", "listen_port": TROJAN_PORT,
+              "users": [{"name": "lab", "password": PASSWORD}],
+              "tls": {"enabled": True, "certificate_path": str(tls / "server.pem"),
+                      "key_path": str(tls / "server.key")}}
     sb = SingBox(lab, [{"type": "socks", "tag": "socks-in", "listen": "::",
-                        "listen_port": SOCKS_PORT}], name="sing-box-dialers")
+                        "listen_port": SOCKS_PORT}, trojan], name="sing-box-dialers")
+    logs = lab.state_dir / "dialers-servers"
+    logs.mkdir(parents=True, exist_ok=True)
+    procs: list[subprocess.Popen[bytes]] = []
     try:
+        echo = lab.popen("upstream", [sys.executable, str(ECHO), "--tag", "--max-seconds", "600",
+                                      f"192.168.57.12:{ECHO_PORT}"],
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        procs.append(echo)
+        assert echo.stdout is not None and echo.stdout.readline().strip() == b"ready"
+        with open(logs / "dnsmasq.log", "wb") as out:
+            procs.append(lab.popen("upstream", [
+                "dnsmasq", "-k", "-p", str(DNS_PORT), "--listen-address=192.168.57.11",
+                "--bind-interfaces", "--no-resolv", "--no-hosts", "--server=192.168.57.53",
+                f"--pid-file={logs}/dnsmasq.pid"], stdout=out, stderr=subprocess.STDOUT))
         yield sb.start()
     finally:
         sb.stop()
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            try:
+                p.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait(timeout=5)
+            if p.stdout is not None:
+                p.stdout.close()
 
 
 def socks(name: str, server: str, ip_version: str) -> dict[str, Any]:
@@ -55,14 +106,22 @@ def mirage(lab: Lab, upstream: SingBox) -> Iterator[MirageRun]:
     state = lab.state_dir / "dialers-mirage-state"
     cfg = lab_config(lab, ipv6=True, appliance={"state-dir": str(state)},
                      hosts={"he.proxy.test": [BLACKHOLE4, UP6], "v6only.proxy.test": [UP6]})
+    trojan = {"type": "trojan", "server": TROJAN_NAME, "port": TROJAN_PORT,
+              "password": PASSWORD, "udp": True}
     cfg["proxies"] = [
         socks("he-v4prefer", "he.proxy.test", "ipv4-prefer"),
         socks("he-dual", "he.proxy.test", "dual"),
         socks("six-v4", "v6only.proxy.test", "ipv4"),
+        socks("hop", "192.168.57.10", "dual"),
+        {"name": "tj", **trojan},
+        {"name": "tj-via", **trojan, "dialer-proxy": "hop"},
     ]
-    cfg["rules"] = ["DOMAIN,www.alpha.test,he-v4prefer", "DOMAIN,www.beta.test,six-v4",
-                    "DOMAIN,www.gamma.test,he-dual", "MATCH,DIRECT"]
-    run = MirageRun(lab, cfg, name="dialers-mirage")
+    cfg["proxy-groups"] = [{"name": "Chain", "type": "relay", "proxies": ["hop", "tj"]}]
+    cfg["rules"] = [
+        *(f"SRC-PORT,{first}-{first + 9},{name}" for name, first in CHAIN_PORTS.items()),
+        "DOMAIN,www.alpha.test,he-v4prefer", "DOMAIN,www.beta.test,six-v4",
+        "DOMAIN,www.gamma.test,he-dual", "MATCH,DIRECT"]
+    run = MirageRun(lab, cfg, name="dialers-mirage", env={"SSL_CERT_FILE": str(lab.ca_path)})
     run.start()
     try:
         yield run
@@ -103,3 +162,53 @@ def test_ipv4_only_fails_fast_with_the_reason(lab: Lab, mirage: MirageRun,
     assert seconds < 2.0, seconds  # connect-timeout is 5 s
     log = mirage.log_text(offset)
     assert "cannot resolve v6only.proxy.test: no A record (ip-version: ipv4)" in log, log[-2000:]
+
+
+# Three datagrams from one connected socket bound to a source port.
+UDP_EXCHANGE = """
+import json, socket, sys
+name, port, local = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+ip = socket.getaddrinfo(name, port, socket.AF_INET, socket.SOCK_DGRAM)[0][4][0]
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(3)
+s.bind(("0.0.0.0", local)); s.connect((ip, port))
+replies = []
+for i in range(3):
+    s.send(b"chained %d" % i)
+    try:
+        replies.append(s.recv(4096).decode())
+    except TimeoutError:
+        replies.append(None)
+print(json.dumps({"ip": ip, "replies": replies}))
+"""
+
+
+@pytest.mark.parametrize("chain", list(CHAIN_PORTS))
+def test_udp_through_a_chain_rides_the_earlier_hops_tcp(
+        lab: Lab, mirage: MirageRun, upstream: SingBox, chain: str) -> None:
+    first = CHAIN_PORTS[chain]
+    before = len(upstream.log_text())
+    out = lab.exec("client", [sys.executable, "-c", UDP_EXCHANGE, "www.gamma.test",
+                              str(ECHO_PORT), str(first + 1)], timeout=20)
+    assert out.returncode == 0, out.stderr
+    got = json.loads(out.stdout)
+    assert got["ip"].startswith("198.18.")
+    for i, reply in enumerate(got["replies"]):
+        assert reply is not None, mirage.log_text()[-2000:]
+        # The echo saw sing-box (upstream), not the gateway's WAN address.
+        assert reply.startswith(f"chained {i} from=192.168.57."), reply
+        assert "from=192.168.57.1:" not in reply
+    # A DNS exchange through the chain: dig to dnsmasq on beta's address.
+    fake = lab.exec("client", ["dig", "+time=3", "+tries=1", "+short",
+                               "www.beta.test"]).stdout.strip()
+    assert fake.startswith("198.18."), fake
+    answer = lab.exec("client", ["dig", "+time=3", "+tries=2", "+short", "-b",
+                                 f"0.0.0.0#{first + 2}", f"@{fake}", "-p", str(DNS_PORT),
+                                 "www.alpha.test"]).stdout.strip()
+    assert answer == "192.168.57.10", (answer, mirage.log_text()[-2000:])
+    log = upstream.log_text()[before:]
+    # Trojan was reached through the SOCKS5 hop, by name; it got the
+    # datagrams' destination by name too.
+    assert f"inbound/socks[socks-in]: inbound connection to {TROJAN_NAME}:{TROJAN_PORT}" \
+        in log, log[-3000:]
+    assert f"inbound packet connection to www.gamma.test:{ECHO_PORT}" in log
+    assert f"inbound packet connection to www.beta.test:{DNS_PORT}" in log

@@ -287,3 +287,43 @@ def test_provider_dialer_proxy_and_chains_are_built_in_order() -> None:
     looped = ProxyConfig("x", "socks5", "192.0.2.5", 1, dialer_proxy="U")
     with pytest.raises(BuildError, match="cycle"):
         build_outbounds(cfg2, None, provided={"p": (looped,)})
+
+
+def test_relay_carries_udp_where_mihomo_does() -> None:
+    """mihomo's Relay.SupportUDP: the last hop's UDP must ride its own
+    stream (SupportUOT: trojan, vmess, vless), which the earlier hops carry
+    as TCP; a hop whose datagrams would go straight to its server
+    (Shadowsocks without udp-over-tcp, SOCKS5) cannot end a UDP chain."""
+    from appliance.outbound.build import build_outbounds
+
+    data = profile([
+        {"name": "ToTrojan", "type": "relay", "proxies": ["HK 01", "tj"]},
+        {"name": "ToSs", "type": "relay", "proxies": ["HK 01", "ss"]},
+        {"name": "ToTrojanNoUdp", "type": "relay", "proxies": ["HK 01", "tj"],
+         "disable-udp": True},
+        {"name": "OnlySs", "type": "relay", "proxies": ["DIRECT", "ss"]},
+        {"name": "Empty", "type": "relay", "proxies": ["DIRECT"]},
+    ])
+    data["proxies"] += [
+        {"name": "tj", "type": "trojan", "server": "t.example", "port": 443,
+         "password": "x", "udp": True},
+        {"name": "ss", "type": "ss", "server": "s.example", "port": 8388,
+         "cipher": "aes-128-gcm", "password": "x", "udp": True},
+        {"name": "tj-via", "type": "trojan", "server": "t.example", "port": 443,
+         "password": "x", "udp": True, "dialer-proxy": "HK 01"},
+        {"name": "ss-via", "type": "ss", "server": "s.example", "port": 8388,
+         "cipher": "aes-128-gcm", "password": "x", "udp": True, "dialer-proxy": "HK 01"},
+    ]
+    out = build_outbounds(parse_config(data), None)
+    assert out["ToTrojan"].carries_udp
+    assert not out["ToSs"].carries_udp
+    assert not out["ToTrojanNoUdp"].carries_udp
+    assert out["OnlySs"].carries_udp  # one hop: the proxy itself
+    assert out["Empty"].carries_udp  # no hop: DIRECT
+    assert out["tj-via"].carries_udp and not out["ss-via"].carries_udp
+
+    async def refused() -> None:
+        with pytest.raises(OutboundError, match="does not carry UDP"):
+            await out["ToSs"].open_udp("www.example.test", 53)
+
+    trio.run(refused)
