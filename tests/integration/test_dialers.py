@@ -3,9 +3,10 @@ with happy eyeballs (RFC 8305) for the server's address, and UDP through
 chains (a relay group, `dialer-proxy`).
 
 One sing-box upstream (module-scoped, stopped by PID) with a SOCKS5 inbound
-on `::` (reachable at 192.168.57.10 and fd57::10) and a Trojan inbound
-(TLS with the lab certificate, www.alpha.test); a UDP echo server
-(bench/udp_echo.py) on www.gamma.test's address and a dnsmasq on
+on `::` (reachable at 192.168.57.10 and fd57::10), a Shadowsocks one on
+fd57::10 and a Trojan inbound (TLS with the lab certificate, www.alpha.test); a
+UDP echo server
+(bench/udp_echo.py) on www.gamma.test's addresses and a dnsmasq on
 www.beta.test's, port 5354 (port 53 is hijacked to Mirage). Mirage runs
 with `ipv6: true` and `hosts` that give the proxy names their records:
 
@@ -19,7 +20,9 @@ and sing-box's log shows from which family the gateway reached it. The
 chains are chosen by the client's source port (SRC-PORT rules): the relay
 `Chain` (the SOCKS5 hop, then Trojan) and `tj-via` (Trojan with
 `dialer-proxy: hop`); sing-box's log shows the Trojan server reached
-through the SOCKS5 inbound, by name.
+through the SOCKS5 inbound, by name. Shadowsocks UDP sends to one address
+of `he.proxy.test` picked by `ip-version` (mihomo's choice: `dual` takes
+the A, `ipv6-prefer` the AAAA).
 """
 
 from __future__ import annotations
@@ -46,6 +49,8 @@ pytestmark = pytest.mark.netns
 ECHO = Path(__file__).resolve().parents[2] / "bench" / "udp_echo.py"
 SOCKS_PORT = 21080
 TROJAN_PORT = 21443
+SS_PORT = 21388
+SS_CIPHER, SS_PASSWORD = "aes-128-gcm", "dialers-ss"
 TROJAN_NAME = "www.alpha.test"  # in the lab certificate
 PASSWORD = "dialers-trojan"
 ECHO_PORT = 9996
@@ -54,6 +59,7 @@ BLACKHOLE4 = "192.168.57.99"  # in the upstream subnet, on no interface
 UP6 = "fd57::10"
 # Client source ports -> the chain the SRC-PORT rules send them through.
 CHAIN_PORTS = {"Chain": 32000, "tj-via": 32010}
+SS_PORTS = {"ss-v6prefer": 32020, "ss-dual": 32030}
 
 
 @pytest.fixture(scope="module")
@@ -65,14 +71,18 @@ def upstream(lab: Lab) -> Iterator[SingBox]:
               "users": [{"name": "lab", "password": PASSWORD}],
               "tls": {"enabled": True, "certificate_path": str(tls / "server.pem"),
                       "key_path": str(tls / "server.key")}}
+    # Bound to the one address: a socket on `::` may answer a datagram from
+    # another of the node's addresses, which a connected client drops.
+    ss = {"type": "shadowsocks", "tag": "ss-in", "listen": UP6, "listen_port": SS_PORT,
+          "method": SS_CIPHER, "password": SS_PASSWORD}
     sb = SingBox(lab, [{"type": "socks", "tag": "socks-in", "listen": "::",
-                        "listen_port": SOCKS_PORT}, trojan], name="sing-box-dialers")
+                        "listen_port": SOCKS_PORT}, trojan, ss], name="sing-box-dialers")
     logs = lab.state_dir / "dialers-servers"
     logs.mkdir(parents=True, exist_ok=True)
     procs: list[subprocess.Popen[bytes]] = []
     try:
         echo = lab.popen("upstream", [sys.executable, str(ECHO), "--tag", "--max-seconds", "600",
-                                      f"192.168.57.12:{ECHO_PORT}"],
+                                      f"192.168.57.12:{ECHO_PORT}", f"[fd57::12]:{ECHO_PORT}"],
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         procs.append(echo)
         assert echo.stdout is not None and echo.stdout.readline().strip() == b"ready"
@@ -115,10 +125,15 @@ def mirage(lab: Lab, upstream: SingBox) -> Iterator[MirageRun]:
         socks("hop", "192.168.57.10", "dual"),
         {"name": "tj", **trojan},
         {"name": "tj-via", **trojan, "dialer-proxy": "hop"},
+        *({"name": name, "type": "ss", "server": "he.proxy.test", "port": SS_PORT,
+           "cipher": SS_CIPHER, "password": SS_PASSWORD, "udp": True,
+           "ip-version": name.removeprefix("ss-").replace("v6prefer", "ipv6-prefer")}
+          for name in SS_PORTS),
     ]
     cfg["proxy-groups"] = [{"name": "Chain", "type": "relay", "proxies": ["hop", "tj"]}]
     cfg["rules"] = [
-        *(f"SRC-PORT,{first}-{first + 9},{name}" for name, first in CHAIN_PORTS.items()),
+        *(f"SRC-PORT,{first}-{first + 9},{name}"
+          for name, first in (*CHAIN_PORTS.items(), *SS_PORTS.items())),
         "DOMAIN,www.alpha.test,he-v4prefer", "DOMAIN,www.beta.test,six-v4",
         "DOMAIN,www.gamma.test,he-dual", "MATCH,DIRECT"]
     run = MirageRun(lab, cfg, name="dialers-mirage", env={"SSL_CERT_FILE": str(lab.ca_path)})
@@ -164,15 +179,17 @@ def test_ipv4_only_fails_fast_with_the_reason(lab: Lab, mirage: MirageRun,
     assert "cannot resolve v6only.proxy.test: no A record (ip-version: ipv4)" in log, log[-2000:]
 
 
-# Three datagrams from one connected socket bound to a source port.
+# Datagrams (argv 4, default 3) from one connected socket bound to a
+# source port, each waiting argv 5 seconds (default 3) for its reply.
 UDP_EXCHANGE = """
 import json, socket, sys
 name, port, local = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+count, wait = (int(sys.argv[4]), float(sys.argv[5])) if len(sys.argv) > 5 else (3, 3.0)
 ip = socket.getaddrinfo(name, port, socket.AF_INET, socket.SOCK_DGRAM)[0][4][0]
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(3)
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(wait)
 s.bind(("0.0.0.0", local)); s.connect((ip, port))
 replies = []
-for i in range(3):
+for i in range(count):
     s.send(b"chained %d" % i)
     try:
         replies.append(s.recv(4096).decode())
@@ -212,3 +229,28 @@ def test_udp_through_a_chain_rides_the_earlier_hops_tcp(
         in log, log[-3000:]
     assert f"inbound packet connection to www.gamma.test:{ECHO_PORT}" in log
     assert f"inbound packet connection to www.beta.test:{DNS_PORT}" in log
+
+
+def test_udp_protocols_send_to_the_family_ip_version_picks(
+        lab: Lab, mirage: MirageRun, upstream: SingBox) -> None:
+    before = len(upstream.log_text())
+    # ipv6-prefer: the AAAA, which answers.
+    out = lab.exec("client", [sys.executable, "-c", UDP_EXCHANGE, "www.gamma.test",
+                              str(ECHO_PORT), str(SS_PORTS["ss-v6prefer"] + 1)], timeout=20)
+    assert out.returncode == 0, out.stderr
+    replies = json.loads(out.stdout)["replies"]
+    for i, reply in enumerate(replies):
+        assert reply is not None, (mirage.log_text()[-2000:], upstream.log_text()[before:])
+        # From sing-box (whichever family it resolved gamma to), not the gateway.
+        assert reply.startswith(f"chained {i} from="), reply
+        assert "from=192.168.57.1:" not in reply and "from=fd57::1:" not in reply
+    log = upstream.log_text()[before:]
+    assert re.search(r"inbound/shadowsocks\[ss-in\]: inbound packet connection from "
+                     r"\[fd57::1\]:\d+", log), log[-2000:]
+    # dual: mihomo's UDP takes the A first, which black-holes: no reply
+    # (no race: a datagram has no handshake to race with).
+    out = lab.exec("client", [sys.executable, "-c", UDP_EXCHANGE, "www.gamma.test",
+                              str(ECHO_PORT), str(SS_PORTS["ss-dual"] + 1), "1", "1.5"],
+                   timeout=20)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["replies"] == [None]
