@@ -186,3 +186,20 @@ def test_an_unreachable_ip_version_is_said_at_load(caplog: pytest.LogCaptureFixt
             {"name": "six", "type": "socks5", "server": "s.test", "port": 1080,
              "ip-version": "ipv6"}]))
     assert "six" not in caplog.text
+
+
+async def test_direct_honours_the_top_level_ipv6() -> None:
+    """DIRECT is not a proxy: destinations keep RFC 8305's order (AAAA
+    first) with `ipv6: true`, and only A records are asked for with
+    `ipv6: false`, for TCP and for UDP."""
+    from appliance.outbound.direct import DirectOutbound
+
+    records = Records({4: [A1], 6: [B1]})
+    off = DirectOutbound(records, None, 5.0, ipv6=False)
+    assert (await off.dialer.resolve("d.test"))[0] == [A1]
+    assert await off.udp_addresses.resolve("d.test") == A1
+    assert set(records.asked) == {4}
+    on = DirectOutbound(records, None, 5.0, ipv6=True)
+    addresses, _ = await on.dialer.resolve("d6.test")
+    assert connect_plan(addresses, on.dialer.ip_version) == [(B1, D), (A1, D)]
+    assert await on.udp_addresses.resolve("d6.test") == B1
