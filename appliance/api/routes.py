@@ -93,7 +93,9 @@ class Api:
     def connections(self) -> dict[str, Any]:
         rows = self.src.flows.snapshot() if self.src.flows is not None else []
         if self.src.udp is not None:
-            rows += [{**r, "id": f"udp-{r['id']}"} for r in self.src.udp.snapshot()]
+            # UDP sessions take their ids from the flow registry's sequence
+            # (gateway/udp.py): an id names one entry, which DELETE ends.
+            rows += self.src.udp.snapshot()
         up, down = self.totals()
         return clash.connections_doc(rows, up, down)
 
