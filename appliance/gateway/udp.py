@@ -566,7 +566,9 @@ class UdpGateway:
     def snapshot(self) -> list[dict[str, Any]]:
         """Live sessions for the API's connection list, in the TCP flows'
         shape (appliance.gateway.splice.FlowRecord.as_dict) plus `state` and
-        `idle` seconds. Ids are the UDP gateway's own."""
+        `idle` seconds. Ids come from `new_id` (the TCP flow registry's
+        sequence) when given, so `close_flow` and the registry's never
+        mistake one for the other."""
         now = trio.current_time()
         return [
             {"id": s.id, "network": "udp",
