@@ -526,7 +526,8 @@ class UdpSessions:
 
 class UdpGateway:
     """The UDP gateway service: listener, reply sockets, and its sessions
-    (`UdpSessions`: table, counters)."""
+    (`UdpSessions`: table, counters), listed (`snapshot`) and ended by id
+    (`close_flow`) for the control API's /connections."""
 
     def __init__(
         self,
