@@ -203,3 +203,16 @@ async def test_direct_honours_the_top_level_ipv6() -> None:
     addresses, _ = await on.dialer.resolve("d6.test")
     assert connect_plan(addresses, on.dialer.ip_version) == [(B1, D), (A1, D)]
     assert await on.udp_addresses.resolve("d6.test") == B1
+
+
+def test_udp_a_chain_cannot_carry_is_said_at_load(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING):
+        parse_config(_profile(proxies=[
+            {"name": "hop", "type": "socks5", "server": "192.0.2.1", "port": 1080},
+            {"name": "ss-via", "type": "ss", "server": "192.0.2.2", "port": 8388,
+             "cipher": "aes-128-gcm", "password": "x", "udp": True, "dialer-proxy": "hop"},
+            {"name": "tj-via", "type": "trojan", "server": "192.0.2.3", "port": 443,
+             "password": "x", "udp": True, "dialer-proxy": "hop"},
+        ]))
+    assert "'ss-via': udp through dialer-proxy is not carried for ss" in caplog.text
+    assert "tj-via" not in caplog.text

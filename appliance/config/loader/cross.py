@@ -34,14 +34,21 @@ def check_cross(cfg: Config) -> None:
                     f"overlaps the fake-IP range {fake}: traffic to fake IPs must be captured",
                 )
     _check_ports(cfg)
-    _warn_ip_versions(cfg)
+    _warn_dialer_limits(cfg)
 
 
-def _warn_ip_versions(cfg: Config) -> None:
-    """A proxy whose `ip-version` leaves its server no address can never be
-    reached; mihomo loads such a profile (and fails each connection), so
-    Mirage loads it too, and says so now rather than at the first flow."""
+def _warn_dialer_limits(cfg: Config) -> None:
+    """What a proxy's way to its server leaves it unable to do, said now
+    rather than at the first flow (mihomo loads such profiles, so Mirage
+    does too): an `ip-version` that leaves its server no address (every
+    connection fails), and UDP on a `socks5`/`ss` proxy with
+    `dialer-proxy` (its datagrams would go straight to its server, around
+    the chain: not carried, UDP rules pass it over)."""
     for p in cfg.proxies:
+        if p.udp and p.dialer_proxy is not None and p.type in ("socks5", "ss"):
+            log.warning("proxy %r: udp through dialer-proxy is not carried for %s (its "
+                        "datagrams would go straight to its server): UDP rules skip it",
+                        p.name, p.type)
         if p.ip_version == "ipv6" and not cfg.ipv6:
             log.warning("proxy %r: ip-version: ipv6 with the top-level ipv6: false: its "
                         "server is never resolved (every connection through it fails)", p.name)
