@@ -181,6 +181,7 @@ def _nameserver_list(
     return [ns for _, ns in _nameserver_entries(value, path, ctx, ip_only=ip_only)]
 
 
+_T = TypeVar("_T")
 _Net = TypeVar("_Net", ipaddress.IPv4Network, ipaddress.IPv6Network)
 
 
@@ -263,35 +264,47 @@ def parse_dns(sec: Section, top_hosts: dict[str, list[IPAddress]]) -> DnsConfig:
     """`dns:`, with the top-level `hosts` (`top_hosts`) merged under it."""
     ctx = sec.ctx
     d = DnsConfig()
-    enable = sec.get("enable", as_bool, d.enable)
-    listen = sec.get("listen", as_listen, d.listen)
-    ipv6 = sec.get("ipv6", as_bool, d.ipv6)
-    mode = sec.get("enhanced-mode", choice(("fake-ip", "redir-host", "normal")), d.enhanced_mode)
-    fake_range = sec.get("fake-ip-range", _fake_ip_range, d.fake_ip_range)
-    fake_range6 = sec.get("fake-ip-range6", _fake_ip_range6, d.fake_ip_range6)
+    errors_before = len(ctx.errors)
+
+    def get(key: str, convert: Callable[[Any, str], _T], default: _T) -> _T:
+        # Each key on its own: a bad one is reported and the next still read.
+        return ctx.attempt(lambda: sec.get(key, convert, default), default)
+
+    enable = get("enable", as_bool, d.enable)
+    listen = get("listen", as_listen, d.listen)
+    ipv6 = get("ipv6", as_bool, d.ipv6)
+    mode = get("enhanced-mode", choice(("fake-ip", "redir-host", "normal")), d.enhanced_mode)
+    fake_range = get("fake-ip-range", _fake_ip_range, d.fake_ip_range)
+    fake_range6 = get("fake-ip-range6", _fake_ip_range6, d.fake_ip_range6)
     if fake_range6 is None and ipv6:
         fake_range6 = DEFAULT_FAKE_IP_RANGE6
-    fake_filter: list[str] = sec.get("fake-ip-filter", lambda v, p: _pattern_list(v, p, ctx), [])
-    filter_mode = sec.get(
+    fake_filter: list[str] = get("fake-ip-filter", lambda v, p: _pattern_list(v, p, ctx), [])
+    filter_mode = get(
         "fake-ip-filter-mode", choice(("blacklist", "whitelist")), d.fake_ip_filter_mode
     )
-    default_ns: list[Nameserver] = sec.get(
+    default_ns: list[Nameserver] = get(
         "default-nameserver", lambda v, p: _nameserver_list(v, p, ctx, ip_only=True), []
     )
     nameserver_raw = sec.raw("nameserver")
-    named = (
+    named = ctx.attempt(lambda: (
         [] if nameserver_raw is None
         else _nameserver_entries(nameserver_raw, sec.at("nameserver"), ctx)
-    )  # fmt: skip
+    ), [])  # fmt: skip
     nameservers = [ns for _, ns in named]
-    policy = _parse_policy(sec.raw("nameserver-policy"), sec.at("nameserver-policy"), ctx, named)
+    policy = ctx.attempt(lambda: _parse_policy(
+        sec.raw("nameserver-policy"), sec.at("nameserver-policy"), ctx, named), [])
     hosts = {name: list(addrs) for name, addrs in top_hosts.items()}
-    for name, addrs in parse_hosts(sec.raw("hosts"), sec.at("hosts"), ctx).items():
+    dns_hosts = ctx.attempt(lambda: parse_hosts(sec.raw("hosts"), sec.at("hosts"), ctx), {})
+    for name, addrs in dns_hosts.items():
         _merge_addrs(hosts, name, addrs)
-    ca_file = sec.get("ca-file", lambda v, p: as_path(v, p, ctx.base), d.ca_file)
-    upstream_timeout = sec.get("upstream-timeout", as_seconds, d.upstream_timeout)
-    cache_size = sec.get("cache-size", lambda v, p: as_int(v, p, 0, 10_000_000), d.cache_size)
+    ca_file = get("ca-file", lambda v, p: as_path(v, p, ctx.base), d.ca_file)
+    upstream_timeout = get("upstream-timeout", as_seconds, d.upstream_timeout)
+    cache_size = get("cache-size", lambda v, p: as_int(v, p, 0, 10_000_000), d.cache_size)
     sec.finish(DNS_KEYS, IGNORED_DNS)
+    if len(ctx.errors) > errors_before:
+        # What follows judges the values read above; with stand-ins for
+        # the broken ones it would only report echoes of the same errors.
+        return d
 
     if enable and not nameservers:
         why = (
