@@ -216,3 +216,24 @@ def test_udp_a_chain_cannot_carry_is_said_at_load(caplog: pytest.LogCaptureFixtu
         ]))
     assert "'ss-via': udp through dialer-proxy is not carried for ss" in caplog.text
     assert "tj-via" not in caplog.text
+
+
+async def test_a_named_direct_takes_ip_version() -> None:
+    """`type: direct` with `ip-version` (mihomo's DirectOption): its
+    destinations resolve and order by it; the built-in DIRECT keeps AAAA
+    first."""
+    from appliance.outbound.build import build_outbounds
+    from appliance.outbound.direct import DirectOutbound
+
+    cfg = parse_config(_profile(ipv6=True, proxies=[
+        {"name": "d4", "type": "direct", "ip-version": "ipv4"},
+        {"name": "d", "type": "direct"}]))
+    assert [p.ip_version for p in cfg.proxies] == ["ipv4", "dual"]
+    records = Records({4: [A1], 6: [B1]})
+    out = build_outbounds(cfg, records)
+    d4, d, builtin = out["d4"], out["d"], out["DIRECT"]
+    assert isinstance(d4, DirectOutbound) and isinstance(d, DirectOutbound)
+    assert isinstance(builtin, DirectOutbound)
+    assert (await d4.dialer.resolve("x.test"))[0] == [A1]
+    assert await d4.udp_addresses.resolve("x.test") == A1
+    assert d.dialer.ip_version == "dual" and builtin.dialer.ip_version == "ipv6-prefer"

@@ -44,7 +44,7 @@ _IGNORED_PROXY_COMMON = (
     "tfo", "mptcp", "interface-name", "routing-mark", "ip-version",
     "dialer-proxy", "fingerprint", "client-fingerprint", "smux",
 )  # fmt: skip
-# What socks5 and http ignore of those (they read `ip-version` themselves).
+# What socks5, http and direct ignore of those (they read `ip-version`).
 _IGNORED_SERVER_PROXY = tuple(k for k in _IGNORED_PROXY_COMMON if k != "ip-version")
 PROXY_KEYS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     # type: (implemented keys besides name/type, ignored keys)
@@ -61,7 +61,7 @@ PROXY_KEYS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     ),
     # udp: mihomo's direct takes it (and converters write it); Mirage's
     # DIRECT carries UDP either way.
-    "direct": ((), (*_IGNORED_PROXY_COMMON, "udp")),
+    "direct": (("ip-version",), (*_IGNORED_SERVER_PROXY, "udp")),
     "reject": ((), (*_IGNORED_PROXY_COMMON, "udp")),
 }
 # `preconnect` of plain SOCKS5 / HTTP proxies: connections kept open ahead
@@ -146,8 +146,12 @@ def _parse_entry(item: Any, path: str, ctx: LoadContext, names: set[str],
 def _parse_proxy(sec: Section, name: str, ptype: str) -> ProxyConfig:
     implemented, ignored = PROXY_KEYS[ptype]
     if ptype in ("direct", "reject"):
+        # A named direct takes `ip-version` for its destinations, as
+        # mihomo's does (the built-in DIRECT keeps RFC 8305's order).
+        ip_version = (sec.get("ip-version", choice(IP_VERSIONS), "dual")
+                      if "ip-version" in implemented else "dual")
         sec.finish(("name", "type", *implemented), ignored)
-        return ProxyConfig(name=name, type=ptype)
+        return ProxyConfig(name=name, type=ptype, ip_version=ip_version)
     server = sec.require("server", server_value)
     port = sec.require("port", as_port)
     username = sec.get("username", as_str, None) if "username" in implemented else None
