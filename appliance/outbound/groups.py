@@ -600,13 +600,15 @@ class RelayGroup(Group):
     Each hop is the member rebuilt with the previous hop as its `via`
     (`rechain`, from appliance/outbound/build.py), kept per chain.
 
-    UDP where mihomo's Relay.SupportUDP says so: the last hop's UDP must
-    ride its own stream to its server (mihomo's SupportUOT: Trojan, VMess,
-    VLESS), which then goes through the earlier hops' TCP; so the chain
-    carries UDP when its last hop, rebuilt on the chain, does (a hop
-    rebuilt with a `via` says no where its UDP would leave the chain:
-    Shadowsocks and SOCKS5 send datagrams straight to their server).
-    Raises OutboundError (a hop's, or "cannot be chained")."""
+    UDP where mihomo's Relay.SupportUDP says so (`udp_by_mihomo`), and
+    while the last hop rebuilt on the chain carries it: a last hop whose
+    UDP rides its own stream (`udp_over_stream`: Trojan, VMess, VLESS)
+    sends it through the earlier hops' TCP; a Shadowsocks hop
+    (`udp_through_via`) sends its datagrams as a UDP flow of the hop
+    before it, which must then carry UDP by the same rule; SOCKS5 and
+    HTTP hops end the search (mihomo: their UDP cannot be dialed through
+    another proxy). Raises OutboundError (a hop's, or "cannot be
+    chained")."""
 
     type = "Relay"
 
@@ -647,9 +649,20 @@ class RelayGroup(Group):
             self._chains[key] = built
         return built
 
+    def udp_by_mihomo(self) -> bool:
+        """mihomo's Relay.SupportUDP over the hops, last first."""
+        for hop in reversed(self.hops()):
+            if not hop.carries_udp:
+                return False
+            if getattr(hop, "udp_over_stream", False):
+                return True
+            if not getattr(hop, "udp_through_via", False):
+                return False
+        return True
+
     @property
     def carries_udp(self) -> bool:
-        if self.disable_udp:
+        if self.disable_udp or not self.udp_by_mihomo():
             return False
         try:
             return self.chain().carries_udp
@@ -663,7 +676,7 @@ class RelayGroup(Group):
     async def open_udp(self, host: str | IPAddress, port: int) -> UdpPeer | None:
         """The last hop's UDP, its stream through the earlier hops."""
         last = self.chain()
-        if self.disable_udp or not last.carries_udp:
+        if self.disable_udp or not self.udp_by_mihomo() or not last.carries_udp:
             return await no_udp(self.name)
         self._touch()
         return await last.open_udp(host, port)

@@ -13,7 +13,11 @@ copies instead of splicing.
 UDP (`udp: true`): one marked UDP socket to the server per flow and a local
 socket pair the gateway talks to (`ShadowsocksUdpPeer`): its datagrams are
 sealed on the way up and replies opened (and their source address
-stripped) on the way down, in `watch()`.
+stripped) on the way down, in `watch()`. With `dialer-proxy` (or as a relay
+hop) the sealed datagrams travel as a UDP flow of that outbound to the
+server instead (mihomo's ListenPacket through the proxy dialer), so they
+never leave around the chain; then UDP is carried only while that
+outbound carries UDP.
 
 How it fails: connect failures and the deadline as every outbound
 (`OutboundError`, `connect-timeout` over dial + plugin handshake). A wrong
@@ -42,6 +46,7 @@ import trio
 from appliance.config.model import IPAddress, ProxyConfig
 from appliance.config.protocols.shadowsocks import ShadowsocksOptions
 from appliance.outbound.base import (
+    Outbound,
     OutboundEnv,
     OutboundError,
     ServerDial,
@@ -62,6 +67,7 @@ from appliance.proto.shadowsocks import (
     evp_bytes_to_key,
     parse_psks,
 )
+from appliance.proto.socks5 import Socks5Error, parse_udp
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +84,9 @@ class ShadowsocksOutbound:
     connection's stream owns its socket."""
 
     type = "Shadowsocks"
+    # Its UDP can go as a UDP flow of the outbound before it (mihomo's
+    # SupportWithDialer), see RelayGroup in appliance/outbound/groups.py.
+    udp_through_via = True
 
     def __init__(self, name: str, server: str, port: int, options: ShadowsocksOptions,
                  env: OutboundEnv, *, udp: bool = False) -> None:
@@ -96,12 +105,14 @@ class ShadowsocksOutbound:
         self.plugin = make_plugin(options, server, port)
         # Whether a server byte has ever opened with our key (see the doc).
         self.verified = False
-        # 2022 UDP here takes one PSK (no identity headers). Through a
-        # `via` (dialer-proxy, a relay hop) there is no UDP: the datagrams
-        # would go straight to the server, around the chain (mihomo carries
-        # them only with udp-over-tcp, which Mirage does not speak).
-        self.carries_udp = (udp and env.via is None
-                            and not (self.method.is_2022 and len(self.key) > 1))
+        # 2022 UDP here takes one PSK (no identity headers).
+        self._udp = udp and not (self.method.is_2022 and len(self.key) > 1)
+        # `dialer-proxy` / a relay's previous hop: UDP goes through its UDP.
+        self.via: Outbound | None = env.via
+
+    @property
+    def carries_udp(self) -> bool:
+        return self._udp and (self.via is None or self.via.carries_udp)
 
     @classmethod
     def from_config(cls, p: ProxyConfig, env: OutboundEnv) -> ShadowsocksOutbound:
@@ -140,20 +151,36 @@ class ShadowsocksOutbound:
         except ShadowsocksError as e:
             raise OutboundError(f"{self.name}: udp: {e}") from None
         ip = await self.dialer.udp_address(self.server)
+        carrier = await (self._via_udp(ip) if self.via is not None else self._direct_udp(ip))
+        inner, outer = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+        for s in (inner, outer):
+            s.setblocking(False)
+        return ShadowsocksUdpPeer(outer, inner, carrier, client, self.name, header,
+                                  carrier.remote)
+
+    async def _direct_udp(self, ip: IPAddress) -> UdpPeer:
+        """A marked UDP socket connected to the server, as a bare peer."""
         family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
         remote = udp_socket(family, self.dialer.mark)
-        inner, outer = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
         try:
             remote.connect((str(ip), self.port))
-            for s in (inner, outer):
-                s.setblocking(False)
         except OSError as e:
-            for s in (remote, inner, outer):
-                s.close()
+            remote.close()
             raise OutboundError(f"{self.name}: udp {ip} port {self.port}: "
                                 f"{e.strerror or e}") from None
-        return ShadowsocksUdpPeer(outer, inner, remote, client, self.name, header,
-                                  f"{ip}:{self.port}")
+        await trio.lowlevel.checkpoint()
+        return UdpPeer(remote, self.name, remote=f"{ip}:{self.port}")
+
+    async def _via_udp(self, ip: IPAddress) -> UdpPeer:
+        """A UDP flow of the `via` outbound to the server (its address
+        resolved here, as mihomo resolves it before ListenPacket)."""
+        assert self.via is not None
+        carrier = await self.via.open_udp(ip, self.port)
+        if carrier is None:
+            raise OutboundError(f"{self.name}: udp: {self.via.name} rejects UDP to "
+                                f"{ip} port {self.port}")
+        carrier.remote = f"{ip}:{self.port} via {carrier.outbound}"
+        return carrier
 
 
 class ServerFailed(trio.BrokenResourceError):
@@ -273,13 +300,14 @@ class ShadowsocksStream(trio.abc.HalfCloseableStream):
         await self.transport.aclose()
 
 
-class _ServerSocket(trio.abc.Stream):
-    """The UDP socket to the server as the peer's `control`: the gateway
-    runs `watch()` (the relay) for peers that have one, and closing it
-    closes the socket. Not a byte stream: nothing reads or writes it."""
+class _Carrier(trio.abc.Stream):
+    """The way to the server (a UDP socket to it, or a UDP flow of the
+    `via` outbound) as the peer's `control`: the gateway runs `watch()`
+    (the relay) for peers that have one, and closing it closes the
+    carrier. Not a byte stream: nothing reads or writes it."""
 
-    def __init__(self, sock: socket.socket) -> None:
-        self.sock = sock
+    def __init__(self, carrier: UdpPeer) -> None:
+        self.carrier = carrier
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         raise trio.ClosedResourceError("the server socket of a UDP flow is not a stream")
@@ -291,8 +319,7 @@ class _ServerSocket(trio.abc.Stream):
         raise trio.ClosedResourceError("the server socket of a UDP flow is not a stream")
 
     async def aclose(self) -> None:
-        self.sock.close()
-        await trio.lowlevel.checkpoint()
+        await self.carrier.aclose()
 
 
 class ShadowsocksUdpPeer(UdpPeer):
@@ -301,26 +328,37 @@ class ShadowsocksUdpPeer(UdpPeer):
     one end of a local datagram pair; `watch()` seals what arrives at the
     other end and sends it to the server, and opens the server's replies,
     returning their payloads. Replies that do not open are dropped (a
-    wrong key, a replay; the first is logged). Owns the pair and the socket
-    to the server (`control`)."""
+    wrong key, a replay; the first is logged). The sealed datagrams go
+    through `carrier`: a bare peer on a socket connected to the server, or
+    a UDP flow of the `via` outbound (its header before each, its SOCKS5
+    header stripped from replies, its own `watch` run alongside; the flow
+    ends when it does). Owns the pair and the carrier (`control`)."""
 
-    def __init__(self, sock: socket.socket, inner: socket.socket, remote: socket.socket,
+    def __init__(self, sock: socket.socket, inner: socket.socket, carrier: UdpPeer,
                  client: UdpClient, outbound: str, header: bytes, where: str) -> None:
-        super().__init__(sock, outbound, header=header, control=_ServerSocket(remote),
+        super().__init__(sock, outbound, header=header, control=_Carrier(carrier),
                          remote=where)
         self.socks = False  # replies are bare payloads
         self.inner = inner
-        self.server = remote
+        self.carrier = carrier
         self.client = client
         self.dropped = 0
 
     async def watch(self) -> None:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._up)
+            if self.carrier.control is not None:
+                nursery.start_soon(self._carrier_watch, nursery.cancel_scope)
             await self._down()
+            nursery.cancel_scope.cancel()
+
+    async def _carrier_watch(self, scope: trio.CancelScope) -> None:
+        await self.carrier.watch()
+        scope.cancel()
 
     async def _up(self) -> None:
-        inner, server, seal = self.inner, self.server, self.client.seal
+        inner, seal = self.inner, self.client.seal
+        server, prefix = self.carrier.sock, self.carrier.header
         while True:
             await trio.lowlevel.wait_readable(inner)
             while True:
@@ -329,12 +367,13 @@ class ShadowsocksUdpPeer(UdpPeer):
                 except BlockingIOError:
                     break
                 try:
-                    server.send(seal(body))
+                    server.send(prefix + seal(body) if prefix else seal(body))
                 except OSError:
                     self.dropped += 1
 
     async def _down(self) -> None:
-        inner, server, open_ = self.inner, self.server, self.client.open
+        inner, open_ = self.inner, self.client.open
+        server, socks = self.carrier.sock, self.carrier.socks
         while True:
             await trio.lowlevel.wait_readable(server)
             while True:
@@ -345,9 +384,15 @@ class ShadowsocksUdpPeer(UdpPeer):
                 except OSError:
                     continue  # ICMP errors surface here; the server may come back
                 try:
+                    if socks:
+                        # A SOCKS5 via's relay: its UDP header first.
+                        relayed = parse_udp(packet)
+                        if relayed.frag:
+                            raise ShadowsocksError("a fragment from the via's relay")
+                        packet = relayed.payload
                     body = open_(packet)
                     inner.send(body[address_length(body):])
-                except (ShadowsocksError, OSError) as e:
+                except (ShadowsocksError, Socks5Error, OSError) as e:
                     self.dropped += 1
                     if self.dropped == 1:
                         log.warning("ss udp %s via %s: dropped a reply: %s", self.remote,

@@ -64,6 +64,9 @@ class TrojanOutbound:
     connection."""
 
     type = "Trojan"
+    # Its UDP rides its own stream to the server (mihomo's SupportUOT): a
+    # relay can end in it (appliance/outbound/groups.py RelayGroup).
+    udp_over_stream = True
 
     def __init__(self, name: str, server: str, port: int, password: str, *,
                  tls: TlsOptions, transport: TransportOptions | None, udp: bool,

@@ -62,6 +62,8 @@ UP6 = "fd57::10"
 # Client source ports -> the chain the SRC-PORT rules send them through.
 CHAIN_PORTS = {"Chain": 32000, "tj-via": 32010}
 SS_PORTS = {"ss-v6prefer": 32020, "ss-dual": 32030}
+# Shadowsocks UDP as a UDP flow of the outbound before it: Trojan's.
+SS_CHAIN_PORTS = {"ss-via-tj": 32040, "SsChain": 32050}
 
 
 @pytest.fixture(scope="module")
@@ -132,11 +134,17 @@ def mirage(lab: Lab, upstream: SingBox) -> Iterator[MirageRun]:
            "cipher": SS_CIPHER, "password": SS_PASSWORD, "udp": True,
            "ip-version": name.removeprefix("ss-").replace("v6prefer", "ipv6-prefer")}
           for name in SS_PORTS),
+        {"name": "ss6", "type": "ss", "server": UP6, "port": SS_PORT, "cipher": SS_CIPHER,
+         "password": SS_PASSWORD, "udp": True},
+        {"name": "ss-via-tj", "type": "ss", "server": UP6, "port": SS_PORT, "cipher": SS_CIPHER,
+         "password": SS_PASSWORD, "udp": True, "dialer-proxy": "tj"},
     ]
-    cfg["proxy-groups"] = [{"name": "Chain", "type": "relay", "proxies": ["hop", "tj"]}]
+    cfg["proxy-groups"] = [{"name": "Chain", "type": "relay", "proxies": ["hop", "tj"]},
+                           {"name": "SsChain", "type": "relay", "proxies": ["tj", "ss6"]}]
     cfg["rules"] = [
         *(f"SRC-PORT,{first}-{first + 9},{name}"
-          for name, first in (*CHAIN_PORTS.items(), *SS_PORTS.items())),
+          for name, first in (*CHAIN_PORTS.items(), *SS_PORTS.items(),
+                              *SS_CHAIN_PORTS.items())),
         "DOMAIN,www.alpha.test,he-v4prefer", "DOMAIN,www.beta.test,six-v4",
         "DOMAIN,www.gamma.test,he-dual", "MATCH,DIRECT"]
     run = MirageRun(lab, cfg, name="dialers-mirage", env={"SSL_CERT_FILE": str(lab.ca_path)})
@@ -255,3 +263,27 @@ def test_udp_protocols_send_to_the_family_ip_version_picks(
                    timeout=20)
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)["replies"] == [None]
+
+
+@pytest.mark.parametrize("chain", list(SS_CHAIN_PORTS))
+def test_shadowsocks_udp_rides_the_udp_of_the_outbound_before_it(
+        lab: Lab, mirage: MirageRun, upstream: SingBox, chain: str) -> None:
+    before = len(upstream.log_text())
+    out = lab.exec("client", [sys.executable, "-c", UDP_EXCHANGE, "www.gamma.test",
+                              str(ECHO_PORT), str(SS_CHAIN_PORTS[chain] + 1)], timeout=20)
+    assert out.returncode == 0, out.stderr
+    for i, reply in enumerate(json.loads(out.stdout)["replies"]):
+        assert reply is not None, (mirage.log_text()[-2000:], upstream.log_text()[before:])
+        assert reply.startswith(f"chained {i} from="), reply
+        assert "from=192.168.57.1:" not in reply and "from=fd57::1:" not in reply
+    log = upstream.log_text()[before:]
+    # The sealed datagrams reached the Shadowsocks server as a UDP flow of
+    # the Trojan server (to the address, resolved by Mirage as mihomo
+    # does), and the Shadowsocks server got the destination by name.
+    assert re.search(r"inbound/trojan\[trojan-in\]: (\[lab\] )?inbound packet connection to "
+                     + re.escape(f"[{UP6}]:{SS_PORT}"), log), log[-3000:]
+    assert f"inbound/shadowsocks[ss-in]: inbound packet connection to " \
+        f"www.gamma.test:{ECHO_PORT}" in log
+    # Not one datagram went from the gateway to the Shadowsocks server.
+    assert not re.search(r"inbound/shadowsocks\[ss-in\]: inbound packet connection from "
+                         r"\[fd57::1\]", log), log[-3000:]

@@ -213,9 +213,11 @@ def test_udp_a_chain_cannot_carry_is_said_at_load(caplog: pytest.LogCaptureFixtu
              "cipher": "aes-128-gcm", "password": "x", "udp": True, "dialer-proxy": "hop"},
             {"name": "tj-via", "type": "trojan", "server": "192.0.2.3", "port": 443,
              "password": "x", "udp": True, "dialer-proxy": "hop"},
+            {"name": "socks-via", "type": "socks5", "server": "192.0.2.4", "port": 1080,
+             "udp": True, "dialer-proxy": "hop"},
         ]))
-    assert "'ss-via': udp through dialer-proxy is not carried for ss" in caplog.text
-    assert "tj-via" not in caplog.text
+    assert "'socks-via': udp through dialer-proxy is not carried for socks5" in caplog.text
+    assert "tj-via" not in caplog.text and "ss-via" not in caplog.text
 
 
 async def test_a_named_direct_takes_ip_version() -> None:
