@@ -152,7 +152,11 @@ class ShadowsocksOutbound:
             raise OutboundError(f"{self.name}: udp: {e}") from None
         ip = await self.dialer.udp_address(self.server)
         carrier = await (self._via_udp(ip) if self.via is not None else self._direct_udp(ip))
-        inner, outer = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+        try:
+            inner, outer = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+        except BaseException:
+            await trio.aclose_forcefully(_Carrier(carrier))
+            raise
         for s in (inner, outer):
             s.setblocking(False)
         return ShadowsocksUdpPeer(outer, inner, carrier, client, self.name, header,
