@@ -13,11 +13,15 @@ copies instead of splicing.
 UDP (`udp: true`): one marked UDP socket to the server per flow and a local
 socket pair the gateway talks to (`ShadowsocksUdpPeer`): its datagrams are
 sealed on the way up and replies opened (and their source address
-stripped) on the way down, in `watch()`. With `dialer-proxy` (or as a relay
-hop) the sealed datagrams travel as a UDP flow of that outbound to the
-server instead (mihomo's ListenPacket through the proxy dialer), so they
-never leave around the chain; then UDP is carried only while that
-outbound carries UDP.
+stripped) on the way down, in `watch()`. The socket is not connected: a
+server bound to the wildcard on a host with several addresses answers
+from whichever the kernel picks, not always the one we sent to, and
+mihomo takes those replies too. A reply is trusted for opening with the
+key, not for where it came from. With `dialer-proxy` (or as a relay hop)
+the sealed datagrams travel as a UDP flow of that outbound to the server
+instead (mihomo's ListenPacket through the proxy dialer), so they never
+leave around the chain; then UDP is carried only while that outbound
+carries UDP.
 
 How it fails: connect failures and the deadline as every outbound
 (`OutboundError`, `connect-timeout` over dial + plugin handshake). A wrong
@@ -151,7 +155,10 @@ class ShadowsocksOutbound:
         except ShadowsocksError as e:
             raise OutboundError(f"{self.name}: udp: {e}") from None
         ip = await self.dialer.udp_address(self.server)
-        carrier = await (self._via_udp(ip) if self.via is not None else self._direct_udp(ip))
+        if self.via is not None:
+            carrier, to = await self._via_udp(ip), None
+        else:
+            carrier, to = await self._direct_udp(ip), (str(ip), self.port)
         try:
             inner, outer = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
         except BaseException:
@@ -160,18 +167,13 @@ class ShadowsocksOutbound:
         for s in (inner, outer):
             s.setblocking(False)
         return ShadowsocksUdpPeer(outer, inner, carrier, client, self.name, header,
-                                  carrier.remote)
+                                  carrier.remote, to=to)
 
     async def _direct_udp(self, ip: IPAddress) -> UdpPeer:
-        """A marked UDP socket connected to the server, as a bare peer."""
+        """A marked UDP socket for the server (not connected: see the
+        module doc), as a bare peer."""
         family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
         remote = udp_socket(family, self.dialer.mark)
-        try:
-            remote.connect((str(ip), self.port))
-        except OSError as e:
-            remote.close()
-            raise OutboundError(f"{self.name}: udp {ip} port {self.port}: "
-                                f"{e.strerror or e}") from None
         await trio.lowlevel.checkpoint()
         return UdpPeer(remote, self.name, remote=f"{ip}:{self.port}")
 
@@ -333,18 +335,21 @@ class ShadowsocksUdpPeer(UdpPeer):
     other end and sends it to the server, and opens the server's replies,
     returning their payloads. Replies that do not open are dropped (a
     wrong key, a replay; the first is logged). The sealed datagrams go
-    through `carrier`: a bare peer on a socket connected to the server, or
-    a UDP flow of the `via` outbound (its header before each, its SOCKS5
-    header stripped from replies, its own `watch` run alongside; the flow
-    ends when it does). Owns the pair and the carrier (`control`)."""
+    through `carrier`: a bare peer on an unconnected socket, sent `to` the
+    server, or a UDP flow of the `via` outbound (`to` None: its header
+    before each, its SOCKS5 header stripped from replies, its own `watch`
+    run alongside; the flow ends when it does). Owns the pair and the
+    carrier (`control`)."""
 
     def __init__(self, sock: socket.socket, inner: socket.socket, carrier: UdpPeer,
-                 client: UdpClient, outbound: str, header: bytes, where: str) -> None:
+                 client: UdpClient, outbound: str, header: bytes, where: str, *,
+                 to: tuple[str, int] | None = None) -> None:
         super().__init__(sock, outbound, header=header, control=_Carrier(carrier),
                          remote=where)
         self.socks = False  # replies are bare payloads
         self.inner = inner
         self.carrier = carrier
+        self.to = to
         self.client = client
         self.dropped = 0
 
@@ -361,7 +366,7 @@ class ShadowsocksUdpPeer(UdpPeer):
         scope.cancel()
 
     async def _up(self) -> None:
-        inner, seal = self.inner, self.client.seal
+        inner, seal, to = self.inner, self.client.seal, self.to
         server, prefix = self.carrier.sock, self.carrier.header
         while True:
             await trio.lowlevel.wait_readable(inner)
@@ -371,7 +376,10 @@ class ShadowsocksUdpPeer(UdpPeer):
                 except BlockingIOError:
                     break
                 try:
-                    server.send(prefix + seal(body) if prefix else seal(body))
+                    if to is not None:
+                        server.sendto(seal(body), to)
+                    else:
+                        server.send(prefix + seal(body) if prefix else seal(body))
                 except OSError:
                     self.dropped += 1
 
@@ -386,7 +394,7 @@ class ShadowsocksUdpPeer(UdpPeer):
                 except BlockingIOError:
                     break
                 except OSError:
-                    continue  # ICMP errors surface here; the server may come back
+                    continue  # the server may come back
                 try:
                     if socks:
                         # A SOCKS5 via's relay: its UDP header first.

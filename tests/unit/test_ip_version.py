@@ -216,7 +216,7 @@ def test_udp_a_chain_cannot_carry_is_said_at_load(caplog: pytest.LogCaptureFixtu
             {"name": "socks-via", "type": "socks5", "server": "192.0.2.4", "port": 1080,
              "udp": True, "dialer-proxy": "hop"},
         ]))
-    assert "'socks-via': udp through dialer-proxy is not carried for socks5" in caplog.text
+    assert "SOCKS5 proxy behind a dialer-proxy ('socks-via')" in caplog.text
     assert "tj-via" not in caplog.text and "ss-via" not in caplog.text
 
 

@@ -34,22 +34,16 @@ def check_cross(cfg: Config) -> None:
                     f"overlaps the fake-IP range {fake}: traffic to fake IPs must be captured",
                 )
     _check_ports(cfg)
-    _warn_dialer_limits(cfg)
+    _warn_ip_versions(cfg)
 
 
-def _warn_dialer_limits(cfg: Config) -> None:
+def _warn_ip_versions(cfg: Config) -> None:
     """What a proxy's way to its server leaves it unable to do, said now
     rather than at the first flow (mihomo loads such profiles, so Mirage
     does too): an `ip-version` that leaves its server no address (every
-    connection fails), and UDP on a `socks5` proxy with `dialer-proxy`
-    (its UDP ASSOCIATE relay would be reached straight, around the chain:
-    not carried, UDP rules pass it over, as mihomo's SOCKS5 cannot dial its
-    UDP through another proxy either)."""
+    connection fails). (SOCKS5 UDP behind a dialer-proxy is said by
+    loader/proxies.py `warn_udp_behind_dialer`.)"""
     for p in cfg.proxies:
-        if p.udp and p.dialer_proxy is not None and p.type == "socks5":
-            log.warning("proxy %r: udp through dialer-proxy is not carried for socks5 (its "
-                        "UDP relay would be reached around the chain): UDP rules skip it",
-                        p.name)
         if p.ip_version == "ipv6" and not cfg.ipv6:
             log.warning("proxy %r: ip-version: ipv6 with the top-level ipv6: false: its "
                         "server is never resolved (every connection through it fails)", p.name)
