@@ -220,7 +220,14 @@ def _pattern_list(value: Any, path: str, ctx: LoadContext) -> list[str]:
         if text.lower().startswith(("geosite:", "rule-set:")):
             ctx.ignore(item_path, text)
             continue
-        pattern = as_domain(text, item_path, wildcards=True)
+        try:
+            pattern = as_domain(text, item_path, wildcards=True)
+        except ConfigError as err:
+            # mihomo loads any string here; one that is no name pattern
+            # (`time?.*.com`, `a b`) matches no name there either.
+            ctx.ignore(item_path, f"not a domain pattern ({err.reason}): matches nothing",
+                       kind="skipped", error=err)
+            continue
         if pattern not in result:
             result.append(pattern)
     return result
