@@ -397,7 +397,8 @@ class Appliance:
                          task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """The transparent UDP gateway on tproxy-port; sessions are routed by
         the live router (reloads apply to new sessions)."""
-        self.udp = UdpGateway(self.cfg, pool, dispatcher.open_udp, flows=self.limits.flows)
+        self.udp = UdpGateway(self.cfg, pool, dispatcher.open_udp, flows=self.limits.flows,
+                              new_id=self.flows.new_id if self.flows is not None else None)
         try:
             await self.udp.serve(task_status=task_status)
         except OSError as err:

@@ -40,7 +40,8 @@ class Listed(Counted, Protocol):
 
 
 class Closable(Listed, Protocol):
-    """The TCP flow registry: its flows can be ended (DELETE /connections)."""
+    """The TCP flow registry and the UDP gateway: their flows can be ended
+    by id (DELETE /connections)."""
 
     def close_flow(self, flow_id: int) -> bool: ...
 
@@ -94,7 +95,7 @@ class Sources(Protocol):
     def flows(self) -> Closable | None: ...
 
     @property
-    def udp(self) -> Listed | None: ...
+    def udp(self) -> Closable | None: ...
 
     @property
     def capture(self) -> object | None: ...

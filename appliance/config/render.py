@@ -42,6 +42,8 @@ def _proxy(p: ProxyConfig, redact: bool) -> dict[str, Any]:
     if p.options is not None:
         return render_protocol_proxy(p, redact)
     out: dict[str, Any] = {"name": p.name, "type": p.type}
+    if p.type == "direct" and p.ip_version != "dual":
+        out["ip-version"] = p.ip_version
     if p.type in ("direct", "reject"):
         return out
     out["server"] = p.server
@@ -57,6 +59,8 @@ def _proxy(p: ProxyConfig, redact: bool) -> dict[str, Any]:
         out["sni"] = p.sni
     if p.type == "socks5":
         out["udp"] = p.udp
+    if p.ip_version != "dual":
+        out["ip-version"] = p.ip_version
     return out
 
 
