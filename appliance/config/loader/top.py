@@ -14,7 +14,7 @@ from typing import Any, cast
 from appliance.config.loader.appliance import parse_appliance
 from appliance.config.loader.controller import CONTROLLER_KEYS, parse_controller
 from appliance.config.loader.cross import check_cross
-from appliance.config.loader.dns import parse_dns, parse_hosts
+from appliance.config.loader.dns import check_dns_references, parse_dns, parse_hosts
 from appliance.config.loader.errors import ConfigError, index_path
 from appliance.config.loader.groups import parse_groups
 from appliance.config.loader.proxies import BUILTIN_TARGETS, parse_proxies
@@ -103,6 +103,7 @@ def parse_root(data: Any, ctx: LoadContext) -> Config:
     rule_providers = parse_rule_providers(root.raw("rule-providers"), root.at("rule-providers"),
                                           ctx)
     provider_names = {p.name for p in rule_providers}
+    check_dns_references(dns, root.at("dns") or "dns", targets, skipped, rule_providers)
     sub_rules = parse_sub_rules(root.raw("sub-rules"), root.at("sub-rules"), ctx, targets,
                                 skipped, provider_names)
     rules = parse_rules(root.raw("rules"), root.at("rules"), ctx, targets, skipped,
