@@ -17,6 +17,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar, cast
 
 from appliance.config.loader.errors import NO_VALUE, ConfigError, index_path
+from appliance.config.loader.rules import parse_rule
 from appliance.config.loader.scalars import (
     as_bool,
     as_domain,
@@ -33,7 +34,6 @@ from appliance.config.loader.scalars import (
     split_host_port,
 )
 from appliance.config.loader.section import LoadContext, Section
-from appliance.config.loader.rules import parse_rule
 from appliance.config.model import (
     DnsConfig,
     DomainPolicy,
@@ -350,10 +350,10 @@ def _fallback_filter(value: Any, path: str, ctx: LoadContext) -> FallbackFilter:
     geoip = sec.get("geoip", as_bool, d.geoip)
     code = sec.get("geoip-code", lambda v, p: as_nonempty_str(v, p).strip().lower(),
                    d.geoip_code)
-    cidrs = sec.get("ipcidr", _cidr_list, [])
-    domains = [e for e in sec.get("domain", lambda v, p: _pattern_list(v, p, ctx), [])
-               if not e.startswith(("geosite:", "rule-set:"))]
-    geosite = sec.get(
+    cidrs: list[IPNetwork] = sec.get("ipcidr", _cidr_list, [])
+    listed: list[str] = sec.get("domain", lambda v, p: _pattern_list(v, p, ctx), [])
+    domains = [e for e in listed if not e.startswith(("geosite:", "rule-set:"))]
+    geosite: list[str] = sec.get(
         "geosite",
         lambda v, p: [as_nonempty_str(x, index_path(p, i)).strip().lower()
                       for i, x in enumerate(as_list(v, p))],
@@ -547,13 +547,14 @@ def check_dns_references(
     names += [f"rule-set:{r.payload}" for r in dns.fake_ip_filter_rules
               if isinstance(r.payload, RuleSetName)]
     names = [n for n in names if n.startswith("rule-set:")]
-    for entry in names:
-        name = entry.removeprefix("rule-set:")
+    for set_name in names:
+        name = set_name.removeprefix("rule-set:")
         behavior = behaviors.get(name)
         if behavior is None:
-            raise ConfigError(path, entry, f"rule-set {name!r} names no rule-providers entry")
+            raise ConfigError(path, set_name,
+                              f"rule-set {name!r} names no rule-providers entry")
         if behavior == "ipcidr":
-            raise ConfigError(path, entry,
+            raise ConfigError(path, set_name,
                               f"rule-set {name!r} holds addresses; a DNS name needs domains")
 
 
