@@ -1,4 +1,5 @@
-"""mihomo's DNS policy against real servers: DoT, queries through a proxy,
+"""mihomo's DNS policy against real servers (and against mihomo itself): DoT,
+queries through a proxy,
 fallback and its filter, nameserver-policy sets.
 
 Two unbounds on loopback addresses (A on NET.1, B on NET.2) serve plain
@@ -28,6 +29,7 @@ import pytest
 import trio
 from dnslib import QTYPE, RCODE, DNSRecord
 
+from appliance.config.loader import parse_config
 from appliance.config.model import (
     DnsConfig,
     DomainPolicy,
@@ -35,6 +37,7 @@ from appliance.config.model import (
     Nameserver,
     ProxyConfig,
 )
+from appliance.dns.policy import FakeIpFilter
 from appliance.dns.upstream import Resolver
 from appliance.dns.upstream_api import UpstreamError
 from appliance.geodata import Geodata
@@ -333,3 +336,90 @@ async def test_policy_rule_set_and_direct_nameserver(servers: Any, pki: CertPath
         assert resolver.nameservers_for("pick.lab.test") == (ns("tls", ADDR_B),)
         resolver.set_env(RuleEnv(providers={"lab": ProviderRules("domain", domains=())}))
         assert resolver.nameservers_for("pick.lab.test") == (ns("udp", ADDR_A),)
+
+
+# -- the same dns section in mihomo ------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _dig(port: int, name: str) -> list[str]:
+    """A records mihomo's DNS listener answers for `name` ([] for none)."""
+    query = DNSRecord.question(name, "A")
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.settimeout(4)
+        sock.sendto(query.pack(), ("127.0.0.1", port))
+        try:
+            reply = DNSRecord.parse(sock.recv(4096))
+        except TimeoutError:
+            return ["timeout"]
+    return rdatas(reply)
+
+
+def _mihomo_answers(tmp_path: Path, dns_section: dict[str, Any], names: list[str]
+                    ) -> dict[str, list[str]]:
+    from appliance.lab.reference import start_mihomo
+
+    dns_port, mixed = _free_port(), _free_port()
+    profile = {"mixed-port": mixed, "log-level": "warning", "ipv6": False,
+               "dns": {"enable": True, "listen": f"127.0.0.1:{dns_port}", "ipv6": False,
+                       **dns_section}}
+    proc = start_mihomo(tmp_path / "mihomo", profile, mixed)
+    try:
+        return {name: _dig(dns_port, name) for name in names}
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+FALLBACK_NAMES = ["poison.lab.test", "clean.lab.test", "nx.lab.test", "only.lab.test",
+                  "cn.lab.test", "lan.lab.test", "pick.lab.test"]
+
+
+async def test_fallback_answers_equal_mihomos(servers: Any, pki: CertPaths,
+                                              tmp_path: Path) -> None:
+    """Same nameserver, fallback and fallback-filter (default geoip CN, with
+    mihomo's own country.mmdb for both) in mihomo and in Mirage: the same
+    answer for every name."""
+    section = {"enhanced-mode": "normal", "default-nameserver": [ADDR_A],
+               "nameserver": [f"udp://{ADDR_A}"], "fallback": [f"udp://{ADDR_B}"],
+               "fallback-filter": {"geoip": True, "geoip-code": "CN",
+                                   "ipcidr": ["240.0.0.0/4"], "domain": ["+.only.lab.test"]}}
+    theirs = await trio.to_thread.run_sync(_mihomo_answers, tmp_path, section, FALLBACK_NAMES)
+    dns = config(ns("udp", ADDR_A), pki=pki, fallback=(ns("udp", ADDR_B),),
+                 fallback_filter=FallbackFilter(ipcidr=(ipaddress.ip_network("240.0.0.0/4"),),
+                                                domain=("+.only.lab.test",)))
+    ours: dict[str, list[str]] = {}
+    async with Resolver(dns, env=RuleEnv(geo=Geodata(mihomo_geodata()))) as resolver:
+        for name in FALLBACK_NAMES:
+            ours[name] = rdatas(await ask(resolver, name))
+    assert ours == theirs
+    assert ours["poison.lab.test"] == ["192.0.2.99"]
+
+
+async def test_fake_ip_filter_decisions_equal_mihomos(servers: Any, pki: CertPaths,
+                                                      tmp_path: Path) -> None:
+    """Which names get a fake IP, mihomo against FakeIpFilter, in rule mode
+    (first match decides, no match: fake), as a blacklist with geosite and
+    mihomo's literal `?`, and as a whitelist."""
+    names = ["www.lab.test", "pick.lab.test", "time1.lab.test", "www.baidu.com",
+             "a.b.lab.test", "x.example"]
+    geo = Geodata(mihomo_geodata())
+    for mode, entries in (
+        ("rule", ["DOMAIN,pick.lab.test,fake-ip", "DOMAIN-SUFFIX,lab.test,real-ip",
+                  "GEOSITE,cn,real-ip"]),
+        ("blacklist", ["*.lab.test", "geosite:cn", "time?.*.com"]),
+        ("whitelist", ["+.b.lab.test", "x.example"]),
+    ):
+        section = {"enhanced-mode": "fake-ip", "fake-ip-range": "198.18.0.1/16",
+                   "fake-ip-filter-mode": mode, "fake-ip-filter": entries,
+                   "default-nameserver": [ADDR_A], "nameserver": [f"udp://{ADDR_A}"]}
+        theirs = await trio.to_thread.run_sync(_mihomo_answers, tmp_path / mode, section, names)
+        ours = FakeIpFilter(parse_config({"dns": section}).dns, RuleEnv(geo=geo))
+        fakes = {name: any(a.startswith("198.18.") for a in theirs[name]) for name in names}
+        assert {name: ours.wants_fake_ip(name) for name in names} == fakes, (mode, theirs)
+        assert len(set(fakes.values())) == 2, (mode, theirs)  # both outcomes seen

