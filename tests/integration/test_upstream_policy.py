@@ -1,6 +1,5 @@
 """mihomo's DNS policy against real servers (and against mihomo itself): DoT,
-queries through a proxy,
-fallback and its filter, nameserver-policy sets.
+queries through a proxy, fallback and its filter, nameserver-policy sets.
 
 Two unbounds on loopback addresses (A on NET.1, B on NET.2) serve plain
 DNS, DoH and DoT with certificates from a private CA, log every query with
