@@ -1,0 +1,66 @@
+"""The DNS policy end to end in the lab: a LAN client's query to Mirage,
+answered through mihomo's fallback with a DoT upstream reached through a
+SOCKS5 proxy.
+
+`nameserver` is the lab's poisoned ISP resolver (dnsmasq), `fallback` the
+honest unbound over DoT, known by name (`tls://doh.test`) and reached
+through dante (`#dante`: the name goes to the proxy, which resolves it).
+fallback-filter flags the poisoned resolver's favourite answer
+(192.168.57.10), so:
+
+- `time.ntp.test` (resolved for real: in fake-ip-filter): dnsmasq's
+  answer 192.168.57.10 is filtered, unbound's 192.168.57.123 is the answer;
+- a name dnsmasq refuses: the fallback answers (NXDOMAIN); dante logs a
+  CONNECT to the name `doh.test` port 853, and unbound logs the query from
+  the upstream node's own address (dante resolved doh.test and connected;
+  over IPv6 when the AAAA wins), never from the gateway's;
+- names outside the filter still get fake IPs.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+
+import pytest
+from lab_client import FAKE, dig
+
+from appliance.lab.lab import Lab
+from appliance.lab.mirage import MirageRuns
+
+pytestmark = pytest.mark.netns
+
+
+def _clients(log: Path, name: str, timeout: float = 3.0) -> list[str]:
+    """Client addresses unbound logged for `name` (waits for the first)."""
+    pattern = re.compile(rf"info: (\S+) {re.escape(name)}\. ")
+    deadline = time.monotonic() + timeout
+    while True:
+        found = pattern.findall(log.read_text(errors="replace")) if log.exists() else []
+        if found or time.monotonic() > deadline:
+            return found
+        time.sleep(0.05)
+
+
+def test_fallback_over_dot_through_socks5(lab: Lab, runs: MirageRuns) -> None:
+    topo = lab.topology
+    honest = topo.honest_resolver
+    poisoned = str(topo.poisoned_resolver.address)
+    socks = topo.socks[0]
+    runs.start(dns={
+        "default-nameserver": [str(honest.address)],
+        "nameserver": [poisoned],
+        "fallback": [f"tls://{honest.name}#{socks.name}"],
+        "fallback-filter": {"geoip": False, "ipcidr": [f"{socks.address}/32"]},
+        "fake-ip-filter": ["time.*.test", "+.viadot.test"],
+    })
+    assert dig(lab, "+short", "time.ntp.test") == "192.168.57.123"
+    status = dig(lab, "probe.viadot.test")
+    assert "status: NXDOMAIN" in status, status
+    clients = _clients(lab.log("unbound"), "probe.viadot.test")
+    upstream = {str(a.ip) for a in topo.nodes["upstream"].interface("wan0").addresses}
+    gateway = {str(a.ip) for a in topo.nodes["gateway"].interface("wan0").addresses}
+    assert clients and set(clients) <= upstream and not set(clients) & gateway, clients
+    assert f"{honest.name}.853" in lab.dante_log.read_text(errors="replace")
+    assert FAKE.match(dig(lab, "+short", "www.gamma.test"))
