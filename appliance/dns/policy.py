@@ -7,7 +7,11 @@ mihomo's `dns/resolver.go` (`ipExchange`, `matchPolicy`,
 
 - `nameserver-policy` is tried in config order; the first entry whose
   pattern, geosite list or rule-set holds the name decides, for every
-  query type. A name it decides never reaches `fallback`.
+  query type. Consecutive domain-pattern entries form one of mihomo's
+  domain tries (`PolicyTrie`), where the most specific pattern wins, not
+  the first (`+.a.com` then `b.a.com`: b.a.com takes the second), and a
+  pattern given twice keeps its later servers. A name the policy decides
+  never reaches `fallback`.
 - Otherwise, for A and AAAA only (mihomo's `isIPRequest`), with `fallback`
   configured:
   - a name in `fallback-filter.domain` / `.geosite` is asked of `fallback`
@@ -32,6 +36,7 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 from appliance.config.model import (
     DnsConfig,
@@ -41,7 +46,7 @@ from appliance.config.model import (
     Rule,
     RuleSetName,
 )
-from appliance.names import DomainTrie
+from appliance.names import DomainTrie, normalize
 from appliance.rules.engine import EMPTY_ENV, FlowContext, RuleEnv, RuleSet
 
 # Query types mihomo's fallback applies to (dnslib's numbers).
@@ -81,6 +86,72 @@ def _set_rule(entry: str) -> Rule | None:
 
 def _by_name(name: str) -> FlowContext:
     return FlowContext(domain=name, dst_ip=None, dst_port=0)
+
+
+T = TypeVar("T")
+
+
+class _TrieNode(Generic[T]):
+    __slots__ = ("children", "has", "value")
+
+    def __init__(self) -> None:
+        self.children: dict[str, _TrieNode[T]] = {}
+        self.has = False
+        self.value: T | None = None
+
+
+class PolicyTrie(Generic[T]):
+    """mihomo's `component/trie` DomainTrie, for nameserver-policy: the
+    value of the most specific pattern matching a name. At each label
+    (from the top-level domain down) the exact label is tried first, then
+    `*` (one label), then `.x` (one or more labels below); the first
+    complete match in that order wins. Inserting a pattern again replaces
+    its value. Patterns are the loader's (appliance/names.py forms)."""
+
+    def __init__(self) -> None:
+        self._root: _TrieNode[T] = _TrieNode()
+
+    def insert(self, pattern: str, value: T) -> None:
+        parts = normalize(pattern).split(".")
+        if parts[0] == "+":
+            self._insert(parts[1:], value)
+            parts[0] = ""
+        self._insert(parts, value)
+
+    def _insert(self, parts: list[str], value: T) -> None:
+        node = self._root
+        for part in reversed(parts):
+            node = node.children.setdefault(part, _TrieNode())
+        node.has, node.value = True, value
+
+    def search(self, name: str) -> T | None:
+        parts = normalize(name).split(".")
+        if not parts[0] or "" in parts[1:]:
+            return None
+        # Memo of (node, labels left) that led nowhere: the walk backtracks
+        # (exact, then `*`), which without it costs 2^labels on a trie of
+        # `*` patterns.
+        dead: set[tuple[int, int]] = set()
+        found = self._search(self._root, parts, dead)
+        return found.value if found is not None and found.has else None
+
+    def _search(self, node: _TrieNode[T], parts: list[str],
+                dead: set[tuple[int, int]]) -> _TrieNode[T] | None:
+        if not parts:
+            return node
+        key = (id(node), len(parts))
+        if key in dead:
+            return None
+        for label in (parts[-1], "*"):
+            child = node.children.get(label)
+            if child is not None:
+                found = self._search(child, parts[:-1], dead)
+                if found is not None and found.has:
+                    return found
+        below = node.children.get("")
+        if below is None or not below.has:
+            dead.add(key)
+        return below
 
 
 class DomainSet:
@@ -159,10 +230,24 @@ class Policy:
         use_fallback: bool = True,
     ) -> None:
         self._main = tuple(dns.nameserver if main is None else main)
-        self._entries: list[tuple[DomainSet, tuple[Nameserver, ...]]] = []
-        if use_policy:
-            for entry in dns.nameserver_policy:
-                self._entries.append((DomainSet([entry.pattern], env), entry.nameservers))
+        # In order: a geosite/rule-set set with its servers, or a trie of
+        # the consecutive domain patterns (mihomo's NewResolver).
+        self._entries: list[DomainSet | PolicyTrie[tuple[Nameserver, ...]]] = []
+        self._sets: dict[int, tuple[Nameserver, ...]] = {}
+        self._all: set[Nameserver] = set()
+        trie: PolicyTrie[tuple[Nameserver, ...]] | None = None
+        for entry in dns.nameserver_policy if use_policy else ():
+            self._all.update(entry.nameservers)
+            if _set_rule(entry.pattern) is None:
+                if trie is None:
+                    trie = PolicyTrie()
+                    self._entries.append(trie)
+                trie.insert(entry.pattern, entry.nameservers)
+                continue
+            trie = None
+            names = DomainSet([entry.pattern], env)
+            self._sets[id(names)] = entry.nameservers
+            self._entries.append(names)
         self._fallback = dns.fallback if use_fallback else ()
         ff = dns.fallback_filter
         self._fallback_names = DomainSet(
@@ -179,15 +264,16 @@ class Policy:
 
     def servers(self) -> set[Nameserver]:
         """Every nameserver a plan can name."""
-        out = set(self._main) | set(self._fallback)
-        for _, servers in self._entries:
-            out.update(servers)
-        return out
+        return set(self._main) | set(self._fallback) | self._all
 
     def policy_for(self, name: str) -> tuple[Nameserver, ...] | None:
-        for names, servers in self._entries:
-            if names.matches(name):
-                return servers
+        for entry in self._entries:
+            if isinstance(entry, PolicyTrie):
+                servers = entry.search(name)
+                if servers is not None:
+                    return servers
+            elif entry.matches(name):
+                return self._sets[id(entry)]
         return None
 
     def plan(self, name: str, qtype: int) -> Plan:

@@ -422,3 +422,26 @@ async def test_fake_ip_filter_decisions_equal_mihomos(servers: Any, pki: CertPat
         fakes = {name: any(a.startswith("198.18.") for a in theirs[name]) for name in names}
         assert {name: ours.wants_fake_ip(name) for name in names} == fakes, (mode, theirs)
         assert len(set(fakes.values())) == 2, (mode, theirs)  # both outcomes seen
+
+
+async def test_policy_precedence_equals_mihomos(servers: Any, pki: CertPaths,
+                                                tmp_path: Path) -> None:
+    """nameserver-policy with a broad pattern first and a narrower one after
+    it (mihomo's trie: the narrower wins), a duplicate (the later wins),
+    and a set between patterns."""
+    section = {"enhanced-mode": "normal", "default-nameserver": [ADDR_A],
+               "nameserver": [f"udp://{ADDR_A}"],
+               "nameserver-policy": {"+.lab.test": f"udp://{ADDR_A}",
+                                     "pick.lab.test": f"udp://{ADDR_B}",
+                                     "*.lab.test,poison.lab.test": f"udp://{ADDR_B}",
+                                     "clean.lab.test": f"udp://{ADDR_A}"}}
+    names = ["pick.lab.test", "poison.lab.test", "clean.lab.test", "cn.lab.test",
+             "www.lab.test"]
+    theirs = await trio.to_thread.run_sync(_mihomo_answers, tmp_path, section, names)
+    cfg = parse_config({"dns": section})
+    ours: dict[str, list[str]] = {}
+    async with Resolver(dataclasses.replace(cfg.dns, ca_file=pki.ca_cert)) as resolver:
+        for name in names:
+            ours[name] = rdatas(await ask(resolver, name))
+    assert ours == theirs
+    assert ours["pick.lab.test"] == ["192.0.2.2"] and ours["clean.lab.test"] == ["192.0.2.5"]

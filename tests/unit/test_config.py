@@ -728,8 +728,6 @@ def test_top_level_and_appliance_values(
          "at least one"),
         ({"nameserver-policy": {"a..b": "1.1.1.1"}}, "dns.nameserver-policy['a..b']",
          "invalid label"),
-        ({"nameserver-policy": {"+.a": "1.1.1.1", "b,+.a": "1.1.1.2"}},
-         "dns.nameserver-policy['b,+.a']", "already has a policy"),
         ({"hosts": {"a.lan": "300.0.0.1"}}, "dns.hosts['a.lan']", "not an IP address"),
         ({"hosts": {"a.lan": [1]}}, "dns.hosts['a.lan'][0]", "expected an IP address"),
         ({"hosts": {"a.lan": []}}, "dns.hosts['a.lan']", "at least one"),

@@ -271,3 +271,51 @@ def test_what_loads_and_what_is_reported() -> None:
     assert (d.respect_rules, d.direct_follow_policy) == (True, True)
     assert [ns.host for ns in d.proxy_server_nameserver + d.direct_nameserver] == [
         "192.0.2.5", "192.0.2.6"]
+
+
+# -- mihomo's trie precedence ----------------------------------------------------------
+
+
+def test_policy_trie_prefers_the_most_specific_pattern() -> None:
+    from appliance.dns.policy import PolicyTrie
+
+    trie: PolicyTrie[str] = PolicyTrie()
+    for pattern, value in (("+.a.com", "plus"), ("b.a.com", "exact"), ("*.a.com", "star"),
+                           (".c.com", "below"), ("x.*.d.com", "inner")):
+        trie.insert(pattern, value)
+    assert trie.search("b.a.com") == "exact"
+    assert trie.search("z.a.com") == "star"  # `*` before `.`/`+.`
+    assert trie.search("y.z.a.com") == "plus"
+    assert trie.search("a.com") == "plus"
+    assert (trie.search("c.com"), trie.search("q.r.c.com")) == (None, "below")
+    assert (trie.search("x.y.d.com"), trie.search("x.y.z.d.com")) == ("inner", None)
+    assert trie.search("B.A.COM.") == "exact"
+    assert trie.search("a..com") is None and trie.search(".a.com") is None
+    trie.insert("b.a.com", "again")
+    assert trie.search("b.a.com") == "again"
+
+
+def test_policy_trie_stays_linear_on_star_patterns() -> None:
+    from appliance.dns.policy import PolicyTrie
+
+    trie: PolicyTrie[int] = PolicyTrie()
+    trie.insert(".".join(["*"] * 60 + ["x"]), 1)
+    trie.insert(".".join(["a"] * 60 + ["x"]), 2)
+    # Both branches (exact and `*`) exist at every one of 60 labels and the
+    # 61st matches nothing: without the memo, 2^60 paths.
+    assert trie.search(".".join(["a"] * 61 + ["x"])) is None
+    assert trie.search(".".join(["a"] * 60 + ["x"])) == 2
+
+
+def test_consecutive_patterns_share_a_trie_sets_keep_their_place(geo: Geodata) -> None:
+    dns = DnsConfig(nameserver=(MAIN,), nameserver_policy=(
+        DomainPolicy("+.baidu.com", (POL1,)),
+        DomainPolicy("www.baidu.com", (POL2,)),   # same trie: more specific wins
+        DomainPolicy("geosite:cn", (FB,)),
+        DomainPolicy("tieba.baidu.com", (MAIN,)),  # after the set: the set decides first
+    ))
+    policy = Policy(dns, RuleEnv(geo=geo))
+    assert policy.policy_for("www.baidu.com") == (POL2,)
+    assert policy.policy_for("map.baidu.com") == (POL1,)
+    assert policy.policy_for("tieba.baidu.com") == (POL1,)
+    assert policy.policy_for("www.qq.com") == (FB,)

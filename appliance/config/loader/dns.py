@@ -386,7 +386,6 @@ def _parse_policy(
     if value is None:
         return result
     section = Section(value, path, ctx)
-    seen: set[str] = set()
     for key in list(section.data):
         entry_path = section.at(key)
         raw = section.raw(key)
@@ -404,11 +403,9 @@ def _parse_policy(
             ctx.ignore(entry_path, "no usable nameserver")
             continue
         named.extend(entries)
-        for pattern in patterns:
-            if pattern in seen:
-                raise ConfigError(entry_path, pattern, "pattern already has a policy")
-            seen.add(pattern)
-            result.append(DomainPolicy(pattern, tuple(servers)))
+        # A pattern listed twice is kept twice: mihomo's trie lets the later
+        # one win (appliance/dns/policy.py does the same).
+        result.extend(DomainPolicy(pattern, tuple(servers)) for pattern in patterns)
     return result
 
 
