@@ -14,12 +14,15 @@ fallback-filter flags the poisoned resolver's favourite answer
   CONNECT to the name `doh.test` port 853, and unbound logs the query from
   the upstream node's own address (dante resolved doh.test and connected;
   over IPv6 when the AAAA wins), never from the gateway's;
-- names outside the filter still get fake IPs.
+- names outside the filter still get fake IPs;
+- `mirage resolve` shows the servers asked (nameserver, then fallback).
 """
 
 from __future__ import annotations
 
+import json
 import re
+import sys
 import time
 from pathlib import Path
 
@@ -48,7 +51,7 @@ def test_fallback_over_dot_through_socks5(lab: Lab, runs: MirageRuns) -> None:
     honest = topo.honest_resolver
     poisoned = str(topo.poisoned_resolver.address)
     socks = topo.socks[0]
-    runs.start(dns={
+    run = runs.start(dns={
         "default-nameserver": [str(honest.address)],
         "nameserver": [poisoned],
         "fallback": [f"tls://{honest.name}#{socks.name}"],
@@ -64,3 +67,11 @@ def test_fallback_over_dot_through_socks5(lab: Lab, runs: MirageRuns) -> None:
     assert clients and set(clients) <= upstream and not set(clients) & gateway, clients
     assert f"{honest.name}.853" in lab.dante_log.read_text(errors="replace")
     assert FAKE.match(dig(lab, "+short", "www.gamma.test"))
+    # `mirage resolve` says where the name was asked and what came back.
+    out = lab.exec("gateway", [sys.executable, "-m", "appliance", "resolve", "-c",
+                               str(run.config_path), "time.ntp.test", "--json"])
+    data = json.loads(out.stdout)
+    assert data["upstream"]["asked"] == {"why": "nameserver", "servers": [poisoned],
+                                         "fallback": [f"tls://{honest.name}#{socks.name}"]}
+    assert [a["data"] for a in data["upstream"]["answers"]] == ["192.168.57.123"]
+    assert data["fake_ip"] is False

@@ -5,8 +5,8 @@ what Mirage implements, plus one `appliance:` block. Three kinds of keys:
 
 * implemented keys: parsed strictly (a string where a number belongs is an
   error, booleans are YAML booleans, ports 1..65535, marks 0..2^32-1);
-* Clash/mihomo keys Mirage does not implement (`tun`, `dns.fallback`,
-  `GEOIP` rules, `tls://` nameservers, `vmess` proxies, ...): accepted, left
+* Clash/mihomo keys Mirage does not implement (`tun`, `sniffer`,
+  `quic://` nameservers, `snell` proxies, ...): accepted, left
   out of the model and listed in `Config.ignored_keys`, so an existing profile
   loads and `mirage check` can say what it will not do;
 * anything else: a `ConfigError` naming the key path (`dns.fake-ip-range`,
