@@ -108,6 +108,9 @@ log = logging.getLogger(__name__)
 # Head start each nameserver gets before the next one is asked too.
 STAGGER = 0.25
 _BOOTSTRAP_CACHE_SIZE = 256
+# Idle DoT connections kept per server (and outbound): enough for a burst
+# of concurrent queries to find one next time.
+_DOT_IDLE_MAX = 4
 # TTL reported by resolve_ips for IP literals and `hosts` entries.
 _STATIC_TTL = 3600
 
@@ -438,6 +441,10 @@ class Resolver:
         self._clients: dict[tuple[str | None, bool], httpx.AsyncClient] = {}
         self._open = False
         self._tls_contexts: dict[bool, ssl.SSLContext] = {}
+        # DoT connections that answered, kept for the next queries.
+        self._dot_idle: dict[tuple[Nameserver, str | None], list[trio.SSLStream[Any]]] = {}
+        # New DoT connections made (handshakes): what reuse saves.
+        self.dot_connects = 0
         self._outbound: OutboundLookup | None = None
         self._route: RouteLookup | None = None
         main_cache = DnsCache(dns.cache_size)
@@ -507,9 +514,14 @@ class Resolver:
         self._open = False
         clients = list(self._clients.values())
         self._clients.clear()
-        with trio.CancelScope(shield=True), trio.move_on_after(1):
-            for client in clients:
-                await client.aclose()
+        streams = [tls for idle in self._dot_idle.values() for tls in idle]
+        self._dot_idle.clear()
+        with trio.CancelScope(shield=True):
+            for tls in streams:
+                await trio.aclose_forcefully(tls)
+            with trio.move_on_after(1):
+                for client in clients:
+                    await client.aclose()
 
     @property
     def _client(self) -> httpx.AsyncClient | None:
@@ -777,7 +789,46 @@ class Resolver:
 
     async def _dot(self, ns: Nameserver, wire: bytes, via: Outbound | None) -> DNSRecord:
         """DNS over TLS (RFC 7858): TCP framing inside TLS to port 853,
-        SNI and certificate check by `ns.host`."""
+        SNI and certificate check by `ns.host`. Connections are kept for
+        the next queries (RFC 7858 section 3.4: a handshake per query would
+        cost two round trips each): one that answered goes back to the
+        idle set; one the server has closed meanwhile fails its exchange
+        and the query goes on with the next idle one or a new one. A
+        connection whose exchange was cancelled (a lost race, the deadline)
+        is closed, its state unknown."""
+        key = (ns, None if via is None else via.name)
+        idle = self._dot_idle.setdefault(key, [])
+        while idle:
+            tls = idle.pop()
+            try:
+                reply = await _stream_exchange(tls, wire)
+            except (_AttemptFailed, trio.BrokenResourceError, trio.ClosedResourceError,
+                    OSError, ssl.SSLError):
+                await trio.aclose_forcefully(tls)
+                continue
+            except BaseException:
+                await trio.aclose_forcefully(tls)
+                raise
+            await self._dot_keep(key, tls)
+            return reply
+        tls = await self._dot_connect(ns, via)
+        try:
+            reply = await _stream_exchange(tls, wire)
+        except BaseException:
+            await trio.aclose_forcefully(tls)
+            raise
+        await self._dot_keep(key, tls)
+        return reply
+
+    async def _dot_keep(self, key: tuple[Nameserver, str | None],
+                        tls: trio.SSLStream[Any]) -> None:
+        idle = self._dot_idle.setdefault(key, [])
+        if self._open and len(idle) < _DOT_IDLE_MAX:
+            idle.append(tls)
+        else:
+            await trio.aclose_forcefully(tls)
+
+    async def _dot_connect(self, ns: Nameserver, via: Outbound | None) -> trio.SSLStream[Any]:
         if via is not None:
             transport: trio.abc.Stream = await via.connect_tcp(_ip(ns.host) or ns.host, ns.port)
         else:
@@ -792,9 +843,11 @@ class Resolver:
                              server_hostname=ns.host)
         try:
             await tls.do_handshake()
-            return await _stream_exchange(tls, wire)
-        finally:
+        except BaseException:
             await trio.aclose_forcefully(tls)
+            raise
+        self.dot_connects += 1
+        return tls
 
     def _tls_context(self, verify: bool) -> ssl.SSLContext:
         ctx = self._tls_contexts.get(verify)

@@ -204,6 +204,27 @@ async def test_dot_checks_the_certificate_unless_told_not_to(servers: Any,
         assert rdatas(await ask(resolver, "www.lab.test")) == ["192.0.2.10"]
 
 
+async def test_dot_connections_are_reused_and_renewed(pki: CertPaths) -> None:
+    """Sequential queries share one TLS connection; when the server restarts
+    (the kept connection is dead) the next query opens a new one."""
+    addr = f"{_NET}.5"
+    cert = make_ca_and_cert(pki.ca_cert.parent / "c", ips=[addr], names=[])
+    server = UnboundServer(ServerConfig([addr], cert.cert, cert.key, records=RECORDS_B,
+                                        dot_port=853))
+    await trio.to_thread.run_sync(server.start)
+    try:
+        async with Resolver(config(ns("tls", addr), pki=cert)) as resolver:
+            for i in range(5):
+                assert (await ask(resolver, f"n{i}.lab.test")).header.rcode == RCODE.NXDOMAIN
+            assert resolver.dot_connects == 1
+            await trio.to_thread.run_sync(server.stop)
+            await trio.to_thread.run_sync(server.start)
+            assert rdatas(await ask(resolver, "pick.lab.test")) == ["192.0.2.2"]
+            assert resolver.dot_connects == 2
+    finally:
+        await trio.to_thread.run_sync(server.stop)
+
+
 # -- through a proxy -------------------------------------------------------------
 
 
