@@ -108,9 +108,10 @@ log = logging.getLogger(__name__)
 # Head start each nameserver gets before the next one is asked too.
 STAGGER = 0.25
 _BOOTSTRAP_CACHE_SIZE = 256
-# Idle DoT connections kept per server (and outbound): enough for a burst
-# of concurrent queries to find one next time.
-_DOT_IDLE_MAX = 4
+# DoT connections per server (and outbound) at once, and kept idle: one
+# query at a time on each (no pipelining), so this bounds both.
+_DOT_CONNECTIONS = 4
+_DOT_IDLE_MAX = _DOT_CONNECTIONS
 # TTL reported by resolve_ips for IP literals and `hosts` entries.
 _STATIC_TTL = 3600
 
@@ -443,6 +444,7 @@ class Resolver:
         self._tls_contexts: dict[bool, ssl.SSLContext] = {}
         # DoT connections that answered, kept for the next queries.
         self._dot_idle: dict[tuple[Nameserver, str | None], list[trio.SSLStream[Any]]] = {}
+        self._dot_slots: dict[tuple[Nameserver, str | None], trio.Semaphore] = {}
         # New DoT connections made (handshakes): what reuse saves.
         self.dot_connects = 0
         self._outbound: OutboundLookup | None = None
@@ -795,8 +797,19 @@ class Resolver:
         idle set; one the server has closed meanwhile fails its exchange
         and the query goes on with the next idle one or a new one. A
         connection whose exchange was cancelled (a lost race, the deadline)
-        is closed, its state unknown."""
+        is closed, its state unknown. At most `_DOT_CONNECTIONS` queries
+        (so connections) per server at once; more wait their turn within
+        their deadline (servers cap TCP clients: unbound's default is 10,
+        past which it resets new connections)."""
         key = (ns, None if via is None else via.name)
+        slots = self._dot_slots.get(key)
+        if slots is None:
+            slots = self._dot_slots[key] = trio.Semaphore(_DOT_CONNECTIONS)
+        async with slots:
+            return await self._dot_exchange(key, ns, wire, via)
+
+    async def _dot_exchange(self, key: tuple[Nameserver, str | None], ns: Nameserver,
+                            wire: bytes, via: Outbound | None) -> DNSRecord:
         idle = self._dot_idle.setdefault(key, [])
         while idle:
             tls = idle.pop()
