@@ -29,7 +29,6 @@ from __future__ import annotations
 import gc
 import logging
 import os
-import resource
 import signal
 import time
 from collections.abc import Callable
@@ -614,7 +613,7 @@ def build_fair_shares(cfg: Config) -> FairShares:
     lim = cfg.appliance.limits
     total = lim.flows_total
     if total is None:
-        total = total_flows(_memory_bytes(), _raise_descriptor_limit())
+        total = total_flows(_memory_bytes(), privileges.raise_descriptor_limit())
     flows_per_client = min(lim.flows_per_client, max(1, total // 2))
     if flows_per_client < lim.flows_per_client:
         log.info("appliance.limits: %d flows per client (half of the %d this machine allows "
@@ -626,26 +625,6 @@ def build_fair_shares(cfg: Config) -> FairShares:
         dns_tcp=ConcurrencyLimit(lim.dns_tcp_per_client, dns_server.MAX_TCP_CONNECTIONS),
         fake_ip=RateLimit(lim.fake_ip_rate_per_client, lim.fake_ip_burst_per_client),
     )
-
-
-# Raise the soft descriptor limit at most this far (an unlimited hard limit
-# does not make memory for a million flows).
-MAX_DESCRIPTORS = 1 << 20
-
-
-def _raise_descriptor_limit() -> int:
-    """The soft RLIMIT_NOFILE after raising it to the hard limit."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    want = MAX_DESCRIPTORS if hard == resource.RLIM_INFINITY else min(hard, MAX_DESCRIPTORS)
-    if soft == resource.RLIM_INFINITY:
-        return MAX_DESCRIPTORS
-    if soft < want:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
-            soft = want
-        except (OSError, ValueError) as err:
-            log.warning("could not raise the open-file limit from %d to %d: %s", soft, want, err)
-    return soft
 
 
 def _memory_bytes() -> int:

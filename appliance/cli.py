@@ -31,24 +31,29 @@ DEFAULT_CONFIG = Path("/etc/mirage/config.yaml")
 
 
 def _load(path: Path) -> Config:
-    from appliance.config import ConfigError, load_config
+    """The validated profile, or every problem in it on stderr (one line
+    each: file, key path, value unless secret, reason) and exit 2."""
+    from appliance.config import ConfigError, every_error, load_config
 
     try:
         return load_config(path)
     except ConfigError as err:
-        print(f"mirage: {path}: {err}", file=sys.stderr)
+        errors = every_error(err)
+        for one in errors:
+            print(f"mirage: {path}: {one}", file=sys.stderr)
+        if len(errors) > 1:
+            print(f"mirage: {path}: {len(errors)} problems", file=sys.stderr)
         raise SystemExit(EXIT_CONFIG) from None
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from appliance.config.render import format_effective, format_ignored
+    from appliance.config.render import format_effective, ignored_lines
 
     cfg = _load(args.config)
     print(format_effective(cfg), end="")
-    ignored = format_ignored(cfg)
-    if ignored:
-        # A YAML comment: stdout stays a loadable config.
-        print(f"# {ignored.strip()}")
+    for line in ignored_lines(cfg):
+        # YAML comments: stdout stays a loadable config.
+        print(f"# {line}")
     print(f"# {args.config}: configuration OK", file=sys.stderr)
     return EXIT_OK
 
@@ -84,6 +89,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     cfg = _load(args.config)
     _setup_logging(cfg.log_level if args.log_level is None else args.log_level)
+    _log_ignored(cfg)
     failures: list[AppError] = []
     try:
         trio.run(run_appliance, cfg)
@@ -96,6 +102,17 @@ def cmd_run(args: argparse.Namespace) -> int:
     for err in failures:
         logging.getLogger("mirage").error("%s", err)
     return EXIT_FAILURE if failures else EXIT_OK
+
+
+def _log_ignored(cfg: Config) -> None:
+    """What the profile asks for that will not happen, once at start:
+    unknown keys (likely typos) as a WARNING, the rest at INFO."""
+    from appliance.config.render import ignored_lines
+
+    log = logging.getLogger("mirage")
+    for line in ignored_lines(cfg):
+        log.log(logging.WARNING if line.startswith(("ignored (unknown", "instead"))
+                else logging.INFO, "%s", line)
 
 
 def _leaves(exc: BaseException) -> list[BaseException]:

@@ -26,16 +26,44 @@ Network = Literal["tcp", "udp"]
 Inbound = Literal["tproxy", "mixed", "socks", "http"]
 
 
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """How a flow came in, as mihomo's IN-* rules and `/connections` name
+    it: the listener's kind (`inbound`), its port (IN-PORT), mihomo's name
+    for the listener (IN-NAME: DEFAULT-TPROXY, DEFAULT-MIXED, ...), the
+    protocol the client spoke (IN-TYPE: TPROXY, SOCKS5, HTTP for a
+    forwarded request, HTTPS for CONNECT) and the proxy-port user who
+    authenticated (IN-USER; empty without authentication)."""
+
+    inbound: Inbound
+    port: int
+    name: str
+    type: str
+    user: str = ""
+
+    def as_dict(self) -> dict[str, str | int]:
+        """The fields of a flow row (the API's connections) that say how it
+        came in."""
+        return {"inbound": self.inbound, "in_port": self.port, "in_name": self.name,
+                "in_type": self.type, "in_user": self.user}
+
+
+def tproxy_entry(port: int) -> Entry:
+    """The transparent listener (TCP or UDP) on tproxy-port."""
+    return Entry("tproxy", port, "DEFAULT-TPROXY", "TPROXY")
+
+
 @dataclass(slots=True, eq=False)
 class Flow:
     """One TCP connection or UDP session, from the listener to its outbound.
 
     Set by the listener: `network`, `inbound`, the client (`src`,
-    `src_port`), the destination (`dst`, `dst_port`) and `domain` (see the
-    module doc). Set by the dispatcher when it routes the flow: `outbound`
-    (the name of the outbound the rules chose), `rule` (the rule that chose
-    it; None: no rule matched, the default DIRECT), `chains` (the group
-    members it went through) and, for UDP, `skipped` (matching rules passed
+    `src_port`), the destination (`dst`, `dst_port`), `domain` (see the
+    module doc) and `entry` (how it came in, when the listener knows). Set
+    by the dispatcher when it routes the flow: `outbound` (the name of the
+    outbound the rules chose), `rule` (the rule that chose it; None: no
+    rule matched, the default DIRECT), `chains` (the group members it went
+    through) and, for UDP, `skipped` (matching rules passed
     over because their outbound cannot carry UDP).
     Owns nothing.
     """
@@ -54,6 +82,7 @@ class Flow:
     # `chains` (["ss-1", "Proxy"] for the group Proxy's member ss-1): set
     # by the dispatcher, shown by the control API.
     chains: tuple[str, ...] = ()
+    entry: Entry | None = None
 
     @property
     def host(self) -> str | IPAddress:

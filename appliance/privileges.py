@@ -1,4 +1,5 @@
-"""Keep only the capabilities `mirage run` still needs once it is set up.
+"""Keep only the capabilities `mirage run` still needs once it is set up,
+and raise the open-file limit it runs with (`raise_descriptor_limit`).
 
 What this is for: setup (binding port 53, loading nftables rules, compiling
 and attaching the tc program, linking the sk_lookup program) needs more than
@@ -36,9 +37,13 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno
+import logging
 import os
+import resource
 from collections.abc import Iterable
 from typing import Final
+
+log = logging.getLogger(__name__)
 
 # linux/capability.h
 CAP_DAC_OVERRIDE: Final = 1
@@ -163,3 +168,25 @@ def drop_to_runtime(ebpf: bool) -> list[str]:
     """Drop everything `mirage run` no longer needs; the names dropped."""
     dropped = drop_to(runtime_set(ebpf))
     return sorted(NAMES.get(c, f"cap{c}") for c in dropped)
+
+
+# Raise the soft descriptor limit at most this far (an unlimited hard limit
+# does not make memory for a million flows).
+MAX_DESCRIPTORS = 1 << 20
+
+
+def raise_descriptor_limit() -> int:
+    """The soft RLIMIT_NOFILE after raising it to the hard limit (an
+    operator's or systemd's LimitNOFILE), at most MAX_DESCRIPTORS; raising
+    the soft limit up to the hard one needs no capability."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = MAX_DESCRIPTORS if hard == resource.RLIM_INFINITY else min(hard, MAX_DESCRIPTORS)
+    if soft == resource.RLIM_INFINITY:
+        return MAX_DESCRIPTORS
+    if soft < want:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+            soft = want
+        except (OSError, ValueError) as err:
+            log.warning("could not raise the open-file limit from %d to %d: %s", soft, want, err)
+    return soft

@@ -62,9 +62,6 @@ from appliance.rules.engine import EMPTY_ENV, FlowContext, RuleEnv, RuleSet
 log = logging.getLogger(__name__)
 
 
-# mihomo's inbound type names (IN-TYPE) for Mirage's listeners; a mixed port
-# does not record which protocol the client spoke.
-_IN_TYPES = {"tproxy": "TPROXY", "socks": "SOCKS5", "http": "HTTP", "mixed": ""}
 # How long a name's address resolved for IP rules is kept, at most.
 RESOLVE_MAX_TTL = 300.0
 RESOLVE_TIMEOUT = 5.0
@@ -75,9 +72,13 @@ def flow_context(flow: Flow) -> FlowContext:
     from a flow. A flow known by name carries no destination address: its
     destination is a fake IP, which says nothing (rules/engine.py)."""
     domain = flow.domain
+    entry = flow.entry
+    if entry is None:
+        return FlowContext(domain, None if domain is not None else flow.dst, flow.dst_port,
+                           flow.src, flow.network, flow.src_port)
     return FlowContext(domain, None if domain is not None else flow.dst, flow.dst_port,
-                       flow.src, flow.network, flow.src_port,
-                       in_type=_IN_TYPES.get(flow.inbound, ""))
+                       flow.src, flow.network, flow.src_port, in_type=entry.type,
+                       in_port=entry.port, in_user=entry.user, in_name=entry.name)
 
 
 class NameAddresses:

@@ -36,11 +36,8 @@ BUILTIN_TYPES = {"DIRECT": "Direct", "REJECT": "Reject", "REJECT-DROP": "RejectD
                  "PASS": "Pass", "COMPATIBLE": "Compatible"}
 GROUP_TYPES = {"select": "Selector", "url-test": "URLTest", "fallback": "Fallback",
                "load-balance": "LoadBalance", "relay": "Relay"}
-# Which listener took a flow, as mihomo's metadata.type names inbounds.
-# (a proxy port's flow carries the protocol its client spoke instead).
-INBOUND_TYPES = {"tproxy": "TProxy", "mixed": "Socks5", "socks": "Socks5", "http": "HTTP"}
-INBOUND_NAMES = {"tproxy": "DEFAULT-TPROXY", "mixed": "DEFAULT-MIXED",
-                 "socks": "DEFAULT-SOCKS", "http": "DEFAULT-HTTP"}
+# How mihomo's metadata.type shows an inbound type (IN-TYPE's words).
+INBOUND_TYPES = {"TPROXY": "TProxy", "SOCKS5": "Socks5", "HTTP": "HTTP", "HTTPS": "HTTPS"}
 
 
 # mihomo's rule type names (constant/rule.go RuleType.String), by profile keyword.
@@ -179,16 +176,16 @@ def connection_doc(row: Mapping[str, Any]) -> dict[str, Any]:
         "id": str(row["id"]),
         "metadata": {
             "network": network,
-            "type": row.get("protocol") or INBOUND_TYPES.get(str(row.get("inbound", "tproxy")),
-                                                             "TProxy"),
+            "type": INBOUND_TYPES.get(str(row.get("in_type", "TPROXY")), "TProxy"),
             "sourceIP": src_ip, "destinationIP": "" if domain else dst_ip,
             "sourceGeoIP": None, "destinationGeoIP": None,
             "sourceIPASN": "", "destinationIPASN": "",
             "sourcePort": str(row.get("src_port", 0)),
             "destinationPort": str(row.get("dst_port", 0)),
-            "inboundIP": "", "inboundPort": "0",
-            "inboundName": INBOUND_NAMES.get(str(row.get("inbound", "")), ""),
-            "inboundUser": "", "host": domain, "dnsMode": "fake-ip" if domain else "normal",
+            "inboundIP": "", "inboundPort": str(row.get("in_port", 0)),
+            "inboundName": str(row.get("in_name", "")),
+            "inboundUser": str(row.get("in_user", "")), "host": domain,
+            "dnsMode": "fake-ip" if domain else "normal",
             "uid": 0, "process": "", "processPath": "", "specialProxy": "",
             "specialRules": "", "remoteDestination": dst_ip, "dscp": 0, "sniffHost": "",
             "rematchName": "",

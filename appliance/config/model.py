@@ -740,6 +740,27 @@ class ControllerConfig:
     cors: CorsConfig = field(default_factory=CorsConfig)
 
 
+# Why a key or item of a profile was left out (the groups `mirage check`
+# prints): "gateway" keys have no meaning on a gateway (tun, listeners, a
+# proxy's interface-name); "unimplemented" ones Mirage does not do yet;
+# "unknown" keys neither mihomo nor Mirage knows (mihomo ignores them too);
+# "legacy" keys are Clash spellings mihomo no longer reads; "anchor" keys
+# only hold YAML anchors; "skipped" items (a proxy, group or rule) are left
+# out whole; "mode" notes say what runs instead of what was asked.
+IgnoredKind = Literal["gateway", "unimplemented", "unknown", "legacy", "anchor", "skipped",
+                      "mode"]
+
+
+@dataclass(frozen=True)
+class LoadNote:
+    """One thing the loader left out or changed, with its key path and why.
+    `note` never holds a secret value (the loader's redaction applies)."""
+
+    path: str
+    kind: IgnoredKind
+    note: str = ""
+
+
 @dataclass(frozen=True)
 class Config:
     mixed_port: int | None = None
@@ -779,6 +800,9 @@ class Config:
     # that Mirage does not implement: reported once at load, never an error
     # (so real Clash profiles load).
     ignored_keys: tuple[str, ...] = ()
+    # The same, structured (kind and note apart) for the grouped report;
+    # not part of what the configuration *is* (equality ignores it).
+    load_notes: tuple[LoadNote, ...] = field(default=(), compare=False)
     source: Path | None = None
 
     @property

@@ -8,6 +8,7 @@ None): feeding it back to `parse_config` gives an equal `Config`.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import yaml
@@ -15,6 +16,8 @@ import yaml
 from appliance.config.loader.protocols import render_protocol_proxy
 from appliance.config.model import (
     Config,
+    IgnoredKind,
+    LoadNote,
     MemberFilter,
     Nameserver,
     ProxyConfig,
@@ -275,11 +278,67 @@ def format_effective(cfg: Config, *, redact: bool = True) -> str:
     )
 
 
+# One line per kind, in this order; a person reads the top lines first.
+_KIND_TITLES: dict[IgnoredKind, str] = {
+    "mode": "instead",
+    "unknown": "ignored (unknown keys; mihomo ignores them too)",
+    "legacy": "ignored (old Clash spellings mihomo no longer reads)",
+    "skipped": "skipped (Mirage cannot use them)",
+    "unimplemented": "ignored (not implemented by Mirage)",
+    "gateway": "ignored (no meaning on a gateway)",
+    "anchor": "ignored (hold only YAML anchors)",
+}
+# Entries shown per line; the rest are counted.
+_MAX_ENTRIES = 12
+
+
+def ignored_lines(cfg: Config) -> list[str]:
+    """What the profile asks for that Mirage leaves out, one line per kind
+    (see `IgnoredKind`): "ignored (no meaning on a gateway): tun, ...".
+    Entries that differ only in a list index are one entry with a count
+    (`proxies[*].flow (12)`), so a profile of 300 nodes gives short lines.
+    No line shows a value (the loader's notes never hold a secret)."""
+    notes = list(cfg.load_notes)
+    if not notes and cfg.ignored_keys:  # a Config made in code: no kinds
+        notes = [LoadNote(k, "unimplemented") for k in cfg.ignored_keys]
+    lines = []
+    for kind, title in _KIND_TITLES.items():
+        entries = _grouped([n for n in notes if n.kind == kind])
+        if not entries:
+            continue
+        shown = entries[:_MAX_ENTRIES]
+        more = len(entries) - len(shown)
+        lines.append(f"{title}: " + ", ".join(shown) + (f", and {more} more" if more else ""))
+    return lines
+
+
+def _grouped(notes: list[LoadNote]) -> list[str]:
+    by_path: dict[str, list[str]] = {}
+    first_path: dict[str, str] = {}
+    for n in notes:
+        note = n.note.removeprefix("unknown key").removeprefix("; ") if n.kind == "unknown" \
+            else n.note
+        general = re.sub(r"\[\d+\]", "[*]", n.path)
+        by_path.setdefault(general, []).append(note)
+        first_path.setdefault(general, n.path)
+    out = []
+    for general, texts in by_path.items():
+        # One entry keeps its own path; several share the `[*]` one.
+        path = general if len(texts) > 1 else first_path[general]
+        distinct = list(dict.fromkeys(texts))
+        if len(distinct) > 1:
+            # Notes that differ only in a quoted name: `vmess proxy 'HK 01'`.
+            distinct = list(dict.fromkeys(re.sub(r" ?'[^']*'", "", t) for t in texts))
+        note = " / ".join(t for t in distinct[:4] if t)
+        if len(distinct) > 4:
+            note += " / ..."
+        count = f"{len(texts)}" if len(texts) > 1 else ""
+        inner = "; ".join(x for x in (note, count and f"{count} times") if x)
+        out.append(f"{path} ({inner})" if inner else path)
+    return out
+
+
 def format_ignored(cfg: Config) -> str:
-    """One line naming what the profile asks for that Mirage does not do, or
-    "" if nothing was ignored. `mirage check` prints it after the YAML."""
-    if not cfg.ignored_keys:
-        return ""
-    return f"ignored ({len(cfg.ignored_keys)}, not implemented by Mirage): " + ", ".join(
-        cfg.ignored_keys
-    )
+    """`ignored_lines` as text (one line per kind), or "" if nothing was
+    ignored. `mirage check` prints it, as YAML comments, after the YAML."""
+    return "\n".join(ignored_lines(cfg))

@@ -57,7 +57,7 @@ import trio
 from appliance.sockopt import set_keepalive
 
 if TYPE_CHECKING:
-    from appliance.flow import Flow
+    from appliance.flow import Entry, Flow
 
 # Copy-path read size: below glibc's mmap threshold (128 KiB), so a read
 # buffer is not an mmap/munmap pair. A flow starts on the copy path and
@@ -431,8 +431,7 @@ class FlowRecord:
     down: int = 0
     registry: FlowRegistry | None = field(default=None, repr=False)
     # What routing decided (`routed`), for the control API's connections.
-    inbound: str = ""
-    protocol: str = ""  # what a proxy port's client spoke: Socks5, HTTP, HTTPS (CONNECT)
+    entry: Entry | None = None
     rule: str = ""
     rule_payload: str = ""
     chains: tuple[str, ...] = ()
@@ -443,7 +442,7 @@ class FlowRecord:
 
     def routed(self, flow: Flow) -> None:
         """Copy the routing decision of `flow` (outbound, rule, chains)."""
-        self.inbound = flow.inbound
+        self.entry = flow.entry
         self.outbound = flow.outbound
         self.chains = flow.chains
         if flow.rule is not None:
@@ -476,8 +475,7 @@ class FlowRecord:
             "started": self.started,
             "up": self.up,
             "down": self.down,
-            "inbound": self.inbound,
-            "protocol": self.protocol,
+            **(self.entry.as_dict() if self.entry is not None else {}),
             "rule": self.rule,
             "rule_payload": self.rule_payload,
             "chains": list(self.chains),

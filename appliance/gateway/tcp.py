@@ -36,7 +36,7 @@ from typing import Any, Protocol
 import trio
 
 from appliance.config.model import Config, IPAddress
-from appliance.flow import Flow
+from appliance.flow import Flow, tproxy_entry
 from appliance.gateway.splice import FlowRegistry, SpliceResult, abort, close, splice
 from appliance.limits import ConcurrencyLimit, client_key
 from appliance.sockopt import IP_TRANSPARENT, IPV6_TRANSPARENT
@@ -177,6 +177,7 @@ class TransparentTcp:
         self.flows = flows
         self.registry = registry if registry is not None else FlowRegistry()
         self.port = cfg.tproxy_port
+        self.entry = tproxy_entry(self.port)
         self.listeners: list[trio.SocketListener] = []  # bound once serve() started
 
     def stats(self) -> dict[str, int]:
@@ -252,7 +253,8 @@ class TransparentTcp:
                     await abort(stream)
                     return
                 pinned = True
-            flow = Flow("tcp", "tproxy", src_addr, src[1], dst_addr, dst[1], domain)
+            flow = Flow("tcp", "tproxy", src_addr, src[1], dst_addr, dst[1], domain,
+                        entry=self.entry)
             await self._relay(stream, flow, src, dst)
         finally:
             if pinned:

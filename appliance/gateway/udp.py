@@ -56,7 +56,6 @@ import errno
 import ipaddress
 import itertools
 import logging
-import resource
 import socket
 import time
 from collections.abc import Awaitable, Callable
@@ -65,7 +64,7 @@ from typing import Any, Protocol
 import trio
 
 from appliance.config.model import Config
-from appliance.flow import Flow
+from appliance.flow import Flow, tproxy_entry
 from appliance.gateway.tcp import FakeIPs
 from appliance.gateway.udp_sessions import (
     MAX_UDP_PAYLOAD,
@@ -76,6 +75,7 @@ from appliance.gateway.udp_sessions import (
 )
 from appliance.limits import ConcurrencyLimit, client_key
 from appliance.outbound.base import OutboundError, UdpPeer
+from appliance.privileges import raise_descriptor_limit
 from appliance.proto.socks5 import Socks5Error, parse_udp
 from appliance.sockopt import (
     IP_ORIGDSTADDR,
@@ -253,14 +253,10 @@ def open_listener(port: int, ipv6: bool) -> socket.socket:
 def _raise_fd_limit(sessions: int) -> None:
     """Each session holds a socket (two for SOCKS5): make room for them up to
     the hard limit, which an operator or systemd (LimitNOFILE) sets."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     want = 2 * sessions + 1024
-    if soft != resource.RLIM_INFINITY and soft < want:
-        new = want if hard == resource.RLIM_INFINITY else min(want, hard)
-        if new > soft:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
-        if new < want:
-            log.warning("udp: open-file limit %d allows fewer than %d sessions", new, sessions)
+    have = raise_descriptor_limit()
+    if have < want:
+        log.warning("udp: open-file limit %d allows fewer than %d sessions", have, sessions)
 
 
 class UdpSessions:
@@ -546,6 +542,7 @@ class UdpGateway:
         a = cfg.appliance
         self.cfg = cfg
         self.port = cfg.tproxy_port
+        self.entry = tproxy_entry(self.port)
         self.pool = pool
         # Per-client share of flows (None: unlimited, for tests and tools).
         self.flows = flows
@@ -573,6 +570,7 @@ class UdpGateway:
              "dst_ip": s.dst[1], "dst_port": s.dst[2],
              "domain": s.flow.domain, "outbound": s.flow.outbound, "started": s.started,
              "up": s.bytes_up, "down": s.bytes_down,
+             **(s.flow.entry.as_dict() if s.flow.entry is not None else {}),
              "state": s.state, "idle": round(now - s.last, 3)}
             for s in self.table
         ]
@@ -691,7 +689,7 @@ class UdpGateway:
             self.counters.dropped_loop += 1
             return None
         flow = Flow("udp", "tproxy", ipaddress.ip_address(client[0]), client[1],
-                    ipaddress.ip_address(dst[1]), dst[2], domain)
+                    ipaddress.ip_address(dst[1]), dst[2], domain, entry=self.entry)
         session = Session(key, client, dst, flow, now, idle_timeout(dst[2], self.timeout))
         session.pending.append(data)
         return session

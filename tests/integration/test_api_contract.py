@@ -334,6 +334,10 @@ def test_live_connections_look_alike_and_close(pair: Pair) -> None:
     for key in ("network", "type", "sourceIP", "destinationIP", "destinationPort", "host",
                 "inboundName"):
         assert mine["metadata"][key] == theirs["metadata"][key], key
+    # The listener's own port (IN-PORT): each side's mixed port.
+    for name, side in pair.sides.items():
+        metadata = docs[name]["connections"][0]["metadata"]
+        assert metadata["inboundPort"] == str(side.mixed), name
     # DELETE by id ends the flow: the client sees the close.
     for name, side in pair.sides.items():
         flow_id = docs[name]["connections"][0]["id"]

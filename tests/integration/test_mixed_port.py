@@ -24,14 +24,24 @@ pytestmark = pytest.mark.netns
 USER, PASSWORD = "mixer", "pa55word"
 AUTH = f"{USER}:{PASSWORD}"
 MIXED, SOCKS, HTTP = 7890, 7891, 7892
+# A second user whose flows the IN-* rules route by how they came in (the
+# first user's flows never match them).
+ROUTED_AUTH = "routed:s3cond"
+ROUTED_RULES = [
+    "AND,((IN-USER,routed),(IN-NAME,DEFAULT-SOCKS)),REJECT",
+    f"AND,((IN-USER,routed),(IN-TYPE,HTTP),(IN-PORT,{HTTP})),tinyproxy",
+    "AND,((IN-USER,routed),(IN-TYPE,HTTPS)),dante",
+]
 
 
 @pytest.fixture(scope="module")
 def mirage(lab: Lab) -> Iterator[MirageRun]:
     cfg = lab_config(
         lab,
-        **{"mixed-port": MIXED, "socks-port": SOCKS, "port": HTTP, "authentication": [AUTH]},
+        **{"mixed-port": MIXED, "socks-port": SOCKS, "port": HTTP,
+           "authentication": [AUTH, ROUTED_AUTH]},
     )
+    cfg["rules"] = ROUTED_RULES + cfg["rules"]
     run = MirageRun(lab, cfg, name="mixed")
     run.start()
     try:
@@ -168,6 +178,36 @@ def test_http_proxytunnel_and_http_only_port(lab: Lab, mirage: MirageRun, gw: st
     assert r.returncode != 0 and "MARKER" not in r.stdout
 
 
+# ------------------------------------------------------------------ IN-* rules
+
+
+def test_in_rules_route_by_listener_protocol_port_and_user(
+    lab: Lab, mirage: MirageRun, gw: str
+) -> None:
+    """IN-NAME, IN-TYPE, IN-PORT and IN-USER see how a flow came in, as
+    mihomo's do: the same name goes four ways for the user `routed`."""
+    url = "http://www.gamma.test/"
+    # socks-port (DEFAULT-SOCKS): REJECT, the client gets no page.
+    r = curl(lab, url, "-x", f"socks5h://{ROUTED_AUTH}@{gw}:{SOCKS}")
+    assert r.returncode != 0 and "MARKER" not in r.stdout, r.stdout
+    # A plain HTTP request on port (IN-TYPE HTTP, IN-PORT 7892): tinyproxy.
+    before = size(lab.log("tinyproxy"))
+    r = curl(lab, url, "-x", f"http://{ROUTED_AUTH}@{gw}:{HTTP}")
+    assert r.returncode == 0 and "MARKER-GAMMA" in r.stdout, r.stderr
+    assert "www.gamma.test" in log_since(lab.log("tinyproxy"), before)
+    # A CONNECT tunnel on the mixed port (IN-TYPE HTTPS): dante.
+    before = size(lab.dante_log)
+    r = curl(lab, url, "-p", "-x", f"http://{ROUTED_AUTH}@{gw}:{MIXED}")
+    assert r.returncode == 0 and "MARKER-GAMMA" in r.stdout, r.stderr
+    assert "www.gamma.test" in log_since(lab.dante_log, before)
+    # SOCKS5 on the mixed port matches none of them: MATCH,DIRECT.
+    r = curl(lab, url, "-x", f"socks5h://{ROUTED_AUTH}@{gw}:{MIXED}")
+    assert r.returncode == 0 and "from=192.168.57.1" in r.stdout, r.stdout
+    # And the first user's SOCKS flow on socks-port is not rejected.
+    r = curl(lab, url, "-x", f"socks5h://{AUTH}@{gw}:{SOCKS}")
+    assert r.returncode == 0 and "MARKER-GAMMA" in r.stdout, r.stderr
+
+
 # --------------------------------------------------------------------- credentials
 
 
@@ -289,7 +329,10 @@ print('MARKER-ALPHA' in drain(s).decode(errors='replace'), flush=True)
         mine = [c for c in conns if c["metadata"]["host"] == "www.alpha.test"]
         assert mine and mine[0]["chains"][-1] == "dante"
         assert mine[0]["metadata"]["sourceIP"] == "192.168.56.10"
-        assert mine[0]["metadata"]["type"] == "Socks5"
+        metadata = mine[0]["metadata"]
+        assert metadata["type"] == "Socks5"
+        assert (metadata["inboundName"], metadata["inboundPort"], metadata["inboundUser"]) \
+            == ("DEFAULT-MIXED", str(MIXED), USER)
         held.stdin.write("\n")
         held.stdin.flush()
         assert held.stdout.readline().strip() == "True"

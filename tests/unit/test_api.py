@@ -34,7 +34,7 @@ from appliance.config.model import (
     ProxyGroupConfig,
 )
 from appliance.fakeip.pool import FakeIPPool
-from appliance.flow import Flow
+from appliance.flow import Flow, tproxy_entry
 from appliance.gateway.splice import FlowRegistry
 from appliance.metrics import render
 from appliance.outbound.health import DelayHistory
@@ -203,7 +203,7 @@ async def test_mihomo_documents_carry_real_values(api: Served) -> None:
     flow = view.flows.open("tcp", ("192.168.1.20", 40000), ("198.18.0.1", 443),
                            "www.alpha.test")
     routed = Flow("tcp", "tproxy", IPv4Address("192.168.1.20"), 40000,
-                  IPv4Address("198.18.0.1"), 443, "www.alpha.test")
+                  IPv4Address("198.18.0.1"), 443, "www.alpha.test", entry=tproxy_entry(7893))
     routed.outbound, routed.rule = "Proxy", view.cfg.rules[0]
     routed.chains = chain(view.dispatcher.router.outbounds["Proxy"])
     flow.routed(routed)
@@ -236,6 +236,8 @@ async def test_mihomo_documents_carry_real_values(api: Served) -> None:
         assert row["metadata"]["sourceIP"] == "192.168.1.20"
         assert row["metadata"]["destinationPort"] == "443"
         assert row["metadata"]["type"] == "TProxy" and row["metadata"]["network"] == "tcp"
+        assert (row["metadata"]["inboundName"], row["metadata"]["inboundPort"]) \
+            == ("DEFAULT-TPROXY", "7893")
         assert row["chains"] == ["dante", "Proxy"]
         assert (row["rule"], row["rulePayload"]) == ("DomainSuffix", "alpha.test")
         assert row["start"].endswith("Z")

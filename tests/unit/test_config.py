@@ -307,14 +307,15 @@ def test_real_world_profile_loads(tmp_path: Path) -> None:
     assert cfg.appliance.lan == ("br-lan",)
 
 
-def test_unknown_top_level_key_is_an_error_unless_it_only_holds_an_anchor(
+def test_unknown_top_level_key_is_ignored_and_an_anchor_holder_said_so(
     tmp_path: Path,
 ) -> None:
+    # mihomo ignores both (it decodes into a struct); Mirage says which is which.
     text = "dns: {nameserver: [192.0.2.53]}\nextra: &e {a: 1}\nother: {b: 2}\n"
-    err = yaml_error(text, tmp_path)
-    assert err.path == "other" and err.reason.startswith("unknown key")
-    cfg = from_yaml(text.replace("other: {b: 2}\n", ""), tmp_path)
-    assert cfg.ignored_keys == ("extra (YAML anchor)",)
+    cfg = from_yaml(text, tmp_path)
+    assert cfg.ignored_keys == ("extra (YAML anchor)", "other (unknown key)")
+    assert [(n.path, n.kind) for n in cfg.load_notes] == [("extra", "anchor"),
+                                                          ("other", "unknown")]
 
 
 def test_yaml_merge_keys_may_override_without_being_duplicates(tmp_path: Path) -> None:
@@ -574,8 +575,11 @@ def test_format_effective_is_yaml_with_secrets_redacted() -> None:
     assert shown["dns"]["fake-ip-range"] == "198.18.0.0/16"
     assert shown["appliance"]["capture-mark"] == 0x233
     assert "change-me" not in format_effective(cfg)
-    line = format_ignored(cfg)
-    assert "\n" not in line and line.startswith("ignored (") and "tun" in line
+    # One line per kind of what is left out, not one per key.
+    lines = format_ignored(cfg).splitlines()
+    assert "ignored (no meaning on a gateway): redir-port, find-process-mode, tun" in lines
+    assert any(line.startswith("ignored (not implemented by Mirage): ") for line in lines)
+    assert len(lines) == len({line.split(":")[0] for line in lines})
     assert format_ignored(parse_config(base())) == ""
 
 
@@ -628,7 +632,6 @@ def test_non_string_key() -> None:
     [
         ({"mixd-port": 1}, "mixd-port"),
         ({"dns": {"nameserver": ["1.1.1.1"], "fake-ip-rang": "1.0.0.0/8"}}, "dns.fake-ip-rang"),
-        ({"appliance": {"interfaces": ["eth0"]}}, "appliance.interfaces"),
         ({"profile": {"store-fakeip": True}}, "profile.store-fakeip"),
         ({"proxies": [{"name": "p", "type": "socks5", "server": "h", "port": 1, "sni": "x"}]},
          "proxies[0].sni"),
@@ -636,14 +639,27 @@ def test_non_string_key() -> None:
          "proxy-groups[0].x"),
     ],
 )  # fmt: skip
-def test_unknown_keys(data: dict[str, Any], path: str) -> None:
+def test_unknown_keys_are_ignored_with_a_warning(data: dict[str, Any], path: str) -> None:
+    # Was an error; mihomo ignores keys it has no field for, so a profile it
+    # loads must load here too (issue 13).
     data = {**base(), **data} if "dns" not in data else data
-    err = error(data)
-    assert err.path == path and err.reason.startswith("unknown key")
+    cfg = parse_config(data)
+    assert [(n.path, n.kind) for n in cfg.load_notes if n.kind == "unknown"] == [
+        (path, "unknown")]
+
+
+def test_unknown_key_in_the_appliance_block_is_still_an_error() -> None:
+    # Mirage's own block: no mihomo behaviour to follow, and a typo there
+    # would silently change what the gateway does.
+    for data, path in [({"appliance": {"interfaces": ["eth0"]}}, "appliance.interfaces"),
+                       ({"appliance": {"limits": {"flows": 1}}}, "appliance.limits.flows")]:
+        err = error({**base(), **data})
+        assert err.path == path and err.reason.startswith("unknown key")
 
 
 def test_unknown_key_suggests_the_near_one() -> None:
-    assert "did you mean 'mixed-port'" in error({**base(), "mixd-port": 1}).reason
+    cfg = parse_config({**base(), "mixd-port": 1})
+    assert "mixd-port (unknown key; did you mean 'mixed-port'?)" in cfg.ignored_keys
 
 
 @pytest.mark.parametrize(
@@ -776,14 +792,10 @@ SOCKS = {"name": "s", "type": "socks5", "server": "192.0.2.1", "port": 1080}
         ([{**SOCKS, "preconnect": "2"}], "proxies[0].preconnect", "got a string"),
         ([{**SOCKS, "type": "http", "tls": True, "preconnect": 2}], "proxies[0].preconnect",
          "plain TCP"),
-        ([{"name": "ss", "type": "ss", "server": "h.example", "port": 1, "password": "p",
-           "cipher": "aes-128-gcm", "preconnect": 2}], "proxies[0].preconnect", "unknown key"),
         ([{"name": "ss", "type": "ss", "server": "h.example", "port": 1, "password": "p"}],
          "proxies[0].cipher", "required"),
         ([{"name": "t", "type": "trojan", "server": "h.example", "port": 443}],
          "proxies[0].password", "required"),
-        ([{"name": "t", "type": "trojan", "server": "h.example", "port": 443, "password": "p",
-           "tls": True}], "proxies[0].tls", "unknown key"),
         ("not a list", "proxies", "expected a list"),
         (["socks5://h:1"], "proxies[0]", "expected a mapping"),
     ],

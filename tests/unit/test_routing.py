@@ -13,10 +13,10 @@ import trio
 
 from appliance.config import parse_rule
 from appliance.config.model import Config, IPAddress, ProxyConfig, Rule
-from appliance.flow import Flow, Inbound
+from appliance.flow import Entry, Flow, Inbound, tproxy_entry
 from appliance.outbound.base import OutboundEnv, OutboundError, UdpPeer
 from appliance.outbound.build import BUILDERS, build_outbounds
-from appliance.routing import Dispatcher, Router
+from appliance.routing import Dispatcher, Router, flow_context
 
 LOOPBACK = ipaddress.IPv4Address("127.0.0.1")
 FAKE = ipaddress.IPv4Address("198.18.0.7")
@@ -68,6 +68,30 @@ async def test_tcp_flows_see_their_source_port() -> None:
     d = dispatcher(parse_rule("SRC-PORT,5555,REJECT"))
     with pytest.raises(OutboundError, match="rejected"):
         await d.connect_tcp(tcp_flow("a.test", 80, src_port=5555))
+
+
+async def test_in_rules_see_how_the_flow_came_in() -> None:
+    """IN-TYPE / IN-PORT / IN-NAME / IN-USER match the listener's Entry, as
+    mihomo's metadata (a flow with no Entry matches none of them)."""
+    router = Router.from_config(Config(rules=(
+        parse_rule("IN-USER,alice,REJECT"),
+        parse_rule("AND,((IN-TYPE,TPROXY),(IN-PORT,7893),(IN-NAME,DEFAULT-TPROXY)),REJECT-DROP"),
+        parse_rule("IN-TYPE,SOCKS,REJECT"),
+        parse_rule("MATCH,DIRECT"))), resolve)
+    socks = Entry("mixed", 7890, "DEFAULT-MIXED", "SOCKS5")
+
+    def flow(entry: Entry | None) -> Flow:
+        return Flow("tcp", entry.inbound if entry else "tproxy",
+                    ipaddress.IPv4Address("192.168.56.10"), 40000, FAKE, 80, "x.test",
+                    entry=entry)
+
+    assert flow_context(flow(tproxy_entry(7893))).in_name == "DEFAULT-TPROXY"
+    cases = [(tproxy_entry(7893), 1), (tproxy_entry(7000), 3),
+             (Entry("mixed", 7890, "DEFAULT-MIXED", "HTTPS", "alice"), 0), (socks, 2),
+             (None, 3)]
+    for entry, index in cases:
+        _, i, _ = await router.route(flow_context(flow(entry)))
+        assert i == index, entry
 
 
 async def test_a_reload_routes_new_flows_only(web_port: int) -> None:

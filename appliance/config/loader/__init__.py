@@ -4,13 +4,21 @@ The format is the Clash/mihomo profile format (kebab-case keys) restricted to
 what Mirage implements, plus one `appliance:` block. Three kinds of keys:
 
 * implemented keys: parsed strictly (a string where a number belongs is an
-  error, booleans are YAML booleans, ports 1..65535, marks 0..2^32-1);
+  error, booleans are YAML booleans, ports 1..65535, marks 0..2^32-1); a bad
+  value is a `ConfigError` naming the key path (`dns.fake-ip-range`,
+  `proxies[2].port`), the value (never a secret one, see redact.py) and
+  the reason;
 * Clash/mihomo keys Mirage does not implement (`tun`, `sniffer`,
-  `quic://` nameservers, `snell` proxies, ...): accepted, left
-  out of the model and listed in `Config.ignored_keys`, so an existing profile
-  loads and `mirage check` can say what it will not do;
-* anything else: a `ConfigError` naming the key path (`dns.fake-ip-range`,
-  `proxies[2].port`) with the offending value and the reason.
+  `quic://` nameservers, `ssr` proxies, ...): accepted, left out of the
+  model and listed in `Config.ignored_keys` / `Config.load_notes` by kind,
+  so an existing profile loads and `mirage check` can say what it will not
+  do;
+* any other key: ignored as mihomo ignores it, with a warning and a
+  did-you-mean (except inside Mirage's own `appliance:` block: an error).
+
+A load reads the whole profile even after an error: each broken key, proxy,
+group, rule or provider is reported and the next one read, and all the
+errors are raised together (`ConfigErrors`, one line each in `str()`).
 
 One module per section, each owning its keys (known, ignored) and its
 parsers: `top` (the top level and the order sections are read in), `dns`
@@ -29,7 +37,13 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from appliance.config.loader.errors import NO_VALUE, ConfigError, key_path
+from appliance.config.loader.errors import (
+    NO_VALUE,
+    ConfigError,
+    ConfigErrors,
+    every_error,
+    key_path,
+)
 from appliance.config.loader.rules import parse_rule
 from appliance.config.loader.section import LoadContext
 from appliance.config.loader.top import parse_root
@@ -39,7 +53,9 @@ from appliance.config.model import Config
 __all__ = [
     "NO_VALUE",
     "ConfigError",
+    "ConfigErrors",
     "check_runnable",
+    "every_error",
     "load_config",
     "parse_config",
     "parse_rule",
@@ -65,16 +81,16 @@ def parse_config(
     `source` is recorded in `Config.source` and anchors relative paths
     (`appliance.state-dir`, `dns.ca-file`). `anchor_keys` are top-level keys
     that only hold YAML anchors (found by `load_config`): reported ignored.
-    Raises ConfigError only.
+    Raises ConfigError only (a ConfigErrors when there are several).
     """
-    ctx = LoadContext(source)
+    ctx = LoadContext(source, collect=True)
     if data is None:
         data = {}
     holders = set(anchor_keys)
     if holders and isinstance(data, dict):
         for key in holders:
             if key in data:
-                ctx.ignore(key_path("", key), "YAML anchor")
+                ctx.ignore(key_path("", key), "YAML anchor", kind="anchor")
         data = {k: v for k, v in data.items() if k not in holders}
     try:
         return parse_root(data, ctx)

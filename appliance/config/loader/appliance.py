@@ -60,7 +60,9 @@ def _ifname(value: Any, path: str) -> str:
 
 
 def parse_appliance(sec: Section) -> ApplianceConfig:
-    """`appliance:`; every key is Mirage's own, so none is ever ignored."""
+    """`appliance:`; every key is Mirage's own, so none is ever ignored and
+    an unknown one is an error (mihomo has no such block to be lenient like;
+    a typo here would silently change what the gateway does)."""
     d = ApplianceConfig()
     ctx = sec.ctx
     lan_raw = sec.raw("lan")
@@ -100,7 +102,7 @@ def parse_appliance(sec: Section) -> ApplianceConfig:
     block_encrypted_dns = sec.get("block-encrypted-dns", as_bool, d.block_encrypted_dns)
     encrypted_dns_resolvers = _networks(sec, "encrypted-dns-resolvers")
     controller_hosts = sec.get("controller-hosts", _host_names, d.controller_hosts)
-    sec.finish(APPLIANCE_KEYS, ())
+    sec.finish(APPLIANCE_KEYS, (), strict=True)
     return ApplianceConfig(
         lan=tuple(lan),
         redirect=cast(Any, redirect),
@@ -163,7 +165,7 @@ def parse_limits(sec: Section) -> LimitsConfig:
         fake_ip_burst_per_client=sec.get(
             "fake-ip-burst-per-client", _count, d.fake_ip_burst_per_client),
     )
-    sec.finish(LIMITS_KEYS, ())
+    sec.finish(LIMITS_KEYS, (), strict=True)
     return limits
 
 

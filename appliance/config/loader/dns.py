@@ -13,7 +13,8 @@ those sections are read.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from functools import partial
 from typing import Any, TypeVar, cast
 
 from appliance.config.loader.errors import NO_VALUE, ConfigError, index_path
@@ -237,6 +238,7 @@ def _nameserver_list(
     return [ns for _, ns in _nameserver_entries(value, path, ctx, ip_only=ip_only)]
 
 
+_T = TypeVar("_T")
 _Net = TypeVar("_Net", ipaddress.IPv4Network, ipaddress.IPv6Network)
 
 
@@ -413,51 +415,66 @@ def parse_dns(sec: Section, top_hosts: dict[str, list[IPAddress]]) -> DnsConfig:
     """`dns:`, with the top-level `hosts` (`top_hosts`) merged under it."""
     ctx = sec.ctx
     d = DnsConfig()
-    enable = sec.get("enable", as_bool, d.enable)
-    listen = sec.get("listen", as_listen, d.listen)
-    ipv6 = sec.get("ipv6", as_bool, d.ipv6)
-    mode = sec.get("enhanced-mode", choice(("fake-ip", "redir-host", "normal")), d.enhanced_mode)
-    fake_range = sec.get("fake-ip-range", _fake_ip_range, d.fake_ip_range)
-    fake_range6 = sec.get("fake-ip-range6", _fake_ip_range6, d.fake_ip_range6)
+    errors_before = len(ctx.errors)
+
+    def get(key: str, convert: Callable[[Any, str], _T], default: _T) -> _T:
+        # Each key on its own: a bad one is reported and the next still read.
+        return ctx.attempt(lambda: sec.get(key, convert, default), default)
+
+    enable = get("enable", as_bool, d.enable)
+    listen = get("listen", as_listen, d.listen)
+    ipv6 = get("ipv6", as_bool, d.ipv6)
+    mode = get("enhanced-mode", choice(("fake-ip", "redir-host", "normal")), d.enhanced_mode)
+    fake_range = get("fake-ip-range", _fake_ip_range, d.fake_ip_range)
+    fake_range6 = get("fake-ip-range6", _fake_ip_range6, d.fake_ip_range6)
     if fake_range6 is None and ipv6:
         fake_range6 = DEFAULT_FAKE_IP_RANGE6
-    filter_mode = sec.get(
+    filter_mode = get(
         "fake-ip-filter-mode", choice(("blacklist", "whitelist", "rule")), d.fake_ip_filter_mode
     )
     fake_filter: list[str] = []
     filter_rules: list[Rule] = []
     if filter_mode == "rule":
-        filter_rules = sec.get("fake-ip-filter", lambda v, p: _filter_rules(v, p, ctx), [])
+        filter_rules = get("fake-ip-filter", lambda v, p: _filter_rules(v, p, ctx), [])
     else:
-        fake_filter = sec.get("fake-ip-filter", lambda v, p: _pattern_list(v, p, ctx), [])
-    default_ns: list[Nameserver] = sec.get(
+        fake_filter = get("fake-ip-filter", lambda v, p: _pattern_list(v, p, ctx), [])
+    default_ns: list[Nameserver] = get(
         "default-nameserver", lambda v, p: _nameserver_list(v, p, ctx, ip_only=True), []
     )
     nameserver_raw = sec.raw("nameserver")
-    named = (
+    named = ctx.attempt(lambda: (
         [] if nameserver_raw is None
         else _nameserver_entries(nameserver_raw, sec.at("nameserver"), ctx)
-    )  # fmt: skip
+    ), [])  # fmt: skip
     nameservers = [ns for _, ns in named]
-    policy = _parse_policy(sec.raw("nameserver-policy"), sec.at("nameserver-policy"), ctx, named)
+    policy = ctx.attempt(lambda: _parse_policy(
+        sec.raw("nameserver-policy"), sec.at("nameserver-policy"), ctx, named), [])
     extra: dict[str, list[Nameserver]] = {}
-    for key in ("fallback", "proxy-server-nameserver", "direct-nameserver"):
+
+    def servers_of(key: str) -> list[tuple[str, Nameserver]]:
         raw = sec.raw(key)
-        found = [] if raw is None else _nameserver_entries(raw, sec.at(key), ctx)
+        return [] if raw is None else _nameserver_entries(raw, sec.at(key), ctx)
+
+    for key in ("fallback", "proxy-server-nameserver", "direct-nameserver"):
+        found: list[tuple[str, Nameserver]] = ctx.attempt(partial(servers_of, key), [])
         named.extend(found)
         extra[key] = [ns for _, ns in found]
-    fallback_filter = _fallback_filter(
-        sec.raw("fallback-filter"), sec.at("fallback-filter"), ctx
-    )
-    direct_follow = sec.get("direct-nameserver-follow-policy", as_bool, False)
-    respect_rules = sec.get("respect-rules", as_bool, False)
+    fallback_filter = ctx.attempt(lambda: _fallback_filter(
+        sec.raw("fallback-filter"), sec.at("fallback-filter"), ctx), FallbackFilter())
+    direct_follow = get("direct-nameserver-follow-policy", as_bool, False)
+    respect_rules = get("respect-rules", as_bool, False)
     hosts = {name: list(addrs) for name, addrs in top_hosts.items()}
-    for name, addrs in parse_hosts(sec.raw("hosts"), sec.at("hosts"), ctx).items():
+    dns_hosts = ctx.attempt(lambda: parse_hosts(sec.raw("hosts"), sec.at("hosts"), ctx), {})
+    for name, addrs in dns_hosts.items():
         _merge_addrs(hosts, name, addrs)
-    ca_file = sec.get("ca-file", lambda v, p: as_path(v, p, ctx.base), d.ca_file)
-    upstream_timeout = sec.get("upstream-timeout", as_seconds, d.upstream_timeout)
-    cache_size = sec.get("cache-size", lambda v, p: as_int(v, p, 0, 10_000_000), d.cache_size)
+    ca_file = get("ca-file", lambda v, p: as_path(v, p, ctx.base), d.ca_file)
+    upstream_timeout = get("upstream-timeout", as_seconds, d.upstream_timeout)
+    cache_size = get("cache-size", lambda v, p: as_int(v, p, 0, 10_000_000), d.cache_size)
     sec.finish(DNS_KEYS, IGNORED_DNS)
+    if len(ctx.errors) > errors_before:
+        # What follows judges the values read above; with stand-ins for
+        # the broken ones it would only report echoes of the same errors.
+        return d
 
     if enable and not nameservers:
         why = (
@@ -521,12 +538,15 @@ def _is_ip(text: str) -> bool:
 
 def check_dns_references(
     dns: DnsConfig, path: str, targets: set[str], skipped: dict[str, str],
-    rule_providers: list[RuleProviderConfig],
+    rule_providers: list[RuleProviderConfig], broken_providers: Iterable[str] = (),
 ) -> None:
     """What the `dns:` entries name in the rest of the profile, checked
     once it is read (mihomo checks the same at load): a nameserver's
     `#Name` is a proxy, a group, DIRECT or RULES; a `rule-set:` entry
-    names a rule-provider of domains (or classical rules)."""
+    names a rule-provider of domains (or classical rules). A provider
+    whose own entry was broken (`broken_providers`, already reported) is
+    not reported again."""
+    broken = set(broken_providers)
     lists = {
         "nameserver": dns.nameserver, "fallback": dns.fallback,
         "proxy-server-nameserver": dns.proxy_server_nameserver,
@@ -547,6 +567,8 @@ def check_dns_references(
     for set_name in names:
         name = set_name.removeprefix("rule-set:")
         behavior = behaviors.get(name)
+        if name in broken:
+            continue
         if behavior is None:
             raise ConfigError(path, set_name,
                               f"rule-set {name!r} names no rule-providers entry")

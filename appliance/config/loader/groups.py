@@ -23,6 +23,7 @@ from appliance.config.loader.section import LoadContext, Section
 from appliance.config.model import (
     DEFAULT_TEST_URL,
     HealthCheckConfig,
+    IgnoredKind,
     MemberFilter,
     ProxyConfig,
     ProxyGroupConfig,
@@ -37,6 +38,7 @@ GROUP_KEYS = (
     "include-all-providers", "hidden", "icon", "disable-udp",
 )  # fmt: skip
 IGNORED_GROUP = ("interface-name", "routing-mark")
+_GATEWAY_GROUP: dict[str, IgnoredKind] = dict.fromkeys(IGNORED_GROUP, "gateway")
 # Probed group types: mihomo checks them every 300 s unless told otherwise.
 PROBED = ("url-test", "fallback", "load-balance")
 DEFAULT_INTERVAL = 300.0
@@ -135,101 +137,23 @@ def parse_groups(
     entries: list[tuple[Section, ProxyGroupConfig, list[tuple[str, str]]]] = []
     group_names: set[str] = set()
     for i, item in enumerate(as_list(value, path)):
-        sec = Section(item, index_path(path, i), ctx)
-        name = sec.require("name", as_nonempty_str)
-        if name in group_names or name in proxy_names or name in skipped:
-            raise ConfigError(
-                sec.at("name"), name, "duplicate name (proxies and groups share names)"
-            )
-        if name in BUILTIN_TARGETS and name != "GLOBAL":
-            # A profile may define GLOBAL itself (mihomo then shows its order).
-            raise ConfigError(sec.at("name"), name, "reserved name (a built-in target)")
-        group_names.add(name)
-        gtype = sec.require("type", as_nonempty_str)
-        if gtype not in GROUP_TYPES:
-            raise ConfigError(sec.at("type"), gtype,
-                              "unknown group type (" + ", ".join(GROUP_TYPES) + ")")
-        members: list[tuple[str, str]] = []
-        members_raw = sec.raw("proxies")
-        if members_raw is not None:
-            for j, member in enumerate(as_list(members_raw, sec.at("proxies"))):
-                member_path = index_path(sec.at("proxies"), j)
-                members.append((as_nonempty_str(member, member_path), member_path))
-        include_all = sec.get("include-all", weak_bool, False)
-        include_proxies = sec.get("include-all-proxies", weak_bool, False) or include_all
-        include_providers = sec.get("include-all-providers", weak_bool, False) or include_all
-        no_regex: tuple[str, ...] = ()
-        filters = sec.get("filter", lambda v, p: regex_list(v, p, ctx), no_regex)
-        exclude = sec.get("exclude-filter", lambda v, p: regex_list(v, p, ctx), no_regex)
-        exclude_type = sec.get("exclude-type", as_str, "")
-        use: list[str] = []
-        use_raw = sec.raw("use")
-        if use_raw is not None:
-            for j, pname in enumerate(as_list(use_raw, sec.at("use"))):
-                at = index_path(sec.at("use"), j)
-                pname = as_nonempty_str(pname, at)
-                if pname not in providers:
-                    raise ConfigError(at, pname, "no proxy-provider has this name")
-                use.append(pname)
-        if include_providers:
-            use = list(providers)
-        if include_proxies:
-            listed = {m for m, _ in members}
-            for pname in all_proxies:
-                if pname in listed:
-                    continue
-                if filters and not any(re.search(f, pname) for f in filters):
-                    continue
-                members.append((pname, sec.at("include-all-proxies")))
-        if not members and not use and not include_proxies:
-            raise ConfigError(sec.at("proxies"), NO_VALUE,
-                              "a group needs members (proxies, use or include-all)")
-        # mihomo: interval 0 (or none) on a probed group means 300 s; a
-        # select or relay group is probed only on demand.
-        interval = float(sec.get("interval", weak_int(0, 86400 * 7, "seconds"), 0))
-        if gtype in PROBED and interval == 0:
-            interval = DEFAULT_INTERVAL
-        default_url = next((provider_urls[u] for u in use if provider_urls.get(u)),
-                           DEFAULT_TEST_URL)
-        health = HealthCheckConfig(
-            enable=True,
-            url=sec.get("url", test_url, default_url),
-            interval=interval,
-            timeout=sec.get("timeout", weak_int(0, 600_000, "milliseconds"), 5000) / 1000
-            or 5.0,
-            lazy=sec.get("lazy", weak_bool, True),
-            expected_status=sec.get("expected-status", expected_status, ()),
-            max_failed_times=sec.get("max-failed-times", weak_int(0, 1 << 16, "a count"), 5)
-            or 5,
-        )
-        group = ProxyGroupConfig(
-            name=name,
-            type=cast(Any, gtype),
-            proxies=(),
-            use=tuple(use),
-            health=health,
-            tolerance=sec.get("tolerance", weak_int(0, 65535, "milliseconds"), 0),
-            strategy=sec.get("strategy", choice(STRATEGIES), "consistent-hashing"),
-            filter=MemberFilter(
-                filter=filters,
-                exclude_filter=exclude[0] if exclude else None,
-                exclude_type=tuple(t for t in exclude_type.split("|") if t.strip()),
-            ),
-            disable_udp=sec.get("disable-udp", weak_bool, False),
-            hidden=sec.get("hidden", weak_bool, False),
-            icon=sec.get("icon", as_str, ""),
-        )
-        sec.finish(GROUP_KEYS, IGNORED_GROUP)
-        entries.append((sec, group, members))
+        try:
+            entries.append(_parse_group(item, index_path(path, i), ctx, proxy_names, skipped,
+                                        group_names, all_proxies, providers, provider_urls))
+        except ConfigError as err:
+            ctx.fail(err)
+            if isinstance(item, dict) and isinstance(item.get("name"), str):
+                ctx.broken.add(item["name"])
+                group_names.add(item["name"])
 
     # Members may name groups defined later; resolve after all names are known.
-    known = proxy_names | group_names | set(BUILTIN_TARGETS)
+    known = proxy_names | group_names | set(BUILTIN_TARGETS) | ctx.broken
     for _sec, group, members in entries:
         for member, member_path in members:
             if member == group.name:
-                raise ConfigError(member_path, member, "a group cannot contain itself")
-            if member not in known and member not in skipped:
-                raise ConfigError(member_path, member, "no proxy or group has this name")
+                ctx.fail(ConfigError(member_path, member, "a group cannot contain itself"))
+            elif member not in known and member not in skipped:
+                ctx.fail(ConfigError(member_path, member, "no proxy or group has this name"))
 
     # Skip groups left without a usable member until nothing changes (an
     # emptied group is skipped, which may empty the groups that contain it).
@@ -241,11 +165,11 @@ def parse_groups(
                 continue
             if group.type == "relay" and any(m in skipped for m, _ in members):
                 lost = next(m for m, _ in members if m in skipped)
-                ctx.ignore(sec.path, f"relay {group.name!r}: hop {lost!r} skipped")
+                ctx.ignore(sec.path, f"relay {group.name!r}: hop {lost!r} skipped", kind="skipped")
                 skipped[group.name] = f"a relay through {lost!r}, which Mirage cannot use"
                 changed = True
             elif members and not group.use and all(m in skipped for m, _ in members):
-                ctx.ignore(sec.path, f"group {group.name!r} has no usable member")
+                ctx.ignore(sec.path, f"group {group.name!r} has no usable member", kind="skipped")
                 skipped[group.name] = "a group with no member Mirage can use"
                 changed = True
     groups: list[ProxyGroupConfig] = []
@@ -255,12 +179,107 @@ def parse_groups(
         usable: list[str] = []
         for member, member_path in members:
             if member in skipped:
-                ctx.ignore(member_path, f"{member!r} skipped")
+                ctx.ignore(member_path, f"{member!r} skipped", kind="skipped")
             elif member not in usable:
                 usable.append(member)
         groups.append(_with_members(group, usable))
-    check_cycles(groups, proxies, {g.name: sec.at("proxies") for sec, g, _ in entries}, skipped)
+    paths = {g.name: sec.at("proxies") for sec, g, _ in entries}
+    ctx.attempt(lambda: check_cycles(groups, proxies, paths, skipped | dict.fromkeys(
+        ctx.broken, "broken")), None)
     return groups
+
+
+def _parse_group(item: Any, path: str, ctx: LoadContext, proxy_names: set[str],
+                 skipped: dict[str, str], group_names: set[str], all_proxies: list[str],
+                 providers: Collection[str] | dict[str, str], provider_urls: dict[str, str],
+                 ) -> tuple[Section, ProxyGroupConfig, list[tuple[str, str]]]:
+    """One `proxy-groups[i]`, its members not yet resolved. Raises ConfigError."""
+    sec = Section(item, path, ctx)
+    name = sec.require("name", as_nonempty_str)
+    if name in group_names or name in proxy_names or name in skipped:
+        raise ConfigError(
+            sec.at("name"), name, "duplicate name (proxies and groups share names)"
+        )
+    if name in BUILTIN_TARGETS and name != "GLOBAL":
+        # A profile may define GLOBAL itself (mihomo then shows its order).
+        raise ConfigError(sec.at("name"), name, "reserved name (a built-in target)")
+    group_names.add(name)
+    gtype = sec.require("type", as_nonempty_str)
+    if gtype not in GROUP_TYPES:
+        raise ConfigError(sec.at("type"), gtype,
+                          "unknown group type (" + ", ".join(GROUP_TYPES) + ")")
+    members: list[tuple[str, str]] = []
+    members_raw = sec.raw("proxies")
+    if members_raw is not None:
+        for j, member in enumerate(as_list(members_raw, sec.at("proxies"))):
+            member_path = index_path(sec.at("proxies"), j)
+            members.append((as_nonempty_str(member, member_path), member_path))
+    include_all = sec.get("include-all", weak_bool, False)
+    include_proxies = sec.get("include-all-proxies", weak_bool, False) or include_all
+    include_providers = sec.get("include-all-providers", weak_bool, False) or include_all
+    no_regex: tuple[str, ...] = ()
+    filters = sec.get("filter", lambda v, p: regex_list(v, p, ctx), no_regex)
+    exclude = sec.get("exclude-filter", lambda v, p: regex_list(v, p, ctx), no_regex)
+    exclude_type = sec.get("exclude-type", as_str, "")
+    use: list[str] = []
+    use_raw = sec.raw("use")
+    if use_raw is not None:
+        for j, pname in enumerate(as_list(use_raw, sec.at("use"))):
+            at = index_path(sec.at("use"), j)
+            pname = as_nonempty_str(pname, at)
+            if pname not in providers and pname not in ctx.broken:
+                raise ConfigError(at, pname, "no proxy-provider has this name")
+            use.append(pname)
+    if include_providers:
+        use = list(providers)
+    if include_proxies:
+        listed = {m for m, _ in members}
+        for pname in all_proxies:
+            if pname in listed:
+                continue
+            if filters and not any(re.search(f, pname) for f in filters):
+                continue
+            members.append((pname, sec.at("include-all-proxies")))
+    if not members and not use and not include_proxies:
+        raise ConfigError(sec.at("proxies"), NO_VALUE,
+                          "a group needs members (proxies, use or include-all)")
+    # mihomo: interval 0 (or none) on a probed group means 300 s; a
+    # select or relay group is probed only on demand.
+    interval = float(sec.get("interval", weak_int(0, 86400 * 7, "seconds"), 0))
+    if gtype in PROBED and interval == 0:
+        interval = DEFAULT_INTERVAL
+    default_url = next((provider_urls[u] for u in use if provider_urls.get(u)),
+                       DEFAULT_TEST_URL)
+    health = HealthCheckConfig(
+        enable=True,
+        url=sec.get("url", test_url, default_url),
+        interval=interval,
+        timeout=sec.get("timeout", weak_int(0, 600_000, "milliseconds"), 5000) / 1000
+        or 5.0,
+        lazy=sec.get("lazy", weak_bool, True),
+        expected_status=sec.get("expected-status", expected_status, ()),
+        max_failed_times=sec.get("max-failed-times", weak_int(0, 1 << 16, "a count"), 5)
+        or 5,
+    )
+    group = ProxyGroupConfig(
+        name=name,
+        type=cast(Any, gtype),
+        proxies=(),
+        use=tuple(use),
+        health=health,
+        tolerance=sec.get("tolerance", weak_int(0, 65535, "milliseconds"), 0),
+        strategy=sec.get("strategy", choice(STRATEGIES), "consistent-hashing"),
+        filter=MemberFilter(
+            filter=filters,
+            exclude_filter=exclude[0] if exclude else None,
+            exclude_type=tuple(t for t in exclude_type.split("|") if t.strip()),
+        ),
+        disable_udp=sec.get("disable-udp", weak_bool, False),
+        hidden=sec.get("hidden", weak_bool, False),
+        icon=sec.get("icon", as_str, ""),
+    )
+    sec.finish(GROUP_KEYS, IGNORED_GROUP, kinds=_GATEWAY_GROUP)
+    return sec, group, members
 
 
 def _with_members(group: ProxyGroupConfig, members: list[str]) -> ProxyGroupConfig:

@@ -55,8 +55,10 @@ PROXY_KEYS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
         # udp: converters emit it on every proxy; an http proxy has no UDP.
         (*_IGNORED_PROXY_COMMON, "headers", "udp"),
     ),
-    "direct": ((), _IGNORED_PROXY_COMMON),
-    "reject": ((), _IGNORED_PROXY_COMMON),
+    # udp: mihomo's direct takes it (and converters write it); Mirage's
+    # DIRECT carries UDP either way.
+    "direct": ((), (*_IGNORED_PROXY_COMMON, "udp")),
+    "reject": ((), (*_IGNORED_PROXY_COMMON, "udp")),
 }
 # `preconnect` of plain SOCKS5 / HTTP proxies: connections kept open ahead
 # of the flows (appliance/outbound/preconnect.py).
@@ -81,42 +83,60 @@ def parse_proxies(
     if value is None:
         return proxies, skipped
     for i, item in enumerate(as_list(value, path)):
-        sec = Section(item, index_path(path, i), ctx)
-        name = sec.require("name", as_nonempty_str)
-        if name in names:
-            raise ConfigError(sec.at("name"), name, "duplicate proxy name")
-        if name in BUILTIN_TARGETS:
-            raise ConfigError(sec.at("name"), name, "reserved name (a built-in target)")
-        names.add(name)
-        ptype = sec.require("type", as_nonempty_str).lower()
-        spec = PROTOCOLS.get(ptype)
-        if spec is not None:
-            if sec.data.get("client-fingerprint") is not None:
+        try:
+            parsed = _parse_entry(item, index_path(path, i), ctx, names, skipped)
+        except ConfigError as err:
+            # One broken proxy does not hide the next; its name (if it has
+            # one) is known, so what names it is not reported again.
+            ctx.fail(err)
+            if isinstance(item, dict) and isinstance(item.get("name"), str):
+                ctx.broken.add(item["name"])
+            continue
+        if parsed is not None:
+            proxies.append(parsed)
+            if parsed.type in PROTOCOLS and isinstance(item, dict) \
+                    and item.get("client-fingerprint") is not None:
                 client_fingerprints += 1
-            try:
-                proxies.append(parse_protocol_proxy(sec, name, ptype, spec))
-            except UnusableProxy as e:
-                ctx.ignore(sec.path, f"{ptype} proxy {name!r}: {e.reason}")
-                skipped[name] = f"a {ptype} proxy with {e.reason}"
-            continue
-        if ptype in UNSUPPORTED_PROXY_TYPES:
-            ctx.ignore(sec.path, f"{ptype} proxy {name!r}")
-            skipped[name] = f"a {ptype} proxy, which Mirage does not implement"
-            if ptype == "hysteria":
-                skipped[name] += " (Hysteria v1; hysteria2 is supported)"
-            continue
-        if ptype not in PROXY_KEYS:
-            raise ConfigError(
-                sec.at("type"), sec.data["type"],
-                "unknown proxy type (Mirage implements "
-                + ", ".join((*PROXY_KEYS, *PROTOCOLS)) + ")",
-            )  # fmt: skip
-        proxies.append(_parse_proxy(sec, name, ptype))
     if client_fingerprints:
         log.info("client-fingerprint (uTLS) on %d prox%s has no effect: TLS is Python's "
                  "(OpenSSL's ClientHello)", client_fingerprints,
                  "y" if client_fingerprints == 1 else "ies")
     return proxies, skipped
+
+
+def _parse_entry(item: Any, path: str, ctx: LoadContext, names: set[str],
+                 skipped: dict[str, str]) -> ProxyConfig | None:
+    """One `proxies[i]`: its ProxyConfig, or None when it is skipped (its
+    reason put in `skipped`). Raises ConfigError."""
+    sec = Section(item, path, ctx)
+    name = sec.require("name", as_nonempty_str)
+    if name in names:
+        raise ConfigError(sec.at("name"), name, "duplicate proxy name")
+    if name in BUILTIN_TARGETS:
+        raise ConfigError(sec.at("name"), name, "reserved name (a built-in target)")
+    names.add(name)
+    ptype = sec.require("type", as_nonempty_str).lower()
+    spec = PROTOCOLS.get(ptype)
+    if spec is not None:
+        try:
+            return parse_protocol_proxy(sec, name, ptype, spec)
+        except UnusableProxy as e:
+            ctx.ignore(sec.path, f"{ptype} proxy {name!r}: {e.reason}", kind="skipped")
+            skipped[name] = f"a {ptype} proxy with {e.reason}"
+            return None
+    if ptype in UNSUPPORTED_PROXY_TYPES:
+        ctx.ignore(sec.path, f"{ptype} proxy {name!r}", kind="skipped")
+        skipped[name] = f"a {ptype} proxy, which Mirage does not implement"
+        if ptype == "hysteria":
+            skipped[name] += " (Hysteria v1; hysteria2 is supported)"
+        return None
+    if ptype not in PROXY_KEYS:
+        raise ConfigError(
+            sec.at("type"), sec.data["type"],
+            "unknown proxy type (Mirage implements "
+            + ", ".join((*PROXY_KEYS, *PROTOCOLS)) + ")",
+        )  # fmt: skip
+    return _parse_proxy(sec, name, ptype)
 
 
 def _parse_proxy(sec: Section, name: str, ptype: str) -> ProxyConfig:

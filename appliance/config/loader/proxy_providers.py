@@ -58,50 +58,60 @@ def parse_proxy_providers(value: Any, path: str, ctx: LoadContext) -> list[Proxy
         raise ConfigError(path, value, "expected a mapping of provider names")
     out: list[ProxyProviderConfig] = []
     for name, item in value.items():
-        sec = Section(item, key_path(path, str(name)), ctx)
-        ptype = sec.require("type", choice(("http", "file", "inline")))
-        url = sec.get("url", _http_url, None)
-        if ptype == "http" and url is None:
-            raise ConfigError(sec.at("url"), "<none>", "an http provider needs a url")
-        file_path = sec.get("path", lambda v, p: as_path(v, p, ctx.base), None)
-        if ptype == "file" and file_path is None:
-            raise ConfigError(sec.at("path"), "<none>", "a file provider needs a path")
-        payload: tuple[object, ...] = ()
-        if ptype == "inline":
-            payload = tuple(sec.get("payload", as_list, []))
-        header: list[tuple[str, str]] = []
-        raw_header = sec.raw("header")
-        if isinstance(raw_header, dict):
-            for k, v in raw_header.items():
-                for one in v if isinstance(v, list) else [v]:
-                    header.append((str(k), str(one)))
-        no_regex: tuple[str, ...] = ()
-        filters = sec.get("filter", lambda v, p: regex_list(v, p, ctx), no_regex)
-        exclude = sec.get("exclude-filter", lambda v, p: regex_list(v, p, ctx), no_regex)
-        exclude_type = sec.get("exclude-type", as_str, "")
-        health = _health(sec.section("health-check"))
-        override = _override(sec.section("override"))
-        provider = ProxyProviderConfig(
-            name=str(name),
-            type=cast(Any, ptype),
-            url=url,
-            path=file_path,
-            interval=float(sec.get("interval", weak_int(0, 86400 * 365, "seconds"), 0)),
-            proxy=sec.get("proxy", as_nonempty_str, None),
-            size_limit=sec.get("size-limit", weak_int(0, 1 << 40, "bytes"), 0),
-            header=tuple(header),
-            health=health,
-            filter=MemberFilter(
-                filter=filters,
-                exclude_filter=exclude[0] if exclude else None,
-                exclude_type=tuple(t for t in exclude_type.split("|") if t.strip()),
-            ),
-            override=override,
-            payload=payload,
-        )
-        sec.finish(PROVIDER_KEYS, IGNORED_PROVIDER)
-        out.append(provider)
+        try:
+            out.append(_provider(name, item, path, ctx))
+        except ConfigError as err:
+            # Its name stays known: a group's `use:` of it is not a second error.
+            ctx.fail(err)
+            ctx.broken.add(str(name))
     return out
+
+
+def _provider(name: Any, item: Any, path: str, ctx: LoadContext) -> ProxyProviderConfig:
+    """One `proxy-providers.NAME`. Raises ConfigError."""
+    sec = Section(item, key_path(path, str(name)), ctx)
+    ptype = sec.require("type", choice(("http", "file", "inline")))
+    url = sec.get("url", _http_url, None)
+    if ptype == "http" and url is None:
+        raise ConfigError(sec.at("url"), "<none>", "an http provider needs a url")
+    file_path = sec.get("path", lambda v, p: as_path(v, p, ctx.base), None)
+    if ptype == "file" and file_path is None:
+        raise ConfigError(sec.at("path"), "<none>", "a file provider needs a path")
+    payload: tuple[object, ...] = ()
+    if ptype == "inline":
+        payload = tuple(sec.get("payload", as_list, []))
+    header: list[tuple[str, str]] = []
+    raw_header = sec.raw("header")
+    if isinstance(raw_header, dict):
+        for k, v in raw_header.items():
+            for one in v if isinstance(v, list) else [v]:
+                header.append((str(k), str(one)))
+    no_regex: tuple[str, ...] = ()
+    filters = sec.get("filter", lambda v, p: regex_list(v, p, ctx), no_regex)
+    exclude = sec.get("exclude-filter", lambda v, p: regex_list(v, p, ctx), no_regex)
+    exclude_type = sec.get("exclude-type", as_str, "")
+    health = _health(sec.section("health-check"))
+    override = _override(sec.section("override"))
+    provider = ProxyProviderConfig(
+        name=str(name),
+        type=cast(Any, ptype),
+        url=url,
+        path=file_path,
+        interval=float(sec.get("interval", weak_int(0, 86400 * 365, "seconds"), 0)),
+        proxy=sec.get("proxy", as_nonempty_str, None),
+        size_limit=sec.get("size-limit", weak_int(0, 1 << 40, "bytes"), 0),
+        header=tuple(header),
+        health=health,
+        filter=MemberFilter(
+            filter=filters,
+            exclude_filter=exclude[0] if exclude else None,
+            exclude_type=tuple(t for t in exclude_type.split("|") if t.strip()),
+        ),
+        override=override,
+        payload=payload,
+    )
+    sec.finish(PROVIDER_KEYS, IGNORED_PROVIDER)
+    return provider
 
 
 def _health(sec: Section) -> HealthCheckConfig:

@@ -113,17 +113,22 @@ def _parse_list(value: Any, path: str, ctx: LoadContext, known: _Known) -> list[
     items = as_list(value, path)
     for i, item in enumerate(items):
         item_path = index_path(path, i)
-        line = as_nonempty_str(item, item_path)
-        rtype = _rule_type(line.split(",", 1)[0].strip())
-        if rtype in IGNORED_RULE_TYPES:
-            ctx.ignore(item_path, rtype)
+        try:
+            line = as_nonempty_str(item, item_path)
+            rtype = _rule_type(line.split(",", 1)[0].strip())
+            if rtype in IGNORED_RULE_TYPES:
+                ctx.ignore(item_path, rtype, kind="skipped")
+                continue
+            rule = _parse_line(line, item_path, known)
+        except ConfigError as err:
+            ctx.fail(err)  # rules are independent: the next is read all the same
             continue
-        rule = _parse_line(line, item_path, known)
         rules.append(rule)
         if rule.type == "MATCH" and i != len(items) - 1:
             # Rules after MATCH never run; say so rather than silently ignore.
             rest = len(items) - i - 1
-            ctx.ignore(f"{index_path(path, i + 1)}..", f"{rest} rule(s) after MATCH never run")
+            ctx.ignore(f"{index_path(path, i + 1)}..", f"{rest} rule(s) after MATCH never run",
+                       kind="skipped")
             break
     return rules
 
@@ -150,7 +155,11 @@ def parse_sub_rules(
     for name in section.data:
         if not name:
             raise ConfigError(path, name, "sub-rule name is empty")
-        out[name] = tuple(_parse_list(section.raw(name), section.at(name), ctx, known))
+        try:
+            out[name] = tuple(_parse_list(section.raw(name), section.at(name), ctx, known))
+        except ConfigError as err:
+            ctx.fail(err)
+            ctx.broken_sub_rules.add(name)
     _check_circles(out, path)
     _say_process_rules([r for rules in out.values() for r in rules])
     return tuple(out.items())
@@ -447,39 +456,48 @@ def parse_rule_providers(value: Any, path: str, ctx: LoadContext) -> list[RulePr
     section = Section(value, path, ctx)
     out: list[RuleProviderConfig] = []
     for name in section.data:
-        entry = section.section(name)
-        kind = entry.require("type", choice(("http", "file", "inline")))
-        behavior = entry.require("behavior", choice(("domain", "ipcidr", "classical")))
-        fmt = entry.get("format", choice(("yaml", "text", "mrs")), "yaml")
-        if fmt == "mrs" and behavior == "classical":
-            raise ConfigError(entry.at("format"), fmt, "mrs holds only domain or ipcidr "
-                              "rule-sets")
-        url = entry.get("url", as_nonempty_str, None)
-        file_path = entry.get("path", _provider_path, None)
-        interval = float(entry.get("interval", lambda v, p: as_int(v, p, 0, 1 << 31), 0))
-        proxy = entry.get("proxy", as_nonempty_str, None)
-        size_limit = entry.get("size-limit", lambda v, p: as_int(v, p, 0, 1 << 40), 0)
-        payload: tuple[str, ...] = ()
-        if kind == "http":
-            if url is None:
-                raise ConfigError(entry.at("url"), None, "an http rule-provider needs a url")
-            if not url.startswith(("http://", "https://")):
-                raise ConfigError(entry.at("url"), "<hidden>", "must be an http(s) URL")
-        elif kind == "file":
-            if file_path is None:
-                raise ConfigError(entry.at("path"), None, "a file rule-provider needs a path")
-        else:
-            raw = entry.raw("payload")
-            payload = tuple(str(as_str(v, index_path(entry.at("payload"), i))).strip()
-                            for i, v in enumerate(as_list(raw, entry.at("payload")))) \
-                if raw is not None else ()
-        headers = _headers(entry.raw("header"), entry.at("header"))
-        entry.finish(PROVIDER_KEYS, ())
-        out.append(RuleProviderConfig(
-            name=name, type=kind, behavior=behavior, format=cast(Any, fmt), url=url, path=file_path,
-            interval=interval, proxy=proxy, size_limit=size_limit, payload=payload,
-            headers=headers))
+        try:
+            out.append(_rule_provider(section, name))
+        except ConfigError as err:
+            ctx.fail(err)
+            ctx.broken_providers.add(name)
     return out
+
+
+def _rule_provider(section: Section, name: str) -> RuleProviderConfig:
+    """One `rule-providers.NAME`. Raises ConfigError."""
+    entry = section.section(name)
+    kind = entry.require("type", choice(("http", "file", "inline")))
+    behavior = entry.require("behavior", choice(("domain", "ipcidr", "classical")))
+    fmt = entry.get("format", choice(("yaml", "text", "mrs")), "yaml")
+    if fmt == "mrs" and behavior == "classical":
+        raise ConfigError(entry.at("format"), fmt, "mrs holds only domain or ipcidr "
+                          "rule-sets")
+    url = entry.get("url", as_nonempty_str, None)
+    file_path = entry.get("path", _provider_path, None)
+    interval = float(entry.get("interval", lambda v, p: as_int(v, p, 0, 1 << 31), 0))
+    proxy = entry.get("proxy", as_nonempty_str, None)
+    size_limit = entry.get("size-limit", lambda v, p: as_int(v, p, 0, 1 << 40), 0)
+    payload: tuple[str, ...] = ()
+    if kind == "http":
+        if url is None:
+            raise ConfigError(entry.at("url"), None, "an http rule-provider needs a url")
+        if not url.startswith(("http://", "https://")):
+            raise ConfigError(entry.at("url"), "<hidden>", "must be an http(s) URL")
+    elif kind == "file":
+        if file_path is None:
+            raise ConfigError(entry.at("path"), None, "a file rule-provider needs a path")
+    else:
+        raw = entry.raw("payload")
+        payload = tuple(str(as_str(v, index_path(entry.at("payload"), i))).strip()
+                        for i, v in enumerate(as_list(raw, entry.at("payload")))) \
+            if raw is not None else ()
+    headers = _headers(entry.raw("header"), entry.at("header"))
+    entry.finish(PROVIDER_KEYS, ())
+    return RuleProviderConfig(
+        name=name, type=kind, behavior=behavior, format=cast(Any, fmt), url=url, path=file_path,
+        interval=interval, proxy=proxy, size_limit=size_limit, payload=payload,
+        headers=headers)
 
 
 def _provider_path(value: Any, path: str) -> Path:

@@ -1,9 +1,13 @@
 """One load's state and the YAML mappings being read.
 
-`LoadContext` carries what a whole load shares (where relative paths start,
-what was ignored); `Section` reads one mapping and, at `finish`, reports
-every key nobody consumed: a known Clash/mihomo key is recorded as ignored,
-any other key is a ConfigError with a did-you-mean.
+`LoadContext` carries what a whole load shares: where relative paths
+start, what was ignored (each note with its kind, see `IgnoredKind`) and,
+when collecting, every error found so far. `Section` reads one mapping
+and, at `finish`, reports every key nobody consumed: a known Clash/mihomo
+key is recorded as ignored; any other key is ignored too, as mihomo does
+(it decodes into Go structs and drops what has no field), with a warning
+and a did-you-mean, except in Mirage's own `appliance:` block where a
+typo would silently change what the gateway does (an error there).
 """
 
 from __future__ import annotations
@@ -11,24 +15,60 @@ from __future__ import annotations
 import difflib
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from appliance.config.loader.errors import NO_VALUE, ConfigError, key_path
+from appliance.config.loader.redact import scrub_text
 from appliance.config.loader.scalars import fail_type, type_name
+from appliance.config.model import IgnoredKind, LoadNote
 
 T = TypeVar("T")
 
 
 class LoadContext:
-    """State of one load: where relative paths start, what was ignored."""
+    """State of one load: where relative paths start, what was ignored, and
+    (when `collect`) the errors found so far.
 
-    def __init__(self, source: Path | None) -> None:
+    With `collect` off (the default: a runtime parse of one provider's
+    proxy, one rule line) the first ConfigError propagates. With it on
+    (`parse_config`), the section loops hand each error to `fail`, which
+    keeps it and lets them go on with the next item, so one run reports
+    every problem; the caller raises them all at the end."""
+
+    def __init__(self, source: Path | None, *, collect: bool = False) -> None:
         self.source = source
         self.base = source.parent if source is not None else None
         self.ignored: list[str] = []
+        self.notes: list[LoadNote] = []
+        self.collect = collect
+        self.errors: list[ConfigError] = []
+        # Names of proxies and groups whose own entry was broken: reported
+        # once, so references to them are not reported again.
+        self.broken: set[str] = set()
+        self.broken_providers: set[str] = set()
+        self.broken_sub_rules: set[str] = set()
 
-    def ignore(self, path: str, note: str = "") -> None:
+    def ignore(self, path: str, note: str = "", kind: IgnoredKind = "unimplemented") -> None:
+        note = scrub_text(note)
         self.ignored.append(f"{path} ({note})" if note else path)
+        self.notes.append(LoadNote(path, kind, note))
+
+    def fail(self, err: ConfigError) -> None:
+        """Keep `err` and go on (collecting), or raise it."""
+        if not self.collect:
+            raise err
+        self.errors.append(err)
+
+    def attempt(self, parse: Callable[[], T], default: Any) -> T:
+        """`parse()`, or `default` after keeping its ConfigError (`fail`).
+        (`default` is Any: an empty `[]` would otherwise pin T to a list
+        of nothing; it is a stand-in of parse's type, only read when the
+        load fails anyway.)"""
+        try:
+            return parse()
+        except ConfigError as err:
+            self.fail(err)
+            return cast(T, default)
 
 
 class Section:
@@ -73,16 +113,22 @@ class Section:
         value = self.raw(key)
         return Section({} if value is None else value, self.at(key), self.ctx)
 
-    def finish(self, known: Iterable[str], ignored: Iterable[str]) -> None:
-        """Report unconsumed keys: Clash keys in `ignored` are recorded, any
-        other key is an error (with a did-you-mean from `known`)."""
+    def finish(self, known: Iterable[str], ignored: Iterable[str], *,
+               strict: bool = False, kinds: dict[str, IgnoredKind] | None = None) -> None:
+        """Report unconsumed keys: Clash keys in `ignored` are recorded (of
+        the kind `kinds` gives, else "unimplemented"); any other key is
+        recorded as unknown with a did-you-mean from `known`, or with
+        `strict` is an error (no value shown: it may be a secret)."""
         ignored_set = set(ignored)
-        for key, value in self.data.items():
+        for key in self.data:
             if key in self.seen:
                 continue
             if key in ignored_set:
-                self.ctx.ignore(self.at(key))
+                self.ctx.ignore(self.at(key), kind=(kinds or {}).get(key, "unimplemented"))
                 continue
             close = difflib.get_close_matches(key, list(known), n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise ConfigError(self.at(key), value, f"unknown key{hint}")
+            if strict:
+                self.ctx.fail(ConfigError(self.at(key), NO_VALUE, f"unknown key{hint}"))
+                continue
+            self.ctx.ignore(self.at(key), f"unknown key{hint}", kind="unknown")

@@ -15,7 +15,7 @@ from appliance.config.loader.appliance import parse_appliance
 from appliance.config.loader.controller import CONTROLLER_KEYS, parse_controller
 from appliance.config.loader.cross import check_cross
 from appliance.config.loader.dns import check_dns_references, parse_dns, parse_hosts
-from appliance.config.loader.errors import ConfigError, index_path
+from appliance.config.loader.errors import ConfigError, index_path, raise_collected
 from appliance.config.loader.groups import parse_groups
 from appliance.config.loader.proxies import BUILTIN_TARGETS, parse_proxies
 from appliance.config.loader.proxy_providers import (
@@ -37,7 +37,7 @@ from appliance.config.loader.scalars import (
     choice,
 )
 from appliance.config.loader.section import LoadContext, Section
-from appliance.config.model import Config
+from appliance.config.model import Config, IgnoredKind
 
 TOP_LEVEL_KEYS = (
     "mixed-port", "socks-port", "port", "authentication", "allow-lan", "bind-address",
@@ -61,56 +61,98 @@ IGNORED_TOP_LEVEL = (
     "sniffer", "tls", "clash-for-android", "auto-redir",
     "mitm-port", "mitm", "script", "log-file",
 )  # fmt: skip
+# Of those, the keys that have no meaning on a gateway (reported apart).
+GATEWAY_TOP_LEVEL = (
+    "redir-port", "tun", "auto-redir", "iptables", "interface-name", "find-process-mode",
+    "clash-for-android", "external-controller-pipe", "external-controller-unix",
+    "inbound-tfo", "inbound-mptcp", "ss-config", "vmess-config",
+)  # fmt: skip
+# Clash's old spellings (Clash before 1.0 and early Premium). mihomo's
+# RawConfig has no field for them, so it reads them as nothing at all: a
+# profile that has only `Proxy:` has no proxies in mihomo either.
+LEGACY_TOP_LEVEL = {
+    "Proxy": "proxies", "Proxy Group": "proxy-groups", "Rule": "rules",
+    "proxy-provider": "proxy-providers", "rule-provider": "rule-providers",
+}  # fmt: skip
+_GATEWAY_KINDS: dict[str, IgnoredKind] = dict.fromkeys(GATEWAY_TOP_LEVEL, "gateway")
 PROFILE_KEYS = ("store-fake-ip", "store-selected")
-IGNORED_PROFILE = ()
+IGNORED_PROFILE = ("tracing",)
 
 
 def parse_root(data: Any, ctx: LoadContext) -> Config:
     """The whole profile: each section in turn (proxies, then the groups that
     name them, then the rules that name both), then the top level's leftover
-    keys, then `check_cross` on the built `Config`."""
+    keys, then `check_cross` on the built `Config`.
+
+    With `ctx.collect` every section is read even after an error in an
+    earlier one (the one broken key or item is reported, the rest is
+    read), and the errors are raised together at the end; `check_cross`
+    runs only on a profile with no error (it would judge stand-in
+    defaults)."""
     root = Section(data, "", ctx)
-    mixed_port = root.get("mixed-port", _optional_port, None)
-    socks_port = root.get("socks-port", _optional_port, None)
-    http_port = root.get("port", _optional_port, None)
-    authentication = _parse_authentication(root.raw("authentication"), root.at("authentication"))
-    allow_lan = root.get("allow-lan", as_bool, True)
-    bind_address = root.get("bind-address", _bind_address, "*")
-    tproxy_port = root.get("tproxy-port", _optional_port, None)
-    routing_mark = root.get("routing-mark", as_mark, None)
-    ipv6 = root.get("ipv6", as_bool, False)
-    log_level = root.get(
-        "log-level", choice(("silent", "error", "warning", "info", "debug")), "info"
-    )
-    external_controller, secret, controller = parse_controller(root)
+    d = Config()
 
-    profile = root.section("profile")
-    store_fake_ip = profile.get("store-fake-ip", as_bool, False)
-    store_selected = profile.get("store-selected", as_bool, True)
-    profile.finish(PROFILE_KEYS, IGNORED_PROFILE)
+    def get(key: str, convert: Any, default: Any) -> Any:
+        return ctx.attempt(lambda: root.get(key, convert, default), default)
 
-    top_hosts = parse_hosts(root.raw("hosts"), root.at("hosts"), ctx)
-    dns = parse_dns(root.section("dns"), top_hosts)
+    mixed_port = get("mixed-port", _optional_port, None)
+    socks_port = get("socks-port", _optional_port, None)
+    http_port = get("port", _optional_port, None)
+    authentication = ctx.attempt(
+        lambda: _parse_authentication(root.raw("authentication"), root.at("authentication")), ())
+    allow_lan = get("allow-lan", as_bool, True)
+    bind_address = get("bind-address", _bind_address, "*")
+    tproxy_port = get("tproxy-port", _optional_port, None)
+    routing_mark = get("routing-mark", as_mark, None)
+    ipv6 = get("ipv6", as_bool, False)
+    log_level = get("log-level", choice(("silent", "error", "warning", "info", "debug")), "info")
+    external_controller, secret, controller = ctx.attempt(
+        lambda: parse_controller(root), (None, "", d.controller))
 
-    proxies, skipped = parse_proxies(root.raw("proxies"), root.at("proxies"), ctx)
-    providers = parse_proxy_providers(root.raw("proxy-providers"), root.at("proxy-providers"),
-                                      ctx)
-    groups = parse_groups(root.raw("proxy-groups"), root.at("proxy-groups"), ctx, proxies,
-                          skipped, {p.name: p.health.url if p.health.enable else ""
-                                    for p in providers})
+    def parse_profile() -> tuple[bool, bool]:
+        profile = root.section("profile")
+        store_fake_ip = profile.get("store-fake-ip", as_bool, False)
+        store_selected = profile.get("store-selected", as_bool, True)
+        profile.finish(PROFILE_KEYS, IGNORED_PROFILE)
+        return store_fake_ip, store_selected
+
+    store_fake_ip, store_selected = ctx.attempt(parse_profile, (False, True))
+    top_hosts = ctx.attempt(lambda: parse_hosts(root.raw("hosts"), root.at("hosts"), ctx), {})
+    dns = ctx.attempt(lambda: parse_dns(root.section("dns"), top_hosts), d.dns)
+
+    proxies, skipped = ctx.attempt(
+        lambda: parse_proxies(root.raw("proxies"), root.at("proxies"), ctx), ([], {}))
+    providers = ctx.attempt(lambda: parse_proxy_providers(
+        root.raw("proxy-providers"), root.at("proxy-providers"), ctx), [])
+    groups = ctx.attempt(lambda: parse_groups(
+        root.raw("proxy-groups"), root.at("proxy-groups"), ctx, proxies, skipped,
+        {p.name: p.health.url if p.health.enable else "" for p in providers}), [])
     targets = {p.name for p in proxies} | {g.name for g in groups} | set(BUILTIN_TARGETS)
-    check_provider_dialers(providers, targets)
-    rule_providers = parse_rule_providers(root.raw("rule-providers"), root.at("rule-providers"),
-                                          ctx)
-    provider_names = {p.name for p in rule_providers}
-    check_dns_references(dns, root.at("dns") or "dns", targets, skipped, rule_providers)
-    sub_rules = parse_sub_rules(root.raw("sub-rules"), root.at("sub-rules"), ctx, targets,
-                                skipped, provider_names)
-    rules = parse_rules(root.raw("rules"), root.at("rules"), ctx, targets, skipped,
-                        sub_rules={name for name, _ in sub_rules}, providers=provider_names)
-    geodata = parse_geodata(root)
-    appliance = parse_appliance(root.section("appliance"))
-    root.finish(TOP_LEVEL_KEYS, IGNORED_TOP_LEVEL)
+    ctx.attempt(lambda: check_provider_dialers(providers, targets | ctx.broken), None)
+    # A rule naming a proxy or group whose own entry was broken is not
+    # wrong a second time.
+    targets |= ctx.broken
+    rule_providers = ctx.attempt(lambda: parse_rule_providers(
+        root.raw("rule-providers"), root.at("rule-providers"), ctx), [])
+    provider_names = {p.name for p in rule_providers} | ctx.broken_providers
+    ctx.attempt(lambda: check_dns_references(dns, "dns", targets, skipped, rule_providers,
+                                             ctx.broken_providers), None)
+    sub_rules = ctx.attempt(lambda: parse_sub_rules(
+        root.raw("sub-rules"), root.at("sub-rules"), ctx, targets, skipped, provider_names), ())
+    rules = ctx.attempt(lambda: parse_rules(
+        root.raw("rules"), root.at("rules"), ctx, targets, skipped,
+        sub_rules={name for name, _ in sub_rules} | ctx.broken_sub_rules,
+        providers=provider_names), [])
+    geodata = ctx.attempt(lambda: parse_geodata(root), d.geodata)
+    appliance = ctx.attempt(lambda: parse_appliance(root.section("appliance")), d.appliance)
+    for key, current in LEGACY_TOP_LEVEL.items():
+        if key in root.data:
+            root.raw(key)
+            ctx.ignore(key, f"Clash's old spelling of {current!r}: mihomo no longer reads it, "
+                            "so neither does Mirage", kind="legacy")
+    root.finish(TOP_LEVEL_KEYS, IGNORED_TOP_LEVEL,
+                kinds=_GATEWAY_KINDS)
+    raise_collected(ctx.errors)
 
     cfg = Config(
         mixed_port=mixed_port,
@@ -138,6 +180,7 @@ def parse_root(data: Any, ctx: LoadContext) -> Config:
         geodata=geodata,
         appliance=appliance,
         ignored_keys=tuple(ctx.ignored),
+        load_notes=tuple(ctx.notes),
         source=ctx.source,
     )
     check_cross(cfg)

@@ -49,8 +49,9 @@ def anchor_holders(loader: _UniqueKeyLoader, root: yaml.Node | None) -> list[str
 
     mihomo ignores unknown top-level keys, and profiles use that to keep
     shared fragments (`p: &p {type: http, interval: 86400}`) reused by
-    `<<: *p` elsewhere. Mirage rejects unknown keys, except a non-Clash
-    top-level key whose whole value is anchored: that is such a holder.
+    `<<: *p` elsewhere. Mirage reports them apart from unknown keys: a non-Clash
+    top-level key whose whole value (or each of whose entries) is anchored:
+    that is such a holder. Other unknown keys are ignored too, as unknown.
     """
     if not isinstance(root, yaml.MappingNode):
         return []
@@ -61,8 +62,20 @@ def anchor_holders(loader: _UniqueKeyLoader, root: yaml.Node | None) -> list[str
         if isinstance(key, yaml.ScalarNode)
         and isinstance(key.value, str)
         and key.value not in known
-        and id(value) in loader.anchored
+        and (id(value) in loader.anchored or _holds_anchors(loader, value))
     ]
+
+
+def _holds_anchors(loader: _UniqueKeyLoader, node: yaml.Node) -> bool:
+    """A mapping or list whose every entry is anchored (`rule-anchor:
+    {domain: &d {...}, ip: &i {...}}`): a holder of fragments too."""
+    if isinstance(node, yaml.MappingNode):
+        children = [value for _, value in node.value]
+    elif isinstance(node, yaml.SequenceNode):
+        children = list(node.value)
+    else:
+        return False
+    return bool(children) and all(id(child) in loader.anchored for child in children)
 
 
 def _construct_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode) -> dict[Any, Any]:
@@ -92,6 +105,23 @@ _UniqueKeyLoader.add_constructor(
 )
 
 
+def _describe(exc: yaml.YAMLError) -> str:
+    """The YAML error without PyYAML's snippet of the offending line (that
+    line may be `password: ...`): what went wrong and where."""
+    if not isinstance(exc, yaml.MarkedYAMLError):
+        return type(exc).__name__
+    parts = []
+    if exc.context:
+        parts.append(exc.context + _where(exc.context_mark))
+    if exc.problem:
+        parts.append(exc.problem + _where(exc.problem_mark))
+    return "; ".join(parts) or type(exc).__name__
+
+
+def _where(mark: Any) -> str:
+    return f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+
+
 def read_yaml(source: Path) -> tuple[Any, list[str]]:
     """The document at `source` and its anchor-holding top-level keys.
 
@@ -109,7 +139,8 @@ def read_yaml(source: Path) -> tuple[Any, list[str]]:
         data = loader.construct_document(root) if root is not None else None
         holders = anchor_holders(loader, root)
     except yaml.YAMLError as exc:
-        raise ConfigError("<file>", NO_VALUE, f"{source}: invalid YAML: {exc}") from None
+        raise ConfigError("<file>", NO_VALUE, f"{source}: invalid YAML: {_describe(exc)}") \
+            from None
     except RecursionError:
         raise ConfigError("<file>", NO_VALUE, f"{source}: YAML nested too deeply") from None
     finally:

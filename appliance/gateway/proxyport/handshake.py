@@ -218,6 +218,8 @@ class Handshake:
         self._buf = bytearray()
         self._out = bytearray()
         self._ask: Ask | UdpAssociate | None = None
+        # The user who authenticated (mihomo's IN-USER); empty without auth.
+        self.user = ""
 
     @property
     def speaks_socks5(self) -> bool:
@@ -317,6 +319,7 @@ class Handshake:
                     server.auth_result(False)
                     return self._refuse(self.data_to_send() + server.data_to_send(),
                                         "SOCKS5 username/password refused", logging.WARNING)
+                self.user = event.username
                 event = server.auth_result(True)
         except s5.Socks5Error as err:
             reply = self.data_to_send() + server.data_to_send() + _socks_error_bytes(server, err)
@@ -352,6 +355,7 @@ class Handshake:
                 return self._refuse(PROXY_AUTH_REQUIRED,
                                     f"HTTP proxy request without valid credentials{user}",
                                     logging.WARNING, linger=True)
+            self.user = creds[0]
         command: Literal["connect", "forward"] = "connect" if req.method == "CONNECT" else "forward"
         self._ask = Ask(req.host, req.port, command, request=req, rest=bytes(self._buf[end:]))
         self._buf.clear()

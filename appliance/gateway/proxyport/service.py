@@ -41,7 +41,7 @@ from typing import Any
 import trio
 
 from appliance.config.model import Config
-from appliance.flow import Flow, Inbound
+from appliance.flow import Entry, Flow, Inbound
 from appliance.gateway.proxyport.bind import (
     LOOPBACK,
     BindAddress,
@@ -91,9 +91,18 @@ class ProxyPort:
         """What a flow taken here names as its inbound."""
         return _INBOUND[self.key]
 
+    def entry(self, hs: Handshake, command: str) -> Entry:
+        """How a flow asked for after `hs` came in (IN-* rules, /connections):
+        the protocol the client spoke as mihomo's metadata type names it
+        (HTTPS for a CONNECT tunnel, HTTP for a forwarded request)."""
+        in_type = "SOCKS5" if hs.speaks_socks5 else "HTTP" if command == "forward" else "HTTPS"
+        return Entry(self.inbound, self.port, _IN_NAME[self.key], in_type, hs.user)
+
 
 # The inbound each Clash proxy-port key names in its flows.
 _INBOUND: dict[str, Inbound] = {"mixed-port": "mixed", "socks-port": "socks", "port": "http"}
+# mihomo's listener names for the same keys (IN-NAME).
+_IN_NAME = {"mixed-port": "DEFAULT-MIXED", "socks-port": "DEFAULT-SOCKS", "port": "DEFAULT-HTTP"}
 # What each Clash proxy-port key speaks: (SOCKS5, HTTP).
 _SPEAKS = {"mixed-port": (True, True), "socks-port": (True, False), "port": (False, True)}
 
@@ -378,9 +387,11 @@ class ProxyPorts:
                 )
                 return
             if isinstance(ask, UdpAssociate):
-                await self._udp_associate(stream, handshake, ask, src, local, pins, spec.inbound)
+                await self._udp_associate(stream, handshake, ask, src, local, pins,
+                                          spec.entry(handshake, "connect"))
             elif ask is not None:
-                await self._serve(stream, handshake, ask, src, pins, spec.inbound)
+                await self._serve(stream, handshake, ask, src, pins,
+                                  spec.entry(handshake, ask.command))
         except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             log.debug("%s: client connection ended: %r", spec.key, exc)
         finally:
@@ -415,12 +426,12 @@ class ProxyPorts:
         ask: Ask,
         src: tuple[str, int],
         pins: Pins,
-        inbound: Inbound,
+        entry: Entry,
     ) -> None:
         where = f"{src[0]}:{src[1]} -> {format_authority(ask.host, ask.port)}"
         fwd: Forwarding | None = None
         try:
-            target = self.targets.resolve(ask.host, ask.port, src, pins, inbound)
+            target = self.targets.resolve(ask.host, ask.port, src, pins, entry)
             if ask.command == "forward":
                 assert ask.request is not None
                 try:
@@ -435,8 +446,6 @@ class ProxyPorts:
         dst = str(target.dst) if target.dst is not None else ""
         flow = self.registry.open("tcp", src, (dst, target.dst_port), target.domain)
         flow.routed(target)
-        # The protocol the client spoke, as mihomo's metadata.type names it.
-        flow.protocol = "Socks5" if hs.speaks_socks5 else "HTTP" if fwd is not None else "HTTPS"
         log.debug("proxy %s: via %s", where, target.outbound or "?")
         idle_timeout = self.cfg.appliance.idle_timeout
         result: SpliceResult | None = None
@@ -511,7 +520,7 @@ class ProxyPorts:
         src: tuple[str, int],
         local: Any,
         pins: Pins,
-        inbound: Inbound,
+        entry: Entry,
     ) -> None:
         if self.open_udp is None:
             log.info("proxy %s:%d: UDP ASSOCIATE refused: no UDP outbound given", *src)
@@ -542,7 +551,7 @@ class ProxyPorts:
                 targets=self.targets,
                 pins=pins,
                 flow=flow,
-                inbound=inbound,
+                entry=entry,
                 idle_timeout=self.cfg.appliance.idle_timeout,
                 max_targets=self.limits.udp_max_targets,
             )

@@ -20,7 +20,7 @@ import ipaddress
 from dataclasses import dataclass, field
 
 from appliance.config.model import IPAddress
-from appliance.flow import Flow, Inbound, Network
+from appliance.flow import Entry, Flow, Network
 from appliance.gateway.proxyport.handshake import Refused
 from appliance.gateway.splice import FlowRegistry
 from appliance.gateway.tcp import FakeIPs
@@ -60,7 +60,7 @@ class Targets:
         port: int,
         src: tuple[str, int],
         pins: Pins,
-        inbound: Inbound,
+        entry: Entry,
         network: Network = "tcp",
     ) -> Flow:
         """The Flow for a requested host: a name as is (no `dst`), a fake
@@ -74,7 +74,7 @@ class Targets:
             name = str(host).rstrip(".").lower()
             if not name:
                 raise Refused("bad-target", f"bad host name {host!r}")
-            return Flow(network, inbound, client, src[1], None, port, name)
+            return Flow(network, entry.inbound, client, src[1], None, port, name, entry=entry)
         if self.pool.is_fake(ip):
             domain = pins.pin(str(ip))
             if domain is None:
@@ -83,5 +83,5 @@ class Targets:
                     "unmapped",
                     f"fake IP {ip} is not mapped (expired, or issued before a restart)",
                 )
-            return Flow(network, inbound, client, src[1], ip, port, domain)
-        return Flow(network, inbound, client, src[1], ip, port, None)
+            return Flow(network, entry.inbound, client, src[1], ip, port, domain, entry=entry)
+        return Flow(network, entry.inbound, client, src[1], ip, port, None, entry=entry)

@@ -47,7 +47,7 @@ from typing import Any
 import trio
 
 from appliance.config.model import IPAddress
-from appliance.flow import Flow, Inbound
+from appliance.flow import Entry, Flow
 from appliance.gateway.proxyport.handshake import Refused
 from appliance.gateway.proxyport.target import Pins, Targets
 from appliance.gateway.splice import FlowRecord
@@ -84,7 +84,7 @@ class UdpAssociation:
         targets: Targets,
         pins: Pins,
         flow: FlowRecord,
-        inbound: Inbound,
+        entry: Entry,
         idle_timeout: float,
         max_targets: int,
     ) -> None:
@@ -99,7 +99,7 @@ class UdpAssociation:
         self.targets = targets
         self.pins = pins
         self.flow = flow
-        self.inbound: Inbound = inbound
+        self.entry = entry
         self.idle_timeout = idle_timeout
         self.open_udp = open_udp
         self.sessions = UdpSessions(self._open, max_targets, hold=self.FAILED_HOLD)
@@ -186,7 +186,7 @@ class UdpAssociation:
             return None
         src = (self.client_ip, self.client_port)
         try:
-            flow = self.targets.resolve(host, port, src, self.pins, self.inbound, "udp")
+            flow = self.targets.resolve(host, port, src, self.pins, self.entry, "udp")
             header = s5.encode_udp(host, port, b"")
         except (Refused, s5.Socks5Error) as err:
             why = err.why if isinstance(err, Refused) else str(err)
