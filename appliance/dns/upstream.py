@@ -34,8 +34,9 @@ that address (`_Backend`), while the URL keeps the name: TLS SNI, the
 certificate check, the Host header and httpx's connection pool all go by the
 name, so each DoH name gets its own verified connection.
 
-DoT: one TLS connection per query (RFC 7858 over TCP, 2-byte length
-prefix), SNI and certificate check by the host as written (name or IP).
+DoT (RFC 7858: DNS-over-TCP framing inside TLS): SNI and certificate check
+by the host as written (name or IP); up to 4 connections per server, kept
+for the next queries (`_dot`).
 
 Through an outbound (`#Name` on the entry, or `respect-rules` / `#RULES`:
 what the rules pick for the server's address): TCP, DoT and DoH

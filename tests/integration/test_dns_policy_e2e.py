@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 import pytest
-from lab_client import FAKE, dig
+from lab_client import FAKE, curl, dig
 
 from appliance.lab.lab import Lab
 from appliance.lab.mirage import MirageRuns
@@ -76,3 +76,27 @@ def test_fallback_over_dot_through_socks5(lab: Lab, runs: MirageRuns) -> None:
                                          "fallback": [f"tls://{honest.name}#{socks.name}"]}
     assert [a["data"] for a in data["upstream"]["answers"]] == ["192.168.57.11"]
     assert data["fake_ip"] is False
+
+
+@pytest.mark.parametrize(("resolver", "works"), [("honest", True), ("poisoned", False)])
+def test_proxy_server_names_use_proxy_server_nameserver(
+    lab: Lab, runs: MirageRuns, resolver: str, works: bool
+) -> None:
+    """A proxy known by name (dante as `www.alpha.test`, which is its address
+    at the honest resolver) is found through `proxy-server-nameserver`
+    alone: with the poisoned resolver there (it says 192.168.57.12, where
+    no proxy listens) the same profile's flows through it fail, though
+    `nameserver` is the honest one either way."""
+    topo = lab.topology
+    honest = topo.honest_resolver
+    ask = str(honest.address) if resolver == "honest" else str(topo.poisoned_resolver.address)
+    socks = topo.socks[0]
+    runs.start(
+        dns={"default-nameserver": [str(honest.address)],
+             "proxy-server-nameserver": [ask]},
+        proxies=[{"name": "by-name", "type": "socks5", "server": "www.alpha.test",
+                  "port": socks.port}],
+        rules=["DOMAIN-SUFFIX,gamma.test,by-name", "MATCH,DIRECT"],
+    )
+    code, body, _ = curl(lab, "http://www.gamma.test/")
+    assert (code == 0 and "MARKER-GAMMA" in body) == works, (code, body)
