@@ -8,6 +8,8 @@ import ipaddress
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from appliance.config.loader import ConfigError, parse_config
 from appliance.config.model import DnsConfig, DomainPolicy, FallbackFilter, Nameserver
@@ -319,3 +321,64 @@ def test_consecutive_patterns_share_a_trie_sets_keep_their_place(geo: Geodata) -
     assert policy.policy_for("map.baidu.com") == (POL1,)
     assert policy.policy_for("tieba.baidu.com") == (POL1,)
     assert policy.policy_for("www.qq.com") == (FB,)
+
+
+
+# -- fuzz: whatever the text, a nameserver entry loads or is a ConfigError ---------------
+
+_PIECES = st.sampled_from([
+    "tls://", "https://", "udp://", "tcp://", "quic://", "http://", "system", "dhcp://",
+    "1.1.1.1", "[2001:db8::1]", "dns.example", ":853", ":0", ":99999", "/dns-query", "?x=1",
+    "#", "#proxy", "#Auto", "#DIRECT", "#RULES", "&", "=", "method=GET", "ecs=1.2.3.0/24",
+    "skip-cert-verify=true", "@", "user:pw@", " ", "é", "",
+])
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.lists(_PIECES, min_size=1, max_size=6).map("".join), min_size=1,
+                max_size=3),
+       st.sampled_from(["nameserver", "fallback", "default-nameserver",
+                        "proxy-server-nameserver"]))
+def test_any_nameserver_text_loads_or_is_a_config_error(texts: list[str], key: str) -> None:
+    profile = dns(**{key: texts, "default-nameserver": ["192.0.2.53"]}
+                  if key != "default-nameserver" else {key: texts})
+    try:
+        cfg = parse_config(profile)
+    except ConfigError as err:
+        assert str(err)
+        return
+    servers = {"nameserver": cfg.dns.nameserver, "fallback": cfg.dns.fallback,
+               "default-nameserver": cfg.dns.default_nameserver,
+               "proxy-server-nameserver": cfg.dns.proxy_server_nameserver}[key]
+    for ns in servers:
+        assert ns.scheme in ("https", "tls", "udp", "tcp") and 0 < ns.port < 65536
+        assert ns.proxy in (None, "proxy", "Auto", "DIRECT", "RULES")
+        # What the resolver builds from it works without I/O.
+        Policy(cfg.dns).plan("a.example", A)
+
+
+_LABELS = st.sampled_from(["a", "b", "c", "*"])
+
+
+def _pattern() -> st.SearchStrategy[str]:
+    body = st.lists(_LABELS, min_size=1, max_size=4).map(".".join)
+    return st.tuples(st.sampled_from(["", "+.", "."]), body).map("".join).filter(
+        lambda p: p.rstrip("*.") != "" or p == "*")
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(_pattern(), min_size=1, max_size=6),
+       st.lists(st.sampled_from(["a", "b", "c", "d"]), min_size=1, max_size=5).map(".".join))
+def test_policy_trie_matches_the_same_names_as_the_filter_trie(patterns: list[str],
+                                                                name: str) -> None:
+    """Which value wins differs (most specific there, first here), but the
+    names matched must not: both are mihomo's pattern semantics."""
+    from appliance.dns.policy import PolicyTrie
+    from appliance.names import DomainTrie, pattern_is_valid
+
+    patterns = [p for p in patterns if pattern_is_valid(p) is None]
+    policy: PolicyTrie[int] = PolicyTrie()
+    for i, p in enumerate(patterns):
+        policy.insert(p, i)
+    first: DomainTrie[int] = DomainTrie((p, i) for i, p in enumerate(patterns))
+    assert (policy.search(name) is not None) == first.matches(name)
