@@ -33,6 +33,7 @@ import signal
 import time
 from collections.abc import Callable
 from dataclasses import fields, replace
+from itertools import chain
 from typing import Any
 
 import trio
@@ -62,6 +63,7 @@ from appliance.gateway.udp import UdpGateway
 from appliance.geodata import Geodata
 from appliance.geodata.update import GeodataFiles, needed
 from appliance.limits import ConcurrencyLimit, FairShares, RateLimit, total_flows
+from appliance.outbound import wgdevice, wireguard
 from appliance.outbound.base import Outbound, Resolve, as_ip
 from appliance.outbound.groups import groups_in
 from appliance.outbound.health import DelayHistory, HealthChecks
@@ -138,9 +140,13 @@ class Appliance:
         return dict(self.dispatcher.router.outbounds) if self.dispatcher is not None else {}
 
     async def apply_config(self, new: Config) -> None:
-        """The API's PATCH /configs: log-level, allow-lan and bind-address
-        from now on (the same paths a reload takes for those keys)."""
+        """The API's PATCH /configs: mode, log-level, allow-lan and
+        bind-address from now on (the same paths a reload takes for those
+        keys; the mode is the live router's, see `Router.set_mode`)."""
         old, self.cfg = self.cfg, new
+        if self.dispatcher is not None and new.mode != old.mode:
+            self.dispatcher.router.set_mode(new.mode)
+            log.info("mode: %s (was %s)", new.mode, old.mode)
         _set_log_level(new.log_level)
         await self._reload_proxy_ports(old, new)
 
@@ -175,6 +181,11 @@ class Appliance:
         if providers is not None:
             providers.attach(router.outbounds, provided_out)
         self.health.watch(groups_in(router.outbounds).values())
+        if self._nursery is not None:
+            # WireGuard proxies' interfaces up now rather than on their first
+            # flow; those no proxy names any more go.
+            self._nursery.start_soon(wireguard.prepare_all, [
+                *router.outbounds.values(), *chain.from_iterable(provided_out.values())])
         return router
 
     def open_providers(self, cfg: Config) -> ProxyProviders:
@@ -249,6 +260,8 @@ class Appliance:
                 # Signals first: a SIGTERM during startup still unwinds cleanly.
                 await nursery.start(self._handle_signals, nursery.cancel_scope)
                 self._nursery = nursery
+                # Before any proxy's interface is made: a killed run's go.
+                await trio.to_thread.run_sync(wgdevice.remove_leftovers)
                 await nursery.start(self.health.serve)
                 self.providers = self.open_providers(cfg)
                 dispatcher = self.dispatcher = Dispatcher(
@@ -292,6 +305,8 @@ class Appliance:
                 # SIGTERM during startup: every service has unwound, a clean stop.
                 task_status.started()
         finally:
+            # No flow is left to use them (the nursery has exited).
+            wgdevice.DEVICES.close()
             # After the flusher's final flush (the nursery has exited).
             if self.store is not None:
                 self.store.close()

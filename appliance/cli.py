@@ -60,9 +60,10 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 def cmd_rules(args: argparse.Namespace) -> int:
     from appliance.capture.backend import render_plan
+    from appliance.outbound.wireguard import render_plans
 
     cfg = _load(args.config)
-    print(render_plan(cfg), end="")
+    print(render_plan(cfg) + render_plans(cfg.proxies, cfg.routing_mark), end="")
     return EXIT_OK
 
 
@@ -71,10 +72,11 @@ def cmd_cleanup(args: argparse.Namespace) -> int:
     the last run stopped cleanly. Never touches a running Mirage's
     listeners, only the capture it would remove itself on a clean exit."""
     from appliance.capture.backend import remove_all
+    from appliance.outbound.wgdevice import remove_leftovers
 
     cfg = _load(args.config)
     _setup_logging("info")
-    removed = remove_all(cfg)
+    removed = remove_all(cfg) + remove_leftovers()
     for what in removed:
         logging.getLogger("mirage").info("cleanup: removed %s", what)
     if not removed:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from appliance.config.model import IPAddress, Rule
+from appliance.rules.names import rule_payload
 
 Network = Literal["tcp", "udp"]
 # Which listener took the flow: the transparent listener/socket on
@@ -82,6 +83,9 @@ class Flow:
     # `chains` (["ss-1", "Proxy"] for the group Proxy's member ss-1): set
     # by the dispatcher, shown by the control API.
     chains: tuple[str, ...] = ()
+    # Routed by the tunnel mode (global, direct), not by the rules: mihomo
+    # then shows no rule at all, not its default's "Match".
+    by_mode: bool = False
     entry: Entry | None = None
 
     @property
@@ -92,6 +96,17 @@ class Flow:
             return self.domain
         assert self.dst is not None, "a flow has a domain or a destination address"
         return self.dst
+
+    def rule_shown(self) -> tuple[str, str]:
+        """The rule that routed the flow as the control API shows it: its
+        keyword and its payload as mihomo spells it; ("MATCH", "") when no
+        rule matched (the default, as mihomo shows it); ("", "") before
+        routing and for a flow routed by the mode (global, direct)."""
+        if self.by_mode:
+            return "", ""
+        if self.rule is not None:
+            return self.rule.type, rule_payload(self.rule)
+        return ("MATCH", "") if self.outbound else ("", "")
 
     def describe(self) -> str:
         """`src:port -> host:port`, for logs."""

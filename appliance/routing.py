@@ -47,14 +47,14 @@ from typing import Any, Protocol
 
 import trio
 
-from appliance.config.model import Config, IPAddress, Rule
+from appliance.config.model import TUNNEL_MODES, Config, IPAddress, Rule, TunnelMode
 from appliance.dns.upstream_api import UpstreamError
 from appliance.flow import Flow
 from appliance.metrics import CONNECT_SECONDS
 from appliance.outbound.base import Outbound, Resolve, UdpPeer, outbound_deadline
 from appliance.outbound.build import BuildError, build_outbounds
 from appliance.outbound.direct import DirectOutbound
-from appliance.outbound.groups import FLOW_SOURCE, unwrap
+from appliance.outbound.groups import FLOW_PICKS, FLOW_SOURCE, unwrap
 from appliance.outbound.preconnect import MAX_IDLE as PRECONNECT_MAX_IDLE
 from appliance.outbound.preconnect import Preconnect
 from appliance.rules.engine import EMPTY_ENV, FlowContext, RuleEnv, RuleSet
@@ -118,9 +118,11 @@ class NameAddresses:
 
 
 def chain(outbound: Outbound) -> tuple[str, ...]:
-    """The outbounds a flow sent to `outbound` goes through now, the last
-    one first (mihomo's `chains`): a group's member in use (`current()`),
-    then that one's, up to a proxy. Bounded: a
+    """The outbounds a flow sent to `outbound` would go through now, the
+    last one first (mihomo's `chains`): a group's member in use
+    (`current()`), then that one's, up to a proxy. The dispatcher replaces
+    it with the members the groups really took once the flow connected
+    (`FLOW_PICKS`). Bounded: a
     group cannot contain itself (the loader refuses cycles), and the walk
     stops after 32 hops regardless."""
     names = [outbound.name]
@@ -146,10 +148,15 @@ class Router:
     """
 
     def __init__(self, rules: Sequence[Rule], outbounds: Mapping[str, Outbound],
-                 env: RuleEnv = EMPTY_ENV, addresses: NameAddresses | None = None) -> None:
+                 env: RuleEnv = EMPTY_ENV, addresses: NameAddresses | None = None,
+                 mode: TunnelMode = "rule") -> None:
         self.rules = RuleSet(rules, env)
         self.outbounds = dict(outbounds)
         self.default = outbounds["DIRECT"]
+        # mihomo's tunnel mode (`set_mode`): the one mutable setting, so that
+        # the API can switch it without building a router.
+        self.mode: TunnelMode = "rule"
+        self.set_mode(mode)
         self.addresses = addresses if addresses is not None else NameAddresses(None)
         targets: list[Outbound | None] = []
         for i, rule in enumerate(self.rules.rules):
@@ -179,14 +186,25 @@ class Router:
         from `cfg`)."""
         env = dataclasses.replace(env or EMPTY_ENV, sub_rules=dict(cfg.sub_rules))
         return cls(cfg.rules, build_outbounds(cfg, resolve, **shared), env,
-                   NameAddresses(resolve))
+                   NameAddresses(resolve), cfg.mode)
 
     def with_env(self, env: RuleEnv) -> Router:
         """The same rules and outbounds over new rule-provider content or
         geodata (`env`'s sub-rules are this router's). Compiles the rules:
         may take a second for very large rule-sets (call it in a thread)."""
         env = dataclasses.replace(env, sub_rules=self.rules.env.sub_rules)
-        return Router(self.rules.rules, self.outbounds, env, self.addresses)
+        return Router(self.rules.rules, self.outbounds, env, self.addresses, self.mode)
+
+    def set_mode(self, mode: TunnelMode) -> None:
+        """mihomo's `mode` from now on (new flows): `rule`, `global` (every
+        flow to GLOBAL, which then picks by its selection) or `direct`
+        (every flow DIRECT). In the last two no rule is matched (a flow's
+        rule is None) and no name is resolved for IP rules."""
+        if mode not in TUNNEL_MODES:
+            raise ValueError(f"mode {mode!r}: rule, global or direct")
+        self.mode = mode
+        self._mode_outbound = (None if mode == "rule"
+                               else self.outbounds["GLOBAL" if mode == "global" else "DIRECT"])
 
     def _outbound(self, index: int, ctx: FlowContext) -> Outbound:
         target = self.targets[index]
@@ -204,6 +222,8 @@ class Router:
         """The outbound for a TCP flow and the index of the rule that chose
         it (None: the default), matching with what `ctx` has (no lookup:
         see `route`)."""
+        if self._mode_outbound is not None:
+            return self._mode_outbound, None
         i = self.rules.match_index(ctx)
         while i is not None and self._passes(i, ctx):
             i = self._match_from(ctx, i + 1)
@@ -241,6 +261,8 @@ class Router:
         """The outbound for a TCP flow, the index of the rule that chose it
         (None: the default) and the context it matched with (its address
         when a rule needed one)."""
+        if self._mode_outbound is not None:
+            return self._mode_outbound, None, ctx
         resolved, i = await self.resolved(ctx)
         if resolved is not None:
             i = self._first(ctx, 0, resolved)
@@ -254,7 +276,11 @@ class Router:
         """The outbound for a UDP flow, the index of the rule that chose it
         (None: the default) and how many matching rules were skipped because
         their outbound cannot carry UDP (see the module doc). `resolved`:
-        the flow with its name's address (`resolved`), for the IP rules."""
+        the flow with its name's address (`resolved`), for the IP rules.
+        In global and direct mode the one outbound, whether or not it
+        carries UDP (mihomo: a flow GLOBAL cannot carry fails)."""
+        if self._mode_outbound is not None:
+            return self._mode_outbound, None, 0
         index = self._first(ctx, 0, resolved)
         skipped = 0
         # Each pass moves past one matching rule: bounded by the rule count.
@@ -271,6 +297,8 @@ class Router:
 
     async def route_udp(self, ctx: FlowContext) -> tuple[Outbound, int | None, int]:
         """`pick_udp` after the lookup `route` makes."""
+        if self._mode_outbound is not None:
+            return self._mode_outbound, None, 0
         resolved, _ = await self.resolved(ctx)
         return self.pick_udp(ctx, resolved)
 
@@ -337,17 +365,25 @@ class Dispatcher:
         outbound, index, _ = await router.route(flow_context(flow))
         flow.outbound = outbound.name
         flow.chains = chain(outbound)
+        flow.by_mode = router.mode != "rule"
         if index is not None:
             flow.rule = router.rules.rules[index]
         token = FLOW_SOURCE.set(flow.src)
+        picks: list[str] = []
+        picks_token = FLOW_PICKS.set(picks)
         started = time.perf_counter()
         try:
             stream = await outbound.connect_tcp(flow.host, flow.dst_port)
         finally:
             FLOW_SOURCE.reset(token)
+            FLOW_PICKS.reset(picks_token)
             CONNECT_SECONDS.labels(outbound.name).observe(time.perf_counter() - started)
+        if picks:
+            flow.chains = (*picks, outbound.name)
+        # Not in global or direct mode: an offloaded name would stay DIRECT
+        # in the kernel after the API switches back to the rules.
         if self.offload is not None and flow.inbound == "tproxy" and flow.domain is not None \
-                and router.rules.decided_by_domain(index):
+                and not flow.by_mode and router.rules.decided_by_domain(index):
             self._offer_offload(outbound, flow)
         return stream
 
@@ -371,16 +407,23 @@ class Dispatcher:
         outbound, index, flow.skipped = await router.route_udp(flow_context(flow))
         flow.outbound = outbound.name
         flow.chains = chain(outbound)
+        flow.by_mode = router.mode != "rule"
         if index is not None:
             flow.rule = router.rules.rules[index]
         host = flow.host
         token = FLOW_SOURCE.set(flow.src)
+        picks: list[str] = []
+        picks_token = FLOW_PICKS.set(picks)
         try:
             with outbound_deadline(self.connect_timeout,
                                    f"{outbound.name} udp {host}:{flow.dst_port}"):
-                return await outbound.open_udp(host, flow.dst_port)
+                peer = await outbound.open_udp(host, flow.dst_port)
         finally:
             FLOW_SOURCE.reset(token)
+            FLOW_PICKS.reset(picks_token)
+        if picks:
+            flow.chains = (*picks, outbound.name)
+        return peer
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
                     ) -> None:

@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 DEB_PACKAGES=(
     python3-venv python3-bpfcc chromium python3-nftables python3-yaml nftables iproute2
     unbound dnsmasq-base nginx-light dante-server tinyproxy shadowsocks-libev trojan v2ray
-    simple-obfs shadowsocks-v2ray-plugin microsocks
+    simple-obfs shadowsocks-v2ray-plugin microsocks wireguard-tools wireguard-go
     bind9-dnsutils dnsperf iperf3 wrk curl openssl sqlite3 bpftool stunnel4 redsocks
     linux-headers-amd64
     ansible ansible-lint debootstrap vagrant vagrant-libvirt

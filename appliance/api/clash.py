@@ -23,6 +23,7 @@ from typing import Any
 from dnslib import QTYPE, DNSRecord
 
 from appliance.config.model import Config, ProxyConfig
+from appliance.rules.names import rule_payload, rule_type
 
 # mihomo's adapter type names (constant/adapters.go), by profile `type`.
 PROXY_TYPES = {
@@ -38,28 +39,6 @@ GROUP_TYPES = {"select": "Selector", "url-test": "URLTest", "fallback": "Fallbac
                "load-balance": "LoadBalance", "relay": "Relay"}
 # How mihomo's metadata.type shows an inbound type (IN-TYPE's words).
 INBOUND_TYPES = {"TPROXY": "TProxy", "SOCKS5": "Socks5", "HTTP": "HTTP", "HTTPS": "HTTPS"}
-
-
-# mihomo's rule type names (constant/rule.go RuleType.String), by profile keyword.
-RULE_TYPES = {
-    "DOMAIN": "Domain", "DOMAIN-SUFFIX": "DomainSuffix", "DOMAIN-KEYWORD": "DomainKeyword",
-    "DOMAIN-REGEX": "DomainRegex", "GEOSITE": "GeoSite", "GEOIP": "GeoIP",
-    "SRC-GEOIP": "SrcGeoIP", "IP-ASN": "IPASN", "SRC-IP-ASN": "SrcIPASN",
-    "IP-CIDR": "IPCIDR", "IP-CIDR6": "IPCIDR", "SRC-IP-CIDR": "SrcIPCIDR",
-    "IP-SUFFIX": "IPSuffix", "SRC-IP-SUFFIX": "SrcIPSuffix", "SRC-PORT": "SrcPort",
-    "DST-PORT": "DstPort", "IN-PORT": "InPort", "IN-USER": "InUser", "IN-NAME": "InName",
-    "IN-TYPE": "InType", "PROCESS-NAME": "ProcessName", "PROCESS-PATH": "ProcessPath",
-    "PROCESS-NAME-REGEX": "ProcessNameRegex", "PROCESS-PATH-REGEX": "ProcessPathRegex",
-    "MATCH": "Match", "RULE-SET": "RuleSet", "NETWORK": "Network", "DSCP": "DSCP",
-    "UID": "Uid", "SUB-RULE": "SubRules", "AND": "AND", "OR": "OR", "NOT": "NOT",
-}  # fmt: skip
-
-
-def rule_type(keyword: str) -> str:
-    """A profile's rule keyword as mihomo's API names the type."""
-    if keyword in RULE_TYPES:
-        return RULE_TYPES[keyword]
-    return "".join(part.title() for part in keyword.split("-"))
 
 
 def rfc3339(seconds: float) -> str:
@@ -195,7 +174,8 @@ def connection_doc(row: Mapping[str, Any]) -> dict[str, Any]:
         "start": rfc3339(float(row.get("started", time.time()))),
         "chains": chains,
         "providerChains": ["" for _ in chains],
-        "rule": rule_type(str(row.get("rule", "") or ("MATCH" if chains else ""))),
+        "rule": "" if row.get("by_mode") else rule_type(
+            str(row.get("rule", "") or ("MATCH" if chains else ""))),
         "rulePayload": str(row.get("rule_payload", "")),
     }
 
@@ -258,7 +238,8 @@ def configs_doc(cfg: Config, mode: str) -> dict[str, Any]:
 def rules_doc(cfg: Config) -> dict[str, Any]:
     """GET /rules (hub/route/rules.go)."""
     return {"rules": [
-        {"index": i, "type": rule_type(r.type), "payload": r.value, "proxy": r.target, "size": -1,
+        {"index": i, "type": rule_type(r.type), "payload": rule_payload(r), "proxy": r.target,
+         "size": -1,
          "extra": {"disabled": False, "hitCount": 0, "hitAt": "", "missCount": 0,
                    "missAt": ""}}
         for i, r in enumerate(cfg.rules)

@@ -38,6 +38,7 @@ from appliance.api.logbus import LEVELS, LogBus, level_name
 from appliance.api.security import Guard
 from appliance.api.ui import ui_directory
 from appliance.api.views import Controlled as Sources
+from appliance.config.model import TUNNEL_MODES
 from appliance.dns.upstream_api import UpstreamError
 from appliance.outbound.groups import GroupError
 from appliance.outbound.health import ProbeError, url_delay
@@ -46,7 +47,8 @@ log = logging.getLogger("mirage.api")
 
 DEFAULT_TEST_URL = "https://www.gstatic.com/generate_204"
 # The keys PATCH /configs applies live (mihomo's patchConfigs allows more:
-# the listeners' ports need a restart here, and only rule mode exists).
+# the listeners' ports need a restart here). `mode` switches the live
+# router (rule, global, direct), as mihomo's tunnel.SetMode.
 PATCHABLE = ("log-level", "allow-lan", "bind-address", "mode")
 
 
@@ -107,7 +109,7 @@ class Api:
         return JSONResponse({"meta": True, "version": f"mirage-{__version__}"})
 
     async def get_configs(self, request: Request) -> Response:
-        return JSONResponse(clash.configs_doc(self.src.cfg, "rule"))
+        return JSONResponse(clash.configs_doc(self.src.cfg, self.src.cfg.mode))
 
     async def patch_configs(self, request: Request) -> Response:
         body = await _json_body(request)
@@ -119,8 +121,11 @@ class Api:
                               f"(live: {', '.join(PATCHABLE)})")
         cfg = self.src.cfg
         changes: dict[str, Any] = {}
-        if "mode" in body and str(body["mode"]).lower() != "rule":
-            return error(400, "only rule mode is implemented")
+        if "mode" in body:
+            mode = str(body["mode"]).lower()
+            if mode not in TUNNEL_MODES:
+                return error(400, "mode: rule, global or direct")
+            changes["mode"] = mode
         if "log-level" in body:
             level = str(body["log-level"])
             if level not in LEVELS:

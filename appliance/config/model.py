@@ -740,6 +740,10 @@ class ControllerConfig:
     cors: CorsConfig = field(default_factory=CorsConfig)
 
 
+TunnelMode = Literal["rule", "global", "direct"]
+TUNNEL_MODES: tuple[TunnelMode, ...] = ("rule", "global", "direct")
+
+
 # Why a key or item of a profile was left out (the groups `mirage check`
 # prints): "gateway" keys have no meaning on a gateway (tun, listeners, a
 # proxy's interface-name); "unimplemented" ones Mirage does not do yet;
@@ -759,10 +763,17 @@ class LoadNote:
     path: str
     kind: IgnoredKind
     note: str = ""
+    # The ConfigError behind a skipped item (a proxy with a value mihomo
+    # loads but Mirage cannot use), for code that wants its path and reason.
+    error: Exception | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
 class Config:
+    # mihomo's `mode`: `rule` (the rules decide), `global` (every flow to the
+    # GLOBAL group's selection), `direct` (every flow DIRECT). The API's
+    # PATCH /configs switches it live; a reload goes back to the file's.
+    mode: TunnelMode = "rule"
     mixed_port: int | None = None
     # The other proxy ports (Clash `socks-port`, and `port` for HTTP) and who
     # may use them: `authentication: ["user:pass", ...]` (empty: no auth),

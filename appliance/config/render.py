@@ -168,6 +168,7 @@ def effective_config(cfg: Config, *, redact: bool = False) -> dict[str, Any]:
         texts = [str(a) for a in addrs]
         hosts[name] = texts[0] if len(texts) == 1 else texts
     return {
+        "mode": cfg.mode,
         "mixed-port": cfg.mixed_port,
         "socks-port": cfg.socks_port,
         "port": cfg.http_port,
@@ -316,8 +317,9 @@ def _grouped(notes: list[LoadNote]) -> list[str]:
     by_path: dict[str, list[str]] = {}
     first_path: dict[str, str] = {}
     for n in notes:
-        note = n.note.removeprefix("unknown key").removeprefix("; ") if n.kind == "unknown" \
-            else n.note
+        # The line's title already says what the kind's own notes say.
+        note = (n.note.removeprefix("unknown key").removeprefix("; ") if n.kind == "unknown"
+                else "" if n.kind == "anchor" else n.note)
         general = re.sub(r"\[\d+\]", "[*]", n.path)
         by_path.setdefault(general, []).append(note)
         first_path.setdefault(general, n.path)

@@ -435,6 +435,7 @@ class FlowRecord:
     rule: str = ""
     rule_payload: str = ""
     chains: tuple[str, ...] = ()
+    by_mode: bool = False  # routed by mode global/direct: no rule shown (Flow.by_mode)
     # The flow's task runs inside this scope: `close_flow` (the API's
     # DELETE /connections) cancels it, which ends the relay and closes both
     # sockets the way any cancellation does.
@@ -445,10 +446,8 @@ class FlowRecord:
         self.entry = flow.entry
         self.outbound = flow.outbound
         self.chains = flow.chains
-        if flow.rule is not None:
-            self.rule, self.rule_payload = flow.rule.type, flow.rule.value
-        elif flow.outbound:
-            self.rule = "MATCH"  # no rule matched: the default, as mihomo shows it
+        self.by_mode = flow.by_mode
+        self.rule, self.rule_payload = flow.rule_shown()
 
     def add_up(self, n: int) -> None:
         self.up += n
@@ -479,6 +478,7 @@ class FlowRecord:
             "rule": self.rule,
             "rule_payload": self.rule_payload,
             "chains": list(self.chains),
+            "by_mode": self.by_mode,
         }
 
 

@@ -570,9 +570,11 @@ class UdpGateway:
              "dst_ip": s.dst[1], "dst_port": s.dst[2],
              "domain": s.flow.domain, "outbound": s.flow.outbound, "started": s.started,
              "up": s.bytes_up, "down": s.bytes_down,
+             "rule": rule, "rule_payload": payload, "chains": list(s.flow.chains),
+             "by_mode": s.flow.by_mode,
              **(s.flow.entry.as_dict() if s.flow.entry is not None else {}),
              "state": s.state, "idle": round(now - s.last, 3)}
-            for s in self.table
+            for s in self.table for rule, payload in (s.flow.rule_shown(),)
         ]
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED

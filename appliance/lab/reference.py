@@ -179,11 +179,13 @@ class MihomoGateway:
     a fake-IP transparent gateway (LAN DNS redirected to its DNS port, the
     fake range TPROXYed to its `tproxy-port`), with `profile` (proxies,
     proxy-groups, rules, ... as a dict) merged over those settings and its
-    controller on 127.0.0.1:9097 inside the gateway namespace. Not together
-    with a running Mirage (both would take the LAN's DNS)."""
+    controller on 127.0.0.1:9097 inside the gateway namespace. Its DNS asks
+    `nameservers` (default: the lab's honest resolver, plain DNS). Not
+    together with a running Mirage (both would take the LAN's DNS)."""
 
     def __init__(self, lab: Lab, profile: dict[str, Any], *, name: str = "mihomo",
-                 lan: str = "lan0", fake_range: str = "198.18.0.0/16") -> None:
+                 lan: str = "lan0", fake_range: str = "198.18.0.0/16",
+                 nameservers: list[str] | None = None) -> None:
         self.lab = lab
         self.home = lab.state_dir / name
         self.log = self.home / "mihomo.log"
@@ -191,7 +193,7 @@ class MihomoGateway:
         self.fake_range = fake_range
         dns = {"enable": True, "listen": f"0.0.0.0:{MIHOMO_DNS_PORT}", "ipv6": False,
                "enhanced-mode": "fake-ip", "fake-ip-range": "198.18.0.1/16",
-               "nameserver": [lab.addr("upstream", family=4).rsplit(".", 1)[0] + ".53"]}
+               "nameserver": nameservers or [str(lab.topology.honest_resolver.address)]}
         self.config: dict[str, Any] = {
             "mode": "rule", "log-level": "info", "allow-lan": True, "bind-address": "*",
             "tproxy-port": MIHOMO_TPROXY_PORT, "routing-mark": 255, "ipv6": False,

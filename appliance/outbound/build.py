@@ -60,6 +60,7 @@ from appliance.outbound.trojan import TrojanOutbound
 from appliance.outbound.tuic import TuicOutbound
 from appliance.outbound.vless import VlessOutbound
 from appliance.outbound.vmess import VmessOutbound
+from appliance.outbound.wireguard import WireguardOutbound
 
 # One proxy entry and what all outbounds share -> the outbound.
 Builder = Callable[[ProxyConfig, OutboundEnv], Outbound]
@@ -76,6 +77,7 @@ BUILDERS: dict[str, Builder] = {
     "trojan": TrojanOutbound.from_config,
     "hysteria2": Hysteria2Outbound.from_config,
     "tuic": TuicOutbound.from_config,
+    "wireguard": WireguardOutbound.from_config,
 }
 
 

@@ -55,6 +55,20 @@ log = logging.getLogger(__name__)
 # balancing; set around `connect_tcp` / `open_udp` by the dispatcher
 # (appliance/routing.py), unset (None) for probes and the API.
 FLOW_SOURCE: ContextVar[IPAddress | None] = ContextVar("mirage_flow_source", default=None)
+# The members the groups of the flow being connected went through, the
+# innermost first (each group adds its member once the member connected):
+# the flow's `chains` as they really were, which `current()` cannot say for
+# load-balance (a member per destination) or a fallback that moved on
+# mid-connect. A list set around `connect_tcp` / `open_udp` by the
+# dispatcher; None (nothing kept) for probes and the API.
+FLOW_PICKS: ContextVar[list[str] | None] = ContextVar("mirage_flow_picks", default=None)
+
+
+def picked(member: Outbound) -> None:
+    """Note that the flow being connected went through `member`."""
+    picks = FLOW_PICKS.get()
+    if picks is not None:
+        picks.append(member.name)
 
 
 # Probes of one round in flight at once (mihomo's health check batches 10).
@@ -303,13 +317,17 @@ class Group:
             self._dial_failed(member)
             raise
         self._failures = 0
+        picked(member)
         return stream
 
     async def open_udp(self, host: str | IPAddress, port: int) -> UdpPeer | None:
         if self.disable_udp:
             return await no_udp(self.name)
         self._touch()
-        return await self.current().open_udp(host, port)
+        member = self.current()
+        peer = await member.open_udp(host, port)
+        picked(member)
+        return peer
 
 
 class SelectGroup(Group):
@@ -436,6 +454,7 @@ class FallbackGroup(Group):
                 errors.append(f"{member.name}: {e.reason}")
                 continue
             self._down_until.pop(member.name, None)
+            picked(member)
             return stream
         raise OutboundError(f"{self.name}: every member failed ({'; '.join(errors)})")
 
@@ -454,9 +473,12 @@ class FallbackGroup(Group):
             if not member.carries_udp:
                 continue
             try:
-                return await member.open_udp(host, port)
+                peer = await member.open_udp(host, port)
             except OutboundError as e:
                 errors.append(f"{member.name}: {e.reason}")
+                continue
+            picked(member)
+            return peer
         raise OutboundError(f"{self.name}: no member opened UDP ({'; '.join(errors)})")
 
 
@@ -571,10 +593,12 @@ class LoadBalanceGroup(Group):
         self._touch()
         member = self.pick(host, FLOW_SOURCE.get())
         try:
-            return await member.connect_tcp(host, port)
+            stream = await member.connect_tcp(host, port)
         except OutboundError:
             self._dial_failed(member)
             raise
+        picked(member)
+        return stream
 
     @property
     def carries_udp(self) -> bool:
@@ -584,7 +608,10 @@ class LoadBalanceGroup(Group):
         if self.disable_udp:
             return await no_udp(self.name)
         self._touch()
-        return await self.pick(host, FLOW_SOURCE.get()).open_udp(host, port)
+        member = self.pick(host, FLOW_SOURCE.get())
+        peer = await member.open_udp(host, port)
+        picked(member)
+        return peer
 
 
 # (proxy, the outbound its server connections go through) -> that proxy
@@ -646,7 +673,9 @@ class RelayGroup(Group):
 
     async def connect_tcp(self, host: str | IPAddress, port: int) -> trio.abc.Stream:
         self._touch()
-        return await self.chain().connect_tcp(host, port)
+        stream = await self.chain().connect_tcp(host, port)
+        picked(self.current())
+        return stream
 
     async def open_udp(self, host: str | IPAddress, port: int) -> UdpPeer | None:
         return await no_udp(self.name)

@@ -13,7 +13,11 @@ copies instead of splicing.
 UDP (`udp: true`): one marked UDP socket to the server per flow and a local
 socket pair the gateway talks to (`ShadowsocksUdpPeer`): its datagrams are
 sealed on the way up and replies opened (and their source address
-stripped) on the way down, in `watch()`.
+stripped) on the way down, in `watch()`. The socket is not connected: a
+server bound to the wildcard on a host with several addresses answers
+from whichever the kernel picks, not always the one we sent to, and
+mihomo takes those replies too. A reply is trusted for opening with the
+key, not for where it came from.
 
 How it fails: connect failures and the deadline as every outbound
 (`OutboundError`, `connect-timeout` over dial + plugin handshake). A wrong
@@ -147,7 +151,6 @@ class ShadowsocksOutbound:
         remote = udp_socket(family, self.dialer.mark)
         inner, outer = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
         try:
-            remote.connect((str(ip), self.port))
             for s in (inner, outer):
                 s.setblocking(False)
         except OSError as e:
@@ -156,7 +159,7 @@ class ShadowsocksOutbound:
             raise OutboundError(f"{self.name}: udp {ip} port {self.port}: "
                                 f"{e.strerror or e}") from None
         return ShadowsocksUdpPeer(outer, inner, remote, client, self.name, header,
-                                  f"{ip}:{self.port}")
+                                  (str(ip), self.port))
 
 
 class ServerFailed(trio.BrokenResourceError):
@@ -308,12 +311,14 @@ class ShadowsocksUdpPeer(UdpPeer):
     to the server (`control`)."""
 
     def __init__(self, sock: socket.socket, inner: socket.socket, remote: socket.socket,
-                 client: UdpClient, outbound: str, header: bytes, where: str) -> None:
+                 client: UdpClient, outbound: str, header: bytes,
+                 server: tuple[str, int]) -> None:
         super().__init__(sock, outbound, header=header, control=_ServerSocket(remote),
-                         remote=where)
+                         remote=f"{server[0]}:{server[1]}")
         self.socks = False  # replies are bare payloads
         self.inner = inner
         self.server = remote
+        self.server_address = server
         self.client = client
         self.dropped = 0
 
@@ -323,7 +328,7 @@ class ShadowsocksUdpPeer(UdpPeer):
             await self._down()
 
     async def _up(self) -> None:
-        inner, server, seal = self.inner, self.server, self.client.seal
+        inner, server, seal, to = self.inner, self.server, self.client.seal, self.server_address
         while True:
             await trio.lowlevel.wait_readable(inner)
             while True:
@@ -332,7 +337,7 @@ class ShadowsocksUdpPeer(UdpPeer):
                 except BlockingIOError:
                     break
                 try:
-                    server.send(seal(body))
+                    server.sendto(seal(body), to)
                 except OSError:
                     self.dropped += 1
 
@@ -346,7 +351,7 @@ class ShadowsocksUdpPeer(UdpPeer):
                 except BlockingIOError:
                     break
                 except OSError:
-                    continue  # ICMP errors surface here; the server may come back
+                    continue  # the server may come back
                 try:
                     body = open_(packet)
                     inner.send(body[address_length(body):])

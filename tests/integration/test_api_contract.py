@@ -99,7 +99,11 @@ def profile(mixed: int, api: int, held: Held) -> dict[str, Any]:
                      "port": held.hold_port}],
         "proxy-groups": [{"name": "Proxy", "type": "select",
                           "proxies": ["DIRECT", "far-socks"]}],
-        "rules": ["IP-CIDR,127.0.0.0/8,DIRECT,no-resolve", "MATCH,Proxy"],
+        "rules": ["IP-CIDR,127.0.0.0/8,DIRECT,no-resolve",
+                  # Logic rules' payloads are rebuilt by mihomo from their parts.
+                  "AND,((DOMAIN-SUFFIX,and.test),(DST-PORT,443)),DIRECT",
+                  "OR,((DOMAIN,or1.test),(DOMAIN-KEYWORD,or2)),Proxy",
+                  "NOT,((NETWORK,tcp)),DIRECT", "MATCH,Proxy"],
     }
 
 
@@ -349,6 +353,52 @@ def test_live_connections_look_alike_and_close(pair: Pair) -> None:
         except ConnectionResetError:
             pass
         socks[name].close()
+
+
+def test_modes_switch_live_like_mihomo(pair: Pair) -> None:
+    """PATCH /configs `mode` on both: global sends a flow the rules would
+    send DIRECT to GLOBAL's selection, direct sends it DIRECT without a
+    rule; the chains and rule /connections shows are mihomo's."""
+    held_port = pair.held.hold_port
+
+    def flow_row(side: Side, sock: socket.socket) -> dict[str, Any]:
+        port = str(sock.getsockname()[1])
+        with side.client() as c:
+            deadline = time.monotonic() + 5
+            while True:
+                rows = [r for r in c.get("/connections").json().get("connections") or []
+                        if r["metadata"]["sourcePort"] == port]
+                if rows:
+                    return rows[0]
+                assert time.monotonic() < deadline, side.name
+                time.sleep(0.1)
+
+    try:
+        for side in pair.sides.values():
+            with side.client() as c:
+                assert c.put("/proxies/Proxy", json={"name": "DIRECT"}).status_code == 204
+                assert c.put("/proxies/GLOBAL", json={"name": "Proxy"}).status_code == 204
+        for mode in ("Global", "direct", "rule"):
+            seen = {}
+            for name, side in pair.sides.items():
+                with side.client() as c:
+                    assert c.patch("/configs", json={"mode": mode}).status_code == 204, name
+                    assert c.get("/configs").json()["mode"] == mode.lower(), name
+                sock = socks_connect(side.mixed, held_port)
+                try:
+                    row = flow_row(side, sock)
+                    seen[name] = (row["chains"], row["rule"])
+                    with side.client() as c:
+                        c.delete(f"/connections/{row['id']}")
+                finally:
+                    sock.close()
+            assert seen["mirage"] == seen["mihomo"], (mode, seen)
+        with pair.sides["mirage"].client() as c:
+            assert c.patch("/configs", json={"mode": "script"}).status_code == 400
+    finally:
+        for side in pair.sides.values():
+            with side.client() as c:
+                c.patch("/configs", json={"mode": "rule"})
 
 
 def test_streams_look_alike(pair: Pair) -> None:

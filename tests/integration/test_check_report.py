@@ -43,6 +43,7 @@ proxies:
   - {name: ss, type: ss, server: s.example, port: 8388, cipher: aes-128-gcm, password: Ss-P4ss-77}
   - {name: so, type: socks5, server: 192.0.2.1, port: 1080, username: u, password: S0cksPw-31}
   - {name: hy, type: hysteria2, server: h.example, port: 443, password: H2Pw-0xx}
+  - {name: far, type: socks5, server: 192.0.2.2, port: 99999, password: S0cksPw-31}
   - {name: dr, type: direct, udp: true}
 proxy-providers:
   sub:
@@ -115,6 +116,9 @@ def test_a_profile_mihomo_accepts_loads_with_warnings_and_no_secret(
     assert any(c.startswith("# ignored (old Clash spellings") and "Proxy" in c
                for c in comments)
     assert any(c.startswith("# ignored (no meaning on a gateway): tun") for c in comments)
+    # A value mihomo loads but no dial could use: that proxy is skipped, said.
+    assert any(c.startswith("# skipped (Mirage cannot use them): ") and
+               "proxies[5] ('far': proxies[5].port: 99999: out of range" in c for c in comments)
     # One line per kind.
     kinds = [c.split(":")[0] for c in comments]
     assert len(kinds) == len(set(kinds))

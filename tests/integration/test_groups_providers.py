@@ -172,6 +172,39 @@ def test_relay_of_two_socks5_proxies_carries_a_curl(story: Story) -> None:
                                                for name in story.boxes}
 
 
+def test_both_subscription_formats_feed_the_url_test_group(story: Story) -> None:
+    """The Clash YAML subscription's nodes and the share-link list's node
+    are all Auto's members, and each format's nodes carry Auto's flows when
+    the other format's are down."""
+    assert story.run is not None
+    auto = story.lab.exec("gateway", ["curl", "-sf", "-m", "3",
+                                      "http://127.0.0.1:9090/proxies/Auto"])
+    assert sorted(json.loads(auto.stdout)["all"]) == sorted(NODES), auto.stdout
+
+    def carrier_within_an_interval(allowed: set[str]) -> str:
+        deadline = time.monotonic() + INTERVAL + 3
+        while time.monotonic() < deadline:
+            before = story.carriers("www.alpha.test")
+            if story.curl("www.alpha.test").stdout == "200":
+                after = story.carriers("www.alpha.test")
+                used = next(n for n in NODES if after[n] > before[n])
+                if used in allowed:
+                    return used
+            time.sleep(0.2)
+        raise AssertionError(f"no flow through {allowed}:\n{story.run.log_text()[-2000:]}")
+
+    from_yaml = {n for n, (kind, _) in NODES.items() if kind == "socks"}
+    from_links = set(NODES) - from_yaml
+    for down, up in ((from_links, from_yaml), (from_yaml, from_links)):
+        for name in down:
+            story.boxes[name].stop()
+        try:
+            carrier_within_an_interval(up)
+        finally:
+            for name in down:
+                story.boxes[name].start()
+
+
 def test_url_test_moves_new_flows_off_a_killed_node_within_an_interval(story: Story) -> None:
     assert story.run is not None
     # The first round of probes has run once every member was measured.

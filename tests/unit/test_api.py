@@ -318,7 +318,11 @@ async def test_head_patch_put_and_errors(api: Served) -> None:
         assert view.cfg.log_level == "debug"
         bad = await http.patch("/configs", json={"mixed-port": 1})
         assert bad.status_code == 400 and "mixed-port" in bad.json()["message"]
-        assert (await http.patch("/configs", json={"mode": "global"})).status_code == 400
+        # mihomo's modes, any case; the live router's (app.apply_config).
+        assert (await http.patch("/configs", json={"mode": "Global"})).status_code == 204
+        assert view.cfg.mode == "global"
+        assert (await http.get("/configs")).json()["mode"] == "global"
+        assert (await http.patch("/configs", json={"mode": "script"})).status_code == 400
         # Never another file, never a posted profile.
         r = await http.put("/configs", json={"path": "/etc/passwd"})
         assert r.status_code == 400

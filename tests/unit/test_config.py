@@ -40,6 +40,7 @@ from appliance.config.protocols.shadowsocks import ObfsOptions, ShadowsocksOptio
 from appliance.config.protocols.trojan import TrojanOptions
 from appliance.names import pattern_is_valid
 from appliance.rules.engine import RuleSet
+from tests.config_problem import reported
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
@@ -115,10 +116,11 @@ def test_lab_example_loads_as_the_lab_needs() -> None:
 def test_clash_profile_example_loads_and_reports_what_it_ignores() -> None:
     cfg = load_config(EXAMPLES / "clash-profile.yaml")
     ignored = set(cfg.ignored_keys)
-    for key in ("tun", "sniffer", "redir-port", "mode"):
+    for key in ("tun", "sniffer", "redir-port"):
         assert key in ignored
     assert not any(k.startswith(("dns.fallback", "dns.proxy-server", "dns.nameserver"))
                    for k in ignored)
+    assert cfg.mode == "rule" and "mode" not in ignored
     assert not any(k.startswith(("rule-providers", "rules[")) for k in ignored)
     assert [p.name for p in cfg.rule_providers] == ["reject"]
     assert "proxies[3] (ssr proxy 'SG 01')" in ignored
@@ -508,6 +510,7 @@ def test_effective_config_round_trips() -> None:
 def test_effective_config_round_trips_every_field() -> None:
     cfg = parse_config(
         {
+            "mode": "global",
             "mixed-port": 7890,
             "socks-port": 7891,
             "port": 7892,
@@ -526,7 +529,7 @@ def test_effective_config_round_trips_every_field() -> None:
                 "enable": True,
                 "listen": "[::]:1053",
                 "ipv6": True,
-                "enhanced-mode": "redir-host",
+                "enhanced-mode": "fake-ip",
                 "fake-ip-range": "10.128.0.1/9",
                 "fake-ip-filter": ["time.*.test", ".home"],
                 "fake-ip-filter-mode": "whitelist",
@@ -689,7 +692,7 @@ def test_unknown_key_suggests_the_near_one() -> None:
         ("appliance: {state-dir: ''}", "appliance.state-dir", "empty"),
         ("appliance: [lan0]", "appliance", "expected a mapping"),
         ("appliance: {offload-direct: 1}", "appliance.offload-direct", "boolean"),
-        ("appliance: {block-encrypted-dns: 'on'}", "appliance.block-encrypted-dns", "boolean"),
+        ("appliance: {block-encrypted-dns: 'always'}", "appliance.block-encrypted-dns", "boolean"),
         ("appliance: {encrypted-dns-resolvers: [dns.google]}",
          "appliance.encrypted-dns-resolvers[0]", "network"),
         ("appliance: {encrypted-dns-resolvers: 8.8.8.8}", "appliance.encrypted-dns-resolvers",
@@ -782,7 +785,7 @@ SOCKS = {"name": "s", "type": "socks5", "server": "192.0.2.1", "port": 1080}
         ([{"type": "socks5", "server": "h", "port": 1}], "proxies[0].name", "required"),
         ([{**SOCKS, "type": "sock5"}], "proxies[0].type", "unknown proxy type"),
         ([{k: v for k, v in SOCKS.items() if k != "port"}], "proxies[0].port", "required"),
-        ([{**SOCKS, "port": "1080"}], "proxies[0].port", "got a string"),
+        ([{**SOCKS, "port": "1o80"}], "proxies[0].port", "got a string"),
         ([{**SOCKS, "port": 0}], "proxies[0].port", "out of range"),
         ([{**SOCKS, "server": "bad host"}], "proxies[0].server", "invalid label"),
         ([{**SOCKS, "udp": "true"}], "proxies[0].udp", "boolean"),
@@ -801,7 +804,8 @@ SOCKS = {"name": "s", "type": "socks5", "server": "192.0.2.1", "port": 1080}
     ],
 )  # fmt: skip
 def test_proxy_errors(proxies: Any, path: str, reason: str) -> None:
-    err = error(with_(proxies=proxies))
+    # Raised, or the reason its proxy is skipped (a value mihomo loads).
+    err = reported(with_(proxies=proxies))
     assert err.path == path
     assert reason in err.reason
 
@@ -1116,3 +1120,14 @@ def test_limits_default_and_validate_with_key_paths() -> None:
         with pytest.raises(ConfigError) as err:
             parse_config(with_(appliance={"limits": limits}))
         assert err.value.path == path, (limits, err.value)
+
+
+def test_udp_behind_a_dialer_proxy_is_said_at_load(caplog: pytest.LogCaptureFixture) -> None:
+    # mihomo carries this proxy's UDP through socks-a; Mirage does not
+    # (tests/integration/test_differential.py asserts both routings).
+    parse_config({"dns": {"enable": False}, "proxies": [
+        {"name": "socks-a", "type": "socks5", "server": "192.0.2.1", "port": 1080, "udp": True},
+        {"name": "b-via-a", "type": "socks5", "server": "192.0.2.2", "port": 1080, "udp": True,
+         "dialer-proxy": "socks-a"}]})
+    assert "SOCKS5 proxy behind a dialer-proxy ('b-via-a')" in caplog.text
+    assert "'socks-a'" not in caplog.text

@@ -96,9 +96,9 @@ def test_a_runtime_parse_still_stops_at_the_first_error() -> None:
     # A provider's proxies are parsed one by one at run time; without
     # collecting, the first ConfigError still propagates.
     with pytest.raises(ConfigError) as info:
-        parse_proxies([{**SOCKS, "port": 0}, {**SOCKS, "name": "b", "port": 70000}], "p",
+        parse_proxies([{**SOCKS, "udp": "maybe"}, {**SOCKS, "name": "b", "udp": 1}], "p",
                       LoadContext(None))
-    assert not isinstance(info.value, ConfigErrors) and info.value.path == "p[0].port"
+    assert not isinstance(info.value, ConfigErrors) and info.value.path == "p[0].udp"
 
 
 # --------------------------------------------------------------------------
@@ -109,15 +109,15 @@ def test_every_error_of_a_profile_in_one_run() -> None:
     errs = errors_of({
         "mixed-port": "7890",
         "dns": {**NS["dns"], "fake-ip-range": "10.0.0.0/33", "listen": "nowhere"},
-        "proxies": [{**SOCKS, "port": 0}, {**SOCKS, "name": "ok"},
-                    {**SOCKS, "name": "also-bad", "udp": "yes"}],
+        "proxies": [{**SOCKS, "type": "sock5"}, {**SOCKS, "name": "ok"},
+                    {**SOCKS, "name": "also-bad", "udp": "maybe"}],
         "proxy-groups": [{"name": "g", "type": "select", "proxies": ["ok", "missing"]},
                          {"name": "h", "type": "nonsense", "proxies": ["ok"]}],
         "rules": ["DOMAIN,a.test,s", "DOMAIN,b.test,nowhere", "BOGUS,x,ok", "MATCH,h"],
         "appliance": {"lan": ["br-lan"], "colour": "blue"},
     })  # fmt: skip
     assert [e.path for e in errs] == [
-        "mixed-port", "dns.listen", "dns.fake-ip-range", "proxies[0].port", "proxies[2].udp",
+        "mixed-port", "dns.listen", "dns.fake-ip-range", "proxies[0].type", "proxies[2].udp",
         "proxy-groups[1].type", "proxy-groups[0].proxies[1]", "rules[1]", "rules[2]",
         "appliance.colour",
     ]
@@ -128,12 +128,13 @@ def test_every_error_of_a_profile_in_one_run() -> None:
 
 def test_several_errors_keep_the_first_as_the_error_and_print_all() -> None:
     with pytest.raises(ConfigErrors) as info:
-        parse_config({**NS, "proxies": [{**SOCKS, "port": 0}, {**SOCKS, "name": "b",
-                                                              "port": -1}]})
+        parse_config({**NS, "proxies": [{**SOCKS, "udp": 0}, {**SOCKS, "name": "b",
+                                                             "udp": "on-ish"}]})
     err = info.value
-    assert (err.path, err.value) == ("proxies[0].port", 0)
-    assert str(err).splitlines() == ["proxies[0].port: 0: out of range (1..65535)",
-                                     "proxies[1].port: -1: out of range (1..65535)"]
+    assert (err.path, err.value) == ("proxies[0].udp", 0)
+    assert str(err).splitlines() == [
+        "proxies[0].udp: 0: expected a boolean (true/false), got an integer",
+        "proxies[1].udp: 'on-ish': expected a boolean (true/false), got a string"]
 
 
 def test_one_error_is_a_plain_config_error() -> None:
@@ -143,7 +144,7 @@ def test_one_error_is_a_plain_config_error() -> None:
 
 def test_dns_keys_are_reported_each_and_without_echoes() -> None:
     # A broken nameserver list is one error, not also "nameserver required".
-    errs = errors_of({"dns": {"nameserver": "tls//x", "ipv6": "no", "cache-size": -1}})
+    errs = errors_of({"dns": {"nameserver": "tls//x", "ipv6": "maybe", "cache-size": -1}})
     assert [e.path for e in errs] == ["dns.ipv6", "dns.nameserver", "dns.cache-size"]
 
 
@@ -244,3 +245,82 @@ def test_ignored_lines_are_one_per_kind_and_collapse_indices() -> None:
     assert "skipped (Mirage cannot use them): proxies[*] (ssr proxy; 2 times)" in lines
     assert "ignored (no meaning on a gateway): tun, iptables" in lines
     assert all(len(line) < 400 for line in lines)
+
+
+# --------------------------------------------------------------------------
+# 6. Modes
+
+
+@pytest.mark.parametrize(("text", "mode"), [("rule", "rule"), ("Global", "global"),
+                                            ("DIRECT", "direct")])
+def test_mode_is_read_as_mihomo_reads_it(text: str, mode: str) -> None:
+    assert parse_config({**NS, "mode": text}).mode == mode
+
+
+def test_an_invalid_mode_is_an_error_as_in_mihomo() -> None:
+    (err,) = errors_of({**NS, "mode": "script"})
+    assert err.path == "mode" and "rule, global or direct" in err.reason
+
+
+@pytest.mark.parametrize("mode", ["redir-host", "normal"])
+def test_dns_modes_mirage_does_not_run_are_said_at_load(mode: str) -> None:
+    cfg = parse_config({"dns": {**NS["dns"], "enhanced-mode": mode}})
+    assert cfg.dns.enhanced_mode == "fake-ip"
+    (note,) = [n for n in cfg.load_notes if n.kind == "mode"]
+    assert note.path == "dns.enhanced-mode" and mode in note.note and "fake-ip" in note.note
+    assert format_ignored(cfg).splitlines()[0].startswith(
+        f"instead: dns.enhanced-mode ({mode} is not run: Mirage answers with fake IPs")
+
+
+# --------------------------------------------------------------------------
+# 2b. Per error: refuse where mihomo refuses, else skip the one proxy
+
+
+@pytest.mark.parametrize(("proxy", "refused"), [
+    # mihomo -t: "has unset fields: port" / "'udp' expected type 'bool'" /
+    # "unknown method: nope": the profile is refused.
+    ({k: v for k, v in SOCKS.items() if k != "port"}, True),
+    ({**SOCKS, "udp": "true"}, True),
+    ({"name": "s", "type": "ss", "server": "192.0.2.1", "port": 1, "cipher": "nope",
+      "password": "p"}, True),
+    ({**SOCKS, "type": "nonsense"}, True),
+    # mihomo -t loads these (they fail only when dialled): the proxy is skipped.
+    ({**SOCKS, "port": 0}, False), ({**SOCKS, "port": 99999}, False),
+    ({**SOCKS, "server": "bad host"}, False), ({**SOCKS, "username": "u"}, False),
+    ({"name": "s", "type": "vmess", "server": "192.0.2.1", "port": 1, "uuid": "not-a-uuid",
+      "alterId": 0, "cipher": "auto"}, False),
+    ({**TROJAN, "name": "s", "network": "bogus"}, False),
+    ({**SOCKS, "ip-version": "bogus"}, False),
+])  # fmt: skip
+def test_a_bad_proxy_is_refused_or_skipped_as_mihomo_does(
+        tmp_path: Path, proxy: dict[str, Any], refused: bool) -> None:
+    import subprocess
+
+    import yaml
+
+    from appliance.lab.reference import mihomo_binary, mihomo_home
+
+    profile = {"proxies": [proxy, {**SOCKS, "name": "other"}],
+               "proxy-groups": [{"name": "G", "type": "select", "proxies": ["s", "other"]}],
+               "rules": ["MATCH,G"]}
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump(profile))
+    result = subprocess.run([str(mihomo_binary()), "-t", "-d", str(mihomo_home(tmp_path / "h")),
+                             "-f", str(path)], capture_output=True, text=True, timeout=60)
+    assert ("test failed" in result.stdout) is refused, result.stdout[-500:]
+    if refused:
+        errors_of({**NS, **profile})
+        return
+    # Loads: the proxy itself where Mirage can use the value (vmess without
+    # a uuid check, an unknown key), else without it, saying why.
+    cfg = parse_config({**NS, **profile})
+    if [p.name for p in cfg.proxies] == ["s", "other"]:
+        return
+    (note,) = [n for n in cfg.load_notes if n.kind == "skipped" and n.path == "proxies[0]"]
+    assert note.error is not None and note.note.startswith("'s': proxies[0].")
+    assert [p.name for p in cfg.proxies] == ["other"]
+    assert cfg.proxy_groups[0].proxies == ("other",)
+
+
+def test_a_proxy_port_may_be_a_string_of_digits_as_in_mihomo() -> None:
+    assert parse_config({**NS, "proxies": [{**SOCKS, "port": "1080"}]}).proxies[0].port == 1080

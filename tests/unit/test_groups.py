@@ -185,6 +185,36 @@ async def test_round_robin_and_sticky_sessions() -> None:
     assert all(sticky.pick("img.example.com", src) is first for _ in range(5))
 
 
+async def test_a_flows_chains_are_the_members_that_carried_it() -> None:
+    """mihomo's `chains` name the members a flow really went through: a
+    load-balance group's member for this destination (not one for any
+    flow), a fallback's member that took over mid-connect."""
+    from appliance.config import parse_rule
+    from appliance.routing import Dispatcher, chain
+
+    lb = LoadBalanceGroup("lb", [Fake("a"), Fake("b"), Fake("c")], strategy="round-robin")
+    fb = FallbackGroup("fb", [Fake("x", up=False), Fake("y")])
+    outbounds: dict[str, Any] = {"DIRECT": Fake("DIRECT", "Direct"), "lb": lb, "fb": fb,
+                                 "Outer": SelectGroup("Outer", [lb])}
+    d = Dispatcher(Router((parse_rule("DOMAIN-SUFFIX,lb.test,Outer"), parse_rule("MATCH,fb")),
+                          outbounds), connect_timeout=2.0)
+
+    def flow(domain: str) -> Flow:
+        return Flow("tcp", "tproxy", ipaddress.ip_address("192.168.1.10"), 40000,
+                    ipaddress.ip_address("198.18.0.9"), 80, domain)
+
+    seen = []
+    for _ in range(3):
+        f = flow("www.lb.test")
+        await d.connect_tcp(f)
+        seen.append(f.chains)
+    assert seen == [("a", "lb", "Outer"), ("b", "lb", "Outer"), ("c", "lb", "Outer")]
+    assert chain(fb) == ("x", "fb")  # never probed: x counts as alive
+    f = flow("other.test")
+    await d.connect_tcp(f)
+    assert f.chains == ("y", "fb")
+
+
 async def test_select_remembered_in_the_state_dir(tmp_path: Path) -> None:
     from appliance.outbound.build import build_outbounds
 

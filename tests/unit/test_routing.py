@@ -170,3 +170,38 @@ async def test_a_new_outbound_type_is_one_registry_line(monkeypatch: pytest.Monk
     peer = await d.open_udp(udp)
     assert peer is not None and (udp.outbound, udp.skipped) == ("DIRECT", 1)
     await peer.aclose()
+
+
+async def test_modes_global_and_direct_and_switching_live(web_port: int) -> None:
+    # mihomo's tunnel modes: global sends every flow to GLOBAL's selection,
+    # direct every flow DIRECT; no rule is matched in either.
+    from appliance.config import parse_config
+    from appliance.routing import flow_context
+
+    cfg = parse_config({
+        "mode": "Global", "dns": {"nameserver": ["192.0.2.53"]},
+        "proxy-groups": [{"name": "GLOBAL", "type": "select", "proxies": ["REJECT", "DIRECT"]}],
+        "rules": ["MATCH,DIRECT"],
+    })  # fmt: skip
+    assert cfg.mode == "global"
+    d = Dispatcher(Router.from_config(cfg, resolve), connect_timeout=2.0)
+    flow = tcp_flow("www.web.test", web_port)
+    with pytest.raises(OutboundError, match="rejected"):
+        await d.connect_tcp(flow)
+    assert (flow.outbound, flow.rule) == ("GLOBAL", None)
+    d.router.set_mode("rule")
+    async with await d.connect_tcp(tcp_flow("www.web.test", web_port)) as stream:
+        assert await stream.receive_some(5) == b"hello"
+    d.replace(Router.from_config(Config(rules=(parse_rule("MATCH,REJECT"),), mode="direct"),
+                                 resolve))
+    flow = tcp_flow("www.web.test", web_port)
+    async with await d.connect_tcp(flow) as stream:
+        assert await stream.receive_some(5) == b"hello"
+    assert (flow.outbound, flow.rule) == ("DIRECT", None)
+    udp = Flow("udp", "tproxy", ipaddress.IPv4Address("192.168.56.10"), 40000, FAKE, 53,
+               "a.test")
+    assert d.router.pick_udp(flow_context(udp))[0].name == "DIRECT"
+    # A rule-provider or geodata update keeps the mode.
+    assert d.router.with_env(d.router.rules.env).mode == "direct"
+    with pytest.raises(ValueError, match="rule, global or direct"):
+        d.router.set_mode("script")  # type: ignore[arg-type]

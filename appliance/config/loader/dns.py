@@ -425,6 +425,13 @@ def parse_dns(sec: Section, top_hosts: dict[str, list[IPAddress]]) -> DnsConfig:
     listen = get("listen", as_listen, d.listen)
     ipv6 = get("ipv6", as_bool, d.ipv6)
     mode = get("enhanced-mode", choice(("fake-ip", "redir-host", "normal")), d.enhanced_mode)
+    if mode != "fake-ip":
+        # The capture steers only the fake range: with real addresses in
+        # the answers, LAN flows would bypass the rules unseen. Said, not
+        # silently accepted.
+        ctx.ignore(sec.at("enhanced-mode"), f"{mode} is not run: Mirage answers with fake IPs "
+                   "(fake-ip), so that every flow reaches its rules by name", kind="mode")
+        mode = "fake-ip"
     fake_range = get("fake-ip-range", _fake_ip_range, d.fake_ip_range)
     fake_range6 = get("fake-ip-range6", _fake_ip_range6, d.fake_ip_range6)
     if fake_range6 is None and ipv6:

@@ -24,7 +24,7 @@ from appliance.config.loader.scalars import (
     as_int,
     as_list,
     as_nonempty_str,
-    as_port,
+    as_proxy_port,
     as_str,
 )
 from appliance.config.loader.section import LoadContext, Section
@@ -68,7 +68,7 @@ PRECONNECT_MAX = 64
 # reported); a rule that targets it is an error, a group drops it.
 UNSUPPORTED_PROXY_TYPES = (
     "ssr", "snell", "socks4", "hysteria",
-    "wireguard", "ssh", "mieru", "anytls", "dns", "semi", "sudoku",
+    "ssh", "mieru", "anytls", "dns", "semi", "sudoku",
 )  # fmt: skip
 
 
@@ -86,11 +86,17 @@ def parse_proxies(
         try:
             parsed = _parse_entry(item, index_path(path, i), ctx, names, skipped)
         except ConfigError as err:
+            name = item.get("name") if isinstance(item, dict) else None
+            if isinstance(name, str) and name in names and not mihomo_refuses(err):
+                # mihomo loads it (and fails when it dials): skipped, said.
+                ctx.ignore(index_path(path, i), f"{name!r}: {err}", kind="skipped", error=err)
+                skipped[name] = f"a proxy with a value Mirage cannot use ({err})"
+                continue
             # One broken proxy does not hide the next; its name (if it has
             # one) is known, so what names it is not reported again.
             ctx.fail(err)
-            if isinstance(item, dict) and isinstance(item.get("name"), str):
-                ctx.broken.add(item["name"])
+            if isinstance(name, str):
+                ctx.broken.add(name)
             continue
         if parsed is not None:
             proxies.append(parsed)
@@ -102,6 +108,42 @@ def parse_proxies(
                  "(OpenSSL's ClientHello)", client_fingerprints,
                  "y" if client_fingerprints == 1 else "ies")
     return proxies, skipped
+
+
+def warn_udp_behind_dialer(proxies: list[ProxyConfig]) -> None:
+    """Say at load what `udp: true` does not do here: mihomo sends a SOCKS5
+    proxy's UDP through its dialer-proxy; Mirage does not
+    (outbound/socks5.py), so such a proxy's UDP flows go on to the next
+    rule, as for any outbound without UDP."""
+    names = [p.name for p in proxies if p.type == "socks5" and p.udp and p.dialer_proxy]
+    if names:
+        log.warning("udp: true on SOCKS5 prox%s behind a dialer-proxy (%s): Mirage carries no "
+                    "UDP through a dialer-proxy; UDP flows skip the rules that send to %s",
+                    "y" if len(names) == 1 else "ies", ", ".join(map(repr, names)),
+                    "it" if len(names) == 1 else "them")
+
+
+# Keys Mirage adds to a mihomo proxy: a bad value there is Mirage's to refuse.
+_MIRAGE_PROXY_KEYS = ("preconnect",)
+
+
+def mihomo_refuses(err: ConfigError) -> bool:
+    """Whether `mihomo -t` refuses a profile for this error in a proxy
+    entry (checked against the binary, tests/unit/test_config_lenient.py).
+
+    mihomo decodes a proxy into a Go struct and builds its outbound: a
+    missing key ("has unset fields"), a value of a type it cannot convert
+    (a string for a bool; a string of digits for a number it converts, as
+    Mirage does), an unknown `type`, an unknown ss `cipher` and a name
+    used twice stop it. Values it never checks before dialling (a port of
+    0 or 99999, a server name with a space, a malformed uuid, a `network`
+    or `ip-version` it does not know) load there, and the proxy fails when
+    used: here that proxy is skipped, with the reason, instead of refusing
+    the whole profile."""
+    leaf = err.path.rsplit(".", 1)[-1]
+    return (err.reason == "required" or err.reason.startswith("expected ")
+            or leaf in ("name", "type", "cipher", *_MIRAGE_PROXY_KEYS)
+            or "duplicate" in err.reason)
 
 
 def _parse_entry(item: Any, path: str, ctx: LoadContext, names: set[str],
@@ -145,7 +187,7 @@ def _parse_proxy(sec: Section, name: str, ptype: str) -> ProxyConfig:
         sec.finish(("name", "type", *implemented), ignored)
         return ProxyConfig(name=name, type=ptype)
     server = sec.require("server", server_value)
-    port = sec.require("port", as_port)
+    port = sec.require("port", as_proxy_port)
     username = sec.get("username", as_str, None) if "username" in implemented else None
     password = sec.get("password", as_str, None)
     tls = sec.get("tls", as_bool, False) if "tls" in implemented else False

@@ -20,9 +20,6 @@ from appliance.names import parse_name
 MAX_MARK = 2**32 - 1
 
 
-MAX_MARK = 2**32 - 1
-
-
 def type_name(value: Any) -> str:
     if value is None:
         return "null"
@@ -58,11 +55,31 @@ def as_port(value: Any, path: str) -> int:
     return as_int(value, path, 1, 65535, "a port number")
 
 
+def as_proxy_port(value: Any, path: str) -> int:
+    """A proxy's `port`: mihomo decodes proxies with weak typing, so a
+    string of digits (`port: "443"`, as some converters write it) is the
+    number."""
+    if isinstance(value, str) and value.strip().isdigit() and value.strip().isascii():
+        value = int(value.strip())
+    return as_port(value, path)
+
+
 def as_mark(value: Any, path: str) -> int:
     return as_int(value, path, 0, MAX_MARK, "a mark (integer)")
 
 
+# YAML 1.1's other spellings of a boolean. yaml.v3 reads them as strings
+# (yaml_source.py) but still decodes them into a Go bool field, which is
+# what mihomo's typed keys are; Mirage takes them wherever it wants a bool.
+_YAML11_BOOLS = {
+    **dict.fromkeys(("y", "Y", "yes", "Yes", "YES", "on", "On", "ON"), True),
+    **dict.fromkeys(("n", "N", "no", "No", "NO", "off", "Off", "OFF"), False),
+}
+
+
 def as_bool(value: Any, path: str) -> bool:
+    if isinstance(value, str) and value in _YAML11_BOOLS:
+        return _YAML11_BOOLS[value]
     if not isinstance(value, bool):
         fail_type(value, path, "a boolean (true/false)")
     return value

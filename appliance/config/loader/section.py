@@ -48,10 +48,11 @@ class LoadContext:
         self.broken_providers: set[str] = set()
         self.broken_sub_rules: set[str] = set()
 
-    def ignore(self, path: str, note: str = "", kind: IgnoredKind = "unimplemented") -> None:
+    def ignore(self, path: str, note: str = "", kind: IgnoredKind = "unimplemented",
+               error: ConfigError | None = None) -> None:
         note = scrub_text(note)
         self.ignored.append(f"{path} ({note})" if note else path)
-        self.notes.append(LoadNote(path, kind, note))
+        self.notes.append(LoadNote(path, kind, note, error))
 
     def fail(self, err: ConfigError) -> None:
         """Keep `err` and go on (collecting), or raise it."""

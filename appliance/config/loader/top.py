@@ -17,7 +17,11 @@ from appliance.config.loader.cross import check_cross
 from appliance.config.loader.dns import check_dns_references, parse_dns, parse_hosts
 from appliance.config.loader.errors import ConfigError, index_path, raise_collected
 from appliance.config.loader.groups import parse_groups
-from appliance.config.loader.proxies import BUILTIN_TARGETS, parse_proxies
+from appliance.config.loader.proxies import (
+    BUILTIN_TARGETS,
+    parse_proxies,
+    warn_udp_behind_dialer,
+)
 from appliance.config.loader.proxy_providers import (
     check_provider_dialers,
     parse_proxy_providers,
@@ -37,7 +41,7 @@ from appliance.config.loader.scalars import (
     choice,
 )
 from appliance.config.loader.section import LoadContext, Section
-from appliance.config.model import Config, IgnoredKind
+from appliance.config.model import TUNNEL_MODES, Config, IgnoredKind, TunnelMode
 
 TOP_LEVEL_KEYS = (
     "mixed-port", "socks-port", "port", "authentication", "allow-lan", "bind-address",
@@ -45,12 +49,12 @@ TOP_LEVEL_KEYS = (
     *CONTROLLER_KEYS, "profile", "dns", "hosts", "proxies",
     "proxy-groups", "proxy-providers", "rules", "appliance", "rule-providers", "sub-rules",
     "geodata-mode", "geodata-loader", "geosite-matcher", "geo-auto-update",
-    "geo-update-interval", "geox-url",
+    "geo-update-interval", "geox-url", "mode",
 )  # fmt: skip
 IGNORED_TOP_LEVEL = (
     "redir-port", "ss-config", "vmess-config",
     "inbound-tfo", "inbound-mptcp", "skip-auth-prefixes",
-    "lan-allowed-ips", "lan-disallowed-ips", "mode",
+    "lan-allowed-ips", "lan-disallowed-ips",
     "unified-delay", "external-controller-pipe", "external-controller-unix",
     "external-controller-tls", "external-doh-server",
     "interface-name", "tunnels", "tcp-concurrent",
@@ -95,6 +99,7 @@ def parse_root(data: Any, ctx: LoadContext) -> Config:
     def get(key: str, convert: Any, default: Any) -> Any:
         return ctx.attempt(lambda: root.get(key, convert, default), default)
 
+    mode = get("mode", parse_mode, "rule")
     mixed_port = get("mixed-port", _optional_port, None)
     socks_port = get("socks-port", _optional_port, None)
     http_port = get("port", _optional_port, None)
@@ -122,6 +127,7 @@ def parse_root(data: Any, ctx: LoadContext) -> Config:
 
     proxies, skipped = ctx.attempt(
         lambda: parse_proxies(root.raw("proxies"), root.at("proxies"), ctx), ([], {}))
+    warn_udp_behind_dialer(proxies)
     providers = ctx.attempt(lambda: parse_proxy_providers(
         root.raw("proxy-providers"), root.at("proxy-providers"), ctx), [])
     groups = ctx.attempt(lambda: parse_groups(
@@ -148,13 +154,13 @@ def parse_root(data: Any, ctx: LoadContext) -> Config:
     for key, current in LEGACY_TOP_LEVEL.items():
         if key in root.data:
             root.raw(key)
-            ctx.ignore(key, f"Clash's old spelling of {current!r}: mihomo no longer reads it, "
-                            "so neither does Mirage", kind="legacy")
+            ctx.ignore(key, f"Clash's old spelling of {current!r}", kind="legacy")
     root.finish(TOP_LEVEL_KEYS, IGNORED_TOP_LEVEL,
                 kinds=_GATEWAY_KINDS)
     raise_collected(ctx.errors)
 
     cfg = Config(
+        mode=mode,
         mixed_port=mixed_port,
         socks_port=socks_port,
         http_port=http_port,
@@ -205,6 +211,16 @@ def _parse_authentication(raw: Any, path: str) -> tuple[tuple[str, str], ...]:
             raise ConfigError(at, user, "username listed twice")
         users.append((user, password))
     return tuple(users)
+
+
+def parse_mode(value: Any, path: str) -> TunnelMode:
+    """mihomo's `mode`, any letter case (tunnel/mode.go); anything else is
+    "invalid mode" there too."""
+    text = value.lower() if isinstance(value, str) else None
+    for mode in TUNNEL_MODES:
+        if text == mode:
+            return mode
+    raise ConfigError(path, value, "must be rule, global or direct (any case)")
 
 
 def _bind_address(value: Any, path: str) -> str:

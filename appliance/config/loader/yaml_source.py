@@ -1,12 +1,34 @@
 """The YAML file -> plain data, the way mihomo reads it.
 
-Duplicate keys are refused (Go's yaml.v3 does too), `<<: *anchor` merges
-work, and top-level keys that only hold an anchor are found so the loader
-can report them ignored instead of unknown.
+mihomo reads profiles with Go's yaml.v3, which follows YAML 1.2 where
+PyYAML follows YAML 1.1; each difference below was checked against
+`mihomo -t` (tests/unit/test_yaml_go.py, tests/integration/test_check_report.py):
+
+* plain `yes`, `no`, `on`, `off`, `y`, `n` are strings (PyYAML: booleans),
+  so a proxy named `yes` is one; only `true`/`false` (any case form of
+  them yaml.v3 knows) are booleans. (Where mihomo decodes into a Go bool
+  field, yaml.v3 still takes `yes`/`on`: `scalars.as_bool` does the same.)
+* `1:20` is a string (PyYAML: 80, a base-60 number); `0o17` is 15 (PyYAML:
+  a string); `1e3` is a number (PyYAML: a string); `0755` stays octal and
+  `1_000` stays 1000 in both;
+* `=` is a string (PyYAML: an error);
+* a tag yaml.v3 does not know (`!<str> 123456`, which subconverter writes
+  before passwords, or any `!custom`) leaves the value as the string it
+  reads (PyYAML: an error); `!!binary` gives the decoded text, not bytes;
+* only the first document of a file is read (PyYAML: an error when there
+  are more), as yaml.Unmarshal does.
+
+Both refuse duplicate keys, tabs for indentation, and `?` or `:` inside an
+unquoted URL in a flow mapping (`{url: http://a/b?x=1}`): those stay
+YAML errors, with line and column. `<<: *anchor` merges work, and top-level
+keys that only hold anchors are found so the loader can report them as such.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
+import re
 from pathlib import Path
 from typing import Any
 
@@ -104,6 +126,90 @@ _UniqueKeyLoader.add_constructor(
     _construct_mapping,
 )
 
+# --- yaml.v3's plain scalars (resolve.go), replacing PyYAML's YAML 1.1 set ---
+
+_NUMBER_TAG = "tag:mirage,2026:go-number"
+_NUMBER = re.compile(
+    r"""^[-+]?(?:0[xX][0-9a-fA-F_]+|0[oO][0-7_]+|0[bB][01_]+
+    |[0-9][0-9_]*(?:\.[0-9_]*)?(?:[eE][-+]?[0-9]+)?
+    |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+    |\.(?:inf|Inf|INF))$|^\.(?:nan|NaN|NAN)$""", re.X)
+_GO_FLOAT = re.compile(r"[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)([eE][-+]?[0-9]+)?")
+_INT64 = range(-(1 << 63), 1 << 64)  # ParseInt, then ParseUint
+
+
+def _go_int(text: str) -> int | None:
+    """strconv.ParseInt(text, 0, 64) (then ParseUint), as yaml.v3 calls it
+    on a plain scalar with its underscores removed."""
+    sign, body = (text[0], text[1:]) if text[:1] in "+-" else ("", text)
+    bases = {"0x": 16, "0X": 16, "0o": 8, "0O": 8, "0b": 2, "0B": 2}
+    try:
+        if body[:2] in bases:
+            value = int(body[2:], bases[body[:2]])
+        elif len(body) > 1 and body[0] == "0":
+            value = int(body, 8)  # YAML 1.1 octal, kept by yaml.v3
+        else:
+            value = int(body, 10)
+    except ValueError:
+        return None
+    value = -value if sign == "-" else value
+    return value if value in _INT64 else None
+
+
+def _construct_number(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> Any:
+    text = str(loader.construct_scalar(node))
+    plain = text.replace("_", "")
+    value = _go_int(plain)
+    if value is not None:
+        return value
+    lower = plain.lower()
+    if lower.lstrip("+-") == ".inf":
+        return float("-inf") if lower.startswith("-") else float("inf")
+    if lower == ".nan":
+        return float("nan")
+    if _GO_FLOAT.fullmatch(plain):
+        return float(plain)
+    return text
+
+
+def _construct_binary(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> str:
+    # yaml.v3 decodes !!binary into a Go string: the bytes, as text.
+    try:
+        data = base64.b64decode(str(loader.construct_scalar(node)))
+    except (binascii.Error, ValueError):
+        raise yaml.constructor.ConstructorError(
+            None, None, "!!binary: not base64", node.start_mark) from None
+    return data.decode("utf-8", "surrogateescape")
+
+
+def _construct_unknown_tag(loader: yaml.SafeLoader, node: yaml.Node) -> Any:
+    """A tag yaml.v3 does not resolve (`!<str>`, `!custom`): the value as
+    if untagged, a scalar as its string (resolve.go returns it unresolved)."""
+    if isinstance(node, yaml.MappingNode):
+        return _construct_mapping(loader, node)
+    if isinstance(node, yaml.SequenceNode):
+        return loader.construct_sequence(node, deep=True)
+    assert isinstance(node, yaml.ScalarNode)
+    return str(loader.construct_scalar(node))
+
+
+_UniqueKeyLoader.yaml_implicit_resolvers = {}
+for _tag, _pattern, _first in (
+    ("tag:yaml.org,2002:bool",
+     re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")),
+    ("tag:yaml.org,2002:null",
+     re.compile(r"^(?:~|null|Null|NULL|)$"), ["~", "n", "N", ""]),
+    ("tag:yaml.org,2002:merge", re.compile(r"^(?:<<)$"), ["<"]),
+    # Before numbers, as in yaml.v3: `2001-12-14` is a date, not a number.
+    ("tag:yaml.org,2002:timestamp", yaml.resolver.Resolver.yaml_implicit_resolvers["2"][-1][1],
+     list("0123456789")),
+    (_NUMBER_TAG, _NUMBER, list("-+0123456789.")),
+):  # fmt: skip
+    _UniqueKeyLoader.add_implicit_resolver(_tag, _pattern, _first)
+_UniqueKeyLoader.add_constructor(_NUMBER_TAG, _construct_number)
+_UniqueKeyLoader.add_constructor("tag:yaml.org,2002:binary", _construct_binary)
+_UniqueKeyLoader.add_constructor(None, _construct_unknown_tag)
+
 
 def _describe(exc: yaml.YAMLError) -> str:
     """The YAML error without PyYAML's snippet of the offending line (that
@@ -135,7 +241,9 @@ def read_yaml(source: Path) -> tuple[Any, list[str]]:
     loader: _UniqueKeyLoader | None = None
     try:
         loader = _UniqueKeyLoader(text)
-        root = loader.get_single_node()
+        # The first document only, as yaml.Unmarshal (what follows a `---`
+        # is never parsed, so it cannot be an error either).
+        root = loader.get_node() if loader.check_node() else None
         data = loader.construct_document(root) if root is not None else None
         holders = anchor_holders(loader, root)
     except yaml.YAMLError as exc:

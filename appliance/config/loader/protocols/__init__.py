@@ -30,7 +30,7 @@ from appliance.config.loader.scalars import (
     as_bool,
     as_domain,
     as_nonempty_str,
-    as_port,
+    as_proxy_port,
     choice,
 )
 from appliance.config.loader.section import Section
@@ -88,7 +88,7 @@ def server_value(value: Any, path: str) -> str:
 def parse_protocol_proxy(sec: Section, name: str, ptype: str, spec: ProtocolSpec) -> ProxyConfig:
     """One proxy of a registered protocol type -> ProxyConfig."""
     server = sec.require("server", server_value)
-    port = sec.require("port", as_port)
+    port = sec.require("port", as_proxy_port)
     udp = sec.get("udp", as_bool, False)
     dialer_proxy = sec.get("dialer-proxy", as_nonempty_str, None)
     ip_version = sec.get("ip-version", choice(IP_VERSIONS), "dual")
@@ -132,6 +132,7 @@ from appliance.config.loader.protocols import (  # noqa: E402
     tuic,
     vless,
     vmess,
+    wireguard,
 )
 
 PROTOCOLS["vmess"] = vmess.SPEC
@@ -140,3 +141,4 @@ PROTOCOLS["trojan"] = trojan.SPEC
 PROTOCOLS["ss"] = shadowsocks.SPEC
 PROTOCOLS["hysteria2"] = hysteria2.SPEC
 PROTOCOLS["tuic"] = tuic.SPEC
+PROTOCOLS["wireguard"] = wireguard.SPEC
