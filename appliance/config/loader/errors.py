@@ -38,13 +38,18 @@ class ConfigError(Exception):
     subscription token to a terminal or a log.
     """
 
-    def __init__(self, path: str, value: Any, reason: str) -> None:
+    def __init__(self, path: str, value: Any, reason: str, *, mihomo_refuses: bool = False
+                 ) -> None:
         value = value if value is NO_VALUE else shown_value(path, value)
         reason = scrub_text(reason)
         super().__init__(path, value, reason)
         self.path = path
         self.value = value
         self.reason = reason
+        # Known (checked against `mihomo -t`) to make mihomo refuse the whole
+        # profile, where the loader would otherwise only skip a proxy
+        # (loader/proxies.py mihomo_refuses).
+        self.mihomo_refuses = mihomo_refuses
 
     def __str__(self) -> str:
         if self.value is NO_VALUE:

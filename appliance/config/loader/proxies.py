@@ -141,7 +141,7 @@ def mihomo_refuses(err: ConfigError) -> bool:
     used: here that proxy is skipped, with the reason, instead of refusing
     the whole profile."""
     leaf = err.path.rsplit(".", 1)[-1]
-    return (err.reason == "required" or err.reason.startswith("expected ")
+    return (err.mihomo_refuses or err.reason == "required" or err.reason.startswith("expected ")
             or leaf in ("name", "type", "cipher", *_MIRAGE_PROXY_KEYS)
             or "duplicate" in err.reason)
 

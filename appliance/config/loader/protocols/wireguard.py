@@ -69,7 +69,8 @@ def wg_key(value: Any, path: str) -> str:
     try:
         raw = base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):
-        raise ConfigError(path, "<redacted>", "not base64 (a WireGuard key)") from None
+        raise ConfigError(path, "<redacted>", "not base64 (a WireGuard key)",
+                          mihomo_refuses=True) from None
     if len(raw) != KEY_BYTES:
         raise UnusableProxy(f"{path.rsplit('.', 1)[-1]} of {len(raw)} bytes (a WireGuard "
                             f"key is {KEY_BYTES})")
@@ -93,12 +94,12 @@ def reserved_value(value: Any, path: str) -> bytes:
         try:
             raw = base64.b64decode(value.strip(), validate=True)
         except (binascii.Error, ValueError):
-            raise ConfigError(path, value, "three bytes in base64 or a list of 3 numbers") \
-                from None
+            raise ConfigError(path, value, "three bytes in base64 or a list of 3 numbers",
+                              mihomo_refuses=True) from None
     else:
         raw = bytes(as_int(v, f"{path}[{i}]", 0, 255) for i, v in enumerate(as_list(value, path)))
     if len(raw) != 3:
-        raise ConfigError(path, value, f"required 3 bytes, got {len(raw)}")
+        raise ConfigError(path, value, f"required 3 bytes, got {len(raw)}", mihomo_refuses=True)
     return raw
 
 
@@ -109,9 +110,9 @@ def _interface(value: Any, path: str, version: int) -> Any:
     try:
         iface = ipaddress.ip_interface(text)
     except ValueError as exc:
-        raise ConfigError(path, value, f"not an address ({exc})") from None
+        raise ConfigError(path, value, f"not an address ({exc})", mihomo_refuses=True) from None
     if iface.version != version:
-        raise ConfigError(path, value, f"not an IPv{version} address")
+        raise ConfigError(path, value, f"not an IPv{version} address", mihomo_refuses=True)
     return iface
 
 
@@ -140,7 +141,7 @@ def _peer(sec: Section) -> WireguardPeer:
     allowed: tuple[IPNetwork, ...] = sec.get("allowed-ips", _networks, ())
     if not allowed:
         raise ConfigError(sec.at("allowed-ips"), None, "required for each peer (mihomo: "
-                          "missing allowed_ips)")
+                          "missing allowed_ips)", mihomo_refuses=True)
     peer = WireguardPeer(
         server=sec.require("server", server_value),
         port=sec.require("port", as_port),
@@ -165,7 +166,7 @@ def parse(sec: Section) -> WireguardOptions:
     ipv6 = sec.get("ipv6", lambda v, p: _interface(v, p, 6), None)
     if ip is None and ipv6 is None:
         raise ConfigError(sec.at("ip"), None, "required: the interface's address (ip, ipv6 "
-                          "or both; mihomo: missing local address)")
+                          "or both; mihomo: missing local address)", mihomo_refuses=True)
     raw_peers: list[Any] = sec.get("peers", as_list, [])
     peers = tuple(_peer(Section(item, f"{sec.at('peers')}[{i}]", sec.ctx))
                   for i, item in enumerate(raw_peers))
