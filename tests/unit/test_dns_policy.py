@@ -231,7 +231,8 @@ def test_nameserver_forms_with_fragments() -> None:
          "cannot decide a DNS name"),
         ({"respect-rules": True}, "needs dns.proxy-server-nameserver"),
         ({"fallback-filter": {"ipcidr": ["not-a-net"]}}, "not an IP network"),
-        ({"nameserver": ["tls://dot.example"]}, "dns.default-nameserver"),
+        ({"nameserver": ["tls://dot.example"], "default-nameserver": []},
+         "dns.default-nameserver"),
         ({"nameserver": ["http://192.0.2.1/dns-query"]}, "use https://"),
     ],
 )
@@ -239,6 +240,17 @@ def test_dns_policy_errors_at_load(keys: dict[str, Any], reason: str) -> None:
     with pytest.raises(ConfigError) as err:
         parse_config(dns(**keys))
     assert reason in str(err.value)
+
+
+def test_without_default_nameserver_mihomos_defaults_bootstrap_and_say_so() -> None:
+    cfg = parse_config(dns(nameserver=["https://doh.example/dns-query", "tls://dot.example"]))
+    assert [ns.host for ns in cfg.dns.default_nameserver] == [
+        "114.114.114.114", "223.5.5.5", "8.8.8.8", "1.0.0.1"]
+    assert any(k.startswith("dns.default-nameserver (not set: ") for k in cfg.ignored_keys)
+    # Nothing to bootstrap: nothing added, nothing said.
+    plain = parse_config(dns())
+    assert plain.dns.default_nameserver == ()
+    assert not any("default-nameserver" in k for k in plain.ignored_keys)
 
 
 def test_a_proxied_server_known_by_name_needs_no_bootstrap() -> None:

@@ -68,6 +68,10 @@ _NS_PARAMS = {"https": ("method", "skip-cert-verify"), "tls": ("skip-cert-verify
 # the rules pick for the server's address, mihomo's respect-rules per entry).
 NS_BUILTIN_PROXIES = ("DIRECT", "RULES")
 
+# mihomo's `default-nameserver` when a profile leaves it out (config.go's
+# RawDNS defaults): plain UDP.
+MIHOMO_DEFAULT_NAMESERVER = ("114.114.114.114", "223.5.5.5", "8.8.8.8", "1.0.0.1")
+
 # mihomo's default fake-ip-range6 (used only when dns.ipv6 is on and the key
 # is absent).
 DEFAULT_FAKE_IP_RANGE6 = ipaddress.IPv6Network("fdfe:dcba:9876::/64")
@@ -501,8 +505,19 @@ def parse_dns(sec: Section, top_hosts: dict[str, list[IPAddress]]) -> DnsConfig:
     # A DoH/DoT server known by name needs an IP-literal resolver to find it;
     # asking the system resolver would ask the poisoned one. Through a proxy
     # the proxy gets the name.
-    for where, ns in named:
-        if not default_ns and not _is_ip(ns.host) and ns.proxy in (None, "DIRECT", "RULES"):
+    by_name = [(where, ns) for where, ns in named
+               if not _is_ip(ns.host) and ns.proxy in (None, "DIRECT", "RULES")]
+    if by_name and not default_ns and sec.raw("default-nameserver") is None:
+        # mihomo's own default-nameserver applies when the key is absent;
+        # said at load, since a poisoning network can answer those.
+        default_ns = [Nameserver("udp", ip, 53, text=ip) for ip in MIHOMO_DEFAULT_NAMESERVER]
+        ctx.ignore(sec.at("default-nameserver"),
+                   "not set: the names of DoH/DoT servers are looked up over plain UDP at "
+                   f"mihomo's defaults ({', '.join(MIHOMO_DEFAULT_NAMESERVER)}), which a "
+                   "poisoning network can answer; list resolvers you trust, or give those "
+                   "servers by IP", kind="mode")
+    for where, ns in by_name:
+        if not default_ns:
             raise ConfigError(
                 where,
                 ns.text,
