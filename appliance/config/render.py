@@ -14,6 +14,7 @@ from typing import Any
 import yaml
 
 from appliance.config.loader.protocols import render_protocol_proxy
+from appliance.config.loader.redact import scrub_text
 from appliance.config.model import (
     Config,
     IgnoredKind,
@@ -30,8 +31,10 @@ from appliance.config.model import (
 REDACTED = "<redacted>"
 
 
-def _ns(ns: Nameserver) -> str:
-    return ns.text or ns.url
+def _ns(ns: Nameserver, redact: bool = False) -> str:
+    # A DoH path can be an account's id (`https://dns.nextdns.io/ab12cd`).
+    text = ns.text or ns.url
+    return scrub_text(text) if redact else text
 
 
 def _proxy(p: ProxyConfig, redact: bool) -> dict[str, Any]:
@@ -162,7 +165,7 @@ def effective_config(cfg: Config, *, redact: bool = False) -> dict[str, Any]:
     app = cfg.appliance
     policy: dict[str, list[str]] = {}
     for entry in dns.nameserver_policy:
-        policy[entry.pattern] = [_ns(ns) for ns in entry.nameservers]
+        policy[entry.pattern] = [_ns(ns, redact) for ns in entry.nameservers]
     hosts: dict[str, Any] = {}
     for name, addrs in dns.hosts:
         texts = [str(a) for a in addrs]
@@ -206,8 +209,8 @@ def effective_config(cfg: Config, *, redact: bool = False) -> dict[str, Any]:
                 if dns.fake_ip_filter_mode == "rule" else list(dns.fake_ip_filter)
             ),
             "fake-ip-filter-mode": dns.fake_ip_filter_mode,
-            "default-nameserver": [_ns(ns) for ns in dns.default_nameserver],
-            "nameserver": [_ns(ns) for ns in dns.nameserver],
+            "default-nameserver": [_ns(ns, redact) for ns in dns.default_nameserver],
+            "nameserver": [_ns(ns, redact) for ns in dns.nameserver],
             "nameserver-policy": policy,
             "fallback": [_ns(ns) for ns in dns.fallback],
             "fallback-filter": {

@@ -34,6 +34,7 @@ from appliance.config.model import (
     ProxyConfig,
     ProxyGroupConfig,
 )
+from appliance.outbound.anytls import AnytlsOutbound
 from appliance.outbound.base import Outbound, OutboundEnv, OutboundError, Resolve, UdpPeer
 from appliance.outbound.direct import DirectOutbound
 from appliance.outbound.groups import (
@@ -56,6 +57,7 @@ from appliance.outbound.reject import RejectOutbound
 from appliance.outbound.selections import Selections
 from appliance.outbound.shadowsocks import ShadowsocksOutbound
 from appliance.outbound.socks5 import Socks5Outbound
+from appliance.outbound.ssh import SshOutbound
 from appliance.outbound.trojan import TrojanOutbound
 from appliance.outbound.tuic import TuicOutbound
 from appliance.outbound.vless import VlessOutbound
@@ -77,6 +79,8 @@ BUILDERS: dict[str, Builder] = {
     "trojan": TrojanOutbound.from_config,
     "hysteria2": Hysteria2Outbound.from_config,
     "tuic": TuicOutbound.from_config,
+    "ssh": SshOutbound.from_config,
+    "anytls": AnytlsOutbound.from_config,
     "wireguard": WireguardOutbound.from_config,
 }
 

@@ -273,7 +273,8 @@ def test_what_loads_and_what_is_reported() -> None:
     }))
     d = cfg.dns
     assert d.fake_ip_filter == ("geosite:cn", "geosite:private", "rule-set:names", "+.lan")
-    assert "dns.fake-ip-filter[0] ('time?.*.com' matches no host name)" in cfg.ignored_keys
+    assert any(k.startswith("dns.fake-ip-filter[0] (not a domain pattern")
+               for k in cfg.ignored_keys)
     # An option is reported by its key, never its value.
     assert "dns.nameserver[0] (nameserver option 'ecs')" in cfg.ignored_keys
     assert not any("192.0.2.0/24" in k for k in cfg.ignored_keys)

@@ -285,19 +285,15 @@ def _set_entries(text: str) -> list[str] | None:
 
 
 def _dns_pattern(text: str, path: str, ctx: LoadContext) -> str | None:
-    """A domain pattern of a DNS list, normalised; None (reported ignored)
-    for text mihomo's domain trie stores but no host name can match: a
-    label with `?`, a space or a `+` after the first (mihomo takes them
-    literally; `time?.*.com` matches nothing there either)."""
+    """A domain pattern of a DNS list, normalised; None (reported skipped)
+    for a string that is no name pattern: mihomo's trie stores such text
+    (`time?.*.com`, `a b`) and no name matches it there either."""
     try:
         return as_domain(text, path, wildcards=True)
-    except ConfigError:
-        labels = text.strip().lower().split(".")
-        literal = [lab for lab in labels if lab and any(c in lab for c in "?+ ") and lab != "+"]
-        if literal and all(labels[1:]):
-            ctx.ignore(path, f"{text.strip()!r} matches no host name")
-            return None
-        raise
+    except ConfigError as err:
+        ctx.ignore(path, f"not a domain pattern ({err.reason}): matches nothing",
+                   kind="skipped", error=err)
+        return None
 
 
 def _pattern_list(value: Any, path: str, ctx: LoadContext) -> list[str]:

@@ -38,18 +38,13 @@ class ConfigError(Exception):
     subscription token to a terminal or a log.
     """
 
-    def __init__(self, path: str, value: Any, reason: str, *, mihomo_refuses: bool = False
-                 ) -> None:
+    def __init__(self, path: str, value: Any, reason: str) -> None:
         value = value if value is NO_VALUE else shown_value(path, value)
         reason = scrub_text(reason)
         super().__init__(path, value, reason)
         self.path = path
         self.value = value
         self.reason = reason
-        # Known (checked against `mihomo -t`) to make mihomo refuse the whole
-        # profile, where the loader would otherwise only skip a proxy
-        # (loader/proxies.py mihomo_refuses).
-        self.mihomo_refuses = mihomo_refuses
 
     def __str__(self) -> str:
         if self.value is NO_VALUE:
@@ -74,7 +69,8 @@ def index_path(parent: str, index: int) -> str:
 
 class ConfigErrors(ConfigError):
     """Several problems of one profile, found in one load (each is a
-    ConfigError in `errors`, in file order). Its own path, value and reason
+    ConfigError in `errors`, in the order the loader reads the sections:
+    top-level keys, dns, proxies, groups, rules, appliance). Its own path, value and reason
     are the first one's, so a caller that expects one ConfigError still
     reads a true one; `str()` is every error, one per line."""
 

@@ -27,7 +27,7 @@ from appliance.config.loader.scalars import (
     as_proxy_port,
     as_str,
 )
-from appliance.config.loader.section import LoadContext, Section
+from appliance.config.loader.section import LoadContext, Section, fold_proxy_key
 from appliance.config.model import ProxyConfig
 
 log = logging.getLogger(__name__)
@@ -68,8 +68,16 @@ PRECONNECT_MAX = 64
 # reported); a rule that targets it is an error, a group drops it.
 UNSUPPORTED_PROXY_TYPES = (
     "ssr", "snell", "socks4", "hysteria",
-    "ssh", "mieru", "anytls", "dns", "semi", "sudoku",
+    "mieru", "dns", "semi", "sudoku",
 )  # fmt: skip
+
+# Why, where there is more to say than "not implemented".
+_UNSUPPORTED_WHY = {
+    "hysteria": " (Hysteria v1; hysteria2 is supported)",
+    # No Snell server is packaged (Debian, PyPI): no client without a real
+    # server to test it against.
+    "snell": " (no Snell server to test a client against)",
+}
 
 
 def parse_proxies(
@@ -86,7 +94,7 @@ def parse_proxies(
         try:
             parsed = _parse_entry(item, index_path(path, i), ctx, names, skipped)
         except ConfigError as err:
-            name = item.get("name") if isinstance(item, dict) else None
+            name = _written_name(item)
             if isinstance(name, str) and name in names and not mihomo_refuses(err):
                 # mihomo loads it (and fails when it dials): skipped, said.
                 ctx.ignore(index_path(path, i), f"{name!r}: {err}", kind="skipped", error=err)
@@ -123,34 +131,45 @@ def warn_udp_behind_dialer(proxies: list[ProxyConfig]) -> None:
                     "it" if len(names) == 1 else "them")
 
 
-# Keys Mirage adds to a mihomo proxy: a bad value there is Mirage's to refuse.
-_MIRAGE_PROXY_KEYS = ("preconnect",)
+def _written_name(item: Any) -> Any:
+    """The `name` of a proxy entry however it is spelled (`Name`), or None."""
+    if not isinstance(item, dict):
+        return None
+    return next((v for k, v in item.items()
+                 if isinstance(k, str) and fold_proxy_key(k) == "name"), None)
+
+
+# A proxy's keys whose bad values `mihomo -t` loads (it never looks at them
+# before dialling): a port of 0 or 99999, a server or SNI that is no host
+# name, a `network`, `ip-version` or ss `plugin` it does not know, an empty
+# password (ssh without password or key, anytls), anytls' min-idle-session
+# below 0. Checked against the binary (tests/unit/test_config_lenient.py,
+# test_ssh_config.py, test_anytls_config.py).
+_UNCHECKED_BY_MIHOMO = ("port", "server", "sni", "servername", "network", "ip-version",
+                        "plugin", "password", "min-idle-session")
 
 
 def mihomo_refuses(err: ConfigError) -> bool:
     """Whether `mihomo -t` refuses a profile for this error in a proxy
-    entry (checked against the binary, tests/unit/test_config_lenient.py).
-
-    mihomo decodes a proxy into a Go struct and builds its outbound: a
-    missing key ("has unset fields"), a value of a type it cannot convert
-    (a string for a bool; a string of digits for a number it converts, as
-    Mirage does), an unknown `type`, an unknown ss `cipher` and a name
-    used twice stop it. Values it never checks before dialling (a port of
-    0 or 99999, a server name with a space, a malformed uuid, a `network`
-    or `ip-version` it does not know) load there, and the proxy fails when
-    used: here that proxy is skipped, with the reason, instead of refusing
-    the whole profile."""
+    entry. mihomo decodes a proxy into a Go struct and builds its outbound:
+    a missing key ("has unset fields"), a value of a type it cannot convert
+    (a string for a bool), an unknown `type` or ss `cipher`, a key that is
+    no key (WireGuard) stop it, and Mirage refuses those too. The values of
+    `_UNCHECKED_BY_MIHOMO`, and a username without a password, load there
+    and fail when the proxy is used: Mirage skips that proxy, with the
+    reason, instead of refusing the whole profile. Anything else is
+    refused (what Mirage does not know mihomo to load)."""
     leaf = err.path.rsplit(".", 1)[-1]
-    return (err.mihomo_refuses or err.reason == "required" or err.reason.startswith("expected ")
-            or leaf in ("name", "type", "cipher", *_MIRAGE_PROXY_KEYS)
-            or "duplicate" in err.reason)
+    if err.reason.startswith(("required", "expected ")):
+        return True
+    return not (leaf in _UNCHECKED_BY_MIHOMO or "go together" in err.reason)
 
 
 def _parse_entry(item: Any, path: str, ctx: LoadContext, names: set[str],
                  skipped: dict[str, str]) -> ProxyConfig | None:
     """One `proxies[i]`: its ProxyConfig, or None when it is skipped (its
     reason put in `skipped`). Raises ConfigError."""
-    sec = Section(item, path, ctx)
+    sec = Section(item, path, ctx, fold_proxy_key, exact=("type",))
     name = sec.require("name", as_nonempty_str)
     if name in names:
         raise ConfigError(sec.at("name"), name, "duplicate proxy name")
@@ -167,10 +186,9 @@ def _parse_entry(item: Any, path: str, ctx: LoadContext, names: set[str],
             skipped[name] = f"a {ptype} proxy with {e.reason}"
             return None
     if ptype in UNSUPPORTED_PROXY_TYPES:
-        ctx.ignore(sec.path, f"{ptype} proxy {name!r}", kind="skipped")
-        skipped[name] = f"a {ptype} proxy, which Mirage does not implement"
-        if ptype == "hysteria":
-            skipped[name] += " (Hysteria v1; hysteria2 is supported)"
+        why = _UNSUPPORTED_WHY.get(ptype, "")
+        ctx.ignore(sec.path, f"{ptype} proxy {name!r}{why}", kind="skipped")
+        skipped[name] = f"a {ptype} proxy, which Mirage does not implement{why}"
         return None
     if ptype not in PROXY_KEYS:
         raise ConfigError(

@@ -14,13 +14,13 @@ from typing import Any, cast
 from appliance.config.loader.errors import ConfigError, key_path
 from appliance.config.loader.groups import (
     expected_status,
+    probe_url,
     regex_list,
-    test_url,
     weak_bool,
     weak_int,
 )
 from appliance.config.loader.scalars import as_list, as_nonempty_str, as_path, as_str, choice
-from appliance.config.loader.section import LoadContext, Section
+from appliance.config.loader.section import LoadContext, Section, fold_case
 from appliance.config.model import (
     DEFAULT_TEST_URL,
     HealthCheckConfig,
@@ -69,7 +69,7 @@ def parse_proxy_providers(value: Any, path: str, ctx: LoadContext) -> list[Proxy
 
 def _provider(name: Any, item: Any, path: str, ctx: LoadContext) -> ProxyProviderConfig:
     """One `proxy-providers.NAME`. Raises ConfigError."""
-    sec = Section(item, key_path(path, str(name)), ctx)
+    sec = Section(item, key_path(path, str(name)), ctx, fold_case)
     ptype = sec.require("type", choice(("http", "file", "inline")))
     url = sec.get("url", _http_url, None)
     if ptype == "http" and url is None:
@@ -117,7 +117,7 @@ def _provider(name: Any, item: Any, path: str, ctx: LoadContext) -> ProxyProvide
 def _health(sec: Section) -> HealthCheckConfig:
     health = HealthCheckConfig(
         enable=sec.get("enable", weak_bool, False),
-        url=sec.get("url", test_url, DEFAULT_TEST_URL),
+        url=probe_url(sec, DEFAULT_TEST_URL),
         interval=float(sec.get("interval", weak_int(0, 86400 * 7, "seconds"), 0)),
         timeout=sec.get("timeout", weak_int(0, 600_000, "milliseconds"), 5000) / 1000 or 5.0,
         lazy=sec.get("lazy", weak_bool, True),

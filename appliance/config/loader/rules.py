@@ -35,7 +35,7 @@ from appliance.config.loader.scalars import (
     choice,
     port_from_text,
 )
-from appliance.config.loader.section import LoadContext, Section
+from appliance.config.loader.section import LoadContext, Section, fold_case
 from appliance.config.model import (
     GEOX_DEFAULTS,
     PROCESS_RULE_TYPES,
@@ -466,7 +466,8 @@ def parse_rule_providers(value: Any, path: str, ctx: LoadContext) -> list[RulePr
 
 def _rule_provider(section: Section, name: str) -> RuleProviderConfig:
     """One `rule-providers.NAME`. Raises ConfigError."""
-    entry = section.section(name)
+    raw = section.raw(name)
+    entry = Section({} if raw is None else raw, section.at(name), section.ctx, fold_case)
     kind = entry.require("type", choice(("http", "file", "inline")))
     behavior = entry.require("behavior", choice(("domain", "ipcidr", "classical")))
     fmt = entry.get("format", choice(("yaml", "text", "mrs")), "yaml")
@@ -475,9 +476,10 @@ def _rule_provider(section: Section, name: str) -> RuleProviderConfig:
                           "rule-sets")
     url = entry.get("url", as_nonempty_str, None)
     file_path = entry.get("path", _provider_path, None)
-    interval = float(entry.get("interval", lambda v, p: as_int(v, p, 0, 1 << 31), 0))
+    # mihomo decodes providers with weak typing: `interval: "86400"` is a number.
+    interval = float(entry.get("interval", lambda v, p: as_int(_digits(v), p, 0, 1 << 31), 0))
     proxy = entry.get("proxy", as_nonempty_str, None)
-    size_limit = entry.get("size-limit", lambda v, p: as_int(v, p, 0, 1 << 40), 0)
+    size_limit = entry.get("size-limit", lambda v, p: as_int(_digits(v), p, 0, 1 << 40), 0)
     payload: tuple[str, ...] = ()
     if kind == "http":
         if url is None:
@@ -498,6 +500,13 @@ def _rule_provider(section: Section, name: str) -> RuleProviderConfig:
         name=name, type=kind, behavior=behavior, format=cast(Any, fmt), url=url, path=file_path,
         interval=interval, proxy=proxy, size_limit=size_limit, payload=payload,
         headers=headers)
+
+
+def _digits(value: Any) -> Any:
+    """A string of digits as the number (mihomo's weak typing), else as is."""
+    if isinstance(value, str) and value.strip().isdigit() and value.strip().isascii():
+        return int(value.strip())
+    return value
 
 
 def _provider_path(value: Any, path: str) -> Path:

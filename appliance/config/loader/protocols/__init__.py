@@ -126,8 +126,10 @@ def render_protocol_proxy(p: ProxyConfig, redact: bool) -> dict[str, Any]:
 
 # The protocol modules import ProtocolSpec from here: registered last.
 from appliance.config.loader.protocols import (  # noqa: E402
+    anytls,
     hysteria2,
     shadowsocks,
+    ssh,
     trojan,
     tuic,
     vless,
@@ -141,4 +143,6 @@ PROTOCOLS["trojan"] = trojan.SPEC
 PROTOCOLS["ss"] = shadowsocks.SPEC
 PROTOCOLS["hysteria2"] = hysteria2.SPEC
 PROTOCOLS["tuic"] = tuic.SPEC
+PROTOCOLS["ssh"] = ssh.SPEC
+PROTOCOLS["anytls"] = anytls.SPEC
 PROTOCOLS["wireguard"] = wireguard.SPEC

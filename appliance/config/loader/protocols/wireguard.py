@@ -69,8 +69,7 @@ def wg_key(value: Any, path: str) -> str:
     try:
         raw = base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):
-        raise ConfigError(path, "<redacted>", "not base64 (a WireGuard key)",
-                          mihomo_refuses=True) from None
+        raise ConfigError(path, "<redacted>", "not base64 (a WireGuard key)") from None
     if len(raw) != KEY_BYTES:
         raise UnusableProxy(f"{path.rsplit('.', 1)[-1]} of {len(raw)} bytes (a WireGuard "
                             f"key is {KEY_BYTES})")
@@ -94,12 +93,11 @@ def reserved_value(value: Any, path: str) -> bytes:
         try:
             raw = base64.b64decode(value.strip(), validate=True)
         except (binascii.Error, ValueError):
-            raise ConfigError(path, value, "three bytes in base64 or a list of 3 numbers",
-                              mihomo_refuses=True) from None
+            raise ConfigError(path, value, "three bytes in base64 or a list of 3 numbers") from None
     else:
         raw = bytes(as_int(v, f"{path}[{i}]", 0, 255) for i, v in enumerate(as_list(value, path)))
     if len(raw) != 3:
-        raise ConfigError(path, value, f"required 3 bytes, got {len(raw)}", mihomo_refuses=True)
+        raise ConfigError(path, value, f"required 3 bytes, got {len(raw)}")
     return raw
 
 
@@ -110,9 +108,9 @@ def _interface(value: Any, path: str, version: int) -> Any:
     try:
         iface = ipaddress.ip_interface(text)
     except ValueError as exc:
-        raise ConfigError(path, value, f"not an address ({exc})", mihomo_refuses=True) from None
+        raise ConfigError(path, value, f"not an address ({exc})") from None
     if iface.version != version:
-        raise ConfigError(path, value, f"not an IPv{version} address", mihomo_refuses=True)
+        raise ConfigError(path, value, f"not an IPv{version} address")
     return iface
 
 
@@ -141,7 +139,7 @@ def _peer(sec: Section) -> WireguardPeer:
     allowed: tuple[IPNetwork, ...] = sec.get("allowed-ips", _networks, ())
     if not allowed:
         raise ConfigError(sec.at("allowed-ips"), None, "required for each peer (mihomo: "
-                          "missing allowed_ips)", mihomo_refuses=True)
+                          "missing allowed_ips)")
     peer = WireguardPeer(
         server=sec.require("server", server_value),
         port=sec.require("port", as_port),
@@ -166,7 +164,7 @@ def parse(sec: Section) -> WireguardOptions:
     ipv6 = sec.get("ipv6", lambda v, p: _interface(v, p, 6), None)
     if ip is None and ipv6 is None:
         raise ConfigError(sec.at("ip"), None, "required: the interface's address (ip, ipv6 "
-                          "or both; mihomo: missing local address)", mihomo_refuses=True)
+                          "or both; mihomo: missing local address)")
     raw_peers: list[Any] = sec.get("peers", as_list, [])
     peers = tuple(_peer(Section(item, f"{sec.at('peers')}[{i}]", sec.ctx))
                   for i, item in enumerate(raw_peers))
