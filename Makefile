@@ -27,6 +27,7 @@ bench: setup
 	$(PY) bench/udp.py
 	$(PY) bench/capture.py
 	$(PY) bench/rules.py
+	$(PY) bench/protocols.py
 
 # The 10-minute soak (bench/soak.py): mixed DNS/TCP/UDP from three LAN
 # clients while a small fake range recycles; judged on broken flows, fd and

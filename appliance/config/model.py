@@ -769,6 +769,19 @@ class LoadNote:
 
 
 @dataclass(frozen=True)
+class SkippedOutbound:
+    """A proxy or group of the profile that Mirage cannot use, and why (a
+    sentence: "a vless proxy with reality-opts (REALITY is not supported)").
+    Groups drop it from their members; a rule that names it sends its flows
+    to COMPATIBLE, as mihomo does with a group left without a proxy
+    (appliance/outbound/build.py): DIRECT."""
+
+    name: str
+    kind: Literal["proxy", "group"]
+    reason: str
+
+
+@dataclass(frozen=True)
 class Config:
     # mihomo's `mode`: `rule` (the rules decide), `global` (every flow to the
     # GLOBAL group's selection), `direct` (every flow DIRECT). The API's
@@ -811,6 +824,9 @@ class Config:
     # that Mirage does not implement: reported once at load, never an error
     # (so real Clash profiles load).
     ignored_keys: tuple[str, ...] = ()
+    # Proxies and groups left out (file order, proxies first): what the
+    # routing summary of `mirage check` reports (appliance/config/summary.py).
+    skipped: tuple[SkippedOutbound, ...] = ()
     # The same, structured (kind and note apart) for the grouped report;
     # not part of what the configuration *is* (equality ignores it).
     load_notes: tuple[LoadNote, ...] = field(default=(), compare=False)

@@ -8,6 +8,7 @@ None): feeding it back to `parse_config` gives an equal `Config`.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from typing import Any
 
@@ -132,7 +133,11 @@ def _provider(p: ProxyProviderConfig, redact: bool) -> dict[str, Any]:
     return out
 
 
-def _rule(r: Rule) -> str:
+def _rule(r: Rule, skipped: frozenset[str] = frozenset()) -> str:
+    # A rule naming an outbound Mirage skipped sends its flows to COMPATIBLE
+    # (DIRECT): printed so, which is what runs (and loads again).
+    if r.type != "SUB-RULE" and r.target in skipped:
+        return dataclasses.replace(r, target="COMPATIBLE").line()
     return r.line()
 
 
@@ -163,6 +168,7 @@ def effective_config(cfg: Config, *, redact: bool = False) -> dict[str, Any]:
     """
     dns = cfg.dns
     app = cfg.appliance
+    skipped = frozenset(s.name for s in cfg.skipped)
     policy: dict[str, list[str]] = {}
     for entry in dns.nameserver_policy:
         policy[entry.pattern] = [_ns(ns, redact) for ns in entry.nameservers]
@@ -231,8 +237,8 @@ def effective_config(cfg: Config, *, redact: bool = False) -> dict[str, Any]:
         "proxies": [_proxy(p, redact) for p in cfg.proxies],
         "proxy-groups": [_group(g) for g in cfg.proxy_groups],
         "proxy-providers": {p.name: _provider(p, redact) for p in cfg.proxy_providers},
-        "rules": [_rule(r) for r in cfg.rules],
-        "sub-rules": {name: [_rule(r) for r in rules] for name, rules in cfg.sub_rules},
+        "rules": [_rule(r, skipped) for r in cfg.rules],
+        "sub-rules": {name: [_rule(r, skipped) for r in rules] for name, rules in cfg.sub_rules},
         "rule-providers": {p.name: _rule_provider(p, redact) for p in cfg.rule_providers},
         "geodata-mode": cfg.geodata.mode,
         "geodata-loader": cfg.geodata.loader,

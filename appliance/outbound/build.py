@@ -176,13 +176,18 @@ def build_outbounds(
     resolve = direct_resolve or resolve
     delays = delays if delays is not None else DelayHistory()
     provided = provided or {}
+    direct = DirectOutbound(resolve, env.routing_mark, env.connect_timeout, ipv6=env.ipv6)
     out: dict[str, Outbound] = {
-        "DIRECT": DirectOutbound(resolve, env.routing_mark, env.connect_timeout, ipv6=env.ipv6),
+        "DIRECT": direct,
         "REJECT": RejectOutbound(),
         "REJECT-DROP": RejectDropOutbound(),
         "PASS": PassOutbound(),
-        "COMPATIBLE": CompatibleOutbound(),
+        "COMPATIBLE": CompatibleOutbound(direct=direct),
     }
+    # Proxies and groups the loader skipped stay rule targets (mihomo would
+    # use them): each is COMPATIBLE under its own name, so the API shows
+    # which rule sent a flow where. Groups never hold them.
+    standins = {s.name: CompatibleOutbound(s.name, direct=direct) for s in cfg.skipped}
     proxies: dict[str, ProxyConfig] = {}
     for i, p in enumerate(cfg.proxies):
         if p.name in out or p.name in proxies:
@@ -243,8 +248,10 @@ def build_outbounds(
         static = [out[m] for m in g.proxies]
         members = compose_members(static, [built[u] for u in g.use], g.filter)
         group = out[name] = make_group(g, members, delays=delays, factory=factory,
-                                       direct=out["DIRECT"])
+                                       direct=out["DIRECT"], compatible=out["COMPATIBLE"])
         group.static = tuple(static)
+    for name, standin in standins.items():
+        out.setdefault(name, standin)
     if "GLOBAL" not in out:
         everything = [out["DIRECT"], out["REJECT"], *(out[n] for n in proxies),
                       *(out[n] for n in groups)]
@@ -257,10 +264,12 @@ def build_outbounds(
 
 
 def make_group(g: ProxyGroupConfig, members: Sequence[Outbound], *, delays: DelayHistory,
-               factory: ProxyFactory, direct: Outbound) -> Group:
+               factory: ProxyFactory, direct: Outbound,
+               compatible: Outbound | None = None) -> Group:
     """The group object of one `proxy-groups` entry."""
     common: dict[str, Any] = {"health": g.health, "delays": delays, "hidden": g.hidden,
-                              "icon": g.icon, "disable_udp": g.disable_udp}
+                              "icon": g.icon, "disable_udp": g.disable_udp,
+                              "compatible": compatible}
     group: Group
     if g.type == "select":
         group = SelectGroup(g.name, members, **common)

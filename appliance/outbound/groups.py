@@ -83,21 +83,30 @@ class GroupError(Exception):
 
 
 class CompatibleOutbound:
-    """COMPATIBLE: what a group holds when no member is left (mihomo's
-    Compatible): refuses every flow like REJECT, named so the API shows it."""
+    """COMPATIBLE: what a group holds when no member is left, and what a rule
+    naming a proxy or group Mirage skipped sends its flows to. mihomo's
+    Compatible is a Direct under another name (adapter/outbound/direct.go
+    NewCompatible; outboundgroup/groupbase.go GetProxies falls back to it),
+    so flows go DIRECT through `direct`; without one (a group built on its
+    own, as in unit tests) it refuses like REJECT."""
 
     type = "Compatible"
-    carries_udp = False
 
-    def __init__(self, name: str = "COMPATIBLE") -> None:
+    def __init__(self, name: str = "COMPATIBLE", direct: Outbound | None = None) -> None:
         self.name = name
+        self.direct = direct
+        self.carries_udp = direct is not None and direct.carries_udp
 
     async def connect_tcp(self, host: str | IPAddress, port: int) -> trio.abc.Stream:
-        await trio.lowlevel.checkpoint()
-        raise OutboundError(f"{self.name}: no proxy available")
+        if self.direct is None:
+            await trio.lowlevel.checkpoint()
+            raise OutboundError(f"{self.name}: no proxy available")
+        return await self.direct.connect_tcp(host, port)
 
     async def open_udp(self, host: str | IPAddress, port: int) -> UdpPeer | None:
-        return await no_udp(self.name)
+        if self.direct is None:
+            return await no_udp(self.name)
+        return await self.direct.open_udp(host, port)
 
 
 class RejectDropOutbound:
@@ -192,8 +201,12 @@ class Group:
     def __init__(self, name: str, members: Sequence[Outbound], *,
                  health: HealthCheckConfig | None = None,
                  delays: DelayHistory | None = None,
-                 hidden: bool = False, icon: str = "", disable_udp: bool = False) -> None:
+                 hidden: bool = False, icon: str = "", disable_udp: bool = False,
+                 compatible: Outbound | None = None) -> None:
         self.name = name
+        # What the group holds when it has no member (a provider not yet
+        # downloaded, a filter that keeps nothing): the shared COMPATIBLE.
+        self.compatible = compatible if compatible is not None else CompatibleOutbound()
         self.health = health if health is not None else HealthCheckConfig()
         self.delays = delays if delays is not None else DelayHistory()
         self.hidden = hidden
@@ -217,7 +230,7 @@ class Group:
     def set_members(self, members: Sequence[Outbound]) -> None:
         """Replace the members in one assignment (provider refresh); an
         empty list leaves COMPATIBLE, as mihomo does."""
-        self.members = tuple(members) or (CompatibleOutbound(),)
+        self.members = tuple(members) or (self.compatible,)
 
     @property
     def all(self) -> list[str]:

@@ -38,7 +38,7 @@ from appliance.outbound.base import (
 )
 from appliance.outbound.stream_udp import StreamUdpPeer
 from appliance.outbound.tls import TlsClient
-from appliance.outbound.transport import open_transport, transport_alpn
+from appliance.outbound.transport import gun_pool, open_transport, transport_alpn
 from appliance.proto.socks5 import Socks5Error, encode_address
 from appliance.proto.trojan import (
     CMD_CONNECT,
@@ -83,6 +83,7 @@ class TrojanOutbound:
         self.tls = TlsClient(tls, server, alpn=alpn)
         # Host / :authority for the transport: the name TLS sends.
         self.host = self.tls.server_hostname
+        self.gun = gun_pool(transport, self.host, tls=True)
 
     @classmethod
     def from_config(cls, p: ProxyConfig, env: OutboundEnv) -> TrojanOutbound:
@@ -99,15 +100,20 @@ class TrojanOutbound:
             head = encode_request(self._key, command, host, port)
         except TrojanError as e:
             raise OutboundError(f"{self.name}: {e}") from None
-        stream = await self._dial(self.server, self.port)
-        tls = await self.tls.wrap(stream, self.name)
-        tunnel = await open_transport(tls, self.transport, self.host, tls=True)
+        if self.gun is not None:
+            tunnel: trio.abc.Stream = await self.gun.open(self._dial_tls)
+        else:
+            tunnel = await open_transport(await self._dial_tls(), self.transport, self.host,
+                                          tls=True)
         try:
             await tunnel.send_all(head)
         except BaseException:
             await trio.aclose_forcefully(tunnel)
             raise
         return tunnel
+
+    async def _dial_tls(self) -> trio.abc.Stream:
+        return await self.tls.wrap(await self._dial(self.server, self.port), self.name)
 
     async def connect_tcp(self, host: str | IPAddress, port: int) -> trio.abc.Stream:
         with outbound_deadline(self.connect_timeout, f"{self.name} {host}:{port}"):

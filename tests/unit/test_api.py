@@ -23,7 +23,7 @@ from appliance.api import views
 from appliance.api.client import ApiClient, ApiError
 from appliance.api.logbus import LogBus
 from appliance.api.providers import Providers
-from appliance.config import ConfigError, load_config, parse_rule
+from appliance.config import load_config, parse_rule
 from appliance.config.model import (
     ApplianceConfig,
     Config,
@@ -514,12 +514,18 @@ def test_zip_slip_is_refused(tmp_path: Path) -> None:
     assert not (tmp_path / "escaped.html").exists()
 
 
-def test_a_lan_controller_needs_a_secret(tmp_path: Path) -> None:
+def test_a_lan_controller_without_secret_stays_on_loopback(tmp_path: Path) -> None:
     cfg = tmp_path / "c.yaml"
     dns = "dns:\n  nameserver: [udp://192.0.2.53]\n"
+    # mihomo opens it to the LAN; Mirage loads the profile and keeps the
+    # API on loopback until a secret is set, and says so.
     cfg.write_text("external-controller: 0.0.0.0:9090\n" + dns)
-    with pytest.raises(ConfigError, match="secret"):
-        load_config(cfg)
+    loaded = load_config(cfg)
+    assert str(loaded.external_controller) == "127.0.0.1:9090"
+    assert any(n.path == "external-controller" and "127.0.0.1:9090 only" in n.note
+               for n in loaded.load_notes)
+    cfg.write_text("external-controller: '[::]:9090'\n" + dns)
+    assert str(load_config(cfg).external_controller) == "[::1]:9090"
     cfg.write_text("external-controller: '[::1]:9090'\nexternal-ui: ui\n"
                    "external-ui-url: file:///srv/dash.zip\n"
                    "external-controller-cors: {allow-origins: [http://a.example]}\n" + dns)
@@ -527,10 +533,13 @@ def test_a_lan_controller_needs_a_secret(tmp_path: Path) -> None:
     assert loaded.controller.ui == tmp_path / "ui"
     assert loaded.controller.ui_url == "/srv/dash.zip"
     assert loaded.controller.cors.allow_origins == ("http://a.example",)
+    # A dashboard URL mihomo would download: not downloaded, said, dropped.
     cfg.write_text("external-controller: 127.0.0.1:9090\n"
                    "external-ui-url: https://example.com/dash.zip\n" + dns)
-    with pytest.raises(ConfigError, match="downloads are not made"):
-        load_config(cfg)
+    loaded = load_config(cfg)
+    assert loaded.controller.ui_url == ""
+    assert any(n.path == "external-ui-url" and "not downloaded" in n.note
+               for n in loaded.load_notes)
 
 
 def test_client_reads_controller_from_config(tmp_path: Any) -> None:

@@ -36,6 +36,7 @@ from appliance.config import (
     load_config,
     parse_config,
 )
+from appliance.config.model import SkippedOutbound
 from appliance.config.protocols.shadowsocks import ObfsOptions, ShadowsocksOptions
 from appliance.config.protocols.trojan import TrojanOptions
 from appliance.names import pattern_is_valid
@@ -201,7 +202,7 @@ proxies:
      network: ws, ws-opts: {path: /x}}
   - {name: hy1, type: hysteria, server: hy.example.net, port: 443, auth-str: pw}
   - {name: vless-1, type: vless, server: vl.example.net, port: 443, uuid: x, tls: true,
-     reality-opts: {public-key: k}}
+     reality-opts: {public-key: AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA}}
 proxy-groups:
   - {name: Select, type: select, proxies: [Auto, Balance, Chain, trojan-1, DIRECT]}
   - {name: Auto, type: url-test, proxies: [ss-aead, trojan-1, hy1],
@@ -209,7 +210,7 @@ proxy-groups:
   - {name: Balance, type: load-balance, strategy: consistent-hashing,
      proxies: [ss-aead, ss-old], url: 'https://cp.cloudflare.com', interval: 300}
   - {name: Chain, type: relay, proxies: [ss-aead, trojan-1]}
-  - {name: Dead, type: select, proxies: [hy1, vless-1]}
+  - {name: Dead, type: select, proxies: [hy1]}
   - {name: Provided, type: select, use: [provider1]}
   - {name: Global, type: select, include-all: true, proxies: [Select]}
 proxy-providers:
@@ -256,7 +257,8 @@ def test_real_world_profile_loads(tmp_path: Path) -> None:
     assert dict(cfg.dns.hosts) == {"mtalk.google.com": (ipaddress.ip_address("108.177.125.188"),)}
     assert "hosts['services.googleapis.cn'] (domain alias)" in ignored
     assert "x-common (YAML anchor)" in ignored
-    assert [p.name for p in cfg.proxies] == ["ss-aead", "ss-plugin", "trojan-1", "trojan-ws"]
+    assert [p.name for p in cfg.proxies] == ["ss-aead", "ss-plugin", "trojan-1", "trojan-ws",
+                                            "vless-1"]
     trojan = cfg.proxies[2]
     assert trojan.tls_options is not None and trojan.tls_options.skip_cert_verify
     assert trojan.udp and trojan.tls_options.sni == "tj.example.net"
@@ -268,8 +270,9 @@ def test_real_world_profile_loads(tmp_path: Path) -> None:
     assert ("proxies[2] (ss proxy 'ss-old': cipher 'rc4-md5', which is not supported: "
             "insecure (a stream cipher without integrity); use an AEAD or 2022 cipher)"
             in ignored)
-    assert ("proxies[6] (vless proxy 'vless-1': reality-opts (REALITY is not supported))"
-            in ignored)
+    reality = cfg.proxies[4].tls_options
+    assert reality is not None and reality.reality is not None
+    assert reality.reality.public_key == "A" * 43
     groups = {g.name: g for g in cfg.proxy_groups}
     assert (groups["Auto"].type, groups["Auto"].proxies) == ("url-test", ("ss-aead", "trojan-1"))
     assert groups["Balance"].type == "load-balance"
@@ -281,7 +284,8 @@ def test_real_world_profile_loads(tmp_path: Path) -> None:
     assert groups["Provided"].use == ("provider1",)
     assert groups["Select"].proxies == ("Auto", "Balance", "Chain", "trojan-1", "DIRECT")
     # include-all: every proxy of the file after the named ones (skipped dropped).
-    assert groups["Global"].proxies == ("Select", "ss-aead", "ss-plugin", "trojan-1", "trojan-ws")
+    assert groups["Global"].proxies == ("Select", "ss-aead", "ss-plugin", "trojan-1", "trojan-ws",
+                                        "vless-1")
     assert groups["Global"].use == ("provider1",)
     assert "proxy-groups[4] (group 'Dead' has no usable member)" in ignored
     assert [r.type for r in cfg.rules] == [
@@ -504,7 +508,8 @@ def test_effective_config_round_trips() -> None:
     for path in (EXAMPLES / "lab.yaml", EXAMPLES / "clash-profile.yaml"):
         cfg = load_config(path)
         again = parse_config(effective_config(cfg), source=cfg.source)
-        assert again == dataclasses.replace(cfg, ignored_keys=())
+        # Skipped proxies are left out of the effective config, as ignored keys are.
+        assert again == dataclasses.replace(cfg, ignored_keys=(), skipped=())
 
 
 def test_effective_config_round_trips_every_field() -> None:
@@ -676,7 +681,7 @@ def test_unknown_key_suggests_the_near_one() -> None:
         ('ipv6: "true"', "ipv6", "expected a boolean"),
         ("ipv6: 1", "ipv6", "expected a boolean"),
         ("log-level: verbose", "log-level", "must be one of"),
-        ("secret: 1234", "secret", "expected a string"),
+        ("secret: [1234]", "secret", "expected a string"),
         ("external-controller: localhost:9090", "external-controller", "not an IP"),
         ("external-controller: 127.0.0.1", "external-controller", "needs a port"),
         ("profile: {store-fake-ip: yes please}", "profile.store-fake-ip", "boolean"),
@@ -900,8 +905,6 @@ def test_groups_may_name_later_groups() -> None:
     [
         ("DOMAIN,a.test,nope", "names no proxy, group, DIRECT or REJECT"),
         ("DOMAIN,a.test,direct", "names no proxy"),
-        ("DOMAIN,a.test,v", "a vmess proxy with alterId 64"),
-        ("DOMAIN,a.test,dead", "a group with no member"),
         ("FOO,a.test,DIRECT", "unknown rule type"),
         ("DOMAIN,a.test", "expected DOMAIN,VALUE,TARGET"),
         ("MATCH", "expected MATCH,TARGET"),
@@ -932,6 +935,42 @@ def test_rule_errors(rule: str, reason: str) -> None:
     err = error(data)
     assert err.path == "rules[1]"
     assert reason in err.reason
+
+
+def test_a_numeric_secret_is_its_text() -> None:
+    # mihomo -t loads `secret: 123456` (tests/profiles/lvbibir.yaml).
+    assert parse_config({"dns": {"enable": False}, "secret": 123456}).secret == "123456"
+
+
+def test_rules_may_name_skipped_outbounds() -> None:
+    # mihomo would use them, so the profile loads; the flows go to COMPATIBLE.
+    cfg = parse_config(with_(
+        proxies=[SOCKS, {"name": "v", "type": "vmess", "server": "x", "port": 1, "uuid": "u",
+                         "alterId": 64}],
+        proxy_groups=[{"name": "dead", "type": "select", "proxies": ["v"]}],
+        rules=["DOMAIN,a.test,v", "DOMAIN,b.test,dead", "MATCH,s"],
+    ))
+    assert [r.target for r in cfg.rules] == ["v", "dead", "s"]
+    assert cfg.skipped == (
+        SkippedOutbound("v", "proxy", "a vmess proxy with alterId 64 (the legacy VMess header; "
+                        "only alterId 0)"),
+        SkippedOutbound("dead", "group", "a group with no member Mirage can use"),
+    )
+    assert effective_config(cfg)["rules"] == ["DOMAIN,a.test,COMPATIBLE",
+                                              "DOMAIN,b.test,COMPATIBLE", "MATCH,s"]
+
+
+def _as_run(cfg: Config) -> Config:
+    """`cfg` as its effective config spells it: no ignored keys or skipped
+    outbounds, and rules that named a skipped one naming COMPATIBLE."""
+    gone = {s.name for s in cfg.skipped}
+
+    def run(rules: tuple[Rule, ...]) -> tuple[Rule, ...]:
+        return tuple(dataclasses.replace(r, target="COMPATIBLE")
+                     if r.type != "SUB-RULE" and r.target in gone else r for r in rules)
+
+    return dataclasses.replace(cfg, ignored_keys=(), skipped=(), rules=run(cfg.rules),
+                               sub_rules=tuple((n, run(rs)) for n, rs in cfg.sub_rules))
 
 
 def test_rule_forms() -> None:
@@ -1046,7 +1085,7 @@ def _outcome(data: Any) -> None:
     assert [p for p in patterns if pattern_is_valid(p) is not None] == []
     # Whatever loads renders, and the rendering loads to the same model.
     again = parse_config(effective_config(cfg))
-    assert again == dataclasses.replace(cfg, ignored_keys=())
+    assert again == _as_run(cfg)
     format_effective(cfg)
 
 

@@ -317,3 +317,30 @@ def test_provider_dialer_proxy_and_chains_are_built_in_order() -> None:
     looped = ProxyConfig("x", "socks5", "192.0.2.5", 1, dialer_proxy="U")
     with pytest.raises(BuildError, match="cycle"):
         build_outbounds(cfg2, None, provided={"p": (looped,)})
+
+
+async def test_compatible_sends_direct_like_mihomo() -> None:
+    # mihomo's COMPATIBLE is a Direct: an empty group, and a rule naming an
+    # outbound Mirage skipped, send their flows DIRECT.
+    from appliance.outbound.groups import CompatibleOutbound
+
+    direct = Fake("DIRECT", "Direct")
+    empty = SelectGroup("empty", [], compatible=CompatibleOutbound(direct=direct))
+    assert empty.all == ["COMPATIBLE"]
+    await empty.connect_tcp("a.test", 443)
+    assert direct.connects == 1
+    # On its own (no DIRECT given) it refuses, as before.
+    with pytest.raises(OutboundError):
+        await SelectGroup("alone", []).connect_tcp("a.test", 443)
+
+    cfg = parse_config(profile([{"name": "dead", "type": "select", "proxies": ["old"]}],
+                               rules=["DOMAIN,a.test,old", "DOMAIN,b.test,dead", "MATCH,DIRECT"]))
+    router = Router.from_config(cfg, None)
+    for name in ("old", "dead"):
+        standin = router.outbounds[name]
+        assert isinstance(standin, CompatibleOutbound) and standin.name == name
+        assert standin.direct is router.outbounds["DIRECT"]
+    flow = Flow("tcp", "tproxy", ipaddress.ip_address("192.168.1.2"), 5000,
+                ipaddress.ip_address("198.18.0.9"), 443, "b.test")
+    out, index = router.pick(flow_context(flow))
+    assert (out.name, index) == ("dead", 1)

@@ -113,7 +113,8 @@ def parse_proxies(
                 client_fingerprints += 1
     if client_fingerprints:
         log.info("client-fingerprint (uTLS) on %d prox%s has no effect: TLS is Python's "
-                 "(OpenSSL's ClientHello)", client_fingerprints,
+                 "(OpenSSL's ClientHello); with reality-opts the ClientHello is always "
+                 "Chrome-shaped", client_fingerprints,
                  "y" if client_fingerprints == 1 else "ies")
     return proxies, skipped
 

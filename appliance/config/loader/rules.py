@@ -12,7 +12,9 @@ that names no outbound, a RULE-SET naming no provider, a SUB-RULE naming
 no list, sub-rules that call each other in a circle: errors). An unknown
 rule type is an error, as in mihomo. PROCESS-* rules load and never match
 a LAN flow: said once, at INFO, with their count. Rules after MATCH never
-run and are reported ignored.
+run and are reported ignored. A rule may name a proxy or group the loader
+skipped (an outbound Mirage cannot use): it loads, and its flows go to
+COMPATIBLE (see `SkippedOutbound`).
 """
 
 from __future__ import annotations
@@ -252,15 +254,12 @@ def _build(rtype: str, payload: str, target: str, params: list[str], line: str, 
 def _check_target(
     target: str, line: str, path: str, targets: set[str], skipped: Mapping[str, str]
 ) -> None:
-    if target in targets:
+    # A proxy or group Mirage skipped is still a target: mihomo would use
+    # it, so the profile loads; its flows go to COMPATIBLE (DIRECT), which
+    # `mirage check`'s routing summary says rule by rule.
+    if target in targets or target in skipped:
         return
-    why = skipped.get(target)
-    reason = (
-        f"target {target!r} is {why}"
-        if why
-        else f"target {target!r} names no proxy, group, DIRECT or REJECT"
-    )
-    raise ConfigError(path, line, reason)
+    raise ConfigError(path, line, f"target {target!r} names no proxy, group, DIRECT or REJECT")
 
 
 def _payload(rtype: RuleType, payload: str, line: str, path: str, known: _Known

@@ -139,10 +139,6 @@ class Section:
         self.seen.add(name)
         return self.data.get(name)
 
-    def has(self, key: str) -> bool:
-        """Whether the mapping has `key` (without consuming it)."""
-        return self._key(key) in self.data
-
     def get(self, key: str, convert: Callable[[Any, str], T], default: T) -> T:
         value = self.raw(key)
         if value is None:

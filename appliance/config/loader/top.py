@@ -41,7 +41,13 @@ from appliance.config.loader.scalars import (
     choice,
 )
 from appliance.config.loader.section import LoadContext, Section
-from appliance.config.model import TUNNEL_MODES, Config, IgnoredKind, TunnelMode
+from appliance.config.model import (
+    TUNNEL_MODES,
+    Config,
+    IgnoredKind,
+    SkippedOutbound,
+    TunnelMode,
+)
 
 TOP_LEVEL_KEYS = (
     "mixed-port", "socks-port", "port", "authentication", "allow-lan", "bind-address",
@@ -127,6 +133,8 @@ def parse_root(data: Any, ctx: LoadContext) -> Config:
 
     proxies, skipped = ctx.attempt(
         lambda: parse_proxies(root.raw("proxies"), root.at("proxies"), ctx), ([], {}))
+    # Before parse_groups adds the groups it skips to `skipped`.
+    skipped_proxies = dict(skipped)
     warn_udp_behind_dialer(proxies)
     providers = ctx.attempt(lambda: parse_proxy_providers(
         root.raw("proxy-providers"), root.at("proxy-providers"), ctx), [])
@@ -186,6 +194,8 @@ def parse_root(data: Any, ctx: LoadContext) -> Config:
         geodata=geodata,
         appliance=appliance,
         ignored_keys=tuple(ctx.ignored),
+        skipped=tuple(SkippedOutbound(name, "proxy" if name in skipped_proxies else "group", why)
+                      for name, why in skipped.items()),
         load_notes=tuple(ctx.notes),
         source=ctx.source,
     )

@@ -166,7 +166,7 @@ def parse(sec: Section) -> WireguardOptions:
         raise ConfigError(sec.at("ip"), None, "required: the interface's address (ip, ipv6 "
                           "or both; mihomo: missing local address)")
     raw_peers: list[Any] = sec.get("peers", as_list, [])
-    peers = tuple(_peer(Section(item, f"{sec.at('peers')}[{i}]", sec.ctx))
+    peers = tuple(_peer(Section(item, f"{sec.at('peers')}[{i}]", sec.ctx, sec.fold))
                   for i, item in enumerate(raw_peers))
     if peers:
         # mihomo ignores the top-level peer keys when `peers:` is given.
