@@ -254,12 +254,20 @@ async def resolve(src: Sources, name: str, qtype: str) -> dict[str, Any]:
     if src.resolver is None:
         result["upstream"] = {"error": "no upstream resolver is running"}
         return result
+    asked: dict[str, Any] = {}
+    plan = getattr(src.resolver, "plan", None)  # the DNS policy's choice (dns/policy.py)
+    if plan is not None and qtype in QTYPE.reverse:
+        chosen = plan(name, QTYPE.reverse[qtype])
+        asked = {"why": chosen.why, "servers": [ns.text or ns.url for ns in chosen.first],
+                 "fallback": [ns.text or ns.url for ns in chosen.fallback]}
     try:
         reply = await src.resolver.query(DNSRecord.question(name, qtype))
     except UpstreamError as err:
         result["upstream"] = {"error": str(err)}
     else:
         result["upstream"] = {"rcode": rcode_name(reply), "answers": answer_rows(reply)}
+    if asked:
+        result["upstream"]["asked"] = asked
     return result
 
 

@@ -157,6 +157,8 @@ def build_outbounds(
     selections: Selections | None = None,
     provided: Mapping[str, Sequence[ProxyConfig]] | None = None,
     provided_out: dict[str, list[Outbound]] | None = None,
+    proxy_resolve: Resolve | None = None,
+    direct_resolve: Resolve | None = None,
 ) -> dict[str, Outbound]:
     """Every outbound by name: the built-ins (DIRECT, REJECT, REJECT-DROP,
     PASS, COMPATIBLE), `proxies`, `proxy-groups` and GLOBAL.
@@ -173,8 +175,12 @@ def build_outbounds(
     in `provided_out` when given (a provider's proxies are not rule
     targets, as in mihomo, so they are not in the returned map). A
     provider is built after the outbounds its proxies' `dialer-proxy` name.
+    `proxy_resolve` resolves the proxies' own server names
+    (`dns.proxy-server-nameserver`), `direct_resolve` DIRECT's destinations
+    (`dns.direct-nameserver`); each defaults to `resolve`.
     """
-    env = outbound_env(cfg, resolve)
+    env = outbound_env(cfg, proxy_resolve or resolve)
+    resolve = direct_resolve or resolve
     delays = delays if delays is not None else DelayHistory()
     provided = provided or {}
     direct = DirectOutbound(resolve, env.routing_mark, env.connect_timeout, ipv6=env.ipv6)
