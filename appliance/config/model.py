@@ -771,7 +771,7 @@ class LoadNote:
 @dataclass(frozen=True)
 class SkippedOutbound:
     """A proxy or group of the profile that Mirage cannot use, and why (a
-    sentence: "a vless proxy with reality-opts (REALITY is not supported)").
+    sentence: "a snell proxy, which Mirage does not implement (...)").
     Groups drop it from their members; a rule that names it sends its flows
     to COMPATIBLE, as mihomo does with a group left without a proxy
     (appliance/outbound/build.py): DIRECT."""
