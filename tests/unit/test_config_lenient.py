@@ -219,11 +219,17 @@ def test_ignored_nameserver_text_is_scrubbed() -> None:
                                                "https://dns.example/T0KEN9#ecs=1.2.3.0/24"],
                                 "default-nameserver": ["192.0.2.53"]}})
     assert "T0KEN9" not in repr(cfg.ignored_keys) + format_ignored(cfg)
-    # A `#Name` naming no proxy is an error (appliance/config/loader/dns.py);
-    # its message hides the token too.
+    # A `#Name` naming no proxy (an interface to mihomo) is said at load;
+    # the note hides the token too.
+    cfg = parse_config({"dns": {"nameserver": ["https://dns.example/T0KEN9#PROXY"]}})
+    text = repr(cfg.ignored_keys) + format_ignored(cfg) + repr(cfg.load_notes)
+    assert "T0KEN9" not in text and "#PROXY" in text
+    # A `#Name` naming a proxy that is skipped stays an error; hidden there too.
     with pytest.raises(ConfigError) as info:
-        parse_config({"dns": {"nameserver": ["https://dns.example/T0KEN9#PROXY"]}})
-    assert "T0KEN9" not in str(info.value) and "#PROXY" in str(info.value)
+        parse_config({"dns": {"nameserver": ["https://dns.example/T0KEN9#old"]},
+                      "proxies": [{"name": "old", "type": "ssr", "server": "h.example",
+                                   "port": 1}]})
+    assert "T0KEN9" not in str(info.value) and "#old" in str(info.value)
 
 
 def test_yaml_syntax_error_does_not_quote_the_line(tmp_path: Path) -> None:

@@ -217,9 +217,6 @@ def test_nameserver_forms_with_fragments() -> None:
 @pytest.mark.parametrize(
     ("keys", "reason"),
     [
-        ({"nameserver": ["tls://192.0.2.1#nope"]}, "#nope: names no proxy"),
-        ({"fallback": ["192.0.2.2#nope"]}, "#nope: names no proxy"),
-        ({"nameserver-policy": {"x.example": "192.0.2.2#nope"}}, "#nope"),
         ({"nameserver-policy": {"rule-set:gone": "192.0.2.2"}}, "names no rule-providers"),
         ({"nameserver-policy": {"rule-set:nets": "192.0.2.2"}}, "holds addresses"),
         ({"fake-ip-filter": ["rule-set:gone"]}, "names no rule-providers"),
@@ -240,6 +237,21 @@ def test_dns_policy_errors_at_load(keys: dict[str, Any], reason: str) -> None:
     with pytest.raises(ConfigError) as err:
         parse_config(dns(**keys))
     assert reason in str(err.value)
+
+
+def test_a_fragment_naming_no_outbound_is_an_interface_to_mihomo_and_is_said() -> None:
+    # mihomo (tunnel/dns_dialer.go) binds the server's sockets to the
+    # interface of that name (`127.0.0.1#lo`); Mirage asks the server
+    # without the binding and says so.
+    cfg = parse_config(dns(**{"nameserver": ["tls://dot.example#eth9", "192.0.2.2#proxy"],
+                              "nameserver-policy": {"x.example": "192.0.2.3#lo"}}))
+    first, second = cfg.dns.nameserver
+    assert (first.proxy, second.proxy) == (None, "proxy")
+    assert cfg.dns.nameserver_policy[0].nameservers[0].proxy is None
+    said = {n.path for n in cfg.load_notes if n.kind == "mode" and "interface" in n.note}
+    assert said == {"dns.nameserver", "dns.nameserver-policy"}
+    # dot.example needs finding now that no proxy gets its name.
+    assert [ns.host for ns in cfg.dns.default_nameserver][:1] == ["114.114.114.114"]
 
 
 def test_without_default_nameserver_mihomos_defaults_bootstrap_and_say_so() -> None:

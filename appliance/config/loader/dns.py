@@ -12,6 +12,7 @@ those sections are read.
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 from collections.abc import Callable, Iterable
 from functools import partial
@@ -595,26 +596,55 @@ def _is_ip(text: str) -> bool:
 def check_dns_references(
     dns: DnsConfig, path: str, targets: set[str], skipped: dict[str, str],
     rule_providers: list[RuleProviderConfig], broken_providers: Iterable[str] = (),
-) -> None:
+    ctx: LoadContext | None = None,
+) -> DnsConfig:
     """What the `dns:` entries name in the rest of the profile, checked
     once it is read (mihomo checks the same at load): a nameserver's
     `#Name` is a proxy, a group, DIRECT or RULES; a `rule-set:` entry
     names a rule-provider of domains (or classical rules). A provider
     whose own entry was broken (`broken_providers`, already reported) is
-    not reported again."""
+    not reported again.
+
+    A `#Name` that names no outbound at all is, to mihomo, an interface
+    (tunnel/dns_dialer.go: no such proxy -> dialer.WithInterface(name);
+    `127.0.0.1#lo`). Mirage does not bind DNS upstreams to an interface:
+    such a server is asked as if the suffix were absent (the gateway's
+    routing, marked), said at load (`ctx`). Returns `dns` with those
+    suffixes dropped."""
     broken = set(broken_providers)
-    lists = {
-        "nameserver": dns.nameserver, "fallback": dns.fallback,
-        "proxy-server-nameserver": dns.proxy_server_nameserver,
-        "direct-nameserver": dns.direct_nameserver,
-        "default-nameserver": dns.default_nameserver,
-    }
-    for key, servers in lists.items():
+    interfaces: dict[str, str] = {}
+    unbound_hosts: list[str] = []
+
+    def checked(servers: tuple[Nameserver, ...], at: str) -> tuple[Nameserver, ...]:
+        out = []
         for ns in servers:
-            _check_proxy(ns, f"{path}.{key}", targets, skipped)
-    for entry in dns.nameserver_policy:
-        for ns in entry.nameservers:
-            _check_proxy(ns, f"{path}.nameserver-policy", targets, skipped)
+            if _names_interface(ns, targets, skipped):
+                interfaces.setdefault(ns.text, at)
+                unbound_hosts.append(ns.host)
+                ns = dataclasses.replace(ns, proxy=None)
+            _check_proxy(ns, at, targets, skipped)
+            out.append(ns)
+        return tuple(out)
+
+    lists = {
+        "nameserver": "nameserver", "fallback": "fallback",
+        "proxy-server-nameserver": "proxy_server_nameserver",
+        "direct-nameserver": "direct_nameserver",
+        "default-nameserver": "default_nameserver",
+    }
+    changes: dict[str, Any] = {
+        attr: checked(getattr(dns, attr), f"{path}.{key}") for key, attr in lists.items()}
+    changes["nameserver_policy"] = tuple(
+        dataclasses.replace(entry, nameservers=checked(entry.nameservers,
+                                                       f"{path}.nameserver-policy"))
+        for entry in dns.nameserver_policy)
+    if ctx is not None:
+        for text, at in interfaces.items():
+            name = text.partition("#")[2]
+            ctx.ignore(at, f"{text}: #{name} names no proxy or group, so mihomo binds the "
+                       f"sockets to this server to the interface {name}; Mirage does not bind "
+                       "DNS upstreams to an interface and asks it through the routing table",
+                       kind="mode")
     behaviors = {p.name: p.behavior for p in rule_providers}
     names = [e.pattern for e in dns.nameserver_policy] + list(dns.fake_ip_filter)
     names += [f"rule-set:{r.payload}" for r in dns.fake_ip_filter_rules
@@ -631,6 +661,18 @@ def check_dns_references(
         if behavior == "ipcidr":
             raise ConfigError(path, set_name,
                               f"rule-set {name!r} holds addresses; a DNS name needs domains")
+    if not interfaces:
+        return dns
+    if not dns.default_nameserver and any(not _is_ip(host) for host in unbound_hosts):
+        # Through a proxy the name needed no bootstrap; without it, it does.
+        changes["default_nameserver"] = tuple(
+            Nameserver("udp", ip, 53, text=ip) for ip in MIHOMO_DEFAULT_NAMESERVER)
+    return dataclasses.replace(dns, **changes)
+
+
+def _names_interface(ns: Nameserver, targets: set[str], skipped: dict[str, str]) -> bool:
+    return (ns.proxy is not None and ns.proxy not in targets
+            and ns.proxy not in NS_BUILTIN_PROXIES and ns.proxy not in skipped)
 
 
 def _check_proxy(ns: Nameserver, path: str, targets: set[str], skipped: dict[str, str]) -> None:

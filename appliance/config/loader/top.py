@@ -151,8 +151,8 @@ def parse_root(data: Any, ctx: LoadContext) -> Config:
     rule_providers = ctx.attempt(lambda: parse_rule_providers(
         root.raw("rule-providers"), root.at("rule-providers"), ctx), [])
     provider_names = {p.name for p in rule_providers} | ctx.broken_providers
-    ctx.attempt(lambda: check_dns_references(dns, "dns", targets, skipped, rule_providers,
-                                             ctx.broken_providers), None)
+    dns = ctx.attempt(lambda: check_dns_references(dns, "dns", targets, skipped, rule_providers,
+                                                   ctx.broken_providers, ctx), dns)
     sub_rules = ctx.attempt(lambda: parse_sub_rules(
         root.raw("sub-rules"), root.at("sub-rules"), ctx, targets, skipped, provider_names), ())
     rules = ctx.attempt(lambda: parse_rules(

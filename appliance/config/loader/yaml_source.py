@@ -56,7 +56,7 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         self._after_value = False
 
     def fetch_value(self) -> None:
-        super().fetch_value()  # type: ignore[no-untyped-call]
+        super().fetch_value()
         self._after_value = True
 
     def scan_to_next_token(self) -> None:
@@ -76,7 +76,7 @@ class _UniqueKeyLoader(yaml.SafeLoader):
             if self.peek() == "#":
                 while self.peek() not in "\0\r\n\x85\u2028\u2029":
                     self.forward()
-            if not self.scan_line_break():
+            if not self.scan_line_break():  # type: ignore[no-untyped-call]
                 return
             after_value = False
             if not self.flow_level:
