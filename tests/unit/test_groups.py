@@ -244,6 +244,13 @@ def test_pass_goes_on_matching() -> None:
     assert router.pick(flow_context(flow))[0].name == "S"
 
 
+def test_a_select_group_whose_first_member_is_skipped_says_where_it_starts() -> None:
+    cfg = parse_config(profile([{"name": "S", "type": "select", "proxies": ["old", "JP 01"]},
+                                {"name": "T", "type": "select", "proxies": ["JP 01", "old"]}]))
+    said = [n for n in cfg.load_notes if n.kind == "mode" and n.path.startswith("proxy-groups")]
+    assert [(n.path, "starts on 'JP 01'" in n.note) for n in said] == [("proxy-groups[0]", True)]
+
+
 def test_pass_rule_goes_on_in_its_sub_rules_list_where_pass_leaves_it() -> None:
     # mihomo's PASS-RULE (echs-top's QUIC switch): in the main rules it is
     # PASS; in a sub-rules list it skips that rule only, where PASS goes

@@ -187,7 +187,7 @@ def parse_groups(
                 skipped[group.name] = "a group with no member Mirage can use"
                 changed = True
     groups: list[ProxyGroupConfig] = []
-    for _sec, group, members in entries:
+    for group_sec, group, members in entries:
         if group.name in skipped:
             continue
         usable: list[str] = []
@@ -196,6 +196,12 @@ def parse_groups(
                 ctx.ignore(member_path, f"{member!r} skipped", kind="skipped")
             elif member not in usable:
                 usable.append(member)
+        if members and members[0][0] in skipped and usable \
+                and group.type in ("select", "fallback"):
+            # What the group does before anyone chooses moves: say where.
+            ctx.ignore(group_sec.path, f"group {group.name!r} starts on {usable[0]!r}: its first "
+                       f"member {members[0][0]!r}, which mihomo would use until another is "
+                       "chosen, is skipped", kind="mode")
         groups.append(_with_members(group, usable))
     paths = {g.name: sec.at("proxies") for sec, g, _ in entries}
     ctx.attempt(lambda: check_cycles(groups, proxies, paths, skipped | dict.fromkeys(
