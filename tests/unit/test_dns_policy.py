@@ -254,6 +254,14 @@ def test_a_fragment_naming_no_outbound_is_an_interface_to_mihomo_and_is_said() -
     assert [ns.host for ns in cfg.dns.default_nameserver][:1] == ["114.114.114.114"]
 
 
+def test_a_doh_query_string_is_dropped_as_mihomo_drops_it() -> None:
+    cfg = parse_config(dns(nameserver=["https://192.0.2.9/dns-query?token=T0KEN#proxy"]))
+    assert (cfg.dns.nameserver[0].path, cfg.dns.nameserver[0].proxy) == ("/dns-query", "proxy")
+    assert any(n.path == "dns.nameserver[0]" and "query string" in n.note
+               for n in cfg.load_notes)
+    assert "T0KEN" not in repr(cfg.load_notes) + repr(cfg.ignored_keys)
+
+
 def test_without_default_nameserver_mihomos_defaults_bootstrap_and_say_so() -> None:
     cfg = parse_config(dns(nameserver=["https://doh.example/dns-query", "tls://dot.example"]))
     assert [ns.host for ns in cfg.dns.default_nameserver] == [

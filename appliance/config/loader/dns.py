@@ -189,7 +189,11 @@ def _nameserver(
         authority, slash, rest_path = rest.partition("/")
         ns_path = "/" + rest_path if slash else "/dns-query"
         if "?" in ns_path:
-            raise ConfigError(path, value, "a query string in a DoH URL is not supported")
+            # mihomo rebuilds the URL from scheme, host and path
+            # (config.go parseNameServer): the query is dropped there too.
+            # Said without its text (it may carry a token).
+            ns_path = ns_path.partition("?")[0] or "/"
+            ctx.ignore(path, "the query string of a DoH URL (mihomo drops it too)")
     else:
         authority = rest.rstrip("/")
         if "/" in authority:
