@@ -362,6 +362,10 @@ def cmd_resolve(args: argparse.Namespace) -> int:
     print(f"{data['name']} {data['type']}: fake IP {'yes' if data['fake_ip'] else 'no'} "
           f"(mapping {mapping})")
     upstream = data["upstream"]
+    asked = upstream.get("asked")
+    if asked:
+        also = f"; fallback {', '.join(asked['fallback'])}" if asked["fallback"] else ""
+        print(f"asked ({asked['why']}): {', '.join(asked['servers'])}{also}")
     if "error" in upstream:
         print(f"upstream: {upstream['error']}")
         return EXIT_OK

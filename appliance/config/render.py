@@ -42,6 +42,8 @@ def _proxy(p: ProxyConfig, redact: bool) -> dict[str, Any]:
     if p.options is not None:
         return render_protocol_proxy(p, redact)
     out: dict[str, Any] = {"name": p.name, "type": p.type}
+    if p.type == "direct" and p.ip_version != "dual":
+        out["ip-version"] = p.ip_version
     if p.type in ("direct", "reject"):
         return out
     out["server"] = p.server
@@ -57,6 +59,8 @@ def _proxy(p: ProxyConfig, redact: bool) -> dict[str, Any]:
         out["sni"] = p.sni
     if p.type == "socks5":
         out["udp"] = p.udp
+    if p.ip_version != "dual":
+        out["ip-version"] = p.ip_version
     return out
 
 
@@ -210,11 +214,26 @@ def effective_config(cfg: Config, *, redact: bool = False) -> dict[str, Any]:
             "enhanced-mode": dns.enhanced_mode,
             "fake-ip-range": str(dns.fake_ip_range),
             "fake-ip-range6": None if dns.fake_ip_range6 is None else str(dns.fake_ip_range6),
-            "fake-ip-filter": list(dns.fake_ip_filter),
+            "fake-ip-filter": (
+                [_rule(r) for r in dns.fake_ip_filter_rules]
+                if dns.fake_ip_filter_mode == "rule" else list(dns.fake_ip_filter)
+            ),
             "fake-ip-filter-mode": dns.fake_ip_filter_mode,
             "default-nameserver": [_ns(ns, redact) for ns in dns.default_nameserver],
             "nameserver": [_ns(ns, redact) for ns in dns.nameserver],
             "nameserver-policy": policy,
+            "fallback": [_ns(ns) for ns in dns.fallback],
+            "fallback-filter": {
+                "geoip": dns.fallback_filter.geoip,
+                "geoip-code": dns.fallback_filter.geoip_code,
+                "ipcidr": [str(n) for n in dns.fallback_filter.ipcidr],
+                "domain": list(dns.fallback_filter.domain),
+                "geosite": list(dns.fallback_filter.geosite),
+            },
+            "proxy-server-nameserver": [_ns(ns) for ns in dns.proxy_server_nameserver],
+            "direct-nameserver": [_ns(ns) for ns in dns.direct_nameserver],
+            "direct-nameserver-follow-policy": dns.direct_follow_policy,
+            "respect-rules": dns.respect_rules,
             "ca-file": None if dns.ca_file is None else str(dns.ca_file),
             "upstream-timeout": dns.upstream_timeout,
             "cache-size": dns.cache_size,

@@ -40,7 +40,6 @@ from appliance.config.model import IPAddress, ProxyConfig
 from appliance.config.protocols.anytls import AnytlsOptions
 from appliance.config.protocols.common import TlsOptions
 from appliance.outbound.base import (
-    Dialer,
     OutboundEnv,
     OutboundError,
     ServerDial,
@@ -364,7 +363,7 @@ class AnytlsOutbound:
     @classmethod
     def from_config(cls, p: ProxyConfig, env: OutboundEnv) -> AnytlsOutbound:
         assert isinstance(p.options, AnytlsOptions)
-        dialer = Dialer(env.resolve, env.routing_mark, ipv6=env.ipv6)
+        dialer = env.server_dialer()
         return cls(p.name, p.server, p.port, p.options, tls=p.tls_options or TlsOptions(),
                    udp=p.udp, dial=env.server_dial(dialer), connect_timeout=env.connect_timeout)
 

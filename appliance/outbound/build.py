@@ -114,8 +114,10 @@ def outbound_env(cfg: Config, resolve: Resolve | None) -> OutboundEnv:
 
 
 def build_proxy(p: ProxyConfig, env: OutboundEnv) -> Outbound:
-    """One proxy by its type's builder; an UnsupportedOutbound otherwise."""
+    """One proxy by its type's builder (its env carrying the proxy's
+    `ip-version` for its server dialer); an UnsupportedOutbound otherwise."""
     builder = BUILDERS.get(p.type)
+    env = replace(env, ip_version=p.ip_version)
     return builder(p, env) if builder is not None else UnsupportedOutbound(p.name, p.type)
 
 
@@ -133,8 +135,13 @@ class ProxyFactory:
         return build_proxy(p, replace(self.env, via=via))
 
     def rechain(self, hop: Outbound, via: Outbound) -> Outbound | None:
+        """`hop` rebuilt to reach its server through `via`; None when it
+        cannot be: not a proxy, or QUIC (hysteria2, tuic run on Mirage's
+        own UDP socket, so built with a `via` they would go straight to
+        their server, around the chain; the loader skips them with
+        `dialer-proxy` for the same reason)."""
         p = self.configs.get(hop.name)
-        if p is None or p.type in ("direct", "reject"):
+        if p is None or p.type in ("direct", "reject", "hysteria2", "tuic"):
             return None
         return self.build(p, via)
 
@@ -150,6 +157,8 @@ def build_outbounds(
     selections: Selections | None = None,
     provided: Mapping[str, Sequence[ProxyConfig]] | None = None,
     provided_out: dict[str, list[Outbound]] | None = None,
+    proxy_resolve: Resolve | None = None,
+    direct_resolve: Resolve | None = None,
 ) -> dict[str, Outbound]:
     """Every outbound by name: the built-ins (DIRECT, REJECT, REJECT-DROP,
     PASS, COMPATIBLE), `proxies`, `proxy-groups` and GLOBAL.
@@ -166,8 +175,12 @@ def build_outbounds(
     in `provided_out` when given (a provider's proxies are not rule
     targets, as in mihomo, so they are not in the returned map). A
     provider is built after the outbounds its proxies' `dialer-proxy` name.
+    `proxy_resolve` resolves the proxies' own server names
+    (`dns.proxy-server-nameserver`), `direct_resolve` DIRECT's destinations
+    (`dns.direct-nameserver`); each defaults to `resolve`.
     """
-    env = outbound_env(cfg, resolve)
+    env = outbound_env(cfg, proxy_resolve or resolve)
+    resolve = direct_resolve or resolve
     delays = delays if delays is not None else DelayHistory()
     provided = provided or {}
     direct = DirectOutbound(resolve, env.routing_mark, env.connect_timeout, ipv6=env.ipv6)

@@ -638,8 +638,17 @@ class RelayGroup(Group):
     turns relay into the same dialer-proxy chain). Groups among the members
     take their current member at connect time; DIRECT members are left out.
     Each hop is the member rebuilt with the previous hop as its `via`
-    (`rechain`, from appliance/outbound/build.py), kept per chain. TCP
-    only. Raises OutboundError (a hop's, or "cannot be chained")."""
+    (`rechain`, from appliance/outbound/build.py), kept per chain.
+
+    UDP where mihomo's Relay.SupportUDP says so (`udp_by_mihomo`), and
+    while the last hop rebuilt on the chain carries it: a last hop whose
+    UDP rides its own stream (`udp_over_stream`: Trojan, VMess, VLESS)
+    sends it through the earlier hops' TCP; a Shadowsocks hop
+    (`udp_through_via`) sends its datagrams as a UDP flow of the hop
+    before it, which must then carry UDP by the same rule; SOCKS5 and
+    HTTP hops end the search (mihomo: their UDP cannot be dialed through
+    another proxy). Raises OutboundError (a hop's, or "cannot be
+    chained")."""
 
     type = "Relay"
 
@@ -680,9 +689,25 @@ class RelayGroup(Group):
             self._chains[key] = built
         return built
 
+    def udp_by_mihomo(self) -> bool:
+        """mihomo's Relay.SupportUDP over the hops, last first."""
+        for hop in reversed(self.hops()):
+            if not hop.carries_udp:
+                return False
+            if getattr(hop, "udp_over_stream", False):
+                return True
+            if not getattr(hop, "udp_through_via", False):
+                return False
+        return True
+
     @property
     def carries_udp(self) -> bool:
-        return False
+        if self.disable_udp or not self.udp_by_mihomo():
+            return False
+        try:
+            return self.chain().carries_udp
+        except OutboundError:
+            return False
 
     async def connect_tcp(self, host: str | IPAddress, port: int) -> trio.abc.Stream:
         self._touch()
@@ -691,7 +716,12 @@ class RelayGroup(Group):
         return stream
 
     async def open_udp(self, host: str | IPAddress, port: int) -> UdpPeer | None:
-        return await no_udp(self.name)
+        """The last hop's UDP, its stream through the earlier hops."""
+        last = self.chain()
+        if self.disable_udp or not self.udp_by_mihomo() or not last.carries_udp:
+            return await no_udp(self.name)
+        self._touch()
+        return await last.open_udp(host, port)
 
 
 def groups_in(outbounds: dict[str, Outbound]) -> dict[str, Group]:

@@ -64,7 +64,7 @@ from aioquic.quic.stream import QuicStream as AioquicStream
 from aioquic.tls import Direction, Epoch, hkdf_expand_label
 
 from appliance.config.model import IPAddress, ProxyConfig
-from appliance.outbound.base import Dialer, OutboundError, UdpPeer, as_ip, udp_socket
+from appliance.outbound.base import Dialer, OutboundError, UdpPeer, udp_socket
 
 log = logging.getLogger(__name__)
 # aioquic logs every connection's version and ALPN at INFO under "quic":
@@ -725,14 +725,7 @@ async def server_address(dialer: Dialer, server: str, port: int
                          ) -> tuple[IPAddress, tuple[Any, ...]]:
     """The proxy server's address (resolved through the upstream resolver,
     the sticky one while its TTL lasts) and its socket address."""
-    ip = as_ip(server)
-    if ip is None:
-        kept = dialer.sticky(server)
-        if kept is not None:
-            ip = kept[0]
-        else:
-            addresses, _ttl = await dialer.resolve(server)
-            ip = addresses[0]
+    ip = await dialer.udp_address(server)
     if ip.version == 6:
         return ip, (str(ip), port, 0, 0)
     return ip, (str(ip), port)

@@ -42,7 +42,6 @@ import trio
 from appliance.config.model import IPAddress, ProxyConfig
 from appliance.config.protocols.ssh import SshOptions
 from appliance.outbound.base import (
-    Dialer,
     OutboundEnv,
     OutboundError,
     ServerDial,
@@ -383,7 +382,7 @@ class SshOutbound:
     @classmethod
     def from_config(cls, p: ProxyConfig, env: OutboundEnv) -> SshOutbound:
         assert isinstance(p.options, SshOptions)
-        dialer = Dialer(env.resolve, env.routing_mark, ipv6=env.ipv6)
+        dialer = env.server_dialer()
         return cls(p.name, p.server, p.port, p.options, dial=env.server_dial(dialer),
                    connect_timeout=env.connect_timeout)
 

@@ -28,7 +28,6 @@ from appliance.config.model import IPAddress, ProxyConfig
 from appliance.config.protocols.common import TlsOptions, TransportOptions
 from appliance.config.protocols.trojan import TrojanOptions
 from appliance.outbound.base import (
-    Dialer,
     OutboundEnv,
     OutboundError,
     ServerDial,
@@ -65,6 +64,9 @@ class TrojanOutbound:
     connection."""
 
     type = "Trojan"
+    # Its UDP rides its own stream to the server (mihomo's SupportUOT): a
+    # relay can end in it (appliance/outbound/groups.py RelayGroup).
+    udp_over_stream = True
 
     def __init__(self, name: str, server: str, port: int, password: str, *,
                  tls: TlsOptions, transport: TransportOptions | None, udp: bool,
@@ -88,7 +90,7 @@ class TrojanOutbound:
     @classmethod
     def from_config(cls, p: ProxyConfig, env: OutboundEnv) -> TrojanOutbound:
         assert isinstance(p.options, TrojanOptions)
-        dialer = Dialer(env.resolve, env.routing_mark, ipv6=env.ipv6)
+        dialer = env.server_dialer()
         return cls(p.name, p.server, p.port, p.options.password,
                    tls=p.tls_options or TlsOptions(), transport=p.transport, udp=p.udp,
                    dial=env.server_dial(dialer), connect_timeout=env.connect_timeout)

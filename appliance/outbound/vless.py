@@ -256,6 +256,9 @@ class VlessOutbound:
     """A `type: vless` proxy (module doc). Holds no connection between flows."""
 
     type = "Vless"
+    # Its UDP rides its own stream to the server (mihomo's SupportUOT): a
+    # relay can end in it (appliance/outbound/groups.py RelayGroup).
+    udp_over_stream = True
 
     def __init__(self, p: ProxyConfig, env: OutboundEnv) -> None:
         assert isinstance(p.options, VlessOptions)

@@ -31,7 +31,6 @@ from appliance.config.model import IPAddress, ProxyConfig
 from appliance.config.protocols.common import TlsOptions, TransportOptions
 from appliance.config.protocols.vmess import VmessOptions
 from appliance.outbound.base import (
-    Dialer,
     OutboundEnv,
     OutboundError,
     ServerDial,
@@ -99,7 +98,7 @@ class ServerLayers:
         # server (a `Host` in ws-opts headers wins inside the transport).
         self.host = self.tls.server_hostname if self.tls is not None else p.server
         self.gun = gun_pool(p.transport, self.host, tls=self.tls is not None)
-        self.dialer = Dialer(env.resolve, env.routing_mark, ipv6=env.ipv6)
+        self.dialer = env.server_dialer()
         self.dial: ServerDial = env.server_dial(self.dialer)
         self.connect_timeout = env.connect_timeout
 
@@ -210,6 +209,9 @@ class VmessOutbound:
     """A `type: vmess` proxy (module doc). Holds no connection between flows."""
 
     type = "Vmess"
+    # Its UDP rides its own stream to the server (mihomo's SupportUOT): a
+    # relay can end in it (appliance/outbound/groups.py RelayGroup).
+    udp_over_stream = True
 
     def __init__(self, p: ProxyConfig, env: OutboundEnv) -> None:
         assert isinstance(p.options, VmessOptions)

@@ -308,6 +308,46 @@ async def test_delete_connections_cancels_the_flows(api: Served) -> None:
     assert sorted(ended) == [0, 1, 2] and len(flows) == 0
 
 
+
+class UdpSessions:
+    """The UDP gateway as the API sees it: sessions listed and closed by id."""
+
+    def __init__(self, ids: list[int]) -> None:
+        self.ids = ids
+        self.closed: list[int] = []
+
+    def stats(self) -> dict[str, int]:
+        return {"sessions": len(self.ids)}
+
+    def snapshot(self) -> list[dict[str, Any]]:
+        return [{"id": i, "network": "udp", "src_ip": "192.168.1.20", "src_port": 5000 + i,
+                 "dst_ip": "198.18.0.1", "dst_port": 53, "domain": "www.alpha.test",
+                 "outbound": "DIRECT", "started": time.time(), "up": 0, "down": 0}
+                for i in self.ids]
+
+    def close_flow(self, flow_id: int) -> bool:
+        if flow_id not in self.ids:
+            return False
+        self.ids.remove(flow_id)
+        self.closed.append(flow_id)
+        return True
+
+
+async def test_delete_connections_ends_udp_sessions_too(api: Served) -> None:
+    flows = api.view.flows
+    tcp = flows.open("tcp", ("192.168.1.20", 40000), ("192.0.2.9", 80), None)
+    udp = UdpSessions([flows.new_id(), flows.new_id()])
+    api.view.udp = udp  # type: ignore[assignment]
+    async with api.http() as http:
+        listed = [c["id"] for c in (await http.get("/connections")).json()["connections"]]
+        assert sorted(listed) == sorted(str(i) for i in (tcp.id, *udp.ids))
+        first = udp.ids[0]
+        assert (await http.delete(f"/connections/{first}")).status_code == 204
+        assert udp.closed == [first] and not tcp.cancel_scope.cancel_called
+        assert (await http.delete("/connections")).status_code == 204
+    assert udp.ids == [] and tcp.cancel_scope.cancel_called
+
+
 async def test_head_patch_put_and_errors(api: Served) -> None:
     view = api.view
     async with api.http() as http:

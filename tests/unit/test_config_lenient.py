@@ -216,8 +216,14 @@ def test_unknown_keys_never_show_their_value() -> None:
 
 def test_ignored_nameserver_text_is_scrubbed() -> None:
     cfg = parse_config({"dns": {"nameserver": ["192.0.2.53",
-                                               "https://dns.example/T0KEN9#PROXY"]}})
+                                               "https://dns.example/T0KEN9#ecs=1.2.3.0/24"],
+                                "default-nameserver": ["192.0.2.53"]}})
     assert "T0KEN9" not in repr(cfg.ignored_keys) + format_ignored(cfg)
+    # A `#Name` naming no proxy is an error (appliance/config/loader/dns.py);
+    # its message hides the token too.
+    with pytest.raises(ConfigError) as info:
+        parse_config({"dns": {"nameserver": ["https://dns.example/T0KEN9#PROXY"]}})
+    assert "T0KEN9" not in str(info.value) and "#PROXY" in str(info.value)
 
 
 def test_yaml_syntax_error_does_not_quote_the_line(tmp_path: Path) -> None:

@@ -11,16 +11,16 @@ from typing import Any
 from appliance.config import parse_config
 from appliance.config.summary import COMPATIBLE_EFFECT, ProviderCopy, summarize
 
-REALITY = "a vless proxy with reality-opts (REALITY is not supported)"
+# A proxy Mirage skips at load: VMess's legacy header.
+LEGACY = "a vmess proxy with alterId 64 (the legacy VMess header; only alterId 0)"
 
 
 def _profile(**extra: Any) -> dict[str, Any]:
-    vless = {"type": "vless", "server": "192.0.2.9", "port": 443, "uuid":
-             "b831381d-6324-4d53-ad4f-8cda48b30811", "tls": True,
-             "reality-opts": {"public-key": "x" * 43}}
+    vmess = {"type": "vmess", "server": "192.0.2.9", "port": 443, "uuid":
+             "b831381d-6324-4d53-ad4f-8cda48b30811", "alterId": 64, "cipher": "auto"}
     proxies = [
         {"name": "socks", "type": "socks5", "server": "192.0.2.1", "port": 1080},
-        *({"name": n, **vless} for n in ("r1", "r2", "r3")),
+        *({"name": n, **vmess} for n in ("r1", "r2", "r3")),
         {"name": "old", "type": "ssr", "server": "192.0.2.2", "port": 1},
     ]
     return {"dns": {"enable": False}, "proxies": proxies, **extra}
@@ -29,11 +29,11 @@ def _profile(**extra: Any) -> dict[str, Any]:
 def test_skipped_proxies_are_grouped_by_reason() -> None:
     s = summarize(parse_config(_profile(rules=["MATCH,socks"])))
     assert [(r.reason, r.names) for r in s.skipped_proxies] == [
-        (REALITY, ("r1", "r2", "r3")),
+        (LEGACY, ("r1", "r2", "r3")),
         ("a ssr proxy, which Mirage does not implement", ("old",)),
     ]
     assert dict(s.counts)["proxies"] == 1 and dict(s.counts)["proxies-skipped"] == 4
-    assert f"skipped, {REALITY}: 3 proxies (r1, r2, r3)" in s.lines()
+    assert f"skipped, {LEGACY}: 3 proxies (r1, r2, r3)" in s.lines()
     assert s.final == "MATCH -> 'socks'"
 
 
@@ -98,13 +98,13 @@ def test_groups_fed_only_by_providers_wait_for_a_copy() -> None:
     assert [g.ready for g in cached.provider_only_groups] == [True, True]
     assert not any("members only from" in line for line in cached.lines())
     # A copy whose every proxy is skipped does not count, and says why.
-    reality = summarize(cfg, copies={"mine": mine, "sub": ProviderCopy(
-        skipped=(("n1", REALITY), ("n2", REALITY)), error="no usable proxy (2 skipped)")})
-    assert [g.ready for g in reality.provider_only_groups] == [False, True]
-    assert f"proxy provider 'sub' skips, {REALITY}: 2 proxies (n1, n2)" in reality.lines()
-    (sub,) = [p for p in reality.as_data()["providers"] if p["name"] == "sub"]
+    legacy = summarize(cfg, copies={"mine": mine, "sub": ProviderCopy(
+        skipped=(("n1", LEGACY), ("n2", LEGACY)), error="no usable proxy (2 skipped)")})
+    assert [g.ready for g in legacy.provider_only_groups] == [False, True]
+    assert f"proxy provider 'sub' skips, {LEGACY}: 2 proxies (n1, n2)" in legacy.lines()
+    (sub,) = [p for p in legacy.as_data()["providers"] if p["name"] == "sub"]
     assert sub["copy"] == {"proxies": 0, "error": "no usable proxy (2 skipped)", "skipped": [
-        {"reason": REALITY, "count": 2, "names": ["n1", "n2"]}]}
+        {"reason": LEGACY, "count": 2, "names": ["n1", "n2"]}]}
 
 
 def test_json_is_plain_data_and_hides_provider_urls() -> None:
@@ -117,7 +117,7 @@ def test_json_is_plain_data_and_hides_provider_urls() -> None:
     assert "s3cr3t" not in text
     assert json.loads(text) == out
     assert out["dead-ends"] == [{"rules": "rules[0]", "count": 1, "types": {"DOMAIN": 1},
-                                 "target": "r1", "why": REALITY, "effect": COMPATIBLE_EFFECT}]
+                                 "target": "r1", "why": LEGACY, "effect": COMPATIBLE_EFFECT}]
     assert out["counts"]["proxy-providers"] == 1
     assert out["final"] == "MATCH -> 'Auto'"
 

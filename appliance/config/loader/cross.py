@@ -3,8 +3,13 @@ section can see (marks, fake ranges against bypass, listeners' ports)."""
 
 from __future__ import annotations
 
+import ipaddress
+import logging
+
 from appliance.config.loader.errors import ConfigError, raise_collected
 from appliance.config.model import Config, IPNetwork, Listen
+
+log = logging.getLogger(__name__)
 
 
 def check_cross(cfg: Config) -> None:
@@ -31,6 +36,29 @@ def check_cross(cfg: Config) -> None:
                 ))
     errors += _check_ports(cfg)
     raise_collected(errors)
+    _warn_ip_versions(cfg)
+
+
+def _warn_ip_versions(cfg: Config) -> None:
+    """What a proxy's way to its server leaves it unable to do, said now
+    rather than at the first flow (mihomo loads such profiles, so Mirage
+    does too): an `ip-version` that leaves its server no address (every
+    connection fails). (SOCKS5 UDP behind a dialer-proxy is said by
+    loader/proxies.py `warn_udp_behind_dialer`.)"""
+    for p in cfg.proxies:
+        if p.ip_version == "ipv6" and not cfg.ipv6:
+            log.warning("proxy %r: ip-version: ipv6 with the top-level ipv6: false: its "
+                        "server is never resolved (every connection through it fails)", p.name)
+            continue
+        try:
+            literal = ipaddress.ip_address(p.server)
+        except ValueError:
+            continue
+        want = {"ipv4": 4, "ipv6": 6}.get(p.ip_version)
+        if want is not None and literal.version != want:
+            log.warning("proxy %r: server %s is an IPv%d address, but ip-version is %s "
+                        "(every connection through it fails)", p.name, p.server,
+                        literal.version, p.ip_version)
 
 
 def _check_ports(cfg: Config) -> list[ConfigError]:

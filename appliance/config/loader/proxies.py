@@ -13,6 +13,7 @@ from typing import Any
 
 from appliance.config.loader.errors import NO_VALUE, ConfigError, index_path
 from appliance.config.loader.protocols import (
+    IP_VERSIONS,
     PROTOCOLS,
     UnusableProxy,
     parse_protocol_proxy,
@@ -26,6 +27,7 @@ from appliance.config.loader.scalars import (
     as_nonempty_str,
     as_proxy_port,
     as_str,
+    choice,
 )
 from appliance.config.loader.section import LoadContext, Section, fold_proxy_key
 from appliance.config.model import ProxyConfig
@@ -42,22 +44,24 @@ _IGNORED_PROXY_COMMON = (
     "tfo", "mptcp", "interface-name", "routing-mark", "ip-version",
     "dialer-proxy", "fingerprint", "client-fingerprint", "smux",
 )  # fmt: skip
+# What socks5, http and direct ignore of those (they read `ip-version`).
+_IGNORED_SERVER_PROXY = tuple(k for k in _IGNORED_PROXY_COMMON if k != "ip-version")
 PROXY_KEYS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     # type: (implemented keys besides name/type, ignored keys)
     "socks5": (
         ("server", "port", "username", "password", "tls", "skip-cert-verify", "udp", "preconnect",
-         "dialer-proxy"),
-        _IGNORED_PROXY_COMMON,
+         "dialer-proxy", "ip-version"),
+        _IGNORED_SERVER_PROXY,
     ),
     "http": (
         ("server", "port", "username", "password", "tls", "skip-cert-verify", "sni", "preconnect",
-         "dialer-proxy"),
+         "dialer-proxy", "ip-version"),
         # udp: converters emit it on every proxy; an http proxy has no UDP.
-        (*_IGNORED_PROXY_COMMON, "headers", "udp"),
+        (*_IGNORED_SERVER_PROXY, "headers", "udp"),
     ),
     # udp: mihomo's direct takes it (and converters write it); Mirage's
     # DIRECT carries UDP either way.
-    "direct": ((), (*_IGNORED_PROXY_COMMON, "udp")),
+    "direct": (("ip-version",), (*_IGNORED_SERVER_PROXY, "udp")),
     "reject": ((), (*_IGNORED_PROXY_COMMON, "udp")),
 }
 # `preconnect` of plain SOCKS5 / HTTP proxies: connections kept open ahead
@@ -127,7 +131,8 @@ def warn_udp_behind_dialer(proxies: list[ProxyConfig]) -> None:
     names = [p.name for p in proxies if p.type == "socks5" and p.udp and p.dialer_proxy]
     if names:
         log.warning("udp: true on SOCKS5 prox%s behind a dialer-proxy (%s): Mirage carries no "
-                    "UDP through a dialer-proxy; UDP flows skip the rules that send to %s",
+                    "SOCKS5 UDP through a dialer-proxy; UDP flows skip the rules that send "
+                    "to %s",
                     "y" if len(names) == 1 else "ies", ", ".join(map(repr, names)),
                     "it" if len(names) == 1 else "them")
 
@@ -203,8 +208,12 @@ def _parse_entry(item: Any, path: str, ctx: LoadContext, names: set[str],
 def _parse_proxy(sec: Section, name: str, ptype: str) -> ProxyConfig:
     implemented, ignored = PROXY_KEYS[ptype]
     if ptype in ("direct", "reject"):
+        # A named direct takes `ip-version` for its destinations, as
+        # mihomo's does (the built-in DIRECT keeps RFC 8305's order).
+        ip_version = (sec.get("ip-version", choice(IP_VERSIONS), "dual")
+                      if "ip-version" in implemented else "dual")
         sec.finish(("name", "type", *implemented), ignored)
-        return ProxyConfig(name=name, type=ptype)
+        return ProxyConfig(name=name, type=ptype, ip_version=ip_version)
     server = sec.require("server", server_value)
     port = sec.require("port", as_proxy_port)
     username = sec.get("username", as_str, None) if "username" in implemented else None
@@ -238,6 +247,7 @@ def _parse_proxy(sec: Section, name: str, ptype: str) -> ProxyConfig:
     if dialer_proxy is not None:
         # Kept connections go straight to the server: not through a chain.
         preconnect = 0
+    ip_version = sec.get("ip-version", choice(IP_VERSIONS), "dual")
     sec.finish(("name", "type", *implemented), ignored)
     return ProxyConfig(
         name=name,
@@ -252,4 +262,5 @@ def _parse_proxy(sec: Section, name: str, ptype: str) -> ProxyConfig:
         udp=udp,
         preconnect=preconnect,
         dialer_proxy=dialer_proxy,
+        ip_version=ip_version,
     )

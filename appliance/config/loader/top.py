@@ -14,7 +14,7 @@ from typing import Any, cast
 from appliance.config.loader.appliance import parse_appliance
 from appliance.config.loader.controller import CONTROLLER_KEYS, parse_controller
 from appliance.config.loader.cross import check_cross
-from appliance.config.loader.dns import parse_dns, parse_hosts
+from appliance.config.loader.dns import check_dns_references, parse_dns, parse_hosts
 from appliance.config.loader.errors import ConfigError, index_path, raise_collected
 from appliance.config.loader.groups import parse_groups
 from appliance.config.loader.proxies import (
@@ -149,6 +149,8 @@ def parse_root(data: Any, ctx: LoadContext) -> Config:
     rule_providers = ctx.attempt(lambda: parse_rule_providers(
         root.raw("rule-providers"), root.at("rule-providers"), ctx), [])
     provider_names = {p.name for p in rule_providers} | ctx.broken_providers
+    ctx.attempt(lambda: check_dns_references(dns, "dns", targets, skipped, rule_providers,
+                                             ctx.broken_providers), None)
     sub_rules = ctx.attempt(lambda: parse_sub_rules(
         root.raw("sub-rules"), root.at("sub-rules"), ctx, targets, skipped, provider_names), ())
     rules = ctx.attempt(lambda: parse_rules(
