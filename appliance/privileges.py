@@ -12,8 +12,9 @@ systemd (which already grants only the unit's set) or by root by hand.
 Kept while running, and why (docs/operations.md lists them too):
 
 - CAP_NET_ADMIN: SO_MARK (`routing-mark`) and IP_TRANSPARENT on every new
-  outbound and UDP reply socket; DIRECT-offload map updates; removing the
-  nftables table, ip rules and tc filter at exit.
+  outbound and UDP reply socket; DIRECT-offload map updates; WireGuard
+  interfaces a reload adds; removing the nftables table, ip rules and tc
+  filter at exit. The only one kept ambient, for wireguard-go (HELPER_SET).
 - CAP_NET_BIND_SERVICE: UDP replies leave from a socket bound to the fake
   address *and port* the client used, which may be below 1024 (DNS over a
   fake IP, NTP, ...).
@@ -68,6 +69,7 @@ _LINUX_CAPABILITY_VERSION_3: Final = 0x20080522
 _PR_CAPBSET_READ: Final = 23
 _PR_CAPBSET_DROP: Final = 24
 _PR_CAP_AMBIENT: Final = 47
+_PR_CAP_AMBIENT_RAISE: Final = 2
 _PR_CAP_AMBIENT_CLEAR_ALL: Final = 4
 
 
@@ -131,12 +133,14 @@ def current() -> dict[str, frozenset[int]]:
     }
 
 
-def drop_to(keep: Iterable[int]) -> frozenset[int]:
+def drop_to(keep: Iterable[int], inherit: Iterable[int] = ()) -> frozenset[int]:
     """Keep only `keep` (where held): bounding set first (needs
     CAP_SETPCAP, which a root process holds until this call), then ambient,
-    then effective/permitted/inheritable in one capset. Returns the set
-    dropped from the permitted set."""
+    then effective/permitted/inheritable in one capset; then `inherit` (a
+    part of `keep`) is raised as ambient, so that a helper Mirage starts
+    later holds it too. Returns the set dropped from the permitted set."""
     keep = frozenset(keep)
+    inherit = frozenset(inherit) & keep
     libc = _libc()
     before = current()
     last = _last_cap()
@@ -151,22 +155,38 @@ def drop_to(keep: Iterable[int]) -> frozenset[int]:
             if ctypes.get_errno() != errno.EPERM:
                 _check(-1, f"PR_CAPBSET_DROP {cap}")
             break
-    # Ambient capabilities are inherited across execve; none is wanted
-    # (Mirage runs no helper that needs one). EINVAL: kernel without them.
+    # Ambient capabilities are inherited across execve: only `inherit`
+    # stays, raised again below. EINVAL: kernel without them.
     libc.prctl(_PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0)
     held = before["permitted"] & keep
-    words = [0, 0]
+    words, inheritable = [0, 0], [0, 0]
     for cap in held:
         words[cap // 32] |= 1 << (cap % 32)
+        if cap in inherit:
+            inheritable[cap // 32] |= 1 << (cap % 32)
     header = _Header(_LINUX_CAPABILITY_VERSION_3, 0)
-    data = (_Data * 2)(_Data(words[0], words[0], 0), _Data(words[1], words[1], 0))
+    data = (_Data * 2)(_Data(words[0], words[0], inheritable[0]),
+                       _Data(words[1], words[1], inheritable[1]))
     _check(libc.capset(ctypes.byref(header), data), "capset")
+    for cap in sorted(held & inherit):
+        if libc.prctl(_PR_CAP_AMBIENT, _PR_CAP_AMBIENT_RAISE, cap, 0, 0) != 0:
+            log.warning("could not keep %s for helper processes: %s", NAMES.get(cap, cap),
+                        os.strerror(ctypes.get_errno()))
     return before["permitted"] - keep
 
 
+# What a helper process started after the drop needs: wireguard-go (where
+# the kernel has no WireGuard, for an interface a reload or a provider adds)
+# creates its TUN device and addresses with CAP_NET_ADMIN. Mirage holds it
+# anyway, so the helper gains nothing Mirage itself lacks; as a non-root
+# user (the systemd unit) it would otherwise start with no capability.
+HELPER_SET: Final = frozenset({CAP_NET_ADMIN})
+
+
 def drop_to_runtime(ebpf: bool) -> list[str]:
-    """Drop everything `mirage run` no longer needs; the names dropped."""
-    dropped = drop_to(runtime_set(ebpf))
+    """Drop everything `mirage run` no longer needs (HELPER_SET stays
+    ambient for its helpers); the names dropped."""
+    dropped = drop_to(runtime_set(ebpf), HELPER_SET)
     return sorted(NAMES.get(c, f"cap{c}") for c in dropped)
 
 

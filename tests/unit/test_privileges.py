@@ -52,6 +52,8 @@ def test_runtime_set_only(backend: str, tmp_path: os.PathLike[str]) -> None:
     want = (1 << 10) | (1 << 12) | (1 << 13) | ((1 << 39) if backend == "ebpf" else 0)
     assert out["eff"] == want
     assert out["bnd"] == want
-    assert out["amb"] == 0
+    # CAP_NET_ADMIN stays ambient: the helper Mirage may start later
+    # (wireguard-go) holds it too, as a non-root user.
+    assert out["amb"] == 1 << 12
     assert out["dac"] == "refused"
     assert "CAP_SYS_ADMIN" in out["dropped"] and "CAP_DAC_OVERRIDE" in out["dropped"]
