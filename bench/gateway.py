@@ -85,6 +85,7 @@ from _lab import (
 )
 
 from appliance.lab.mirage import MirageRun, lab_config
+from appliance.lab.servers import terminate
 
 HOLD_PORT = 9000
 # What --paths selects from: the rows, dante alone, and the idle flows.
@@ -386,13 +387,8 @@ class Bench(LabBench):
         return ""
 
     def stop_redsocks(self) -> None:
-        if self.redsocks is not None and self.redsocks.poll() is None:
-            self.redsocks.terminate()
-            try:
-                self.redsocks.wait(5)
-            except subprocess.TimeoutExpired:
-                self.redsocks.kill()
-                self.redsocks.wait(5)
+        if self.redsocks is not None:
+            terminate(self.redsocks)
         self.redsocks = None
         if self.lab.state_dir.exists():
             self.lab.exec("gateway", ["nft", "delete", "table", "ip", self.table])

@@ -33,6 +33,7 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -565,6 +566,25 @@ def terminate(proc: subprocess.Popen[Any], sig: int = signal.SIGTERM, grace: flo
         proc.kill()
         proc.wait(5)
         return False
+
+
+def stop_all(procs: Sequence[subprocess.Popen[Any]], grace: float = 5.0) -> None:
+    """End our children `procs` (a fixture's servers) together: SIGTERM to
+    each, the last started first (it may lean on the earlier ones), so they
+    exit in parallel; then wait for each, SIGKILL after `grace` s. Closes the
+    pipes we hold to them."""
+    for proc in reversed(procs):
+        if proc.poll() is None:
+            proc.terminate()
+    for proc in procs:
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+        for pipe in (proc.stdin, proc.stdout, proc.stderr):
+            if pipe is not None:
+                pipe.close()
 
 
 def _own_group(pid: int) -> bool:

@@ -38,6 +38,7 @@ import trio
 import yaml
 
 from appliance.lab.reference import mihomo_binary, mihomo_home
+from appliance.lab.servers import stop_all
 from tests.ws_client import WsClient
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -179,14 +180,7 @@ def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pair]:
             wait_ready(side, held.http_port)
         yield Pair(out, held, base / "mirage.log")
     finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            try:
-                p.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+        stop_all(procs, grace=10)
         held.close()
         for f in logs:
             f.close()

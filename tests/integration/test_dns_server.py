@@ -12,7 +12,6 @@ import ipaddress
 import os
 import random
 import shutil
-import signal
 import socket
 import struct
 import subprocess
@@ -31,6 +30,7 @@ from appliance.dns import server
 from appliance.dns.handler import DnsHandler
 from appliance.dns.upstream_api import UpstreamError
 from appliance.fakeip.pool import FakeIPPool
+from appliance.lab.servers import stop_all
 from appliance.limits import ConcurrencyLimit, RateLimit
 
 pytestmark = pytest.mark.skipif(
@@ -110,14 +110,7 @@ def dnsmasq() -> Iterator[int]:
             raise RuntimeError("dnsmasq did not come up")
         yield port
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        if proc.stderr:
-            proc.stderr.close()
+        stop_all([proc])
 
 
 @dataclass

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import ipaddress
 import shutil
-import signal
 import socket
 import subprocess
 import time
@@ -39,6 +38,7 @@ from appliance.config.model import (
 from appliance.config.protocols.shadowsocks import ShadowsocksOptions
 from appliance.dns.upstream_api import UpstreamError
 from appliance.flow import Flow
+from appliance.lab.servers import stop_all
 from appliance.outbound.base import OutboundError, ReplayStream, open_marked_tcp
 from appliance.outbound.build import BuildError, build_outbounds
 from appliance.outbound.direct import DirectOutbound
@@ -278,15 +278,7 @@ key = {key}
             micro_port,
         )
     finally:
-        for p in reversed(procs):
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in procs:
-            try:
-                p.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait(timeout=5)
+        stop_all(procs)
         if user_created:
             subprocess.run(["userdel", SOCKS_USER], capture_output=True, check=False)
 

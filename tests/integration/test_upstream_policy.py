@@ -43,6 +43,7 @@ from appliance.geodata import Geodata
 from appliance.lab.certs import CertPaths, make_ca_and_cert
 from appliance.lab.doh_server import ServerConfig, UnboundServer
 from appliance.lab.reference import mihomo_geodata
+from appliance.lab.servers import terminate
 from appliance.outbound.base import Outbound, OutboundEnv
 from appliance.outbound.build import build_proxy
 from appliance.rules.engine import ProviderRules, RuleEnv
@@ -137,12 +138,7 @@ def dante(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
                 time.sleep(0.05)
         yield log
     finally:
-        proc.terminate()
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
+        terminate(proc)
 
 
 def ns(scheme: str, host: str, port: int | None = None, *, proxy: str | None = None,

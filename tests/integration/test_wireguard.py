@@ -40,6 +40,7 @@ from lab_client import FAKE, curl, dig
 
 from appliance.lab.lab import Lab
 from appliance.lab.mirage import MirageRun, lab_config
+from appliance.lab.servers import stop_all
 from appliance.proto.wireguard import interface_name
 
 pytestmark = pytest.mark.netns
@@ -166,16 +167,7 @@ def tunnel(lab: Lab) -> Iterator[Tunnel]:
             time.sleep(0.1)
         yield Tunnel(peer_public, good_private, bad_private, kernel)
     finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            try:
-                p.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait(timeout=5)
-            if p.stdout is not None:
-                p.stdout.close()
+        stop_all(procs)
         lab.exec("upstream", ["ip", "link", "del", PEER_IF])
 
 
