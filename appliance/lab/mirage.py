@@ -23,7 +23,7 @@ from typing import Any
 import yaml
 
 from appliance.lab.lab import Lab
-from appliance.lab.servers import terminate
+from appliance.lab.servers import terminate, wait_for_text
 
 READY_LINE = " running (pid "
 
@@ -136,6 +136,11 @@ class MirageRun:
                 return f.read().decode(errors="replace")
         except FileNotFoundError:
             return ""
+
+    def wait_log(self, text: str, seconds: float = 5, offset: int = 0) -> str:
+        """The log from `offset` once `text` is in it (AssertionError after
+        `seconds`)."""
+        return wait_for_text(lambda: self.log_text(offset), text, seconds, "mirage's log")
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int:
         """Signal the process and wait for it; returns its exit code."""

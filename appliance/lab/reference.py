@@ -20,6 +20,7 @@ from types import TracebackType
 from typing import Any
 
 from appliance.lab.lab import Lab
+from appliance.lab.servers import wait_for_text
 
 
 class ReferenceError(RuntimeError):
@@ -141,6 +142,10 @@ class SingBox:
 
     def log_text(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    def wait_log(self, text: str, seconds: float = 5) -> str:
+        """The log once `text` is in it (AssertionError after `seconds`)."""
+        return wait_for_text(self.log_text, text, seconds, "sing-box's log")
 
     def stop(self) -> None:
         p = self._proc

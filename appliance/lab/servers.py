@@ -33,7 +33,7 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -607,6 +607,20 @@ def log_tail(path: Path, limit: int = 4000) -> str:
         return path.read_text(errors="replace")[-limit:]
     except FileNotFoundError:
         return "(no log)"
+
+
+def wait_for_text(read: Callable[[], str], text: str, seconds: float, what: str) -> str:
+    """Poll `read()` (a server's log) until `text` is in it, and return what
+    it read then: servers write their lines a little after the event a test
+    caused. After `seconds`, AssertionError naming `what` with its tail."""
+    deadline = time.monotonic() + seconds
+    while True:
+        got = read()
+        if text in got:
+            return got
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{text!r} not in {what}:\n{got[-3000:]}")
+        time.sleep(0.05)
 
 
 def kill_stragglers(ns: str, grace: float = 3.0) -> list[int]:

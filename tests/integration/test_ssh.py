@@ -93,13 +93,7 @@ class SshLab:
             f"http://{SERVER_NAME}{path}"], timeout=20)
 
     def wait_log(self, text: str, seconds: float = 5) -> str:
-        deadline = time.monotonic() + seconds
-        while time.monotonic() < deadline:
-            log = self.mirage.log_text()
-            if text in log:
-                return log
-            time.sleep(0.1)
-        raise AssertionError(f"{text!r} not in mirage's log:\n{self.mirage.log_text()[-3000:]}")
+        return self.mirage.wait_log(text, seconds)
 
 
 @pytest.fixture(scope="module")

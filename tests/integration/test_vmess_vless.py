@@ -232,20 +232,12 @@ print(json.dumps(out))
 """
 
 
-def _wait_log(sb: SingBox, text: str, seconds: float = 5) -> None:
-    deadline = time.monotonic() + seconds
-    while text not in sb.log_text():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not in sing-box's log: {text!r}\n{sb.log_text()[-2000:]}")
-        time.sleep(0.05)
-
-
 @pytest.mark.parametrize("port", list(TCP_CASES), ids=[TCP_CASES[p] for p in TCP_CASES])
 def test_curl_through_the_proxy_reaches_the_name(lab: Lab, mirage: MirageRun, singbox: SingBox,
                                                  port: int) -> None:
     code, body, _ = _curl(lab, port)
     assert code == 0 and body == f"{MARKER} {port}", (code, body, mirage.log_text()[-2000:])
-    _wait_log(singbox, f"inbound connection to www.alpha.test:{port}")
+    singbox.wait_log(f"inbound connection to www.alpha.test:{port}")
 
 
 @pytest.mark.parametrize("port", list(UDP_CASES), ids=[UDP_CASES[p] for p in UDP_CASES])
@@ -261,7 +253,7 @@ def test_udp_echo_through_the_proxy(lab: Lab, mirage: MirageRun, singbox: SingBo
     assert replies[1].startswith("x" * 1400 + " from=")
     # The echo saw sing-box (on the upstream node), reached by name.
     assert f"to={ALPHA}:{port}" in replies[2]
-    _wait_log(singbox, f"inbound packet connection to www.alpha.test:{port}")
+    singbox.wait_log(f"inbound packet connection to www.alpha.test:{port}")
 
 
 @pytest.mark.parametrize("port", list(WRONG_CASES), ids=[WRONG_CASES[p] for p in WRONG_CASES])
@@ -291,4 +283,4 @@ def test_vision_goes_direct_for_https_and_carries_a_big_download(
             assert body == f"{MARKER} {VISION_HTTPS}"
         else:
             assert int(size) == want
-    _wait_log(singbox, f"inbound connection to www.alpha.test:{VISION_HTTPS}")
+    singbox.wait_log(f"inbound connection to www.alpha.test:{VISION_HTTPS}")
