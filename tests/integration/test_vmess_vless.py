@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 
 from appliance.lab.lab import Lab
-from appliance.lab.mirage import MirageRun, lab_config
+from appliance.lab.mirage import MirageRun, lab_config, running
 from appliance.lab.reference import SingBox
 
 pytestmark = pytest.mark.netns
@@ -198,14 +198,9 @@ def mirage(lab: Lab, singbox: SingBox) -> Iterator[MirageRun]:
     cfg["rules"] = [*(f"DST-PORT,{port},{name}" for port, name in cases.items()),
                     *cfg["rules"]]
     # The lab CA as the system trust store: no proxy skips verification.
-    run = MirageRun(lab, cfg, name="vmess-mirage", env={"SSL_CERT_FILE": str(lab.ca_path)})
-    run.start()
-    try:
+    with running(MirageRun(lab, cfg, name="vmess-mirage",
+                           env={"SSL_CERT_FILE": str(lab.ca_path)})) as run:
         yield run
-    finally:
-        run.stop()
-        for f in state.glob("fakeip.sqlite3*"):
-            f.unlink()
 
 
 def _curl(lab: Lab, port: int) -> tuple[int, str, float]:

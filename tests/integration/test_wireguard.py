@@ -39,7 +39,7 @@ import pytest
 from lab_client import FAKE, curl, dig
 
 from appliance.lab.lab import Lab
-from appliance.lab.mirage import MirageRun, lab_config
+from appliance.lab.mirage import MirageRun, lab_config, running
 from appliance.lab.servers import stop_all
 from appliance.proto.wireguard import interface_name
 
@@ -193,15 +193,12 @@ def mirage(lab: Lab, tunnel: Tunnel) -> Iterator[MirageRun]:
     cfg["rules"] = [f"DOMAIN-SUFFIX,wg.test,{GOOD}", f"DOMAIN,www.gamma.test,{BAD}",
                     "MATCH,DIRECT"]
     run = MirageRun(lab, cfg, name="wg-mirage")
-    run.start()
     try:
-        yield run
+        with running(run):
+            yield run
     finally:
-        run.stop()
         lab.exec("gateway", [sys.executable, "-m", "appliance", "cleanup", "-c",
                              str(run.config_path)])
-        for f in state.glob("fakeip.sqlite3*"):
-            f.unlink()
 
 
 def links(lab: Lab) -> dict[str, dict[str, Any]]:
