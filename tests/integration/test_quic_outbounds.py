@@ -25,6 +25,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import lab_client
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
@@ -177,11 +178,8 @@ def fake_ip(lab: Lab, name: str) -> str:
 
 def curl(lab: Lab, case: Case, name: str = "www.alpha.test") -> tuple[int, str, float]:
     ip = fake_ip(lab, name)
-    t0 = time.monotonic()
-    r = lab.exec("client", ["curl", "-s", "-m", "8", "--local-port",
-                            f"{case.base}-{case.base + 39}", "--resolve", f"{name}:80:{ip}",
-                            f"http://{name}/"], timeout=20)
-    return r.returncode, r.stdout, time.monotonic() - t0
+    return lab_client.curl(lab, f"http://{name}/", "--local-port",
+                           f"{case.base}-{case.base + 39}", "--resolve", f"{name}:80:{ip}")
 
 
 ECHO_SCRIPT = """

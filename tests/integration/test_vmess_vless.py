@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from lab_client import curl
 
 from appliance.lab.lab import Lab
 from appliance.lab.mirage import MirageRun, lab_config, running
@@ -204,10 +205,7 @@ def mirage(lab: Lab, singbox: SingBox) -> Iterator[MirageRun]:
 
 
 def _curl(lab: Lab, port: int) -> tuple[int, str, float]:
-    t0 = time.monotonic()
-    r = lab.exec("client", ["curl", "-s", "-m", "8", f"http://www.alpha.test:{port}/"],
-                 timeout=20)
-    return r.returncode, r.stdout, time.monotonic() - t0
+    return curl(lab, f"http://www.alpha.test:{port}/")
 
 
 UDP_EXCHANGE = """
