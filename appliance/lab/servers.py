@@ -623,6 +623,17 @@ def wait_for_text(read: Callable[[], str], text: str, seconds: float, what: str)
         time.sleep(0.05)
 
 
+def wait_started(proc: subprocess.Popen[Any], log: Path, text: str, what: str,
+                 timeout: float = 10.0) -> None:
+    """Wait until the server `proc` writes `text` (its "started" line) to
+    `log`. RuntimeError with the log if it exits first or after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while text not in log.read_text(errors="replace"):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"{what} did not start:\n{log.read_text(errors='replace')}")
+        time.sleep(0.05)
+
+
 def kill_stragglers(ns: str, grace: float = 3.0) -> list[int]:
     """SIGTERM then SIGKILL whatever still runs inside namespace `ns` (the lab
     owns its namespaces, so anything inside is the lab's: processes a test

@@ -24,6 +24,7 @@ import pytest
 
 from appliance.lab.lab import Lab
 from appliance.lab.mirage import MirageRun, lab_config
+from appliance.lab.servers import wait_started
 
 pytestmark = pytest.mark.netns
 
@@ -68,11 +69,7 @@ def _sshd(lab: Lab, d: Path, name: str, port: int, extra: str = "") -> Sshd:
     with open(log, "wb") as out:
         proc = lab.popen("upstream", ["/usr/sbin/sshd", "-D", "-e", "-f", str(config)],
                          stdout=out, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 10
-    while f"listening on {SERVER_IP} port {port}" not in log.read_text(errors="replace"):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"sshd did not start:\n{log.read_text(errors='replace')}")
-        time.sleep(0.05)
+    wait_started(proc, log, f"listening on {SERVER_IP} port {port}", "sshd")
     return Sshd(proc, log)
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ import pytest
 
 from appliance.lab.lab import Lab
 from appliance.lab.reference import SingBox
+from appliance.lab.servers import wait_started
 
 pytestmark = pytest.mark.netns
 
@@ -132,11 +132,7 @@ def v2ray(lab: Lab, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         proc = lab.popen("upstream", ["v2ray", "-config", str(config)], stdout=out,
                          stderr=subprocess.STDOUT)
     try:
-        deadline = time.monotonic() + 10
-        while "started" not in log.read_text(errors="replace"):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"v2ray did not start:\n{log.read_text(errors='replace')}")
-            time.sleep(0.05)
+        wait_started(proc, log, "started", "v2ray")
         yield access
     finally:
         proc.terminate()
