@@ -2,22 +2,28 @@
 
 Each helper runs a real client program (dig, curl, a short Python script) in
 the lab's `client` namespace and returns what it saw, so the tests assert
-on what the client received. Shared by test_e2e.py and test_ebpf_e2e.py;
-every call is bounded (the programs' own timeouts, and `timeout` seconds for
-the process).
+on what the client received; and the UDP echo server those clients talk
+to. Shared by the end-to-end tests; every call is bounded (the programs'
+own timeouts, and `timeout` seconds for the process).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
+import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from pathlib import Path
 
 from appliance.lab.lab import Lab
+from appliance.lab.servers import stop_all
 
 # A fake IP from the lab's default fake-ip-range.
 FAKE = re.compile(r"^198\.18\.\d+\.\d+$")
+ECHO = Path(__file__).resolve().parents[2] / "bench" / "udp_echo.py"
 
 
 def client(lab: Lab, *argv: str, timeout: float = 20) -> str:
@@ -104,3 +110,19 @@ def same_port_twice(lab: Lab, ip: str, host: str, port: int = 80,
     )
     lines, resets = json.loads(client(lab, sys.executable, "-c", script))
     return list(lines), int(resets)
+
+
+@contextlib.contextmanager
+def udp_echo(lab: Lab, *listen: str, max_seconds: int = 600,
+             node: str = "upstream") -> Iterator[subprocess.Popen[bytes]]:
+    """The far end of the UDP tests: bench/udp_echo.py --tag bound on each
+    `listen` (ADDR:PORT) in `node`, bound before it is yielded (a client's
+    first datagram must not race the bind), stopped on exit."""
+    proc = lab.popen(node, [sys.executable, str(ECHO), "--tag", "--max-seconds",
+                            str(max_seconds), *listen],
+                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == b"ready"
+        yield proc
+    finally:
+        stop_all([proc])

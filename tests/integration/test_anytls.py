@@ -16,10 +16,10 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
+from lab_client import udp_echo
 
 from appliance.lab.lab import Lab
 from appliance.lab.mirage import MirageRun, lab_config
@@ -27,7 +27,6 @@ from appliance.lab.reference import SingBox
 
 pytestmark = pytest.mark.netns
 
-ECHO = Path(__file__).resolve().parents[2] / "bench" / "udp_echo.py"
 SERVER_IP = "192.168.57.10"
 SERVER_NAME = "www.alpha.test"
 PASSWORD = "lab-anytls-pw"
@@ -72,26 +71,16 @@ def anytls(lab: Lab) -> Iterator[AnytlsLab]:
         for name, (opts, _) in proxies.items())]
     cfg["rules"] = [f"SRC-PORT,{first}-{first + 19},{name}"
                     for name, (_, first) in proxies.items()] + cfg["rules"]
-    echo = lab.popen("upstream", [sys.executable, str(ECHO), "--tag", "--max-seconds", "300",
-                                  f"{SERVER_IP}:{ECHO_PORT}"],
-                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    try:
-        assert echo.stdout is not None
-        assert echo.stdout.readline().strip() == b"ready"
-        with SingBox(lab, [inbound], name="sing-box-anytls", level="debug") as singbox:
-            run = MirageRun(lab, cfg, name="anytls-mirage",
-                            env={"SSL_CERT_FILE": str(lab.ca_path)})
-            run.start()
-            try:
-                yield AnytlsLab(lab, singbox, run,
-                                {name: first for name, (_, first) in proxies.items()})
-            finally:
-                run.stop()
-    finally:
-        echo.terminate()
-        echo.wait(timeout=5)
-        if echo.stdout is not None:
-            echo.stdout.close()
+    with udp_echo(lab, f"{SERVER_IP}:{ECHO_PORT}", max_seconds=300), \
+            SingBox(lab, [inbound], name="sing-box-anytls", level="debug") as singbox:
+        run = MirageRun(lab, cfg, name="anytls-mirage",
+                        env={"SSL_CERT_FILE": str(lab.ca_path)})
+        run.start()
+        try:
+            yield AnytlsLab(lab, singbox, run,
+                            {name: first for name, (_, first) in proxies.items()})
+        finally:
+            run.stop()
         for f in (lab.state_dir / "anytls-mirage-state").glob("fakeip*"):
             f.unlink()
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
 import sys
 import time
 import uuid
@@ -37,7 +36,6 @@ from appliance.lab.reference import SingBox
 
 pytestmark = pytest.mark.netns
 
-ECHO = Path(__file__).resolve().parents[2] / "bench" / "udp_echo.py"
 ECHO_PORT = 9998
 SERVER = "192.168.57.10"
 SNI = "quic.test"
@@ -142,30 +140,19 @@ def quic(lab: Lab) -> Iterator[Quic]:
     cfg["proxies"] = proxies
     cfg["rules"] = [c.rule for c in (*WORKING, HY2_BAD, TUIC_BAD, HY2_DEAD, TUIC_DEAD,
                                      HY2_PINNED, TUIC_BADPIN, TUIC_WRONG_CA)] + ["MATCH,DIRECT"]
-    echo = lab.popen("upstream", [sys.executable, str(ECHO), "--tag", "--max-seconds", "600",
-                                  f"{SERVER}:{ECHO_PORT}"],
-                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    try:
-        assert echo.stdout is not None
-        assert echo.stdout.readline().strip() == b"ready"
-        with SingBox(lab, inbounds, name="sing-box-quic") as singbox:
-            run = MirageRun(lab, cfg, name="quic-mirage", env={"SSL_CERT_FILE": str(bundle)})
-            run.start()
-            try:
-                yield Quic(run, singbox)
-            finally:
-                # Live tunnels (their drivers are system tasks) do not hold
-                # up or break the exit.
-                code = run.stop()
-                for f in state.glob("fakeip.sqlite3*"):
-                    f.unlink()
-            assert code == 0, run.log_text()[-3000:]
-            assert "Traceback" not in run.log_text(), run.log_text()[-3000:]
-    finally:
-        echo.terminate()
-        echo.wait(timeout=5)
-        if echo.stdout is not None:
-            echo.stdout.close()
+    with lab_client.udp_echo(lab, f"{SERVER}:{ECHO_PORT}"), \
+            SingBox(lab, inbounds, name="sing-box-quic") as singbox:
+        run = MirageRun(lab, cfg, name="quic-mirage", env={"SSL_CERT_FILE": str(bundle)})
+        run.start()
+        try:
+            yield Quic(run, singbox)
+        finally:
+            # Live tunnels (their drivers are system tasks) do not hold
+            # up or break the exit.
+            code = run.stop()
+            run.forget_fake_ips()
+        assert code == 0, run.log_text()[-3000:]
+        assert "Traceback" not in run.log_text(), run.log_text()[-3000:]
 
 
 def fake_ip(lab: Lab, name: str) -> str:

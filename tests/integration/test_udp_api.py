@@ -14,39 +14,33 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
+from lab_client import udp_echo
 
 from appliance.lab.lab import Lab
 from appliance.lab.mirage import MirageRun, lab_config
 
 pytestmark = pytest.mark.netns
 
-ECHO = Path(__file__).resolve().parents[2] / "bench" / "udp_echo.py"
 PORT = 9995
 API = "http://127.0.0.1:9090"  # lab_config's external-controller, in the gateway
 
 
 @pytest.fixture(scope="module")
 def mirage(lab: Lab) -> Iterator[MirageRun]:
-    echo = lab.popen("upstream", [sys.executable, str(ECHO), "--tag", "--max-seconds", "300",
-                                  f"192.168.57.12:{PORT}"],
-                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     state = lab.state_dir / "udp-api-mirage-state"
     run = MirageRun(lab, lab_config(lab, appliance={"state-dir": str(state), "udp-timeout": 60}),
                     name="udp-api-mirage")
     try:
-        assert echo.stdout is not None and echo.stdout.readline().strip() == b"ready"
-        run.start()
-        yield run
+        with udp_echo(lab, f"192.168.57.12:{PORT}", max_seconds=300):
+            run.start()
+            try:
+                yield run
+            finally:
+                run.stop()
     finally:
-        run.stop()
-        echo.terminate()
-        echo.wait(timeout=5)
-        if echo.stdout is not None:
-            echo.stdout.close()
         for f in state.glob("fakeip*"):
             f.unlink()
 

@@ -19,15 +19,15 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
-from lab_client import curl
+from lab_client import curl, udp_echo
 
 from appliance.lab.lab import Lab
 from appliance.lab.mirage import MirageRun, lab_config, running
 from appliance.lab.reference import SingBox
+from appliance.lab.servers import stop_all
 
 pytestmark = pytest.mark.netns
 
@@ -35,7 +35,6 @@ UUID = "6d6a9b1e-3c4f-4b8e-9a51-2f0c7e1d4b33"
 WRONG = "00000000-1111-2222-3333-444444444444"
 ALPHA = "192.168.57.10"
 SERVER = "192.168.57.11"  # sing-box listens here (www.beta.test's address)
-ECHO = Path(__file__).resolve().parents[2] / "bench" / "udp_echo.py"
 MARKER = "VMESS-VLESS-MARKER"
 
 # sing-box inbounds: tag -> (type, port, extra inbound keys); "tls": True
@@ -151,18 +150,6 @@ def _proxy(name: str) -> dict[str, Any]:
             "udp": True, **({"alterId": 0} if kind == "vmess" else {}), **extra}
 
 
-def _ready(proc: subprocess.Popen[bytes]) -> None:
-    assert proc.stdout is not None
-    assert proc.stdout.readline().strip() == b"ready"
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    proc.terminate()
-    proc.wait(timeout=5)
-    if proc.stdout is not None:
-        proc.stdout.close()
-
-
 @pytest.fixture(scope="module")
 def far_end(lab: Lab) -> Iterator[None]:
     """The HTTP server on every TCP case's port and the UDP echo on every
@@ -172,16 +159,12 @@ def far_end(lab: Lab) -> Iterator[None]:
     web = lab.popen("upstream", [sys.executable, "-c", WEB, ALPHA, str(tls_dir / "server.pem"),
                                  str(tls_dir / "server.key"), *ports],
                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    echo = lab.popen("upstream", [sys.executable, str(ECHO), "--tag", "--max-seconds", "600",
-                                  *(f"{ALPHA}:{p}" for p in UDP_CASES)],
-                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
-        _ready(web)
-        _ready(echo)
-        yield
+        assert web.stdout is not None and web.stdout.readline().strip() == b"ready"
+        with udp_echo(lab, *(f"{ALPHA}:{p}" for p in UDP_CASES)):
+            yield
     finally:
-        _stop(web)
-        _stop(echo)
+        stop_all([web])
 
 
 @pytest.fixture(scope="module")
