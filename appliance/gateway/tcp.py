@@ -285,6 +285,7 @@ class TransparentTcp:
                     why = ""
                 if why:
                     self.registry.dial_failures += 1
+                    self.registry.failures.record(flow, why, flow_id=record.id)
                     log.warning(
                         "tcp %s: dial%s failed: %s; resetting the client",
                         where,
@@ -306,6 +307,12 @@ class TransparentTcp:
                     else:
                         await close(client)
                         await close(server)
+                if result.down == 0 and (result.reason == "error" or result.up):
+                    # The client spoke and the server never answered: the
+                    # outbound's handshake failed late (a wrong password is
+                    # often only seen as the server's silence or reset).
+                    self.registry.failures.record(flow, unanswered(result, server),
+                                                  flow_id=record.id)
                 log.debug(
                     "tcp %s: %s%s (up %d, down %d bytes)",
                     where,
@@ -319,6 +326,16 @@ class TransparentTcp:
                 if result is None:
                     # Dial failed or cancelled: the client may still be open.
                     await client.aclose()
+
+
+def unanswered(result: SpliceResult, server: trio.abc.Stream) -> str:
+    """Why a relayed flow got nothing back: the error that ended it, else
+    what the outbound's stream noted (`why_unanswered`, e.g. Trojan's
+    "closed the tunnel without answering"), else that the server closed."""
+    if result.detail:
+        return result.detail
+    why = getattr(server, "why_unanswered", "")
+    return str(why) if why else "the server closed the connection without answering"
 
 
 def _is_local(ip: str) -> bool:
