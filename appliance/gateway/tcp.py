@@ -277,15 +277,17 @@ class TransparentTcp:
                     with trio.fail_after(a.connect_timeout):
                         server = await self.dial(flow)
                 except trio.TooSlowError:
-                    why = f"no connection within {a.connect_timeout:g}s"
+                    why = reason = f"no connection within {a.connect_timeout:g}s"
                 except Exception as exc:  # dial is pluggable: any failure ends this flow only
                     why = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+                    # An OutboundError's text is the reason; other types say more named.
+                    reason = getattr(exc, "reason", None) or why
                     log.debug("tcp %s: dial failed", where, exc_info=True)
                 else:
-                    why = ""
+                    why = reason = ""
                 if why:
                     self.registry.dial_failures += 1
-                    self.registry.failures.record(flow, why, flow_id=record.id)
+                    self.registry.failures.record(flow, reason, flow_id=record.id)
                     log.warning(
                         "tcp %s: dial%s failed: %s; resetting the client",
                         where,
@@ -329,13 +331,15 @@ class TransparentTcp:
 
 
 def unanswered(result: SpliceResult, server: trio.abc.Stream) -> str:
-    """Why a relayed flow got nothing back: the error that ended it, else
-    what the outbound's stream noted (`why_unanswered`, e.g. Trojan's
-    "closed the tunnel without answering"), else that the server closed."""
-    if result.detail:
-        return result.detail
+    """Why a relayed flow got nothing back: what the outbound's stream
+    noted (`why_unanswered`, e.g. Trojan's "closed the tunnel without
+    answering": the cause, where the error that ended the splice may be its
+    echo, such as the client's reset), else that error, else that the
+    server closed."""
     why = getattr(server, "why_unanswered", "")
-    return str(why) if why else "the server closed the connection without answering"
+    if why:
+        return str(why)
+    return result.detail or "the server closed the connection without answering"
 
 
 def _is_local(ip: str) -> bool:
