@@ -309,10 +309,12 @@ class TransparentTcp:
                     else:
                         await close(client)
                         await close(server)
-                if result.down == 0 and (result.reason == "error" or result.up):
-                    # The client spoke and the server never answered: the
-                    # outbound's handshake failed late (a wrong password is
-                    # often only seen as the server's silence or reset).
+                if result.down == 0 and (result.reason == "error"
+                                         or getattr(server, "why_unanswered", "")):
+                    # Nothing came back and the flow broke, or the outbound
+                    # noted why: its handshake failed late (a wrong password
+                    # is often only seen as the server's reset or close). A
+                    # clean one-way flow (syslog over TCP) is no failure.
                     self.registry.failures.record(flow, unanswered(result, server),
                                                   flow_id=record.id)
                 log.debug(
