@@ -309,8 +309,7 @@ class TransparentTcp:
                     else:
                         await close(client)
                         await close(server)
-                if result.down == 0 and (result.reason == "error"
-                                         or getattr(server, "why_unanswered", "")):
+                if result.down == 0 and (result.reason == "error" or noted(server)):
                     # Nothing came back and the flow broke, or the outbound
                     # noted why: its handshake failed late (a wrong password
                     # is often only seen as the server's reset or close). A
@@ -332,16 +331,19 @@ class TransparentTcp:
                     await client.aclose()
 
 
+def noted(server: trio.abc.Stream) -> str:
+    """What an outbound's stream noted about a flow it got no answer for
+    (`why_unanswered`; "" when it has no such note)."""
+    return str(getattr(server, "why_unanswered", ""))
+
+
 def unanswered(result: SpliceResult, server: trio.abc.Stream) -> str:
     """Why a relayed flow got nothing back: what the outbound's stream
     noted (`why_unanswered`, e.g. Trojan's "closed the tunnel without
     answering": the cause, where the error that ended the splice may be its
     echo, such as the client's reset), else that error, else that the
     server closed."""
-    why = getattr(server, "why_unanswered", "")
-    if why:
-        return str(why)
-    return result.detail or "the server closed the connection without answering"
+    return noted(server) or result.detail or "the server closed the connection without answering"
 
 
 def _is_local(ip: str) -> bool:
