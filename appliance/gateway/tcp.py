@@ -309,11 +309,12 @@ class TransparentTcp:
                     else:
                         await close(client)
                         await close(server)
-                if result.down == 0 and (result.reason == "error" or noted(server)):
-                    # Nothing came back and the flow broke, or the outbound
-                    # noted why: its handshake failed late (a wrong password
-                    # is often only seen as the server's reset or close). A
-                    # clean one-way flow (syslog over TCP) is no failure.
+                if result.down == 0 and (noted(server) or result.detail.startswith("down")):
+                    # Nothing came back: the outbound noted why (its
+                    # handshake failed late: a wrong password is often only
+                    # seen as the server's reset or close), or reading the
+                    # server failed. Not a clean one-way flow (syslog over
+                    # TCP), nor the client's own reset (the "up" side).
                     self.registry.failures.record(flow, unanswered(result, server),
                                                   flow_id=record.id)
                 log.debug(

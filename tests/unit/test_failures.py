@@ -59,3 +59,23 @@ def test_a_reject_is_policy_not_a_failure() -> None:
     ring = FailedFlows()
     assert ring.record(make_flow(outbound="REJECT"), "rejected") is None
     assert len(ring) == 0 and not list(ring.series())
+
+
+def test_a_flow_that_got_nothing_back_says_the_outbounds_note_first() -> None:
+    from typing import Any, cast
+
+    import trio
+
+    from appliance.gateway.splice import SpliceResult
+    from appliance.gateway.tcp import noted, unanswered
+
+    class Noted:
+        why_unanswered = "tj a.test:80: the server closed the tunnel without answering"
+
+    plain = cast(trio.abc.Stream, object())
+    trojan = cast(trio.abc.Stream, Noted())
+    echo: Any = SpliceResult("error", "up: ECONNRESET (Connection reset by peer)", 5, 0)
+    assert noted(plain) == "" and noted(trojan) == Noted.why_unanswered
+    assert unanswered(echo, trojan) == Noted.why_unanswered
+    assert unanswered(echo, plain) == echo.detail
+    assert classify(unanswered(SpliceResult("done", "", 5, 0), plain)) == "protocol"
