@@ -315,6 +315,9 @@ class TransparentTcp:
                     # seen as the server's reset or close), or reading the
                     # server failed. Not a clean one-way flow (syslog over
                     # TCP), nor the client's own reset (the "up" side).
+                    if not noted(server):  # a noting outbound logged it already
+                        log.warning("tcp %s: no answer via %s: %s", where,
+                                    flow.outbound or "?", result.detail)
                     self.registry.failures.record(flow, unanswered(result, server),
                                                   flow_id=record.id)
                 log.debug(
