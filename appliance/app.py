@@ -52,6 +52,7 @@ from appliance.dns import server as dns_server
 from appliance.dns.handler import DnsHandler
 from appliance.dns.policy import FakeIpFilter, geodata_rules
 from appliance.dns.upstream import Resolver
+from appliance.failures import FailedFlows
 from appliance.fakeip import flusher
 from appliance.fakeip.ledger import FileLedger, ledger_path
 from appliance.fakeip.pool import FakeIPPool
@@ -100,6 +101,8 @@ class Appliance:
         self.dns_handler: DnsHandler | None = None
         self.dispatcher: Dispatcher | None = None
         self.flows: FlowRegistry | None = None  # TCP flows: tproxy-port and proxy ports
+        # Recent failed flows of every listener (GET /mirage/failures).
+        self.failures = FailedFlows()
         self.tcp: TransparentTcp | None = None
         self.udp: UdpGateway | None = None
         self.proxy_ports: proxyport.ProxyPorts | None = None
@@ -279,7 +282,7 @@ class Appliance:
                         fake_ip_rate=self.limits.fake_ip, env=self._rule_env())
                     await nursery.start(self._serve_dns, self.dns_handler, resolver)
                 if cfg.tproxy_port or cfg.proxy_ports:
-                    self.flows = FlowRegistry()
+                    self.flows = FlowRegistry(self.failures)
                 if cfg.tproxy_port:
                     await nursery.start(self._serve_tcp, pool, dispatcher)
                     await nursery.start(self._serve_udp, pool, dispatcher)
@@ -427,7 +430,8 @@ class Appliance:
         """The transparent UDP gateway on tproxy-port; sessions are routed by
         the live router (reloads apply to new sessions)."""
         self.udp = UdpGateway(self.cfg, pool, dispatcher.open_udp, flows=self.limits.flows,
-                              new_id=self.flows.new_id if self.flows is not None else None)
+                              new_id=self.flows.new_id if self.flows is not None else None,
+                              failures=self.failures)
         try:
             await self.udp.serve(task_status=task_status)
         except OSError as err:

@@ -322,12 +322,35 @@ def cmd_connections(args: argparse.Namespace) -> int:
         return EXIT_OK
 
     def show() -> None:
+        if args.failed:
+            failed = _call(args, "GET", "/mirage/failures")
+            print(json.dumps(failed, indent=2) if args.json else format_failures(failed))
+            return
         data = _call(args, "GET", "/connections")
         if args.json:
             print(json.dumps(data, indent=2))
             return
         print(format_connections(data))
     return _watching(args, show)
+
+
+def format_failures(data: dict[str, Any]) -> str:
+    """`mirage connections --failed`: the recent failed flows, newest first."""
+    from datetime import datetime
+
+    now = datetime.now().astimezone()
+    rows = []
+    for c in data.get("failures") or []:
+        m = c["metadata"]
+        host = m.get("host") or m.get("remoteDestination", "")
+        dst = f"[{host}]" if ":" in host else host
+        failed = datetime.fromisoformat(c["failed"].replace("Z", "+00:00"))
+        rows.append([c["id"], m["network"], f"{m['sourceIP']}:{m['sourcePort']}",
+                     f"{dst}:{m['destinationPort']}", " <- ".join(c.get("chains") or []),
+                     c["kind"], _age((now - failed).total_seconds()), c["reason"]])
+    table = _table(rows, ["ID", "NET", "SOURCE", "DESTINATION", "CHAIN", "KIND", "AGO",
+                          "REASON"])
+    return f"{table}\n# {len(rows)} failed flows (the most recent kept)"
 
 
 def format_connections(data: dict[str, Any]) -> str:
@@ -467,6 +490,8 @@ def build_parser() -> argparse.ArgumentParser:
                            help="refresh every SECONDS (default 1) until Ctrl-C")
         if name == "connections":
             p.add_argument("--close", metavar="ID|all", help="close one connection, or all")
+            p.add_argument("--failed", action="store_true",
+                           help="the recent flows that failed to connect, and why")
         p.set_defaults(func=func)
     return parser
 

@@ -421,6 +421,9 @@ class Api:
     async def mappings(self, request: Request) -> Response:
         return JSONResponse({"mappings": views.mappings(self.src)})
 
+    async def failures(self, request: Request) -> Response:
+        return JSONResponse(views.failures(self.src))
+
     async def resolve(self, request: Request) -> Response:
         name = request.query_params.get("name", "").strip()
         qtype = request.query_params.get("type", "A").upper()
@@ -523,6 +526,7 @@ def build_app(sources: Sources, bus: LogBus | None = None) -> Starlette:
         Route("/mirage/status", api.status),
         Route("/mirage/mappings", api.mappings),
         Route("/mirage/resolve", api.resolve),
+        Route("/mirage/failures", api.failures),
         Route("/metrics", api.metrics),
     ]
     for path, make in (("/traffic", traffic), ("/memory", memory), ("/logs", logs)):

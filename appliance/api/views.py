@@ -19,6 +19,7 @@ from typing import Any, Protocol, runtime_checkable
 from dnslib import QTYPE, RCODE, DNSRecord
 
 from appliance import __version__
+from appliance.api.clash import connection_doc, rfc3339
 from appliance.config.model import Config, IPAddress
 from appliance.dns.upstream_api import Upstream, UpstreamError
 from appliance.metrics import ServiceCollector
@@ -44,6 +45,14 @@ class Closable(Listed, Protocol):
     by id (DELETE /connections)."""
 
     def close_flow(self, flow_id: int) -> bool: ...
+
+
+class Failures(Protocol):
+    """The recent failed flows (appliance/failures.py `FailedFlows`)."""
+
+    def snapshot(self) -> list[dict[str, Any]]: ...
+
+    def series(self) -> Iterator[tuple[str, dict[str, str], int]]: ...
 
 
 class Mappings(Counted, Protocol):
@@ -96,6 +105,9 @@ class Sources(Protocol):
 
     @property
     def udp(self) -> Closable | None: ...
+
+    @property
+    def failures(self) -> Failures | None: ...
 
     @property
     def capture(self) -> object | None: ...
@@ -200,6 +212,8 @@ def series(src: Sources) -> Iterator[tuple[str, Mapping[str, str], int | float]]
                 assert isinstance(count, int)
                 yield ("mirage_limits_client_refused",
                        {"limit": limit, "client": str(refused["client"])}, count)
+    if src.failures is not None:
+        yield from src.failures.series()
     # One family at a time: the exposition format wants each metric's
     # samples together.
     stats = {name: pool.stats() for name, pool in src.preconnects().items()}
@@ -233,6 +247,20 @@ def connections(src: Sources) -> list[dict[str, Any]]:
     if src.udp is not None:
         flows += src.udp.snapshot()
     return flows
+
+
+def failures(src: Sources) -> dict[str, Any]:
+    """`/mirage/failures`: the recent flows that failed to connect (or got
+    nothing back), newest first, each in mihomo's connection shape (as
+    /connections) plus `reason` (the outbound's text, as logged), `kind`
+    (its class: appliance/failures.py KINDS) and `failed` (RFC 3339)."""
+    rows = src.failures.snapshot() if src.failures is not None else []
+    out = []
+    for row in reversed(rows):
+        doc = connection_doc(row)
+        doc.update(reason=row["reason"], kind=row["kind"], failed=rfc3339(row["failed"]))
+        out.append(doc)
+    return {"failures": out}
 
 
 async def resolve(src: Sources, name: str, qtype: str) -> dict[str, Any]:

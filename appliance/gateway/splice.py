@@ -54,6 +54,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import trio
 
+from appliance.failures import FailedFlows
 from appliance.sockopt import set_keepalive
 
 if TYPE_CHECKING:
@@ -502,8 +503,11 @@ class FlowRegistry:
         "zero_copy",
     )
 
-    def __init__(self) -> None:
+    def __init__(self, failures: FailedFlows | None = None) -> None:
         self._flows: dict[int, FlowRecord] = {}
+        # Flows that failed before (or instead of) relaying: the listeners
+        # sharing this registry record them here (GET /mirage/failures).
+        self.failures = failures if failures is not None else FailedFlows()
         self._ids = itertools.count(1)
         self.opened = 0
         self.closed = 0

@@ -277,14 +277,17 @@ class TransparentTcp:
                     with trio.fail_after(a.connect_timeout):
                         server = await self.dial(flow)
                 except trio.TooSlowError:
-                    why = f"no connection within {a.connect_timeout:g}s"
+                    why = reason = f"no connection within {a.connect_timeout:g}s"
                 except Exception as exc:  # dial is pluggable: any failure ends this flow only
                     why = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+                    # An OutboundError's text is the reason; other types say more named.
+                    reason = getattr(exc, "reason", None) or why
                     log.debug("tcp %s: dial failed", where, exc_info=True)
                 else:
-                    why = ""
+                    why = reason = ""
                 if why:
                     self.registry.dial_failures += 1
+                    self.registry.failures.record(flow, reason, flow_id=record.id)
                     log.warning(
                         "tcp %s: dial%s failed: %s; resetting the client",
                         where,
@@ -306,6 +309,17 @@ class TransparentTcp:
                     else:
                         await close(client)
                         await close(server)
+                if result.down == 0 and (noted(server) or result.detail.startswith("down")):
+                    # Nothing came back: the outbound noted why (its
+                    # handshake failed late: a wrong password is often only
+                    # seen as the server's reset or close), or reading the
+                    # server failed. Not a clean one-way flow (syslog over
+                    # TCP), nor the client's own reset (the "up" side).
+                    if not noted(server):  # a noting outbound logged it already
+                        log.warning("tcp %s: no answer via %s: %s", where,
+                                    flow.outbound or "?", result.detail)
+                    self.registry.failures.record(flow, unanswered(result, server),
+                                                  flow_id=record.id)
                 log.debug(
                     "tcp %s: %s%s (up %d, down %d bytes)",
                     where,
@@ -319,6 +333,21 @@ class TransparentTcp:
                 if result is None:
                     # Dial failed or cancelled: the client may still be open.
                     await client.aclose()
+
+
+def noted(server: trio.abc.Stream) -> str:
+    """What an outbound's stream noted about a flow it got no answer for
+    (`why_unanswered`; "" when it has no such note)."""
+    return str(getattr(server, "why_unanswered", ""))
+
+
+def unanswered(result: SpliceResult, server: trio.abc.Stream) -> str:
+    """Why a relayed flow got nothing back: what the outbound's stream
+    noted (`why_unanswered`, e.g. Trojan's "closed the tunnel without
+    answering": the cause, where the error that ended the splice may be its
+    echo, such as the client's reset), else that error, else that the
+    server closed."""
+    return noted(server) or result.detail or "the server closed the connection without answering"
 
 
 def _is_local(ip: str) -> bool:

@@ -64,6 +64,7 @@ from typing import Any, Protocol
 import trio
 
 from appliance.config.model import Config
+from appliance.failures import FailedFlows
 from appliance.flow import Flow, tproxy_entry
 from appliance.gateway.tcp import FakeIPs
 from appliance.gateway.udp_sessions import (
@@ -288,6 +289,8 @@ class UdpSessions:
         self.hold = hold
         self.table: SessionTable[Any, Session] = SessionTable(capacity)
         self.counters = UdpStats()
+        # Where a session whose outbound failed is recorded (/mirage/failures).
+        self.failures: FailedFlows | None = None
 
     def add(self, session: Session) -> None:
         """Put `session` in the table, ending the least recently active one
@@ -398,6 +401,8 @@ class UdpSessions:
             st.dropped_dial_failed += len(s.pending)
             s.pending = []
             s.state = "failed"
+            if self.failures is not None:
+                self.failures.record(flow, why, flow_id=s.id)
             log.warning("udp %s: outbound%s failed: %s; dropping for %gs", s.describe(),
                         f" {flow.outbound}" if flow.outbound else "", why, self.hold)
             await trio.sleep(self.hold)
@@ -539,6 +544,7 @@ class UdpGateway:
         max_sessions: int | None = None,
         flows: ConcurrencyLimit | None = None,
         new_id: Callable[[], int] | None = None,
+        failures: FailedFlows | None = None,
     ) -> None:
         if cfg.tproxy_port is None:
             raise ValueError("tproxy-port is not set")
@@ -552,6 +558,7 @@ class UdpGateway:
         self.timeout = timeout if timeout is not None else a.udp_timeout
         self.sessions = UdpSessions(
             open_peer, max_sessions if max_sessions is not None else a.udp_max_sessions)
+        self.sessions.failures = failures
         self.table = self.sessions.table
         self.counters = self.sessions.counters
         self.replies = ReplySockets()

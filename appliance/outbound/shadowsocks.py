@@ -210,6 +210,8 @@ class ShadowsocksStream(trio.abc.HalfCloseableStream):
         # Until when (trio clock) the server may take to say its first byte.
         self._first_answer = first_answer
         self._on_verified = on_verified
+        # Read by the listener when the flow got nothing back (/mirage/failures).
+        self.why_unanswered = ""
 
     @property
     def socket(self) -> Any:
@@ -224,7 +226,8 @@ class ShadowsocksStream(trio.abc.HalfCloseableStream):
 
     def _failed(self, why: str) -> ServerFailed:
         log.warning("ss %s: %s", self.what, why)
-        return ServerFailed(f"{self.what}: {why}")
+        self.why_unanswered = f"{self.what}: {why}"
+        return ServerFailed(self.why_unanswered)
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         if self._pending:

@@ -145,6 +145,8 @@ class TrojanStream(trio.abc.Stream):
         self.tunnel = tunnel
         self.what = what
         self._answered = False
+        # Read by the listener when the flow got nothing back (/mirage/failures).
+        self.why_unanswered = ""
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
         if self._answered:
@@ -153,8 +155,10 @@ class TrojanStream(trio.abc.Stream):
         if data:
             self._answered = True
         else:
-            log.warning("%s: the server closed the tunnel without answering (wrong password, "
-                        "or it could not reach the destination)", self.what)
+            self.why_unanswered = (f"{self.what}: the server closed the tunnel without "
+                                   "answering (wrong password, or it could not reach the "
+                                   "destination)")
+            log.warning("%s", self.why_unanswered)
             self._answered = True
         return data
 

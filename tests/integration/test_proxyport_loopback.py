@@ -258,6 +258,15 @@ async def test_socks5_dial_failures_get_their_reply(proxy: Running, host: str, r
         await socks(proxy.port, host, 80)
     assert exc.value.reply == reply
     assert proxy.registry.dial_failures == 1
+    # A failure is kept with its reason (/mirage/failures); a REJECT is not.
+    failed = proxy.registry.failures.snapshot()
+    if host == "rejected.test":
+        assert failed == []
+    else:
+        [row] = failed
+        assert row["domain"] == host and row["outbound"] == "TEST"
+        assert row["kind"] == "refused" and row["reason"].endswith("Connection refused")
+        assert row["in_type"] == "SOCKS5"
 
 
 async def test_socks5_pipelined_tunnel_bytes_reach_the_server(proxy: Running) -> None:

@@ -300,6 +300,14 @@ def test_wrong_password_fails_fast_with_the_reason(lab: Lab, mirage: MirageRun) 
     log = mirage.log_text(offset)
     for name in ("sb-wrong", "sb-2022-wrong"):
         assert f"ss {name} www." in log and "authentication failed or wrong cipher/password" in log
+    # ... and the API keeps each failed flow with its reason (/mirage/failures).
+    out = lab.exec("gateway", [sys.executable, "-m", "appliance", "connections", "--failed",
+                               "--json", "-c", str(mirage.config_path)], timeout=20)
+    assert out.returncode == 0, out.stderr
+    failed = {r["chains"][-1]: r for r in json.loads(out.stdout)["failures"] if r["chains"]}
+    for name in ("sb-wrong", "sb-2022-wrong"):
+        assert failed[name]["kind"] == "auth", failed[name]
+        assert "wrong cipher/password" in failed[name]["reason"]
     route(mirage, "libev-aes", "sb-2022-aes", "sb-2022-chacha")
 
 

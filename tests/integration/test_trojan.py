@@ -38,7 +38,7 @@ SERVER_NAME = "www.alpha.test"  # in the lab certificate; resolved through DoH
 PASSWORD = "lab-trojan-pw"
 ECHO_PORT = 9997
 PORTS = {"tcp": 18443, "ws": 18444, "grpc": 18445, "rogue": 18446, "upgrade": 18447,
-         "gfw": 18448}
+         "gfw": 18448, "dead": 18449}
 
 
 def _cert_sha256(pem: Path) -> str:
@@ -74,6 +74,8 @@ def _proxies(rogue_sha: str, lab_sha: str) -> dict[str, tuple[dict[str, Any], in
         "tj-pin-right": ({"port": PORTS["tcp"], "fingerprint": lab_sha}, 31090),
         "tj-wrong-password": ({"port": PORTS["tcp"], "password": "not-it"}, 31100),
         "tj-gfw": ({"port": PORTS["gfw"]}, 31110),
+        # Nothing listens there: a server that is down.
+        "tj-dead": ({"port": PORTS["dead"]}, 31120),
     }
 
 
@@ -221,6 +223,53 @@ def test_wrong_password_fails_fast_with_the_reason(trojan: TrojanLab) -> None:
     assert time.monotonic() - started < 4
     trojan.wait_log("tj-wrong-password www.alpha.test:80: the server closed the tunnel "
                     "without answering (wrong password")
+
+
+def test_failed_flows_say_why_in_the_api_and_the_cli(trojan: TrojanLab) -> None:
+    # Each fails fast at the client, and /mirage/failures (read through
+    # `mirage connections --failed`) keeps the flow, its chain and the reason.
+    expected = {
+        "tj-wrong-password": ("auth", "without answering (wrong password"),
+        "tj-rogue": ("certificate", "certificate verify failed"),
+        "tj-pin-wrong": ("certificate", "fingerprint mismatch"),
+        "tj-dead": ("refused", "Connection refused"),
+    }
+    for proxy in expected:
+        started = time.monotonic()
+        out = trojan.curl(proxy)
+        assert out.returncode != 0 and "MARKER" not in out.stdout, proxy
+        assert time.monotonic() - started < 4, proxy  # connect-timeout is 5 s
+
+    def failed(*flags: str) -> str:
+        out = trojan.lab.exec("gateway", [
+            sys.executable, "-m", "appliance", "connections", "--failed", *flags,
+            "-c", str(trojan.mirage.config_path)], timeout=20)
+        assert out.returncode == 0, out.stderr
+        return out.stdout
+
+    rows: dict[str, dict[str, Any]] = {}
+    deadline = time.monotonic() + 5
+    while set(rows) != set(expected) and time.monotonic() < deadline:
+        # Newest first: the first row of a proxy is this test's.
+        for row in reversed(json.loads(failed("--json"))["failures"]):
+            if row["chains"] and row["chains"][0] in expected:
+                rows[row["chains"][0]] = row
+        time.sleep(0.2)
+    assert set(rows) == set(expected), trojan.mirage.log_text()[-3000:]
+    for proxy, (kind, text) in expected.items():
+        row = rows[proxy]
+        assert row["kind"] == kind and text in row["reason"], (row["kind"], row["reason"])
+        meta = row["metadata"]
+        assert meta["host"] == SERVER_NAME and meta["destinationPort"] == "80"
+        assert meta["sourceIP"].startswith("192.168.")
+        assert int(meta["sourcePort"]) in range(trojan.ports[proxy], trojan.ports[proxy] + 10)
+        assert row["rule"] == "SrcPort"
+        assert "PASSWORD" not in json.dumps(row) and PASSWORD not in json.dumps(row)
+    table = failed()
+    assert table.splitlines()[0].split() == ["ID", "NET", "SOURCE", "DESTINATION", "CHAIN",
+                                             "KIND", "AGO", "REASON"]
+    assert any("tj-dead" in line and "refused" in line and f"{SERVER_NAME}:80" in line
+               for line in table.splitlines())
 
 
 UDP_EXCHANGE = """

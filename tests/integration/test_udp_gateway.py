@@ -282,6 +282,14 @@ def test_reject_and_failed_outbounds_drop_and_count(lab: Lab, mirage: MirageRun)
     after = udp_counters(lab, mirage)
     assert after["dial_failures"] - mid["dial_failures"] >= 1
     assert after["dropped_dial_failed"] > mid["dropped_dial_failed"]
+    # The failed session is in /mirage/failures with its reason; the
+    # REJECT is not (the rules' decision, not a failure).
+    failed = api(lab, mirage, "connections", "--failed", "--json")["failures"]
+    udp = [f for f in failed if f["metadata"]["network"] == "udp"]
+    assert any(f["metadata"]["host"] == "nothing.gamma.test" and f["chains"] == ["DIRECT"]
+               and "nothing.gamma.test" in f["reason"] and f["kind"] == "unreachable"
+               for f in udp), udp
+    assert not any(f["metadata"]["host"] == "blocked.test" for f in failed), failed
     assert client(lab, EXCHANGE, "www.gamma.test", str(PORT), "ok")["connected"] is not None
 
 

@@ -106,6 +106,7 @@ class View:
         self.resolver = Resolver()
         self.dns_handler = Counted({"queries": 7})
         self.flows = FlowRegistry()
+        self.failures = self.flows.failures
         self.udp = None
         self.capture: Any = Capture()
         self.offload = None
@@ -656,3 +657,43 @@ async def test_cli_commands_read_and_switch(api: Served, capsys: pytest.CaptureF
     assert ["dns", "queries", "7"] in [line.split() for line in out.splitlines()]
     code, out = await run("resolve", "www.alpha.test", "--type", "MX")
     assert "fake IP yes (mapping 198.18.0.1)" in out and "mx.alpha.test" in out
+
+
+async def test_failed_flows_in_the_api_the_cli_and_the_metrics(
+        api: Served, capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    from appliance.cli import build_parser
+    from appliance.flow import Flow, tproxy_entry
+
+    flow = Flow("tcp", "tproxy", IPv4Address("192.168.1.20"), 40001, IPv4Address("198.18.0.1"),
+                443, "www.alpha.test", outbound="Proxy", chains=("dante", "Proxy"),
+                rule=parse_rule("DOMAIN-SUFFIX,alpha.test,Proxy"), entry=tproxy_entry(7893))
+    api.view.failures.record(flow, "dante: Connection refused", flow_id=77)
+    async with api.http() as http:
+        doc = (await http.get("/mirage/failures")).json()
+        metrics = (await http.get("/metrics")).text.splitlines()
+    [row] = doc["failures"]
+    assert row["id"] == "77" and row["reason"] == "dante: Connection refused"
+    assert row["kind"] == "refused" and row["chains"] == ["dante", "Proxy"]
+    assert row["metadata"]["host"] == "www.alpha.test"
+    assert row["metadata"]["destinationPort"] == "443"
+    assert row["rule"] == "DomainSuffix" and row["rulePayload"] == "alpha.test"
+    assert "# TYPE mirage_flow_failures_total counter" in metrics
+    assert 'mirage_flow_failures_total{kind="refused",outbound="Proxy"} 1.0' in metrics
+
+    flags = ["-c", str(tmp_path / "none.yaml"), "--controller", f"127.0.0.1:{api.port}",
+             "--secret", ""]
+
+    def main(argv: list[str]) -> int:
+        args = build_parser().parse_args([*argv, *flags])
+        result: int = args.func(args)
+        return result
+
+    assert await trio.to_thread.run_sync(main, ["connections", "--failed"]) == 0
+    header, line, total = capsys.readouterr().out.splitlines()
+    assert header.split() == ["ID", "NET", "SOURCE", "DESTINATION", "CHAIN", "KIND", "AGO",
+                              "REASON"]
+    assert line.split()[:8] == ["77", "tcp", "192.168.1.20:40001", "www.alpha.test:443",
+                                "dante", "<-", "Proxy", "refused"]
+    assert line.endswith("dante: Connection refused") and "1 failed flows" in total
+    assert await trio.to_thread.run_sync(main, ["connections", "--failed", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == doc

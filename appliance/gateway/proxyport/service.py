@@ -509,6 +509,7 @@ class ProxyPorts:
             why = str(exc) or type(exc).__name__
             log.debug("proxy %s: dial failed", where, exc_info=True)
         self.registry.dial_failures += 1
+        self.registry.failures.record(target, why, flow_id=self.registry.new_id())
         via = f" via {target.outbound}" if target.outbound else ""
         raise Refused(classify_dial_error(why), f"dial{via} failed: {why}")
 
@@ -555,6 +556,7 @@ class ProxyPorts:
                 idle_timeout=self.cfg.appliance.idle_timeout,
                 max_targets=self.limits.udp_max_targets,
             )
+            association.sessions.failures = self.registry.failures
             log.debug("proxy %s:%d: UDP ASSOCIATE relaying at %s:%d", *src, *bound)
             try:
                 await association.run(stream)
