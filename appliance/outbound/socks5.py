@@ -118,8 +118,8 @@ class Socks5Outbound(ProxyOutbound):
         self.via = via
         self.pipelining: bool | None = None
 
-    @property  # type: ignore[override]
-    def carries_udp(self) -> bool:
+    @property
+    def carries_udp(self) -> bool:  # type: ignore[override]
         return self._udp and (self.via is None or self.via.carries_udp)
 
     @classmethod
