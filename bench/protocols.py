@@ -106,6 +106,10 @@ _WSP = {"network": "ws", "ws-opts": {"path": "/ws"}}
 _GRPC = {"transport": {"type": "grpc", "service_name": "BenchSvc"}}
 _GRPCP = {"network": "grpc", "grpc-opts": {"grpc-service-name": "BenchSvc"}}
 
+# `down` of the hy2-down row: about what one Python thread carries
+# here (more, and Brutal's losses cost the receiver; less caps mihomo).
+HYSTERIA2_DOWN = "400 Mbps"
+
 PROTOS: list[Proto] = [
     Proto("ss-aes", {"type": "shadowsocks", "method": "aes-128-gcm", "password": PASSWORD},
           {"type": "ss", "cipher": "aes-128-gcm", "password": PASSWORD}),
@@ -128,6 +132,13 @@ PROTOS: list[Proto] = [
           {**_VLP, "tls": True, **_tls_proxy(), "flow": "xtls-rprx-vision"}, tls=True),
     Proto("hysteria2", {"type": "hysteria2", "users": [{"name": "b", "password": PASSWORD}]},
           {"type": "hysteria2", "password": PASSWORD, **_tls_proxy("sni")},
+          tls=True, alpn=("h3",), quic=True),
+    # The same server told the client's receive rate (`down`, the auth's
+    # Hysteria-CC-RX): it sends with Brutal at that rate instead of its BBR.
+    Proto("hy2-down",
+          {"type": "hysteria2", "users": [{"name": "b", "password": PASSWORD}]},
+          {"type": "hysteria2", "password": PASSWORD, "down": HYSTERIA2_DOWN,
+           **_tls_proxy("sni")},
           tls=True, alpn=("h3",), quic=True),
     Proto("tuic", {"type": "tuic", "congestion_control": "cubic",
                    "users": [{"name": "b", "uuid": UUID, "password": PASSWORD}]},

@@ -10,10 +10,13 @@ that waits for the client to speak first is not held up. Each UDP flow is
 a session id on the connection's DATAGRAM frames, fragmented when a packet
 does not fit in one.
 
-`obfs: salamander` obfuscates every UDP packet of the connection. `up` and
-`down` ask for Brutal congestion control and `ports` for port hopping;
-Mirage has neither (the QUIC stack's cubic, the one `port`), and says so at
-INFO when it builds the outbound.
+`obfs: salamander` obfuscates every UDP packet of the connection. `down`
+is declared in the auth request (`Hysteria-CC-RX`, bytes/s): the server
+then sends at that rate with Brutal instead of its own congestion control
+(what paces a download from a sing-box server otherwise is its BBR against
+the ACKs of one Python thread). `up` asks for Brutal on our sending side
+and `ports` for port hopping; Mirage has neither (the QUIC stack's cubic,
+the one `port`), and says so at INFO when it builds the outbound.
 
 How it fails (OutboundError, within the connect timeout): the server
 refused the password (the auth status), the handshake timed out (server
@@ -61,6 +64,7 @@ from appliance.proto.hysteria2 import (
     format_address,
     parse_tcp_response,
     parse_udp_message,
+    rate_bps,
 )
 
 log = logging.getLogger(__name__)
@@ -74,9 +78,12 @@ class Hysteria2Tunnel(QuicTunnel):
     UDP sessions' datagrams (`sessions`: session id -> its peer and
     reassembly)."""
 
-    def __init__(self, *args: Any, password: str, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, password: str, receive_rate: int = 0,
+                 **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._password = password
+        # `down` in bytes/s (0: unknown), sent as Hysteria-CC-RX.
+        self._receive_rate = receive_rate
         self._h3: H3Connection | None = None
         self._auth_stream: int | None = None
         self._auth_status: int | None = None
@@ -92,7 +99,7 @@ class Hysteria2Tunnel(QuicTunnel):
             (b":method", b"POST"), (b":scheme", b"https"),
             (b":authority", AUTH_AUTHORITY.encode()), (b":path", AUTH_PATH.encode()),
             (b"hysteria-auth", self._password.encode()),
-            (b"hysteria-cc-rx", b"0"),
+            (b"hysteria-cc-rx", str(self._receive_rate).encode()),
             (b"hysteria-padding", auth_padding().encode()),
         ], end_stream=True)  # fmt: skip
         self.transmit()
@@ -228,9 +235,12 @@ class Hysteria2Outbound:
     def from_config(cls, p: ProxyConfig, env: OutboundEnv) -> Hysteria2Outbound:
         options = p.options
         assert isinstance(options, Hysteria2Options)
-        if options.up is not None or options.down is not None:
-            log.info("%s: up/down (Brutal congestion control) are not implemented: "
-                     "the QUIC stack's cubic is used", p.name)
+        if options.up is not None:
+            log.info("%s: up (Brutal congestion control for what we send) is not "
+                     "implemented: the QUIC stack's cubic is used", p.name)
+        if options.down is not None and not rate_bps(options.down):
+            log.info("%s: down is not a rate mihomo reads (N, or N Mbps, KBps, ...): "
+                     "the server is told the receive rate is unknown", p.name)
         if options.ports is not None:
             log.info("%s: ports (port hopping) is not implemented: port %d is used",
                      p.name, p.port)
@@ -247,6 +257,7 @@ class Hysteria2Outbound:
         def make(sock: socket.socket, address: tuple[Any, ...]) -> QuicTunnel:
             return Hysteria2Tunnel(
                 self.name, self.configuration, sock, address, password=self.options.password,
+                receive_rate=rate_bps(self.options.down),
                 obfuscate=salamander.obfuscate if salamander is not None else None,
                 deobfuscate=salamander.deobfuscate if salamander is not None else None)
 

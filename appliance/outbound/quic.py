@@ -79,6 +79,13 @@ MAX_DATAGRAM_SIZE = 1350
 # short header (1 + connection id up to 20 + packet number up to 4), the
 # AEAD tag (16) and the frame's own type and length (3), with margin.
 DATAGRAM_ROOM = MAX_DATAGRAM_SIZE - 64
+# The tunnel's UDP socket buffers (quic-go, mihomo's stack, asks for 7 MiB):
+# the server sends a congestion window's worth in bursts faster than one
+# Python thread drains them, and with the kernel's default (208 KiB) the
+# rest of a burst is dropped, each drop a loss that halves the server's
+# window. Forced past net.core.rmem_max/wmem_max where we have
+# CAP_NET_ADMIN (the appliance runs as root), else up to those limits.
+SOCKET_BUFFER = 7 << 20
 # Received datagrams handled per wake-up before aioquic's events are.
 RECV_BATCH = 64
 RECV_SIZE = 65536
@@ -104,6 +111,9 @@ STREAM_WINDOW = 4 << 20
 CONNECTION_WINDOW = 16 << 20
 # Largest chunk a receive_some hands back when not asked for less.
 READ_CHUNK = 1 << 18
+# Linux's SO_RCVBUFFORCE / SO_SNDBUFFORCE (the socket module lacks them).
+SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
+SO_SNDBUFFORCE = getattr(socket, "SO_SNDBUFFORCE", 32)
 # The error code a tunnel closes with when it is done (no error).
 NO_ERROR = 0
 
@@ -721,6 +731,18 @@ async def server_address(dialer: Dialer, server: str, port: int
     return ip, (str(ip), port)
 
 
+def enlarge_buffers(sock: socket.socket, size: int = SOCKET_BUFFER) -> None:
+    """Ask for `size` bytes of receive and send buffer on `sock`, forced
+    past the system's maximum when privileged (see SOCKET_BUFFER)."""
+    for forced, plain in ((SO_RCVBUFFORCE, socket.SO_RCVBUF),
+                          (SO_SNDBUFFORCE, socket.SO_SNDBUF)):
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, forced, size)
+        except OSError:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, plain, size)
+
+
 async def open_tunnel(make: Callable[[socket.socket, tuple[Any, ...]], QuicTunnel],
                       dialer: Dialer, server: str, port: int, *, name: str,
                       within: float, fingerprint: str | None = None) -> QuicTunnel:
@@ -734,6 +756,7 @@ async def open_tunnel(make: Callable[[socket.socket, tuple[Any, ...]], QuicTunne
             sock = udp_socket(socket.AF_INET6 if ip.version == 6 else socket.AF_INET,
                               dialer.mark)
             try:
+                enlarge_buffers(sock)
                 sock.connect(address[:2] if ip.version == 4 else address)
                 tunnel = make(sock, address)
             except BaseException:

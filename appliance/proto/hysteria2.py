@@ -36,6 +36,7 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import os
+import re
 import struct
 from dataclasses import dataclass
 
@@ -124,6 +125,25 @@ def _padding(bounds: tuple[int, int]) -> bytes:
 def auth_padding() -> str:
     """A `Hysteria-Padding` header value: random printable filler."""
     return _padding(AUTH_PADDING).hex()[: AUTH_PADDING[0]]
+
+
+_RATE = re.compile(r"(\d+)\s*([KMGT]?)([Bb])ps")
+_RATE_UNIT = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
+
+
+def rate_bps(text: str | None) -> int:
+    """Bytes per second of an `up`/`down` option as mihomo reads it: a bare
+    integer is Mbit/s, else `N [K|M|G|T](bps|Bps)` (`b` bits, `B` bytes,
+    decimal units); empty or anything else is 0 (unknown)."""
+    if not text:
+        return 0
+    if text.isdigit():
+        return int(text) * 10**6 // 8
+    m = _RATE.fullmatch(text)
+    if m is None:
+        return 0
+    n = int(m.group(1)) * _RATE_UNIT[m.group(2)]
+    return n // 8 if m.group(3) == "b" else n
 
 
 # -- TCP ------------------------------------------------------------------------------

@@ -290,3 +290,22 @@ def test_bad_hysteria2_options_name_their_key(extra: dict[str, Any], path: str) 
 ])
 def test_bad_tuic_options_name_their_key(extra: dict[str, Any], path: str) -> None:
     assert reported(_profile({**TUIC, **extra})).path == path
+
+
+@pytest.mark.parametrize(("text", "bps"), [
+    ("100", 12_500_000),            # a bare number is Mbit/s
+    ("100 Mbps", 12_500_000),
+    ("100Mbps", 12_500_000),
+    ("50 MBps", 50_000_000),        # B: bytes
+    ("800 Kbps", 100_000),
+    ("1 Gbps", 125_000_000),
+    ("2 TBps", 2 * 10**12),
+    ("1000 bps", 125),
+    (None, 0), ("", 0),
+    ("100.5 Mbps", 0),              # what mihomo cannot read is 0 (unknown)
+    ("100 mbps", 0), ("fast", 0), ("100 Mbit/s", 0),
+])
+def test_hysteria2_rates_read_as_mihomo_reads_them(text: str | None, bps: int) -> None:
+    """`down` becomes the auth request's Hysteria-CC-RX (bytes/s) by
+    mihomo's StringToBps (adapter/outbound/util.go)."""
+    assert hy.rate_bps(text) == bps

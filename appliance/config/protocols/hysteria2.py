@@ -14,8 +14,10 @@ from appliance.config.protocols import ProtocolOptions
 class Hysteria2Options(ProtocolOptions):
     """`password` authenticates (the `Hysteria-Auth` header); `obfs`
     "salamander" with `obfs_password` obfuscates every UDP packet.
-    `up`/`down` (bandwidth, as written) ask for Brutal congestion control,
-    which Mirage does not have: the QUIC stack's default (cubic) is used.
+    `down` (bandwidth, as written; `proto.hysteria2.rate_bps` reads it) is
+    declared to the server, which then sends with Brutal at that rate;
+    `up` asks for Brutal on our sending side, which Mirage does not have:
+    the QUIC stack's default (cubic) is used.
     `ports` (port hopping) is kept as written; the `port` is used."""
 
     password: str
