@@ -25,10 +25,11 @@ closes the tunnel at the first packet addressed by name, without a reply
 (mihomo's own client never sends one: its tunnel resolves a UDP flow's
 destination before the proxy sees it). So until a server has answered a
 named packet, a flow keeps its first datagrams; when the server closes
-the tunnel before any reply, the flow reopens once with the name
-resolved here (mihomo's choice: IPv4 first) and sends them again. The
-server that answers that way is then sent addresses from the start; one
-that answers a named packet is sent names without keeping anything.
+the tunnel before any reply (within `REFUSAL_WINDOW` of the first
+packet), the flow reopens once with the name resolved here (mihomo's
+choice: IPv4 first) and sends them again. The server that answers that
+way is then sent addresses from the start; one that answers a named
+packet is sent names without keeping anything.
 """
 
 from __future__ import annotations
@@ -75,6 +76,9 @@ READ_SIZE = 1 << 16
 # Datagrams a flow keeps for a resend while its server's habit with names
 # in UDP packets is not known (see the module doc).
 KEPT_DATAGRAMS = 16
+# A tunnel closed without a reply this soon after the first named packet
+# is taken as the server refusing the name (mihomo closes at once).
+REFUSAL_WINDOW = 3.0
 
 
 class TrojanOutbound:
@@ -210,7 +214,10 @@ class TrojanUdpPeer(StreamUdpPeer):
         codec = self._codec
         reopen, self.reopen = self.reopen, None
         if reopen is None or not isinstance(codec, TrojanPacketCodec) or codec.replied \
-                or not codec.kept:
+                or not codec.kept or codec.first_sent is None \
+                or trio.current_time() - codec.first_sent > REFUSAL_WINDOW:
+            # Not a refusal of the name: a tunnel that lived on without a
+            # reply and then ended (an idle timeout) is not reopened.
             return
         try:
             stream, fresh = await reopen()
@@ -273,11 +280,15 @@ class TrojanPacketCodec:
         self._decoder = UdpDecoder()
         self._keep = keep
         self.kept: list[bytes] = []
+        # When the first kept payload was framed (trio clock).
+        self.first_sent: float | None = None
         self.replied = False
         self._on_reply = on_reply
 
     def encode(self, payload: bytes) -> bytes:
         if len(self.kept) < self._keep and not self.replied:
+            if not self.kept:
+                self.first_sent = trio.current_time()
             self.kept.append(bytes(payload))
         return encode_udp(self._address, payload)
 

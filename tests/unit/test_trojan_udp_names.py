@@ -141,3 +141,25 @@ async def test_a_refused_address_is_not_learned() -> None:
         assert out.heads == ["www.example.test", RESOLVED] and out.udp_names is None
         await peer.aclose()
         nursery.cancel_scope.cancel()
+
+
+async def test_a_tunnel_that_idles_out_without_a_reply_is_not_reopened(
+        autojump_clock: trio.testing.MockClock) -> None:
+    """Closed long after the first packet (an idle timeout, not a refusal
+    of the name): the flow ends, nothing is sent again."""
+    async with trio.open_nursery() as nursery:
+        out = ScriptedTrojan(nursery, names=False)
+
+        async def idle_out(stream: trio.abc.Stream) -> None:
+            await stream.receive_some()
+            await trio.sleep(60)
+            await stream.aclose()
+
+        out._serve = idle_out  # type: ignore[method-assign]
+        peer = await out.open_udp("www.example.test", 53)
+        assert peer is not None
+        peer.sock.send(b"one")
+        await peer.watch()
+        assert out.heads == ["www.example.test"] and out.udp_names is None
+        await peer.aclose()
+        nursery.cancel_scope.cancel()
