@@ -17,9 +17,9 @@ UDP (`udp: true`): a UDP ASSOCIATE tunnel per UDP flow, each datagram
 framed with its destination (`TrojanPacketCodec`), relayed by the shared
 `StreamUdpPeer` (appliance/outbound/stream_udp.py).
 
-Names in UDP packets, learned per outbound (`udp_names`): sing-box and
-trojan-gfw take a packet addressed by name (ATYP 3) and resolve it at the
-far end, as for TCP. mihomo's Trojan inbound does not: its packet reader
+Names in UDP packets, learned per outbound (`udp_names`): sing-box takes
+a packet addressed by name (ATYP 3) and resolves it at the far end, as
+for TCP (tests/integration/test_trojan.py). mihomo's Trojan inbound does not: its packet reader
 keeps only IP addresses (socks5.Addr.UDPAddr is nil for a name) and it
 closes the tunnel at the first packet addressed by name, without a reply
 (mihomo's own client never sends one: its tunnel resolves a UDP flow's
