@@ -647,8 +647,9 @@ class RelayGroup(Group):
     sends it through the earlier hops' TCP; a Shadowsocks hop
     (`udp_through_via`) sends its datagrams as a UDP flow of the hop
     before it, which must then carry UDP by the same rule; SOCKS5 and
-    HTTP hops end the search (mihomo: their UDP cannot be dialed through
-    another proxy). Raises OutboundError (a hop's, or "cannot be
+    HTTP hops end the search (mihomo's SupportWithDialer is TCP for both;
+    a SOCKS5 proxy with its own `dialer-proxy` does carry UDP through it,
+    outside a relay: appliance/outbound/socks5.py). Raises OutboundError (a hop's, or "cannot be
     chained")."""
 
     type = "Relay"

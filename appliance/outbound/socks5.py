@@ -24,11 +24,21 @@ resolves it at the far end, as for CONNECT. Our UDP socket is bound before
 the request and its address is the one we announce; it is connected to the
 relay address the proxy answers (its own address when the reply says
 0.0.0.0), SO_MARK = routing-mark.
+
+Behind a `dialer-proxy` (or as a later hop of a relay), as mihomo's
+ListenPacketContext does: the control connection goes through the
+dialer-proxy's TCP, the request announces 0.0.0.0:0 (we cannot know the
+address our datagrams will come from: the dialer-proxy's), a relay
+address of 0.0.0.0 is the proxy server's own address (resolved here), and
+the datagrams, each with its SOCKS5 UDP header, go as a UDP flow of the
+dialer-proxy to that relay address (`CarriedSocks5Peer`). So the proxy
+carries UDP while its dialer-proxy does.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import socket
 from collections.abc import Callable
 from typing import Any
@@ -37,6 +47,7 @@ import trio
 
 from appliance.config.model import IPAddress, ProxyConfig
 from appliance.outbound.base import (
+    Outbound,
     OutboundEnv,
     OutboundError,
     ProxyOutbound,
@@ -48,7 +59,18 @@ from appliance.outbound.base import (
     no_udp,
     udp_socket,
 )
-from appliance.proto.socks5 import CMD_UDP_ASSOCIATE, Socks5Client, Socks5Error, encode_udp
+from appliance.proto.socks5 import (
+    CMD_UDP_ASSOCIATE,
+    Socks5Client,
+    Socks5Error,
+    encode_udp,
+    parse_udp,
+)
+
+log = logging.getLogger(__name__)
+
+# The largest datagram either way.
+_MAX_DATAGRAM = 65535
 
 # Greeting, auth and request need 3 round trips; a server that trickles its
 # replies byte by byte needs at most ~280 reads. Bound the loop anyway.
@@ -88,16 +110,21 @@ class Socks5Outbound(ProxyOutbound):
     type = "Socks5"
 
     def __init__(self, name: str, server: str, port: int, *, udp: bool = False,
-                 **common: Any) -> None:
+                 via: Outbound | None = None, **common: Any) -> None:
         super().__init__(name, server, port, **common)
-        self.carries_udp = udp
+        self._udp = udp
+        # `dialer-proxy` / a relay's previous hop: the control connection
+        # goes through its TCP (`server_dial`), the datagrams through its UDP.
+        self.via = via
         self.pipelining: bool | None = None
+
+    @property
+    def carries_udp(self) -> bool:  # type: ignore[override]
+        return self._udp and (self.via is None or self.via.carries_udp)
 
     @classmethod
     def from_config(cls, p: ProxyConfig, env: OutboundEnv) -> Socks5Outbound:
-        # UDP ASSOCIATE needs the relay reachable by UDP: not through a
-        # dialer-proxy, which carries the control connection only.
-        return cls(p.name, p.server, p.port, udp=p.udp and env.via is None, username=p.username,
+        return cls(p.name, p.server, p.port, udp=p.udp, via=env.via, username=p.username,
                    password=p.password, routing_mark=env.routing_mark,
                    connect_timeout=env.connect_timeout, resolve=env.resolve, ipv6=env.ipv6,
                    ip_version=env.ip_version,
@@ -109,6 +136,8 @@ class Socks5Outbound(ProxyOutbound):
         of its own; closes what it opened on any failure."""
         if not self.carries_udp:
             return await no_udp(self.name)
+        if self.via is not None:
+            return await self._open_udp_via(self.via, host, port)
         stream = await self.dialer.dial(self.server, self.port)
         sock: socket.socket | None = None
         try:
@@ -151,6 +180,43 @@ class Socks5Outbound(ProxyOutbound):
             raise
         return UdpPeer(sock, self.name, header=header, control=stream,
                        remote=f"{relay_host}:{relay_port}")
+
+    async def _open_udp_via(self, via: Outbound, host: str | IPAddress,
+                            port: int) -> UdpPeer:
+        """UDP ASSOCIATE with the control connection through `via` and the
+        datagrams as a UDP flow of `via` (see the module doc). Closes what
+        it opened on any failure."""
+        try:
+            client = Socks5Client("0.0.0.0", 0, username=self.username,
+                                  password=self.password, command=CMD_UDP_ASSOCIATE,
+                                  pipeline=self.pipelining is True)
+            header = encode_udp(host, port, b"")
+        except Socks5Error as e:
+            raise OutboundError(f"{self.name}: UDP ASSOCIATE: {e}") from None
+        stream = await self.server_dial(self.server, self.port)
+        carrier: UdpPeer | None = None
+        try:
+            await socks5_handshake(stream, client, f"{self.name}: UDP ASSOCIATE")
+            assert client.reply is not None
+            relay = as_ip(client.reply.host)
+            relay_port = client.reply.port
+            if not 0 < relay_port <= 0xFFFF:
+                raise OutboundError(
+                    f"{self.name}: UDP ASSOCIATE answered relay port {relay_port}")
+            if relay is None or relay.is_unspecified:
+                # mihomo: the server's own address, resolved for UDP.
+                relay = await self.dialer.udp_address(self.server)
+            carrier = await via.open_udp(relay, relay_port)
+            if carrier is None:
+                raise OutboundError(f"{self.name}: UDP ASSOCIATE: {via.name} rejects UDP "
+                                    f"to {relay} port {relay_port}")
+            return CarriedSocks5Peer(carrier, stream, self.name, header,
+                                     f"{relay}:{relay_port} via {carrier.outbound}")
+        except BaseException:
+            if carrier is not None:
+                await trio.aclose_forcefully(_PeerCloser(carrier))
+            await trio.aclose_forcefully(stream)
+            raise
 
     async def _connect(self, host: str | IPAddress, port: int) -> trio.abc.Stream:
         def new_client(pipeline: bool = self.pipelining is not False) -> Socks5Client:
@@ -242,3 +308,96 @@ async def socks5_handshake(stream: trio.abc.Stream, client: Socks5Client, name: 
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
     raise OutboundError(f"{name}: handshake did not finish")
+
+
+class _PeerCloser(trio.abc.AsyncResource):
+    """A UdpPeer as a resource, for `trio.aclose_forcefully`."""
+
+    def __init__(self, peer: UdpPeer) -> None:
+        self.peer = peer
+
+    async def aclose(self) -> None:
+        await self.peer.aclose()
+
+
+class CarriedSocks5Peer(UdpPeer):
+    """A SOCKS5 UDP association whose datagrams ride `carrier`, a UDP flow
+    of the dialer-proxy to the relay address. The gateway sends
+    `header + payload` (header: the target in a SOCKS5 UDP header) on
+    `sock`, one end of a local datagram pair, and strips the same kind of
+    header from what it reads there (`socks`); `watch()` passes each
+    datagram on through the carrier (after the carrier's own header) and
+    each reply back (without the carrier's SOCKS5 header, when it has
+    one). `watch()` returns when the control connection closes (RFC 1928:
+    the association ends with it) or the carrier's own watch returns.
+    Owns the pair, the control stream and the carrier."""
+
+    def __init__(self, carrier: UdpPeer, control: trio.abc.Stream, outbound: str,
+                 header: bytes, remote: str) -> None:
+        outer, inner = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+        for s in (outer, inner):
+            s.setblocking(False)
+        super().__init__(outer, outbound, header=header, control=control, remote=remote)
+        self.inner = inner
+        self.carrier = carrier
+        self.dropped = 0
+
+    async def watch(self) -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._up)
+            nursery.start_soon(self._down)
+            if self.carrier.control is not None:
+                nursery.start_soon(self._ends, self.carrier.watch, nursery.cancel_scope)
+            await UdpPeer.watch(self)
+            nursery.cancel_scope.cancel()
+
+    @staticmethod
+    async def _ends(watch: Callable[[], Any], scope: trio.CancelScope) -> None:
+        await watch()
+        scope.cancel()
+
+    async def _up(self) -> None:
+        inner, out, prefix = self.inner, self.carrier.sock, self.carrier.header
+        while True:
+            await trio.lowlevel.wait_readable(inner)
+            while True:
+                try:
+                    packet = inner.recv(_MAX_DATAGRAM)
+                except BlockingIOError:
+                    break
+                try:
+                    out.send(prefix + packet if prefix else packet)
+                except OSError:
+                    self.dropped += 1
+
+    async def _down(self) -> None:
+        inner, back, socks = self.inner, self.carrier.sock, self.carrier.socks
+        while True:
+            await trio.lowlevel.wait_readable(back)
+            while True:
+                try:
+                    packet = back.recv(_MAX_DATAGRAM)
+                except BlockingIOError:
+                    break
+                except OSError:
+                    continue  # the relay may come back
+                try:
+                    if socks:
+                        # A SOCKS5 dialer-proxy's relay: its header first.
+                        relayed = parse_udp(packet)
+                        if relayed.frag:
+                            raise Socks5Error("a fragment from the dialer-proxy's relay")
+                        packet = relayed.payload
+                    inner.send(packet)
+                except (Socks5Error, OSError) as e:
+                    self.dropped += 1
+                    if self.dropped == 1:
+                        log.warning("socks5 udp %s: dropped a reply: %s", self.remote, e)
+
+    async def aclose(self) -> None:
+        self.inner.close()
+        carrier = self.carrier
+        try:
+            await carrier.aclose()
+        finally:
+            await super().aclose()

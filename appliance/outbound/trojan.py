@@ -16,11 +16,26 @@ likely reasons (the flow itself then ends as any closed flow does).
 UDP (`udp: true`): a UDP ASSOCIATE tunnel per UDP flow, each datagram
 framed with its destination (`TrojanPacketCodec`), relayed by the shared
 `StreamUdpPeer` (appliance/outbound/stream_udp.py).
+
+Names in UDP packets, learned per outbound (`udp_names`): sing-box takes
+a packet addressed by name (ATYP 3) and resolves it at the far end, as
+for TCP (tests/integration/test_trojan.py). mihomo's Trojan inbound does not: its packet reader
+keeps only IP addresses (socks5.Addr.UDPAddr is nil for a name) and it
+closes the tunnel at the first packet addressed by name, without a reply
+(mihomo's own client never sends one: its tunnel resolves a UDP flow's
+destination before the proxy sees it). So until a server has answered a
+named packet, a flow keeps its first datagrams; when the server closes
+the tunnel before any reply (within `REFUSAL_WINDOW` of the first
+packet), the flow reopens once with the name resolved here (mihomo's
+choice: IPv4 first) and sends them again. The server that answers that
+way is then sent addresses from the start; one that answers a named
+packet is sent names without keeping anything.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 
 import trio
 
@@ -28,10 +43,12 @@ from appliance.config.model import IPAddress, ProxyConfig
 from appliance.config.protocols.common import TlsOptions, TransportOptions
 from appliance.config.protocols.trojan import TrojanOptions
 from appliance.outbound.base import (
+    Dialer,
     OutboundEnv,
     OutboundError,
     ServerDial,
     UdpPeer,
+    as_ip,
     no_udp,
     outbound_deadline,
 )
@@ -56,6 +73,12 @@ DEFAULT_ALPN = ("h2", "http/1.1")
 # Reads from the tunnel: one TLS record is 16 KiB; a large read takes
 # several records per wakeup.
 READ_SIZE = 1 << 16
+# Datagrams a flow keeps for a resend while its server's habit with names
+# in UDP packets is not known (see the module doc).
+KEPT_DATAGRAMS = 16
+# A tunnel closed without a reply this soon after the first named packet
+# is taken as the server refusing the name (mihomo closes at once).
+REFUSAL_WINDOW = 3.0
 
 
 class TrojanOutbound:
@@ -70,7 +93,8 @@ class TrojanOutbound:
 
     def __init__(self, name: str, server: str, port: int, password: str, *,
                  tls: TlsOptions, transport: TransportOptions | None, udp: bool,
-                 dial: ServerDial, connect_timeout: float) -> None:
+                 dial: ServerDial, connect_timeout: float,
+                 targets: Dialer | None = None) -> None:
         self.name = name
         self.server = server
         self.port = port
@@ -86,6 +110,11 @@ class TrojanOutbound:
         # Host / :authority for the transport: the name TLS sends.
         self.host = self.tls.server_hostname
         self.gun = gun_pool(transport, self.host, tls=True)
+        # Whether the server takes names in UDP packets: None (not known
+        # yet), True, False (send addresses); see the module doc.
+        self.udp_names: bool | None = None
+        # Resolves UDP destinations for a server that takes no names.
+        self.targets = targets
 
     @classmethod
     def from_config(cls, p: ProxyConfig, env: OutboundEnv) -> TrojanOutbound:
@@ -93,7 +122,8 @@ class TrojanOutbound:
         dialer = env.server_dialer()
         return cls(p.name, p.server, p.port, p.options.password,
                    tls=p.tls_options or TlsOptions(), transport=p.transport, udp=p.udp,
-                   dial=env.server_dial(dialer), connect_timeout=env.connect_timeout)
+                   dial=env.server_dial(dialer), connect_timeout=env.connect_timeout,
+                   targets=Dialer(env.resolve, env.routing_mark, ipv6=env.ipv6))
 
     async def _tunnel(self, command: int, host: str | IPAddress, port: int) -> trio.abc.Stream:
         """Dial, TLS, transport, request head sent; the stream after it.
@@ -125,14 +155,83 @@ class TrojanOutbound:
     async def open_udp(self, host: str | IPAddress, port: int) -> UdpPeer | None:
         if not self.carries_udp:
             return await no_udp(self.name)
+        named = as_ip(host) is None
+        if named and self.udp_names is False:
+            host = await self.udp_target(str(host))
+            named = False
         try:
             address = encode_address(host, port)
         except Socks5Error as e:
             raise OutboundError(f"{self.name}: UDP: {e}") from None
         with outbound_deadline(self.connect_timeout, f"{self.name} UDP {host}:{port}"):
             tunnel = await self._tunnel(CMD_UDP_ASSOCIATE, host, port)
-        return StreamUdpPeer(tunnel, TrojanPacketCodec(address), self.name,
-                             f"{self.server}:{self.port}")
+        learning = named and self.udp_names is None
+        codec = TrojanPacketCodec(address, keep=KEPT_DATAGRAMS if learning else 0,
+                                  on_reply=self._named_reply if named else None)
+        peer = TrojanUdpPeer(tunnel, codec, self.name, f"{self.server}:{self.port}")
+        if learning:
+            peer.reopen = lambda: self._reopen_by_address(str(host), port)
+        return peer
+
+    async def udp_target(self, name: str) -> IPAddress:
+        """The address a UDP packet to `name` carries for a server that
+        takes no names (mihomo resolves it the same way: IPv4 first)."""
+        if self.targets is None:
+            raise OutboundError(f"{self.name}: UDP: cannot resolve {name}")
+        return await self.targets.udp_address(name)
+
+    def _named_reply(self) -> None:
+        self.udp_names = True
+
+    async def _reopen_by_address(self, name: str, port: int
+                                 ) -> tuple[trio.abc.Stream, TrojanPacketCodec]:
+        """A new tunnel for a flow whose named packet the server refused,
+        to `name` resolved here; the server is taken to refuse names once
+        a packet so addressed gets a reply."""
+        ip = await self.udp_target(name)
+        with outbound_deadline(self.connect_timeout, f"{self.name} UDP {ip}:{port}"):
+            tunnel = await self._tunnel(CMD_UDP_ASSOCIATE, ip, port)
+        return tunnel, TrojanPacketCodec(encode_address(ip, port), on_reply=self._address_reply)
+
+    def _address_reply(self) -> None:
+        if self.udp_names is None:
+            self.udp_names = False
+            log.info("%s: the server closes UDP tunnels addressed by name (mihomo's Trojan "
+                     "inbound does): its UDP destinations are resolved here from now on",
+                     self.name)
+
+
+class TrojanUdpPeer(StreamUdpPeer):
+    """A Trojan UDP flow (StreamUdpPeer) that, while `reopen` is set (its
+    server's habit with named packets is not known yet), reopens once by
+    address when the server closes the tunnel before any reply, and sends
+    the datagrams kept so far again (see the module doc)."""
+
+    reopen: Callable[[], Awaitable[tuple[trio.abc.Stream, TrojanPacketCodec]]] | None = None
+
+    async def watch(self) -> None:
+        await super().watch()
+        codec = self._codec
+        reopen, self.reopen = self.reopen, None
+        if reopen is None or not isinstance(codec, TrojanPacketCodec) or codec.replied \
+                or not codec.kept or codec.first_sent is None \
+                or trio.current_time() - codec.first_sent > REFUSAL_WINDOW:
+            # Not a refusal of the name: a tunnel that lived on without a
+            # reply and then ended (an idle timeout) is not reopened.
+            return
+        try:
+            stream, fresh = await reopen()
+        except OutboundError as e:
+            log.warning("%s: UDP: the server closed the tunnel without a reply; by address: %s",
+                        self.outbound, e.reason)
+            return
+        old, self._stream, self._codec, self.control = self._stream, stream, fresh, stream
+        await trio.aclose_forcefully(old)
+        try:
+            await stream.send_all(b"".join(fresh.encode(p) for p in codec.kept))
+        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
+            return
+        await super().watch()
 
 
 class TrojanStream(trio.abc.Stream):
@@ -176,14 +275,32 @@ class TrojanPacketCodec:
     """A UDP flow's datagrams as Trojan packets (`PacketCodec` of
     appliance/outbound/stream_udp.py): each one framed with the flow's
     destination; replies' source addresses are not needed (one flow, one
-    destination)."""
+    destination). Keeps the first `keep` payloads it frames until a reply
+    comes (`kept`), and calls `on_reply` at the first reply."""
 
-    def __init__(self, address: bytes) -> None:
+    def __init__(self, address: bytes, *, keep: int = 0,
+                 on_reply: Callable[[], None] | None = None) -> None:
         self._address = address
         self._decoder = UdpDecoder()
+        self._keep = keep
+        self.kept: list[bytes] = []
+        # When the first kept payload was framed (trio clock).
+        self.first_sent: float | None = None
+        self.replied = False
+        self._on_reply = on_reply
 
     def encode(self, payload: bytes) -> bytes:
+        if len(self.kept) < self._keep and not self.replied:
+            if not self.kept:
+                self.first_sent = trio.current_time()
+            self.kept.append(bytes(payload))
         return encode_udp(self._address, payload)
 
     def decode(self, data: bytes) -> list[bytes]:
-        return [payload for _host, _port, payload in self._decoder.feed(data)]
+        payloads = [payload for _host, _port, payload in self._decoder.feed(data)]
+        if payloads and not self.replied:
+            self.replied = True
+            self.kept.clear()
+            if self._on_reply is not None:
+                self._on_reply()
+        return payloads

@@ -22,7 +22,9 @@ chains are chosen by the client's source port (SRC-PORT rules): the relay
 `dialer-proxy: hop`); sing-box's log shows the Trojan server reached
 through the SOCKS5 inbound, by name. Shadowsocks UDP sends to one address
 of `he.proxy.test` picked by `ip-version` (mihomo's choice: `dual` takes
-the A, `ipv6-prefer` the AAAA).
+the A, `ipv6-prefer` the AAAA). `dante-via` is the lab's dante (SOCKS5 with
+UDP ASSOCIATE) with `dialer-proxy` sing-box's SOCKS5 inbound: its UDP goes
+through that inbound (control connection and datagrams both).
 """
 
 from __future__ import annotations
@@ -64,6 +66,8 @@ CHAIN_PORTS = {"Chain": 32000, "tj-via": 32010}
 SS_PORTS = {"ss-v6prefer": 32020, "ss-dual": 32030}
 # Shadowsocks UDP as a UDP flow of the outbound before it: Trojan's.
 SS_CHAIN_PORTS = {"ss-via-tj": 32040, "SsChain": 32050}
+# SOCKS5 UDP behind a dialer-proxy: dante, reached through sing-box's SOCKS5.
+DANTE_VIA_PORT = 32060
 
 
 @pytest.fixture(scope="module")
@@ -93,6 +97,8 @@ def upstream(lab: Lab) -> Iterator[SingBox]:
         with open(logs / "dnsmasq.log", "wb") as out:
             procs.append(lab.popen("upstream", [
                 "dnsmasq", "-k", "-p", str(DNS_PORT), "--listen-address=192.168.57.11",
+                # Both of beta's families: dante resolves it to the AAAA.
+                "--listen-address=fd57::11",
                 "--bind-interfaces", "--no-resolv", "--no-hosts", "--server=192.168.57.53",
                 f"--pid-file={logs}/dnsmasq.pid"], stdout=out, stderr=subprocess.STDOUT))
         yield sb.start()
@@ -138,13 +144,16 @@ def mirage(lab: Lab, upstream: SingBox) -> Iterator[MirageRun]:
          "password": SS_PASSWORD, "udp": True},
         {"name": "ss-via-tj", "type": "ss", "server": UP6, "port": SS_PORT, "cipher": SS_CIPHER,
          "password": SS_PASSWORD, "udp": True, "dialer-proxy": "tj"},
+        {**socks("hop-udp", "192.168.57.10", "dual"), "udp": True},
+        {"name": "dante-via", "type": "socks5", "server": str(lab.topology.socks[0].address),
+         "port": lab.topology.socks[0].port, "udp": True, "dialer-proxy": "hop-udp"},
     ]
     cfg["proxy-groups"] = [{"name": "Chain", "type": "relay", "proxies": ["hop", "tj"]},
                            {"name": "SsChain", "type": "relay", "proxies": ["tj", "ss6"]}]
     cfg["rules"] = [
         *(f"SRC-PORT,{first}-{first + 9},{name}"
           for name, first in (*CHAIN_PORTS.items(), *SS_PORTS.items(),
-                              *SS_CHAIN_PORTS.items())),
+                              *SS_CHAIN_PORTS.items(), ("dante-via", DANTE_VIA_PORT))),
         "DOMAIN,www.alpha.test,he-v4prefer", "DOMAIN,www.beta.test,six-v4",
         "DOMAIN,www.gamma.test,he-dual", "MATCH,DIRECT"]
     run = MirageRun(lab, cfg, name="dialers-mirage", env={"SSL_CERT_FILE": str(lab.ca_path)})
@@ -287,3 +296,42 @@ def test_shadowsocks_udp_rides_the_udp_of_the_outbound_before_it(
     # Not one datagram went from the gateway to the Shadowsocks server.
     assert not re.search(r"inbound/shadowsocks\[ss-in\]: inbound packet connection from "
                          r"\[fd57::1\]", log), log[-3000:]
+
+
+def test_socks5_udp_rides_its_dialer_proxy(lab: Lab, mirage: MirageRun,
+                                           upstream: SingBox) -> None:
+    """dante with `dialer-proxy` (sing-box's SOCKS5), as mihomo: the UDP
+    ASSOCIATE's control connection goes through the dialer-proxy's TCP and
+    the datagrams as a UDP flow of the dialer-proxy to dante's relay."""
+    dante = lab.topology.socks[0]
+    before, dante_before = len(upstream.log_text()), len(lab.dante_log.read_text())
+    out = lab.exec("client", [sys.executable, "-c", UDP_EXCHANGE, "www.gamma.test",
+                              str(ECHO_PORT), str(DANTE_VIA_PORT + 1)], timeout=20)
+    assert out.returncode == 0, out.stderr
+    for i, reply in enumerate(json.loads(out.stdout)["replies"]):
+        assert reply is not None, (mirage.log_text()[-2000:], upstream.log_text()[before:])
+        # From dante's relay (whichever family dante resolved gamma to),
+        # not the gateway.
+        assert reply.startswith(f"chained {i} from="), reply
+        assert "from=192.168.57.1:" not in reply and "from=fd57::1:" not in reply
+    # A DNS exchange the same way: dig to dnsmasq on beta's address.
+    fake = lab.exec("client", ["dig", "+time=3", "+tries=1", "+short",
+                               "www.beta.test"]).stdout.strip()
+    assert fake.startswith("198.18."), fake
+    answer = lab.exec("client", ["dig", "+time=3", "+tries=2", "+short", "-b",
+                                 f"0.0.0.0#{DANTE_VIA_PORT + 2}", f"@{fake}", "-p",
+                                 str(DNS_PORT), "www.alpha.test"]).stdout.strip()
+    assert answer == "192.168.57.10", (answer, mirage.log_text()[-2000:])
+    log = upstream.log_text()[before:]
+    # The control connection went through sing-box's TCP, the datagrams
+    # through its UDP, to dante's relay (an address: dante answered one).
+    assert f"inbound/socks[socks-in]: inbound connection to {dante.address}:{dante.port}" \
+        in log, log[-3000:]
+    assert re.search(r"inbound/socks\[socks-in\]: inbound packet connection to "
+                     + re.escape(f"{dante.address}:"), log), log[-3000:]
+    # dante got the destinations by name (ATYP 3), from sing-box, never
+    # from the gateway.
+    dante_log = lab.dante_log.read_text()[dante_before:]
+    assert f"www.gamma.test.{ECHO_PORT}" in dante_log, dante_log[-3000:]
+    assert f"www.beta.test.{DNS_PORT}" in dante_log
+    assert "192.168.57.1." not in dante_log, dante_log[-3000:]

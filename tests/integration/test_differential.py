@@ -389,16 +389,9 @@ def mihomo_seen(world: World, mirage_seen: dict[str, Seen]) -> dict[str, Seen]:
 # Where Mirage deliberately answers otherwise: flow -> (why, what Mirage
 # shows, what mihomo shows). Both sides are asserted, so a change on either
 # side is seen.
-DIFFERENCES: dict[str, tuple[str, Seen, Seen]] = {
-    f"udp:x.logic.diff.test:{LOGIC}": (
-        "a SOCKS5 proxy behind a dialer-proxy carries no UDP in Mirage (docs/config.md); "
-        "mihomo relays the datagrams through the dialer-proxy's own UDP. The AND rule's "
-        "target cannot take the flow, so Mirage goes on to the next matching rule, as it "
-        "does for every outbound without UDP",
-        (("socks-b", "Sel"), "Network", "udp"),
-        (("b-via-a", "Chain"), "AND",
-         f"((DomainSuffix,logic.diff.test) && (DstPort,{LOGIC}))")),
-}
+# (None today: a SOCKS5 proxy behind a dialer-proxy carries UDP through
+# it on both sides, so `udp:x.logic.diff.test` takes the Chain.)
+DIFFERENCES: dict[str, tuple[str, Seen, Seen]] = {}
 
 
 @pytest.mark.parametrize("flow", FLOWS, ids=[f.key for f in FLOWS])

@@ -1202,14 +1202,3 @@ def test_limits_default_and_validate_with_key_paths() -> None:
         with pytest.raises(ConfigError) as err:
             parse_config(with_(appliance={"limits": limits}))
         assert err.value.path == path, (limits, err.value)
-
-
-def test_udp_behind_a_dialer_proxy_is_said_at_load(caplog: pytest.LogCaptureFixture) -> None:
-    # mihomo carries this proxy's UDP through socks-a; Mirage does not
-    # (tests/integration/test_differential.py asserts both routings).
-    parse_config({"dns": {"enable": False}, "proxies": [
-        {"name": "socks-a", "type": "socks5", "server": "192.0.2.1", "port": 1080, "udp": True},
-        {"name": "b-via-a", "type": "socks5", "server": "192.0.2.2", "port": 1080, "udp": True,
-         "dialer-proxy": "socks-a"}]})
-    assert "SOCKS5 proxy behind a dialer-proxy ('b-via-a')" in caplog.text
-    assert "'socks-a'" not in caplog.text

@@ -402,6 +402,7 @@ def test_relay_carries_udp_where_mihomo_does() -> None:
         {"name": "SsOverSs", "type": "relay", "proxies": ["ss", "ss-2"]},
         {"name": "ToSsOverUdpSocks", "type": "relay", "proxies": ["socks-udp", "ss"]},
         {"name": "ToHy2", "type": "relay", "proxies": ["HK 01", "hy2"]},
+        {"name": "ToUdpSocksOverTrojan", "type": "relay", "proxies": ["tj", "socks-udp"]},
     ])
     data["proxies"] += [
         {"name": "tj", "type": "trojan", "server": "t.example", "port": 443,
@@ -420,6 +421,8 @@ def test_relay_carries_udp_where_mihomo_does() -> None:
          "udp": True},
         {"name": "hy2", "type": "hysteria2", "server": "h.example", "port": 443,
          "password": "x"},
+        {"name": "socks-via-tj", "type": "socks5", "server": "192.0.2.9", "port": 1080,
+         "udp": True, "dialer-proxy": "tj"},
     ]
     out = build_outbounds(parse_config(data), None)
     assert out["ToTrojan"].carries_udp
@@ -434,6 +437,10 @@ def test_relay_carries_udp_where_mihomo_does() -> None:
     assert out["ss-via-tj"].carries_udp
     # mihomo's rule: a SOCKS5 hop before an ss one ends it, udp or not.
     assert not out["ToSsOverUdpSocks"].carries_udp
+    # SOCKS5 UDP rides its dialer-proxy (mihomo's ListenPacketContext), but
+    # a relay ending in it carries none (its SupportWithDialer is TCP).
+    assert out["socks-via-tj"].carries_udp
+    assert not out["ToUdpSocksOverTrojan"].carries_udp
     # QUIC hops cannot ride another proxy: the relay says so.
     with pytest.raises(OutboundError, match="cannot be chained"):
         out["ToHy2"].chain()  # type: ignore[attr-defined]

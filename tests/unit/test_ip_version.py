@@ -208,19 +208,31 @@ async def test_direct_honours_the_top_level_ipv6() -> None:
     assert await on.udp_addresses.resolve("d6.test") == B1
 
 
-def test_udp_a_chain_cannot_carry_is_said_at_load(caplog: pytest.LogCaptureFixture) -> None:
+def test_udp_behind_a_dialer_proxy_follows_it(caplog: pytest.LogCaptureFixture) -> None:
+    """ss, trojan and socks5 behind a dialer-proxy carry UDP while it does
+    (mihomo's ListenPacketContext through the proxy dialer): nothing to
+    say at load."""
+    from appliance.outbound.build import build_outbounds
+
     with caplog.at_level(logging.WARNING):
-        parse_config(_profile(proxies=[
-            {"name": "hop", "type": "socks5", "server": "192.0.2.1", "port": 1080},
+        cfg = parse_config(_profile(proxies=[
+            {"name": "hop", "type": "socks5", "server": "192.0.2.1", "port": 1080,
+             "udp": True},
+            {"name": "tcp-hop", "type": "socks5", "server": "192.0.2.1", "port": 1080},
             {"name": "ss-via", "type": "ss", "server": "192.0.2.2", "port": 8388,
              "cipher": "aes-128-gcm", "password": "x", "udp": True, "dialer-proxy": "hop"},
             {"name": "tj-via", "type": "trojan", "server": "192.0.2.3", "port": 443,
              "password": "x", "udp": True, "dialer-proxy": "hop"},
             {"name": "socks-via", "type": "socks5", "server": "192.0.2.4", "port": 1080,
              "udp": True, "dialer-proxy": "hop"},
+            {"name": "socks-via-tcp", "type": "socks5", "server": "192.0.2.4", "port": 1080,
+             "udp": True, "dialer-proxy": "tcp-hop"},
         ]))
-    assert "SOCKS5 proxy behind a dialer-proxy ('socks-via')" in caplog.text
-    assert "tj-via" not in caplog.text and "ss-via" not in caplog.text
+    assert "dialer-proxy" not in caplog.text
+    out = build_outbounds(cfg, Records({4: [A1]}))
+    assert out["socks-via"].carries_udp and out["ss-via"].carries_udp
+    # Its datagrams would ride a dialer-proxy without UDP: none.
+    assert not out["socks-via-tcp"].carries_udp
 
 
 async def test_a_named_direct_takes_ip_version() -> None:

@@ -43,8 +43,7 @@ def _warn_ip_versions(cfg: Config) -> None:
     """What a proxy's way to its server leaves it unable to do, said now
     rather than at the first flow (mihomo loads such profiles, so Mirage
     does too): an `ip-version` that leaves its server no address (every
-    connection fails). (SOCKS5 UDP behind a dialer-proxy is said by
-    loader/proxies.py `warn_udp_behind_dialer`.)"""
+    connection fails)."""
     for p in cfg.proxies:
         if p.ip_version == "ipv6" and not cfg.ipv6:
             log.warning("proxy %r: ip-version: ipv6 with the top-level ipv6: false: its "

@@ -127,20 +127,6 @@ def parse_proxies(
     return proxies, skipped
 
 
-def warn_udp_behind_dialer(proxies: list[ProxyConfig]) -> None:
-    """Say at load what `udp: true` does not do here: mihomo sends a SOCKS5
-    proxy's UDP through its dialer-proxy; Mirage does not
-    (outbound/socks5.py), so such a proxy's UDP flows go on to the next
-    rule, as for any outbound without UDP."""
-    names = [p.name for p in proxies if p.type == "socks5" and p.udp and p.dialer_proxy]
-    if names:
-        log.warning("udp: true on SOCKS5 prox%s behind a dialer-proxy (%s): Mirage carries no "
-                    "SOCKS5 UDP through a dialer-proxy; UDP flows skip the rules that send "
-                    "to %s",
-                    "y" if len(names) == 1 else "ies", ", ".join(map(repr, names)),
-                    "it" if len(names) == 1 else "them")
-
-
 def _written_name(item: Any) -> Any:
     """The `name` of a proxy entry however it is spelled (`Name`), or None."""
     if not isinstance(item, dict):

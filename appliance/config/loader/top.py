@@ -20,7 +20,6 @@ from appliance.config.loader.groups import parse_groups
 from appliance.config.loader.proxies import (
     BUILTIN_TARGETS,
     parse_proxies,
-    warn_udp_behind_dialer,
 )
 from appliance.config.loader.proxy_providers import (
     check_provider_dialers,
@@ -137,7 +136,6 @@ def parse_root(data: Any, ctx: LoadContext) -> Config:
         lambda: parse_proxies(root.raw("proxies"), root.at("proxies"), ctx), ([], {}))
     # Before parse_groups adds the groups it skips to `skipped`.
     skipped_proxies = dict(skipped)
-    warn_udp_behind_dialer(proxies)
     providers = ctx.attempt(lambda: parse_proxy_providers(
         root.raw("proxy-providers"), root.at("proxy-providers"), ctx), [])
     groups = ctx.attempt(lambda: parse_groups(
