@@ -41,6 +41,7 @@ from wsproto.events import (
 )
 from wsproto.utilities import LocalProtocolError, RemoteProtocolError
 
+from appliance import streamio
 from appliance.config.protocols.common import WsOptions
 from appliance.outbound.base import ReplayStream
 from appliance.outbound.transport.chunks import Chunks
@@ -198,12 +199,12 @@ class WsStream(trio.abc.Stream):
                     headers.append((self.early_header.encode(), text.encode()))
             request = Request(host=self.host, target=path, extra_headers=headers,
                               subprotocols=subprotocols)
-            await self.transport_stream.send_all(self._conn.send(request))
+            await streamio.send_all(self.transport_stream, self._conn.send(request))
             head = bytearray()
             while (end := head.find(b"\r\n\r\n")) < 0:
                 if len(head) > MAX_RESPONSE_HEAD:
                     raise trio.BrokenResourceError("ws: upgrade response head too long")
-                data = await self.transport_stream.receive_some(READ_SIZE)
+                data = await streamio.receive_some(self.transport_stream, READ_SIZE)
                 if not data:
                     raise trio.BrokenResourceError(
                         "ws: the server closed the connection before the upgrade")
@@ -264,7 +265,7 @@ class WsStream(trio.abc.Stream):
                 except LocalProtocolError as e:
                     raise trio.ClosedResourceError(f"ws: {e}") from None
             if out:
-                await self.transport_stream.send_all(out)
+                await streamio.send_all(self.transport_stream, out)
 
     async def wait_send_all_might_not_block(self) -> None:
         await self.transport_stream.wait_send_all_might_not_block()
@@ -275,7 +276,7 @@ class WsStream(trio.abc.Stream):
         while not self._received:
             if self._eof:
                 return b""
-            data = await self.transport_stream.receive_some(READ_SIZE)
+            data = await streamio.receive_some(self.transport_stream, READ_SIZE)
             if not data:
                 self._eof = True
                 return b""
