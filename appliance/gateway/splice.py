@@ -54,6 +54,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import trio
 
+from appliance import streamio
 from appliance.failures import FailedFlows
 from appliance.sockopt import set_keepalive
 
@@ -289,12 +290,22 @@ def _idle_sweeper() -> _IdleSweeper:
 
 
 async def _pump_copy(src: trio.abc.Stream, dst: trio.abc.Stream, count: Any) -> None:
+    """The copy loop for ends that are not both plain sockets (TLS, ws,
+    cipher streams). `streamio` reads and writes the socket ends (and the
+    sockets under TLS and ws) without a scheduler turn per call, so this
+    loop yields every _COPY_BURST chunks itself: a busy flow cannot starve
+    the rest."""
+    unyielded = 0
     while True:
-        data = await src.receive_some(CHUNK)
+        data = await streamio.receive_some(src, CHUNK)
         if not data:
             return
-        await dst.send_all(data)
+        await streamio.send_all(dst, data)
         count(len(data))
+        unyielded += 1
+        if unyielded >= _COPY_BURST:
+            await trio.lowlevel.checkpoint()
+            unyielded = 0
 
 
 async def _pump_splice(src: trio.SocketStream, dst: trio.SocketStream, count: Any) -> None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import trio
 
+from appliance import streamio
 from appliance.config.protocols.common import RealityOptions
 from appliance.outbound.base import OutboundError
 from appliance.proto.reality import parse_public_key, parse_short_id, reality_client
@@ -85,10 +86,10 @@ class RealityStream(trio.abc.Stream):
         async with self._send_lock:
             data = self.client.data_to_send() + extra
             if data:
-                await self.transport_stream.send_all(data)
+                await streamio.send_all(self.transport_stream, data)
 
     async def _fill(self) -> None:
-        data = await self.transport_stream.receive_some(TRANSPORT_READ)
+        data = await streamio.receive_some(self.transport_stream, TRANSPORT_READ)
         if not data:
             if not self.client.handshake_complete:
                 raise trio.BrokenResourceError(
@@ -98,7 +99,7 @@ class RealityStream(trio.abc.Stream):
 
     async def do_handshake(self) -> None:
         """The client handshake; Tls13Error, OSError or BrokenResourceError."""
-        await self.transport_stream.send_all(self.client.start())
+        await streamio.send_all(self.transport_stream, self.client.start())
         while not self.client.handshake_complete:
             await self._fill()
             while (record := self.client.next_record()) is not None:
@@ -167,7 +168,7 @@ class RealityStream(trio.abc.Stream):
             raise trio.ClosedResourceError("the TLS stream is closed")
         async with self._send_lock:
             out = self.client.data_to_send() + self.client.encrypt(data)
-            await self.transport_stream.send_all(out)
+            await streamio.send_all(self.transport_stream, out)
 
     async def wait_send_all_might_not_block(self) -> None:
         await self.transport_stream.wait_send_all_might_not_block()
@@ -182,7 +183,7 @@ class RealityStream(trio.abc.Stream):
         try:
             if not self._send_lock.locked() and self.client.handshake_complete:
                 with trio.move_on_after(1):
-                    await self.transport_stream.send_all(self.client.close_notify())
+                    await streamio.send_all(self.transport_stream, self.client.close_notify())
         except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
             pass
         finally:

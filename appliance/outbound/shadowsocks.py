@@ -47,6 +47,7 @@ from typing import Any
 
 import trio
 
+from appliance import streamio
 from appliance.config.model import IPAddress, ProxyConfig
 from appliance.config.protocols.shadowsocks import ShadowsocksOptions
 from appliance.outbound.base import (
@@ -133,7 +134,7 @@ class ShadowsocksOutbound:
             try:
                 if self.plugin is not None:
                     stream = await self.plugin.wrap(stream)
-                await stream.send_all(client.request())
+                await streamio.send_all(stream, client.request())
             except BaseException:
                 await trio.aclose_forcefully(stream)
                 raise
@@ -238,7 +239,7 @@ class ShadowsocksStream(trio.abc.HalfCloseableStream):
                 if self._first_answer is not None:
                     data = await self._first_receive(self._first_answer)
                 else:
-                    data = await self.transport.receive_some(RECV_SIZE)
+                    data = await streamio.receive_some(self.transport, RECV_SIZE)
             except ServerFailed:
                 raise
             except (OSError, trio.BrokenResourceError) as e:
@@ -263,7 +264,7 @@ class ShadowsocksStream(trio.abc.HalfCloseableStream):
 
     async def _first_receive(self, deadline: float) -> bytes | bytearray:
         with trio.move_on_at(deadline):
-            data = await self.transport.receive_some(RECV_SIZE)
+            data = await streamio.receive_some(self.transport, RECV_SIZE)
             self._first_answer = None
             return data
         raise self._failed("the server has not answered by the first-answer deadline "
@@ -281,7 +282,7 @@ class ShadowsocksStream(trio.abc.HalfCloseableStream):
             await trio.lowlevel.checkpoint()
             return
         try:
-            await self.transport.send_all(self.client.seal(data))
+            await streamio.send_all(self.transport, self.client.seal(data))
         except (OSError, trio.BrokenResourceError) as e:
             if self.client.received == 0:
                 raise self._failed(f"the server reset the connection before answering "

@@ -57,6 +57,7 @@ import ssl
 
 import trio
 
+from appliance import streamio
 from appliance.config.protocols.common import TlsOptions
 from appliance.outbound.base import OutboundError
 from appliance.outbound.reality import RealityStream, RealityTls
@@ -191,10 +192,10 @@ class TlsStream(trio.abc.Stream):
         async with self._send_lock:
             data = self._outgoing.read()
             if data:
-                await self.transport_stream.send_all(data)
+                await streamio.send_all(self.transport_stream, data)
 
     async def _fill(self) -> None:
-        data = await self.transport_stream.receive_some(TRANSPORT_READ)
+        data = await streamio.receive_some(self.transport_stream, TRANSPORT_READ)
         if data:
             self._incoming.write(data)
         else:
@@ -263,7 +264,7 @@ class TlsStream(trio.abc.Stream):
                 raise trio.BrokenResourceError(f"TLS: {e.reason or e}") from e
             out = self._outgoing.read()
             if out:
-                await self.transport_stream.send_all(out)
+                await streamio.send_all(self.transport_stream, out)
             else:
                 await trio.lowlevel.checkpoint()
 

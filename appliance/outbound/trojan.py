@@ -250,16 +250,24 @@ class TrojanStream(trio.abc.Stream):
     async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
         if self._answered:
             return await self.tunnel.receive_some(max_bytes or READ_SIZE)
-        data = await self.tunnel.receive_some(max_bytes or READ_SIZE)
-        if data:
-            self._answered = True
-        else:
-            self.why_unanswered = (f"{self.what}: the server closed the tunnel without "
-                                   "answering (wrong password, or it could not reach the "
-                                   "destination)")
-            log.warning("%s", self.why_unanswered)
-            self._answered = True
+        try:
+            data = await self.tunnel.receive_some(max_bytes or READ_SIZE)
+        except trio.BrokenResourceError:
+            # A server that closes while our request is still unread in its
+            # socket resets instead (RST, not FIN): the same news.
+            self._unanswered()
+            raise
+        if not data:
+            self._unanswered()
+        self._answered = True
         return data
+
+    def _unanswered(self) -> None:
+        self._answered = True
+        self.why_unanswered = (f"{self.what}: the server closed the tunnel without "
+                               "answering (wrong password, or it could not reach the "
+                               "destination)")
+        log.warning("%s", self.why_unanswered)
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         await self.tunnel.send_all(data)

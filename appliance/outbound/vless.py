@@ -24,6 +24,7 @@ import ssl
 
 import trio
 
+from appliance import streamio
 from appliance.config.model import IPAddress, ProxyConfig
 from appliance.config.protocols.vless import VlessOptions
 from appliance.outbound.base import (
@@ -69,7 +70,7 @@ class VlessStream(trio.abc.HalfCloseableStream):
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         try:
-            await self.transport_stream.send_all(data)
+            await streamio.send_all(self.transport_stream, data)
         except trio.BrokenResourceError:
             if not self._response.established:
                 raise self._auth_failed() from None
@@ -81,10 +82,10 @@ class VlessStream(trio.abc.HalfCloseableStream):
     async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
         t = self.transport_stream
         if self._response.established:
-            return await t.receive_some(max_bytes)
+            return await streamio.receive_some(t, max_bytes)
         while True:
             try:
-                data = await t.receive_some(_RECV)
+                data = await streamio.receive_some(t, _RECV)
             except trio.BrokenResourceError:
                 raise self._auth_failed() from None
             if not data:
@@ -96,7 +97,7 @@ class VlessStream(trio.abc.HalfCloseableStream):
             if self._response.established:
                 break
         if not body:
-            return await t.receive_some(max_bytes)
+            return await streamio.receive_some(t, max_bytes)
         if max_bytes is not None and len(body) > max_bytes:
             # The first read held more than asked: the rest comes first next.
             self.transport_stream = ReplayStream(t, body[max_bytes:])
@@ -280,7 +281,7 @@ class VlessOutbound:
             raise OutboundError(f"{self.name}: {e}") from None
         stream = await self.layers.open()
         try:
-            await stream.send_all(request)
+            await streamio.send_all(stream, request)
         except BaseException:
             await trio.aclose_forcefully(stream)
             raise

@@ -27,6 +27,7 @@ import logging
 
 import trio
 
+from appliance import streamio
 from appliance.config.model import IPAddress, ProxyConfig
 from appliance.config.protocols.common import TlsOptions, TransportOptions
 from appliance.config.protocols.vmess import VmessOptions
@@ -128,7 +129,7 @@ class VmessStream(trio.abc.HalfCloseableStream):
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         try:
-            await self.transport_stream.send_all(self._client.seal(data))
+            await streamio.send_all(self.transport_stream, self._client.seal(data))
         except trio.BrokenResourceError:
             if not self._client.established:
                 raise self._auth_failed() from None
@@ -143,7 +144,7 @@ class VmessStream(trio.abc.HalfCloseableStream):
                 await trio.lowlevel.checkpoint()
                 return b""
             try:
-                data = await self.transport_stream.receive_some(_RECV)
+                data = await streamio.receive_some(self.transport_stream, _RECV)
             except trio.BrokenResourceError:
                 if not self._client.established:
                     raise self._auth_failed() from None

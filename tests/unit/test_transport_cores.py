@@ -42,14 +42,21 @@ from appliance.outbound.transport.chunks import Chunks
 from appliance.outbound.transport.h2 import GunPool, open_grpc
 from appliance.outbound.transport.http_obfs import ResponseHeadSkipper, request_head
 from appliance.outbound.transport.ws import (
+    OP_BINARY,
     OP_CLOSE,
     OP_PING,
+    OP_PONG,
     ServerFrames,
     WsFrameError,
     WsStream,
+    WsUpgradeError,
+    check_upgrade_response,
+    client_frame,
     early_data_plan,
+    new_key,
     open_http_upgrade,
     parse_upgrade_response,
+    upgrade_request,
 )
 from appliance.outbound.trojan import TrojanPacketCodec
 from appliance.proto.socks5 import encode_address
@@ -202,6 +209,60 @@ async def test_ws_refused_upgrade_is_a_broken_stream() -> None:
         nursery.start_soon(refuse)
         with pytest.raises(trio.BrokenResourceError, match="404"):
             await ws.send_all(b"x")
+
+
+def _accept(key: bytes) -> bytes:
+    return base64.b64encode(hashlib.sha1(key + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11").digest())
+
+
+def test_upgrade_request_is_what_a_ws_server_accepts() -> None:
+    key = new_key()
+    server = WSConnection(ConnectionType.SERVER)
+    server.receive_data(upgrade_request("/p?q=1", "cdn.test", [(b"X-Y", b"z")], key, ["ed1"]))
+    (request,) = list(server.events())
+    assert isinstance(request, Request)
+    assert (request.host, request.target, request.subprotocols) == ("cdn.test", "/p?q=1", ["ed1"])
+    assert (b"x-y", b"z") in [(k.lower(), v) for k, v in request.extra_headers]
+    answer = server.send(AcceptConnection(subprotocol="ed1"))
+    check_upgrade_response(answer[:answer.find(b"\r\n\r\n")], key, ["ed1"])
+
+
+@pytest.mark.parametrize(("head", "why"), [
+    (b"HTTP/1.1 403 Forbidden", "refused with HTTP 403"),
+    (b"SSH-2.0-x", "not HTTP"),
+    (b"HTTP/1.1 101 OK\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {a}", "Upgrade: websocket"),
+    (b"HTTP/1.1 101 OK\r\nUpgrade: websocket\r\nSec-WebSocket-Accept: {a}", "Connection"),
+    (b"HTTP/1.1 101 OK\r\nUpgrade: websocket\r\nConnection: upgrade\r\n"
+     b"Sec-WebSocket-Accept: AAAA", "Accept"),
+    (b"HTTP/1.1 101 OK\r\nUpgrade: websocket\r\nConnection: upgrade\r\n"
+     b"Sec-WebSocket-Accept: {a}\r\nSec-WebSocket-Extensions: permessage-deflate", "extension"),
+    (b"HTTP/1.1 101 OK\r\nUpgrade: websocket\r\nConnection: upgrade\r\n"
+     b"Sec-WebSocket-Accept: {a}\r\nSec-WebSocket-Protocol: chat", "subprotocol"),
+    (b"HTTP/1.1 101 OK\r\nUpgrade websocket", "malformed"),
+])
+def test_upgrade_response_checks(head: bytes, why: str) -> None:
+    key = new_key()
+    with pytest.raises(WsUpgradeError, match=why):
+        check_upgrade_response(head.replace(b"{a}", _accept(key)), key, [])
+
+
+def test_upgrade_response_tokens_are_case_insensitive_lists() -> None:
+    key = new_key()
+    check_upgrade_response(b"HTTP/1.1 101 Switching Protocols\r\nupgrade: WebSocket\r\n"
+                           b"connection: keep-alive, Upgrade\r\nsec-websocket-accept: "
+                           + _accept(key), key, [])
+
+
+@given(st.binary(max_size=70_000), st.binary(min_size=4, max_size=4))
+def test_client_frames_parse_as_wsproto_server_frames(payload: bytes, mask: bytes) -> None:
+    from wsproto.frame_protocol import FrameProtocol, Opcode
+
+    proto = FrameProtocol(client=False, extensions=[])
+    proto.receive_bytes(client_frame(OP_BINARY, payload, mask) + client_frame(OP_PONG, b"pp"))
+    frames = list(proto.received_frames())
+    assert [f.opcode for f in frames] == [Opcode.BINARY, Opcode.PONG]
+    assert bytes(frames[0].payload) == payload and frames[0].frame_finished
+    assert bytes(frames[1].payload) == b"pp"
 
 
 def _server_frames() -> tuple[bytes, bytes]:
