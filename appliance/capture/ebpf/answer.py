@@ -37,8 +37,15 @@ from typing import Any
 
 from appliance.capture.ebpf import tc
 from appliance.capture.ebpf.bpfsys import TestRun, test_run
-from appliance.capture.ebpf.plan import BPF_DIR, BYPASS_MAX, CLIENTS_MAX, FILTER_PREF, _word, \
-    _words, trie_key
+from appliance.capture.ebpf.plan import (
+    BPF_DIR,
+    BYPASS_MAX,
+    CLIENTS_MAX,
+    FILTER_PREF,
+    _word,
+    _words,
+    trie_key,
+)
 from appliance.capture.ebpf.program import HEADERS_FIX, _kernel_build_dir
 from appliance.capture.spec import CaptureError, CaptureSpec
 from appliance.config.model import FAKE_IP_TTL, Config, IPNetwork
@@ -110,8 +117,9 @@ def answer_cflags(cfg: Config, *, entries: int = DEFAULT_ENTRIES) -> list[str]:
         # addresses: answer those, at the listener's port.
         from appliance.capture.spec import dns_bind
 
-        host, port = dns_bind(cfg)
-        addr = ipaddress.ip_address(host)
+        listen = dns_bind(cfg)
+        port = listen.port
+        addr = ipaddress.ip_address(listen.host)
         addr4 = addr if addr.version == 4 else (ipaddress.IPv4Address(0) if
                                                  addr == ipaddress.IPv6Address(0) else None)
         addr6 = addr if addr.version == 6 else None
@@ -215,7 +223,7 @@ class KernelAnswers:
         v.last_hit = 0
         try:
             self._names[k] = v
-        except Exception as exc:  # noqa: BLE001 -- bcc raises plain Exception
+        except Exception as exc:
             self.write_failures += 1
             if self.write_failures == 1 or self.write_failures % 1000 == 0:
                 log.warning("kernel DNS answers: cannot add %s (%s); userspace answers it "
