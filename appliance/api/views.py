@@ -176,6 +176,11 @@ def counters(src: Sources) -> dict[str, Counters]:
         out["udp"] = src.udp.stats()
     if isinstance(src.capture, CaptureCounters):
         out["capture"] = src.capture.stats()
+    # Kernel DNS answers (answered, passed on and why): read through getattr,
+    # since only the appliance (not every Sources) runs the answerer.
+    kernel_dns = getattr(src, "kernel_dns", None)
+    if isinstance(kernel_dns, CaptureCounters):
+        out["kernel_dns"] = kernel_dns.stats()
     if src.offload is not None:
         out["offload"] = src.offload.stats()
     if src.limits is not None:
@@ -192,6 +197,11 @@ def series(src: Sources) -> Iterator[tuple[str, Mapping[str, str], int | float]]
         labels = {"client": row["address"]}
         for key in ("packets", "bytes", "captured_packets", "captured_bytes"):
             yield f"mirage_capture_client_{key}_total", labels, row[key]
+    kernel_dns = getattr(src, "kernel_dns", None)
+    if isinstance(kernel_dns, CaptureCounters):
+        for row in kernel_dns.clients():
+            yield ("mirage_kernel_dns_client_answered_total", {"client": row["address"]},
+                   row["answered"])
     if src.limits is not None:
         for limit, rows in src.limits.top_refused().items():
             for refused in rows:

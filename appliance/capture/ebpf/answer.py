@@ -311,13 +311,16 @@ class KernelAnswers:
         out["write_failures"] = self.write_failures
         return out
 
-    def clients(self) -> dict[str, int]:
-        """Queries answered in the kernel, per client address."""
-        rows: dict[str, int] = {}
+    def clients(self) -> list[dict[str, Any]]:
+        """Queries answered in the kernel per client address, busiest first:
+        rows of {"address", "answered"}."""
+        rows: list[dict[str, Any]] = []
         for key, values in self.bpf[b"mirage_dns_clients"].items():
             ip6 = ipaddress.IPv6Address(bytes(bytearray(key.addr)))
             ip: IPAddress = ip6.ipv4_mapped or ip6
-            rows[str(ip)] = int(sum(v.value if hasattr(v, "value") else v for v in values))
+            rows.append({"address": str(ip),
+                         "answered": int(sum(getattr(v, "value", v) for v in values))})
+        rows.sort(key=lambda r: -int(r["answered"]))
         return rows
 
     def test_run(self, packet: bytes, *, ifindex: int = 0, repeat: int = 1) -> TestRun:

@@ -36,7 +36,7 @@ DNS_KEYS = (
     "enable", "listen", "ipv6", "enhanced-mode", "fake-ip-range",
     "fake-ip-range6", "fake-ip-filter", "fake-ip-filter-mode",
     "default-nameserver", "nameserver", "nameserver-policy", "hosts",
-    "ca-file", "upstream-timeout", "cache-size",
+    "ca-file", "upstream-timeout", "cache-size", "kernel-answers",
 )  # fmt: skip
 IGNORED_DNS = (
     "prefer-h3", "ipv6-timeout", "use-hosts", "use-system-hosts",
@@ -307,6 +307,7 @@ def parse_dns(sec: Section, top_hosts: dict[str, list[IPAddress]]) -> DnsConfig:
     ca_file = get("ca-file", lambda v, p: as_path(v, p, ctx.base), d.ca_file)
     upstream_timeout = get("upstream-timeout", as_seconds, d.upstream_timeout)
     cache_size = get("cache-size", lambda v, p: as_int(v, p, 0, 10_000_000), d.cache_size)
+    kernel_answers = get("kernel-answers", as_bool, d.kernel_answers)
     sec.finish(DNS_KEYS, IGNORED_DNS)
     if len(ctx.errors) > errors_before:
         # What follows judges the values read above; with stand-ins for
@@ -348,6 +349,7 @@ def parse_dns(sec: Section, top_hosts: dict[str, list[IPAddress]]) -> DnsConfig:
         ca_file=ca_file,
         upstream_timeout=upstream_timeout,
         cache_size=cache_size,
+        kernel_answers=kernel_answers,
     )
 
 
