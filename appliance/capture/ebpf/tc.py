@@ -17,6 +17,7 @@ import errno
 import json
 import logging
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,10 @@ CLSACT_EGRESS = 0xFFFFFFF3
 ETH_P_ALL = 0x0003
 ARPHRD_ETHER = 1
 QDISC_MARKER = "ebpf-clsact.json"
+# The capture and the kernel DNS answerer attach and detach from worker
+# threads that may run at once (a stop cancels both): one at a time, so the
+# last one out sees the qdisc empty and removes it.
+_LOCK = threading.Lock()
 
 
 # The kernel DNS answerer's filter (capture/ebpf/answer.py ANSWER_PREF), one
@@ -128,6 +133,12 @@ def attach(prog_fd: int, ifaces: dict[str, int], marker: Path, attached: list[st
     where missing, recorded in `marker`), replacing a leftover filter of a
     crashed run; appends each name to `attached` as it succeeds, so the
     caller can detach after a failure half-way. CaptureError on refusal."""
+    with _LOCK:
+        _attach(prog_fd, ifaces, marker, attached, pref, name)
+
+
+def _attach(prog_fd: int, ifaces: dict[str, int], marker: Path, attached: list[str],
+            pref: int, name: str) -> None:
     created = _read_created(marker)
     with IPRoute() as ipr:
         for ifname, idx in ifaces.items():
@@ -153,6 +164,11 @@ def detach(names: tuple[str, ...], marker: Path, *, prefs: tuple[int, ...] = (FI
     and nothing else uses it. Logs and goes on where the kernel refuses."""
     if pref is not None:
         prefs = (pref,)
+    with _LOCK:
+        _detach(names, marker, prefs)
+
+
+def _detach(names: tuple[str, ...], marker: Path, prefs: tuple[int, ...]) -> None:
     created = _read_created(marker)
     try:
         with IPRoute() as ipr:
@@ -168,11 +184,16 @@ def detach(names: tuple[str, ...], marker: Path, *, prefs: tuple[int, ...] = (FI
                     if name in created and _has_clsact(ipr, idx):
                         rest = _filters(ipr, idx, CLSACT_INGRESS) + \
                             _filters(ipr, idx, CLSACT_EGRESS)
-                        if rest:
+                        if not rest:
+                            ipr.tc("del", "clsact", idx)
+                        elif all(_is_ours(f) for f in rest if f.get_attr("TCA_KIND")):
+                            # Mirage's other filter (capture or kernel DNS
+                            # answers) is still there: its detach removes
+                            # the qdisc, so the marker keeps the name.
+                            continue
+                        else:
                             log.info("ebpf: keeping the clsact qdisc on %s: %d other "
                                      "filter(s) use it", name, len(rest))
-                        else:
-                            ipr.tc("del", "clsact", idx)
                     created.discard(name)
                 except NetlinkError as exc:
                     log.warning("ebpf: detaching from %s failed: %s", name, exc)
