@@ -270,7 +270,7 @@ def _mirage_lan(tmp: Path, kernel: bool) -> subprocess.Popen[bytes]:
     log = open(tmp / f"mirage-{'k' if kernel else 'u'}.log", "wb")  # noqa: SIM115
     # This tree's appliance, with the interpreter running the bench.
     return subprocess.Popen(in_ns(sys.executable, "-m", "appliance", "run", "-c", str(config)),
-                            stdout=subprocess.DEVNULL, stderr=log,
+                            stdout=log, stderr=subprocess.STDOUT,
                             env={**os.environ, "PYTHONPATH": str(ROOT)})
 
 
@@ -313,17 +313,39 @@ def _mihomo(tmp: Path) -> subprocess.Popen[bytes] | None:
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
-def _kernel_counters(config: Path) -> str:
-    """The kernel answerer's counters, from `mirage status` (proof that the
-    kernel, not userspace, answered)."""
+def _status_counters(config: Path) -> dict[str, object] | None:
     import json
 
     r = sh(*in_ns(sys.executable, "-m", "appliance", "status", "-c", str(config), "--json"),
            check=False, env={**os.environ, "PYTHONPATH": str(ROOT)})
     try:
-        c = json.loads(r.stdout)["counters"].get("kernel_dns", {})
-    except ValueError:
-        return f"(no status: {r.stderr.strip()[-200:]})"
+        counters: dict[str, object] = json.loads(r.stdout)["counters"]
+    except (ValueError, KeyError):
+        return None
+    return counters
+
+
+def _wait_running(config: Path, kernel: bool, timeout: float = 90) -> bool:
+    """Until Mirage's setup is done (the DNS service answers before the
+    programs are compiled): its capture counters show, and with `kernel` its
+    kernel answers."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        c = _status_counters(config)
+        if c is not None and "capture" in c and (not kernel or "kernel_dns" in c):
+            return True
+        time.sleep(0.5)
+    return False
+
+
+def _kernel_counters(config: Path) -> str:
+    """The kernel answerer's counters, from `mirage status` (proof that the
+    kernel, not userspace, answered)."""
+    counters = _status_counters(config)
+    if counters is None:
+        return "(no status)"
+    c = counters.get("kernel_dns", {})
+    assert isinstance(c, dict)
     if not c:
         return "(kernel answers not running)"
     return "kernel: " + ", ".join(f"{k} {v}" for k, v in c.items() if v)
@@ -342,6 +364,9 @@ def lan_bench(args: argparse.Namespace) -> int:
         for addr in sorted(set(LAN_ADDRS.values())):
             sh(*in_ns("ip", "addr", "add", f"{addr}/24", "dev", SERVER_SIDE))
         sh(*in_ns("ip", "link", "set", SERVER_SIDE, "up"))
+        # A gateway forwards (and the programs' "is it a local address" FIB
+        # lookup answers only where the interface forwards).
+        sh(*in_ns("sysctl", "-qw", "net.ipv4.conf.all.forwarding=1"))
         sh(*in_cns("ip", "addr", "add", f"{CLIENT_ADDR}/24", "dev", CLIENT_SIDE))
         sh(*in_cns("ip", "link", "set", CLIENT_SIDE, "up"))
         repeated = [f"r{i}.bench.test" for i in range(1000)]
@@ -371,7 +396,9 @@ def lan_bench(args: argparse.Namespace) -> int:
             if name.startswith("mirage"):
                 mirage = _mirage_lan(tmp, kernel=name == "mirage-kernel")
             try:
-                if not _wait_dns(server):
+                config = tmp / f"mirage-{'k' if name == 'mirage-kernel' else 'u'}.yaml"
+                if not _wait_dns(server) or (mirage is not None and not _wait_running(
+                        config, kernel=name == "mirage-kernel")):
                     print(f"{name:<17} did not come up (logs in {tmp})")
                     continue
                 # Warm: every name mapped (and, for the kernel, in its map).
