@@ -50,7 +50,8 @@ from appliance.capture.spec import CaptureError, dns_bind
 from appliance.config import ConfigError, load_config
 from appliance.config.model import Config, DnsConfig, Listen
 from appliance.dns import server as dns_server
-from appliance.dns.handler import DnsHandler, wants_fake_ip
+from appliance.dns.handler import DnsHandler
+from appliance.dns.policy import FakeIpFilter, geodata_rules
 from appliance.dns.upstream import Resolver
 from appliance.fakeip import flusher
 from appliance.fakeip.ledger import FileLedger, ledger_path
@@ -63,9 +64,8 @@ from appliance.gateway.udp import UdpGateway
 from appliance.geodata import Geodata
 from appliance.geodata.update import GeodataFiles, needed
 from appliance.limits import ConcurrencyLimit, FairShares, RateLimit, total_flows
-from appliance.names import DomainMatcher
 from appliance.outbound import wgdevice, wireguard
-from appliance.outbound.base import Outbound, Resolve
+from appliance.outbound.base import Outbound, Resolve, as_ip
 from appliance.outbound.groups import groups_in
 from appliance.outbound.health import DelayHistory, HealthChecks
 from appliance.outbound.preconnect import Preconnect
@@ -74,7 +74,7 @@ from appliance.providers.proxies import ProxyProviders
 from appliance.providers.rules import RuleProviders
 from appliance.providers.source import Dial
 from appliance.routing import Dispatcher, Router
-from appliance.rules.engine import RuleEnv
+from appliance.rules.engine import FlowContext, RuleEnv
 
 log = logging.getLogger("mirage")
 
@@ -163,6 +163,11 @@ class Appliance:
         provided_out: dict[str, list[Outbound]] = {}
         shared: dict[str, Any] = {"delays": self.delays, "selections": self.selections,
                                   "provided_out": provided_out}
+        if self.resolver is not None:
+            # proxy-server-nameserver / direct-nameserver (each the main
+            # resolver when not configured).
+            shared["proxy_resolve"] = self.resolver.resolve_proxy_server_ips
+            shared["direct_resolve"] = self.resolver.resolve_direct_ips
         provided = providers.provided() if providers is not None else {}
         try:
             router = build_router(cfg, resolve, self._rule_env(), provided=provided, **shared)
@@ -253,6 +258,7 @@ class Appliance:
             async with Resolver(cfg.dns, routing_mark=cfg.routing_mark) as resolver, \
                     trio.open_nursery() as nursery:
                 self.resolver = resolver
+                resolver.attach(self._dns_outbound, self._dns_route)
                 # Signals first: a SIGTERM during startup still unwinds cleanly.
                 await nursery.start(self._handle_signals, nursery.cancel_scope)
                 self._nursery = nursery
@@ -266,12 +272,13 @@ class Appliance:
                 await nursery.start(dispatcher.serve)
                 self._start_providers(self.providers)
                 await self._start_rule_sources(nursery)
+                resolver.set_env(self._rule_env())
                 await nursery.start(flusher.serve, pool, cfg.appliance.store_flush_interval)
                 if cfg.dns.enable:
                     self.dns_handler = DnsHandler(
                         dns_in_effect(cfg), pool,
                         block_canary=cfg.appliance.block_encrypted_dns,
-                        fake_ip_rate=self.limits.fake_ip)
+                        fake_ip_rate=self.limits.fake_ip, env=self._rule_env())
                     await nursery.start(self._serve_dns, self.dns_handler, resolver)
                 if cfg.tproxy_port or cfg.proxy_ports:
                     self.flows = FlowRegistry()
@@ -319,7 +326,7 @@ class Appliance:
                                                 on_change=self._rules_changed)
             await nursery.start(self.rule_providers.serve)
         rules = list(cfg.rules) + [r for _, sub in cfg.sub_rules for r in sub]
-        kinds = needed(rules, cfg.geodata.mode)
+        kinds = needed(rules + geodata_rules(cfg.dns), cfg.geodata.mode)
         if kinds:
             files = GeodataFiles(cfg.geodata, self.geodata, kinds,
                                  dial=self._dial_for(cfg.geodata.proxy),
@@ -336,6 +343,22 @@ class Appliance:
             return await outbound.connect_tcp(host, port)
         return dial
 
+    def _dns_outbound(self, name: str) -> Outbound | None:
+        """A `#Name` nameserver's outbound, from the running router."""
+        if self.dispatcher is None:
+            return None
+        return self.dispatcher.router.outbounds.get(name)
+
+    def _dns_route(self, host: str, port: int) -> Outbound | None:
+        """respect-rules: the outbound the rules pick for a nameserver
+        (None: DIRECT, the resolver's own marked socket)."""
+        if self.dispatcher is None:
+            return None
+        ip = as_ip(host)
+        ctx = FlowContext(domain=None if ip is not None else host, dst_ip=ip, dst_port=port)
+        outbound, _ = self.dispatcher.router.pick(ctx)
+        return None if outbound.name == "DIRECT" else outbound
+
     def _rule_env(self) -> RuleEnv:
         providers = self.rule_providers.contents() if self.rule_providers is not None else {}
         return RuleEnv(providers=providers, geo=self.geodata)
@@ -350,6 +373,12 @@ class Appliance:
         self.dispatcher.swap_rules(router)
         if self.offload is not None:
             await self.offload.clear()
+        # The DNS policy's geosite: / rule-set: sets read the same content.
+        env = self._rule_env()
+        if self.resolver is not None:
+            self.resolver.set_env(env)
+        if self.dns_handler is not None:
+            self.dns_handler.set_env(env)
         log.info("rules recompiled (%d rules)", len(router.rules.rules))
 
     async def _serve_api(
@@ -402,7 +431,8 @@ class Appliance:
                          task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """The transparent UDP gateway on tproxy-port; sessions are routed by
         the live router (reloads apply to new sessions)."""
-        self.udp = UdpGateway(self.cfg, pool, dispatcher.open_udp, flows=self.limits.flows)
+        self.udp = UdpGateway(self.cfg, pool, dispatcher.open_udp, flows=self.limits.flows,
+                              new_id=self.flows.new_id if self.flows is not None else None)
         try:
             await self.udp.serve(task_status=task_status)
         except OSError as err:
@@ -537,7 +567,7 @@ class Appliance:
             # The new rules may send an offloaded name elsewhere: the kernel
             # forgets them all; the next flow to each offers again.
             await self.offload.clear()
-        self._fake_ip_wanted = wanted = fake_ip_filter(new.dns)
+        self._fake_ip_wanted = wanted = fake_ip_filter(new.dns, self._rule_env())
         dropped = self.pool.drop(lambda d: not wanted(d)) if self.pool is not None else 0
         if self.pool is not None:
             # hosts, the IPv6 switch or the filter may have changed which
@@ -582,6 +612,14 @@ _RESTART_KEYS: tuple[tuple[str, Callable[[Config], object]], ...] = (
     ("dns.fake-ip-range", lambda c: c.dns.fake_ip_range),
     ("dns.fake-ip-range6", lambda c: c.dns.fake_ip_range6),
     ("dns.nameserver", lambda c: c.dns.nameserver),
+    # The resolver is built once at start (its policy, fallback and the
+    # proxy-server / direct resolvers with it).
+    ("dns.nameserver-policy", lambda c: c.dns.nameserver_policy),
+    ("dns.default-nameserver", lambda c: c.dns.default_nameserver),
+    ("dns.fallback / fallback-filter", lambda c: (c.dns.fallback, c.dns.fallback_filter)),
+    ("dns.proxy-server-nameserver", lambda c: c.dns.proxy_server_nameserver),
+    ("dns.direct-nameserver", lambda c: (c.dns.direct_nameserver, c.dns.direct_follow_policy)),
+    ("dns.respect-rules", lambda c: c.dns.respect_rules),
     ("tproxy-port", lambda c: c.tproxy_port),
     ("mixed-port", lambda c: c.mixed_port),
     ("socks-port", lambda c: c.socks_port),
@@ -663,11 +701,10 @@ def build_router(cfg: Config, resolve: Resolve | None, env: RuleEnv | None = Non
         raise AppError(f"proxies/rules: {err}") from None
 
 
-def fake_ip_filter(dns: DnsConfig) -> Callable[[str], bool]:
+def fake_ip_filter(dns: DnsConfig, env: RuleEnv | None = None) -> Callable[[str], bool]:
     """Would a name get a fake IP under `dns.fake-ip-filter` and its mode?
     (Keeps saved mappings only for names the filter still lets through.)"""
-    matcher, mode = DomainMatcher(dns.fake_ip_filter), dns.fake_ip_filter_mode
-    return lambda name: wants_fake_ip(matcher, mode, name)
+    return FakeIpFilter(dns, env or RuleEnv()).wants_fake_ip
 
 
 def dns_in_effect(cfg: Config) -> DnsConfig:

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:  # the model is imported only when a command loads a config
     from appliance.api.client import ApiClient
     from appliance.config.model import Config
+    from appliance.config.summary import ProviderCopy
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -30,15 +31,20 @@ EXIT_CONFIG = 2
 DEFAULT_CONFIG = Path("/etc/mirage/config.yaml")
 
 
-def _load(path: Path) -> Config:
+def _load(path: Path, *, as_json: bool = False) -> Config:
     """The validated profile, or every problem in it on stderr (one line
-    each: file, key path, value unless secret, reason) and exit 2."""
+    each: file, key path, value unless secret, reason) and exit 2; with
+    `as_json` the problems are also printed on stdout as JSON."""
     from appliance.config import ConfigError, every_error, load_config
 
     try:
         return load_config(path)
     except ConfigError as err:
         errors = every_error(err)
+        if as_json:
+            print(json.dumps({"ok": False, "errors": [
+                {"path": e.path, "reason": e.reason, "message": str(e)} for e in errors]},
+                ensure_ascii=False, indent=2))
         for one in errors:
             print(f"mirage: {path}: {one}", file=sys.stderr)
         if len(errors) > 1:
@@ -48,14 +54,65 @@ def _load(path: Path) -> Config:
 
 def cmd_check(args: argparse.Namespace) -> int:
     from appliance.config.render import format_effective, ignored_lines
+    from appliance.config.summary import summarize
 
-    cfg = _load(args.config)
+    cfg = _load(args.config, as_json=args.json)
+    summary = summarize(cfg, _cached_providers(cfg), _provider_copies(cfg))
+    if args.json:
+        print(json.dumps({"ok": True, "summary": summary.as_data()}, ensure_ascii=False,
+                         indent=2))
+        return EXIT_OK
     print(format_effective(cfg), end="")
     for line in ignored_lines(cfg):
         # YAML comments: stdout stays a loadable config.
         print(f"# {line}")
+    print("# routing summary:")
+    for line in summary.lines():
+        print(f"#   {line}")
     print(f"# {args.config}: configuration OK", file=sys.stderr)
     return EXIT_OK
+
+
+def _cached_providers(cfg: Config) -> set[str]:
+    """The providers whose file exists now (an http provider's cache, a
+    file provider's file), where `mirage run` would look: what they hold
+    at start, before any download."""
+    from appliance.providers.proxies import source_spec
+    from appliance.providers.rules import provider_spec
+
+    state = cfg.appliance.state_dir
+    profile_dir = cfg.source.parent if cfg.source is not None else None
+    specs = [(p.name, source_spec(p, state)) for p in cfg.proxy_providers]
+    specs += [(p.name, provider_spec(p, state, profile_dir)) for p in cfg.rule_providers]
+    return {name for name, spec in specs if spec.path is not None and spec.path.is_file()}
+
+
+def _provider_copies(cfg: Config) -> dict[str, ProviderCopy]:
+    """What each proxy provider's copy at hand (its cache or file, or its
+    inline payload) yields now, parsed as `mirage run` parses it."""
+    from appliance.config.summary import ProviderCopy
+    from appliance.providers.proxies import parse_provided, source_spec
+
+    copies: dict[str, ProviderCopy] = {}
+    for p in cfg.proxy_providers:
+        spec = source_spec(p, cfg.appliance.state_dir)
+        try:
+            if spec.payload is not None:
+                data = spec.payload
+            elif spec.path is not None and spec.path.is_file():
+                data = spec.path.read_bytes()
+            else:
+                continue
+        except OSError as e:
+            copies[p.name] = ProviderCopy(error=f"cannot read it: {e.strerror}")
+            continue
+        try:
+            provided = parse_provided(data, p)
+        except ValueError as e:
+            copies[p.name] = ProviderCopy(error=str(e))
+            continue
+        copies[p.name] = ProviderCopy(len(provided.proxies), tuple(provided.skipped.items()))
+    return copies
 
 
 def cmd_rules(args: argparse.Namespace) -> int:
@@ -305,6 +362,10 @@ def cmd_resolve(args: argparse.Namespace) -> int:
     print(f"{data['name']} {data['type']}: fake IP {'yes' if data['fake_ip'] else 'no'} "
           f"(mapping {mapping})")
     upstream = data["upstream"]
+    asked = upstream.get("asked")
+    if asked:
+        also = f"; fallback {', '.join(asked['fallback'])}" if asked["fallback"] else ""
+        print(f"asked ({asked['why']}): {', '.join(asked['servers'])}{also}")
     if "error" in upstream:
         print(f"upstream: {upstream['error']}")
         return EXIT_OK
@@ -369,8 +430,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = with_config(sub.add_parser("run", help="run the appliance in this network namespace"))
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error", "silent"])
     p.set_defaults(func=cmd_run)
-    with_config(sub.add_parser("check", help="validate the configuration")).set_defaults(
-        func=cmd_check)
+    p = with_config(sub.add_parser("check", help="validate the configuration and summarise "
+                                   "what it does to traffic"))
+    p.add_argument("--json", action="store_true",
+                   help="print the routing summary (or the errors) as JSON instead")
+    p.set_defaults(func=cmd_check)
     with_config(sub.add_parser("rules", help="print the capture rules run would apply")
                 ).set_defaults(func=cmd_rules)
     with_config(sub.add_parser("cleanup", help="remove the capture a killed run left behind")

@@ -26,10 +26,36 @@ sys.path.insert(0, str(ROOT))
 
 from appliance.lab.lab import Lab  # noqa: E402
 from appliance.lab.mirage import MirageError, MirageRun  # noqa: E402
+from appliance.lab.topology import Topology  # noqa: E402
 
 # wrk's concurrent connections (2 threads) for every conn/s figure.
 WRK_CONNECTIONS = 32
 IPERF_PORT = 5201
+
+# Runs in the client namespace: sequential GETs on new connections, prints
+# the connect-start -> first-byte times (seconds) as JSON.
+TTFB_CLIENT = r"""
+import json, socket, sys, time
+ip, host = sys.argv[1], sys.argv[5]
+port, n, warm = int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+req = ("GET / HTTP/1.1\r\nHost: %s\r\nConnection: close\r\n\r\n" % host).encode()
+out = []
+for i in range(warm + n):
+    t0 = time.perf_counter()
+    s = socket.create_connection((ip, port), timeout=5)
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    s.sendall(req)
+    first = s.recv(65536)
+    t1 = time.perf_counter()
+    if not first:
+        sys.exit("connection closed before any response byte")
+    while s.recv(65536):
+        pass
+    s.close()
+    if i >= warm:
+        out.append(t1 - t0)
+print(json.dumps(out))
+"""
 
 
 class BenchError(RuntimeError):
@@ -42,9 +68,10 @@ class LabBench:
     own processes and tear them down in `close()` (calling this one's)."""
 
     def __init__(self, args: argparse.Namespace, prefix: str,
-                 etc_files: dict[str, dict[str, str]] | None = None) -> None:
+                 etc_files: dict[str, dict[str, str]] | None = None,
+                 topology: Topology | None = None) -> None:
         self.args = args
-        self.lab = Lab(prefix, etc_files=etc_files)
+        self.lab = Lab(prefix, etc_files=etc_files, topology=topology)
         self.mirage: MirageRun | None = None
 
     def run(self, node: str, argv: list[str], timeout: float = 60) -> str:

@@ -74,6 +74,7 @@ from typing import Any
 from _lab import (
     IPERF_PORT,
     ROOT,
+    TTFB_CLIENT,
     WRK_CONNECTIONS,
     BenchError,
     LabBench,
@@ -132,31 +133,6 @@ REFERENCE = [
     ("v2ray (tproxy -> dante)", "7.6 Gbit/s, 2,100 conn/s, TTFB 0.99 ms"),
     ("redsocks (-> dante)", "9.6 Gbit/s, 2,600 conn/s, TTFB 0.61 ms"),
 ]
-
-# Runs in the client namespace: sequential GETs on new connections, prints
-# the connect-start -> first-byte times (seconds) as JSON.
-TTFB_CLIENT = r"""
-import json, socket, sys, time
-ip, host = sys.argv[1], sys.argv[5]
-port, n, warm = int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
-req = ("GET / HTTP/1.1\r\nHost: %s\r\nConnection: close\r\n\r\n" % host).encode()
-out = []
-for i in range(warm + n):
-    t0 = time.perf_counter()
-    s = socket.create_connection((ip, port), timeout=5)
-    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    s.sendall(req)
-    first = s.recv(65536)
-    t1 = time.perf_counter()
-    if not first:
-        sys.exit("connection closed before any response byte")
-    while s.recv(65536):
-        pass
-    s.close()
-    if i >= warm:
-        out.append(t1 - t0)
-print(json.dumps(out))
-"""
 
 # Runs in the client namespace: for each number K read from stdin, opens K
 # more connections one after another (one in flight, so the gateway's accept

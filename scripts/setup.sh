@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 DEB_PACKAGES=(
     python3-venv python3-bpfcc chromium python3-nftables python3-yaml nftables iproute2
     unbound dnsmasq-base nginx-light dante-server tinyproxy shadowsocks-libev trojan v2ray
-    simple-obfs shadowsocks-v2ray-plugin microsocks wireguard-tools wireguard-go
+    simple-obfs shadowsocks-v2ray-plugin microsocks wireguard-tools wireguard-go openssh-server
     bind9-dnsutils dnsperf iperf3 wrk curl openssl sqlite3 bpftool stunnel4 redsocks
     linux-headers-amd64
     ansible ansible-lint debootstrap vagrant vagrant-libvirt
@@ -48,7 +48,7 @@ fi
 if [ ! -x .venv/bin/python ]; then
     /usr/bin/python3 -m venv --system-site-packages .venv
 fi
-if ! .venv/bin/python -c "import appliance, trio, dnslib, httpx, h2, pyroute2, pytest_trio, pytest_timeout, hypothesis, aioquic, hypercorn, starlette, prometheus_client" 2>/dev/null \
+if ! .venv/bin/python -c "import appliance, trio, dnslib, httpx, h2, pyroute2, pytest_trio, pytest_timeout, hypothesis, aioquic, hypercorn, starlette, prometheus_client, bcrypt" 2>/dev/null \
    || [ pyproject.toml -nt .venv/.installed ]; then
     .venv/bin/pip install -q --disable-pip-version-check -e '.[test]'
     touch .venv/.installed

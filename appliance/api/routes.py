@@ -95,7 +95,9 @@ class Api:
     def connections(self) -> dict[str, Any]:
         rows = self.src.flows.snapshot() if self.src.flows is not None else []
         if self.src.udp is not None:
-            rows += [{**r, "id": f"udp-{r['id']}"} for r in self.src.udp.snapshot()]
+            # UDP sessions take their ids from the flow registry's sequence
+            # (gateway/udp.py): an id names one entry, which DELETE ends.
+            rows += self.src.udp.snapshot()
         up, down = self.totals()
         return clash.connections_doc(rows, up, down)
 
@@ -286,16 +288,19 @@ class Api:
         return JSONResponse(self.connections())
 
     async def close_all(self, request: Request) -> Response:
-        flows = self.src.flows
-        if flows is not None:
-            for row in flows.snapshot():
-                flows.close_flow(int(row["id"]))
+        for flows in (self.src.flows, self.src.udp):
+            if flows is not None:
+                for row in flows.snapshot():
+                    flows.close_flow(int(row["id"]))
         return no_content()
 
     async def close_one(self, request: Request) -> Response:
         flow_id = request.path_params["id"]
-        if self.src.flows is not None and flow_id.isdigit():
-            self.src.flows.close_flow(int(flow_id))
+        if flow_id.isdigit():
+            # TCP flows and UDP sessions share one id sequence: one has it.
+            for flows in (self.src.flows, self.src.udp):
+                if flows is not None and flows.close_flow(int(flow_id)):
+                    break
         return no_content()  # mihomo answers 204 for an unknown id too
 
     async def dns_query(self, request: Request) -> Response:

@@ -40,7 +40,8 @@ class Listed(Counted, Protocol):
 
 
 class Closable(Listed, Protocol):
-    """The TCP flow registry: its flows can be ended (DELETE /connections)."""
+    """The TCP flow registry and the UDP gateway: their flows can be ended
+    by id (DELETE /connections)."""
 
     def close_flow(self, flow_id: int) -> bool: ...
 
@@ -94,7 +95,7 @@ class Sources(Protocol):
     def flows(self) -> Closable | None: ...
 
     @property
-    def udp(self) -> Listed | None: ...
+    def udp(self) -> Closable | None: ...
 
     @property
     def capture(self) -> object | None: ...
@@ -263,12 +264,20 @@ async def resolve(src: Sources, name: str, qtype: str) -> dict[str, Any]:
     if src.resolver is None:
         result["upstream"] = {"error": "no upstream resolver is running"}
         return result
+    asked: dict[str, Any] = {}
+    plan = getattr(src.resolver, "plan", None)  # the DNS policy's choice (dns/policy.py)
+    if plan is not None and qtype in QTYPE.reverse:
+        chosen = plan(name, QTYPE.reverse[qtype])
+        asked = {"why": chosen.why, "servers": [ns.text or ns.url for ns in chosen.first],
+                 "fallback": [ns.text or ns.url for ns in chosen.fallback]}
     try:
         reply = await src.resolver.query(DNSRecord.question(name, qtype))
     except UpstreamError as err:
         result["upstream"] = {"error": str(err)}
     else:
         result["upstream"] = {"rcode": rcode_name(reply), "answers": answer_rows(reply)}
+    if asked:
+        result["upstream"]["asked"] = asked
     return result
 
 

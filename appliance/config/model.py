@@ -42,20 +42,31 @@ class Listen:
 class Nameserver:
     """One upstream resolver, parsed from a Clash `nameserver` entry.
 
-    Forms accepted: `https://host[:port]/path` (DoH, RFC 8484), `udp://ip[:port]`,
-    `tcp://ip[:port]`, and a bare `ip[:port]` (UDP); `#method=GET` after a DoH
-    URL selects GET. Forms Mirage does not implement (`tls://`, `quic://`,
-    `dhcp://`, `system`) are skipped at load and reported as ignored. For DoH,
-    `host` may be a name (bootstrapped through `default-nameserver`) or an IP
+    Forms accepted: `https://host[:port]/path` (DoH, RFC 8484),
+    `tls://host[:port]` (DNS over TLS, RFC 7858, port 853), `udp://ip[:port]`,
+    `tcp://ip[:port]`, and a bare `ip[:port]` (UDP). After `#`, mihomo's
+    fragment: `&`-separated, a bare word names the proxy or group the
+    queries go through (`proxy`; `DIRECT` and `RULES` too), `key=value`
+    are options (`method=GET` for DoH, `skip-cert-verify=true` for DoH and
+    DoT: `params`). Forms Mirage does not implement (`quic://`, `dhcp://`,
+    `system`, `rcode://`) are skipped at load and reported as ignored. For
+    DoH and DoT, `host` may be a name (bootstrapped through
+    `default-nameserver`, or handed to the proxy unresolved) or an IP
     literal (its certificate must carry the IP).
     """
 
-    scheme: Literal["https", "udp", "tcp"]
+    scheme: Literal["https", "tls", "udp", "tcp"]
     host: str
     port: int
     path: str = "/dns-query"
     # Original text from the config, for logs and `mirage check`.
     text: str = ""
+    # The `#Name` of the entry: the outbound its queries go through (a
+    # proxy, a group, DIRECT, or RULES: whatever the rules pick for the
+    # server's address). None: straight from the gateway, marked.
+    proxy: str | None = None
+    # The fragment's `key=value` options (lower-case keys) Mirage uses.
+    params: tuple[tuple[str, str], ...] = ()
 
     @property
     def url(self) -> str:
@@ -64,13 +75,38 @@ class Nameserver:
             return f"https://{host}:{self.port}{self.path}"
         return f"{self.scheme}://{host}:{self.port}"
 
+    def param(self, key: str) -> str | None:
+        return next((v for k, v in self.params if k == key), None)
+
+    @property
+    def skip_cert_verify(self) -> bool:
+        return (self.param("skip-cert-verify") or "").lower() == "true"
+
 
 @dataclass(frozen=True)
 class DomainPolicy:
-    """A `nameserver-policy` entry: names matching `pattern` use `nameservers`."""
+    """A `nameserver-policy` entry: names matching `pattern` use
+    `nameservers`. `pattern` is a domain pattern, `geosite:CODE` (one
+    geosite list) or `rule-set:NAME` (one domain or classical
+    rule-provider); a comma list in the profile became one entry each."""
 
     pattern: str
     nameservers: tuple[Nameserver, ...]
+
+
+@dataclass(frozen=True)
+class FallbackFilter:
+    """`dns.fallback-filter` (mihomo's defaults): when the `fallback`
+    servers' answer is taken over `nameserver`'s (appliance/dns/policy.py).
+    `geoip`: an answer address outside `geoip_code`'s country (and not a
+    LAN address) falls back; `ipcidr`: an answer address inside one falls
+    back; `domain`/`geosite`: names asked of `fallback` alone."""
+
+    geoip: bool = True
+    geoip_code: str = "cn"
+    ipcidr: tuple[IPNetwork, ...] = ()
+    domain: tuple[str, ...] = ()
+    geosite: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -81,11 +117,27 @@ class DnsConfig:
     enhanced_mode: Literal["fake-ip", "redir-host", "normal"] = "fake-ip"
     fake_ip_range: ipaddress.IPv4Network = DEFAULT_FAKE_IP_RANGE
     fake_ip_range6: ipaddress.IPv6Network | None = None
+    # Domain patterns, `geosite:CODE` and `rule-set:NAME` entries
+    # (blacklist/whitelist modes).
     fake_ip_filter: tuple[str, ...] = ()
-    fake_ip_filter_mode: Literal["blacklist", "whitelist"] = "blacklist"
+    fake_ip_filter_mode: Literal["blacklist", "whitelist", "rule"] = "blacklist"
+    # `fake-ip-filter-mode: rule`: rules whose target is `fake-ip` or
+    # `real-ip`; the first match decides, no match means fake-ip.
+    fake_ip_filter_rules: tuple[Rule, ...] = ()
     default_nameserver: tuple[Nameserver, ...] = ()
     nameserver: tuple[Nameserver, ...] = ()
     nameserver_policy: tuple[DomainPolicy, ...] = ()
+    fallback: tuple[Nameserver, ...] = ()
+    fallback_filter: FallbackFilter = field(default_factory=FallbackFilter)
+    # Who resolves the proxies' own server names (empty: `nameserver`).
+    proxy_server_nameserver: tuple[Nameserver, ...] = ()
+    # Who resolves DIRECT's destinations (empty: `nameserver` with its
+    # policy); with `direct_follow_policy`, nameserver-policy first.
+    direct_nameserver: tuple[Nameserver, ...] = ()
+    direct_follow_policy: bool = False
+    # `respect-rules`: connections to `nameserver`/`fallback`/policy servers
+    # without a `#Name` go where the rules send the server's address.
+    respect_rules: bool = False
     # Name (lower case, no trailing dot) -> addresses. Answered locally.
     hosts: tuple[tuple[str, tuple[IPAddress, ...]], ...] = ()
     # Mirage extensions (Clash has no such keys; they live under `dns:` since
@@ -721,6 +773,19 @@ class LoadNote:
 
 
 @dataclass(frozen=True)
+class SkippedOutbound:
+    """A proxy or group of the profile that Mirage cannot use, and why (a
+    sentence: "a snell proxy, which Mirage does not implement (...)").
+    Groups drop it from their members; a rule that names it sends its flows
+    to COMPATIBLE, as mihomo does with a group left without a proxy
+    (appliance/outbound/build.py): DIRECT."""
+
+    name: str
+    kind: Literal["proxy", "group"]
+    reason: str
+
+
+@dataclass(frozen=True)
 class Config:
     # mihomo's `mode`: `rule` (the rules decide), `global` (every flow to the
     # GLOBAL group's selection), `direct` (every flow DIRECT). The API's
@@ -763,6 +828,9 @@ class Config:
     # that Mirage does not implement: reported once at load, never an error
     # (so real Clash profiles load).
     ignored_keys: tuple[str, ...] = ()
+    # Proxies and groups left out (file order, proxies first): what the
+    # routing summary of `mirage check` reports (appliance/config/summary.py).
+    skipped: tuple[SkippedOutbound, ...] = ()
     # The same, structured (kind and note apart) for the grouped report;
     # not part of what the configuration *is* (equality ignores it).
     load_notes: tuple[LoadNote, ...] = field(default=(), compare=False)

@@ -8,12 +8,14 @@ None): feeding it back to `parse_config` gives an equal `Config`.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from typing import Any
 
 import yaml
 
 from appliance.config.loader.protocols import render_protocol_proxy
+from appliance.config.loader.redact import scrub_text
 from appliance.config.model import (
     Config,
     IgnoredKind,
@@ -30,14 +32,18 @@ from appliance.config.model import (
 REDACTED = "<redacted>"
 
 
-def _ns(ns: Nameserver) -> str:
-    return ns.text or ns.url
+def _ns(ns: Nameserver, redact: bool = False) -> str:
+    # A DoH path can be an account's id (`https://dns.nextdns.io/ab12cd`).
+    text = ns.text or ns.url
+    return scrub_text(text) if redact else text
 
 
 def _proxy(p: ProxyConfig, redact: bool) -> dict[str, Any]:
     if p.options is not None:
         return render_protocol_proxy(p, redact)
     out: dict[str, Any] = {"name": p.name, "type": p.type}
+    if p.type == "direct" and p.ip_version != "dual":
+        out["ip-version"] = p.ip_version
     if p.type in ("direct", "reject"):
         return out
     out["server"] = p.server
@@ -53,6 +59,8 @@ def _proxy(p: ProxyConfig, redact: bool) -> dict[str, Any]:
         out["sni"] = p.sni
     if p.type == "socks5":
         out["udp"] = p.udp
+    if p.ip_version != "dual":
+        out["ip-version"] = p.ip_version
     return out
 
 
@@ -129,7 +137,11 @@ def _provider(p: ProxyProviderConfig, redact: bool) -> dict[str, Any]:
     return out
 
 
-def _rule(r: Rule) -> str:
+def _rule(r: Rule, skipped: frozenset[str] = frozenset()) -> str:
+    # A rule naming an outbound Mirage skipped sends its flows to COMPATIBLE
+    # (DIRECT): printed so, which is what runs (and loads again).
+    if r.type != "SUB-RULE" and r.target in skipped:
+        return dataclasses.replace(r, target="COMPATIBLE").line()
     return r.line()
 
 
@@ -160,9 +172,10 @@ def effective_config(cfg: Config, *, redact: bool = False) -> dict[str, Any]:
     """
     dns = cfg.dns
     app = cfg.appliance
+    skipped = frozenset(s.name for s in cfg.skipped)
     policy: dict[str, list[str]] = {}
     for entry in dns.nameserver_policy:
-        policy[entry.pattern] = [_ns(ns) for ns in entry.nameservers]
+        policy[entry.pattern] = [_ns(ns, redact) for ns in entry.nameservers]
     hosts: dict[str, Any] = {}
     for name, addrs in dns.hosts:
         texts = [str(a) for a in addrs]
@@ -201,11 +214,26 @@ def effective_config(cfg: Config, *, redact: bool = False) -> dict[str, Any]:
             "enhanced-mode": dns.enhanced_mode,
             "fake-ip-range": str(dns.fake_ip_range),
             "fake-ip-range6": None if dns.fake_ip_range6 is None else str(dns.fake_ip_range6),
-            "fake-ip-filter": list(dns.fake_ip_filter),
+            "fake-ip-filter": (
+                [_rule(r) for r in dns.fake_ip_filter_rules]
+                if dns.fake_ip_filter_mode == "rule" else list(dns.fake_ip_filter)
+            ),
             "fake-ip-filter-mode": dns.fake_ip_filter_mode,
-            "default-nameserver": [_ns(ns) for ns in dns.default_nameserver],
-            "nameserver": [_ns(ns) for ns in dns.nameserver],
+            "default-nameserver": [_ns(ns, redact) for ns in dns.default_nameserver],
+            "nameserver": [_ns(ns, redact) for ns in dns.nameserver],
             "nameserver-policy": policy,
+            "fallback": [_ns(ns) for ns in dns.fallback],
+            "fallback-filter": {
+                "geoip": dns.fallback_filter.geoip,
+                "geoip-code": dns.fallback_filter.geoip_code,
+                "ipcidr": [str(n) for n in dns.fallback_filter.ipcidr],
+                "domain": list(dns.fallback_filter.domain),
+                "geosite": list(dns.fallback_filter.geosite),
+            },
+            "proxy-server-nameserver": [_ns(ns) for ns in dns.proxy_server_nameserver],
+            "direct-nameserver": [_ns(ns) for ns in dns.direct_nameserver],
+            "direct-nameserver-follow-policy": dns.direct_follow_policy,
+            "respect-rules": dns.respect_rules,
             "ca-file": None if dns.ca_file is None else str(dns.ca_file),
             "upstream-timeout": dns.upstream_timeout,
             "cache-size": dns.cache_size,
@@ -213,8 +241,8 @@ def effective_config(cfg: Config, *, redact: bool = False) -> dict[str, Any]:
         "proxies": [_proxy(p, redact) for p in cfg.proxies],
         "proxy-groups": [_group(g) for g in cfg.proxy_groups],
         "proxy-providers": {p.name: _provider(p, redact) for p in cfg.proxy_providers},
-        "rules": [_rule(r) for r in cfg.rules],
-        "sub-rules": {name: [_rule(r) for r in rules] for name, rules in cfg.sub_rules},
+        "rules": [_rule(r, skipped) for r in cfg.rules],
+        "sub-rules": {name: [_rule(r, skipped) for r in rules] for name, rules in cfg.sub_rules},
         "rule-providers": {p.name: _rule_provider(p, redact) for p in cfg.rule_providers},
         "geodata-mode": cfg.geodata.mode,
         "geodata-loader": cfg.geodata.loader,

@@ -83,6 +83,7 @@ from dnslib import (
 
 from appliance.config.model import FAKE_IP_TTL, DnsConfig, IPAddress
 from appliance.dns import wire
+from appliance.dns.policy import FakeIpFilter
 from appliance.dns.wire import (
     CLASS_IN,
     EDNS_UDP_SIZE,
@@ -103,7 +104,8 @@ from appliance.dns.wire import (
 )
 from appliance.fakeip.pool import FakeIPPool, PoolExhausted
 from appliance.limits import RateLimit
-from appliance.names import DomainMatcher, DomainTrie, name_from_labels
+from appliance.names import DomainTrie, name_from_labels
+from appliance.rules.engine import EMPTY_ENV, RuleEnv
 
 log = logging.getLogger("mirage.dns")
 
@@ -295,8 +297,10 @@ class DnsHandler:
         fake_ip_rate: RateLimit | None = None,
         clock: Callable[[], float] = time.monotonic,
         block_canary: bool = False,
+        env: RuleEnv = EMPTY_ENV,
     ) -> None:
         self._pool = pool
+        self._env = env
         self._block_canary = block_canary
         self._fast = fast_path
         self._fake_ip_rate = fake_ip_rate
@@ -321,8 +325,8 @@ class DnsHandler:
         self._fake_mode = dns.enhanced_mode == "fake-ip"
         # The server bounds each upstream wait with this (plus a grace).
         self.upstream_timeout = dns.upstream_timeout
-        self._filter = DomainMatcher(dns.fake_ip_filter)
-        self._filter_mode = dns.fake_ip_filter_mode
+        self._dns = dns
+        self._filter = FakeIpFilter(dns, self._env)
         self._ipv6 = dns.ipv6
         self._fake6 = dns.ipv6 and dns.fake_ip_range6 is not None
         hosts: DomainTrie[tuple[tuple[bytes, ...], tuple[bytes, ...]]] = DomainTrie()
@@ -336,6 +340,11 @@ class DnsHandler:
                     reverse.setdefault(a, name.rstrip(".").lower())
         self._hosts = hosts
         self._hosts_reverse = reverse
+
+    def set_env(self, env: RuleEnv) -> None:
+        """New geodata / rule-provider content for fake-ip-filter's sets."""
+        self._env = env
+        self._filter = FakeIpFilter(self._dns, env)
 
     def stats(self) -> dict[str, int]:
         return {
@@ -352,7 +361,7 @@ class DnsHandler:
         """Does `name` (normalized) get a fake IP under the current config?"""
         if not self._fake_mode or not name:
             return False
-        return wants_fake_ip(self._filter, self._filter_mode, name)
+        return self._filter.wants_fake_ip(name)
 
     def answers_from_pool(self, name: str, family: int) -> bool:
         """Would an A (family 4) / AAAA (6) question for `name` (normalized)
@@ -554,14 +563,6 @@ class DnsHandler:
 
 
 # -- helpers ------------------------------------------------------------------
-
-
-def wants_fake_ip(fake_ip_filter: DomainMatcher, filter_mode: str, name: str) -> bool:
-    """Does `fake-ip-filter` (compiled into `fake_ip_filter`) let `name`
-    (normalized) have a fake IP? With `fake-ip-filter-mode` "whitelist" the
-    filter lists the names that do, otherwise ("blacklist") the names that
-    do not. The filter alone: `enhanced-mode` is the caller's to check."""
-    return fake_ip_filter.matches(name) == (filter_mode == "whitelist")
 
 
 def _do(opt: RR) -> bool:

@@ -515,6 +515,11 @@ class FlowRegistry:
         self.errors = 0
         self.zero_copy = 0
 
+    def new_id(self) -> int:
+        """A flow id not used before: also what the UDP gateway numbers its
+        sessions with, so that one id names one entry of /connections."""
+        return next(self._ids)
+
     def open(
         self,
         network: str,
@@ -522,7 +527,7 @@ class FlowRegistry:
         dst: tuple[str, int],
         domain: str | None,
     ) -> FlowRecord:
-        flow = FlowRecord(next(self._ids), network, src, dst, domain, registry=self)
+        flow = FlowRecord(self.new_id(), network, src, dst, domain, registry=self)
         self._flows[flow.id] = flow
         self.opened += 1
         return flow

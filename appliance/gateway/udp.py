@@ -159,8 +159,9 @@ class Session:
 
     def __init__(self, key: Any, client: tuple[str, int], dst: Destination, flow: Flow,
                  now: float, timeout: float, *, reply_to: Any = None,
-                 reply_header: bytes = b"", meter: Meter | None = None) -> None:
-        self.id = next(Session._ids)
+                 reply_header: bytes = b"", meter: Meter | None = None,
+                 session_id: int | None = None) -> None:
+        self.id = session_id if session_id is not None else next(Session._ids)
         self.started = time.time()
         self.bytes_up = 0
         self.bytes_down = 0
@@ -525,7 +526,8 @@ class UdpSessions:
 
 class UdpGateway:
     """The UDP gateway service: listener, reply sockets, and its sessions
-    (`UdpSessions`: table, counters)."""
+    (`UdpSessions`: table, counters), listed (`snapshot`) and ended by id
+    (`close_flow`) for the control API's /connections."""
 
     def __init__(
         self,
@@ -536,6 +538,7 @@ class UdpGateway:
         timeout: float | None = None,
         max_sessions: int | None = None,
         flows: ConcurrencyLimit | None = None,
+        new_id: Callable[[], int] | None = None,
     ) -> None:
         if cfg.tproxy_port is None:
             raise ValueError("tproxy-port is not set")
@@ -553,6 +556,9 @@ class UdpGateway:
         self.counters = self.sessions.counters
         self.replies = ReplySockets()
         self._warned_at = -WARN_INTERVAL
+        # Session ids from the TCP flow registry's sequence (`new_id`), so
+        # that an id in /connections names one flow or session.
+        self.new_id = new_id
 
     def stats(self) -> dict[str, int]:
         self.counters.sessions = len(self.table)
@@ -561,7 +567,9 @@ class UdpGateway:
     def snapshot(self) -> list[dict[str, Any]]:
         """Live sessions for the API's connection list, in the TCP flows'
         shape (appliance.gateway.splice.FlowRecord.as_dict) plus `state` and
-        `idle` seconds. Ids are the UDP gateway's own."""
+        `idle` seconds. Ids come from `new_id` (the TCP flow registry's
+        sequence) when given, so `close_flow` and the registry's never
+        mistake one for the other."""
         now = trio.current_time()
         return [
             {"id": s.id, "network": "udp",
@@ -576,6 +584,18 @@ class UdpGateway:
              "state": s.state, "idle": round(now - s.last, 3)}
             for s in self.table for rule, payload in (s.flow.rule_shown(),)
         ]
+
+    def close_flow(self, flow_id: int) -> bool:
+        """End the live session `flow_id` (the control API's DELETE
+        /connections/{id}): its scope is cancelled, which closes its peer
+        (socket, proxy association) and takes it out of the table, so the
+        client's next datagram to that destination opens a new session,
+        routed anew. False if no such session is live."""
+        for s in self.table:
+            if s.id == flow_id:
+                s.scope.cancel()
+                return True
+        return False
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
                     ) -> None:
@@ -692,7 +712,8 @@ class UdpGateway:
             return None
         flow = Flow("udp", "tproxy", ipaddress.ip_address(client[0]), client[1],
                     ipaddress.ip_address(dst[1]), dst[2], domain, entry=self.entry)
-        session = Session(key, client, dst, flow, now, idle_timeout(dst[2], self.timeout))
+        session = Session(key, client, dst, flow, now, idle_timeout(dst[2], self.timeout),
+                          session_id=self.new_id() if self.new_id is not None else None)
         session.pending.append(data)
         return session
 

@@ -3,7 +3,10 @@
 `UnboundServer` writes an unbound.conf into a work directory and runs
 `unbound -d -c CONF` (inside `ip netns exec NS` when a namespace is given).
 unbound then serves, on every given address, RFC 8484 DoH over HTTP/2 at
-`https://ADDR:doh_port/dns-query` and plain DNS on UDP/TCP `dns_port`.
+`https://ADDR:doh_port/dns-query`, plain DNS on UDP/TCP `dns_port`, and
+with `dot_port` DNS over TLS (RFC 7858) there. `log_queries` makes it log
+each query with the client's address (`info: 127.0.0.1 www.lab.test. A IN`),
+which shows where a query came from.
 
 It answers only from data: each zone in `zones` is a `static` local zone with
 an SOA (so NXDOMAIN/NODATA carry the SOA that RFC 2308 negative caching
@@ -70,6 +73,9 @@ class ServerConfig:
     http_endpoint: str = "/dns-query"
     # SOA minimum = TTL of negative answers (RFC 2308 section 5).
     negative_ttl: int = 30
+    # DNS over TLS on this port (None: none).
+    dot_port: int | None = None
+    log_queries: bool = False
 
 
 def _fqdn(name: str) -> str:
@@ -107,6 +113,8 @@ def render_config(config: ServerConfig, workdir: Path) -> str:
         f'  http-endpoint: "{config.http_endpoint}"',
         f'  tls-service-key: "{config.key}"',
         f'  tls-service-pem: "{config.cert}"',
+        *([f"  tls-port: {config.dot_port}"] if config.dot_port is not None else []),
+        *(["  log-queries: yes"] if config.log_queries else []),
         "  access-control: 0.0.0.0/0 allow",
         "  access-control: ::/0 allow",
         "  do-not-query-localhost: yes",
@@ -117,6 +125,8 @@ def render_config(config: ServerConfig, workdir: Path) -> str:
         lines.append(f"  interface: {address}@{config.doh_port}")
         if config.dns_port is not None:
             lines.append(f"  interface: {address}@{config.dns_port}")
+        if config.dot_port is not None:
+            lines.append(f"  interface: {address}@{config.dot_port}")
     for zone in config.zones:
         apex = _fqdn(zone)
         lines.append(f'  local-zone: "{apex}" static')

@@ -326,8 +326,8 @@ def server_specs(topo: Topology, d: Path, cert: Path, key: Path) -> list[ServerS
 
 
 def unbound_config(topo: Topology, cert: Path, key: Path) -> ServerConfig:
-    """The honest resolver's doh_server config: DoH and plain DNS on its
-    addresses, the test zone from the topology."""
+    """The honest resolver's doh_server config: DoH, DoT and plain DNS on
+    its addresses, the test zone from the topology."""
     hr = topo.honest_resolver
     return ServerConfig(
         addresses=hr.addresses,
@@ -338,6 +338,10 @@ def unbound_config(topo: Topology, cert: Path, key: Path) -> ServerConfig:
         doh_port=hr.https_port,
         dns_port=53,
         http_endpoint=hr.path,
+        # DoT too (RFC 7858), and every query logged with its client's
+        # address: shows whether a query came through a proxy.
+        dot_port=853,
+        log_queries=True,
     )
 
 

@@ -51,6 +51,11 @@ HAPPY_EYEBALLS_DELAY = 0.25
 # and an address that stops answering is forgotten at once (see `dial`).
 DIAL_TTL_FLOOR = 60.0
 
+# A proxy's `ip-version` (mihomo's C.DNSPrefer): which families its server's
+# name resolves to and which is tried first. "ipv6-prefer" is also what
+# DIRECT does for destinations (RFC 8305's default order).
+IP_VERSIONS = ("dual", "ipv4", "ipv6", "ipv4-prefer", "ipv6-prefer")
+
 # `resolve(name, family)` with family 4 or 6 -> (addresses, ttl seconds).
 Resolve = Callable[[str, int], Awaitable[tuple[list[IPAddress], int]]]
 
@@ -85,6 +90,14 @@ class OutboundEnv:
     # `dialer-proxy` (and relay groups): the outbound a proxy's own server
     # connections go through; None: straight to the server (`Dialer.dial`).
     via: Outbound | None = None
+    # The `ip-version` of the proxy being built (build_proxy sets it).
+    ip_version: str = "dual"
+
+    def server_dialer(self) -> Dialer:
+        """The Dialer a proxy built with this env reaches its server with:
+        marked, through the resolver, with the proxy's `ip-version`."""
+        return Dialer(self.resolve, self.routing_mark, ipv6=self.ipv6,
+                      ip_version=self.ip_version)
 
     def server_dial(self, dialer: Dialer) -> ServerDial:
         """How a proxy built with this env reaches its server."""
@@ -228,6 +241,69 @@ def interleave(addresses: Sequence[IPAddress]) -> list[IPAddress]:
     return out
 
 
+def resolve_families(ip_version: str, ipv6: bool) -> tuple[int, ...]:
+    """The address families (4, 6) a name is resolved to under `ip-version`
+    when the gateway's IPv6 is `ipv6` (top-level `ipv6:`; off, mihomo's
+    resolver refuses AAAA whatever the proxy says). Raises OutboundError
+    when none is left (`ip-version: ipv6` with IPv6 off)."""
+    if ip_version == "ipv4":
+        return (4,)
+    if ip_version == "ipv6":
+        if not ipv6:
+            raise OutboundError("ip-version: ipv6, but IPv6 is off (top-level ipv6: false)")
+        return (6,)
+    return (4, 6) if ipv6 else (4,)
+
+
+def check_family(ip: IPAddress, ip_version: str) -> None:
+    """An IP literal server must be of the family `ipv4`/`ipv6` allow
+    (mihomo: "ip version error"); OutboundError if not."""
+    want = {"ipv4": 4, "ipv6": 6}.get(ip_version)
+    if want is not None and ip.version != want:
+        raise OutboundError(f"{ip} is an IPv{ip.version} address, but ip-version is {ip_version}")
+
+
+def connect_plan(addresses: Sequence[IPAddress], ip_version: str,
+                 delay: float = HAPPY_EYEBALLS_DELAY) -> list[tuple[IPAddress, float]]:
+    """The order TCP connection attempts go in, each address with how long
+    to wait after starting it before the next starts (unless it fails
+    sooner): RFC 8305 section 5, families interleaved (section 4).
+
+    - `ipv4-prefer` / `ipv6-prefer`: the preferred family first, the other
+      `delay` later (mihomo starts both and holds the other's connection
+      back 300 ms; starting it late costs the server no spare connection).
+    - `dual`: no preference, as mihomo: the first address of each family at
+      once (a black-holed family costs nothing), then the rest staggered.
+    - `ipv4` / `ipv6`: the resolver was asked for one family only.
+    """
+    v4 = [a for a in addresses if a.version == 4]
+    v6 = [a for a in addresses if a.version == 6]
+    if ip_version == "ipv4":
+        v6 = []
+    elif ip_version == "ipv6":
+        v4 = []
+    first, second = (v4, v6) if ip_version == "ipv4-prefer" else (v6, v4)
+    order = interleave([*first, *second])
+    plan = [(a, delay) for a in order]
+    if ip_version == "dual" and first and second:
+        plan[0] = (plan[0][0], 0.0)
+    return plan
+
+
+def pick_udp_address(addresses: Sequence[IPAddress], ip_version: str) -> IPAddress:
+    """The one address a UDP protocol (hysteria2, tuic, shadowsocks UDP)
+    sends to: mihomo's resolveUDPAddrWithPrefer, the first address of the
+    preferred family, else the first of the other. `dual` prefers IPv4 as
+    mihomo does (no race is possible without a handshake to race)."""
+    if not addresses:
+        raise OutboundError("no address to send to")
+    want = 6 if ip_version in ("ipv6", "ipv6-prefer") else 4
+    for a in addresses:
+        if a.version == want:
+            return a
+    return addresses[0]
+
+
 async def open_marked_tcp(
     addresses: Sequence[IPAddress],
     port: int,
@@ -243,14 +319,21 @@ async def open_marked_tcp(
     timeout of its own: callers wrap it in theirs. Raises OutboundError when
     every address failed.
     """
-    if not addresses:
+    return await open_planned_tcp([(a, delay) for a in addresses], port, mark=mark)
+
+
+async def open_planned_tcp(plan: Sequence[tuple[IPAddress, float]], port: int, *,
+                           mark: int | None) -> trio.SocketStream:
+    """`open_marked_tcp` with a delay of its own after each attempt starts
+    (`connect_plan`)."""
+    if not plan:
         raise OutboundError("no address to connect to")
     if not 0 < port <= 0xFFFF:
         raise OutboundError(f"bad port {port}")
-    if len(addresses) == 1:
+    if len(plan) == 1:
         # The common case (IP literal, sticky address, proxy server): no race,
         # so no nursery and no per-connection task.
-        return trio.SocketStream(await _connect_one(addresses[0], port, mark))
+        return trio.SocketStream(await _connect_one(plan[0][0], port, mark))
     winner: trio.socket.SocketType | None = None
     errors: list[str] = []
 
@@ -270,11 +353,12 @@ async def open_marked_tcp(
 
     try:
         async with trio.open_nursery() as nursery:
-            for addr in addresses:
+            for addr, delay in plan:
                 failed = trio.Event()
                 nursery.start_soon(attempt, addr, failed, nursery.cancel_scope)
-                with trio.move_on_after(delay):
-                    await failed.wait()
+                if delay > 0:
+                    with trio.move_on_after(delay):
+                        await failed.wait()
     except BaseException:
         # Cancelled from outside (the caller's deadline) just as one won.
         if winner is not None:
@@ -315,6 +399,12 @@ async def _connect_one(addr: IPAddress, port: int, mark: int | None) -> trio.soc
 class Dialer:
     """Resolves a host through `resolve` and opens a marked TCP connection.
 
+    `ip_version` (a proxy's `ip-version`, one of IP_VERSIONS) says which
+    families a name resolves to and in what order the addresses are tried
+    (`connect_plan`: happy eyeballs, RFC 8305); with `ipv6` off (top-level
+    `ipv6: false`) only A records are asked for, whatever it says. DIRECT
+    uses "ipv6-prefer" (RFC 8305's own order).
+
     Owns a small cache of the address that last worked for each name, kept
     while the resolver's TTL lasts, and at least `DIAL_TTL_FLOOR` seconds
     (also for an answer of TTL 0): the same name keeps reaching the same
@@ -325,17 +415,25 @@ class Dialer:
 
     MAX_STICKY = 4096
 
-    def __init__(self, resolve: Resolve | None, mark: int | None, *, ipv6: bool = False) -> None:
+    def __init__(self, resolve: Resolve | None, mark: int | None, *, ipv6: bool = False,
+                 ip_version: str = "ipv6-prefer") -> None:
+        if ip_version not in IP_VERSIONS:
+            raise ValueError(f"ip-version {ip_version!r} is not one of {IP_VERSIONS}")
         self._resolve = resolve
         self.mark = mark
         self.ipv6 = ipv6
+        self.ip_version = ip_version
         self._sticky: dict[str, tuple[IPAddress, float]] = {}
 
     async def resolve(self, name: str) -> tuple[list[IPAddress], float]:
-        """All addresses of `name` (A, and AAAA if ipv6) and the lowest TTL."""
+        """The addresses of `name` in the families `ip_version` and `ipv6`
+        allow (A, AAAA), AAAA first, and the lowest TTL."""
         if self._resolve is None:
             raise OutboundError(f"cannot resolve {name}: no resolver configured")
-        families = (4, 6) if self.ipv6 else (4,)
+        try:
+            families = resolve_families(self.ip_version, self.ipv6)
+        except OutboundError as e:
+            raise OutboundError(f"cannot resolve {name}: {e.reason}") from None
         results: dict[int, tuple[list[IPAddress], int]] = {}
         errors: list[str] = []
 
@@ -362,7 +460,10 @@ class Dialer:
                 addresses.extend(ips)
                 ttl = min(ttl, t)
         if not addresses:
-            why = "; ".join(errors) if errors else "no address records"
+            kinds = " or ".join("AAAA" if f == 6 else "A" for f in families)
+            why = "; ".join(errors) if errors else f"no {kinds} record"
+            if self.ip_version in ("ipv4", "ipv6"):
+                why += f" (ip-version: {self.ip_version})"
             raise OutboundError(f"cannot resolve {name}: {why}")
         return addresses, ttl
 
@@ -374,6 +475,7 @@ class Dialer:
     async def dial(self, host: str | IPAddress, port: int) -> trio.SocketStream:
         ip = as_ip(host)
         if ip is not None:
+            check_family(ip, self.ip_version)
             return await open_marked_tcp([ip], port, mark=self.mark)
         assert isinstance(host, str)
         name = host.rstrip(".").lower()
@@ -386,18 +488,36 @@ class Dialer:
                 # The pinned peer stopped answering: forget it, resolve again.
                 del self._sticky[name]
         addresses, ttl = await self.resolve(name)
-        stream = await open_marked_tcp(interleave(addresses), port, mark=self.mark)
+        stream = await open_planned_tcp(connect_plan(addresses, self.ip_version), port,
+                                        mark=self.mark)
         peer = ipaddress.ip_address(stream.socket.getpeername()[0])
         if len(self._sticky) >= self.MAX_STICKY:
             self._sticky.pop(next(iter(self._sticky)))
         self._sticky[name] = (peer, trio.current_time() + max(ttl, DIAL_TTL_FLOOR))
         return stream
 
+    async def udp_address(self, host: str | IPAddress) -> IPAddress:
+        """The one address a UDP protocol sends to for `host` (a proxy
+        server): the literal (of an allowed family), the address kept from
+        an earlier dial, else `pick_udp_address` of what the name resolves
+        to under `ip_version`."""
+        ip = as_ip(host)
+        if ip is not None:
+            check_family(ip, self.ip_version)
+            return ip
+        assert isinstance(host, str)
+        kept = self.sticky(host)
+        if kept is not None:
+            return kept[0]
+        addresses, _ttl = await self.resolve(host)
+        return pick_udp_address(addresses, self.ip_version)
+
 
 class ProxyOutbound:
     """What the proxy outbounds (SOCKS5, HTTP CONNECT) share: a proxy at
     `server:port` (a name is resolved through `resolve`), optional
-    credentials, a `Dialer` whose sockets carry `routing_mark`, one
+    credentials, a `Dialer` whose sockets carry `routing_mark` (and that
+    resolves the server under its `ip_version`), one
     deadline of `connect_timeout` seconds over connect + handshake, and
     with `preconnect` > 0 that many connections to the proxy kept open
     ahead of the flows (`Preconnect`; the Router closes it). With
@@ -422,6 +542,7 @@ class ProxyOutbound:
         connect_timeout: float = 5.0,
         resolve: Resolve | None = None,
         ipv6: bool = False,
+        ip_version: str = "dual",
         preconnect: int = 0,
         server_dial: ServerDial | None = None,
     ) -> None:
@@ -431,7 +552,7 @@ class ProxyOutbound:
         self.username = username
         self.password = password
         self.connect_timeout = connect_timeout
-        self.dialer = Dialer(resolve, routing_mark, ipv6=ipv6)
+        self.dialer = Dialer(resolve, routing_mark, ipv6=ipv6, ip_version=ip_version)
         self.server_dial: ServerDial = server_dial or self.dialer.dial
         self.preconnect = (Preconnect(self._server_address, port, preconnect, mark=routing_mark)
                            if preconnect > 0 and server_dial is None else None)

@@ -34,6 +34,7 @@ from appliance.config.model import (
     ProxyConfig,
     ProxyGroupConfig,
 )
+from appliance.outbound.anytls import AnytlsOutbound
 from appliance.outbound.base import Outbound, OutboundEnv, OutboundError, Resolve, UdpPeer
 from appliance.outbound.direct import DirectOutbound
 from appliance.outbound.groups import (
@@ -56,6 +57,7 @@ from appliance.outbound.reject import RejectOutbound
 from appliance.outbound.selections import Selections
 from appliance.outbound.shadowsocks import ShadowsocksOutbound
 from appliance.outbound.socks5 import Socks5Outbound
+from appliance.outbound.ssh import SshOutbound
 from appliance.outbound.trojan import TrojanOutbound
 from appliance.outbound.tuic import TuicOutbound
 from appliance.outbound.vless import VlessOutbound
@@ -77,6 +79,8 @@ BUILDERS: dict[str, Builder] = {
     "trojan": TrojanOutbound.from_config,
     "hysteria2": Hysteria2Outbound.from_config,
     "tuic": TuicOutbound.from_config,
+    "ssh": SshOutbound.from_config,
+    "anytls": AnytlsOutbound.from_config,
     "wireguard": WireguardOutbound.from_config,
 }
 
@@ -110,8 +114,10 @@ def outbound_env(cfg: Config, resolve: Resolve | None) -> OutboundEnv:
 
 
 def build_proxy(p: ProxyConfig, env: OutboundEnv) -> Outbound:
-    """One proxy by its type's builder; an UnsupportedOutbound otherwise."""
+    """One proxy by its type's builder (its env carrying the proxy's
+    `ip-version` for its server dialer); an UnsupportedOutbound otherwise."""
     builder = BUILDERS.get(p.type)
+    env = replace(env, ip_version=p.ip_version)
     return builder(p, env) if builder is not None else UnsupportedOutbound(p.name, p.type)
 
 
@@ -129,8 +135,13 @@ class ProxyFactory:
         return build_proxy(p, replace(self.env, via=via))
 
     def rechain(self, hop: Outbound, via: Outbound) -> Outbound | None:
+        """`hop` rebuilt to reach its server through `via`; None when it
+        cannot be: not a proxy, or QUIC (hysteria2, tuic run on Mirage's
+        own UDP socket, so built with a `via` they would go straight to
+        their server, around the chain; the loader skips them with
+        `dialer-proxy` for the same reason)."""
         p = self.configs.get(hop.name)
-        if p is None or p.type in ("direct", "reject"):
+        if p is None or p.type in ("direct", "reject", "hysteria2", "tuic"):
             return None
         return self.build(p, via)
 
@@ -146,6 +157,8 @@ def build_outbounds(
     selections: Selections | None = None,
     provided: Mapping[str, Sequence[ProxyConfig]] | None = None,
     provided_out: dict[str, list[Outbound]] | None = None,
+    proxy_resolve: Resolve | None = None,
+    direct_resolve: Resolve | None = None,
 ) -> dict[str, Outbound]:
     """Every outbound by name: the built-ins (DIRECT, REJECT, REJECT-DROP,
     PASS, COMPATIBLE), `proxies`, `proxy-groups` and GLOBAL.
@@ -162,17 +175,26 @@ def build_outbounds(
     in `provided_out` when given (a provider's proxies are not rule
     targets, as in mihomo, so they are not in the returned map). A
     provider is built after the outbounds its proxies' `dialer-proxy` name.
+    `proxy_resolve` resolves the proxies' own server names
+    (`dns.proxy-server-nameserver`), `direct_resolve` DIRECT's destinations
+    (`dns.direct-nameserver`); each defaults to `resolve`.
     """
-    env = outbound_env(cfg, resolve)
+    env = outbound_env(cfg, proxy_resolve or resolve)
+    resolve = direct_resolve or resolve
     delays = delays if delays is not None else DelayHistory()
     provided = provided or {}
+    direct = DirectOutbound(resolve, env.routing_mark, env.connect_timeout, ipv6=env.ipv6)
     out: dict[str, Outbound] = {
-        "DIRECT": DirectOutbound(resolve, env.routing_mark, env.connect_timeout, ipv6=env.ipv6),
+        "DIRECT": direct,
         "REJECT": RejectOutbound(),
         "REJECT-DROP": RejectDropOutbound(),
         "PASS": PassOutbound(),
-        "COMPATIBLE": CompatibleOutbound(),
+        "COMPATIBLE": CompatibleOutbound(direct=direct),
     }
+    # Proxies and groups the loader skipped stay rule targets (mihomo would
+    # use them): each is COMPATIBLE under its own name, so the API shows
+    # which rule sent a flow where. Groups never hold them.
+    standins = {s.name: CompatibleOutbound(s.name, direct=direct) for s in cfg.skipped}
     proxies: dict[str, ProxyConfig] = {}
     for i, p in enumerate(cfg.proxies):
         if p.name in out or p.name in proxies:
@@ -233,8 +255,10 @@ def build_outbounds(
         static = [out[m] for m in g.proxies]
         members = compose_members(static, [built[u] for u in g.use], g.filter)
         group = out[name] = make_group(g, members, delays=delays, factory=factory,
-                                       direct=out["DIRECT"])
+                                       direct=out["DIRECT"], compatible=out["COMPATIBLE"])
         group.static = tuple(static)
+    for name, standin in standins.items():
+        out.setdefault(name, standin)
     if "GLOBAL" not in out:
         everything = [out["DIRECT"], out["REJECT"], *(out[n] for n in proxies),
                       *(out[n] for n in groups)]
@@ -247,10 +271,12 @@ def build_outbounds(
 
 
 def make_group(g: ProxyGroupConfig, members: Sequence[Outbound], *, delays: DelayHistory,
-               factory: ProxyFactory, direct: Outbound) -> Group:
+               factory: ProxyFactory, direct: Outbound,
+               compatible: Outbound | None = None) -> Group:
     """The group object of one `proxy-groups` entry."""
     common: dict[str, Any] = {"health": g.health, "delays": delays, "hidden": g.hidden,
-                              "icon": g.icon, "disable_udp": g.disable_udp}
+                              "icon": g.icon, "disable_udp": g.disable_udp,
+                              "compatible": compatible}
     group: Group
     if g.type == "select":
         group = SelectGroup(g.name, members, **common)

@@ -24,8 +24,8 @@ from appliance.outbound.base import (
     Resolve,
     UdpPeer,
     as_ip,
-    interleave,
     outbound_deadline,
+    pick_udp_address,
     udp_socket,
 )
 
@@ -50,7 +50,7 @@ class AddressCache:
         if hit is not None and hit[1] > now:
             return hit[0]
         addresses, ttl = await self.dialer.resolve(name)
-        ip = interleave(addresses)[0]
+        ip = pick_udp_address(addresses, self.dialer.ip_version)
         if ttl > 0:
             if len(self._entries) >= self.size:
                 self._entries.pop(next(iter(self._entries)))
@@ -77,17 +77,20 @@ class DirectOutbound:
         *,
         name: str = "DIRECT",
         ipv6: bool = False,
+        ip_version: str = "ipv6-prefer",
     ) -> None:
         self.name = name
         self.connect_timeout = connect_timeout
-        self.dialer = Dialer(resolve, routing_mark, ipv6=ipv6)
+        self.dialer = Dialer(resolve, routing_mark, ipv6=ipv6, ip_version=ip_version)
         self.udp_addresses = AddressCache(self.dialer)
 
     @classmethod
     def from_config(cls, p: ProxyConfig, env: OutboundEnv) -> DirectOutbound:
-        """A `type: direct` entry of `proxies` (a DIRECT under another name)."""
+        """A `type: direct` entry of `proxies` (a DIRECT under another name,
+        with its own `ip-version` for destinations, `dual` by default as in
+        mihomo)."""
         return cls(env.resolve, env.routing_mark, env.connect_timeout, name=p.name,
-                   ipv6=env.ipv6)
+                   ipv6=env.ipv6, ip_version=p.ip_version)
 
     async def connect_tcp(self, host: str | IPAddress, port: int) -> trio.SocketStream:
         with outbound_deadline(self.connect_timeout, f"{self.name} {host}:{port}"):

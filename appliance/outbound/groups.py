@@ -83,21 +83,30 @@ class GroupError(Exception):
 
 
 class CompatibleOutbound:
-    """COMPATIBLE: what a group holds when no member is left (mihomo's
-    Compatible): refuses every flow like REJECT, named so the API shows it."""
+    """COMPATIBLE: what a group holds when no member is left, and what a rule
+    naming a proxy or group Mirage skipped sends its flows to. mihomo's
+    Compatible is a Direct under another name (adapter/outbound/direct.go
+    NewCompatible; outboundgroup/groupbase.go GetProxies falls back to it),
+    so flows go DIRECT through `direct`; without one (a group built on its
+    own, as in unit tests) it refuses like REJECT."""
 
     type = "Compatible"
-    carries_udp = False
 
-    def __init__(self, name: str = "COMPATIBLE") -> None:
+    def __init__(self, name: str = "COMPATIBLE", direct: Outbound | None = None) -> None:
         self.name = name
+        self.direct = direct
+        self.carries_udp = direct is not None and direct.carries_udp
 
     async def connect_tcp(self, host: str | IPAddress, port: int) -> trio.abc.Stream:
-        await trio.lowlevel.checkpoint()
-        raise OutboundError(f"{self.name}: no proxy available")
+        if self.direct is None:
+            await trio.lowlevel.checkpoint()
+            raise OutboundError(f"{self.name}: no proxy available")
+        return await self.direct.connect_tcp(host, port)
 
     async def open_udp(self, host: str | IPAddress, port: int) -> UdpPeer | None:
-        return await no_udp(self.name)
+        if self.direct is None:
+            return await no_udp(self.name)
+        return await self.direct.open_udp(host, port)
 
 
 class RejectDropOutbound:
@@ -192,8 +201,12 @@ class Group:
     def __init__(self, name: str, members: Sequence[Outbound], *,
                  health: HealthCheckConfig | None = None,
                  delays: DelayHistory | None = None,
-                 hidden: bool = False, icon: str = "", disable_udp: bool = False) -> None:
+                 hidden: bool = False, icon: str = "", disable_udp: bool = False,
+                 compatible: Outbound | None = None) -> None:
         self.name = name
+        # What the group holds when it has no member (a provider not yet
+        # downloaded, a filter that keeps nothing): the shared COMPATIBLE.
+        self.compatible = compatible if compatible is not None else CompatibleOutbound()
         self.health = health if health is not None else HealthCheckConfig()
         self.delays = delays if delays is not None else DelayHistory()
         self.hidden = hidden
@@ -217,7 +230,7 @@ class Group:
     def set_members(self, members: Sequence[Outbound]) -> None:
         """Replace the members in one assignment (provider refresh); an
         empty list leaves COMPATIBLE, as mihomo does."""
-        self.members = tuple(members) or (CompatibleOutbound(),)
+        self.members = tuple(members) or (self.compatible,)
 
     @property
     def all(self) -> list[str]:
@@ -625,8 +638,17 @@ class RelayGroup(Group):
     turns relay into the same dialer-proxy chain). Groups among the members
     take their current member at connect time; DIRECT members are left out.
     Each hop is the member rebuilt with the previous hop as its `via`
-    (`rechain`, from appliance/outbound/build.py), kept per chain. TCP
-    only. Raises OutboundError (a hop's, or "cannot be chained")."""
+    (`rechain`, from appliance/outbound/build.py), kept per chain.
+
+    UDP where mihomo's Relay.SupportUDP says so (`udp_by_mihomo`), and
+    while the last hop rebuilt on the chain carries it: a last hop whose
+    UDP rides its own stream (`udp_over_stream`: Trojan, VMess, VLESS)
+    sends it through the earlier hops' TCP; a Shadowsocks hop
+    (`udp_through_via`) sends its datagrams as a UDP flow of the hop
+    before it, which must then carry UDP by the same rule; SOCKS5 and
+    HTTP hops end the search (mihomo: their UDP cannot be dialed through
+    another proxy). Raises OutboundError (a hop's, or "cannot be
+    chained")."""
 
     type = "Relay"
 
@@ -667,9 +689,25 @@ class RelayGroup(Group):
             self._chains[key] = built
         return built
 
+    def udp_by_mihomo(self) -> bool:
+        """mihomo's Relay.SupportUDP over the hops, last first."""
+        for hop in reversed(self.hops()):
+            if not hop.carries_udp:
+                return False
+            if getattr(hop, "udp_over_stream", False):
+                return True
+            if not getattr(hop, "udp_through_via", False):
+                return False
+        return True
+
     @property
     def carries_udp(self) -> bool:
-        return False
+        if self.disable_udp or not self.udp_by_mihomo():
+            return False
+        try:
+            return self.chain().carries_udp
+        except OutboundError:
+            return False
 
     async def connect_tcp(self, host: str | IPAddress, port: int) -> trio.abc.Stream:
         self._touch()
@@ -678,7 +716,12 @@ class RelayGroup(Group):
         return stream
 
     async def open_udp(self, host: str | IPAddress, port: int) -> UdpPeer | None:
-        return await no_udp(self.name)
+        """The last hop's UDP, its stream through the earlier hops."""
+        last = self.chain()
+        if self.disable_udp or not self.udp_by_mihomo() or not last.carries_udp:
+            return await no_udp(self.name)
+        self._touch()
+        return await last.open_udp(host, port)
 
 
 def groups_in(outbounds: dict[str, Outbound]) -> dict[str, Group]:

@@ -76,7 +76,8 @@ class HttpOutbound(ProxyOutbound):
         return cls(p.name, p.server, p.port, tls=p.tls, skip_cert_verify=p.skip_cert_verify,
                    sni=p.sni, username=p.username, password=p.password,
                    routing_mark=env.routing_mark, connect_timeout=env.connect_timeout,
-                   resolve=env.resolve, ipv6=env.ipv6, preconnect=p.preconnect,
+                   resolve=env.resolve, ipv6=env.ipv6, ip_version=env.ip_version,
+                   preconnect=p.preconnect,
                    server_dial=env.via.connect_tcp if env.via is not None else None)
 
     async def _connect(self, host: str | IPAddress, port: int) -> trio.abc.Stream:

@@ -237,7 +237,7 @@ class Hysteria2Outbound:
         return cls(
             p.name, p.server, p.port, options,
             tls=QuicTls.of(p),
-            dialer=Dialer(env.resolve, env.routing_mark, ipv6=env.ipv6),
+            dialer=env.server_dialer(),
             connect_timeout=env.connect_timeout,
         )  # fmt: skip
 

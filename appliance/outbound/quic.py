@@ -64,7 +64,7 @@ from aioquic.quic.stream import QuicStream as AioquicStream
 from aioquic.tls import Direction, Epoch, hkdf_expand_label
 
 from appliance.config.model import IPAddress, ProxyConfig
-from appliance.outbound.base import Dialer, OutboundError, UdpPeer, as_ip, udp_socket
+from appliance.outbound.base import Dialer, OutboundError, UdpPeer, udp_socket
 
 log = logging.getLogger(__name__)
 # aioquic logs every connection's version and ALPN at INFO under "quic":
@@ -204,6 +204,10 @@ class QuicStream(trio.abc.HalfCloseableStream):
         self._readable = trio.Event()
         self._writable = trio.Event()
         self._sent_eof = False
+        # Why the server will not read more of this stream (STOP_SENDING),
+        # None while it reads: aioquic has reset our half then, and a later
+        # write or FIN on it would raise out of aioquic.
+        self._stopped: str | None = None
         self._closed = False
         # Bytes the flow has read: the receive credit follows it.
         self.consumed = 0
@@ -255,16 +259,23 @@ class QuicStream(trio.abc.HalfCloseableStream):
             raise trio.BrokenResourceError(self._error)
         if self._sent_eof:
             raise trio.ClosedResourceError("send_eof was called")
+        if self._stopped is not None:
+            await trio.lowlevel.checkpoint()
+            raise trio.BrokenResourceError(self._stopped)
         if data:
             self.tunnel.send_stream(self.stream_id, bytes(data))
         await self.wait_send_all_might_not_block()
 
     async def wait_send_all_might_not_block(self) -> None:
-        while self._error is None and self.tunnel.unacked(self.stream_id) > SEND_HIGH_WATER:
+        while (self._error is None and self._stopped is None
+               and self.tunnel.unacked(self.stream_id) > SEND_HIGH_WATER):
             self._writable = trio.Event()
             self.tunnel.wants_writable(self)
             await self._writable.wait()
         await trio.lowlevel.checkpoint()
+        # Not for `_stopped`: what was written went out before the server
+        # stopped reading (its answer and STOP_SENDING often come in one
+        # packet, while the writer waits here); the next write fails.
         if self._error is not None:
             raise trio.BrokenResourceError(self._error)
 
@@ -273,6 +284,9 @@ class QuicStream(trio.abc.HalfCloseableStream):
         if self._sent_eof or self._closed or self._error is not None:
             return
         self._sent_eof = True
+        if self._stopped is not None:
+            # Our half was reset at the server's request: nothing to end.
+            return
         self.tunnel.send_stream(self.stream_id, b"", end=True)
 
     async def aclose(self) -> None:
@@ -510,6 +524,18 @@ class QuicTunnel:
                     self._forget(stream)
                 else:
                     self.on_other_stream(event)
+            elif isinstance(event, events.StopSendingReceived):
+                stream = self.streams.get(event.stream_id)
+                log.debug("%s: stream %d: STOP_SENDING %#x (ours: %s)", self.name,
+                          event.stream_id, event.error_code, stream is not None)
+                if stream is not None and stream._stopped is None:
+                    # The server is done reading (sing-box's hysteria2 does
+                    # this once it has answered): our half is reset.
+                    stream._stopped = (f"the server stopped reading the stream "
+                                       f"(STOP_SENDING, error {event.error_code:#x})")
+                    stream._writable.set()
+                else:
+                    self.on_other_event(event)
             elif isinstance(event, events.HandshakeCompleted):
                 self.on_handshake(event)
                 self.connected.set()
@@ -539,9 +565,15 @@ class QuicTunnel:
         return stream
 
     def send_stream(self, stream_id: int, data: bytes, *, end: bool = False) -> None:
+        """Queue `data` (and the FIN) on a stream and send. BrokenResourceError
+        if aioquic has discarded the stream (both halves done: the server
+        stopped our half and ended its own)."""
         if self.closed_reason is not None:
             return
-        self.quic.send_stream_data(stream_id, data, end_stream=end)
+        try:
+            self.quic.send_stream_data(stream_id, data, end_stream=end)
+        except ValueError as e:  # "Cannot send data on a finished stream"
+            raise trio.BrokenResourceError(f"{self.name}: stream {stream_id}: {e}") from None
         self.transmit()
 
     def unacked(self, stream_id: int) -> int:
@@ -683,14 +715,7 @@ async def server_address(dialer: Dialer, server: str, port: int
                          ) -> tuple[IPAddress, tuple[Any, ...]]:
     """The proxy server's address (resolved through the upstream resolver,
     the sticky one while its TTL lasts) and its socket address."""
-    ip = as_ip(server)
-    if ip is None:
-        kept = dialer.sticky(server)
-        if kept is not None:
-            ip = kept[0]
-        else:
-            addresses, _ttl = await dialer.resolve(server)
-            ip = addresses[0]
+    ip = await dialer.udp_address(server)
     if ip.version == 6:
         return ip, (str(ip), port, 0, 0)
     return ip, (str(ip), port)

@@ -17,7 +17,11 @@ stripped) on the way down, in `watch()`. The socket is not connected: a
 server bound to the wildcard on a host with several addresses answers
 from whichever the kernel picks, not always the one we sent to, and
 mihomo takes those replies too. A reply is trusted for opening with the
-key, not for where it came from.
+key, not for where it came from. With `dialer-proxy` (or as a relay hop)
+the sealed datagrams travel as a UDP flow of that outbound to the server
+instead (mihomo's ListenPacket through the proxy dialer), so they never
+leave around the chain; then UDP is carried only while that outbound
+carries UDP.
 
 How it fails: connect failures and the deadline as every outbound
 (`OutboundError`, `connect-timeout` over dial + plugin handshake). A wrong
@@ -46,13 +50,11 @@ import trio
 from appliance.config.model import IPAddress, ProxyConfig
 from appliance.config.protocols.shadowsocks import ShadowsocksOptions
 from appliance.outbound.base import (
-    Dialer,
+    Outbound,
     OutboundEnv,
     OutboundError,
     ServerDial,
     UdpPeer,
-    as_ip,
-    interleave,
     no_udp,
     outbound_deadline,
     udp_socket,
@@ -69,6 +71,7 @@ from appliance.proto.shadowsocks import (
     evp_bytes_to_key,
     parse_psks,
 )
+from appliance.proto.socks5 import Socks5Error, parse_udp
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +88,9 @@ class ShadowsocksOutbound:
     connection's stream owns its socket."""
 
     type = "Shadowsocks"
+    # Its UDP can go as a UDP flow of the outbound before it (mihomo's
+    # SupportWithDialer), see RelayGroup in appliance/outbound/groups.py.
+    udp_through_via = True
 
     def __init__(self, name: str, server: str, port: int, options: ShadowsocksOptions,
                  env: OutboundEnv, *, udp: bool = False) -> None:
@@ -97,14 +103,20 @@ class ShadowsocksOutbound:
             parse_psks(self.method, options.password) if self.method.is_2022
             else evp_bytes_to_key(options.password.encode(), self.method.key_size))
         self.connect_timeout = env.connect_timeout
-        self.dialer = Dialer(env.resolve, env.routing_mark, ipv6=env.ipv6)
+        self.dialer = env.server_dialer()
         self._dial: ServerDial = env.server_dial(self.dialer)
         self.salt_filter = SaltFilter()
         self.plugin = make_plugin(options, server, port)
         # Whether a server byte has ever opened with our key (see the doc).
         self.verified = False
         # 2022 UDP here takes one PSK (no identity headers).
-        self.carries_udp = udp and not (self.method.is_2022 and len(self.key) > 1)
+        self._udp = udp and not (self.method.is_2022 and len(self.key) > 1)
+        # `dialer-proxy` / a relay's previous hop: UDP goes through its UDP.
+        self.via: Outbound | None = env.via
+
+    @property
+    def carries_udp(self) -> bool:
+        return self._udp and (self.via is None or self.via.carries_udp)
 
     @classmethod
     def from_config(cls, p: ProxyConfig, env: OutboundEnv) -> ShadowsocksOutbound:
@@ -142,24 +154,39 @@ class ShadowsocksOutbound:
             client = UdpClient(self.method, self.key)
         except ShadowsocksError as e:
             raise OutboundError(f"{self.name}: udp: {e}") from None
-        ip = as_ip(self.server)
-        if ip is None:
-            kept = self.dialer.sticky(self.server)
-            ip = kept[0] if kept is not None else interleave(
-                (await self.dialer.resolve(self.server))[0])[0]
+        ip = await self.dialer.udp_address(self.server)
+        if self.via is not None:
+            carrier, to = await self._via_udp(ip), None
+        else:
+            carrier, to = await self._direct_udp(ip), (str(ip), self.port)
+        try:
+            inner, outer = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+        except BaseException:
+            await trio.aclose_forcefully(_Carrier(carrier))
+            raise
+        for s in (inner, outer):
+            s.setblocking(False)
+        return ShadowsocksUdpPeer(outer, inner, carrier, client, self.name, header,
+                                  carrier.remote, to=to)
+
+    async def _direct_udp(self, ip: IPAddress) -> UdpPeer:
+        """A marked UDP socket for the server (not connected: see the
+        module doc), as a bare peer."""
         family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
         remote = udp_socket(family, self.dialer.mark)
-        inner, outer = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
-        try:
-            for s in (inner, outer):
-                s.setblocking(False)
-        except OSError as e:
-            for s in (remote, inner, outer):
-                s.close()
-            raise OutboundError(f"{self.name}: udp {ip} port {self.port}: "
-                                f"{e.strerror or e}") from None
-        return ShadowsocksUdpPeer(outer, inner, remote, client, self.name, header,
-                                  (str(ip), self.port))
+        await trio.lowlevel.checkpoint()
+        return UdpPeer(remote, self.name, remote=f"{ip}:{self.port}")
+
+    async def _via_udp(self, ip: IPAddress) -> UdpPeer:
+        """A UDP flow of the `via` outbound to the server (its address
+        resolved here, as mihomo resolves it before ListenPacket)."""
+        assert self.via is not None
+        carrier = await self.via.open_udp(ip, self.port)
+        if carrier is None:
+            raise OutboundError(f"{self.name}: udp: {self.via.name} rejects UDP to "
+                                f"{ip} port {self.port}")
+        carrier.remote = f"{ip}:{self.port} via {carrier.outbound}"
+        return carrier
 
 
 class ServerFailed(trio.BrokenResourceError):
@@ -279,13 +306,14 @@ class ShadowsocksStream(trio.abc.HalfCloseableStream):
         await self.transport.aclose()
 
 
-class _ServerSocket(trio.abc.Stream):
-    """The UDP socket to the server as the peer's `control`: the gateway
-    runs `watch()` (the relay) for peers that have one, and closing it
-    closes the socket. Not a byte stream: nothing reads or writes it."""
+class _Carrier(trio.abc.Stream):
+    """The way to the server (a UDP socket to it, or a UDP flow of the
+    `via` outbound) as the peer's `control`: the gateway runs `watch()`
+    (the relay) for peers that have one, and closing it closes the
+    carrier. Not a byte stream: nothing reads or writes it."""
 
-    def __init__(self, sock: socket.socket) -> None:
-        self.sock = sock
+    def __init__(self, carrier: UdpPeer) -> None:
+        self.carrier = carrier
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         raise trio.ClosedResourceError("the server socket of a UDP flow is not a stream")
@@ -297,8 +325,7 @@ class _ServerSocket(trio.abc.Stream):
         raise trio.ClosedResourceError("the server socket of a UDP flow is not a stream")
 
     async def aclose(self) -> None:
-        self.sock.close()
-        await trio.lowlevel.checkpoint()
+        await self.carrier.aclose()
 
 
 class ShadowsocksUdpPeer(UdpPeer):
@@ -307,28 +334,40 @@ class ShadowsocksUdpPeer(UdpPeer):
     one end of a local datagram pair; `watch()` seals what arrives at the
     other end and sends it to the server, and opens the server's replies,
     returning their payloads. Replies that do not open are dropped (a
-    wrong key, a replay; the first is logged). Owns the pair and the socket
-    to the server (`control`)."""
+    wrong key, a replay; the first is logged). The sealed datagrams go
+    through `carrier`: a bare peer on an unconnected socket, sent `to` the
+    server, or a UDP flow of the `via` outbound (`to` None: its header
+    before each, its SOCKS5 header stripped from replies, its own `watch`
+    run alongside; the flow ends when it does). Owns the pair and the
+    carrier (`control`)."""
 
-    def __init__(self, sock: socket.socket, inner: socket.socket, remote: socket.socket,
-                 client: UdpClient, outbound: str, header: bytes,
-                 server: tuple[str, int]) -> None:
-        super().__init__(sock, outbound, header=header, control=_ServerSocket(remote),
-                         remote=f"{server[0]}:{server[1]}")
+    def __init__(self, sock: socket.socket, inner: socket.socket, carrier: UdpPeer,
+                 client: UdpClient, outbound: str, header: bytes, where: str, *,
+                 to: tuple[str, int] | None = None) -> None:
+        super().__init__(sock, outbound, header=header, control=_Carrier(carrier),
+                         remote=where)
         self.socks = False  # replies are bare payloads
         self.inner = inner
-        self.server = remote
-        self.server_address = server
+        self.carrier = carrier
+        self.to = to
         self.client = client
         self.dropped = 0
 
     async def watch(self) -> None:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._up)
+            if self.carrier.control is not None:
+                nursery.start_soon(self._carrier_watch, nursery.cancel_scope)
             await self._down()
+            nursery.cancel_scope.cancel()
+
+    async def _carrier_watch(self, scope: trio.CancelScope) -> None:
+        await self.carrier.watch()
+        scope.cancel()
 
     async def _up(self) -> None:
-        inner, server, seal, to = self.inner, self.server, self.client.seal, self.server_address
+        inner, seal, to = self.inner, self.client.seal, self.to
+        server, prefix = self.carrier.sock, self.carrier.header
         while True:
             await trio.lowlevel.wait_readable(inner)
             while True:
@@ -337,12 +376,16 @@ class ShadowsocksUdpPeer(UdpPeer):
                 except BlockingIOError:
                     break
                 try:
-                    server.sendto(seal(body), to)
+                    if to is not None:
+                        server.sendto(seal(body), to)
+                    else:
+                        server.send(prefix + seal(body) if prefix else seal(body))
                 except OSError:
                     self.dropped += 1
 
     async def _down(self) -> None:
-        inner, server, open_ = self.inner, self.server, self.client.open
+        inner, open_ = self.inner, self.client.open
+        server, socks = self.carrier.sock, self.carrier.socks
         while True:
             await trio.lowlevel.wait_readable(server)
             while True:
@@ -353,9 +396,15 @@ class ShadowsocksUdpPeer(UdpPeer):
                 except OSError:
                     continue  # the server may come back
                 try:
+                    if socks:
+                        # A SOCKS5 via's relay: its UDP header first.
+                        relayed = parse_udp(packet)
+                        if relayed.frag:
+                            raise ShadowsocksError("a fragment from the via's relay")
+                        packet = relayed.payload
                     body = open_(packet)
                     inner.send(body[address_length(body):])
-                except (ShadowsocksError, OSError) as e:
+                except (ShadowsocksError, Socks5Error, OSError) as e:
                     self.dropped += 1
                     if self.dropped == 1:
                         log.warning("ss udp %s via %s: dropped a reply: %s", self.remote,

@@ -100,6 +100,7 @@ class Socks5Outbound(ProxyOutbound):
         return cls(p.name, p.server, p.port, udp=p.udp and env.via is None, username=p.username,
                    password=p.password, routing_mark=env.routing_mark,
                    connect_timeout=env.connect_timeout, resolve=env.resolve, ipv6=env.ipv6,
+                   ip_version=env.ip_version,
                    preconnect=p.preconnect,
                    server_dial=env.via.connect_tcp if env.via is not None else None)
 

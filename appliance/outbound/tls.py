@@ -16,11 +16,14 @@ server (a marked TCP connection, or another outbound's tunnel for
   the pin), the pin replaces the chain check: a self-signed server can be
   pinned without trusting anything else.
 - `client-fingerprint` (uTLS ClientHello imitation) has no effect: stdlib
-  ssl sends OpenSSL's ClientHello. The loader says so once at load.
+  ssl sends OpenSSL's ClientHello (REALITY's client sends a Chrome-shaped
+  one). The loader says so once at load.
 - REALITY (`reality-opts`) needs a TLS stack that sets the session ID and
-  verifies the server's temporary certificate; stdlib ssl does neither.
-  `unsupported_tls` names such options so the loader refuses the proxy at
-  load instead of at flow time.
+  verifies the server's temporary certificate; stdlib ssl does neither, so
+  `TlsClient` hands such a proxy to appliance/outbound/reality.py (its own
+  TLS 1.3 client), whose `RealityStream` stands in for the `TlsStream`.
+  `unsupported_tls` names options no layer can carry out, so the loader
+  refuses the proxy at load instead of at flow time (none today).
 
 `TlsStream` is stdlib ssl's SSLObject between two memory BIOs, as
 trio.SSLStream is, minus what costs a tunnel its throughput there: each
@@ -49,12 +52,14 @@ import contextlib
 import functools
 import hashlib
 import hmac
+import ipaddress
 import ssl
 
 import trio
 
 from appliance.config.protocols.common import TlsOptions
 from appliance.outbound.base import OutboundError
+from appliance.outbound.reality import RealityStream, RealityTls
 
 # What TLS can be carrying: plain TCP-like streams, HTTP/1.1 (ws, http) or
 # HTTP/2 (grpc, h2). The transport's need overrides the configured `alpn`.
@@ -69,9 +74,6 @@ DEFAULT_RECEIVE = 1 << 16
 def unsupported_tls(tls: TlsOptions | None) -> str | None:
     """Why these TLS options cannot be carried out by this layer (None: they
     can). The loader skips such a proxy with this reason."""
-    if tls is not None and tls.reality is not None:
-        return "reality-opts (REALITY needs a TLS stack that sets the session ID; stdlib ssl "\
-            "cannot)"
     return None
 
 
@@ -102,6 +104,15 @@ def client_context(verify: bool, alpn: tuple[str, ...]) -> ssl.SSLContext:
     return ctx
 
 
+def _sni_name(server: str) -> str | None:
+    """The SNI for a server given without `sni`: none for an IP literal."""
+    try:
+        ipaddress.ip_address(server.strip("[]"))
+    except ValueError:
+        return server
+    return None
+
+
 class TlsClient:
     """The TLS side of one outbound: its SSLContext (`client_context`), the
     name to send and verify, and the pin. `wrap` is per connection."""
@@ -120,11 +131,16 @@ class TlsClient:
         self.pin = bytes.fromhex(tls.fingerprint) if tls.fingerprint else None
         verify = not tls.skip_cert_verify and self.pin is None
         self.context = client_context(verify, alpn if alpn is not None else tls.alpn)
+        self.reality = (RealityTls(tls.reality, tls.sni or _sni_name(server),
+                                   alpn if alpn is not None else tls.alpn)
+                        if tls.reality is not None else None)
 
-    async def wrap(self, stream: trio.abc.Stream, what: str) -> TlsStream:
+    async def wrap(self, stream: trio.abc.Stream, what: str) -> TlsStream | RealityStream:
         """The handshake over `stream`; returns the TLS stream (which owns
         `stream`). `what` starts the error text (the outbound's name).
         Closes `stream` and raises OutboundError on any failure."""
+        if self.reality is not None:
+            return await self.reality.wrap(stream, what)
         tls = TlsStream(stream, self.context, self.server_hostname)
         try:
             await tls.do_handshake()

@@ -28,7 +28,6 @@ from appliance.config.model import IPAddress, ProxyConfig
 from appliance.config.protocols.common import TlsOptions, TransportOptions
 from appliance.config.protocols.trojan import TrojanOptions
 from appliance.outbound.base import (
-    Dialer,
     OutboundEnv,
     OutboundError,
     ServerDial,
@@ -38,7 +37,7 @@ from appliance.outbound.base import (
 )
 from appliance.outbound.stream_udp import StreamUdpPeer
 from appliance.outbound.tls import TlsClient
-from appliance.outbound.transport import open_transport, transport_alpn
+from appliance.outbound.transport import gun_pool, open_transport, transport_alpn
 from appliance.proto.socks5 import Socks5Error, encode_address
 from appliance.proto.trojan import (
     CMD_CONNECT,
@@ -65,6 +64,9 @@ class TrojanOutbound:
     connection."""
 
     type = "Trojan"
+    # Its UDP rides its own stream to the server (mihomo's SupportUOT): a
+    # relay can end in it (appliance/outbound/groups.py RelayGroup).
+    udp_over_stream = True
 
     def __init__(self, name: str, server: str, port: int, password: str, *,
                  tls: TlsOptions, transport: TransportOptions | None, udp: bool,
@@ -83,11 +85,12 @@ class TrojanOutbound:
         self.tls = TlsClient(tls, server, alpn=alpn)
         # Host / :authority for the transport: the name TLS sends.
         self.host = self.tls.server_hostname
+        self.gun = gun_pool(transport, self.host, tls=True)
 
     @classmethod
     def from_config(cls, p: ProxyConfig, env: OutboundEnv) -> TrojanOutbound:
         assert isinstance(p.options, TrojanOptions)
-        dialer = Dialer(env.resolve, env.routing_mark, ipv6=env.ipv6)
+        dialer = env.server_dialer()
         return cls(p.name, p.server, p.port, p.options.password,
                    tls=p.tls_options or TlsOptions(), transport=p.transport, udp=p.udp,
                    dial=env.server_dial(dialer), connect_timeout=env.connect_timeout)
@@ -99,15 +102,20 @@ class TrojanOutbound:
             head = encode_request(self._key, command, host, port)
         except TrojanError as e:
             raise OutboundError(f"{self.name}: {e}") from None
-        stream = await self._dial(self.server, self.port)
-        tls = await self.tls.wrap(stream, self.name)
-        tunnel = await open_transport(tls, self.transport, self.host, tls=True)
+        if self.gun is not None:
+            tunnel: trio.abc.Stream = await self.gun.open(self._dial_tls)
+        else:
+            tunnel = await open_transport(await self._dial_tls(), self.transport, self.host,
+                                          tls=True)
         try:
             await tunnel.send_all(head)
         except BaseException:
             await trio.aclose_forcefully(tunnel)
             raise
         return tunnel
+
+    async def _dial_tls(self) -> trio.abc.Stream:
+        return await self.tls.wrap(await self._dial(self.server, self.port), self.name)
 
     async def connect_tcp(self, host: str | IPAddress, port: int) -> trio.abc.Stream:
         with outbound_deadline(self.connect_timeout, f"{self.name} {host}:{port}"):

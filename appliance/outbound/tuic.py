@@ -175,7 +175,7 @@ class TuicOutbound:
         return cls(
             p.name, options.ip or p.server, p.port, options,
             tls=QuicTls.of(p),
-            dialer=Dialer(env.resolve, env.routing_mark, ipv6=env.ipv6),
+            dialer=env.server_dialer(),
             connect_timeout=env.connect_timeout,
         )  # fmt: skip
 

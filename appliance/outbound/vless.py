@@ -34,6 +34,7 @@ from appliance.outbound.base import (
     no_udp,
     outbound_deadline,
 )
+from appliance.outbound.reality import RealityStream
 from appliance.outbound.stream_udp import PacketCodec, StreamUdpPeer
 from appliance.outbound.tls import TlsStream
 from appliance.outbound.vmess import AuthFailure, ServerLayers
@@ -128,9 +129,10 @@ class VisionStream(trio.abc.HalfCloseableStream):
     `TlsStream.receive_some` would decrypt on into the raw bytes) and at
     the switch takes what the SSLObject and its incoming buffer hold.
     After a switch no close_notify is sent: it would land in the inner
-    stream. Owns `tls` and its transport."""
+    stream. Owns `tls` and its transport. Over REALITY the `RealityStream`
+    gives the same two things: one record, and what is buffered."""
 
-    def __init__(self, tls: TlsStream, user: bytes, name: str) -> None:
+    def __init__(self, tls: TlsStream | RealityStream, user: bytes, name: str) -> None:
         self._tls = tls
         self._raw = tls.transport_stream
         self._vision = Vision(user)
@@ -184,6 +186,8 @@ class VisionStream(trio.abc.HalfCloseableStream):
     async def _tls_record(self) -> bytes:
         """The plaintext of the next outer TLS record (b"" at its end)."""
         t = self._tls
+        if isinstance(t, RealityStream):
+            return await t.receive_record()
         while True:
             try:
                 return t._ssl.read(_RECV)  # one SSL_read: at most one record
@@ -199,6 +203,8 @@ class VisionStream(trio.abc.HalfCloseableStream):
 
     def _drain_tls(self) -> bytes:
         """What the outer TLS holds at the switch to the raw connection."""
+        if isinstance(self._tls, RealityStream):
+            return self._tls.take_buffered()
         obj = self._tls._ssl
         taken = [obj.read(obj.pending()) for _ in range(64) if obj.pending()]
         return b"".join(taken) + self._tls._incoming.read()
@@ -250,6 +256,9 @@ class VlessOutbound:
     """A `type: vless` proxy (module doc). Holds no connection between flows."""
 
     type = "Vless"
+    # Its UDP rides its own stream to the server (mihomo's SupportUOT): a
+    # relay can end in it (appliance/outbound/groups.py RelayGroup).
+    udp_over_stream = True
 
     def __init__(self, p: ProxyConfig, env: OutboundEnv) -> None:
         assert isinstance(p.options, VlessOptions)
@@ -283,7 +292,7 @@ class VlessOutbound:
             stream = await self._open(host, port, COMMAND_TCP, flow)
         if flow == VISION_FLOW:
             # The loader allows vision only over TLS with network tcp.
-            assert isinstance(stream, TlsStream)
+            assert isinstance(stream, TlsStream | RealityStream)
             return VisionStream(stream, self.user, self.name)
         return VlessStream(stream, self.name)
 

@@ -31,7 +31,6 @@ from appliance.config.model import IPAddress, ProxyConfig
 from appliance.config.protocols.common import TlsOptions, TransportOptions
 from appliance.config.protocols.vmess import VmessOptions
 from appliance.outbound.base import (
-    Dialer,
     OutboundEnv,
     OutboundError,
     ServerDial,
@@ -41,7 +40,7 @@ from appliance.outbound.base import (
 )
 from appliance.outbound.stream_udp import PacketCodec, StreamUdpPeer
 from appliance.outbound.tls import TlsClient
-from appliance.outbound.transport import open_transport, transport_alpn
+from appliance.outbound.transport import gun_pool, open_transport, transport_alpn
 from appliance.proto.vmess import (
     COMMAND_MUX,
     COMMAND_TCP,
@@ -98,15 +97,21 @@ class ServerLayers:
         # Host / :authority for the transport: the name TLS sends, else the
         # server (a `Host` in ws-opts headers wins inside the transport).
         self.host = self.tls.server_hostname if self.tls is not None else p.server
-        self.dialer = Dialer(env.resolve, env.routing_mark, ipv6=env.ipv6)
+        self.gun = gun_pool(p.transport, self.host, tls=self.tls is not None)
+        self.dialer = env.server_dialer()
         self.dial: ServerDial = env.server_dial(self.dialer)
         self.connect_timeout = env.connect_timeout
 
-    async def open(self) -> trio.abc.Stream:
+    async def _dial_tls(self) -> trio.abc.Stream:
         stream: trio.abc.Stream = await self.dial(self.server, self.port)
         if self.tls is not None:
             stream = await self.tls.wrap(stream, self.name)
-        return await open_transport(stream, self.transport, self.host,
+        return stream
+
+    async def open(self) -> trio.abc.Stream:
+        if self.gun is not None:
+            return await self.gun.open(self._dial_tls)
+        return await open_transport(await self._dial_tls(), self.transport, self.host,
                                     tls=self.tls is not None)
 
 
@@ -204,6 +209,9 @@ class VmessOutbound:
     """A `type: vmess` proxy (module doc). Holds no connection between flows."""
 
     type = "Vmess"
+    # Its UDP rides its own stream to the server (mihomo's SupportUOT): a
+    # relay can end in it (appliance/outbound/groups.py RelayGroup).
+    udp_over_stream = True
 
     def __init__(self, p: ProxyConfig, env: OutboundEnv) -> None:
         assert isinstance(p.options, VmessOptions)

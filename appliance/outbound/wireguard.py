@@ -101,9 +101,11 @@ class WireguardOutbound:
         self.families = {a.version for a in (options.ip, options.ipv6) if a is not None}
         self.connect_timeout = env.connect_timeout
         self.mark = env.routing_mark
-        # Resolves the peers' endpoints, and the flows' names without
-        # remote-dns-resolve (never the system resolver).
+        # Resolves the flows' names without remote-dns-resolve (never the
+        # system resolver); the peers' endpoints go by the proxy's
+        # `ip-version` (`server_dialer`: one address, as mihomo picks it).
         self.dialer = Dialer(env.resolve, env.routing_mark, ipv6=env.ipv6)
+        self.server_dialer = env.server_dialer()
         self.devices = devices
         # A relay group's later hop (`env.via`): the kernel sends the
         # tunnel's UDP itself, so it cannot ride the hop before it
@@ -132,11 +134,10 @@ class WireguardOutbound:
         if plan is None or plan.ifname not in self.devices.devices:
             endpoints = []
             for peer in self.peers:
-                ip = as_ip(peer.server)
-                if ip is None:
-                    addresses, _ = await self.dialer.resolve(peer.server)
-                    ip = interleave(addresses)[0]
-                endpoints.append(ip)
+                try:
+                    endpoints.append(await self.server_dialer.udp_address(peer.server))
+                except OutboundError as err:
+                    raise OutboundError(f"{self.name}: peer {peer.server}: {err.reason}") from None
             plan = device_plan(self.name, self.options, self.peers, tuple(endpoints), self.mark)
         try:
             await self.devices.ensure(plan)

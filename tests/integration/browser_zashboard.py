@@ -3,7 +3,9 @@ the lab's client namespace (run there by test_api_browser.py).
 
 Usage: browser_zashboard.py JSON, with keys gateway, port, secret, group,
 member (the select group and the member to switch it to), host (a name
-the group routes), shots (a directory for screenshots). Prints one JSON
+the group routes), proxy_provider and rule_provider (the providers whose
+pages are visited and updated from the page), shots (a directory for
+screenshots). Prints one JSON
 object: what the page showed and what the client saw. Every wait is
 bounded; a step that fails raises, and the screenshot of the moment is
 saved as failure.png first.
@@ -123,6 +125,28 @@ def main(args: dict[str, Any]) -> dict[str, Any]:
             line.wait_for()
             out["log_line"] = line.inner_text()
             shot(page, "logs")
+
+            # The provider pages: each lists its provider, and its update
+            # button has Mirage fetch it again (PUT /providers/...).
+            for route, tab, kind, name, picture in (
+                    ("proxies", "Proxy provider", "proxies", args["proxy_provider"],
+                     "proxy-providers"),
+                    ("rules", "Rule provider", "rules", args["rule_provider"],
+                     "rule-providers")):
+                page.goto(ui + "#/" + route)
+                page.locator("button.nav-item", has_text=tab).first.click()
+                title = page.get_by_text(name, exact=True).first
+                title.wait_for()
+                # The provider's card: the nearest element around its name
+                # that holds buttons; its last button is "update".
+                card = title.locator("xpath=ancestor::*[.//button][1]")
+                out[f"{kind}_provider_card"] = card.inner_text()
+                shot(page, picture)
+                path = f"/providers/{kind}/{name}"
+                with page.expect_response(lambda r, path=path: r.request.method == "PUT"
+                                          and r.url.endswith(path)) as answer:
+                    card.locator("button").last.click()
+                out[f"{kind}_provider_update"] = answer.value.status
         except Exception:
             page.screenshot(path=str(shots / "failure.png"), timeout=30_000)
             out["screenshots"].append(str(shots / "failure.png"))

@@ -16,7 +16,7 @@ from appliance.lab.reference import mihomo_binary, mihomo_home
 ROOT = Path(__file__).resolve().parents[2]
 
 # Every value a message must never show.
-SECRETS = ("Tr0janPw-9f2", "0b2c5a6e-1d7f-4c8a-9e3b-5f6a7b8c9d0e", "Ss-P4ss-77",
+SECRETS = ("T0kenId77", "Tr0janPw-9f2", "0b2c5a6e-1d7f-4c8a-9e3b-5f6a7b8c9d0e", "Ss-P4ss-77",
            "S0cksPw-31", "ApiS3cret-88", "SubT0ken-4a9", "RuleT0ken-5c1", "Bearer-Hdr-6d2",
            "H2Pw-0xx", "authPw-13")  # fmt: skip
 
@@ -33,7 +33,9 @@ dns:
   enabled: true
   listen: 127.0.0.1:1053
   enhanced-mode: fake-ip
-  nameserver: [223.5.5.5, "https://dns.example/dns-query?token=SubT0ken-4a9#PROXY"]
+  default-nameserver: [223.5.5.5]
+  nameserver: [223.5.5.5, "https://dns.example/dns-query?token=SubT0ken-4a9#PROXY",
+               "https://dns.nextdns.example/T0kenId77"]
 proxies:
   - {name: tj, type: trojan, server: t.example, port: 443, password: Tr0janPw-9f2,
      flow: xtls-rprx-direct, udp: true}

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -149,3 +151,54 @@ def test_run_serves_dns_without_capture_on_a_plain_host(netns: str, tmp_path: Pa
     rows = subprocess.run(["sqlite3", str(tmp_path / "state/fakeip.sqlite3"),
                            "select domain from mapping"], capture_output=True, text=True)
     assert rows.stdout.split() == ["example.org"]
+
+
+def test_check_ends_with_a_routing_summary_and_json_says_the_same(tmp_path: Path) -> None:
+    cfg = tmp_path / "profile.yaml"
+    cfg.write_text(textwrap.dedent("""\
+        dns: {enable: false}
+        proxy-providers:
+          sub: {type: http, url: "https://sub.example/s?token=s3cr3t", path: ./sub.yaml}
+        proxies:
+          - {name: ok, type: socks5, server: 192.0.2.1, port: 1080}
+          - {name: old, type: ssr, server: 192.0.2.2, port: 1}
+        proxy-groups:
+          - {name: Media, type: select, proxies: [old]}
+          - {name: Auto, type: url-test, use: [sub]}
+        rules:
+          - DOMAIN-SUFFIX,media.example,Media
+          - DOMAIN,video.example,Media
+          - DOMAIN,a.example,Auto
+          - MATCH,ok
+        """))
+    text = mirage("check", "-c", str(cfg))
+    assert text.returncode == 0, text.stderr
+    summary = text.stdout[text.stdout.index("# routing summary:"):]
+    assert ("rules[0..1] (1 DOMAIN, 1 DOMAIN-SUFFIX) send to 'Media', a group with no member "
+            "Mirage can use: their flows go to COMPATIBLE, which sends them DIRECT") in summary
+    assert "1 group (Auto) takes its members only from sub" in summary
+    assert "s3cr3t" not in text.stdout + text.stderr
+    as_json = mirage("check", "--json", "-c", str(cfg))
+    assert as_json.returncode == 0, as_json.stderr
+    data = json.loads(as_json.stdout)["summary"]
+    assert data["dead-ends"][0]["rules"] == "rules[0..1]"
+    assert data["skipped-proxies"] == [{"reason": "a ssr proxy, which Mirage does not implement",
+                                        "count": 1, "names": ["old"]}]
+    assert "s3cr3t" not in as_json.stdout
+    # The provider's cached copy: what Auto holds at start.
+    (tmp_path / "sub.yaml").write_text(
+        "proxies:\n  - {name: c1, type: socks5, server: 192.0.2.3, port: 1080}\n")
+    data = json.loads(mirage("check", "--json", "-c", str(cfg)).stdout)["summary"]
+    assert data["provider-only-groups"] == [{"name": "Auto", "providers": ["sub"],
+                                             "ready": True, "rules": 1}]
+    assert data["providers"][0]["copy"] == {"proxies": 1, "skipped": [], "error": None}
+
+
+def test_check_json_lists_errors_and_exits_2(tmp_path: Path) -> None:
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("dns: {enable: false}\nrules:\n  - DOMAIN,example.com,nowhere\n")
+    result = mirage("check", "--json", "-c", str(cfg))
+    assert result.returncode == 2
+    data = json.loads(result.stdout)
+    assert data["ok"] is False
+    assert [e["path"] for e in data["errors"]] == ["rules[0]"]

@@ -23,7 +23,7 @@ from appliance.api import views
 from appliance.api.client import ApiClient, ApiError
 from appliance.api.logbus import LogBus
 from appliance.api.providers import Providers
-from appliance.config import ConfigError, load_config, parse_rule
+from appliance.config import load_config, parse_rule
 from appliance.config.model import (
     ApplianceConfig,
     Config,
@@ -308,6 +308,46 @@ async def test_delete_connections_cancels_the_flows(api: Served) -> None:
     assert sorted(ended) == [0, 1, 2] and len(flows) == 0
 
 
+
+class UdpSessions:
+    """The UDP gateway as the API sees it: sessions listed and closed by id."""
+
+    def __init__(self, ids: list[int]) -> None:
+        self.ids = ids
+        self.closed: list[int] = []
+
+    def stats(self) -> dict[str, int]:
+        return {"sessions": len(self.ids)}
+
+    def snapshot(self) -> list[dict[str, Any]]:
+        return [{"id": i, "network": "udp", "src_ip": "192.168.1.20", "src_port": 5000 + i,
+                 "dst_ip": "198.18.0.1", "dst_port": 53, "domain": "www.alpha.test",
+                 "outbound": "DIRECT", "started": time.time(), "up": 0, "down": 0}
+                for i in self.ids]
+
+    def close_flow(self, flow_id: int) -> bool:
+        if flow_id not in self.ids:
+            return False
+        self.ids.remove(flow_id)
+        self.closed.append(flow_id)
+        return True
+
+
+async def test_delete_connections_ends_udp_sessions_too(api: Served) -> None:
+    flows = api.view.flows
+    tcp = flows.open("tcp", ("192.168.1.20", 40000), ("192.0.2.9", 80), None)
+    udp = UdpSessions([flows.new_id(), flows.new_id()])
+    api.view.udp = udp  # type: ignore[assignment]
+    async with api.http() as http:
+        listed = [c["id"] for c in (await http.get("/connections")).json()["connections"]]
+        assert sorted(listed) == sorted(str(i) for i in (tcp.id, *udp.ids))
+        first = udp.ids[0]
+        assert (await http.delete(f"/connections/{first}")).status_code == 204
+        assert udp.closed == [first] and not tcp.cancel_scope.cancel_called
+        assert (await http.delete("/connections")).status_code == 204
+    assert udp.ids == [] and tcp.cancel_scope.cancel_called
+
+
 async def test_head_patch_put_and_errors(api: Served) -> None:
     view = api.view
     async with api.http() as http:
@@ -514,12 +554,18 @@ def test_zip_slip_is_refused(tmp_path: Path) -> None:
     assert not (tmp_path / "escaped.html").exists()
 
 
-def test_a_lan_controller_needs_a_secret(tmp_path: Path) -> None:
+def test_a_lan_controller_without_secret_stays_on_loopback(tmp_path: Path) -> None:
     cfg = tmp_path / "c.yaml"
     dns = "dns:\n  nameserver: [udp://192.0.2.53]\n"
+    # mihomo opens it to the LAN; Mirage loads the profile and keeps the
+    # API on loopback until a secret is set, and says so.
     cfg.write_text("external-controller: 0.0.0.0:9090\n" + dns)
-    with pytest.raises(ConfigError, match="secret"):
-        load_config(cfg)
+    loaded = load_config(cfg)
+    assert str(loaded.external_controller) == "127.0.0.1:9090"
+    assert any(n.path == "external-controller" and "127.0.0.1:9090 only" in n.note
+               for n in loaded.load_notes)
+    cfg.write_text("external-controller: '[::]:9090'\n" + dns)
+    assert str(load_config(cfg).external_controller) == "[::1]:9090"
     cfg.write_text("external-controller: '[::1]:9090'\nexternal-ui: ui\n"
                    "external-ui-url: file:///srv/dash.zip\n"
                    "external-controller-cors: {allow-origins: [http://a.example]}\n" + dns)
@@ -527,10 +573,13 @@ def test_a_lan_controller_needs_a_secret(tmp_path: Path) -> None:
     assert loaded.controller.ui == tmp_path / "ui"
     assert loaded.controller.ui_url == "/srv/dash.zip"
     assert loaded.controller.cors.allow_origins == ("http://a.example",)
+    # A dashboard URL mihomo would download: not downloaded, said, dropped.
     cfg.write_text("external-controller: 127.0.0.1:9090\n"
                    "external-ui-url: https://example.com/dash.zip\n" + dns)
-    with pytest.raises(ConfigError, match="downloads are not made"):
-        load_config(cfg)
+    loaded = load_config(cfg)
+    assert loaded.controller.ui_url == ""
+    assert any(n.path == "external-ui-url" and "not downloaded" in n.note
+               for n in loaded.load_notes)
 
 
 def test_client_reads_controller_from_config(tmp_path: Any) -> None:

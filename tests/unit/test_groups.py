@@ -317,3 +317,94 @@ def test_provider_dialer_proxy_and_chains_are_built_in_order() -> None:
     looped = ProxyConfig("x", "socks5", "192.0.2.5", 1, dialer_proxy="U")
     with pytest.raises(BuildError, match="cycle"):
         build_outbounds(cfg2, None, provided={"p": (looped,)})
+
+
+async def test_compatible_sends_direct_like_mihomo() -> None:
+    # mihomo's COMPATIBLE is a Direct: an empty group, and a rule naming an
+    # outbound Mirage skipped, send their flows DIRECT.
+    from appliance.outbound.groups import CompatibleOutbound
+
+    direct = Fake("DIRECT", "Direct")
+    empty = SelectGroup("empty", [], compatible=CompatibleOutbound(direct=direct))
+    assert empty.all == ["COMPATIBLE"]
+    await empty.connect_tcp("a.test", 443)
+    assert direct.connects == 1
+    # On its own (no DIRECT given) it refuses, as before.
+    with pytest.raises(OutboundError):
+        await SelectGroup("alone", []).connect_tcp("a.test", 443)
+
+    cfg = parse_config(profile([{"name": "dead", "type": "select", "proxies": ["old"]}],
+                               rules=["DOMAIN,a.test,old", "DOMAIN,b.test,dead", "MATCH,DIRECT"]))
+    router = Router.from_config(cfg, None)
+    for name in ("old", "dead"):
+        standin = router.outbounds[name]
+        assert isinstance(standin, CompatibleOutbound) and standin.name == name
+        assert standin.direct is router.outbounds["DIRECT"]
+    flow = Flow("tcp", "tproxy", ipaddress.ip_address("192.168.1.2"), 5000,
+                ipaddress.ip_address("198.18.0.9"), 443, "b.test")
+    out, index = router.pick(flow_context(flow))
+    assert (out.name, index) == ("dead", 1)
+
+
+def test_relay_carries_udp_where_mihomo_does() -> None:
+    """mihomo's Relay.SupportUDP, last hop first: a hop whose UDP rides its
+    own stream (SupportUOT: trojan, vmess, vless) ends the search (the
+    earlier hops carry that stream as TCP); a Shadowsocks hop sends its
+    datagrams through the hop before it (SupportWithDialer), which must
+    carry UDP in turn; a SOCKS5 hop cannot (mihomo: TCP only with a
+    dialer) and ends it with no."""
+    from appliance.outbound.build import build_outbounds
+
+    data = profile([
+        {"name": "ToTrojan", "type": "relay", "proxies": ["HK 01", "tj"]},
+        {"name": "ToSs", "type": "relay", "proxies": ["HK 01", "ss"]},
+        {"name": "ToTrojanNoUdp", "type": "relay", "proxies": ["HK 01", "tj"],
+         "disable-udp": True},
+        {"name": "OnlySs", "type": "relay", "proxies": ["DIRECT", "ss"]},
+        {"name": "Empty", "type": "relay", "proxies": ["DIRECT"]},
+        {"name": "ToSsOverTrojan", "type": "relay", "proxies": ["tj", "ss"]},
+        {"name": "SsOverSs", "type": "relay", "proxies": ["ss", "ss-2"]},
+        {"name": "ToSsOverUdpSocks", "type": "relay", "proxies": ["socks-udp", "ss"]},
+        {"name": "ToHy2", "type": "relay", "proxies": ["HK 01", "hy2"]},
+    ])
+    data["proxies"] += [
+        {"name": "tj", "type": "trojan", "server": "t.example", "port": 443,
+         "password": "x", "udp": True},
+        {"name": "ss", "type": "ss", "server": "s.example", "port": 8388,
+         "cipher": "aes-128-gcm", "password": "x", "udp": True},
+        {"name": "tj-via", "type": "trojan", "server": "t.example", "port": 443,
+         "password": "x", "udp": True, "dialer-proxy": "HK 01"},
+        {"name": "ss-via", "type": "ss", "server": "s.example", "port": 8388,
+         "cipher": "aes-128-gcm", "password": "x", "udp": True, "dialer-proxy": "HK 01"},
+        {"name": "ss-via-tj", "type": "ss", "server": "s.example", "port": 8388,
+         "cipher": "aes-128-gcm", "password": "x", "udp": True, "dialer-proxy": "tj"},
+        {"name": "ss-2", "type": "ss", "server": "s2.example", "port": 8388,
+         "cipher": "aes-128-gcm", "password": "x", "udp": True},
+        {"name": "socks-udp", "type": "socks5", "server": "192.0.2.9", "port": 1080,
+         "udp": True},
+        {"name": "hy2", "type": "hysteria2", "server": "h.example", "port": 443,
+         "password": "x"},
+    ]
+    out = build_outbounds(parse_config(data), None)
+    assert out["ToTrojan"].carries_udp
+    assert not out["ToSs"].carries_udp
+    assert not out["ToTrojanNoUdp"].carries_udp
+    assert out["OnlySs"].carries_udp  # one hop: the proxy itself
+    assert out["Empty"].carries_udp  # no hop: DIRECT
+    # ss through a via: its datagrams as the via's UDP flow, while the via
+    # carries UDP (HK 01 is a SOCKS5 proxy without `udp`).
+    assert out["tj-via"].carries_udp and not out["ss-via"].carries_udp
+    assert out["ToSsOverTrojan"].carries_udp and out["SsOverSs"].carries_udp
+    assert out["ss-via-tj"].carries_udp
+    # mihomo's rule: a SOCKS5 hop before an ss one ends it, udp or not.
+    assert not out["ToSsOverUdpSocks"].carries_udp
+    # QUIC hops cannot ride another proxy: the relay says so.
+    with pytest.raises(OutboundError, match="cannot be chained"):
+        out["ToHy2"].chain()  # type: ignore[attr-defined]
+    assert not out["ToHy2"].carries_udp
+
+    async def refused() -> None:
+        with pytest.raises(OutboundError, match="does not carry UDP"):
+            await out["ToSs"].open_udp("www.example.test", 53)
+
+    trio.run(refused)

@@ -217,3 +217,63 @@ def test_receive_credit_follows_what_the_flow_read(monkeypatch: pytest.MonkeyPat
     pump(300)
     received = client._streams[stream_id].receiver.highest_offset
     assert WINDOW < received <= 2 * WINDOW
+
+
+class CapturingSocket:
+    """What QuicTunnel.transmit sends, kept for the in-memory server."""
+
+    def __init__(self) -> None:
+        self.sent: list[bytes] = []
+
+    def send(self, data: bytes) -> int:
+        self.sent.append(data)
+        return len(data)
+
+
+async def test_a_stream_the_server_stopped_reading_ends_cleanly() -> None:
+    """sing-box's hysteria2 server answers, ends its half and sends
+    STOP_SENDING for ours. The flow's later EOF (and, once both halves are
+    done, aioquic's discarded stream) must not raise out of aioquic: that
+    ended the whole gateway under bench/protocols.py's load."""
+    sock = CapturingSocket()
+    tunnel = QuicTunnel("hy2-test", quic_configuration(
+        sni="quic.test", alpn=("h3",), skip_cert_verify=True, fingerprint=None),
+        sock, SERVER_ADDR)  # type: ignore[arg-type]
+    tunnel.quic.connect(SERVER_ADDR, now=trio.current_time())
+    tunnel.transmit()
+    header = pull_quic_header(Buffer(data=sock.sent[0]), host_cid_length=8)
+    server = QuicConnection(configuration=_server_config(),
+                            original_destination_connection_id=header.destination_cid)
+
+    def pump(rounds: int) -> None:
+        for _ in range(rounds):
+            now = trio.current_time()
+            tunnel.transmit()
+            for data in sock.sent:
+                server.receive_datagram(data, CLIENT_ADDR, now)
+            sock.sent.clear()
+            for data, _ in server.datagrams_to_send(now):
+                tunnel.quic.receive_datagram(data, SERVER_ADDR, now)
+            tunnel._handle_events()
+            while server.next_event() is not None:
+                pass
+
+    pump(10)
+    assert tunnel.connected.is_set()
+    stream = tunnel.open_stream()
+    await stream.send_all(b"request")
+    pump(3)
+    server.stop_stream(stream.stream_id, 0)
+    server.send_stream_data(stream.stream_id, b"answer", end_stream=True)
+    pump(3)
+    assert stream._stopped is not None
+    # A writer that was waiting when it came has had its bytes sent: no error.
+    await stream.wait_send_all_might_not_block()
+    assert await stream.receive_some() == b"answer"
+    assert await stream.receive_some() == b""
+    with pytest.raises(trio.BrokenResourceError, match="stopped reading"):
+        await stream.send_all(b"more")
+    pump(10)  # the reset of our half acknowledged: aioquic discards the stream
+    await stream.send_eof()  # nothing to end, and no exception
+    await stream.aclose()
+    assert stream.stream_id not in tunnel.streams

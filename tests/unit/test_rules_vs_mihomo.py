@@ -14,7 +14,6 @@ import ipaddress
 import re
 import socket
 import struct
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -133,18 +132,28 @@ _DIAL = re.compile(r"dial (\S+) .*? --> (\S+):(\d+) error")
 
 def _mihomo_choices(home: Path) -> dict[tuple[str, int], str]:
     port = _free_port()
-    proc = start_mihomo(home, _profile(port), port, stdout=subprocess.PIPE)
+    log = home / "mihomo.out"
+    with open(log, "w") as out_file:
+        proc = start_mihomo(home, _profile(port), port, stdout=out_file.fileno())
+    chosen: dict[tuple[str, int], str] = {}
+    out = ""
     try:
-        for host, dst_port in FLOWS:
-            _socks_connect(port, host, dst_port)
-        time.sleep(0.3)
+        # mihomo opens its port before its tunnel runs, and drops what
+        # arrives in between without a word; it logs each dial failure once
+        # the dial gives up. So: ask for the flows not yet logged again until
+        # all are (bounded), rather than once and a fixed wait.
+        deadline = time.monotonic() + 15
+        missing = list(FLOWS)
+        while missing and time.monotonic() < deadline:
+            for host, dst_port in missing:
+                _socks_connect(port, host, dst_port)
+            time.sleep(0.3)
+            out = log.read_text(errors="replace")
+            chosen = {(m.group(2), int(m.group(3))): m.group(1) for m in _DIAL.finditer(out)}
+            missing = [f for f in FLOWS if f not in chosen]
     finally:
         proc.terminate()
-        out, _ = proc.communicate(timeout=10)
-    chosen: dict[tuple[str, int], str] = {}
-    for m in _DIAL.finditer(out):
-        chosen[(m.group(2), int(m.group(3)))] = m.group(1)
-    missing = [f for f in FLOWS if f not in chosen]
+        proc.wait(timeout=10)
     assert not missing, (missing, out[-3000:])
     return chosen
 

@@ -19,7 +19,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from appliance.config.loader import ConfigError, parse_config
+from appliance.config.loader import parse_config
 from appliance.config.protocols.shadowsocks import ShadowsocksOptions, V2rayPluginOptions
 from appliance.config.render import effective_config
 from appliance.outbound.plugins.obfs import ObfsError, ObfsHttp, ObfsTls
@@ -466,8 +466,11 @@ def test_config_skips_with_the_reason(proxy: dict[str, Any], why: str) -> None:
     cfg = parse_config(_ss_profile(**proxy))
     assert cfg.proxies == ()
     assert any(why in line for line in cfg.ignored_keys), cfg.ignored_keys
-    with pytest.raises(ConfigError, match=why.replace("(", r"\(")):
-        parse_config({**_ss_profile(**proxy), "proxy-groups": [], "rules": ["MATCH,s"]})
+    # A rule naming it loads (its flows go to COMPATIBLE); the reason is kept.
+    cfg = parse_config({**_ss_profile(**proxy), "proxy-groups": [], "rules": ["MATCH,s"]})
+    assert cfg.rules[0].target == "s"
+    assert [(x.name, x.kind) for x in cfg.skipped] == [("s", "proxy")]
+    assert why in cfg.skipped[0].reason
 
 
 @pytest.mark.parametrize(("proxy", "path", "why"), [

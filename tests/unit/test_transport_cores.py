@@ -17,6 +17,7 @@ import h2.connection
 import h2.events
 import pytest
 import trio
+from hyperframe.frame import DataFrame
 from hypothesis import given
 from hypothesis import strategies as st
 from trio.testing import memory_stream_pair
@@ -38,9 +39,13 @@ from appliance.outbound.base import OutboundError
 from appliance.outbound.tls import TlsClient, TlsStream, unsupported_tls
 from appliance.outbound.transport import gun
 from appliance.outbound.transport.chunks import Chunks
-from appliance.outbound.transport.h2 import open_grpc
+from appliance.outbound.transport.h2 import GunPool, open_grpc
 from appliance.outbound.transport.http_obfs import ResponseHeadSkipper, request_head
 from appliance.outbound.transport.ws import (
+    OP_CLOSE,
+    OP_PING,
+    ServerFrames,
+    WsFrameError,
     WsStream,
     early_data_plan,
     open_http_upgrade,
@@ -199,6 +204,57 @@ async def test_ws_refused_upgrade_is_a_broken_stream() -> None:
             await ws.send_all(b"x")
 
 
+def _server_frames() -> tuple[bytes, bytes]:
+    """Frames a wsproto server sends after the upgrade: messages (one
+    fragmented, one text, one 70,000 bytes: a 64-bit length), a ping and a
+    close; and the data they carry."""
+    from wsproto.frame_protocol import FrameProtocol
+
+    proto = FrameProtocol(client=False, extensions=[])
+    big = bytes(range(256)) * 274
+    wire = (proto.send_data(b"frag-", fin=False) + proto.send_data(b"ment", fin=True)
+            + proto.ping(b"p1") + proto.send_data("text", fin=True)
+            + proto.send_data(big, fin=True) + proto.send_data(b"", fin=True)
+            + proto.close(1000, "bye"))
+    return wire, b"frag-ment" + b"text" + big
+
+
+def test_a_data_frames_repr_does_not_encode_its_payload() -> None:
+    # h2 builds it for every frame received (see transport/h2.py).
+    assert repr(DataFrame(1, data=b"x" * 20000)).endswith("<20000 bytes>")
+
+
+def test_server_frames_at_every_split() -> None:
+    wire, want = _server_frames()
+    for cut in [*range(0, 40), len(wire) // 2, len(wire) - 3]:
+        frames = ServerFrames()
+        payloads, controls = frames.feed(wire[:cut])
+        more, more_controls = frames.feed(wire[cut:])
+        assert b"".join(payloads + more) == want
+        assert [op for op, _ in controls + more_controls] == [OP_PING, OP_CLOSE]
+        assert (controls + more_controls)[0] == (OP_PING, b"p1")
+
+
+def test_server_frames_refuse_what_a_server_must_not_send() -> None:
+    from wsproto.frame_protocol import FrameProtocol
+
+    masked = FrameProtocol(client=True, extensions=[]).send_data(b"x", fin=True)
+    for bad, why in ((masked, "masked"), (b"\xc2\x00", "RSV"), (b"\x83\x00", "reserved"),
+                     (b"\x09\x00", "fragmented"), (b"\x89\x7e\x00\x80", "125")):
+        with pytest.raises(WsFrameError, match=why):
+            ServerFrames().feed(bad)
+
+
+@given(st.lists(st.binary(max_size=64), max_size=8))
+def test_server_frames_fail_only_with_their_error(chunks: list[bytes]) -> None:
+    frames = ServerFrames()
+    try:
+        for chunk in chunks:
+            frames.feed(chunk)
+    except WsFrameError:
+        pass
+
+
 async def test_http_upgrade_replays_bytes_after_the_101() -> None:
     assert parse_upgrade_response(b"HTTP/1.1 101 Switching") is None
     assert parse_upgrade_response(b"HTTP/1.1 101 Switching Protocols\r\n\r\n") == 101
@@ -289,6 +345,100 @@ async def test_grpc_call_carries_gun_messages_both_ways_past_the_window() -> Non
     assert got == b"reply-1reply-2"
 
 
+class GunEchoServer:
+    """h2's server side for any number of gun calls on each connection it
+    is given: every message comes back prefixed with `echo:`; a call the
+    client resets is counted."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.resets = 0
+        self.connections = 0
+        self.conns: list[h2.connection.H2Connection] = []
+
+    async def serve(self, stream: trio.abc.Stream) -> None:
+        self.connections += 1
+        conn = h2.connection.H2Connection(
+            h2.config.H2Configuration(client_side=False, header_encoding=None))
+        conn.initiate_connection()
+        self.conns.append(conn)
+        decoders: dict[int, gun.GunDecoder] = {}
+        while data := await stream.receive_some():
+            for event in conn.receive_data(data):
+                if isinstance(event, h2.events.RequestReceived):
+                    self.calls += 1
+                    decoders[event.stream_id] = gun.GunDecoder()
+                    conn.send_headers(event.stream_id, [(b":status", b"200"),
+                                                        (b"content-type", b"application/grpc")])
+                elif isinstance(event, h2.events.DataReceived):
+                    conn.acknowledge_received_data(event.flow_controlled_length,
+                                                   event.stream_id)
+                    for message in decoders[event.stream_id].feed(event.data):
+                        conn.send_data(event.stream_id, gun.encode(b"echo:" + message))
+                elif isinstance(event, h2.events.StreamReset):
+                    self.resets += 1
+            await stream.send_all(conn.data_to_send())
+
+
+async def test_a_large_frame_in_the_read_that_acknowledges_our_settings() -> None:
+    """The server's SETTINGS ACK and a 32 KiB DATA frame (allowed by our
+    SETTINGS_MAX_FRAME_SIZE) in one read."""
+    client_end, server_end = memory_stream_pair()
+    stream = await open_grpc(client_end, GrpcOptions(service_name="Svc"), "g.test", tls=True)
+    server = h2.connection.H2Connection(
+        h2.config.H2Configuration(client_side=False, header_encoding=None))
+    server.initiate_connection()
+    server.receive_data(await server_end.receive_some())
+    server.send_headers(1, [(b":status", b"200")])
+    payload = bytes(range(256)) * 128
+    server.send_data(1, gun.encode(payload))
+    assert server.max_outbound_frame_size == 1 << 16
+    await server_end.send_all(server.data_to_send())
+    got = b""
+    while len(got) < len(payload):
+        got += await stream.receive_some()
+    assert got == payload
+
+
+async def test_gun_pool_carries_many_calls_on_one_connection() -> None:
+    server = GunEchoServer()
+    pool = GunPool(GrpcOptions(service_name="Svc"), "g.test", tls=True)
+    async with trio.open_nursery() as nursery:
+
+        async def dial() -> trio.abc.Stream:
+            client_end, server_end = memory_stream_pair()
+            nursery.start_soon(server.serve, server_end)
+            return client_end
+
+        first = await pool.open(dial)
+        second = await pool.open(dial)
+        # Both at once: each call gets its own answers, whoever reads.
+        await first.send_all(b"one")
+        await second.send_all(b"two")
+        assert await second.receive_some() == b"echo:two"
+        assert await first.receive_some() == b"echo:one"
+        # The server may send DATA frames of 64 KiB (fewer frames to parse).
+        assert server.conns[0].max_outbound_frame_size == 1 << 16
+        await first.aclose()
+        third = await pool.open(dial)
+        await third.send_all(b"three")
+        assert await third.receive_some() == b"echo:three"
+        # The first call was reset (it went out before the third's request).
+        assert (server.connections, server.calls, server.resets) == (1, 3, 1)
+        await second.aclose()
+        await third.aclose()
+        # A broken connection is not reused: the next call dials anew.
+        conn = first.h2
+        await conn.aclose()
+        fourth = await pool.open(dial)
+        assert fourth.h2 is not conn
+        await fourth.send_all(b"four")
+        assert await fourth.receive_some() == b"echo:four"
+        assert server.connections == 2
+        await fourth.aclose()
+        nursery.cancel_scope.cancel()
+
+
 # --- TLS ----------------------------------------------------------------------
 
 
@@ -356,11 +506,13 @@ async def test_tls_fingerprint_pin_replaces_the_chain_check(
         await _handshake(TlsClient(TlsOptions(fingerprint="00" * 32), "tls.test"), cert, key)
 
 
-def test_reality_is_refused_by_the_layer() -> None:
-    reality = TlsOptions(reality=RealityOptions(public_key="k"))
-    assert unsupported_tls(reality) is not None and unsupported_tls(TlsOptions()) is None
-    with pytest.raises(ValueError, match="REALITY"):
-        TlsClient(reality, "x.test")
+def test_reality_is_carried_by_its_own_client() -> None:
+    reality = TlsOptions(reality=RealityOptions(public_key="A" * 43))
+    assert unsupported_tls(reality) is None and unsupported_tls(TlsOptions()) is None
+    client = TlsClient(reality, "192.0.2.1")
+    # An IP literal as server and no sni: no SNI sent (as Go's TLS).
+    assert client.reality is not None and client.reality.server_name is None
+    assert TlsClient(TlsOptions(), "x.test").reality is None
 
 
 # --- trojan in the profile ----------------------------------------------------

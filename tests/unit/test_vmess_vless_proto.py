@@ -306,8 +306,6 @@ def test_vmess_and_vless_load_with_mihomo_keys_and_render_back() -> None:
      "without tls over network tcp"),
     ({"type": "vless", "flow": "xtls-rprx-direct", "tls": True}, "only xtls-rprx-vision"),
     ({"type": "vless", "encryption": "mlkem768x25519plus"}, "encryption"),
-    ({"type": "vless", "tls": True, "reality-opts": {"public-key": "k", "short-id": "ab"}},
-     "REALITY is not supported"),
 ])
 def test_what_mirage_cannot_speak_is_skipped_with_the_reason(proxy: dict[str, Any],
                                                              reason: str) -> None:

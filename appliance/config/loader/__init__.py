@@ -8,8 +8,8 @@ what Mirage implements, plus one `appliance:` block. Three kinds of keys:
   value is a `ConfigError` naming the key path (`dns.fake-ip-range`,
   `proxies[2].port`), the value (never a secret one, see redact.py) and
   the reason;
-* Clash/mihomo keys Mirage does not implement (`tun`, `dns.fallback`,
-  `tls://` nameservers, `ssr` proxies, ...): accepted, left out of the
+* Clash/mihomo keys Mirage does not implement (`tun`, `sniffer`,
+  `quic://` nameservers, `ssr` proxies, ...): accepted, left out of the
   model and listed in `Config.ignored_keys` / `Config.load_notes` by kind,
   so an existing profile loads and `mirage check` can say what it will not
   do;

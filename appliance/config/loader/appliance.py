@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import re
-from typing import Any, cast
+from collections.abc import Callable
+from typing import Any, TypeVar, cast
 
 from appliance.config.loader.errors import ConfigError, index_path
 from appliance.config.loader.scalars import (
@@ -32,6 +33,7 @@ LIMITS_KEYS = (
     "dns-upstream-per-client", "dns-tcp-per-client", "fake-ip-rate-per-client",
     "fake-ip-burst-per-client",
 )  # fmt: skip
+_T = TypeVar("_T")
 # Ceiling of every count limit: far above any machine's descriptors.
 _MAX_LIMIT = 1 << 22
 
@@ -65,43 +67,39 @@ def parse_appliance(sec: Section) -> ApplianceConfig:
     a typo here would silently change what the gateway does)."""
     d = ApplianceConfig()
     ctx = sec.ctx
-    lan_raw = sec.raw("lan")
-    lan: list[str] = []
-    if lan_raw is not None:
-        if isinstance(lan_raw, str):
-            lan_raw = [lan_raw]
-        for i, item in enumerate(as_list(lan_raw, sec.at("lan"))):
-            name = _ifname(item, index_path(sec.at("lan"), i))
-            if name in lan:
-                raise ConfigError(index_path(sec.at("lan"), i), item, "listed twice")
-            lan.append(name)
-    redirect = sec.get("redirect", choice(("nftables", "ebpf", "auto")), d.redirect)
-    dns_hijack = sec.get("dns-hijack", as_bool, d.dns_hijack)
-    bypass = _networks(sec, "bypass")
-    state_dir = sec.get("state-dir", lambda v, p: as_path(v, p, ctx.base), d.state_dir)
-    flush = sec.get("store-flush-interval", as_seconds, d.store_flush_interval)
+
+    def get(key: str, convert: Callable[[Any, str], _T], default: _T) -> _T:
+        # Each key on its own: a bad one is reported and the next still read.
+        return ctx.attempt(lambda: sec.get(key, convert, default), default)
+
+    lan: list[str] = ctx.attempt(lambda: _lan(sec), [])
+    redirect = get("redirect", choice(("nftables", "ebpf", "auto")), d.redirect)
+    dns_hijack = get("dns-hijack", as_bool, d.dns_hijack)
+    bypass = ctx.attempt(lambda: _networks(sec, "bypass"), ())
+    state_dir = get("state-dir", lambda v, p: as_path(v, p, ctx.base), d.state_dir)
+    flush = get("store-flush-interval", as_seconds, d.store_flush_interval)
     # 0 and 253-255 are the kernel's unspec/default/main/local tables.
-    route_table = sec.get("route-table", lambda v, p: _route_table(v, p), d.route_table)
-    capture_mark = sec.get("capture-mark", lambda v, p: as_int(v, p, 1, MAX_MARK), d.capture_mark)
-    connect_timeout = sec.get("connect-timeout", as_seconds, d.connect_timeout)
-    idle_timeout = sec.get("idle-timeout", as_seconds, d.idle_timeout)
-    half_close_timeout = sec.get("half-close-timeout", as_seconds, d.half_close_timeout)
-    udp_timeout = sec.get("udp-timeout", as_seconds, d.udp_timeout)
-    udp_max_sessions = sec.get(
+    route_table = get("route-table", lambda v, p: _route_table(v, p), d.route_table)
+    capture_mark = get("capture-mark", lambda v, p: as_int(v, p, 1, MAX_MARK), d.capture_mark)
+    connect_timeout = get("connect-timeout", as_seconds, d.connect_timeout)
+    idle_timeout = get("idle-timeout", as_seconds, d.idle_timeout)
+    half_close_timeout = get("half-close-timeout", as_seconds, d.half_close_timeout)
+    udp_timeout = get("udp-timeout", as_seconds, d.udp_timeout)
+    udp_max_sessions = get(
         "udp-max-sessions", lambda v, p: as_int(v, p, 1, 1 << 20), d.udp_max_sessions
     )
-    offload_direct = sec.get("offload-direct", as_bool, d.offload_direct)
+    offload_direct = get("offload-direct", as_bool, d.offload_direct)
     if offload_direct and redirect == "ebpf":
-        raise ConfigError(
+        ctx.fail(ConfigError(
             sec.at("offload-direct"),
             offload_direct,
             "needs appliance.redirect nftables (or auto): the eBPF program hands fake-IP "
             "packets to Mirage before nftables could translate them",
-        )
-    limits = parse_limits(sec.section("limits"))
-    block_encrypted_dns = sec.get("block-encrypted-dns", as_bool, d.block_encrypted_dns)
-    encrypted_dns_resolvers = _networks(sec, "encrypted-dns-resolvers")
-    controller_hosts = sec.get("controller-hosts", _host_names, d.controller_hosts)
+        ))
+    limits = ctx.attempt(lambda: parse_limits(sec.section("limits")), d.limits)
+    block_encrypted_dns = get("block-encrypted-dns", as_bool, d.block_encrypted_dns)
+    encrypted_dns_resolvers = ctx.attempt(lambda: _networks(sec, "encrypted-dns-resolvers"), ())
+    controller_hosts = get("controller-hosts", _host_names, d.controller_hosts)
     sec.finish(APPLIANCE_KEYS, (), strict=True)
     return ApplianceConfig(
         lan=tuple(lan),
@@ -123,6 +121,20 @@ def parse_appliance(sec: Section) -> ApplianceConfig:
         encrypted_dns_resolvers=encrypted_dns_resolvers,
         limits=limits,
     )
+
+
+def _lan(sec: Section) -> list[str]:
+    lan_raw = sec.raw("lan")
+    lan: list[str] = []
+    if lan_raw is not None:
+        if isinstance(lan_raw, str):
+            lan_raw = [lan_raw]
+        for i, item in enumerate(as_list(lan_raw, sec.at("lan"))):
+            name = _ifname(item, index_path(sec.at("lan"), i))
+            if name in lan:
+                raise ConfigError(index_path(sec.at("lan"), i), item, "listed twice")
+            lan.append(name)
+    return lan
 
 
 def _count(value: Any, path: str) -> int:

@@ -1,19 +1,24 @@
 """`dns:` and the top-level `hosts:`: listeners, fake-IP ranges and filter,
 upstream nameservers (with the policy per domain) and local answers.
 
-Nameserver forms Mirage does not speak (`tls://`, `quic://`, `system`, ...)
-are reported ignored; a DoH server known by name needs an IP-literal
+Nameserver forms Mirage does not speak (`quic://`, `system`, `dhcp://`, ...)
+are reported ignored; a DoH or DoT server known by name needs an IP-literal
 `default-nameserver` to bootstrap it (asking the system resolver would ask
-the poisoned one).
+the poisoned one) unless its queries go through a proxy (`#Name`), which
+gets the name. What a DNS entry names elsewhere in the profile (`#Name`
+proxies, `rule-set:` providers) is checked by `check_dns_references` once
+those sections are read.
 """
 
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from functools import partial
 from typing import Any, TypeVar, cast
 
 from appliance.config.loader.errors import NO_VALUE, ConfigError, index_path
+from appliance.config.loader.rules import parse_rule
 from appliance.config.loader.scalars import (
     as_bool,
     as_domain,
@@ -30,20 +35,42 @@ from appliance.config.loader.scalars import (
     split_host_port,
 )
 from appliance.config.loader.section import LoadContext, Section
-from appliance.config.model import DnsConfig, DomainPolicy, IPAddress, Nameserver
+from appliance.config.model import (
+    DnsConfig,
+    DomainPolicy,
+    FallbackFilter,
+    IPAddress,
+    IPNetwork,
+    Nameserver,
+    RuleProviderConfig,
+    RuleSetName,
+)
+from appliance.config.model import Rule as Rule
 
 DNS_KEYS = (
     "enable", "listen", "ipv6", "enhanced-mode", "fake-ip-range",
     "fake-ip-range6", "fake-ip-filter", "fake-ip-filter-mode",
     "default-nameserver", "nameserver", "nameserver-policy", "hosts",
-    "ca-file", "upstream-timeout", "cache-size", "kernel-answers",
+    "ca-file", "upstream-timeout", "cache-size", "fallback", "fallback-filter",
+    "proxy-server-nameserver", "direct-nameserver",
+    "direct-nameserver-follow-policy", "respect-rules", "kernel-answers",
 )  # fmt: skip
 IGNORED_DNS = (
     "prefer-h3", "ipv6-timeout", "use-hosts", "use-system-hosts",
-    "respect-rules", "fallback", "fallback-filter", "cache-algorithm",
-    "proxy-server-nameserver", "direct-nameserver",
-    "direct-nameserver-follow-policy", "fake-ip-ttl",
+    "cache-algorithm", "fake-ip-ttl",
 )  # fmt: skip
+FALLBACK_FILTER_KEYS = ("geoip", "geoip-code", "ipcidr", "domain", "geosite")
+# `fake-ip-filter-mode: rule`: what a rule's target may be.
+FAKE_IP_TARGETS = ("fake-ip", "real-ip")
+# The fragment options of a nameserver Mirage uses; others are reported.
+_NS_PARAMS = {"https": ("method", "skip-cert-verify"), "tls": ("skip-cert-verify",)}
+# `#Name`s that are no proxy: DIRECT (the gateway, marked) and RULES (what
+# the rules pick for the server's address, mihomo's respect-rules per entry).
+NS_BUILTIN_PROXIES = ("DIRECT", "RULES")
+
+# mihomo's `default-nameserver` when a profile leaves it out (config.go's
+# RawDNS defaults): plain UDP.
+MIHOMO_DEFAULT_NAMESERVER = ("114.114.114.114", "223.5.5.5", "8.8.8.8", "1.0.0.1")
 
 # mihomo's default fake-ip-range6 (used only when dns.ipv6 is on and the key
 # is absent).
@@ -95,7 +122,31 @@ def _merge_addrs(into: dict[str, list[IPAddress]], name: str, addrs: list[IPAddr
             current.append(addr)
 
 
-_NS_IGNORED_SCHEMES = ("tls", "quic", "dhcp", "h3", "sdns", "rcode", "doq", "dot")
+_NS_IGNORED_SCHEMES = ("quic", "dhcp", "h3", "sdns", "rcode", "doq", "system")
+_DEFAULT_PORTS = {"https": 443, "tls": 853, "udp": 53, "tcp": 53}
+
+
+def _fragment(
+    fragment: str, scheme: str, path: str, ctx: LoadContext
+) -> tuple[str | None, tuple[tuple[str, str], ...]]:
+    """mihomo's `#...` after a nameserver: `&`-separated; a bare word names
+    the proxy, `key=value` is an option. Options Mirage does not use are
+    reported by key (never by value: an `ecs` subnet says where you are)."""
+    proxy: str | None = None
+    params: list[tuple[str, str]] = []
+    for part in fragment.split("&"):
+        key, eq, value = part.partition("=")
+        key = key.strip()
+        if not key:
+            continue
+        if not eq:
+            proxy = key
+            continue
+        if key.lower() in _NS_PARAMS.get(scheme, ()):
+            params.append((key.lower(), value.strip()))
+        else:
+            ctx.ignore(path, f"nameserver option {key!r}")
+    return proxy, tuple(params)
 
 
 def _nameserver(
@@ -104,24 +155,31 @@ def _nameserver(
     """One nameserver entry, or None if it is a real Clash form Mirage does not
     implement (then reported ignored)."""
     text = as_nonempty_str(value, path).strip()
-    lower = text.lower()
-    if lower == "system" or "#" in text:
+    body, _, fragment = text.partition("#")
+    scheme, sep, rest = body.partition("://")
+    if body.lower() == "system" or not body:
         ctx.ignore(path, text)
         return None
-    scheme, sep, rest = text.partition("://")
     if not sep:
-        scheme, rest = "udp", text
+        scheme, rest = "udp", body
     else:
         scheme = scheme.lower()
     if scheme in _NS_IGNORED_SCHEMES:
-        ctx.ignore(path, text)
+        ctx.ignore(path, f"{scheme}:// nameserver")
         return None
-    if scheme not in ("https", "udp", "tcp"):
+    if scheme == "http":
+        raise ConfigError(path, value, "plain-HTTP DNS is not supported: use https://")
+    if scheme not in _DEFAULT_PORTS:
         raise ConfigError(path, value, f"unknown nameserver scheme {scheme!r}")
-    if ip_only and scheme == "https":
-        raise ConfigError(
-            path, value, "must be an IP address (udp/tcp): it bootstraps the other names"
-        )
+    if ip_only and scheme in ("https", "tls"):
+        host_part = rest.partition("/")[0]
+        try:
+            ipaddress.ip_address(split_host_port(host_part)[0])
+        except ValueError:
+            raise ConfigError(
+                path, value, "must be given by IP address: it bootstraps the other names"
+            ) from None
+    proxy, params = _fragment(fragment, scheme, path, ctx)
     if scheme == "https":
         authority, slash, rest_path = rest.partition("/")
         ns_path = "/" + rest_path if slash else "/dns-query"
@@ -143,20 +201,23 @@ def _nameserver(
     port = (
         port_from_text(port_text, value, path)
         if port_text is not None
-        else (443 if scheme == "https" else 53)
+        else _DEFAULT_PORTS[scheme]
     )
     try:
         host = str(ipaddress.ip_address(host))
     except ValueError:
-        if scheme != "https":
+        if scheme not in ("https", "tls"):
             raise ConfigError(
                 path,
                 value,
                 f"{host!r} is not an IP address ({scheme} nameservers are given by IP;"
-                " use https:// for a server known by name)",
+                " use https:// or tls:// for a server known by name)",
             ) from None
         host = as_domain(host, path, wildcards=False)
-    return Nameserver(scheme=cast(Any, scheme), host=host, port=port, path=ns_path, text=text)
+    return Nameserver(
+        scheme=cast(Any, scheme), host=host, port=port, path=ns_path, text=text,
+        proxy=proxy, params=params,
+    )
 
 
 def _nameserver_entries(
@@ -212,30 +273,121 @@ _fake_ip_range = _fake_range(ipaddress.IPv4Network, "198.18.0.1/16")
 _fake_ip_range6 = _fake_range(ipaddress.IPv6Network, "fdfe:dcba:9876::1/64")
 
 
+def _set_entries(text: str) -> list[str] | None:
+    """`geosite:cn,private` / `rule-set:a,b` -> one entry each
+    (`geosite:cn`, ...), as mihomo splits them; None for anything else."""
+    kind, sep, names = text.partition(":")
+    kind = kind.strip().lower()
+    if not sep or kind not in ("geosite", "rule-set"):
+        return None
+    return [f"{kind}:{n.strip().lower() if kind == 'geosite' else n.strip()}"
+            for n in names.split(",") if n.strip()]
+
+
+def _dns_pattern(text: str, path: str, ctx: LoadContext) -> str | None:
+    """A domain pattern of a DNS list, normalised; None (reported skipped)
+    for a string that is no name pattern: mihomo's trie stores such text
+    (`time?.*.com`, `a b`) and no name matches it there either."""
+    try:
+        return as_domain(text, path, wildcards=True)
+    except ConfigError as err:
+        ctx.ignore(path, f"not a domain pattern ({err.reason}): matches nothing",
+                   kind="skipped", error=err)
+        return None
+
+
 def _pattern_list(value: Any, path: str, ctx: LoadContext) -> list[str]:
+    """fake-ip-filter / fallback-filter.domain: domain patterns and
+    `geosite:` / `rule-set:` entries (one list each)."""
     result: list[str] = []
     for i, item in enumerate(as_list(value, path)):
         item_path = index_path(path, i)
         text = as_str(item, item_path).strip()
-        if text.lower().startswith(("geosite:", "rule-set:")):
-            ctx.ignore(item_path, text)
-            continue
-        pattern = as_domain(text, item_path, wildcards=True)
-        if pattern not in result:
-            result.append(pattern)
+        sets = _set_entries(text)
+        entries = sets if sets is not None else [_dns_pattern(text, item_path, ctx)]
+        for entry in entries:
+            if entry is not None and entry not in result:
+                result.append(entry)
     return result
+
+
+def _filter_rules(value: Any, path: str, ctx: LoadContext) -> list[Rule]:
+    """`fake-ip-filter-mode: rule`: rule lines whose target is `fake-ip` or
+    `real-ip` (mihomo's syntax). RULE-SET names are checked later
+    (`check_dns_references`)."""
+    rules: list[Rule] = []
+    items = as_list(value, path)
+    for i, item in enumerate(items):
+        item_path = index_path(path, i)
+        line = as_nonempty_str(item, item_path)
+        fields = [f.strip() for f in line.split(",")]
+        target = fields[-1].lower()
+        if target not in FAKE_IP_TARGETS:
+            raise ConfigError(item_path, line, "the target must be fake-ip or real-ip")
+        rule = parse_rule(",".join([*fields[:-1], target]), item_path)
+        if rule.type not in _FILTER_RULE_TYPES:
+            raise ConfigError(
+                item_path, line,
+                f"{rule.type} cannot decide a DNS name (use DOMAIN*, GEOSITE, RULE-SET, MATCH)",
+            )
+        rules.append(rule)
+        if rule.type == "MATCH" and i != len(items) - 1:
+            ctx.ignore(f"{index_path(path, i + 1)}..", "rules after MATCH never run")
+            break
+    return rules
+
+
+# What a fake-IP filter rule can look at: the name alone.
+_FILTER_RULE_TYPES = frozenset({
+    "DOMAIN", "DOMAIN-SUFFIX", "DOMAIN-KEYWORD", "DOMAIN-WILDCARD", "DOMAIN-REGEX",
+    "GEOSITE", "RULE-SET", "MATCH",
+})  # fmt: skip
+
+
+def _fallback_filter(value: Any, path: str, ctx: LoadContext) -> FallbackFilter:
+    d = FallbackFilter()
+    if value is None:
+        return d
+    sec = Section(value, path, ctx)
+    geoip = sec.get("geoip", as_bool, d.geoip)
+    code = sec.get("geoip-code", lambda v, p: as_nonempty_str(v, p).strip().lower(),
+                   d.geoip_code)
+    cidrs: list[IPNetwork] = sec.get("ipcidr", _cidr_list, [])
+    listed: list[str] = sec.get("domain", lambda v, p: _pattern_list(v, p, ctx), [])
+    domains = [e for e in listed if not e.startswith(("geosite:", "rule-set:"))]
+    geosite: list[str] = sec.get(
+        "geosite",
+        lambda v, p: [as_nonempty_str(x, index_path(p, i)).strip().lower()
+                      for i, x in enumerate(as_list(v, p))],
+        [],
+    )
+    sec.finish(FALLBACK_FILTER_KEYS, ())
+    return FallbackFilter(geoip=geoip, geoip_code=code, ipcidr=tuple(cidrs),
+                          domain=tuple(domains), geosite=tuple(geosite))
+
+
+def _cidr_list(value: Any, path: str) -> list[IPNetwork]:
+    out: list[IPNetwork] = []
+    for i, item in enumerate(as_list(value, path)):
+        at = index_path(path, i)
+        try:
+            out.append(ipaddress.ip_network(as_str(item, at).strip(), strict=False))
+        except ValueError as exc:
+            raise ConfigError(at, item, f"not an IP network ({exc})") from None
+    return out
 
 
 def _parse_policy(
     value: Any, path: str, ctx: LoadContext, named: list[tuple[str, Nameserver]]
 ) -> list[DomainPolicy]:
-    """`nameserver-policy: {pattern: ns | [ns, ...]}`; a key may hold several
-    comma-separated patterns (mihomo). Appends (path, server) to `named`."""
+    """`nameserver-policy: {key: ns | [ns, ...]}` in config order. A key is
+    a domain pattern, a comma list of them, `geosite:a,b` or
+    `rule-set:a,b` (mihomo splits each list into one entry per item).
+    Appends (path, server) to `named`."""
     result: list[DomainPolicy] = []
     if value is None:
         return result
     section = Section(value, path, ctx)
-    seen: set[str] = set()
     for key in list(section.data):
         entry_path = section.at(key)
         raw = section.raw(key)
@@ -243,20 +395,19 @@ def _parse_policy(
             raise ConfigError(entry_path, raw, "needs at least one nameserver")
         entries = _nameserver_entries(raw, entry_path, ctx)
         servers = [ns for _, ns in entries]
-        if key.strip().lower().startswith(("geosite:", "rule-set:")):
-            # `geosite:cn,private`: the comma list is of geosite/rule-set names.
-            ctx.ignore(entry_path, key.strip())
-            continue
-        usable = [as_domain(p.strip(), entry_path, wildcards=True) for p in key.split(",")]
+        sets = _set_entries(key.strip())
+        if sets is not None:
+            patterns: list[str] = sets
+        else:
+            patterns = [p for p in (_dns_pattern(k.strip(), entry_path, ctx)
+                                    for k in key.split(",")) if p is not None]
         if not servers:
             ctx.ignore(entry_path, "no usable nameserver")
             continue
         named.extend(entries)
-        for pattern in usable:
-            if pattern in seen:
-                raise ConfigError(entry_path, pattern, "pattern already has a policy")
-            seen.add(pattern)
-            result.append(DomainPolicy(pattern, tuple(servers)))
+        # A pattern listed twice is kept twice: mihomo's trie lets the later
+        # one win (appliance/dns/policy.py does the same).
+        result.extend(DomainPolicy(pattern, tuple(servers)) for pattern in patterns)
     return result
 
 
@@ -285,10 +436,15 @@ def parse_dns(sec: Section, top_hosts: dict[str, list[IPAddress]]) -> DnsConfig:
     fake_range6 = get("fake-ip-range6", _fake_ip_range6, d.fake_ip_range6)
     if fake_range6 is None and ipv6:
         fake_range6 = DEFAULT_FAKE_IP_RANGE6
-    fake_filter: list[str] = get("fake-ip-filter", lambda v, p: _pattern_list(v, p, ctx), [])
     filter_mode = get(
-        "fake-ip-filter-mode", choice(("blacklist", "whitelist")), d.fake_ip_filter_mode
+        "fake-ip-filter-mode", choice(("blacklist", "whitelist", "rule")), d.fake_ip_filter_mode
     )
+    fake_filter: list[str] = []
+    filter_rules: list[Rule] = []
+    if filter_mode == "rule":
+        filter_rules = get("fake-ip-filter", lambda v, p: _filter_rules(v, p, ctx), [])
+    else:
+        fake_filter = get("fake-ip-filter", lambda v, p: _pattern_list(v, p, ctx), [])
     default_ns: list[Nameserver] = get(
         "default-nameserver", lambda v, p: _nameserver_list(v, p, ctx, ip_only=True), []
     )
@@ -300,6 +456,20 @@ def parse_dns(sec: Section, top_hosts: dict[str, list[IPAddress]]) -> DnsConfig:
     nameservers = [ns for _, ns in named]
     policy = ctx.attempt(lambda: _parse_policy(
         sec.raw("nameserver-policy"), sec.at("nameserver-policy"), ctx, named), [])
+    extra: dict[str, list[Nameserver]] = {}
+
+    def servers_of(key: str) -> list[tuple[str, Nameserver]]:
+        raw = sec.raw(key)
+        return [] if raw is None else _nameserver_entries(raw, sec.at(key), ctx)
+
+    for key in ("fallback", "proxy-server-nameserver", "direct-nameserver"):
+        found: list[tuple[str, Nameserver]] = ctx.attempt(partial(servers_of, key), [])
+        named.extend(found)
+        extra[key] = [ns for _, ns in found]
+    fallback_filter = ctx.attempt(lambda: _fallback_filter(
+        sec.raw("fallback-filter"), sec.at("fallback-filter"), ctx), FallbackFilter())
+    direct_follow = get("direct-nameserver-follow-policy", as_bool, False)
+    respect_rules = get("respect-rules", as_bool, False)
     hosts = {name: list(addrs) for name, addrs in top_hosts.items()}
     dns_hosts = ctx.attempt(lambda: parse_hosts(sec.raw("hosts"), sec.at("hosts"), ctx), {})
     for name, addrs in dns_hosts.items():
@@ -323,10 +493,28 @@ def parse_dns(sec: Section, top_hosts: dict[str, list[IPAddress]]) -> DnsConfig:
         raise ConfigError(
             sec.at("nameserver"), NO_VALUE if nameserver_raw is None else nameserver_raw, why
         )
-    # A DoH server known by name needs an IP-literal resolver to find it;
-    # asking the system resolver would ask the poisoned one.
-    for where, ns in named:
-        if not default_ns and not _is_ip(ns.host):
+    if respect_rules and not extra["proxy-server-nameserver"]:
+        # mihomo refuses this too: the proxies' own names would be resolved
+        # through the proxies (rules) they are needed to reach.
+        raise ConfigError(sec.at("respect-rules"), True,
+                          "needs dns.proxy-server-nameserver (proxy servers' names must not "
+                          "be resolved through the rules that lead to them)")
+    # A DoH/DoT server known by name needs an IP-literal resolver to find it;
+    # asking the system resolver would ask the poisoned one. Through a proxy
+    # the proxy gets the name.
+    by_name = [(where, ns) for where, ns in named
+               if not _is_ip(ns.host) and ns.proxy in (None, "DIRECT", "RULES")]
+    if by_name and not default_ns and sec.raw("default-nameserver") is None:
+        # mihomo's own default-nameserver applies when the key is absent;
+        # said at load, since a poisoning network can answer those.
+        default_ns = [Nameserver("udp", ip, 53, text=ip) for ip in MIHOMO_DEFAULT_NAMESERVER]
+        ctx.ignore(sec.at("default-nameserver"),
+                   "not set: the names of DoH/DoT servers are looked up over plain UDP at "
+                   f"mihomo's defaults ({', '.join(MIHOMO_DEFAULT_NAMESERVER)}), which a "
+                   "poisoning network can answer; list resolvers you trust, or give those "
+                   "servers by IP", kind="mode")
+    for where, ns in by_name:
+        if not default_ns:
             raise ConfigError(
                 where,
                 ns.text,
@@ -342,9 +530,16 @@ def parse_dns(sec: Section, top_hosts: dict[str, list[IPAddress]]) -> DnsConfig:
         fake_ip_range6=fake_range6,
         fake_ip_filter=tuple(fake_filter),
         fake_ip_filter_mode=cast(Any, filter_mode),
+        fake_ip_filter_rules=tuple(filter_rules),
         default_nameserver=tuple(default_ns),
         nameserver=tuple(nameservers),
         nameserver_policy=tuple(policy),
+        fallback=tuple(extra["fallback"]),
+        fallback_filter=fallback_filter,
+        proxy_server_nameserver=tuple(extra["proxy-server-nameserver"]),
+        direct_nameserver=tuple(extra["direct-nameserver"]),
+        direct_follow_policy=direct_follow,
+        respect_rules=respect_rules,
         hosts=tuple((name, tuple(addrs)) for name, addrs in hosts.items()),
         ca_file=ca_file,
         upstream_timeout=upstream_timeout,
@@ -359,3 +554,52 @@ def _is_ip(text: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+def check_dns_references(
+    dns: DnsConfig, path: str, targets: set[str], skipped: dict[str, str],
+    rule_providers: list[RuleProviderConfig], broken_providers: Iterable[str] = (),
+) -> None:
+    """What the `dns:` entries name in the rest of the profile, checked
+    once it is read (mihomo checks the same at load): a nameserver's
+    `#Name` is a proxy, a group, DIRECT or RULES; a `rule-set:` entry
+    names a rule-provider of domains (or classical rules). A provider
+    whose own entry was broken (`broken_providers`, already reported) is
+    not reported again."""
+    broken = set(broken_providers)
+    lists = {
+        "nameserver": dns.nameserver, "fallback": dns.fallback,
+        "proxy-server-nameserver": dns.proxy_server_nameserver,
+        "direct-nameserver": dns.direct_nameserver,
+        "default-nameserver": dns.default_nameserver,
+    }
+    for key, servers in lists.items():
+        for ns in servers:
+            _check_proxy(ns, f"{path}.{key}", targets, skipped)
+    for entry in dns.nameserver_policy:
+        for ns in entry.nameservers:
+            _check_proxy(ns, f"{path}.nameserver-policy", targets, skipped)
+    behaviors = {p.name: p.behavior for p in rule_providers}
+    names = [e.pattern for e in dns.nameserver_policy] + list(dns.fake_ip_filter)
+    names += [f"rule-set:{r.payload}" for r in dns.fake_ip_filter_rules
+              if isinstance(r.payload, RuleSetName)]
+    names = [n for n in names if n.startswith("rule-set:")]
+    for set_name in names:
+        name = set_name.removeprefix("rule-set:")
+        behavior = behaviors.get(name)
+        if name in broken:
+            continue
+        if behavior is None:
+            raise ConfigError(path, set_name,
+                              f"rule-set {name!r} names no rule-providers entry")
+        if behavior == "ipcidr":
+            raise ConfigError(path, set_name,
+                              f"rule-set {name!r} holds addresses; a DNS name needs domains")
+
+
+def _check_proxy(ns: Nameserver, path: str, targets: set[str], skipped: dict[str, str]) -> None:
+    if ns.proxy is None or ns.proxy in targets or ns.proxy in NS_BUILTIN_PROXIES:
+        return
+    why = skipped.get(ns.proxy)
+    raise ConfigError(path, ns.text, f"#{ns.proxy}: " + (
+        f"that proxy is {why}" if why else "names no proxy, group, DIRECT or RULES"))

@@ -69,7 +69,8 @@ def index_path(parent: str, index: int) -> str:
 
 class ConfigErrors(ConfigError):
     """Several problems of one profile, found in one load (each is a
-    ConfigError in `errors`, in file order). Its own path, value and reason
+    ConfigError in `errors`, in the order the loader reads the sections:
+    top-level keys, dns, proxies, groups, rules, appliance). Its own path, value and reason
     are the first one's, so a caller that expects one ConfigError still
     reads a true one; `str()` is every error, one per line."""
 

@@ -19,7 +19,7 @@ from typing import Any, cast
 from appliance.config.loader.errors import NO_VALUE, ConfigError, index_path
 from appliance.config.loader.proxies import BUILTIN_TARGETS
 from appliance.config.loader.scalars import as_bool, as_list, as_nonempty_str, as_str, choice
-from appliance.config.loader.section import LoadContext, Section
+from appliance.config.loader.section import LoadContext, Section, fold_case
 from appliance.config.model import (
     DEFAULT_TEST_URL,
     HealthCheckConfig,
@@ -84,6 +84,20 @@ def expected_status(value: Any, path: str) -> tuple[tuple[int, int], ...]:
             raise ConfigError(path, value, "status codes are 100..999, low-high")
         ranges.append((a, b))
     return tuple(ranges)
+
+
+def probe_url(sec: Section, default: str) -> str:
+    """A group's or health check's `url`. mihomo loads any string there
+    (its probes then fail); a string that is no http(s) URL is said at
+    load, and the default is probed instead."""
+    try:
+        return sec.get("url", test_url, default)
+    except ConfigError as err:
+        if err.reason.startswith("expected an http"):
+            sec.ctx.ignore(sec.at("url"), f"not an http(s) URL: {default} is probed instead",
+                           kind="mode", error=err)
+            return default
+        raise
 
 
 def test_url(value: Any, path: str) -> str:
@@ -194,7 +208,7 @@ def _parse_group(item: Any, path: str, ctx: LoadContext, proxy_names: set[str],
                  providers: Collection[str] | dict[str, str], provider_urls: dict[str, str],
                  ) -> tuple[Section, ProxyGroupConfig, list[tuple[str, str]]]:
     """One `proxy-groups[i]`, its members not yet resolved. Raises ConfigError."""
-    sec = Section(item, path, ctx)
+    sec = Section(item, path, ctx, fold_case, exact=("name",))
     name = sec.require("name", as_nonempty_str)
     if name in group_names or name in proxy_names or name in skipped:
         raise ConfigError(
@@ -252,7 +266,7 @@ def _parse_group(item: Any, path: str, ctx: LoadContext, proxy_names: set[str],
                        DEFAULT_TEST_URL)
     health = HealthCheckConfig(
         enable=True,
-        url=sec.get("url", test_url, default_url),
+        url=probe_url(sec, default_url),
         interval=interval,
         timeout=sec.get("timeout", weak_int(0, 600_000, "milliseconds"), 5000) / 1000
         or 5.0,

@@ -13,6 +13,7 @@ from typing import Any
 
 from appliance.config.loader.errors import NO_VALUE, ConfigError, index_path
 from appliance.config.loader.protocols import (
+    IP_VERSIONS,
     PROTOCOLS,
     UnusableProxy,
     parse_protocol_proxy,
@@ -26,8 +27,9 @@ from appliance.config.loader.scalars import (
     as_nonempty_str,
     as_proxy_port,
     as_str,
+    choice,
 )
-from appliance.config.loader.section import LoadContext, Section
+from appliance.config.loader.section import LoadContext, Section, fold_proxy_key
 from appliance.config.model import ProxyConfig
 
 log = logging.getLogger(__name__)
@@ -42,22 +44,24 @@ _IGNORED_PROXY_COMMON = (
     "tfo", "mptcp", "interface-name", "routing-mark", "ip-version",
     "dialer-proxy", "fingerprint", "client-fingerprint", "smux",
 )  # fmt: skip
+# What socks5, http and direct ignore of those (they read `ip-version`).
+_IGNORED_SERVER_PROXY = tuple(k for k in _IGNORED_PROXY_COMMON if k != "ip-version")
 PROXY_KEYS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     # type: (implemented keys besides name/type, ignored keys)
     "socks5": (
         ("server", "port", "username", "password", "tls", "skip-cert-verify", "udp", "preconnect",
-         "dialer-proxy"),
-        _IGNORED_PROXY_COMMON,
+         "dialer-proxy", "ip-version"),
+        _IGNORED_SERVER_PROXY,
     ),
     "http": (
         ("server", "port", "username", "password", "tls", "skip-cert-verify", "sni", "preconnect",
-         "dialer-proxy"),
+         "dialer-proxy", "ip-version"),
         # udp: converters emit it on every proxy; an http proxy has no UDP.
-        (*_IGNORED_PROXY_COMMON, "headers", "udp"),
+        (*_IGNORED_SERVER_PROXY, "headers", "udp"),
     ),
     # udp: mihomo's direct takes it (and converters write it); Mirage's
     # DIRECT carries UDP either way.
-    "direct": ((), (*_IGNORED_PROXY_COMMON, "udp")),
+    "direct": (("ip-version",), (*_IGNORED_SERVER_PROXY, "udp")),
     "reject": ((), (*_IGNORED_PROXY_COMMON, "udp")),
 }
 # `preconnect` of plain SOCKS5 / HTTP proxies: connections kept open ahead
@@ -68,8 +72,16 @@ PRECONNECT_MAX = 64
 # reported); a rule that targets it is an error, a group drops it.
 UNSUPPORTED_PROXY_TYPES = (
     "ssr", "snell", "socks4", "hysteria",
-    "ssh", "mieru", "anytls", "dns", "semi", "sudoku",
+    "mieru", "dns", "semi", "sudoku",
 )  # fmt: skip
+
+# Why, where there is more to say than "not implemented".
+_UNSUPPORTED_WHY = {
+    "hysteria": " (Hysteria v1; hysteria2 is supported)",
+    # No Snell server is packaged (Debian, PyPI): no client without a real
+    # server to test it against.
+    "snell": " (no Snell server to test a client against)",
+}
 
 
 def parse_proxies(
@@ -86,7 +98,7 @@ def parse_proxies(
         try:
             parsed = _parse_entry(item, index_path(path, i), ctx, names, skipped)
         except ConfigError as err:
-            name = item.get("name") if isinstance(item, dict) else None
+            name = _written_name(item)
             if isinstance(name, str) and name in names and not mihomo_refuses(err):
                 # mihomo loads it (and fails when it dials): skipped, said.
                 ctx.ignore(index_path(path, i), f"{name!r}: {err}", kind="skipped", error=err)
@@ -105,7 +117,8 @@ def parse_proxies(
                 client_fingerprints += 1
     if client_fingerprints:
         log.info("client-fingerprint (uTLS) on %d prox%s has no effect: TLS is Python's "
-                 "(OpenSSL's ClientHello)", client_fingerprints,
+                 "(OpenSSL's ClientHello); with reality-opts the ClientHello is always "
+                 "Chrome-shaped", client_fingerprints,
                  "y" if client_fingerprints == 1 else "ies")
     return proxies, skipped
 
@@ -118,39 +131,51 @@ def warn_udp_behind_dialer(proxies: list[ProxyConfig]) -> None:
     names = [p.name for p in proxies if p.type == "socks5" and p.udp and p.dialer_proxy]
     if names:
         log.warning("udp: true on SOCKS5 prox%s behind a dialer-proxy (%s): Mirage carries no "
-                    "UDP through a dialer-proxy; UDP flows skip the rules that send to %s",
+                    "SOCKS5 UDP through a dialer-proxy; UDP flows skip the rules that send "
+                    "to %s",
                     "y" if len(names) == 1 else "ies", ", ".join(map(repr, names)),
                     "it" if len(names) == 1 else "them")
 
 
-# Keys Mirage adds to a mihomo proxy: a bad value there is Mirage's to refuse.
-_MIRAGE_PROXY_KEYS = ("preconnect",)
+def _written_name(item: Any) -> Any:
+    """The `name` of a proxy entry however it is spelled (`Name`), or None."""
+    if not isinstance(item, dict):
+        return None
+    return next((v for k, v in item.items()
+                 if isinstance(k, str) and fold_proxy_key(k) == "name"), None)
+
+
+# A proxy's keys whose bad values `mihomo -t` loads (it never looks at them
+# before dialling): a port of 0 or 99999, a server or SNI that is no host
+# name, a `network`, `ip-version` or ss `plugin` it does not know, an empty
+# password (ssh without password or key, anytls), anytls' min-idle-session
+# below 0. Checked against the binary (tests/unit/test_config_lenient.py,
+# test_ssh_config.py, test_anytls_config.py).
+_UNCHECKED_BY_MIHOMO = ("port", "server", "sni", "servername", "network", "ip-version",
+                        "plugin", "password", "min-idle-session")
 
 
 def mihomo_refuses(err: ConfigError) -> bool:
     """Whether `mihomo -t` refuses a profile for this error in a proxy
-    entry (checked against the binary, tests/unit/test_config_lenient.py).
-
-    mihomo decodes a proxy into a Go struct and builds its outbound: a
-    missing key ("has unset fields"), a value of a type it cannot convert
-    (a string for a bool; a string of digits for a number it converts, as
-    Mirage does), an unknown `type`, an unknown ss `cipher` and a name
-    used twice stop it. Values it never checks before dialling (a port of
-    0 or 99999, a server name with a space, a malformed uuid, a `network`
-    or `ip-version` it does not know) load there, and the proxy fails when
-    used: here that proxy is skipped, with the reason, instead of refusing
-    the whole profile."""
+    entry. mihomo decodes a proxy into a Go struct and builds its outbound:
+    a missing key ("has unset fields"), a value of a type it cannot convert
+    (a string for a bool), an unknown `type` or ss `cipher`, a key that is
+    no key (WireGuard) stop it, and Mirage refuses those too. The values of
+    `_UNCHECKED_BY_MIHOMO`, and a username without a password, load there
+    and fail when the proxy is used: Mirage skips that proxy, with the
+    reason, instead of refusing the whole profile. Anything else is
+    refused (what Mirage does not know mihomo to load)."""
     leaf = err.path.rsplit(".", 1)[-1]
-    return (err.reason == "required" or err.reason.startswith("expected ")
-            or leaf in ("name", "type", "cipher", *_MIRAGE_PROXY_KEYS)
-            or "duplicate" in err.reason)
+    if err.reason.startswith(("required", "expected ")):
+        return True
+    return not (leaf in _UNCHECKED_BY_MIHOMO or "go together" in err.reason)
 
 
 def _parse_entry(item: Any, path: str, ctx: LoadContext, names: set[str],
                  skipped: dict[str, str]) -> ProxyConfig | None:
     """One `proxies[i]`: its ProxyConfig, or None when it is skipped (its
     reason put in `skipped`). Raises ConfigError."""
-    sec = Section(item, path, ctx)
+    sec = Section(item, path, ctx, fold_proxy_key, exact=("type",))
     name = sec.require("name", as_nonempty_str)
     if name in names:
         raise ConfigError(sec.at("name"), name, "duplicate proxy name")
@@ -167,10 +192,9 @@ def _parse_entry(item: Any, path: str, ctx: LoadContext, names: set[str],
             skipped[name] = f"a {ptype} proxy with {e.reason}"
             return None
     if ptype in UNSUPPORTED_PROXY_TYPES:
-        ctx.ignore(sec.path, f"{ptype} proxy {name!r}", kind="skipped")
-        skipped[name] = f"a {ptype} proxy, which Mirage does not implement"
-        if ptype == "hysteria":
-            skipped[name] += " (Hysteria v1; hysteria2 is supported)"
+        why = _UNSUPPORTED_WHY.get(ptype, "")
+        ctx.ignore(sec.path, f"{ptype} proxy {name!r}{why}", kind="skipped")
+        skipped[name] = f"a {ptype} proxy, which Mirage does not implement{why}"
         return None
     if ptype not in PROXY_KEYS:
         raise ConfigError(
@@ -184,8 +208,12 @@ def _parse_entry(item: Any, path: str, ctx: LoadContext, names: set[str],
 def _parse_proxy(sec: Section, name: str, ptype: str) -> ProxyConfig:
     implemented, ignored = PROXY_KEYS[ptype]
     if ptype in ("direct", "reject"):
+        # A named direct takes `ip-version` for its destinations, as
+        # mihomo's does (the built-in DIRECT keeps RFC 8305's order).
+        ip_version = (sec.get("ip-version", choice(IP_VERSIONS), "dual")
+                      if "ip-version" in implemented else "dual")
         sec.finish(("name", "type", *implemented), ignored)
-        return ProxyConfig(name=name, type=ptype)
+        return ProxyConfig(name=name, type=ptype, ip_version=ip_version)
     server = sec.require("server", server_value)
     port = sec.require("port", as_proxy_port)
     username = sec.get("username", as_str, None) if "username" in implemented else None
@@ -219,6 +247,7 @@ def _parse_proxy(sec: Section, name: str, ptype: str) -> ProxyConfig:
     if dialer_proxy is not None:
         # Kept connections go straight to the server: not through a chain.
         preconnect = 0
+    ip_version = sec.get("ip-version", choice(IP_VERSIONS), "dual")
     sec.finish(("name", "type", *implemented), ignored)
     return ProxyConfig(
         name=name,
@@ -233,4 +262,5 @@ def _parse_proxy(sec: Section, name: str, ptype: str) -> ProxyConfig:
         udp=udp,
         preconnect=preconnect,
         dialer_proxy=dialer_proxy,
+        ip_version=ip_version,
     )

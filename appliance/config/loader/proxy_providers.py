@@ -14,13 +14,13 @@ from typing import Any, cast
 from appliance.config.loader.errors import ConfigError, key_path
 from appliance.config.loader.groups import (
     expected_status,
+    probe_url,
     regex_list,
-    test_url,
     weak_bool,
     weak_int,
 )
 from appliance.config.loader.scalars import as_list, as_nonempty_str, as_path, as_str, choice
-from appliance.config.loader.section import LoadContext, Section
+from appliance.config.loader.section import LoadContext, Section, fold_case
 from appliance.config.model import (
     DEFAULT_TEST_URL,
     HealthCheckConfig,
@@ -44,11 +44,13 @@ IGNORED_OVERRIDE = (
 )  # fmt: skip
 
 
-def _http_url(value: Any, path: str) -> str:
-    text = as_nonempty_str(value, path).strip()
-    if not re.match(r"^https?://[^/\s]+", text, re.IGNORECASE):
-        raise ConfigError(path, "<hidden>", "expected an http:// or https:// URL")
-    return text
+_HTTP_URL = re.compile(r"^https?://[^/\s]+", re.IGNORECASE)
+
+
+def _provider_url(value: Any, path: str) -> str:
+    """The subscription URL as written (a string; may be a placeholder,
+    which `_provider` reports)."""
+    return as_str(value, path).strip()
 
 
 def parse_proxy_providers(value: Any, path: str, ctx: LoadContext) -> list[ProxyProviderConfig]:
@@ -69,11 +71,16 @@ def parse_proxy_providers(value: Any, path: str, ctx: LoadContext) -> list[Proxy
 
 def _provider(name: Any, item: Any, path: str, ctx: LoadContext) -> ProxyProviderConfig:
     """One `proxy-providers.NAME`. Raises ConfigError."""
-    sec = Section(item, key_path(path, str(name)), ctx)
+    sec = Section(item, key_path(path, str(name)), ctx, fold_case)
     ptype = sec.require("type", choice(("http", "file", "inline")))
-    url = sec.get("url", _http_url, None)
+    url = sec.get("url", _provider_url, None)
     if ptype == "http" and url is None:
         raise ConfigError(sec.at("url"), "<none>", "an http provider needs a url")
+    if url is not None and not _HTTP_URL.match(url):
+        # A template's placeholder ('订阅链接1', ''): mihomo loads it and its
+        # downloads fail; so do Mirage's (the source refuses the URL).
+        ctx.ignore(sec.at("url"), "not an http(s) URL: never downloaded; the provider holds "
+                   "its cached copy, if any, else nothing", kind="unimplemented")
     file_path = sec.get("path", lambda v, p: as_path(v, p, ctx.base), None)
     if ptype == "file" and file_path is None:
         raise ConfigError(sec.at("path"), "<none>", "a file provider needs a path")
@@ -117,7 +124,7 @@ def _provider(name: Any, item: Any, path: str, ctx: LoadContext) -> ProxyProvide
 def _health(sec: Section) -> HealthCheckConfig:
     health = HealthCheckConfig(
         enable=sec.get("enable", weak_bool, False),
-        url=sec.get("url", test_url, DEFAULT_TEST_URL),
+        url=probe_url(sec, DEFAULT_TEST_URL),
         interval=float(sec.get("interval", weak_int(0, 86400 * 7, "seconds"), 0)),
         timeout=sec.get("timeout", weak_int(0, 600_000, "milliseconds"), 5000) / 1000 or 5.0,
         lazy=sec.get("lazy", weak_bool, True),

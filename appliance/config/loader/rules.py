@@ -12,7 +12,9 @@ that names no outbound, a RULE-SET naming no provider, a SUB-RULE naming
 no list, sub-rules that call each other in a circle: errors). An unknown
 rule type is an error, as in mihomo. PROCESS-* rules load and never match
 a LAN flow: said once, at INFO, with their count. Rules after MATCH never
-run and are reported ignored.
+run and are reported ignored. A rule may name a proxy or group the loader
+skipped (an outbound Mirage cannot use): it loads, and its flows go to
+COMPATIBLE (see `SkippedOutbound`).
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from appliance.config.loader.scalars import (
     choice,
     port_from_text,
 )
-from appliance.config.loader.section import LoadContext, Section
+from appliance.config.loader.section import LoadContext, Section, fold_case
 from appliance.config.model import (
     GEOX_DEFAULTS,
     PROCESS_RULE_TYPES,
@@ -252,15 +254,12 @@ def _build(rtype: str, payload: str, target: str, params: list[str], line: str, 
 def _check_target(
     target: str, line: str, path: str, targets: set[str], skipped: Mapping[str, str]
 ) -> None:
-    if target in targets:
+    # A proxy or group Mirage skipped is still a target: mihomo would use
+    # it, so the profile loads; its flows go to COMPATIBLE (DIRECT), which
+    # `mirage check`'s routing summary says rule by rule.
+    if target in targets or target in skipped:
         return
-    why = skipped.get(target)
-    reason = (
-        f"target {target!r} is {why}"
-        if why
-        else f"target {target!r} names no proxy, group, DIRECT or REJECT"
-    )
-    raise ConfigError(path, line, reason)
+    raise ConfigError(path, line, f"target {target!r} names no proxy, group, DIRECT or REJECT")
 
 
 def _payload(rtype: RuleType, payload: str, line: str, path: str, known: _Known
@@ -466,7 +465,8 @@ def parse_rule_providers(value: Any, path: str, ctx: LoadContext) -> list[RulePr
 
 def _rule_provider(section: Section, name: str) -> RuleProviderConfig:
     """One `rule-providers.NAME`. Raises ConfigError."""
-    entry = section.section(name)
+    raw = section.raw(name)
+    entry = Section({} if raw is None else raw, section.at(name), section.ctx, fold_case)
     kind = entry.require("type", choice(("http", "file", "inline")))
     behavior = entry.require("behavior", choice(("domain", "ipcidr", "classical")))
     fmt = entry.get("format", choice(("yaml", "text", "mrs")), "yaml")
@@ -475,9 +475,10 @@ def _rule_provider(section: Section, name: str) -> RuleProviderConfig:
                           "rule-sets")
     url = entry.get("url", as_nonempty_str, None)
     file_path = entry.get("path", _provider_path, None)
-    interval = float(entry.get("interval", lambda v, p: as_int(v, p, 0, 1 << 31), 0))
+    # mihomo decodes providers with weak typing: `interval: "86400"` is a number.
+    interval = float(entry.get("interval", lambda v, p: as_int(_digits(v), p, 0, 1 << 31), 0))
     proxy = entry.get("proxy", as_nonempty_str, None)
-    size_limit = entry.get("size-limit", lambda v, p: as_int(v, p, 0, 1 << 40), 0)
+    size_limit = entry.get("size-limit", lambda v, p: as_int(_digits(v), p, 0, 1 << 40), 0)
     payload: tuple[str, ...] = ()
     if kind == "http":
         if url is None:
@@ -498,6 +499,13 @@ def _rule_provider(section: Section, name: str) -> RuleProviderConfig:
         name=name, type=kind, behavior=behavior, format=cast(Any, fmt), url=url, path=file_path,
         interval=interval, proxy=proxy, size_limit=size_limit, payload=payload,
         headers=headers)
+
+
+def _digits(value: Any) -> Any:
+    """A string of digits as the number (mihomo's weak typing), else as is."""
+    if isinstance(value, str) and value.strip().isdigit() and value.strip().isascii():
+        return int(value.strip())
+    return value
 
 
 def _provider_path(value: Any, path: str) -> Path:

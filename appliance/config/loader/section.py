@@ -72,11 +72,33 @@ class LoadContext:
             return cast(T, default)
 
 
+def fold_case(key: str) -> str:
+    """How mihomo's structure decoder matches a group's or provider's keys:
+    exactly, else case-insensitively (common/structure/structure.go)."""
+    return key.lower()
+
+
+def fold_proxy_key(key: str) -> str:
+    """... and a proxy's: `_` is read as `-` too (DefaultKeyReplacer), so
+    `skip_cert_verify` and `Skip-Cert-Verify` are `skip-cert-verify`."""
+    return key.lower().replace("_", "-")
+
+
 class Section:
     """A YAML mapping being read: tracks which keys were consumed so that
-    `finish` can report the rest as ignored (known Clash keys) or unknown."""
+    `finish` can report the rest as ignored (known Clash keys) or unknown.
 
-    def __init__(self, data: Any, path: str, ctx: LoadContext) -> None:
+    With `fold` (`fold_case`, `fold_proxy_key`), keys are matched as
+    mihomo's structure decoder matches them: `data` holds them folded (an
+    exact spelling wins over another that folds the same), code asks for
+    the canonical name, and a report names the key as the user wrote it.
+    Keys in `exact` are found only as spelled (mihomo reads them first,
+    from the raw map).
+    Child sections fold the same way (mihomo decodes nested options with
+    the same decoder)."""
+
+    def __init__(self, data: Any, path: str, ctx: LoadContext,
+                 fold: Callable[[str], str] | None = None, exact: tuple[str, ...] = ()) -> None:
         if not isinstance(data, dict):
             fail_type(data, path or "<top level>", "a mapping")
         for key in data:
@@ -84,10 +106,26 @@ class Section:
                 raise ConfigError(
                     key_path(path, str(key)), key, f"keys must be strings, got {type_name(key)}"
                 )
+        self.fold = fold
+        # Keys mihomo reads from the raw map before decoding, so only as
+        # spelled (a proxy's `type`, a group's `name`).
+        self.exact = exact
+        self.written: dict[str, str] = {}  # folded key -> as written
+        if fold is not None:
+            folded: dict[str, Any] = {}
+            for key, value in data.items():
+                name = fold(key)
+                if name not in folded or key == name:
+                    folded[name] = value
+                    self.written[name] = key
+            data = folded
         self.data: dict[str, Any] = data
         self.path = path
         self.ctx = ctx
         self.seen: set[str] = set()
+
+    def _key(self, key: str) -> str:
+        return key if self.fold is None else self.fold(key)
 
     def at(self, key: str) -> str:
         return key_path(self.path, key)
@@ -95,8 +133,11 @@ class Section:
     def raw(self, key: str) -> Any:
         """The value, or None if absent. YAML `key:` (null) counts as absent,
         as in Clash (a null leaves Go's zero value)."""
-        self.seen.add(key)
-        return self.data.get(key)
+        name = self._key(key)
+        if key in self.exact and self.written.get(name, key) != key:
+            return None
+        self.seen.add(name)
+        return self.data.get(name)
 
     def get(self, key: str, convert: Callable[[Any, str], T], default: T) -> T:
         value = self.raw(key)
@@ -112,7 +153,7 @@ class Section:
 
     def section(self, key: str) -> Section:
         value = self.raw(key)
-        return Section({} if value is None else value, self.at(key), self.ctx)
+        return Section({} if value is None else value, self.at(key), self.ctx, self.fold)
 
     def finish(self, known: Iterable[str], ignored: Iterable[str], *,
                strict: bool = False, kinds: dict[str, IgnoredKind] | None = None) -> None:
@@ -120,16 +161,19 @@ class Section:
         the kind `kinds` gives, else "unimplemented"); any other key is
         recorded as unknown with a did-you-mean from `known`, or with
         `strict` is an error (no value shown: it may be a secret)."""
-        ignored_set = set(ignored)
+        ignored_set = {self._key(k): k for k in ignored}
         for key in self.data:
             if key in self.seen:
                 continue
+            written = self.written.get(key, key)
             if key in ignored_set:
-                self.ctx.ignore(self.at(key), kind=(kinds or {}).get(key, "unimplemented"))
+                self.ctx.ignore(self.at(written),
+                                kind=(kinds or {}).get(ignored_set[key], "unimplemented"))
                 continue
-            close = difflib.get_close_matches(key, list(known), n=1)
+            # mihomo's keys Mirage ignores are suggestions too (`snifer`).
+            close = difflib.get_close_matches(written, [*known, *ignored_set.values()], n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
             if strict:
-                self.ctx.fail(ConfigError(self.at(key), NO_VALUE, f"unknown key{hint}"))
+                self.ctx.fail(ConfigError(self.at(written), NO_VALUE, f"unknown key{hint}"))
                 continue
-            self.ctx.ignore(self.at(key), f"unknown key{hint}", kind="unknown")
+            self.ctx.ignore(self.at(written), f"unknown key{hint}", kind="unknown")

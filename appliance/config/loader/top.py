@@ -14,7 +14,7 @@ from typing import Any, cast
 from appliance.config.loader.appliance import parse_appliance
 from appliance.config.loader.controller import CONTROLLER_KEYS, parse_controller
 from appliance.config.loader.cross import check_cross
-from appliance.config.loader.dns import parse_dns, parse_hosts
+from appliance.config.loader.dns import check_dns_references, parse_dns, parse_hosts
 from appliance.config.loader.errors import ConfigError, index_path, raise_collected
 from appliance.config.loader.groups import parse_groups
 from appliance.config.loader.proxies import (
@@ -41,7 +41,13 @@ from appliance.config.loader.scalars import (
     choice,
 )
 from appliance.config.loader.section import LoadContext, Section
-from appliance.config.model import TUNNEL_MODES, Config, IgnoredKind, TunnelMode
+from appliance.config.model import (
+    TUNNEL_MODES,
+    Config,
+    IgnoredKind,
+    SkippedOutbound,
+    TunnelMode,
+)
 
 TOP_LEVEL_KEYS = (
     "mixed-port", "socks-port", "port", "authentication", "allow-lan", "bind-address",
@@ -127,6 +133,8 @@ def parse_root(data: Any, ctx: LoadContext) -> Config:
 
     proxies, skipped = ctx.attempt(
         lambda: parse_proxies(root.raw("proxies"), root.at("proxies"), ctx), ([], {}))
+    # Before parse_groups adds the groups it skips to `skipped`.
+    skipped_proxies = dict(skipped)
     warn_udp_behind_dialer(proxies)
     providers = ctx.attempt(lambda: parse_proxy_providers(
         root.raw("proxy-providers"), root.at("proxy-providers"), ctx), [])
@@ -141,6 +149,8 @@ def parse_root(data: Any, ctx: LoadContext) -> Config:
     rule_providers = ctx.attempt(lambda: parse_rule_providers(
         root.raw("rule-providers"), root.at("rule-providers"), ctx), [])
     provider_names = {p.name for p in rule_providers} | ctx.broken_providers
+    ctx.attempt(lambda: check_dns_references(dns, "dns", targets, skipped, rule_providers,
+                                             ctx.broken_providers), None)
     sub_rules = ctx.attempt(lambda: parse_sub_rules(
         root.raw("sub-rules"), root.at("sub-rules"), ctx, targets, skipped, provider_names), ())
     rules = ctx.attempt(lambda: parse_rules(
@@ -184,6 +194,8 @@ def parse_root(data: Any, ctx: LoadContext) -> Config:
         geodata=geodata,
         appliance=appliance,
         ignored_keys=tuple(ctx.ignored),
+        skipped=tuple(SkippedOutbound(name, "proxy" if name in skipped_proxies else "group", why)
+                      for name, why in skipped.items()),
         load_notes=tuple(ctx.notes),
         source=ctx.source,
     )

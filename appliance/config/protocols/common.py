@@ -15,10 +15,13 @@ Network = Literal["tcp", "ws", "grpc", "h2", "http"]
 
 @dataclass(frozen=True)
 class RealityOptions:
-    """`reality-opts`: the server's X25519 public key and the short id."""
+    """`reality-opts`: the server's X25519 public key (unpadded URL-safe
+    base64, 32 bytes), the short id (up to 16 hex digits) and whether to
+    offer the X25519MLKEM768 hybrid key share (both checked at load)."""
 
     public_key: str
     short_id: str = ""
+    support_x25519mlkem768: bool = False
 
 
 @dataclass(frozen=True)
@@ -26,7 +29,8 @@ class TlsOptions:
     """TLS to the proxy server. `sni` (mihomo: `sni`, or `servername` for
     vmess/vless) defaults to the server name; `fingerprint` pins the server
     certificate's SHA-256 (hex); `client-fingerprint` (uTLS) is accepted
-    and has no effect."""
+    and has no effect, except with `reality` (REALITY's own TLS client
+    always sends a Chrome-shaped ClientHello)."""
 
     sni: str | None = None
     alpn: tuple[str, ...] = ()

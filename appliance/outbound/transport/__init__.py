@@ -21,7 +21,7 @@ import trio
 
 from appliance.config.protocols.common import TransportOptions
 from appliance.outbound.tls import ALPN_H2, ALPN_HTTP1
-from appliance.outbound.transport.h2 import open_grpc, open_h2
+from appliance.outbound.transport.h2 import GunPool, open_grpc, open_h2
 from appliance.outbound.transport.http_obfs import HttpObfsStream
 from appliance.outbound.transport.ws import WsStream, open_http_upgrade
 
@@ -32,6 +32,16 @@ def transport_alpn(t: TransportOptions | None) -> tuple[str, ...] | None:
     if t is None or t.network == "tcp":
         return None
     return ALPN_H2 if t.network in ("grpc", "h2") else ALPN_HTTP1
+
+
+def gun_pool(t: TransportOptions | None, host: str, *, tls: bool) -> GunPool | None:
+    """For grpc, the outbound's pool of calls on one shared HTTP/2
+    connection (`GunPool.open` instead of dial + `open_transport` per flow);
+    None for every other transport."""
+    if t is None or t.network != "grpc":
+        return None
+    assert t.grpc is not None
+    return GunPool(t.grpc, host, tls=tls)
 
 
 async def open_transport(stream: trio.abc.Stream, t: TransportOptions | None,

@@ -1,15 +1,21 @@
 """HTTP/2 stream transports: `grpc` (gun: `POST /<service>/Tun`, each
 chunk a gun message, appliance/outbound/transport/gun.py) and `h2`
-(v2ray's http transport: `PUT <path>` with a raw byte body both ways),
-one HTTP/2 connection and one stream per flow, as v2ray and mihomo do.
+(v2ray's http transport: `PUT <path>` with a raw byte body both ways).
+
+grpc flows of one outbound are streams of one shared HTTP/2 connection
+(`GunPool`), as mihomo's gun transport shares its HTTP/2 transport: a new
+flow costs a HEADERS frame, not a TCP and TLS handshake (bench/protocols.py:
+per-connection CPU about halved). h2 flows get a connection each, as v2ray
+and mihomo do.
 
 The `h2` package is the sans-I/O core (frames, HPACK, flow control);
-`H2Stream` is the adapter. It has no task of its own, so reading the
-connection is shared: `receive_some` reads when it needs data, and a
-`send_all` blocked on the peer's flow-control window reads too when no
-receive is under way (otherwise it waits for the reader's progress), so a
-WINDOW_UPDATE is never left unread. Writes to the connection go out under
-one lock, in the order h2 produced them.
+`H2Conn` and `H2Stream` are the adapter. There is no task of its own, so
+reading the connection is shared: a stream's `receive_some` reads when it
+needs data, and a `send_all` blocked on the peer's flow-control window
+reads too when no read is under way (otherwise it waits for the reader's
+progress), so a WINDOW_UPDATE is never left unread; each event goes to the
+stream it names. Writes to the connection go out under one lock, in the
+order h2 produced them.
 
 Large windows (16 MiB for the stream and the connection) so that a bulk
 download is not paced by WINDOW_UPDATE round trips; received data is
@@ -17,17 +23,19 @@ acknowledged as it is consumed, and h2 sends the updates.
 
 How it fails: a response status other than 200, a gRPC status other than
 0 in the trailers, a reset stream, a GOAWAY, or bytes that are not gun
-messages raise trio.BrokenResourceError with the reason. Owns the stream
-it wraps.
+messages raise trio.BrokenResourceError with the reason; a connection
+that breaks ends every stream on it. Owns the stream it wraps.
 """
 
 from __future__ import annotations
 
 import random
+from collections.abc import Awaitable, Callable
 
 import trio
 from h2.config import H2Configuration
 from h2.connection import H2Connection
+from h2.errors import ErrorCodes
 from h2.events import (
     ConnectionTerminated,
     DataReceived,
@@ -40,6 +48,7 @@ from h2.events import (
 )
 from h2.exceptions import H2Error
 from h2.settings import SettingCodes
+from hyperframe.frame import DataFrame
 
 from appliance.config.protocols.common import GrpcOptions, H2Options
 from appliance.outbound.transport import gun
@@ -47,8 +56,33 @@ from appliance.outbound.transport.chunks import Chunks
 
 READ_SIZE = 1 << 16
 WINDOW = 1 << 24
+# The largest frame we take (SETTINGS_MAX_FRAME_SIZE; the default is
+# 16 KiB). h2 costs ~45 us per DATA frame received: a Go server (sing-box,
+# v2ray, Xray) then sends the download in frames four times as large.
+MAX_FRAME = 1 << 16
+# Client stream ids are odd and below 2**31; a connection near the end is
+# replaced rather than run out mid-open.
+MAX_STREAM_ID = (1 << 31) - 1025
+# A shared connection with no stream for this long is not reused (nothing
+# reads it while idle, so a close by the server would go unseen).
+REUSE_IDLE = 30.0
+# How long bytes for a shared connection may take to go out (shielded from
+# the flow's cancellation) before the connection is given up.
+SHARED_SEND_TIMEOUT = 10.0
 # What grpc-go says; some servers check for a gRPC client.
 GRPC_USER_AGENT = "grpc-go/1.56.0"
+
+
+def _data_frame_repr(frame: DataFrame) -> str:
+    return f"<{len(frame.data)} bytes>"
+
+
+# h2 logs each frame it receives as `logger.trace("...", repr(frame))`: the
+# repr is built even when nothing is logged, and a DATA frame's repr
+# serializes and hex-encodes its whole payload (a 32 KiB string per 16 KiB
+# frame, cut to 20 characters). That was ~16% of h2's cost per received MB;
+# a DATA frame's repr now shows its length.
+DataFrame._body_repr = _data_frame_repr  # type: ignore[method-assign, assignment]
 
 
 def grpc_path(service_name: str) -> str:
@@ -57,53 +91,184 @@ def grpc_path(service_name: str) -> str:
     return f"/{service_name or 'GunService'}/Tun"
 
 
-class H2Stream(trio.abc.Stream):
-    """One HTTP/2 request's bodies as a byte stream (see the module doc);
-    with `grpc`, each direction is gun framed."""
+class H2Conn:
+    """One HTTP/2 connection to the proxy server and the streams on it.
 
-    def __init__(self, stream: trio.abc.Stream, conn: H2Connection, stream_id: int, *,
-                 grpc: bool) -> None:
-        self.transport_stream = stream
-        self._conn = conn
-        self._id = stream_id
-        self._grpc = grpc
-        self._decoder = gun.GunDecoder() if grpc else None
-        self._received = Chunks()
-        self._eof = False
-        self._error: str | None = None
+    No task of its own: whichever stream needs bytes reads the connection
+    (`wait_progress`: one reader at a time, the others wait for its
+    progress) and hands each event to its stream. `shared` (a `GunPool`'s
+    connection) changes two things: bytes for the connection go out
+    shielded from the flow's cancellation (half a TLS record written by a
+    flow that ends would break every other flow on it), and closing a
+    stream resets that stream instead of closing the connection.
+    """
+
+    def __init__(self, transport_stream: trio.abc.Stream, *, shared: bool = False) -> None:
+        self.transport_stream = transport_stream
+        self.shared = shared
+        self.conn = H2Connection(config=H2Configuration(client_side=True,
+                                                        header_encoding=None))
+        self.conn.initiate_connection()
+        self.conn.update_settings({SettingCodes.INITIAL_WINDOW_SIZE: WINDOW,
+                                   SettingCodes.MAX_FRAME_SIZE: MAX_FRAME,
+                                   SettingCodes.ENABLE_PUSH: 0})
+        # Taken from now on, not only once the server acknowledged it: h2
+        # checks a read's frames against the size in force when the read
+        # began, and the server's ACK and its first large frame can come
+        # in one read.
+        self.conn.max_inbound_frame_size = MAX_FRAME
+        self.conn.increment_flow_control_window(WINDOW - 65535)
+        self.streams: dict[int, H2Stream] = {}
+        # Why the connection is unusable (None: it is usable).
+        self.error: str | None = None
+        self.closed = False
+        self.idle_since = trio.current_time()
         self._reading = False
         self._progress = trio.Event()
         self._send_lock = trio.Lock()
 
-    # --- the connection ------------------------------------------------------
+    def open_stream(self, headers: list[tuple[str, str]], *, grpc: bool) -> H2Stream:
+        """A new request (its headers queued; `flush` sends them)."""
+        sid = self.conn.get_next_available_stream_id()
+        self.conn.send_headers(sid, headers)
+        stream = H2Stream(self, sid, grpc=grpc)
+        self.streams[sid] = stream
+        return stream
 
-    async def _flush(self) -> None:
+    @property
+    def reusable(self) -> bool:
+        """Whether a new stream may go on it: healthy, ids left, under the
+        server's stream limit, and not idle for long (an idle connection
+        has no reader, so a server that closed it meanwhile is not seen)."""
+        c = self.conn
+        if self.error is not None or self.closed:
+            return False
+        if c.highest_outbound_stream_id >= MAX_STREAM_ID:
+            return False
+        if c.open_outbound_streams >= c.remote_settings.max_concurrent_streams:
+            return False
+        return bool(self.streams) or trio.current_time() - self.idle_since < REUSE_IDLE
+
+    async def flush(self) -> None:
         async with self._send_lock:
-            data = self._conn.data_to_send()
-            if data:
+            data = self.conn.data_to_send()
+            if not data:
+                return
+            if not self.shared:
                 await self.transport_stream.send_all(data)
+                return
+            with trio.CancelScope(shield=True), trio.move_on_after(SHARED_SEND_TIMEOUT) as sc:
+                try:
+                    await self.transport_stream.send_all(data)
+                except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as e:
+                    self.fail(f"HTTP/2: the connection broke: {e}")
+            if sc.cancelled_caught:
+                self.fail("HTTP/2: the server took no data for "
+                          f"{SHARED_SEND_TIMEOUT:g} s")
+            if self.error is not None:
+                raise trio.BrokenResourceError(self.error)
 
-    async def _pump(self) -> None:
+    async def pump(self) -> None:
         """One read of the connection, its events applied; wakes whoever
         waits for progress. Only one task at a time (`_reading`)."""
         self._reading = True
         try:
             data = await self.transport_stream.receive_some(READ_SIZE)
+        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as e:
+            if not self.shared:
+                raise
+            self.fail(f"HTTP/2: the connection broke: {e}")
+            return
         finally:
             self._reading = False
             progress, self._progress = self._progress, trio.Event()
             progress.set()
         if not data:
-            self._eof = True
+            self.error = self.error or "HTTP/2: the server closed the connection"
+            for stream in self.streams.values():
+                stream._eof = True
             return
         try:
-            events = self._conn.receive_data(bytes(data))
+            events = self.conn.receive_data(bytes(data))
         except H2Error as e:
-            self._fail(f"HTTP/2: {e}")
+            self.fail(f"HTTP/2: {e}")
             return
         for event in events:
-            self._apply(event)
-        await self._flush()
+            stream_id = getattr(event, "stream_id", None)
+            target = self.streams.get(stream_id) if stream_id is not None else None
+            if target is not None:
+                target._apply(event)
+            elif isinstance(event, DataReceived):
+                # A stream closed already: give the connection its window back.
+                self.conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+            elif isinstance(event, ConnectionTerminated):
+                self.fail(f"HTTP/2: the server closed the connection (GOAWAY, error "
+                          f"{event.error_code})")
+        await self.flush()
+
+    def fail(self, reason: str) -> None:
+        """The connection is unusable: every stream on it ends with `reason`."""
+        if self.error is None:
+            self.error = reason
+        for stream in self.streams.values():
+            stream._fail(reason)
+
+    async def wait_progress(self) -> None:
+        if self._reading:
+            await self._progress.wait()
+        else:
+            await self.pump()
+
+    async def close_stream(self, stream: H2Stream) -> None:
+        """`stream` is done: on a shared connection it is reset (if still
+        open) and the connection stays for the next flow; else the
+        connection closes."""
+        if self.streams.pop(stream.stream_id, None) is None:
+            await trio.lowlevel.checkpoint()
+            return
+        if not self.shared:
+            await self.aclose()
+            return
+        if not self.streams:
+            self.idle_since = trio.current_time()
+        if self.error is None:
+            try:
+                self.conn.reset_stream(stream.stream_id, ErrorCodes.CANCEL)
+            except H2Error:
+                pass  # closed both ways already
+            try:
+                await self.flush()
+            except trio.BrokenResourceError:
+                pass
+        if self.error is not None and not self.streams:
+            await self.aclose()
+
+    async def aclose(self) -> None:
+        if self.closed:
+            await trio.lowlevel.checkpoint()
+            return
+        self.closed = True
+        self.error = self.error or "HTTP/2: connection closed"
+        await trio.aclose_forcefully(self.transport_stream)
+
+
+class H2Stream(trio.abc.Stream):
+    """One HTTP/2 request's bodies as a byte stream (see the module doc);
+    with `grpc`, each direction is gun framed. Its connection (`H2Conn`)
+    is its own or a `GunPool`'s."""
+
+    def __init__(self, conn: H2Conn, stream_id: int, *, grpc: bool) -> None:
+        self.h2 = conn
+        self.stream_id = stream_id
+        self._grpc = grpc
+        self._decoder = gun.GunDecoder() if grpc else None
+        self._received = Chunks()
+        self._eof = False
+        self._error: str | None = None
+
+    @property
+    def transport_stream(self) -> trio.abc.Stream:
+        return self.h2.transport_stream
 
     def _fail(self, reason: str) -> None:
         if self._error is None:
@@ -111,8 +276,9 @@ class H2Stream(trio.abc.Stream):
         self._eof = True
 
     def _apply(self, event: Event) -> None:
-        if isinstance(event, DataReceived) and event.stream_id == self._id:
-            self._conn.acknowledge_received_data(event.flow_controlled_length, self._id)
+        conn = self.h2.conn
+        if isinstance(event, DataReceived):
+            conn.acknowledge_received_data(event.flow_controlled_length, self.stream_id)
             if not event.data:
                 return
             if self._decoder is not None:
@@ -122,38 +288,29 @@ class H2Stream(trio.abc.Stream):
                     self._fail(f"grpc: {e}")
             else:
                 self._received.append(bytes(event.data))
-        elif isinstance(event, ResponseReceived) and event.stream_id == self._id:
+        elif isinstance(event, ResponseReceived):
             headers = dict(event.headers or [])
             status = headers.get(b":status", b"")
             if status != b"200":
                 self._fail(f"HTTP/2: the server answered {status.decode(errors='replace')}")
             elif self._grpc and headers.get(b"grpc-status", b"0") != b"0":
                 self._fail(_grpc_error(headers))
-        elif isinstance(event, TrailersReceived) and event.stream_id == self._id:
+        elif isinstance(event, TrailersReceived):
             headers = dict(event.headers or [])
             if headers.get(b"grpc-status", b"0") != b"0":
                 self._fail(_grpc_error(headers))
             self._eof = True
-        elif isinstance(event, StreamEnded) and event.stream_id == self._id:
+        elif isinstance(event, StreamEnded):
             self._eof = True
-        elif isinstance(event, StreamReset) and event.stream_id == self._id:
+        elif isinstance(event, StreamReset):
             if event.error_code == 0:
                 # NO_ERROR: a Go server whose handler returned before the
                 # request body ended (the far end closed): an end, not a fault.
                 self._eof = True
             else:
                 self._fail(f"HTTP/2: the server reset the stream (error {event.error_code})")
-        elif isinstance(event, ConnectionTerminated):
-            self._fail(f"HTTP/2: the server closed the connection (GOAWAY, error "
-                       f"{event.error_code})")
         elif isinstance(event, WindowUpdated):
             pass  # senders wake on progress and look at the window again
-
-    async def _wait_progress(self) -> None:
-        if self._reading:
-            await self._progress.wait()
-        else:
-            await self._pump()
 
     # --- trio.abc.Stream ----------------------------------------------------
 
@@ -162,21 +319,23 @@ class H2Stream(trio.abc.Stream):
             if self._eof:
                 if self._error is not None:
                     raise trio.BrokenResourceError(self._error)
+                await trio.lowlevel.checkpoint()
                 return b""
-            await self._wait_progress()
+            await self.h2.wait_progress()
         return self._received.take(max_bytes)
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         if self._error is not None:
             raise trio.BrokenResourceError(self._error)
         payload = memoryview(gun.encode(data) if self._grpc else data)
-        conn, sid = self._conn, self._id
+        h2, sid = self.h2, self.stream_id
+        conn = h2.conn
         try:
             while payload:
                 window = min(conn.local_flow_control_window(sid), conn.max_outbound_frame_size)
                 if window <= 0:
-                    await self._flush()
-                    await self._wait_progress()
+                    await h2.flush()
+                    await h2.wait_progress()
                     if self._error is not None:
                         raise trio.BrokenResourceError(self._error)
                     if self._eof and conn.local_flow_control_window(sid) <= 0:
@@ -186,13 +345,43 @@ class H2Stream(trio.abc.Stream):
                 payload = payload[window:]
         except H2Error as e:
             raise trio.BrokenResourceError(f"HTTP/2: {e}") from None
-        await self._flush()
+        await h2.flush()
 
     async def wait_send_all_might_not_block(self) -> None:
-        await self.transport_stream.wait_send_all_might_not_block()
+        await self.h2.transport_stream.wait_send_all_might_not_block()
 
     async def aclose(self) -> None:
-        await self.transport_stream.aclose()
+        await self.h2.close_stream(self)
+
+
+class GunPool:
+    """The grpc calls of one outbound as streams of one HTTP/2 connection
+    at a time, as mihomo's gun transport shares its HTTP/2 transport: a
+    flow costs a stream (a HEADERS frame) instead of a TCP and TLS
+    handshake. A new connection is dialed when the current one failed, ran
+    out of stream ids or concurrent streams, or sat idle past REUSE_IDLE.
+    If the connection breaks, every flow on it ends (as in mihomo)."""
+
+    def __init__(self, opts: GrpcOptions, host: str, *, tls: bool) -> None:
+        self.headers = _grpc_headers(opts, host, tls=tls)
+        self._conn: H2Conn | None = None
+        self._lock = trio.Lock()
+
+    async def open(self, dial: Callable[[], Awaitable[trio.abc.Stream]]) -> H2Stream:
+        """A new call (sent with its first `send_all`); `dial` opens a
+        connection to the server (TLS on it) when one is needed."""
+        conn = self._conn
+        if conn is None or not conn.reusable:
+            async with self._lock:
+                conn = self._conn
+                if conn is None or not conn.reusable:
+                    if conn is not None and not conn.streams:
+                        await conn.aclose()
+                    conn = H2Conn(await dial(), shared=True)
+                    self._conn = conn
+        # Not flushed here: the HEADERS go out with the protocol's request
+        # (the flow's first send_all), one TLS record and one send for both.
+        return conn.open_stream(self.headers, grpc=True)
 
 
 def _grpc_error(headers: dict[bytes, bytes]) -> str:
@@ -201,30 +390,30 @@ def _grpc_error(headers: dict[bytes, bytes]) -> str:
     return f"grpc: the server answered status {status}" + (f" ({message})" if message else "")
 
 
+def _grpc_headers(opts: GrpcOptions, host: str, *, tls: bool) -> list[tuple[str, str]]:
+    return [
+        (":method", "POST"), (":scheme", "https" if tls else "http"),
+        (":path", grpc_path(opts.service_name)), (":authority", host),
+        ("content-type", "application/grpc"), ("te", "trailers"),
+        ("user-agent", GRPC_USER_AGENT),
+    ]  # fmt: skip
+
+
 async def _open(stream: trio.abc.Stream, headers: list[tuple[str, str]], *,
                 grpc: bool) -> H2Stream:
-    conn = H2Connection(config=H2Configuration(client_side=True, header_encoding=None))
-    conn.initiate_connection()
-    conn.update_settings({SettingCodes.INITIAL_WINDOW_SIZE: WINDOW,
-                          SettingCodes.ENABLE_PUSH: 0})
-    conn.increment_flow_control_window(WINDOW - 65535)
-    sid = conn.get_next_available_stream_id()
-    conn.send_headers(sid, headers)
-    out = H2Stream(stream, conn, sid, grpc=grpc)
-    await out._flush()
+    """A connection of its own on `stream` with one request on it."""
+    conn = H2Conn(stream)
+    out = conn.open_stream(headers, grpc=grpc)
+    await conn.flush()
     return out
 
 
 async def open_grpc(stream: trio.abc.Stream, opts: GrpcOptions, host: str, *,
                     tls: bool) -> H2Stream:
-    """The gun call on `stream` (requests are sent; the response is read
-    with the first receive)."""
-    return await _open(stream, [
-        (":method", "POST"), (":scheme", "https" if tls else "http"),
-        (":path", grpc_path(opts.service_name)), (":authority", host),
-        ("content-type", "application/grpc"), ("te", "trailers"),
-        ("user-agent", GRPC_USER_AGENT),
-    ], grpc=True)  # fmt: skip
+    """The gun call on `stream`, a connection of its own (requests are
+    sent; the response is read with the first receive). Outbounds share
+    connections through a `GunPool` instead."""
+    return await _open(stream, _grpc_headers(opts, host, tls=tls), grpc=True)
 
 
 async def open_h2(stream: trio.abc.Stream, opts: H2Options, host: str, *,

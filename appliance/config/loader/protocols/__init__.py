@@ -48,7 +48,7 @@ IP_VERSIONS = ("dual", "ipv4", "ipv6", "ipv4-prefer", "ipv6-prefer")
 class UnusableProxy(Exception):
     """Raised by a protocol's `parse` (or the shared layers) for a proxy
     whose options change its wire protocol in a way Mirage does not speak
-    (a legacy header, REALITY, an xtls flow): the loader skips that proxy
+    (a legacy header, an xtls flow): the loader skips that proxy
     and reports `reason` ("a <type> proxy with <reason>"), as it does for a
     type it does not implement."""
 
@@ -93,10 +93,6 @@ def parse_protocol_proxy(sec: Section, name: str, ptype: str, spec: ProtocolSpec
     dialer_proxy = sec.get("dialer-proxy", as_nonempty_str, None)
     ip_version = sec.get("ip-version", choice(IP_VERSIONS), "dual")
     tls = parse_tls(sec, spec.tls, spec.sni_key)
-    if tls is not None and tls.reality is not None:
-        # REALITY needs a TLS 1.3 client that sets the session id and checks
-        # the server's temporary certificate; Python's ssl can do neither.
-        raise UnusableProxy("reality-opts (REALITY is not supported)")
     transport = parse_transport(sec, spec.networks) if len(spec.networks) > 1 else None
     options = spec.parse(sec)
     known = (*COMMON_KEYS, *spec.keys,
@@ -126,8 +122,10 @@ def render_protocol_proxy(p: ProxyConfig, redact: bool) -> dict[str, Any]:
 
 # The protocol modules import ProtocolSpec from here: registered last.
 from appliance.config.loader.protocols import (  # noqa: E402
+    anytls,
     hysteria2,
     shadowsocks,
+    ssh,
     trojan,
     tuic,
     vless,
@@ -141,4 +139,6 @@ PROTOCOLS["trojan"] = trojan.SPEC
 PROTOCOLS["ss"] = shadowsocks.SPEC
 PROTOCOLS["hysteria2"] = hysteria2.SPEC
 PROTOCOLS["tuic"] = tuic.SPEC
+PROTOCOLS["ssh"] = ssh.SPEC
+PROTOCOLS["anytls"] = anytls.SPEC
 PROTOCOLS["wireguard"] = wireguard.SPEC

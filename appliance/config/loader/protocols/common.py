@@ -26,6 +26,7 @@ from appliance.config.protocols.common import (
     TransportOptions,
     WsOptions,
 )
+from appliance.proto.reality import parse_public_key, parse_short_id
 
 # "none": the protocol has no TLS; "optional": a `tls: true` switch turns it
 # on (vmess, vless); "always": it is TLS (trojan, hysteria2, tuic, anytls).
@@ -52,6 +53,24 @@ def _fingerprint(value: Any, path: str) -> str:
     return text
 
 
+def _reality_public_key(value: Any, path: str) -> str:
+    text = as_nonempty_str(value, path)
+    try:
+        parse_public_key(text)
+    except ValueError as e:
+        raise ConfigError(path, value, f"a REALITY public key ({e})") from None
+    return text
+
+
+def _reality_short_id(value: Any, path: str) -> str:
+    text = "" if value is None else as_str(value, path)
+    try:
+        parse_short_id(text)
+    except ValueError as e:
+        raise ConfigError(path, value, f"a REALITY short id ({e})") from None
+    return text
+
+
 def parse_tls(sec: Section, use: TlsUse, sni_key: str = "sni") -> TlsOptions | None:
     """The TLS options of one proxy, or None when it does not use TLS."""
     if use == "none":
@@ -62,10 +81,11 @@ def parse_tls(sec: Section, use: TlsUse, sni_key: str = "sni") -> TlsOptions | N
     if sec.raw("reality-opts") is not None:
         r = sec.section("reality-opts")
         reality = RealityOptions(
-            public_key=r.require("public-key", as_nonempty_str),
-            short_id=r.get("short-id", as_str, ""),
+            public_key=r.require("public-key", _reality_public_key),
+            short_id=r.get("short-id", _reality_short_id, ""),
+            support_x25519mlkem768=r.get("support-x25519mlkem768", as_bool, False),
         )
-        r.finish(("public-key", "short-id"), ("support-x25519mlkem768",))
+        r.finish(("public-key", "short-id", "support-x25519mlkem768"), ())
     sec.raw("client-fingerprint")
     return TlsOptions(
         sni=sec.get(sni_key, _sni, None),
@@ -138,8 +158,9 @@ def render_tls(tls: TlsOptions | None, use: TlsUse, sni_key: str = "sni") -> dic
     if tls.fingerprint is not None:
         out["fingerprint"] = tls.fingerprint
     if tls.reality is not None:
-        out["reality-opts"] = {"public-key": tls.reality.public_key,
-                               "short-id": tls.reality.short_id}
+        out["reality-opts"] = {
+            "public-key": tls.reality.public_key, "short-id": tls.reality.short_id,
+            "support-x25519mlkem768": tls.reality.support_x25519mlkem768}
     return out
 
 

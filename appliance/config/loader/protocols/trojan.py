@@ -4,8 +4,8 @@ shared TLS (always on) and the `ws` / `grpc` transports.
 `flow` is read and ignored with a note: mihomo's trojan no longer has XTLS
 flows. `ss-opts` with `enabled: true` (Shadowsocks AEAD inside the Trojan
 tunnel, trojan-go's extension) makes the proxy unusable (UnusableProxy:
-the loader skips it with the reason); REALITY is refused for every
-protocol by the shared layer.
+the loader skips it with the reason). `reality-opts` is read by the
+shared TLS layer (REALITY, appliance/outbound/reality.py).
 """
 
 from __future__ import annotations

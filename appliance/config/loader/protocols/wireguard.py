@@ -93,8 +93,7 @@ def reserved_value(value: Any, path: str) -> bytes:
         try:
             raw = base64.b64decode(value.strip(), validate=True)
         except (binascii.Error, ValueError):
-            raise ConfigError(path, value, "three bytes in base64 or a list of 3 numbers") \
-                from None
+            raise ConfigError(path, value, "three bytes in base64 or a list of 3 numbers") from None
     else:
         raw = bytes(as_int(v, f"{path}[{i}]", 0, 255) for i, v in enumerate(as_list(value, path)))
     if len(raw) != 3:
@@ -167,7 +166,7 @@ def parse(sec: Section) -> WireguardOptions:
         raise ConfigError(sec.at("ip"), None, "required: the interface's address (ip, ipv6 "
                           "or both; mihomo: missing local address)")
     raw_peers: list[Any] = sec.get("peers", as_list, [])
-    peers = tuple(_peer(Section(item, f"{sec.at('peers')}[{i}]", sec.ctx))
+    peers = tuple(_peer(Section(item, f"{sec.at('peers')}[{i}]", sec.ctx, sec.fold))
                   for i, item in enumerate(raw_peers))
     if peers:
         # mihomo ignores the top-level peer keys when `peers:` is given.
