@@ -12,8 +12,10 @@ cleanup` removes the filter.
 from __future__ import annotations
 
 import json
+import re
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -80,8 +82,31 @@ def test_repeated_queries_are_answered_in_the_kernel(lab: Lab, runs: BackendRuns
     assert dig(lab, f"@{poisoned}", "+short", "+noedns", "www.alpha.test") == first
     after = kernel_counters(lab, run)
     assert after["answered"] - before["answered"] >= 6, (before, after)
-    # The per-client count is in the status.
     assert after["entries"] >= 1
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_dnsperf_to_a_hijacked_resolver(lab: Lab, runs: BackendRuns, backend: str,
+                                        tmp_path: Path) -> None:
+    """A short dnsperf load (2 s, bounded rate) of 20 repeated names: every
+    query answered, almost all of them by the kernel."""
+    run = runs.start(backend)
+    poisoned = str(lab.topology.poisoned_resolver.address)
+    names = [f"p{i}.perf.test" for i in range(20)]
+    for name in names:
+        assert FAKE.match(dig(lab, f"@{poisoned}", "+short", name))
+    data = tmp_path / "names.txt"
+    data.write_text("".join(f"{n} A\n" for n in names))
+    before = kernel_counters(lab, run)
+    out = lab.exec("client", ["dnsperf", "-s", poisoned, "-d", str(data), "-l", "2",
+                              "-Q", "3000", "-t", "2"], timeout=30).stdout
+    sent = int(re.search(r"Queries sent:\s+(\d+)", out).group(1))  # type: ignore[union-attr]
+    done = int(re.search(r"Queries completed:\s+(\d+)", out).group(1))  # type: ignore[union-attr]
+    after = kernel_counters(lab, run)
+    assert sent > 1000 and done >= sent * 0.99, out
+    assert after["answered"] - before["answered"] >= done * 0.95, (before, after, out)
+    answered_by = {r["address"]: r["answered"] for r in status(lab, run)["kernel_dns_clients"]}
+    assert answered_by.get(lab.addr("client")), answered_by
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
