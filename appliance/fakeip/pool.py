@@ -81,7 +81,7 @@ import logging
 import time
 from array import array
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from appliance.fakeip.ledger import RESERVE_BLOCK, FamilyLedger, Ledger, LedgerState
 
@@ -108,6 +108,31 @@ DEFAULT_QUARANTINE = 600.0
 DEFAULT_REUSE_BUDGET = 1024
 # At most one "quarantine cut short" line per this many seconds.
 _CUT_SHORT_LOG_INTERVAL = 10.0
+
+
+# LRU victims per allocation that may be spared because the kernel answered
+# them since they were last looked at (see `KernelMirror`); beyond this the
+# head is recycled anyway (a pool this hot has no unused mapping to offer).
+_KERNEL_SPARES = 64
+
+
+class KernelMirror(Protocol):
+    """A copy of the mappings outside the pool that must never be stale: the
+    kernel DNS answerer's name map (appliance/capture/ebpf/answer.py).
+
+    The pool is its only writer: `bound` after a mapping exists, `unbound`
+    before its address can be handed to another name; `hit_since_check`
+    tells whether a mapping was used out there since the last time the pool
+    asked (asked only for LRU victims, before recycling them).
+    """
+
+    def bound(self, family: int, name: str, ip: IPAddress) -> None: ...
+
+    def unbound(self, family: int, name: str) -> None: ...
+
+    def hit_since_check(self, family: int, name: str) -> bool: ...
+
+    def resync(self, mappings: Iterable[tuple[str, IPAddress, int]]) -> None: ...
 
 
 class PoolExhausted(Exception):
@@ -288,6 +313,8 @@ class FakeIPPool:
         self._cut_short_logged_at = -_CUT_SHORT_LOG_INTERVAL
         self._over_budget = 0
         self._ledger_failures = 0
+        self._mirror: KernelMirror | None = None
+        self._kernel_spared = 0
         if store is not None:
             self._load(store.load(), keep)
         if ledger is not None:
@@ -298,6 +325,22 @@ class FakeIPPool:
     @property
     def store(self) -> MappingStore | None:
         return self._store
+
+    def set_mirror(self, mirror: KernelMirror | None) -> None:
+        """Keep `mirror` equal to the mappings from now on (every current
+        mapping is written now); None stops. The caller removes the old
+        mirror's contents itself."""
+        self._mirror = mirror
+        if mirror is not None:
+            self.resync_mirror()
+
+    def resync_mirror(self) -> None:
+        """Rewrite the mirror from scratch (a reload changed which names it
+        may hold)."""
+        if self._mirror is not None:
+            self._mirror.resync(
+                (name, ip, fam.version) for fam in self._families
+                for name, off in fam.by_name.items() for ip in (fam.address(off),))
 
     def allocate(self, domain: str, family: int = 4) -> IPAddress:
         """The fake IP of `domain` in `family`, allocating one if needed.
@@ -314,6 +357,8 @@ class FakeIPPool:
             fam.by_name[name] = off
             fam.names[off] = name
             fam.link_tail(off)
+            if self._mirror is not None:
+                self._mirror.bound(fam.version, name, fam.address(off))
         elif off not in fam.pins:
             fam.unlink(off)
             fam.link_tail(off)
@@ -438,6 +483,7 @@ class FakeIPPool:
             "quarantine_cut_short": self._cut_short,
             "reuse_over_budget": self._over_budget,
             "ledger_failures": self._ledger_failures,
+            "kernel_spared": self._kernel_spared,
         }
 
     def mappings(self) -> Iterator[tuple[str, IPAddress, int]]:
@@ -678,7 +724,13 @@ class FakeIPPool:
             fam.pending[off] = None
 
     def _unbind(self, fam: _Family, name: str, off: int) -> None:
-        """Forget an unpinned mapping (its offset is left for the caller)."""
+        """Forget an unpinned mapping (its offset is left for the caller).
+
+        Every path that frees an address (recycle, drop, load clean-up)
+        comes here, so the mirror's entry goes before the address can be
+        given to another name."""
+        if self._mirror is not None:
+            self._mirror.unbound(fam.version, name)
         del fam.by_name[name]
         fam.names[off] = None
         fam.unlink(off)
@@ -698,6 +750,8 @@ class FakeIPPool:
         if fam.free:
             return fam.free.popleft()
         victim = fam.nxt[0]
+        if self._mirror is not None:
+            victim = self._spare_kernel_hits(fam, victim)
         if fam.q_pos < len(fam.quarantine):
             if self._clock_fn() >= self._quarantine_until:
                 fam.stale.clear()
@@ -723,6 +777,25 @@ class FakeIPPool:
         self._unbind(fam, name, victim)
         self._recycled += 1
         self._reuses += 1
+        return victim
+
+    def _spare_kernel_hits(self, fam: _Family, victim: int) -> int:
+        """The LRU head after moving up to _KERNEL_SPARES mappings that the
+        kernel answered since they were last checked to the tail (as if
+        used now): names answered only in the kernel are not unused."""
+        mirror = self._mirror
+        assert mirror is not None
+        for _ in range(_KERNEL_SPARES):
+            name = fam.names[victim] if victim else None
+            if name is None or not mirror.hit_since_check(fam.version, name):
+                break
+            self._kernel_spared += 1
+            fam.unlink(victim)
+            fam.link_tail(victim)
+            if fam.stale:
+                fam.stale.discard(victim)
+            self._mark(fam, victim)
+            victim = fam.nxt[0]
         return victim
 
     def _take_quarantined(self, fam: _Family) -> int:

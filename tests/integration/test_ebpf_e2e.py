@@ -40,6 +40,12 @@ def tc_filters(lab: Lab, dev: str = "lan0") -> list[dict[str, Any]]:
     return gw_json(lab, "tc", "-j", "filter", "show", "dev", dev, "ingress") or []
 
 
+def capture_filters(lab: Lab) -> list[dict[str, Any]]:
+    """The capture program's filters (the kernel DNS answerer has its own)."""
+    return [f for f in tc_filters(lab)
+            if f.get("options", {}).get("bpf_name") == "mirage_tc:mirage_ingress"]
+
+
 def qdisc_kinds(lab: Lab, dev: str = "lan0") -> list[str]:
     return [q["kind"] for q in gw_json(lab, "tc", "-j", "qdisc", "show", "dev", dev)]
 
@@ -231,8 +237,10 @@ def test_ebpf_holds_no_tproxy_rule_and_its_counters_move(lab: Lab, runs: Runs) -
     # input chain is the WAN wall); the program does the capture.
     assert no_nft_capture(lab)
     filters = [f for f in tc_filters(lab) if "options" in f]
-    assert [f["options"]["bpf_name"] for f in filters] == ["mirage_tc:mirage_ingress"]
-    assert filters[0]["options"]["direct-action"] is True
+    # The kernel DNS answerer first (dns.kernel-answers), then the capture.
+    assert [f["options"]["bpf_name"] for f in filters] == [
+        "mirage_dns:mirage_dns_answer", "mirage_tc:mirage_ingress"]
+    assert all(f["options"]["direct-action"] is True for f in filters)
     before = status(lab, run)["counters"]["capture"]
     assert curl(lab, "http://www.alpha.test/")[0] == 0
     poisoned = str(lab.topology.poisoned_resolver.address)
@@ -291,10 +299,10 @@ def test_ebpf_after_a_crash_replaces_the_leftover_filter(lab: Lab, runs: Runs) -
     # The crashed run's program stays attached (fake-range traffic is dropped,
     # never forwarded); a new run replaces it. Its sk_lookup link was a file
     # descriptor of the dead process: gone with it.
-    assert len([f for f in tc_filters(lab) if "options" in f]) == 1
+    assert len(capture_filters(lab)) == 1
     assert sk_lookup_links(lab) == 0
     second = runs.start("ebpf")
-    assert len([f for f in tc_filters(lab) if "options" in f]) == 1
+    assert len(capture_filters(lab)) == 1
     assert sk_lookup_links(lab) == 1
     # The kill came before any flush: the name's old address may be held
     # back (a client may still hold it), so only the range is certain.
@@ -309,7 +317,10 @@ def test_ebpf_after_a_crash_replaces_the_leftover_filter(lab: Lab, runs: Runs) -
 def test_nftables_run_removes_an_ebpf_leftover(lab: Lab, runs: Runs) -> None:
     runs.start("ebpf").kill()
     run = runs.start("nftables")
-    assert tc_filters(lab) == []
+    # Only the kernel DNS answerer, which runs with either backend.
+    assert capture_filters(lab) == []
+    assert [f["options"]["bpf_name"] for f in tc_filters(lab) if "options" in f] == [
+        "mirage_dns:mirage_dns_answer"]
     assert curl(lab, "http://www.beta.test/")[0] == 0
     assert run.stop() == 0
 
@@ -347,7 +358,7 @@ def test_two_labs_at_once_do_not_interfere() -> None:
         # Stopping one leaves the other capturing.
         assert running[0].stop() == 0
         assert tc_filters(labs[0]) == []
-        assert len([f for f in tc_filters(labs[1]) if "options" in f]) == 1
+        assert len(capture_filters(labs[1])) == 1
         code, body, _ = curl(labs[1], "http://www.beta.test/")
         assert code == 0 and "MARKER-BETA" in body
         assert running[1].stop() == 0

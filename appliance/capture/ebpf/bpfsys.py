@@ -93,14 +93,17 @@ def link_to_netns(prog_fd: int) -> int:
 
 @dataclass(frozen=True)
 class TestRun:
-    """One BPF_PROG_TEST_RUN: the verdict (TC_ACT_OK 0, TC_ACT_SHOT 2), the
-    mark the packet left with, and the kernel's mean ns per run."""
+    """One BPF_PROG_TEST_RUN: the verdict (TC_ACT_OK 0, TC_ACT_SHOT 2,
+    TC_ACT_REDIRECT 7; TC_ACT_UNSPEC reads 0xffffffff), the mark the packet
+    left with, the kernel's mean ns per run, and the packet as the program
+    left it."""
 
     __test__ = False  # not a pytest class
 
     retval: int
     mark: int
     duration_ns: int
+    data: bytes = b""
 
 
 def test_run(prog_fd: int, packet: bytes, *, ifindex: int = 0, mark: int = 0,
@@ -124,4 +127,4 @@ def test_run(prog_fd: int, packet: bytes, *, ifindex: int = 0, mark: int = 0,
     )
     _bpf(_BPF_PROG_TEST_RUN, attr, "BPF_PROG_TEST_RUN")
     return TestRun(int(attr.retval), int(struct.unpack_from("=I", ctx_out, _CTX_MARK)[0]),
-                   int(attr.duration))
+                   int(attr.duration), data_out.raw[: attr.data_size_out])

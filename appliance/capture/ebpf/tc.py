@@ -17,6 +17,7 @@ import errno
 import json
 import logging
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -33,10 +34,20 @@ CLSACT_EGRESS = 0xFFFFFFF3
 ETH_P_ALL = 0x0003
 ARPHRD_ETHER = 1
 QDISC_MARKER = "ebpf-clsact.json"
+# The capture and the kernel DNS answerer attach and detach from worker
+# threads that may run at once (a stop cancels both): one at a time, so the
+# last one out sees the qdisc empty and removes it.
+_LOCK = threading.Lock()
 
 
-def _is_ours(f: Any) -> bool:
-    return bool(f.get_attr("TCA_KIND") == "bpf" and (f.get("info", 0) >> 16) == FILTER_PREF)
+# The kernel DNS answerer's filter (capture/ebpf/answer.py ANSWER_PREF), one
+# preference before the capture's: a crashed run may have left either.
+ANSWER_PREF = FILTER_PREF - 1
+OUR_PREFS = (FILTER_PREF, ANSWER_PREF)
+
+
+def _is_ours(f: Any, prefs: tuple[int, ...] = OUR_PREFS) -> bool:
+    return bool(f.get_attr("TCA_KIND") == "bpf" and (f.get("info", 0) >> 16) in prefs)
 
 
 def _filters(ipr: IPRoute, idx: int, parent: int) -> list[Any]:
@@ -83,11 +94,11 @@ def _save_created(marker: Path, names: set[str]) -> None:
                     marker, exc)
 
 
-def _delete_filter(ipr: IPRoute, idx: int) -> bool:
-    """Delete Mirage's filter preference on `idx`'s clsact ingress; False if
-    there was none."""
+def _delete_filter(ipr: IPRoute, idx: int, pref: int = FILTER_PREF) -> bool:
+    """Delete Mirage's filter preference `pref` on `idx`'s clsact ingress;
+    False if there was none."""
     try:
-        ipr.tc("del-filter", "bpf", idx, parent=CLSACT_INGRESS, prio=FILTER_PREF,
+        ipr.tc("del-filter", "bpf", idx, parent=CLSACT_INGRESS, prio=pref,
                protocol=ETH_P_ALL)
     except NetlinkError as exc:
         if exc.code in (errno.ENOENT, errno.EINVAL):
@@ -116,33 +127,48 @@ def interfaces(names: tuple[str, ...]) -> dict[str, int]:
     return out
 
 
-def attach(prog_fd: int, ifaces: dict[str, int], marker: Path, attached: list[str]) -> None:
+def attach(prog_fd: int, ifaces: dict[str, int], marker: Path, attached: list[str], *,
+           pref: int = FILTER_PREF, name: str = FILTER_NAME) -> None:
     """Attach `prog_fd` to each interface's clsact ingress (adding the qdisc
     where missing, recorded in `marker`), replacing a leftover filter of a
     crashed run; appends each name to `attached` as it succeeds, so the
     caller can detach after a failure half-way. CaptureError on refusal."""
+    with _LOCK:
+        _attach(prog_fd, ifaces, marker, attached, pref, name)
+
+
+def _attach(prog_fd: int, ifaces: dict[str, int], marker: Path, attached: list[str],
+            pref: int, name: str) -> None:
     created = _read_created(marker)
     with IPRoute() as ipr:
-        for name, idx in ifaces.items():
+        for ifname, idx in ifaces.items():
             try:
                 if not _has_clsact(ipr, idx):
                     ipr.tc("add", "clsact", idx)
-                    created.add(name)
+                    created.add(ifname)
                     _save_created(marker, created)
-                if _delete_filter(ipr, idx):
-                    log.info("ebpf: replaced a leftover Mirage filter on %s", name)
+                if _delete_filter(ipr, idx, pref):
+                    log.info("ebpf: replaced a leftover Mirage filter on %s", ifname)
                 ipr.tc("add-filter", "bpf", idx, FILTER_HANDLE, fd=prog_fd,
-                       name=FILTER_NAME, parent=CLSACT_INGRESS, classid=1,
-                       direct_action=True, prio=FILTER_PREF, protocol=ETH_P_ALL)
+                       name=name, parent=CLSACT_INGRESS, classid=1,
+                       direct_action=True, prio=pref, protocol=ETH_P_ALL)
             except NetlinkError as exc:
-                raise CaptureError(f"tc on {name}: {exc}") from exc
-            attached.append(name)
+                raise CaptureError(f"tc on {ifname}: {exc}") from exc
+            attached.append(ifname)
 
 
-def detach(names: tuple[str, ...], marker: Path) -> None:
-    """Delete Mirage's filter from each interface, and the clsact qdisc where
-    Mirage created it (per `marker`) and nothing else uses it. Logs and goes
-    on where the kernel refuses."""
+def detach(names: tuple[str, ...], marker: Path, *, prefs: tuple[int, ...] = (FILTER_PREF,),
+           pref: int | None = None) -> None:
+    """Delete Mirage's filters (preferences `prefs`, or just `pref`) from each
+    interface, and the clsact qdisc where Mirage created it (per `marker`)
+    and nothing else uses it. Logs and goes on where the kernel refuses."""
+    if pref is not None:
+        prefs = (pref,)
+    with _LOCK:
+        _detach(names, marker, prefs)
+
+
+def _detach(names: tuple[str, ...], marker: Path, prefs: tuple[int, ...]) -> None:
     created = _read_created(marker)
     try:
         with IPRoute() as ipr:
@@ -153,15 +179,21 @@ def detach(names: tuple[str, ...], marker: Path) -> None:
                     continue
                 idx = idxs[0]
                 try:
-                    _delete_filter(ipr, idx)
+                    for p in prefs:
+                        _delete_filter(ipr, idx, p)
                     if name in created and _has_clsact(ipr, idx):
                         rest = _filters(ipr, idx, CLSACT_INGRESS) + \
                             _filters(ipr, idx, CLSACT_EGRESS)
-                        if rest:
+                        if not rest:
+                            ipr.tc("del", "clsact", idx)
+                        elif all(_is_ours(f) for f in rest if f.get_attr("TCA_KIND")):
+                            # Mirage's other filter (capture or kernel DNS
+                            # answers) is still there: its detach removes
+                            # the qdisc, so the marker keeps the name.
+                            continue
+                        else:
                             log.info("ebpf: keeping the clsact qdisc on %s: %d other "
                                      "filter(s) use it", name, len(rest))
-                        else:
-                            ipr.tc("del", "clsact", idx)
                     created.discard(name)
                 except NetlinkError as exc:
                     log.warning("ebpf: detaching from %s failed: %s", name, exc)
@@ -182,5 +214,5 @@ def remove_leftovers(lan: tuple[str, ...], marker: Path) -> list[str]:
         return []
     if found:
         log.info("ebpf: removing a leftover Mirage tc filter from %s", ", ".join(found))
-        detach(lan, marker)
+        detach(lan, marker, prefs=OUR_PREFS)
     return found

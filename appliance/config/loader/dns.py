@@ -54,7 +54,7 @@ DNS_KEYS = (
     "default-nameserver", "nameserver", "nameserver-policy", "hosts",
     "ca-file", "upstream-timeout", "cache-size", "fallback", "fallback-filter",
     "proxy-server-nameserver", "direct-nameserver",
-    "direct-nameserver-follow-policy", "respect-rules",
+    "direct-nameserver-follow-policy", "respect-rules", "kernel-answers",
 )  # fmt: skip
 IGNORED_DNS = (
     "prefer-h3", "ipv6-timeout", "use-hosts", "use-system-hosts",
@@ -520,6 +520,7 @@ def parse_dns(
     ca_file = get("ca-file", lambda v, p: as_path(v, p, ctx.base), d.ca_file)
     upstream_timeout = get("upstream-timeout", as_seconds, d.upstream_timeout)
     cache_size = get("cache-size", lambda v, p: as_int(v, p, 0, 10_000_000), d.cache_size)
+    kernel_answers = get("kernel-answers", as_bool, d.kernel_answers)
     sec.finish(DNS_KEYS, IGNORED_DNS)
     if len(ctx.errors) > errors_before:
         # What follows judges the values read above; with stand-ins for
@@ -586,6 +587,7 @@ def parse_dns(
         ca_file=ca_file,
         upstream_timeout=upstream_timeout,
         cache_size=cache_size,
+        kernel_answers=kernel_answers,
     )
 
 
