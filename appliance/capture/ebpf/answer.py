@@ -46,7 +46,7 @@ from appliance.capture.ebpf.plan import (
     _words,
     trie_key,
 )
-from appliance.capture.ebpf.program import HEADERS_FIX, _kernel_build_dir
+from appliance.capture.ebpf.program import BCC_LOCK, HEADERS_FIX, _kernel_build_dir
 from appliance.capture.spec import CaptureError, CaptureSpec
 from appliance.config.model import FAKE_IP_TTL, Config, IPNetwork
 
@@ -176,8 +176,9 @@ class KernelAnswers:
         flags = answer_cflags(cfg, entries=entries)
         build = _kernel_build_dir()
         try:
-            self.bpf: Any = BPF(src_file=str(DNS_SOURCE).encode(), cflags=flags)
-            self.fn: Any = self.bpf.load_func(DNS_FUNCTION.encode(), BPF.SCHED_CLS)
+            with BCC_LOCK:
+                self.bpf: Any = BPF(src_file=str(DNS_SOURCE).encode(), cflags=flags)
+                self.fn: Any = self.bpf.load_func(DNS_FUNCTION.encode(), BPF.SCHED_CLS)
         except Exception as exc:
             hint = "" if build.exists() else f" ({build} is missing: {HEADERS_FIX})"
             raise CaptureError(
@@ -297,7 +298,8 @@ class KernelAnswers:
             self.detach()
         finally:
             if self.bpf is not None:
-                self.bpf.cleanup()
+                with BCC_LOCK:
+                    self.bpf.cleanup()
                 self.bpf = None
 
     # -- counters ------------------------------------------------------------------

@@ -13,6 +13,7 @@ import ctypes
 import ipaddress
 import logging
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,14 @@ HEADERS_FIX = (
     "directory), install the headers of the running kernel, or set "
     "appliance.redirect: nftables"
 )
+
+
+# bcc's compiler (LLVM/clang state inside libbcc) and its cleanup are not
+# thread-safe, and the capture program and the kernel DNS answerer are built
+# and released in worker threads that may overlap (a stop closes both at
+# once): two at a time once crashed `mirage run` with SIGSEGV. Every BPF()
+# and cleanup() of the package holds this lock.
+BCC_LOCK = threading.Lock()
 
 
 def _kernel_build_dir() -> Path:
@@ -71,11 +80,12 @@ class Program:
                         build, HEADERS_FIX)
         flags = [*p.cflags, *(["-DMIRAGE_TEST_ASSIGN"] if testing else [])]
         try:
-            self.bpf: Any = BPF(src_file=str(SOURCE).encode(), cflags=flags)
-            self.fn: Any = self.bpf.load_func(FUNCTION.encode(), BPF.SCHED_CLS)
-            self.lookup_fn: Any = self.bpf.load_func(SK_LOOKUP_FUNCTION.encode(),
-                                                     BPF_PROG_TYPE_SK_LOOKUP,
-                                                     attach_type=BPF_SK_LOOKUP)
+            with BCC_LOCK:
+                self.bpf: Any = BPF(src_file=str(SOURCE).encode(), cflags=flags)
+                self.fn: Any = self.bpf.load_func(FUNCTION.encode(), BPF.SCHED_CLS)
+                self.lookup_fn: Any = self.bpf.load_func(SK_LOOKUP_FUNCTION.encode(),
+                                                         BPF_PROG_TYPE_SK_LOOKUP,
+                                                         attach_type=BPF_SK_LOOKUP)
         except Exception as exc:
             hint = "" if build.exists() else f" ({build} is missing: {HEADERS_FIX})"
             raise CaptureError(
@@ -152,4 +162,5 @@ class Program:
         if self.link_fd is not None:
             os.close(self.link_fd)
             self.link_fd = None
-        self.bpf.cleanup()
+        with BCC_LOCK:
+            self.bpf.cleanup()
