@@ -180,6 +180,17 @@ def trojan(lab: Lab, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Troja
 def test_http_through_trojan_reaches_the_server_by_name(trojan: TrojanLab, proxy: str) -> None:
     before = trojan.singbox.log_text().count(f"inbound connection to {SERVER_NAME}:80")
     out = trojan.curl(proxy)
+    # sing-box's http-upgrade server flushes its 101 and only then hijacks
+    # the connection, dropping what Go's HTTP server had already read: a
+    # client that sends the tunnel's first bytes as soon as the 101 arrives
+    # (Mirage, and mihomo alike) sometimes loses them there, and sing-box's
+    # trojan logs "bad request size". That race is the server's; a fresh
+    # flow (at most two more) is the client's answer to it.
+    for _ in range(2):
+        if out.returncode == 0 or proxy != "tj-upgrade" \
+                or "bad request size" not in trojan.singbox.log_text():
+            break
+        out = trojan.curl(proxy)
     # Both sides' logs: "closed without answering" in Mirage's is only
     # explained by what sing-box says about the same flow.
     assert out.returncode == 0, (out.stderr + trojan.mirage.log_text()[-2000:]
