@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
 import subprocess
 import sys
@@ -77,6 +78,15 @@ for payload in payloads:
         replies.append(None)
 print(json.dumps({"ip": ip, "replies": replies}))
 """
+
+
+def loopback_net(first: int, count: int) -> str:
+    """A /24 of loopback addresses ("127.X.Y", X from `first` up to
+    `count` values) for this test process alone: engineers and CI may run
+    the suite at the same time, and the servers bind fixed ports. Modules
+    that run servers at once pass ranges that do not overlap."""
+    pid = os.getpid()
+    return f"127.{first + (pid // 256) % count}.{pid % 256}"
 
 
 def client(lab: Lab, *argv: str, timeout: float = 20) -> str:
