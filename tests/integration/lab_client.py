@@ -61,14 +61,14 @@ threading.Event().wait(600)
 """
 
 # One UDP flow from the client: each payload of argv[3] (JSON) sent to
-# argv[1]:argv[2] (a name, resolved through the lab's DNS), one reply each
-# awaited (3 s; None if none came).
+# argv[1]:argv[2] (a name, resolved through the lab's DNS) from local port
+# argv[4] (0: any), one reply each awaited (3 s; None if none came).
 _UDP_EXCHANGE = """
 import json, socket, sys
 name, port, payloads = sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3])
 ip = socket.getaddrinfo(name, port, socket.AF_INET, socket.SOCK_DGRAM)[0][4][0]
 c = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); c.settimeout(3)
-c.connect((ip, port))
+c.bind(("0.0.0.0", int(sys.argv[4]))); c.connect((ip, port))
 replies = []
 for payload in payloads:
     c.send(payload.encode())
@@ -130,11 +130,13 @@ def https_get(lab: Lab, url: str, *, keep_body: bool = True) -> tuple[int, str, 
     return r.returncode, body, int(size or 0), r.stderr
 
 
-def udp_exchange(lab: Lab, name: str, port: int, *payloads: str) -> dict[str, Any]:
+def udp_exchange(lab: Lab, name: str, port: int, *payloads: str,
+                 local_port: int = 0) -> dict[str, Any]:
     """{"ip": what `name` resolved to, "replies": one per payload (None: no
-    reply in 3 s)} for one UDP flow from the client to name:port."""
+    reply in 3 s)} for one UDP flow from the client (from `local_port`, 0:
+    any) to name:port."""
     r = lab.exec("client", [sys.executable, "-c", _UDP_EXCHANGE, name, str(port),
-                            json.dumps(payloads)], timeout=30)
+                            json.dumps(payloads), str(local_port)], timeout=30)
     assert r.returncode == 0, r.stderr
     out: dict[str, Any] = json.loads(r.stdout)
     return out
