@@ -17,7 +17,7 @@ import re
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -140,6 +140,18 @@ def udp_exchange(lab: Lab, name: str, port: int, *payloads: str,
     assert r.returncode == 0, r.stderr
     out: dict[str, Any] = json.loads(r.stdout)
     return out
+
+
+def echoed_through_fake_ip(got: dict[str, Any], *payloads: str,
+                           context: Callable[[], str] = str) -> list[str]:
+    """Assert that a `udp_exchange` went to a fake IP and that the tagged
+    echo answered each payload (`context()` joins a failure's message);
+    the replies."""
+    assert got["ip"].startswith("198.18."), got
+    replies: list[str | None] = got["replies"]
+    for payload, reply in zip(payloads, replies, strict=True):
+        assert reply is not None and reply.startswith(f"{payload} from="), (replies, context())
+    return [r for r in replies if r is not None]
 
 
 def connect_outcome(lab: Lab, ip: str, port: int, timeout: float = 5) -> tuple[str, float]:
