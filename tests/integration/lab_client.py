@@ -27,6 +27,8 @@ from appliance.lab.servers import stop_all
 # A fake IP from the lab's default fake-ip-range.
 FAKE = re.compile(r"^198\.18\.\d+\.\d+$")
 ECHO = Path(__file__).resolve().parents[2] / "bench" / "udp_echo.py"
+# A far-end server process for a `with` block: ready inside, stopped after.
+RunningServer = contextlib.AbstractContextManager[subprocess.Popen[bytes]]
 # What `web_server` answers at "/big": this many bytes.
 BIG = 8 << 20
 
@@ -210,33 +212,32 @@ def same_port_twice(lab: Lab, ip: str, host: str, port: int = 80,
 
 
 @contextlib.contextmanager
+def _until_ready(lab: Lab, node: str, argv: list[str]) -> Iterator[subprocess.Popen[bytes]]:
+    """`argv` run in `node`, yielded once it printed its "ready" line,
+    stopped on exit."""
+    proc = lab.popen(node, argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == b"ready"
+        yield proc
+    finally:
+        stop_all([proc])
+
+
 def web_server(lab: Lab, marker: str, addr: str, *ports: str, big: int = BIG,
-               node: str = "upstream") -> Iterator[subprocess.Popen[bytes]]:
+               node: str = "upstream") -> RunningServer:
     """The HTTP(S) far end (`_WEB`) on `addr` in `node`, the lab's server
     certificate on its "tls:PORT" ports; listening before it is yielded,
     stopped on exit."""
     tls_dir = lab.state_dir / "tls"
-    proc = lab.popen(node, [sys.executable, "-c", _WEB, marker, str(big), addr,
-                            str(tls_dir / "server.pem"), str(tls_dir / "server.key"), *ports],
-                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    try:
-        assert proc.stdout is not None and proc.stdout.readline().strip() == b"ready"
-        yield proc
-    finally:
-        stop_all([proc])
+    return _until_ready(lab, node, [sys.executable, "-c", _WEB, marker, str(big), addr,
+                                    str(tls_dir / "server.pem"), str(tls_dir / "server.key"),
+                                    *ports])
 
 
-@contextlib.contextmanager
 def udp_echo(lab: Lab, *listen: str, max_seconds: int = 600,
-             node: str = "upstream") -> Iterator[subprocess.Popen[bytes]]:
+             node: str = "upstream") -> RunningServer:
     """The far end of the UDP tests: bench/udp_echo.py --tag bound on each
     `listen` (ADDR:PORT) in `node`, bound before it is yielded (a client's
     first datagram must not race the bind), stopped on exit."""
-    proc = lab.popen(node, [sys.executable, str(ECHO), "--tag", "--max-seconds",
-                            str(max_seconds), *listen],
-                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    try:
-        assert proc.stdout is not None and proc.stdout.readline().strip() == b"ready"
-        yield proc
-    finally:
-        stop_all([proc])
+    return _until_ready(lab, node, [sys.executable, str(ECHO), "--tag", "--max-seconds",
+                                    str(max_seconds), *listen])
