@@ -51,6 +51,9 @@ DEFAULT_TEST_URL = "https://www.gstatic.com/generate_204"
 # router (rule, global, direct), as mihomo's tunnel.SetMode.
 PATCHABLE = ("log-level", "allow-lan", "bind-address", "mode")
 
+# An HTTP endpoint: the request in, the response out.
+Handler = Callable[[Request], Awaitable[Response]]
+
 
 def error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"message": message}, status)
@@ -498,37 +501,42 @@ def build_app(sources: Sources, bus: LogBus | None = None) -> Starlette:
             return error(400, "Body invalid")
         return api.connection_lines(max(0.1, interval))
 
-    routes: list[BaseRoute] = [
-        Route("/", api.hello),
-        Route("/version", api.version),
-        Route("/configs", api.get_configs, methods=["GET"]),
-        Route("/configs", api.patch_configs, methods=["PATCH"]),
-        Route("/configs", api.put_configs, methods=["PUT"]),
-        Route("/proxies", api.proxies),
-        Route("/proxies/{name}", api.proxy, methods=["GET"]),
-        Route("/proxies/{name}", api.select, methods=["PUT"]),
-        Route("/proxies/{name}/delay", api.proxy_delay),
-        Route("/group", api.groups),
-        Route("/group/{name}", api.group),
-        Route("/group/{name}/delay", api.group_delay),
-        Route("/providers/proxies", api.proxy_providers),
-        Route("/providers/proxies/{name}", api.proxy_provider, methods=["GET"]),
-        Route("/providers/proxies/{name}", api.update_proxy_provider, methods=["PUT"]),
-        Route("/providers/proxies/{name}/healthcheck", api.healthcheck_proxy_provider),
-        Route("/providers/rules", api.rule_providers),
-        Route("/providers/rules/{name}", api.update_rule_provider, methods=["PUT"]),
-        Route("/rules", api.rules),
-        Route("/connections", api.close_all, methods=["DELETE"]),
-        Route("/connections/{id}", api.close_one, methods=["DELETE"]),
-        Route("/dns/query", api.dns_query),
-        Route("/cache/fakeip/flush", api.flush_fakeip, methods=["POST"]),
-        Route("/restart", api.restart, methods=["POST"]),
-        Route("/mirage/status", api.status),
-        Route("/mirage/mappings", api.mappings),
-        Route("/mirage/resolve", api.resolve),
-        Route("/mirage/failures", api.failures),
-        Route("/metrics", api.metrics),
-    ]
+    # Each path with its handler (GET, and HEAD), or its handlers by method.
+    endpoints: dict[str, Handler | dict[str, Handler]] = {
+        "/": api.hello,
+        "/version": api.version,
+        "/configs": {"GET": api.get_configs, "PATCH": api.patch_configs,
+                     "PUT": api.put_configs},
+        "/proxies": api.proxies,
+        "/proxies/{name}": {"GET": api.proxy, "PUT": api.select},
+        "/proxies/{name}/delay": api.proxy_delay,
+        "/group": api.groups,
+        "/group/{name}": api.group,
+        "/group/{name}/delay": api.group_delay,
+        "/providers/proxies": api.proxy_providers,
+        "/providers/proxies/{name}": {"GET": api.proxy_provider,
+                                      "PUT": api.update_proxy_provider},
+        "/providers/proxies/{name}/healthcheck": api.healthcheck_proxy_provider,
+        "/providers/rules": api.rule_providers,
+        "/providers/rules/{name}": {"PUT": api.update_rule_provider},
+        "/rules": api.rules,
+        "/connections": {"DELETE": api.close_all},
+        "/connections/{id}": {"DELETE": api.close_one},
+        "/dns/query": api.dns_query,
+        "/cache/fakeip/flush": {"POST": api.flush_fakeip},
+        "/restart": {"POST": api.restart},
+        "/mirage/status": api.status,
+        "/mirage/mappings": api.mappings,
+        "/mirage/resolve": api.resolve,
+        "/mirage/failures": api.failures,
+        "/metrics": api.metrics,
+    }
+    routes: list[BaseRoute] = []
+    for path, handlers in endpoints.items():
+        if isinstance(handlers, dict):
+            routes += [Route(path, h, methods=[m]) for m, h in handlers.items()]
+        else:
+            routes.append(Route(path, handlers))
     for path, make in (("/traffic", traffic), ("/memory", memory), ("/logs", logs)):
         http, ws = api.stream_route(make)
         routes += [Route(path, http), WebSocketRoute(path, ws)]

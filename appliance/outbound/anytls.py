@@ -48,6 +48,7 @@ from appliance.outbound.base import (
     outbound_deadline,
 )
 from appliance.outbound.inbox import Inbox
+from appliance.outbound.shared_connection import READ_SIZE, SharedConnection
 from appliance.outbound.stream_udp import StreamUdpPeer
 from appliance.outbound.tls import TlsClient
 from appliance.proto.anytls import (
@@ -68,10 +69,6 @@ from appliance.proto.socks5 import Socks5Error, encode_address
 
 log = logging.getLogger(__name__)
 
-READ_SIZE = 1 << 18
-# A write to the server that has not gone through in this long ends the
-# session (writes are shielded from the flows' cancellation).
-SEND_TIMEOUT = 30.0
 # AnyTLS has no flow control of its own: past this much unread by a flow,
 # the session's driver stops reading (TCP then holds the server back), as
 # mihomo's stream pipe does.
@@ -114,7 +111,7 @@ class AnytlsStream(trio.abc.Stream):
             await self.session.write(self.session.core.send(self.stream_id, bytes(data)))
 
     async def wait_send_all_might_not_block(self) -> None:
-        await self.session.tls.wait_send_all_might_not_block()
+        await self.session.transport.wait_send_all_might_not_block()
 
     async def aclose(self) -> None:
         if self._closed:
@@ -125,20 +122,18 @@ class AnytlsStream(trio.abc.Stream):
         await self.session.close_stream(self)
 
 
-class AnytlsSession:
-    """One AnyTLS session (see the module doc). Owns `tls`; its driver task
-    reads it until the session ends."""
+class AnytlsSession(SharedConnection):
+    """One AnyTLS session (see the module doc) on `transport` (its TLS
+    connection, which it owns); its driver task reads it until the session
+    ends."""
 
     def __init__(self, pool: AnytlsPool, tls: trio.abc.Stream, core: ClientSession) -> None:
+        super().__init__(tls)
         self.pool = pool
-        self.tls = tls
         self.core = core
         self.streams: dict[int, AnytlsStream] = {}
-        self.closed_reason: str | None = None
         self.idle_since = trio.current_time()
         self.seq = 0
-        self._send_lock = trio.Lock()
-        self._driver = trio.CancelScope()
         self._watchdog = math.inf  # when a silent server is given up
         self._timer: trio.CancelScope | None = None
 
@@ -149,18 +144,9 @@ class AnytlsSession:
                 raise trio.BrokenResourceError(f"{self.pool.name}: session closed: "
                                                f"{self.closed_reason}")
             try:
-                # Shielded: a flow cancelled half-way through its frames would
-                # leave the session's framing torn.
-                with trio.CancelScope(shield=True), \
-                        trio.move_on_after(SEND_TIMEOUT) as timer:
-                    for chunk in writes:
-                        await self.tls.send_all(chunk)
-            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
-                self.end(f"send failed: {e}")
+                await self._send(writes)
+            except trio.BrokenResourceError as e:
                 raise trio.BrokenResourceError(f"{self.pool.name}: {e}") from None
-            if timer.cancelled_caught:
-                self.end(f"the server took no data for {SEND_TIMEOUT:g}s")
-                raise trio.BrokenResourceError(f"{self.pool.name}: {self.closed_reason}")
 
     async def open_stream(self, address: bytes, what: str) -> AnytlsStream:
         sid, writes = self.core.open_stream(address)
@@ -186,30 +172,18 @@ class AnytlsSession:
                     pass
         self.pool.release(self)
 
-    def end(self, reason: str) -> None:
-        if self.closed_reason is not None:
-            return
-        self.closed_reason = reason
+    def _ended(self, reason: str) -> None:
         for stream in list(self.streams.values()):
             stream.inbox.fail(f"{stream.what}: AnyTLS session ended: {reason}")
         self.streams.clear()
         self.pool.forget(self)
-        self._driver.cancel()
-
-    async def drive(self) -> None:
-        try:
-            with self._driver:
-                await self._read()
-        finally:
-            self.end("closed")
-            await trio.aclose_forcefully(self.tls)
 
     async def _read(self) -> None:
         try:
             while self.closed_reason is None:
                 with trio.move_on_at(self._watchdog) as timer:
                     self._timer = timer
-                    data = await self.tls.receive_some(READ_SIZE)
+                    data = await self.transport.receive_some(READ_SIZE)
                 self._timer = None
                 if timer.cancelled_caught:
                     log.warning("%s: the server stopped answering (no SYNACK in %gs): "

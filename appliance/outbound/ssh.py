@@ -50,6 +50,7 @@ from appliance.outbound.base import (
     outbound_deadline,
 )
 from appliance.outbound.inbox import Inbox
+from appliance.outbound.shared_connection import READ_SIZE, SharedConnection
 from appliance.proto.ssh import (
     ChannelClosed,
     ChannelData,
@@ -70,14 +71,9 @@ log = logging.getLogger(__name__)
 
 # A connection with no channel for this long is closed.
 IDLE_TIMEOUT = 60.0
-# One read of the server's stream.
-READ_SIZE = 1 << 18
 # A channel open the server did not answer before the flow gave up: the
 # server gets this long to answer a keepalive, or the connection is closed.
 PROBE_TIMEOUT = 3.0
-# A send to the server that has not gone through in this long ends the
-# connection (sends are shielded from the flows' cancellation).
-SEND_TIMEOUT = 30.0
 # A writer waits while this much of its data is queued beyond the peer's window.
 SEND_HIGH_WATER = 1 << 20
 
@@ -158,22 +154,19 @@ class SshChannel(trio.abc.HalfCloseableStream):
             await self.conn.flush(quiet=True)
 
 
-class SshConnection:
-    """One SSH connection of a proxy (see the module doc). Owns `stream`;
-    the driver task it starts after the handshake reads it until the
-    connection ends."""
+class SshConnection(SharedConnection):
+    """One SSH connection of a proxy (see the module doc) on `transport`
+    (the stream to the server, which it owns); the driver task it starts
+    after the handshake reads it until the connection ends."""
 
     def __init__(self, name: str, stream: trio.abc.Stream, client: SshClient) -> None:
+        super().__init__(stream)
         self.name = name
-        self.stream = stream
         self.client = client
         self.channels: dict[int, SshChannel] = {}
-        self.closed_reason: str | None = None
-        self._send_lock = trio.Lock()
         self._idle_since = trio.current_time()
         self._probe_deadline = math.inf
         self._timer: trio.CancelScope | None = None
-        self._scope = trio.CancelScope()
 
     @property
     def usable(self) -> bool:
@@ -190,20 +183,10 @@ class SshConnection:
             if not data or self.closed_reason is not None:
                 return
             try:
-                # Shielded: a flow cancelled half-way through a packet would
-                # leave the server a torn packet and end every channel.
-                with trio.CancelScope(shield=True), \
-                        trio.move_on_after(SEND_TIMEOUT) as timer:
-                    await self.stream.send_all(data)
-            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
-                self._end(f"send failed: {e}")
+                await self._send((data,))
+            except trio.BrokenResourceError:
                 if not quiet:
-                    raise trio.BrokenResourceError(self.closed_reason) from None
-                return
-            if timer.cancelled_caught:
-                self._end(f"the server took no data for {SEND_TIMEOUT:g}s")
-                if not quiet:
-                    raise trio.BrokenResourceError(self.closed_reason)
+                    raise
 
     async def handshake(self) -> None:
         """Version exchange, keys, auth; in the caller's task and deadline.
@@ -211,20 +194,20 @@ class SshConnection:
         try:
             await self.flush()
             while not self.client.ready:
-                data = await self.stream.receive_some(READ_SIZE)
+                data = await self.transport.receive_some(READ_SIZE)
                 self.client.receive_data(bytes(data))
                 await self.flush()
             while self.client.next_event() is not None:
                 pass
         except SshError as e:
-            await trio.aclose_forcefully(self.stream)
+            await trio.aclose_forcefully(self.transport)
             raise OutboundError(f"{self.name}: {e.reason}") from None
         except BaseException:
-            await trio.aclose_forcefully(self.stream)
+            await trio.aclose_forcefully(self.transport)
             raise
         log.debug("%s: SSH connected (%s, %s)", self.name, self.client.negotiated.get("c2s"),
                   self.client.negotiated.get("host_key"))
-        trio.lowlevel.spawn_system_task(self._drive, name=f"ssh {self.name}")
+        trio.lowlevel.spawn_system_task(self.drive, name=f"ssh {self.name}")
 
     async def open_channel(self, host: str | IPAddress, port: int) -> SshChannel:
         """A direct-tcpip channel to host:port (OutboundError if refused)."""
@@ -252,22 +235,10 @@ class SshConnection:
         if not self.channels:
             self._idle_since = trio.current_time()
 
-    def _end(self, reason: str) -> None:
-        if self.closed_reason is not None:
-            return
-        self.closed_reason = reason
+    def _ended(self, reason: str) -> None:
         for channel in list(self.channels.values()):
             channel._fail(f"{self.name}: SSH connection lost: {reason}")
         self.channels.clear()
-        self._scope.cancel()  # the driver stops reading and closes the stream
-
-    async def _drive(self) -> None:
-        try:
-            with self._scope:
-                await self._read()
-        finally:
-            self._end("closed")
-            await trio.aclose_forcefully(self.stream)
 
     async def _read(self) -> None:
         try:
@@ -275,21 +246,21 @@ class SshConnection:
                 deadline = min(self._idle_since + IDLE_TIMEOUT, self._probe_deadline)
                 with trio.move_on_at(deadline) as timer:
                     self._timer = timer
-                    data = await self.stream.receive_some(READ_SIZE)
+                    data = await self.transport.receive_some(READ_SIZE)
                 self._timer = None
                 if timer.cancelled_caught:
                     if trio.current_time() >= self._probe_deadline:
                         log.warning("%s: the SSH server stopped answering (no reply to a "
                                     "keepalive in %gs): connection closed", self.name,
                                     PROBE_TIMEOUT)
-                        self._end("the server stopped answering")
+                        self.end("the server stopped answering")
                         return
                     if self.channels:
                         self._idle_since = trio.current_time()
                         continue
                     self.client.disconnect()
                     await self.flush(quiet=True)
-                    self._end("idle")
+                    self.end("idle")
                     log.debug("%s: SSH connection idle for %gs, closed", self.name,
                               IDLE_TIMEOUT)
                     return
@@ -298,16 +269,16 @@ class SshConnection:
                 self._handle_events()
                 await self.flush(quiet=True)
         except SshError as e:
-            self._end(e.reason)
+            self.end(e.reason)
             log.info("%s: SSH connection ended: %s", self.name, e.reason)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
-            self._end(f"read failed: {e}")
+            self.end(f"read failed: {e}")
             log.info("%s: SSH connection ended: %s", self.name, e)
         except Exception:
             # A bug here must end this connection, not the appliance (this is
             # a system task: what it raises would crash the whole run).
             log.exception("%s: SSH connection failed", self.name)
-            self._end("internal error")
+            self.end("internal error")
 
     async def probe(self) -> None:
         """A channel open went unanswered (the flow gave up): ask the server

@@ -33,12 +33,11 @@ from appliance.outbound.base import (
     ReplayStream,
     UdpPeer,
     no_udp,
-    outbound_deadline,
 )
 from appliance.outbound.reality import RealityStream
-from appliance.outbound.stream_udp import PacketCodec, StreamUdpPeer
+from appliance.outbound.stream_udp import PacketCodec
 from appliance.outbound.tls import TlsStream
-from appliance.outbound.vmess import AuthFailure, ServerLayers
+from appliance.outbound.vmess import AuthFailure, ServerStream, UuidProxy
 from appliance.proto.vless import (
     COMMAND_MUX,
     COMMAND_TCP,
@@ -59,37 +58,23 @@ log = logging.getLogger(__name__)
 _RECV = 1 << 17
 
 
-class VlessStream(trio.abc.HalfCloseableStream):
+class VlessStream(ServerStream):
     """The flow's stream through the server; owns `transport_stream`."""
 
     def __init__(self, transport_stream: trio.abc.Stream, name: str) -> None:
-        self.transport_stream = transport_stream
-        self._name = name
-        self._auth_failed = AuthFailure(name)
+        super().__init__(transport_stream, name)
         self._response = ResponseReader()
 
-    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        try:
-            await streamio.send_all(self.transport_stream, data)
-        except trio.BrokenResourceError:
-            if not self._response.established:
-                raise self._auth_failed() from None
-            raise
-
-    async def wait_send_all_might_not_block(self) -> None:
-        await self.transport_stream.wait_send_all_might_not_block()
+    @property
+    def established(self) -> bool:
+        return self._response.established
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
         t = self.transport_stream
         if self._response.established:
             return await streamio.receive_some(t, max_bytes)
         while True:
-            try:
-                data = await streamio.receive_some(t, _RECV)
-            except trio.BrokenResourceError:
-                raise self._auth_failed() from None
-            if not data:
-                raise self._auth_failed()
+            data = await self._receive_server()
             try:
                 body = self._response.feed(data)
             except VlessError as e:
@@ -103,16 +88,6 @@ class VlessStream(trio.abc.HalfCloseableStream):
             self.transport_stream = ReplayStream(t, body[max_bytes:])
             return body[:max_bytes]
         return body
-
-    async def send_eof(self) -> None:
-        t = self.transport_stream
-        if isinstance(t, trio.abc.HalfCloseableStream):
-            await t.send_eof()
-        else:
-            await trio.lowlevel.checkpoint()
-
-    async def aclose(self) -> None:
-        await self.transport_stream.aclose()
 
 
 class VisionStream(trio.abc.HalfCloseableStream):
@@ -253,25 +228,16 @@ class _VlessXudp:
         return self._xudp.decode(body) if body else []
 
 
-class VlessOutbound:
-    """A `type: vless` proxy (module doc). Holds no connection between flows."""
+class VlessOutbound(UuidProxy):
+    """A `type: vless` proxy (module doc)."""
 
     type = "Vless"
-    # Its UDP rides its own stream to the server (mihomo's SupportUOT): a
-    # relay can end in it (appliance/outbound/groups.py RelayGroup).
-    udp_over_stream = True
 
     def __init__(self, p: ProxyConfig, env: OutboundEnv) -> None:
         assert isinstance(p.options, VlessOptions)
-        self.name = p.name
+        super().__init__(p, env)
         self.options = p.options
         self.user = user_id(p.options.uuid)
-        self.layers = ServerLayers(p, env)
-        self.carries_udp = p.udp
-
-    @classmethod
-    def from_config(cls, p: ProxyConfig, env: OutboundEnv) -> VlessOutbound:
-        return cls(p, env)
 
     async def _open(self, host: str | IPAddress, port: int, command: int,
                     flow: str = "") -> trio.abc.Stream:
@@ -279,17 +245,11 @@ class VlessOutbound:
             request = request_header(self.user, str(host), port, command=command, flow=flow)
         except VlessError as e:
             raise OutboundError(f"{self.name}: {e}") from None
-        stream = await self.layers.open()
-        try:
-            await streamio.send_all(stream, request)
-        except BaseException:
-            await trio.aclose_forcefully(stream)
-            raise
-        return stream
+        return await self._send_request(request)
 
     async def connect_tcp(self, host: str | IPAddress, port: int) -> trio.abc.Stream:
         flow = self.options.flow
-        with outbound_deadline(self.layers.connect_timeout, f"{self.name} {host}:{port}"):
+        with self._deadline(f"{host}:{port}"):
             stream = await self._open(host, port, COMMAND_TCP, flow)
         if flow == VISION_FLOW:
             # The loader allows vision only over TLS with network tcp.
@@ -303,7 +263,7 @@ class VlessOutbound:
         # mihomo's default for VLESS is xudp; packetaddr carries only IP
         # addresses (never the flow's name): plain VLESS UDP instead.
         xudp = self.options.packet_encoding != "packetaddr"
-        with outbound_deadline(self.layers.connect_timeout, f"{self.name} udp {host}:{port}"):
+        with self._deadline(f"udp {host}:{port}"):
             stream = await self._open(host, port, COMMAND_MUX if xudp else COMMAND_UDP)
         codec: PacketCodec = _VlessXudp(str(host), port) if xudp else _VlessPackets()
-        return StreamUdpPeer(stream, codec, self.name, f"{self.layers.server}:{self.layers.port}")
+        return self._udp_peer(stream, codec)

@@ -19,11 +19,17 @@ OutboundErrors from `connect_tcp`. The server answers a wrong uuid by
 closing the connection, which the flow sees at its first read or write:
 `VmessStream` logs `AUTH_FAILED` once and raises it as a
 BrokenResourceError, which the gateway records as the flow's end.
+
+What VLESS does alike lives here too and appliance/outbound/vless.py
+builds on it: `ServerLayers` (dial, TLS, transport), `ServerStream` (the
+flow's stream up to the protocol's framing) and `UuidProxy` (the proxy).
 """
 
 from __future__ import annotations
 
 import logging
+from contextlib import AbstractContextManager
+from typing import Self
 
 import trio
 
@@ -116,42 +122,82 @@ class ServerLayers:
                                     tls=self.tls is not None)
 
 
-class VmessStream(trio.abc.HalfCloseableStream):
+class ServerStream(trio.abc.HalfCloseableStream):
+    """What a VMess or VLESS flow's stream does alike: it owns
+    `transport_stream` (the connection to the server) and, until the
+    server's response header has come (`established`), reports the server
+    closing or resetting as AUTH_FAILED. Subclasses say what is sent
+    (`_seal`) and how `receive_some` reads what comes back."""
+
+    def __init__(self, transport_stream: trio.abc.Stream, name: str) -> None:
+        self.transport_stream = transport_stream
+        self._name = name
+        self._auth_failed = AuthFailure(name)
+
+    @property
+    def established(self) -> bool:
+        raise NotImplementedError
+
+    def _seal(self, data: bytes | bytearray | memoryview) -> bytes | bytearray | memoryview:
+        return data
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        try:
+            await streamio.send_all(self.transport_stream, self._seal(data))
+        except trio.BrokenResourceError:
+            if not self.established:
+                raise self._auth_failed() from None
+            raise
+
+    async def _receive_server(self) -> bytes | bytearray:
+        """The next bytes from the server (b"" at its end once established)."""
+        try:
+            data = await streamio.receive_some(self.transport_stream, _RECV)
+        except trio.BrokenResourceError:
+            if not self.established:
+                raise self._auth_failed() from None
+            raise
+        if not data and not self.established:
+            raise self._auth_failed()
+        return data
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.transport_stream.wait_send_all_might_not_block()
+
+    async def send_eof(self) -> None:
+        t = self.transport_stream
+        if isinstance(t, trio.abc.HalfCloseableStream):
+            await t.send_eof()
+        else:
+            await trio.lowlevel.checkpoint()
+
+    async def aclose(self) -> None:
+        await self.transport_stream.aclose()
+
+
+class VmessStream(ServerStream):
     """The flow's stream through the server: plaintext in and out, chunks
     on `transport_stream` (which it owns). Not spliceable (copy loop)."""
 
     def __init__(self, transport_stream: trio.abc.Stream, client: VmessClient, name: str) -> None:
-        self.transport_stream = transport_stream
+        super().__init__(transport_stream, name)
         self._client = client
-        self._name = name
-        self._auth_failed = AuthFailure(name)
         self._ready: list[bytes] = []
 
-    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        try:
-            await streamio.send_all(self.transport_stream, self._client.seal(data))
-        except trio.BrokenResourceError:
-            if not self._client.established:
-                raise self._auth_failed() from None
-            raise
+    @property
+    def established(self) -> bool:
+        return self._client.established
 
-    async def wait_send_all_might_not_block(self) -> None:
-        await self.transport_stream.wait_send_all_might_not_block()
+    def _seal(self, data: bytes | bytearray | memoryview) -> bytes:
+        return self._client.seal(data)
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
         while not self._ready:
             if self._client.eof:
                 await trio.lowlevel.checkpoint()
                 return b""
-            try:
-                data = await streamio.receive_some(self.transport_stream, _RECV)
-            except trio.BrokenResourceError:
-                if not self._client.established:
-                    raise self._auth_failed() from None
-                raise
+            data = await self._receive_server()
             if not data:
-                if not self._client.established:
-                    raise self._auth_failed()
                 return b""
             try:
                 self._ready = self._client.receive_data(data)
@@ -163,16 +209,6 @@ class VmessStream(trio.abc.HalfCloseableStream):
             return data[:max_bytes]
         self._ready = []
         return data
-
-    async def send_eof(self) -> None:
-        t = self.transport_stream
-        if isinstance(t, trio.abc.HalfCloseableStream):
-            await t.send_eof()
-        else:
-            await trio.lowlevel.checkpoint()
-
-    async def aclose(self) -> None:
-        await self.transport_stream.aclose()
 
 
 class _VmessPackets:
@@ -206,25 +242,54 @@ class _VmessXudp:
         return out
 
 
-class VmessOutbound:
-    """A `type: vmess` proxy (module doc). Holds no connection between flows."""
+class UuidProxy:
+    """What a `type: vmess` or `type: vless` proxy holds alike: how it
+    reaches its server (`layers`) and whether it carries UDP; no connection
+    between flows. Each flow is one connection that starts with the
+    protocol's request (`_send_request`)."""
 
-    type = "Vmess"
     # Its UDP rides its own stream to the server (mihomo's SupportUOT): a
     # relay can end in it (appliance/outbound/groups.py RelayGroup).
     udp_over_stream = True
 
     def __init__(self, p: ProxyConfig, env: OutboundEnv) -> None:
-        assert isinstance(p.options, VmessOptions)
         self.name = p.name
-        self.options = p.options
-        self.user = user_id(p.options.uuid)
         self.layers = ServerLayers(p, env)
         self.carries_udp = p.udp
 
     @classmethod
-    def from_config(cls, p: ProxyConfig, env: OutboundEnv) -> VmessOutbound:
+    def from_config(cls, p: ProxyConfig, env: OutboundEnv) -> Self:
         return cls(p, env)
+
+    def _deadline(self, what: str) -> AbstractContextManager[None]:
+        """The connect timeout around opening one flow (`what`: its target)."""
+        return outbound_deadline(self.layers.connect_timeout, f"{self.name} {what}")
+
+    async def _send_request(self, request: bytes) -> trio.abc.Stream:
+        """A new connection through `layers` with `request` sent at once
+        (so that server-first protocols work); closed if sending fails."""
+        stream = await self.layers.open()
+        try:
+            await streamio.send_all(stream, request)
+        except BaseException:
+            await trio.aclose_forcefully(stream)
+            raise
+        return stream
+
+    def _udp_peer(self, stream: trio.abc.Stream, codec: PacketCodec) -> StreamUdpPeer:
+        return StreamUdpPeer(stream, codec, self.name, f"{self.layers.server}:{self.layers.port}")
+
+
+class VmessOutbound(UuidProxy):
+    """A `type: vmess` proxy (module doc)."""
+
+    type = "Vmess"
+
+    def __init__(self, p: ProxyConfig, env: OutboundEnv) -> None:
+        assert isinstance(p.options, VmessOptions)
+        super().__init__(p, env)
+        self.options = p.options
+        self.user = user_id(p.options.uuid)
 
     def _client(self, host: str | IPAddress, port: int, command: int) -> VmessClient:
         o = self.options
@@ -238,16 +303,10 @@ class VmessOutbound:
     async def _open(self, host: str | IPAddress, port: int, command: int
                     ) -> tuple[trio.abc.Stream, VmessClient]:
         client = self._client(host, port, command)
-        stream = await self.layers.open()
-        try:
-            await stream.send_all(client.request)
-        except BaseException:
-            await trio.aclose_forcefully(stream)
-            raise
-        return stream, client
+        return await self._send_request(client.request), client
 
     async def connect_tcp(self, host: str | IPAddress, port: int) -> trio.abc.Stream:
-        with outbound_deadline(self.layers.connect_timeout, f"{self.name} {host}:{port}"):
+        with self._deadline(f"{host}:{port}"):
             stream, client = await self._open(host, port, COMMAND_TCP)
         return VmessStream(stream, client, self.name)
 
@@ -255,8 +314,8 @@ class VmessOutbound:
         if not self.carries_udp:
             return await no_udp(self.name)
         xudp = self.options.packet_encoding == "xudp"
-        with outbound_deadline(self.layers.connect_timeout, f"{self.name} udp {host}:{port}"):
+        with self._deadline(f"udp {host}:{port}"):
             stream, client = await self._open(host, port, COMMAND_MUX if xudp else COMMAND_UDP)
         codec: PacketCodec = (_VmessXudp(client, str(host), port) if xudp
                               else _VmessPackets(client))
-        return StreamUdpPeer(stream, codec, self.name, f"{self.layers.server}:{self.layers.port}")
+        return self._udp_peer(stream, codec)

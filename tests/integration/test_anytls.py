@@ -11,15 +11,13 @@ line `inbound connection to www.alpha.test:80` (UDP, logged at debug:
 
 from __future__ import annotations
 
-import json
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from lab_client import udp_echo
+from lab_client import echoed_through_fake_ip, udp_echo, udp_exchange
 
 from appliance.lab.lab import Lab
 from appliance.lab.mirage import MirageRun, lab_config
@@ -130,32 +128,11 @@ def test_wrong_password_fails_fast_with_the_reason(anytls: AnytlsLab) -> None:
                     "(wrong password?)")
 
 
-UDP_EXCHANGE = """
-import json, socket, sys
-name, port, local = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-ip = socket.getaddrinfo(name, port, socket.AF_INET, socket.SOCK_DGRAM)[0][4][0]
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(3)
-s.bind(("0.0.0.0", local)); s.connect((ip, port))
-replies = []
-for i in range(3):
-    s.send(b"anytls-udp %d" % i)
-    try:
-        replies.append(s.recv(4096).decode())
-    except TimeoutError:
-        replies.append(None)
-print(json.dumps({"ip": ip, "replies": replies}))
-"""
-
-
 def test_udp_echo_over_anytls(anytls: AnytlsLab) -> None:
-    out = anytls.lab.exec("client", [sys.executable, "-c", UDP_EXCHANGE, SERVER_NAME,
-                                     str(ECHO_PORT), str(anytls.ports["at"] + 19)], timeout=20)
-    assert out.returncode == 0, out.stderr
-    got = json.loads(out.stdout)
-    assert got["ip"].startswith("198.18.")
-    for i, reply in enumerate(got["replies"]):
-        assert reply is not None, anytls.mirage.log_text()[-2000:]
-        assert reply.startswith(f"anytls-udp {i} from=")
+    payloads = [f"anytls-udp {i}" for i in range(3)]
+    got = udp_exchange(anytls.lab, SERVER_NAME, ECHO_PORT, *payloads,
+                       local_port=anytls.ports["at"] + 19)
+    echoed_through_fake_ip(got, *payloads, context=lambda: anytls.mirage.log_text()[-2000:])
     assert f"to={SERVER_IP}:{ECHO_PORT}" in got["replies"][0]
     # sing-box (at debug) names the UDP-over-TCP destination it was given.
     assert f"inbound UoT connect connection to {SERVER_NAME}:{ECHO_PORT}" in \

@@ -35,19 +35,18 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
-from lab_client import curl
+from lab_client import curl, udp_echo
 
 from appliance.lab.lab import Lab
 from appliance.lab.mirage import MirageRun, lab_config
 from appliance.lab.reference import SingBox
+from appliance.lab.servers import stop_all
 
 pytestmark = pytest.mark.netns
 
-ECHO = Path(__file__).resolve().parents[2] / "bench" / "udp_echo.py"
 SOCKS_PORT = 21080
 TROJAN_PORT = 21443
 SS_PORT = 21388
@@ -89,31 +88,18 @@ def upstream(lab: Lab) -> Iterator[SingBox]:
     logs.mkdir(parents=True, exist_ok=True)
     procs: list[subprocess.Popen[bytes]] = []
     try:
-        echo = lab.popen("upstream", [sys.executable, str(ECHO), "--tag", "--max-seconds", "600",
-                                      f"192.168.57.12:{ECHO_PORT}", f"[fd57::12]:{ECHO_PORT}"],
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        procs.append(echo)
-        assert echo.stdout is not None and echo.stdout.readline().strip() == b"ready"
-        with open(logs / "dnsmasq.log", "wb") as out:
-            procs.append(lab.popen("upstream", [
-                "dnsmasq", "-k", "-p", str(DNS_PORT), "--listen-address=192.168.57.11",
-                # Both of beta's families: dante resolves it to the AAAA.
-                "--listen-address=fd57::11",
-                "--bind-interfaces", "--no-resolv", "--no-hosts", "--server=192.168.57.53",
-                f"--pid-file={logs}/dnsmasq.pid"], stdout=out, stderr=subprocess.STDOUT))
-        yield sb.start()
+        with udp_echo(lab, f"192.168.57.12:{ECHO_PORT}", f"[fd57::12]:{ECHO_PORT}"):
+            with open(logs / "dnsmasq.log", "wb") as out:
+                procs.append(lab.popen("upstream", [
+                    "dnsmasq", "-k", "-p", str(DNS_PORT), "--listen-address=192.168.57.11",
+                    # Both of beta's families: dante resolves it to the AAAA.
+                    "--listen-address=fd57::11",
+                    "--bind-interfaces", "--no-resolv", "--no-hosts", "--server=192.168.57.53",
+                    f"--pid-file={logs}/dnsmasq.pid"], stdout=out, stderr=subprocess.STDOUT))
+            yield sb.start()
     finally:
         sb.stop()
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            try:
-                p.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait(timeout=5)
-            if p.stdout is not None:
-                p.stdout.close()
+        stop_all(procs)
 
 
 def socks(name: str, server: str, ip_version: str) -> dict[str, Any]:

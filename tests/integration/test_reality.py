@@ -16,21 +16,28 @@ names in UDP packets (outbound/trojan.py learns that at the first flow).
 from __future__ import annotations
 
 import base64
-import json
 import subprocess
-import sys
 import time
-from collections.abc import Iterator
-from pathlib import Path
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 import yaml
 from cryptography.hazmat.primitives.asymmetric import x25519
+from lab_client import (
+    BIG,
+    curl,
+    echoed_through_fake_ip,
+    https_get,
+    udp_echo,
+    udp_exchange,
+    web_server,
+)
 
 from appliance.lab.lab import Lab
 from appliance.lab.mirage import MirageRun, lab_config
 from appliance.lab.reference import mihomo_binary, mihomo_home
+from appliance.lab.servers import wait_for_text
 
 pytestmark = pytest.mark.netns
 
@@ -74,35 +81,6 @@ TCP_CASES = {23001: "vl-reality", 23002: "vl-reality-pq", 23003: "vl-reality-vis
 WRONG_CASES = {23005: "vl-wrong-key", 23006: "vl-wrong-sid"}
 # UDP through REALITY: XUDP on a VLESS connection, Trojan's UDP ASSOCIATE.
 UDP_CASES = {24001: "vl-reality", 24002: "tj-reality"}
-ECHO = Path(__file__).resolve().parents[2] / "bench" / "udp_echo.py"
-
-BIG = 8 << 20
-WEB = f"""
-import http.server, socketserver, ssl, sys, threading
-class H(http.server.BaseHTTPRequestHandler):
-    def do_GET(self):
-        if self.path == "/big":
-            body = b"x" * {BIG}
-        else:
-            body = b"{MARKER} " + str(self.server.server_address[1]).encode()
-        self.send_response(200); self.send_header("Content-Length", str(len(body)))
-        self.end_headers(); self.wfile.write(body)
-    def log_message(self, *a): pass
-class S(socketserver.ThreadingMixIn, http.server.HTTPServer):
-    daemon_threads = True
-ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-ctx.minimum_version = ssl.TLSVersion.TLSv1_3
-ctx.load_cert_chain(sys.argv[2], sys.argv[3])
-for port in sys.argv[4:]:
-    s = S((sys.argv[1], int(port.removeprefix("tls:"))), H)
-    if port.startswith("tls:"):
-        # Handshakes in the handler threads: one stalled client (REALITY
-        # relaying a client it refused) must not hold the accept loop.
-        s.socket = ctx.wrap_socket(s.socket, server_side=True, do_handshake_on_connect=False)
-    threading.Thread(target=s.serve_forever, daemon=True).start()
-print("ready", flush=True)
-threading.Event().wait(600)
-"""
 
 
 def _listener(tag: str) -> dict[str, Any]:
@@ -168,24 +146,10 @@ def _proxy(name: str) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def far_end(lab: Lab) -> Iterator[None]:
-    tls_dir = lab.state_dir / "tls"
-    web = lab.popen("upstream", [sys.executable, "-c", WEB, ALPHA, str(tls_dir / "server.pem"),
-                                 str(tls_dir / "server.key"), f"tls:{COVER_PORT}",
-                                 *(str(p) for p in (*TCP_CASES, *WRONG_CASES))],
-                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    echo = lab.popen("upstream", [sys.executable, str(ECHO), "--tag", "--max-seconds", "600",
-                                  *(f"{ALPHA}:{p}" for p in UDP_CASES)],
-                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    try:
-        for proc in (web, echo):
-            assert proc.stdout is not None and proc.stdout.readline().strip() == b"ready"
+    with web_server(lab, MARKER, ALPHA, f"tls:{COVER_PORT}",
+                    *(str(p) for p in (*TCP_CASES, *WRONG_CASES))), \
+            udp_echo(lab, *(f"{ALPHA}:{p}" for p in UDP_CASES)):
         yield
-    finally:
-        for proc in (web, echo):
-            proc.terminate()
-            proc.wait(timeout=5)
-            if proc.stdout is not None:
-                proc.stdout.close()
 
 
 @pytest.fixture(scope="module")
@@ -218,18 +182,11 @@ def mirage(lab: Lab, server: MihomoServer) -> Iterator[MirageRun]:
 
 
 def _curl(lab: Lab, port: int) -> tuple[int, str, float]:
-    t0 = time.monotonic()
-    r = lab.exec("client", ["curl", "-s", "-m", "8", f"http://www.alpha.test:{port}/"],
-                 timeout=20)
-    return r.returncode, r.stdout, time.monotonic() - t0
+    return curl(lab, f"http://www.alpha.test:{port}/")
 
 
-def _wait_log(text: str, read: Any, seconds: float = 5) -> None:
-    deadline = time.monotonic() + seconds
-    while text not in read():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not in the log: {text!r}\n{read()[-3000:]}")
-        time.sleep(0.05)
+def _wait_log(text: str, read: Callable[[], str], seconds: float = 5) -> None:
+    wait_for_text(read, text, seconds, "the log")
 
 
 @pytest.mark.parametrize("port", list(TCP_CASES), ids=[TCP_CASES[p] for p in TCP_CASES])
@@ -257,48 +214,21 @@ def test_wrong_key_or_short_id_fails_fast_with_the_reason(lab: Lab, mirage: Mira
 
 def test_vision_over_reality_goes_direct_for_https_and_carries_a_big_download(
         lab: Lab, mirage: MirageRun, server: MihomoServer) -> None:
-    for path, want in (("/", None), ("/big", BIG)):
-        r = lab.exec("client", ["curl", "-sS", "-m", "20", "--cacert", str(lab.ca_path),
-                                "-o", "/dev/stdout" if want is None else "/dev/null",
-                                "-w", "\\n%{size_download}",
-                                f"https://www.alpha.test:{COVER_PORT}{path}"], timeout=30)
-        assert r.returncode == 0, (r.stderr, mirage.log_text()[-2000:])
-        body, size = r.stdout.rsplit("\n", 1)
-        if want is None:
-            assert body == f"{MARKER} {COVER_PORT}"
-        else:
-            assert int(size) == want
+    url = f"https://www.alpha.test:{COVER_PORT}"
+    code, body, _, err = https_get(lab, f"{url}/")
+    assert code == 0 and body == f"{MARKER} {COVER_PORT}", (err, mirage.log_text()[-2000:])
+    code, _, size, err = https_get(lab, f"{url}/big", keep_body=False)
+    assert code == 0 and size == BIG, (err, mirage.log_text()[-2000:])
     _wait_log(f"www.alpha.test:{COVER_PORT}", server.log_text)
-
-
-UDP_EXCHANGE = """
-import json, socket, sys
-port = int(sys.argv[1])
-ip = socket.getaddrinfo("www.alpha.test", port, socket.AF_INET, socket.SOCK_DGRAM)[0][4][0]
-c = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); c.settimeout(3)
-c.connect((ip, port))
-replies = []
-for payload in (b"first", b"x" * 1400):
-    c.send(payload)
-    try:
-        replies.append(c.recv(4096).decode())
-    except TimeoutError:
-        replies.append(None)
-print(json.dumps({"ip": ip, "replies": replies}))
-"""
 
 
 @pytest.mark.parametrize("port", list(UDP_CASES), ids=[UDP_CASES[p] for p in UDP_CASES])
 def test_udp_echo_through_reality(lab: Lab, mirage: MirageRun, server: MihomoServer,
                                   port: int) -> None:
-    r = lab.exec("client", [sys.executable, "-c", UDP_EXCHANGE, str(port)], timeout=30)
-    assert r.returncode == 0, r.stderr
-    out = json.loads(r.stdout)
-    assert out["ip"].startswith("198.18.")
-    first, big = out["replies"]
-    assert first and first.startswith("first from="), (out, mirage.log_text()[-600:],
-                                                        server.log_text()[-1500:])
-    assert big and big.startswith("x" * 1400 + " from=")
+    payloads = ("first", "x" * 1400)
+    out = udp_exchange(lab, "www.alpha.test", port, *payloads)
+    echoed_through_fake_ip(out, *payloads, context=lambda: mirage.log_text()[-600:]
+                           + server.log_text()[-1500:])
     if UDP_CASES[port] == "tj-reality":
         # mihomo's Trojan inbound closes a tunnel at a packet addressed by
         # name (it keeps only IP addresses); the flow reopened by address

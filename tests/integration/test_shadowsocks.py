@@ -26,23 +26,22 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
-from lab_client import FAKE, curl, dig
+from lab_client import FAKE, curl, dig, udp_echo
 
 from appliance.config.protocols.shadowsocks import ShadowsocksOptions
 from appliance.lab.lab import Lab
 from appliance.lab.mirage import MirageRun, lab_config
 from appliance.lab.reference import SingBox
+from appliance.lab.servers import stop_all
 from appliance.outbound.base import OutboundEnv, OutboundError
 from appliance.outbound.shadowsocks import ShadowsocksOutbound
 
 pytestmark = pytest.mark.netns
 
-ECHO = Path(__file__).resolve().parents[2] / "bench" / "udp_echo.py"
 UP = "192.168.57.10"  # the upstream's first address (alpha; the servers listen on all)
 ECHO_PORT = 9997
 DNS_PORT = 5353
@@ -126,29 +125,17 @@ def servers(lab: Lab) -> Iterator[SingBox]:
                        check=True, capture_output=True)
         ss_server("v2ray-wss", "--plugin", "ss-v2ray-plugin", "--plugin-opts",
                   f"server;tls;host=cdn.example;path=/wss;cert={cert};key={key}")
-        echo = lab.popen("upstream", [sys.executable, str(ECHO), "--tag", "--max-seconds", "600",
-                                      *(f"192.168.57.{h}:{ECHO_PORT}" for h in (10, 11, 12))],
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        procs.append(echo)
-        assert echo.stdout is not None and echo.stdout.readline().strip() == b"ready"
-        start("dnsmasq", ["dnsmasq", "-k", "-p", str(DNS_PORT), "--listen-address=192.168.57.11",
-                          "--bind-interfaces", "--no-resolv", "--no-hosts",
-                          "--server=192.168.57.53", f"--pid-file={logs}/dnsmasq.pid"])
-        sb.start()
-        wait_listening(lab, [int(p["port"]) for p in PROXIES.values()] + [DNS_PORT])
-        yield sb
+        with udp_echo(lab, *(f"192.168.57.{h}:{ECHO_PORT}" for h in (10, 11, 12))):
+            start("dnsmasq", ["dnsmasq", "-k", "-p", str(DNS_PORT),
+                              "--listen-address=192.168.57.11", "--bind-interfaces",
+                              "--no-resolv", "--no-hosts", "--server=192.168.57.53",
+                              f"--pid-file={logs}/dnsmasq.pid"])
+            sb.start()
+            wait_listening(lab, [int(p["port"]) for p in PROXIES.values()] + [DNS_PORT])
+            yield sb
     finally:
         sb.stop()
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            try:
-                p.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait(timeout=5)
-            if p.stdout is not None:
-                p.stdout.close()
+        stop_all(procs)
 
 
 def wait_listening(lab: Lab, ports: list[int]) -> None:

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from lab_client import echoed_through_fake_ip, udp_exchange
 
 from appliance.lab.certs import make_ca_and_cert
 from appliance.lab.lab import Lab
@@ -286,33 +287,11 @@ def test_failed_flows_say_why_in_the_api_and_the_cli(trojan: TrojanLab) -> None:
                for line in table.splitlines())
 
 
-UDP_EXCHANGE = """
-import json, socket, sys
-name, port, local = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-ip = socket.getaddrinfo(name, port, socket.AF_INET, socket.SOCK_DGRAM)[0][4][0]
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(3)
-s.bind(("0.0.0.0", local)); s.connect((ip, port))
-replies = []
-for i in range(3):
-    s.send(b"trojan-udp %d" % i)
-    try:
-        replies.append(s.recv(4096).decode())
-    except TimeoutError:
-        replies.append(None)
-print(json.dumps({"ip": ip, "replies": replies}))
-"""
-
-
 def test_udp_echo_over_trojan(trojan: TrojanLab) -> None:
-    out = trojan.lab.exec("client", [sys.executable, "-c", UDP_EXCHANGE, SERVER_NAME,
-                                     str(ECHO_PORT), str(trojan.ports["tj-tcp"] + 5)],
-                          timeout=20)
-    assert out.returncode == 0, out.stderr
-    got = json.loads(out.stdout)
-    assert got["ip"].startswith("198.18.")
-    for i, reply in enumerate(got["replies"]):
-        assert reply is not None, trojan.mirage.log_text()[-2000:]
-        assert reply.startswith(f"trojan-udp {i} from=")
+    payloads = [f"trojan-udp {i}" for i in range(3)]
+    got = udp_exchange(trojan.lab, SERVER_NAME, ECHO_PORT, *payloads,
+                       local_port=trojan.ports["tj-tcp"] + 5)
+    echoed_through_fake_ip(got, *payloads, context=lambda: trojan.mirage.log_text()[-2000:])
     # The echo saw sing-box (in the upstream node), which got the name.
     assert f"to={SERVER_IP}:{ECHO_PORT}" in got["replies"][0]
     assert f"inbound packet connection to {SERVER_NAME}:{ECHO_PORT}" in \

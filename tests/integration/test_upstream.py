@@ -23,6 +23,7 @@ from typing import Any
 import pytest
 import trio
 from dnslib import QTYPE, RCODE, RR, A, DNSRecord
+from lab_client import loopback_net
 
 from appliance.config.model import DnsConfig, DomainPolicy, Nameserver
 from appliance.dns.upstream import STAGGER, Resolver
@@ -35,9 +36,8 @@ pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="binds ports 53/443: needs root"),
 ]
 
-# A /24 of loopback addresses for this test process alone: engineers and CI
-# may run the suite at the same time, and the servers bind fixed ports.
-_NET = f"127.{64 + (os.getpid() // 256) % 128}.{os.getpid() % 256}"
+# Its own loopback /24 (test_upstream_policy.py takes 127.192-251.*).
+_NET = loopback_net(64, 128)
 ADDR_A = f"{_NET}.1"
 ADDR_B = f"{_NET}.2"
 ADDR_DEAD = f"{_NET}.3"
@@ -86,28 +86,11 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> CertPaths:
 def servers(pki: CertPaths) -> Iterator[tuple[UnboundServer, UnboundServer]]:
     for address in (ADDR_A, ADDR_B, ADDR_DEAD, ADDR_HOLE, ADDR_C):
         assert not _bound_on(address), f"{address} is taken:\n{_bound_on(address)}"
-    a = UnboundServer(
-        ServerConfig(
-            [ADDR_A], pki.cert, pki.key, records={**COMMON, "pick.lab.test": ["A 192.0.2.1"]}
-        )
-    )
-    b = UnboundServer(
-        ServerConfig(
-            [ADDR_B],
-            pki.cert,
-            pki.key,
-            records={**COMMON, "pick.lab.test": ["A 192.0.2.2"], "doh-b.lab.test": [f"A {ADDR_B}"]},
-        )
-    )
-    a.start()
-    try:
-        b.start()
-        try:
-            yield a, b
-        finally:
-            b.stop()
-    finally:
-        a.stop()
+    records_a = {**COMMON, "pick.lab.test": ["A 192.0.2.1"]}
+    records_b = {**COMMON, "pick.lab.test": ["A 192.0.2.2"], "doh-b.lab.test": [f"A {ADDR_B}"]}
+    with UnboundServer(ServerConfig([ADDR_A], pki.cert, pki.key, records=records_a)) as a, \
+            UnboundServer(ServerConfig([ADDR_B], pki.cert, pki.key, records=records_b)) as b:
+        yield a, b
 
 
 def doh(host: str, *, get: bool = False, port: int = 443) -> Nameserver:

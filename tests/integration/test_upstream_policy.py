@@ -27,6 +27,7 @@ from typing import Any
 import pytest
 import trio
 from dnslib import QTYPE, RCODE, DNSRecord
+from lab_client import loopback_net
 
 from appliance.config.loader import parse_config
 from appliance.config.model import (
@@ -53,7 +54,7 @@ pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="binds ports 53/443/853: needs root"),
 ]
 
-_NET = f"127.{192 + (os.getpid() // 256) % 60}.{os.getpid() % 256}"
+_NET = loopback_net(192, 60)
 ADDR_A = f"{_NET}.1"
 ADDR_B = f"{_NET}.2"
 ADDR_PROXY = f"{_NET}.6"
@@ -91,19 +92,11 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> CertPaths:
 
 @pytest.fixture(scope="module")
 def servers(pki: CertPaths) -> Iterator[tuple[UnboundServer, UnboundServer]]:
-    a = UnboundServer(ServerConfig([ADDR_A], pki.cert, pki.key, records=RECORDS_A,
-                                   dot_port=853, log_queries=True))
-    b = UnboundServer(ServerConfig([ADDR_B], pki.cert, pki.key, records=RECORDS_B,
-                                   dot_port=853, log_queries=True))
-    a.start()
-    try:
-        b.start()
-        try:
-            yield a, b
-        finally:
-            b.stop()
-    finally:
-        a.stop()
+    with UnboundServer(ServerConfig([ADDR_A], pki.cert, pki.key, records=RECORDS_A,
+                                    dot_port=853, log_queries=True)) as a, \
+            UnboundServer(ServerConfig([ADDR_B], pki.cert, pki.key, records=RECORDS_B,
+                                       dot_port=853, log_queries=True)) as b:
+        yield a, b
 
 
 @pytest.fixture(scope="module")

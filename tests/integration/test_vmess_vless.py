@@ -14,20 +14,23 @@ at once with the reason in Mirage's log.
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from lab_client import curl, udp_echo
+from lab_client import (
+    BIG,
+    curl,
+    echoed_through_fake_ip,
+    https_get,
+    udp_echo,
+    udp_exchange,
+    web_server,
+)
 
 from appliance.lab.lab import Lab
 from appliance.lab.mirage import MirageRun, lab_config, running
 from appliance.lab.reference import SingBox
-from appliance.lab.servers import stop_all
 
 pytestmark = pytest.mark.netns
 
@@ -94,35 +97,6 @@ WRONG_CASES = {21005: "vm-wrong", 21006: "vl-wrong"}
 UDP_CASES = {22001: "vm-auto", 22002: "vl-tcp", 22003: "vm-xudp", 22004: "vl-plain-udp",
              22005: "vm-tls-ws", 22006: "vl-tls"}
 
-BIG = 8 << 20
-# The far end: HTTP on each port given, HTTPS (TLS 1.3, the lab certificate)
-# on each "tls:PORT"; "/big" is BIG bytes, anything else the marker.
-WEB = f"""
-import http.server, socketserver, ssl, sys, threading
-class H(http.server.BaseHTTPRequestHandler):
-    def do_GET(self):
-        if self.path == "/big":
-            body = b"x" * {BIG}
-        else:
-            body = b"{MARKER} " + str(self.server.server_address[1]).encode()
-        self.send_response(200); self.send_header("Content-Length", str(len(body)))
-        self.end_headers(); self.wfile.write(body)
-    def log_message(self, *a): pass
-class S(socketserver.ThreadingMixIn, http.server.HTTPServer):
-    daemon_threads = True
-ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-ctx.minimum_version = ssl.TLSVersion.TLSv1_3
-ctx.load_cert_chain(sys.argv[2], sys.argv[3])
-for port in sys.argv[4:]:
-    tls = port.startswith("tls:")
-    s = S((sys.argv[1], int(port.removeprefix("tls:"))), H)
-    if tls:
-        s.socket = ctx.wrap_socket(s.socket, server_side=True)
-    threading.Thread(target=s.serve_forever, daemon=True).start()
-print("ready", flush=True)
-threading.Event().wait(600)
-"""
-
 
 def _inbound(lab: Lab, tag: str) -> dict[str, Any]:
     kind, port, extra = INBOUNDS[tag]
@@ -155,16 +129,9 @@ def far_end(lab: Lab) -> Iterator[None]:
     """The HTTP server on every TCP case's port and the UDP echo on every
     UDP case's port, on www.alpha.test's address."""
     ports = [str(p) for p in (*TCP_CASES, *WRONG_CASES)] + [f"tls:{VISION_HTTPS}"]
-    tls_dir = lab.state_dir / "tls"
-    web = lab.popen("upstream", [sys.executable, "-c", WEB, ALPHA, str(tls_dir / "server.pem"),
-                                 str(tls_dir / "server.key"), *ports],
-                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    try:
-        assert web.stdout is not None and web.stdout.readline().strip() == b"ready"
-        with udp_echo(lab, *(f"{ALPHA}:{p}" for p in UDP_CASES)):
-            yield
-    finally:
-        stop_all([web])
+    with web_server(lab, MARKER, ALPHA, *ports), \
+            udp_echo(lab, *(f"{ALPHA}:{p}" for p in UDP_CASES)):
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -191,23 +158,6 @@ def _curl(lab: Lab, port: int) -> tuple[int, str, float]:
     return curl(lab, f"http://www.alpha.test:{port}/")
 
 
-UDP_EXCHANGE = """
-import json, socket, sys
-port = int(sys.argv[1])
-ip = socket.getaddrinfo("www.alpha.test", port, socket.AF_INET, socket.SOCK_DGRAM)[0][4][0]
-c = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); c.settimeout(3)
-c.connect((ip, port))
-out = {"ip": ip, "replies": []}
-for payload in (b"first", b"x" * 1400, b"third"):
-    c.send(payload)
-    try:
-        out["replies"].append(c.recv(4096).decode())
-    except TimeoutError:
-        out["replies"].append(None)
-print(json.dumps(out))
-"""
-
-
 @pytest.mark.parametrize("port", list(TCP_CASES), ids=[TCP_CASES[p] for p in TCP_CASES])
 def test_curl_through_the_proxy_reaches_the_name(lab: Lab, mirage: MirageRun, singbox: SingBox,
                                                  port: int) -> None:
@@ -219,14 +169,9 @@ def test_curl_through_the_proxy_reaches_the_name(lab: Lab, mirage: MirageRun, si
 @pytest.mark.parametrize("port", list(UDP_CASES), ids=[UDP_CASES[p] for p in UDP_CASES])
 def test_udp_echo_through_the_proxy(lab: Lab, mirage: MirageRun, singbox: SingBox,
                                     port: int) -> None:
-    r = lab.exec("client", [sys.executable, "-c", UDP_EXCHANGE, str(port)], timeout=30)
-    assert r.returncode == 0, r.stderr
-    out = json.loads(r.stdout)
-    assert out["ip"].startswith("198.18.")
-    replies = out["replies"]
-    assert all(replies), (replies, mirage.log_text()[-2000:])
-    assert replies[0].startswith("first from=")
-    assert replies[1].startswith("x" * 1400 + " from=")
+    payloads = ("first", "x" * 1400, "third")
+    out = udp_exchange(lab, "www.alpha.test", port, *payloads)
+    replies = echoed_through_fake_ip(out, *payloads, context=lambda: mirage.log_text()[-2000:])
     # The echo saw sing-box (on the upstream node), reached by name.
     assert f"to={ALPHA}:{port}" in replies[2]
     singbox.wait_log(f"inbound packet connection to www.alpha.test:{port}")
@@ -239,24 +184,15 @@ def test_wrong_uuid_fails_fast_with_the_reason(lab: Lab, mirage: MirageRun, port
     assert code != 0 and MARKER not in body
     assert took < 3, took
     name = WRONG_CASES[port]
-    deadline = time.monotonic() + 5
-    want = f"{name}: server closed before answering: authentication failed (wrong uuid?)"
-    while want not in mirage.log_text(offset):
-        assert time.monotonic() < deadline, mirage.log_text(offset)
-        time.sleep(0.05)
+    mirage.wait_log(f"{name}: server closed before answering: authentication failed "
+                    "(wrong uuid?)", offset=offset)
 
 
 def test_vision_goes_direct_for_https_and_carries_a_big_download(
         lab: Lab, mirage: MirageRun, singbox: SingBox) -> None:
-    for path, want in (("/", None), ("/big", BIG)):
-        r = lab.exec("client", ["curl", "-sS", "-m", "20", "--cacert", str(lab.ca_path),
-                                "-o", "/dev/stdout" if want is None else "/dev/null",
-                                "-w", "\\n%{size_download}",
-                                f"https://www.alpha.test:{VISION_HTTPS}{path}"], timeout=30)
-        assert r.returncode == 0, (r.stderr, mirage.log_text()[-2000:])
-        body, size = r.stdout.rsplit("\n", 1)
-        if want is None:
-            assert body == f"{MARKER} {VISION_HTTPS}"
-        else:
-            assert int(size) == want
+    url = f"https://www.alpha.test:{VISION_HTTPS}"
+    code, body, _, err = https_get(lab, f"{url}/")
+    assert code == 0 and body == f"{MARKER} {VISION_HTTPS}", (err, mirage.log_text()[-2000:])
+    code, _, size, err = https_get(lab, f"{url}/big", keep_body=False)
+    assert code == 0 and size == BIG, (err, mirage.log_text()[-2000:])
     singbox.wait_log(f"inbound connection to www.alpha.test:{VISION_HTTPS}")
