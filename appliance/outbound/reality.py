@@ -104,7 +104,8 @@ class RealityStream(TlsLayer):
                     self._ready.append(record)
                 if not record or self.client.handshake_complete:
                     break
-        await self._flush()
+        # The Finished waits for the first send (or a receive), as in
+        # TlsStream.do_handshake.
 
     async def receive_record(self) -> bytes:
         """The plaintext of the next application-data record (b"" at the
