@@ -24,12 +24,14 @@ import trio
 
 from appliance import streamio
 from appliance.config.protocols.common import RealityOptions
-from appliance.outbound.base import OutboundError
+from appliance.outbound.tlslayer import (
+    DEFAULT_RECEIVE,
+    TRANSPORT_READ,
+    TlsLayer,
+    handshake_or_close,
+)
 from appliance.proto.reality import parse_public_key, parse_short_id, reality_client
 from appliance.proto.tls13 import Tls13Client, Tls13Error
-
-TRANSPORT_READ = 1 << 18
-DEFAULT_RECEIVE = 1 << 16
 
 
 class RealityTls:
@@ -51,33 +53,28 @@ class RealityTls:
         client = reality_client(self.server_name, self.public_key, self.short_id,
                                 pq=self.pq, alpn=self.alpn)
         tls = RealityStream(stream, client)
-        try:
-            await tls.do_handshake()
-        except Tls13Error as e:
-            await trio.aclose_forcefully(tls)
-            raise OutboundError(f"{what}: REALITY: {e}") from None
-        except (trio.BrokenResourceError, OSError) as e:
-            await trio.aclose_forcefully(tls)
-            raise OutboundError(f"{what}: REALITY handshake failed: {e}") from None
-        except BaseException:
-            await trio.aclose_forcefully(tls)
-            raise
+
+        def describe(e: BaseException) -> str | None:
+            if isinstance(e, Tls13Error):
+                return f"{what}: REALITY: {e}"
+            if isinstance(e, trio.BrokenResourceError | OSError):
+                return f"{what}: REALITY handshake failed: {e}"
+            return None
+
+        await handshake_or_close(tls, describe)
         return tls
 
 
-class RealityStream(trio.abc.Stream):
+class RealityStream(TlsLayer):
     """TLS 1.3 (appliance/proto/tls13.py) over `transport_stream`; owns it.
     One receive returns every record the last transport read completed;
     a receive and a send may run at once (bytes for the transport go out
     under one lock, in the order the client produced them)."""
 
     def __init__(self, transport_stream: trio.abc.Stream, client: Tls13Client) -> None:
-        self.transport_stream = transport_stream
+        super().__init__(transport_stream)
         self.client = client
-        self._send_lock = trio.Lock()
         self._ready: list[bytes] = []
-        self._eof = False
-        self._closed = False
 
     def selected_alpn_protocol(self) -> str | None:
         return self.client.alpn
@@ -107,7 +104,8 @@ class RealityStream(trio.abc.Stream):
                     self._ready.append(record)
                 if not record or self.client.handshake_complete:
                     break
-        await self._flush()
+        # The Finished waits for the first send (or a receive), as in
+        # TlsStream.do_handshake.
 
     async def receive_record(self) -> bytes:
         """The plaintext of the next application-data record (b"" at the
@@ -135,8 +133,7 @@ class RealityStream(trio.abc.Stream):
         return data
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
-        if self._closed:
-            raise trio.ClosedResourceError("the TLS stream is closed")
+        self._check_open()
         want = DEFAULT_RECEIVE if max_bytes is None else max_bytes
         await trio.lowlevel.checkpoint_if_cancelled()
         while True:
@@ -164,27 +161,10 @@ class RealityStream(trio.abc.Stream):
             await self._fill()
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        if self._closed:
-            raise trio.ClosedResourceError("the TLS stream is closed")
+        self._check_open()
         async with self._send_lock:
             out = self.client.data_to_send() + self.client.encrypt(data)
             await streamio.send_all(self.transport_stream, out)
 
-    async def wait_send_all_might_not_block(self) -> None:
-        await self.transport_stream.wait_send_all_might_not_block()
-
-    async def aclose(self) -> None:
-        """close_notify if it can go out at once (best effort), then the
-        transport closes."""
-        if self._closed:
-            await trio.lowlevel.checkpoint()
-            return
-        self._closed = True
-        try:
-            if not self._send_lock.locked() and self.client.handshake_complete:
-                with trio.move_on_after(1):
-                    await streamio.send_all(self.transport_stream, self.client.close_notify())
-        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
-        finally:
-            await self.transport_stream.aclose()
+    def _close_notify(self) -> bytes:
+        return self.client.close_notify() if self.client.handshake_complete else b""

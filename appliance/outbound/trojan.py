@@ -270,7 +270,15 @@ class TrojanStream(trio.abc.Stream):
         log.warning("%s", self.why_unanswered)
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        await self.tunnel.send_all(data)
+        try:
+            await self.tunnel.send_all(data)
+        except trio.BrokenResourceError:
+            # The server reset the tunnel before any answer, and the send
+            # saw it before the receive did (the request and the TLS
+            # Finished go out together, so this race is common).
+            if not self._answered:
+                self._unanswered()
+            raise
 
     async def wait_send_all_might_not_block(self) -> None:
         await self.tunnel.wait_send_all_might_not_block()

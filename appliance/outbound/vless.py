@@ -166,13 +166,17 @@ class VisionStream(trio.abc.HalfCloseableStream):
             return await t.receive_record()
         while True:
             try:
-                return t._ssl.read(_RECV)  # one SSL_read: at most one record
+                record = t._ssl.read(_RECV)  # one SSL_read: at most one record
             except ssl.SSLWantReadError:
                 pass
             except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
                 return b""
             except ssl.SSLError as e:
                 raise trio.BrokenResourceError(f"TLS: {e.reason or e}") from e
+            else:
+                if t._on_session is not None:
+                    t._hand_session()  # the tickets came before this record
+                return record
             if t._outgoing.pending:
                 await t._flush()
             await t._fill()

@@ -567,6 +567,53 @@ async def test_tls_fingerprint_pin_replaces_the_chain_check(
         await _handshake(TlsClient(TlsOptions(fingerprint="00" * 32), "tls.test"), cert, key)
 
 
+async def _exchange(client: TlsClient, server_ctx: ssl.SSLContext) -> TlsStream:
+    """One connection: handshake, a request and the server's answer (after
+    its session tickets); returns the client's stream, still open."""
+    client_end, server_end = memory_stream_pair()
+    server = trio.SSLStream(server_end, server_ctx, server_side=True)
+
+    async def serve() -> None:
+        await server.do_handshake()
+        assert await server.receive_some() == b"ping"
+        await server.send_all(b"pong")
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(serve)
+        tls = await client.wrap(client_end, "tj")
+        assert isinstance(tls, TlsStream)
+        await tls.send_all(b"ping")
+        assert await tls.receive_some() == b"pong"
+    return tls
+
+
+async def test_tls_resumes_with_the_servers_ticket(certs: tuple[Path, Path, Path]) -> None:
+    ca, cert, key = certs
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_ctx.load_cert_chain(cert, key)
+    sha = hashlib.sha256(ssl.PEM_cert_to_DER_cert(cert.read_text())).hexdigest()
+    trusted = TlsClient(TlsOptions(), "tls.test")
+    trusted.context = trusting(ca)
+    for client in (trusted, TlsClient(TlsOptions(fingerprint=sha), "tls.test"),
+                   TlsClient(TlsOptions(skip_cert_verify=True), "tls.test")):
+        first = await _exchange(client, server_ctx)
+        assert not first.session_reused
+        # The ticket came before the answer: the next connections resume,
+        # and a pinned one is still checked against the session's certificate.
+        for _ in range(2):
+            again = await _exchange(client, server_ctx)
+            assert again.session_reused
+            assert again.getpeercert() == first.getpeercert()
+    # Another server (new ticket keys): a full handshake, then its ticket.
+    other_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    other_ctx.load_cert_chain(cert, key)
+    assert not (await _exchange(trusted, other_ctx)).session_reused
+    assert (await _exchange(trusted, other_ctx)).session_reused
+    # A client whose context changed offers none of the old context's sessions.
+    trusted.context = trusting(ca)
+    assert not (await _exchange(trusted, other_ctx)).session_reused
+
+
 def test_reality_is_carried_by_its_own_client() -> None:
     reality = TlsOptions(reality=RealityOptions(public_key="A" * 43))
     assert unsupported_tls(reality) is None and unsupported_tls(TlsOptions()) is None
