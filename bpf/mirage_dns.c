@@ -182,6 +182,12 @@ static __always_inline int is_ours(struct __sk_buff *skb, struct mirage_pkt *p)
 
     if (dport != MIRAGE_DNS_HIJACK_PORT && dport != MIRAGE_DNS_PORT)
         return 0;
+#ifdef MIRAGE_DNS4
+    /* To the listener's own address (local, since the listener is bound to
+     * it): no FIB lookup, which costs about a fifth of a kernel answer. */
+    if (MIRAGE_DNS4_ADDR != 0 && p->family == MIRAGE_AF_INET && p->dst[0] == MIRAGE_DNS4_ADDR)
+        return dport == MIRAGE_DNS_PORT;
+#endif /* MIRAGE_DNS4 */
     if (mirage_is_local(skb, p))
         /* To the gateway itself: only the listener's own port is Mirage's
          * (another resolver may serve port 53 here). */
