@@ -92,6 +92,7 @@
 
 #include "lib/parse.h"
 #include "lib/stats.h"
+#include "lib/addr.h"
 
 /* --- maps ------------------------------------------------------------------ */
 
@@ -104,9 +105,6 @@ BPF_PERCPU_ARRAY(mirage_stats, struct mirage_counters, 1);
 /* Per-client counters, LAN -> gateway, keyed by source address (IPv4 as
  * IPv4-mapped IPv6). LRU: a LAN full of (possibly spoofed) sources evicts
  * the quiet ones instead of failing updates. */
-struct mirage_client_key {
-    __u32 addr[4];
-};
 struct mirage_client {
     __u64 packets;
     __u64 bytes;
@@ -118,10 +116,6 @@ BPF_TABLE("lru_percpu_hash", struct mirage_client_key, struct mirage_client, mir
 
 /* Destinations never captured (appliance.bypass plus loopback, link-local,
  * multicast, broadcast), IPv4 as IPv4-mapped IPv6 prefixes (/96 + len). */
-struct mirage_lpm_key {
-    __u32 prefixlen;
-    __u32 addr[4];
-};
 BPF_LPM_TRIE(mirage_bypass, struct mirage_lpm_key, __u8, MIRAGE_BYPASS_MAX);
 
 #ifdef MIRAGE_TEST_ASSIGN
@@ -139,6 +133,14 @@ BPF_ARRAY(mirage_probe, struct mirage_probe, 1);
 #endif /* MIRAGE_TEST_ASSIGN */
 
 /* --- helpers --------------------------------------------------------------- */
+
+static __always_inline int is_bypassed(struct mirage_pkt *p)
+{
+    struct mirage_lpm_key k = {};
+
+    mirage_host_key(p, &k);
+    return mirage_bypass.lookup(&k) != 0;
+}
 
 /* `st` may be NULL (the lookup cannot fail for index 0 of an array, but
  * the verifier does not know that). */
@@ -165,12 +167,7 @@ static __always_inline struct mirage_client *client(struct mirage_pkt *p, __u32 
     struct mirage_client_key k = {};
     struct mirage_client *c;
 
-    if (p->family == MIRAGE_AF_INET) {
-        k.addr[2] = bpf_htonl(0xffff);
-        k.addr[3] = p->src[0];
-    } else {
-        __builtin_memcpy(k.addr, p->src, 16);
-    }
+    mirage_addr_key(p->family, p->src, k.addr);
     c = mirage_clients.lookup(&k);
     if (!c) {
         struct mirage_client zero = {};
@@ -197,79 +194,6 @@ static __always_inline int is_fake(struct mirage_pkt *p)
 #else
     return 0;
 #endif /* MIRAGE_FAKE6 */
-}
-
-static __always_inline int is_bypassed(struct mirage_pkt *p)
-{
-    struct mirage_lpm_key k = {};
-
-    if (p->family == MIRAGE_AF_INET) {
-        k.prefixlen = 128;
-        k.addr[2] = bpf_htonl(0xffff);
-        k.addr[3] = p->dst[0];
-    } else {
-        k.prefixlen = 128;
-        __builtin_memcpy(k.addr, p->dst, 16);
-    }
-    return mirage_bypass.lookup(&k) != 0;
-}
-
-/* Is the destination one of the gateway's own (or broadcast) addresses?
- * Asks the FIB the question `fib daddr type local` asks in nftables: a
- * destination the kernel would not forward. */
-static __always_inline int is_local(struct __sk_buff *skb, struct mirage_pkt *p)
-{
-    struct bpf_fib_lookup f = {};
-
-    f.family = p->family;
-    f.l4_protocol = p->proto;
-    f.sport = p->sport;
-    f.dport = p->dport;
-    f.ifindex = skb->ingress_ifindex;
-    if (p->family == MIRAGE_AF_INET) {
-        f.ipv4_src = p->src[0];
-        f.ipv4_dst = p->dst[0];
-    } else {
-        __builtin_memcpy(f.ipv6_src, p->src, 16);
-        __builtin_memcpy(f.ipv6_dst, p->dst, 16);
-    }
-    return bpf_fib_lookup(skb, &f, sizeof(f), 0) == BPF_FIB_LKUP_RET_NOT_FWDED;
-}
-
-/* The packet's own tuple; returns its size for the lookup helpers. */
-static __always_inline __u32 tuple_of(struct mirage_pkt *p, struct bpf_sock_tuple *t)
-{
-    if (p->family == MIRAGE_AF_INET) {
-        t->ipv4.saddr = p->src[0];
-        t->ipv4.daddr = p->dst[0];
-        t->ipv4.sport = p->sport;
-        t->ipv4.dport = p->dport;
-        return sizeof(t->ipv4);
-    }
-    __builtin_memcpy(t->ipv6.saddr, p->src, 16);
-    __builtin_memcpy(t->ipv6.daddr, p->dst, 16);
-    t->ipv6.sport = p->sport;
-    t->ipv6.dport = p->dport;
-    return sizeof(t->ipv6);
-}
-
-/* Re-aim the tuple at a listening socket: (addr, port), addr as 4 words
- * (IPv4: a[0]). A wildcard listener is found by the wildcard address; a
- * socket bound to the packet's own destination (say, a reply socket bound to
- * the resolver's address) is not. */
-static __always_inline void tuple_listener(struct mirage_pkt *p, struct bpf_sock_tuple *t,
-                                           __u32 a0, __u32 a1, __u32 a2, __u32 a3, __u16 port)
-{
-    if (p->family == MIRAGE_AF_INET) {
-        t->ipv4.daddr = a0;
-        t->ipv4.dport = bpf_htons(port);
-    } else {
-        t->ipv6.daddr[0] = a0;
-        t->ipv6.daddr[1] = a1;
-        t->ipv6.daddr[2] = a2;
-        t->ipv6.daddr[3] = a3;
-        t->ipv6.dport = bpf_htons(port);
-    }
 }
 
 #define MIRAGE_NO_SOCKET (-2)   /* -ENOENT: nothing to assign */
@@ -306,7 +230,7 @@ static __always_inline long steer_tcp(struct __sk_buff *skb, struct mirage_pkt *
                                       __u32 st_flow, __u32 st_listener, __u32 *which)
 {
     struct bpf_sock_tuple t = {};
-    __u32 len = tuple_of(p, &t);
+    __u32 len = mirage_tuple_of(p, &t);
     struct bpf_sock *sk = bpf_skc_lookup_tcp(skb, &t, len, BPF_F_CURRENT_NETNS, 0);
 
     if (sk) {
@@ -317,7 +241,7 @@ static __always_inline long steer_tcp(struct __sk_buff *skb, struct mirage_pkt *
         /* Some local service listening on the destination port: not ours. */
         bpf_sk_release(sk);
     }
-    tuple_listener(p, &t, a0, a1, a2, a3, port);
+    mirage_tuple_listener(p, &t, a0, a1, a2, a3, port);
     sk = bpf_skc_lookup_tcp(skb, &t, len, BPF_F_CURRENT_NETNS, 0);
     if (!sk)
         return MIRAGE_NO_SOCKET;
@@ -337,7 +261,7 @@ static __always_inline long steer_udp(struct __sk_buff *skb, struct mirage_pkt *
                                       __u32 st_flow, __u32 st_listener, __u32 *which)
 {
     struct bpf_sock_tuple t = {};
-    __u32 len = tuple_of(p, &t);
+    __u32 len = mirage_tuple_of(p, &t);
     struct bpf_sock *sk = bpf_sk_lookup_udp(skb, &t, len, BPF_F_CURRENT_NETNS, 0);
 
     if (sk) {
@@ -348,7 +272,7 @@ static __always_inline long steer_udp(struct __sk_buff *skb, struct mirage_pkt *
         }
         bpf_sk_release(sk);
     }
-    tuple_listener(p, &t, a0, a1, a2, a3, port);
+    mirage_tuple_listener(p, &t, a0, a1, a2, a3, port);
     sk = bpf_sk_lookup_udp(skb, &t, len, BPF_F_CURRENT_NETNS, 0);
     if (!sk)
         return MIRAGE_NO_SOCKET;
@@ -471,7 +395,7 @@ int mirage_ingress(struct __sk_buff *skb)
             return pass(st, MIRAGE_ST_BYPASS);
         /* The gateway's own resolvers (and Mirage's, when listening on 53)
          * are reached without any help. */
-        if (is_local(skb, &p))
+        if (mirage_is_local(skb, &p))
             return pass(st, MIRAGE_ST_LOCAL);
         if (p.proto == IPPROTO_TCP)
             ret = steer_tcp(skb, &p, a0, a1, a2, a3, MIRAGE_DNS_PORT, MIRAGE_ST_DNS_TCP,
@@ -491,7 +415,7 @@ int mirage_ingress(struct __sk_buff *skb)
     /* Loop guard: a LAN client naming the gateway's own address at
      * tproxy-port would reach the transparent listener with a real
      * destination, which Mirage would dial, reaching itself again. */
-    if (p.dport == bpf_htons(MIRAGE_TPROXY_PORT) && is_local(skb, &p))
+    if (p.dport == bpf_htons(MIRAGE_TPROXY_PORT) && mirage_is_local(skb, &p))
         return drop(st, MIRAGE_ST_DROP_LOOP);
 
     return TC_ACT_OK;

@@ -1,4 +1,4 @@
-/* Packet parsing for mirage_tc.c: Ethernet -> IPv4/IPv6 -> TCP/UDP ports.
+/* Packet parsing for mirage_tc.c and mirage_dns.c: Ethernet -> IPv4/IPv6 -> TCP/UDP ports.
  *
  * Fills a `struct mirage_pkt` with what the verdict needs: the addresses
  * (IPv4 as IPv4-mapped IPv6 in `src16`/`dst16` for the per-client key and the
