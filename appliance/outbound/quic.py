@@ -41,6 +41,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import hashlib
+import itertools
 import logging
 import math
 import os
@@ -49,7 +50,8 @@ import ssl
 import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, Protocol
 
 import trio
 from aioquic._crypto import CryptoError, HeaderProtection
@@ -442,6 +444,13 @@ class QuicStream(trio.abc.HalfCloseableStream):
         await trio.lowlevel.checkpoint()
 
 
+class Reassembly(Protocol):
+    """A protocol's reassembly of one session's fragmented packets:
+    `feed` returns the whole packet (with its `payload`) once complete."""
+
+    def feed(self, fragment: Any) -> Any: ...
+
+
 class QuicTunnel:
     """One client QUIC connection to a proxy server (see the module doc).
 
@@ -484,6 +493,11 @@ class QuicTunnel:
         self.received = False
         # Seconds of silence with flows open before `keepalive()`.
         self.keepalive_interval = KEEPALIVE
+        # The UDP flows carried as datagrams: the protocol's session (TUIC:
+        # association) id -> the flow's peer and the reassembly of its
+        # fragmented packets.
+        self.sessions: dict[int, tuple[DatagramPeer, Reassembly]] = {}
+        self._session_ids = itertools.count(1)
 
     # -- life
 
@@ -515,6 +529,7 @@ class QuicTunnel:
         for stream in list(self.streams.values()):
             stream._fail(reason)
         self.streams.clear()
+        self.sessions.clear()
         self.on_end(reason)
         self.connected.set()  # wake a handshake waiter: it checks closed_reason
         if self._timer_scope is not None:
@@ -787,6 +802,26 @@ class QuicTunnel:
             scope = self._timer_scope
             if scope is not None:
                 scope.deadline = self._deadline()
+
+    # -- UDP sessions
+
+    def new_session(self, mask: int) -> int:
+        """An unused, nonzero session id of the protocol's width (`mask`)."""
+        while True:
+            sid = next(self._session_ids) & mask
+            if sid and sid not in self.sessions:
+                return sid
+
+    def deliver_fragment(self, session_id: int, fragment: Any) -> None:
+        """A fragment (or whole packet) from the server for a session: its
+        peer gets the packet once reassembled; unknown sessions are dropped."""
+        entry = self.sessions.get(session_id)
+        if entry is None:
+            return
+        peer, reassembly = entry
+        whole = reassembly.feed(fragment)
+        if whole is not None:
+            peer.deliver(whole.payload)
 
     # -- TLS exporter
 
@@ -1106,3 +1141,63 @@ class DatagramPeer(UdpPeer):
             on_close()
         self.inner.close()
         await super().aclose()
+
+
+class QuicOutbound:
+    """What a proxy over QUIC shares, whatever its protocol: the server,
+    the client configuration (`QuicTls`, the proxy's own CAs, congestion
+    control) and its one `SharedTunnel`. A protocol says how its tunnel is
+    made (`make_tunnel`) and how flows use it (`connect_tcp`, `open_udp`
+    with `open_session`)."""
+
+    type = "Quic"
+    carries_udp = True
+
+    def __init__(self, name: str, server: str, port: int, *, tls: QuicTls, dialer: Dialer,
+                 connect_timeout: float, ca: Path | None = None, ca_str: str | None = None,
+                 congestion: str = "cubic") -> None:
+        self.name = name
+        self.server = server
+        self.port = port
+        self.dialer = dialer
+        self.connect_timeout = connect_timeout
+        self.fingerprint = tls.fingerprint
+        self.configuration = quic_configuration(
+            sni=tls.sni, alpn=tls.alpn, skip_cert_verify=tls.skip_cert_verify,
+            fingerprint=tls.fingerprint, ca_file=str(ca) if ca is not None else None,
+            ca_data=ca_str, congestion=congestion)
+        self.shared = SharedTunnel(self._connect)
+
+    def make_tunnel(self, sock: socket.socket, address: tuple[Any, ...]) -> QuicTunnel:
+        """The protocol's tunnel on a connected socket (not started)."""
+        raise NotImplementedError
+
+    async def _connect(self) -> QuicTunnel:
+        return await open_tunnel(self.make_tunnel, self.dialer, self.server, self.port,
+                                 name=self.name, within=self.connect_timeout,
+                                 fingerprint=self.fingerprint)
+
+    async def open_session(self, tunnel: QuicTunnel, session_id: int, reassembly: Reassembly,
+                           *, send: Callable[[bytes], None],
+                           on_close: Callable[[], None] | None = None) -> DatagramPeer:
+        """A UDP flow as session `session_id` of `tunnel`: `send` queues
+        one payload from the client (dropped once the tunnel is closed);
+        the server's fragments reach it through `deliver_fragment`. When
+        the flow ends the session is forgotten (`on_close`: what the
+        protocol tells the server) and the tunnel released."""
+        tunnel.acquire()
+
+        def closed() -> None:
+            if tunnel.sessions.pop(session_id, None) is not None and on_close is not None:
+                on_close()
+            tunnel.release()
+
+        def send_open(payload: bytes) -> None:
+            if tunnel.closed_reason is None:
+                send(payload)
+
+        peer = DatagramPeer(tunnel, self.name, f"{self.server}:{self.port} session {session_id}",
+                            send=send_open, on_close=closed)
+        tunnel.sessions[session_id] = (peer, reassembly)
+        await trio.lowlevel.checkpoint()
+        return peer
