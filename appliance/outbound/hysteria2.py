@@ -42,14 +42,11 @@ from appliance.config.protocols.hysteria2 import Hysteria2Options
 from appliance.outbound.base import Dialer, OutboundEnv, OutboundError, UdpPeer
 from appliance.outbound.quic import (
     DATAGRAM_ROOM,
-    DatagramPeer,
+    QuicOutbound,
     QuicStream,
     QuicTls,
     QuicTunnel,
-    SharedTunnel,
     open_request_stream,
-    open_tunnel,
-    quic_configuration,
 )
 from appliance.proto.hysteria2 import (
     AUTH_AUTHORITY,
@@ -75,8 +72,7 @@ _MAX_RESPONSE = 8192
 
 class Hysteria2Tunnel(QuicTunnel):
     """A QUIC connection to a Hysteria2 server: the HTTP/3 auth, then the
-    UDP sessions' datagrams (`sessions`: session id -> its peer and
-    reassembly)."""
+    UDP sessions' datagrams (`sessions`)."""
 
     def __init__(self, *args: Any, password: str, receive_rate: int = 0,
                  **kwargs: Any) -> None:
@@ -89,8 +85,6 @@ class Hysteria2Tunnel(QuicTunnel):
         self._auth_status: int | None = None
         self._auth_done = trio.Event()
         self.udp_enabled = False
-        self.sessions: dict[int, tuple[DatagramPeer, Defragmenter]] = {}
-        self._session_ids = itertools.count(1)
 
     async def handshake(self) -> None:
         h3 = self._h3 = H3Connection(self.quic)
@@ -135,23 +129,10 @@ class Hysteria2Tunnel(QuicTunnel):
             msg = parse_udp_message(data)
         except Hysteria2Error:
             return
-        entry = self.sessions.get(msg.session_id)
-        if entry is None:
-            return
-        peer, defrag = entry
-        whole = defrag.feed(msg)
-        if whole is not None:
-            peer.deliver(whole.payload)
+        self.deliver_fragment(msg.session_id, msg)
 
     def on_end(self, reason: str) -> None:
         self._auth_done.set()
-        self.sessions.clear()
-
-    def new_session(self) -> int:
-        while True:
-            sid = next(self._session_ids) & 0xFFFF_FFFF
-            if sid and sid not in self.sessions:
-                return sid
 
 
 class Hysteria2Stream(trio.abc.HalfCloseableStream):
@@ -207,29 +188,20 @@ class Hysteria2Stream(trio.abc.HalfCloseableStream):
         await self.stream.aclose()
 
 
-class Hysteria2Outbound:
-    """Flows through a Hysteria2 server (see the module doc). Owns its
-    `SharedTunnel`; carries UDP when the server allows it."""
+class Hysteria2Outbound(QuicOutbound):
+    """Flows through a Hysteria2 server (see the module doc); carries UDP
+    when the server allows it."""
 
     type = "Hysteria2"
-    carries_udp = True
 
     def __init__(self, name: str, server: str, port: int, options: Hysteria2Options, *,
                  tls: QuicTls, dialer: Dialer, connect_timeout: float) -> None:
-        self.name = name
-        self.server = server
-        self.port = port
+        super().__init__(name, server, port, tls=tls, dialer=dialer,
+                         connect_timeout=connect_timeout, ca=options.ca,
+                         ca_str=options.ca_str)
         self.options = options
-        self.dialer = dialer
-        self.connect_timeout = connect_timeout
-        self.fingerprint = tls.fingerprint
-        self.configuration = quic_configuration(
-            sni=tls.sni, alpn=tls.alpn, skip_cert_verify=tls.skip_cert_verify,
-            fingerprint=tls.fingerprint,
-            ca_file=str(options.ca) if options.ca is not None else None, ca_data=options.ca_str)
         self.salamander = (Salamander(options.obfs_password)
                            if options.obfs == "salamander" else None)
-        self.shared = SharedTunnel(self._connect)
 
     @classmethod
     def from_config(cls, p: ProxyConfig, env: OutboundEnv) -> Hysteria2Outbound:
@@ -251,63 +223,42 @@ class Hysteria2Outbound:
             connect_timeout=env.connect_timeout,
         )  # fmt: skip
 
-    async def _connect(self) -> QuicTunnel:
+    def make_tunnel(self, sock: socket.socket, address: tuple[Any, ...]) -> QuicTunnel:
         salamander = self.salamander
-
-        def make(sock: socket.socket, address: tuple[Any, ...]) -> QuicTunnel:
-            return Hysteria2Tunnel(
-                self.name, self.configuration, sock, address, password=self.options.password,
-                receive_rate=rate_bps(self.options.down),
-                obfuscate=salamander.obfuscate if salamander is not None else None,
-                deobfuscate=salamander.deobfuscate if salamander is not None else None)
-
-        return await open_tunnel(make, self.dialer, self.server, self.port, name=self.name,
-                                 within=self.connect_timeout, fingerprint=self.fingerprint)
-
-    async def _tunnel(self) -> Hysteria2Tunnel:
-        tunnel = await self.shared.get()
-        assert isinstance(tunnel, Hysteria2Tunnel)
-        return tunnel
+        return Hysteria2Tunnel(
+            self.name, self.configuration, sock, address, password=self.options.password,
+            receive_rate=rate_bps(self.options.down),
+            obfuscate=salamander.obfuscate if salamander is not None else None,
+            deobfuscate=salamander.deobfuscate if salamander is not None else None)
 
     async def connect_tcp(self, host: str | IPAddress, port: int) -> trio.abc.Stream:
         try:
             request = encode_tcp_request(host, port)
         except Hysteria2Error as e:
             raise OutboundError(f"{self.name}: {e}") from None
-        stream = await open_request_stream(await self._tunnel(), request, self.name)
+        stream = await open_request_stream(await self.shared.get(), request, self.name)
         return Hysteria2Stream(stream, self.name)
 
     async def open_udp(self, host: str | IPAddress, port: int) -> UdpPeer | None:
-        tunnel = await self._tunnel()
+        tunnel = await self.shared.get()
+        assert isinstance(tunnel, Hysteria2Tunnel)
         if not tunnel.udp_enabled:
             raise OutboundError(f"{self.name}: the server does not allow UDP")
         try:
             address = format_address(host, port)
         except Hysteria2Error as e:
             raise OutboundError(f"{self.name}: {e}") from None
-        session = tunnel.new_session()
+        session = tunnel.new_session(0xFFFF_FFFF)
         packet_ids = itertools.count()
-        tunnel.acquire()
-
-        def closed() -> None:
-            tunnel.sessions.pop(session, None)
-            tunnel.release()
-
-        quic = tunnel.quic
+        send_frame = tunnel.quic.send_datagram_frame
 
         def send(payload: bytes) -> None:
-            if tunnel.closed_reason is not None:
-                return
             try:
                 frames = encode_udp(session, next(packet_ids) & 0xFFFF, address, payload,
                                     DATAGRAM_ROOM)
             except Hysteria2Error:
                 return  # too large even in 255 fragments: dropped, as UDP may
             for frame in frames:
-                quic.send_datagram_frame(frame)
+                send_frame(frame)
 
-        peer = DatagramPeer(tunnel, self.name, f"{self.server}:{self.port} session {session}",
-                            send=send, on_close=closed)
-        tunnel.sessions[session] = (peer, Defragmenter())
-        await trio.lowlevel.checkpoint()
-        return peer
+        return await self.open_session(tunnel, session, Defragmenter(), send=send)

@@ -10,17 +10,20 @@ for that one. The protocols (Hysteria2, TUIC) subclass `QuicTunnel` for
 their handshake, datagrams and server-opened streams.
 
 The driver (`QuicTunnel._drive`): one wake-up per batch of received
-datagrams (up to `RECV_BATCH` recv calls, all fed to aioquic before its
-events are handled; while datagrams keep coming, the next pass follows a
-plain checkpoint instead of a wait), then one `datagrams_to_send` drained
-with a send per datagram. Flows that write call `transmit()` themselves,
-so their data leaves in the writer's own turn instead of a second task's;
-the driver's timer (aioquic's `get_timer`, idle and keepalive) is a cancel
-scope whose deadline every transmit moves.
+datagrams (up to `RECV_BATCH` reads, each a whole GSO batch with UDP_GRO,
+all fed to aioquic before its events are handled; while datagrams keep
+coming, the next pass follows a plain checkpoint instead of a wait), then
+one `datagrams_to_send` drained with a send per datagram. Flows that write
+call `transmit()` themselves, so their data leaves in the writer's own
+turn instead of a second task's; the driver's timer (aioquic's
+`get_timer`, idle and keepalive) is a cancel scope whose deadline every
+transmit moves. `CreditedConnection` takes the packets of a download
+through a shorter path than aioquic's own (see its receive_datagram).
 
 Why it is not faster: every QUIC packet costs a Python round through
-aioquic's packet parser/builder, header protection and AEAD (per packet,
-not per byte), about 40 us; see docs/architecture.md "QUIC protocols".
+aioquic's frame parsing, stream and ACK bookkeeping and its AEAD calls
+(per packet, not per byte), about 11 us of CPU for a 1.4 KB packet; see
+docs/architecture.md "QUIC protocols".
 
 How it fails: the tunnel ends when the server closes it (its error code
 and reason are kept in `closed_reason` and logged once), when aioquic's
@@ -38,28 +41,43 @@ Finished, as the exporter requires) and derives from it.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import hashlib
+import itertools
 import logging
 import math
 import os
 import socket
 import ssl
+import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, Protocol
 
 import trio
+from aioquic._crypto import CryptoError, HeaderProtection
 from aioquic.quic import events
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import (
+    END_STATES,
     MAX_STREAM_DATA_FRAME_CAPACITY,
+    NetworkAddress,
     QuicConnection,
+    QuicConnectionError,
     QuicConnectionState,
+    QuicReceiveContext,
 )
-from aioquic.quic.packet import QuicFrameType
+from aioquic.quic.crypto import CryptoPair
+from aioquic.quic.packet import (
+    PACKET_SPIN_BIT,
+    QuicErrorCode,
+    QuicFrameType,
+    decode_packet_number,
+)
 from aioquic.quic.packet_builder import QuicPacketBuilder
-from aioquic.quic.recovery import QuicPacketSpace
+from aioquic.quic.recovery import MAX_ACK_RANGES, QuicPacketSpace
 from aioquic.quic.stream import QuicStream as AioquicStream
 from aioquic.tls import Direction, Epoch, hkdf_expand_label
 
@@ -111,6 +129,9 @@ STREAM_WINDOW = 4 << 20
 CONNECTION_WINDOW = 16 << 20
 # Largest chunk a receive_some hands back when not asked for less.
 READ_CHUNK = 1 << 18
+# Linux's UDP_GRO socket option and control message (linux/udp.h).
+UDP_GRO = 104
+GRO_CMSG_SPACE = socket.CMSG_SPACE(4)
 # Linux's SO_RCVBUFFORCE / SO_SNDBUFFORCE (the socket module lacks them).
 SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
 SO_SNDBUFFORCE = getattr(socket, "SO_SNDBUFFORCE", 32)
@@ -165,6 +186,13 @@ def quic_configuration(*, sni: str, alpn: tuple[str, ...], skip_cert_verify: boo
     return cfg
 
 
+_ONE_RTT = Epoch.ONE_RTT
+# What CreditedConnection.receive_datagram's short path uses of aioquic's
+# internals (checked against aioquic 1.2-1.7); without them, aioquic's path.
+_FAST_RECEIVE = all(hasattr(QuicConnection, name) for name in (
+    "_payload_received", "_idle_timeout")) and hasattr(HeaderProtection, "_mask")
+
+
 class CreditedConnection(QuicConnection):
     """aioquic's client connection with receive credit that follows what
     the flows read. aioquic doubles a stream's window whenever half of it
@@ -177,6 +205,97 @@ class CreditedConnection(QuicConnection):
     def __init__(self, *, configuration: QuicConfiguration) -> None:
         super().__init__(configuration=configuration)
         self.flows: dict[int, QuicStream] = {}
+        # The short receive path (receive_datagram) where this aioquic has
+        # the internals it relies on.
+        self._fast_receive = _FAST_RECEIVE
+        self._one_rtt: tuple[CryptoPair, QuicPacketSpace] | None = None
+
+    def receive_datagram(self, data: bytes, addr: NetworkAddress, now: float) -> None:
+        """aioquic's receive_datagram, with a shorter path for what a
+        download is made of: a 1-RTT (short header) packet to our current
+        connection ids, after the handshake is confirmed. That path does
+        what aioquic's does for such a packet on a client (RFC 9000 12.3
+        duplicates, 17.3 reserved bits, 9 server address; 13.2 ACK
+        bookkeeping) without the checks that apply to other packet types
+        and servers, and removes header protection (RFC 9001 5.4) from the
+        header bytes only instead of copying the packet. Anything else (a
+        key update, an unknown connection id, long headers, a logger) goes
+        through aioquic's own code."""
+        if (not self._fast_receive or data[0] & 0xC0 != 0x40
+                or self._state is not QuicConnectionState.CONNECTED
+                or not self._handshake_confirmed or self._quic_logger is not None):
+            super().receive_datagram(data, addr, now)
+            return
+        path = self._network_paths[0]
+        cid_end = 1 + self._configuration.connection_id_length
+        cid = data[1:cid_end]
+        if path.addr != addr or not any(c.cid == cid for c in self._host_cids):
+            super().receive_datagram(data, addr, now)
+            return
+        one_rtt = self._one_rtt
+        if one_rtt is None:
+            # Both live as long as the connection once it is confirmed.
+            one_rtt = self._one_rtt = (self._cryptos[_ONE_RTT], self._spaces[_ONE_RTT])
+        crypto, space = one_rtt
+        recv = crypto.recv
+        hp, aead = recv.hp, recv.aead
+        if hp is None or aead is None:
+            super().receive_datagram(data, addr, now)
+            return
+        sample_at = cid_end + 4
+        if len(data) < sample_at + 16:
+            return  # too short to sample: dropped, as aioquic does
+        mask = hp._mask(data[sample_at:sample_at + 16])
+        first = data[0] ^ (mask[0] & 0x1F)
+        if (first & 4) >> 2 != recv.key_phase:
+            super().receive_datagram(data, addr, now)  # a key update
+            return
+        pn_length = (first & 3) + 1
+        pn_end = cid_end + pn_length
+        truncated = (int.from_bytes(data[cid_end:pn_end], "big")
+                     ^ int.from_bytes(mask[1:1 + pn_length], "big"))
+        packet_number = decode_packet_number(truncated, pn_length * 8,
+                                             space.expected_packet_number)
+        plain_header = (bytes((first,)) + data[1:cid_end]
+                        + truncated.to_bytes(pn_length, "big"))
+        try:
+            payload = aead.decrypt(data[pn_end:], plain_header, packet_number)
+        except CryptoError:
+            return  # not ours or damaged: dropped
+        if packet_number in space.received_packets:
+            return  # a duplicate
+        if first & 0x18:
+            self.close(error_code=QuicErrorCode.PROTOCOL_VIOLATION,
+                       frame_type=QuicFrameType.PADDING,
+                       reason_phrase="Reserved bits must be zero")
+            return
+        if packet_number > space.expected_packet_number:
+            space.expected_packet_number = packet_number + 1
+        if packet_number > self._spin_highest_pn:
+            self._spin_bit = not (first & PACKET_SPIN_BIT)
+            self._spin_highest_pn = packet_number
+        context = QuicReceiveContext(epoch=_ONE_RTT, host_cid=cid, network_path=path,
+                                     quic_logger_frames=None, time=now, version=None)
+        try:
+            is_ack_eliciting, _probing = self._payload_received(
+                context, payload, crypto_frame_required=False)
+        except QuicConnectionError as exc:
+            self.close(error_code=exc.error_code, frame_type=exc.frame_type,
+                       reason_phrase=exc.reason_phrase)
+        if self._state in END_STATES or self._close_pending:
+            return
+        self._close_at = now + self._idle_timeout()
+        self._ack_eliciting_sent_since_receipt = False
+        if not space.discarded:
+            if packet_number > space.largest_received_packet:
+                space.largest_received_packet = packet_number
+                space.largest_received_time = now
+            space.ack_queue.add(packet_number)
+            space.received_packets.add(packet_number)
+            if len(space.ack_queue) > MAX_ACK_RANGES:
+                space.ack_queue.shift()
+            if is_ack_eliciting and space.ack_at is None:
+                space.ack_at = now + self._ack_delay
 
     def _write_stream_limits(self, builder: QuicPacketBuilder, space: QuicPacketSpace,
                              stream: AioquicStream) -> None:
@@ -208,7 +327,8 @@ class QuicStream(trio.abc.HalfCloseableStream):
     def __init__(self, tunnel: QuicTunnel, stream_id: int) -> None:
         self.tunnel = tunnel
         self.stream_id = stream_id
-        self._buffer = bytearray()
+        self._chunks: collections.deque[bytes] = collections.deque()
+        self._buffered = 0
         self._eof = False
         self._error: str | None = None
         self._readable = trio.Event()
@@ -225,7 +345,8 @@ class QuicStream(trio.abc.HalfCloseableStream):
     # -- the tunnel's side
     def _deliver(self, data: bytes, end: bool) -> None:
         if data:
-            self._buffer += data
+            self._chunks.append(data)
+            self._buffered += len(data)
         if end:
             self._eof = True
         self._readable.set()
@@ -240,26 +361,46 @@ class QuicStream(trio.abc.HalfCloseableStream):
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         if self._closed:
             raise trio.ClosedResourceError("stream closed")
-        while not self._buffer and not self._eof and self._error is None:
+        while not self._buffered and not self._eof and self._error is None:
             self._readable = trio.Event()
             await self._readable.wait()
-        if not self._buffer:
+        if not self._buffered:
             await trio.lowlevel.checkpoint()
             if self._eof:
                 return b""
             raise trio.BrokenResourceError(self._error)
-        n = min(len(self._buffer), max_bytes or READ_CHUNK)
-        out = bytes(self._buffer[:n])
-        del self._buffer[:n]
-        self.consumed += n
+        out = self._take(max_bytes or READ_CHUNK)
+        self.consumed += len(out)
         self.tunnel.credit(self)
         await trio.lowlevel.checkpoint()
         return out
 
+    def _take(self, limit: int) -> bytes:
+        """Up to `limit` bytes from the front of what was received."""
+        chunks = self._chunks
+        if self._buffered <= limit:
+            out = chunks.popleft() if len(chunks) == 1 else b"".join(chunks)
+            chunks.clear()
+            self._buffered = 0
+            return out
+        parts = []
+        need = limit
+        while need:
+            chunk = chunks.popleft()
+            if len(chunk) > need:
+                chunks.appendleft(chunk[need:])
+                chunk = chunk[:need]
+            parts.append(chunk)
+            need -= len(chunk)
+        self._buffered -= limit
+        return b"".join(parts)
+
     def unread(self, data: bytes) -> None:
         """Put back what a wrapper read past its protocol's header."""
-        self._buffer[:0] = data
-        self.consumed -= len(data)
+        if data:
+            self._chunks.appendleft(bytes(data))
+            self._buffered += len(data)
+            self.consumed -= len(data)
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         if self._closed:
@@ -306,6 +447,13 @@ class QuicStream(trio.abc.HalfCloseableStream):
         await trio.lowlevel.checkpoint()
 
 
+class Reassembly(Protocol):
+    """A protocol's reassembly of one session's fragmented packets:
+    `feed` returns the whole packet (with its `payload`) once complete."""
+
+    def feed(self, fragment: Any) -> Any: ...
+
+
 class QuicTunnel:
     """One client QUIC connection to a proxy server (see the module doc).
 
@@ -324,6 +472,8 @@ class QuicTunnel:
         self.quic = CreditedConnection(configuration=configuration)
         self.sock = sock
         self.address = address
+        # Whether the socket reads GSO batches whole (`enable_gro`).
+        self.gro = False
         self._obfuscate = obfuscate
         self._deobfuscate = deobfuscate
         self.streams: dict[int, QuicStream] = {}
@@ -346,6 +496,11 @@ class QuicTunnel:
         self.received = False
         # Seconds of silence with flows open before `keepalive()`.
         self.keepalive_interval = KEEPALIVE
+        # The UDP flows carried as datagrams: the protocol's session (TUIC:
+        # association) id -> the flow's peer and the reassembly of its
+        # fragmented packets.
+        self.sessions: dict[int, tuple[DatagramPeer, Reassembly]] = {}
+        self._session_ids = itertools.count(1)
 
     # -- life
 
@@ -377,6 +532,7 @@ class QuicTunnel:
         for stream in list(self.streams.values()):
             stream._fail(reason)
         self.streams.clear()
+        self.sessions.clear()
         self.on_end(reason)
         self.connected.set()  # wake a handshake waiter: it checks closed_reason
         if self._timer_scope is not None:
@@ -419,15 +575,25 @@ class QuicTunnel:
             self.terminated.set()
 
     def _receive(self, now: float) -> int:
-        """Feed aioquic up to RECV_BATCH waiting datagrams; how many."""
+        """Feed aioquic up to RECV_BATCH waiting reads; how many. With UDP
+        GRO (`gro_segment`) one read is up to 64 KiB of datagrams the
+        server sent as one GSO batch, each `segment` bytes but the last:
+        one system call for what was a dozen."""
+        gro = self.gro
         recv = self.sock.recv
+        recvmsg = self.sock.recvmsg
         receive_datagram = self.quic.receive_datagram
         deobfuscate = self._deobfuscate
         address = self.address
         n = 0
         for n in range(RECV_BATCH):  # noqa: B007 - n counts after the loop
             try:
-                data = recv(RECV_SIZE)
+                if gro:
+                    data, ancillary, _flags, _addr = recvmsg(RECV_SIZE, GRO_CMSG_SPACE)
+                    segment = gro_segment(ancillary) or len(data)
+                else:
+                    data = recv(RECV_SIZE)
+                    segment = len(data)
             except BlockingIOError:
                 break
             except OSError as e:
@@ -435,12 +601,15 @@ class QuicTunnel:
                 # listens there (the server is down).
                 self._end(f"server unreachable ({e.strerror or e})")
                 break
-            if deobfuscate is not None:
-                plain = deobfuscate(data)
-                if plain is None:
-                    continue
-                data = plain
-            receive_datagram(data, address, now)
+            datagrams = ([data] if segment >= len(data) else
+                         [data[i:i + segment] for i in range(0, len(data), segment)])
+            for datagram in datagrams:
+                if deobfuscate is not None:
+                    plain = deobfuscate(datagram)
+                    if plain is None:
+                        continue
+                    datagram = plain
+                receive_datagram(datagram, address, now)
         else:
             n = RECV_BATCH
         if n:
@@ -637,6 +806,26 @@ class QuicTunnel:
             if scope is not None:
                 scope.deadline = self._deadline()
 
+    # -- UDP sessions
+
+    def new_session(self, mask: int) -> int:
+        """An unused, nonzero session id of the protocol's width (`mask`)."""
+        while True:
+            sid = next(self._session_ids) & mask
+            if sid and sid not in self.sessions:
+                return sid
+
+    def deliver_fragment(self, session_id: int, fragment: Any) -> None:
+        """A fragment (or whole packet) from the server for a session: its
+        peer gets the packet once reassembled; unknown sessions are dropped."""
+        entry = self.sessions.get(session_id)
+        if entry is None:
+            return
+        peer, reassembly = entry
+        whole = reassembly.feed(fragment)
+        if whole is not None:
+            peer.deliver(whole.payload)
+
     # -- TLS exporter
 
     def _capture_exporter_secret(self) -> None:
@@ -731,6 +920,24 @@ async def server_address(dialer: Dialer, server: str, port: int
     return ip, (str(ip), port)
 
 
+def enable_gro(sock: socket.socket) -> bool:
+    """Ask the kernel to hand over a GSO batch of datagrams (the way quic-go
+    sends) as one read (UDP_GRO, Linux 5.0); False where it cannot."""
+    try:
+        sock.setsockopt(socket.SOL_UDP, UDP_GRO, 1)
+    except OSError:
+        return False
+    return True
+
+
+def gro_segment(ancillary: list[tuple[int, int, bytes]]) -> int:
+    """The size of each datagram in a coalesced read (0: one datagram)."""
+    for level, kind, value in ancillary:
+        if level == socket.SOL_UDP and kind == UDP_GRO and len(value) >= 4:
+            return int.from_bytes(value[:4], sys.byteorder)
+    return 0
+
+
 def enlarge_buffers(sock: socket.socket, size: int = SOCKET_BUFFER) -> None:
     """Ask for `size` bytes of receive and send buffer on `sock`, forced
     past the system's maximum when privileged (see SOCKET_BUFFER)."""
@@ -757,8 +964,10 @@ async def open_tunnel(make: Callable[[socket.socket, tuple[Any, ...]], QuicTunne
                               dialer.mark)
             try:
                 enlarge_buffers(sock)
+                gro = enable_gro(sock)
                 sock.connect(address[:2] if ip.version == 4 else address)
                 tunnel = make(sock, address)
+                tunnel.gro = gro
             except BaseException:
                 sock.close()
                 raise
@@ -935,3 +1144,63 @@ class DatagramPeer(UdpPeer):
             on_close()
         self.inner.close()
         await super().aclose()
+
+
+class QuicOutbound:
+    """What a proxy over QUIC shares, whatever its protocol: the server,
+    the client configuration (`QuicTls`, the proxy's own CAs, congestion
+    control) and its one `SharedTunnel`. A protocol says how its tunnel is
+    made (`make_tunnel`) and how flows use it (`connect_tcp`, `open_udp`
+    with `open_session`)."""
+
+    type = "Quic"
+    carries_udp = True
+
+    def __init__(self, name: str, server: str, port: int, *, tls: QuicTls, dialer: Dialer,
+                 connect_timeout: float, ca: Path | None = None, ca_str: str | None = None,
+                 congestion: str = "cubic") -> None:
+        self.name = name
+        self.server = server
+        self.port = port
+        self.dialer = dialer
+        self.connect_timeout = connect_timeout
+        self.fingerprint = tls.fingerprint
+        self.configuration = quic_configuration(
+            sni=tls.sni, alpn=tls.alpn, skip_cert_verify=tls.skip_cert_verify,
+            fingerprint=tls.fingerprint, ca_file=str(ca) if ca is not None else None,
+            ca_data=ca_str, congestion=congestion)
+        self.shared = SharedTunnel(self._connect)
+
+    def make_tunnel(self, sock: socket.socket, address: tuple[Any, ...]) -> QuicTunnel:
+        """The protocol's tunnel on a connected socket (not started)."""
+        raise NotImplementedError
+
+    async def _connect(self) -> QuicTunnel:
+        return await open_tunnel(self.make_tunnel, self.dialer, self.server, self.port,
+                                 name=self.name, within=self.connect_timeout,
+                                 fingerprint=self.fingerprint)
+
+    async def open_session(self, tunnel: QuicTunnel, session_id: int, reassembly: Reassembly,
+                           *, send: Callable[[bytes], None],
+                           on_close: Callable[[], None] | None = None) -> DatagramPeer:
+        """A UDP flow as session `session_id` of `tunnel`: `send` queues
+        one payload from the client (dropped once the tunnel is closed);
+        the server's fragments reach it through `deliver_fragment`. When
+        the flow ends the session is forgotten (`on_close`: what the
+        protocol tells the server) and the tunnel released."""
+        tunnel.acquire()
+
+        def closed() -> None:
+            if tunnel.sessions.pop(session_id, None) is not None and on_close is not None:
+                on_close()
+            tunnel.release()
+
+        def send_open(payload: bytes) -> None:
+            if tunnel.closed_reason is None:
+                send(payload)
+
+        peer = DatagramPeer(tunnel, self.name, f"{self.server}:{self.port} session {session_id}",
+                            send=send_open, on_close=closed)
+        tunnel.sessions[session_id] = (peer, reassembly)
+        await trio.lowlevel.checkpoint()
+        return peer

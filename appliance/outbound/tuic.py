@@ -36,13 +36,10 @@ from appliance.config.protocols.tuic import TuicOptions
 from appliance.outbound.base import Dialer, OutboundEnv, OutboundError, UdpPeer
 from appliance.outbound.quic import (
     DATAGRAM_ROOM,
-    DatagramPeer,
+    QuicOutbound,
     QuicTls,
     QuicTunnel,
-    SharedTunnel,
     open_request_stream,
-    open_tunnel,
-    quic_configuration,
 )
 from appliance.proto.tuic import (
     CMD_PACKET,
@@ -69,15 +66,13 @@ _MAX_PACKET_STREAM = 1 << 17
 
 class TuicTunnel(QuicTunnel):
     """A QUIC connection to a TUIC v5 server: Authenticate after QUIC's
-    handshake, the associations' Packets (`associations`: id -> peer and
-    reassembly), Heartbeats while flows are open."""
+    handshake, the associations' Packets (`sessions`, by association id),
+    Heartbeats while flows are open."""
 
     def __init__(self, *args: Any, options: TuicOptions, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.options = options
         self.keepalive_interval = options.heartbeat_interval
-        self.associations: dict[int, tuple[DatagramPeer, Reassembler]] = {}
-        self._assoc_ids = itertools.count(1)
         self._incoming: dict[int, bytearray] = {}
 
     async def handshake(self) -> None:
@@ -122,49 +117,25 @@ class TuicTunnel(QuicTunnel):
             cmd, body = parse_command(data)
         except TuicError:
             return
-        if cmd != CMD_PACKET or not isinstance(body, Packet):
-            return
-        entry = self.associations.get(body.assoc_id)
-        if entry is None:
-            return
-        peer, reassembler = entry
-        whole = reassembler.feed(body)
-        if whole is not None:
-            peer.deliver(whole.payload)
+        if cmd == CMD_PACKET and isinstance(body, Packet):
+            self.deliver_fragment(body.assoc_id, body)
 
     def on_end(self, reason: str) -> None:
-        self.associations.clear()
         self._incoming.clear()
 
-    def new_association(self) -> int:
-        while True:
-            aid = next(self._assoc_ids) & 0xFFFF
-            if aid and aid not in self.associations:
-                return aid
 
-
-class TuicOutbound:
-    """Flows through a TUIC v5 server (see the module doc). Owns its
-    `SharedTunnel`."""
+class TuicOutbound(QuicOutbound):
+    """Flows through a TUIC v5 server (see the module doc)."""
 
     type = "Tuic"
-    carries_udp = True
 
     def __init__(self, name: str, server: str, port: int, options: TuicOptions, *,
                  tls: QuicTls, dialer: Dialer, connect_timeout: float) -> None:
-        self.name = name
-        self.server = server
-        self.port = port
+        super().__init__(name, server, port, tls=tls, dialer=dialer,
+                         connect_timeout=min(connect_timeout, options.request_timeout),
+                         ca=options.ca, ca_str=options.ca_str,
+                         congestion=_CONGESTION[options.congestion_controller])
         self.options = options
-        self.dialer = dialer
-        self.connect_timeout = min(connect_timeout, options.request_timeout)
-        self.fingerprint = tls.fingerprint
-        self.configuration = quic_configuration(
-            sni=tls.sni, alpn=tls.alpn, skip_cert_verify=tls.skip_cert_verify,
-            fingerprint=tls.fingerprint,
-            ca_file=str(options.ca) if options.ca is not None else None, ca_data=options.ca_str,
-            congestion=_CONGESTION[options.congestion_controller])
-        self.shared = SharedTunnel(self._connect)
 
     @classmethod
     def from_config(cls, p: ProxyConfig, env: OutboundEnv) -> TuicOutbound:
@@ -179,60 +150,38 @@ class TuicOutbound:
             connect_timeout=env.connect_timeout,
         )  # fmt: skip
 
-    async def _connect(self) -> QuicTunnel:
-        def make(sock: socket.socket, address: tuple[Any, ...]) -> QuicTunnel:
-            return TuicTunnel(self.name, self.configuration, sock, address,
-                              options=self.options)
-
-        return await open_tunnel(make, self.dialer, self.server, self.port, name=self.name,
-                                 within=self.connect_timeout, fingerprint=self.fingerprint)
-
-    async def _tunnel(self) -> TuicTunnel:
-        tunnel = await self.shared.get()
-        assert isinstance(tunnel, TuicTunnel)
-        return tunnel
+    def make_tunnel(self, sock: socket.socket, address: tuple[Any, ...]) -> QuicTunnel:
+        return TuicTunnel(self.name, self.configuration, sock, address, options=self.options)
 
     async def connect_tcp(self, host: str | IPAddress, port: int) -> trio.abc.Stream:
         try:
             request = encode_connect(host, port)
         except TuicError as e:
             raise OutboundError(f"{self.name}: {e}") from None
-        return await open_request_stream(await self._tunnel(), request, self.name)
+        return await open_request_stream(await self.shared.get(), request, self.name)
 
     async def open_udp(self, host: str | IPAddress, port: int) -> UdpPeer | None:
-        tunnel = await self._tunnel()
-        assoc = tunnel.new_association()
+        tunnel = await self.shared.get()
+        assert isinstance(tunnel, TuicTunnel)
+        assoc = tunnel.new_session(0xFFFF)
         packet_ids = itertools.count()
         native = self.options.udp_relay_mode == "native"
         # A Packet on a stream of its own is not bound by the datagram size.
         room = DATAGRAM_ROOM if native else 0xFFFF + 64
-        tunnel.acquire()
-
-        def closed() -> None:
-            if tunnel.associations.pop(assoc, None) is not None:
-                tunnel.send_uni(encode_dissociate(assoc))
-                tunnel.transmit()
-            tunnel.release()
-
-        quic = tunnel.quic
+        send_frame = tunnel.quic.send_datagram_frame if native else tunnel.send_uni
 
         def send(payload: bytes) -> None:
-            if tunnel.closed_reason is not None:
-                return
             try:
                 frames = encode_packet(assoc, next(packet_ids) & 0xFFFF, host, port, payload,
                                        room)
             except TuicError:
                 return  # too large even in 255 fragments: dropped, as UDP may
             for frame in frames:
-                if native:
-                    quic.send_datagram_frame(frame)
-                else:
-                    tunnel.send_uni(frame)
+                send_frame(frame)
 
-        peer = DatagramPeer(tunnel, self.name, f"{self.server}:{self.port} assoc {assoc}",
-                            send=send, on_close=closed)
-        tunnel.associations[assoc] = (peer, Reassembler())
-        await trio.lowlevel.checkpoint()
-        return peer
+        def dissociate() -> None:
+            tunnel.send_uni(encode_dissociate(assoc))
+            tunnel.transmit()
 
+        return await self.open_session(tunnel, assoc, Reassembler(), send=send,
+                                       on_close=dissociate)
