@@ -33,32 +33,27 @@ import random
 from collections.abc import Awaitable, Callable
 
 import trio
-from h2.config import H2Configuration
-from h2.connection import H2Connection
-from h2.errors import ErrorCodes
-from h2.events import (
-    ConnectionTerminated,
-    DataReceived,
-    Event,
-    ResponseReceived,
-    StreamEnded,
-    StreamReset,
-    TrailersReceived,
-    WindowUpdated,
-)
-from h2.exceptions import H2Error
-from h2.settings import SettingCodes
-from hyperframe.frame import DataFrame
 
 from appliance.config.protocols.common import GrpcOptions, H2Options
 from appliance.outbound.transport import gun
 from appliance.outbound.transport.chunks import Chunks
+from appliance.outbound.transport.h2core import (
+    CANCEL,
+    DATA,
+    GOAWAY,
+    HEADERS,
+    RESET,
+    Event,
+    H2Client,
+    H2ProtocolError,
+    header_block,
+)
 
 READ_SIZE = 1 << 16
 WINDOW = 1 << 24
 # The largest frame we take (SETTINGS_MAX_FRAME_SIZE; the default is
-# 16 KiB). h2 costs ~45 us per DATA frame received: a Go server (sing-box,
-# v2ray, Xray) then sends the download in frames four times as large.
+# 16 KiB): a Go server (sing-box, v2ray, Xray) then sends the download in
+# frames four times as large, a quarter of the Python steps per MB.
 MAX_FRAME = 1 << 16
 # Client stream ids are odd and below 2**31; a connection near the end is
 # replaced rather than run out mid-open.
@@ -71,18 +66,6 @@ REUSE_IDLE = 30.0
 SHARED_SEND_TIMEOUT = 10.0
 # What grpc-go says; some servers check for a gRPC client.
 GRPC_USER_AGENT = "grpc-go/1.56.0"
-
-
-def _data_frame_repr(frame: DataFrame) -> str:
-    return f"<{len(frame.data)} bytes>"
-
-
-# h2 logs each frame it receives as `logger.trace("...", repr(frame))`: the
-# repr is built even when nothing is logged, and a DATA frame's repr
-# serializes and hex-encodes its whole payload (a 32 KiB string per 16 KiB
-# frame, cut to 20 characters). That was ~16% of h2's cost per received MB;
-# a DATA frame's repr now shows its length.
-DataFrame._body_repr = _data_frame_repr  # type: ignore[method-assign, assignment]
 
 
 def grpc_path(service_name: str) -> str:
@@ -106,18 +89,7 @@ class H2Conn:
     def __init__(self, transport_stream: trio.abc.Stream, *, shared: bool = False) -> None:
         self.transport_stream = transport_stream
         self.shared = shared
-        self.conn = H2Connection(config=H2Configuration(client_side=True,
-                                                        header_encoding=None))
-        self.conn.initiate_connection()
-        self.conn.update_settings({SettingCodes.INITIAL_WINDOW_SIZE: WINDOW,
-                                   SettingCodes.MAX_FRAME_SIZE: MAX_FRAME,
-                                   SettingCodes.ENABLE_PUSH: 0})
-        # Taken from now on, not only once the server acknowledged it: h2
-        # checks a read's frames against the size in force when the read
-        # began, and the server's ACK and its first large frame can come
-        # in one read.
-        self.conn.max_inbound_frame_size = MAX_FRAME
-        self.conn.increment_flow_control_window(WINDOW - 65535)
+        self.conn = H2Client(window=WINDOW, max_frame=MAX_FRAME)
         self.streams: dict[int, H2Stream] = {}
         # Why the connection is unusable (None: it is usable).
         self.error: str | None = None
@@ -127,10 +99,10 @@ class H2Conn:
         self._progress = trio.Event()
         self._send_lock = trio.Lock()
 
-    def open_stream(self, headers: list[tuple[str, str]], *, grpc: bool) -> H2Stream:
-        """A new request (its headers queued; `flush` sends them)."""
-        sid = self.conn.get_next_available_stream_id()
-        self.conn.send_headers(sid, headers)
+    def open_stream(self, block: bytes, *, grpc: bool) -> H2Stream:
+        """A new request with the header block `block` (queued; `flush`
+        sends it)."""
+        sid = self.conn.open_stream(block)
         stream = H2Stream(self, sid, grpc=grpc)
         self.streams[sid] = stream
         return stream
@@ -143,14 +115,16 @@ class H2Conn:
         c = self.conn
         if self.error is not None or self.closed:
             return False
-        if c.highest_outbound_stream_id >= MAX_STREAM_ID:
+        if c.next_stream_id >= MAX_STREAM_ID:
             return False
-        if c.open_outbound_streams >= c.remote_settings.max_concurrent_streams:
+        if c.open_streams >= c.max_concurrent_streams:
             return False
         return bool(self.streams) or trio.current_time() - self.idle_since < REUSE_IDLE
 
     async def flush(self) -> None:
         async with self._send_lock:
+            if self.shared:
+                await trio.lowlevel.cancel_shielded_checkpoint()
             data = self.conn.data_to_send()
             if not data:
                 return
@@ -189,22 +163,27 @@ class H2Conn:
                 stream._eof = True
             return
         try:
-            events = self.conn.receive_data(bytes(data))
-        except H2Error as e:
+            events = self.conn.receive_data(data)
+        except H2ProtocolError as e:
             self.fail(f"HTTP/2: {e}")
             return
+        streams = self.streams
         for event in events:
-            stream_id = getattr(event, "stream_id", None)
-            target = self.streams.get(stream_id) if stream_id is not None else None
+            kind = event[0]
+            if kind == GOAWAY:
+                self.fail(f"HTTP/2: the server closed the connection (GOAWAY, error "
+                          f"{event[2]})")
+                continue
+            target = streams.get(event[1])
             if target is not None:
                 target._apply(event)
-            elif isinstance(event, DataReceived):
+            elif kind == DATA:
                 # A stream closed already: give the connection its window back.
-                self.conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
-            elif isinstance(event, ConnectionTerminated):
-                self.fail(f"HTTP/2: the server closed the connection (GOAWAY, error "
-                          f"{event.error_code})")
-        await self.flush()
+                self.conn.acknowledge(event[1], event[3])
+        # Only what the read made due (SETTINGS and PING answers, window
+        # updates): most reads send nothing.
+        if self.conn.pending:
+            await self.flush()
 
     def fail(self, reason: str) -> None:
         """The connection is unusable: every stream on it ends with `reason`."""
@@ -232,10 +211,7 @@ class H2Conn:
         if not self.streams:
             self.idle_since = trio.current_time()
         if self.error is None:
-            try:
-                self.conn.reset_stream(stream.stream_id, ErrorCodes.CANCEL)
-            except H2Error:
-                pass  # closed both ways already
+            self.conn.reset_stream(stream.stream_id, CANCEL)
             try:
                 await self.flush()
             except trio.BrokenResourceError:
@@ -265,6 +241,7 @@ class H2Stream(trio.abc.Stream):
         self._received = Chunks()
         self._eof = False
         self._error: str | None = None
+        self._responded = False
 
     @property
     def transport_stream(self) -> trio.abc.Stream:
@@ -276,41 +253,40 @@ class H2Stream(trio.abc.Stream):
         self._eof = True
 
     def _apply(self, event: Event) -> None:
-        conn = self.h2.conn
-        if isinstance(event, DataReceived):
-            conn.acknowledge_received_data(event.flow_controlled_length, self.stream_id)
-            if not event.data:
-                return
-            if self._decoder is not None:
-                try:
-                    self._received.extend(self._decoder.feed(event.data))
-                except gun.GunError as e:
-                    self._fail(f"grpc: {e}")
-            else:
-                self._received.append(bytes(event.data))
-        elif isinstance(event, ResponseReceived):
-            headers = dict(event.headers or [])
-            status = headers.get(b":status", b"")
-            if status != b"200":
-                self._fail(f"HTTP/2: the server answered {status.decode(errors='replace')}")
-            elif self._grpc and headers.get(b"grpc-status", b"0") != b"0":
+        kind = event[0]
+        if kind == DATA:
+            _, sid, payload, flow_controlled, end_stream = event
+            self.h2.conn.acknowledge(sid, flow_controlled)
+            if payload:
+                if self._decoder is not None:
+                    try:
+                        self._received.extend(self._decoder.feed(payload))
+                    except gun.GunError as e:
+                        self._fail(f"grpc: {e}")
+                else:
+                    self._received.append(payload)
+            if end_stream:
+                self._eof = True
+        elif kind == HEADERS:
+            headers = dict(event[2])
+            if not self._responded and b":status" in headers:
+                self._responded = True
+                status = headers[b":status"]
+                if status != b"200":
+                    self._fail(f"HTTP/2: the server answered {status.decode(errors='replace')}")
+                elif self._grpc and headers.get(b"grpc-status", b"0") != b"0":
+                    self._fail(_grpc_error(headers))
+            elif headers.get(b"grpc-status", b"0") != b"0":
                 self._fail(_grpc_error(headers))
-        elif isinstance(event, TrailersReceived):
-            headers = dict(event.headers or [])
-            if headers.get(b"grpc-status", b"0") != b"0":
-                self._fail(_grpc_error(headers))
-            self._eof = True
-        elif isinstance(event, StreamEnded):
-            self._eof = True
-        elif isinstance(event, StreamReset):
-            if event.error_code == 0:
+            if event[3]:
+                self._eof = True
+        elif kind == RESET:
+            if event[2] == 0:
                 # NO_ERROR: a Go server whose handler returned before the
                 # request body ended (the far end closed): an end, not a fault.
                 self._eof = True
             else:
-                self._fail(f"HTTP/2: the server reset the stream (error {event.error_code})")
-        elif isinstance(event, WindowUpdated):
-            pass  # senders wake on progress and look at the window again
+                self._fail(f"HTTP/2: the server reset the stream (error {event[2]})")
 
     # --- trio.abc.Stream ----------------------------------------------------
 
@@ -332,18 +308,18 @@ class H2Stream(trio.abc.Stream):
         conn = h2.conn
         try:
             while payload:
-                window = min(conn.local_flow_control_window(sid), conn.max_outbound_frame_size)
+                window = conn.send_window(sid)
                 if window <= 0:
                     await h2.flush()
                     await h2.wait_progress()
                     if self._error is not None:
                         raise trio.BrokenResourceError(self._error)
-                    if self._eof and conn.local_flow_control_window(sid) <= 0:
+                    if self._eof and conn.send_window(sid) <= 0:
                         raise trio.BrokenResourceError("HTTP/2: the connection ended")
                     continue
-                conn.send_data(sid, bytes(payload[:window]))
+                conn.send_data(sid, payload[:window])
                 payload = payload[window:]
-        except H2Error as e:
+        except H2ProtocolError as e:
             raise trio.BrokenResourceError(f"HTTP/2: {e}") from None
         await h2.flush()
 
@@ -363,7 +339,7 @@ class GunPool:
     If the connection breaks, every flow on it ends (as in mihomo)."""
 
     def __init__(self, opts: GrpcOptions, host: str, *, tls: bool) -> None:
-        self.headers = _grpc_headers(opts, host, tls=tls)
+        self.headers = header_block(_grpc_headers(opts, host, tls=tls))
         self._conn: H2Conn | None = None
         self._lock = trio.Lock()
 
@@ -403,7 +379,7 @@ async def _open(stream: trio.abc.Stream, headers: list[tuple[str, str]], *,
                 grpc: bool) -> H2Stream:
     """A connection of its own on `stream` with one request on it."""
     conn = H2Conn(stream)
-    out = conn.open_stream(headers, grpc=grpc)
+    out = conn.open_stream(header_block(headers), grpc=grpc)
     await conn.flush()
     return out
 
