@@ -166,3 +166,22 @@ def test_protocol_errors(wire: bytes) -> None:
     client.open_stream(header_block(REQUEST))
     with pytest.raises(H2ProtocolError):
         client.receive_data(wire)
+
+
+def test_repeated_indexed_blocks_decode_as_the_table_stands() -> None:
+    client, srv = connected()
+    block = header_block(REQUEST)
+    seen = []
+    for i in range(6):
+        sid = client.open_stream(block)
+        srv.receive_data(client.data_to_send())
+        # The same headers each time (indexed after the first), and now and
+        # then a new value that inserts into the server's dynamic table.
+        extra = [(b"x-n", str(i // 2).encode())]
+        srv.send_headers(sid, [(b":status", b"200"), (b"content-type", b"application/grpc"),
+                               *extra])
+        event = client.receive_data(srv.data_to_send())[0]
+        seen.append(dict(event[2]))
+    assert [h[b"x-n"] for h in seen] == [b"0", b"0", b"1", b"1", b"2", b"2"]
+    assert all(h[b"content-type"] == b"application/grpc" for h in seen)
+    assert client._indexed_blocks  # the repeats were served from it

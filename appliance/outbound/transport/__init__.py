@@ -6,7 +6,7 @@ A protocol outbound does: dial -> TLS (appliance/outbound/tls.py, with
 `transport_alpn`) -> `open_transport` -> its own header. The result is a
 `trio.abc.Stream` carrying the protocol's bytes; the transports that have
 a sans-I/O core keep it apart (`gun` framing, `http_obfs` heads, the ws
-upgrade and frames in `ws.py`; h2 is a sans-I/O library).
+upgrade and frames in `ws.py`, the HTTP/2 client in `h2core.py`).
 
 How it fails: the opening exchange and later reads raise
 trio.BrokenResourceError with the reason (an upgrade refused, a gRPC

@@ -11,7 +11,8 @@ What a client of these transports needs is small (RFC 9113):
   (`header_block`: literals without indexing, so the block never depends
   on the encoder's state and only the stream id changes per request);
 - response headers and trailers are decoded by `hpack.Decoder` (one per
-  connection, every block in order, as the dynamic table needs);
+  connection, every block in order, as the dynamic table needs), except
+  a repeat of an all-indexed block (see `_indexed_blocks`);
 - flow control: large windows announced at the start, received DATA
   acknowledged as the reader consumes it (`acknowledge`, WINDOW_UPDATEs
   once a quarter of a window is owed), the peer's windows tracked for
@@ -117,6 +118,12 @@ class H2Client:
         self._ack_after = max(window // 4, 1)
         self._decoder = Decoder()
         self._decoder.max_header_list_size = 1 << 16
+        # Blocks made only of indexed fields (each byte's high bit set),
+        # decoded: a server with a dynamic table (Go's) answers every
+        # request after the first with the same few bytes, and such a block
+        # reads the table without changing it, so its headers stay what
+        # they were until a block that is not all indexed comes.
+        self._indexed_blocks: dict[bytes, list[tuple[bytes, bytes]]] = {}
         self._buf = bytearray()
         # A header block spread over CONTINUATION frames: stream, flags, parts.
         self._continued: tuple[int, int, list[bytes]] | None = None
@@ -262,10 +269,19 @@ class H2Client:
             return
         sid, first_flags, parts = self._continued
         self._continued = None
-        try:
-            headers = self._decoder.decode(b"".join(parts), raw=True)
-        except HPACKError as e:
-            raise H2ProtocolError(f"bad header block: {e}") from None
+        block = b"".join(parts)
+        headers = self._indexed_blocks.get(block)
+        if headers is None:
+            try:
+                headers = [(bytes(k), bytes(v))
+                           for k, v in self._decoder.decode(block, raw=True)]
+            except HPACKError as e:
+                raise H2ProtocolError(f"bad header block: {e}") from None
+            if all(b & 0x80 for b in block):
+                self._indexed_blocks[block] = headers
+            else:
+                # It may have changed the dynamic table.
+                self._indexed_blocks.clear()
         events.append((HEADERS, sid, headers, bool(first_flags & FLAG_END_STREAM)))
 
     def _control_frame(self, kind: int, flags: int, sid: int, payload: bytes,
