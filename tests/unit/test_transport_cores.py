@@ -19,7 +19,7 @@ import pytest
 import trio
 from hypothesis import given
 from hypothesis import strategies as st
-from trio.testing import memory_stream_pair
+from trio.testing import memory_stream_pair, wait_all_tasks_blocked
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, BytesMessage, Ping, Pong, Request
 
@@ -491,6 +491,46 @@ async def test_gun_pool_carries_many_calls_on_one_connection() -> None:
         assert await fourth.receive_some() == b"echo:four"
         assert server.connections == 2
         await fourth.aclose()
+        nursery.cancel_scope.cancel()
+
+
+async def test_gun_pool_readers_park_and_hand_the_reading_on() -> None:
+    """Many flows waiting on one connection: each gets its own answers,
+    and a waiter cancelled mid-wait (whether parked or reading) leaves
+    the others a reader."""
+    server = GunEchoServer()
+    pool = GunPool(GrpcOptions(service_name="Svc"), "g.test", tls=True)
+    async with trio.open_nursery() as nursery:
+
+        async def dial() -> trio.abc.Stream:
+            client_end, server_end = memory_stream_pair()
+            nursery.start_soon(server.serve, server_end)
+            return client_end
+
+        calls = [await pool.open(dial) for _ in range(12)]
+        got: dict[int, bytes] = {}
+        scopes: dict[int, trio.CancelScope] = {}
+
+        async def wait_for(i: int) -> None:
+            with trio.CancelScope() as scope:
+                scopes[i] = scope
+                got[i] = await calls[i].receive_some()
+
+        with trio.fail_after(10):
+            async with trio.open_nursery() as waiters:
+                # The first waiter reads the connection; the others park.
+                for i in range(12):
+                    waiters.start_soon(wait_for, i)
+                    await wait_all_tasks_blocked()
+                scopes[0].cancel()  # the reader
+                scopes[5].cancel()  # a parked one
+                await wait_all_tasks_blocked()
+                for i in reversed(range(12)):
+                    await calls[i].send_all(b"m%d" % i)
+        assert 0 not in got and 5 not in got
+        assert got == {i: b"echo:m%d" % i for i in range(1, 12) if i != 5}
+        for call in calls:
+            await call.aclose()
         nursery.cancel_scope.cancel()
 
 

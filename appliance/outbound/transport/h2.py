@@ -84,9 +84,10 @@ class H2Conn:
     """One HTTP/2 connection to the proxy server and the streams on it.
 
     No task of its own: whichever stream needs bytes reads the connection
-    (`wait_progress`: one reader at a time, the others wait for its
-    progress) and hands each event to its stream. `shared` (a `GunPool`'s
-    connection) changes two things: bytes for the connection go out
+    (`wait_progress`: one reader at a time; the others park until a read
+    brings their stream something or it is their turn to read) and hands
+    each event to its stream. `shared` (a `GunPool`'s connection) changes
+    two things: bytes for the connection go out
     shielded from the flow's cancellation (half a TLS record written by a
     flow that ends would break every other flow on it), and closing a
     stream resets that stream instead of closing the connection.
@@ -102,7 +103,12 @@ class H2Conn:
         self.closed = False
         self.idle_since = trio.current_time()
         self._reading = False
-        self._progress = trio.Event()
+        # Tasks waiting while another reads: (stream, wake-up, whether it
+        # waits to send). A read wakes only the streams it brought
+        # something, the senders, and one more to take over the reading
+        # (not every waiting flow: with 32 flows on the connection that was
+        # 31 wake-ups that found nothing, per read).
+        self._parked: list[tuple[H2Stream, trio.Event, bool]] = []
         self._send_lock = trio.Lock()
 
     def open_stream(self, block: bytes, *, grpc: bool) -> H2Stream:
@@ -156,18 +162,22 @@ class H2Conn:
         try:
             data = await self.transport_stream.receive_some(READ_SIZE)
         except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as e:
+            self._reading = False
             if not self.shared:
+                self._wake(None)
                 raise
             self.fail(f"HTTP/2: the connection broke: {e}")
             return
-        finally:
+        except BaseException:
             self._reading = False
-            progress, self._progress = self._progress, trio.Event()
-            progress.set()
+            self._wake(())  # someone else reads
+            raise
+        self._reading = False
         if not data:
             self.error = self.error or "HTTP/2: the server closed the connection"
             for stream in self.streams.values():
                 stream._eof = True
+            self._wake(None)
             return
         try:
             events = self.conn.receive_data(data)
@@ -175,6 +185,7 @@ class H2Conn:
             self.fail(f"HTTP/2: {e}")
             return
         streams = self.streams
+        self._wake({event[1] for event in events})
         for event in events:
             kind = event[0]
             if kind == GOAWAY:
@@ -198,12 +209,46 @@ class H2Conn:
             self.error = reason
         for stream in self.streams.values():
             stream._fail(reason)
+        self._wake(None)
 
-    async def wait_progress(self) -> None:
-        if self._reading:
-            await self._progress.wait()
-        else:
+    def _wake(self, stream_ids: set[int] | tuple[()] | None) -> None:
+        """After a read: wake the parked tasks of `stream_ids` (None: all),
+        every sender (a window may have opened) and one more, which reads
+        next if nobody does."""
+        parked = self._parked
+        if not parked:
+            return
+        if stream_ids is None:
+            self._parked = []
+            for _, event, _ in parked:
+                event.set()
+            return
+        keep = []
+        for entry in parked:
+            if entry[2] or entry[0].stream_id in stream_ids:
+                entry[1].set()
+            else:
+                keep.append(entry)
+        if keep:
+            keep.pop(0)[1].set()
+        self._parked = keep
+
+    async def wait_progress(self, stream: H2Stream, *, sending: bool = False) -> None:
+        """Returns once the connection was read (by this task or another)
+        and may have brought `stream` something."""
+        if not self._reading:
             await self.pump()
+            return
+        entry = (stream, trio.Event(), sending)
+        self._parked.append(entry)
+        try:
+            await entry[1].wait()
+        except BaseException:
+            if entry in self._parked:
+                self._parked.remove(entry)
+            elif not self._reading:
+                self._wake(())  # it was to read next: pass that on
+            raise
 
     async def close_stream(self, stream: H2Stream) -> None:
         """`stream` is done: on a shared connection it is reset (if still
@@ -232,6 +277,7 @@ class H2Conn:
             return
         self.closed = True
         self.error = self.error or "HTTP/2: connection closed"
+        self._wake(None)
         await trio.aclose_forcefully(self.transport_stream)
 
 
@@ -304,7 +350,7 @@ class H2Stream(trio.abc.Stream):
                     raise trio.BrokenResourceError(self._error)
                 await trio.lowlevel.checkpoint()
                 return b""
-            await self.h2.wait_progress()
+            await self.h2.wait_progress(self)
         return self._received.take(max_bytes)
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
@@ -318,7 +364,7 @@ class H2Stream(trio.abc.Stream):
                 window = conn.send_window(sid)
                 if window <= 0:
                     await h2.flush()
-                    await h2.wait_progress()
+                    await h2.wait_progress(self, sending=True)
                     if self._error is not None:
                         raise trio.BrokenResourceError(self._error)
                     if self._eof and conn.send_window(sid) <= 0:
