@@ -14,6 +14,8 @@ proxy blackholed mid-flow, is not waited for 300 s).
 Dead peers: both ends, when they are sockets, get TCP keepalive
 (`sockopt.set_keepalive`, the dialer defaults mihomo uses), so a peer that
 vanished without a FIN or RST is noticed by the kernel while the flow idles.
+The transparent listener's sockets have it from their listener
+(`client_keepalive=False`: Linux copies it to accepted sockets).
 
 When both ends are plain `trio.SocketStream`s, a direction starts with the
 copy loop and, once one read fills a whole buffer (bulk data is queued),
@@ -137,16 +139,19 @@ async def splice(
     half_close_timeout: float | None = None,
     meter: Meter | None = None,
     zero_copy: bool = True,
+    client_keepalive: bool = True,
 ) -> SpliceResult:
     """Relay until both directions end, one fails, or nothing moved for
     `idle_timeout` seconds (`half_close_timeout` once one direction has
     ended, if shorter). Does not close either stream (the caller owns them:
-    see `abort`). `zero_copy=False` forces the copy loop (tests)."""
+    see `abort`). `zero_copy=False` forces the copy loop (tests);
+    `client_keepalive=False`: the client's socket has keepalive already."""
     m: Meter = meter if meter is not None else _NullMeter()
     use_splice = zero_copy and can_zero_copy(client, server)
-    for stream in (client, server):
-        if isinstance(stream, trio.SocketStream):
-            set_keepalive(stream.socket)
+    if client_keepalive and isinstance(client, trio.SocketStream):
+        set_keepalive(client.socket)
+    if isinstance(server, trio.SocketStream):
+        set_keepalive(server.socket)
     state = _State(SpliceResult(zero_copy=use_splice), trio.current_time())
     timed = idle_timeout is not None or half_close_timeout is not None
     sweeper = _idle_sweeper() if timed else None

@@ -39,7 +39,7 @@ from appliance.config.model import Config, IPAddress
 from appliance.flow import Flow, tproxy_entry
 from appliance.gateway.splice import FlowRegistry, SpliceResult, abort, close, splice
 from appliance.limits import ConcurrencyLimit, client_key
-from appliance.sockopt import IP_TRANSPARENT, IPV6_TRANSPARENT
+from appliance.sockopt import IP_TRANSPARENT, IPV6_TRANSPARENT, set_keepalive
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +102,11 @@ async def open_transparent_listeners(port: int, ipv6: bool) -> list[trio.SocketL
             # Without it TPROXY finds no socket for a non-local destination.
             sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
             await sock.bind(("0.0.0.0", port))
+        # Accepted sockets inherit it (Linux copies the listener's
+        # keepalive and arms its timer in each new connection): the splice
+        # then sets it on the server end only, four system calls less per
+        # flow.
+        set_keepalive(sock)
         sock.listen(BACKLOG)
     except BaseException:
         sock.close()
@@ -300,7 +305,8 @@ class TransparentTcp:
                 log.debug("tcp %s: via %s", where, flow.outbound or "?")
                 try:
                     result = await splice(client, server, idle_timeout=a.idle_timeout,
-                                          half_close_timeout=a.half_close_timeout, meter=record)
+                                          half_close_timeout=a.half_close_timeout, meter=record,
+                                          client_keepalive=False)
                 finally:
                     if result is not None and result.reason == "error":
                         # Mirror the reset: both ends learn the flow broke.

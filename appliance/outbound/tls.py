@@ -53,6 +53,7 @@ import functools
 import hashlib
 import hmac
 import ipaddress
+import math
 import ssl
 from collections.abc import Callable
 
@@ -73,6 +74,15 @@ from appliance.outbound.tlslayer import (
 # HTTP/2 (grpc, h2). The transport's need overrides the configured `alpn`.
 ALPN_HTTP1 = ("http/1.1",)
 ALPN_H2 = ("h2",)
+# How long a kept session is offered before a resumed connection's newer
+# ticket replaces it. Reading a connection's session costs a copy of it
+# (CPython serialises and parses it again, the server's certificate
+# included: about a fifth of a resumed flow's CPU), so a resumed flow does
+# not take its ticket while the kept one is younger than this. Well inside
+# the lifetimes servers give their tickets (Go: 7 days; nginx: 5 minutes);
+# an expired ticket is not offered (OpenSSL checks its lifetime), and a
+# full handshake always hands its session.
+SESSION_REFRESH = 60.0
 
 
 def unsupported_tls(tls: TlsOptions | None) -> str | None:
@@ -124,8 +134,9 @@ class TlsClient:
 
     Resumption: the newest session ticket the server sent (TLS 1.3 sends
     them after the handshake; a stream hands the session here once it has
-    read the first data after them) is offered by the next handshake, as
-    mihomo's client session cache does (one entry per server name). A
+    read the first data after them) is offered by the next handshakes, as
+    mihomo's client session cache does (one entry per server name); a
+    resumed connection replaces it only once it is SESSION_REFRESH old. A
     resumed handshake skips the server's certificate and its signature: on
     the 2-core VM, 360 against 460 us of client CPU (OpenSSL 3.0, memory
     BIOs). The session is one this client's own context made (same trust,
@@ -149,8 +160,10 @@ class TlsClient:
         verify = not tls.skip_cert_verify and self.pin is None
         self.context = client_context(verify, alpn if alpn is not None else tls.alpn)
         # The session to offer, with the context that made it (only that
-        # context may resume it; a test swaps `context`).
+        # context may resume it; a test swaps `context`), and when it was
+        # kept (trio.current_time()).
         self._session: tuple[ssl.SSLContext, ssl.SSLSession] | None = None
+        self._session_kept = -math.inf
         self.reality = (RealityTls(tls.reality, tls.sni or _sni_name(server),
                                    alpn if alpn is not None else tls.alpn)
                         if tls.reality is not None else None)
@@ -158,6 +171,7 @@ class TlsClient:
     def _keep_session(self, context: ssl.SSLContext, session: ssl.SSLSession) -> None:
         """A stream's session with a ticket: the next handshakes offer it."""
         self._session = (context, session)
+        self._session_kept = trio.current_time()
 
     async def wrap(self, stream: trio.abc.Stream, what: str) -> TlsStream | RealityStream:
         """The handshake over `stream`; returns the TLS stream (which owns
@@ -179,6 +193,10 @@ class TlsClient:
             return None
 
         await handshake_or_close(tls, describe)
+        if (session is not None and tls.session_reused
+                and trio.current_time() - self._session_kept < SESSION_REFRESH):
+            # Resumed with a young ticket: keep offering it (see SESSION_REFRESH).
+            tls.keep_no_session()
         if self.pin is not None:
             try:
                 self._check_pin(tls, what)
@@ -259,6 +277,10 @@ class TlsStream(TlsLayer):
     @property
     def session_reused(self) -> bool:
         return self._ssl.session_reused
+
+    def keep_no_session(self) -> None:
+        """Do not hand this connection's session to `on_session`."""
+        self._on_session = None
 
     def _hand_session(self) -> None:
         """Once: this connection's session to `on_session`, if resumable."""

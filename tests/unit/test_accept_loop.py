@@ -7,12 +7,15 @@ descriptors, which the test runner must never do to itself.
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 
+import pytest
 import trio
 
-from appliance.gateway.tcp import accept_loop
+from appliance.gateway.tcp import accept_loop, open_transparent_listeners
+from appliance.sockopt import KEEPALIVE_COUNT, KEEPALIVE_IDLE, KEEPALIVE_INTERVAL
 
 EXHAUST = r"""
 import logging, os, socket, sys, trio
@@ -86,3 +89,26 @@ async def test_a_burst_of_connections_is_served() -> None:
                 c.close()
         assert replies == [b"ok"] * 50 and len(served) == 50
         nursery.cancel_scope.cancel()
+
+
+async def test_accepted_connections_have_the_listeners_keepalive() -> None:
+    # The splice leaves the client's socket alone: keepalive comes from the
+    # transparent listener (Linux copies it to each accepted socket).
+    try:
+        listener = (await open_transparent_listeners(0, ipv6=False))[0]
+    except PermissionError:
+        pytest.skip("IP_TRANSPARENT needs CAP_NET_ADMIN")
+    port = listener.socket.getsockname()[1]
+    async with listener:
+        client = trio.socket.socket()
+        with trio.fail_after(5):
+            await client.connect(("127.0.0.1", port))
+            accepted = await listener.accept()
+        sock = accepted.socket
+        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+        assert (sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE),
+                sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL),
+                sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT)) == (
+                    KEEPALIVE_IDLE, KEEPALIVE_INTERVAL, KEEPALIVE_COUNT)
+        await accepted.aclose()
+        client.close()

@@ -34,6 +34,7 @@ from appliance.config.protocols.common import (
 from appliance.config.protocols.trojan import TrojanOptions
 from appliance.config.render import effective_config
 from appliance.lab.certs import make_ca_and_cert
+from appliance.outbound import tls as tls_module
 from appliance.outbound.base import OutboundError
 from appliance.outbound.tls import TlsClient, TlsStream, unsupported_tls
 from appliance.outbound.transport import gun
@@ -621,7 +622,8 @@ async def _exchange(client: TlsClient, server_ctx: ssl.SSLContext) -> TlsStream:
     return tls
 
 
-async def test_tls_resumes_with_the_servers_ticket(certs: tuple[Path, Path, Path]) -> None:
+async def test_tls_resumes_with_the_servers_ticket(
+        certs: tuple[Path, Path, Path], monkeypatch: pytest.MonkeyPatch) -> None:
     ca, cert, key = certs
     server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     server_ctx.load_cert_chain(cert, key)
@@ -638,6 +640,15 @@ async def test_tls_resumes_with_the_servers_ticket(certs: tuple[Path, Path, Path
             again = await _exchange(client, server_ctx)
             assert again.session_reused
             assert again.getpeercert() == first.getpeercert()
+    # A resumed connection's newer ticket replaces the kept one only once
+    # that is SESSION_REFRESH old (reading a session copies it).
+    kept = trusted._session
+    assert (await _exchange(trusted, server_ctx)).session_reused
+    assert trusted._session is kept
+    monkeypatch.setattr(tls_module, "SESSION_REFRESH", 0.0)
+    assert (await _exchange(trusted, server_ctx)).session_reused
+    assert trusted._session is not kept and trusted._session is not None
+    monkeypatch.undo()
     # Another server (new ticket keys): a full handshake, then its ticket.
     other_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     other_ctx.load_cert_chain(cert, key)
