@@ -249,7 +249,12 @@ class MihomoGateway:
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
                 raise ReferenceError(f"mihomo exited:\n{self.log_text()[-2000:]}")
-            if self.api("/version").returncode == 0:
+            # The controller can answer before the DNS listener is bound
+            # (seen in CI: the client's first name went unresolved), so
+            # both must answer; dig exits 0 on any reply.
+            if (self.api("/version").returncode == 0
+                    and self._gw("dig", "+time=1", "+tries=1", "-p", str(MIHOMO_DNS_PORT),
+                                 "@127.0.0.1", "mihomo-ready.test").returncode == 0):
                 return self
             time.sleep(0.1)
         self.stop()
