@@ -174,6 +174,7 @@ MIHOMO_ROUTE_TABLE = 4242
 MIHOMO_TPROXY_PORT = 7894
 MIHOMO_DNS_PORT = 1053
 MIHOMO_CONTROLLER = ("127.0.0.1", 9097)
+MIHOMO_PROBE_PORT = 7896
 
 _MIHOMO_NFT = """\
 table inet {table} {{
@@ -214,9 +215,12 @@ class MihomoGateway:
             "mode": "rule", "log-level": "info", "allow-lan": True, "bind-address": "*",
             "tproxy-port": MIHOMO_TPROXY_PORT, "routing-mark": 255, "ipv6": False,
             "external-controller": "{}:{}".format(*MIHOMO_CONTROLLER),
+            # The readiness probe's way in (see _ready); a profile may set its own.
+            "mixed-port": MIHOMO_PROBE_PORT,
             "dns": dns, **profile,
         }
         self._proc: subprocess.Popen[bytes] | None = None
+        self._probes = 0
 
     def _gw(self, *argv: str) -> subprocess.CompletedProcess[str]:
         return self.lab.exec("gateway", list(argv))
@@ -249,16 +253,29 @@ class MihomoGateway:
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
                 raise ReferenceError(f"mihomo exited:\n{self.log_text()[-2000:]}")
-            # The controller can answer before the DNS listener is bound
-            # (seen in CI: the client's first name went unresolved), so
-            # both must answer; dig exits 0 on any reply.
-            if (self.api("/version").returncode == 0
-                    and self._gw("dig", "+time=1", "+tries=1", "-p", str(MIHOMO_DNS_PORT),
-                                 "@127.0.0.1", "mihomo-ready.test").returncode == 0):
+            if self._ready():
                 return self
             time.sleep(0.1)
         self.stop()
         raise ReferenceError(f"mihomo did not start in {timeout} s:\n{self.log_text()[-2000:]}")
+
+    def _ready(self) -> bool:
+        """mihomo serves its controller, DNS and listeners before its tunnel
+        runs (it loads providers in between) and drops the connections that
+        come meanwhile: seen in CI as a client's first name unresolved, or a
+        first flow refused. Ready is: the controller and the DNS answer
+        (dig exits 0 on any reply), and a probe through the mixed port is
+        routed (its line in the log)."""
+        if self.api("/version").returncode != 0:
+            return False
+        if self._gw("dig", "+time=1", "+tries=1", "-p", str(MIHOMO_DNS_PORT),
+                    "@127.0.0.1", "mihomo-ready.test").returncode != 0:
+            return False
+        self._probes += 1
+        target = f"127.0.0.{self._probes % 250 + 2}:9"
+        self._gw("curl", "-s", "-m", "1", "-x", f"socks5://127.0.0.1:{self.config['mixed-port']}",
+                 f"http://{target}/")
+        return f"--> {target}" in self.log_text()
 
     def api(self, path: str, method: str = "GET") -> subprocess.CompletedProcess[str]:
         """curl its controller from inside the gateway namespace."""
