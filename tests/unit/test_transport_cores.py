@@ -10,6 +10,7 @@ import base64
 import hashlib
 import random
 import ssl
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import h2.config
@@ -456,15 +457,25 @@ async def test_a_large_frame_in_the_read_that_acknowledges_our_settings() -> Non
     assert got == payload
 
 
+def _dialer(nursery: trio.Nursery,
+            server: GunEchoServer) -> Callable[[], Awaitable[trio.abc.Stream]]:
+    """A GunPool dial: a memory stream pair whose server end `server`
+    serves in `nursery`."""
+
+    async def dial() -> trio.abc.Stream:
+        client_end, server_end = memory_stream_pair()
+        nursery.start_soon(server.serve, server_end)
+        return client_end
+
+    return dial
+
+
 async def test_gun_pool_carries_many_calls_on_one_connection() -> None:
     server = GunEchoServer()
     pool = GunPool(GrpcOptions(service_name="Svc"), "g.test", tls=True)
     async with trio.open_nursery() as nursery:
 
-        async def dial() -> trio.abc.Stream:
-            client_end, server_end = memory_stream_pair()
-            nursery.start_soon(server.serve, server_end)
-            return client_end
+        dial = _dialer(nursery, server)
 
         first = await pool.open(dial)
         second = await pool.open(dial)
@@ -503,10 +514,7 @@ async def test_gun_pool_readers_park_and_hand_the_reading_on() -> None:
     pool = GunPool(GrpcOptions(service_name="Svc"), "g.test", tls=True)
     async with trio.open_nursery() as nursery:
 
-        async def dial() -> trio.abc.Stream:
-            client_end, server_end = memory_stream_pair()
-            nursery.start_soon(server.serve, server_end)
-            return client_end
+        dial = _dialer(nursery, server)
 
         calls = [await pool.open(dial) for _ in range(12)]
         got: dict[int, bytes] = {}

@@ -35,6 +35,7 @@ from typing import Any
 
 from hpack import Decoder
 from hpack.exceptions import HPACKError
+from hpack.hpack import encode_integer
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 DEFAULT_WINDOW = 65535
@@ -69,20 +70,7 @@ def frame(kind: int, flags: int, stream_id: int, payload: bytes = b"") -> bytes:
 
 def _hpack_string(s: bytes) -> bytes:
     # Not Huffman coded: length with a 7-bit prefix, high bit clear.
-    return _hpack_int(len(s), 7, 0) + s
-
-
-def _hpack_int(n: int, prefix: int, first: int) -> bytes:
-    limit = (1 << prefix) - 1
-    if n < limit:
-        return bytes((first | n,))
-    out = bytearray((first | limit,))
-    n -= limit
-    while n >= 0x80:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
+    return bytes(encode_integer(len(s), 7)) + s
 
 
 def header_block(headers: list[tuple[str, str]]) -> bytes:
