@@ -16,11 +16,12 @@ from pathlib import Path
 import h2.config
 import h2.connection
 import h2.events
+import h2.settings
 import pytest
 import trio
 from hypothesis import given
 from hypothesis import strategies as st
-from trio.testing import memory_stream_pair, wait_all_tasks_blocked
+from trio.testing import lockstep_stream_pair, memory_stream_pair, wait_all_tasks_blocked
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, BytesMessage, Ping, Pong, Request
 
@@ -40,7 +41,7 @@ from appliance.outbound.base import OutboundError
 from appliance.outbound.tls import TlsClient, TlsStream, unsupported_tls
 from appliance.outbound.transport import gun
 from appliance.outbound.transport.chunks import Chunks
-from appliance.outbound.transport.h2 import GunPool, open_grpc
+from appliance.outbound.transport.h2 import SHARED_BACKLOG, GunPool, open_grpc
 from appliance.outbound.transport.http_obfs import ResponseHeadSkipper, request_head
 from appliance.outbound.transport.ws import (
     OP_BINARY,
@@ -412,6 +413,7 @@ class GunEchoServer:
         self.resets = 0
         self.connections = 0
         self.conns: list[h2.connection.H2Connection] = []
+        self.messages: list[bytes] = []
 
     async def serve(self, stream: trio.abc.Stream) -> None:
         self.connections += 1
@@ -431,6 +433,7 @@ class GunEchoServer:
                     conn.acknowledge_received_data(event.flow_controlled_length,
                                                    event.stream_id)
                     for message in decoders[event.stream_id].feed(event.data):
+                        self.messages.append(message)
                         conn.send_data(event.stream_id, gun.encode(b"echo:" + message))
                 elif isinstance(event, h2.events.StreamReset):
                     self.resets += 1
@@ -540,6 +543,106 @@ async def test_gun_pool_readers_park_and_hand_the_reading_on() -> None:
         assert got == {i: b"echo:m%d" % i for i in range(1, 12) if i != 5}
         for call in calls:
             await call.aclose()
+        nursery.cancel_scope.cancel()
+
+
+async def test_gun_pool_sends_a_cancelled_flows_bytes_whole_and_writes_on() -> None:
+    """A shared connection's bytes are its writer's: a flow cancelled right
+    after queueing a message still has it sent whole (half a frame would
+    break every flow on the connection); the writer stops with the last
+    stream and the next flow starts it again."""
+    server = GunEchoServer()
+    pool = GunPool(GrpcOptions(service_name="Svc"), "g.test", tls=True)
+    async with trio.open_nursery() as nursery:
+        dial = _dialer(nursery, server)
+        first = await pool.open(dial)
+        second = await pool.open(dial)
+        message = bytes(range(256)) * 64  # 16 KiB: inside the first window
+        with trio.CancelScope() as scope:
+            scope.cancel()
+            await first.send_all(message)
+        assert scope.cancelled_caught
+        await first.aclose()
+        await second.send_all(b"two")
+        assert await second.receive_some() == b"echo:two"
+        assert server.messages == [message, b"two"]
+        conn = second.h2
+        await second.aclose()
+        await wait_all_tasks_blocked()
+        assert not conn._writing and server.resets == 2
+        third = await pool.open(dial)
+        assert third.h2 is conn
+        await third.send_all(b"three")
+        assert await third.receive_some() == b"echo:three"
+        await third.aclose()
+        nursery.cancel_scope.cancel()
+
+
+async def test_gun_pool_flows_wait_while_the_connection_backlog_is_full() -> None:
+    """A server that stops reading: a flow's sends queue up to about
+    SHARED_BACKLOG and then wait (nothing is buffered without bound); once
+    the server reads again every byte arrives, in order."""
+    chunk = 1 << 16
+    total = 32 * chunk
+    resume = trio.Event()
+    received: list[bytes] = []
+
+    async def serve(stream: trio.abc.Stream) -> None:
+        conn = h2.connection.H2Connection(
+            h2.config.H2Configuration(client_side=False, header_encoding=None))
+        conn.initiate_connection()
+        conn.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 1 << 24})
+        conn.increment_flow_control_window(1 << 24)
+        decoder = gun.GunDecoder()
+        while True:
+            if received and not resume.is_set():
+                await resume.wait()
+            data = await stream.receive_some()
+            if not data:
+                return
+            for event in conn.receive_data(data):
+                if isinstance(event, h2.events.RequestReceived):
+                    conn.send_headers(event.stream_id, [(b":status", b"200")])
+                elif isinstance(event, h2.events.DataReceived):
+                    conn.acknowledge_received_data(event.flow_controlled_length,
+                                                   event.stream_id)
+                    received.extend(decoder.feed(event.data))
+            await stream.send_all(conn.data_to_send())
+
+    pool = GunPool(GrpcOptions(service_name="Svc"), "g.test", tls=True)
+    sent = 0
+    payload = bytes(range(256)) * (total // 256)
+
+    async def upload(call: trio.abc.Stream) -> None:
+        nonlocal sent
+        while sent < total:
+            await call.send_all(payload[sent:sent + chunk])
+            sent += chunk
+
+    async with trio.open_nursery() as nursery:
+
+        async def dial() -> trio.abc.Stream:
+            client_end, server_end = lockstep_stream_pair()
+            nursery.start_soon(serve, server_end)
+            return client_end
+
+        call = await pool.open(dial)
+        with trio.fail_after(10):
+            async with trio.open_nursery() as uploading:
+                uploading.start_soon(upload, call)
+                # The reply (its SETTINGS) must be read for the window to open.
+                uploading.start_soon(call.receive_some)
+                while not received:
+                    await wait_all_tasks_blocked()
+                await wait_all_tasks_blocked()
+                # What went out of the flow but not to the server: the
+                # backlog, one send past it, and the write under way.
+                assert 0 < sent - len(b"".join(received)) <= SHARED_BACKLOG + 2 * chunk
+                resume.set()
+                while len(b"".join(received)) < total:
+                    await wait_all_tasks_blocked()
+                uploading.cancel_scope.cancel()
+        assert sent == total and b"".join(received) == payload
         nursery.cancel_scope.cancel()
 
 

@@ -17,10 +17,15 @@ reading the connection is shared: a stream's `receive_some` reads when it
 needs data, and a `send_all` blocked on the peer's flow-control window
 reads too when no read is under way (otherwise it waits for the reader's
 progress), so a WINDOW_UPDATE is never left unread; each event goes to the
-stream it names. Writes to the connection go out under one lock, in the
-order the core produced them; a shared connection's writer yields once
-before taking the bytes, so flows ready in the same scheduler pass (a
-request, another flow's RST_STREAM) share one write.
+stream it names. Bytes go out in the order the core produced them. A
+connection of its own is written by the flow, under a lock. A shared
+connection has one writer task while it has bytes to send or streams
+open: a flow queues its frames in the core, wakes the writer and goes on,
+so the flows that run in one scheduler pass (requests, RST_STREAMs, window
+updates) share one TLS write, and a flow that ends mid-write cannot leave
+half a record; a flow waits only while more than `SHARED_BACKLOG` bytes
+are queued (bench/protocols.py, grpc rows: the writes to the shared
+connection were a third of a flow's samples).
 
 Large windows (16 MiB for the stream and the connection) so that a bulk
 download is not paced by WINDOW_UPDATE round trips; received data is
@@ -35,6 +40,7 @@ that breaks ends every stream on it. Owns the stream it wraps.
 
 from __future__ import annotations
 
+import logging
 import random
 from collections.abc import Awaitable, Callable
 
@@ -55,6 +61,8 @@ from appliance.outbound.transport.h2core import (
     header_block,
 )
 
+log = logging.getLogger(__name__)
+
 READ_SIZE = 1 << 16
 WINDOW = 1 << 24
 # The largest frame we take (SETTINGS_MAX_FRAME_SIZE; the default is
@@ -67,9 +75,12 @@ MAX_STREAM_ID = (1 << 31) - 1025
 # A shared connection with no stream for this long is not reused (nothing
 # reads it while idle, so a close by the server would go unseen).
 REUSE_IDLE = 30.0
-# How long bytes for a shared connection may take to go out (shielded from
-# the flow's cancellation) before the connection is given up.
+# How long one write to a shared connection may take before the connection
+# is given up (its writer is no flow's: a flow's cancellation cannot cut it).
 SHARED_SEND_TIMEOUT = 10.0
+# Queued bytes of a shared connection above which a flow's send waits for
+# the writer (a bulk upload is paced by the socket, not buffered whole).
+SHARED_BACKLOG = 1 << 18
 # What grpc-go says; some servers check for a gRPC client.
 GRPC_USER_AGENT = "grpc-go/1.56.0"
 
@@ -87,10 +98,10 @@ class H2Conn:
     (`wait_progress`: one reader at a time; the others park until a read
     brings their stream something or it is their turn to read) and hands
     each event to its stream. `shared` (a `GunPool`'s connection) changes
-    two things: bytes for the connection go out
-    shielded from the flow's cancellation (half a TLS record written by a
-    flow that ends would break every other flow on it), and closing a
-    stream resets that stream instead of closing the connection.
+    two things: bytes for the connection go out through its writer task
+    (`_write_queued`), never a flow's (half a TLS record written by a flow
+    that ends would break every other flow on it), and closing a stream
+    resets that stream instead of closing the connection.
     """
 
     def __init__(self, transport_stream: trio.abc.Stream, *, shared: bool = False) -> None:
@@ -110,6 +121,13 @@ class H2Conn:
         # 31 wake-ups that found nothing, per read).
         self._parked: list[tuple[H2Stream, trio.Event, bool]] = []
         self._send_lock = trio.Lock()
+        # A shared connection's writer: whether its task runs, what wakes
+        # it, how many bytes it is writing, and the flows waiting for the
+        # backlog to fall.
+        self._writing = False
+        self._kicked = trio.Event()
+        self._in_flight = 0
+        self._backlogged: list[trio.Event] = []
 
     def open_stream(self, block: bytes, *, grpc: bool) -> H2Stream:
         """A new request with the header block `block` (queued; `flush`
@@ -134,26 +152,74 @@ class H2Conn:
         return bool(self.streams) or trio.current_time() - self.idle_since < REUSE_IDLE
 
     async def flush(self) -> None:
-        async with self._send_lock:
-            if self.shared:
-                await trio.lowlevel.cancel_shielded_checkpoint()
-            data = self.conn.data_to_send()
-            if not data:
-                return
-            if not self.shared:
-                await self.transport_stream.send_all(data)
-                return
-            deadline = trio.current_time() + SHARED_SEND_TIMEOUT
-            with trio.CancelScope(shield=True, deadline=deadline) as sc:
-                try:
-                    await self.transport_stream.send_all(data)
-                except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as e:
-                    self.fail(f"HTTP/2: the connection broke: {e}")
-            if sc.cancelled_caught:
-                self.fail("HTTP/2: the server took no data for "
-                          f"{SHARED_SEND_TIMEOUT:g} s")
+        """Send what the core has queued: on a shared connection, hand it
+        to the writer (waiting only while the backlog is over
+        SHARED_BACKLOG); else write it now."""
+        if self.shared:
             if self.error is not None:
                 raise trio.BrokenResourceError(self.error)
+            if self.conn.pending:
+                self._kick()
+            if self.conn.pending_bytes + self._in_flight <= SHARED_BACKLOG:
+                await trio.lowlevel.checkpoint()
+                return
+            drained = trio.Event()
+            self._backlogged.append(drained)
+            await drained.wait()
+            if self.error is not None:
+                raise trio.BrokenResourceError(self.error)
+            return
+        async with self._send_lock:
+            data = self.conn.data_to_send()
+            if data:
+                await self.transport_stream.send_all(data)
+
+    def _kick(self) -> None:
+        """Bytes are queued: wake the writer, or start it."""
+        if self._writing:
+            self._kicked.set()
+        elif self.error is None and not self.closed:
+            self._writing = True
+            trio.lowlevel.spawn_system_task(self._write_queued, name="HTTP/2 writer")
+
+    async def _write_queued(self) -> None:
+        """A shared connection's writer: sends what the core has queued, in
+        one write per wake-up (whatever every flow queued in the pass
+        before), until nothing is queued and no stream is open (then a
+        new flow starts it again). A write that fails or takes
+        SHARED_SEND_TIMEOUT fails the connection. A system task: it
+        outlives the flow that started it, and must never raise."""
+        try:
+            while self.error is None and not self.closed:
+                if not self.conn.pending:
+                    if not self.streams:
+                        break
+                    self._kicked = trio.Event()
+                    await self._kicked.wait()
+                    continue
+                data = self.conn.data_to_send()
+                self._in_flight = len(data)
+                with trio.move_on_after(SHARED_SEND_TIMEOUT) as timer:
+                    await self.transport_stream.send_all(data)
+                self._in_flight = 0
+                if timer.cancelled_caught:
+                    self.fail(f"HTTP/2: the server took no data for {SHARED_SEND_TIMEOUT:g} s")
+                elif self.conn.pending_bytes <= SHARED_BACKLOG:
+                    self._release_backlogged()
+        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as e:
+            self.fail(f"HTTP/2: the connection broke: {e}")
+        except Exception as e:  # a system task must not take the process down
+            log.exception("HTTP/2 writer failed")
+            self.fail(f"HTTP/2: the writer failed: {e!r}")
+        finally:
+            self._writing = False
+            self._in_flight = 0
+            self._release_backlogged()
+
+    def _release_backlogged(self) -> None:
+        waiting, self._backlogged = self._backlogged, []
+        for drained in waiting:
+            drained.set()
 
     async def pump(self) -> None:
         """One read of the connection, its events applied; wakes whoever
@@ -210,6 +276,7 @@ class H2Conn:
         for stream in self.streams.values():
             stream._fail(reason)
         self._wake(None)
+        self._kicked.set()  # the writer stops
 
     def _wake(self, stream_ids: set[int] | tuple[()] | None) -> None:
         """After a read: wake the parked tasks of `stream_ids` (None: all),
@@ -278,6 +345,8 @@ class H2Conn:
         self.closed = True
         self.error = self.error or "HTTP/2: connection closed"
         self._wake(None)
+        self._kicked.set()
+        self._release_backlogged()
         await trio.aclose_forcefully(self.transport_stream)
 
 

@@ -137,6 +137,11 @@ class H2Client:
         return bool(self._out)
 
     @property
+    def pending_bytes(self) -> int:
+        """How many bytes wait to be sent."""
+        return len(self._out)
+
+    @property
     def open_streams(self) -> int:
         return len(self._send_windows)
 
