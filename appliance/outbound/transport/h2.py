@@ -24,8 +24,9 @@ open: a flow queues its frames in the core, wakes the writer and goes on,
 so the flows that run in one scheduler pass (requests, RST_STREAMs, window
 updates) share one TLS write, and a flow that ends mid-write cannot leave
 half a record; a flow waits only while more than `SHARED_BACKLOG` bytes
-are queued (bench/protocols.py, grpc rows: the writes to the shared
-connection were a third of a flow's samples).
+are queued. bench/protocols.py, grpc rows, wrk's 32 flows at a time:
+write(2)s per flow ~2.3 -> ~1.2 (the one left is the reply to the
+client), Mirage's CPU per connection ~380 -> ~235 us.
 
 Large windows (16 MiB for the stream and the connection) so that a bulk
 download is not paced by WINDOW_UPDATE round trips; received data is
