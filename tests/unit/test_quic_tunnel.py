@@ -231,34 +231,46 @@ class CapturingSocket:
         return len(data)
 
 
+class InMemoryServer:
+    """A QuicTunnel on a CapturingSocket and an aioquic server passing
+    datagrams in memory; `pump` moves them (the tunnel's sends first)."""
+
+    def __init__(self) -> None:
+        self.sock = CapturingSocket()
+        self.tunnel = QuicTunnel("hy2-test", quic_configuration(
+            sni="quic.test", alpn=("h3",), skip_cert_verify=True, fingerprint=None),
+            self.sock, SERVER_ADDR)  # type: ignore[arg-type]
+        self.tunnel.quic.connect(SERVER_ADDR, now=trio.current_time())
+        self.tunnel.transmit()
+        header = pull_quic_header(Buffer(data=self.sock.sent[0]), host_cid_length=8)
+        self.server = QuicConnection(configuration=_server_config(),
+                                     original_destination_connection_id=header.destination_cid)
+        self.received: dict[int, bytes] = {}
+
+    def pump(self, rounds: int) -> None:
+        tunnel, server = self.tunnel, self.server
+        for _ in range(rounds):
+            now = trio.current_time()
+            tunnel.transmit()
+            for data in self.sock.sent:
+                server.receive_datagram(data, CLIENT_ADDR, now)
+            self.sock.sent.clear()
+            for data, _ in server.datagrams_to_send(now):
+                tunnel.quic.receive_datagram(data, SERVER_ADDR, now)
+            tunnel._handle_events()
+            while (event := server.next_event()) is not None:
+                if isinstance(event, quic_events.StreamDataReceived):
+                    self.received[event.stream_id] = (
+                        self.received.get(event.stream_id, b"") + event.data)
+
+
 async def test_a_stream_the_server_stopped_reading_ends_cleanly() -> None:
     """sing-box's hysteria2 server answers, ends its half and sends
     STOP_SENDING for ours. The flow's later EOF (and, once both halves are
     done, aioquic's discarded stream) must not raise out of aioquic: that
     ended the whole gateway under bench/protocols.py's load."""
-    sock = CapturingSocket()
-    tunnel = QuicTunnel("hy2-test", quic_configuration(
-        sni="quic.test", alpn=("h3",), skip_cert_verify=True, fingerprint=None),
-        sock, SERVER_ADDR)  # type: ignore[arg-type]
-    tunnel.quic.connect(SERVER_ADDR, now=trio.current_time())
-    tunnel.transmit()
-    header = pull_quic_header(Buffer(data=sock.sent[0]), host_cid_length=8)
-    server = QuicConnection(configuration=_server_config(),
-                            original_destination_connection_id=header.destination_cid)
-
-    def pump(rounds: int) -> None:
-        for _ in range(rounds):
-            now = trio.current_time()
-            tunnel.transmit()
-            for data in sock.sent:
-                server.receive_datagram(data, CLIENT_ADDR, now)
-            sock.sent.clear()
-            for data, _ in server.datagrams_to_send(now):
-                tunnel.quic.receive_datagram(data, SERVER_ADDR, now)
-            tunnel._handle_events()
-            while server.next_event() is not None:
-                pass
-
+    wired = InMemoryServer()
+    tunnel, server, pump = wired.tunnel, wired.server, wired.pump
     pump(10)
     assert tunnel.connected.is_set()
     stream = tunnel.open_stream()
@@ -278,6 +290,36 @@ async def test_a_stream_the_server_stopped_reading_ends_cleanly() -> None:
     await stream.send_eof()  # nothing to end, and no exception
     await stream.aclose()
     assert stream.stream_id not in tunnel.streams
+
+
+async def test_flows_that_write_in_one_pass_share_their_packets() -> None:
+    """Requests that flows write in the same scheduler pass leave together
+    (the first flow to resume sends for all): eight of them in one
+    datagram. A writer cancelled once its bytes are queued still has them
+    sent."""
+    wired = InMemoryServer()
+    wired.pump(10)
+    assert wired.tunnel.connected.is_set()
+    wired.sock.sent.clear()
+    sent: dict[int, bytes] = {}
+
+    async def request(i: int) -> None:
+        # As every protocol opens one: the stream, then its request at once.
+        stream = wired.tunnel.open_stream()
+        sent[stream.stream_id] = b"request %d" % i
+        await stream.send_all(sent[stream.stream_id])
+
+    async with trio.open_nursery() as nursery:
+        for i in range(8):
+            nursery.start_soon(request, i)
+    assert len(sent) == 8 and len(wired.sock.sent) == 1
+    late = wired.tunnel.open_stream()
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        await late.send_all(b"late")
+    assert scope.cancelled_caught and len(wired.sock.sent) == 2
+    wired.pump(3)
+    assert wired.received == {**sent, late.stream_id: b"late"}
 
 
 # -- the short receive path (CreditedConnection.receive_datagram) against
