@@ -35,6 +35,7 @@ from appliance.proto.vmess import (
     VmessClient,
     VmessError,
     _Direction,
+    _Shake,
     auth_id,
     cmd_key,
     encode_address,
@@ -156,6 +157,128 @@ def test_address_and_fnv() -> None:
     assert encode_address("example.com", 443) == b"\x01\xbb\x02\x0bexample.com"
     assert encode_address("::1", 53) == b"\x00\x35\x03" + ipaddress.ip_address("::1").packed
     assert fnv1a32(b"") == 0x811C9DC5 and fnv1a32(b"a") == 0xE40C292C
+
+
+def reference_kdf(key: bytes, *path: bytes) -> bytes:
+    """The KDF as v2ray defines it, one HMAC closure per level, nothing
+    precomputed: what the unrolled chains in vmess.py must equal."""
+
+    def hmac_over(inner: Callable[[bytes], bytes], k: bytes) -> Callable[[bytes], bytes]:
+        if len(k) > 64:
+            k = inner(k)
+        k = k.ljust(64, b"\0")
+        ipad = bytes(b ^ 0x36 for b in k)
+        opad = bytes(b ^ 0x5C for b in k)
+        return lambda m: inner(opad + inner(ipad + m))
+
+    def fn(m: bytes) -> bytes:
+        return hmac.new(b"VMess AEAD KDF", m, hashlib.sha256).digest()
+
+    for value in path:
+        fn = hmac_over(fn, value)
+    return fn(key)
+
+
+@pytest.mark.parametrize("path", [
+    (),
+    (b"AES Auth ID Encryption",),
+    (b"AEAD Resp Header Len Key",),
+    (b"auth_len",),
+    (b"VMess Header AEAD Key", bytes(range(16))),
+    (b"VMess Header AEAD Key_Length", bytes(range(16)), b"\xff" * 8),
+    (b"VMess Header AEAD Nonce", b"\x00" * 16, b"nonce!!!"),
+    (b"", b"", b""),
+    (b"L" * 64, b"a" * 65, b"n" * 200),  # keys of a block and longer (hashed first)
+    (b"one", b"two", b"three", b"four"),
+])
+def test_kdf_equals_the_nested_hmac_definition(path: tuple[bytes, ...]) -> None:
+    for key in (cmd_key(USER), b"", b"k" * 32, b"long" * 40):
+        assert kdf(key, *path) == reference_kdf(key, *path)
+        assert kdf(key, *path) == reference_kdf(key, *path)  # the label's cached level again
+
+
+# Requests (and the first sealed body) computed by the code before the
+# KDF, auth id and address fast paths (a name, an IPv6 address, a mux
+# request), with fixed_random(name) at NOW: the fast paths send the same
+# bytes.
+PINNED = [
+    ("name", "www.alpha.test", 443,
+     {"security": "aes-128-gcm", "authenticated_length": True, "global_padding": True},
+     "b1907251e84d9f51f47ef0b2835f9e8830fc837165852ab261e49f9ad3e8dd490c639e0eeca869f3"
+     "2829c0f85d0bfd4cfa79673f135f8544803edba420b83e8a9b56d1c68c12c56a8b11eea7cdb49fb1"
+     "4e3a664e3c0b8ba1910887442d2e3e89091edfa2b04141953dd8d941f93519fadab7d99984d05b27"
+     "5c557a8d162004c1c0e39775",
+     "c5b2e84ad20d2b3eb6a7bc0f4d368d93432f784eec1b6d4e70b04ab57f0c497a053737c6639587d6"
+     "9e61f157332e0948096160777ac8de1aedc398e0bdfd1a4b989222aaa7c35b"),
+    ("v6", "[2001:db8::1]", 53, {"security": "chacha20-poly1305", "command": COMMAND_UDP},
+     "9edc23a93aef94afe89ec697a634c74c2e3a3980526269656e4d499c692f847c6716386eac9a65d2"
+     "5619198e2a0957e8fe5a1eb365186496cad52ca08709641715826e37f13f14db04ae61522782bfe5"
+     "f8b5d8bd1d27b97a840025172b17064317ad657161a5050491637ffe09bd10ad46ecbf93bc5e89ca"
+     "3c8d52a0b774077b9a3aa5cec44c",
+     "3aa4e5af895a9012bfa99772a80dcc7b8d4ed67a346bdc21"),
+    ("mux", "example.com", 80, {"security": "aes-128-gcm", "command": COMMAND_MUX},
+     "91d6693bd77e0d84ae9951a93ecc82ce8e20189571910d6b0936995788cf0c247927a9ee5354212f"
+     "172111ac85146cf286b706f7064fc19c104de149b197bfcabbeeec4514c6404467912f9984f2f64f"
+     "097b4c3cabdcdffc241a363c6c6149310dc1ff5bb9ea69a2e93e5341031e19e9",
+     "e404786bdae0f63742f732600f140924724c048fc982101e"),
+]
+
+
+@pytest.mark.parametrize(("name", "host", "port", "kw", "request_hex", "body_hex"), PINNED,
+                         ids=[v[0] for v in PINNED])
+def test_requests_are_the_bytes_the_old_code_sent(name: str, host: str, port: int,
+                                                  kw: dict[str, Any], request_hex: str,
+                                                  body_hex: str) -> None:
+    for _ in range(2):  # the second connection reuses the user's cached keys
+        c = VmessClient(USER, host, port, now=NOW, random=fixed_random(name.encode()), **kw)
+        assert c.request.hex() == request_hex
+        assert c.seal(b"pinned").hex() == body_hex
+
+
+def test_response_header_sealed_by_the_reference_kdf_opens() -> None:
+    c = VmessClient(USER, "www.alpha.test", 443, security="aes-128-gcm")
+    head = bytes((c.response_v, 0, 0, 0))
+    length_key = reference_kdf(c.response_key, b"AEAD Resp Header Len Key")[:16]
+    length_iv = reference_kdf(c.response_iv, b"AEAD Resp Header Len IV")[:12]
+    header_key = reference_kdf(c.response_key, b"AEAD Resp Header Key")[:16]
+    header_iv = reference_kdf(c.response_iv, b"AEAD Resp Header IV")[:12]
+    answer = (AESGCM(length_key).encrypt(length_iv, len(head).to_bytes(2, "big"), None)
+              + AESGCM(header_key).encrypt(header_iv, head, None))
+    assert c.receive_data(answer) == [] and c.established
+
+
+def test_auth_ids_share_one_encryptor_and_still_decrypt() -> None:
+    key = cmd_key(USER)
+    dec = Cipher(algorithms.AES(reference_kdf(key, b"AES Auth ID Encryption")[:16]),
+                 modes.ECB()).decryptor()
+    for now, rand4 in ((1, b"abcd"), (2, b"efgh"), (1, b"abcd")):
+        plain = dec.update(auth_id(key, now, rand4))
+        assert plain[:12] == struct.pack(">Q", now) + rand4
+    assert auth_id(key, 5, b"wxyz") == auth_id(key, 5, b"wxyz")
+
+
+def _reference_address(host: str, port: int) -> bytes:
+    try:
+        ip = ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        name = host.encode("idna")
+        return struct.pack(">HBB", port, 2, len(name)) + name
+    return struct.pack(">HB", port, 1 if ip.version == 4 else 3) + ip.packed
+
+
+@pytest.mark.parametrize("host", ["www.alpha.test", "1.2.3.4", "[::1]", "fe80::1%eth0",
+                                  "01.2.3.4", "1.2.3", "1.2.3.4.5", "123", "1e100.net",
+                                  "\u0661.\u0662.\u0663.\u0664", "b\u00fccher.example", " 1.2.3.4"])
+def test_address_fast_path_agrees_with_parsing_every_host(host: str) -> None:
+    assert encode_address(host, 443) == _reference_address(host, 443)
+
+
+def test_shake_masks_continue_past_the_first_squeeze() -> None:
+    seed = bytes(range(16))
+    stream = _Shake(seed)
+    out = hashlib.shake_128(seed).digest(4000)
+    assert [stream.next16() for _ in range(2000)] == [
+        int.from_bytes(out[i:i + 2], "big") for i in range(0, 4000, 2)]
 
 
 def _server_side(c: VmessClient) -> ChunkOpener:
