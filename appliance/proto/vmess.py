@@ -181,6 +181,10 @@ def auth_id(key: bytes, now: int, rand4: bytes) -> bytes:
     """The 16-byte auth id: AES-128-ECB(time (8) + random (4) + CRC32)."""
     plain = struct.pack(">Q", now) + rand4
     plain += struct.pack(">I", zlib.crc32(plain))
+    if len(plain) != 16:
+        # A part block would stay in the shared encryptor and shift every
+        # later auth id of this user.
+        raise ValueError(f"auth id random must be 4 bytes, not {len(rand4)}")
     return _auth_id_encryptor(key).update(plain)
 
 

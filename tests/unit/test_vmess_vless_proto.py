@@ -254,6 +254,8 @@ def test_auth_ids_share_one_encryptor_and_still_decrypt() -> None:
     for now, rand4 in ((1, b"abcd"), (2, b"efgh"), (1, b"abcd")):
         plain = dec.update(auth_id(key, now, rand4))
         assert plain[:12] == struct.pack(">Q", now) + rand4
+        with pytest.raises(ValueError, match="4 bytes"):
+            auth_id(key, now, rand4[:3])  # refused, and leaves nothing behind
     assert auth_id(key, 5, b"wxyz") == auth_id(key, 5, b"wxyz")
 
 
