@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import ipaddress
 import os
 import struct
 import time
@@ -44,6 +43,8 @@ from collections.abc import Callable
 
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
+
+from appliance.proto.socks5 import ip_literal
 
 VERSION = 1
 COMMAND_TCP = 1
@@ -154,9 +155,8 @@ def fnv1a32(data: bytes) -> int:
 def encode_address(host: str, port: int) -> bytes:
     """Port then address: 1 IPv4, 2 name (length-prefixed), 3 IPv6 (the
     VMess/VLESS order and numbering, not SOCKS5's)."""
-    try:
-        ip = ipaddress.ip_address(host.strip("[]"))
-    except ValueError:
+    ip = ip_literal(host)
+    if ip is None:
         name = host.encode("idna")
         if not 0 < len(name) < 256:
             raise VmessError(f"bad target name {host!r}") from None
