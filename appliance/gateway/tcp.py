@@ -28,6 +28,7 @@ from __future__ import annotations
 import errno
 import ipaddress
 import logging
+import math
 import os
 import socket
 from collections.abc import Awaitable, Callable
@@ -37,7 +38,15 @@ import trio
 
 from appliance.config.model import Config, IPAddress
 from appliance.flow import Flow, tproxy_entry
-from appliance.gateway.splice import FlowRegistry, SpliceResult, abort, close, splice
+from appliance.gateway.splice import (
+    FlowRecord,
+    FlowRegistry,
+    SpliceResult,
+    abort,
+    close,
+    reset_on_close,
+    splice,
+)
 from appliance.limits import ConcurrencyLimit, client_key
 from appliance.sockopt import IP_TRANSPARENT, IPV6_TRANSPARENT, set_keepalive
 
@@ -275,32 +284,29 @@ class TransparentTcp:
         where = f"{src[0]}:{src[1]} -> {flow.host}:{dst[1]}"
         result: SpliceResult | None = None
         # The registry's close_flow (the API's DELETE /connections) cancels
-        # this scope: the relay ends and both sockets close.
-        with record.cancel_scope:
+        # this scope: the relay ends and both sockets close. Until the dial
+        # returns, its deadline is also the connect timeout: one cancel scope
+        # per flow, not a second one for the dial (entering and leaving one
+        # is a per-connection cost).
+        scope = record.cancel_scope
+        scope.deadline = deadline = trio.current_time() + a.connect_timeout
+        dialling = True
+        with scope:
             try:
                 try:
-                    with trio.fail_after(a.connect_timeout):
-                        server = await self.dial(flow)
-                except trio.TooSlowError:
-                    why = reason = f"no connection within {a.connect_timeout:g}s"
+                    server = await self.dial(flow)
                 except Exception as exc:  # dial is pluggable: any failure ends this flow only
+                    dialling = False
+                    scope.deadline = math.inf
                     why = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
                     # An OutboundError's text is the reason; other types say more named.
                     reason = getattr(exc, "reason", None) or why
                     log.debug("tcp %s: dial failed", where, exc_info=True)
-                else:
-                    why = reason = ""
-                if why:
-                    self.registry.dial_failures += 1
-                    self.registry.failures.record(flow, reason, flow_id=record.id)
-                    log.warning(
-                        "tcp %s: dial%s failed: %s; resetting the client",
-                        where,
-                        f" via {flow.outbound}" if flow.outbound else "",
-                        why,
-                    )
+                    self._dial_failed(flow, record, where, why, reason)
                     await abort(client)
                     return
+                dialling = False
+                scope.deadline = math.inf
                 record.routed(flow)
                 log.debug("tcp %s: via %s", where, flow.outbound or "?")
                 try:
@@ -335,10 +341,29 @@ class TransparentTcp:
                     result.down,
                 )
             finally:
+                if dialling and scope.cancel_called and trio.current_time() >= deadline:
+                    # The connect timeout cancelled the dial: a failed dial
+                    # like any other, the client is reset.
+                    why = f"no connection within {a.connect_timeout:g}s"
+                    self._dial_failed(flow, record, where, why, why)
+                    reset_on_close(client)
                 self.registry.close(record, result)
                 if result is None:
                     # Dial failed or cancelled: the client may still be open.
                     await client.aclose()
+
+    def _dial_failed(self, flow: Flow, record: FlowRecord, where: str, why: str,
+                     reason: str) -> None:
+        """Count and report a flow whose dial failed (`why` for the log,
+        `reason` for the failed flows the API lists)."""
+        self.registry.dial_failures += 1
+        self.registry.failures.record(flow, reason, flow_id=record.id)
+        log.warning(
+            "tcp %s: dial%s failed: %s; resetting the client",
+            where,
+            f" via {flow.outbound}" if flow.outbound else "",
+            why,
+        )
 
 
 def noted(server: trio.abc.Stream) -> str:
