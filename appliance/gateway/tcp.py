@@ -125,13 +125,15 @@ async def open_transparent_listeners(port: int, ipv6: bool) -> list[trio.SocketL
 
 async def accept_loop(
     listener: trio.SocketListener,
-    handler: Callable[[trio.SocketStream], Awaitable[None]],
+    handler: Callable[[trio.SocketStream, Any], Awaitable[None]],
     nursery: trio.Nursery,
     name: str,
 ) -> None:
-    """Accept on `listener` and run `handler(stream)` in `nursery` for each
-    connection, until cancelled (then the listener is closed). For the
-    transparent listener here and the proxy ports (proxyport/service.py).
+    """Accept on `listener` and run `handler(stream, peer)` in `nursery` for
+    each connection (`peer`: the client's address as accept(2) gave it, so
+    that handlers need no getpeername of their own), until cancelled (then
+    the listener is closed). For the transparent listener here and the
+    proxy ports (proxyport/service.py).
 
     `trio.serve_listeners` without its per-connection wrapper, whose
     `aclose_forcefully` of the (already closed) stream cost a cancel scope
@@ -150,7 +152,7 @@ async def accept_loop(
             burst = 0
             while True:
                 try:
-                    conn, _ = raw.accept()
+                    conn, peer = raw.accept()
                 except BlockingIOError:
                     burst = 0
                     await trio.lowlevel.wait_readable(lsock)
@@ -162,7 +164,8 @@ async def accept_loop(
                               name, os.strerror(exc.errno or 0), _ACCEPT_RETRY)
                     await trio.sleep(_ACCEPT_RETRY)
                     continue
-                nursery.start_soon(handler, trio.SocketStream(trio.socket.from_stdlib_socket(conn)))
+                nursery.start_soon(handler, trio.SocketStream(trio.socket.from_stdlib_socket(conn)),
+                                   peer)
                 burst += 1
                 if burst >= ACCEPT_BURST:
                     burst = 0
@@ -207,20 +210,19 @@ class TransparentTcp:
                 nursery.start_soon(accept_loop, listener, self.handle, nursery, "tcp")
             task_status.started()
 
-    async def handle(self, stream: trio.SocketStream) -> None:
+    async def handle(self, stream: trio.SocketStream, peer: Any) -> None:
         """One captured connection, from accept to close (always closed when
-        this returns or raises)."""
+        this returns or raises); `peer`: the client's sockaddr."""
         try:
-            await self._handle(stream)
+            await self._handle(stream, peer)
         finally:
             # Every path below closes the stream (abort, or aclose after the
             # splice); this covers the rest (a bug, cancellation at an odd
             # point) without awaiting.
             stream.socket.close()
 
-    async def _handle(self, stream: trio.SocketStream) -> None:
+    async def _handle(self, stream: trio.SocketStream, peer: Any) -> None:
         try:
-            peer = stream.socket.getpeername()
             local = stream.socket.getsockname()
         except OSError:
             # The client reset before we looked: nothing to serve.
