@@ -95,6 +95,13 @@ def parse_sockaddr_ip(sockaddr: Any) -> IPAddress:
     return ip
 
 
+def sockaddr_text(sockaddr: Any, ip: IPAddress) -> str:
+    """The text of `ip`, parsed from `sockaddr` (`parse_sockaddr_ip`): an
+    AF_INET sockaddr's own, which is already the kernel's dotted quad (what
+    str() of the address would build again)."""
+    return sockaddr[0] if len(sockaddr) == 2 else str(ip)
+
+
 async def open_transparent_listeners(port: int, ipv6: bool) -> list[trio.SocketListener]:
     """Bind the transparent listener(s) on `port`: one dual-stack [::] socket
     with ipv6, else one 0.0.0.0 socket. Raises OSError (EADDRINUSE, EPERM
@@ -231,8 +238,8 @@ class TransparentTcp:
         # Parsed once per flow: the pool, the registry and `dial` all get
         # these (the text forms for the registry and logs).
         src_addr, dst_addr = parse_sockaddr_ip(peer), parse_sockaddr_ip(local)
-        src = (str(src_addr), int(peer[1]))
-        dst = (str(dst_addr), int(local[1]))
+        src = (sockaddr_text(peer, src_addr), int(peer[1]))
+        dst = (sockaddr_text(local, dst_addr), int(local[1]))
         limit, client = self.flows, client_key(src[0])
         if limit is not None and not limit.acquire(client):
             # Over its share: reset now, so the client learns at once (a
