@@ -268,7 +268,12 @@ class Router:
         when a rule needed one)."""
         if self._mode_outbound is not None:
             return self._mode_outbound, None, ctx
-        resolved, i = await self.resolved(ctx)
+        if self.rules.first_resolve is None:
+            # No rule wants an address: `resolved`'s answer, without its
+            # coroutine (every TCP flow comes here).
+            resolved, i = None, self.rules.match_index(ctx)
+        else:
+            resolved, i = await self.resolved(ctx)
         if resolved is not None:
             i = self._first(ctx, 0, resolved)
         while i is not None and self._passes(i, ctx if resolved is None else resolved):
