@@ -38,6 +38,21 @@ CONNECT_SECONDS = Histogram(
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
     registry=REGISTRY,
 )
+# CONNECT_SECONDS' child per outbound name, looked up once (`connect_seconds`).
+_CONNECT_SECONDS_BY_OUTBOUND: dict[str, Histogram] = {}
+
+
+def connect_seconds(outbound: str) -> Histogram:
+    """`CONNECT_SECONDS` of one outbound: its labelled child, kept here.
+    `.labels()` builds a tuple and takes a lock on every call, once per TCP
+    flow; children are never removed, so a kept one stays the registered
+    one."""
+    child = _CONNECT_SECONDS_BY_OUTBOUND.get(outbound)
+    if child is None:
+        child = _CONNECT_SECONDS_BY_OUTBOUND[outbound] = CONNECT_SECONDS.labels(outbound)
+    return child
+
+
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 # Service counters that are levels, not counts since start.

@@ -50,7 +50,7 @@ import trio
 from appliance.config.model import TUNNEL_MODES, Config, IPAddress, Rule, TunnelMode
 from appliance.dns.upstream_api import UpstreamError
 from appliance.flow import Flow
-from appliance.metrics import CONNECT_SECONDS
+from appliance.metrics import connect_seconds
 from appliance.outbound.base import Outbound, Resolve, UdpPeer, outbound_deadline
 from appliance.outbound.build import BuildError, build_outbounds
 from appliance.outbound.direct import DirectOutbound
@@ -268,7 +268,12 @@ class Router:
         when a rule needed one)."""
         if self._mode_outbound is not None:
             return self._mode_outbound, None, ctx
-        resolved, i = await self.resolved(ctx)
+        if self.rules.first_resolve is None:
+            # No rule wants an address: `resolved`'s answer, without its
+            # coroutine (every TCP flow comes here).
+            resolved, i = None, self.rules.match_index(ctx)
+        else:
+            resolved, i = await self.resolved(ctx)
         if resolved is not None:
             i = self._first(ctx, 0, resolved)
         while i is not None and self._passes(i, ctx if resolved is None else resolved):
@@ -382,7 +387,7 @@ class Dispatcher:
         finally:
             FLOW_SOURCE.reset(token)
             FLOW_PICKS.reset(picks_token)
-            CONNECT_SECONDS.labels(outbound.name).observe(time.perf_counter() - started)
+            connect_seconds(outbound.name).observe(time.perf_counter() - started)
         if picks:
             flow.chains = (*picks, outbound.name)
         # Not in global or direct mode: an offloaded name would stay DIRECT

@@ -86,9 +86,10 @@ def start_marked_connect(ip: str, port: int, family: int,
     started: (socket, connect_ex's errno: 0, EINPROGRESS, or why it failed
     at once). Raises OSError only if the socket cannot be made or marked
     (then nothing is left open); the caller owns the socket otherwise."""
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # Non-blocking from socket(2) on: setblocking() would be a system call
+    # of its own, on every outbound connection.
+    sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
     try:
-        sock.setblocking(False)
         set_mark(sock, mark)
         return sock, sock.connect_ex((ip, port))
     except BaseException:

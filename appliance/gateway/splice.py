@@ -421,13 +421,19 @@ async def abort(stream: trio.abc.Stream) -> None:
     reset: the peer learns at once that the connection failed, instead of
     seeing an orderly end of data it might take for a complete response.
     """
+    reset_on_close(stream)
+    await stream.aclose()
+
+
+def reset_on_close(stream: trio.abc.Stream) -> None:
+    """Make closing `stream` reset its socket (SO_LINGER 0), if it has one:
+    `abort` for a caller that closes it itself."""
     sock = getattr(stream, "socket", None)
     if sock is not None:
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         except OSError:
             pass
-    await stream.aclose()
 
 
 # --- accounting: live flows and totals ---------------------------------------

@@ -28,6 +28,7 @@ from __future__ import annotations
 import errno
 import ipaddress
 import logging
+import math
 import os
 import socket
 from collections.abc import Awaitable, Callable
@@ -37,7 +38,15 @@ import trio
 
 from appliance.config.model import Config, IPAddress
 from appliance.flow import Flow, tproxy_entry
-from appliance.gateway.splice import FlowRegistry, SpliceResult, abort, close, splice
+from appliance.gateway.splice import (
+    FlowRecord,
+    FlowRegistry,
+    SpliceResult,
+    abort,
+    close,
+    reset_on_close,
+    splice,
+)
 from appliance.limits import ConcurrencyLimit, client_key
 from appliance.sockopt import IP_TRANSPARENT, IPV6_TRANSPARENT, set_keepalive
 
@@ -86,6 +95,13 @@ def parse_sockaddr_ip(sockaddr: Any) -> IPAddress:
     return ip
 
 
+def sockaddr_text(sockaddr: Any, ip: IPAddress) -> str:
+    """The text of `ip`, parsed from `sockaddr` (`parse_sockaddr_ip`): an
+    AF_INET sockaddr's own, which is already the kernel's dotted quad (what
+    str() of the address would build again)."""
+    return sockaddr[0] if len(sockaddr) == 2 else str(ip)
+
+
 async def open_transparent_listeners(port: int, ipv6: bool) -> list[trio.SocketListener]:
     """Bind the transparent listener(s) on `port`: one dual-stack [::] socket
     with ipv6, else one 0.0.0.0 socket. Raises OSError (EADDRINUSE, EPERM
@@ -116,13 +132,15 @@ async def open_transparent_listeners(port: int, ipv6: bool) -> list[trio.SocketL
 
 async def accept_loop(
     listener: trio.SocketListener,
-    handler: Callable[[trio.SocketStream], Awaitable[None]],
+    handler: Callable[[trio.SocketStream, Any], Awaitable[None]],
     nursery: trio.Nursery,
     name: str,
 ) -> None:
-    """Accept on `listener` and run `handler(stream)` in `nursery` for each
-    connection, until cancelled (then the listener is closed). For the
-    transparent listener here and the proxy ports (proxyport/service.py).
+    """Accept on `listener` and run `handler(stream, peer)` in `nursery` for
+    each connection (`peer`: the client's address as accept(2) gave it, so
+    that handlers need no getpeername of their own), until cancelled (then
+    the listener is closed). For the transparent listener here and the
+    proxy ports (proxyport/service.py).
 
     `trio.serve_listeners` without its per-connection wrapper, whose
     `aclose_forcefully` of the (already closed) stream cost a cancel scope
@@ -141,7 +159,7 @@ async def accept_loop(
             burst = 0
             while True:
                 try:
-                    conn, _ = raw.accept()
+                    conn, peer = raw.accept()
                 except BlockingIOError:
                     burst = 0
                     await trio.lowlevel.wait_readable(lsock)
@@ -153,7 +171,8 @@ async def accept_loop(
                               name, os.strerror(exc.errno or 0), _ACCEPT_RETRY)
                     await trio.sleep(_ACCEPT_RETRY)
                     continue
-                nursery.start_soon(handler, trio.SocketStream(trio.socket.from_stdlib_socket(conn)))
+                nursery.start_soon(handler, trio.SocketStream(trio.socket.from_stdlib_socket(conn)),
+                                   peer)
                 burst += 1
                 if burst >= ACCEPT_BURST:
                     burst = 0
@@ -198,20 +217,19 @@ class TransparentTcp:
                 nursery.start_soon(accept_loop, listener, self.handle, nursery, "tcp")
             task_status.started()
 
-    async def handle(self, stream: trio.SocketStream) -> None:
+    async def handle(self, stream: trio.SocketStream, peer: Any) -> None:
         """One captured connection, from accept to close (always closed when
-        this returns or raises)."""
+        this returns or raises); `peer`: the client's sockaddr."""
         try:
-            await self._handle(stream)
+            await self._handle(stream, peer)
         finally:
             # Every path below closes the stream (abort, or aclose after the
             # splice); this covers the rest (a bug, cancellation at an odd
             # point) without awaiting.
             stream.socket.close()
 
-    async def _handle(self, stream: trio.SocketStream) -> None:
+    async def _handle(self, stream: trio.SocketStream, peer: Any) -> None:
         try:
-            peer = stream.socket.getpeername()
             local = stream.socket.getsockname()
         except OSError:
             # The client reset before we looked: nothing to serve.
@@ -220,8 +238,8 @@ class TransparentTcp:
         # Parsed once per flow: the pool, the registry and `dial` all get
         # these (the text forms for the registry and logs).
         src_addr, dst_addr = parse_sockaddr_ip(peer), parse_sockaddr_ip(local)
-        src = (str(src_addr), int(peer[1]))
-        dst = (str(dst_addr), int(local[1]))
+        src = (sockaddr_text(peer, src_addr), int(peer[1]))
+        dst = (sockaddr_text(local, dst_addr), int(local[1]))
         limit, client = self.flows, client_key(src[0])
         if limit is not None and not limit.acquire(client):
             # Over its share: reset now, so the client learns at once (a
@@ -275,32 +293,29 @@ class TransparentTcp:
         where = f"{src[0]}:{src[1]} -> {flow.host}:{dst[1]}"
         result: SpliceResult | None = None
         # The registry's close_flow (the API's DELETE /connections) cancels
-        # this scope: the relay ends and both sockets close.
-        with record.cancel_scope:
+        # this scope: the relay ends and both sockets close. Until the dial
+        # returns, its deadline is also the connect timeout: one cancel scope
+        # per flow, not a second one for the dial (entering and leaving one
+        # is a per-connection cost).
+        scope = record.cancel_scope
+        scope.deadline = deadline = trio.current_time() + a.connect_timeout
+        dialling = True
+        with scope:
             try:
                 try:
-                    with trio.fail_after(a.connect_timeout):
-                        server = await self.dial(flow)
-                except trio.TooSlowError:
-                    why = reason = f"no connection within {a.connect_timeout:g}s"
+                    server = await self.dial(flow)
                 except Exception as exc:  # dial is pluggable: any failure ends this flow only
+                    dialling = False
+                    scope.deadline = math.inf
                     why = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
                     # An OutboundError's text is the reason; other types say more named.
                     reason = getattr(exc, "reason", None) or why
                     log.debug("tcp %s: dial failed", where, exc_info=True)
-                else:
-                    why = reason = ""
-                if why:
-                    self.registry.dial_failures += 1
-                    self.registry.failures.record(flow, reason, flow_id=record.id)
-                    log.warning(
-                        "tcp %s: dial%s failed: %s; resetting the client",
-                        where,
-                        f" via {flow.outbound}" if flow.outbound else "",
-                        why,
-                    )
+                    self._dial_failed(flow, record, where, why, reason)
                     await abort(client)
                     return
+                dialling = False
+                scope.deadline = math.inf
                 record.routed(flow)
                 log.debug("tcp %s: via %s", where, flow.outbound or "?")
                 try:
@@ -335,10 +350,29 @@ class TransparentTcp:
                     result.down,
                 )
             finally:
+                if dialling and scope.cancel_called and trio.current_time() >= deadline:
+                    # The connect timeout cancelled the dial: a failed dial
+                    # like any other, the client is reset.
+                    why = f"no connection within {a.connect_timeout:g}s"
+                    self._dial_failed(flow, record, where, why, why)
+                    reset_on_close(client)
                 self.registry.close(record, result)
                 if result is None:
                     # Dial failed or cancelled: the client may still be open.
                     await client.aclose()
+
+    def _dial_failed(self, flow: Flow, record: FlowRecord, where: str, why: str,
+                     reason: str) -> None:
+        """Count and report a flow whose dial failed (`why` for the log,
+        `reason` for the failed flows the API lists)."""
+        self.registry.dial_failures += 1
+        self.registry.failures.record(flow, reason, flow_id=record.id)
+        log.warning(
+            "tcp %s: dial%s failed: %s; resetting the client",
+            where,
+            f" via {flow.outbound}" if flow.outbound else "",
+            why,
+        )
 
 
 def noted(server: trio.abc.Stream) -> str:

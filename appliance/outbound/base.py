@@ -27,9 +27,9 @@ import ipaddress
 import math
 import os
 import socket
-from collections.abc import Awaitable, Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from types import TracebackType
 from typing import Any, Protocol
 
 import trio
@@ -673,24 +673,48 @@ class ReplayStream(trio.abc.HalfCloseableStream):
         await self.transport_stream.aclose()
 
 
-@contextmanager
-def outbound_deadline(seconds: float, what: str) -> Iterator[None]:
+# Lower case: used as `with outbound_deadline(...)`, like the function it was.
+class outbound_deadline:
     """One deadline for a whole connect (dial + handshake). A timeout becomes
     OutboundError, and so do OSError/BrokenResourceError that escape the
     body (a peer that reset the connection mid-handshake). Inside a caller's
     deadline that comes sooner (the gateway's connect timeout, an enclosing
     outbound_deadline) no scope is added: that deadline fires first, as it
-    would have anyway, and the caller reports it."""
-    try:
-        if trio.current_effective_deadline() < trio.current_time() + seconds:
+    would have anyway, and the caller reports it.
+
+    A class rather than a @contextmanager generator: it is entered on every
+    connection, and the generator's machinery cost more than its work."""
+
+    __slots__ = ("_scope", "_seconds", "_what")
+
+    def __init__(self, seconds: float, what: str) -> None:
+        self._seconds = seconds
+        self._what = what
+        self._scope: trio.CancelScope | None = None
+
+    def __enter__(self) -> None:
+        deadline = trio.current_time() + self._seconds
+        if trio.current_effective_deadline() < deadline:
             # The caller's deadline (the gateway's connect timeout) comes
             # first anyway: a second scope would never fire, only cost CPU
             # on every connection.
-            yield
             return
-        with trio.fail_after(seconds):
-            yield
-    except trio.TooSlowError:
-        raise OutboundError(f"{what}: timed out after {seconds:g}s") from None
-    except (OSError, trio.BrokenResourceError) as e:
-        raise OutboundError(f"{what}: {e}") from None
+        self._scope = trio.CancelScope(deadline=deadline)
+        self._scope.__enter__()
+
+    def __exit__(self, etype: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        scope = self._scope
+        if scope is not None:
+            # What fail_after does: the scope takes the Cancelled its own
+            # deadline caused (anything else goes on), and that is the
+            # timeout.
+            scope.__exit__(etype, exc, tb)
+            if scope.cancelled_caught:
+                raise OutboundError(
+                    f"{self._what}: timed out after {self._seconds:g}s") from None
+        if isinstance(exc, trio.TooSlowError):
+            raise OutboundError(
+                f"{self._what}: timed out after {self._seconds:g}s") from None
+        if isinstance(exc, OSError | trio.BrokenResourceError):
+            raise OutboundError(f"{self._what}: {exc}") from None

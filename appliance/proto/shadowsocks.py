@@ -56,6 +56,8 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from appliance.proto.socks5 import ip_literal
+
 TAG = 16
 AEAD_MAX_CHUNK = 0x3FFF
 SS2022_MAX_CHUNK = 0xFFFF
@@ -219,10 +221,10 @@ def encode_address(host: str | ipaddress.IPv4Address | ipaddress.IPv6Address, po
     if not 0 <= port <= 0xFFFF:
         raise ShadowsocksError(f"port out of range: {port}")
     if isinstance(host, str):
-        try:
-            ip = ipaddress.ip_address(host.strip("[]"))
-        except ValueError:
+        literal = ip_literal(host)
+        if literal is None:
             return _encode_name(host, port)
+        ip = literal
     else:
         ip = host
     atyp = ATYP_IPV4 if ip.version == 4 else ATYP_IPV6

@@ -83,13 +83,26 @@ class Socks5Error(Exception):
 # Addresses
 
 
+def ip_literal(host: str) -> IPAddress | None:
+    """The address if `host` is an IP literal (brackets allowed), else None.
+    For the address encoders of the proxy protocols, called once per flow,
+    usually with a name."""
+    text = host.strip("[]")
+    if ":" not in text and not text[-1:].isdigit():
+        # A name (an IPv4 literal ends in a digit, an IPv6 one has a colon):
+        # skip the parser, which fails by raising three exceptions.
+        return None
+    try:
+        return ipaddress.ip_address(text)
+    except ValueError:
+        return None
+
+
 def _as_host(host: Host) -> Host:
     """An IP literal string becomes an address object; a name stays a str."""
     if isinstance(host, str):
-        try:
-            return ipaddress.ip_address(host.strip("[]"))
-        except ValueError:
-            return host
+        ip = ip_literal(host)
+        return host if ip is None else ip
     return host
 
 

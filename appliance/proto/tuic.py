@@ -34,6 +34,8 @@ import struct
 import uuid as uuid_module
 from dataclasses import dataclass
 
+from appliance.proto.socks5 import ip_literal
+
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 VERSION = 0x05
@@ -65,9 +67,8 @@ def encode_address(host: str | IPAddress | None, port: int = 0) -> bytes:
     ip = host if isinstance(host, ipaddress.IPv4Address | ipaddress.IPv6Address) else None
     if ip is None:
         assert isinstance(host, str)
-        try:
-            ip = ipaddress.ip_address(host.strip("[]"))
-        except ValueError:
+        ip = ip_literal(host)
+        if ip is None:
             name = host.encode("idna") if not host.isascii() else host.encode()
             if not 0 < len(name) < 256:
                 raise TuicError(f"bad name {host!r}") from None

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import ipaddress
 import os
 import struct
 import time
@@ -44,6 +43,8 @@ from collections.abc import Callable
 
 from cryptography.hazmat.primitives.ciphers import Cipher, CipherContext, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
+
+from appliance.proto.socks5 import ip_literal
 
 VERSION = 1
 COMMAND_TCP = 1
@@ -198,16 +199,7 @@ def fnv1a32(data: bytes) -> int:
 def encode_address(host: str, port: int) -> bytes:
     """Port then address: 1 IPv4, 2 name (length-prefixed), 3 IPv6 (the
     VMess/VLESS order and numbering, not SOCKS5's)."""
-    bare = host.strip("[]")
-    # Most targets are names (fake IPs map back to them): skip the failing
-    # parse (~3 us) when `bare` cannot be an address, i.e. has no ':' (IPv6)
-    # and is not all digits and dots (IPv4).
-    ip = None
-    if ":" in bare or bare.replace(".", "").isdigit():
-        try:
-            ip = ipaddress.ip_address(bare)
-        except ValueError:
-            pass
+    ip = ip_literal(host)
     if ip is None:
         name = host.encode("idna")
         if not 0 < len(name) < 256:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import socket
 import subprocess
 import sys
+from typing import Any
 
 import pytest
 import trio
@@ -27,7 +28,7 @@ async def main():
     port = listener.socket.getsockname()[1]
     served = []
 
-    async def handler(stream):
+    async def handler(stream, peer):
         served.append(1)
         await stream.send_all(b"hi")
         stream.socket.close()
@@ -71,7 +72,8 @@ async def test_a_burst_of_connections_is_served() -> None:
     port = listener.socket.getsockname()[1]
     served: list[int] = []
 
-    async def handler(stream: trio.SocketStream) -> None:
+    async def handler(stream: trio.SocketStream, peer: Any) -> None:
+        assert peer == stream.socket.getpeername()
         served.append(1)
         await stream.send_all(b"ok")
         await stream.aclose()

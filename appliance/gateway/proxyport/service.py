@@ -351,16 +351,17 @@ class ProxyPorts:
 
     # -- one client connection ----------------------------------------------------
 
-    async def handle(self, spec: ProxyPort, stream: trio.SocketStream) -> None:
+    async def handle(self, spec: ProxyPort, stream: trio.SocketStream, peer: Any) -> None:
         """One client connection, from accept to close (always closed when
-        this returns or raises: `accept_loop` leaves that to us)."""
+        this returns or raises: `accept_loop` leaves that to us); `peer`:
+        the client's sockaddr."""
         if self.active >= self.limits.max_connections:
             self.refused_over_limit += 1
             log.warning("proxy ports: %d connections already; resetting a new one", self.active)
             await abort(stream)
             return
         try:
-            src = ip_port(stream.socket.getpeername())
+            src = ip_port(peer)
             local = stream.socket.getsockname()
         except OSError:
             await stream.aclose()
