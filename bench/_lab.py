@@ -96,9 +96,13 @@ class LabBench:
         server in the upstream namespace (not yet waited for)."""
         self.lab.up()
         # More ephemeral ports and TIME_WAIT reuse in our own namespaces, so
-        # tens of thousands of short connections never run out of ports.
+        # tens of thousands of short connections never run out of ports. Not
+        # below 10240: both gateways listen under it (Mirage 7893, 9090;
+        # mihomo 1053, 7894, 7896, 9097), and a closing connection of the
+        # gateway before on such a port made the next one's listen fail
+        # ("bind: address already in use": a whole mihomo round lost).
         for node in ("client", "gateway"):
-            self.run(node, ["sysctl", "-qw", "net.ipv4.ip_local_port_range=1024 65000",
+            self.run(node, ["sysctl", "-qw", "net.ipv4.ip_local_port_range=10240 65000",
                             "net.ipv4.tcp_tw_reuse=1"])
         self.lab.popen("upstream", ["iperf3", "-s", "-p", str(IPERF_PORT)],
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
