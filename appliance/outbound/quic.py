@@ -574,7 +574,10 @@ class QuicTunnel:
                     # cancel scope per pass (a tenth of the CPU at speed).
                     await trio.lowlevel.checkpoint()
                 now = trio.current_time()
-                idle = self._receive(now) == 0
+                reads = self._receive(now)
+                idle = reads == 0
+                if 0 < reads < RECV_BATCH:
+                    self._acknowledge_now(now)
                 timer = quic.get_timer()
                 if timer is not None and timer <= now:
                     quic.handle_timer(now)
@@ -634,6 +637,15 @@ class QuicTunnel:
         if n:
             self._last_activity = now
         return n
+
+    def _acknowledge_now(self, now: float) -> None:
+        """The socket is drained: acknowledge what came now instead of
+        after aioquic's ack delay. A sender waiting on our ACKs (a
+        congestion window's worth in flight) then sees the round trip the
+        network has, not the network's plus our delay."""
+        space = self.quic._spaces[_ONE_RTT]
+        if space.ack_at is not None and space.ack_at > now:
+            space.ack_at = now
 
     def _deadline(self) -> float:
         if self.closed_reason is not None and self.quic._state not in _CLOSING:

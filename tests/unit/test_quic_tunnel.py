@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 import hmac
+import socket
 from typing import Any
 
 import pytest
@@ -320,6 +321,60 @@ async def test_flows_that_write_in_one_pass_share_their_packets() -> None:
     assert scope.cancelled_caught and len(wired.sock.sent) == 2
     wired.pump(3)
     assert wired.received == {**sent, late.stream_id: b"late"}
+
+
+async def test_the_driver_acknowledges_once_the_socket_is_drained(
+        mock_clock: trio.testing.MockClock) -> None:
+    """A download's packets are acknowledged in the pass that drained the
+    socket, not after aioquic's ack delay: a sender under BBR that waits on
+    our ACKs then sees the network's round trip (measured: first downloads
+    through hysteria2 7-108 MB/s before, 85-102 after). The clock stands
+    still, so an ACK that waited for the delay would never leave."""
+    client_end, server_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    client_end.setblocking(False)
+    server_end.setblocking(False)
+    tunnel = QuicTunnel("hy2-test", quic_configuration(
+        sni="quic.test", alpn=("h3",), skip_cert_verify=True, fingerprint=None),
+        client_end, SERVER_ADDR)
+    tunnel.start()
+    first = server_end.recv(65536)
+    header = pull_quic_header(Buffer(data=first), host_cid_length=8)
+    server = QuicConnection(configuration=_server_config(),
+                            original_destination_connection_id=header.destination_cid)
+    server.receive_datagram(first, CLIENT_ADDR, trio.current_time())
+
+    async def exchange() -> int:
+        """Server datagrams in, client datagrams out; how many came out.
+        The clock moves 10 us (aioquic paces even its first packets), far
+        from the 1 ms ack delay."""
+        mock_clock.jump(1e-5)
+        for data, _ in server.datagrams_to_send(trio.current_time()):
+            server_end.send(data)
+        await trio.testing.wait_all_tasks_blocked()
+        came = 0
+        while True:
+            try:
+                data = server_end.recv(65536)
+            except BlockingIOError:
+                return came
+            came += 1
+            server.receive_datagram(data, CLIENT_ADDR, trio.current_time())
+
+    for _ in range(5):
+        await exchange()
+    assert tunnel.connected.is_set()
+    stream = tunnel.open_stream()
+    await stream.send_all(b"request")
+    await exchange()
+    while server.next_event() is not None:
+        pass
+    server.send_stream_data(stream.stream_id, b"answer" * 100)
+    assert await exchange() == 1  # the ACK
+    assert server._loss.bytes_in_flight == 0
+    assert await stream.receive_some() == b"answer" * 100
+    tunnel.close()
+    await exchange()
+    server_end.close()
 
 
 # -- the short receive path (CreditedConnection.receive_datagram) against
