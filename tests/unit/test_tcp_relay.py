@@ -5,8 +5,9 @@ closed (the client sees an orderly end, nothing is listed)."""
 
 from __future__ import annotations
 
+import contextlib
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import trio
@@ -33,6 +34,27 @@ class Pool:
         pass
 
 
+@contextlib.asynccontextmanager
+async def relayed_client(dial: Callable[[Flow], Awaitable[trio.abc.Stream]]
+                         ) -> AsyncIterator[tuple[FlowRegistry, trio.socket.SocketType]]:
+    """A TransparentTcp whose dial is `dial` on a loopback listener, and a
+    client connected to it."""
+    cfg = parse_config({"tproxy-port": 7893, "appliance": {"connect-timeout": TIMEOUT}})
+    registry = FlowRegistry()
+    tcp = TransparentTcp(cfg, Pool(), dial, registry)
+    listener = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
+    port = listener.socket.getsockname()[1]
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(accept_loop, listener, tcp.handle, nursery, "tcp")
+        client = trio.socket.socket()
+        try:
+            await client.connect(("127.0.0.1", port))
+            yield registry, client
+        finally:
+            client.close()
+            nursery.cancel_scope.cancel()
+
+
 async def relay_one(dial: Callable[[Flow], Awaitable[trio.abc.Stream]],
                     during: Callable[[FlowRegistry], None] | None = None
                     ) -> tuple[FlowRegistry, str]:
@@ -44,15 +66,7 @@ async def relay_one(dial: Callable[[Flow], Awaitable[trio.abc.Stream]],
         dialling.set()
         return await dial(flow)
 
-    cfg = parse_config({"tproxy-port": 7893, "appliance": {"connect-timeout": TIMEOUT}})
-    registry = FlowRegistry()
-    tcp = TransparentTcp(cfg, Pool(), dial_and_say, registry)
-    listener = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
-    port = listener.socket.getsockname()[1]
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(accept_loop, listener, tcp.handle, nursery, "tcp")
-        client = trio.socket.socket()
-        await client.connect(("127.0.0.1", port))
+    async with relayed_client(dial_and_say) as (registry, client):
         if during is not None:
             await dialling.wait()
             during(registry)
@@ -61,8 +75,6 @@ async def relay_one(dial: Callable[[Flow], Awaitable[trio.abc.Stream]],
                 seen = "eof" if await client.recv(16) == b"" else "data"
             except ConnectionResetError:
                 seen = "reset"
-        client.close()
-        nursery.cancel_scope.cancel()
     return registry, seen
 
 
@@ -126,20 +138,10 @@ async def test_a_dialled_flow_relays_past_the_connect_timeout() -> None:
         await server_side[0].send_all(b"late")
         await server_side[0].aclose()
 
-    cfg = parse_config({"tproxy-port": 7893, "appliance": {"connect-timeout": TIMEOUT}})
-    registry = FlowRegistry()
-    tcp = TransparentTcp(cfg, Pool(), pair, registry)
-    listener = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
-    port = listener.socket.getsockname()[1]
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(accept_loop, listener, tcp.handle, nursery, "tcp")
-        client = trio.socket.socket()
-        await client.connect(("127.0.0.1", port))
+    async with relayed_client(pair) as (registry, client):
         await dialled.wait()
-        nursery.start_soon(late_answer, registry)
         with trio.fail_after(5):
+            await late_answer(registry)
             assert await client.recv(16) == b"late"
             assert await client.recv(16) == b""
-        client.close()
-        nursery.cancel_scope.cancel()
     assert (registry.dial_failures, registry.errors, registry.failures.snapshot()) == (0, 0, [])
