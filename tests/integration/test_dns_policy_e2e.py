@@ -61,7 +61,12 @@ def test_fallback_over_dot_through_socks5(lab: Lab, runs: MirageRuns) -> None:
     })
     assert dig(lab, "+short", "www.beta.test") == "192.168.57.11"
     status = dig(lab, "probe.viadot.test")
-    assert "status: NXDOMAIN" in status, status
+    # Once in CI the query met "connection refused" (not hijacked, or
+    # nothing on Mirage's DNS port); not seen in 19 runs since. If it comes
+    # back, the failure says whether Mirage was alive and what it logged.
+    assert "status: NXDOMAIN" in status, (
+        f"{status}\nmirage exit code: {run.proc.poll() if run.proc else None}\n"
+        f"its log's tail:\n{run.log_text()[-4000:]}")
     clients = _clients(lab.log("unbound"), "probe.viadot.test")
     upstream = {str(a.ip) for a in topo.nodes["upstream"].interface("wan0").addresses}
     gateway = {str(a.ip) for a in topo.nodes["gateway"].interface("wan0").addresses}
