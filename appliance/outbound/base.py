@@ -37,6 +37,7 @@ import trio
 from appliance.config.model import IPAddress
 from appliance.dns.upstream_api import UpstreamError
 from appliance.outbound.preconnect import Preconnect
+from appliance.proto.socks5 import ip_literal
 from appliance.sockopt import set_mark, start_marked_connect
 
 # RFC 8305 "Connection Attempt Delay": start the next address after 250 ms
@@ -219,14 +220,7 @@ def as_ip(host: str | IPAddress) -> IPAddress | None:
     """The address if `host` is an IP literal (brackets allowed), else None."""
     if isinstance(host, ipaddress.IPv4Address | ipaddress.IPv6Address):
         return host
-    if ":" not in host and not host[-1:].isdigit():
-        # A name (an IPv4 literal ends in a digit, an IPv6 one has a colon):
-        # skip the parser, which fails by raising three exceptions.
-        return None
-    try:
-        return ipaddress.ip_address(host.strip("[]"))
-    except ValueError:
-        return None
+    return ip_literal(host)
 
 
 def interleave(addresses: Sequence[IPAddress]) -> list[IPAddress]:

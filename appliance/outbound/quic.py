@@ -425,6 +425,7 @@ class QuicStream(trio.abc.HalfCloseableStream):
         await self.tunnel.send_queued()  # the schedule point
         await trio.lowlevel.checkpoint_if_cancelled()
         await self._wait_acknowledged()
+        self._raise_if_failed()
 
     async def wait_send_all_might_not_block(self) -> None:
         await self._wait_acknowledged()
@@ -438,7 +439,6 @@ class QuicStream(trio.abc.HalfCloseableStream):
             self._writable = trio.Event()
             self.tunnel.wants_writable(self)
             await self._writable.wait()
-        self._raise_if_failed()
 
     def _raise_if_failed(self) -> None:
         # Not for `_stopped`: what was written went out before the server
